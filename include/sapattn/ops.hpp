@@ -1,0 +1,122 @@
+// The SVG2 operations, one contract each. Every op dispatches on the device of its stream; all
+// tensors must live on that device. The CPU backend is the reference every other backend is tested
+// against on the same inputs. Ops never allocate device memory: outputs and workspaces are the
+// caller's. Shapes are written [B,H,...]; "any strides" means any int64 element strides.
+//
+// Determinism: every op is deterministic for its inputs (and seed) on a given backend and thread
+// count; the CPU backend gives bit-identical results for any thread count.
+#pragma once
+
+#include <cstdint>
+
+#include "sapattn/tensor.hpp"
+
+namespace sapattn {
+
+// ---------------------------------------------------------------------------------------------
+// k-means (Lloyd, squared Euclidean, fp32 accumulation), batched over (b, h).
+//   points    [B,H,N,D]  f32/f16/bf16, any strides (N >= 1)
+//   centroids [B,H,C,D]  f32, contiguous, read and written
+//   labels    [B,H,N]    i32, contiguous, written
+//   sizes     [B,H,C]    i32, contiguous, written
+// ---------------------------------------------------------------------------------------------
+
+// Seeded sample of C data points per (b,h) as initial centroids. Point i of (b,h) gets the key
+// splitmix64(seed ^ splitmix64((b*H + h) * 2^32 + i)); the C points with the smallest keys (ties by
+// index) become centroids 0..C-1 in ascending key order. When C > N, centroid c takes the sampled
+// point c mod N (the duplicates then stay empty: ties go to the lowest centroid index).
+void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const Stream& stream);
+
+// labels[i] = argmin_c ||x_i - c||^2; ties go to the lowest centroid index.
+void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels,
+                   const Stream& stream);
+
+// sizes[c] = |{i : labels[i] = c}|; centroid c becomes the fp32 mean of its points; an empty
+// cluster keeps its previous centroid. Labels outside [0, C) throw InvalidArgumentError.
+void kmeans_update(const TensorView& points, const TensorView& labels, TensorView centroids,
+                   TensorView sizes, const Stream& stream);
+
+// `iters` Lloyd iterations from the given centroids, each one assign then update. On return the
+// labels are the last assignment, sizes count them, and every non-empty centroid is the mean of its
+// labelled points. iters = 0 only assigns (warm-start with no refinement).
+void kmeans(const TensorView& points, TensorView centroids, TensorView labels, TensorView sizes,
+            int iters, const Stream& stream);
+
+// ---------------------------------------------------------------------------------------------
+// Block selection.
+//   mask [B,H,R,C] u8, any strides (it may be a sub-view of a larger mask); 1 = keep.
+// ---------------------------------------------------------------------------------------------
+
+// The per-row top-p rule, shared by SVG2 and the oracle. probs [B,H,R,C] f32 (any strides) holds,
+// per row, non-negative weights summing to 1. A row's clusters are ranked by weight, descending,
+// ties by lower index; the shortest prefix whose fp32 running sum reaches top_p is kept (the
+// crossing cluster included, rank 0 always), and the first `min_kept` ranks are always kept.
+// top_p >= 1 keeps every cluster of the row.
+void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask,
+                  const Stream& stream);
+
+// SVG2's selection: S = q_centroids . k_centroids^T * scale; per row the key-cluster-size
+// weighted softmax P_ij = |K_j| exp(S_ij - m_i) / sum_j |K_j| exp(S_ij - m_i), with m_i the row
+// max over non-empty key clusters; then select_top_p. Query-cluster sizes play no part.
+//   q_centroids [B,H,Cq,D] f32, k_centroids [B,H,Ck,D] f32, k_sizes [B,H,Ck] i32 (contiguous)
+//   mask        [B,H,Cq,Ck] u8 (any strides)
+// A row whose key clusters are all empty keeps nothing.
+void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids,
+                   const TensorView& k_sizes, float scale, float top_p, int min_kept,
+                   TensorView mask, const Stream& stream);
+
+// HunyuanVideo's joint-text rule on a mask of Cq+2 rows and Ck+2 columns whose last two rows and
+// columns are the "prompt" and "padding" clusters: video rows also keep the prompt column (never
+// padding); the prompt row keeps every video column and the prompt; the padding row keeps only
+// padding. The video x video block is left as it is.
+void apply_text_rule(TensorView mask, const Stream& stream);
+
+// ---------------------------------------------------------------------------------------------
+// Permutation.
+//   labels  [B,H,N]   i32 in [0, C), contiguous
+//   perm    [B,H,N]   i32, contiguous: perm[j] = original index of the j-th token in cluster order
+//   offsets [B,H,C+1] i32, contiguous: cluster c occupies positions [offsets[c], offsets[c+1])
+// ---------------------------------------------------------------------------------------------
+
+// Stable counting sort of tokens by label: clusters in index order, tokens of one cluster in
+// their original order.
+void cluster_permutation(const TensorView& labels, int num_clusters, TensorView perm,
+                         TensorView offsets, const Stream& stream);
+
+// out[b,h,j,:] = x[b,h,perm[b,h,j],:]. x and out [B,H,N,D], any strides and floating dtypes.
+void gather_rows(const TensorView& x, const TensorView& perm, TensorView out, const Stream& stream);
+
+// out[b,h,perm[b,h,j],:] = y[b,h,j,:], the inverse of gather_rows.
+void scatter_rows(const TensorView& y, const TensorView& perm, TensorView out, const Stream& stream);
+
+// ---------------------------------------------------------------------------------------------
+// Attention (non-causal, fp32 softmax and accumulation). Outputs:
+//   out [B,H,Sq,D] f32/f16/bf16, any strides
+//   lse [B,H,Sq]   f32, any strides, natural-log log-sum-exp of the scaled scores of the keys
+//                  actually attended; optional (pass an empty view). A query row that attends to no
+//                  key gets out = 0 and lse = -inf.
+// ---------------------------------------------------------------------------------------------
+
+// The variable-size block layout of cluster-permuted tensors.
+struct BlockLayout {
+  TensorView q_offsets;  // [B,H,Cq+1] i32: query cluster a = rows [q_offsets[a], q_offsets[a+1])
+  TensorView k_offsets;  // [B,H,Ck+1] i32: key cluster b = rows [k_offsets[b], k_offsets[b+1])
+  TensorView mask;       // [B,H,Cq,Ck] u8: query cluster a attends to key cluster b iff mask != 0
+};
+
+// Attention of each query over exactly the keys of its query cluster's kept key clusters.
+//   q [B,H,Sq,D], k and v [B,H,Sk,D]: cluster-permuted, f32/f16/bf16, any strides.
+// Offsets must start at 0, be non-decreasing and end at Sq (resp. Sk).
+void block_sparse_attention(const TensorView& q, const TensorView& k, const TensorView& v,
+                            const BlockLayout& layout, float scale, TensorView out, TensorView lse,
+                            const Stream& stream);
+
+// Share of query-key pairs a layout computes, per (b,h): sum over kept (a,b) of |Q_a|*|K_b|,
+// divided by Sq*Sk.   density [B,H] f32, any strides.
+void block_density(const BlockLayout& layout, TensorView density, const Stream& stream);
+
+// Full attention of every query over every key.
+void dense_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale,
+                     TensorView out, TensorView lse, const Stream& stream);
+
+}  // namespace sapattn

@@ -1,0 +1,42 @@
+#include "sapattn/config.hpp"
+
+#include <cmath>
+
+#include "sapattn/error.hpp"
+
+namespace sapattn {
+
+void Config::validate() const {
+  SAPATTN_CHECK(q_clusters >= 1, InvalidArgumentError, "q_clusters must be >= 1, got ", q_clusters);
+  SAPATTN_CHECK(k_clusters >= 1, InvalidArgumentError, "k_clusters must be >= 1, got ", k_clusters);
+  SAPATTN_CHECK(std::isfinite(top_p) && top_p > 0.0f && top_p <= 1.0f, InvalidArgumentError,
+                "top_p must be in (0, 1], got ", top_p);
+  SAPATTN_CHECK(std::isfinite(min_kc_ratio) && min_kc_ratio >= 0.0f && min_kc_ratio <= 1.0f,
+                InvalidArgumentError, "min_kc_ratio must be in [0, 1], got ", min_kc_ratio);
+  SAPATTN_CHECK(kmeans_iters_init >= 0, InvalidArgumentError, "kmeans_iters_init must be >= 0, got ",
+                kmeans_iters_init);
+  SAPATTN_CHECK(kmeans_iters_step >= 0, InvalidArgumentError, "kmeans_iters_step must be >= 0, got ",
+                kmeans_iters_step);
+  SAPATTN_CHECK(text_tokens >= 0, InvalidArgumentError, "text_tokens must be >= 0, got ", text_tokens);
+  SAPATTN_CHECK(prompt_length >= 0 && prompt_length <= text_tokens, InvalidArgumentError,
+                "prompt_length must be in [0, text_tokens=", text_tokens, "], got ", prompt_length);
+  SAPATTN_CHECK(std::isfinite(scale) && scale >= 0.0f, InvalidArgumentError,
+                "scale must be finite and >= 0 (0 = 1/sqrt(D)), got ", scale);
+}
+
+void Config::validate_for(int64_t seq_len, int64_t head_dim) const {
+  validate();
+  SAPATTN_CHECK(head_dim >= 1, ShapeError, "head dim must be >= 1, got ", head_dim);
+  SAPATTN_CHECK(text_tokens < seq_len, InvalidArgumentError, "text_tokens (", text_tokens,
+                ") must leave at least one video token in a sequence of ", seq_len);
+}
+
+float Config::scale_for(int64_t head_dim) const {
+  return scale > 0.0f ? scale : 1.0f / std::sqrt(static_cast<float>(head_dim));
+}
+
+int Config::min_kept_clusters() const {
+  return static_cast<int>(std::floor(static_cast<double>(min_kc_ratio) * k_clusters));
+}
+
+}  // namespace sapattn
