@@ -3,6 +3,12 @@
 // against on the same inputs. Ops never allocate device memory: outputs and workspaces are the
 // caller's. Shapes are written [B,H,...]; "any strides" means any int64 element strides.
 //
+// Errors, for every op: a tensor of the wrong rank or extents, or inconsistent with another
+// argument -> ShapeError; a dtype the op does not take -> DTypeError; a tensor on a device this
+// build has no backend for, or on another device than the stream -> UnsupportedError; values out
+// of range (labels, offsets, top_p outside (0, 1], negative counts, iteration counts) ->
+// InvalidArgumentError. Outputs are untouched when an argument check fails.
+//
 // Determinism: every op is deterministic for its inputs (and seed) on a given backend and thread
 // count; the CPU backend gives bit-identical results for any thread count.
 #pragma once
