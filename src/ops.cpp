@@ -1,1 +1,290 @@
-// placeholder: being written
+// The op contracts of include/sapattn/ops.hpp: argument checks shared by every backend, then
+// dispatch on the stream's device. A CUDA backend plugs in here, behind the same checks.
+#include "sapattn/ops.hpp"
+
+#include "cpu/backend.hpp"
+#include "op_checks.hpp"
+
+namespace sapattn {
+
+using checks::expect_device;
+using checks::expect_dtype;
+using checks::expect_extent;
+using checks::expect_floating;
+using checks::expect_contiguous;
+using checks::expect_rank;
+
+namespace {
+
+int cpu_threads(const Stream& s) { return s.cpu_threads; }
+
+// Checks points [B,H,N,D] floating, centroids [B,H,C,D] f32 contiguous; returns C.
+int64_t check_points_centroids(const TensorView& points, const TensorView& centroids) {
+  expect_rank(points, 4, "points");
+  expect_floating(points, "points");
+  SAPATTN_CHECK(points.shape[2] >= 1, ShapeError, "points: need at least one point per (b,h), got N = 0");
+  expect_rank(centroids, 4, "centroids");
+  expect_dtype(centroids, DType::F32, "centroids");
+  expect_contiguous(centroids, "centroids");
+  expect_extent(centroids, 0, points.shape[0], "centroids", "batch of points");
+  expect_extent(centroids, 1, points.shape[1], "centroids", "heads of points");
+  expect_extent(centroids, 3, points.shape[3], "centroids", "head dim of points");
+  SAPATTN_CHECK(centroids.shape[2] >= 1, ShapeError, "centroids: need at least one cluster, got C = 0");
+  return centroids.shape[2];
+}
+
+void check_labels(const TensorView& labels, const TensorView& points) {
+  expect_rank(labels, 3, "labels");
+  expect_dtype(labels, DType::I32, "labels");
+  SAPATTN_CHECK(labels.stride[2] == 1, ShapeError, "labels must have unit stride along N, got ",
+                labels.describe());
+  expect_extent(labels, 0, points.shape[0], "labels", "batch of points");
+  expect_extent(labels, 1, points.shape[1], "labels", "heads of points");
+  expect_extent(labels, 2, points.shape[2], "labels", "points per (b,h)");
+}
+
+void check_sizes(const TensorView& sizes, const TensorView& centroids) {
+  expect_rank(sizes, 3, "sizes");
+  expect_dtype(sizes, DType::I32, "sizes");
+  expect_contiguous(sizes, "sizes");
+  expect_extent(sizes, 0, centroids.shape[0], "sizes", "batch of centroids");
+  expect_extent(sizes, 1, centroids.shape[1], "sizes", "heads of centroids");
+  expect_extent(sizes, 2, centroids.shape[2], "sizes", "clusters of centroids");
+}
+
+void check_mask(const TensorView& mask, int64_t B, int64_t H, int64_t rows, int64_t cols) {
+  expect_rank(mask, 4, "mask");
+  expect_dtype(mask, DType::U8, "mask");
+  expect_extent(mask, 0, B, "mask", "batch");
+  expect_extent(mask, 1, H, "mask", "heads");
+  expect_extent(mask, 2, rows, "mask", "rows (query clusters)");
+  expect_extent(mask, 3, cols, "mask", "columns (key clusters)");
+}
+
+void check_top_p(float top_p, int min_kept) {
+  SAPATTN_CHECK(top_p > 0.0f && top_p <= 1.0f, InvalidArgumentError, "top_p must be in (0, 1], got ", top_p);
+  SAPATTN_CHECK(min_kept >= 0, InvalidArgumentError, "min_kept must be >= 0, got ", min_kept);
+}
+
+// q [B,H,Sq,D], k and v [B,H,Sk,D], out [B,H,Sq,D], lse [B,H,Sq] or empty.
+void check_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale,
+                     const TensorView& out, const TensorView& lse) {
+  for (const auto& [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}}) {
+    expect_rank(*t, 4, name);
+    expect_floating(*t, name);
+  }
+  expect_extent(k, 0, q.shape[0], "k", "batch of q");
+  expect_extent(k, 1, q.shape[1], "k", "heads of q");
+  expect_extent(k, 3, q.shape[3], "k", "head dim of q");
+  for (int d = 0; d < 4; ++d) expect_extent(v, d, k.shape[d], "v", "the same extent as k");
+  for (int d = 0; d < 4; ++d) expect_extent(out, d, q.shape[d], "out", "the same extent as q");
+  if (!lse.empty()) {
+    expect_rank(lse, 3, "lse");
+    expect_dtype(lse, DType::F32, "lse");
+    for (int d = 0; d < 3; ++d) expect_extent(lse, d, q.shape[d], "lse", "the extent of q");
+  }
+  SAPATTN_CHECK(std::isfinite(scale) && scale > 0.0f, InvalidArgumentError,
+                "scale must be finite and > 0, got ", scale);
+}
+
+void check_layout(const BlockLayout& layout, const TensorView& q, const TensorView& k) {
+  const int64_t B = q.shape[0], H = q.shape[1];
+  for (const auto& [t, name] : {std::pair{&layout.q_offsets, "q_offsets"}, {&layout.k_offsets, "k_offsets"}}) {
+    expect_rank(*t, 3, name);
+    expect_dtype(*t, DType::I32, name);
+    expect_contiguous(*t, name);
+    expect_extent(*t, 0, B, name, "batch");
+    expect_extent(*t, 1, H, name, "heads");
+    SAPATTN_CHECK(t->shape[2] >= 2, ShapeError, name, " must hold at least one cluster (C+1 >= 2 entries), got ",
+                  t->describe());
+  }
+  check_mask(layout.mask, B, H, layout.q_offsets.shape[2] - 1, layout.k_offsets.shape[2] - 1);
+}
+
+template <typename... Views>
+void expect_devices(const Stream& stream, const Views&... views) {
+  (expect_device(views, stream), ...);
+  SAPATTN_CHECK(stream.device.type == DeviceType::CPU, UnsupportedError, "no backend for ",
+                to_string(stream.device), " in this build (CPU only)");
+}
+
+}  // namespace
+
+void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const Stream& stream) {
+  check_points_centroids(points, centroids);
+  expect_devices(stream, points, centroids);
+  cpu::kmeans_init(points, centroids, seed, cpu_threads(stream));
+}
+
+void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels,
+                   const Stream& stream) {
+  check_points_centroids(points, centroids);
+  check_labels(labels, points);
+  expect_devices(stream, points, centroids, labels);
+  cpu::kmeans_assign(points, centroids, labels, cpu_threads(stream));
+}
+
+void kmeans_update(const TensorView& points, const TensorView& labels, TensorView centroids, TensorView sizes,
+                   const Stream& stream) {
+  check_points_centroids(points, centroids);
+  check_labels(labels, points);
+  check_sizes(sizes, centroids);
+  expect_devices(stream, points, labels, centroids, sizes);
+  cpu::kmeans_update(points, labels, centroids, sizes, /*move_centroids=*/true, cpu_threads(stream));
+}
+
+void kmeans(const TensorView& points, TensorView centroids, TensorView labels, TensorView sizes, int iters,
+            const Stream& stream) {
+  SAPATTN_CHECK(iters >= 0, InvalidArgumentError, "k-means iterations must be >= 0, got ", iters);
+  check_points_centroids(points, centroids);
+  check_labels(labels, points);
+  check_sizes(sizes, centroids);
+  expect_devices(stream, points, centroids, labels, sizes);
+  const int threads = cpu_threads(stream);
+  if (iters == 0) {
+    cpu::kmeans_assign(points, centroids, labels, threads);
+    cpu::kmeans_update(points, labels, centroids, sizes, /*move_centroids=*/false, threads);
+    return;
+  }
+  for (int it = 0; it < iters; ++it) {
+    cpu::kmeans_assign(points, centroids, labels, threads);
+    cpu::kmeans_update(points, labels, centroids, sizes, /*move_centroids=*/true, threads);
+  }
+}
+
+void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, const Stream& stream) {
+  check_top_p(top_p, min_kept);
+  expect_rank(probs, 4, "probs");
+  expect_dtype(probs, DType::F32, "probs");
+  check_mask(mask, probs.shape[0], probs.shape[1], probs.shape[2], probs.shape[3]);
+  expect_devices(stream, probs, mask);
+  cpu::select_top_p(probs, top_p, min_kept, mask, cpu_threads(stream));
+}
+
+void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes,
+                   float scale, float top_p, int min_kept, TensorView mask, const Stream& stream) {
+  check_top_p(top_p, min_kept);
+  SAPATTN_CHECK(std::isfinite(scale) && scale > 0.0f, InvalidArgumentError,
+                "scale must be finite and > 0, got ", scale);
+  for (const auto& [t, name] : {std::pair{&q_centroids, "q_centroids"}, {&k_centroids, "k_centroids"}}) {
+    expect_rank(*t, 4, name);
+    expect_dtype(*t, DType::F32, name);
+    expect_contiguous(*t, name);
+  }
+  expect_extent(k_centroids, 0, q_centroids.shape[0], "k_centroids", "batch of q_centroids");
+  expect_extent(k_centroids, 1, q_centroids.shape[1], "k_centroids", "heads of q_centroids");
+  expect_extent(k_centroids, 3, q_centroids.shape[3], "k_centroids", "head dim of q_centroids");
+  check_sizes(k_sizes, k_centroids);
+  check_mask(mask, q_centroids.shape[0], q_centroids.shape[1], q_centroids.shape[2], k_centroids.shape[2]);
+  expect_devices(stream, q_centroids, k_centroids, k_sizes, mask);
+  cpu::select_blocks(q_centroids, k_centroids, k_sizes, scale, top_p, min_kept, mask, cpu_threads(stream));
+}
+
+void apply_text_rule(TensorView mask, const Stream& stream) {
+  expect_rank(mask, 4, "mask");
+  expect_dtype(mask, DType::U8, "mask");
+  SAPATTN_CHECK(mask.shape[2] >= 3 && mask.shape[3] >= 3, ShapeError,
+                "mask for the text rule needs Cq+2 rows and Ck+2 columns with Cq, Ck >= 1, got ",
+                mask.describe());
+  expect_devices(stream, mask);
+  cpu::apply_text_rule(mask, cpu_threads(stream));
+}
+
+void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_length, int prompt_label,
+                       const Stream& stream) {
+  expect_rank(labels, 3, "labels");
+  expect_dtype(labels, DType::I32, "labels");
+  expect_contiguous(labels, "labels");
+  SAPATTN_CHECK(video_tokens >= 0 && prompt_length >= 0 && video_tokens + prompt_length <= labels.shape[2],
+                InvalidArgumentError, "video_tokens (", video_tokens, ") + prompt_length (", prompt_length,
+                ") must fit the ", labels.shape[2], " tokens of ", labels.describe());
+  SAPATTN_CHECK(prompt_label >= 0, InvalidArgumentError, "prompt_label must be >= 0, got ", prompt_label);
+  expect_devices(stream, labels);
+  cpu::label_text_tokens(labels, video_tokens, prompt_length, prompt_label, cpu_threads(stream));
+}
+
+void cluster_permutation(const TensorView& labels, int num_clusters, TensorView perm, TensorView offsets,
+                         const Stream& stream) {
+  SAPATTN_CHECK(num_clusters >= 1, InvalidArgumentError, "num_clusters must be >= 1, got ", num_clusters);
+  expect_rank(labels, 3, "labels");
+  expect_dtype(labels, DType::I32, "labels");
+  expect_contiguous(labels, "labels");
+  expect_rank(perm, 3, "perm");
+  expect_dtype(perm, DType::I32, "perm");
+  expect_contiguous(perm, "perm");
+  for (int d = 0; d < 3; ++d) expect_extent(perm, d, labels.shape[d], "perm", "the extent of labels");
+  expect_rank(offsets, 3, "offsets");
+  expect_dtype(offsets, DType::I32, "offsets");
+  expect_contiguous(offsets, "offsets");
+  expect_extent(offsets, 0, labels.shape[0], "offsets", "batch of labels");
+  expect_extent(offsets, 1, labels.shape[1], "offsets", "heads of labels");
+  expect_extent(offsets, 2, num_clusters + 1, "offsets", "num_clusters + 1");
+  expect_devices(stream, labels, perm, offsets);
+  cpu::cluster_permutation(labels, num_clusters, perm, offsets, cpu_threads(stream));
+}
+
+namespace {
+void check_rows_op(const TensorView& x, const TensorView& perm, const TensorView& out) {
+  expect_rank(x, 4, "x");
+  expect_floating(x, "x");
+  expect_rank(out, 4, "out");
+  expect_floating(out, "out");
+  for (int d = 0; d < 4; ++d) expect_extent(out, d, x.shape[d], "out", "the extent of x");
+  expect_rank(perm, 3, "perm");
+  expect_dtype(perm, DType::I32, "perm");
+  expect_contiguous(perm, "perm");
+  for (int d = 0; d < 3; ++d) expect_extent(perm, d, x.shape[d], "perm", "the extent of x");
+}
+}  // namespace
+
+void gather_rows(const TensorView& x, const TensorView& perm, TensorView out, const Stream& stream) {
+  check_rows_op(x, perm, out);
+  expect_devices(stream, x, perm, out);
+  cpu::gather_rows(x, perm, out, cpu_threads(stream));
+}
+
+void scatter_rows(const TensorView& y, const TensorView& perm, TensorView out, const Stream& stream) {
+  check_rows_op(y, perm, out);
+  expect_devices(stream, y, perm, out);
+  cpu::scatter_rows(y, perm, out, cpu_threads(stream));
+}
+
+void block_sparse_attention(const TensorView& q, const TensorView& k, const TensorView& v,
+                            const BlockLayout& layout, float scale, TensorView out, TensorView lse,
+                            const Stream& stream) {
+  check_attention(q, k, v, scale, out, lse);
+  check_layout(layout, q, k);
+  expect_devices(stream, q, k, v, out, layout.q_offsets, layout.k_offsets, layout.mask);
+  if (!lse.empty()) expect_device(lse, stream);
+  cpu::block_sparse_attention(q, k, v, layout, scale, out, lse, cpu_threads(stream));
+}
+
+void block_density(const BlockLayout& layout, TensorView density, const Stream& stream) {
+  expect_rank(layout.q_offsets, 3, "q_offsets");
+  expect_rank(layout.k_offsets, 3, "k_offsets");
+  const int64_t B = layout.q_offsets.shape[0], H = layout.q_offsets.shape[1];
+  for (const auto& [t, name] : {std::pair{&layout.q_offsets, "q_offsets"}, {&layout.k_offsets, "k_offsets"}}) {
+    expect_dtype(*t, DType::I32, name);
+    expect_contiguous(*t, name);
+    expect_extent(*t, 0, B, name, "batch of q_offsets");
+    expect_extent(*t, 1, H, name, "heads of q_offsets");
+    SAPATTN_CHECK(t->shape[2] >= 2, ShapeError, name, " must hold at least one cluster, got ", t->describe());
+  }
+  check_mask(layout.mask, B, H, layout.q_offsets.shape[2] - 1, layout.k_offsets.shape[2] - 1);
+  expect_rank(density, 2, "density");
+  expect_dtype(density, DType::F32, "density");
+  expect_extent(density, 0, B, "density", "batch");
+  expect_extent(density, 1, H, "density", "heads");
+  expect_devices(stream, layout.q_offsets, layout.k_offsets, layout.mask, density);
+  cpu::block_density(layout, density, cpu_threads(stream));
+}
+
+void dense_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale, TensorView out,
+                     TensorView lse, const Stream& stream) {
+  check_attention(q, k, v, scale, out, lse);
+  expect_devices(stream, q, k, v, out);
+  if (!lse.empty()) expect_device(lse, stream);
+  cpu::dense_attention(q, k, v, scale, out, lse, cpu_threads(stream));
+}
+
+}  // namespace sapattn

@@ -1,1 +1,206 @@
-// placeholder: being written
+// The SVG2 layer call: cluster, select, permute, attend, unpermute. Only ops of ops.hpp are used,
+// so the same sequence runs on any backend, every launch on the caller's stream.
+#include "sapattn/svg2.hpp"
+
+#include <cstring>
+
+#include "cpu/backend.hpp"
+#include "op_checks.hpp"
+#include "svg2_pipeline.hpp"
+
+namespace sapattn {
+
+namespace pipeline {
+
+namespace {
+
+// Hands out 256-byte aligned slices of a workspace (or only counts bytes when there is none).
+class Carver {
+ public:
+  Carver(const Workspace* ws, Device device) : ws_(ws), device_(device) {}
+  TensorView take(DType dtype, std::vector<int64_t> shape) {
+    int64_t n = 1;
+    for (int64_t e : shape) n *= e;
+    const size_t bytes = (static_cast<size_t>(n) * dtype_size(dtype) + 255) / 256 * 256;
+    void* p = ws_ ? static_cast<char*>(ws_->data) + used_ : nullptr;
+    used_ += bytes;
+    return TensorView::contiguous(p, dtype, std::move(shape), device_);
+  }
+  size_t used() const { return used_; }
+
+ private:
+  const Workspace* ws_;
+  Device device_;
+  size_t used_ = 0;
+};
+
+}  // namespace
+
+size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Device device,
+             const Workspace* workspace, Buffers* buffers) {
+  const int64_t B = shape.batch, H = shape.heads, S = shape.seq, D = shape.head_dim;
+  const int text_clusters = config.text_tokens > 0 ? 2 : 0;
+  Buffers b;
+  b.video_tokens = S - config.text_tokens;
+  b.q_video_clusters = config.q_clusters;
+  b.k_video_clusters = config.k_clusters;
+  b.q_clusters = config.q_clusters + text_clusters;
+  b.k_clusters = config.k_clusters + text_clusters;
+  Carver c(workspace, device);
+  b.q_labels = c.take(DType::I32, {B, H, S});
+  b.k_labels = c.take(DType::I32, {B, H, S});
+  b.q_perm = c.take(DType::I32, {B, H, S});
+  b.k_perm = c.take(DType::I32, {B, H, S});
+  b.q_offsets = c.take(DType::I32, {B, H, b.q_clusters + 1});
+  b.k_offsets = c.take(DType::I32, {B, H, b.k_clusters + 1});
+  b.q_sizes = c.take(DType::I32, {B, H, config.q_clusters});
+  b.k_sizes = c.take(DType::I32, {B, H, config.k_clusters});
+  b.mask = c.take(DType::U8, {B, H, b.q_clusters, b.k_clusters});
+  b.q_perm_rows = c.take(dtype, {B, H, S, D});
+  b.k_perm_rows = c.take(dtype, {B, H, S, D});
+  b.v_perm_rows = c.take(dtype, {B, H, S, D});
+  b.out_perm = c.take(DType::F32, {B, H, S, D});
+  b.lse_perm = c.take(DType::F32, {B, H, S});
+  if (buffers != nullptr) *buffers = b;
+  return c.used();
+}
+
+AttentionShape check_inputs(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
+                            const Svg2Outputs& outputs, const Stream& stream) {
+  using namespace checks;
+  for (const auto& [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&outputs.out, "out"}}) {
+    expect_rank(*t, 4, name);
+    expect_floating(*t, name);
+    expect_device(*t, stream);
+  }
+  const AttentionShape shape = AttentionShape::of(q);
+  for (const auto& [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&outputs.out, "out"}})
+    for (int d = 0; d < 4; ++d) expect_extent(*t, d, q.shape[d], name, "the extent of q ([B,H,S,D])");
+  SAPATTN_CHECK(k.dtype == q.dtype && v.dtype == q.dtype, DTypeError, "q, k and v must share a dtype, got ",
+                q.describe(), ", ", k.describe(), ", ", v.describe());
+  SAPATTN_CHECK(shape.batch >= 1 && shape.heads >= 1, ShapeError, "q must have B, H >= 1, got ", q.describe());
+  config.validate_for(shape.seq, shape.head_dim);
+  const int64_t B = shape.batch, H = shape.heads;
+  if (!outputs.lse.empty()) {
+    expect_rank(outputs.lse, 3, "lse");
+    expect_dtype(outputs.lse, DType::F32, "lse");
+    for (int d = 0; d < 3; ++d) expect_extent(outputs.lse, d, q.shape[d], "lse", "the extent of q ([B,H,S])");
+    expect_device(outputs.lse, stream);
+  }
+  if (!outputs.density.empty()) {
+    expect_rank(outputs.density, 2, "density");
+    expect_dtype(outputs.density, DType::F32, "density");
+    expect_extent(outputs.density, 0, B, "density", "batch");
+    expect_extent(outputs.density, 1, H, "density", "heads");
+    expect_device(outputs.density, stream);
+  }
+  for (const auto& [t, name, C] : {std::tuple{&outputs.q_cluster_sizes, "q_cluster_sizes", config.q_clusters},
+                                   {&outputs.k_cluster_sizes, "k_cluster_sizes", config.k_clusters}}) {
+    if (t->empty()) continue;
+    expect_rank(*t, 3, name);
+    expect_dtype(*t, DType::I32, name);
+    expect_contiguous(*t, name);
+    expect_extent(*t, 0, B, name, "batch");
+    expect_extent(*t, 1, H, name, "heads");
+    expect_extent(*t, 2, C, name, "the config's cluster count");
+    expect_device(*t, stream);
+  }
+  return shape;
+}
+
+void attend_clusters(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
+                     Buffers& buf, const Svg2Outputs& outputs, const Stream& stream) {
+  const float scale = config.scale_for(q.shape[3]);
+  if (config.text_tokens > 0) {
+    label_text_tokens(buf.q_labels, buf.video_tokens, config.prompt_length, buf.q_video_clusters, stream);
+    label_text_tokens(buf.k_labels, buf.video_tokens, config.prompt_length, buf.k_video_clusters, stream);
+    apply_text_rule(buf.mask, stream);
+  }
+  cluster_permutation(buf.q_labels, buf.q_clusters, buf.q_perm, buf.q_offsets, stream);
+  cluster_permutation(buf.k_labels, buf.k_clusters, buf.k_perm, buf.k_offsets, stream);
+  gather_rows(q, buf.q_perm, buf.q_perm_rows, stream);
+  gather_rows(k, buf.k_perm, buf.k_perm_rows, stream);
+  gather_rows(v, buf.k_perm, buf.v_perm_rows, stream);  // V follows K's order
+  const BlockLayout layout{buf.q_offsets, buf.k_offsets, buf.mask};
+  block_sparse_attention(buf.q_perm_rows, buf.k_perm_rows, buf.v_perm_rows, layout, scale, buf.out_perm,
+                         buf.lse_perm, stream);
+  scatter_rows(buf.out_perm, buf.q_perm, outputs.out, stream);
+  if (!outputs.lse.empty()) {
+    // LSE rows as [B,H,S,1] so that the row scatter moves them too.
+    auto as_rows = [](TensorView t) {
+      t.rank = 4;
+      t.shape[3] = 1;
+      t.stride[3] = 1;
+      return t;
+    };
+    scatter_rows(as_rows(buf.lse_perm), buf.q_perm, as_rows(outputs.lse), stream);
+  }
+  if (!outputs.density.empty()) block_density(layout, outputs.density, stream);
+}
+
+}  // namespace pipeline
+
+void check_finite(const TensorView& x, const char* name, const Stream& stream) {
+  checks::expect_rank(x, 4, name);
+  checks::expect_floating(x, name);
+  checks::expect_device(x, stream);
+  SAPATTN_CHECK(stream.device.type == DeviceType::CPU, UnsupportedError, "no backend for ",
+                to_string(stream.device), " in this build (CPU only)");
+  cpu::check_finite(x, name, stream.cpu_threads);
+}
+
+size_t svg2_workspace_bytes(const AttentionShape& shape, const Config& config, DType dtype, Device device) {
+  config.validate_for(shape.seq, shape.head_dim);
+  return pipeline::carve(shape, config, dtype, device, nullptr, nullptr);
+}
+
+void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
+                    BranchState& state, const Svg2Outputs& outputs, Workspace workspace, const Stream& stream) {
+  const AttentionShape shape = pipeline::check_inputs(q, k, v, config, outputs, stream);
+  const int64_t B = shape.batch, H = shape.heads, D = shape.head_dim;
+  const size_t need = pipeline::carve(shape, config, q.dtype, stream.device, nullptr, nullptr);
+  SAPATTN_CHECK(workspace.bytes >= need, WorkspaceError, "svg2_attention needs ", need,
+                " bytes of workspace (svg2_workspace_bytes), got ", workspace.bytes);
+  check_finite(q, "q", stream);
+  check_finite(k, "k", stream);
+  check_finite(v, "v", stream);
+
+  const std::vector<int64_t> q_shape{B, H, config.q_clusters, D}, k_shape{B, H, config.k_clusters, D};
+  if (state.initialized()) {
+    SAPATTN_CHECK(state.q_centroids.shape() == q_shape && state.k_centroids.shape() == k_shape &&
+                      state.q_centroids.device() == stream.device,
+                  InvalidArgumentError, "this branch state caches centroids for another shape or device (",
+                  state.q_centroids.view().describe(), " / ", state.k_centroids.view().describe(),
+                  "); call LayerState::reset() when the batch, heads, head dim or cluster counts change");
+  }
+  pipeline::Buffers buf;
+  pipeline::carve(shape, config, q.dtype, stream.device, &workspace, &buf);
+  const TensorView qv = q.slice(2, 0, buf.video_tokens), kv = k.slice(2, 0, buf.video_tokens);
+  int iters = config.kmeans_iters_step;
+  if (!state.initialized()) {
+    state.q_centroids = Tensor(DType::F32, q_shape, stream.device);
+    state.k_centroids = Tensor(DType::F32, k_shape, stream.device);
+    // Different streams of the seed for Q and K, so their samples are independent.
+    kmeans_init(qv, state.q_centroids.view(), config.seed, stream);
+    kmeans_init(kv, state.k_centroids.view(), config.seed ^ 0x5bd1e9955bd1e995ull, stream);
+    iters = config.kmeans_iters_init;
+  }
+  // Cluster sizes go straight to the caller's outputs when asked for.
+  const TensorView q_sizes = outputs.q_cluster_sizes.empty() ? buf.q_sizes : outputs.q_cluster_sizes;
+  const TensorView k_sizes = outputs.k_cluster_sizes.empty() ? buf.k_sizes : outputs.k_cluster_sizes;
+  kmeans(qv, state.q_centroids.view(), buf.q_video_labels(), q_sizes, iters, stream);
+  kmeans(kv, state.k_centroids.view(), buf.k_video_labels(), k_sizes, iters, stream);
+  select_blocks(state.q_centroids.view(), state.k_centroids.view(), k_sizes, config.scale_for(D), config.top_p,
+                config.min_kept_clusters(), buf.video_mask(), stream);
+  pipeline::attend_clusters(q, k, v, config, buf, outputs, stream);
+  ++state.calls;
+}
+
+void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
+                    BranchState& state, const Svg2Outputs& outputs, const Stream& stream) {
+  const AttentionShape shape = pipeline::check_inputs(q, k, v, config, outputs, stream);
+  const Buffer scratch = Buffer::allocate(svg2_workspace_bytes(shape, config, q.dtype, stream.device), stream.device);
+  svg2_attention(q, k, v, config, state, outputs, Workspace{scratch.data(), scratch.bytes()}, stream);
+}
+
+}  // namespace sapattn

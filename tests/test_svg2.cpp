@@ -1,1 +1,301 @@
-// placeholder: being written
+// The whole SVG2 layer call: equal to dense attention at top_p = 1, a subset of dense keys
+// otherwise, the joint-text rule, warm starts and per-branch state, layouts, and bad input.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "sapattn/svg2.hpp"
+
+namespace sapattn {
+namespace {
+
+Tensor random_tensor(DType dtype, std::vector<int64_t> shape, uint32_t seed, float stddev = 1.0f) {
+  Tensor t(dtype, shape);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n(0.0f, stddev);
+  for (int64_t i = 0; i < t.numel(); ++i) store_from_f32(t.data(), dtype, i, n(rng));
+  return t;
+}
+
+// Clustered tokens, so that k-means and selection have structure to find (as in a video DiT).
+Tensor clustered_tensor(DType dtype, int64_t B, int64_t H, int64_t S, int64_t D, int centers, uint32_t seed) {
+  Tensor t(dtype, {B, H, S, D});
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  std::vector<float> c(centers * D);
+  for (auto& x : c) x = 2.0f * n(rng);
+  for (int64_t r = 0; r < B * H * S; ++r) {
+    const int64_t which = std::uniform_int_distribution<int64_t>(0, centers - 1)(rng);
+    for (int64_t d = 0; d < D; ++d) store_from_f32(t.data(), dtype, r * D + d, c[which * D + d] + 0.3f * n(rng));
+  }
+  return t;
+}
+
+double element(const Tensor& t, int64_t i) {
+  return t.dtype() == DType::I32 ? t.data_as<int32_t>()[i] : static_cast<double>(load_as_f32(t.data(), t.dtype(), i));
+}
+
+double max_abs_diff(const Tensor& a, const Tensor& b) {
+  EXPECT_EQ(a.numel(), b.numel());
+  double m = 0.0;
+  for (int64_t i = 0; i < a.numel(); ++i)
+    m = std::max(m, std::fabs(element(a, i) - element(b, i)));
+  return m;
+}
+
+struct Svg2Run {
+  Tensor out, lse, density, q_sizes, k_sizes;
+};
+
+Svg2Run run_svg2(const Tensor& q, const Tensor& k, const Tensor& v, const Config& config, BranchState& state,
+             int threads = 0) {
+  const auto& s = q.shape();
+  Svg2Run r{Tensor(DType::F32, s), Tensor(DType::F32, {s[0], s[1], s[2]}), Tensor(DType::F32, {s[0], s[1]}),
+        Tensor(DType::I32, {s[0], s[1], config.q_clusters}), Tensor(DType::I32, {s[0], s[1], config.k_clusters})};
+  svg2_attention(q.view(), k.view(), v.view(), config, state,
+                 {r.out.view(), r.lse.view(), r.density.view(), r.q_sizes.view(), r.k_sizes.view()},
+                 Stream::cpu(threads));
+  return r;
+}
+
+Config small_config() {
+  Config c;
+  c.q_clusters = 8;
+  c.k_clusters = 16;
+  c.kmeans_iters_init = 10;
+  c.seed = 3;
+  return c;
+}
+
+TEST(Svg2, TopPOneEqualsDenseAttention) {
+  const int64_t B = 2, H = 3, S = 150, D = 64;
+  const Tensor q = random_tensor(DType::BF16, {B, H, S, D}, 1), k = random_tensor(DType::BF16, {B, H, S, D}, 2),
+               v = random_tensor(DType::BF16, {B, H, S, D}, 3);
+  Config c = small_config();
+  c.top_p = 1.0f;
+  BranchState state;
+  const Svg2Run r = run_svg2(q, k, v, c, state);
+  Tensor o(DType::F32, {B, H, S, D}), lse(DType::F32, {B, H, S});
+  dense_attention(q.view(), k.view(), v.view(), c.scale_for(D), o.view(), lse.view(), Stream::cpu());
+  // Same fp32 arithmetic on the same keys, in another order: differences are a few fp32 ulps.
+  EXPECT_LT(max_abs_diff(r.out, o), 1e-5);
+  EXPECT_LT(max_abs_diff(r.lse, lse), 1e-5);
+  for (int64_t i = 0; i < B * H; ++i) EXPECT_FLOAT_EQ(r.density.data_as<float>()[i], 1.0f);
+}
+
+TEST(Svg2, SparseRowsAttendToASubsetOfDenseKeys) {
+  const int64_t B = 1, H = 2, S = 400, D = 64;
+  const Tensor q = clustered_tensor(DType::F32, B, H, S, D, 6, 4), k = clustered_tensor(DType::F32, B, H, S, D, 6, 5),
+               v = random_tensor(DType::F32, {B, H, S, D}, 6);
+  Config c = small_config();
+  c.top_p = 0.5f;
+  c.min_kc_ratio = 0.0f;
+  BranchState state;
+  const Svg2Run r = run_svg2(q, k, v, c, state);
+  Tensor o(DType::F32, {B, H, S, D}), lse(DType::F32, {B, H, S});
+  dense_attention(q.view(), k.view(), v.view(), c.scale_for(D), o.view(), lse.view(), Stream::cpu());
+  // A subset of the keys has a smaller log-sum-exp: recall exp(lse_s - lse_d) lies in (0, 1].
+  double recall = 0.0;
+  for (int64_t i = 0; i < B * H * S; ++i) {
+    const float ls = r.lse.data_as<float>()[i], ld = lse.data_as<float>()[i];
+    EXPECT_LE(ls, ld + 1e-5f) << i;
+    recall += std::exp(static_cast<double>(ls) - ld);
+  }
+  recall /= static_cast<double>(B * H * S);
+  for (int64_t i = 0; i < B * H; ++i) {
+    const float dens = r.density.data_as<float>()[i];
+    EXPECT_GT(dens, 0.0f);
+    EXPECT_LT(dens, 1.0f);
+  }
+  EXPECT_GT(recall, 0.5);  // top-p 0.5 of the estimated mass keeps at least about half the true mass
+  // Cluster sizes partition the tokens.
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    int64_t nq = 0, nk = 0;
+    for (int a = 0; a < c.q_clusters; ++a) nq += r.q_sizes.data_as<int32_t>()[bh * c.q_clusters + a];
+    for (int a = 0; a < c.k_clusters; ++a) nk += r.k_sizes.data_as<int32_t>()[bh * c.k_clusters + a];
+    EXPECT_EQ(nq, S);
+    EXPECT_EQ(nk, S);
+  }
+}
+
+TEST(Svg2, JointTextRuleAtTopPOneMatchesTheBlockMaskOnOriginalOrder) {
+  // [video 120 | prompt 10 | padding 6]: at top_p = 1 every video pair is kept, so the result is the
+  // text rule alone, which on the original token order is a 3x3 block layout.
+  const int64_t B = 2, H = 2, Sv = 120, P = 10, T = 16, S = Sv + T, D = 64;
+  const Tensor q = random_tensor(DType::F16, {B, H, S, D}, 7), k = random_tensor(DType::F16, {B, H, S, D}, 8),
+               v = random_tensor(DType::F16, {B, H, S, D}, 9);
+  Config c = small_config();
+  c.top_p = 1.0f;
+  c.text_tokens = T;
+  c.prompt_length = P;
+  BranchState state;
+  const Svg2Run r = run_svg2(q, k, v, c, state);
+
+  Tensor offs(DType::I32, {B, H, 4}), mask(DType::U8, {B, H, 3, 3});
+  const uint8_t rule[9] = {1, 1, 0, /*prompt*/ 1, 1, 0, /*padding*/ 0, 0, 1};
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    int32_t* o = offs.data_as<int32_t>() + bh * 4;
+    o[0] = 0, o[1] = Sv, o[2] = Sv + P, o[3] = S;
+    std::copy(rule, rule + 9, mask.data_as<uint8_t>() + bh * 9);
+  }
+  Tensor out(DType::F32, {B, H, S, D}), lse(DType::F32, {B, H, S}), dens(DType::F32, {B, H});
+  const BlockLayout layout{offs.view(), offs.view(), mask.view()};
+  block_sparse_attention(q.view(), k.view(), v.view(), layout, c.scale_for(D), out.view(), lse.view(), Stream::cpu());
+  EXPECT_LT(max_abs_diff(r.out, out), 1e-5);
+  EXPECT_LT(max_abs_diff(r.lse, lse), 1e-5);
+  block_density(layout, dens.view(), Stream::cpu());
+  // Video and prompt attend among themselves; padding only to padding.
+  const float expected = static_cast<float>((Sv + P) * (Sv + P) + (T - P) * (T - P)) / static_cast<float>(S * S);
+  for (int64_t i = 0; i < B * H; ++i) {
+    EXPECT_FLOAT_EQ(dens.data_as<float>()[i], expected);
+    EXPECT_FLOAT_EQ(r.density.data_as<float>()[i], expected);
+  }
+}
+
+TEST(Svg2, WarmStartsPerBranchAndResets) {
+  const int64_t B = 1, H = 2, S = 200, D = 64;
+  const Tensor q = clustered_tensor(DType::F32, B, H, S, D, 5, 10), k = clustered_tensor(DType::F32, B, H, S, D, 5, 11),
+               v = random_tensor(DType::F32, {B, H, S, D}, 12);
+  Config c = small_config();
+  LayerState layer;
+  EXPECT_FALSE(layer.branch(0).initialized());
+  run_svg2(q, k, v, c, layer.branch(0));
+  EXPECT_TRUE(layer.branch(0).initialized());
+  EXPECT_FALSE(layer.branch(1).initialized());  // the unconditional branch has its own state
+  const Tensor after_first = layer.branch(0).k_centroids;
+  const std::vector<float> first(after_first.data_as<float>(), after_first.data_as<float>() + after_first.numel());
+  run_svg2(q, k, v, c, layer.branch(0));
+  EXPECT_EQ(layer.branch(0).calls, 2);
+  // A warm start from converged centroids on the same data keeps them (k-means is at a fixed point).
+  const Tensor& again = layer.branch(0).k_centroids;
+  for (int64_t i = 0; i < again.numel(); ++i) EXPECT_NEAR(again.data_as<float>()[i], first[i], 1e-5f);
+  layer.reset();
+  EXPECT_FALSE(layer.has_branch(0));
+  EXPECT_FALSE(layer.branch(0).initialized());
+}
+
+TEST(Svg2, ChangedShapeNeedsAReset) {
+  const Tensor q = random_tensor(DType::F32, {1, 2, 64, 64}, 13);
+  Config c = small_config();
+  BranchState state;
+  run_svg2(q, q, q, c, state);
+  const Tensor q3 = random_tensor(DType::F32, {1, 3, 64, 64}, 14);
+  EXPECT_THROW(run_svg2(q3, q3, q3, c, state), InvalidArgumentError);
+  c.q_clusters = 4;
+  EXPECT_THROW(run_svg2(q, q, q, c, state), InvalidArgumentError);
+}
+
+TEST(Svg2, DeterministicForASeedAndThreadCount) {
+  const Tensor q = clustered_tensor(DType::BF16, 1, 2, 300, 64, 7, 15), k = clustered_tensor(DType::BF16, 1, 2, 300, 64, 7, 16),
+               v = random_tensor(DType::BF16, {1, 2, 300, 64}, 17);
+  Config c = small_config();
+  c.top_p = 0.7f;
+  BranchState s1, s2;
+  const Svg2Run a = run_svg2(q, k, v, c, s1, 1), b = run_svg2(q, k, v, c, s2, 2);
+  EXPECT_EQ(max_abs_diff(a.out, b.out), 0.0);
+  EXPECT_EQ(max_abs_diff(a.lse, b.lse), 0.0);
+  EXPECT_EQ(max_abs_diff(a.q_sizes, b.q_sizes), 0.0);
+  // On structureless data Lloyd's local optimum depends on the initial sample: another seed
+  // gives another partition.
+  const Tensor noise = random_tensor(DType::BF16, {1, 2, 300, 64}, 27);
+  BranchState s4, s5;
+  const Svg2Run x = run_svg2(noise, noise, v, c, s4, 2);
+  c.seed = 99;
+  const Svg2Run y = run_svg2(noise, noise, v, c, s5, 2);
+  EXPECT_GT(max_abs_diff(x.q_sizes, y.q_sizes) + max_abs_diff(x.k_sizes, y.k_sizes), 0.0);
+}
+
+TEST(Svg2, BshdLayoutGivesTheSameResultAsBhsd) {
+  const int64_t B = 2, H = 3, S = 97, D = 64;
+  const Tensor q = random_tensor(DType::BF16, {B, H, S, D}, 18), k = random_tensor(DType::BF16, {B, H, S, D}, 19),
+               v = random_tensor(DType::BF16, {B, H, S, D}, 20);
+  // The same values laid out [B,S,H,D].
+  auto to_bshd = [&](const Tensor& t) {
+    Tensor r(DType::BF16, {B, S, H, D});
+    const TensorView view = TensorView::bshd(r.data(), DType::BF16, B, H, S, D);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t s = 0; s < S; ++s)
+          for (int64_t d = 0; d < D; ++d)
+            static_cast<uint16_t*>(r.data())[view.offset({b, h, s, d})] =
+                t.data_as<uint16_t>()[((b * H + h) * S + s) * D + d];
+    return r;
+  };
+  const Tensor qs = to_bshd(q), ks = to_bshd(k), vs = to_bshd(v);
+  Config c = small_config();
+  c.top_p = 0.8f;
+  BranchState s1, s2;
+  const Svg2Run a = run_svg2(q, k, v, c, s1);
+  Tensor out_bshd(DType::BF16, {B, S, H, D});
+  svg2_attention(TensorView::bshd(qs.data(), DType::BF16, B, H, S, D), TensorView::bshd(ks.data(), DType::BF16, B, H, S, D),
+                 TensorView::bshd(vs.data(), DType::BF16, B, H, S, D), c, s2,
+                 {TensorView::bshd(out_bshd.data(), DType::BF16, B, H, S, D)}, Stream::cpu());
+  const TensorView ov = TensorView::bshd(out_bshd.data(), DType::BF16, B, H, S, D);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t s = 0; s < S; ++s)
+        for (int64_t d = 0; d < D; ++d) {
+          const float want = a.out.data_as<float>()[((b * H + h) * S + s) * D + d];
+          const float got = bf16_to_f32(static_cast<uint16_t*>(ov.data)[ov.offset({b, h, s, d})]);
+          EXPECT_EQ(got, bf16_to_f32(f32_to_bf16(want)));  // the bf16 rounding of the same fp32 result
+        }
+}
+
+TEST(Svg2, RejectsBadInput) {
+  const Tensor q = random_tensor(DType::F32, {1, 2, 64, 64}, 21);
+  Tensor out(DType::F32, {1, 2, 64, 64});
+  Config c = small_config();
+  BranchState state;
+  const Stream cpu = Stream::cpu();
+  // NaN and Inf.
+  Tensor bad = random_tensor(DType::F32, {1, 2, 64, 64}, 22);
+  bad.data_as<float>()[1000] = std::nanf("");
+  EXPECT_THROW(svg2_attention(bad.view(), q.view(), q.view(), c, state, {out.view()}, cpu), NonFiniteError);
+  bad.data_as<float>()[1000] = INFINITY;
+  EXPECT_THROW(svg2_attention(q.view(), q.view(), bad.view(), c, state, {out.view()}, cpu), NonFiniteError);
+  EXPECT_FALSE(state.initialized());
+  // Shapes and dtypes.
+  const Tensor short_k = random_tensor(DType::F32, {1, 2, 63, 64}, 23);
+  EXPECT_THROW(svg2_attention(q.view(), short_k.view(), short_k.view(), c, state, {out.view()}, cpu), ShapeError);
+  const Tensor half = random_tensor(DType::F16, {1, 2, 64, 64}, 24);
+  EXPECT_THROW(svg2_attention(q.view(), half.view(), q.view(), c, state, {out.view()}, cpu), DTypeError);
+  Tensor ints(DType::I32, {1, 2, 64, 64});
+  EXPECT_THROW(svg2_attention(ints.view(), ints.view(), ints.view(), c, state, {out.view()}, cpu), DTypeError);
+  // Config.
+  c.top_p = 0.0f;
+  EXPECT_THROW(svg2_attention(q.view(), q.view(), q.view(), c, state, {out.view()}, cpu), InvalidArgumentError);
+  c = small_config();
+  c.text_tokens = 64;
+  EXPECT_THROW(svg2_attention(q.view(), q.view(), q.view(), c, state, {out.view()}, cpu), InvalidArgumentError);
+  // Workspace.
+  c = small_config();
+  std::vector<char> small(16);
+  EXPECT_THROW(svg2_attention(q.view(), q.view(), q.view(), c, state, {out.view()}, Workspace{small.data(), 16}, cpu),
+               WorkspaceError);
+  // Device.
+  TensorView on_gpu = q.view();
+  on_gpu.device = Device::cuda(0);
+  EXPECT_THROW(svg2_attention(on_gpu, on_gpu, on_gpu, c, state, {out.view()}, cpu), UnsupportedError);
+  EXPECT_FALSE(state.initialized());
+}
+
+TEST(Svg2, MoreClustersThanTokensLeavesEmptyClusters) {
+  const Tensor q = random_tensor(DType::F32, {1, 1, 20, 64}, 25), k = random_tensor(DType::F32, {1, 1, 20, 64}, 26);
+  Config c = small_config();
+  c.q_clusters = 32;
+  c.k_clusters = 40;
+  c.top_p = 1.0f;
+  BranchState state;
+  const Svg2Run r = run_svg2(q, k, k, c, state);
+  int empty = 0;
+  for (int a = 0; a < c.k_clusters; ++a) empty += r.k_sizes.data_as<int32_t>()[a] == 0;
+  EXPECT_GE(empty, 20);
+  Tensor o(DType::F32, {1, 1, 20, 64});
+  dense_attention(q.view(), k.view(), k.view(), c.scale_for(64), o.view(), {}, Stream::cpu());
+  EXPECT_LT(max_abs_diff(r.out, o), 1e-5);
+}
+
+}  // namespace
+}  // namespace sapattn

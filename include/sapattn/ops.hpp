@@ -23,7 +23,8 @@ namespace sapattn {
 // k-means (Lloyd, squared Euclidean, fp32 accumulation), batched over (b, h).
 //   points    [B,H,N,D]  f32/f16/bf16, any strides (N >= 1)
 //   centroids [B,H,C,D]  f32, contiguous, read and written
-//   labels    [B,H,N]    i32, contiguous, written
+//   labels    [B,H,N]    i32, unit stride along N (it may be the video part of a longer labels
+//                        tensor), written
 //   sizes     [B,H,C]    i32, contiguous, written
 // ---------------------------------------------------------------------------------------------
 
@@ -76,6 +77,12 @@ void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids,
 // padding); the prompt row keeps every video column and the prompt; the padding row keeps only
 // padding. The video x video block is left as it is.
 void apply_text_rule(TensorView mask, const Stream& stream);
+
+// Labels the trailing text tokens of a joint [video | text] sequence as two extra clusters:
+// tokens [video_tokens, video_tokens + prompt_length) get `prompt_label`, the rest
+// prompt_label + 1 ("padding"). Video labels are left as they are.   labels [B,H,S] i32, contiguous.
+void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_length, int prompt_label,
+                       const Stream& stream);
 
 // ---------------------------------------------------------------------------------------------
 // Permutation.

@@ -1,1 +1,216 @@
-// placeholder: being written
+// Attention on the CPU: one engine for dense and variable-block sparse attention. Per (b,h) the
+// inputs are converted once to fp32 rows; queries are processed in tiles of kQueryTile rows that
+// never straddle a query cluster, keys in tiles of up to kKeyTile rows of one kept key cluster,
+// with the online softmax in fp32. Each query row is owned by one task, so results do not depend
+// on the thread count.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/backend.hpp"
+#include "cpu/parallel.hpp"
+#include "cpu/rows.hpp"
+#include "sapattn/error.hpp"
+
+namespace sapattn::cpu {
+
+namespace {
+
+constexpr int64_t kQueryTile = 16;
+constexpr int64_t kKeyTile = 64;
+
+float dot(const float* a, const float* b, int64_t D) {
+  float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent lanes: vectorises without reassociation
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8)
+    for (int j = 0; j < 8; ++j) part[j] += a[d + j] * b[d + j];
+  for (; d < D; ++d) part[0] += a[d] * b[d];
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+// A contiguous run of rows [begin, end) of the permuted sequence.
+struct Segment {
+  int64_t begin, end;
+};
+
+// fp32 copy of one (b,h) slice: [S, D] row-major.
+void load_slice(const TensorView& t, int64_t b, int64_t h, std::vector<float>& dst, int threads) {
+  const int64_t S = t.shape[2], D = t.shape[3];
+  dst.resize(S * D);
+  const int64_t chunks = (S + 1023) / 1024;
+  parallel_for(chunks, threads, [&](int64_t c) {
+    for (int64_t s = c * 1024; s < std::min(S, (c + 1) * 1024); ++s) load_row(t, b, h, s, dst.data() + s * D);
+  });
+}
+
+// Attention of the query rows [q_begin, q_end) (at most kQueryTile) over the key segments.
+// Writes out rows and lse entries of those queries.
+void attend_tile(const float* q, const float* k, const float* v, int64_t D, float scale, int64_t q_begin,
+                 int64_t q_end, const std::vector<Segment>& keys, const TensorView& out, const TensorView& lse,
+                 int64_t b, int64_t h) {
+  const int64_t rows = q_end - q_begin;
+  float row_max[kQueryTile], row_sum[kQueryTile];
+  std::vector<float> acc(rows * D, 0.0f);
+  float s[kQueryTile][kKeyTile];
+  std::fill(row_max, row_max + rows, -std::numeric_limits<float>::infinity());
+  std::fill(row_sum, row_sum + rows, 0.0f);
+  for (const Segment& seg : keys) {
+    for (int64_t k0 = seg.begin; k0 < seg.end; k0 += kKeyTile) {
+      const int64_t cols = std::min(kKeyTile, seg.end - k0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* qr = q + (q_begin + r) * D;
+        float tile_max = -std::numeric_limits<float>::infinity();
+        for (int64_t c = 0; c < cols; ++c) {
+          s[r][c] = dot(qr, k + (k0 + c) * D, D) * scale;
+          tile_max = std::max(tile_max, s[r][c]);
+        }
+        const float new_max = std::max(row_max[r], tile_max);
+        const float rescale = std::exp(row_max[r] - new_max);  // exp(-inf) = 0 on the first tile
+        float* a = acc.data() + r * D;
+        if (rescale != 1.0f) {
+          for (int64_t d = 0; d < D; ++d) a[d] *= rescale;
+        }
+        float tile_sum = 0.0f;
+        for (int64_t c = 0; c < cols; ++c) {
+          const float p = std::exp(s[r][c] - new_max);
+          tile_sum += p;
+          const float* vr = v + (k0 + c) * D;
+          for (int64_t d = 0; d < D; ++d) a[d] += p * vr[d];
+        }
+        row_sum[r] = row_sum[r] * rescale + tile_sum;
+        row_max[r] = new_max;
+      }
+    }
+  }
+  std::vector<float> o(D);
+  for (int64_t r = 0; r < rows; ++r) {
+    const bool attended = row_sum[r] > 0.0f;
+    const float inv = attended ? 1.0f / row_sum[r] : 0.0f;
+    for (int64_t d = 0; d < D; ++d) o[d] = acc[r * D + d] * inv;
+    store_row(out, b, h, q_begin + r, o.data());
+    if (!lse.empty())
+      at<float>(lse, b, h, q_begin + r) =
+          attended ? row_max[r] + std::log(row_sum[r]) : -std::numeric_limits<float>::infinity();
+  }
+}
+
+// Checks one (b,h)'s offsets: start at 0, non-decreasing, end at `total`.
+void check_offsets(const int32_t* off, int64_t C, int64_t total, const char* name, int64_t b, int64_t h) {
+  SAPATTN_CHECK(off[0] == 0, InvalidArgumentError, name, "[b=", b, ",h=", h, "] must start at 0, got ", off[0]);
+  for (int64_t c = 0; c < C; ++c)
+    SAPATTN_CHECK(off[c + 1] >= off[c], InvalidArgumentError, name, "[b=", b, ",h=", h, "] decreases at cluster ",
+                  c, ": ", off[c], " -> ", off[c + 1]);
+  SAPATTN_CHECK(off[C] == total, InvalidArgumentError, name, "[b=", b, ",h=", h, "] must end at ", total, ", got ",
+                off[C]);
+}
+
+// The shared engine. `key_lists(b, h, a)` gives the key segments of query cluster a; `q_off` the
+// query cluster boundaries of (b,h) (nullptr: one cluster covering every query).
+template <typename QueryOffsets, typename KeyList>
+void run_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale, TensorView out,
+                   TensorView lse, int threads, QueryOffsets q_offsets, KeyList key_list) {
+  const int64_t B = q.shape[0], H = q.shape[1], D = q.shape[3];
+  std::vector<float> qf, kf, vf;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      load_slice(q, b, h, qf, threads);
+      load_slice(k, b, h, kf, threads);
+      load_slice(v, b, h, vf, threads);
+      // Query tiles: kQueryTile rows, never crossing a query-cluster boundary.
+      struct Tile {
+        int64_t cluster, begin, end;
+      };
+      std::vector<Tile> tiles;
+      const std::vector<int64_t> bounds = q_offsets(b, h);
+      for (size_t a = 0; a + 1 < bounds.size(); ++a)
+        for (int64_t r = bounds[a]; r < bounds[a + 1]; r += kQueryTile)
+          tiles.push_back({static_cast<int64_t>(a), r, std::min(bounds[a + 1], r + kQueryTile)});
+      std::vector<std::vector<Segment>> lists(bounds.size() - 1);
+      for (size_t a = 0; a + 1 < bounds.size(); ++a) lists[a] = key_list(b, h, static_cast<int64_t>(a));
+      parallel_for(static_cast<int64_t>(tiles.size()), threads, [&](int64_t t) {
+        const Tile& tile = tiles[t];
+        attend_tile(qf.data(), kf.data(), vf.data(), D, scale, tile.begin, tile.end, lists[tile.cluster], out, lse,
+                    b, h);
+      });
+    }
+  }
+}
+
+}  // namespace
+
+void block_sparse_attention(const TensorView& q, const TensorView& k, const TensorView& v,
+                            const BlockLayout& layout, float scale, TensorView out, TensorView lse, int threads) {
+  const int64_t B = q.shape[0], H = q.shape[1], Sq = q.shape[2], Sk = k.shape[2];
+  const int64_t Cq = layout.q_offsets.shape[2] - 1, Ck = layout.k_offsets.shape[2] - 1;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      check_offsets(&at<int32_t>(layout.q_offsets, b, h), Cq, Sq, "q_offsets", b, h);
+      check_offsets(&at<int32_t>(layout.k_offsets, b, h), Ck, Sk, "k_offsets", b, h);
+    }
+  run_attention(
+      q, k, v, scale, out, lse, threads,
+      [&](int64_t b, int64_t h) {
+        const int32_t* off = &at<int32_t>(layout.q_offsets, b, h);
+        return std::vector<int64_t>(off, off + Cq + 1);
+      },
+      [&](int64_t b, int64_t h, int64_t a) {
+        const int32_t* off = &at<int32_t>(layout.k_offsets, b, h);
+        std::vector<Segment> segs;
+        for (int64_t c = 0; c < Ck; ++c) {
+          if (at<uint8_t>(layout.mask, b, h, a, c) == 0 || off[c] == off[c + 1]) continue;
+          if (!segs.empty() && segs.back().end == off[c]) {
+            segs.back().end = off[c + 1];  // adjacent kept clusters form one run of keys
+          } else {
+            segs.push_back({off[c], off[c + 1]});
+          }
+        }
+        return segs;
+      });
+}
+
+void dense_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale, TensorView out,
+                     TensorView lse, int threads) {
+  const int64_t Sq = q.shape[2], Sk = k.shape[2];
+  run_attention(
+      q, k, v, scale, out, lse, threads, [&](int64_t, int64_t) { return std::vector<int64_t>{0, Sq}; },
+      [&](int64_t, int64_t, int64_t) { return std::vector<Segment>{{0, Sk}}; });
+}
+
+void block_density(const BlockLayout& layout, TensorView density, int threads) {
+  const int64_t B = layout.q_offsets.shape[0], H = layout.q_offsets.shape[1];
+  const int64_t Cq = layout.q_offsets.shape[2] - 1, Ck = layout.k_offsets.shape[2] - 1;
+  parallel_for(B * H, threads, [&](int64_t bh) {
+    const int64_t b = bh / H, h = bh % H;
+    const int32_t* qo = &at<int32_t>(layout.q_offsets, b, h);
+    const int32_t* ko = &at<int32_t>(layout.k_offsets, b, h);
+    const double Sq = qo[Cq] - qo[0], Sk = ko[Ck] - ko[0];
+    double pairs = 0.0;
+    for (int64_t a = 0; a < Cq; ++a)
+      for (int64_t c = 0; c < Ck; ++c)
+        if (at<uint8_t>(layout.mask, b, h, a, c) != 0)
+          pairs += static_cast<double>(qo[a + 1] - qo[a]) * static_cast<double>(ko[c + 1] - ko[c]);
+    at<float>(density, b, h) = (Sq > 0 && Sk > 0) ? static_cast<float>(pairs / (Sq * Sk)) : 0.0f;
+  });
+}
+
+void check_finite(const TensorView& x, const char* name, int threads) {
+  const int64_t B = x.shape[0], H = x.shape[1], S = x.shape[2], D = x.shape[3];
+  std::vector<int64_t> first_bad(B * H, -1);
+  parallel_for(B * H, threads, [&](int64_t bh) {
+    std::vector<float> row(D);
+    for (int64_t s = 0; s < S && first_bad[bh] < 0; ++s) {
+      load_row(x, bh / H, bh % H, s, row.data());
+      for (int64_t d = 0; d < D; ++d)
+        if (!std::isfinite(row[d])) {
+          first_bad[bh] = s * D + d;
+          break;
+        }
+    }
+  });
+  for (int64_t bh = 0; bh < B * H; ++bh)
+    SAPATTN_CHECK(first_bad[bh] < 0, NonFiniteError, name, " holds a non-finite value at [b=", bh / H, ", h=", bh % H,
+                  ", s=", first_bad[bh] / D, ", d=", first_bad[bh] % D, "]");
+}
+
+}  // namespace sapattn::cpu

@@ -1,1 +1,113 @@
-// placeholder: being written
+// Block selection on the CPU: the size-weighted centroid softmax and the per-row top-p rule.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "cpu/backend.hpp"
+#include "cpu/parallel.hpp"
+#include "cpu/rows.hpp"
+
+namespace sapattn::cpu {
+
+namespace {
+
+// Keeps the shortest descending-weight prefix of one row whose fp32 running sum reaches top_p
+// (at least one entry, at least min_kept). Writes all C entries of the mask row.
+void keep_top_p_row(const float* w, int64_t w_stride, int64_t C, float top_p, int64_t min_kept,
+                    uint8_t* mask, int64_t mask_stride, std::vector<int32_t>& order) {
+  if (top_p >= 1.0f) {
+    for (int64_t c = 0; c < C; ++c) mask[c * mask_stride] = 1;
+    return;
+  }
+  order.resize(C);
+  std::iota(order.begin(), order.end(), 0);
+  // Stable sort on an index-ordered array: equal weights keep the lower index first.
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t a, int32_t b) { return w[a * w_stride] > w[b * w_stride]; });
+  int64_t kept = C;  // if rounding keeps the sum below top_p, every cluster is kept
+  float running = 0.0f;
+  for (int64_t r = 0; r < C; ++r) {
+    running += w[order[r] * w_stride];
+    if (running >= top_p) {
+      kept = r + 1;
+      break;
+    }
+  }
+  kept = std::min<int64_t>(C, std::max(kept, min_kept));
+  for (int64_t c = 0; c < C; ++c) mask[c * mask_stride] = 0;
+  for (int64_t r = 0; r < kept; ++r) mask[order[r] * mask_stride] = 1;
+}
+
+}  // namespace
+
+void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, int threads) {
+  const int64_t B = probs.shape[0], H = probs.shape[1], R = probs.shape[2], C = probs.shape[3];
+  parallel_for(B * H, threads, [&](int64_t bh) {
+    const int64_t b = bh / H, h = bh % H;
+    std::vector<int32_t> order;
+    for (int64_t r = 0; r < R; ++r)
+      keep_top_p_row(&at<float>(probs, b, h, r), probs.stride[3], C, top_p, min_kept, &at<uint8_t>(mask, b, h, r),
+                     mask.stride[3], order);
+  });
+}
+
+void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes,
+                   float scale, float top_p, int min_kept, TensorView mask, int threads) {
+  const int64_t B = q_centroids.shape[0], H = q_centroids.shape[1];
+  const int64_t Cq = q_centroids.shape[2], Ck = k_centroids.shape[2], D = q_centroids.shape[3];
+  parallel_for(B * H, threads, [&](int64_t bh) {
+    const int64_t b = bh / H, h = bh % H;
+    const float* cq = &at<float>(q_centroids, b, h);
+    const float* ck = &at<float>(k_centroids, b, h);
+    const int32_t* size = &at<int32_t>(k_sizes, b, h);
+    std::vector<float> score(Ck), weight(Ck);
+    std::vector<int32_t> order;
+    for (int64_t a = 0; a < Cq; ++a) {
+      uint8_t* row = &at<uint8_t>(mask, b, h, a);
+      float row_max = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < Ck; ++j) {
+        float dot = 0.0f;
+        for (int64_t d = 0; d < D; ++d) dot += cq[a * D + d] * ck[j * D + d];
+        score[j] = dot * scale;
+        if (size[j] > 0) row_max = std::max(row_max, score[j]);
+      }
+      if (row_max == -std::numeric_limits<float>::infinity()) {  // every key cluster is empty
+        for (int64_t j = 0; j < Ck; ++j) row[j * mask.stride[3]] = 0;
+        continue;
+      }
+      float total = 0.0f;
+      for (int64_t j = 0; j < Ck; ++j) {
+        weight[j] = size[j] > 0 ? static_cast<float>(size[j]) * std::exp(score[j] - row_max) : 0.0f;
+        total += weight[j];
+      }
+      for (int64_t j = 0; j < Ck; ++j) weight[j] /= total;
+      keep_top_p_row(weight.data(), 1, Ck, top_p, min_kept, row, mask.stride[3], order);
+    }
+  });
+}
+
+void apply_text_rule(TensorView mask, int threads) {
+  const int64_t B = mask.shape[0], H = mask.shape[1];
+  const int64_t Cq = mask.shape[2] - 2, Ck = mask.shape[3] - 2;
+  const int64_t prompt = Ck, padding = Ck + 1;
+  parallel_for(B * H, threads, [&](int64_t bh) {
+    const int64_t b = bh / H, h = bh % H;
+    auto m = [&](int64_t r, int64_t c) -> uint8_t& { return at<uint8_t>(mask, b, h, r, c); };
+    for (int64_t a = 0; a < Cq; ++a) {  // video rows also see the prompt, never the padding
+      m(a, prompt) = 1;
+      m(a, padding) = 0;
+    }
+    for (int64_t c = 0; c < Ck; ++c) {
+      m(Cq, c) = 1;            // the prompt sees all video
+      m(Cq + 1, c) = 0;        // padding sees no video
+    }
+    m(Cq, prompt) = 1;
+    m(Cq, padding) = 0;
+    m(Cq + 1, prompt) = 0;
+    m(Cq + 1, padding) = 1;
+  });
+}
+
+}  // namespace sapattn::cpu

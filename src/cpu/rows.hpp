@@ -1,0 +1,44 @@
+// Row access to [B,H,S,D] views of any float dtype and strides, converting through fp32.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "sapattn/tensor.hpp"
+
+namespace sapattn::cpu {
+
+inline const char* row_ptr(const TensorView& t, int64_t b, int64_t h, int64_t s) {
+  return static_cast<const char*>(t.data) +
+         (b * t.stride[0] + h * t.stride[1] + s * t.stride[2]) * static_cast<int64_t>(dtype_size(t.dtype));
+}
+
+// dst[0..D) = t[b,h,s,:] as fp32.
+inline void load_row(const TensorView& t, int64_t b, int64_t h, int64_t s, float* dst) {
+  const char* p = row_ptr(t, b, h, s);
+  const int64_t D = t.shape[3], ds = t.stride[3];
+  if (t.dtype == DType::F32 && ds == 1) {
+    std::memcpy(dst, p, D * sizeof(float));
+    return;
+  }
+  for (int64_t d = 0; d < D; ++d) dst[d] = load_as_f32(p, t.dtype, d * ds);
+}
+
+// t[b,h,s,:] = src[0..D), rounded to t's dtype.
+inline void store_row(const TensorView& t, int64_t b, int64_t h, int64_t s, const float* src) {
+  char* p = const_cast<char*>(row_ptr(t, b, h, s));
+  const int64_t D = t.shape[3], ds = t.stride[3];
+  if (t.dtype == DType::F32 && ds == 1) {
+    std::memcpy(p, src, D * sizeof(float));
+    return;
+  }
+  for (int64_t d = 0; d < D; ++d) store_from_f32(p, t.dtype, d * ds, src[d]);
+}
+
+// Element (i0, i1, i2, i3) of a view of rank <= 4 of a given C type.
+template <typename T>
+inline T& at(const TensorView& t, int64_t i0, int64_t i1 = 0, int64_t i2 = 0, int64_t i3 = 0) {
+  return static_cast<T*>(t.data)[i0 * t.stride[0] + i1 * t.stride[1] + i2 * t.stride[2] + i3 * t.stride[3]];
+}
+
+}  // namespace sapattn::cpu

@@ -1,0 +1,45 @@
+// The stages of an SVG2 layer call after clustering, shared by svg2_attention and the evaluation
+// methods (positional blocks, oracle) so that every method attends through the same code path.
+#pragma once
+
+#include "sapattn/config.hpp"
+#include "sapattn/ops.hpp"
+#include "sapattn/svg2.hpp"
+
+namespace sapattn::pipeline {
+
+// Scratch tensors of one layer call, carved from a Workspace. Cq/Ck count the text clusters
+// when the config has text tokens (two more on each side).
+struct Buffers {
+  int64_t video_tokens = 0;
+  int q_video_clusters = 0, k_video_clusters = 0;  // Cq, Ck of the config
+  int q_clusters = 0, k_clusters = 0;              // with the text clusters
+  TensorView q_labels, k_labels;                   // [B,H,S] i32
+  TensorView q_perm, k_perm;                       // [B,H,S] i32
+  TensorView q_offsets, k_offsets;                 // [B,H,Cq+1], [B,H,Ck+1] i32
+  TensorView q_sizes, k_sizes;                     // [B,H,Cq], [B,H,Ck] i32 (video clusters)
+  TensorView mask;                                 // [B,H,Cq,Ck] u8 (with text clusters)
+  TensorView q_perm_rows, k_perm_rows, v_perm_rows;  // [B,H,S,D], the input dtype
+  TensorView out_perm;                             // [B,H,S,D] f32
+  TensorView lse_perm;                             // [B,H,S] f32
+
+  // Video parts of the label tensors and the video x video block of the mask.
+  TensorView q_video_labels() const { return q_labels.slice(2, 0, video_tokens); }
+  TensorView k_video_labels() const { return k_labels.slice(2, 0, video_tokens); }
+  TensorView video_mask() const { return mask.slice(2, 0, q_video_clusters).slice(3, 0, k_video_clusters); }
+};
+
+// Bytes the buffers need; with a non-null workspace, also carves them out of it.
+size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Device device,
+             const Workspace* workspace, Buffers* buffers);
+
+// Checks q, k, v and the outputs against one another and the config; returns the shape.
+AttentionShape check_inputs(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
+                            const Svg2Outputs& outputs, const Stream& stream);
+
+// Given video labels and sizes, the video x video mask and centroids already selected: labels the
+// text tokens, applies the text rule, permutes, attends, and writes the outputs in token order.
+void attend_clusters(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
+                     Buffers& buffers, const Svg2Outputs& outputs, const Stream& stream);
+
+}  // namespace sapattn::pipeline
