@@ -138,6 +138,31 @@ void attend_clusters(const TensorView& q, const TensorView& k, const TensorView&
   if (!outputs.density.empty()) block_density(layout, outputs.density, stream);
 }
 
+void cluster(const TensorView& q, const TensorView& k, const Config& config, BranchState& state, Buffers& buf,
+             const TensorView& q_sizes, const TensorView& k_sizes, const Stream& stream) {
+  const int64_t B = q.shape[0], H = q.shape[1], D = q.shape[3];
+  const TensorView qv = q.slice(2, 0, buf.video_tokens), kv = k.slice(2, 0, buf.video_tokens);
+  int iters = config.kmeans_iters_step;
+  if (!state.initialized()) {
+    state.q_centroids = Tensor(DType::F32, {B, H, config.q_clusters, D}, stream.device);
+    state.k_centroids = Tensor(DType::F32, {B, H, config.k_clusters, D}, stream.device);
+    // Different streams of the seed for Q and K, so their samples are independent.
+    kmeans_init(qv, state.q_centroids.view(), config.seed, stream);
+    kmeans_init(kv, state.k_centroids.view(), config.seed ^ 0x5bd1e9955bd1e995ull, stream);
+    iters = config.kmeans_iters_init;
+  }
+  kmeans(qv, state.q_centroids.view(), buf.q_video_labels(), q_sizes, iters, stream);
+  kmeans(kv, state.k_centroids.view(), buf.k_video_labels(), k_sizes, iters, stream);
+  ++state.calls;
+}
+
+void select(const Config& config, const BranchState& state, const TensorView& k_sizes, Buffers& buf,
+            const Stream& stream) {
+  select_blocks(state.q_centroids.view(), state.k_centroids.view(), k_sizes,
+                config.scale_for(state.q_centroids.shape()[3]), config.top_p, config.min_kept_clusters(),
+                buf.video_mask(), stream);
+}
+
 }  // namespace pipeline
 
 void check_finite(const TensorView& x, const char* name, const Stream& stream) {
@@ -157,7 +182,6 @@ size_t svg2_workspace_bytes(const AttentionShape& shape, const Config& config, D
 void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
                     BranchState& state, const Svg2Outputs& outputs, Workspace workspace, const Stream& stream) {
   const AttentionShape shape = pipeline::check_inputs(q, k, v, config, outputs, stream);
-  const int64_t B = shape.batch, H = shape.heads, D = shape.head_dim;
   const size_t need = pipeline::carve(shape, config, q.dtype, stream.device, nullptr, nullptr);
   SAPATTN_CHECK(workspace.bytes >= need, WorkspaceError, "svg2_attention needs ", need,
                 " bytes of workspace (svg2_workspace_bytes), got ", workspace.bytes);
@@ -165,8 +189,9 @@ void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& 
   check_finite(k, "k", stream);
   check_finite(v, "v", stream);
 
-  const std::vector<int64_t> q_shape{B, H, config.q_clusters, D}, k_shape{B, H, config.k_clusters, D};
   if (state.initialized()) {
+    const std::vector<int64_t> q_shape{shape.batch, shape.heads, config.q_clusters, shape.head_dim};
+    const std::vector<int64_t> k_shape{shape.batch, shape.heads, config.k_clusters, shape.head_dim};
     SAPATTN_CHECK(state.q_centroids.shape() == q_shape && state.k_centroids.shape() == k_shape &&
                       state.q_centroids.device() == stream.device,
                   InvalidArgumentError, "this branch state caches centroids for another shape or device (",
@@ -175,25 +200,12 @@ void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& 
   }
   pipeline::Buffers buf;
   pipeline::carve(shape, config, q.dtype, stream.device, &workspace, &buf);
-  const TensorView qv = q.slice(2, 0, buf.video_tokens), kv = k.slice(2, 0, buf.video_tokens);
-  int iters = config.kmeans_iters_step;
-  if (!state.initialized()) {
-    state.q_centroids = Tensor(DType::F32, q_shape, stream.device);
-    state.k_centroids = Tensor(DType::F32, k_shape, stream.device);
-    // Different streams of the seed for Q and K, so their samples are independent.
-    kmeans_init(qv, state.q_centroids.view(), config.seed, stream);
-    kmeans_init(kv, state.k_centroids.view(), config.seed ^ 0x5bd1e9955bd1e995ull, stream);
-    iters = config.kmeans_iters_init;
-  }
   // Cluster sizes go straight to the caller's outputs when asked for.
   const TensorView q_sizes = outputs.q_cluster_sizes.empty() ? buf.q_sizes : outputs.q_cluster_sizes;
   const TensorView k_sizes = outputs.k_cluster_sizes.empty() ? buf.k_sizes : outputs.k_cluster_sizes;
-  kmeans(qv, state.q_centroids.view(), buf.q_video_labels(), q_sizes, iters, stream);
-  kmeans(kv, state.k_centroids.view(), buf.k_video_labels(), k_sizes, iters, stream);
-  select_blocks(state.q_centroids.view(), state.k_centroids.view(), k_sizes, config.scale_for(D), config.top_p,
-                config.min_kept_clusters(), buf.video_mask(), stream);
+  pipeline::cluster(q, k, config, state, buf, q_sizes, k_sizes, stream);
+  pipeline::select(config, state, k_sizes, buf, stream);
   pipeline::attend_clusters(q, k, v, config, buf, outputs, stream);
-  ++state.calls;
 }
 
 void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,

@@ -1,1 +1,120 @@
-// placeholder: being written
+// The compared methods and the metrics against dense attention.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "sapattn/eval.hpp"
+#include "sapattn/workload.hpp"
+
+namespace sapattn::eval {
+namespace {
+
+Tensor blobs(int64_t B, int64_t H, int64_t S, int64_t D, int centers, uint32_t seed) {
+  Tensor t(DType::F32, {B, H, S, D});
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  std::vector<float> c(centers * D);
+  for (auto& x : c) x = 1.5f * n(rng);
+  for (int64_t r = 0; r < B * H * S; ++r) {
+    const int64_t which = std::uniform_int_distribution<int64_t>(0, centers - 1)(rng);
+    for (int64_t d = 0; d < D; ++d) t.data_as<float>()[r * D + d] = c[which * D + d] + 0.5f * n(rng);
+  }
+  return t;
+}
+
+Config small_config() {
+  Config c;
+  c.q_clusters = 6;
+  c.k_clusters = 12;
+  c.kmeans_iters_init = 10;
+  return c;
+}
+
+TEST(Methods, ParseNames) {
+  for (Method m : {Method::Sap, Method::Blocks, Method::Oracle, Method::Dense}) {
+    EXPECT_EQ(parse_method(method_name(m)), m);
+  }
+  EXPECT_THROW(parse_method("svg"), InvalidArgumentError);
+}
+
+TEST(Methods, DenseAgainstItselfIsPerfect) {
+  const Tensor q = blobs(1, 2, 90, 64, 4, 1), k = blobs(1, 2, 90, 64, 4, 2), v = blobs(1, 2, 90, 64, 4, 3);
+  const MethodResult d = run_method(Method::Dense, q.view(), k.view(), v.view(), small_config());
+  const Metrics m = compare(d, d);
+  ASSERT_EQ(m.per_head.size(), 2u);
+  EXPECT_DOUBLE_EQ(m.mean.density, 1.0);
+  EXPECT_DOUBLE_EQ(m.mean.recall, 1.0);
+  EXPECT_DOUBLE_EQ(m.mean.rel_l2, 0.0);
+  EXPECT_NEAR(m.mean.cosine, 1.0, 1e-12);
+}
+
+TEST(Methods, EverySparseMethodEqualsDenseAtTopPOne) {
+  const Tensor q = blobs(2, 2, 100, 64, 4, 4), k = blobs(2, 2, 100, 64, 4, 5), v = blobs(2, 2, 100, 64, 4, 6);
+  Config c = small_config();
+  c.top_p = 1.0f;
+  const MethodResult d = run_method(Method::Dense, q.view(), k.view(), v.view(), c);
+  for (Method method : {Method::Sap, Method::Blocks, Method::Oracle}) {
+    const Metrics m = compare(run_method(method, q.view(), k.view(), v.view(), c, &d), d);
+    EXPECT_NEAR(m.mean.density, 1.0, 1e-6) << method_name(method);
+    EXPECT_NEAR(m.mean.recall, 1.0, 1e-5) << method_name(method);
+    EXPECT_LT(m.mean.rel_l2, 1e-5) << method_name(method);
+  }
+}
+
+TEST(Methods, BlocksAreContiguousAndBalanced) {
+  const Tensor q = blobs(1, 1, 103, 32, 3, 7);
+  Config c = small_config();
+  const MethodResult r = run_method(Method::Blocks, q.view(), q.view(), q.view(), c);
+  const int32_t* ql = r.q_labels.data_as<int32_t>();
+  std::vector<int> size(c.q_clusters, 0);
+  for (int64_t i = 0; i < 103; ++i) {
+    if (i > 0) EXPECT_GE(ql[i], ql[i - 1]);
+    ++size[ql[i]];
+  }
+  for (int s : size) {
+    EXPECT_TRUE(s == 103 / 6 || s == 103 / 6 + 1) << s;
+  }
+}
+
+TEST(Methods, OracleNeedsDenseAndKeepsTopPOfTheTrueMass) {
+  const Tensor q = blobs(1, 3, 240, 64, 8, 8), k = blobs(1, 3, 240, 64, 8, 9), v = blobs(1, 3, 240, 64, 8, 10);
+  Config c = small_config();
+  c.top_p = 0.7f;
+  c.min_kc_ratio = 0.0f;
+  EXPECT_THROW(run_method(Method::Oracle, q.view(), k.view(), v.view(), c), InvalidArgumentError);
+  const MethodResult d = run_method(Method::Dense, q.view(), k.view(), v.view(), c);
+  const Metrics oracle = compare(run_method(Method::Oracle, q.view(), k.view(), v.view(), c, &d), d);
+  // Each query cluster keeps key clusters holding at least top_p of its queries' mean true mass
+  // (no text tokens here), so the mean recall over all queries is at least top_p.
+  EXPECT_GE(oracle.mean.recall, 0.7 - 1e-4);
+  EXPECT_LT(oracle.mean.density, 1.0);
+}
+
+TEST(Metrics, KnownAnswers) {
+  const Tensor q = blobs(1, 2, 50, 32, 3, 11), v = blobs(1, 2, 50, 32, 3, 12);
+  const MethodResult d = run_method(Method::Dense, q.view(), q.view(), v.view(), small_config());
+  MethodResult r;
+  r.method = Method::Sap;
+  r.out = Tensor(DType::F32, d.out.shape());
+  r.lse = Tensor(DType::F32, d.lse.shape());
+  r.density = Tensor(DType::F32, {1, 2});
+  for (int64_t i = 0; i < d.out.numel(); ++i) r.out.data_as<float>()[i] = 2.0f * d.out.data_as<float>()[i];
+  for (int64_t i = 0; i < d.lse.numel(); ++i)
+    r.lse.data_as<float>()[i] = d.lse.data_as<float>()[i] - std::log(2.0f);  // half of the mass
+  r.density.data_as<float>()[0] = 0.25f;
+  r.density.data_as<float>()[1] = 0.75f;
+  const Metrics m = compare(r, d);
+  EXPECT_NEAR(m.mean.rel_l2, 1.0, 1e-6);  // ||2x - x|| / ||x||
+  EXPECT_NEAR(m.mean.cosine, 1.0, 1e-6);  // same direction
+  EXPECT_NEAR(m.mean.recall, 0.5, 1e-6);
+  EXPECT_NEAR(m.mean.density, 0.5, 1e-7);
+  EXPECT_DOUBLE_EQ(m.per_head[1].density, 0.75);
+  EXPECT_EQ(m.per_head[1].head, 1);
+  MethodResult wrong = r;
+  wrong.out = Tensor(DType::F32, {1, 2, 49, 32});
+  EXPECT_THROW(compare(wrong, d), ShapeError);
+}
+
+}  // namespace
+}  // namespace sapattn::eval

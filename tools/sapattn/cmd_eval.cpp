@@ -1,1 +1,118 @@
-// placeholder: being written
+// sapattn eval: one method on the user's own Q, K, V, measured against dense attention.
+#include <iostream>
+#include <sstream>
+
+#include "commands.hpp"
+#include "progress.hpp"
+#include "sapattn/io.hpp"
+#include "sapattn/svg2.hpp"
+
+namespace sapattn::cli {
+
+namespace {
+
+// Loads tensor `name` from `path` and views it as [B,H,S,D] according to the file's layout.
+TensorView load_view(const std::string& path, const std::string& name, bool bshd, Tensor& storage) {
+  storage = io::read_tensor(path, name);
+  const auto& s = storage.shape();
+  SAPATTN_CHECK(s.size() == 4, ShapeError, name, " from ", path, " must have rank 4 (", bshd ? "[B,S,H,D]" : "[B,H,S,D]",
+                "), got rank ", s.size());
+  return bshd ? TensorView::bshd(storage.data(), storage.dtype(), s[0], s[2], s[1], s[3]) : storage.view();
+}
+
+std::string metrics_json(const std::string& method, const eval::Metrics& m, const Config& c, const TensorView& q,
+                         double seconds, double dense_seconds) {
+  std::ostringstream os;
+  os << "{\"method\": " << json_string(method) << ", \"density\": " << json_number(m.mean.density)
+     << ", \"recall\": " << json_number(m.mean.recall) << ", \"rel_l2\": " << json_number(m.mean.rel_l2)
+     << ", \"cosine\": " << json_number(m.mean.cosine) << ", \"seconds\": " << json_number(seconds)
+     << ", \"dense_seconds\": " << json_number(dense_seconds) << ", \"shape\": [" << q.shape[0] << ", " << q.shape[1]
+     << ", " << q.shape[2] << ", " << q.shape[3] << "], \"config\": {\"q_clusters\": " << c.q_clusters
+     << ", \"k_clusters\": " << c.k_clusters << ", \"top_p\": " << json_number(c.top_p)
+     << ", \"min_kc_ratio\": " << json_number(c.min_kc_ratio) << ", \"kmeans_iters\": " << c.kmeans_iters_init
+     << ", \"seed\": " << c.seed << ", \"text_tokens\": " << c.text_tokens
+     << ", \"prompt_length\": " << c.prompt_length << "}, \"per_head\": [";
+  for (size_t i = 0; i < m.per_head.size(); ++i) {
+    const eval::HeadMetrics& h = m.per_head[i];
+    os << (i ? ", " : "") << "{\"batch\": " << h.batch << ", \"head\": " << h.head
+       << ", \"density\": " << json_number(h.density) << ", \"recall\": " << json_number(h.recall)
+       << ", \"rel_l2\": " << json_number(h.rel_l2) << ", \"cosine\": " << json_number(h.cosine) << "}";
+  }
+  os << "]}\n";
+  return os.str();
+}
+
+}  // namespace
+
+int run_eval(int argc, char** argv) {
+  std::vector<Option> options = {
+      {"in", "FILE", "a .safetensors file holding tensors q, k and v", ""},
+      {"q", "FILE", "queries (.npy, or .safetensors with a tensor 'q')", ""},
+      {"k", "FILE", "keys (.npy, or .safetensors with a tensor 'k')", ""},
+      {"v", "FILE", "values (.npy, or .safetensors with a tensor 'v')", ""},
+      {"layout", "L", "bhsd ([B,H,S,D]) or bshd ([B,S,H,D], diffusers)", "bhsd"},
+      {"method", "M", "sap, blocks, oracle or dense", "sap"},
+      {"text-tokens", "N", "trailing text tokens of a joint sequence (HunyuanVideo)", "0"},
+      {"prompt-length", "N", "real prompt tokens at the start of the text; the rest is padding", "0"},
+      {"json", "", "print one JSON object instead of the table", ""},
+  };
+  for (Option& o : svg2_options()) options.push_back(o);
+  Args args("eval",
+            "Runs one attention method on your Q, K, V and measures it against dense attention: density (share\n"
+            "of query-key pairs computed), recall (share of the dense attention mass kept), relative L2 error\n"
+            "and cosine similarity of the output; means over heads, and per head with --json.",
+            options);
+  if (!args.parse(argc, argv)) return 0;
+  const bool have_in = args.has("in");
+  SAPATTN_CHECK(have_in != (args.has("q") || args.has("k") || args.has("v")), UsageError,
+                "sapattn eval: give either --in FILE or all of --q, --k, --v");
+  const std::string qp = have_in ? args.get("in", "") : args.require("q");
+  const std::string kp = have_in ? args.get("in", "") : args.require("k");
+  const std::string vp = have_in ? args.get("in", "") : args.require("v");
+  const bool bshd = args.get_choice("layout", "bhsd", {"bhsd", "bshd"}) == "bshd";
+  const eval::Method method = eval::parse_method(args.get_choice("method", "sap", {"sap", "blocks", "oracle", "dense"}));
+  const bool json = args.flag("json");
+  const int threads = threads_from(args);
+
+  Tensor qs, ks, vs;
+  TensorView q, k, v;
+  {
+    Progress progress("loading tensors", !json);
+    q = load_view(qp, "q", bshd, qs);
+    k = load_view(kp, "k", bshd, ks);
+    v = load_view(vp, "v", bshd, vs);
+  }
+  const int64_t S = q.shape[2];
+  const int64_t text = args.get_int("text-tokens", 0, 0, S - 1);
+  Config config = config_from(args, S - text);
+  config.text_tokens = text;
+  config.prompt_length = args.get_int("prompt-length", 0, 0, text);
+  const Stream stream = Stream::cpu(threads);
+  check_finite(q, "q", stream);
+  check_finite(k, "k", stream);
+  check_finite(v, "v", stream);
+
+  eval::MethodResult dense, result;
+  {
+    Progress progress("dense attention", !json);
+    dense = eval::run_method(eval::Method::Dense, q, k, v, config, nullptr, threads);
+  }
+  {
+    Progress progress(std::string(eval::method_name(method)), !json);
+    result = eval::run_method(method, q, k, v, config, &dense, threads);
+  }
+  const eval::Metrics metrics = eval::compare(result, dense);
+  if (json) {
+    std::cout << metrics_json(std::string(eval::method_name(method)), metrics, config, q, result.seconds,
+                              dense.seconds);
+  } else {
+    std::cout << "[" << q.shape[0] << "," << q.shape[1] << "," << q.shape[2] << "," << q.shape[3] << "] "
+              << dtype_name(q.dtype) << ", Cq=" << config.q_clusters << " Ck=" << config.k_clusters
+              << " top_p=" << config.top_p << " min_kc_ratio=" << config.min_kc_ratio << "\n"
+              << format_table({{"dense", eval::compare(dense, dense), dense.seconds},
+                               {std::string(eval::method_name(method)), metrics, result.seconds}});
+  }
+  return 0;
+}
+
+}  // namespace sapattn::cli

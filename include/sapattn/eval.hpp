@@ -1,0 +1,66 @@
+// Evaluation: the attention methods sapattn is compared with, run through one code path, and the
+// metrics of a run against dense attention. Runs on the CPU backend.
+//
+//   sap     SVG2: k-means clusters of Q and K, key clusters chosen by the size-weighted centroid
+//           softmax and top-p (svg2_attention's clustering and selection).
+//   blocks  positional clusters: contiguous blocks of the token order (frame-major) with the same
+//           cluster counts, scored and selected by the same rule — what position-based methods do.
+//   oracle  the SAP clusters, with key clusters chosen by their true attention mass (from dense
+//           attention), same top-p: the upper bound of identification for these clusters.
+//   dense   full attention.
+#pragma once
+
+#include <string_view>
+#include <vector>
+
+#include "sapattn/config.hpp"
+#include "sapattn/tensor.hpp"
+
+namespace sapattn::eval {
+
+enum class Method : uint8_t { Sap, Blocks, Oracle, Dense };
+std::string_view method_name(Method m);
+// "sap", "blocks", "oracle", "dense"; anything else throws InvalidArgumentError.
+Method parse_method(std::string_view name);
+
+struct MethodResult {
+  Method method = Method::Dense;
+  Tensor out;       // [B,H,S,D] f32, original token order
+  Tensor lse;       // [B,H,S] f32
+  Tensor density;   // [B,H] f32 (1 for dense)
+  Tensor q_labels;  // [B,H,S] i32: query cluster of each token (text clusters after the video ones)
+  Tensor k_labels;  // [B,H,S] i32
+  Tensor mask;      // [B,H,Cq',Ck'] u8 over the clusters incl. text; empty for dense
+  double seconds = 0.0;  // wall time of the method's attention call, clustering included
+};
+
+// Runs one method on q, k, v ([B,H,S,D], any float dtype and strides, on the CPU). The oracle
+// needs the dense result (its LSE gives the true attention mass): pass it as `dense`, else
+// InvalidArgumentError.
+MethodResult run_method(Method method, const TensorView& q, const TensorView& k, const TensorView& v,
+                        const Config& config, const MethodResult* dense = nullptr, int threads = 0);
+
+// One sparse method at several top-p values (config.top_p is ignored): the clusters, and the
+// oracle's mass matrix, are computed once and shared, as none of them depends on top-p. Each
+// result's `seconds` is what a single run at that top-p would take (the shared part included).
+std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const TensorView& k, const TensorView& v,
+                                    const Config& config, const std::vector<float>& top_ps,
+                                    const MethodResult* dense = nullptr, int threads = 0);
+
+struct HeadMetrics {
+  int64_t batch = 0, head = 0;
+  double density = 0;  // share of query-key pairs computed
+  double recall = 0;   // mean over query rows of exp(lse - lse_dense): dense attention mass kept
+  double rel_l2 = 0;   // ||O - O_dense|| / ||O_dense|| over the head's [S,D] output
+  double cosine = 0;   // cosine similarity of the flattened [S,D] outputs
+};
+
+struct Metrics {
+  std::vector<HeadMetrics> per_head;  // B*H entries, (b, h) order
+  HeadMetrics mean;                   // means over per_head (batch = head = -1)
+};
+
+// Metrics of `result` against `dense` (same shape).
+Metrics compare(const MethodResult& result, const MethodResult& dense);
+
+}  // namespace sapattn::eval

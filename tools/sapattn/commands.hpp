@@ -1,0 +1,39 @@
+// The sapattn subcommands and what they share: SVG2 options, the metrics table and JSON output.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "cli_args.hpp"
+#include "sapattn/config.hpp"
+#include "sapattn/eval.hpp"
+
+namespace sapattn::cli {
+
+int run_demo(int argc, char** argv);
+int run_eval(int argc, char** argv);
+int run_gen(int argc, char** argv);
+
+// --q-clusters, --k-clusters, --top-p, --min-kc-ratio, --kmeans-iters, --seed, --threads.
+std::vector<Option> svg2_options();
+
+// The config the SVG2 options ask for. Cluster counts default to the official Wan 720p ones (300
+// query, 1000 key clusters for 75,600 tokens); a shorter sequence gets the same tokens per cluster
+// (one query cluster per 252 video tokens, one key cluster per 75.6), so small inputs are not cut
+// into clusters of a handful of tokens.
+Config config_from(const Args& args, int64_t video_tokens);
+int threads_from(const Args& args);
+
+// One row of the methods table.
+struct Row {
+  std::string method;
+  eval::Metrics metrics;
+  double seconds;
+};
+std::string format_table(const std::vector<Row>& rows);
+
+// JSON literals: a quoted, escaped string; a number (non-finite values become null).
+std::string json_string(const std::string& s);
+std::string json_number(double x);
+
+}  // namespace sapattn::cli

@@ -1,0 +1,78 @@
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <sstream>
+
+#include "commands.hpp"
+
+namespace sapattn::cli {
+
+std::vector<Option> svg2_options() {
+  return {
+      {"q-clusters", "N", "query clusters (k-means over video-token queries)", "300, or 1 per 252 video tokens"},
+      {"k-clusters", "N", "key clusters (k-means over video-token keys)", "1000, or 1 per 75.6 video tokens"},
+      {"top-p", "P", "per query cluster, keep key clusters until this share of estimated mass", "0.9"},
+      {"min-kc-ratio", "R", "always keep the top floor(R * key clusters) key clusters", "0.1"},
+      {"kmeans-iters", "N", "k-means iterations (first call, from a seeded sample)", "50"},
+      {"seed", "S", "seed of the initial centroid sample", "0"},
+      {"threads", "N", "CPU threads", "all cores"},
+  };
+}
+
+Config config_from(const Args& args, int64_t video_tokens) {
+  Config c;
+  const auto per = [&](double tokens_per_cluster, int64_t cap) {
+    return std::clamp<int64_t>(static_cast<int64_t>(std::ceil(video_tokens / tokens_per_cluster)), 1, cap);
+  };
+  c.q_clusters = static_cast<int>(args.get_int("q-clusters", per(252.0, 300), 1, 1 << 20));
+  c.k_clusters = static_cast<int>(args.get_int("k-clusters", per(75.6, 1000), 1, 1 << 20));
+  c.top_p = static_cast<float>(args.get_double("top-p", 0.9, 1e-6, 1.0));
+  c.min_kc_ratio = static_cast<float>(args.get_double("min-kc-ratio", 0.1, 0.0, 1.0));
+  c.kmeans_iters_init = static_cast<int>(args.get_int("kmeans-iters", 50, 0, 100000));
+  c.seed = static_cast<uint64_t>(args.get_int("seed", 0, 0, INT64_MAX));
+  return c;
+}
+
+int threads_from(const Args& args) { return static_cast<int>(args.get_int("threads", 0, 0, 4096)); }
+
+std::string format_table(const std::vector<Row>& rows) {
+  std::ostringstream os;
+  char line[160];
+  std::snprintf(line, sizeof line, "%-8s %9s %9s %9s %9s %10s\n", "method", "density", "recall", "rel_l2", "cosine",
+                "time");
+  os << line;
+  for (const Row& r : rows) {
+    const auto& m = r.metrics.mean;
+    std::snprintf(line, sizeof line, "%-8s %9.4f %9.4f %9.4f %9.5f %8.2f s\n", r.method.c_str(), m.density, m.recall,
+                  m.rel_l2, m.cosine, r.seconds);
+    os << line;
+  }
+  return os.str();
+}
+
+std::string json_string(const std::string& s) {
+  std::string out = "\"";
+  for (const char ch : s) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += ch;
+    } else if (c < 0x20) {
+      char esc[8];
+      std::snprintf(esc, sizeof esc, "\\u%04x", c);
+      out += esc;
+    } else {
+      out += ch;
+    }
+  }
+  return out + "\"";
+}
+
+std::string json_number(double x) {
+  if (!std::isfinite(x)) return "null";
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.9g", x);
+  return buf;
+}
+
+}  // namespace sapattn::cli

@@ -1,0 +1,41 @@
+// Progress on stderr for work that may take more than a couple of seconds. On a terminal the line
+// is redrawn in place; otherwise (logs, CI) a line is printed at each quarter and at the end.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <thread>
+
+namespace sapattn::cli {
+
+class Progress {
+ public:
+  explicit Progress(std::string label, bool enabled = true);
+  ~Progress();
+  Progress(const Progress&) = delete;
+  Progress& operator=(const Progress&) = delete;
+
+  // Known amount of work: "label [#####.....] 52%  3.1 s".
+  void update(int64_t done, int64_t total);
+  // Prints the final line (elapsed time); called by the destructor if not before.
+  void finish();
+
+ private:
+  void draw(bool final_line);
+  void tick_loop();
+
+  std::string label_;
+  bool enabled_, tty_;
+  std::chrono::steady_clock::time_point start_;
+  std::mutex mutex_;
+  int64_t done_ = 0, total_ = 0;
+  int last_quarter_ = -1;
+  bool finished_ = false;
+  std::atomic<bool> stop_{false};
+  std::thread ticker_;  // redraws the elapsed time while a step with no counts runs
+};
+
+}  // namespace sapattn::cli
