@@ -1,1 +1,206 @@
-// placeholder: being written
+// The sapattn executable as a user meets it: exit codes (0 ok, 2 bad usage or input), one-line
+// error messages, the files it writes, and the JSON it prints.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <random>
+#include <string>
+
+#include "sapattn/io.hpp"
+#include "sapattn/tensor.hpp"
+
+namespace sapattn {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct Result {
+  int code;
+  std::string output;  // stdout and stderr
+};
+
+Result run(const std::string& args) {
+  const std::string cmd = std::string(SAPATTN_CLI_PATH) + " " + args + " 2>&1";
+  FILE* pipe = popen(cmd.c_str(), "r");
+  EXPECT_NE(pipe, nullptr);
+  std::string out;
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof buf, pipe)) out.append(buf, n);
+  const int status = pclose(pipe);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+// A fresh folder per test under the system temp dir.
+fs::path scratch(const std::string& name) {
+  const fs::path dir = fs::temp_directory_path() / ("sapattn_cli_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+Tensor random_tensor(DType dtype, std::vector<int64_t> shape, uint32_t seed) {
+  Tensor t(dtype, std::move(shape));
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  for (int64_t i = 0; i < t.numel(); ++i) store_from_f32(t.data(), dtype, i, n(rng));
+  return t;
+}
+
+// The value of "key": <number> at the top level of a one-line JSON object (first occurrence).
+double json_value(const std::string& json, const std::string& key) {
+  const size_t at = json.find("\"" + key + "\": ");
+  EXPECT_NE(at, std::string::npos) << key << " missing in " << json;
+  return at == std::string::npos ? NAN : std::stod(json.substr(at + key.size() + 4));
+}
+
+void expect_one_line_error(const Result& r, const std::string& needle) {
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find("error"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find(needle), std::string::npos) << "expected '" << needle << "' in: " << r.output;
+  EXPECT_EQ(std::count(r.output.begin(), r.output.end(), '\n'), 1) << r.output;
+}
+
+TEST(Cli, HelpAndUsage) {
+  EXPECT_EQ(run("--help").code, 0);
+  EXPECT_EQ(run("").code, 2);
+  const Result unknown = run("frobnicate");
+  EXPECT_EQ(unknown.code, 2);
+  EXPECT_NE(unknown.output.find("unknown command"), std::string::npos);
+  for (const char* cmd : {"demo", "eval", "gen"}) {
+    const Result r = run(std::string(cmd) + " --help");
+    EXPECT_EQ(r.code, 0) << cmd;
+    EXPECT_NE(r.output.find("usage: sapattn"), std::string::npos) << cmd;
+  }
+  EXPECT_NE(run("eval --help").output.find("--top-p"), std::string::npos);
+}
+
+TEST(Cli, BadOptionsExitWithTwo) {
+  expect_one_line_error(run("eval --bogus 1"), "unknown option --bogus");
+  expect_one_line_error(run("eval --q a.npy"), "--k is required");
+  expect_one_line_error(run("eval --in a.safetensors --q a.npy"), "either --in FILE or all of --q, --k, --v");
+  expect_one_line_error(run("eval --in x.safetensors --top-p 1.5"), "--top-p must be in");
+  expect_one_line_error(run("eval --in x.safetensors --top-p abc"), "--top-p needs a number");
+  expect_one_line_error(run("eval --in x.safetensors --method svg"), "--method must be one of");
+  expect_one_line_error(run("eval --in x.safetensors --q-clusters 0"), "--q-clusters must be in");
+  expect_one_line_error(run("eval --in x.safetensors --top-p"), "needs a value");
+  expect_one_line_error(run("gen --preset nope --out /tmp/x"), "nope");
+  expect_one_line_error(run("gen --preset tiny --out /tmp/x --format npy"), "no bf16");
+  expect_one_line_error(run("eval --in /nonexistent/x.safetensors"), "/nonexistent/x.safetensors");
+}
+
+TEST(Cli, GenThenEvalJson) {
+  const fs::path dir = scratch("gen");
+  const Result g = run("gen --preset tiny --out " + dir.string() + " --seed 5");
+  ASSERT_EQ(g.code, 0) << g.output;
+  ASSERT_TRUE(fs::exists(dir / "workload.safetensors"));
+  ASSERT_TRUE(fs::exists(dir / "workload.json"));
+  const auto tensors = io::read_safetensors((dir / "workload.safetensors").string());
+  ASSERT_EQ(tensors.count("q") + tensors.count("k") + tensors.count("v"), 3u);
+  const std::vector<int64_t> shape = tensors.at("q").shape();
+  ASSERT_EQ(shape.size(), 4u);
+
+  const Result e = run("eval --in " + (dir / "workload.safetensors").string() + " --json --top-p 0.9");
+  ASSERT_EQ(e.code, 0) << e.output;
+  ASSERT_EQ(e.output.front(), '{') << "--json must print only the object: " << e.output;
+  const double density = json_value(e.output, "density"), recall = json_value(e.output, "recall");
+  EXPECT_GT(density, 0.0);
+  EXPECT_LT(density, 1.0);
+  EXPECT_GT(recall, 0.5);
+  EXPECT_LE(recall, 1.0 + 1e-6);
+  EXPECT_GE(json_value(e.output, "rel_l2"), 0.0);
+  EXPECT_LE(json_value(e.output, "cosine"), 1.0 + 1e-6);
+  // One per_head entry per head of the workload.
+  size_t heads = 0;
+  for (size_t at = e.output.find("\"head\": "); at != std::string::npos; at = e.output.find("\"head\": ", at + 1))
+    ++heads;
+  EXPECT_EQ(static_cast<int64_t>(heads), shape[0] * shape[1]);
+  fs::remove_all(dir);
+}
+
+TEST(Cli, EvalOnNpyInBothLayouts) {
+  const fs::path dir = scratch("npy");
+  const int64_t B = 1, H = 2, S = 300, D = 64;
+  // The same values written as [B,H,S,D] and as [B,S,H,D]; both layouts give the same answer.
+  for (const char* name : {"q", "k", "v"}) {
+    const Tensor t = random_tensor(DType::F32, {B, H, S, D}, name[0]);
+    io::write_npy((dir / (std::string(name) + "_bhsd.npy")).string(), t.view());
+    Tensor bshd(DType::F32, {B, S, H, D});
+    const TensorView view = TensorView::bshd(bshd.data(), DType::F32, B, H, S, D);
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t s = 0; s < S; ++s)
+        for (int64_t d = 0; d < D; ++d)
+          bshd.data_as<float>()[view.offset({0, h, s, d})] = t.data_as<float>()[(h * S + s) * D + d];
+    io::write_npy((dir / (std::string(name) + "_bshd.npy")).string(), bshd.view());
+  }
+  auto files = [&](const std::string& layout) {
+    return " --q " + (dir / ("q_" + layout + ".npy")).string() + " --k " + (dir / ("k_" + layout + ".npy")).string() +
+           " --v " + (dir / ("v_" + layout + ".npy")).string() + " --layout " + layout;
+  };
+  const Result a = run("eval --json --method blocks --q-clusters 6 --k-clusters 12" + files("bhsd"));
+  const Result b = run("eval --json --method blocks --q-clusters 6 --k-clusters 12" + files("bshd"));
+  ASSERT_EQ(a.code, 0) << a.output;
+  ASSERT_EQ(b.code, 0) << b.output;
+  EXPECT_DOUBLE_EQ(json_value(a.output, "rel_l2"), json_value(b.output, "rel_l2"));
+  EXPECT_DOUBLE_EQ(json_value(a.output, "density"), json_value(b.output, "density"));
+  const Result table = run("eval --method dense" + files("bhsd"));
+  ASSERT_EQ(table.code, 0) << table.output;
+  EXPECT_NE(table.output.find("recall"), std::string::npos);
+  fs::remove_all(dir);
+}
+
+TEST(Cli, BadInputFilesExitWithTwo) {
+  const fs::path dir = scratch("bad");
+  const std::string d = dir.string();
+  const Tensor good = random_tensor(DType::F32, {1, 2, 64, 32}, 1);
+  io::write_npy(d + "/good.npy", good.view());
+  // Non-finite values.
+  Tensor nan = random_tensor(DType::F32, {1, 2, 64, 32}, 2);
+  nan.data_as<float>()[77] = NAN;
+  io::write_npy(d + "/nan.npy", nan.view());
+  expect_one_line_error(run("eval --q " + d + "/nan.npy --k " + d + "/good.npy --v " + d + "/good.npy"),
+                        "non-finite");
+  // Mismatched shapes.
+  io::write_npy(d + "/short.npy", random_tensor(DType::F32, {1, 2, 63, 32}, 3).view());
+  expect_one_line_error(run("eval --q " + d + "/good.npy --k " + d + "/short.npy --v " + d + "/short.npy"), "k dim 2");
+  // Wrong rank.
+  io::write_npy(d + "/rank3.npy", random_tensor(DType::F32, {2, 64, 32}, 4).view());
+  expect_one_line_error(run("eval --q " + d + "/rank3.npy --k " + d + "/good.npy --v " + d + "/good.npy"), "rank 4");
+  // A truncated file and one with a lying header.
+  std::ifstream good_file(d + "/good.npy", std::ios::binary);
+  const std::vector<char> bytes((std::istreambuf_iterator<char>(good_file)), std::istreambuf_iterator<char>());
+  std::ofstream(d + "/cut.npy", std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size() / 2));
+  expect_one_line_error(run("eval --q " + d + "/cut.npy --k " + d + "/good.npy --v " + d + "/good.npy"), "cut.npy");
+  std::ofstream(d + "/junk.safetensors", std::ios::binary) << "\xff\xff\xff\xff\xff\xff\xff\x7f{}";
+  expect_one_line_error(run("eval --in " + d + "/junk.safetensors"), "junk.safetensors");
+  // Wrong extension and missing tensor.
+  std::ofstream(d + "/q.txt") << "1 2 3";
+  expect_one_line_error(run("eval --q " + d + "/q.txt --k " + d + "/good.npy --v " + d + "/good.npy"), "q.txt");
+  io::write_safetensors(d + "/only_q.safetensors", {{"q", good.view()}});
+  expect_one_line_error(run("eval --in " + d + "/only_q.safetensors"), "'k'");
+  fs::remove_all(dir);
+}
+
+TEST(Cli, DemoWritesItsPictures) {
+  const fs::path dir = scratch("demo");
+  const Result r = run("demo --out " + dir.string());
+  ASSERT_EQ(r.code, 0) << r.output;
+  for (const char* name : {"clusters.png", "mask.png", "pareto.png"}) {
+    std::ifstream f(dir / name, std::ios::binary);
+    char sig[8] = {};
+    f.read(sig, 8);
+    EXPECT_EQ(std::string(sig, 8), std::string("\x89PNG\r\n\x1a\n", 8)) << name;
+  }
+  EXPECT_TRUE(fs::exists(dir / "summary.txt"));
+  for (const char* method : {"dense", "sap", "blocks", "oracle"}) EXPECT_NE(r.output.find(method), std::string::npos);
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace sapattn

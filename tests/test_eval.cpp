@@ -69,7 +69,9 @@ TEST(Methods, BlocksAreContiguousAndBalanced) {
   const int32_t* ql = r.q_labels.data_as<int32_t>();
   std::vector<int> size(c.q_clusters, 0);
   for (int64_t i = 0; i < 103; ++i) {
-    if (i > 0) EXPECT_GE(ql[i], ql[i - 1]);
+    if (i > 0) {
+      EXPECT_GE(ql[i], ql[i - 1]);
+    }
     ++size[ql[i]];
   }
   for (int s : size) {

@@ -73,6 +73,7 @@ int run_eval(int argc, char** argv) {
   const eval::Method method = eval::parse_method(args.get_choice("method", "sap", {"sap", "blocks", "oracle", "dense"}));
   const bool json = args.flag("json");
   const int threads = threads_from(args);
+  config_from(args, 1);  // checks the SVG2 options now, before a load that may take a while
 
   Tensor qs, ks, vs;
   TensorView q, k, v;

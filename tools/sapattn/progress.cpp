@@ -32,7 +32,8 @@ void Progress::update(int64_t done, int64_t total) {
   total_ = total;
   if (!tty_ && total > 0) {
     const int quarter = static_cast<int>(4 * done / total);
-    if (quarter > last_quarter_ && quarter < 4) {
+    const bool slow = std::chrono::steady_clock::now() - start_ > std::chrono::milliseconds(500);
+    if (quarter > last_quarter_ && quarter < 4 && slow) {
       last_quarter_ = quarter;
       draw(false);
     }
@@ -41,6 +42,8 @@ void Progress::update(int64_t done, int64_t total) {
 
 void Progress::draw(bool final_line) {
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  if (final_line && !drawn_ && secs < 1.0) return;
+  drawn_ = true;
   char bar[24] = "";
   if (total_ > 0) {
     const int filled = static_cast<int>(20 * done_ / total_);

@@ -1,5 +1,6 @@
 // Progress on stderr for work that may take more than a couple of seconds. On a terminal the line
 // is redrawn in place; otherwise (logs, CI) a line is printed at each quarter and at the end.
+// Steps that finish within a second print nothing.
 #pragma once
 
 #include <atomic>
@@ -33,6 +34,7 @@ class Progress {
   std::mutex mutex_;
   int64_t done_ = 0, total_ = 0;
   int last_quarter_ = -1;
+  bool drawn_ = false;  // a step that ends in under a second without having drawn stays silent
   bool finished_ = false;
   std::atomic<bool> stop_{false};
   std::thread ticker_;  // redraws the elapsed time while a step with no counts runs
