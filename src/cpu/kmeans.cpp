@@ -90,13 +90,7 @@ void kmeans_update(const TensorView& points, const TensorView& labels, TensorVie
                    bool move_centroids, int threads) {
   const int64_t B = points.shape[0], H = points.shape[1], N = points.shape[2], D = points.shape[3];
   const int64_t C = centroids.shape[2];
-  // Check every label before writing anything, so a bad label leaves the outputs untouched.
-  for (int64_t bh = 0; bh < B * H; ++bh) {
-    const int32_t* lab = &at<int32_t>(labels, bh / H, bh % H);
-    for (int64_t i = 0; i < N; ++i)
-      SAPATTN_CHECK(lab[i] >= 0 && lab[i] < C, InvalidArgumentError, "label ", lab[i], " of point ", i,
-                    " (b=", bh / H, ", h=", bh % H, ") is outside [0, ", C, ")");
-  }
+  check_index_range(labels, C, "labels");
   parallel_for(B * H, threads, [&](int64_t bh) {
     const int64_t b = bh / H, h = bh % H;
     const int32_t* lab = &at<int32_t>(labels, b, h);

@@ -21,12 +21,7 @@ void cluster_permutation(const TensorView& labels, int num_clusters, TensorView 
                          int threads) {
   const int64_t B = labels.shape[0], H = labels.shape[1], N = labels.shape[2];
   const int64_t C = num_clusters;
-  for (int64_t bh = 0; bh < B * H; ++bh) {
-    const int32_t* lab = &at<int32_t>(labels, bh / H, bh % H);
-    for (int64_t i = 0; i < N; ++i)
-      SAPATTN_CHECK(lab[i] >= 0 && lab[i] < C, InvalidArgumentError, "label ", lab[i], " of token ", i,
-                    " (b=", bh / H, ", h=", bh % H, ") is outside [0, ", C, ")");
-  }
+  check_index_range(labels, C, "labels");
   parallel_for(B * H, threads, [&](int64_t bh) {
     const int64_t b = bh / H, h = bh % H;
     const int32_t* lab = &at<int32_t>(labels, b, h);
@@ -48,12 +43,7 @@ constexpr int64_t kRowChunk = 512;
 template <bool kGather>
 void move_rows(const TensorView& x, const TensorView& perm, TensorView out, int threads) {
   const int64_t B = x.shape[0], H = x.shape[1], N = x.shape[2], D = x.shape[3];
-  for (int64_t bh = 0; bh < B * H; ++bh) {
-    const int32_t* p = &at<int32_t>(perm, bh / H, bh % H);
-    for (int64_t j = 0; j < N; ++j)
-      SAPATTN_CHECK(p[j] >= 0 && p[j] < N, InvalidArgumentError, "perm[", j, "] = ", p[j], " is outside [0, ", N,
-                    ")");
-  }
+  check_index_range(perm, N, "perm");
   const int64_t chunks = (N + kRowChunk - 1) / kRowChunk;
   parallel_for(B * H * chunks, threads, [&](int64_t task) {
     const int64_t bh = task / chunks, b = bh / H, h = bh % H;

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "sapattn/error.hpp"
 #include "sapattn/tensor.hpp"
 
 namespace sapattn::cpu {
@@ -39,6 +40,19 @@ inline void store_row(const TensorView& t, int64_t b, int64_t h, int64_t s, cons
 template <typename T>
 inline T& at(const TensorView& t, int64_t i0, int64_t i1 = 0, int64_t i2 = 0, int64_t i3 = 0) {
   return static_cast<T*>(t.data)[i0 * t.stride[0] + i1 * t.stride[1] + i2 * t.stride[2] + i3 * t.stride[3]];
+}
+
+// Throws InvalidArgumentError unless every entry of the i32 [B,H,N] index tensor (unit stride
+// along N) lies in [0, limit). Ops check before writing, so bad indices leave outputs untouched.
+inline void check_index_range(const TensorView& index, int64_t limit, const char* what) {
+  const int64_t B = index.shape[0], H = index.shape[1], N = index.shape[2];
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const int32_t* p = &at<int32_t>(index, b, h);
+      for (int64_t i = 0; i < N; ++i)
+        SAPATTN_CHECK(p[i] >= 0 && p[i] < limit, InvalidArgumentError, what, "[b=", b, ", h=", h, ", ", i, "] = ", p[i],
+                      " is outside [0, ", limit, ")");
+    }
 }
 
 }  // namespace sapattn::cpu
