@@ -110,7 +110,20 @@ void expect_devices(const Stream& stream, const Views&... views) {
 
 }  // namespace
 
-void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const Stream& stream) {
+size_t kmeans_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clusters, int64_t dim, Device device) {
+  SAPATTN_CHECK(batch_heads >= 0 && points >= 0 && clusters >= 0 && dim >= 0, InvalidArgumentError,
+                "kmeans_workspace_bytes: negative size");
+  return 0;  // the CPU backend needs no scratch
+}
+
+size_t cluster_permutation_workspace_bytes(int64_t batch_heads, int64_t tokens, int num_clusters, Device device) {
+  SAPATTN_CHECK(batch_heads >= 0 && tokens >= 0 && num_clusters >= 0, InvalidArgumentError,
+                "cluster_permutation_workspace_bytes: negative size");
+  return 0;  // the CPU backend needs no scratch
+}
+
+void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const Stream& stream,
+                 Workspace) {
   check_points_centroids(points, centroids);
   expect_devices(stream, points, centroids);
   cpu::kmeans_init(points, centroids, seed, cpu_threads(stream));
@@ -125,7 +138,7 @@ void kmeans_assign(const TensorView& points, const TensorView& centroids, Tensor
 }
 
 void kmeans_update(const TensorView& points, const TensorView& labels, TensorView centroids, TensorView sizes,
-                   const Stream& stream) {
+                   const Stream& stream, Workspace) {
   check_points_centroids(points, centroids);
   check_labels(labels, points);
   check_sizes(sizes, centroids);
@@ -134,7 +147,7 @@ void kmeans_update(const TensorView& points, const TensorView& labels, TensorVie
 }
 
 void kmeans(const TensorView& points, TensorView centroids, TensorView labels, TensorView sizes, int iters,
-            const Stream& stream) {
+            const Stream& stream, Workspace) {
   SAPATTN_CHECK(iters >= 0, InvalidArgumentError, "k-means iterations must be >= 0, got ", iters);
   check_points_centroids(points, centroids);
   check_labels(labels, points);
@@ -204,7 +217,7 @@ void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_l
 }
 
 void cluster_permutation(const TensorView& labels, int num_clusters, TensorView perm, TensorView offsets,
-                         const Stream& stream) {
+                         const Stream& stream, Workspace) {
   SAPATTN_CHECK(num_clusters >= 1, InvalidArgumentError, "num_clusters must be >= 1, got ", num_clusters);
   expect_rank(labels, 3, "labels");
   expect_dtype(labels, DType::I32, "labels");

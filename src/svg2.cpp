@@ -2,6 +2,7 @@
 // so the same sequence runs on any backend, every launch on the caller's stream.
 #include "sapattn/svg2.hpp"
 
+#include <algorithm>
 #include <cstring>
 
 #include "cpu/backend.hpp"
@@ -21,10 +22,14 @@ class Carver {
   TensorView take(DType dtype, std::vector<int64_t> shape) {
     int64_t n = 1;
     for (int64_t e : shape) n *= e;
-    const size_t bytes = (static_cast<size_t>(n) * dtype_size(dtype) + 255) / 256 * 256;
+    return TensorView::contiguous(take_bytes(static_cast<size_t>(n) * dtype_size(dtype)).data, dtype,
+                                  std::move(shape), device_);
+  }
+  Workspace take_bytes(size_t bytes) {
+    const size_t aligned = (bytes + 255) / 256 * 256;
     void* p = ws_ ? static_cast<char*>(ws_->data) + used_ : nullptr;
-    used_ += bytes;
-    return TensorView::contiguous(p, dtype, std::move(shape), device_);
+    used_ += aligned;
+    return {p, bytes};
   }
   size_t used() const { return used_; }
 
@@ -61,6 +66,10 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
   b.v_perm_rows = c.take(dtype, {B, H, S, D});
   b.out_perm = c.take(DType::F32, {B, H, S, D});
   b.lse_perm = c.take(DType::F32, {B, H, S});
+  b.op_scratch = c.take_bytes(std::max({
+      kmeans_workspace_bytes(B * H, b.video_tokens, config.q_clusters, D, device),
+      kmeans_workspace_bytes(B * H, b.video_tokens, config.k_clusters, D, device),
+      cluster_permutation_workspace_bytes(B * H, S, std::max(b.q_clusters, b.k_clusters), device)}));
   if (buffers != nullptr) *buffers = b;
   return c.used();
 }
@@ -116,8 +125,8 @@ void attend_clusters(const TensorView& q, const TensorView& k, const TensorView&
     label_text_tokens(buf.k_labels, buf.video_tokens, config.prompt_length, buf.k_video_clusters, stream);
     apply_text_rule(buf.mask, stream);
   }
-  cluster_permutation(buf.q_labels, buf.q_clusters, buf.q_perm, buf.q_offsets, stream);
-  cluster_permutation(buf.k_labels, buf.k_clusters, buf.k_perm, buf.k_offsets, stream);
+  cluster_permutation(buf.q_labels, buf.q_clusters, buf.q_perm, buf.q_offsets, stream, buf.op_scratch);
+  cluster_permutation(buf.k_labels, buf.k_clusters, buf.k_perm, buf.k_offsets, stream, buf.op_scratch);
   gather_rows(q, buf.q_perm, buf.q_perm_rows, stream);
   gather_rows(k, buf.k_perm, buf.k_perm_rows, stream);
   gather_rows(v, buf.k_perm, buf.v_perm_rows, stream);  // V follows K's order
@@ -147,12 +156,12 @@ void cluster(const TensorView& q, const TensorView& k, const Config& config, Bra
     state.q_centroids = Tensor(DType::F32, {B, H, config.q_clusters, D}, stream.device);
     state.k_centroids = Tensor(DType::F32, {B, H, config.k_clusters, D}, stream.device);
     // Different streams of the seed for Q and K, so their samples are independent.
-    kmeans_init(qv, state.q_centroids.view(), config.seed, stream);
-    kmeans_init(kv, state.k_centroids.view(), config.seed ^ 0x5bd1e9955bd1e995ull, stream);
+    kmeans_init(qv, state.q_centroids.view(), config.seed, stream, buf.op_scratch);
+    kmeans_init(kv, state.k_centroids.view(), config.seed ^ 0x5bd1e9955bd1e995ull, stream, buf.op_scratch);
     iters = config.kmeans_iters_init;
   }
-  kmeans(qv, state.q_centroids.view(), buf.q_video_labels(), q_sizes, iters, stream);
-  kmeans(kv, state.k_centroids.view(), buf.k_video_labels(), k_sizes, iters, stream);
+  kmeans(qv, state.q_centroids.view(), buf.q_video_labels(), q_sizes, iters, stream, buf.op_scratch);
+  kmeans(kv, state.k_centroids.view(), buf.k_video_labels(), k_sizes, iters, stream, buf.op_scratch);
   ++state.calls;
 }
 

@@ -22,6 +22,7 @@ struct Buffers {
   TensorView q_perm_rows, k_perm_rows, v_perm_rows;  // [B,H,S,D], the input dtype
   TensorView out_perm;                             // [B,H,S,D] f32
   TensorView lse_perm;                             // [B,H,S] f32
+  Workspace op_scratch;                            // scratch the k-means and permutation ops ask for
 
   // Video parts of the label tensors and the video x video block of the mask.
   TensorView q_video_labels() const { return q_labels.slice(2, 0, video_tokens); }

@@ -9,6 +9,9 @@
 // of range (labels, offsets, top_p outside (0, 1], negative counts, iteration counts) ->
 // InvalidArgumentError. Outputs are untouched when an argument check fails.
 //
+// Scratch: ops that need device scratch take a Workspace (CUB's contract: ask *_workspace_bytes,
+// allocate once, pass it in); the CPU backend needs none and ignores it.
+//
 // Determinism: every op is deterministic for its inputs (and seed) on a given backend and thread
 // count; the CPU backend gives bit-identical results for any thread count.
 #pragma once
@@ -32,7 +35,8 @@ namespace sapattn {
 // splitmix64(seed ^ splitmix64((b*H + h) * 2^32 + i)); the C points with the smallest keys (ties by
 // index) become centroids 0..C-1 in ascending key order. When C > N, centroid c takes the sampled
 // point c mod N (the duplicates then stay empty: ties go to the lowest centroid index).
-void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const Stream& stream);
+void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const Stream& stream,
+                 Workspace workspace = {});
 
 // labels[i] = argmin_c ||x_i - c||^2; ties go to the lowest centroid index.
 void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels,
@@ -41,13 +45,18 @@ void kmeans_assign(const TensorView& points, const TensorView& centroids, Tensor
 // sizes[c] = |{i : labels[i] = c}|; centroid c becomes the fp32 mean of its points; an empty
 // cluster keeps its previous centroid. Labels outside [0, C) throw InvalidArgumentError.
 void kmeans_update(const TensorView& points, const TensorView& labels, TensorView centroids,
-                   TensorView sizes, const Stream& stream);
+                   TensorView sizes, const Stream& stream, Workspace workspace = {});
 
 // `iters` Lloyd iterations from the given centroids, each one assign then update. On return the
 // labels are the last assignment, sizes count them, and every non-empty centroid is the mean of its
 // labelled points. iters = 0 only assigns (warm-start with no refinement).
 void kmeans(const TensorView& points, TensorView centroids, TensorView labels, TensorView sizes,
-            int iters, const Stream& stream);
+            int iters, const Stream& stream, Workspace workspace = {});
+
+// Scratch bytes kmeans_init, kmeans_update and kmeans need on `device` for B*H problems of N points,
+// C clusters and dimension D (0 on the CPU). A smaller workspace throws WorkspaceError.
+size_t kmeans_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clusters, int64_t dim,
+                              Device device);
 
 // ---------------------------------------------------------------------------------------------
 // Block selection.
@@ -94,7 +103,11 @@ void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_l
 // Stable counting sort of tokens by label: clusters in index order, tokens of one cluster in
 // their original order.
 void cluster_permutation(const TensorView& labels, int num_clusters, TensorView perm,
-                         TensorView offsets, const Stream& stream);
+                         TensorView offsets, const Stream& stream, Workspace workspace = {});
+
+// Scratch bytes cluster_permutation needs on `device` (0 on the CPU).
+size_t cluster_permutation_workspace_bytes(int64_t batch_heads, int64_t tokens, int num_clusters,
+                                           Device device);
 
 // out[b,h,j,:] = x[b,h,perm[b,h,j],:]. x and out [B,H,N,D], any strides and floating dtypes.
 void gather_rows(const TensorView& x, const TensorView& perm, TensorView out, const Stream& stream);

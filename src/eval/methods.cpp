@@ -173,8 +173,8 @@ std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const Te
     state.q_centroids = Tensor(DType::F32, {B, H, config.q_clusters, D});
     state.k_centroids = Tensor(DType::F32, {B, H, config.k_clusters, D});
     const TensorView qv = q.slice(2, 0, buf.video_tokens), kv = k.slice(2, 0, buf.video_tokens);
-    kmeans_update(qv, buf.q_video_labels(), state.q_centroids.view(), buf.q_sizes, stream);
-    kmeans_update(kv, buf.k_video_labels(), state.k_centroids.view(), buf.k_sizes, stream);
+    kmeans_update(qv, buf.q_video_labels(), state.q_centroids.view(), buf.q_sizes, stream, buf.op_scratch);
+    kmeans_update(kv, buf.k_video_labels(), state.k_centroids.view(), buf.k_sizes, stream, buf.op_scratch);
   } else {
     pipeline::cluster(q, k, config, state, buf, buf.q_sizes, buf.k_sizes, stream);
     if (method == Method::Oracle) mass = true_cluster_mass(q, k, *dense, config, buf, threads);
