@@ -6,8 +6,9 @@
 // Errors, for every op: a tensor of the wrong rank or extents, or inconsistent with another
 // argument -> ShapeError; a dtype the op does not take -> DTypeError; a tensor on a device this
 // build has no backend for, or on another device than the stream -> UnsupportedError; values out
-// of range (labels, offsets, top_p outside (0, 1], negative counts, iteration counts) ->
-// InvalidArgumentError. Outputs are untouched when an argument check fails.
+// of range (labels, permutation entries, offsets, cluster sizes, top_p outside (0, 1], negative
+// counts, iteration counts) -> InvalidArgumentError. Outputs are untouched when an argument check
+// fails.
 //
 // Scratch: ops that need device scratch take a Workspace (CUB's contract: ask *_workspace_bytes,
 // allocate once, pass it in); the CPU backend needs none and ignores it.
@@ -138,7 +139,8 @@ void block_sparse_attention(const TensorView& q, const TensorView& k, const Tens
                             const Stream& stream);
 
 // Share of query-key pairs a layout computes, per (b,h): sum over kept (a,b) of |Q_a|*|K_b|,
-// divided by Sq*Sk.   density [B,H] f32, any strides.
+// divided by Sq*Sk, where Sq and Sk are the last offsets. Offsets must start at 0 and be
+// non-decreasing.   density [B,H] f32, any strides.
 void block_density(const BlockLayout& layout, TensorView density, const Stream& stream);
 
 // Full attention of every query over every key.

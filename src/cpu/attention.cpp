@@ -95,13 +95,13 @@ void attend_tile(const float* q, const float* k, const float* v, int64_t D, floa
   }
 }
 
-// Checks one (b,h)'s offsets: start at 0, non-decreasing, end at `total`.
+// Checks one (b,h)'s offsets: start at 0, non-decreasing, end at `total` (any end if total < 0).
 void check_offsets(const int32_t* off, int64_t C, int64_t total, const char* name, int64_t b, int64_t h) {
   SAPATTN_CHECK(off[0] == 0, InvalidArgumentError, name, "[b=", b, ",h=", h, "] must start at 0, got ", off[0]);
   for (int64_t c = 0; c < C; ++c)
     SAPATTN_CHECK(off[c + 1] >= off[c], InvalidArgumentError, name, "[b=", b, ",h=", h, "] decreases at cluster ",
                   c, ": ", off[c], " -> ", off[c + 1]);
-  SAPATTN_CHECK(off[C] == total, InvalidArgumentError, name, "[b=", b, ",h=", h, "] must end at ", total, ", got ",
+  SAPATTN_CHECK(total < 0 || off[C] == total, InvalidArgumentError, name, "[b=", b, ",h=", h, "] must end at ", total, ", got ",
                 off[C]);
 }
 
@@ -180,6 +180,11 @@ void dense_attention(const TensorView& q, const TensorView& k, const TensorView&
 void block_density(const BlockLayout& layout, TensorView density, int threads) {
   const int64_t B = layout.q_offsets.shape[0], H = layout.q_offsets.shape[1];
   const int64_t Cq = layout.q_offsets.shape[2] - 1, Ck = layout.k_offsets.shape[2] - 1;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      check_offsets(&at<int32_t>(layout.q_offsets, b, h), Cq, -1, "q_offsets", b, h);
+      check_offsets(&at<int32_t>(layout.k_offsets, b, h), Ck, -1, "k_offsets", b, h);
+    }
   parallel_for(B * H, threads, [&](int64_t bh) {
     const int64_t b = bh / H, h = bh % H;
     const int32_t* qo = &at<int32_t>(layout.q_offsets, b, h);

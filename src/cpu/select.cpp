@@ -8,6 +8,7 @@
 #include "cpu/backend.hpp"
 #include "cpu/parallel.hpp"
 #include "cpu/rows.hpp"
+#include "sapattn/error.hpp"
 
 namespace sapattn::cpu {
 
@@ -57,6 +58,11 @@ void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids,
                    float scale, float top_p, int min_kept, TensorView mask, int threads) {
   const int64_t B = q_centroids.shape[0], H = q_centroids.shape[1];
   const int64_t Cq = q_centroids.shape[2], Ck = k_centroids.shape[2], D = q_centroids.shape[3];
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t j = 0; j < Ck; ++j)
+        SAPATTN_CHECK(at<int32_t>(k_sizes, b, h, j) >= 0, InvalidArgumentError, "k_sizes[b=", b, ", h=", h, ", ", j,
+                      "] = ", at<int32_t>(k_sizes, b, h, j), " is negative");
   parallel_for(B * H, threads, [&](int64_t bh) {
     const int64_t b = bh / H, h = bh % H;
     const float* cq = &at<float>(q_centroids, b, h);
