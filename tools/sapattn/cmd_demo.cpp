@@ -7,6 +7,7 @@
 #include <iostream>
 #include <sstream>
 #include <numeric>
+#include <optional>
 
 #include "commands.hpp"
 #include "progress.hpp"
@@ -108,6 +109,23 @@ render::Image mask_picture(const eval::MethodResult& r, int64_t head, int px) {
   return img;
 }
 
+// Mean metrics at `density`, linearly interpolated between the two sweep points around it
+// (sweep points ordered by top-p have non-decreasing density); nothing if it is out of range.
+std::optional<eval::HeadMetrics> at_density(const std::vector<eval::Metrics>& sweep, double density) {
+  for (size_t i = 0; i + 1 < sweep.size(); ++i) {
+    const eval::HeadMetrics &lo = sweep[i].mean, &hi = sweep[i + 1].mean;
+    if (density < lo.density || density > hi.density) continue;
+    const double t = hi.density > lo.density ? (density - lo.density) / (hi.density - lo.density) : 0.0;
+    eval::HeadMetrics h = lo;
+    h.density = density;
+    h.recall = lo.recall + t * (hi.recall - lo.recall);
+    h.rel_l2 = lo.rel_l2 + t * (hi.rel_l2 - lo.rel_l2);
+    h.cosine = lo.cosine + t * (hi.cosine - lo.cosine);
+    return h;
+  }
+  return std::nullopt;
+}
+
 }  // namespace
 
 int run_demo(int argc, char** argv) {
@@ -142,7 +160,8 @@ int run_demo(int argc, char** argv) {
 
   // Each sparse method clusters once and is then run at every top-p of the sweep; the table row
   // is the run at the configured top-p.
-  std::vector<float> sweep = {0.5f, 0.7f, 0.8f, 0.9f, 0.95f, 0.98f};
+  // Low top-p values too: positional blocks reach SVG2's densities only there.
+  std::vector<float> sweep = {0.1f, 0.2f, 0.3f, 0.5f, 0.7f, 0.8f, 0.9f, 0.95f, 0.98f};
   if (std::find(sweep.begin(), sweep.end(), config.top_p) == sweep.end()) sweep.push_back(config.top_p);
   std::sort(sweep.begin(), sweep.end());
   const size_t at_p = static_cast<size_t>(std::find(sweep.begin(), sweep.end(), config.top_p) - sweep.begin());
@@ -159,15 +178,16 @@ int run_demo(int argc, char** argv) {
   }
   std::vector<Row> rows = {{"dense", eval::compare(dense, dense), dense.seconds}};
   std::vector<render::Series> series;
+  std::vector<eval::Metrics> swept[3];
   for (int m = 0; m < 3; ++m) {
     const std::string name(eval::method_name(methods[m]));
-    rows.push_back({name, eval::compare(runs[m][at_p], dense), runs[m][at_p].seconds});
     const render::Marker markers[3] = {render::Marker::kCircle, render::Marker::kSquare, render::Marker::kTriangle};
     series.push_back({name, render::category_color(m), {}, markers[m]});
     for (const eval::MethodResult& r : runs[m]) {
-      const eval::Metrics metrics = eval::compare(r, dense);
-      series.back().points.push_back({metrics.mean.density, metrics.mean.rel_l2});
+      swept[m].push_back(eval::compare(r, dense));
+      series.back().points.push_back({swept[m].back().mean.density, swept[m].back().mean.rel_l2});
     }
+    rows.push_back({name, swept[m][at_p], runs[m][at_p].seconds});
   }
   const eval::MethodResult& sap = runs[0][at_p];
   const eval::MethodResult& blocks = runs[1][at_p];
@@ -198,14 +218,30 @@ int run_demo(int argc, char** argv) {
           << " Ck=" << config.k_clusters << " top_p=" << config.top_p << " min_kc_ratio=" << config.min_kc_ratio
           << " kmeans_iters=" << config.kmeans_iters_init << "\n"
           << table;
-  summary << "\ntop-p sweep: density / rel_l2\n  top_p   ";
-  for (const render::Series& s : series) summary << "  " << std::setw(17) << std::left << s.name;
-  summary << "\n" << std::fixed;
+  summary << "\ntop-p sweep: density / recall / rel_l2\n  top_p ";
+  for (const render::Series& s : series) summary << "  " << std::setw(24) << std::left << s.name;
+  summary << "\n" << std::fixed << std::setprecision(4);
   for (size_t i = 0; i < sweep.size(); ++i) {
-    summary << "  " << std::setprecision(2) << std::setw(6) << sweep[i] << "  ";
-    for (const render::Series& s : series)
-      summary << "  " << std::setprecision(4) << s.points[i].first << " / " << s.points[i].second << "  ";
+    summary << "  " << std::setw(5) << sweep[i] << " ";
+    for (int m = 0; m < 3; ++m) {
+      const eval::HeadMetrics& h = swept[m][i].mean;
+      summary << "  " << h.density << " / " << h.recall << " / " << h.rel_l2;
+    }
     summary << "\n";
+  }
+  // At equal top-p the methods keep very different densities (blocks' centroids average unlike
+  // tokens, so their estimate is flat and top-p keeps many blocks): compare at equal density.
+  const double target = swept[0][at_p].mean.density;
+  summary << "\nat sap's density " << target << " (top-p " << config.top_p
+          << "), interpolated along each method's sweep:\n";
+  for (int m = 0; m < 3; ++m) {
+    const std::optional<eval::HeadMetrics> h = at_density(swept[m], target);
+    summary << "  " << std::setw(7) << std::left << eval::method_name(methods[m]);
+    if (h) {
+      summary << " recall " << h->recall << "  rel_l2 " << h->rel_l2 << "  cosine " << h->cosine << "\n";
+    } else {
+      summary << " does not reach this density within its sweep\n";
+    }
   }
   std::ofstream(out + "/summary.txt") << summary.str();
   std::cout << summary.str() << "\nwrote " << out << "/clusters.png, mask.png, pareto.png, summary.txt\n";
