@@ -269,43 +269,37 @@ struct Dims {
 Dims dims_of(const TensorView& x) { return {x.shape[0], x.shape[1], x.shape[2], x.shape[3]}; }
 }  // namespace
 
-std::vector<double> sq_distances(const TensorView& points, const TensorView& centroids) {
+// out[(bh*N + i)*C + j] = sum over e of term(x_i[e], c_j[e]), in float64.
+template <typename Term>
+std::vector<double> pairwise_sums(const TensorView& points, const TensorView& centroids, Term term) {
   const auto [B, H, N, D] = dims_of(points);
   const int64_t C = centroids.shape[2];
   const std::vector<double> x = to_vector(points);
   const std::vector<double> c = to_vector(centroids);
-  std::vector<double> d(static_cast<size_t>(B * H * N * C));
+  std::vector<double> out(static_cast<size_t>(B * H * N * C));
   for (int64_t bh = 0; bh < B * H; ++bh) {
     for (int64_t i = 0; i < N; ++i) {
       const double* xi = &x[static_cast<size_t>((bh * N + i) * D)];
       for (int64_t j = 0; j < C; ++j) {
         const double* cj = &c[static_cast<size_t>((bh * C + j) * D)];
         double s = 0.0;
-        for (int64_t e = 0; e < D; ++e) s += (xi[e] - cj[e]) * (xi[e] - cj[e]);
-        d[static_cast<size_t>((bh * N + i) * C + j)] = s;
+        for (int64_t e = 0; e < D; ++e) s += term(xi[e], cj[e]);
+        out[static_cast<size_t>((bh * N + i) * C + j)] = s;
       }
     }
   }
-  return d;
+  return out;
+}
+
+std::vector<double> sq_distances(const TensorView& points, const TensorView& centroids) {
+  return pairwise_sums(points, centroids, [](double a, double b) { return (a - b) * (a - b); });
 }
 
 std::vector<double> sq_distance_error_bound(const TensorView& points, const TensorView& centroids) {
-  const auto [B, H, N, D] = dims_of(points);
-  const int64_t C = centroids.shape[2];
-  const std::vector<double> x = to_vector(points);
-  const std::vector<double> c = to_vector(centroids);
-  std::vector<double> bound(static_cast<size_t>(B * H * N * C));
-  for (int64_t bh = 0; bh < B * H; ++bh) {
-    for (int64_t i = 0; i < N; ++i) {
-      const double* xi = &x[static_cast<size_t>((bh * N + i) * D)];
-      for (int64_t j = 0; j < C; ++j) {
-        const double* cj = &c[static_cast<size_t>((bh * C + j) * D)];
-        double s = 0.0;
-        for (int64_t e = 0; e < D; ++e) s += (std::abs(xi[e]) + std::abs(cj[e])) * (std::abs(xi[e]) + std::abs(cj[e]));
-        bound[static_cast<size_t>((bh * N + i) * C + j)] = static_cast<double>(D + 4) * kF32Eps * s;
-      }
-    }
-  }
+  std::vector<double> bound = pairwise_sums(points, centroids, [](double a, double b) {
+    return (std::abs(a) + std::abs(b)) * (std::abs(a) + std::abs(b));
+  });
+  for (double& b : bound) b *= static_cast<double>(points.shape[3] + 4) * kF32Eps;
   return bound;
 }
 
