@@ -1,11 +1,22 @@
 // The op contracts of include/sapattn/ops.hpp: argument checks shared by every backend, then
-// dispatch on the stream's device. A CUDA backend plugs in here, behind the same checks.
+// dispatch on the stream's device: CPU -> cpu::, CUDA -> cuda:: (when this build has it).
 #include "sapattn/ops.hpp"
 
 #include "cpu/backend.hpp"
 #include "op_checks.hpp"
+#if SAPATTN_HAS_CUDA
+#include "cuda/backend.hpp"
+// The CUDA version of an op; `call` is evaluated only in builds with the CUDA backend.
+#define SAPATTN_ON_CUDA(call) ::sapattn::cuda::call
+#else
+#define SAPATTN_ON_CUDA(call) ::sapattn::no_cuda_backend()
+#endif
 
 namespace sapattn {
+
+[[maybe_unused]] [[noreturn]] static void no_cuda_backend() {
+  SAPATTN_THROW(UnsupportedError, "this build has no CUDA backend");
+}
 
 using checks::expect_device;
 using checks::expect_dtype;
@@ -101,11 +112,26 @@ void check_layout(const BlockLayout& layout, const TensorView& q, const TensorVi
   check_mask(layout.mask, B, H, layout.q_offsets.shape[2] - 1, layout.k_offsets.shape[2] - 1);
 }
 
+// The backend an op runs on: the stream's device type, after every view was checked to live there.
+// A device type this build has no backend for throws UnsupportedError.
 template <typename... Views>
-void expect_devices(const Stream& stream, const Views&... views) {
+DeviceType backend(const Stream& stream, const Views&... views) {
   (expect_device(views, stream), ...);
-  SAPATTN_CHECK(stream.device.type == DeviceType::CPU, UnsupportedError, "no backend for ",
-                to_string(stream.device), " in this build (CPU only)");
+  switch (stream.device.type) {
+    case DeviceType::CPU: return DeviceType::CPU;
+    case DeviceType::CUDA:
+#if SAPATTN_HAS_CUDA
+      return DeviceType::CUDA;
+#else
+      break;
+#endif
+  }
+  SAPATTN_THROW(UnsupportedError, "no backend for ", to_string(stream.device), " in this build (CPU only; "
+                "configure with -DSAPATTN_CUDA=ON where nvcc is installed)");
+}
+
+[[noreturn]] void not_on_cuda_yet(const char* op) {
+  SAPATTN_THROW(UnsupportedError, op, " is not implemented on CUDA yet");
 }
 
 }  // namespace
@@ -113,46 +139,68 @@ void expect_devices(const Stream& stream, const Views&... views) {
 size_t kmeans_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clusters, int64_t dim, Device device) {
   SAPATTN_CHECK(batch_heads >= 0 && points >= 0 && clusters >= 0 && dim >= 0, InvalidArgumentError,
                 "kmeans_workspace_bytes: negative size");
-  return 0;  // the CPU backend needs no scratch
+  switch (device.type) {
+    case DeviceType::CPU: return 0;  // the CPU backend needs no scratch
+    case DeviceType::CUDA:
+#if SAPATTN_HAS_CUDA
+      return cuda::kmeans_workspace_bytes(batch_heads, points, clusters, dim);
+#else
+      no_cuda_backend();
+#endif
+  }
+  return 0;
 }
 
 size_t cluster_permutation_workspace_bytes(int64_t batch_heads, int64_t tokens, int num_clusters, Device device) {
   SAPATTN_CHECK(batch_heads >= 0 && tokens >= 0 && num_clusters >= 0, InvalidArgumentError,
                 "cluster_permutation_workspace_bytes: negative size");
-  return 0;  // the CPU backend needs no scratch
+  switch (device.type) {
+    case DeviceType::CPU: return 0;  // the CPU backend needs no scratch
+    case DeviceType::CUDA:
+#if SAPATTN_HAS_CUDA
+      return cuda::cluster_permutation_workspace_bytes(batch_heads, tokens, num_clusters);
+#else
+      no_cuda_backend();
+#endif
+  }
+  return 0;
 }
 
 void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const Stream& stream,
-                 Workspace) {
+                 Workspace workspace) {
   check_points_centroids(points, centroids);
-  expect_devices(stream, points, centroids);
+  if (backend(stream, points, centroids) == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(kmeans_init(points, centroids, seed, stream, workspace));
   cpu::kmeans_init(points, centroids, seed, cpu_threads(stream));
 }
 
 void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels,
-                   const Stream& stream) {
+                   const Stream& stream, Workspace workspace) {
   check_points_centroids(points, centroids);
   check_labels(labels, points);
-  expect_devices(stream, points, centroids, labels);
+  if (backend(stream, points, centroids, labels) == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(kmeans_assign(points, centroids, labels, stream, workspace));
   cpu::kmeans_assign(points, centroids, labels, cpu_threads(stream));
 }
 
 void kmeans_update(const TensorView& points, const TensorView& labels, TensorView centroids, TensorView sizes,
-                   const Stream& stream, Workspace) {
+                   const Stream& stream, Workspace workspace) {
   check_points_centroids(points, centroids);
   check_labels(labels, points);
   check_sizes(sizes, centroids);
-  expect_devices(stream, points, labels, centroids, sizes);
+  if (backend(stream, points, labels, centroids, sizes) == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(kmeans_update(points, labels, centroids, sizes, /*move_centroids=*/true, stream, workspace));
   cpu::kmeans_update(points, labels, centroids, sizes, /*move_centroids=*/true, cpu_threads(stream));
 }
 
 void kmeans(const TensorView& points, TensorView centroids, TensorView labels, TensorView sizes, int iters,
-            const Stream& stream, Workspace) {
+            const Stream& stream, Workspace workspace) {
   SAPATTN_CHECK(iters >= 0, InvalidArgumentError, "k-means iterations must be >= 0, got ", iters);
   check_points_centroids(points, centroids);
   check_labels(labels, points);
   check_sizes(sizes, centroids);
-  expect_devices(stream, points, centroids, labels, sizes);
+  if (backend(stream, points, centroids, labels, sizes) == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(kmeans(points, centroids, labels, sizes, iters, stream, workspace));
   const int threads = cpu_threads(stream);
   if (iters == 0) {
     cpu::kmeans_assign(points, centroids, labels, threads);
@@ -170,7 +218,8 @@ void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView
   expect_rank(probs, 4, "probs");
   expect_dtype(probs, DType::F32, "probs");
   check_mask(mask, probs.shape[0], probs.shape[1], probs.shape[2], probs.shape[3]);
-  expect_devices(stream, probs, mask);
+  if (backend(stream, probs, mask) == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(select_top_p(probs, top_p, min_kept, mask, stream));
   cpu::select_top_p(probs, top_p, min_kept, mask, cpu_threads(stream));
 }
 
@@ -189,7 +238,8 @@ void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids,
   expect_extent(k_centroids, 3, q_centroids.shape[3], "k_centroids", "head dim of q_centroids");
   check_sizes(k_sizes, k_centroids);
   check_mask(mask, q_centroids.shape[0], q_centroids.shape[1], q_centroids.shape[2], k_centroids.shape[2]);
-  expect_devices(stream, q_centroids, k_centroids, k_sizes, mask);
+  if (backend(stream, q_centroids, k_centroids, k_sizes, mask) == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(select_blocks(q_centroids, k_centroids, k_sizes, scale, top_p, min_kept, mask, stream));
   cpu::select_blocks(q_centroids, k_centroids, k_sizes, scale, top_p, min_kept, mask, cpu_threads(stream));
 }
 
@@ -199,7 +249,7 @@ void apply_text_rule(TensorView mask, const Stream& stream) {
   SAPATTN_CHECK(mask.shape[2] >= 3 && mask.shape[3] >= 3, ShapeError,
                 "mask for the text rule needs Cq+2 rows and Ck+2 columns with Cq, Ck >= 1, got ",
                 mask.describe());
-  expect_devices(stream, mask);
+  if (backend(stream, mask) == DeviceType::CUDA) return SAPATTN_ON_CUDA(apply_text_rule(mask, stream));
   cpu::apply_text_rule(mask, cpu_threads(stream));
 }
 
@@ -212,12 +262,13 @@ void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_l
                 InvalidArgumentError, "video_tokens (", video_tokens, ") + prompt_length (", prompt_length,
                 ") must fit the ", labels.shape[2], " tokens of ", labels.describe());
   SAPATTN_CHECK(prompt_label >= 0, InvalidArgumentError, "prompt_label must be >= 0, got ", prompt_label);
-  expect_devices(stream, labels);
+  if (backend(stream, labels) == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(label_text_tokens(labels, video_tokens, prompt_length, prompt_label, stream));
   cpu::label_text_tokens(labels, video_tokens, prompt_length, prompt_label, cpu_threads(stream));
 }
 
 void cluster_permutation(const TensorView& labels, int num_clusters, TensorView perm, TensorView offsets,
-                         const Stream& stream, Workspace) {
+                         const Stream& stream, Workspace workspace) {
   SAPATTN_CHECK(num_clusters >= 1, InvalidArgumentError, "num_clusters must be >= 1, got ", num_clusters);
   expect_rank(labels, 3, "labels");
   expect_dtype(labels, DType::I32, "labels");
@@ -232,7 +283,8 @@ void cluster_permutation(const TensorView& labels, int num_clusters, TensorView 
   expect_extent(offsets, 0, labels.shape[0], "offsets", "batch of labels");
   expect_extent(offsets, 1, labels.shape[1], "offsets", "heads of labels");
   expect_extent(offsets, 2, num_clusters + 1, "offsets", "num_clusters + 1");
-  expect_devices(stream, labels, perm, offsets);
+  if (backend(stream, labels, perm, offsets) == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(cluster_permutation(labels, num_clusters, perm, offsets, stream, workspace));
   cpu::cluster_permutation(labels, num_clusters, perm, offsets, cpu_threads(stream));
 }
 
@@ -252,13 +304,13 @@ void check_rows_op(const TensorView& x, const TensorView& perm, const TensorView
 
 void gather_rows(const TensorView& x, const TensorView& perm, TensorView out, const Stream& stream) {
   check_rows_op(x, perm, out);
-  expect_devices(stream, x, perm, out);
+  if (backend(stream, x, perm, out) == DeviceType::CUDA) return SAPATTN_ON_CUDA(gather_rows(x, perm, out, stream));
   cpu::gather_rows(x, perm, out, cpu_threads(stream));
 }
 
 void scatter_rows(const TensorView& y, const TensorView& perm, TensorView out, const Stream& stream) {
   check_rows_op(y, perm, out);
-  expect_devices(stream, y, perm, out);
+  if (backend(stream, y, perm, out) == DeviceType::CUDA) return SAPATTN_ON_CUDA(scatter_rows(y, perm, out, stream));
   cpu::scatter_rows(y, perm, out, cpu_threads(stream));
 }
 
@@ -267,8 +319,9 @@ void block_sparse_attention(const TensorView& q, const TensorView& k, const Tens
                             const Stream& stream) {
   check_attention(q, k, v, scale, out, lse);
   check_layout(layout, q, k);
-  expect_devices(stream, q, k, v, out, layout.q_offsets, layout.k_offsets, layout.mask);
+  const DeviceType where = backend(stream, q, k, v, out, layout.q_offsets, layout.k_offsets, layout.mask);
   if (!lse.empty()) expect_device(lse, stream);
+  if (where == DeviceType::CUDA) not_on_cuda_yet("block_sparse_attention");
   cpu::block_sparse_attention(q, k, v, layout, scale, out, lse, cpu_threads(stream));
 }
 
@@ -288,16 +341,25 @@ void block_density(const BlockLayout& layout, TensorView density, const Stream& 
   expect_dtype(density, DType::F32, "density");
   expect_extent(density, 0, B, "density", "batch");
   expect_extent(density, 1, H, "density", "heads");
-  expect_devices(stream, layout.q_offsets, layout.k_offsets, layout.mask, density);
+  if (backend(stream, layout.q_offsets, layout.k_offsets, layout.mask, density) == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(block_density(layout, density, stream));
   cpu::block_density(layout, density, cpu_threads(stream));
 }
 
 void dense_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale, TensorView out,
                      TensorView lse, const Stream& stream) {
   check_attention(q, k, v, scale, out, lse);
-  expect_devices(stream, q, k, v, out);
+  const DeviceType where = backend(stream, q, k, v, out);
   if (!lse.empty()) expect_device(lse, stream);
+  if (where == DeviceType::CUDA) not_on_cuda_yet("dense_attention");
   cpu::dense_attention(q, k, v, scale, out, lse, cpu_threads(stream));
+}
+
+void check_finite(const TensorView& x, const char* name, const Stream& stream) {
+  expect_rank(x, 4, name);
+  expect_floating(x, name);
+  if (backend(stream, x) == DeviceType::CUDA) return SAPATTN_ON_CUDA(check_finite(x, name, stream));
+  cpu::check_finite(x, name, cpu_threads(stream));
 }
 
 }  // namespace sapattn

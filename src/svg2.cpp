@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cstring>
 
-#include "cpu/backend.hpp"
 #include "op_checks.hpp"
 #include "svg2_pipeline.hpp"
 
@@ -174,15 +173,6 @@ void select(const Config& config, const BranchState& state, const TensorView& k_
 
 }  // namespace pipeline
 
-void check_finite(const TensorView& x, const char* name, const Stream& stream) {
-  checks::expect_rank(x, 4, name);
-  checks::expect_floating(x, name);
-  checks::expect_device(x, stream);
-  SAPATTN_CHECK(stream.device.type == DeviceType::CPU, UnsupportedError, "no backend for ",
-                to_string(stream.device), " in this build (CPU only)");
-  cpu::check_finite(x, name, stream.cpu_threads);
-}
-
 size_t svg2_workspace_bytes(const AttentionShape& shape, const Config& config, DType dtype, Device device) {
   config.validate_for(shape.seq, shape.head_dim);
   return pipeline::carve(shape, config, dtype, device, nullptr, nullptr);
@@ -194,9 +184,11 @@ void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& 
   const size_t need = pipeline::carve(shape, config, q.dtype, stream.device, nullptr, nullptr);
   SAPATTN_CHECK(workspace.bytes >= need, WorkspaceError, "svg2_attention needs ", need,
                 " bytes of workspace (svg2_workspace_bytes), got ", workspace.bytes);
-  check_finite(q, "q", stream);
-  check_finite(k, "k", stream);
-  check_finite(v, "v", stream);
+  if (config.check_finite) {
+    check_finite(q, "q", stream);
+    check_finite(k, "k", stream);
+    check_finite(v, "v", stream);
+  }
 
   if (state.initialized()) {
     const std::vector<int64_t> q_shape{shape.batch, shape.heads, config.q_clusters, shape.head_dim};

@@ -256,6 +256,16 @@ TEST(Svg2, RejectsBadInput) {
   bad.data_as<float>()[1000] = INFINITY;
   EXPECT_THROW(svg2_attention(q.view(), q.view(), bad.view(), c, state, {out.view()}, cpu), NonFiniteError);
   EXPECT_FALSE(state.initialized());
+  {
+    // The check can be turned off (hot paths, graph capture): then the Inf flows into the output.
+    Config unchecked = small_config();
+    unchecked.check_finite = false;
+    BranchState scratch_state;
+    EXPECT_NO_THROW(svg2_attention(q.view(), q.view(), bad.view(), unchecked, scratch_state, {out.view()}, cpu));
+    bool any_non_finite = false;
+    for (int64_t i = 0; i < out.numel(); ++i) any_non_finite |= !std::isfinite(out.data_as<float>()[i]);
+    EXPECT_TRUE(any_non_finite);
+  }
   // Shapes and dtypes.
   const Tensor short_k = random_tensor(DType::F32, {1, 2, 63, 64}, 23);
   EXPECT_THROW(svg2_attention(q.view(), short_k.view(), short_k.view(), c, state, {out.view()}, cpu), ShapeError);

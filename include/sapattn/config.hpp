@@ -16,6 +16,8 @@ struct Config {
   int64_t text_tokens = 0;       // trailing text tokens (HunyuanVideo joint attention); 0 = video only
   int64_t prompt_length = 0;     // real prompt tokens at the start of the text; the rest is padding
   float scale = 0.0f;            // softmax scale; 0 means 1/sqrt(D)
+  bool check_finite = true;      // svg2_attention checks Q, K, V for NaN/Inf: one read of each, and a
+                                 // stream sync on CUDA; turn off on a hot path or under graph capture
 
   // Throws InvalidArgumentError naming the first bad field and its valid range.
   void validate() const;

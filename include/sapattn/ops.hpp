@@ -41,7 +41,7 @@ void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, 
 
 // labels[i] = argmin_c ||x_i - c||^2; ties go to the lowest centroid index.
 void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels,
-                   const Stream& stream);
+                   const Stream& stream, Workspace workspace = {});
 
 // sizes[c] = |{i : labels[i] = c}|; centroid c becomes the fp32 mean of its points; an empty
 // cluster keeps its previous centroid. Labels outside [0, C) throw InvalidArgumentError.
@@ -54,7 +54,7 @@ void kmeans_update(const TensorView& points, const TensorView& labels, TensorVie
 void kmeans(const TensorView& points, TensorView centroids, TensorView labels, TensorView sizes,
             int iters, const Stream& stream, Workspace workspace = {});
 
-// Scratch bytes kmeans_init, kmeans_update and kmeans need on `device` for B*H problems of N points,
+// Scratch bytes kmeans_init, kmeans_assign, kmeans_update and kmeans need on `device` for B*H problems of N points,
 // C clusters and dimension D (0 on the CPU). A smaller workspace throws WorkspaceError.
 size_t kmeans_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clusters, int64_t dim,
                               Device device);
@@ -146,5 +146,14 @@ void block_density(const BlockLayout& layout, TensorView density, const Stream& 
 // Full attention of every query over every key.
 void dense_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale,
                      TensorView out, TensorView lse, const Stream& stream);
+
+// ---------------------------------------------------------------------------------------------
+// Input checks.
+// ---------------------------------------------------------------------------------------------
+
+// Throws NonFiniteError naming the tensor and the first bad element if x ([B,H,S,D], any float
+// dtype and strides) holds NaN or Inf. On CUDA it must read its answer back, so it synchronises
+// the stream and cannot run under graph capture (UnsupportedError there).
+void check_finite(const TensorView& x, const char* name, const Stream& stream);
 
 }  // namespace sapattn

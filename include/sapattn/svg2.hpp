@@ -53,7 +53,8 @@ struct Svg2Outputs {
 size_t svg2_workspace_bytes(const AttentionShape& shape, const Config& config, DType dtype,
                             Device device);
 
-// q, k, v: [B,H,S,D] f32/f16/bf16, any strides, finite (checked: NonFiniteError otherwise).
+// q, k, v: [B,H,S,D] f32/f16/bf16, any strides, finite (checked unless config.check_finite is
+// false: NonFiniteError otherwise).
 // The first call on a fresh branch samples centroids (seeded by config.seed) and runs
 // kmeans_iters_init iterations; later calls warm-start and run kmeans_iters_step. A branch whose
 // cached centroids have another shape throws InvalidArgumentError (call LayerState::reset()).
@@ -65,8 +66,5 @@ void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& 
 void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& v,
                     const Config& config, BranchState& state, const Svg2Outputs& outputs,
                     const Stream& stream);
-
-// Throws NonFiniteError naming the tensor and the first bad element if x holds NaN or Inf.
-void check_finite(const TensorView& x, const char* name, const Stream& stream);
 
 }  // namespace sapattn

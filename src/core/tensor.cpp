@@ -4,6 +4,10 @@
 #include <new>
 #include <sstream>
 
+#if SAPATTN_HAS_CUDA
+#include "cuda/check.hpp"
+#endif
+
 namespace sapattn {
 
 std::string to_string(Device d) {
@@ -72,6 +76,28 @@ std::string TensorView::describe() const {
 }
 
 Buffer Buffer::allocate(size_t bytes, Device device) {
+#if SAPATTN_HAS_CUDA
+  if (device.type == DeviceType::CUDA) {
+    // cudaMalloc on the given device (256-byte aligned); freed on that device with the last owner.
+    // Plain device memory, never managed memory (which can hang a GPU when oversubscribed).
+    Buffer b;
+    b.bytes_ = bytes;
+    b.device_ = device;
+    const cuda::DeviceGuard guard(device);
+    if (bytes == 0) return b;
+    void* p = nullptr;
+    SAPATTN_CUDA_CHECK(cudaMalloc(&p, bytes));
+    const int index = device.index;
+    b.ptr_ = std::shared_ptr<void>(p, [index](void* q) {
+      int previous = 0;
+      if (cudaGetDevice(&previous) != cudaSuccess) return;
+      if (previous != index) (void)cudaSetDevice(index);
+      (void)cudaFree(q);  // a destructor cannot throw; a failed free leaves a sticky error to the next call
+      if (previous != index) (void)cudaSetDevice(previous);
+    });
+    return b;
+  }
+#endif
   SAPATTN_CHECK(device.type == DeviceType::CPU, UnsupportedError, "cannot allocate on ",
                 to_string(device), ": this build has only the CPU backend");
   Buffer b;

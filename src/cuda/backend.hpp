@@ -1,0 +1,73 @@
+// The CUDA backend: one function per op of include/sapattn/ops.hpp, mirroring src/cpu/backend.hpp.
+// src/ops.cpp checks shapes, dtypes and devices before calling here. Every function launches on
+// stream.handle (a cudaStream_t) and returns without waiting for the GPU; none allocates or
+// synchronises, except check_finite (it must read its answer back) and the value checks below.
+//
+// Values the CPU backend checks on the host (labels in [0, C), permutation indices in [0, N)) would
+// need a device-to-host copy and a sync to check here. On CUDA they are the caller's contract:
+// kernels never read or write out of bounds on a bad value (the token is skipped, or lands in a
+// trash bucket), and they raise a device-side error flag. With value checks on
+// (set_value_checks(true), or SAPATTN_CUDA_CHECK_VALUES=1 in the environment; the device tests
+// turn them on), each op that reads such values synchronises its stream afterwards, reads the flag
+// and throws InvalidArgumentError; under CUDA graph capture the check is skipped. Outputs are then
+// unspecified (the CPU backend leaves them untouched).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "sapattn/ops.hpp"
+
+namespace sapattn::cuda {
+
+// Scratch of the k-means ops for B*H problems of N points, C clusters, dimension D.
+size_t kmeans_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clusters, int64_t dim);
+size_t cluster_permutation_workspace_bytes(int64_t batch_heads, int64_t tokens, int num_clusters);
+
+// Counters an assignment can report (for the benchmark): rows whose two best approximate distances
+// were close enough to be re-ranked with the exact fp32 distance.
+struct AssignStats {
+  unsigned long long* d_refined_rows = nullptr;  // device counter, incremented (not reset)
+};
+
+void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const Stream& stream,
+                 Workspace workspace);
+// With a workspace of kmeans_workspace_bytes: the tensor-core assignment. Without one (the public
+// kmeans_assign has no workspace parameter): the exact fp32 assignment, bit-identical to the CPU's.
+void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels, const Stream& stream,
+                   Workspace workspace = {}, AssignStats stats = {});
+// move_centroids = false only counts sizes (kmeans with zero iterations).
+void kmeans_update(const TensorView& points, const TensorView& labels, TensorView centroids, TensorView sizes,
+                   bool move_centroids, const Stream& stream, Workspace workspace);
+void kmeans(const TensorView& points, TensorView centroids, TensorView labels, TensorView sizes, int iters,
+            const Stream& stream, Workspace workspace, AssignStats stats = {});
+
+void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, const Stream& stream);
+void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes,
+                   float scale, float top_p, int min_kept, TensorView mask, const Stream& stream);
+void apply_text_rule(TensorView mask, const Stream& stream);
+void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_length, int prompt_label,
+                       const Stream& stream);
+void cluster_permutation(const TensorView& labels, int num_clusters, TensorView perm, TensorView offsets,
+                         const Stream& stream, Workspace workspace);
+void gather_rows(const TensorView& x, const TensorView& perm, TensorView out, const Stream& stream);
+void scatter_rows(const TensorView& y, const TensorView& perm, TensorView out, const Stream& stream);
+void block_density(const BlockLayout& layout, TensorView density, const Stream& stream);
+
+// Throws NonFiniteError if x holds a NaN or Inf. Synchronises the stream (it must read the answer),
+// so it cannot run inside graph capture (UnsupportedError there).
+void check_finite(const TensorView& x, const char* name, const Stream& stream);
+
+// The device-side value checks described above (process-wide; off unless the environment says so).
+void set_value_checks(bool on);
+bool value_checks();
+
+// Accumulator columns per pass of the tensor-core assignment: 16 (default) or 8. A benchmark and
+// test knob; both variants compute the same labels.
+void set_assign_columns_per_pass(int columns);
+int assign_columns_per_pass();
+
+// Largest key-cluster count select_blocks / select_top_p take on CUDA (one block sorts a row).
+inline constexpr int64_t kMaxSelectColumns = 8192;
+
+}  // namespace sapattn::cuda

@@ -1,0 +1,133 @@
+// Device-side helpers shared by the CUDA backend's kernels: element types and conversions, the
+// launch plumbing (stream, launch check, workspace carving), and the value-check flag.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/backend.hpp"
+#include "cuda/check.hpp"
+#include "sapattn/error.hpp"
+#include "sapattn/tensor.hpp"
+
+// Checks that the last launch was accepted (bad configuration, missing kernel image, ...).
+#define SAPATTN_CUDA_CHECK_LAUNCH() SAPATTN_CUDA_CHECK(cudaGetLastError())
+
+namespace sapattn::cuda {
+
+inline cudaStream_t stream_of(const Stream& s) { return static_cast<cudaStream_t>(s.handle); }
+
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+template <typename T>
+__host__ __device__ constexpr T min_of(T a, T b) { return b < a ? b : a; }
+template <typename T>
+__host__ __device__ constexpr T max_of(T a, T b) { return a < b ? b : a; }
+
+// ---------------------------------------------------------------------------------------------
+// Element types
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<T>{}) with T the C++ type of a floating dtype (float, __half, __nv_bfloat16).
+template <typename F>
+decltype(auto) dispatch_float(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::F32: return f(TypeTag<float>{});
+    case DType::F16: return f(TypeTag<__half>{});
+    case DType::BF16: return f(TypeTag<__nv_bfloat16>{});
+    default: break;
+  }
+  SAPATTN_THROW(DTypeError, "expected a floating dtype, got ", dtype_name(dtype));
+}
+
+template <typename T>
+__device__ __forceinline__ float to_f32(T v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(v);
+  } else {
+    return __bfloat162float(v);
+  }
+}
+
+// Round to nearest even, as the host conversions of dtype.hpp do.
+template <typename T>
+__device__ __forceinline__ T from_f32(float v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(v);
+  } else {
+    return __float2bfloat16_rn(v);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workspace carving: 256-byte aligned slices; a workspace that is too small throws WorkspaceError.
+// The same carver only counts bytes when it has no workspace (for the *_workspace_bytes queries),
+// so the query and the carve can never disagree.
+// ---------------------------------------------------------------------------------------------
+
+class Carver {
+ public:
+  explicit Carver(const char* op, Workspace ws = {}) : op_(op), ws_(ws) {}
+  template <typename T>
+  T* take(int64_t count) {
+    const size_t bytes = static_cast<size_t>(round_up(count * static_cast<int64_t>(sizeof(T)), 256));
+    T* p = ws_.data != nullptr ? reinterpret_cast<T*>(static_cast<char*>(ws_.data) + used_) : nullptr;
+    used_ += bytes;
+    return p;
+  }
+  void* take_bytes(size_t bytes) { return take<char>(static_cast<int64_t>(bytes)); }
+  size_t used() const { return used_; }
+  // Throws unless the workspace holds everything taken so far.
+  void check() const {
+    SAPATTN_CHECK(ws_.data != nullptr || used_ == 0, WorkspaceError, op_, " needs a workspace of ", used_,
+                  " bytes on CUDA (ask its *_workspace_bytes), got none");
+    SAPATTN_CHECK(ws_.bytes >= used_, WorkspaceError, op_, " needs ", used_, " bytes of workspace on CUDA, got ",
+                  ws_.bytes);
+  }
+
+ private:
+  const char* op_;
+  Workspace ws_;
+  size_t used_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Value checks (see backend.hpp). Kernels OR these bits into the flag when they meet a bad value.
+// ---------------------------------------------------------------------------------------------
+
+enum ValueError : int {
+  kBadLabel = 1,       // a label outside [0, C)
+  kBadPermIndex = 2,   // a permutation index outside [0, N)
+  kBadOffsets = 4,     // offsets not non-decreasing or outside [0, S]
+};
+
+// The device's flag word (a __device__ variable of runtime.cu; one per device).
+int* value_error_flag();
+// Before an op's launches: clears the flag when value checks are on and the stream is not capturing.
+// Returns whether end_value_check must run.
+bool begin_value_check(const Stream& stream);
+// After them: synchronises, reads the flag and throws InvalidArgumentError naming `op`.
+void end_value_check(const Stream& stream, const char* op);
+
+// True while `stream` is being captured into a CUDA graph (no synchronisation allowed then).
+bool is_capturing(cudaStream_t stream);
+
+// Raises the dynamic shared-memory limit of a kernel once (thread-safe; not a stream operation, so it
+// is allowed during graph capture).
+void set_max_dynamic_smem(const void* kernel, int bytes);
+
+}  // namespace sapattn::cuda

@@ -1,0 +1,52 @@
+// The k-means pieces shared between kmeans.cu (the ops) and the tensor-core assignment, which is
+// instantiated in one file per head dim (kmeans_assign_d64.cu, kmeans_assign_d128.cu).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "sapattn/dtype.hpp"
+
+namespace sapattn::cuda {
+
+// Head dims with a tensor-core assignment. Support and dispatch both ask this one function.
+constexpr bool tensor_core_assign(int64_t dim) { return dim == 64 || dim == 128; }
+
+// Centroids are streamed in tiles of this many rows; the prepared copy is padded to a multiple.
+inline constexpr int64_t kCentroidTile = 64;
+
+// The operand type of the matrix units for points of a dtype: f16 points multiply in f16 (exact),
+// bf16 and f32 points in bf16 (f32 points are rounded; bf16 keeps their range).
+constexpr DType operand_dtype(DType points) { return points == DType::F16 ? DType::F16 : DType::BF16; }
+
+// The centroids as the assignment kernel reads them, written once per Lloyd iteration by
+// prepare_centroids (kmeans.cu).
+struct PreparedCentroids {
+  const void* operand = nullptr;  // [B*H, C_pad, D] operand dtype: round(-c); zero rows past C
+  const float* half_norm = nullptr;  // [B*H, C_pad]: ||c||^2 / 2 in fp32; +inf past C
+  const int32_t* stats = nullptr;    // [B*H, 2]: fp32 bits of max_c ||c||^2 and max_c ||c - round(c)||
+  int64_t c_pad = 0;
+};
+
+struct TensorCoreAssignParams {
+  const void* points = nullptr;  // [B,H,N,D], any strides (elements)
+  int64_t p_stride[4] = {0, 0, 0, 0};
+  int64_t H = 0, N = 0;
+  int64_t C = 0;
+  bool vector_rows = false;  // points rows can be read in aligned 16-byte chunks of the operand type
+  PreparedCentroids prepared;
+  const float* centroids = nullptr;  // [B*H, C, D] f32: the exact distances of near-ties
+  int32_t* labels = nullptr;
+  int64_t l_stride_b = 0, l_stride_h = 0;
+  unsigned long long* refined = nullptr;  // optional counter of re-ranked rows
+  int index_bits = 1;    // bits of a column index: bit_width(C_pad - 1)
+  int index_mask = 1;    // (1 << index_bits) - 1
+};
+
+// Launches the tensor-core assignment for head dim D over B*H problems.
+template <int D>
+void launch_tensor_core_assign(const TensorCoreAssignParams& p, DType points_dtype, int64_t batch_heads,
+                               cudaStream_t stream);
+
+}  // namespace sapattn::cuda
