@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "cpu/backend.hpp"
-#include "cpu/parallel.hpp"
+#include "core/parallel.hpp"
 #include "cpu/rows.hpp"
 #include "sapattn/error.hpp"
 

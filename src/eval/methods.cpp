@@ -5,7 +5,7 @@
 #include <cstring>
 #include <vector>
 
-#include "cpu/parallel.hpp"
+#include "core/parallel.hpp"
 #include "cpu/rows.hpp"
 #include "sapattn/eval.hpp"
 #include "sapattn/ops.hpp"
@@ -62,7 +62,7 @@ Tensor true_cluster_mass(const TensorView& q, const TensorView& k, const MethodR
   // fp32 copies of the video rows, [B*H, Sv, D], keys sorted by cluster, converted once.
   std::vector<float> qf(B * H * Sv * D), kf(B * H * Sv * D);
   std::vector<int64_t> key_offsets(B * H * (Ck + 1));
-  cpu::parallel_for(B * H, threads, [&](int64_t bh) {
+  parallel_for(B * H, threads, [&](int64_t bh) {
     const int64_t b = bh / H, h = bh % H;
     const int32_t* kl = &at<int32_t>(buf.k_labels, b, h);
     int64_t* off = &key_offsets[bh * (Ck + 1)];
@@ -75,7 +75,7 @@ Tensor true_cluster_mass(const TensorView& q, const TensorView& k, const MethodR
       cpu::load_row(k, b, h, i, &kf[(bh * Sv + cursor[kl[i]]++) * D]);
     }
   });
-  cpu::parallel_for(B * H * Cq, threads, [&](int64_t task) {
+  parallel_for(B * H * Cq, threads, [&](int64_t task) {
     const int64_t bh = task / Cq, b = bh / H, h = bh % H, a = task % Cq;
     const int32_t* ql = &at<int32_t>(buf.q_labels, b, h);
     const int64_t* off = &key_offsets[bh * (Ck + 1)];

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "sapattn/error.hpp"
+#include "core/parallel.hpp"
 #include "workload/internal.hpp"
 
 namespace sapattn::workload {
@@ -98,7 +99,7 @@ std::vector<double> top_fraction_mass_per_head(const TensorView& q, const Tensor
 
   // One task per (b, h); each writes its own mean, combined in a fixed order afterwards.
   std::vector<double> share(static_cast<size_t>(B * H), 0.0);
-  detail::parallel_for(B * H, threads, [&](int64_t task) {
+  parallel_for(B * H, threads, [&](int64_t task) {
     const int64_t b = task / H, h = task % H;
     const std::vector<float> qs = load_rows(q, b, h, &rows[b]);
     const std::vector<float> ks = load_rows(k, b, h, nullptr);

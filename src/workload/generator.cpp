@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "sapattn/error.hpp"
+#include "core/parallel.hpp"
 #include "workload/internal.hpp"
 
 namespace sapattn::workload {
@@ -131,39 +132,6 @@ HeadKind head_kind_for(int64_t h, int64_t heads) {
 }
 
 namespace detail {
-
-int resolve_threads(int threads) {
-  if (threads > 0) return threads;
-  const unsigned hw = std::thread::hardware_concurrency();
-  return hw == 0 ? 1 : static_cast<int>(hw);
-}
-
-void parallel_for(int64_t n, int threads, const std::function<void(int64_t)>& fn) {
-  const int64_t workers = std::min<int64_t>(resolve_threads(threads), n);
-  if (workers <= 1) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  std::exception_ptr error;
-  std::mutex error_mutex;
-  auto work = [&] {
-    for (int64_t i = next++; i < n; i = next++) {
-      try {
-        fn(i);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(error_mutex);
-        if (!error) error = std::current_exception();
-        next = n;  // stop handing out work
-      }
-    }
-  };
-  std::vector<std::thread> pool;
-  for (int64_t w = 1; w < workers; ++w) pool.emplace_back(work);
-  work();
-  for (auto& t : pool) t.join();
-  if (error) std::rethrow_exception(error);
-}
 
 HeadParams head_params(const Preset& preset, uint64_t seed, int64_t head, const Knobs& knobs) {
   HeadParams hp;

@@ -188,9 +188,4 @@ HeadParams head_params(const Preset& preset, uint64_t seed, int64_t head, const 
 Workload generate_with(const Preset& preset, uint64_t seed, DType dtype, const Progress& progress,
                        int threads, const Knobs& knobs);
 
-// Runs fn(i) for i in [0, n) on up to `threads` threads (0 = hardware), rethrowing the first
-// exception on the calling thread.
-void parallel_for(int64_t n, int threads, const std::function<void(int64_t)>& fn);
-int resolve_threads(int threads);
-
 }  // namespace sapattn::workload::detail

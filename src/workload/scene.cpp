@@ -4,6 +4,7 @@
 #include <cmath>
 #include <numbers>
 
+#include "core/parallel.hpp"
 #include "workload/internal.hpp"
 
 namespace sapattn::workload::detail {

@@ -1,4 +1,4 @@
-#include "cpu/parallel.hpp"
+#include "core/parallel.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -7,7 +7,7 @@
 #include <thread>
 #include <vector>
 
-namespace sapattn::cpu {
+namespace sapattn {
 
 int resolve_threads(int requested) {
   if (requested > 0) return requested;
@@ -43,4 +43,4 @@ void parallel_for(int64_t n, int threads, const std::function<void(int64_t)>& fn
   if (error) std::rethrow_exception(error);
 }
 
-}  // namespace sapattn::cpu
+}  // namespace sapattn

@@ -1,4 +1,4 @@
-// Fork-join parallelism for the CPU backend. Work is split into fixed, index-ordered tasks so that
+// Fork-join parallelism for host code (the CPU backend, the workload generator, evaluation). Work is split into fixed, index-ordered tasks so that
 // every result is the same for any thread count (a task's arithmetic never depends on which
 // thread runs it).
 #pragma once
@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <functional>
 
-namespace sapattn::cpu {
+namespace sapattn {
 
 // Threads a call uses: `requested` if > 0, else the hardware's (at least 1).
 int resolve_threads(int requested);
@@ -16,4 +16,4 @@ int resolve_threads(int requested);
 // after every thread has stopped.
 void parallel_for(int64_t n, int threads, const std::function<void(int64_t)>& fn);
 
-}  // namespace sapattn::cpu
+}  // namespace sapattn
