@@ -112,7 +112,8 @@ void bench(const Shape& s, int reps) {
   const double elem = static_cast<double>(B * H * S * D);
   auto tensor = [&](DType t, std::vector<int64_t> shape) { return Tensor(t, std::move(shape), dev); };
   // Q, K, V in the diffusers layout [B,S,H,D], seen as [B,H,S,D].
-  Tensor q = tensor(DType::BF16, {B, S, H, D}), k = tensor(DType::BF16, {B, S, H, D}), v = tensor(DType::BF16, {B, S, H, D});
+  Tensor q = tensor(DType::BF16, {B, S, H, D}), k = tensor(DType::BF16, {B, S, H, D}),
+         v = tensor(DType::BF16, {B, S, H, D});
   fill_kernel<<<4096, 256, 0, cs>>>(q.data_as<__nv_bfloat16>(), S, H, D, 4 * s.Cq, 1);
   fill_kernel<<<4096, 256, 0, cs>>>(k.data_as<__nv_bfloat16>(), S, H, D, 4 * s.Ck, 2);
   fill_kernel<<<4096, 256, 0, cs>>>(v.data_as<__nv_bfloat16>(), S, H, D, 64, 3);
@@ -123,8 +124,9 @@ void bench(const Shape& s, int reps) {
   Tensor qc = tensor(DType::F32, {B, H, s.Cq, D}), kc = tensor(DType::F32, {B, H, s.Ck, D});
   Tensor ql = tensor(DType::I32, {B, H, S}), kl = tensor(DType::I32, {B, H, S});
   Tensor qs = tensor(DType::I32, {B, H, s.Cq}), ks = tensor(DType::I32, {B, H, s.Ck});
-  const size_t ws_bytes = std::max({kmeans_workspace_bytes(BH, S, s.Cq, D, dev), kmeans_workspace_bytes(BH, S, s.Ck, D, dev),
-                                    cluster_permutation_workspace_bytes(BH, S, static_cast<int>(s.Ck), dev)});
+  const size_t ws_bytes =
+      std::max({kmeans_workspace_bytes(BH, S, s.Cq, D, dev), kmeans_workspace_bytes(BH, S, s.Ck, D, dev),
+                cluster_permutation_workspace_bytes(BH, S, static_cast<int>(s.Ck), dev)});
   const Buffer ws_buf = Buffer::allocate(ws_bytes, dev);
   const Workspace ws{ws_buf.data(), ws_buf.bytes()};
   const double point_bytes = elem * 2;  // one bf16 tensor
@@ -182,9 +184,13 @@ void bench(const Shape& s, int reps) {
   Tensor mask = tensor(DType::U8, {B, H, s.Cq, s.Ck});
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   emit(s, "select_blocks",
-       timer.run([&] { select_blocks(qc.view(), kc.view(), ks.view(), scale, 0.9f, static_cast<int>(s.Ck / 10), mask.view(), st); },
-                 5, reps * 2),
-       reps * 2, static_cast<double>(BH) * ((s.Cq + s.Ck) * D * 4 + s.Ck * 4 + s.Cq * s.Ck), 2.0 * BH * s.Cq * s.Ck * D);
+       timer.run(
+           [&] {
+             select_blocks(qc.view(), kc.view(), ks.view(), scale, 0.9f, static_cast<int>(s.Ck / 10), mask.view(), st);
+           },
+           5, reps * 2),
+       reps * 2, static_cast<double>(BH) * ((s.Cq + s.Ck) * D * 4 + s.Ck * 4 + s.Cq * s.Ck),
+       2.0 * BH * s.Cq * s.Ck * D);
   {  // the density this selection gives (for the record)
     std::vector<uint8_t> m(static_cast<size_t>(BH * s.Cq * s.Ck));
     SAPATTN_CUDA_CHECK(cudaMemcpy(m.data(), mask.data(), m.size(), cudaMemcpyDeviceToHost));
@@ -197,7 +203,8 @@ void bench(const Shape& s, int reps) {
   // ---- permutation of Q, K, V and its inverse ------------------------------------------------
   Tensor qp = tensor(DType::I32, {B, H, S}), kp = tensor(DType::I32, {B, H, S});
   Tensor qo = tensor(DType::I32, {B, H, s.Cq + 1}), ko = tensor(DType::I32, {B, H, s.Ck + 1});
-  Tensor qr = tensor(DType::BF16, {B, H, S, D}), kr = tensor(DType::BF16, {B, H, S, D}), vr = tensor(DType::BF16, {B, H, S, D});
+  Tensor qr = tensor(DType::BF16, {B, H, S, D}), kr = tensor(DType::BF16, {B, H, S, D}),
+         vr = tensor(DType::BF16, {B, H, S, D});
   auto perms = [&] {
     cluster_permutation(ql.view(), static_cast<int>(s.Cq), qp.view(), qo.view(), st, ws);
     cluster_permutation(kl.view(), static_cast<int>(s.Ck), kp.view(), ko.view(), st, ws);
@@ -209,7 +216,14 @@ void bench(const Shape& s, int reps) {
   };
   emit(s, "cluster_permutation_qk", timer.run(perms, 3, reps), reps, 2.0 * BH * S * 4 * 2, 0);
   emit(s, "gather_qkv", timer.run(gathers, 3, reps), reps, 6 * point_bytes, 0);
-  emit(s, "permute_qkv", timer.run([&] { perms(); gathers(); }, 3, reps), reps, 6 * point_bytes, 0);
+  emit(s, "permute_qkv",
+       timer.run(
+           [&] {
+             perms();
+             gathers();
+           },
+           3, reps),
+       reps, 6 * point_bytes, 0);
   // The layout of the random side: Q gathered from [B,S,H,D] memory vs from [B,H,S,D] memory.
   emit(s, "gather_q_from_bshd", timer.run([&] { gather_rows(qv, qp.view(), qr.view(), st); }, 3, reps), reps,
        2 * point_bytes, 0);
@@ -229,8 +243,9 @@ void bench(const Shape& s, int reps) {
   {
     Tensor a = tensor(DType::BF16, {B, H, S, D});
     emit(s, "memcpy_d2d_point_tensor",
-         timer.run([&] { SAPATTN_CUDA_CHECK(cudaMemcpyAsync(a.data(), q.data(), q.bytes(), cudaMemcpyDeviceToDevice, cs)); },
-                   3, reps),
+         timer.run(
+             [&] { SAPATTN_CUDA_CHECK(cudaMemcpyAsync(a.data(), q.data(), q.bytes(), cudaMemcpyDeviceToDevice, cs)); },
+             3, reps),
          reps, 2 * point_bytes, 0);
   }
   SAPATTN_CUDA_CHECK(cudaStreamSynchronize(cs));
@@ -243,8 +258,10 @@ int main(int argc, char** argv) {
   std::string which = "all";
   int reps = 20;
   for (int i = 1; i < argc; ++i) {
-    if (!std::strcmp(argv[i], "--shape") && i + 1 < argc) which = argv[++i];
-    else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::atoi(argv[++i]);
+    if (!std::strcmp(argv[i], "--shape") && i + 1 < argc)
+      which = argv[++i];
+    else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc)
+      reps = std::atoi(argv[++i]);
   }
   try {
     cudaDeviceProp prop{};

@@ -29,8 +29,8 @@ inline void expect_contiguous(const TensorView& t, const char* name) {
 }
 
 inline void expect_extent(const TensorView& t, int dim, int64_t extent, const char* name, const char* what) {
-  SAPATTN_CHECK(t.shape[dim] == extent, ShapeError, name, " dim ", dim, " must be ", extent, " (", what,
-                "), got ", t.describe());
+  SAPATTN_CHECK(t.shape[dim] == extent, ShapeError, name, " dim ", dim, " must be ", extent, " (", what, "), got ",
+                t.describe());
 }
 
 inline void expect_device(const TensorView& t, const Stream& s) {

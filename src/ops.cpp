@@ -18,11 +18,11 @@ namespace sapattn {
   SAPATTN_THROW(UnsupportedError, "this build has no CUDA backend");
 }
 
+using checks::expect_contiguous;
 using checks::expect_device;
 using checks::expect_dtype;
 using checks::expect_extent;
 using checks::expect_floating;
-using checks::expect_contiguous;
 using checks::expect_rank;
 
 namespace {
@@ -47,8 +47,7 @@ int64_t check_points_centroids(const TensorView& points, const TensorView& centr
 void check_labels(const TensorView& labels, const TensorView& points) {
   expect_rank(labels, 3, "labels");
   expect_dtype(labels, DType::I32, "labels");
-  SAPATTN_CHECK(labels.stride[2] == 1, ShapeError, "labels must have unit stride along N, got ",
-                labels.describe());
+  SAPATTN_CHECK(labels.stride[2] == 1, ShapeError, "labels must have unit stride along N, got ", labels.describe());
   expect_extent(labels, 0, points.shape[0], "labels", "batch of points");
   expect_extent(labels, 1, points.shape[1], "labels", "heads of points");
   expect_extent(labels, 2, points.shape[2], "labels", "points per (b,h)");
@@ -78,8 +77,8 @@ void check_top_p(float top_p, int min_kept) {
 }
 
 // q [B,H,Sq,D], k and v [B,H,Sk,D], out [B,H,Sq,D], lse [B,H,Sq] or empty.
-void check_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale,
-                     const TensorView& out, const TensorView& lse) {
+void check_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale, const TensorView& out,
+                     const TensorView& lse) {
   for (const auto& [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}}) {
     expect_rank(*t, 4, name);
     expect_floating(*t, name);
@@ -94,8 +93,8 @@ void check_attention(const TensorView& q, const TensorView& k, const TensorView&
     expect_dtype(lse, DType::F32, "lse");
     for (int d = 0; d < 3; ++d) expect_extent(lse, d, q.shape[d], "lse", "the extent of q");
   }
-  SAPATTN_CHECK(std::isfinite(scale) && scale > 0.0f, InvalidArgumentError,
-                "scale must be finite and > 0, got ", scale);
+  SAPATTN_CHECK(std::isfinite(scale) && scale > 0.0f, InvalidArgumentError, "scale must be finite and > 0, got ",
+                scale);
 }
 
 void check_layout(const BlockLayout& layout, const TensorView& q, const TensorView& k) {
@@ -118,7 +117,8 @@ template <typename... Views>
 DeviceType backend(const Stream& stream, const Views&... views) {
   (expect_device(views, stream), ...);
   switch (stream.device.type) {
-    case DeviceType::CPU: return DeviceType::CPU;
+    case DeviceType::CPU:
+      return DeviceType::CPU;
     case DeviceType::CUDA:
 #if SAPATTN_HAS_CUDA
       return DeviceType::CUDA;
@@ -126,7 +126,8 @@ DeviceType backend(const Stream& stream, const Views&... views) {
       break;
 #endif
   }
-  SAPATTN_THROW(UnsupportedError, "no backend for ", to_string(stream.device), " in this build (CPU only; "
+  SAPATTN_THROW(UnsupportedError, "no backend for ", to_string(stream.device),
+                " in this build (CPU only; "
                 "configure with -DSAPATTN_CUDA=ON where nvcc is installed)");
 }
 
@@ -140,7 +141,8 @@ size_t kmeans_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clust
   SAPATTN_CHECK(batch_heads >= 0 && points >= 0 && clusters >= 0 && dim >= 0, InvalidArgumentError,
                 "kmeans_workspace_bytes: negative size");
   switch (device.type) {
-    case DeviceType::CPU: return 0;  // the CPU backend needs no scratch
+    case DeviceType::CPU:
+      return 0;  // the CPU backend needs no scratch
     case DeviceType::CUDA:
 #if SAPATTN_HAS_CUDA
       return cuda::kmeans_workspace_bytes(batch_heads, points, clusters, dim);
@@ -155,7 +157,8 @@ size_t cluster_permutation_workspace_bytes(int64_t batch_heads, int64_t tokens, 
   SAPATTN_CHECK(batch_heads >= 0 && tokens >= 0 && num_clusters >= 0, InvalidArgumentError,
                 "cluster_permutation_workspace_bytes: negative size");
   switch (device.type) {
-    case DeviceType::CPU: return 0;  // the CPU backend needs no scratch
+    case DeviceType::CPU:
+      return 0;  // the CPU backend needs no scratch
     case DeviceType::CUDA:
 #if SAPATTN_HAS_CUDA
       return cuda::cluster_permutation_workspace_bytes(batch_heads, tokens, num_clusters);
@@ -174,8 +177,8 @@ void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, 
   cpu::kmeans_init(points, centroids, seed, cpu_threads(stream));
 }
 
-void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels,
-                   const Stream& stream, Workspace workspace) {
+void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels, const Stream& stream,
+                   Workspace workspace) {
   check_points_centroids(points, centroids);
   check_labels(labels, points);
   if (backend(stream, points, centroids, labels) == DeviceType::CUDA)
@@ -223,11 +226,11 @@ void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView
   cpu::select_top_p(probs, top_p, min_kept, mask, cpu_threads(stream));
 }
 
-void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes,
-                   float scale, float top_p, int min_kept, TensorView mask, const Stream& stream) {
+void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
+                   float top_p, int min_kept, TensorView mask, const Stream& stream) {
   check_top_p(top_p, min_kept);
-  SAPATTN_CHECK(std::isfinite(scale) && scale > 0.0f, InvalidArgumentError,
-                "scale must be finite and > 0, got ", scale);
+  SAPATTN_CHECK(std::isfinite(scale) && scale > 0.0f, InvalidArgumentError, "scale must be finite and > 0, got ",
+                scale);
   for (const auto& [t, name] : {std::pair{&q_centroids, "q_centroids"}, {&k_centroids, "k_centroids"}}) {
     expect_rank(*t, 4, name);
     expect_dtype(*t, DType::F32, name);
@@ -247,8 +250,7 @@ void apply_text_rule(TensorView mask, const Stream& stream) {
   expect_rank(mask, 4, "mask");
   expect_dtype(mask, DType::U8, "mask");
   SAPATTN_CHECK(mask.shape[2] >= 3 && mask.shape[3] >= 3, ShapeError,
-                "mask for the text rule needs Cq+2 rows and Ck+2 columns with Cq, Ck >= 1, got ",
-                mask.describe());
+                "mask for the text rule needs Cq+2 rows and Ck+2 columns with Cq, Ck >= 1, got ", mask.describe());
   if (backend(stream, mask) == DeviceType::CUDA) return SAPATTN_ON_CUDA(apply_text_rule(mask, stream));
   cpu::apply_text_rule(mask, cpu_threads(stream));
 }
@@ -314,9 +316,8 @@ void scatter_rows(const TensorView& y, const TensorView& perm, TensorView out, c
   cpu::scatter_rows(y, perm, out, cpu_threads(stream));
 }
 
-void block_sparse_attention(const TensorView& q, const TensorView& k, const TensorView& v,
-                            const BlockLayout& layout, float scale, TensorView out, TensorView lse,
-                            const Stream& stream) {
+void block_sparse_attention(const TensorView& q, const TensorView& k, const TensorView& v, const BlockLayout& layout,
+                            float scale, TensorView out, TensorView lse, const Stream& stream) {
   check_attention(q, k, v, scale, out, lse);
   check_layout(layout, q, k);
   const DeviceType where = backend(stream, q, k, v, out, layout.q_offsets, layout.k_offsets, layout.mask);

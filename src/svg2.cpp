@@ -21,8 +21,8 @@ class Carver {
   TensorView take(DType dtype, std::vector<int64_t> shape) {
     int64_t n = 1;
     for (int64_t e : shape) n *= e;
-    return TensorView::contiguous(take_bytes(static_cast<size_t>(n) * dtype_size(dtype)).data, dtype,
-                                  std::move(shape), device_);
+    return TensorView::contiguous(take_bytes(static_cast<size_t>(n) * dtype_size(dtype)).data, dtype, std::move(shape),
+                                  device_);
   }
   Workspace take_bytes(size_t bytes) {
     const size_t aligned = (bytes + 255) / 256 * 256;
@@ -40,8 +40,8 @@ class Carver {
 
 }  // namespace
 
-size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Device device,
-             const Workspace* workspace, Buffers* buffers) {
+size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Device device, const Workspace* workspace,
+             Buffers* buffers) {
   const int64_t B = shape.batch, H = shape.heads, S = shape.seq, D = shape.head_dim;
   const int text_clusters = config.text_tokens > 0 ? 2 : 0;
   Buffers b;
@@ -65,10 +65,10 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
   b.v_perm_rows = c.take(dtype, {B, H, S, D});
   b.out_perm = c.take(DType::F32, {B, H, S, D});
   b.lse_perm = c.take(DType::F32, {B, H, S});
-  b.op_scratch = c.take_bytes(std::max({
-      kmeans_workspace_bytes(B * H, b.video_tokens, config.q_clusters, D, device),
-      kmeans_workspace_bytes(B * H, b.video_tokens, config.k_clusters, D, device),
-      cluster_permutation_workspace_bytes(B * H, S, std::max(b.q_clusters, b.k_clusters), device)}));
+  b.op_scratch = c.take_bytes(
+      std::max({kmeans_workspace_bytes(B * H, b.video_tokens, config.q_clusters, D, device),
+                kmeans_workspace_bytes(B * H, b.video_tokens, config.k_clusters, D, device),
+                cluster_permutation_workspace_bytes(B * H, S, std::max(b.q_clusters, b.k_clusters), device)}));
   if (buffers != nullptr) *buffers = b;
   return c.used();
 }
@@ -116,8 +116,8 @@ AttentionShape check_inputs(const TensorView& q, const TensorView& k, const Tens
   return shape;
 }
 
-void attend_clusters(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
-                     Buffers& buf, const Svg2Outputs& outputs, const Stream& stream) {
+void attend_clusters(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config, Buffers& buf,
+                     const Svg2Outputs& outputs, const Stream& stream) {
   const float scale = config.scale_for(q.shape[3]);
   if (config.text_tokens > 0) {
     label_text_tokens(buf.q_labels, buf.video_tokens, config.prompt_length, buf.q_video_clusters, stream);
@@ -130,8 +130,8 @@ void attend_clusters(const TensorView& q, const TensorView& k, const TensorView&
   gather_rows(k, buf.k_perm, buf.k_perm_rows, stream);
   gather_rows(v, buf.k_perm, buf.v_perm_rows, stream);  // V follows K's order
   const BlockLayout layout{buf.q_offsets, buf.k_offsets, buf.mask};
-  block_sparse_attention(buf.q_perm_rows, buf.k_perm_rows, buf.v_perm_rows, layout, scale, buf.out_perm,
-                         buf.lse_perm, stream);
+  block_sparse_attention(buf.q_perm_rows, buf.k_perm_rows, buf.v_perm_rows, layout, scale, buf.out_perm, buf.lse_perm,
+                         stream);
   scatter_rows(buf.out_perm, buf.q_perm, outputs.out, stream);
   if (!outputs.lse.empty()) {
     // LSE rows as [B,H,S,1] so that the row scatter moves them too.

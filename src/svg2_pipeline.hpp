@@ -12,17 +12,17 @@ namespace sapattn::pipeline {
 // when the config has text tokens (two more on each side).
 struct Buffers {
   int64_t video_tokens = 0;
-  int q_video_clusters = 0, k_video_clusters = 0;  // Cq, Ck of the config
-  int q_clusters = 0, k_clusters = 0;              // with the text clusters
-  TensorView q_labels, k_labels;                   // [B,H,S] i32
-  TensorView q_perm, k_perm;                       // [B,H,S] i32
-  TensorView q_offsets, k_offsets;                 // [B,H,Cq+1], [B,H,Ck+1] i32
-  TensorView q_sizes, k_sizes;                     // [B,H,Cq], [B,H,Ck] i32 (video clusters)
-  TensorView mask;                                 // [B,H,Cq,Ck] u8 (with text clusters)
+  int q_video_clusters = 0, k_video_clusters = 0;    // Cq, Ck of the config
+  int q_clusters = 0, k_clusters = 0;                // with the text clusters
+  TensorView q_labels, k_labels;                     // [B,H,S] i32
+  TensorView q_perm, k_perm;                         // [B,H,S] i32
+  TensorView q_offsets, k_offsets;                   // [B,H,Cq+1], [B,H,Ck+1] i32
+  TensorView q_sizes, k_sizes;                       // [B,H,Cq], [B,H,Ck] i32 (video clusters)
+  TensorView mask;                                   // [B,H,Cq,Ck] u8 (with text clusters)
   TensorView q_perm_rows, k_perm_rows, v_perm_rows;  // [B,H,S,D], the input dtype
-  TensorView out_perm;                             // [B,H,S,D] f32
-  TensorView lse_perm;                             // [B,H,S] f32
-  Workspace op_scratch;                            // scratch the k-means and permutation ops ask for
+  TensorView out_perm;                               // [B,H,S,D] f32
+  TensorView lse_perm;                               // [B,H,S] f32
+  Workspace op_scratch;                              // scratch the k-means and permutation ops ask for
 
   // Video parts of the label tensors and the video x video block of the mask.
   TensorView q_video_labels() const { return q_labels.slice(2, 0, video_tokens); }
@@ -31,8 +31,8 @@ struct Buffers {
 };
 
 // Bytes the buffers need; with a non-null workspace, also carves them out of it.
-size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Device device,
-             const Workspace* workspace, Buffers* buffers);
+size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Device device, const Workspace* workspace,
+             Buffers* buffers);
 
 // Checks q, k, v and the outputs against one another and the config; returns the shape.
 AttentionShape check_inputs(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
@@ -40,8 +40,8 @@ AttentionShape check_inputs(const TensorView& q, const TensorView& k, const Tens
 
 // SVG2's clustering: k-means of the video queries and keys (sampled init and kmeans_iters_init on
 // a fresh branch, else a warm start with kmeans_iters_step). Sizes go to q_sizes / k_sizes.
-void cluster(const TensorView& q, const TensorView& k, const Config& config, BranchState& state,
-             Buffers& buffers, const TensorView& q_sizes, const TensorView& k_sizes, const Stream& stream);
+void cluster(const TensorView& q, const TensorView& k, const Config& config, BranchState& state, Buffers& buffers,
+             const TensorView& q_sizes, const TensorView& k_sizes, const Stream& stream);
 
 // SVG2's selection from the branch's centroids: the top-p rule into the video x video mask.
 void select(const Config& config, const BranchState& state, const TensorView& k_sizes, Buffers& buffers,

@@ -57,10 +57,14 @@ int64_t Rng::integer(int64_t lo, int64_t hi) {
 
 const char* layout_name(Layout layout) {
   switch (layout) {
-    case Layout::Contiguous: return "contiguous";
-    case Layout::Transposed: return "transposed";
-    case Layout::Padded: return "padded";
-    case Layout::TransposedPadded: return "transposed+padded";
+    case Layout::Contiguous:
+      return "contiguous";
+    case Layout::Transposed:
+      return "transposed";
+    case Layout::Padded:
+      return "padded";
+    case Layout::TransposedPadded:
+      return "transposed+padded";
   }
   return "?";
 }
@@ -73,8 +77,10 @@ HostTensor make_tensor(DType dtype, std::vector<int64_t> shape, Layout layout) {
   std::vector<int> order(r);
   std::iota(order.begin(), order.end(), 0);
   if (transposed) {
-    if (r >= 3) std::swap(order[1], order[2]);
-    else if (r == 2) std::swap(order[0], order[1]);
+    if (r >= 3)
+      std::swap(order[1], order[2]);
+    else if (r == 2)
+      std::swap(order[0], order[1]);
   }
   const int64_t pad = padded ? 3 : 0;
   std::vector<int64_t> mem_shape(r);
@@ -128,18 +134,27 @@ TensorView on_cuda(TensorView view) {
 double get(const TensorView& view, const std::array<int64_t, kMaxRank>& idx) {
   const int64_t o = view.offset(idx);
   switch (view.dtype) {
-    case DType::I32: return static_cast<const int32_t*>(view.data)[o];
-    case DType::U8: return static_cast<const uint8_t*>(view.data)[o];
-    default: return load_as_f32(view.data, view.dtype, o);
+    case DType::I32:
+      return static_cast<const int32_t*>(view.data)[o];
+    case DType::U8:
+      return static_cast<const uint8_t*>(view.data)[o];
+    default:
+      return load_as_f32(view.data, view.dtype, o);
   }
 }
 
 void set(const TensorView& view, const std::array<int64_t, kMaxRank>& idx, double value) {
   const int64_t o = view.offset(idx);
   switch (view.dtype) {
-    case DType::I32: static_cast<int32_t*>(view.data)[o] = static_cast<int32_t>(value); break;
-    case DType::U8: static_cast<uint8_t*>(view.data)[o] = static_cast<uint8_t>(value); break;
-    default: store_from_f32(view.data, view.dtype, o, static_cast<float>(value)); break;
+    case DType::I32:
+      static_cast<int32_t*>(view.data)[o] = static_cast<int32_t>(value);
+      break;
+    case DType::U8:
+      static_cast<uint8_t*>(view.data)[o] = static_cast<uint8_t>(value);
+      break;
+    default:
+      store_from_f32(view.data, view.dtype, o, static_cast<float>(value));
+      break;
   }
 }
 
@@ -153,9 +168,8 @@ std::vector<double> to_vector(const TensorView& view) {
 std::vector<int32_t> to_i32(const TensorView& view) {
   std::vector<int32_t> out;
   out.reserve(static_cast<size_t>(view.numel()));
-  for_each_index(view, [&](const std::array<int64_t, kMaxRank>& idx) {
-    out.push_back(static_cast<int32_t>(get(view, idx)));
-  });
+  for_each_index(
+      view, [&](const std::array<int64_t, kMaxRank>& idx) { out.push_back(static_cast<int32_t>(get(view, idx))); });
   return out;
 }
 
@@ -165,9 +179,7 @@ void from_vector(const TensorView& view, const std::vector<double>& values) {
 }
 
 void fill_normal(const TensorView& view, Rng& rng, double mean, double stddev) {
-  for_each_index(view, [&](const std::array<int64_t, kMaxRank>& idx) {
-    set(view, idx, mean + stddev * rng.normal());
-  });
+  for_each_index(view, [&](const std::array<int64_t, kMaxRank>& idx) { set(view, idx, mean + stddev * rng.normal()); });
 }
 
 void fill_uniform(const TensorView& view, Rng& rng, double lo, double hi) {
@@ -184,9 +196,15 @@ int64_t count_poisoned(const TensorView& view) {
   for_each_index(view, [&](const std::array<int64_t, kMaxRank>& idx) {
     const int64_t o = view.offset(idx);
     switch (view.dtype) {
-      case DType::I32: n += static_cast<const uint32_t*>(view.data)[o] == 0xABABABABu; break;
-      case DType::U8: n += static_cast<const uint8_t*>(view.data)[o] == 0xABu; break;
-      default: n += std::isnan(load_as_f32(view.data, view.dtype, o)); break;
+      case DType::I32:
+        n += static_cast<const uint32_t*>(view.data)[o] == 0xABABABABu;
+        break;
+      case DType::U8:
+        n += static_cast<const uint8_t*>(view.data)[o] == 0xABu;
+        break;
+      default:
+        n += std::isnan(load_as_f32(view.data, view.dtype, o));
+        break;
     }
   });
   return n;
@@ -253,7 +271,8 @@ std::vector<int64_t> offsets_of(const std::vector<int64_t>& sizes) {
 
 std::vector<int32_t> random_labels_with_sizes(Rng& rng, const std::vector<int64_t>& sizes) {
   std::vector<int32_t> labels;
-  for (size_t c = 0; c < sizes.size(); ++c) labels.insert(labels.end(), static_cast<size_t>(sizes[c]), static_cast<int32_t>(c));
+  for (size_t c = 0; c < sizes.size(); ++c)
+    labels.insert(labels.end(), static_cast<size_t>(sizes[c]), static_cast<int32_t>(c));
   shuffle(labels, rng);
   return labels;
 }
@@ -296,9 +315,8 @@ std::vector<double> sq_distances(const TensorView& points, const TensorView& cen
 }
 
 std::vector<double> sq_distance_error_bound(const TensorView& points, const TensorView& centroids) {
-  std::vector<double> bound = pairwise_sums(points, centroids, [](double a, double b) {
-    return (std::abs(a) + std::abs(b)) * (std::abs(a) + std::abs(b));
-  });
+  std::vector<double> bound = pairwise_sums(
+      points, centroids, [](double a, double b) { return (std::abs(a) + std::abs(b)) * (std::abs(a) + std::abs(b)); });
   for (double& b : bound) b *= static_cast<double>(points.shape[3] + 4) * kF32Eps;
   return bound;
 }
@@ -311,7 +329,8 @@ std::vector<int32_t> kmeans_assign(const TensorView& points, const TensorView& c
   for (int64_t p = 0; p < B * H * N; ++p) {
     int64_t best = 0;
     for (int64_t j = 1; j < C; ++j) {
-      if (d[static_cast<size_t>(p * C + j)] < d[static_cast<size_t>(p * C + best)]) best = j;  // strict: ties keep the lower index
+      if (d[static_cast<size_t>(p * C + j)] < d[static_cast<size_t>(p * C + best)])
+        best = j;  // strict: ties keep the lower index
     }
     labels[static_cast<size_t>(p)] = static_cast<int32_t>(best);
   }
@@ -404,8 +423,8 @@ std::vector<int64_t> rank_descending(const double* weights, int64_t n) {
   return order;
 }
 
-std::vector<uint8_t> top_p_mask(const std::vector<double>& weights, int64_t rows, int64_t cols,
-                                double top_p, int min_kept) {
+std::vector<uint8_t> top_p_mask(const std::vector<double>& weights, int64_t rows, int64_t cols, double top_p,
+                                int min_kept) {
   std::vector<uint8_t> mask(static_cast<size_t>(rows * cols), 0);
   for (int64_t r = 0; r < rows; ++r) {
     const double* w = &weights[static_cast<size_t>(r * cols)];
@@ -484,8 +503,7 @@ std::vector<double> centroid_probs(const TensorView& q_centroids, const TensorVi
   return p;
 }
 
-std::vector<double> centroid_probs_error_bound(const TensorView& q_centroids,
-                                               const TensorView& k_centroids,
+std::vector<double> centroid_probs_error_bound(const TensorView& q_centroids, const TensorView& k_centroids,
                                                const TensorView& k_sizes, double scale) {
   const int64_t B = q_centroids.shape[0], H = q_centroids.shape[1], Cq = q_centroids.shape[2];
   const int64_t D = q_centroids.shape[3], Ck = k_centroids.shape[2];
@@ -502,7 +520,8 @@ std::vector<double> centroid_probs_error_bound(const TensorView& q_centroids,
       for (int64_t j = 0; j < Ck; ++j) {
         if (n[j] <= 0) continue;
         m = std::max(m, s[row + static_cast<size_t>(j)]);
-        score_err_max = std::max(score_err_max, static_cast<double>(D + 2) * kF32Eps * abs_dot[row + static_cast<size_t>(j)]);
+        score_err_max =
+            std::max(score_err_max, static_cast<double>(D + 2) * kF32Eps * abs_dot[row + static_cast<size_t>(j)]);
       }
       for (int64_t j = 0; j < Ck; ++j) {
         const size_t o = row + static_cast<size_t>(j);
@@ -578,7 +597,8 @@ Attention naive_attention(const TensorView& q, const TensorView& k, const Tensor
       T m = -std::numeric_limits<T>::infinity();
       bool any = false;
       for (int64_t j = 0; j < Sk; ++j) {
-        use[static_cast<size_t>(j)] = token_mask == nullptr || (*token_mask)[static_cast<size_t>((bh * Sq + i) * Sk + j)] != 0;
+        use[static_cast<size_t>(j)] =
+            token_mask == nullptr || (*token_mask)[static_cast<size_t>((bh * Sq + i) * Sk + j)] != 0;
         if (!use[static_cast<size_t>(j)]) continue;
         const T* kj = &kt[static_cast<size_t>((bh * Sk + j) * D)];
         T dot = 0;
@@ -597,7 +617,8 @@ Attention naive_attention(const TensorView& q, const TensorView& k, const Tensor
         const T* vj = &vt[static_cast<size_t>((bh * Sk + j) * D)];
         for (int64_t e = 0; e < D; ++e) acc[static_cast<size_t>(e)] += p * vj[e];
       }
-      for (int64_t e = 0; e < D; ++e) r.out[static_cast<size_t>((bh * Sq + i) * D + e)] = static_cast<double>(acc[static_cast<size_t>(e)] / l);
+      for (int64_t e = 0; e < D; ++e)
+        r.out[static_cast<size_t>((bh * Sq + i) * D + e)] = static_cast<double>(acc[static_cast<size_t>(e)] / l);
       r.lse[static_cast<size_t>(bh * Sq + i)] = static_cast<double>(m + std::log(l));
     }
   }
@@ -625,8 +646,10 @@ std::vector<uint8_t> expand_block_mask(const BlockLayout& layout, int64_t Sq, in
     for (int64_t a = 0; a < Cq; ++a) {
       for (int64_t b = 0; b < Ck; ++b) {
         if (bm[static_cast<size_t>((bh * Cq + a) * Ck + b)] == 0) continue;
-        for (int64_t i = qo[static_cast<size_t>(bh * (Cq + 1) + a)]; i < qo[static_cast<size_t>(bh * (Cq + 1) + a + 1)]; ++i) {
-          for (int64_t j = ko[static_cast<size_t>(bh * (Ck + 1) + b)]; j < ko[static_cast<size_t>(bh * (Ck + 1) + b + 1)]; ++j) {
+        for (int64_t i = qo[static_cast<size_t>(bh * (Cq + 1) + a)]; i < qo[static_cast<size_t>(bh * (Cq + 1) + a + 1)];
+             ++i) {
+          for (int64_t j = ko[static_cast<size_t>(bh * (Ck + 1) + b)];
+               j < ko[static_cast<size_t>(bh * (Ck + 1) + b + 1)]; ++j) {
             tok[static_cast<size_t>((bh * Sq + i) * Sk + j)] = 1;
           }
         }
@@ -647,8 +670,10 @@ std::vector<double> block_density(const BlockLayout& layout, int64_t Sq, int64_t
     for (int64_t a = 0; a < Cq; ++a) {
       for (int64_t b = 0; b < Ck; ++b) {
         if (bm[static_cast<size_t>((bh * Cq + a) * Ck + b)] == 0) continue;
-        pairs += static_cast<double>(qo[static_cast<size_t>(bh * (Cq + 1) + a + 1)] - qo[static_cast<size_t>(bh * (Cq + 1) + a)]) *
-                 static_cast<double>(ko[static_cast<size_t>(bh * (Ck + 1) + b + 1)] - ko[static_cast<size_t>(bh * (Ck + 1) + b)]);
+        pairs += static_cast<double>(qo[static_cast<size_t>(bh * (Cq + 1) + a + 1)] -
+                                     qo[static_cast<size_t>(bh * (Cq + 1) + a)]) *
+                 static_cast<double>(ko[static_cast<size_t>(bh * (Ck + 1) + b + 1)] -
+                                     ko[static_cast<size_t>(bh * (Ck + 1) + b)]);
       }
     }
     density[static_cast<size_t>(bh)] = pairs / (static_cast<double>(Sq) * static_cast<double>(Sk));

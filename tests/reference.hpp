@@ -36,10 +36,10 @@ class Rng {
  public:
   explicit Rng(uint64_t seed) : state_(seed) {}
   uint64_t next();
-  double uniform();                        // [0, 1)
-  double uniform(double lo, double hi);    // [lo, hi)
-  double normal();                         // N(0, 1), Box-Muller
-  int64_t integer(int64_t lo, int64_t hi); // uniform in [lo, hi], inclusive
+  double uniform();                         // [0, 1)
+  double uniform(double lo, double hi);     // [lo, hi)
+  double normal();                          // N(0, 1), Box-Muller
+  int64_t integer(int64_t lo, int64_t hi);  // uniform in [lo, hi], inclusive
 
  private:
   uint64_t state_;
@@ -139,8 +139,8 @@ std::vector<double> sq_distance_error_bound(const TensorView& points, const Tens
 std::vector<int32_t> kmeans_assign(const TensorView& points, const TensorView& centroids);
 
 struct KmeansUpdate {
-  std::vector<double> centroids;    // [B,H,C,D]: mean of the labelled points, or the previous centroid
-  std::vector<int32_t> sizes;       // [B,H,C]
+  std::vector<double> centroids;  // [B,H,C,D]: mean of the labelled points, or the previous centroid
+  std::vector<int32_t> sizes;     // [B,H,C]
   // [B,H,C,D]: bound on the fp32 error of the mean: any-order fp32 sum of n terms then one division
   // (or a multiplication by a rounded 1/n): (n + 2) u sum_i |x_id| / n.
   std::vector<double> error_bound;
@@ -163,8 +163,8 @@ std::vector<double> kmeans_init(const TensorView& points, int64_t num_clusters, 
 std::vector<int64_t> rank_descending(const double* weights, int64_t n);
 
 // select_top_p on float64 weights: rows x cols, row-major. top_p >= 1 keeps every cluster.
-std::vector<uint8_t> top_p_mask(const std::vector<double>& weights, int64_t rows, int64_t cols,
-                                double top_p, int min_kept);
+std::vector<uint8_t> top_p_mask(const std::vector<double>& weights, int64_t rows, int64_t cols, double top_p,
+                                int min_kept);
 
 // SVG2's size-weighted centroid softmax P [B,H,Cq,Ck] (the row max over non-empty key clusters).
 // Rows whose key clusters are all empty are all zero.
@@ -176,8 +176,7 @@ std::vector<double> centroid_probs(const TensorView& q_centroids, const TensorVi
 // exp, the sum over Ck terms and the division add (|s_j - m| + Ck + 4) u relative error. The bound
 // is twice that sum of relative errors, times P_j: the factor 2 covers the second-order terms and a
 // libm exp of up to a few ulps.
-std::vector<double> centroid_probs_error_bound(const TensorView& q_centroids,
-                                               const TensorView& k_centroids,
+std::vector<double> centroid_probs_error_bound(const TensorView& q_centroids, const TensorView& k_centroids,
                                                const TensorView& k_sizes, double scale);
 
 // The joint-text rule on a [B,H,R,C] row-major u8 mask (R = Cq+2, C = Ck+2).

@@ -19,25 +19,28 @@
 #include <vector>
 
 #include "reference.hpp"
-#include "test_support.hpp"
 #include "sapattn/ops.hpp"
+#include "test_support.hpp"
 
 namespace {
 
 using namespace sapattn;
 using ref::HostTensor;
+using ref::Layout;
 using testing_support::case_seed;
 using testing_support::kStream;
-using ref::Layout;
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // Unit roundoff of a stored output dtype (0 for f32: the fp32 reference already rounds to fp32).
 double output_roundoff(DType t) {
   switch (t) {
-    case DType::F16: return 0x1p-11;
-    case DType::BF16: return 0x1p-8;
-    default: return 0.0;
+    case DType::F16:
+      return 0x1p-11;
+    case DType::BF16:
+      return 0x1p-8;
+    default:
+      return 0.0;
   }
 }
 // Absolute rounding floor of a stored output dtype: half the f16 subnormal spacing 2^-24.
@@ -45,7 +48,8 @@ double output_floor(DType t) { return t == DType::F16 ? 0x1p-25 : 0.0; }
 
 double max_abs(const std::vector<double>& v) {
   double m = 0.0;
-  for (double x : v) if (std::isfinite(x)) m = std::max(m, std::abs(x));
+  for (double x : v)
+    if (std::isfinite(x)) m = std::max(m, std::abs(x));
   return m;
 }
 
@@ -74,9 +78,10 @@ double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) 
     const double diff = std::abs(got[i] - w);
     worst = std::max(worst, diff / tol);
     if (!(diff <= tol)) {
-      return ::testing::AssertionFailure() << "out row " << i / static_cast<size_t>(D) << " dim " << i % static_cast<size_t>(D)
-                                           << ": " << got[i] << " vs reference " << w << " (|diff| " << diff << " > tol " << tol
-                                           << "; naive fp32 error " << err32 << ")";
+      return ::testing::AssertionFailure()
+             << "out row " << i / static_cast<size_t>(D) << " dim " << i % static_cast<size_t>(D) << ": " << got[i]
+             << " vs reference " << w << " (|diff| " << diff << " > tol " << tol << "; naive fp32 error " << err32
+             << ")";
     }
   }
   double worst_lse = 0.0;
@@ -86,14 +91,16 @@ double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) 
     const double ltol = 2.0 * lerr32 + 2.0 * 2.0 * ref::kF32Eps * max_abs(want.lse);
     for (size_t i = 0; i < l.size(); ++i) {
       if (want.lse[i] == -kInf) {
-        if (l[i] != -kInf) return ::testing::AssertionFailure() << "lse[" << i << "] = " << l[i] << " for a row with no key, not -inf";
+        if (l[i] != -kInf)
+          return ::testing::AssertionFailure() << "lse[" << i << "] = " << l[i] << " for a row with no key, not -inf";
         continue;
       }
       const double diff = std::abs(l[i] - want.lse[i]);
       worst_lse = std::max(worst_lse, diff / ltol);
       if (!(diff <= ltol)) {
-        return ::testing::AssertionFailure() << "lse[" << i << "] = " << l[i] << " vs reference " << want.lse[i] << " (|diff| "
-                                             << diff << " > tol " << ltol << "; naive fp32 error " << lerr32 << ")";
+        return ::testing::AssertionFailure()
+               << "lse[" << i << "] = " << l[i] << " vs reference " << want.lse[i] << " (|diff| " << diff << " > tol "
+               << ltol << "; naive fp32 error " << lerr32 << ")";
       }
     }
   }
@@ -106,7 +113,8 @@ double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) 
       }
     }
   }
-  if (std::getenv("SAPATTN_TEST_VERBOSE")) std::printf("    worst error / tolerance: out %.3f, lse %.3f\n", worst, worst_lse);
+  if (std::getenv("SAPATTN_TEST_VERBOSE"))
+    std::printf("    worst error / tolerance: out %.3f, lse %.3f\n", worst, worst_lse);
   return ::testing::AssertionSuccess();
 }
 
@@ -221,26 +229,37 @@ Blocks make_blocks(int64_t B, int64_t H, int64_t Sq, int64_t Sk, int64_t Cq, int
   bl.mask = ref::make_tensor(DType::U8, {B, H, Cq, Ck});
   std::vector<double> qo, ko, m;
   for (int64_t bh = 0; bh < B * H; ++bh) {
-    const std::vector<int64_t> qs = unit_clusters ? std::vector<int64_t>(static_cast<size_t>(Cq), 1) : ref::random_cluster_sizes(rng, Sq, Cq);
-    const std::vector<int64_t> ks = unit_clusters ? std::vector<int64_t>(static_cast<size_t>(Ck), 1) : ref::random_cluster_sizes(rng, Sk, Ck);
+    const std::vector<int64_t> qs =
+        unit_clusters ? std::vector<int64_t>(static_cast<size_t>(Cq), 1) : ref::random_cluster_sizes(rng, Sq, Cq);
+    const std::vector<int64_t> ks =
+        unit_clusters ? std::vector<int64_t>(static_cast<size_t>(Ck), 1) : ref::random_cluster_sizes(rng, Sk, Ck);
     for (int64_t o : ref::offsets_of(qs)) qo.push_back(static_cast<double>(o));
     for (int64_t o : ref::offsets_of(ks)) ko.push_back(static_cast<double>(o));
     std::vector<int64_t> nonempty_q, nonempty_k;
-    for (int64_t a = 0; a < Cq; ++a) if (qs[static_cast<size_t>(a)] > 0) nonempty_q.push_back(a);
-    for (int64_t b = 0; b < Ck; ++b) if (ks[static_cast<size_t>(b)] > 0) nonempty_k.push_back(b);
+    for (int64_t a = 0; a < Cq; ++a)
+      if (qs[static_cast<size_t>(a)] > 0) nonempty_q.push_back(a);
+    for (int64_t b = 0; b < Ck; ++b)
+      if (ks[static_cast<size_t>(b)] > 0) nonempty_k.push_back(b);
     std::vector<double> mb(static_cast<size_t>(Cq * Ck), 0.0);
     for (int64_t a = 0; a < Cq; ++a) {
       for (int64_t b = 0; b < Ck; ++b) {
         double keep = 0.0;
         switch (kind) {
-          case MaskKind::Random: keep = rng.uniform() < 0.35 ? 1.0 : 0.0; break;
-          case MaskKind::AllKept: keep = 1.0; break;
-          default: break;
+          case MaskKind::Random:
+            keep = rng.uniform() < 0.35 ? 1.0 : 0.0;
+            break;
+          case MaskKind::AllKept:
+            keep = 1.0;
+            break;
+          default:
+            break;
         }
         mb[static_cast<size_t>(a * Ck + b)] = keep;
       }
       if (kind == MaskKind::OneKeyClusterPerRow && !nonempty_k.empty()) {
-        mb[static_cast<size_t>(a * Ck + nonempty_k[static_cast<size_t>(rng.integer(0, static_cast<int64_t>(nonempty_k.size()) - 1))])] = 1.0;
+        mb[static_cast<size_t>(
+            a * Ck + nonempty_k[static_cast<size_t>(rng.integer(0, static_cast<int64_t>(nonempty_k.size()) - 1))])] =
+            1.0;
       }
     }
     if (kind == MaskKind::Random && nonempty_q.size() >= 2 && !nonempty_k.empty()) {
@@ -249,7 +268,9 @@ Blocks make_blocks(int64_t B, int64_t H, int64_t Sq, int64_t Sk, int64_t Cq, int
         mb[static_cast<size_t>(none * Ck + b)] = 0.0;
         mb[static_cast<size_t>(one * Ck + b)] = 0.0;
       }
-      mb[static_cast<size_t>(one * Ck + nonempty_k[static_cast<size_t>(rng.integer(0, static_cast<int64_t>(nonempty_k.size()) - 1))])] = 1.0;
+      mb[static_cast<size_t>(
+          one * Ck + nonempty_k[static_cast<size_t>(rng.integer(0, static_cast<int64_t>(nonempty_k.size()) - 1))])] =
+          1.0;
     }
     m.insert(m.end(), mb.begin(), mb.end());
   }
@@ -327,7 +348,8 @@ TEST_P(BlockSparseAttention, ThreadCountIndependent) {
   for (int threads : {2, 3}) {
     ref::poison(t.out);
     if (c.with_lse) ref::poison(t.lse);
-    block_sparse_attention(t.q.view, t.k.view, t.v.view, bl.layout(), t.scale, t.out.view, t.lse.view, Stream::cpu(threads));
+    block_sparse_attention(t.q.view, t.k.view, t.v.view, bl.layout(), t.scale, t.out.view, t.lse.view,
+                           Stream::cpu(threads));
     EXPECT_EQ(t.out.bytes(), out1) << threads << " threads";
     EXPECT_EQ(t.lse.bytes(), lse1) << threads << " threads";
   }
@@ -359,31 +381,32 @@ TEST_P(BlockSparseAttention, DensityMatchesTheDefinition) {
 
 INSTANTIATE_TEST_SUITE_P(
     Cases, BlockSparseAttention,
-    ::testing::Values(
-        SparseCase{"f32_B2H5_S333", 2, 5, 333, 333, 64, 8, 12, DType::F32, DType::F32, Layout::Contiguous,
-                   Layout::Contiguous, true, MaskKind::Random, false, 1.0},
-        SparseCase{"bf16_bshd_Sq77_Sk333_D128", 1, 2, 77, 333, 128, 5, 10, DType::BF16, DType::BF16, Layout::Transposed,
-                   Layout::Transposed, true, MaskKind::Random, false, 1.5},
-        SparseCase{"f16_S300_no_lse", 2, 3, 300, 300, 64, 6, 7, DType::F16, DType::F16, Layout::TransposedPadded,
-                   Layout::TransposedPadded, false, MaskKind::Random, false, 1.0},
-        SparseCase{"f32_H40_S33", 1, 40, 33, 33, 64, 4, 5, DType::F32, DType::F32, Layout::Transposed, Layout::Transposed,
-                   true, MaskKind::Random, false, 1.0},
-        SparseCase{"all_kept_D128", 1, 2, 200, 260, 128, 5, 6, DType::F32, DType::F32, Layout::Contiguous,
-                   Layout::Padded, true, MaskKind::AllKept, false, 1.0},
-        SparseCase{"all_kept_bf16", 2, 1, 77, 77, 64, 3, 4, DType::BF16, DType::BF16, Layout::Transposed,
-                   Layout::Transposed, true, MaskKind::AllKept, false, 1.0},
-        SparseCase{"one_key_cluster_bf16_to_f32", 2, 2, 150, 260, 64, 6, 9, DType::BF16, DType::F32, Layout::Contiguous,
-                   Layout::Transposed, true, MaskKind::OneKeyClusterPerRow, false, 1.0},
-        SparseCase{"none_kept", 1, 3, 40, 50, 64, 3, 3, DType::F16, DType::F16, Layout::Contiguous, Layout::Padded, true,
-                   MaskKind::NoneKept, false, 1.0},
-        SparseCase{"one_token_clusters", 1, 2, 40, 45, 64, 40, 45, DType::F32, DType::F32, Layout::Transposed,
-                   Layout::Contiguous, true, MaskKind::Random, true, 1.0},
-        SparseCase{"single_cluster", 2, 2, 129, 130, 128, 1, 1, DType::F16, DType::F32, Layout::Padded,
-                   Layout::Contiguous, true, MaskKind::AllKept, false, 1.0},
-        SparseCase{"odd_head_dim_27", 2, 2, 140, 210, 27, 5, 7, DType::F16, DType::F32, Layout::Transposed,
-                   Layout::Transposed, true, MaskKind::Random, false, 1.0},
-        SparseCase{"large_scores", 1, 2, 100, 190, 64, 4, 6, DType::F32, DType::F32, Layout::Contiguous,
-                   Layout::Contiguous, true, MaskKind::Random, false, 30.0}),
+    ::testing::Values(SparseCase{"f32_B2H5_S333", 2, 5, 333, 333, 64, 8, 12, DType::F32, DType::F32, Layout::Contiguous,
+                                 Layout::Contiguous, true, MaskKind::Random, false, 1.0},
+                      SparseCase{"bf16_bshd_Sq77_Sk333_D128", 1, 2, 77, 333, 128, 5, 10, DType::BF16, DType::BF16,
+                                 Layout::Transposed, Layout::Transposed, true, MaskKind::Random, false, 1.5},
+                      SparseCase{"f16_S300_no_lse", 2, 3, 300, 300, 64, 6, 7, DType::F16, DType::F16,
+                                 Layout::TransposedPadded, Layout::TransposedPadded, false, MaskKind::Random, false,
+                                 1.0},
+                      SparseCase{"f32_H40_S33", 1, 40, 33, 33, 64, 4, 5, DType::F32, DType::F32, Layout::Transposed,
+                                 Layout::Transposed, true, MaskKind::Random, false, 1.0},
+                      SparseCase{"all_kept_D128", 1, 2, 200, 260, 128, 5, 6, DType::F32, DType::F32, Layout::Contiguous,
+                                 Layout::Padded, true, MaskKind::AllKept, false, 1.0},
+                      SparseCase{"all_kept_bf16", 2, 1, 77, 77, 64, 3, 4, DType::BF16, DType::BF16, Layout::Transposed,
+                                 Layout::Transposed, true, MaskKind::AllKept, false, 1.0},
+                      SparseCase{"one_key_cluster_bf16_to_f32", 2, 2, 150, 260, 64, 6, 9, DType::BF16, DType::F32,
+                                 Layout::Contiguous, Layout::Transposed, true, MaskKind::OneKeyClusterPerRow, false,
+                                 1.0},
+                      SparseCase{"none_kept", 1, 3, 40, 50, 64, 3, 3, DType::F16, DType::F16, Layout::Contiguous,
+                                 Layout::Padded, true, MaskKind::NoneKept, false, 1.0},
+                      SparseCase{"one_token_clusters", 1, 2, 40, 45, 64, 40, 45, DType::F32, DType::F32,
+                                 Layout::Transposed, Layout::Contiguous, true, MaskKind::Random, true, 1.0},
+                      SparseCase{"single_cluster", 2, 2, 129, 130, 128, 1, 1, DType::F16, DType::F32, Layout::Padded,
+                                 Layout::Contiguous, true, MaskKind::AllKept, false, 1.0},
+                      SparseCase{"odd_head_dim_27", 2, 2, 140, 210, 27, 5, 7, DType::F16, DType::F32,
+                                 Layout::Transposed, Layout::Transposed, true, MaskKind::Random, false, 1.0},
+                      SparseCase{"large_scores", 1, 2, 100, 190, 64, 4, 6, DType::F32, DType::F32, Layout::Contiguous,
+                                 Layout::Contiguous, true, MaskKind::Random, false, 30.0}),
     [](const auto& p) { return std::string(p.param.name); });
 
 // ---------------------------------------------------------------------------------------------
@@ -406,7 +429,8 @@ TEST(AttentionErrors, BadOffsetsAreInvalidArguments) {
   const std::vector<const HostTensor*> outs = {&t.out, &t.lse};
   const int S = static_cast<int>(ErrorSetup::S);
   // Each bad offsets row goes into (b,h) = (0,1) of q_offsets or k_offsets (C = 3 or 4 clusters).
-  const std::vector<std::vector<double>> bad_q = {{1, 10, 20, S}, {0, 20, 10, S}, {0, 10, 20, S - 1}, {0, 10, 20, S + 1}, {-1, 10, 20, S}};
+  const std::vector<std::vector<double>> bad_q = {
+      {1, 10, 20, S}, {0, 20, 10, S}, {0, 10, 20, S - 1}, {0, 10, 20, S + 1}, {-1, 10, 20, S}};
   const std::vector<std::vector<double>> bad_k = {{2, 10, 20, 30, S}, {0, 10, 30, 20, S}, {0, 10, 20, 30, 39}};
   for (const auto& row : bad_q) {
     Blocks bl = s.bl;
@@ -414,8 +438,9 @@ TEST(AttentionErrors, BadOffsetsAreInvalidArguments) {
     std::vector<double> v = ref::to_vector(s.bl.q_offsets.view);
     std::copy(row.begin(), row.end(), v.begin() + 4);
     ref::from_vector(bl.q_offsets.view, v);
-    EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, outs,
-                           block_sparse_attention(t.q.view, t.k.view, t.v.view, bl.layout(), t.scale, t.out.view, t.lse.view, kStream));
+    EXPECT_ERROR_UNTOUCHED(
+        InvalidArgumentError, outs,
+        block_sparse_attention(t.q.view, t.k.view, t.v.view, bl.layout(), t.scale, t.out.view, t.lse.view, kStream));
   }
   for (const auto& row : bad_k) {
     Blocks bl = s.bl;
@@ -423,8 +448,9 @@ TEST(AttentionErrors, BadOffsetsAreInvalidArguments) {
     std::vector<double> v = ref::to_vector(s.bl.k_offsets.view);
     std::copy(row.begin(), row.end(), v.begin() + 5);
     ref::from_vector(bl.k_offsets.view, v);
-    EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, outs,
-                           block_sparse_attention(t.q.view, t.k.view, t.v.view, bl.layout(), t.scale, t.out.view, t.lse.view, kStream));
+    EXPECT_ERROR_UNTOUCHED(
+        InvalidArgumentError, outs,
+        block_sparse_attention(t.q.view, t.k.view, t.v.view, bl.layout(), t.scale, t.out.view, t.lse.view, kStream));
   }
 }
 
@@ -433,7 +459,8 @@ TEST(AttentionErrors, DensityRejectsOffsetsOutOfRange) {
   // 0 or that decrease are values out of range ("offsets" in ops.hpp's errors paragraph).
   ErrorSetup s;
   const int S = static_cast<int>(ErrorSetup::S);
-  for (const std::vector<double>& row : {std::vector<double>{2, 10, 20, 30, S}, std::vector<double>{0, 10, 30, 20, S}}) {
+  for (const std::vector<double>& row :
+       {std::vector<double>{2, 10, 20, 30, S}, std::vector<double>{0, 10, 30, 20, S}}) {
     Blocks bl = s.bl;
     bl.k_offsets = ref::make_tensor(DType::I32, {1, 2, 5});
     std::vector<double> v = ref::to_vector(s.bl.k_offsets.view);
@@ -464,24 +491,41 @@ TEST(AttentionErrors, ShapeErrors) {
   ref::poison(lse_s);
   ref::poison(lse_4);
   const BlockLayout L = s.bl.layout();
-  EXPECT_ERROR_UNTOUCHED(ShapeError, outs, dense_attention(t.q.view, k_d.view, t.v.view, t.scale, t.out.view, t.lse.view, kStream));
-  EXPECT_ERROR_UNTOUCHED(ShapeError, outs, dense_attention(t.q.view, t.k.view, v_s.view, t.scale, t.out.view, t.lse.view, kStream));
-  EXPECT_ERROR_UNTOUCHED(ShapeError, outs, dense_attention(t.q.view, t.k.view, v_d.view, t.scale, t.out.view, t.lse.view, kStream));
-  EXPECT_ERROR_UNTOUCHED(ShapeError, outs, dense_attention(t.q.view, k_h.view, t.v.view, t.scale, t.out.view, t.lse.view, kStream));
-  EXPECT_ERROR_UNTOUCHED(ShapeError, {&out_s}, dense_attention(t.q.view, t.k.view, t.v.view, t.scale, out_s.view, t.lse.view, kStream));
-  EXPECT_ERROR_UNTOUCHED(ShapeError, {&lse_s}, dense_attention(t.q.view, t.k.view, t.v.view, t.scale, t.out.view, lse_s.view, kStream));
-  EXPECT_ERROR_UNTOUCHED(ShapeError, {&lse_4}, dense_attention(t.q.view, t.k.view, t.v.view, t.scale, t.out.view, lse_4.view, kStream));
-  EXPECT_ERROR_UNTOUCHED(ShapeError, outs, dense_attention(q_rank3.view, t.k.view, t.v.view, t.scale, t.out.view, t.lse.view, kStream));
-  EXPECT_ERROR_UNTOUCHED(ShapeError, outs, block_sparse_attention(t.q.view, k_d.view, t.v.view, L, t.scale, t.out.view, t.lse.view, kStream));
-  EXPECT_ERROR_UNTOUCHED(ShapeError, outs, block_sparse_attention(t.q.view, t.k.view, v_s.view, L, t.scale, t.out.view, t.lse.view, kStream));
-  EXPECT_ERROR_UNTOUCHED(ShapeError, {&out_s}, block_sparse_attention(t.q.view, t.k.view, t.v.view, L, t.scale, out_s.view, t.lse.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(ShapeError, outs,
+                         dense_attention(t.q.view, k_d.view, t.v.view, t.scale, t.out.view, t.lse.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(ShapeError, outs,
+                         dense_attention(t.q.view, t.k.view, v_s.view, t.scale, t.out.view, t.lse.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(ShapeError, outs,
+                         dense_attention(t.q.view, t.k.view, v_d.view, t.scale, t.out.view, t.lse.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(ShapeError, outs,
+                         dense_attention(t.q.view, k_h.view, t.v.view, t.scale, t.out.view, t.lse.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(ShapeError, {&out_s},
+                         dense_attention(t.q.view, t.k.view, t.v.view, t.scale, out_s.view, t.lse.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(ShapeError, {&lse_s},
+                         dense_attention(t.q.view, t.k.view, t.v.view, t.scale, t.out.view, lse_s.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(ShapeError, {&lse_4},
+                         dense_attention(t.q.view, t.k.view, t.v.view, t.scale, t.out.view, lse_4.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(ShapeError, outs,
+                         dense_attention(q_rank3.view, t.k.view, t.v.view, t.scale, t.out.view, t.lse.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(
+      ShapeError, outs,
+      block_sparse_attention(t.q.view, k_d.view, t.v.view, L, t.scale, t.out.view, t.lse.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(
+      ShapeError, outs,
+      block_sparse_attention(t.q.view, t.k.view, v_s.view, L, t.scale, t.out.view, t.lse.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(
+      ShapeError, {&out_s},
+      block_sparse_attention(t.q.view, t.k.view, t.v.view, L, t.scale, out_s.view, t.lse.view, kStream));
   // Mask extents that do not match the offsets' cluster counts.
-  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{ErrorSetup::Cq, ErrorSetup::Ck + 1}, {ErrorSetup::Cq + 1, ErrorSetup::Ck},
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{ErrorSetup::Cq, ErrorSetup::Ck + 1},
+                            {ErrorSetup::Cq + 1, ErrorSetup::Ck},
                             {ErrorSetup::Ck, ErrorSetup::Cq}}) {
     Blocks bl = s.bl;
     bl.mask = ref::make_tensor(DType::U8, {B, H, rows, cols});
     ref::from_vector(bl.mask.view, std::vector<double>(static_cast<size_t>(B * H * rows * cols), 1.0));
-    EXPECT_ERROR_UNTOUCHED(ShapeError, outs, block_sparse_attention(t.q.view, t.k.view, t.v.view, bl.layout(), t.scale, t.out.view, t.lse.view, kStream));
+    EXPECT_ERROR_UNTOUCHED(
+        ShapeError, outs,
+        block_sparse_attention(t.q.view, t.k.view, t.v.view, bl.layout(), t.scale, t.out.view, t.lse.view, kStream));
     HostTensor density = ref::make_tensor(DType::F32, {B, H});
     ref::poison(density);
     EXPECT_ERROR_UNTOUCHED(ShapeError, {&density}, block_density(bl.layout(), density.view, kStream));
@@ -490,7 +534,9 @@ TEST(AttentionErrors, ShapeErrors) {
   {
     Blocks bl = s.bl;
     bl.q_offsets = ref::make_tensor(DType::I32, {B, H + 1, ErrorSetup::Cq + 1});
-    EXPECT_ERROR_UNTOUCHED(ShapeError, outs, block_sparse_attention(t.q.view, t.k.view, t.v.view, bl.layout(), t.scale, t.out.view, t.lse.view, kStream));
+    EXPECT_ERROR_UNTOUCHED(
+        ShapeError, outs,
+        block_sparse_attention(t.q.view, t.k.view, t.v.view, bl.layout(), t.scale, t.out.view, t.lse.view, kStream));
   }
   HostTensor density_t = ref::make_tensor(DType::F32, {H, B});
   HostTensor density_3 = ref::make_tensor(DType::F32, {B, H, 1});
@@ -512,23 +558,36 @@ TEST(AttentionErrors, DTypeErrors) {
   ref::poison(out_i32);
   ref::poison(lse_f16);
   const BlockLayout L = s.bl.layout();
-  EXPECT_ERROR_UNTOUCHED(DTypeError, outs, dense_attention(q_i32.view, t.k.view, t.v.view, t.scale, t.out.view, t.lse.view, kStream));
-  EXPECT_ERROR_UNTOUCHED(DTypeError, outs, dense_attention(t.q.view, t.k.view, v_u8.view, t.scale, t.out.view, t.lse.view, kStream));
-  EXPECT_ERROR_UNTOUCHED(DTypeError, {&out_i32}, dense_attention(t.q.view, t.k.view, t.v.view, t.scale, out_i32.view, t.lse.view, kStream));
-  EXPECT_ERROR_UNTOUCHED(DTypeError, {&lse_f16}, dense_attention(t.q.view, t.k.view, t.v.view, t.scale, t.out.view, lse_f16.view, kStream));
-  EXPECT_ERROR_UNTOUCHED(DTypeError, outs, block_sparse_attention(q_i32.view, t.k.view, t.v.view, L, t.scale, t.out.view, t.lse.view, kStream));
-  EXPECT_ERROR_UNTOUCHED(DTypeError, {&out_i32}, block_sparse_attention(t.q.view, t.k.view, t.v.view, L, t.scale, out_i32.view, t.lse.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(DTypeError, outs,
+                         dense_attention(q_i32.view, t.k.view, t.v.view, t.scale, t.out.view, t.lse.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(DTypeError, outs,
+                         dense_attention(t.q.view, t.k.view, v_u8.view, t.scale, t.out.view, t.lse.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(DTypeError, {&out_i32},
+                         dense_attention(t.q.view, t.k.view, t.v.view, t.scale, out_i32.view, t.lse.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(DTypeError, {&lse_f16},
+                         dense_attention(t.q.view, t.k.view, t.v.view, t.scale, t.out.view, lse_f16.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(
+      DTypeError, outs,
+      block_sparse_attention(q_i32.view, t.k.view, t.v.view, L, t.scale, t.out.view, t.lse.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(
+      DTypeError, {&out_i32},
+      block_sparse_attention(t.q.view, t.k.view, t.v.view, L, t.scale, out_i32.view, t.lse.view, kStream));
   {
     Blocks bl = s.bl;
     bl.mask = ref::make_tensor(DType::I32, {B, H, ErrorSetup::Cq, ErrorSetup::Ck});
-    ref::from_vector(bl.mask.view, std::vector<double>(static_cast<size_t>(B * H * ErrorSetup::Cq * ErrorSetup::Ck), 1.0));
-    EXPECT_ERROR_UNTOUCHED(DTypeError, outs, block_sparse_attention(t.q.view, t.k.view, t.v.view, bl.layout(), t.scale, t.out.view, t.lse.view, kStream));
+    ref::from_vector(bl.mask.view,
+                     std::vector<double>(static_cast<size_t>(B * H * ErrorSetup::Cq * ErrorSetup::Ck), 1.0));
+    EXPECT_ERROR_UNTOUCHED(
+        DTypeError, outs,
+        block_sparse_attention(t.q.view, t.k.view, t.v.view, bl.layout(), t.scale, t.out.view, t.lse.view, kStream));
   }
   {
     Blocks bl = s.bl;
     bl.k_offsets = ref::make_tensor(DType::F32, {B, H, ErrorSetup::Ck + 1});
     ref::from_vector(bl.k_offsets.view, ref::to_vector(s.bl.k_offsets.view));
-    EXPECT_ERROR_UNTOUCHED(DTypeError, outs, block_sparse_attention(t.q.view, t.k.view, t.v.view, bl.layout(), t.scale, t.out.view, t.lse.view, kStream));
+    EXPECT_ERROR_UNTOUCHED(
+        DTypeError, outs,
+        block_sparse_attention(t.q.view, t.k.view, t.v.view, bl.layout(), t.scale, t.out.view, t.lse.view, kStream));
     HostTensor density = ref::make_tensor(DType::F32, {B, H});
     ref::poison(density);
     EXPECT_ERROR_UNTOUCHED(DTypeError, {&density}, block_density(bl.layout(), density.view, kStream));
@@ -544,13 +603,22 @@ TEST(AttentionErrors, CudaTensorsAreUnsupported) {
   const std::vector<const HostTensor*> outs = {&t.out, &t.lse};
   const Stream cuda{Device::cuda(0), nullptr, 0};
   BlockLayout L = s.bl.layout();
-  EXPECT_ERROR_UNTOUCHED(UnsupportedError, outs, dense_attention(ref::on_cuda(t.q.view), t.k.view, t.v.view, t.scale, t.out.view, t.lse.view, kStream));
-  EXPECT_ERROR_UNTOUCHED(UnsupportedError, outs, dense_attention(t.q.view, t.k.view, t.v.view, t.scale, t.out.view, ref::on_cuda(t.lse.view), kStream));
-  EXPECT_ERROR_UNTOUCHED(UnsupportedError, outs, dense_attention(t.q.view, t.k.view, t.v.view, t.scale, t.out.view, t.lse.view, cuda));
-  EXPECT_ERROR_UNTOUCHED(UnsupportedError, outs, block_sparse_attention(t.q.view, t.k.view, ref::on_cuda(t.v.view), L, t.scale, t.out.view, t.lse.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(
+      UnsupportedError, outs,
+      dense_attention(ref::on_cuda(t.q.view), t.k.view, t.v.view, t.scale, t.out.view, t.lse.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(
+      UnsupportedError, outs,
+      dense_attention(t.q.view, t.k.view, t.v.view, t.scale, t.out.view, ref::on_cuda(t.lse.view), kStream));
+  EXPECT_ERROR_UNTOUCHED(UnsupportedError, outs,
+                         dense_attention(t.q.view, t.k.view, t.v.view, t.scale, t.out.view, t.lse.view, cuda));
+  EXPECT_ERROR_UNTOUCHED(
+      UnsupportedError, outs,
+      block_sparse_attention(t.q.view, t.k.view, ref::on_cuda(t.v.view), L, t.scale, t.out.view, t.lse.view, kStream));
   BlockLayout Lc = L;
   Lc.mask = ref::on_cuda(L.mask);
-  EXPECT_ERROR_UNTOUCHED(UnsupportedError, outs, block_sparse_attention(t.q.view, t.k.view, t.v.view, Lc, t.scale, t.out.view, t.lse.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(
+      UnsupportedError, outs,
+      block_sparse_attention(t.q.view, t.k.view, t.v.view, Lc, t.scale, t.out.view, t.lse.view, kStream));
   HostTensor density = ref::make_tensor(DType::F32, {1, 2});
   ref::poison(density);
   EXPECT_ERROR_UNTOUCHED(UnsupportedError, {&density}, block_density(Lc, density.view, kStream));

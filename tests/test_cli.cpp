@@ -164,8 +164,7 @@ TEST(Cli, BadInputFilesExitWithTwo) {
   Tensor nan = random_tensor(DType::F32, {1, 2, 64, 32}, 2);
   nan.data_as<float>()[77] = NAN;
   io::write_npy(d + "/nan.npy", nan.view());
-  expect_one_line_error(run("eval --q " + d + "/nan.npy --k " + d + "/good.npy --v " + d + "/good.npy"),
-                        "non-finite");
+  expect_one_line_error(run("eval --q " + d + "/nan.npy --k " + d + "/good.npy --v " + d + "/good.npy"), "non-finite");
   // Mismatched shapes.
   io::write_npy(d + "/short.npy", random_tensor(DType::F32, {1, 2, 63, 32}, 3).view());
   expect_one_line_error(run("eval --q " + d + "/good.npy --k " + d + "/short.npy --v " + d + "/short.npy"), "k dim 2");

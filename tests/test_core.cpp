@@ -28,10 +28,10 @@ TEST(DType, F16RoundsToNearestEven) {
   // 1 + 2^-11 lies halfway between 1 and the next half (1 + 2^-10): ties go to the even mantissa (1).
   EXPECT_EQ(f32_to_f16(1.0f + std::ldexp(1.0f, -11)), 0x3c00);
   EXPECT_EQ(f32_to_f16(1.0f + 3 * std::ldexp(1.0f, -11)), 0x3c02);
-  EXPECT_EQ(f32_to_f16(65504.0f), 0x7bff);                 // largest half
-  EXPECT_EQ(f32_to_f16(65520.0f), 0x7c00);                 // rounds past it: Inf
-  EXPECT_EQ(f32_to_f16(std::ldexp(1.0f, -24)), 0x0001);    // smallest subnormal
-  EXPECT_EQ(f32_to_f16(std::ldexp(1.0f, -26)), 0x0000);    // below half of it: zero
+  EXPECT_EQ(f32_to_f16(65504.0f), 0x7bff);               // largest half
+  EXPECT_EQ(f32_to_f16(65520.0f), 0x7c00);               // rounds past it: Inf
+  EXPECT_EQ(f32_to_f16(std::ldexp(1.0f, -24)), 0x0001);  // smallest subnormal
+  EXPECT_EQ(f32_to_f16(std::ldexp(1.0f, -26)), 0x0000);  // below half of it: zero
   EXPECT_EQ(f32_to_f16(-2.0f), 0xc000);
 }
 

@@ -30,9 +30,7 @@ std::vector<std::byte> to_bytes(std::string_view s) {
   return {p, p + s.size()};
 }
 
-std::string to_string(const std::vector<std::byte>& b) {
-  return {reinterpret_cast<const char*>(b.data()), b.size()};
-}
+std::string to_string(const std::vector<std::byte>& b) { return {reinterpret_cast<const char*>(b.data()), b.size()}; }
 
 // Seeded values in [-4, 4) stored in `dtype` (rounded for the 16-bit types).
 Tensor random_tensor(DType dtype, std::vector<int64_t> shape, uint32_t seed) {
@@ -53,8 +51,8 @@ std::string random_bytes(size_t n, uint32_t seed) {
 // Same dtype, shape and bits.
 ::testing::AssertionResult SameTensor(const Tensor& a, const Tensor& b) {
   if (a.dtype() != b.dtype()) {
-    return ::testing::AssertionFailure()
-           << "dtype " << sapattn::dtype_name(a.dtype()) << " vs " << sapattn::dtype_name(b.dtype());
+    return ::testing::AssertionFailure() << "dtype " << sapattn::dtype_name(a.dtype()) << " vs "
+                                         << sapattn::dtype_name(b.dtype());
   }
   if (a.shape() != b.shape()) {
     return ::testing::AssertionFailure() << "shape " << a.view().describe() << " vs " << b.view().describe();
@@ -111,8 +109,7 @@ std::string npy_file(std::string_view dict, const std::string& data, int major =
 constexpr std::string_view kDict23 = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }";
 
 TEST(NpyRoundTrip, F32AndF16AcrossShapes) {
-  const std::vector<std::vector<int64_t>> shapes = {{},           {0},       {7},         {3, 4},
-                                                    {2, 3, 5, 7}, {4, 0, 2}, {1, 1, 1, 1}};
+  const std::vector<std::vector<int64_t>> shapes = {{}, {0}, {7}, {3, 4}, {2, 3, 5, 7}, {4, 0, 2}, {1, 1, 1, 1}};
   uint32_t seed = 1;
   for (DType dtype : {DType::F32, DType::F16}) {
     for (const auto& shape : shapes) {
@@ -173,8 +170,8 @@ TEST(NpyFormat, WriterIsByteIdenticalToNumpy) {
   const std::vector<float> values = {1.5f, -2.25f, 0.125f, 3.0f, -0.5f, 100.0f};
   Tensor t(DType::F32, {2, 3});
   std::memcpy(t.data(), values.data(), t.bytes());
-  const std::string expected = "\x93NUMPY\x01\x00\x76\x00"s + std::string(kDict23) + std::string(58, ' ') +
-                               "\n" + "\x00\x00\xc0\x3f\x00\x00\x10\xc0\x00\x00\x00\x3e"s +
+  const std::string expected = "\x93NUMPY\x01\x00\x76\x00"s + std::string(kDict23) + std::string(58, ' ') + "\n" +
+                               "\x00\x00\xc0\x3f\x00\x00\x10\xc0\x00\x00\x00\x3e"s +
                                "\x00\x00\x40\x40\x00\x00\x00\xbf\x00\x00\xc8\x42"s;
   EXPECT_EQ(to_string(io::serialize_npy(t.view())), expected);
 
@@ -191,9 +188,8 @@ TEST(NpyFormat, WriterIsByteIdenticalToNumpy) {
   Tensor s(DType::F32, {});
   *s.data_as<float>() = -7.0f;
   const std::string dict0 = "{'descr': '<f4', 'fortran_order': False, 'shape': (), }";
-  EXPECT_EQ(to_string(io::serialize_npy(s.view())), "\x93NUMPY\x01\x00\x76\x00"s + dict0 +
-                                                        std::string(117 - dict0.size(), ' ') + "\n" +
-                                                        "\x00\x00\xe0\xc0"s);
+  EXPECT_EQ(to_string(io::serialize_npy(s.view())),
+            "\x93NUMPY\x01\x00\x76\x00"s + dict0 + std::string(117 - dict0.size(), ' ') + "\n" + "\x00\x00\xe0\xc0"s);
 }
 
 TEST(NpyFormat, AcceptsVersions2And3AndLooseSyntax) {
@@ -218,8 +214,8 @@ TEST(NpyFormat, AcceptsVersions2And3AndLooseSyntax) {
 
 TEST(NpyFormat, AcceptsScalarAndEmptyArrays) {
   // Rank 0 is accepted: np.save(np.float32(x)) writes it and Tensor has rank 0.
-  const Tensor s = io::parse_npy(
-      to_bytes(npy_file("{'descr': '<f2', 'fortran_order': False, 'shape': (), }", "\x00\x3c"s)));
+  const Tensor s =
+      io::parse_npy(to_bytes(npy_file("{'descr': '<f2', 'fortran_order': False, 'shape': (), }", "\x00\x3c"s)));
   EXPECT_EQ(s.dtype(), DType::F16);
   EXPECT_TRUE(s.shape().empty());
   EXPECT_EQ(*s.data_as<uint16_t>(), 0x3c00);
@@ -266,17 +262,13 @@ TEST(NpyErrors, HeaderSyntax) {
   EXPECT_TRUE(NpyRejects(npy_file("{'descr': '<f4', 'shape': (2, 3), }", data), "'fortran_order'"));
   EXPECT_TRUE(NpyRejects(npy_file("{'fortran_order': False, 'shape': (2, 3), }", data), "'descr'"));
   EXPECT_TRUE(NpyRejects(npy_file("{'descr': '<f4', 'fortran_order': False, }", data), "'shape'"));
-  EXPECT_TRUE(
-      NpyRejects(npy_file("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), 'x': 1, }", data),
-                 "unexpected key 'x'"));
-  EXPECT_TRUE(NpyRejects(
-      npy_file("{'descr': '<f4', 'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }", data),
-      "twice"));
-  EXPECT_TRUE(
-      NpyRejects(npy_file("{'descr': '<f4', 'fortran_order': 0, 'shape': (2, 3), }", data), "True or False"));
+  EXPECT_TRUE(NpyRejects(npy_file("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), 'x': 1, }", data),
+                         "unexpected key 'x'"));
+  EXPECT_TRUE(NpyRejects(npy_file("{'descr': '<f4', 'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }", data),
+                         "twice"));
+  EXPECT_TRUE(NpyRejects(npy_file("{'descr': '<f4', 'fortran_order': 0, 'shape': (2, 3), }", data), "True or False"));
   EXPECT_TRUE(NpyRejects(npy_file("{'descr': '<f4, 'fortran_order': False, 'shape': (2, 3), }", data)));
-  EXPECT_TRUE(NpyRejects(npy_file("{'descr': '\\x3cf4', 'fortran_order': False, 'shape': (2, 3), }", data),
-                         "escapes"));
+  EXPECT_TRUE(NpyRejects(npy_file("{'descr': '\\x3cf4', 'fortran_order': False, 'shape': (2, 3), }", data), "escapes"));
 }
 
 TEST(NpyErrors, UnsupportedDescr) {
@@ -294,9 +286,8 @@ TEST(NpyErrors, UnsupportedDescr) {
 }
 
 TEST(NpyErrors, FortranOrder) {
-  EXPECT_TRUE(
-      NpyRejects(npy_file("{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3), }", random_bytes(24, 61)),
-                 "np.ascontiguousarray"));
+  EXPECT_TRUE(NpyRejects(npy_file("{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3), }", random_bytes(24, 61)),
+                         "np.ascontiguousarray"));
 }
 
 TEST(NpyErrors, BadShapes) {
@@ -394,8 +385,7 @@ TEST(SafetensorsRoundTrip, TransposedViewWithNonUnitInnerStride) {
   const Tensor back = io::parse_safetensors(io::serialize_safetensors({{"t", transposed}})).at("t");
   ASSERT_EQ(back.shape(), (std::vector<int64_t>{5, 3}));
   for (int64_t i = 0; i < 5; ++i) {
-    for (int64_t j = 0; j < 3; ++j)
-      ASSERT_EQ(back.data_as<float>()[i * 3 + j], memory.data_as<float>()[j * 5 + i]);
+    for (int64_t j = 0; j < 3; ++j) ASSERT_EQ(back.data_as<float>()[i * 3 + j], memory.data_as<float>()[j * 5 + i]);
   }
 }
 
@@ -413,9 +403,8 @@ TEST(SafetensorsWriter, HeaderLayoutAndOrder) {
       "{\"b\":{\"dtype\":\"BF16\",\"shape\":[4],\"data_offsets\":[0,8]},"
       "\"a\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[8,32]}}";
   const std::string padded = header + std::string((8 - header.size() % 8) % 8, ' ');
-  const std::string expected =
-      safetensors_file(padded, std::string(static_cast<const char*>(b.data()), 8) +
-                                   std::string(static_cast<const char*>(a.data()), 24));
+  const std::string expected = safetensors_file(
+      padded, std::string(static_cast<const char*>(b.data()), 8) + std::string(static_cast<const char*>(a.data()), 24));
   EXPECT_EQ(padded.size() % 8, 0u);
   EXPECT_EQ(to_string(file), expected);
 }
@@ -450,9 +439,8 @@ TEST(SafetensorsFormat, ParsesHandWrittenFile) {
   EXPECT_EQ(sapattn::bf16_to_f32(*b.data_as<uint16_t>()), 1.0f);
   // A surrogate pair decodes to one 4-byte UTF-8 character (U+1F600).
   const std::string emoji = R"({"\ud83d\ude00":{"dtype":"F32","shape":[],"data_offsets":[0,4]}})";
-  EXPECT_EQ(
-      io::parse_safetensors(to_bytes(safetensors_file(emoji, "\x00\x00\x80\x3f"s))).count("\xf0\x9f\x98\x80"),
-      1u);
+  EXPECT_EQ(io::parse_safetensors(to_bytes(safetensors_file(emoji, "\x00\x00\x80\x3f"s))).count("\xf0\x9f\x98\x80"),
+            1u);
 }
 
 TEST(SafetensorsErrors, Preamble) {
@@ -492,8 +480,7 @@ TEST(SafetensorsErrors, JsonSyntax) {
   EXPECT_TRUE(rejects("{\"x\xff\":" + entry + "}", "invalid UTF-8"));
   EXPECT_TRUE(rejects("{\"x\xc0\xaf\":" + entry + "}", "invalid UTF-8"));  // overlong '/'
   EXPECT_TRUE(rejects(R"({"x":)" + entry + R"(,"x":)" + entry + "}", "duplicate key \"x\""));
-  EXPECT_TRUE(
-      rejects(R"({"x":{"dtype":"F32","dtype":"F32","shape":[1],"data_offsets":[0,4]}})", "duplicate"));
+  EXPECT_TRUE(rejects(R"({"x":{"dtype":"F32","dtype":"F32","shape":[1],"data_offsets":[0,4]}})", "duplicate"));
   EXPECT_TRUE(rejects(R"({"x":)" + entry + "} {}", "after the JSON value"));
   EXPECT_TRUE(rejects(R"({"x":)" + entry + ",}", "expected a string key"));
   EXPECT_TRUE(rejects(R"({"x":{"dtype":"F32","shape":[01],"data_offsets":[0,4]}})", "leading zero"));
@@ -526,8 +513,7 @@ TEST(SafetensorsErrors, BadEntries) {
   EXPECT_TRUE(rejects(R"({"x":{"dtype":"F32","shape":[1,1,1,1,1],"data_offsets":[0,4]}})", "rank 5"));
   EXPECT_TRUE(rejects(R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,2,4]}})", "[begin, end]"));
   EXPECT_TRUE(rejects(R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,null]}})", "integer"));
-  EXPECT_TRUE(
-      rejects(R"({"x":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]}})", "int64"));
+  EXPECT_TRUE(rejects(R"({"x":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]}})", "int64"));
   const std::string entry = R"("x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]})";
   EXPECT_TRUE(rejects(R"({"__metadata__":[],)" + entry + "}", "\"__metadata__\" must be an object"));
   EXPECT_TRUE(rejects(R"({"__metadata__":{"a":1},)" + entry + "}", "must be a string"));
@@ -583,11 +569,7 @@ TEST(SafetensorsWriter, RejectsBadNamesAndDtypes) {
       "UTF-8"));
   Tensor i32(DType::I32, {2});
   std::memset(i32.data(), 0x33, i32.bytes());
-  EXPECT_TRUE(Throws<sapattn::DTypeError>(
-      [&] {
-        io::serialize_safetensors(Views{{"i", i32.view()}});
-      },
-      "i32"));
+  EXPECT_TRUE(Throws<sapattn::DTypeError>([&] { io::serialize_safetensors(Views{{"i", i32.view()}}); }, "i32"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -596,9 +578,8 @@ TEST(SafetensorsWriter, RejectsBadNamesAndDtypes) {
 class IoFiles : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = std::filesystem::temp_directory_path() /
-           ("sapattn_test_io_" + std::to_string(::getpid()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    dir_ = std::filesystem::temp_directory_path() / ("sapattn_test_io_" + std::to_string(::getpid()) + "_" +
+                                                     ::testing::UnitTest::GetInstance()->current_test_info()->name());
     std::filesystem::create_directories(dir_);
   }
   void TearDown() override {
@@ -640,8 +621,7 @@ TEST_F(IoFiles, MissingFilesAreIoErrors) {
   const std::string missing = path("missing.npy");
   EXPECT_TRUE(Throws<sapattn::IoError>([&] { io::read_npy(missing); }, missing));
   EXPECT_TRUE(Throws<sapattn::IoError>([&] { io::read_npy(missing); }, "No such file"));
-  EXPECT_TRUE(
-      Throws<sapattn::IoError>([&] { io::read_safetensors(path("missing.safetensors")); }, "missing"));
+  EXPECT_TRUE(Throws<sapattn::IoError>([&] { io::read_safetensors(path("missing.safetensors")); }, "missing"));
   EXPECT_TRUE(Throws<sapattn::IoError>([&] { io::read_tensor(missing, "x"); }, missing));
   // A directory opens but cannot be read.
   EXPECT_TRUE(Throws<sapattn::IoError>([&] { io::read_npy(dir_.string()); }, "cannot read"));
@@ -726,10 +706,8 @@ TEST(Mutation, SafetensorsParsesOrThrowsFormatError) {
   const std::string valid =
       to_string(io::serialize_safetensors({{"alpha", a.view()}, {"b\xc3\xa9ta", b.view()}, {"c", c.view()}}));
   size_t header_size = 0;
-  for (int i = 0; i < 8; ++i)
-    header_size |= static_cast<size_t>(static_cast<unsigned char>(valid[i])) << (8 * i);
-  sweep(valid, 8 + header_size, 224,
-        [](const std::vector<std::byte>& bytes) { io::parse_safetensors(bytes); });
+  for (int i = 0; i < 8; ++i) header_size |= static_cast<size_t>(static_cast<unsigned char>(valid[i])) << (8 * i);
+  sweep(valid, 8 + header_size, 224, [](const std::vector<std::byte>& bytes) { io::parse_safetensors(bytes); });
 }
 
 }  // namespace

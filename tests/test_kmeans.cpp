@@ -10,16 +10,16 @@
 #include <vector>
 
 #include "reference.hpp"
-#include "test_support.hpp"
 #include "sapattn/ops.hpp"
+#include "test_support.hpp"
 
 namespace {
 
 using namespace sapattn;
 using ref::HostTensor;
+using ref::Layout;
 using testing_support::case_seed;
 using testing_support::kStream;
-using ref::Layout;
 
 struct Shape {
   int64_t B, H, N, D, C;
@@ -29,8 +29,8 @@ struct Shape {
 
 std::string describe(const Shape& s) {
   return "B=" + std::to_string(s.B) + " H=" + std::to_string(s.H) + " N=" + std::to_string(s.N) +
-         " D=" + std::to_string(s.D) + " C=" + std::to_string(s.C) + " " + std::string(dtype_name(s.dtype)) +
-         " " + ref::layout_name(s.layout);
+         " D=" + std::to_string(s.D) + " C=" + std::to_string(s.C) + " " + std::string(dtype_name(s.dtype)) + " " +
+         ref::layout_name(s.layout);
 }
 
 struct Kmeans {
@@ -94,14 +94,15 @@ bool same_bytes(const HostTensor& a, const HostTensor& b) {
   int64_t ties = 0;
   for (size_t p = 0; p < labels.size(); ++p) {
     const int32_t l = labels[p];
-    if (l < 0 || l >= C) return ::testing::AssertionFailure() << "point " << p << ": label " << l << " outside [0," << C << ")";
+    if (l < 0 || l >= C)
+      return ::testing::AssertionFailure() << "point " << p << ": label " << l << " outside [0," << C << ")";
     const int32_t r = exact[p];
     if (l == r) continue;
     const double gap = d[p * C + l] - d[p * C + r];
     if (gap > e[p * C + l] + e[p * C + r]) {
       return ::testing::AssertionFailure() << "point " << p << ": label " << l << " at distance " << d[p * C + l]
-                                           << " but centroid " << r << " is at " << d[p * C + r]
-                                           << " (gap " << gap << " > rounding bound " << e[p * C + l] + e[p * C + r] << ")";
+                                           << " but centroid " << r << " is at " << d[p * C + r] << " (gap " << gap
+                                           << " > rounding bound " << e[p * C + l] + e[p * C + r] << ")";
     }
     ++ties;
   }
@@ -111,8 +112,7 @@ bool same_bytes(const HostTensor& a, const HostTensor& b) {
 // sizes count the labels; every non-empty centroid is the mean of its labelled points within the
 // fp32 summation bound (ref::KmeansUpdate::error_bound).
 ::testing::AssertionResult centroids_are_means(const TensorView& points, const TensorView& centroids,
-                                               const std::vector<int32_t>& labels,
-                                               const std::vector<int32_t>& sizes) {
+                                               const std::vector<int32_t>& labels, const std::vector<int32_t>& sizes) {
   const int64_t C = centroids.shape[2], D = centroids.shape[3];
   const ref::KmeansUpdate want = ref::kmeans_update(points, labels, centroids);
   if (sizes != want.sizes) return ::testing::AssertionFailure() << "sizes do not count the labels";
@@ -121,10 +121,10 @@ bool same_bytes(const HostTensor& a, const HostTensor& b) {
     const size_t cluster = o / static_cast<size_t>(D);
     if (want.sizes[cluster] == 0) continue;
     if (!(std::abs(got[o] - want.centroids[o]) <= want.error_bound[o])) {
-      return ::testing::AssertionFailure() << "centroid " << cluster % static_cast<size_t>(C) << " of (b,h) "
-                                           << cluster / static_cast<size_t>(C) << " dim " << o % static_cast<size_t>(D)
-                                           << ": " << got[o] << " vs mean " << want.centroids[o] << " (bound "
-                                           << want.error_bound[o] << ")";
+      return ::testing::AssertionFailure()
+             << "centroid " << cluster % static_cast<size_t>(C) << " of (b,h) " << cluster / static_cast<size_t>(C)
+             << " dim " << o % static_cast<size_t>(D) << ": " << got[o] << " vs mean " << want.centroids[o]
+             << " (bound " << want.error_bound[o] << ")";
     }
   }
   return ::testing::AssertionSuccess();
@@ -135,7 +135,7 @@ const std::vector<Shape> kShapes = {
     {1, 2, 257, 128, 20, DType::F16, Layout::Transposed},
     {2, 2, 200, 24, 9, DType::BF16, Layout::TransposedPadded},
     {1, 3, 150, 24, 7, DType::F32, Layout::Transposed},
-    {1, 1, 50, 64, 60, DType::F32, Layout::Padded},  // C > N: some clusters must be empty
+    {1, 1, 50, 64, 60, DType::F32, Layout::Padded},    // C > N: some clusters must be empty
     {1, 2, 1, 24, 3, DType::F32, Layout::Contiguous},  // N = 1
     // D = 27 is not a multiple of any vector width; N = 1100 spans several work chunks per head.
     {1, 2, 1100, 27, 33, DType::BF16, Layout::Transposed},
@@ -178,7 +178,8 @@ TEST_P(KmeansKnownAnswer, RecoversWellSeparatedBlobs) {
   const std::vector<int32_t> got = ref::to_i32(labels.view);
   EXPECT_EQ(got, truth);
   std::vector<int32_t> want_sizes;
-  for (int64_t h = 0; h < H; ++h) for (int64_t s : blob_sizes) want_sizes.push_back(static_cast<int32_t>(s));
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t s : blob_sizes) want_sizes.push_back(static_cast<int32_t>(s));
   EXPECT_EQ(ref::to_i32(sizes.view), want_sizes);
   EXPECT_TRUE(centroids_are_means(points.view, centroids.view, truth, want_sizes));
   // The recovered centroids sit on the true centers (mean of n points of noise 0.1: within 0.1).
@@ -377,8 +378,8 @@ TEST_P(KmeansShapes, WarmStartContinuesTheSameIterations) {
 
 INSTANTIATE_TEST_SUITE_P(Cases, KmeansShapes, ::testing::ValuesIn(kShapes), [](const auto& p) {
   const Shape& s = p.param;
-  return "B" + std::to_string(s.B) + "H" + std::to_string(s.H) + "N" + std::to_string(s.N) + "D" +
-         std::to_string(s.D) + "C" + std::to_string(s.C) + "_" + std::string(dtype_name(s.dtype)) + "_" +
+  return "B" + std::to_string(s.B) + "H" + std::to_string(s.H) + "N" + std::to_string(s.N) + "D" + std::to_string(s.D) +
+         "C" + std::to_string(s.C) + "_" + std::string(dtype_name(s.dtype)) + "_" +
          std::to_string(static_cast<int>(s.layout));
 });
 
@@ -421,8 +422,8 @@ TEST(Kmeans, ObjectiveNeverIncreases) {
     ref::Rng rng(case_seed(static_cast<uint64_t>(dtype)));
     const Kmeans start = make_kmeans(s, rng);
     // J(0): the initial centroids with their exact assignment.
-    std::vector<double> previous = ref::kmeans_objective(
-        start.points.view, start.centroids.view, ref::kmeans_assign(start.points.view, start.centroids.view));
+    std::vector<double> previous = ref::kmeans_objective(start.points.view, start.centroids.view,
+                                                         ref::kmeans_assign(start.points.view, start.centroids.view));
     const std::vector<double> j0 = previous;
     for (int t = 1; t <= 8; ++t) {
       Kmeans k = clone(start);
@@ -436,14 +437,17 @@ TEST(Kmeans, ObjectiveNeverIncreases) {
         double slack = 0.0;
         for (int64_t i = 0; i < s.N; ++i) {
           const size_t p = static_cast<size_t>(bh * s.N + i);
-          slack += 2.0 * *std::max_element(e.begin() + static_cast<int64_t>(p * s.C), e.begin() + static_cast<int64_t>((p + 1) * s.C));
+          slack += 2.0 * *std::max_element(e.begin() + static_cast<int64_t>(p * s.C),
+                                           e.begin() + static_cast<int64_t>((p + 1) * s.C));
         }
-        EXPECT_LE(j[static_cast<size_t>(bh)], previous[static_cast<size_t>(bh)] + slack) << "iteration " << t << " (b,h) " << bh;
+        EXPECT_LE(j[static_cast<size_t>(bh)], previous[static_cast<size_t>(bh)] + slack)
+            << "iteration " << t << " (b,h) " << bh;
       }
       previous = j;
     }
     for (int64_t bh = 0; bh < s.B * s.H; ++bh) {
-      EXPECT_LT(previous[static_cast<size_t>(bh)], 0.9 * j0[static_cast<size_t>(bh)]) << "8 iterations did not improve the objective";
+      EXPECT_LT(previous[static_cast<size_t>(bh)], 0.9 * j0[static_cast<size_t>(bh)])
+          << "8 iterations did not improve the objective";
     }
   }
 }
@@ -596,19 +600,27 @@ TEST(KmeansErrors, ShapeErrors) {
   EXPECT_ERROR_UNTOUCHED(ShapeError, outs, kmeans(k.points.view, wrong_d.view, k.labels.view, k.sizes.view, 1, st));
   EXPECT_ERROR_UNTOUCHED(ShapeError, outs, kmeans(k.points.view, wrong_b.view, k.labels.view, k.sizes.view, 1, st));
   EXPECT_ERROR_UNTOUCHED(ShapeError, outs, kmeans(k.points.view, wrong_h.view, k.labels.view, k.sizes.view, 1, st));
-  EXPECT_ERROR_UNTOUCHED(ShapeError, outs, kmeans(k.points.view, k.centroids.view, labels_short.view, k.sizes.view, 1, st));
-  EXPECT_ERROR_UNTOUCHED(ShapeError, outs, kmeans(k.points.view, k.centroids.view, k.labels.view, sizes_short.view, 1, st));
-  EXPECT_ERROR_UNTOUCHED(ShapeError, outs, kmeans(k.points.view, k.centroids.view, labels_rank4.view, k.sizes.view, 1, st));
-  EXPECT_ERROR_UNTOUCHED(ShapeError, outs, kmeans(k.points.view, centroids_strided.view, k.labels.view, k.sizes.view, 1, st));
-  EXPECT_ERROR_UNTOUCHED(ShapeError, outs, kmeans(k.points.view, k.centroids.view, labels_strided.view, k.sizes.view, 1, st));
-  EXPECT_ERROR_UNTOUCHED(ShapeError, outs, kmeans(k.points.view, k.centroids.view, k.labels.view, sizes_strided.view, 1, st));
+  EXPECT_ERROR_UNTOUCHED(ShapeError, outs,
+                         kmeans(k.points.view, k.centroids.view, labels_short.view, k.sizes.view, 1, st));
+  EXPECT_ERROR_UNTOUCHED(ShapeError, outs,
+                         kmeans(k.points.view, k.centroids.view, k.labels.view, sizes_short.view, 1, st));
+  EXPECT_ERROR_UNTOUCHED(ShapeError, outs,
+                         kmeans(k.points.view, k.centroids.view, labels_rank4.view, k.sizes.view, 1, st));
+  EXPECT_ERROR_UNTOUCHED(ShapeError, outs,
+                         kmeans(k.points.view, centroids_strided.view, k.labels.view, k.sizes.view, 1, st));
+  EXPECT_ERROR_UNTOUCHED(ShapeError, outs,
+                         kmeans(k.points.view, k.centroids.view, labels_strided.view, k.sizes.view, 1, st));
+  EXPECT_ERROR_UNTOUCHED(ShapeError, outs,
+                         kmeans(k.points.view, k.centroids.view, k.labels.view, sizes_strided.view, 1, st));
   EXPECT_ERROR_UNTOUCHED(ShapeError, outs, kmeans_assign(k.points.view, k.centroids.view, labels_strided.view, st));
   EXPECT_ERROR_UNTOUCHED(ShapeError, outs, kmeans_assign(k.points.view, wrong_d.view, k.labels.view, st));
   EXPECT_ERROR_UNTOUCHED(ShapeError, outs, kmeans_assign(k.points.view, k.centroids.view, labels_short.view, st));
   EXPECT_ERROR_UNTOUCHED(ShapeError, outs, kmeans_assign(rank3, k.centroids.view, k.labels.view, st));
-  EXPECT_ERROR_UNTOUCHED(ShapeError, outs, kmeans_update(k.points.view, labels_short.view, k.centroids.view, k.sizes.view, st));
+  EXPECT_ERROR_UNTOUCHED(ShapeError, outs,
+                         kmeans_update(k.points.view, labels_short.view, k.centroids.view, k.sizes.view, st));
   EXPECT_ERROR_UNTOUCHED(ShapeError, outs, kmeans_update(k.points.view, k.labels.view, wrong_d.view, k.sizes.view, st));
-  EXPECT_ERROR_UNTOUCHED(ShapeError, outs, kmeans_update(k.points.view, k.labels.view, k.centroids.view, sizes_short.view, st));
+  EXPECT_ERROR_UNTOUCHED(ShapeError, outs,
+                         kmeans_update(k.points.view, k.labels.view, k.centroids.view, sizes_short.view, st));
   EXPECT_ERROR_UNTOUCHED(ShapeError, outs, kmeans_init(k.points.view, wrong_d.view, 0, st));
   EXPECT_ERROR_UNTOUCHED(ShapeError, outs, kmeans_init(k.points.view, wrong_b.view, 0, st));
   EXPECT_ERROR_UNTOUCHED(ShapeError, outs, kmeans_init(rank3, k.centroids.view, 0, st));
@@ -630,16 +642,22 @@ TEST(KmeansErrors, DTypeErrors) {
   HostTensor sizes_f32 = ref::make_tensor(DType::F32, {s.B, s.H, s.C});
   HostTensor points_i32 = ref::make_tensor(DType::I32, {s.B, s.H, s.N, s.D});
   const Stream st = kStream;
-  EXPECT_ERROR_UNTOUCHED(DTypeError, outs, kmeans(k.points.view, centroids_f16.view, k.labels.view, k.sizes.view, 1, st));
-  EXPECT_ERROR_UNTOUCHED(DTypeError, outs, kmeans(k.points.view, k.centroids.view, labels_f32.view, k.sizes.view, 1, st));
-  EXPECT_ERROR_UNTOUCHED(DTypeError, outs, kmeans(k.points.view, k.centroids.view, k.labels.view, sizes_f32.view, 1, st));
-  EXPECT_ERROR_UNTOUCHED(DTypeError, outs, kmeans(points_i32.view, k.centroids.view, k.labels.view, k.sizes.view, 1, st));
+  EXPECT_ERROR_UNTOUCHED(DTypeError, outs,
+                         kmeans(k.points.view, centroids_f16.view, k.labels.view, k.sizes.view, 1, st));
+  EXPECT_ERROR_UNTOUCHED(DTypeError, outs,
+                         kmeans(k.points.view, k.centroids.view, labels_f32.view, k.sizes.view, 1, st));
+  EXPECT_ERROR_UNTOUCHED(DTypeError, outs,
+                         kmeans(k.points.view, k.centroids.view, k.labels.view, sizes_f32.view, 1, st));
+  EXPECT_ERROR_UNTOUCHED(DTypeError, outs,
+                         kmeans(points_i32.view, k.centroids.view, k.labels.view, k.sizes.view, 1, st));
   EXPECT_ERROR_UNTOUCHED(DTypeError, outs, kmeans_init(k.points.view, centroids_bf16.view, 0, st));
   EXPECT_ERROR_UNTOUCHED(DTypeError, outs, kmeans_init(points_i32.view, k.centroids.view, 0, st));
   EXPECT_ERROR_UNTOUCHED(DTypeError, outs, kmeans_assign(k.points.view, centroids_f16.view, k.labels.view, st));
   EXPECT_ERROR_UNTOUCHED(DTypeError, outs, kmeans_assign(k.points.view, k.centroids.view, labels_u8.view, st));
-  EXPECT_ERROR_UNTOUCHED(DTypeError, outs, kmeans_update(k.points.view, labels_f32.view, k.centroids.view, k.sizes.view, st));
-  EXPECT_ERROR_UNTOUCHED(DTypeError, outs, kmeans_update(k.points.view, k.labels.view, k.centroids.view, sizes_f32.view, st));
+  EXPECT_ERROR_UNTOUCHED(DTypeError, outs,
+                         kmeans_update(k.points.view, labels_f32.view, k.centroids.view, k.sizes.view, st));
+  EXPECT_ERROR_UNTOUCHED(DTypeError, outs,
+                         kmeans_update(k.points.view, k.labels.view, k.centroids.view, sizes_f32.view, st));
 }
 
 TEST(KmeansErrors, InvalidArguments) {
@@ -652,10 +670,12 @@ TEST(KmeansErrors, InvalidArguments) {
   for (double bad : {static_cast<double>(s.C), -1.0}) {
     labels[labels.size() / 2] = bad;  // one label out of [0, C)
     ref::from_vector(k.labels.view, labels);
-    EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, outs, kmeans_update(k.points.view, k.labels.view, k.centroids.view, k.sizes.view, kStream));
+    EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, outs,
+                           kmeans_update(k.points.view, k.labels.view, k.centroids.view, k.sizes.view, kStream));
   }
   const std::vector<const HostTensor*> all = {&k.centroids, &k.labels, &k.sizes};
-  EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, all, kmeans(k.points.view, k.centroids.view, k.labels.view, k.sizes.view, -1, kStream));
+  EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, all,
+                         kmeans(k.points.view, k.centroids.view, k.labels.view, k.sizes.view, -1, kStream));
 }
 
 TEST(KmeansErrors, CudaTensorsAreUnsupported) {
@@ -663,16 +683,25 @@ TEST(KmeansErrors, CudaTensorsAreUnsupported) {
   auto& k = f.k;
   const std::vector<const HostTensor*> outs = {&k.centroids, &k.labels, &k.sizes};
   const Stream cuda{Device::cuda(0), nullptr, 0};
-  EXPECT_ERROR_UNTOUCHED(UnsupportedError, outs, kmeans(ref::on_cuda(k.points.view), k.centroids.view, k.labels.view, k.sizes.view, 1, kStream));
-  EXPECT_ERROR_UNTOUCHED(UnsupportedError, outs, kmeans(k.points.view, ref::on_cuda(k.centroids.view), k.labels.view, k.sizes.view, 1, kStream));
-  EXPECT_ERROR_UNTOUCHED(UnsupportedError, outs, kmeans_init(ref::on_cuda(k.points.view), k.centroids.view, 0, kStream));
-  EXPECT_ERROR_UNTOUCHED(UnsupportedError, outs, kmeans_assign(k.points.view, k.centroids.view, ref::on_cuda(k.labels.view), kStream));
-  EXPECT_ERROR_UNTOUCHED(UnsupportedError, outs, kmeans_update(k.points.view, k.labels.view, k.centroids.view, ref::on_cuda(k.sizes.view), kStream));
+  EXPECT_ERROR_UNTOUCHED(
+      UnsupportedError, outs,
+      kmeans(ref::on_cuda(k.points.view), k.centroids.view, k.labels.view, k.sizes.view, 1, kStream));
+  EXPECT_ERROR_UNTOUCHED(
+      UnsupportedError, outs,
+      kmeans(k.points.view, ref::on_cuda(k.centroids.view), k.labels.view, k.sizes.view, 1, kStream));
+  EXPECT_ERROR_UNTOUCHED(UnsupportedError, outs,
+                         kmeans_init(ref::on_cuda(k.points.view), k.centroids.view, 0, kStream));
+  EXPECT_ERROR_UNTOUCHED(UnsupportedError, outs,
+                         kmeans_assign(k.points.view, k.centroids.view, ref::on_cuda(k.labels.view), kStream));
+  EXPECT_ERROR_UNTOUCHED(
+      UnsupportedError, outs,
+      kmeans_update(k.points.view, k.labels.view, k.centroids.view, ref::on_cuda(k.sizes.view), kStream));
 #if !SAPATTN_HAS_CUDA
   // Every tensor on CUDA with a CUDA stream: a CPU-only build has no backend for it. (In a CUDA
   // build these host pointers would go to the GPU: tests/cuda covers that backend.)
-  EXPECT_ERROR_UNTOUCHED(UnsupportedError, outs, kmeans(ref::on_cuda(k.points.view), ref::on_cuda(k.centroids.view), ref::on_cuda(k.labels.view),
-           ref::on_cuda(k.sizes.view), 1, cuda));
+  EXPECT_ERROR_UNTOUCHED(UnsupportedError, outs,
+                         kmeans(ref::on_cuda(k.points.view), ref::on_cuda(k.centroids.view),
+                                ref::on_cuda(k.labels.view), ref::on_cuda(k.sizes.view), 1, cuda));
 #endif
   // CPU tensors on a CUDA stream.
   EXPECT_ERROR_UNTOUCHED(UnsupportedError, outs, kmeans_assign(k.points.view, k.centroids.view, k.labels.view, cuda));

@@ -8,16 +8,16 @@
 #include <vector>
 
 #include "reference.hpp"
-#include "test_support.hpp"
 #include "sapattn/ops.hpp"
+#include "test_support.hpp"
 
 namespace {
 
 using namespace sapattn;
 using ref::HostTensor;
+using ref::Layout;
 using testing_support::case_seed;
 using testing_support::kStream;
-using ref::Layout;
 
 // Labels [B,H,N] whose per-(b,h) cluster sizes are random (with empty, 1-token and, for N >= 200,
 // >128-token clusters).
@@ -59,7 +59,8 @@ TEST_P(ClusterPermutation, IsAStableCountingSort) {
     const int32_t* ob = &off[static_cast<size_t>(bh * (C + 1))];
     std::vector<int32_t> sorted(pb, pb + N);
     std::sort(sorted.begin(), sorted.end());
-    for (int64_t i = 0; i < N; ++i) ASSERT_EQ(sorted[static_cast<size_t>(i)], i) << "perm is not a permutation, (b,h) " << bh;
+    for (int64_t i = 0; i < N; ++i)
+      ASSERT_EQ(sorted[static_cast<size_t>(i)], i) << "perm is not a permutation, (b,h) " << bh;
     EXPECT_EQ(ob[0], 0);
     EXPECT_EQ(ob[C], N);
     for (int64_t c = 0; c < C; ++c) {
@@ -121,7 +122,8 @@ TEST(ClusterPermutation, AllTokensInOneClusterOfMany) {
   ref::poison(offsets);
   cluster_permutation(labels.view, 6, perm.view, offsets.view, kStream);
   std::vector<int32_t> identity;
-  for (int h = 0; h < 2; ++h) for (int32_t i = 0; i < N; ++i) identity.push_back(i);
+  for (int h = 0; h < 2; ++h)
+    for (int32_t i = 0; i < N; ++i) identity.push_back(i);
   EXPECT_EQ(ref::to_i32(perm.view), identity);
   const int32_t n = static_cast<int32_t>(N);
   EXPECT_EQ(ref::to_i32(offsets.view), (std::vector<int32_t>{0, 0, 0, 0, n, n, n, 0, 0, 0, 0, n, n, n}));
@@ -169,7 +171,8 @@ TEST_P(GatherScatter, GatherThenScatterIsExact) {
     for (int64_t j = 0; j < rc.N; ++j) {
       const int64_t src = p[static_cast<size_t>(bh * rc.N + j)];
       for (int64_t d = 0; d < rc.D; ++d) {
-        ASSERT_EQ(gv[static_cast<size_t>((bh * rc.N + j) * rc.D + d)], xv[static_cast<size_t>((bh * rc.N + src) * rc.D + d)])
+        ASSERT_EQ(gv[static_cast<size_t>((bh * rc.N + j) * rc.D + d)],
+                  xv[static_cast<size_t>((bh * rc.N + src) * rc.D + d)])
             << "(b,h) " << bh << " row " << j;
       }
     }
@@ -205,7 +208,8 @@ TEST_P(GatherScatter, ScatterThenGatherIsExact) {
     for (int64_t j = 0; j < rc.N; ++j) {
       const int64_t dst = p[static_cast<size_t>(bh * rc.N + j)];
       for (int64_t d = 0; d < rc.D; ++d) {
-        ASSERT_EQ(sv[static_cast<size_t>((bh * rc.N + dst) * rc.D + d)], yv[static_cast<size_t>((bh * rc.N + j) * rc.D + d)]);
+        ASSERT_EQ(sv[static_cast<size_t>((bh * rc.N + dst) * rc.D + d)],
+                  yv[static_cast<size_t>((bh * rc.N + j) * rc.D + d)]);
       }
     }
   }
@@ -270,7 +274,9 @@ TEST(LabelTextTokens, LabelsPromptAndPaddingLeavesVideo) {
     for (int64_t bh = 0; bh < B * H; ++bh) {
       for (int64_t i = 0; i < S; ++i) {
         const size_t o = static_cast<size_t>(bh * S + i);
-        const int32_t want = i < video ? static_cast<int32_t>(init[o]) : i < video + prompt ? prompt_label : prompt_label + 1;
+        const int32_t want = i < video            ? static_cast<int32_t>(init[o])
+                             : i < video + prompt ? prompt_label
+                                                  : prompt_label + 1;
         ASSERT_EQ(got[o], want) << "(b,h) " << bh << " token " << i;
       }
     }
@@ -295,7 +301,8 @@ TEST(PermuteErrors, ClusterPermutation) {
   for (int bad : {static_cast<int>(C), -1}) {
     HostTensor bad_labels = random_labels(B, H, N, C, rng);
     ref::set(bad_labels.view, {0, 1, 17}, bad);
-    EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, outs, run(bad_labels.view, static_cast<int>(C), perm.view, offsets.view));
+    EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, outs,
+                           run(bad_labels.view, static_cast<int>(C), perm.view, offsets.view));
   }
   HostTensor offsets1 = ref::make_tensor(DType::I32, {B, H, 1});
   HostTensor zeros = ref::make_tensor(DType::I32, {B, H, N});
@@ -316,9 +323,11 @@ TEST(PermuteErrors, ClusterPermutation) {
   EXPECT_ERROR_UNTOUCHED(DTypeError, outs, run(labels.view, static_cast<int>(C), perm_f32.view, offsets.view));
   EXPECT_ERROR_UNTOUCHED(DTypeError, outs, run(labels.view, static_cast<int>(C), perm.view, offsets_u8.view));
   EXPECT_ERROR_UNTOUCHED(DTypeError, outs, run(labels_f32.view, static_cast<int>(C), perm.view, offsets.view));
-  EXPECT_ERROR_UNTOUCHED(UnsupportedError, outs, run(ref::on_cuda(labels.view), static_cast<int>(C), perm.view, offsets.view));
   EXPECT_ERROR_UNTOUCHED(UnsupportedError, outs,
-                         cluster_permutation(labels.view, static_cast<int>(C), perm.view, offsets.view, Stream{Device::cuda(0), nullptr, 0}));
+                         run(ref::on_cuda(labels.view), static_cast<int>(C), perm.view, offsets.view));
+  EXPECT_ERROR_UNTOUCHED(UnsupportedError, outs,
+                         cluster_permutation(labels.view, static_cast<int>(C), perm.view, offsets.view,
+                                             Stream{Device::cuda(0), nullptr, 0}));
 }
 
 TEST(PermuteErrors, GatherAndScatter) {
@@ -332,7 +341,8 @@ TEST(PermuteErrors, GatherAndScatter) {
   HostTensor perm = ref::make_tensor(DType::I32, {B, H, N});
   {
     std::vector<double> p;
-    for (int64_t bh = 0; bh < B * H; ++bh) for (int64_t i = 0; i < N; ++i) p.push_back(static_cast<double>(N - 1 - i));
+    for (int64_t bh = 0; bh < B * H; ++bh)
+      for (int64_t i = 0; i < N; ++i) p.push_back(static_cast<double>(N - 1 - i));
     ref::from_vector(perm.view, p);
   }
   const std::vector<const HostTensor*> outs = {&out};

@@ -37,8 +37,7 @@ struct DecodedPng {
 
 std::uint32_t read_u32(const std::vector<std::uint8_t>& b, std::size_t at) {
   if (at + 4 > b.size()) throw std::runtime_error("truncated");
-  return (std::uint32_t{b[at]} << 24) | (std::uint32_t{b[at + 1]} << 16) | (std::uint32_t{b[at + 2]} << 8) |
-         b[at + 3];
+  return (std::uint32_t{b[at]} << 24) | (std::uint32_t{b[at + 1]} << 16) | (std::uint32_t{b[at + 2]} << 8) | b[at + 3];
 }
 
 int paeth_predictor(int a, int b, int c) {
@@ -114,12 +113,23 @@ DecodedPng decode_png(const std::vector<std::uint8_t>& file) {
       const int c = up && i >= bpp ? up[i - bpp] : 0;
       int pred = 0;
       switch (filter) {
-        case 0: pred = 0; break;
-        case 1: pred = a; break;
-        case 2: pred = b; break;
-        case 3: pred = (a + b) / 2; break;
-        case 4: pred = paeth_predictor(a, b, c); break;
-        default: throw std::runtime_error("filter type " + std::to_string(filter));
+        case 0:
+          pred = 0;
+          break;
+        case 1:
+          pred = a;
+          break;
+        case 2:
+          pred = b;
+          break;
+        case 3:
+          pred = (a + b) / 2;
+          break;
+        case 4:
+          pred = paeth_predictor(a, b, c);
+          break;
+        default:
+          throw std::runtime_error("filter type " + std::to_string(filter));
       }
       row[i] = static_cast<std::uint8_t>(in[i] + pred);
     }
@@ -214,8 +224,7 @@ TEST(Png, WritePngWritesTheEncodedBytes) {
   img.set_pixel(4, 3, {250, 0, 9});
   write_png(path, img);
   std::ifstream in(path, std::ios::binary);
-  const std::vector<std::uint8_t> bytes((std::istreambuf_iterator<char>(in)),
-                                        std::istreambuf_iterator<char>());
+  const std::vector<std::uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   EXPECT_EQ(bytes, encode_png(img));
   std::filesystem::remove_all(dir);
 }
@@ -539,8 +548,7 @@ TEST(Palette, HeatColorGetsBrighterMonotonically) {
 TEST(Ticks, NiceTicksOnKnownRanges) {
   EXPECT_EQ(nice_ticks(0.03, 0.41, 6), (std::vector<double>{0.1, 0.2, 0.3, 0.4}));
   EXPECT_EQ(nice_ticks(0.0, 1.0, 6), (std::vector<double>{0.0, 0.2, 0.4, 0.6, 0.8, 1.0}));
-  EXPECT_EQ(nice_ticks(0.0, 1.0, 11),
-            (std::vector<double>{0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0}));
+  EXPECT_EQ(nice_ticks(0.0, 1.0, 11), (std::vector<double>{0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0}));
   EXPECT_EQ(nice_ticks(-3.7, 12.2, 6), (std::vector<double>{0.0, 5.0, 10.0}));
   EXPECT_EQ(nice_ticks(-3.7, 12.2, 9), (std::vector<double>{-2, 0, 2, 4, 6, 8, 10, 12}));
   EXPECT_EQ(nice_ticks(1200, 4800, 5), (std::vector<double>{2000, 3000, 4000}));
@@ -586,8 +594,7 @@ TEST(Heatmap, BoxAverageShrinksAndEnlarges) {
   EXPECT_EQ(box_average(m4, 4, 4, 4, 1), (std::vector<float>{6, 7, 8, 9}));
 
   const float m2[4] = {1, 2, 3, 4};
-  EXPECT_EQ(box_average(m2, 2, 2, 4, 4),
-            (std::vector<float>{1, 1, 2, 2, 1, 1, 2, 2, 3, 3, 4, 4, 3, 3, 4, 4}));
+  EXPECT_EQ(box_average(m2, 2, 2, 4, 4), (std::vector<float>{1, 1, 2, 2, 1, 1, 2, 2, 3, 3, 4, 4, 3, 3, 4, 4}));
 
   // 3 -> 2 along both axes: output pixel 0 covers cell 0 fully and half of cell 1.
   const float m3[9] = {0,  3,  6,   //
@@ -639,8 +646,7 @@ TEST(Heatmap, BlockDiagonalMaskShowsItsBlocks) {
   const int n = 1000;
   std::vector<float> mask(static_cast<std::size_t>(n) * n, 0.0f);
   for (int r = 0; r < n; ++r) {
-    for (int c = 0; c < n; ++c)
-      mask[static_cast<std::size_t>(r) * n + c] = (r / 250 == c / 250) ? 1.0f : 0.0f;
+    for (int c = 0; c < n; ++c) mask[static_cast<std::size_t>(r) * n + c] = (r / 250 == c / 250) ? 1.0f : 0.0f;
   }
   const Image img = heatmap(mask.data(), n, n, 100, 100, 0.0f, 1.0f);
   for (int y = 0; y < 100; ++y) {
@@ -697,8 +703,7 @@ TEST(LineChart, ToleratesOddData) {
   EXPECT_NO_THROW(chart.render(400, 300));  // nothing to plot: axes only
   chart.series.push_back({"flat", {200, 0, 0}, {{1, 2}, {1, 2}}, Marker::kCircle, false});
   EXPECT_NO_THROW(chart.render(400, 300));
-  chart.series.push_back(
-      {"gaps", {0, 0, 200}, {{0, 1}, {NAN, 3}, {2, INFINITY}, {3, -1}}, Marker::kDiamond, false});
+  chart.series.push_back({"gaps", {0, 0, 200}, {{0, 1}, {NAN, 3}, {2, INFINITY}, {3, -1}}, Marker::kDiamond, false});
   EXPECT_NO_THROW(chart.render(400, 300));
   chart.log_y = true;  // y <= 0 points are dropped on a log axis
   const Image img = chart.render(400, 300);

@@ -13,16 +13,16 @@
 #include <vector>
 
 #include "reference.hpp"
-#include "test_support.hpp"
 #include "sapattn/ops.hpp"
+#include "test_support.hpp"
 
 namespace {
 
 using namespace sapattn;
 using ref::HostTensor;
+using ref::Layout;
 using testing_support::case_seed;
 using testing_support::kStream;
-using ref::Layout;
 
 std::vector<uint8_t> mask_values(const TensorView& mask) {
   const std::vector<double> v = ref::to_vector(mask);
@@ -44,17 +44,16 @@ std::vector<uint8_t> mask_values(const TensorView& mask) {
 // known; only the fp32 running sum may cross top_p one rank earlier or later than the exact sum.
 // The kept set must be the first L ranks with L the crossing rank for a running sum within its
 // rounding bound, raised to min_kept.
-::testing::AssertionResult check_top_p_row(const double* w, const uint8_t* got, int64_t C, double top_p,
-                                           int min_kept) {
+::testing::AssertionResult check_top_p_row(const double* w, const uint8_t* got, int64_t C, double top_p, int min_kept) {
   const std::vector<int64_t> order = ref::rank_descending(w, C);
   int64_t kept = 0;
   for (int64_t c = 0; c < C; ++c) kept += got[c] != 0;
   for (int64_t r = 0; r < C; ++r) {
     if ((got[order[static_cast<size_t>(r)]] != 0) != (r < kept)) {
-      return ::testing::AssertionFailure() << "kept set is not a prefix of the ranking (ties by lower index): rank " << r
-                                           << " (cluster " << order[static_cast<size_t>(r)] << ", weight "
-                                           << w[order[static_cast<size_t>(r)]] << ") " << (r < kept ? "dropped" : "kept")
-                                           << " with " << kept << " kept";
+      return ::testing::AssertionFailure()
+             << "kept set is not a prefix of the ranking (ties by lower index): rank " << r << " (cluster "
+             << order[static_cast<size_t>(r)] << ", weight " << w[order[static_cast<size_t>(r)]] << ") "
+             << (r < kept ? "dropped" : "kept") << " with " << kept << " kept";
     }
   }
   int64_t lo = C, hi = C;  // the earliest possible and the latest certain crossing
@@ -105,11 +104,19 @@ void fill_probs(const TensorView& probs, ref::Rng& rng, Weights kind) {
     std::vector<double> w(static_cast<size_t>(C));
     for (int64_t c = 0; c < C; ++c) {
       switch (kind) {
-        case Weights::HeavyTailed: w[static_cast<size_t>(c)] = std::exp(2.0 * rng.normal()); break;
-        case Weights::WithZeros: w[static_cast<size_t>(c)] = rng.uniform() < 0.3 ? 0.0 : std::exp(rng.normal()); break;
+        case Weights::HeavyTailed:
+          w[static_cast<size_t>(c)] = std::exp(2.0 * rng.normal());
+          break;
+        case Weights::WithZeros:
+          w[static_cast<size_t>(c)] = rng.uniform() < 0.3 ? 0.0 : std::exp(rng.normal());
+          break;
         // Few distinct values: many exact ties, at every rank.
-        case Weights::WithTies: w[static_cast<size_t>(c)] = static_cast<double>(rng.integer(1, 4)); break;
-        case Weights::Flat: w[static_cast<size_t>(c)] = 1.0 + 0.01 * rng.uniform(); break;
+        case Weights::WithTies:
+          w[static_cast<size_t>(c)] = static_cast<double>(rng.integer(1, 4));
+          break;
+        case Weights::Flat:
+          w[static_cast<size_t>(c)] = 1.0 + 0.01 * rng.uniform();
+          break;
       }
     }
     if (kind == Weights::WithZeros) w[static_cast<size_t>(rng.integer(0, C - 1))] = 1.0;  // never all zero
@@ -150,14 +157,15 @@ TEST_P(SelectTopPRandom, KeepsTheShortestPrefixReachingTopP) {
       // weights that takes a sum within ~1e-6 of p, which a handful of random rows hit at most: a
       // guard against check_top_p accepting too much. (Tied integer weights hit p exactly often.)
       if (tc.weights == Weights::WithTies) continue;
-      const std::vector<uint8_t> want = ref::top_p_mask(ref::to_vector(probs.view), tc.B * tc.H * tc.R, tc.C,
-                                                        static_cast<float>(top_p), min_kept);
+      const std::vector<uint8_t> want =
+          ref::top_p_mask(ref::to_vector(probs.view), tc.B * tc.H * tc.R, tc.C, static_cast<float>(top_p), min_kept);
       const std::vector<uint8_t> got = mask_values(mask.view);
       int64_t differing_rows = 0;
       for (int64_t r = 0; r < tc.B * tc.H * tc.R; ++r) {
         differing_rows += !std::equal(got.begin() + r * tc.C, got.begin() + (r + 1) * tc.C, want.begin() + r * tc.C);
       }
-      EXPECT_LE(differing_rows, std::max<int64_t>(1, tc.B * tc.H * tc.R / 50)) << "too many rows away from the reference";
+      EXPECT_LE(differing_rows, std::max<int64_t>(1, tc.B * tc.H * tc.R / 50))
+          << "too many rows away from the reference";
     }
   }
 }
@@ -183,19 +191,19 @@ struct ExactRow {
 
 TEST(SelectTopP, ExactRows) {
   const std::vector<ExactRow> rows = {
-      {{0.5f, 0.25f, 0.125f, 0.125f}, 0.75f, 0, {0, 1}},                  // reaching p exactly counts
-      {{0.5f, 0.25f, 0.125f, 0.125f}, 0.7500001f, 0, {0, 1, 2}},          // just above: one more
-      {{0.125f, 0.375f, 0.125f, 0.375f}, 0.4f, 0, {1, 3}},                // exact tie: both 0.375 ranks
-      {{0.125f, 0.375f, 0.125f, 0.375f}, 0.8f, 0, {0, 1, 3}},             // tie 0 vs 2: lower index
-      {{0.25f, 0.25f, 0.25f, 0.25f}, 0.5f, 0, {0, 1}},                    // all tied: lowest indices
-      {{0.25f, 0.25f, 0.25f, 0.25f}, 0.5f, 3, {0, 1, 2}},                 // min_kept beyond the crossing
-      {{0.0f, 0.5f, 0.0f, 0.5f}, 0.9f, 0, {1, 3}},                        // zeros not needed
-      {{0.0f, 0.5f, 0.0f, 0.5f}, 1.0f, 0, {0, 1, 2, 3}},                  // p = 1 keeps every cluster
-      {{0.0f, 0.5f, 0.0f, 0.5f}, 0.9f, 3, {0, 1, 3}},                     // min_kept takes the first zero
-      {{0.0625f, 0.0625f, 0.75f, 0.125f}, 0.01f, 0, {2}},                 // rank 0 alone reaches p
-      {{0.0625f, 0.0625f, 0.75f, 0.125f}, 1e-30f, 0, {2}},                // rank 0 is always kept
+      {{0.5f, 0.25f, 0.125f, 0.125f}, 0.75f, 0, {0, 1}},          // reaching p exactly counts
+      {{0.5f, 0.25f, 0.125f, 0.125f}, 0.7500001f, 0, {0, 1, 2}},  // just above: one more
+      {{0.125f, 0.375f, 0.125f, 0.375f}, 0.4f, 0, {1, 3}},        // exact tie: both 0.375 ranks
+      {{0.125f, 0.375f, 0.125f, 0.375f}, 0.8f, 0, {0, 1, 3}},     // tie 0 vs 2: lower index
+      {{0.25f, 0.25f, 0.25f, 0.25f}, 0.5f, 0, {0, 1}},            // all tied: lowest indices
+      {{0.25f, 0.25f, 0.25f, 0.25f}, 0.5f, 3, {0, 1, 2}},         // min_kept beyond the crossing
+      {{0.0f, 0.5f, 0.0f, 0.5f}, 0.9f, 0, {1, 3}},                // zeros not needed
+      {{0.0f, 0.5f, 0.0f, 0.5f}, 1.0f, 0, {0, 1, 2, 3}},          // p = 1 keeps every cluster
+      {{0.0f, 0.5f, 0.0f, 0.5f}, 0.9f, 3, {0, 1, 3}},             // min_kept takes the first zero
+      {{0.0625f, 0.0625f, 0.75f, 0.125f}, 0.01f, 0, {2}},         // rank 0 alone reaches p
+      {{0.0625f, 0.0625f, 0.75f, 0.125f}, 1e-30f, 0, {2}},        // rank 0 is always kept
       {{0.0625f, 0.0625f, 0.75f, 0.125f}, 0.01f, 2, {2, 3}},
-      {{0.0625f, 0.0625f, 0.75f, 0.125f}, 0.01f, 100, {0, 1, 2, 3}},      // min_kept > C keeps all
+      {{0.0625f, 0.0625f, 0.75f, 0.125f}, 0.01f, 100, {0, 1, 2, 3}},  // min_kept > C keeps all
       {{0.0625f, 0.0625f, 0.75f, 0.125f}, 0.9375f, 0, {0, 2, 3}},
       {{1.0f}, 0.5f, 0, {0}},
   };
@@ -211,10 +219,12 @@ TEST(SelectTopP, ExactRows) {
     ASSERT_TRUE(all_written_as_bits(mask.view));
     std::vector<int> kept;
     const std::vector<uint8_t> m = mask_values(mask.view);
-    for (int64_t j = 0; j < c; ++j) if (m[static_cast<size_t>(j)]) kept.push_back(static_cast<int>(j));
+    for (int64_t j = 0; j < c; ++j)
+      if (m[static_cast<size_t>(j)]) kept.push_back(static_cast<int>(j));
     EXPECT_EQ(kept, row.kept);
     // The float64 reference agrees on exact data.
-    const std::vector<uint8_t> want = ref::top_p_mask(std::vector<double>(row.w.begin(), row.w.end()), 1, c, row.top_p, row.min_kept);
+    const std::vector<uint8_t> want =
+        ref::top_p_mask(std::vector<double>(row.w.begin(), row.w.end()), 1, c, row.top_p, row.min_kept);
     EXPECT_EQ(m, want);
   }
 }
@@ -352,7 +362,8 @@ Blocks make_blocks(const BlocksCase& bc, ref::Rng& rng) {
   const std::vector<uint8_t> got = mask_values(b.mask.view);
   for (int64_t r = 0; r < rows; ++r) {
     const size_t o = static_cast<size_t>(r * Ck);
-    auto res = check_selection_row(&P[o], &e[o], &sizes[static_cast<size_t>((r / Cq) * Ck)], &got[o], Ck, top_p, min_kept);
+    auto res =
+        check_selection_row(&P[o], &e[o], &sizes[static_cast<size_t>((r / Cq) * Ck)], &got[o], Ck, top_p, min_kept);
     if (!res) return res << " in row " << r % Cq << " of (b,h) " << r / Cq;
   }
   return ::testing::AssertionSuccess();
@@ -369,13 +380,15 @@ TEST_P(SelectBlocksRandom, MatchesTheSizeWeightedSoftmaxReference) {
       ref::Rng rng(case_seed(index++));
       Blocks b = make_blocks(bc, rng);
       const std::vector<uint8_t> before = b.mask.bytes();
-      select_blocks(b.qc.view, b.kc.view, b.sizes.view, b.scale, static_cast<float>(top_p), min_kept, b.mask.view, kStream);
+      select_blocks(b.qc.view, b.kc.view, b.sizes.view, b.scale, static_cast<float>(top_p), min_kept, b.mask.view,
+                    kStream);
       ASSERT_TRUE(all_written_as_bits(b.mask.view));
       EXPECT_TRUE(b.mask.outside_view_unchanged(before)) << "wrote outside its block of the larger mask";
       EXPECT_TRUE(check_blocks(b, static_cast<float>(top_p), min_kept));
       // Exact agreement with the float64 reference rule in all but the rows near a rounding tie.
-      const std::vector<uint8_t> want = ref::top_p_mask(ref::centroid_probs(b.qc.view, b.kc.view, b.sizes.view, b.scale),
-                                                        bc.B * bc.H * bc.Cq, bc.Ck, static_cast<float>(top_p), min_kept);
+      const std::vector<uint8_t> want =
+          ref::top_p_mask(ref::centroid_probs(b.qc.view, b.kc.view, b.sizes.view, b.scale), bc.B * bc.H * bc.Cq, bc.Ck,
+                          static_cast<float>(top_p), min_kept);
       const std::vector<uint8_t> got = mask_values(b.mask.view);
       int64_t differing_rows = 0;
       for (int64_t r = 0; r < bc.B * bc.H * bc.Cq; ++r) {
@@ -431,7 +444,8 @@ TEST(SelectBlocks, RowsWithOnlyEmptyKeyClustersKeepNothing) {
       select_blocks(b.qc.view, b.kc.view, b.sizes.view, b.scale, top_p, min_kept, b.mask.view, kStream);
       ASSERT_TRUE(all_written_as_bits(b.mask.view));
       for (int64_t a = 0; a < bc.Cq; ++a) {
-        for (int64_t j = 0; j < bc.Ck; ++j) EXPECT_EQ(ref::get(b.mask.view, {0, 1, a, j}), 0.0) << "min_kept " << min_kept << " top_p " << top_p;
+        for (int64_t j = 0; j < bc.Ck; ++j)
+          EXPECT_EQ(ref::get(b.mask.view, {0, 1, a, j}), 0.0) << "min_kept " << min_kept << " top_p " << top_p;
       }
       EXPECT_TRUE(check_blocks(b, top_p, min_kept));
     }
@@ -489,7 +503,8 @@ TEST(ApplyTextRule, ExactPattern) {
       const int64_t B = 2, H = 3, R = Cq + 2, C = Ck + 2;
       HostTensor mask = ref::make_tensor(DType::U8, {B, H, R, C}, layout);
       ref::poison(mask);  // the padding around the view keeps 0xAB
-      ref::for_each_index(mask.view, [&](const auto& idx) { ref::set(mask.view, idx, static_cast<double>(rng.integer(0, 1))); });
+      ref::for_each_index(mask.view,
+                          [&](const auto& idx) { ref::set(mask.view, idx, static_cast<double>(rng.integer(0, 1))); });
       std::vector<uint8_t> want = mask_values(mask.view);
       ref::apply_text_rule(want, B, H, R, C);
       const std::vector<uint8_t> before = mask.bytes();
@@ -507,10 +522,10 @@ TEST(ApplyTextRule, SpelledOut) {
     std::memset(mask.view.data, fill, 16);
     apply_text_rule(mask.view, kStream);
     const uint8_t f = fill;
-    const std::vector<uint8_t> want = {f, f, 1, 0,    // video row: video block as is, prompt, no padding
-                                       f, f, 1, 0,    //
-                                       1, 1, 1, 0,    // prompt row: every video column and the prompt
-                                       0, 0, 0, 1};   // padding row: only padding
+    const std::vector<uint8_t> want = {f, f, 1, 0,   // video row: video block as is, prompt, no padding
+                                       f, f, 1, 0,   //
+                                       1, 1, 1, 0,   // prompt row: every video column and the prompt
+                                       0, 0, 0, 1};  // padding row: only padding
     EXPECT_EQ(mask_values(mask.view), want) << "fill " << int(fill);
   }
 }
@@ -524,7 +539,8 @@ TEST(SelectErrors, SelectTopP) {
   fill_probs(probs.view, rng, Weights::HeavyTailed);
   HostTensor mask = ref::make_tensor(DType::U8, {1, 2, 3, 8});
   ref::poison(mask);
-  for (float bad : {0.0f, -0.5f, 1.0001f, 2.0f, std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+  for (float bad :
+       {0.0f, -0.5f, 1.0001f, 2.0f, std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
     EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, mask, select_top_p(probs.view, bad, 0, mask.view, kStream));
   }
   EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, mask, select_top_p(probs.view, 0.9f, -1, mask.view, kStream));
@@ -539,7 +555,8 @@ TEST(SelectErrors, SelectTopP) {
   EXPECT_ERROR_UNTOUCHED(DTypeError, mask_i32, select_top_p(probs.view, 0.9f, 0, mask_i32.view, kStream));
   EXPECT_ERROR_UNTOUCHED(DTypeError, mask, select_top_p(probs_f16.view, 0.9f, 0, mask.view, kStream));
   EXPECT_ERROR_UNTOUCHED(UnsupportedError, mask, select_top_p(ref::on_cuda(probs.view), 0.9f, 0, mask.view, kStream));
-  EXPECT_ERROR_UNTOUCHED(UnsupportedError, mask, select_top_p(probs.view, 0.9f, 0, mask.view, Stream{Device::cuda(0), nullptr, 0}));
+  EXPECT_ERROR_UNTOUCHED(UnsupportedError, mask,
+                         select_top_p(probs.view, 0.9f, 0, mask.view, Stream{Device::cuda(0), nullptr, 0}));
 }
 
 TEST(SelectErrors, SelectBlocks) {
@@ -547,7 +564,8 @@ TEST(SelectErrors, SelectBlocks) {
   Blocks b = make_blocks({1, 2, 4, 6, 24, Layout::Contiguous, 1.0}, rng);
   auto& m = b.mask;
   const auto sel = [&](const TensorView& qc, const TensorView& kc, const TensorView& sz, float top_p, int min_kept,
-                       const TensorView& mask, const Stream& st) { select_blocks(qc, kc, sz, b.scale, top_p, min_kept, mask, st); };
+                       const TensorView& mask,
+                       const Stream& st) { select_blocks(qc, kc, sz, b.scale, top_p, min_kept, mask, st); };
   EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, m, sel(b.qc.view, b.kc.view, b.sizes.view, 0.0f, 0, m.view, kStream));
   EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, m, sel(b.qc.view, b.kc.view, b.sizes.view, 1.5f, 0, m.view, kStream));
   EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, m, sel(b.qc.view, b.kc.view, b.sizes.view, 0.9f, -2, m.view, kStream));
@@ -567,9 +585,12 @@ TEST(SelectErrors, SelectBlocks) {
   EXPECT_ERROR_UNTOUCHED(ShapeError, mask_t, sel(b.qc.view, b.kc.view, b.sizes.view, 0.9f, 0, mask_t.view, kStream));
   EXPECT_ERROR_UNTOUCHED(DTypeError, m, sel(qc_f16.view, b.kc.view, b.sizes.view, 0.9f, 0, m.view, kStream));
   EXPECT_ERROR_UNTOUCHED(DTypeError, m, sel(b.qc.view, b.kc.view, sizes_f32.view, 0.9f, 0, m.view, kStream));
-  EXPECT_ERROR_UNTOUCHED(DTypeError, mask_f32, sel(b.qc.view, b.kc.view, b.sizes.view, 0.9f, 0, mask_f32.view, kStream));
-  EXPECT_ERROR_UNTOUCHED(UnsupportedError, m, sel(b.qc.view, ref::on_cuda(b.kc.view), b.sizes.view, 0.9f, 0, m.view, kStream));
-  EXPECT_ERROR_UNTOUCHED(UnsupportedError, m, sel(b.qc.view, b.kc.view, b.sizes.view, 0.9f, 0, ref::on_cuda(m.view), kStream));
+  EXPECT_ERROR_UNTOUCHED(DTypeError, mask_f32,
+                         sel(b.qc.view, b.kc.view, b.sizes.view, 0.9f, 0, mask_f32.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(UnsupportedError, m,
+                         sel(b.qc.view, ref::on_cuda(b.kc.view), b.sizes.view, 0.9f, 0, m.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(UnsupportedError, m,
+                         sel(b.qc.view, b.kc.view, b.sizes.view, 0.9f, 0, ref::on_cuda(m.view), kStream));
   // A negative cluster size is a negative count: InvalidArgumentError.
   std::vector<double> sizes = ref::to_vector(b.sizes.view);
   sizes[3] = -1.0;

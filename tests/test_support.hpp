@@ -38,8 +38,8 @@ void expect_error_untouched(F&& f, const ref::HostTensor& output) {
 }  // namespace sapattn::testing_support
 
 // The failing call's text is in the trace.
-#define EXPECT_ERROR_UNTOUCHED(E, outputs, ...)                                       \
-  do {                                                                               \
-    SCOPED_TRACE(#__VA_ARGS__);                                                      \
+#define EXPECT_ERROR_UNTOUCHED(E, outputs, ...)                                           \
+  do {                                                                                    \
+    SCOPED_TRACE(#__VA_ARGS__);                                                           \
     ::sapattn::testing_support::expect_error_untouched<E>([&] { __VA_ARGS__; }, outputs); \
   } while (0)

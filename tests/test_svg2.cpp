@@ -40,8 +40,7 @@ double element(const Tensor& t, int64_t i) {
 double max_abs_diff(const Tensor& a, const Tensor& b) {
   EXPECT_EQ(a.numel(), b.numel());
   double m = 0.0;
-  for (int64_t i = 0; i < a.numel(); ++i)
-    m = std::max(m, std::fabs(element(a, i) - element(b, i)));
+  for (int64_t i = 0; i < a.numel(); ++i) m = std::max(m, std::fabs(element(a, i) - element(b, i)));
   return m;
 }
 
@@ -50,10 +49,10 @@ struct Svg2Run {
 };
 
 Svg2Run run_svg2(const Tensor& q, const Tensor& k, const Tensor& v, const Config& config, BranchState& state,
-             int threads = 0) {
+                 int threads = 0) {
   const auto& s = q.shape();
   Svg2Run r{Tensor(DType::F32, s), Tensor(DType::F32, {s[0], s[1], s[2]}), Tensor(DType::F32, {s[0], s[1]}),
-        Tensor(DType::I32, {s[0], s[1], config.q_clusters}), Tensor(DType::I32, {s[0], s[1], config.k_clusters})};
+            Tensor(DType::I32, {s[0], s[1], config.q_clusters}), Tensor(DType::I32, {s[0], s[1], config.k_clusters})};
   svg2_attention(q.view(), k.view(), v.view(), config, state,
                  {r.out.view(), r.lse.view(), r.density.view(), r.q_sizes.view(), r.k_sizes.view()},
                  Stream::cpu(threads));
@@ -188,7 +187,8 @@ TEST(Svg2, ChangedShapeNeedsAReset) {
 }
 
 TEST(Svg2, DeterministicForASeedAndThreadCount) {
-  const Tensor q = clustered_tensor(DType::BF16, 1, 2, 300, 64, 7, 15), k = clustered_tensor(DType::BF16, 1, 2, 300, 64, 7, 16),
+  const Tensor q = clustered_tensor(DType::BF16, 1, 2, 300, 64, 7, 15),
+               k = clustered_tensor(DType::BF16, 1, 2, 300, 64, 7, 16),
                v = random_tensor(DType::BF16, {1, 2, 300, 64}, 17);
   Config c = small_config();
   c.top_p = 0.7f;
@@ -229,7 +229,8 @@ TEST(Svg2, BshdLayoutGivesTheSameResultAsBhsd) {
   BranchState s1, s2;
   const Svg2Run a = run_svg2(q, k, v, c, s1);
   Tensor out_bshd(DType::BF16, {B, S, H, D});
-  svg2_attention(TensorView::bshd(qs.data(), DType::BF16, B, H, S, D), TensorView::bshd(ks.data(), DType::BF16, B, H, S, D),
+  svg2_attention(TensorView::bshd(qs.data(), DType::BF16, B, H, S, D),
+                 TensorView::bshd(ks.data(), DType::BF16, B, H, S, D),
                  TensorView::bshd(vs.data(), DType::BF16, B, H, S, D), c, s2,
                  {TensorView::bshd(out_bshd.data(), DType::BF16, B, H, S, D)}, Stream::cpu());
   const TensorView ov = TensorView::bshd(out_bshd.data(), DType::BF16, B, H, S, D);

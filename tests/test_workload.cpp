@@ -48,14 +48,11 @@ std::vector<double> attention_row(const Workload& w, int64_t b, int64_t h, int64
 struct Txy {
   int64_t t, y, x;
 };
-Txy position(const Preset& p, int64_t s) {
-  return {s / (p.height * p.width), (s / p.width) % p.height, s % p.width};
-}
+Txy position(const Preset& p, int64_t s) { return {s / (p.height * p.width), (s / p.width) % p.height, s % p.width}; }
 
 TEST(WorkloadPresets, ShapesOfAllFive) {
   const std::vector<std::string> names = preset_names();
-  ASSERT_EQ(names,
-            (std::vector<std::string>{"tiny", "tiny-text", "wan-1.3b-480p", "wan-14b-720p", "hunyuan-720p"}));
+  ASSERT_EQ(names, (std::vector<std::string>{"tiny", "tiny-text", "wan-1.3b-480p", "wan-14b-720p", "hunyuan-720p"}));
   struct Want {
     int64_t video, text, prompt, heads, dim;
     std::array<int64_t, 3> bands;
@@ -116,16 +113,15 @@ TEST(WorkloadPresets, BadFieldsAndDTypesThrow) {
 }
 
 TEST(WorkloadHeads, FixedInterleavedMix) {
-  EXPECT_EQ(tiny_f32().head_kinds, (std::vector<HeadKind>{HeadKind::Positional, HeadKind::Semantic,
-                                                          HeadKind::Mixed, HeadKind::Positional}));
+  EXPECT_EQ(tiny_f32().head_kinds,
+            (std::vector<HeadKind>{HeadKind::Positional, HeadKind::Semantic, HeadKind::Mixed, HeadKind::Positional}));
   EXPECT_EQ(head_kind_name(HeadKind::Semantic), "semantic");
   // Every prefix of heads stays within one head of the 40/35/25 shares.
   for (int64_t H = 1; H <= 64; ++H) {
     int64_t count[3] = {0, 0, 0};
     for (int64_t h = 0; h < H; ++h) ++count[static_cast<int>(head_kind_for(h, H))];
     const double share[3] = {0.40, 0.35, 0.25};
-    for (int k = 0; k < 3; ++k)
-      EXPECT_LE(std::abs(count[k] - share[k] * H), 1.0) << "H=" << H << " kind " << k;
+    for (int k = 0; k < 3; ++k) EXPECT_LE(std::abs(count[k] - share[k] * H), 1.0) << "H=" << H << " kind " << k;
   }
   int64_t c40[3] = {0, 0, 0};
   for (int64_t h = 0; h < 40; ++h) ++c40[static_cast<int>(head_kind_for(h, 40))];
@@ -297,8 +293,7 @@ TEST(WorkloadCalibration, TinyTopThirteenPercentHoldsNinetyToNinetySevenPercent)
   const std::vector<double> per_head = top_fraction_mass_per_head(w.q.view(), w.k.view(), 0.13, 1024, 5);
   double mean = 0;
   for (size_t h = 0; h < per_head.size(); ++h) {
-    std::cout << "[ calib    ] tiny head " << h << " " << head_kind_name(w.head_kinds[h]) << " "
-              << per_head[h] << "\n";
+    std::cout << "[ calib    ] tiny head " << h << " " << head_kind_name(w.head_kinds[h]) << " " << per_head[h] << "\n";
     mean += per_head[h] / static_cast<double>(per_head.size());
     EXPECT_GT(per_head[h], 0.85);
     EXPECT_LT(per_head[h], 0.995);
@@ -378,8 +373,8 @@ TEST(WorkloadHeads, PositionalHeadsAreLocal) {
     // Mean weight of one near key over that of one far key.
     const double ratio = (near_sum / n_near) / (far_sum / n_far);
     const double far = far_sum / queries;
-    std::cout << "[ locality ] head " << h << " " << head_kind_name(w.head_kinds[h])
-              << " near/far key weight " << ratio << ", mass at |dy|+|dx| >= 10: " << far << "\n";
+    std::cout << "[ locality ] head " << h << " " << head_kind_name(w.head_kinds[h]) << " near/far key weight " << ratio
+              << ", mass at |dy|+|dx| >= 10: " << far << "\n";
     far_mass[w.head_kinds[h]] += far;
     heads[w.head_kinds[h]] += 1;
     if (w.head_kinds[h] == HeadKind::Positional) {
@@ -465,9 +460,8 @@ TEST(WorkloadText, PromptAndPaddingTokens) {
     }
     video_text_mass = std::max(video_text_mass, m / n);
   }
-  std::cout << "[ text     ] prompt-prompt min " << prompt_min << " pad-pad max " << pad_max
-            << " prompt-pad min " << prompt_pad_min << " video->text mass (max head) " << video_text_mass
-            << "\n";
+  std::cout << "[ text     ] prompt-prompt min " << prompt_min << " pad-pad max " << pad_max << " prompt-pad min "
+            << prompt_pad_min << " video->text mass (max head) " << video_text_mass << "\n";
   EXPECT_LT(pad_max, 0.15);              // padding keys near-identical
   EXPECT_GT(prompt_pad_min, 0.3);        // prompt and padding differ
   EXPECT_GT(prompt_min, 3.0 * pad_max);  // prompt words differ among themselves far more

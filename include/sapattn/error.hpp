@@ -21,21 +21,37 @@ class Error : public std::runtime_error {
 };
 
 // An option or argument outside its valid range (config values, cluster counts, iteration counts).
-class InvalidArgumentError : public Error { using Error::Error; };
+class InvalidArgumentError : public Error {
+  using Error::Error;
+};
 // Tensor shapes, strides or sizes that do not fit the op's contract.
-class ShapeError : public Error { using Error::Error; };
+class ShapeError : public Error {
+  using Error::Error;
+};
 // A dtype the op does not accept.
-class DTypeError : public Error { using Error::Error; };
+class DTypeError : public Error {
+  using Error::Error;
+};
 // NaN or Inf in an input that must be finite.
-class NonFiniteError : public Error { using Error::Error; };
+class NonFiniteError : public Error {
+  using Error::Error;
+};
 // A malformed, truncated or inconsistent file (npy, safetensors).
-class FormatError : public Error { using Error::Error; };
+class FormatError : public Error {
+  using Error::Error;
+};
 // A file that cannot be opened, read or written.
-class IoError : public Error { using Error::Error; };
+class IoError : public Error {
+  using Error::Error;
+};
 // A device or feature this build does not provide (e.g. CUDA tensors in a CPU-only build).
-class UnsupportedError : public Error { using Error::Error; };
+class UnsupportedError : public Error {
+  using Error::Error;
+};
 // A caller-provided workspace smaller than the op asked for.
-class WorkspaceError : public Error { using Error::Error; };
+class WorkspaceError : public Error {
+  using Error::Error;
+};
 
 namespace detail {
 template <typename... Args>

@@ -25,12 +25,12 @@ Method parse_method(std::string_view name);
 
 struct MethodResult {
   Method method = Method::Dense;
-  Tensor out;       // [B,H,S,D] f32, original token order
-  Tensor lse;       // [B,H,S] f32
-  Tensor density;   // [B,H] f32 (1 for dense)
-  Tensor q_labels;  // [B,H,S] i32: query cluster of each token (text clusters after the video ones)
-  Tensor k_labels;  // [B,H,S] i32
-  Tensor mask;      // [B,H,Cq',Ck'] u8 over the clusters incl. text; empty for dense
+  Tensor out;            // [B,H,S,D] f32, original token order
+  Tensor lse;            // [B,H,S] f32
+  Tensor density;        // [B,H] f32 (1 for dense)
+  Tensor q_labels;       // [B,H,S] i32: query cluster of each token (text clusters after the video ones)
+  Tensor k_labels;       // [B,H,S] i32
+  Tensor mask;           // [B,H,Cq',Ck'] u8 over the clusters incl. text; empty for dense
   double seconds = 0.0;  // wall time of the method's attention call, clustering included
 };
 

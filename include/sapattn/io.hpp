@@ -31,10 +31,8 @@ std::map<std::string, Tensor> parse_safetensors(std::span<const std::byte> bytes
 std::map<std::string, Tensor> read_safetensors(const std::string& path);
 // Tensors in the given order with contiguous offsets; names must be unique, non-empty, valid UTF-8
 // and not "__metadata__" (InvalidArgumentError).
-std::vector<std::byte> serialize_safetensors(
-    const std::vector<std::pair<std::string, TensorView>>& tensors);
-void write_safetensors(const std::string& path,
-                       const std::vector<std::pair<std::string, TensorView>>& tensors);
+std::vector<std::byte> serialize_safetensors(const std::vector<std::pair<std::string, TensorView>>& tensors);
+void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, TensorView>>& tensors);
 
 // Picks the reader by extension (.npy, .safetensors, any letter case); other extensions throw
 // FormatError. For .safetensors, `name` selects the tensor (FormatError listing the names if

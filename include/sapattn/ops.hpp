@@ -40,24 +40,23 @@ void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, 
                  Workspace workspace = {});
 
 // labels[i] = argmin_c ||x_i - c||^2; ties go to the lowest centroid index.
-void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels,
-                   const Stream& stream, Workspace workspace = {});
+void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels, const Stream& stream,
+                   Workspace workspace = {});
 
 // sizes[c] = |{i : labels[i] = c}|; centroid c becomes the fp32 mean of its points; an empty
 // cluster keeps its previous centroid. Labels outside [0, C) throw InvalidArgumentError.
-void kmeans_update(const TensorView& points, const TensorView& labels, TensorView centroids,
-                   TensorView sizes, const Stream& stream, Workspace workspace = {});
+void kmeans_update(const TensorView& points, const TensorView& labels, TensorView centroids, TensorView sizes,
+                   const Stream& stream, Workspace workspace = {});
 
 // `iters` Lloyd iterations from the given centroids, each one assign then update. On return the
 // labels are the last assignment, sizes count them, and every non-empty centroid is the mean of its
 // labelled points. iters = 0 only assigns (warm-start with no refinement).
-void kmeans(const TensorView& points, TensorView centroids, TensorView labels, TensorView sizes,
-            int iters, const Stream& stream, Workspace workspace = {});
+void kmeans(const TensorView& points, TensorView centroids, TensorView labels, TensorView sizes, int iters,
+            const Stream& stream, Workspace workspace = {});
 
 // Scratch bytes kmeans_init, kmeans_assign, kmeans_update and kmeans need on `device` for B*H problems of N points,
 // C clusters and dimension D (0 on the CPU). A smaller workspace throws WorkspaceError.
-size_t kmeans_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clusters, int64_t dim,
-                              Device device);
+size_t kmeans_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clusters, int64_t dim, Device device);
 
 // ---------------------------------------------------------------------------------------------
 // Block selection.
@@ -69,8 +68,7 @@ size_t kmeans_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clust
 // ties by lower index; the shortest prefix whose fp32 running sum reaches top_p is kept (the
 // crossing cluster included, rank 0 always), and the first `min_kept` ranks are always kept.
 // top_p >= 1 keeps every cluster of the row.
-void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask,
-                  const Stream& stream);
+void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, const Stream& stream);
 
 // SVG2's selection: S = q_centroids . k_centroids^T * scale; per row the key-cluster-size
 // weighted softmax P_ij = |K_j| exp(S_ij - m_i) / sum_j |K_j| exp(S_ij - m_i), with m_i the row
@@ -78,9 +76,8 @@ void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView
 //   q_centroids [B,H,Cq,D] f32, k_centroids [B,H,Ck,D] f32, k_sizes [B,H,Ck] i32 (contiguous)
 //   mask        [B,H,Cq,Ck] u8 (any strides)
 // A row whose key clusters are all empty keeps nothing.
-void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids,
-                   const TensorView& k_sizes, float scale, float top_p, int min_kept,
-                   TensorView mask, const Stream& stream);
+void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
+                   float top_p, int min_kept, TensorView mask, const Stream& stream);
 
 // HunyuanVideo's joint-text rule on a mask of Cq+2 rows and Ck+2 columns whose last two rows and
 // columns are the "prompt" and "padding" clusters: video rows also keep the prompt column (never
@@ -103,12 +100,11 @@ void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_l
 
 // Stable counting sort of tokens by label: clusters in index order, tokens of one cluster in
 // their original order.
-void cluster_permutation(const TensorView& labels, int num_clusters, TensorView perm,
-                         TensorView offsets, const Stream& stream, Workspace workspace = {});
+void cluster_permutation(const TensorView& labels, int num_clusters, TensorView perm, TensorView offsets,
+                         const Stream& stream, Workspace workspace = {});
 
 // Scratch bytes cluster_permutation needs on `device` (0 on the CPU).
-size_t cluster_permutation_workspace_bytes(int64_t batch_heads, int64_t tokens, int num_clusters,
-                                           Device device);
+size_t cluster_permutation_workspace_bytes(int64_t batch_heads, int64_t tokens, int num_clusters, Device device);
 
 // out[b,h,j,:] = x[b,h,perm[b,h,j],:]. x and out [B,H,N,D], any strides and floating dtypes.
 void gather_rows(const TensorView& x, const TensorView& perm, TensorView out, const Stream& stream);
@@ -134,9 +130,8 @@ struct BlockLayout {
 // Attention of each query over exactly the keys of its query cluster's kept key clusters.
 //   q [B,H,Sq,D], k and v [B,H,Sk,D]: cluster-permuted, f32/f16/bf16, any strides.
 // Offsets must start at 0, be non-decreasing and end at Sq (resp. Sk).
-void block_sparse_attention(const TensorView& q, const TensorView& k, const TensorView& v,
-                            const BlockLayout& layout, float scale, TensorView out, TensorView lse,
-                            const Stream& stream);
+void block_sparse_attention(const TensorView& q, const TensorView& k, const TensorView& v, const BlockLayout& layout,
+                            float scale, TensorView out, TensorView lse, const Stream& stream);
 
 // Share of query-key pairs a layout computes, per (b,h): sum over kept (a,b) of |Q_a|*|K_b|,
 // divided by Sq*Sk, where Sq and Sk are the last offsets. Offsets must start at 0 and be
@@ -144,8 +139,8 @@ void block_sparse_attention(const TensorView& q, const TensorView& k, const Tens
 void block_density(const BlockLayout& layout, TensorView density, const Stream& stream);
 
 // Full attention of every query over every key.
-void dense_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale,
-                     TensorView out, TensorView lse, const Stream& stream);
+void dense_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale, TensorView out,
+                     TensorView lse, const Stream& stream);
 
 // ---------------------------------------------------------------------------------------------
 // Input checks.

@@ -50,21 +50,18 @@ struct Svg2Outputs {
 };
 
 // Bytes of workspace svg2_attention needs for this shape, config and input dtype on `device`.
-size_t svg2_workspace_bytes(const AttentionShape& shape, const Config& config, DType dtype,
-                            Device device);
+size_t svg2_workspace_bytes(const AttentionShape& shape, const Config& config, DType dtype, Device device);
 
 // q, k, v: [B,H,S,D] f32/f16/bf16, any strides, finite (checked unless config.check_finite is
 // false: NonFiniteError otherwise).
 // The first call on a fresh branch samples centroids (seeded by config.seed) and runs
 // kmeans_iters_init iterations; later calls warm-start and run kmeans_iters_step. A branch whose
 // cached centroids have another shape throws InvalidArgumentError (call LayerState::reset()).
-void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& v,
-                    const Config& config, BranchState& state, const Svg2Outputs& outputs,
-                    Workspace workspace, const Stream& stream);
+void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
+                    BranchState& state, const Svg2Outputs& outputs, Workspace workspace, const Stream& stream);
 
 // Convenience for hosts that do not manage memory: allocates the workspace on the stream's device.
-void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& v,
-                    const Config& config, BranchState& state, const Svg2Outputs& outputs,
-                    const Stream& stream);
+void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
+                    BranchState& state, const Svg2Outputs& outputs, const Stream& stream);
 
 }  // namespace sapattn

@@ -39,8 +39,7 @@ struct TensorView {
   Device device = Device::cpu();
 
   // Row-major contiguous view of the given shape.
-  static TensorView contiguous(void* data, DType dtype, std::vector<int64_t> shape,
-                               Device device = Device::cpu());
+  static TensorView contiguous(void* data, DType dtype, std::vector<int64_t> shape, Device device = Device::cpu());
   // Logical [B,H,S,D] over memory laid out as [B,H,S,D] (contiguous).
   static TensorView bhsd(void* data, DType dtype, int64_t B, int64_t H, int64_t S, int64_t D,
                          Device device = Device::cpu());
@@ -92,7 +91,9 @@ class Tensor {
   size_t bytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
   void* data() const { return buffer_.data(); }
   template <typename T>
-  T* data_as() const { return static_cast<T*>(buffer_.data()); }
+  T* data_as() const {
+    return static_cast<T*>(buffer_.data());
+  }
   Device device() const { return buffer_.device(); }
   bool defined() const { return buffer_.data() != nullptr || numel() == 0; }
 

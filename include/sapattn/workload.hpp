@@ -72,8 +72,8 @@ using Progress = std::function<void(int64_t done, int64_t total)>;
 // Deterministic for (preset, seed, dtype): the same bytes on every run and thread count.
 // threads: worker threads (0 = all hardware threads). Throws InvalidArgumentError for a preset
 // with non-positive sizes or bad text/RoPE fields, DTypeError for a non-floating dtype.
-Workload generate(const Preset& preset, uint64_t seed, DType dtype = DType::BF16,
-                  const Progress& progress = {}, int threads = 0);
+Workload generate(const Preset& preset, uint64_t seed, DType dtype = DType::BF16, const Progress& progress = {},
+                  int threads = 0);
 
 // Calibration: per head, the mean over batch items and sampled queries of the share of the
 // softmax attention mass (scores q.k * scale, all keys) held by that query's top

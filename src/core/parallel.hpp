@@ -1,5 +1,5 @@
-// Fork-join parallelism for host code (the CPU backend, the workload generator, evaluation). Work is split into fixed, index-ordered tasks so that
-// every result is the same for any thread count (a task's arithmetic never depends on which
+// Fork-join parallelism for host code (the CPU backend, the workload generator, evaluation). Work is split into fixed,
+// index-ordered tasks so that every result is the same for any thread count (a task's arithmetic never depends on which
 // thread runs it).
 #pragma once
 

@@ -59,8 +59,8 @@ bool TensorView::is_contiguous() const {
 
 TensorView TensorView::slice(int dim, int64_t lo, int64_t hi) const {
   SAPATTN_CHECK(dim >= 0 && dim < rank, ShapeError, "slice dim ", dim, " out of rank ", rank);
-  SAPATTN_CHECK(0 <= lo && lo <= hi && hi <= shape[dim], ShapeError, "slice [", lo, ",", hi,
-                ") out of extent ", shape[dim], " in dim ", dim);
+  SAPATTN_CHECK(0 <= lo && lo <= hi && hi <= shape[dim], ShapeError, "slice [", lo, ",", hi, ") out of extent ",
+                shape[dim], " in dim ", dim);
   TensorView t = *this;
   if (data != nullptr) t.data = static_cast<char*>(data) + lo * stride[dim] * static_cast<int64_t>(dtype_size(dtype));
   t.shape[dim] = hi - lo;
@@ -98,8 +98,8 @@ Buffer Buffer::allocate(size_t bytes, Device device) {
     return b;
   }
 #endif
-  SAPATTN_CHECK(device.type == DeviceType::CPU, UnsupportedError, "cannot allocate on ",
-                to_string(device), ": this build has only the CPU backend");
+  SAPATTN_CHECK(device.type == DeviceType::CPU, UnsupportedError, "cannot allocate on ", to_string(device),
+                ": this build has only the CPU backend");
   Buffer b;
   b.bytes_ = bytes;
   b.device_ = device;

@@ -8,8 +8,8 @@
 #include <limits>
 #include <vector>
 
-#include "cpu/backend.hpp"
 #include "core/parallel.hpp"
+#include "cpu/backend.hpp"
 #include "cpu/rows.hpp"
 #include "sapattn/error.hpp"
 
@@ -46,9 +46,8 @@ void load_slice(const TensorView& t, int64_t b, int64_t h, std::vector<float>& d
 
 // Attention of the query rows [q_begin, q_end) (at most kQueryTile) over the key segments.
 // Writes out rows and lse entries of those queries.
-void attend_tile(const float* q, const float* k, const float* v, int64_t D, float scale, int64_t q_begin,
-                 int64_t q_end, const std::vector<Segment>& keys, const TensorView& out, const TensorView& lse,
-                 int64_t b, int64_t h) {
+void attend_tile(const float* q, const float* k, const float* v, int64_t D, float scale, int64_t q_begin, int64_t q_end,
+                 const std::vector<Segment>& keys, const TensorView& out, const TensorView& lse, int64_t b, int64_t h) {
   const int64_t rows = q_end - q_begin;
   float row_max[kQueryTile], row_sum[kQueryTile];
   std::vector<float> acc(rows * D, 0.0f);
@@ -99,10 +98,10 @@ void attend_tile(const float* q, const float* k, const float* v, int64_t D, floa
 void check_offsets(const int32_t* off, int64_t C, int64_t total, const char* name, int64_t b, int64_t h) {
   SAPATTN_CHECK(off[0] == 0, InvalidArgumentError, name, "[b=", b, ",h=", h, "] must start at 0, got ", off[0]);
   for (int64_t c = 0; c < C; ++c)
-    SAPATTN_CHECK(off[c + 1] >= off[c], InvalidArgumentError, name, "[b=", b, ",h=", h, "] decreases at cluster ",
-                  c, ": ", off[c], " -> ", off[c + 1]);
-  SAPATTN_CHECK(total < 0 || off[C] == total, InvalidArgumentError, name, "[b=", b, ",h=", h, "] must end at ", total, ", got ",
-                off[C]);
+    SAPATTN_CHECK(off[c + 1] >= off[c], InvalidArgumentError, name, "[b=", b, ",h=", h, "] decreases at cluster ", c,
+                  ": ", off[c], " -> ", off[c + 1]);
+  SAPATTN_CHECK(total < 0 || off[C] == total, InvalidArgumentError, name, "[b=", b, ",h=", h, "] must end at ", total,
+                ", got ", off[C]);
 }
 
 // The shared engine. `key_lists(b, h, a)` gives the key segments of query cluster a; `q_off` the
@@ -130,8 +129,8 @@ void run_attention(const TensorView& q, const TensorView& k, const TensorView& v
       for (size_t a = 0; a + 1 < bounds.size(); ++a) lists[a] = key_list(b, h, static_cast<int64_t>(a));
       parallel_for(static_cast<int64_t>(tiles.size()), threads, [&](int64_t t) {
         const Tile& tile = tiles[t];
-        attend_tile(qf.data(), kf.data(), vf.data(), D, scale, tile.begin, tile.end, lists[tile.cluster], out, lse,
-                    b, h);
+        attend_tile(qf.data(), kf.data(), vf.data(), D, scale, tile.begin, tile.end, lists[tile.cluster], out, lse, b,
+                    h);
       });
     }
   }
@@ -139,8 +138,8 @@ void run_attention(const TensorView& q, const TensorView& k, const TensorView& v
 
 }  // namespace
 
-void block_sparse_attention(const TensorView& q, const TensorView& k, const TensorView& v,
-                            const BlockLayout& layout, float scale, TensorView out, TensorView lse, int threads) {
+void block_sparse_attention(const TensorView& q, const TensorView& k, const TensorView& v, const BlockLayout& layout,
+                            float scale, TensorView out, TensorView lse, int threads) {
   const int64_t B = q.shape[0], H = q.shape[1], Sq = q.shape[2], Sk = k.shape[2];
   const int64_t Cq = layout.q_offsets.shape[2] - 1, Ck = layout.k_offsets.shape[2] - 1;
   for (int64_t b = 0; b < B; ++b)
@@ -173,8 +172,13 @@ void dense_attention(const TensorView& q, const TensorView& k, const TensorView&
                      TensorView lse, int threads) {
   const int64_t Sq = q.shape[2], Sk = k.shape[2];
   run_attention(
-      q, k, v, scale, out, lse, threads, [&](int64_t, int64_t) { return std::vector<int64_t>{0, Sq}; },
-      [&](int64_t, int64_t, int64_t) { return std::vector<Segment>{{0, Sk}}; });
+      q, k, v, scale, out, lse, threads,
+      [&](int64_t, int64_t) {
+        return std::vector<int64_t>{0, Sq};
+      },
+      [&](int64_t, int64_t, int64_t) {
+        return std::vector<Segment>{{0, Sk}};
+      });
 }
 
 void block_density(const BlockLayout& layout, TensorView density, int threads) {

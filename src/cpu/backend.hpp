@@ -10,26 +10,23 @@ namespace sapattn::cpu {
 void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, int threads);
 void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels, int threads);
 // move_centroids = false only counts sizes (kmeans with zero iterations).
-void kmeans_update(const TensorView& points, const TensorView& labels, TensorView centroids,
-                   TensorView sizes, bool move_centroids, int threads);
+void kmeans_update(const TensorView& points, const TensorView& labels, TensorView centroids, TensorView sizes,
+                   bool move_centroids, int threads);
 
 void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, int threads);
-void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes,
-                   float scale, float top_p, int min_kept, TensorView mask, int threads);
+void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
+                   float top_p, int min_kept, TensorView mask, int threads);
 void apply_text_rule(TensorView mask, int threads);
 
-void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_length, int prompt_label,
-                       int threads);
-void cluster_permutation(const TensorView& labels, int num_clusters, TensorView perm, TensorView offsets,
-                         int threads);
+void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_length, int prompt_label, int threads);
+void cluster_permutation(const TensorView& labels, int num_clusters, TensorView perm, TensorView offsets, int threads);
 void gather_rows(const TensorView& x, const TensorView& perm, TensorView out, int threads);
 void scatter_rows(const TensorView& y, const TensorView& perm, TensorView out, int threads);
 
-void block_sparse_attention(const TensorView& q, const TensorView& k, const TensorView& v,
-                            const BlockLayout& layout, float scale, TensorView out, TensorView lse,
-                            int threads);
-void dense_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale,
-                     TensorView out, TensorView lse, int threads);
+void block_sparse_attention(const TensorView& q, const TensorView& k, const TensorView& v, const BlockLayout& layout,
+                            float scale, TensorView out, TensorView lse, int threads);
+void dense_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale, TensorView out,
+                     TensorView lse, int threads);
 void block_density(const BlockLayout& layout, TensorView density, int threads);
 
 void check_finite(const TensorView& x, const char* name, int threads);

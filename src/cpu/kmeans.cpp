@@ -6,8 +6,8 @@
 #include <numeric>
 #include <vector>
 
-#include "cpu/backend.hpp"
 #include "core/parallel.hpp"
+#include "cpu/backend.hpp"
 #include "cpu/rows.hpp"
 #include "sapattn/error.hpp"
 

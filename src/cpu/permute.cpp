@@ -1,24 +1,23 @@
 // Cluster permutation on the CPU: a stable counting sort per (b,h), and row gathers/scatters.
 #include <vector>
 
-#include "cpu/backend.hpp"
 #include "core/parallel.hpp"
+#include "cpu/backend.hpp"
 #include "cpu/rows.hpp"
 #include "sapattn/error.hpp"
 
 namespace sapattn::cpu {
 
-void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_length, int prompt_label,
-                       int threads) {
+void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_length, int prompt_label, int threads) {
   const int64_t B = labels.shape[0], H = labels.shape[1], S = labels.shape[2];
   parallel_for(B * H, threads, [&](int64_t bh) {
     int32_t* lab = &at<int32_t>(labels, bh / H, bh % H);
-    for (int64_t s = video_tokens; s < S; ++s) lab[s] = s < video_tokens + prompt_length ? prompt_label : prompt_label + 1;
+    for (int64_t s = video_tokens; s < S; ++s)
+      lab[s] = s < video_tokens + prompt_length ? prompt_label : prompt_label + 1;
   });
 }
 
-void cluster_permutation(const TensorView& labels, int num_clusters, TensorView perm, TensorView offsets,
-                         int threads) {
+void cluster_permutation(const TensorView& labels, int num_clusters, TensorView perm, TensorView offsets, int threads) {
   const int64_t B = labels.shape[0], H = labels.shape[1], N = labels.shape[2];
   const int64_t C = num_clusters;
   check_index_range(labels, C, "labels");

@@ -5,8 +5,8 @@
 #include <numeric>
 #include <vector>
 
-#include "cpu/backend.hpp"
 #include "core/parallel.hpp"
+#include "cpu/backend.hpp"
 #include "cpu/rows.hpp"
 #include "sapattn/error.hpp"
 
@@ -16,8 +16,8 @@ namespace {
 
 // Keeps the shortest descending-weight prefix of one row whose fp32 running sum reaches top_p
 // (at least one entry, at least min_kept). Writes all C entries of the mask row.
-void keep_top_p_row(const float* w, int64_t w_stride, int64_t C, float top_p, int64_t min_kept,
-                    uint8_t* mask, int64_t mask_stride, std::vector<int32_t>& order) {
+void keep_top_p_row(const float* w, int64_t w_stride, int64_t C, float top_p, int64_t min_kept, uint8_t* mask,
+                    int64_t mask_stride, std::vector<int32_t>& order) {
   if (top_p >= 1.0f) {
     for (int64_t c = 0; c < C; ++c) mask[c * mask_stride] = 1;
     return;
@@ -25,8 +25,7 @@ void keep_top_p_row(const float* w, int64_t w_stride, int64_t C, float top_p, in
   order.resize(C);
   std::iota(order.begin(), order.end(), 0);
   // Stable sort on an index-ordered array: equal weights keep the lower index first.
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int32_t a, int32_t b) { return w[a * w_stride] > w[b * w_stride]; });
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return w[a * w_stride] > w[b * w_stride]; });
   int64_t kept = C;  // if rounding keeps the sum below top_p, every cluster is kept
   float running = 0.0f;
   for (int64_t r = 0; r < C; ++r) {
@@ -54,8 +53,8 @@ void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView
   });
 }
 
-void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes,
-                   float scale, float top_p, int min_kept, TensorView mask, int threads) {
+void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
+                   float top_p, int min_kept, TensorView mask, int threads) {
   const int64_t B = q_centroids.shape[0], H = q_centroids.shape[1];
   const int64_t Cq = q_centroids.shape[2], Ck = k_centroids.shape[2], D = q_centroids.shape[3];
   for (int64_t b = 0; b < B; ++b)
@@ -106,8 +105,8 @@ void apply_text_rule(TensorView mask, int threads) {
       m(a, padding) = 0;
     }
     for (int64_t c = 0; c < Ck; ++c) {
-      m(Cq, c) = 1;            // the prompt sees all video
-      m(Cq + 1, c) = 0;        // padding sees no video
+      m(Cq, c) = 1;      // the prompt sees all video
+      m(Cq + 1, c) = 0;  // padding sees no video
     }
     m(Cq, prompt) = 1;
     m(Cq, padding) = 0;

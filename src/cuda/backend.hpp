@@ -43,8 +43,8 @@ void kmeans(const TensorView& points, TensorView centroids, TensorView labels, T
             const Stream& stream, Workspace workspace, AssignStats stats = {});
 
 void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, const Stream& stream);
-void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes,
-                   float scale, float top_p, int min_kept, TensorView mask, const Stream& stream);
+void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
+                   float top_p, int min_kept, TensorView mask, const Stream& stream);
 void apply_text_rule(TensorView mask, const Stream& stream);
 void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_length, int prompt_label,
                        const Stream& stream);

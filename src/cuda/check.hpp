@@ -35,8 +35,7 @@ inline bool is_no_device_error(cudaError_t e) {
   // Consume the error, so that a later call (CUB reads cudaGetLastError after its launches) does not
   // report this one again. Sticky errors (a kernel fault) stay: the context is lost anyway.
   (void)cudaGetLastError();
-  const std::string message =
-      detail::concat(what, " failed: ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");
+  const std::string message = detail::concat(what, " failed: ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");
   if (is_no_device_error(e)) throw UnsupportedError("no usable CUDA device: " + message, file, line);
   throw CudaError(message, e, file, line);
 }
@@ -44,11 +43,11 @@ inline bool is_no_device_error(cudaError_t e) {
 }  // namespace sapattn::cuda
 
 // Checks the cudaError_t of a runtime call and throws the typed error above when it failed.
-#define SAPATTN_CUDA_CHECK(call)                                                              \
-  do {                                                                                        \
-    const cudaError_t sapattn_cuda_status_ = (call);                                          \
-    if (sapattn_cuda_status_ != cudaSuccess)                                                  \
-      ::sapattn::cuda::throw_cuda_error(sapattn_cuda_status_, #call, __FILE__, __LINE__);    \
+#define SAPATTN_CUDA_CHECK(call)                                                          \
+  do {                                                                                    \
+    const cudaError_t sapattn_cuda_status_ = (call);                                      \
+    if (sapattn_cuda_status_ != cudaSuccess)                                              \
+      ::sapattn::cuda::throw_cuda_error(sapattn_cuda_status_, #call, __FILE__, __LINE__); \
   } while (0)
 
 namespace sapattn::cuda {

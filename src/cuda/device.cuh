@@ -25,9 +25,13 @@ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 template <typename T>
-__host__ __device__ constexpr T min_of(T a, T b) { return b < a ? b : a; }
+__host__ __device__ constexpr T min_of(T a, T b) {
+  return b < a ? b : a;
+}
 template <typename T>
-__host__ __device__ constexpr T max_of(T a, T b) { return a < b ? b : a; }
+__host__ __device__ constexpr T max_of(T a, T b) {
+  return a < b ? b : a;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Element types
@@ -42,10 +46,14 @@ struct TypeTag {
 template <typename F>
 decltype(auto) dispatch_float(DType dtype, F&& f) {
   switch (dtype) {
-    case DType::F32: return f(TypeTag<float>{});
-    case DType::F16: return f(TypeTag<__half>{});
-    case DType::BF16: return f(TypeTag<__nv_bfloat16>{});
-    default: break;
+    case DType::F32:
+      return f(TypeTag<float>{});
+    case DType::F16:
+      return f(TypeTag<__half>{});
+    case DType::BF16:
+      return f(TypeTag<__nv_bfloat16>{});
+    default:
+      break;
   }
   SAPATTN_THROW(DTypeError, "expected a floating dtype, got ", dtype_name(dtype));
 }
@@ -110,9 +118,9 @@ class Carver {
 // ---------------------------------------------------------------------------------------------
 
 enum ValueError : int {
-  kBadLabel = 1,       // a label outside [0, C)
-  kBadPermIndex = 2,   // a permutation index outside [0, N)
-  kBadOffsets = 4,     // offsets not non-decreasing or outside [0, S]
+  kBadLabel = 1,      // a label outside [0, C)
+  kBadPermIndex = 2,  // a permutation index outside [0, N)
+  kBadOffsets = 4,    // offsets not non-decreasing or outside [0, S]
 };
 
 // The device's flag word (a __device__ variable of runtime.cu; one per device).

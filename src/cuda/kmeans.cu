@@ -77,12 +77,12 @@ InitScratch carve_init(Carver& carver, int64_t batch_heads, int64_t points) {
 }
 
 struct KmeansScratch {
-  void* operand = nullptr;       // [B*H, C_pad, D] operand dtype (2 bytes)
-  float* half_norm = nullptr;    // [B*H, C_pad]
-  int32_t* stats = nullptr;      // [B*H, 2]
+  void* operand = nullptr;     // [B*H, C_pad, D] operand dtype (2 bytes)
+  float* half_norm = nullptr;  // [B*H, C_pad]
+  int32_t* stats = nullptr;    // [B*H, 2]
   int64_t c_pad = 0;
   LabelSort sort;
-  int32_t* offsets = nullptr;    // [B*H, C+1]
+  int32_t* offsets = nullptr;  // [B*H, C+1]
 };
 
 KmeansScratch carve_kmeans(Carver& carver, int64_t batch_heads, int64_t points, int64_t clusters, int64_t dim) {
@@ -132,8 +132,8 @@ __global__ void init_gather_kernel(PointsView pts, const int32_t* __restrict__ o
 // ---------------------------------------------------------------------------------------------
 
 template <typename OpT, int D>
-__global__ void prepare_kernel(const float* __restrict__ centroids, int64_t C, int64_t c_pad,
-                               OpT* __restrict__ operand, float* __restrict__ half_norm, int32_t* __restrict__ stats) {
+__global__ void prepare_kernel(const float* __restrict__ centroids, int64_t C, int64_t c_pad, OpT* __restrict__ operand,
+                               float* __restrict__ half_norm, int32_t* __restrict__ stats) {
   constexpr int kPerLane = D / 32;
   const int64_t bh = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -178,11 +178,11 @@ void prepare_centroids(const TensorView& centroids, DType points_dtype, const Km
   const dim3 grid(static_cast<unsigned>(ceil_div(s.c_pad, kThreads / 32)), static_cast<unsigned>(BH));
   const float* c = static_cast<const float*>(centroids.data);
   if (operand_dtype(points_dtype) == DType::F16) {
-    prepare_kernel<__half, D><<<grid, kThreads, 0, stream>>>(c, C, s.c_pad, static_cast<__half*>(s.operand),
-                                                             s.half_norm, s.stats);
+    prepare_kernel<__half, D>
+        <<<grid, kThreads, 0, stream>>>(c, C, s.c_pad, static_cast<__half*>(s.operand), s.half_norm, s.stats);
   } else {
-    prepare_kernel<__nv_bfloat16, D><<<grid, kThreads, 0, stream>>>(
-        c, C, s.c_pad, static_cast<__nv_bfloat16*>(s.operand), s.half_norm, s.stats);
+    prepare_kernel<__nv_bfloat16, D>
+        <<<grid, kThreads, 0, stream>>>(c, C, s.c_pad, static_cast<__nv_bfloat16*>(s.operand), s.half_norm, s.stats);
   }
   SAPATTN_CUDA_CHECK_LAUNCH();
 }
@@ -196,9 +196,9 @@ constexpr int kExactPoints = 32;
 constexpr int kExactCentroids = 8;
 
 template <typename T>
-__global__ void __launch_bounds__(kExactPoints) exact_assign_kernel(PointsView pts, const float* __restrict__ centroids,
-                                                                    int64_t C, int32_t* __restrict__ labels,
-                                                                    int64_t l_stride_b, int64_t l_stride_h) {
+__global__ void __launch_bounds__(kExactPoints)
+    exact_assign_kernel(PointsView pts, const float* __restrict__ centroids, int64_t C, int32_t* __restrict__ labels,
+                        int64_t l_stride_b, int64_t l_stride_h) {
   extern __shared__ float exact_smem[];
   const int64_t D = pts.D;
   float* xs = exact_smem;                           // [32][D + 1]
@@ -275,9 +275,9 @@ constexpr int kMeanUnroll = 4;  // rows in flight per warp
 // kVec > 0: unit stride along d, D = 32 * kVec and rows aligned to kVec elements: lane l owns dims
 // [kVec l, kVec l + kVec) and reads them with one vector load per row, kMeanUnroll rows at a time.
 template <typename T, int kVec>
-__global__ void __launch_bounds__(kMeanWarps * 32) mean_kernel(PointsView pts, const int32_t* __restrict__ order,
-                                                              const int32_t* __restrict__ offsets, int64_t C,
-                                                              float* __restrict__ centroids) {
+__global__ void __launch_bounds__(kMeanWarps * 32)
+    mean_kernel(PointsView pts, const int32_t* __restrict__ order, const int32_t* __restrict__ offsets, int64_t C,
+                float* __restrict__ centroids) {
   constexpr int kDims = kVec > 0 ? 32 * kVec : kMeanDims;
   constexpr int kPerLane = kDims / 32;
   __shared__ double partial[kMeanWarps][kDims];
@@ -302,7 +302,8 @@ __global__ void __launch_bounds__(kMeanWarps * 32) mean_kernel(PointsView pts, c
         Chunk chunk[kMeanUnroll];
 #pragma unroll
         for (int u = 0; u < kMeanUnroll; ++u)
-          chunk[u] = reinterpret_cast<const Chunk*>(base + static_cast<int64_t>(idx[j + u * kMeanWarps]) * pts.stride[2])[lane];
+          chunk[u] = reinterpret_cast<const Chunk*>(base + static_cast<int64_t>(idx[j + u * kMeanWarps]) *
+                                                               pts.stride[2])[lane];
 #pragma unroll
         for (int u = 0; u < kMeanUnroll; ++u)
 #pragma unroll
@@ -465,10 +466,9 @@ void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, 
       seed, BH, pts.N, s.keys_in, s.index_in, s.segments);
   SAPATTN_CUDA_CHECK_LAUNCH();
   size_t temp_bytes = s.temp_bytes;
-  SAPATTN_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairs(s.temp, temp_bytes, s.keys_in, s.keys_out, s.index_in,
-                                                              s.index_out, static_cast<int>(BH * pts.N),
-                                                              static_cast<int>(BH), s.segments, s.segments + 1, 0, 64,
-                                                              st));
+  SAPATTN_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairs(
+      s.temp, temp_bytes, s.keys_in, s.keys_out, s.index_in, s.index_out, static_cast<int>(BH * pts.N),
+      static_cast<int>(BH), s.segments, s.segments + 1, 0, 64, st));
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(C * pts.D, kThreads), 1024)),
                   static_cast<unsigned>(BH));
   dispatch_float(points.dtype, [&](auto tag) {

@@ -270,8 +270,8 @@ __global__ void __launch_bounds__(kThreads, 2) assign_kernel(const TensorCoreAss
     for (int ks = 0; ks < kKSteps; ++ks) {
       const int row = warp * kRowsPerWarp + mt * 16 + (lane % 16);
       const int ch = ks * 2 + lane / 16;
-      ldmatrix_x4(smem_addr(smem + L::kOffA + swizzle<kChunks>(row, ch) * 16), a[mt][ks][0], a[mt][ks][1],
-                  a[mt][ks][2], a[mt][ks][3]);
+      ldmatrix_x4(smem_addr(smem + L::kOffA + swizzle<kChunks>(row, ch) * 16), a[mt][ks][0], a[mt][ks][1], a[mt][ks][2],
+                  a[mt][ks][3]);
     }
 
   // Per row slot (m tile, upper/lower 8 rows) the two smallest keys so far.
@@ -384,8 +384,8 @@ __global__ void __launch_bounds__(kThreads, 2) assign_kernel(const TensorCoreAss
       const int d = k * 8 + part;
       float x;
       if constexpr (std::is_same_v<InT, OpT>) {
-        const uint16_t bits = *reinterpret_cast<const uint16_t*>(smem + L::kOffA +
-                                                                 swizzle<kChunks>(item.x, k) * 16 + part * 2);
+        const uint16_t bits =
+            *reinterpret_cast<const uint16_t*>(smem + L::kOffA + swizzle<kChunks>(item.x, k) * 16 + part * 2);
         x = unpack<OpT>(bits, 0);
       } else {
         x = to_f32(pts[(n0 + item.x) * p.p_stride[2] + d * p.p_stride[3]]);

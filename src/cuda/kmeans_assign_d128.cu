@@ -5,7 +5,7 @@ namespace sapattn::cuda {
 
 template <>
 void launch_tensor_core_assign<128>(const TensorCoreAssignParams& p, DType points_dtype, int64_t batch_heads,
-                                   cudaStream_t stream) {
+                                    cudaStream_t stream) {
   tc::launch<128>(p, points_dtype, batch_heads, stream);
 }
 

@@ -23,7 +23,7 @@ constexpr DType operand_dtype(DType points) { return points == DType::F16 ? DTyp
 // The centroids as the assignment kernel reads them, written once per Lloyd iteration by
 // prepare_centroids (kmeans.cu).
 struct PreparedCentroids {
-  const void* operand = nullptr;  // [B*H, C_pad, D] operand dtype: round(-c); zero rows past C
+  const void* operand = nullptr;     // [B*H, C_pad, D] operand dtype: round(-c); zero rows past C
   const float* half_norm = nullptr;  // [B*H, C_pad]: ||c||^2 / 2 in fp32; +inf past C
   const int32_t* stats = nullptr;    // [B*H, 2]: fp32 bits of max_c ||c||^2 and max_c ||c - round(c)||
   int64_t c_pad = 0;
@@ -40,8 +40,8 @@ struct TensorCoreAssignParams {
   int32_t* labels = nullptr;
   int64_t l_stride_b = 0, l_stride_h = 0;
   unsigned long long* refined = nullptr;  // optional counter of re-ranked rows
-  int index_bits = 1;    // bits of a column index: bit_width(C_pad - 1)
-  int index_mask = 1;    // (1 << index_bits) - 1
+  int index_bits = 1;                     // bits of a column index: bit_width(C_pad - 1)
+  int index_mask = 1;                     // (1 << index_bits) - 1
 };
 
 // Launches the tensor-core assignment for head dim D over B*H problems.

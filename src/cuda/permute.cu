@@ -47,14 +47,20 @@ __global__ void label_offsets_kernel(const uint32_t* __restrict__ keys, int64_t 
   int64_t lo = 0, hi = N;
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
-    if (k[mid] < target) lo = mid + 1; else hi = mid;
+    if (k[mid] < target)
+      lo = mid + 1;
+    else
+      hi = mid;
   }
   offsets[t] = static_cast<int32_t>(lo);
   if (sizes != nullptr && c < clusters) {
     int64_t lo2 = lo, hi2 = N;  // first key >= target + 1
     while (lo2 < hi2) {
       const int64_t mid = (lo2 + hi2) / 2;
-      if (k[mid] <= target) lo2 = mid + 1; else hi2 = mid;
+      if (k[mid] <= target)
+        lo2 = mid + 1;
+      else
+        hi2 = mid;
     }
     sizes[bh * clusters + c] = static_cast<int32_t>(lo2 - lo);
   }
@@ -206,17 +212,15 @@ void move_rows(const TensorView& x, const TensorView& perm, TensorView out, cons
 // Label sort (label_sort.hpp)
 // ---------------------------------------------------------------------------------------------
 
-LabelSort carve_label_sort(Carver& carver, int64_t batch_heads, int64_t tokens, int64_t clusters,
-                           int32_t* index_out) {
+LabelSort carve_label_sort(Carver& carver, int64_t batch_heads, int64_t tokens, int64_t clusters, int32_t* index_out) {
   LabelSort s;
   s.batch_heads = batch_heads;
   s.tokens = tokens;
   s.clusters = clusters;
   const int64_t items = batch_heads * tokens;
   const int64_t max_key = batch_heads * (clusters + 1);  // keys lie in [0, max_key)
-  SAPATTN_CHECK(max_key <= (int64_t{1} << 32) && items < (int64_t{1} << 31), UnsupportedError,
-                "sorting ", batch_heads, " x ", tokens, " tokens into ", clusters,
-                " clusters exceeds the 32-bit keys of the CUDA label sort");
+  SAPATTN_CHECK(max_key <= (int64_t{1} << 32) && items < (int64_t{1} << 31), UnsupportedError, "sorting ", batch_heads,
+                " x ", tokens, " tokens into ", clusters, " clusters exceeds the 32-bit keys of the CUDA label sort");
   s.end_bit = std::max(1, static_cast<int>(std::bit_width(static_cast<uint64_t>(std::max<int64_t>(max_key - 1, 1)))));
   s.keys_in = carver.take<uint32_t>(items);
   s.keys_out = carver.take<uint32_t>(items);
@@ -238,9 +242,8 @@ void sort_by_label(const LabelSort& s, const LabelsView& labels, cudaStream_t st
                                                    value_error_flag());
   SAPATTN_CUDA_CHECK_LAUNCH();
   size_t temp_bytes = s.temp_bytes;
-  SAPATTN_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(s.temp, temp_bytes, s.keys_in, s.keys_out, s.index_in,
-                                                     s.index_out, static_cast<int>(s.batch_heads * s.tokens), 0,
-                                                     s.end_bit, stream));
+  SAPATTN_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(s.temp, temp_bytes, s.keys_in, s.keys_out, s.index_in, s.index_out,
+                                                     static_cast<int>(s.batch_heads * s.tokens), 0, s.end_bit, stream));
 }
 
 void label_offsets(const LabelSort& s, int32_t* offsets, int32_t* sizes, cudaStream_t stream) {

@@ -81,8 +81,8 @@ bool begin_value_check(const Stream& stream) {
   if (!value_checks() || is_capturing(stream_of(stream))) return false;
   g_value_mutex.lock();  // released by end_value_check
   const int zero = 0;
-  const cudaError_t e = cudaMemcpyToSymbolAsync(g_value_error, &zero, sizeof(int), 0, cudaMemcpyHostToDevice,
-                                                stream_of(stream));
+  const cudaError_t e =
+      cudaMemcpyToSymbolAsync(g_value_error, &zero, sizeof(int), 0, cudaMemcpyHostToDevice, stream_of(stream));
   if (e != cudaSuccess) {
     g_value_mutex.unlock();
     throw_cuda_error(e, "cudaMemcpyToSymbolAsync(value flag)", __FILE__, __LINE__);
@@ -93,8 +93,8 @@ bool begin_value_check(const Stream& stream) {
 void end_value_check(const Stream& stream, const char* op) {
   std::unique_lock<std::mutex> lock(g_value_mutex, std::adopt_lock);
   int flag = 0;
-  SAPATTN_CUDA_CHECK(cudaMemcpyFromSymbolAsync(&flag, g_value_error, sizeof(int), 0, cudaMemcpyDeviceToHost,
-                                               stream_of(stream)));
+  SAPATTN_CUDA_CHECK(
+      cudaMemcpyFromSymbolAsync(&flag, g_value_error, sizeof(int), 0, cudaMemcpyDeviceToHost, stream_of(stream)));
   SAPATTN_CUDA_CHECK(cudaStreamSynchronize(stream_of(stream)));
   SAPATTN_CHECK((flag & kBadLabel) == 0, InvalidArgumentError, op, ": a label is outside [0, C) (CUDA value check)");
   SAPATTN_CHECK((flag & kBadPermIndex) == 0, InvalidArgumentError, op,

@@ -20,8 +20,8 @@ namespace sapattn::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kTileCols = kThreads;  // key centroids staged per block of the score phase: one per thread
-constexpr int kTileDepth = 32;   // head-dim chunk staged at a time
+constexpr int kTileCols = kThreads;          // key centroids staged per block of the score phase: one per thread
+constexpr int kTileDepth = 32;               // head-dim chunk staged at a time
 constexpr int kTileStride = kTileDepth + 4;  // floats; 144-byte rows keep float4 reads conflict-free
 
 struct SelectParams {
@@ -305,8 +305,8 @@ void copy_strides(const TensorView& t, int64_t (&out)[4]) {
 // Joint-text rule and density
 // ---------------------------------------------------------------------------------------------
 
-__global__ void text_rule_kernel(uint8_t* __restrict__ mask, int64_t H, int64_t Cq, int64_t Ck, int64_t s0,
-                                 int64_t s1, int64_t s2, int64_t s3) {
+__global__ void text_rule_kernel(uint8_t* __restrict__ mask, int64_t H, int64_t Cq, int64_t Ck, int64_t s0, int64_t s1,
+                                 int64_t s2, int64_t s3) {
   const int64_t bh = blockIdx.x;
   uint8_t* m = mask + (bh / H) * s0 + (bh % H) * s1;
   auto at = [&](int64_t r, int64_t c) -> uint8_t& { return m[r * s2 + c * s3]; };
@@ -351,7 +351,8 @@ __global__ void density_kernel(DensityParams p) {
   for (int64_t a = 0; a < p.Cq; ++a) {
     const long long qa = static_cast<long long>(qo[a + 1]) - qo[a];
     for (int64_t c = threadIdx.x; c < p.Ck; c += kThreads)
-      if (m[a * p.mask_stride[2] + c * p.mask_stride[3]] != 0) pairs += qa * (static_cast<long long>(ko[c + 1]) - ko[c]);
+      if (m[a * p.mask_stride[2] + c * p.mask_stride[3]] != 0)
+        pairs += qa * (static_cast<long long>(ko[c + 1]) - ko[c]);
   }
   const long long total = Reduce(temp).Sum(pairs);
   if (threadIdx.x == 0) {
@@ -378,8 +379,8 @@ void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView
   run_select<true>(p, probs.shape[0] * probs.shape[1], false, stream_of(stream));
 }
 
-void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes,
-                   float scale, float top_p, int min_kept, TensorView mask, const Stream& stream) {
+void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
+                   float top_p, int min_kept, TensorView mask, const Stream& stream) {
   const DeviceGuard guard(stream.device);
   SelectParams p;
   p.q_centroids = static_cast<const float*>(q_centroids.data);

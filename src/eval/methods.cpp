@@ -16,10 +16,14 @@ namespace sapattn::eval {
 
 std::string_view method_name(Method m) {
   switch (m) {
-    case Method::Sap: return "sap";
-    case Method::Blocks: return "blocks";
-    case Method::Oracle: return "oracle";
-    case Method::Dense: return "dense";
+    case Method::Sap:
+      return "sap";
+    case Method::Blocks:
+      return "blocks";
+    case Method::Oracle:
+      return "oracle";
+    case Method::Dense:
+      return "dense";
   }
   return "?";
 }
@@ -145,8 +149,8 @@ std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const Te
                                     const Config& config, const std::vector<float>& top_ps, const MethodResult* dense,
                                     int threads) {
   SAPATTN_CHECK(method != Method::Dense, InvalidArgumentError, "a top-p sweep needs a sparse method, not dense");
-  SAPATTN_CHECK(method != Method::Oracle || (dense != nullptr && dense->method == Method::Dense),
-                InvalidArgumentError, "the oracle needs the dense result of the same inputs");
+  SAPATTN_CHECK(method != Method::Oracle || (dense != nullptr && dense->method == Method::Dense), InvalidArgumentError,
+                "the oracle needs the dense result of the same inputs");
   const Stream stream = Stream::cpu(threads);
   const AttentionShape shape = AttentionShape::of(q);
   const int64_t B = shape.batch, H = shape.heads, D = shape.head_dim;

@@ -181,8 +181,8 @@ class JsonParser {
     uint32_t cp = 0;
     for (int i = 0; i < 4; ++i) {
       const char h = text_[pos_ + i];
-      const size_t digit = std::string_view("0123456789abcdef")
-                               .find(static_cast<char>(std::tolower(static_cast<unsigned char>(h))));
+      const size_t digit =
+          std::string_view("0123456789abcdef").find(static_cast<char>(std::tolower(static_cast<unsigned char>(h))));
       if (digit == std::string_view::npos) {
         fail("\\u escape needs 4 hex digits, found '", printable(text_.substr(pos_, 4)), "'");
       }
@@ -325,7 +325,6 @@ class JsonParser {
   std::string_view context_;
   size_t pos_ = 0;
 };
-
 
 }  // namespace
 

@@ -196,8 +196,7 @@ class HeaderParser {
     }
     ++pos_;
     if (shape.size() > static_cast<size_t>(kMaxRank)) {
-      fail("shape ", detail::shape_string(shape), " has rank ", shape.size(), "; at most ", kMaxRank,
-           " is supported");
+      fail("shape ", detail::shape_string(shape), " has rank ", shape.size(), "; at most ", kMaxRank, " is supported");
     }
     return shape;
   }
@@ -230,8 +229,7 @@ Tensor parse_npy_from(std::span<const std::byte> bytes, const std::string& where
 
   const size_t length_bytes = major == 1 ? 2 : 4;
   const size_t prefix = kMagic.size() + 2 + length_bytes;
-  SAPATTN_CHECK(size >= prefix, FormatError, where, ": truncated: ", size,
-                " bytes end inside the header length field");
+  SAPATTN_CHECK(size >= prefix, FormatError, where, ": truncated: ", size, " bytes end inside the header length field");
   const size_t header_length = read_le(bytes.data() + 8, length_bytes);
   SAPATTN_CHECK(header_length <= size - prefix, FormatError, where, ": header length ", header_length,
                 " runs past the end of the input (", size - prefix, " bytes follow the length field)");
@@ -256,15 +254,13 @@ Tensor parse_npy_from(std::span<const std::byte> bytes, const std::string& where
   const size_t itemsize = dtype_size(dtype);
   const std::optional<int64_t> expected = detail::checked_byte_size(h.shape, itemsize);
   const size_t found = size - prefix - header_length;
-  SAPATTN_CHECK(expected.has_value(), FormatError, where, ": shape ", detail::shape_string(h.shape), " '",
-                h.descr, "' holds more bytes than fit in int64");
+  SAPATTN_CHECK(expected.has_value(), FormatError, where, ": shape ", detail::shape_string(h.shape), " '", h.descr,
+                "' holds more bytes than fit in int64");
   const auto needed = static_cast<uint64_t>(*expected);
-  SAPATTN_CHECK(needed <= found, FormatError, where, ": truncated data: shape ",
-                detail::shape_string(h.shape), " '", h.descr, "' needs ", needed, " bytes but ", found,
-                " follow the header");
-  SAPATTN_CHECK(needed == found, FormatError, where, ": ", found - needed,
-                " unexpected bytes after the data (", "shape ", detail::shape_string(h.shape), " '", h.descr,
-                "' needs ", needed, ", found ", found, ")");
+  SAPATTN_CHECK(needed <= found, FormatError, where, ": truncated data: shape ", detail::shape_string(h.shape), " '",
+                h.descr, "' needs ", needed, " bytes but ", found, " follow the header");
+  SAPATTN_CHECK(needed == found, FormatError, where, ": ", found - needed, " unexpected bytes after the data (",
+                "shape ", detail::shape_string(h.shape), " '", h.descr, "' needs ", needed, ", found ", found, ")");
 
   Tensor t(dtype, h.shape);
   if (needed > 0) std::memcpy(t.data(), bytes.data() + prefix + header_length, needed);
@@ -286,9 +282,7 @@ std::string shape_repr(const TensorView& t) {
 
 Tensor parse_npy(std::span<const std::byte> bytes) { return parse_npy_from(bytes, "npy data"); }
 
-Tensor read_npy(const std::string& path) {
-  return parse_npy_from(detail::read_file(path), "npy file '" + path + "'");
-}
+Tensor read_npy(const std::string& path) { return parse_npy_from(detail::read_file(path), "npy file '" + path + "'"); }
 
 std::vector<std::byte> serialize_npy(const TensorView& t) {
   std::string_view descr;

@@ -68,8 +68,7 @@ class HeaderReader {
 
   std::vector<Entry> read(const JsonValue& root) {
     if (root.kind != Kind::kObject) {
-      fail("the header must be a JSON object mapping tensor names to entries, found ",
-           json_kind_name(root.kind));
+      fail("the header must be a JSON object mapping tensor names to entries, found ", json_kind_name(root.kind));
     }
     std::vector<Entry> entries;
     for (const JsonValue::Member& m : root.object) {
@@ -176,26 +175,24 @@ void check_tiling(std::vector<const Entry*> sorted, uint64_t buffer_size, const 
     return a->begin != b->begin ? a->begin < b->begin : a->end < b->end;
   });
   const auto describe = [](const Entry* e) {
-    return ::sapattn::detail::concat("tensor '", detail::printable(e->name), "' [", e->begin, ", ", e->end,
-                                     ")");
+    return ::sapattn::detail::concat("tensor '", detail::printable(e->name), "' [", e->begin, ", ", e->end, ")");
   };
   int64_t covered = 0;
   const Entry* previous = nullptr;
   for (const Entry* e : sorted) {
-    SAPATTN_CHECK(e->begin >= covered, FormatError, where, ": header: ", describe(previous), " and ",
-                  describe(e), " overlap");
+    SAPATTN_CHECK(e->begin >= covered, FormatError, where, ": header: ", describe(previous), " and ", describe(e),
+                  " overlap");
     SAPATTN_CHECK(e->begin == covered, FormatError, where, ": header: bytes [", covered, ", ", e->begin,
                   ") of the data buffer belong to no tensor (a hole ",
                   previous ? "after " + describe(previous) : std::string("at the start"), ")");
     covered = e->end;
     previous = e;
   }
-  SAPATTN_CHECK(static_cast<uint64_t>(covered) == buffer_size, FormatError, where, ": header: bytes [",
-                covered, ", ", buffer_size, ") at the end of the data buffer belong to no tensor");
+  SAPATTN_CHECK(static_cast<uint64_t>(covered) == buffer_size, FormatError, where, ": header: bytes [", covered, ", ",
+                buffer_size, ") at the end of the data buffer belong to no tensor");
 }
 
-std::map<std::string, Tensor> parse_safetensors_from(std::span<const std::byte> bytes,
-                                                     const std::string& where) {
+std::map<std::string, Tensor> parse_safetensors_from(std::span<const std::byte> bytes, const std::string& where) {
   const uint64_t size = bytes.size();
   SAPATTN_CHECK(size >= 8, FormatError, where, ": truncated: ", size,
                 " bytes, shorter than the 8-byte header size field");
@@ -248,8 +245,7 @@ std::vector<std::byte> serialize_safetensors(const std::vector<std::pair<std::st
   int64_t offset = 0;
   for (const auto& [name, t] : tensors) {
     const std::string what = "serialize_safetensors: tensor '" + detail::printable(name) + "'";
-    SAPATTN_CHECK(!name.empty(), InvalidArgumentError,
-                  "serialize_safetensors: tensor names must be non-empty");
+    SAPATTN_CHECK(!name.empty(), InvalidArgumentError, "serialize_safetensors: tensor names must be non-empty");
     SAPATTN_CHECK(name != kMetadataKey, InvalidArgumentError, what, ": the name is reserved for metadata");
     SAPATTN_CHECK(detail::is_valid_utf8(name), InvalidArgumentError, what,
                   ": the name is not valid UTF-8, which the JSON header requires");
@@ -258,8 +254,8 @@ std::vector<std::byte> serialize_safetensors(const std::vector<std::pair<std::st
     SAPATTN_CHECK(dtype.has_value(), DTypeError, what, ": dtype ", dtype_name(t.dtype),
                   " is not supported (f32, f16 and bf16 are written)");
     detail::check_serializable(t, what);
-    const int64_t bytes = *detail::checked_byte_size(std::span(t.shape.data(), static_cast<size_t>(t.rank)),
-                                                     dtype_size(t.dtype));
+    const int64_t bytes =
+        *detail::checked_byte_size(std::span(t.shape.data(), static_cast<size_t>(t.rank)), dtype_size(t.dtype));
     SAPATTN_CHECK(bytes <= std::numeric_limits<int64_t>::max() - offset, ShapeError,
                   "serialize_safetensors: the tensors hold more bytes than fit in int64");
     if (header.size() > 1) header += ',';
@@ -283,8 +279,7 @@ std::vector<std::byte> serialize_safetensors(const std::vector<std::pair<std::st
   return out;
 }
 
-void write_safetensors(const std::string& path,
-                       const std::vector<std::pair<std::string, TensorView>>& tensors) {
+void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, TensorView>>& tensors) {
   detail::write_file(path, serialize_safetensors(tensors));
 }
 
@@ -304,9 +299,9 @@ Tensor read_tensor(const std::string& path, const std::string& name) {
     }
     available += (listed++ ? ", '" : "'") + detail::printable(n) + "'";
   }
-  SAPATTN_THROW(FormatError, "safetensors file '", path, "' has no tensor '", detail::printable(name),
-                "' (it holds ", tensors.size(), tensors.size() == 1 ? " tensor" : " tensors",
-                tensors.empty() ? "" : ": ", available, ")");
+  SAPATTN_THROW(FormatError, "safetensors file '", path, "' has no tensor '", detail::printable(name), "' (it holds ",
+                tensors.size(), tensors.size() == 1 ? " tensor" : " tensors", tensors.empty() ? "" : ": ", available,
+                ")");
 }
 
 }  // namespace sapattn::io

@@ -42,10 +42,10 @@ std::optional<int64_t> checked_byte_size(std::span<const int64_t> shape, size_t 
 }
 
 void check_serializable(const TensorView& t, std::string_view what) {
-  SAPATTN_CHECK(t.device.type == DeviceType::CPU, UnsupportedError, what, " needs a CPU tensor, got ",
-                t.describe(), "; copy it to the host first");
-  SAPATTN_CHECK(t.rank >= 0 && t.rank <= kMaxRank, ShapeError, what, ": rank ", t.rank, " is outside [0, ",
-                kMaxRank, "]");
+  SAPATTN_CHECK(t.device.type == DeviceType::CPU, UnsupportedError, what, " needs a CPU tensor, got ", t.describe(),
+                "; copy it to the host first");
+  SAPATTN_CHECK(t.rank >= 0 && t.rank <= kMaxRank, ShapeError, what, ": rank ", t.rank, " is outside [0, ", kMaxRank,
+                "]");
   const std::span<const int64_t> shape(t.shape.data(), static_cast<size_t>(t.rank));
   for (int i = 0; i < t.rank; ++i) {
     SAPATTN_CHECK(t.shape[i] >= 0, ShapeError, what, ": negative extent ", t.shape[i], " in dim ", i);

@@ -3,8 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
-#include "sapattn/error.hpp"
 #include "core/parallel.hpp"
+#include "sapattn/error.hpp"
 #include "workload/internal.hpp"
 
 namespace sapattn::workload {
@@ -12,14 +12,14 @@ namespace sapattn::workload {
 namespace {
 
 void check_qk(const TensorView& q, const TensorView& k) {
-  SAPATTN_CHECK(q.rank == 4 && k.rank == 4, ShapeError, "q and k must be [B,H,S,D], got ", q.describe(),
-                " and ", k.describe());
-  SAPATTN_CHECK(q.shape[0] == k.shape[0] && q.shape[1] == k.shape[1] && q.shape[3] == k.shape[3], ShapeError,
-                "q ", q.describe(), " and k ", k.describe(), " disagree in B, H or D");
-  SAPATTN_CHECK(q.shape[2] >= 1 && k.shape[2] >= 1 && q.shape[3] >= 1, ShapeError,
-                "empty q or k: ", q.describe(), ", ", k.describe());
-  SAPATTN_CHECK(is_floating(q.dtype) && is_floating(k.dtype), DTypeError,
-                "q and k must be f32/f16/bf16, got ", q.describe(), " and ", k.describe());
+  SAPATTN_CHECK(q.rank == 4 && k.rank == 4, ShapeError, "q and k must be [B,H,S,D], got ", q.describe(), " and ",
+                k.describe());
+  SAPATTN_CHECK(q.shape[0] == k.shape[0] && q.shape[1] == k.shape[1] && q.shape[3] == k.shape[3], ShapeError, "q ",
+                q.describe(), " and k ", k.describe(), " disagree in B, H or D");
+  SAPATTN_CHECK(q.shape[2] >= 1 && k.shape[2] >= 1 && q.shape[3] >= 1, ShapeError, "empty q or k: ", q.describe(), ", ",
+                k.describe());
+  SAPATTN_CHECK(is_floating(q.dtype) && is_floating(k.dtype), DTypeError, "q and k must be f32/f16/bf16, got ",
+                q.describe(), " and ", k.describe());
   SAPATTN_CHECK(q.device.type == DeviceType::CPU && k.device.type == DeviceType::CPU, UnsupportedError,
                 "top_fraction_mass runs on the host; got ", q.describe(), " and ", k.describe());
   SAPATTN_CHECK(!q.empty() && !k.empty(), ShapeError, "q or k has no data");
@@ -68,19 +68,16 @@ float dot(const float* a, const float* b, int64_t n) {
 }  // namespace
 
 std::vector<double> top_fraction_mass_per_head(const TensorView& q, const TensorView& k, double fraction,
-                                               int64_t sample_queries, uint64_t seed, float scale,
-                                               int threads) {
+                                               int64_t sample_queries, uint64_t seed, float scale, int threads) {
   check_qk(q, k);
   SAPATTN_CHECK(std::isfinite(fraction) && fraction > 0.0 && fraction <= 1.0, InvalidArgumentError,
                 "fraction must be in (0, 1], got ", fraction);
-  SAPATTN_CHECK(sample_queries >= 0, InvalidArgumentError, "sample_queries must be >= 0, got ",
-                sample_queries);
+  SAPATTN_CHECK(sample_queries >= 0, InvalidArgumentError, "sample_queries must be >= 0, got ", sample_queries);
   SAPATTN_CHECK(std::isfinite(scale) && scale >= 0.0f, InvalidArgumentError,
                 "scale must be finite and >= 0 (0 = 1/sqrt(D)), got ", scale);
   const int64_t B = q.shape[0], H = q.shape[1], Sq = q.shape[2], Sk = k.shape[2], D = q.shape[3];
   const float sc = scale > 0.0f ? scale : 1.0f / std::sqrt(static_cast<float>(D));
-  const auto top =
-      std::min<int64_t>(Sk, std::max<int64_t>(1, static_cast<int64_t>(std::ceil(fraction * Sk - 1e-9))));
+  const auto top = std::min<int64_t>(Sk, std::max<int64_t>(1, static_cast<int64_t>(std::ceil(fraction * Sk - 1e-9))));
 
   // The sampled query rows of each batch item: a seeded partial Fisher-Yates shuffle.
   std::vector<std::vector<int64_t>> rows(static_cast<size_t>(B));
@@ -141,8 +138,7 @@ std::vector<double> top_fraction_mass_per_head(const TensorView& q, const Tensor
 
 double top_fraction_mass(const TensorView& q, const TensorView& k, double fraction, int64_t sample_queries,
                          uint64_t seed, float scale, int threads) {
-  const std::vector<double> per_head =
-      top_fraction_mass_per_head(q, k, fraction, sample_queries, seed, scale, threads);
+  const std::vector<double> per_head = top_fraction_mass_per_head(q, k, fraction, sample_queries, seed, scale, threads);
   double s = 0;
   for (double x : per_head) s += x;
   return s / static_cast<double>(per_head.size());

@@ -79,23 +79,21 @@ int main(int argc, char** argv) {
                 static_cast<long long>(p.heads), static_cast<long long>(p.head_dim),
                 std::string(dtype_name(dtype)).c_str(), static_cast<unsigned long long>(seed));
     std::printf("generate %.2f s, measure %.2f s (%lld queries per batch item, all heads)\n",
-                std::chrono::duration<double>(t1 - t0).count(),
-                std::chrono::duration<double>(t2 - t1).count(), static_cast<long long>(queries));
+                std::chrono::duration<double>(t1 - t0).count(), std::chrono::duration<double>(t2 - t1).count(),
+                static_cast<long long>(queries));
     double kind_sum[3] = {0, 0, 0}, all = 0;
     int kind_n[3] = {0, 0, 0};
     for (size_t h = 0; h < share.size(); ++h) {
       const int k = static_cast<int>(w.head_kinds[h]);
-      std::printf("  head %2zu %-10s %.4f\n", h, std::string(head_kind_name(w.head_kinds[h])).c_str(),
-                  share[h]);
+      std::printf("  head %2zu %-10s %.4f\n", h, std::string(head_kind_name(w.head_kinds[h])).c_str(), share[h]);
       kind_sum[k] += share[h];
       kind_n[k] += 1;
       all += share[h];
     }
     for (int k = 0; k < 3; ++k) {
       if (kind_n[k] == 0) continue;
-      std::printf("  %-10s mean %.4f over %d heads\n",
-                  std::string(head_kind_name(static_cast<HeadKind>(k))).c_str(), kind_sum[k] / kind_n[k],
-                  kind_n[k]);
+      std::printf("  %-10s mean %.4f over %d heads\n", std::string(head_kind_name(static_cast<HeadKind>(k))).c_str(),
+                  kind_sum[k] / kind_n[k], kind_n[k]);
     }
     std::printf("  overall    mean %.4f (top %.0f%% of keys)\n", all / static_cast<double>(share.size()),
                 100.0 * fraction);

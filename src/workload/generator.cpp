@@ -8,8 +8,8 @@
 #include <numbers>
 #include <thread>
 
-#include "sapattn/error.hpp"
 #include "core/parallel.hpp"
+#include "sapattn/error.hpp"
 #include "workload/internal.hpp"
 
 namespace sapattn::workload {
@@ -19,8 +19,8 @@ namespace {
 constexpr uint64_t kTagHead = 0x4ead0101ull;
 constexpr uint64_t kTagHeadNoise = 0x4015e0102ull;
 
-Preset make_preset(std::string name, int64_t frames, int64_t height, int64_t width, int64_t heads,
-                   int64_t head_dim, int64_t text = 0, int64_t prompt = 0) {
+Preset make_preset(std::string name, int64_t frames, int64_t height, int64_t width, int64_t heads, int64_t head_dim,
+                   int64_t text = 0, int64_t prompt = 0) {
   Preset p;
   p.name = std::move(name);
   p.frames = frames;
@@ -52,16 +52,16 @@ std::vector<Preset> all_presets() {
 }
 
 void validate_preset(const Preset& p) {
-  SAPATTN_CHECK(p.batch >= 1 && p.frames >= 1 && p.height >= 1 && p.width >= 1 && p.heads >= 1,
-                InvalidArgumentError, "preset '", p.name,
+  SAPATTN_CHECK(p.batch >= 1 && p.frames >= 1 && p.height >= 1 && p.width >= 1 && p.heads >= 1, InvalidArgumentError,
+                "preset '", p.name,
                 "': batch, frames, height, width and heads must be "
                 "positive, got ",
                 p.batch, ", ", p.frames, ", ", p.height, ", ", p.width, ", ", p.heads);
   SAPATTN_CHECK(p.head_dim >= 2 && p.head_dim % 2 == 0, InvalidArgumentError, "preset '", p.name,
                 "': head_dim must be even and >= 2 (RoPE turns pairs), got ", p.head_dim);
-  SAPATTN_CHECK(p.text_tokens >= 0 && p.prompt_length >= 0 && p.prompt_length <= p.text_tokens,
-                InvalidArgumentError, "preset '", p.name, "': need 0 <= prompt_length (", p.prompt_length,
-                ") <= text_tokens (", p.text_tokens, ")");
+  SAPATTN_CHECK(p.text_tokens >= 0 && p.prompt_length >= 0 && p.prompt_length <= p.text_tokens, InvalidArgumentError,
+                "preset '", p.name, "': need 0 <= prompt_length (", p.prompt_length, ") <= text_tokens (",
+                p.text_tokens, ")");
   SAPATTN_CHECK(std::isfinite(p.rope_theta) && p.rope_theta > 1.0, InvalidArgumentError, "preset '", p.name,
                 "': rope_theta must be > 1, got ", p.rope_theta);
   (void)rope_band_dims(p);
@@ -103,16 +103,15 @@ std::array<int64_t, 3> rope_band_dims(const Preset& p) {
     return {D - 4 * sixth, 2 * sixth, 2 * sixth};
   }
   const auto& r = p.rope_dims;
-  SAPATTN_CHECK(r[0] >= 0 && r[1] >= 0 && r[2] >= 0 && r[0] % 2 == 0 && r[1] % 2 == 0 && r[2] % 2 == 0 &&
-                    r[0] + r[1] + r[2] == D,
-                InvalidArgumentError, "preset '", p.name, "': rope_dims (", r[0], ", ", r[1], ", ", r[2],
-                ") must be even, non-negative and sum to head_dim ", D);
+  SAPATTN_CHECK(
+      r[0] >= 0 && r[1] >= 0 && r[2] >= 0 && r[0] % 2 == 0 && r[1] % 2 == 0 && r[2] % 2 == 0 && r[0] + r[1] + r[2] == D,
+      InvalidArgumentError, "preset '", p.name, "': rope_dims (", r[0], ", ", r[1], ", ", r[2],
+      ") must be even, non-negative and sum to head_dim ", D);
   return r;
 }
 
 HeadKind head_kind_for(int64_t h, int64_t heads) {
-  SAPATTN_CHECK(heads >= 1 && h >= 0 && h < heads, InvalidArgumentError, "head ", h, " out of [0, ", heads,
-                ")");
+  SAPATTN_CHECK(heads >= 1 && h >= 0 && h < heads, InvalidArgumentError, "head ", h, " out of [0, ", heads, ")");
   // Largest deficit first: after head i, kind k should have about share_k * (i + 1) heads.
   constexpr double kShare[3] = {0.40, 0.35, 0.25};
   int64_t count[3] = {0, 0, 0};
@@ -210,12 +209,11 @@ HeadParams head_params(const Preset& preset, uint64_t seed, int64_t head, const 
   const std::vector<float> modality = model_direction(seed, kTagModality, F);
   // A video query holds w_modality * M, so beta * M on the key side adds a content logit of about
   // lambda_sem * w_modality * beta: beta = boost / (lambda_sem * w_modality).
-  const double boost = rng.uniform(knobs.text_boost[0], knobs.text_boost[1]) /
-                       (lambda_sem * std::max(knobs.w_modality, 1e-3f));
+  const double boost =
+      rng.uniform(knobs.text_boost[0], knobs.text_boost[1]) / (lambda_sem * std::max(knobs.w_modality, 1e-3f));
   hp.text_k.assign(D, 0.0f);
   for (int j = 0; j < F; ++j) {
-    for (int64_t d = 0; d < D; ++d)
-      hp.text_k[d] += static_cast<float>(boost * modality[j]) * hp.wk_t[j * D + d];
+    for (int64_t d = 0; d < D; ++d) hp.text_k[d] += static_cast<float>(boost * modality[j]) * hp.wk_t[j * D + d];
   }
 
   hp.v_pos.assign(6 * static_cast<size_t>(D), 0.0f);
@@ -226,8 +224,8 @@ HeadParams head_params(const Preset& preset, uint64_t seed, int64_t head, const 
   const double rho = std::exp(0.25 * rng.normal());
   hp.q_scale = static_cast<float>(rho);
   hp.k_scale = static_cast<float>(1.0 / rho);
-  hp.noise = static_cast<float>(
-      knobs.qk_noise * std::sqrt((c_sem * c_sem * 2.0 + lambda_pos * sqrt_d) / static_cast<double>(D)));
+  hp.noise = static_cast<float>(knobs.qk_noise *
+                                std::sqrt((c_sem * c_sem * 2.0 + lambda_pos * sqrt_d) / static_cast<double>(D)));
   return hp;
 }
 
@@ -337,11 +335,10 @@ void project_head(const Preset& preset, const HeadParams& hp, const float* featu
 
 }  // namespace
 
-Workload generate_with(const Preset& preset, uint64_t seed, DType dtype, const Progress& progress,
-                       int threads, const Knobs& knobs) {
+Workload generate_with(const Preset& preset, uint64_t seed, DType dtype, const Progress& progress, int threads,
+                       const Knobs& knobs) {
   validate_preset(preset);
-  SAPATTN_CHECK(is_floating(dtype), DTypeError, "workload dtype must be f32, f16 or bf16, got ",
-                dtype_name(dtype));
+  SAPATTN_CHECK(is_floating(dtype), DTypeError, "workload dtype must be f32, f16 or bf16, got ", dtype_name(dtype));
   const int64_t B = preset.batch, Hh = preset.heads, D = preset.head_dim;
   const int64_t S = preset.tokens(), S_video = preset.video_tokens();
   const int F = knobs.feature_dim;
@@ -369,8 +366,7 @@ Workload generate_with(const Preset& preset, uint64_t seed, DType dtype, const P
   std::vector<float> features(static_cast<size_t>(B * S * F));
   for (int64_t b = 0; b < B; ++b) {
     const Scene scene = build_scene(preset, seed, b, knobs);
-    render_scene(scene, knobs, n_threads, features.data() + b * S * F,
-                 w.object_ids.data_as<int32_t>() + b * S_video,
+    render_scene(scene, knobs, n_threads, features.data() + b * S * F, w.object_ids.data_as<int32_t>() + b * S_video,
                  w.frames_rgb.data_as<uint8_t>() + b * S_video * 3);
     tick();
   }
@@ -382,8 +378,7 @@ Workload generate_with(const Preset& preset, uint64_t seed, DType dtype, const P
   parallel_for(B * Hh, n_threads, [&](int64_t task) {
     const int64_t b = task / Hh, h = task % Hh;
     const int64_t offset = (b * Hh + h) * slice * static_cast<int64_t>(elem);
-    const uint64_t noise_key =
-        mix(mix(mix(seed, kTagHeadNoise), static_cast<uint64_t>(b)), static_cast<uint64_t>(h));
+    const uint64_t noise_key = mix(mix(mix(seed, kTagHeadNoise), static_cast<uint64_t>(b)), static_cast<uint64_t>(h));
     project_head(preset, params[h], features.data() + b * S * F, F, noise_key, dtype,
                  static_cast<char*>(w.q.data()) + offset, static_cast<char*>(w.k.data()) + offset,
                  static_cast<char*>(w.v.data()) + offset);

@@ -185,7 +185,7 @@ struct HeadParams {
 HeadParams head_params(const Preset& preset, uint64_t seed, int64_t head, const Knobs& knobs);
 
 // The generator with explicit knobs (generate() uses the defaults).
-Workload generate_with(const Preset& preset, uint64_t seed, DType dtype, const Progress& progress,
-                       int threads, const Knobs& knobs);
+Workload generate_with(const Preset& preset, uint64_t seed, DType dtype, const Progress& progress, int threads,
+                       const Knobs& knobs);
 
 }  // namespace sapattn::workload::detail

@@ -81,8 +81,7 @@ Entity make_entity(Rng& rng, int dim, bool is_object) {
   const int parts = static_cast<int>(rng.uniform_int(3, 5));
   for (int p = 0; p < parts; ++p) {
     e.parts.push_back(unit_vector(rng, dim));
-    e.part_rgb.push_back({static_cast<float>(rng.uniform(-0.08, 0.08)),
-                          static_cast<float>(rng.uniform(-0.08, 0.08)),
+    e.part_rgb.push_back({static_cast<float>(rng.uniform(-0.08, 0.08)), static_cast<float>(rng.uniform(-0.08, 0.08)),
                           static_cast<float>(rng.uniform(-0.08, 0.08))});
     const double r = std::sqrt(rng.uniform()) * 0.8, a = rng.uniform(0, 2 * std::numbers::pi);
     e.part_seeds.push_back({static_cast<float>(r * std::cos(a)), static_cast<float>(r * std::sin(a))});
@@ -152,8 +151,7 @@ Scene build_scene(const Preset& preset, uint64_t seed, int64_t batch_index, cons
     Cell cell;
     cell.y = static_cast<float>(rng.uniform(y_lo, y_hi));
     cell.x = static_cast<float>(rng.uniform(x_lo, x_hi));
-    cell.material =
-        c < 2 * sc.materials ? c % sc.materials : static_cast<int>(rng.uniform_int(0, sc.materials - 1));
+    cell.material = c < 2 * sc.materials ? c % sc.materials : static_cast<int>(rng.uniform_int(0, sc.materials - 1));
     sc.cells.push_back(cell);
   }
 
@@ -206,8 +204,7 @@ Scene build_scene(const Preset& preset, uint64_t seed, int64_t batch_index, cons
     o.wobble_freq = static_cast<float>(rng.uniform(1.0, 3.0) * 2 * std::numbers::pi / span);
     const int n_blobs = static_cast<int>(rng.uniform_int(8, 20));
     for (int i = 0; i < n_blobs; ++i) {
-      o.blobs.push_back({static_cast<float>(rng.uniform(-0.3, 0.3) * H),
-                         static_cast<float>(rng.uniform(-0.3, 0.3) * W),
+      o.blobs.push_back({static_cast<float>(rng.uniform(-0.3, 0.3) * H), static_cast<float>(rng.uniform(-0.3, 0.3) * W),
                          static_cast<float>(rng.uniform(0, 2 * std::numbers::pi))});
     }
     // Somewhere in the depth order.
@@ -246,8 +243,7 @@ Scene build_scene(const Preset& preset, uint64_t seed, int64_t batch_index, cons
       const float noise = prompt ? 0.2f : knobs.pad_noise;
       for (int d = 0; d < dim; ++d) {
         const uint64_t h = mix(mix(sc.key, kTagText), static_cast<uint64_t>(j * dim + d));
-        f[d] +=
-            knobs.text_offset * text_dir[d] + noise * approx_normal(h) / std::sqrt(static_cast<float>(dim));
+        f[d] += knobs.text_offset * text_dir[d] + noise * approx_normal(h) / std::sqrt(static_cast<float>(dim));
       }
       sc.text_features.push_back(std::move(f));
     }
@@ -278,9 +274,8 @@ void render_scene(const Scene& sc, const Knobs& knobs, int threads, float* featu
       const float w = o.wobble_freq * tf + o.wobble_phase;
       const float scale = 1.0f + o.growth * tf / span;
       const float a = o.angle0 + o.spin * tf;
-      poses.push_back({o.y0 + o.vy * tf + o.wobble_amp * std::sin(w),
-                       o.x0 + o.vx * tf + o.wobble_amp * std::cos(w), std::cos(a), std::sin(a), o.ry * scale,
-                       o.rx * scale, scale});
+      poses.push_back({o.y0 + o.vy * tf + o.wobble_amp * std::sin(w), o.x0 + o.vx * tf + o.wobble_amp * std::cos(w),
+                       std::cos(a), std::sin(a), o.ry * scale, o.rx * scale, scale});
     }
     std::vector<float> f(dim);
     for (int64_t y = 0; y < H; ++y) {
@@ -342,10 +337,8 @@ void render_scene(const Scene& sc, const Knobs& knobs, int threads, float* featu
           tex_key = mix(sc.key, kTagEntity + static_cast<uint64_t>(ent));
         } else {
           // Material: nearest Voronoi cell of the noise-warped world position.
-          const float py =
-              wy + warp_amp * value_noise(mix(sc.key, kTagWarp), wy / warp_period, wx / warp_period);
-          const float px =
-              wx + warp_amp * value_noise(mix(sc.key, kTagWarp + 1), wy / warp_period, wx / warp_period);
+          const float py = wy + warp_amp * value_noise(mix(sc.key, kTagWarp), wy / warp_period, wx / warp_period);
+          const float px = wx + warp_amp * value_noise(mix(sc.key, kTagWarp + 1), wy / warp_period, wx / warp_period);
           float best = 1e30f;
           for (const Cell& c : sc.cells) {
             const float a = py - c.y, b = px - c.x;
@@ -361,10 +354,9 @@ void render_scene(const Scene& sc, const Knobs& knobs, int threads, float* featu
           const auto n_parts = static_cast<uint64_t>(sc.entities[ent].parts.size());
           for (int64_t a = iy - 1; a <= iy + 1; ++a) {
             for (int64_t b = ix - 1; b <= ix + 1; ++b) {
-              const uint64_t h = mix(mix(sc.key, kTagParts),
-                                     static_cast<uint64_t>(a) * 0x632be5abull ^ static_cast<uint64_t>(b));
-              const float cy = static_cast<float>(a) + unit_float(h),
-                          cx = static_cast<float>(b) + unit_float(h << 24);
+              const uint64_t h =
+                  mix(mix(sc.key, kTagParts), static_cast<uint64_t>(a) * 0x632be5abull ^ static_cast<uint64_t>(b));
+              const float cy = static_cast<float>(a) + unit_float(h), cx = static_cast<float>(b) + unit_float(h << 24);
               const float d2 = (gy - cy) * (gy - cy) + (gx - cx) * (gx - cx);
               if (d2 < pbest) {
                 pbest = d2;
@@ -378,8 +370,7 @@ void render_scene(const Scene& sc, const Knobs& knobs, int threads, float* featu
         }
         const Entity& e = sc.entities[ent];
         float n[3];
-        for (int j = 0; j < 3; ++j)
-          n[j] = fractal_noise(tex_key + static_cast<uint64_t>(j), ty, tx, tex_period);
+        for (int j = 0; j < 3; ++j) n[j] = fractal_noise(tex_key + static_cast<uint64_t>(j), ty, tx, tex_period);
         // Illumination: a smooth field drifting slowly over time, shared by all entities.
         const float light = fractal_noise(mix(sc.key, kTagLight), wy + 0.1f * tf, wx, 0.6f * L);
 

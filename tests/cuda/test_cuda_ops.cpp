@@ -49,16 +49,21 @@ struct Rng {
     const double u = std::max(uniform(), 1e-300), v = uniform();
     return std::sqrt(-2.0 * std::log(u)) * std::cos(6.283185307179586 * v);
   }
-  int64_t integer(int64_t lo, int64_t hi) { return lo + static_cast<int64_t>(next() % static_cast<uint64_t>(hi - lo + 1)); }
+  int64_t integer(int64_t lo, int64_t hi) {
+    return lo + static_cast<int64_t>(next() % static_cast<uint64_t>(hi - lo + 1));
+  }
 };
 
 enum class Layout { Contiguous, Bshd, Padded };
 
 const char* layout_name(Layout l) {
   switch (l) {
-    case Layout::Contiguous: return "contiguous";
-    case Layout::Bshd: return "bshd";
-    case Layout::Padded: return "padded";
+    case Layout::Contiguous:
+      return "contiguous";
+    case Layout::Bshd:
+      return "bshd";
+    case Layout::Padded:
+      return "padded";
   }
   return "?";
 }
@@ -103,18 +108,27 @@ int64_t offset_of(const TensorView& v, const std::array<int64_t, 4>& idx) {
 double get(const TensorView& v, const std::array<int64_t, 4>& idx) {
   const int64_t o = offset_of(v, idx);
   switch (v.dtype) {
-    case DType::I32: return static_cast<const int32_t*>(v.data)[o];
-    case DType::U8: return static_cast<const uint8_t*>(v.data)[o];
-    default: return load_as_f32(v.data, v.dtype, o);
+    case DType::I32:
+      return static_cast<const int32_t*>(v.data)[o];
+    case DType::U8:
+      return static_cast<const uint8_t*>(v.data)[o];
+    default:
+      return load_as_f32(v.data, v.dtype, o);
   }
 }
 
 void set(const TensorView& v, const std::array<int64_t, 4>& idx, double x) {
   const int64_t o = offset_of(v, idx);
   switch (v.dtype) {
-    case DType::I32: static_cast<int32_t*>(v.data)[o] = static_cast<int32_t>(x); break;
-    case DType::U8: static_cast<uint8_t*>(v.data)[o] = static_cast<uint8_t>(x); break;
-    default: store_from_f32(v.data, v.dtype, o, static_cast<float>(x)); break;
+    case DType::I32:
+      static_cast<int32_t*>(v.data)[o] = static_cast<int32_t>(x);
+      break;
+    case DType::U8:
+      static_cast<uint8_t*>(v.data)[o] = static_cast<uint8_t>(x);
+      break;
+    default:
+      store_from_f32(v.data, v.dtype, o, static_cast<float>(x));
+      break;
   }
 }
 
@@ -215,7 +229,8 @@ Host make_points(DType dtype, int64_t B, int64_t H, int64_t N, int64_t D, Layout
       for (double& c : centers) c = modes > 0 ? 2.0 * rng.normal() : 0.0;
       for (int64_t i = 0; i < N; ++i) {
         const int64_t m = modes > 0 ? rng.integer(0, modes - 1) : 0;
-        for (int64_t d = 0; d < D; ++d) set(x.view, {b, h, i, d}, centers[static_cast<size_t>(m * D + d)] + rng.normal());
+        for (int64_t d = 0; d < D; ++d)
+          set(x.view, {b, h, i, d}, centers[static_cast<size_t>(m * D + d)] + rng.normal());
       }
     }
   return x;
@@ -336,8 +351,8 @@ double objective(const TensorView& points, const TensorView& centroids, const st
   double total = 0;
   for (size_t t = 0; t < labels.size(); ++t) {
     const int64_t bh = static_cast<int64_t>(t) / N;
-    total += exact_distance(points, centroids, bh / H, bh % H, static_cast<int64_t>(t) % N,
-                            static_cast<int64_t>(labels[t]));
+    total +=
+        exact_distance(points, centroids, bh / H, bh % H, static_cast<int64_t>(t) % N, static_cast<int64_t>(labels[t]));
   }
   return total;
 }
@@ -453,7 +468,8 @@ void check_kmeans(const KmCase& k, int iters) {
   const Host x = make_points(k.dtype, k.B, k.H, k.N, k.D, k.layout, k.modes, rng);
   Host c0 = make_host(DType::F32, {k.B, k.H, k.C, k.D});
   kmeans_init(x.view, c0.view, rng.next(), kCpu);
-  Host cpu_c = clone(c0), cpu_l = make_host(DType::I32, {k.B, k.H, k.N}), cpu_s = make_host(DType::I32, {k.B, k.H, k.C});
+  Host cpu_c = clone(c0), cpu_l = make_host(DType::I32, {k.B, k.H, k.N}),
+       cpu_s = make_host(DType::I32, {k.B, k.H, k.C});
   kmeans(x.view, cpu_c.view, cpu_l.view, cpu_s.view, iters, kCpu);
   CudaStream cs;
   const Dev dx = to_device(x);
@@ -468,8 +484,8 @@ void check_kmeans(const KmCase& k, int iters) {
   int64_t differ = 0;
   for (size_t t = 0; t < glab.size(); ++t) differ += glab[t] != clab[t];
   const double obj_g = objective(x.view, gc.view, glab), obj_c = objective(x.view, cpu_c.view, clab);
-  std::printf("[kmeans %s iters=%d] %lld/%zu labels differ, objective gpu - cpu = %.3g (cpu %.6g)\n", describe(k).c_str(),
-              iters, static_cast<long long>(differ), glab.size(), obj_g - obj_c, obj_c);
+  std::printf("[kmeans %s iters=%d] %lld/%zu labels differ, objective gpu - cpu = %.3g (cpu %.6g)\n",
+              describe(k).c_str(), iters, static_cast<long long>(differ), glab.size(), obj_g - obj_c, obj_c);
   EXPECT_LE(differ, static_cast<int64_t>(glab.size()) / 1000);
   EXPECT_LE(std::abs(obj_g - obj_c), 1e-3 * obj_c + 1e-9);  // (0 when every point is a centroid: C >= N)
   // Consistency of the GPU's own result.
@@ -506,14 +522,14 @@ TEST_P(KmeansCase, TenIterationsMatchCpu) { check_kmeans(GetParam(), 10); }
 INSTANTIATE_TEST_SUITE_P(
     Cases, KmeansCase,
     ::testing::Values(KmCase{1, 2, 1000, 128, 64, DType::BF16, Layout::Contiguous, 33},
-                      KmCase{2, 3, 777, 64, 100, DType::F32, Layout::Bshd, 51},      // B > 1, strided
-                      KmCase{1, 2, 700, 128, 90, DType::F16, Layout::Padded, 46},   // padded rows
+                      KmCase{2, 3, 777, 64, 100, DType::F32, Layout::Bshd, 51},       // B > 1, strided
+                      KmCase{1, 2, 700, 128, 90, DType::F16, Layout::Padded, 46},     // padded rows
                       KmCase{1, 1, 50, 128, 80, DType::BF16, Layout::Contiguous, 9},  // C > N: empty clusters
                       KmCase{1, 2, 2000, 128, 300, DType::BF16, Layout::Bshd, 151},
                       KmCase{1, 1, 1500, 128, 200, DType::BF16, Layout::Contiguous, 0},  // noise: many near-ties
-                      KmCase{1, 2, 600, 64, 1, DType::F32, Layout::Contiguous, 5},        // C = 1
-                      KmCase{1, 2, 513, 32, 40, DType::BF16, Layout::Contiguous, 21},     // D 32: exact path
-                      KmCase{2, 1, 300, 96, 17, DType::F16, Layout::Bshd, 9}),            // D 96: exact path
+                      KmCase{1, 2, 600, 64, 1, DType::F32, Layout::Contiguous, 5},       // C = 1
+                      KmCase{1, 2, 513, 32, 40, DType::BF16, Layout::Contiguous, 21},    // D 32: exact path
+                      KmCase{2, 1, 300, 96, 17, DType::F16, Layout::Bshd, 9}),           // D 96: exact path
     [](const auto& p) { return describe(p.param); });
 
 TEST(KmeansLarge, WanShapedHeadsMatchCpu) {
@@ -592,7 +608,8 @@ TEST_P(SelectCase, SelectTopPIsIdenticalToCpu) {
           v = u < 0.3 ? 0.0f : static_cast<float>(rng.integer(1, 20)) * (u < 0.9 ? 1.0f : 10.0f);
           total += v;
         }
-        for (int64_t j = 0; j < s.Ck; ++j) set(probs.view, {b, h, r, j}, w[static_cast<size_t>(j)] / std::max(total, 1.0f));
+        for (int64_t j = 0; j < s.Ck; ++j)
+          set(probs.view, {b, h, r, j}, w[static_cast<size_t>(j)] / std::max(total, 1.0f));
       }
   Host cpu_m = make_host(DType::U8, {s.B, s.H, s.Cq, s.Ck});
   select_top_p(probs.view, s.top_p, s.min_kept, cpu_m.view, kCpu);
@@ -607,13 +624,13 @@ TEST_P(SelectCase, SelectTopPIsIdenticalToCpu) {
 INSTANTIATE_TEST_SUITE_P(Cases, SelectCase,
                          ::testing::Values(SelCase{1, 2, 300, 1000, 128, 0.9f, 100},  // Wan: Cq 300, Ck 1000, min 10%
                                            SelCase{2, 2, 37, 64, 64, 0.5f, 0},
-                                           SelCase{1, 2, 20, 1500, 128, 0.9f, 0},   // 2048-wide rows
-                                           SelCase{1, 2, 9, 3000, 64, 0.7f, 3},     // 4096-wide rows
-                                           SelCase{1, 2, 5, 5000, 32, 0.95f, 0},    // 8192-wide rows
-                                           SelCase{1, 2, 17, 100, 30, 0.9f, 0},     // D % 4 != 0
-                                           SelCase{1, 2, 8, 50, 16, 1.0f, 0},       // top_p = 1 keeps all
-                                           SelCase{1, 1, 8, 50, 16, 0.3f, 0},       // one (b,h), no empty row
-                                           SelCase{1, 1, 3, 1, 8, 0.9f, 0}),        // one key cluster
+                                           SelCase{1, 2, 20, 1500, 128, 0.9f, 0},  // 2048-wide rows
+                                           SelCase{1, 2, 9, 3000, 64, 0.7f, 3},    // 4096-wide rows
+                                           SelCase{1, 2, 5, 5000, 32, 0.95f, 0},   // 8192-wide rows
+                                           SelCase{1, 2, 17, 100, 30, 0.9f, 0},    // D % 4 != 0
+                                           SelCase{1, 2, 8, 50, 16, 1.0f, 0},      // top_p = 1 keeps all
+                                           SelCase{1, 1, 8, 50, 16, 0.3f, 0},      // one (b,h), no empty row
+                                           SelCase{1, 1, 3, 1, 8, 0.9f, 0}),       // one key cluster
                          [](const auto& p) { return describe(p.param); });
 
 TEST(Select, TextRuleLabelsAndDensityAreIdenticalToCpu) {
@@ -664,7 +681,8 @@ Host random_labels(int64_t B, int64_t H, int64_t N, int64_t C, Rng& rng) {
   // Skewed cluster sizes: some clusters large, many empty.
   for_each(l.view, [&](const auto& idx) {
     const double u = rng.uniform();
-    set(l.view, idx, static_cast<double>(std::min<int64_t>(C - 1, static_cast<int64_t>(u * u * static_cast<double>(C)))));
+    set(l.view, idx,
+        static_cast<double>(std::min<int64_t>(C - 1, static_cast<int64_t>(u * u * static_cast<double>(C)))));
   });
   return l;
 }
@@ -677,9 +695,10 @@ TEST_P(PermuteCase, ClusterPermutationIsIdenticalToCpu) {
   cluster_permutation(labels.view, static_cast<int>(p.C), perm.view, off.view, kCpu);
   CudaStream cs;
   const Dev dl = to_device(labels);
-  Dev dp = to_device(make_host(DType::I32, {p.B, p.H, p.N})), doff = to_device(make_host(DType::I32, {p.B, p.H, p.C + 1}));
-  const Buffer ws = device_workspace(cluster_permutation_workspace_bytes(p.B * p.H, p.N, static_cast<int>(p.C),
-                                                                         Device::cuda(0)));
+  Dev dp = to_device(make_host(DType::I32, {p.B, p.H, p.N})),
+      doff = to_device(make_host(DType::I32, {p.B, p.H, p.C + 1}));
+  const Buffer ws =
+      device_workspace(cluster_permutation_workspace_bytes(p.B * p.H, p.N, static_cast<int>(p.C), Device::cuda(0)));
   cluster_permutation(dl.view, static_cast<int>(p.C), dp.view, doff.view, cs.stream(), as_workspace(ws));
   cs.sync();
   EXPECT_EQ(bytes_of(to_host(dp, perm)), bytes_of(perm));
@@ -737,7 +756,8 @@ INSTANTIATE_TEST_SUITE_P(
                       RowsCase{DType::F32, DType::BF16, Layout::Contiguous, Layout::Bshd, 1, 2, 500, 64},
                       RowsCase{DType::BF16, DType::F32, Layout::Padded, Layout::Contiguous, 1, 2, 257, 128},
                       RowsCase{DType::F16, DType::F16, Layout::Contiguous, Layout::Padded, 2, 2, 100, 64},
-                      RowsCase{DType::F32, DType::F32, Layout::Contiguous, Layout::Contiguous, 1, 2, 300, 1},  // LSE rows
+                      RowsCase{DType::F32, DType::F32, Layout::Contiguous, Layout::Contiguous, 1, 2, 300,
+                               1},  // LSE rows
                       RowsCase{DType::F32, DType::F16, Layout::Bshd, Layout::Bshd, 1, 4, 129, 40}),
     [](const auto& p) {
       const RowsCase& r = p.param;
@@ -765,7 +785,8 @@ TEST(Errors, BadValuesAreReportedWithValueChecks) {
   const Dev dl = to_device(labels);
   Dev dp = to_device(make_host(DType::I32, {1, 2, N})), doff = to_device(make_host(DType::I32, {1, 2, C + 1}));
   const Buffer ws = device_workspace(cluster_permutation_workspace_bytes(2, N, C, Device::cuda(0)));
-  EXPECT_THROW(cluster_permutation(dl.view, C, dp.view, doff.view, cs.stream(), as_workspace(ws)), InvalidArgumentError);
+  EXPECT_THROW(cluster_permutation(dl.view, C, dp.view, doff.view, cs.stream(), as_workspace(ws)),
+               InvalidArgumentError);
   // Gather with an index out of range.
   Host perm = make_host(DType::I32, {1, 2, N});
   for_each(perm.view, [&](const auto& idx) { set(perm.view, idx, static_cast<double>(idx[2])); });
@@ -780,7 +801,8 @@ TEST(Errors, BadValuesAreReportedWithValueChecks) {
   const Dev dpts = to_device(make_points(DType::BF16, 1, 2, N, 64, Layout::Contiguous, 3, rng));
   Dev dc = to_device(make_host(DType::F32, {1, 2, C, 64})), ds = to_device(make_host(DType::I32, {1, 2, C}));
   const Buffer kws = device_workspace(kmeans_workspace_bytes(2, N, C, 64, Device::cuda(0)));
-  EXPECT_THROW(kmeans_update(dpts.view, dl.view, dc.view, ds.view, cs.stream(), as_workspace(kws)), InvalidArgumentError);
+  EXPECT_THROW(kmeans_update(dpts.view, dl.view, dc.view, ds.view, cs.stream(), as_workspace(kws)),
+               InvalidArgumentError);
   // Good values pass.
   set(labels.view, {0, 1, 37}, 2);
   const Dev good = to_device(labels);
@@ -857,8 +879,9 @@ TEST(Graph, CapturedSequenceMatchesEager) {
   Dev qo = dev(DType::I32, {B, H, Cq + 1}), ko = dev(DType::I32, {B, H, Ck + 1});
   Dev qr = dev(DType::BF16, {B, H, N, D}), kr = dev(DType::BF16, {B, H, N, D}), vr = dev(DType::BF16, {B, H, N, D});
   Dev back = to_device(make_host(DType::BF16, {B, H, N, D}, Layout::Bshd));
-  const size_t ws_bytes = std::max({kmeans_workspace_bytes(B * H, N, Ck, D, Device::cuda(0)),
-                                    cluster_permutation_workspace_bytes(B * H, N, static_cast<int>(Ck), Device::cuda(0))});
+  const size_t ws_bytes =
+      std::max({kmeans_workspace_bytes(B * H, N, Ck, D, Device::cuda(0)),
+                cluster_permutation_workspace_bytes(B * H, N, static_cast<int>(Ck), Device::cuda(0))});
   const Buffer ws = device_workspace(ws_bytes);
   CudaStream cs;
   const Stream st = cs.stream();

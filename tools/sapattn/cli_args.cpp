@@ -39,8 +39,8 @@ bool Args::parse(int argc, char** argv) {
     if (opt->value_name.empty()) {
       SAPATTN_CHECK(!inline_value, UsageError, "sapattn ", command_, ": --", name, " takes no value");
     } else if (!inline_value) {
-      SAPATTN_CHECK(i + 1 < argc, UsageError, "sapattn ", command_, ": --", name, " needs a value (",
-                    opt->value_name, ")");
+      SAPATTN_CHECK(i + 1 < argc, UsageError, "sapattn ", command_, ": --", name, " needs a value (", opt->value_name,
+                    ")");
       value = argv[++i];
     }
     values_[name] = value;
@@ -92,8 +92,8 @@ double Args::get_double(const std::string& name, double fallback, double lo, dou
   const std::string& s = values_.at(name);
   double v = 0;
   const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
-  SAPATTN_CHECK(ec == std::errc() && end == s.data() + s.size() && std::isfinite(v), UsageError, "sapattn ",
-                command_, ": --", name, " needs a number, got '", s, "'");
+  SAPATTN_CHECK(ec == std::errc() && end == s.data() + s.size() && std::isfinite(v), UsageError, "sapattn ", command_,
+                ": --", name, " needs a number, got '", s, "'");
   SAPATTN_CHECK(v >= lo && v <= hi, UsageError, "sapattn ", command_, ": --", name, " must be in [", lo, ", ", hi,
                 "], got ", v);
   return v;

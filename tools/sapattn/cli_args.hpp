@@ -20,8 +20,8 @@ class UsageError : public InvalidArgumentError {
 namespace sapattn::cli {
 
 struct Option {
-  std::string name;         // without the leading "--"
-  std::string value_name;   // empty: a flag that takes no value
+  std::string name;        // without the leading "--"
+  std::string value_name;  // empty: a flag that takes no value
   std::string help;
   std::string default_text;  // shown in --help
 };

@@ -5,9 +5,9 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
-#include <sstream>
 #include <numeric>
 #include <optional>
+#include <sstream>
 
 #include "commands.hpp"
 #include "progress.hpp"
@@ -37,8 +37,10 @@ render::Image paint_frame(const workload::Workload& w, int64_t t, const int32_t*
                      render::category_color(labels[tok]), 0.6f);
       const bool right = x + 1 < Wl && labels[tok + 1] != labels[tok];
       const bool down = y + 1 < Hl && labels[tok + Wl] != labels[tok];
-      if (right) img.fill_rect(static_cast<int>((x + 1) * kZoom - 1), static_cast<int>(y * kZoom), 1, kZoom, render::kBlack);
-      if (down) img.fill_rect(static_cast<int>(x * kZoom), static_cast<int>((y + 1) * kZoom - 1), kZoom, 1, render::kBlack);
+      if (right)
+        img.fill_rect(static_cast<int>((x + 1) * kZoom - 1), static_cast<int>(y * kZoom), 1, kZoom, render::kBlack);
+      if (down)
+        img.fill_rect(static_cast<int>(x * kZoom), static_cast<int>((y + 1) * kZoom - 1), kZoom, 1, render::kBlack);
     }
   }
   return img;
@@ -54,8 +56,8 @@ render::Image clusters_picture(const workload::Workload& w, int64_t head, const 
   render::Image img(left + 4 * (fw + gap), top + 3 * row_h + 10);
   img.draw_text(10, 10,
                 "Query clusters of head " + std::to_string(head) + " (" +
-                    std::string(workload::head_kind_name(w.head_kinds[head])) + "), Cq=" +
-                    std::to_string(config.q_clusters),
+                    std::string(workload::head_kind_name(w.head_kinds[head])) +
+                    "), Cq=" + std::to_string(config.q_clusters),
                 render::kBlack, 2);
   const int32_t* rows[3] = {nullptr, sap.q_labels.data_as<int32_t>() + head * S,
                             blocks.q_labels.data_as<int32_t>() + head * S};
@@ -153,8 +155,8 @@ int run_demo(int argc, char** argv) {
   workload::Workload w;
   {
     Progress progress("generating " + preset.name);
-    w = workload::generate(preset, config.seed, DType::BF16,
-                           [&](int64_t done, int64_t total) { progress.update(done, total); }, threads);
+    w = workload::generate(
+        preset, config.seed, DType::BF16, [&](int64_t done, int64_t total) { progress.update(done, total); }, threads);
   }
   const TensorView q = w.q.view(), k = w.k.view(), v = w.v.view();
 
@@ -214,8 +216,8 @@ int run_demo(int argc, char** argv) {
   }
   std::ostringstream summary;
   summary << "workload " << preset.name << " [" << q.shape[0] << "," << q.shape[1] << "," << q.shape[2] << ","
-          << q.shape[3] << "] bf16, seed " << config.seed << "; Cq=" << config.q_clusters
-          << " Ck=" << config.k_clusters << " top_p=" << config.top_p << " min_kc_ratio=" << config.min_kc_ratio
+          << q.shape[3] << "] bf16, seed " << config.seed << "; Cq=" << config.q_clusters << " Ck=" << config.k_clusters
+          << " top_p=" << config.top_p << " min_kc_ratio=" << config.min_kc_ratio
           << " kmeans_iters=" << config.kmeans_iters_init << "\n"
           << table;
   summary << "\ntop-p sweep: density / recall / rel_l2\n  top_p ";

@@ -15,8 +15,8 @@ namespace {
 TensorView load_view(const std::string& path, const std::string& name, bool bshd, Tensor& storage) {
   storage = io::read_tensor(path, name);
   const auto& s = storage.shape();
-  SAPATTN_CHECK(s.size() == 4, ShapeError, name, " from ", path, " must have rank 4 (", bshd ? "[B,S,H,D]" : "[B,H,S,D]",
-                "), got rank ", s.size());
+  SAPATTN_CHECK(s.size() == 4, ShapeError, name, " from ", path, " must have rank 4 (",
+                bshd ? "[B,S,H,D]" : "[B,H,S,D]", "), got rank ", s.size());
   return bshd ? TensorView::bshd(storage.data(), storage.dtype(), s[0], s[2], s[1], s[3]) : storage.view();
 }
 
@@ -30,8 +30,8 @@ std::string metrics_json(const std::string& method, const eval::Metrics& m, cons
      << ", " << q.shape[2] << ", " << q.shape[3] << "], \"config\": {\"q_clusters\": " << c.q_clusters
      << ", \"k_clusters\": " << c.k_clusters << ", \"top_p\": " << json_number(c.top_p)
      << ", \"min_kc_ratio\": " << json_number(c.min_kc_ratio) << ", \"kmeans_iters\": " << c.kmeans_iters_init
-     << ", \"seed\": " << c.seed << ", \"text_tokens\": " << c.text_tokens
-     << ", \"prompt_length\": " << c.prompt_length << "}, \"per_head\": [";
+     << ", \"seed\": " << c.seed << ", \"text_tokens\": " << c.text_tokens << ", \"prompt_length\": " << c.prompt_length
+     << "}, \"per_head\": [";
   for (size_t i = 0; i < m.per_head.size(); ++i) {
     const eval::HeadMetrics& h = m.per_head[i];
     os << (i ? ", " : "") << "{\"batch\": " << h.batch << ", \"head\": " << h.head
@@ -70,7 +70,8 @@ int run_eval(int argc, char** argv) {
   const std::string kp = have_in ? args.get("in", "") : args.require("k");
   const std::string vp = have_in ? args.get("in", "") : args.require("v");
   const bool bshd = args.get_choice("layout", "bhsd", {"bhsd", "bshd"}) == "bshd";
-  const eval::Method method = eval::parse_method(args.get_choice("method", "sap", {"sap", "blocks", "oracle", "dense"}));
+  const eval::Method method =
+      eval::parse_method(args.get_choice("method", "sap", {"sap", "blocks", "oracle", "dense"}));
   const bool json = args.flag("json");
   const int threads = threads_from(args);
   config_from(args, 1);  // checks the SVG2 options now, before a load that may take a while

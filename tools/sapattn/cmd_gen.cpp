@@ -12,9 +12,7 @@ namespace sapattn::cli {
 
 namespace {
 
-DType parse_dtype(const std::string& s) {
-  return s == "f32" ? DType::F32 : s == "f16" ? DType::F16 : DType::BF16;
-}
+DType parse_dtype(const std::string& s) { return s == "f32" ? DType::F32 : s == "f16" ? DType::F16 : DType::BF16; }
 
 void write_text(const std::string& path, const std::string& text) {
   std::ofstream f(path);
@@ -27,16 +25,17 @@ void write_text(const std::string& path, const std::string& text) {
 int run_gen(int argc, char** argv) {
   std::string names;
   for (const std::string& n : workload::preset_names()) names += (names.empty() ? "" : ", ") + n;
-  Args args("gen",
-            "Writes a synthetic video-attention workload (Q, K, V as [B,H,S,D]) and a JSON description.\n"
-            "Presets: " + names + ".",
-            {{"preset", "NAME", "workload preset", ""},
-             {"out", "DIR", "output folder (created if missing)", ""},
-             {"seed", "S", "scene and projection seed", "0"},
-             {"dtype", "T", "bf16, f16 or f32", "bf16"},
-             {"format", "F", "safetensors (q, k, v in workload.safetensors) or npy (q.npy, k.npy, v.npy)",
-              "safetensors"},
-             {"threads", "N", "CPU threads", "all cores"}});
+  Args args(
+      "gen",
+      "Writes a synthetic video-attention workload (Q, K, V as [B,H,S,D]) and a JSON description.\n"
+      "Presets: " +
+          names + ".",
+      {{"preset", "NAME", "workload preset", ""},
+       {"out", "DIR", "output folder (created if missing)", ""},
+       {"seed", "S", "scene and projection seed", "0"},
+       {"dtype", "T", "bf16, f16 or f32", "bf16"},
+       {"format", "F", "safetensors (q, k, v in workload.safetensors) or npy (q.npy, k.npy, v.npy)", "safetensors"},
+       {"threads", "N", "CPU threads", "all cores"}});
   if (!args.parse(argc, argv)) return 0;
   const workload::Preset preset = workload::preset(args.require("preset"));
   const std::string out = args.require("out");
@@ -54,8 +53,9 @@ int run_gen(int argc, char** argv) {
   workload::Workload w;
   {
     Progress progress("generating " + preset.name);
-    w = workload::generate(preset, seed, parse_dtype(dtype_name),
-                           [&](int64_t done, int64_t total) { progress.update(done, total); }, threads);
+    w = workload::generate(
+        preset, seed, parse_dtype(dtype_name), [&](int64_t done, int64_t total) { progress.update(done, total); },
+        threads);
   }
   {
     Progress progress("writing " + format);
@@ -83,8 +83,8 @@ int run_gen(int argc, char** argv) {
                  std::to_string(s[3]) + "],\n  \"grid\": [" + std::to_string(preset.frames) + ", " +
                  std::to_string(preset.height) + ", " + std::to_string(preset.width) +
                  "],\n  \"text_tokens\": " + std::to_string(preset.text_tokens) +
-                 ",\n  \"prompt_length\": " + std::to_string(preset.prompt_length) + ",\n  \"head_kinds\": [" +
-                 kinds + "],\n  \"top13_mass\": " + json_number(mass) + "\n}\n");
+                 ",\n  \"prompt_length\": " + std::to_string(preset.prompt_length) + ",\n  \"head_kinds\": [" + kinds +
+                 "],\n  \"top13_mass\": " + json_number(mass) + "\n}\n");
   std::cout << "wrote " << preset.name << " [" << s[0] << "," << s[1] << "," << s[2] << "," << s[3] << "] "
             << dtype_name << " to " << out << " (" << (format == "safetensors" ? "workload.safetensors" : "q/k/v.npy")
             << ", workload.json)\n"

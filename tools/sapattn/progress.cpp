@@ -7,7 +7,9 @@
 namespace sapattn::cli {
 
 Progress::Progress(std::string label, bool enabled)
-    : label_(std::move(label)), enabled_(enabled), tty_(isatty(STDERR_FILENO) != 0),
+    : label_(std::move(label)),
+      enabled_(enabled),
+      tty_(isatty(STDERR_FILENO) != 0),
       start_(std::chrono::steady_clock::now()) {
   if (enabled_ && tty_) ticker_ = std::thread([this] { tick_loop(); });
 }
@@ -52,8 +54,8 @@ void Progress::draw(bool final_line) {
     std::fprintf(stderr, "%s%-28s [%s] %3d%% %6.1f s%s", tty_ ? "\r" : "", label_.c_str(), bar,
                  static_cast<int>(100 * done_ / total_), secs, (tty_ && !final_line) ? "" : "\n");
   } else {
-    std::fprintf(stderr, "%s%-28s %s %6.1f s%s", tty_ ? "\r" : "", label_.c_str(), final_line ? "done" : "... ",
-                 secs, (tty_ && !final_line) ? "" : "\n");
+    std::fprintf(stderr, "%s%-28s %s %6.1f s%s", tty_ ? "\r" : "", label_.c_str(), final_line ? "done" : "... ", secs,
+                 (tty_ && !final_line) ? "" : "\n");
   }
   std::fflush(stderr);
 }

@@ -118,13 +118,13 @@ constexpr int kMaxTextScale = 64;
 constexpr int kMaxThickness = 256;
 
 void check_scale(int scale) {
-  SAPATTN_CHECK(scale >= 1 && scale <= kMaxTextScale, InvalidArgumentError, "text scale must be in [1, ",
-                kMaxTextScale, "], got ", scale);
+  SAPATTN_CHECK(scale >= 1 && scale <= kMaxTextScale, InvalidArgumentError, "text scale must be in [1, ", kMaxTextScale,
+                "], got ", scale);
 }
 
 void check_thickness(int thickness) {
-  SAPATTN_CHECK(thickness >= 1 && thickness <= kMaxThickness, InvalidArgumentError,
-                "line thickness must be in [1, ", kMaxThickness, "], got ", thickness);
+  SAPATTN_CHECK(thickness >= 1 && thickness <= kMaxThickness, InvalidArgumentError, "line thickness must be in [1, ",
+                kMaxThickness, "], got ", thickness);
 }
 
 // Calls fn(glyph_char) once per UTF-8 code point: continuation bytes (10xxxxxx) are skipped so
@@ -151,8 +151,8 @@ std::pair<int, int> clamp_span(int a0, int len, int lo, int hi) {
 
 // Liang-Barsky clipping of the segment to [xmin, xmax] x [ymin, ymax]. Returns false when
 // nothing is left; otherwise moves the endpoints and reports the parameter t0 of the new start.
-bool clip_segment(double& x0, double& y0, double& x1, double& y1, double xmin, double ymin, double xmax,
-                  double ymax, double& t_start) {
+bool clip_segment(double& x0, double& y0, double& x1, double& y1, double xmin, double ymin, double xmax, double ymax,
+                  double& t_start) {
   const double dx = x1 - x0;
   const double dy = y1 - y0;
   double t0 = 0.0;
@@ -191,12 +191,24 @@ Rgb hsv_to_rgb(double h, double s, double v) {
   const double t = v * (1.0 - s * (1.0 - f));
   double r = 0, g = 0, b = 0;
   switch (sector) {
-    case 0: r = v, g = t, b = p; break;
-    case 1: r = q, g = v, b = p; break;
-    case 2: r = p, g = v, b = t; break;
-    case 3: r = p, g = q, b = v; break;
-    case 4: r = t, g = p, b = v; break;
-    default: r = v, g = p, b = q; break;
+    case 0:
+      r = v, g = t, b = p;
+      break;
+    case 1:
+      r = q, g = v, b = p;
+      break;
+    case 2:
+      r = p, g = v, b = t;
+      break;
+    case 3:
+      r = p, g = q, b = v;
+      break;
+    case 4:
+      r = t, g = p, b = v;
+      break;
+    default:
+      r = v, g = p, b = q;
+      break;
   }
   return {to_byte(r * 255.0), to_byte(g * 255.0), to_byte(b * 255.0)};
 }
@@ -206,11 +218,10 @@ Rgb hsv_to_rgb(double h, double s, double v) {
 // ---- Image ---------------------------------------------------------------------------------
 
 Image::Image(int width, int height, Rgb background) {
-  SAPATTN_CHECK(width >= 1 && height >= 1 && width <= kMaxImageSide && height <= kMaxImageSide,
-                InvalidArgumentError, "image size ", width, "x", height, " outside [1, ", kMaxImageSide,
-                "] per side");
-  SAPATTN_CHECK(std::int64_t{width} * height <= kMaxImagePixels, InvalidArgumentError, "image size ", width,
-                "x", height, " exceeds ", kMaxImagePixels, " pixels");
+  SAPATTN_CHECK(width >= 1 && height >= 1 && width <= kMaxImageSide && height <= kMaxImageSide, InvalidArgumentError,
+                "image size ", width, "x", height, " outside [1, ", kMaxImageSide, "] per side");
+  SAPATTN_CHECK(std::int64_t{width} * height <= kMaxImagePixels, InvalidArgumentError, "image size ", width, "x",
+                height, " exceeds ", kMaxImagePixels, " pixels");
   width_ = width;
   height_ = height;
   pixels_.resize(static_cast<std::size_t>(width) * height * 3);
@@ -316,8 +327,7 @@ void Image::rasterize_line(double x0, double y0, double x1, double y1, int thick
   const double major_length = std::max(std::abs(x1 - x0), std::abs(y1 - y0));
   const double pad = thickness + 1.0;
   double t_start = 0.0;
-  if (!clip_segment(x0, y0, x1, y1, clip_x0_ - pad, clip_y0_ - pad, clip_x1_ - 1 + pad, clip_y1_ - 1 + pad,
-                    t_start)) {
+  if (!clip_segment(x0, y0, x1, y1, clip_x0_ - pad, clip_y0_ - pad, clip_x1_ - 1 + pad, clip_y1_ - 1 + pad, t_start)) {
     return;
   }
   const std::int64_t step_offset = std::llround(t_start * major_length);
@@ -348,12 +358,11 @@ void Image::rasterize_line(double x0, double y0, double x1, double y1, int thick
 
 void Image::draw_line(double x0, double y0, double x1, double y1, Rgb color, int thickness) {
   check_thickness(thickness);
-  rasterize_line(x0, y0, x1, y1, thickness,
-                 [&](int x, int y, std::int64_t) { stamp_pen(x, y, color, thickness); });
+  rasterize_line(x0, y0, x1, y1, thickness, [&](int x, int y, std::int64_t) { stamp_pen(x, y, color, thickness); });
 }
 
-void Image::draw_dashed_line(double x0, double y0, double x1, double y1, Rgb color, int thickness,
-                             int dash_length, int gap_length) {
+void Image::draw_dashed_line(double x0, double y0, double x1, double y1, Rgb color, int thickness, int dash_length,
+                             int gap_length) {
   check_thickness(thickness);
   SAPATTN_CHECK(dash_length >= 1 && gap_length >= 0, InvalidArgumentError,
                 "dash pattern needs dash >= 1 and gap >= 0, got ", dash_length, " and ", gap_length);
@@ -375,9 +384,12 @@ void Image::draw_marker(double cx, double cy, Marker shape, int radius, Rgb colo
   // Sizes are tuned so that the four shapes look about equally heavy at the same radius.
   auto inside = [&](int dx, int dy) {
     switch (shape) {
-      case Marker::kCircle: return dx * dx + dy * dy <= r * r + r * 0.8;
-      case Marker::kSquare: return std::max(std::abs(dx), std::abs(dy)) <= std::lround(r * 0.85);
-      case Marker::kDiamond: return std::abs(dx) + std::abs(dy) <= std::lround(r * 1.25);
+      case Marker::kCircle:
+        return dx * dx + dy * dy <= r * r + r * 0.8;
+      case Marker::kSquare:
+        return std::max(std::abs(dx), std::abs(dy)) <= std::lround(r * 0.85);
+      case Marker::kDiamond:
+        return std::abs(dx) + std::abs(dy) <= std::lround(r * 1.25);
       case Marker::kTriangle: {
         // Apex up; the centre sits at the triangle's centroid so it lines up with the data point.
         const double top = -r * 1.15;
@@ -386,7 +398,8 @@ void Image::draw_marker(double cx, double cy, Marker shape, int radius, Rgb colo
         const double half = (dy - top) / (bottom - top) * r * 1.15;
         return std::abs(dx) <= half + 0.25;
       }
-      case Marker::kNone: return false;
+      case Marker::kNone:
+        return false;
     }
     return false;
   };

@@ -66,8 +66,8 @@ class Image {
   // Non-finite endpoints draw nothing. Coordinates may lie far outside the image.
   void draw_line(double x0, double y0, double x1, double y1, Rgb color, int thickness = 1);
   // Alternating dash_length pixels on, gap_length pixels off, counted along the major axis.
-  void draw_dashed_line(double x0, double y0, double x1, double y1, Rgb color, int thickness = 1,
-                        int dash_length = 6, int gap_length = 4);
+  void draw_dashed_line(double x0, double y0, double x1, double y1, Rgb color, int thickness = 1, int dash_length = 6,
+                        int gap_length = 4);
   // A filled marker centred on (cx, cy) whose shape fits a circle of the given radius.
   void draw_marker(double cx, double cy, Marker shape, int radius, Rgb color);
 

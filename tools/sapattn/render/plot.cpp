@@ -72,8 +72,8 @@ struct AxisRange {
 
 // Data extent plus a 4% margin on each end the caller did not fix. Degenerate extents (one
 // value, or a fixed end beyond the data) are widened so that lo < hi always holds.
-AxisRange axis_range(const std::vector<double>& values, std::optional<double> fixed_lo,
-                     std::optional<double> fixed_hi, bool log_scale, const char* axis) {
+AxisRange axis_range(const std::vector<double>& values, std::optional<double> fixed_lo, std::optional<double> fixed_hi,
+                     bool log_scale, const char* axis) {
   auto to_axis = [&](double v, const char* which) {
     SAPATTN_CHECK(std::isfinite(v), InvalidArgumentError, axis, " axis ", which, " must be finite, got ", v);
     if (!log_scale) return v;
@@ -89,8 +89,8 @@ AxisRange axis_range(const std::vector<double>& values, std::optional<double> fi
   if (fixed_lo) r.lo = to_axis(*fixed_lo, "minimum");
   if (fixed_hi) r.hi = to_axis(*fixed_hi, "maximum");
   if (fixed_lo && fixed_hi) {
-    SAPATTN_CHECK(r.lo < r.hi, InvalidArgumentError, axis, " axis minimum ", *fixed_lo,
-                  " must be below its maximum ", *fixed_hi);
+    SAPATTN_CHECK(r.lo < r.hi, InvalidArgumentError, axis, " axis minimum ", *fixed_lo, " must be below its maximum ",
+                  *fixed_hi);
     return r;
   }
   if (!(r.lo < r.hi)) {
@@ -166,8 +166,8 @@ std::vector<std::vector<Overlap>> overlaps(std::int64_t n, int out) {
 // ---- Ticks ---------------------------------------------------------------------------------
 
 std::vector<double> nice_ticks(double lo, double hi, int max_count) {
-  SAPATTN_CHECK(std::isfinite(lo) && std::isfinite(hi) && lo < hi && std::isfinite(hi - lo),
-                InvalidArgumentError, "tick range [", lo, ", ", hi, "] must be finite and non-empty");
+  SAPATTN_CHECK(std::isfinite(lo) && std::isfinite(hi) && lo < hi && std::isfinite(hi - lo), InvalidArgumentError,
+                "tick range [", lo, ", ", hi, "] must be finite and non-empty");
   SAPATTN_CHECK(max_count >= 2, InvalidArgumentError, "max tick count must be >= 2, got ", max_count);
   const double span = hi - lo;
   // A range this narrow next to its magnitude has no distinct decimal ticks worth printing.
@@ -187,8 +187,8 @@ std::vector<double> nice_ticks(double lo, double hi, int max_count) {
 }
 
 std::vector<double> log_ticks(double lo, double hi, int max_count) {
-  SAPATTN_CHECK(std::isfinite(lo) && std::isfinite(hi) && lo > 0.0 && lo < hi, InvalidArgumentError,
-                "log tick range [", lo, ", ", hi, "] must be positive and non-empty");
+  SAPATTN_CHECK(std::isfinite(lo) && std::isfinite(hi) && lo > 0.0 && lo < hi, InvalidArgumentError, "log tick range [",
+                lo, ", ", hi, "] must be positive and non-empty");
   SAPATTN_CHECK(max_count >= 2, InvalidArgumentError, "max tick count must be >= 2, got ", max_count);
   const double tol = 1e-9;
   auto inside = [&](double v) { return v >= lo * (1 - tol) && v <= hi * (1 + tol); };
@@ -278,9 +278,8 @@ Image LineChart::render(int width, int height) const {
   const int left = pad + (y_label.empty() ? 0 : th + 2 * gap) + max_width(yt.labels, s) + gap + tick_len;
   // The last x label is centred on the right edge of the plot: leave room for its right half.
   const int right_guess = pad + text_width("0.00", s) / 2;
-  const Ticks xt = choose_ticks(xr, false, width - left - right_guess - 1, [&](const auto& labels) {
-    return max_width(labels, s) + 3.0 * kGlyphAdvance * s;
-  });
+  const Ticks xt = choose_ticks(xr, false, width - left - right_guess - 1,
+                                [&](const auto& labels) { return max_width(labels, s) + 3.0 * kGlyphAdvance * s; });
   const int right = std::max(2 * pad, pad + (xt.labels.empty() ? 0 : text_width(xt.labels.back(), s) / 2));
   const int plot_w = width - left - right;
   SAPATTN_CHECK(plot_w >= 40, InvalidArgumentError, "chart width ", width, " leaves no room to plot");
@@ -380,9 +379,15 @@ Image LineChart::render(int width, int height) const {
     };
     int pick = 0;
     switch (legend) {
-      case LegendPlacement::kTopLeft: pick = 1; break;
-      case LegendPlacement::kBottomRight: pick = 2; break;
-      case LegendPlacement::kBottomLeft: pick = 3; break;
+      case LegendPlacement::kTopLeft:
+        pick = 1;
+        break;
+      case LegendPlacement::kBottomRight:
+        pick = 2;
+        break;
+      case LegendPlacement::kBottomLeft:
+        pick = 3;
+        break;
       case LegendPlacement::kAuto: {
         std::size_t fewest = std::numeric_limits<std::size_t>::max();
         for (int c = 0; c < 4; ++c) {
@@ -399,7 +404,8 @@ Image LineChart::render(int width, int height) const {
         }
         break;
       }
-      default: break;
+      default:
+        break;
     }
     const auto [bx, by] = corners[pick];
     img.blend_rect(bx, by, box_w, box_h, kWhite, 0.9f);
@@ -427,12 +433,11 @@ Image LineChart::render(int width, int height) const {
 
 // ---- Heatmap -------------------------------------------------------------------------------
 
-std::vector<float> box_average(const float* values, std::int64_t rows, std::int64_t cols, int out_w,
-                               int out_h) {
+std::vector<float> box_average(const float* values, std::int64_t rows, std::int64_t cols, int out_w, int out_h) {
   constexpr std::int64_t kMaxSide = std::int64_t{1} << 40;
-  SAPATTN_CHECK(rows >= 1 && cols >= 1 && rows <= kMaxSide && cols <= kMaxSide &&
-                    rows <= (std::int64_t{1} << 48) / cols,
-                InvalidArgumentError, "matrix size ", rows, "x", cols, " is empty or too large");
+  SAPATTN_CHECK(
+      rows >= 1 && cols >= 1 && rows <= kMaxSide && cols <= kMaxSide && rows <= (std::int64_t{1} << 48) / cols,
+      InvalidArgumentError, "matrix size ", rows, "x", cols, " is empty or too large");
   SAPATTN_CHECK(values != nullptr, InvalidArgumentError, "matrix pointer is null");
   SAPATTN_CHECK(out_w >= 1 && out_h >= 1 && out_w <= kMaxImageSide && out_h <= kMaxImageSide &&
                     std::int64_t{out_w} * out_h <= kMaxImagePixels,
@@ -470,10 +475,9 @@ std::vector<float> box_average(const float* values, std::int64_t rows, std::int6
   return out;
 }
 
-Image heatmap(const float* values, std::int64_t rows, std::int64_t cols, int out_w, int out_h, float vmin,
-              float vmax) {
-  SAPATTN_CHECK(std::isfinite(vmin) && std::isfinite(vmax) && vmin < vmax, InvalidArgumentError,
-                "heatmap range [", vmin, ", ", vmax, "] must be finite with vmin < vmax");
+Image heatmap(const float* values, std::int64_t rows, std::int64_t cols, int out_w, int out_h, float vmin, float vmax) {
+  SAPATTN_CHECK(std::isfinite(vmin) && std::isfinite(vmax) && vmin < vmax, InvalidArgumentError, "heatmap range [",
+                vmin, ", ", vmax, "] must be finite with vmin < vmax");
   const std::vector<float> avg = box_average(values, rows, cols, out_w, out_h);
   Image img(out_w, out_h);
   const double scale = 1.0 / (static_cast<double>(vmax) - vmin);

@@ -61,10 +61,8 @@ std::vector<std::string> format_ticks(const std::vector<double>& ticks);
 // [py, py + 1) * rows / out_h, weighting cells by overlap, so it works for shrinking and
 // enlarging alike. Non-finite cells are left out; a pixel with no finite cell gets NaN.
 // Returns out_h * out_w values, row-major.
-std::vector<float> box_average(const float* values, std::int64_t rows, std::int64_t cols, int out_w,
-                               int out_h);
+std::vector<float> box_average(const float* values, std::int64_t rows, std::int64_t cols, int out_w, int out_h);
 // box_average coloured with heat_color((v - vmin) / (vmax - vmin)); needs finite vmin < vmax.
-Image heatmap(const float* values, std::int64_t rows, std::int64_t cols, int out_w, int out_h, float vmin,
-              float vmax);
+Image heatmap(const float* values, std::int64_t rows, std::int64_t cols, int out_w, int out_h, float vmin, float vmax);
 
 }  // namespace sapattn::render

@@ -24,8 +24,7 @@ void put_u32(std::vector<std::uint8_t>& out, std::uint32_t v) {
 }
 
 // Appends one chunk: length, type, data, and the CRC-32 of type and data.
-void put_chunk(std::vector<std::uint8_t>& out, const char (&type)[5], const std::uint8_t* data,
-               std::size_t size) {
+void put_chunk(std::vector<std::uint8_t>& out, const char (&type)[5], const std::uint8_t* data, std::size_t size) {
   put_u32(out, static_cast<std::uint32_t>(size));
   const std::size_t type_at = out.size();
   out.insert(out.end(), type, type + 4);
@@ -51,11 +50,20 @@ std::uint8_t filtered_byte(int type, const std::uint8_t* row, const std::uint8_t
   const int c = prev && i >= bpp ? prev[i - bpp] : 0;
   int predicted = 0;
   switch (type) {
-    case 1: predicted = a; break;
-    case 2: predicted = b; break;
-    case 3: predicted = (a + b) / 2; break;
-    case 4: predicted = paeth(a, b, c); break;
-    default: break;
+    case 1:
+      predicted = a;
+      break;
+    case 2:
+      predicted = b;
+      break;
+    case 3:
+      predicted = (a + b) / 2;
+      break;
+    case 4:
+      predicted = paeth(a, b, c);
+      break;
+    default:
+      break;
   }
   return static_cast<std::uint8_t>(row[i] - predicted);
 }
@@ -86,8 +94,7 @@ void filter_row(const std::uint8_t* row, const std::uint8_t* prev, std::size_t r
 }  // namespace
 
 std::vector<std::uint8_t> encode_png(const std::uint8_t* pixels, int width, int height, int channels) {
-  SAPATTN_CHECK(channels == 3 || channels == 4, InvalidArgumentError, "PNG channels must be 3 or 4, got ",
-                channels);
+  SAPATTN_CHECK(channels == 3 || channels == 4, InvalidArgumentError, "PNG channels must be 3 or 4, got ", channels);
   SAPATTN_CHECK(width >= 1 && height >= 1 && width <= kMaxImageSide && height <= kMaxImageSide &&
                     std::int64_t{width} * height <= kMaxImagePixels,
                 InvalidArgumentError, "cannot encode a ", width, "x", height, " PNG");
@@ -103,8 +110,8 @@ std::vector<std::uint8_t> encode_png(const std::uint8_t* pixels, int width, int 
 
   uLongf compressed_size = compressBound(static_cast<uLong>(filtered.size()));
   std::vector<std::uint8_t> compressed(compressed_size);
-  const int rc = compress2(compressed.data(), &compressed_size, filtered.data(),
-                           static_cast<uLong>(filtered.size()), Z_DEFAULT_COMPRESSION);
+  const int rc = compress2(compressed.data(), &compressed_size, filtered.data(), static_cast<uLong>(filtered.size()),
+                           Z_DEFAULT_COMPRESSION);
   // compress2 only fails for lack of memory or a too-small buffer, and compressBound rules out the
   // latter; report it as a typed error rather than writing a broken file.
   SAPATTN_CHECK(rc == Z_OK, IoError, "zlib compress2 failed with code ", rc);
