@@ -3,6 +3,7 @@
 #include <sstream>
 
 #include "commands.hpp"
+#include "io/json.hpp"
 #include "progress.hpp"
 #include "sapattn/io.hpp"
 #include "sapattn/svg2.hpp"
@@ -23,7 +24,7 @@ TensorView load_view(const std::string& path, const std::string& name, bool bshd
 std::string metrics_json(const std::string& method, const eval::Metrics& m, const Config& c, const TensorView& q,
                          double seconds, double dense_seconds) {
   std::ostringstream os;
-  os << "{\"method\": " << json_string(method) << ", \"density\": " << json_number(m.mean.density)
+  os << "{\"method\": " << io::detail::json_quote(method) << ", \"density\": " << json_number(m.mean.density)
      << ", \"recall\": " << json_number(m.mean.recall) << ", \"rel_l2\": " << json_number(m.mean.rel_l2)
      << ", \"cosine\": " << json_number(m.mean.cosine) << ", \"seconds\": " << json_number(seconds)
      << ", \"dense_seconds\": " << json_number(dense_seconds) << ", \"shape\": [" << q.shape[0] << ", " << q.shape[1]

@@ -4,6 +4,7 @@
 #include <iostream>
 
 #include "commands.hpp"
+#include "io/json.hpp"
 #include "progress.hpp"
 #include "sapattn/io.hpp"
 #include "sapattn/workload.hpp"
@@ -74,15 +75,15 @@ int run_gen(int argc, char** argv) {
   }
   std::string kinds;
   for (workload::HeadKind k : w.head_kinds)
-    kinds += (kinds.empty() ? "" : ", ") + json_string(std::string(workload::head_kind_name(k)));
+    kinds += (kinds.empty() ? "" : ", ") + io::detail::json_quote(std::string(workload::head_kind_name(k)));
   const auto& s = w.q.shape();
   write_text(out + "/workload.json",
-             "{\n  \"preset\": " + json_string(preset.name) + ",\n  \"seed\": " + std::to_string(seed) +
-                 ",\n  \"dtype\": " + json_string(dtype_name) + ",\n  \"layout\": \"bhsd\",\n  \"shape\": [" +
-                 std::to_string(s[0]) + ", " + std::to_string(s[1]) + ", " + std::to_string(s[2]) + ", " +
-                 std::to_string(s[3]) + "],\n  \"grid\": [" + std::to_string(preset.frames) + ", " +
-                 std::to_string(preset.height) + ", " + std::to_string(preset.width) +
-                 "],\n  \"text_tokens\": " + std::to_string(preset.text_tokens) +
+             "{\n  \"preset\": " + io::detail::json_quote(preset.name) + ",\n  \"seed\": " + std::to_string(seed) +
+                 ",\n  \"dtype\": " + io::detail::json_quote(dtype_name) +
+                 ",\n  \"layout\": \"bhsd\",\n  \"shape\": [" + std::to_string(s[0]) + ", " + std::to_string(s[1]) +
+                 ", " + std::to_string(s[2]) + ", " + std::to_string(s[3]) + "],\n  \"grid\": [" +
+                 std::to_string(preset.frames) + ", " + std::to_string(preset.height) + ", " +
+                 std::to_string(preset.width) + "],\n  \"text_tokens\": " + std::to_string(preset.text_tokens) +
                  ",\n  \"prompt_length\": " + std::to_string(preset.prompt_length) + ",\n  \"head_kinds\": [" + kinds +
                  "],\n  \"top13_mass\": " + json_number(mass) + "\n}\n");
   std::cout << "wrote " << preset.name << " [" << s[0] << "," << s[1] << "," << s[2] << "," << s[3] << "] "

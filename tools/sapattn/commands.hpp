@@ -32,8 +32,8 @@ struct Row {
 };
 std::string format_table(const std::vector<Row>& rows);
 
-// JSON literals: a quoted, escaped string; a number (non-finite values become null).
-std::string json_string(const std::string& s);
+// A JSON number literal (non-finite values become null). Strings are quoted with
+// io::detail::json_quote, the escaper of the safetensors writer.
 std::string json_number(double x);
 
 }  // namespace sapattn::cli
