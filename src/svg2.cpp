@@ -5,40 +5,13 @@
 #include <algorithm>
 #include <cstring>
 
+#include "core/carver.hpp"
 #include "op_checks.hpp"
 #include "svg2_pipeline.hpp"
 
 namespace sapattn {
 
 namespace pipeline {
-
-namespace {
-
-// Hands out 256-byte aligned slices of a workspace (or only counts bytes when there is none).
-class Carver {
- public:
-  Carver(const Workspace* ws, Device device) : ws_(ws), device_(device) {}
-  TensorView take(DType dtype, std::vector<int64_t> shape) {
-    int64_t n = 1;
-    for (int64_t e : shape) n *= e;
-    return TensorView::contiguous(take_bytes(static_cast<size_t>(n) * dtype_size(dtype)).data, dtype, std::move(shape),
-                                  device_);
-  }
-  Workspace take_bytes(size_t bytes) {
-    const size_t aligned = (bytes + 255) / 256 * 256;
-    void* p = ws_ ? static_cast<char*>(ws_->data) + used_ : nullptr;
-    used_ += aligned;
-    return {p, bytes};
-  }
-  size_t used() const { return used_; }
-
- private:
-  const Workspace* ws_;
-  Device device_;
-  size_t used_ = 0;
-};
-
-}  // namespace
 
 size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Device device, const Workspace* workspace,
              Buffers* buffers) {
@@ -50,25 +23,26 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
   b.k_video_clusters = config.k_clusters;
   b.q_clusters = config.q_clusters + text_clusters;
   b.k_clusters = config.k_clusters + text_clusters;
-  Carver c(workspace, device);
-  b.q_labels = c.take(DType::I32, {B, H, S});
-  b.k_labels = c.take(DType::I32, {B, H, S});
-  b.q_perm = c.take(DType::I32, {B, H, S});
-  b.k_perm = c.take(DType::I32, {B, H, S});
-  b.q_offsets = c.take(DType::I32, {B, H, b.q_clusters + 1});
-  b.k_offsets = c.take(DType::I32, {B, H, b.k_clusters + 1});
-  b.q_sizes = c.take(DType::I32, {B, H, config.q_clusters});
-  b.k_sizes = c.take(DType::I32, {B, H, config.k_clusters});
-  b.mask = c.take(DType::U8, {B, H, b.q_clusters, b.k_clusters});
-  b.q_perm_rows = c.take(dtype, {B, H, S, D});
-  b.k_perm_rows = c.take(dtype, {B, H, S, D});
-  b.v_perm_rows = c.take(dtype, {B, H, S, D});
-  b.out_perm = c.take(DType::F32, {B, H, S, D});
-  b.lse_perm = c.take(DType::F32, {B, H, S});
-  b.op_scratch = c.take_bytes(
+  Carver c("svg2_attention", workspace != nullptr ? *workspace : Workspace{});
+  b.q_labels = c.take_view(DType::I32, {B, H, S}, device);
+  b.k_labels = c.take_view(DType::I32, {B, H, S}, device);
+  b.q_perm = c.take_view(DType::I32, {B, H, S}, device);
+  b.k_perm = c.take_view(DType::I32, {B, H, S}, device);
+  b.q_offsets = c.take_view(DType::I32, {B, H, b.q_clusters + 1}, device);
+  b.k_offsets = c.take_view(DType::I32, {B, H, b.k_clusters + 1}, device);
+  b.q_sizes = c.take_view(DType::I32, {B, H, config.q_clusters}, device);
+  b.k_sizes = c.take_view(DType::I32, {B, H, config.k_clusters}, device);
+  b.mask = c.take_view(DType::U8, {B, H, b.q_clusters, b.k_clusters}, device);
+  b.q_perm_rows = c.take_view(dtype, {B, H, S, D}, device);
+  b.k_perm_rows = c.take_view(dtype, {B, H, S, D}, device);
+  b.v_perm_rows = c.take_view(dtype, {B, H, S, D}, device);
+  b.out_perm = c.take_view(DType::F32, {B, H, S, D}, device);
+  b.lse_perm = c.take_view(DType::F32, {B, H, S}, device);
+  const size_t scratch =
       std::max({kmeans_workspace_bytes(B * H, b.video_tokens, config.q_clusters, D, device),
                 kmeans_workspace_bytes(B * H, b.video_tokens, config.k_clusters, D, device),
-                cluster_permutation_workspace_bytes(B * H, S, std::max(b.q_clusters, b.k_clusters), device)}));
+                cluster_permutation_workspace_bytes(B * H, S, std::max(b.q_clusters, b.k_clusters), device)});
+  b.op_scratch = Workspace{c.take_bytes(scratch), scratch};
   if (buffers != nullptr) *buffers = b;
   return c.used();
 }

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "core/carver.hpp"
 #include "cuda/backend.hpp"
 #include "cuda/check.hpp"
 #include "sapattn/error.hpp"
@@ -80,38 +81,6 @@ __device__ __forceinline__ T from_f32(float v) {
     return __float2bfloat16_rn(v);
   }
 }
-
-// ---------------------------------------------------------------------------------------------
-// Workspace carving: 256-byte aligned slices; a workspace that is too small throws WorkspaceError.
-// The same carver only counts bytes when it has no workspace (for the *_workspace_bytes queries),
-// so the query and the carve can never disagree.
-// ---------------------------------------------------------------------------------------------
-
-class Carver {
- public:
-  explicit Carver(const char* op, Workspace ws = {}) : op_(op), ws_(ws) {}
-  template <typename T>
-  T* take(int64_t count) {
-    const size_t bytes = static_cast<size_t>(round_up(count * static_cast<int64_t>(sizeof(T)), 256));
-    T* p = ws_.data != nullptr ? reinterpret_cast<T*>(static_cast<char*>(ws_.data) + used_) : nullptr;
-    used_ += bytes;
-    return p;
-  }
-  void* take_bytes(size_t bytes) { return take<char>(static_cast<int64_t>(bytes)); }
-  size_t used() const { return used_; }
-  // Throws unless the workspace holds everything taken so far.
-  void check() const {
-    SAPATTN_CHECK(ws_.data != nullptr || used_ == 0, WorkspaceError, op_, " needs a workspace of ", used_,
-                  " bytes on CUDA (ask its *_workspace_bytes), got none");
-    SAPATTN_CHECK(ws_.bytes >= used_, WorkspaceError, op_, " needs ", used_, " bytes of workspace on CUDA, got ",
-                  ws_.bytes);
-  }
-
- private:
-  const char* op_;
-  Workspace ws_;
-  size_t used_ = 0;
-};
 
 // ---------------------------------------------------------------------------------------------
 // Value checks (see backend.hpp). Kernels OR these bits into the flag when they meet a bad value.
