@@ -15,6 +15,7 @@
 
 #include "sapattn/io.hpp"
 #include "sapattn/tensor.hpp"
+#include "test_support.hpp"
 
 namespace sapattn {
 namespace {
@@ -45,13 +46,7 @@ fs::path scratch(const std::string& name) {
   return dir;
 }
 
-Tensor random_tensor(DType dtype, std::vector<int64_t> shape, uint32_t seed) {
-  Tensor t(dtype, std::move(shape));
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> n(0.0f, 1.0f);
-  for (int64_t i = 0; i < t.numel(); ++i) store_from_f32(t.data(), dtype, i, n(rng));
-  return t;
-}
+using testing_support::random_tensor;
 
 // The value of "key": <number> at the top level of a one-line JSON object (first occurrence).
 double json_value(const std::string& json, const std::string& key) {

@@ -6,21 +6,13 @@
 
 #include "sapattn/eval.hpp"
 #include "sapattn/workload.hpp"
+#include "test_support.hpp"
 
 namespace sapattn::eval {
 namespace {
 
 Tensor blobs(int64_t B, int64_t H, int64_t S, int64_t D, int centers, uint32_t seed) {
-  Tensor t(DType::F32, {B, H, S, D});
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> n(0.0f, 1.0f);
-  std::vector<float> c(centers * D);
-  for (auto& x : c) x = 1.5f * n(rng);
-  for (int64_t r = 0; r < B * H * S; ++r) {
-    const int64_t which = std::uniform_int_distribution<int64_t>(0, centers - 1)(rng);
-    for (int64_t d = 0; d < D; ++d) t.data_as<float>()[r * D + d] = c[which * D + d] + 0.5f * n(rng);
-  }
-  return t;
+  return testing_support::clustered_tensor(DType::F32, B, H, S, D, centers, seed, 1.5f, 0.5f);
 }
 
 Config small_config() {

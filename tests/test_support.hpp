@@ -4,7 +4,9 @@
 
 #include <gtest/gtest.h>
 
+#include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "reference.hpp"
@@ -33,6 +35,31 @@ void expect_error_untouched(F&& f, std::vector<const ref::HostTensor*> outputs) 
 template <typename E, typename F>
 void expect_error_untouched(F&& f, const ref::HostTensor& output) {
   expect_error_untouched<E>(std::forward<F>(f), std::vector<const ref::HostTensor*>{&output});
+}
+
+// Seeded normal(0, stddev) values of any float dtype (16-bit dtypes hold their rounding).
+inline Tensor random_tensor(DType dtype, std::vector<int64_t> shape, uint32_t seed, float stddev = 1.0f) {
+  Tensor t(dtype, std::move(shape));
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n(0.0f, stddev);
+  for (int64_t i = 0; i < t.numel(); ++i) store_from_f32(t.data(), dtype, i, n(rng));
+  return t;
+}
+
+// [B,H,S,D] tokens scattered around `centers` random centres (spread center_std per element) with
+// noise_std of noise: structure for k-means and selection to find, as in a video DiT.
+inline Tensor clustered_tensor(DType dtype, int64_t B, int64_t H, int64_t S, int64_t D, int centers, uint32_t seed,
+                               float center_std, float noise_std) {
+  Tensor t(dtype, {B, H, S, D});
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  std::vector<float> c(static_cast<size_t>(centers * D));
+  for (auto& x : c) x = center_std * n(rng);
+  for (int64_t r = 0; r < B * H * S; ++r) {
+    const int64_t which = std::uniform_int_distribution<int64_t>(0, centers - 1)(rng);
+    for (int64_t d = 0; d < D; ++d) store_from_f32(t.data(), dtype, r * D + d, c[which * D + d] + noise_std * n(rng));
+  }
+  return t;
 }
 
 }  // namespace sapattn::testing_support

@@ -7,30 +7,16 @@
 #include <vector>
 
 #include "sapattn/svg2.hpp"
+#include "test_support.hpp"
 
 namespace sapattn {
 namespace {
 
-Tensor random_tensor(DType dtype, std::vector<int64_t> shape, uint32_t seed, float stddev = 1.0f) {
-  Tensor t(dtype, shape);
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> n(0.0f, stddev);
-  for (int64_t i = 0; i < t.numel(); ++i) store_from_f32(t.data(), dtype, i, n(rng));
-  return t;
-}
+using testing_support::random_tensor;
 
 // Clustered tokens, so that k-means and selection have structure to find (as in a video DiT).
 Tensor clustered_tensor(DType dtype, int64_t B, int64_t H, int64_t S, int64_t D, int centers, uint32_t seed) {
-  Tensor t(dtype, {B, H, S, D});
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> n(0.0f, 1.0f);
-  std::vector<float> c(centers * D);
-  for (auto& x : c) x = 2.0f * n(rng);
-  for (int64_t r = 0; r < B * H * S; ++r) {
-    const int64_t which = std::uniform_int_distribution<int64_t>(0, centers - 1)(rng);
-    for (int64_t d = 0; d < D; ++d) store_from_f32(t.data(), dtype, r * D + d, c[which * D + d] + 0.3f * n(rng));
-  }
-  return t;
+  return testing_support::clustered_tensor(dtype, B, H, S, D, centers, seed, 2.0f, 0.3f);
 }
 
 double element(const Tensor& t, int64_t i) {
