@@ -131,10 +131,6 @@ DeviceType backend(const Stream& stream, const Views&... views) {
                 "configure with -DSAPATTN_CUDA=ON where nvcc is installed)");
 }
 
-[[noreturn]] void not_on_cuda_yet(const char* op) {
-  SAPATTN_THROW(UnsupportedError, op, " is not implemented on CUDA yet");
-}
-
 }  // namespace
 
 size_t kmeans_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clusters, int64_t dim, Device device) {
@@ -316,14 +312,56 @@ void scatter_rows(const TensorView& y, const TensorView& perm, TensorView out, c
   cpu::scatter_rows(y, perm, out, cpu_threads(stream));
 }
 
+namespace {
+
+// A row permutation of `rows` entries per (b,h): [B,H,rows] i32, contiguous.
+void check_row_permutation(const TensorView& perm, int64_t B, int64_t H, int64_t rows, const char* name,
+                           const Stream& stream) {
+  expect_rank(perm, 3, name);
+  expect_dtype(perm, DType::I32, name);
+  expect_contiguous(perm, name);
+  expect_extent(perm, 0, B, name, "batch");
+  expect_extent(perm, 1, H, name, "heads");
+  expect_extent(perm, 2, rows, name, "tokens");
+  expect_device(perm, stream);
+}
+
+}  // namespace
+
 void block_sparse_attention(const TensorView& q, const TensorView& k, const TensorView& v, const BlockLayout& layout,
-                            float scale, TensorView out, TensorView lse, const Stream& stream) {
+                            float scale, TensorView out, TensorView lse, const Stream& stream, Workspace workspace,
+                            const RowPermutation& perm) {
   check_attention(q, k, v, scale, out, lse);
   check_layout(layout, q, k);
   const DeviceType where = backend(stream, q, k, v, out, layout.q_offsets, layout.k_offsets, layout.mask);
   if (!lse.empty()) expect_device(lse, stream);
-  if (where == DeviceType::CUDA) not_on_cuda_yet("block_sparse_attention");
-  cpu::block_sparse_attention(q, k, v, layout, scale, out, lse, cpu_threads(stream));
+  const int64_t B = q.shape[0], H = q.shape[1];
+  if (!perm.q_perm.empty()) check_row_permutation(perm.q_perm, B, H, q.shape[2], "q_perm", stream);
+  if (!perm.k_perm.empty()) check_row_permutation(perm.k_perm, B, H, k.shape[2], "k_perm", stream);
+  if (where == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(block_sparse_attention(q, k, v, layout, scale, out, lse, stream, workspace, perm));
+  cpu::block_sparse_attention(q, k, v, layout, scale, out, lse, perm, cpu_threads(stream));
+}
+
+size_t block_sparse_attention_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters,
+                                              int64_t q_tokens, Device device) {
+  SAPATTN_CHECK(batch_heads >= 0 && q_clusters >= 1 && k_clusters >= 1 && q_tokens >= 0, InvalidArgumentError,
+                "block_sparse_attention_workspace_bytes: bad sizes (batch_heads ", batch_heads, ", clusters ",
+                q_clusters, " x ", k_clusters, ", tokens ", q_tokens, ")");
+  if (device.type == DeviceType::CPU) return 0;
+  return SAPATTN_ON_CUDA(block_sparse_attention_workspace_bytes(batch_heads, q_clusters, k_clusters, q_tokens));
+}
+
+AttentionKernel attention_kernel(Device device, DType dtype, int64_t head_dim) {
+  if (device.type == DeviceType::CPU) {
+    if (!is_floating(dtype)) return {false, "", "the CPU attention takes f32, f16 or bf16"};
+    return {true, "cpu", ""};
+  }
+#if SAPATTN_HAS_CUDA
+  return cuda::attention_kernel(device.index, dtype, head_dim);
+#else
+  return {false, "", "this build has no CUDA backend (configure with -DSAPATTN_CUDA=ON where nvcc is installed)"};
+#endif
 }
 
 void block_density(const BlockLayout& layout, TensorView density, const Stream& stream) {
@@ -352,7 +390,7 @@ void dense_attention(const TensorView& q, const TensorView& k, const TensorView&
   check_attention(q, k, v, scale, out, lse);
   const DeviceType where = backend(stream, q, k, v, out);
   if (!lse.empty()) expect_device(lse, stream);
-  if (where == DeviceType::CUDA) not_on_cuda_yet("dense_attention");
+  if (where == DeviceType::CUDA) return SAPATTN_ON_CUDA(dense_attention(q, k, v, scale, out, lse, stream));
   cpu::dense_attention(q, k, v, scale, out, lse, cpu_threads(stream));
 }
 

@@ -33,15 +33,11 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
   b.q_sizes = c.take_view(DType::I32, {B, H, config.q_clusters}, device);
   b.k_sizes = c.take_view(DType::I32, {B, H, config.k_clusters}, device);
   b.mask = c.take_view(DType::U8, {B, H, b.q_clusters, b.k_clusters}, device);
-  b.q_perm_rows = c.take_view(dtype, {B, H, S, D}, device);
-  b.k_perm_rows = c.take_view(dtype, {B, H, S, D}, device);
-  b.v_perm_rows = c.take_view(dtype, {B, H, S, D}, device);
-  b.out_perm = c.take_view(DType::F32, {B, H, S, D}, device);
-  b.lse_perm = c.take_view(DType::F32, {B, H, S}, device);
   const size_t scratch =
       std::max({kmeans_workspace_bytes(B * H, b.video_tokens, config.q_clusters, D, device),
                 kmeans_workspace_bytes(B * H, b.video_tokens, config.k_clusters, D, device),
-                cluster_permutation_workspace_bytes(B * H, S, std::max(b.q_clusters, b.k_clusters), device)});
+                cluster_permutation_workspace_bytes(B * H, S, std::max(b.q_clusters, b.k_clusters), device),
+                block_sparse_attention_workspace_bytes(B * H, b.q_clusters, b.k_clusters, S, device)});
   b.op_scratch = Workspace{c.take_bytes(scratch), scratch};
   if (buffers != nullptr) *buffers = b;
   return c.used();
@@ -100,23 +96,11 @@ void attend_clusters(const TensorView& q, const TensorView& k, const TensorView&
   }
   cluster_permutation(buf.q_labels, buf.q_clusters, buf.q_perm, buf.q_offsets, stream, buf.op_scratch);
   cluster_permutation(buf.k_labels, buf.k_clusters, buf.k_perm, buf.k_offsets, stream, buf.op_scratch);
-  gather_rows(q, buf.q_perm, buf.q_perm_rows, stream);
-  gather_rows(k, buf.k_perm, buf.k_perm_rows, stream);
-  gather_rows(v, buf.k_perm, buf.v_perm_rows, stream);  // V follows K's order
+  // The attention reads Q, K and V through the permutations and writes O and LSE in token order:
+  // no permuted copies of the inputs or outputs exist.
   const BlockLayout layout{buf.q_offsets, buf.k_offsets, buf.mask};
-  block_sparse_attention(buf.q_perm_rows, buf.k_perm_rows, buf.v_perm_rows, layout, scale, buf.out_perm, buf.lse_perm,
-                         stream);
-  scatter_rows(buf.out_perm, buf.q_perm, outputs.out, stream);
-  if (!outputs.lse.empty()) {
-    // LSE rows as [B,H,S,1] so that the row scatter moves them too.
-    auto as_rows = [](TensorView t) {
-      t.rank = 4;
-      t.shape[3] = 1;
-      t.stride[3] = 1;
-      return t;
-    };
-    scatter_rows(as_rows(buf.lse_perm), buf.q_perm, as_rows(outputs.lse), stream);
-  }
+  block_sparse_attention(q, k, v, layout, scale, outputs.out, outputs.lse, stream, buf.op_scratch,
+                         RowPermutation{buf.q_perm, buf.k_perm});
   if (!outputs.density.empty()) block_density(layout, outputs.density, stream);
 }
 

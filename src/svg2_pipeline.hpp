@@ -19,10 +19,7 @@ struct Buffers {
   TensorView q_offsets, k_offsets;                   // [B,H,Cq+1], [B,H,Ck+1] i32
   TensorView q_sizes, k_sizes;                       // [B,H,Cq], [B,H,Ck] i32 (video clusters)
   TensorView mask;                                   // [B,H,Cq,Ck] u8 (with text clusters)
-  TensorView q_perm_rows, k_perm_rows, v_perm_rows;  // [B,H,S,D], the input dtype
-  TensorView out_perm;                               // [B,H,S,D] f32
-  TensorView lse_perm;                               // [B,H,S] f32
-  Workspace op_scratch;                              // scratch the k-means and permutation ops ask for
+  Workspace op_scratch;                              // scratch the k-means, permutation and attention ops ask for
 
   // Video parts of the label tensors and the video x video block of the mask.
   TensorView q_video_labels() const { return q_labels.slice(2, 0, video_tokens); }

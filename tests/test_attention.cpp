@@ -410,6 +410,69 @@ INSTANTIATE_TEST_SUITE_P(
     [](const auto& p) { return std::string(p.param.name); });
 
 // ---------------------------------------------------------------------------------------------
+// Fused row permutations: reading Q, K, V through permutations and writing O / LSE through the
+// query permutation is the same computation as gather -> attend -> scatter, bit for bit.
+
+// One random permutation of [0, S) per (b,h), as a [B,H,S] i32 tensor.
+HostTensor random_permutation(int64_t B, int64_t H, int64_t S, ref::Rng& rng) {
+  HostTensor p = ref::make_tensor(DType::I32, {B, H, S});
+  std::vector<double> all;
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    std::vector<double> row(static_cast<size_t>(S));
+    for (int64_t i = 0; i < S; ++i) row[static_cast<size_t>(i)] = static_cast<double>(i);
+    for (int64_t i = S - 1; i > 0; --i) std::swap(row[static_cast<size_t>(i)], row[rng.integer(0, i)]);
+    all.insert(all.end(), row.begin(), row.end());
+  }
+  ref::from_vector(p.view, all);
+  return p;
+}
+
+TEST(FusedPermutation, EqualsGatherAttendScatter) {
+  for (const DType dtype : {DType::F32, DType::BF16}) {
+    ref::Rng rng(case_seed());
+    const int64_t B = 2, H = 2, Sq = 150, Sk = 170, D = 64;
+    Qkv t = make_qkv(B, H, Sq, Sk, D, dtype, dtype, Layout::Contiguous, Layout::Contiguous, true, 1.0, rng);
+    const Blocks bl = make_blocks(B, H, Sq, Sk, 5, 7, MaskKind::Random, false, rng);
+    const HostTensor q_perm = random_permutation(B, H, Sq, rng), k_perm = random_permutation(B, H, Sk, rng);
+
+    block_sparse_attention(t.q.view, t.k.view, t.v.view, bl.layout(), t.scale, t.out.view, t.lse.view, kStream, {},
+                           RowPermutation{q_perm.view, k_perm.view});
+
+    HostTensor qp = ref::make_tensor(dtype, {B, H, Sq, D}), kp = ref::make_tensor(dtype, {B, H, Sk, D}),
+               vp = ref::make_tensor(dtype, {B, H, Sk, D});
+    gather_rows(t.q.view, q_perm.view, qp.view, kStream);
+    gather_rows(t.k.view, k_perm.view, kp.view, kStream);
+    gather_rows(t.v.view, k_perm.view, vp.view, kStream);
+    HostTensor op = ref::make_tensor(dtype, {B, H, Sq, D}), lp = ref::make_tensor(DType::F32, {B, H, Sq});
+    block_sparse_attention(qp.view, kp.view, vp.view, bl.layout(), t.scale, op.view, lp.view, kStream);
+    HostTensor out = ref::make_tensor(dtype, {B, H, Sq, D}), lse = ref::make_tensor(DType::F32, {B, H, Sq});
+    auto as_rows = [](TensorView v) {  // [B,H,S] as [B,H,S,1], so the row scatter moves it
+      v.rank = 4;
+      v.shape[3] = 1;
+      v.stride[3] = 1;
+      return v;
+    };
+    scatter_rows(op.view, q_perm.view, out.view, kStream);
+    scatter_rows(as_rows(lp.view), q_perm.view, as_rows(lse.view), kStream);
+    EXPECT_EQ(ref::to_vector(t.out.view), ref::to_vector(out.view)) << dtype_name(dtype);
+    EXPECT_EQ(ref::to_vector(t.lse.view), ref::to_vector(lse.view)) << dtype_name(dtype);
+  }
+}
+
+TEST(AttentionKernelChoice, CpuRunsEveryFloatDtype) {
+  for (const DType dtype : {DType::F32, DType::F16, DType::BF16}) {
+    const AttentionKernel k = attention_kernel(Device::cpu(), dtype, 96);
+    EXPECT_TRUE(k.supported);
+    EXPECT_STREQ(k.name, "cpu");
+  }
+  const AttentionKernel bad = attention_kernel(Device::cpu(), DType::I32, 64);
+  EXPECT_FALSE(bad.supported);
+  EXPECT_NE(std::string(bad.reason), "");
+  EXPECT_EQ(block_sparse_attention_workspace_bytes(40, 300, 1000, 75600, Device::cpu()), 0u);
+  EXPECT_THROW(block_sparse_attention_workspace_bytes(1, 0, 4, 10, Device::cpu()), InvalidArgumentError);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Errors: the documented type, and out / lse untouched.
 
 struct ErrorSetup {
@@ -623,6 +686,31 @@ TEST(AttentionErrors, CudaTensorsAreUnsupported) {
   ref::poison(density);
   EXPECT_ERROR_UNTOUCHED(UnsupportedError, {&density}, block_density(Lc, density.view, kStream));
   EXPECT_ERROR_UNTOUCHED(UnsupportedError, {&density}, block_density(L, density.view, cuda));
+}
+
+TEST(AttentionErrors, BadPermutations) {
+  ErrorSetup s;
+  auto& t = s.t;
+  const std::vector<const HostTensor*> outs = {&t.out, &t.lse};
+  const BlockLayout L = s.bl.layout();
+  constexpr int64_t B = ErrorSetup::B, H = ErrorSetup::H, S = ErrorSetup::S;
+  ref::Rng rng(case_seed());
+  HostTensor perm = random_permutation(B, H, S, rng);
+  auto call = [&](const RowPermutation& p) {
+    block_sparse_attention(t.q.view, t.k.view, t.v.view, L, t.scale, t.out.view, t.lse.view, kStream, {}, p);
+  };
+  std::vector<double> values = ref::to_vector(perm.view);
+  values[7] = values[3];  // a repeat: some row would never be read or written
+  ref::from_vector(perm.view, values);
+  EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, outs, call({perm.view, {}}));
+  EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, outs, call({{}, perm.view}));
+  values[7] = static_cast<double>(S);  // out of range
+  ref::from_vector(perm.view, values);
+  EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, outs, call({perm.view, {}}));
+  HostTensor short_perm = ref::make_tensor(DType::I32, {B, H, S - 1});
+  EXPECT_ERROR_UNTOUCHED(ShapeError, outs, call({short_perm.view, {}}));
+  HostTensor bytes = ref::make_tensor(DType::U8, {B, H, S});
+  EXPECT_ERROR_UNTOUCHED(DTypeError, outs, call({{}, bytes.view}));
 }
 
 }  // namespace

@@ -127,18 +127,51 @@ struct BlockLayout {
   TensorView mask;       // [B,H,Cq,Ck] u8: query cluster a attends to key cluster b iff mask != 0
 };
 
+// Optional row permutations fused into the attention kernel (CUDA; the CPU applies them the same
+// way). With q_perm, q, out and lse are in token order: the j-th cluster-ordered query row is
+// q[b,h,q_perm[b,h,j],:], and its result lands in out/lse row q_perm[b,h,j]. With k_perm, k and v are
+// in token order and the j-th cluster-ordered key row is k/v[b,h,k_perm[b,h,j],:]. Offsets and the
+// mask always refer to cluster order. Permutations are [B,H,S] i32, contiguous, and must be
+// permutations of [0, S) (the CPU checks; on CUDA it is the caller's contract, see cuda/backend.hpp).
+struct RowPermutation {
+  TensorView q_perm;  // [B,H,Sq] or empty
+  TensorView k_perm;  // [B,H,Sk] or empty
+};
+
 // Attention of each query over exactly the keys of its query cluster's kept key clusters.
-//   q [B,H,Sq,D], k and v [B,H,Sk,D]: cluster-permuted, f32/f16/bf16, any strides.
+//   q [B,H,Sq,D], k and v [B,H,Sk,D]: cluster-permuted (unless `perm` says otherwise),
+//   f32/f16/bf16, any strides on the CPU. The CUDA kernels take f16/bf16 with q, k, v and out of
+//   one dtype, D = 64 or 128, unit stride along D and 16-byte aligned rows (UnsupportedError
+//   otherwise; attention_kernel() says what runs).
 // Offsets must start at 0, be non-decreasing and end at Sq (resp. Sk).
+// The CUDA backend plans on the GPU into `workspace` (block_sparse_attention_workspace_bytes; a
+// smaller one throws WorkspaceError); it never synchronises and can be captured in a CUDA graph.
 void block_sparse_attention(const TensorView& q, const TensorView& k, const TensorView& v, const BlockLayout& layout,
-                            float scale, TensorView out, TensorView lse, const Stream& stream);
+                            float scale, TensorView out, TensorView lse, const Stream& stream, Workspace workspace = {},
+                            const RowPermutation& perm = {});
+
+// Scratch bytes block_sparse_attention needs on `device` for B*H heads, Cq x Ck clusters and Sq
+// query tokens (0 on the CPU).
+size_t block_sparse_attention_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters,
+                                              int64_t q_tokens, Device device);
+
+// Which attention kernel runs for inputs of `dtype` and head dim `head_dim` on `device`, or why
+// none does. One answer for "is this supported" and "what runs": `name` is "cpu", "sm90a-wgmma" or
+// "sm80-mma"; when supported is false, `reason` says what is missing.
+struct AttentionKernel {
+  bool supported = false;
+  const char* name = "";
+  const char* reason = "";
+};
+AttentionKernel attention_kernel(Device device, DType dtype, int64_t head_dim);
 
 // Share of query-key pairs a layout computes, per (b,h): sum over kept (a,b) of |Q_a|*|K_b|,
 // divided by Sq*Sk, where Sq and Sk are the last offsets. Offsets must start at 0 and be
 // non-decreasing.   density [B,H] f32, any strides.
 void block_density(const BlockLayout& layout, TensorView density, const Stream& stream);
 
-// Full attention of every query over every key.
+// Full attention of every query over every key (same dtype and layout rules as
+// block_sparse_attention; no workspace).
 void dense_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale, TensorView out,
                      TensorView lse, const Stream& stream);
 

@@ -34,20 +34,22 @@ struct Segment {
   int64_t begin, end;
 };
 
-// fp32 copy of one (b,h) slice: [S, D] row-major.
-void load_slice(const TensorView& t, int64_t b, int64_t h, std::vector<float>& dst, int threads) {
+// fp32 copy of one (b,h) slice: [S, D] row-major; row s comes from row perm[s] when perm is given.
+void load_slice(const TensorView& t, int64_t b, int64_t h, const int32_t* perm, std::vector<float>& dst, int threads) {
   const int64_t S = t.shape[2], D = t.shape[3];
   dst.resize(S * D);
   const int64_t chunks = (S + 1023) / 1024;
   parallel_for(chunks, threads, [&](int64_t c) {
-    for (int64_t s = c * 1024; s < std::min(S, (c + 1) * 1024); ++s) load_row(t, b, h, s, dst.data() + s * D);
+    for (int64_t s = c * 1024; s < std::min(S, (c + 1) * 1024); ++s)
+      load_row(t, b, h, perm != nullptr ? perm[s] : s, dst.data() + s * D);
   });
 }
 
 // Attention of the query rows [q_begin, q_end) (at most kQueryTile) over the key segments.
-// Writes out rows and lse entries of those queries.
+// Writes out rows and lse entries of those queries (row q_perm[r] for row r when q_perm is given).
 void attend_tile(const float* q, const float* k, const float* v, int64_t D, float scale, int64_t q_begin, int64_t q_end,
-                 const std::vector<Segment>& keys, const TensorView& out, const TensorView& lse, int64_t b, int64_t h) {
+                 const std::vector<Segment>& keys, const TensorView& out, const TensorView& lse, int64_t b, int64_t h,
+                 const int32_t* q_perm) {
   const int64_t rows = q_end - q_begin;
   float row_max[kQueryTile], row_sum[kQueryTile];
   std::vector<float> acc(rows * D, 0.0f);
@@ -87,9 +89,10 @@ void attend_tile(const float* q, const float* k, const float* v, int64_t D, floa
     const bool attended = row_sum[r] > 0.0f;
     const float inv = attended ? 1.0f / row_sum[r] : 0.0f;
     for (int64_t d = 0; d < D; ++d) o[d] = acc[r * D + d] * inv;
-    store_row(out, b, h, q_begin + r, o.data());
+    const int64_t row = q_perm != nullptr ? q_perm[q_begin + r] : q_begin + r;
+    store_row(out, b, h, row, o.data());
     if (!lse.empty())
-      at<float>(lse, b, h, q_begin + r) =
+      at<float>(lse, b, h, row) =
           attended ? row_max[r] + std::log(row_sum[r]) : -std::numeric_limits<float>::infinity();
   }
 }
@@ -104,18 +107,40 @@ void check_offsets(const int32_t* off, int64_t C, int64_t total, const char* nam
                 ", got ", off[C]);
 }
 
-// The shared engine. `key_lists(b, h, a)` gives the key segments of query cluster a; `q_off` the
-// query cluster boundaries of (b,h) (nullptr: one cluster covering every query).
+// Throws InvalidArgumentError unless every (b,h) row of perm [B,H,N] is a permutation of [0, N).
+void check_permutation(const TensorView& perm, const char* name) {
+  if (perm.empty()) return;
+  check_index_range(perm, perm.shape[2], name);
+  std::vector<uint8_t> seen(perm.shape[2]);
+  for (int64_t b = 0; b < perm.shape[0]; ++b)
+    for (int64_t h = 0; h < perm.shape[1]; ++h) {
+      std::fill(seen.begin(), seen.end(), 0);
+      const int32_t* p = &at<int32_t>(perm, b, h);
+      for (int64_t i = 0; i < perm.shape[2]; ++i) {
+        SAPATTN_CHECK(seen[p[i]] == 0, InvalidArgumentError, name, "[b=", b, ", h=", h, "] repeats index ", p[i],
+                      " (at ", i, "): not a permutation");
+        seen[p[i]] = 1;
+      }
+    }
+}
+
+const int32_t* perm_row(const TensorView& perm, int64_t b, int64_t h) {
+  return perm.empty() ? nullptr : &at<int32_t>(perm, b, h);
+}
+
+// The shared engine. `key_list(b, h, a)` gives the key segments of query cluster a; `q_offsets` the
+// query cluster boundaries of (b,h).
 template <typename QueryOffsets, typename KeyList>
 void run_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale, TensorView out,
-                   TensorView lse, int threads, QueryOffsets q_offsets, KeyList key_list) {
+                   TensorView lse, const RowPermutation& perm, int threads, QueryOffsets q_offsets, KeyList key_list) {
   const int64_t B = q.shape[0], H = q.shape[1], D = q.shape[3];
   std::vector<float> qf, kf, vf;
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h = 0; h < H; ++h) {
-      load_slice(q, b, h, qf, threads);
-      load_slice(k, b, h, kf, threads);
-      load_slice(v, b, h, vf, threads);
+      const int32_t* q_perm = perm_row(perm.q_perm, b, h);
+      load_slice(q, b, h, q_perm, qf, threads);
+      load_slice(k, b, h, perm_row(perm.k_perm, b, h), kf, threads);
+      load_slice(v, b, h, perm_row(perm.k_perm, b, h), vf, threads);
       // Query tiles: kQueryTile rows, never crossing a query-cluster boundary.
       struct Tile {
         int64_t cluster, begin, end;
@@ -130,7 +155,7 @@ void run_attention(const TensorView& q, const TensorView& k, const TensorView& v
       parallel_for(static_cast<int64_t>(tiles.size()), threads, [&](int64_t t) {
         const Tile& tile = tiles[t];
         attend_tile(qf.data(), kf.data(), vf.data(), D, scale, tile.begin, tile.end, lists[tile.cluster], out, lse, b,
-                    h);
+                    h, q_perm);
       });
     }
   }
@@ -139,8 +164,10 @@ void run_attention(const TensorView& q, const TensorView& k, const TensorView& v
 }  // namespace
 
 void block_sparse_attention(const TensorView& q, const TensorView& k, const TensorView& v, const BlockLayout& layout,
-                            float scale, TensorView out, TensorView lse, int threads) {
+                            float scale, TensorView out, TensorView lse, const RowPermutation& perm, int threads) {
   const int64_t B = q.shape[0], H = q.shape[1], Sq = q.shape[2], Sk = k.shape[2];
+  check_permutation(perm.q_perm, "q_perm");
+  check_permutation(perm.k_perm, "k_perm");
   const int64_t Cq = layout.q_offsets.shape[2] - 1, Ck = layout.k_offsets.shape[2] - 1;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
@@ -148,7 +175,7 @@ void block_sparse_attention(const TensorView& q, const TensorView& k, const Tens
       check_offsets(&at<int32_t>(layout.k_offsets, b, h), Ck, Sk, "k_offsets", b, h);
     }
   run_attention(
-      q, k, v, scale, out, lse, threads,
+      q, k, v, scale, out, lse, perm, threads,
       [&](int64_t b, int64_t h) {
         const int32_t* off = &at<int32_t>(layout.q_offsets, b, h);
         return std::vector<int64_t>(off, off + Cq + 1);
@@ -172,7 +199,7 @@ void dense_attention(const TensorView& q, const TensorView& k, const TensorView&
                      TensorView lse, int threads) {
   const int64_t Sq = q.shape[2], Sk = k.shape[2];
   run_attention(
-      q, k, v, scale, out, lse, threads,
+      q, k, v, scale, out, lse, RowPermutation{}, threads,
       [&](int64_t, int64_t) {
         return std::vector<int64_t>{0, Sq};
       },

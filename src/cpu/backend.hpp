@@ -24,7 +24,7 @@ void gather_rows(const TensorView& x, const TensorView& perm, TensorView out, in
 void scatter_rows(const TensorView& y, const TensorView& perm, TensorView out, int threads);
 
 void block_sparse_attention(const TensorView& q, const TensorView& k, const TensorView& v, const BlockLayout& layout,
-                            float scale, TensorView out, TensorView lse, int threads);
+                            float scale, TensorView out, TensorView lse, const RowPermutation& perm, int threads);
 void dense_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale, TensorView out,
                      TensorView lse, int threads);
 void block_density(const BlockLayout& layout, TensorView density, int threads);

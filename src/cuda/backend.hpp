@@ -54,6 +54,20 @@ void gather_rows(const TensorView& x, const TensorView& perm, TensorView out, co
 void scatter_rows(const TensorView& y, const TensorView& perm, TensorView out, const Stream& stream);
 void block_density(const BlockLayout& layout, TensorView density, const Stream& stream);
 
+// Attention (attention.cu: argument rules for the kernels, planning, kernel choice).
+size_t block_sparse_attention_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters,
+                                              int64_t q_tokens);
+void block_sparse_attention(const TensorView& q, const TensorView& k, const TensorView& v, const BlockLayout& layout,
+                            float scale, TensorView out, TensorView lse, const Stream& stream, Workspace workspace,
+                            const RowPermutation& perm);
+void dense_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale, TensorView out,
+                     TensorView lse, const Stream& stream, const RowPermutation& perm = {});
+AttentionKernel attention_kernel(int device, DType dtype, int64_t head_dim);
+// Forces a kernel family for tests and benchmarks: "sm80" runs the mma.sync kernel on any GPU,
+// "" (or nullptr) restores the choice by architecture. SAPATTN_ATTENTION_KERNEL=sm80 in the
+// environment does the same. Throws InvalidArgumentError for other names.
+void set_attention_kernel_override(const char* name);
+
 // Throws NonFiniteError if x holds a NaN or Inf. Synchronises the stream (it must read the answer),
 // so it cannot run inside graph capture (UnsupportedError there).
 void check_finite(const TensorView& x, const char* name, const Stream& stream);

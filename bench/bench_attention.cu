@@ -1,0 +1,648 @@
+// The attention benchmark of issue 4: SVG2's block-sparse attention at the official shapes, on the
+// layouts SVG2 itself would build. Per shape it generates the full-size synthetic workload
+// (include/sapattn/workload.hpp), clusters Q and K with 50 Lloyd iterations from the seeded sample
+// (the official Cq/Ck), permutes, and for each target density finds the top-p that reaches it
+// (bisection on the host, reading block_density back; min_kept = floor(0.1 * Ck) as the official
+// scripts, lowered to 0 only when a target lies below what that floor allows). On each layout it
+// times the planner alone and block_sparse_attention four ways (on permuted tensors; the same with
+// the gathers of Q, K, V and the scatter of O around it; fused through both permutations on
+// token-order tensors; fused through the query permutation only), and dense_attention once per
+// shape, each with the kernel picked by architecture and with the sm80 kernel forced. Effective
+// TFLOP/s counts the computed pairs only: 4 * pairs * D / time. Q, K, V are [B,H,S,D] bf16.
+//
+// Each layout is saved under --out (q_offsets.npy, k_offsets.npy as f32, mask_d<target>.npy as f16,
+// manifest.jsonl) so that bench/attention_peers.py times the peers on exactly the same clusters
+// and masks. Prints one JSON object per line on stdout; progress goes to stderr.
+//
+//   sapattn_bench_attention [--shape wan13b|wan14b|hunyuan|all[,...]] [--densities 0.05,0.1,...]
+//                           [--out DIR] [--iters N] [--warmup N] [--kernels auto,sm80] [--seed N]
+//                           [--cq N] [--ck N] [--threads N] [--cpu]
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <functional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cuda/attention.hpp"
+#include "cuda/backend.hpp"
+#include "cuda/check.hpp"
+#include "sapattn/io.hpp"
+#include "sapattn/ops.hpp"
+#include "sapattn/workload.hpp"
+
+namespace {
+
+using namespace sapattn;
+
+struct ShapeSpec {
+  const char* name;
+  const char* preset;
+  int q_clusters, k_clusters;  // the official scripts' Cq and Ck (../shared/ANCHORS.md)
+  bool full_size;              // part of "all"; the others are for the --cpu smoke test
+};
+
+constexpr ShapeSpec kShapes[] = {
+    {"wan13b_480p", "wan-1.3b-480p", 200, 1000, true}, {"wan14b_720p", "wan-14b-720p", 300, 1000, true},
+    {"hunyuan_720p", "hunyuan-720p", 400, 1000, true}, {"tiny", "tiny", 16, 40, false},
+    {"tiny-text", "tiny-text", 8, 20, false},
+};
+
+struct Options {
+  std::vector<std::string> shapes{"all"};
+  std::vector<double> densities{0.05, 0.10, 0.15, 0.20, 0.30, 0.40};
+  std::string out = "attention-layouts";
+  int iters = 10;
+  int warmup = 2;
+  std::vector<std::string> kernels{"auto", "sm80"};
+  uint64_t seed = 2026;
+  int cq = 0, ck = 0;  // 0: the shape's official counts
+  int threads = 0;     // generator threads, 0 = all
+  bool cpu = false;    // run on the CPU backend (harness smoke test)
+};
+
+// One JSON object, built field by field and printed as one line.
+class JsonLine {
+ public:
+  JsonLine& str(const char* key, const std::string& v) {
+    field(key);
+    text_ += '"';
+    for (char c : v) {
+      if (c == '"' || c == '\\') text_ += '\\';
+      text_ += static_cast<unsigned char>(c) < 0x20 ? ' ' : c;
+    }
+    text_ += '"';
+    return *this;
+  }
+  JsonLine& num(const char* key, double v, int precision = 6) {
+    field(key);
+    char buf[64];
+    if (std::isfinite(v))
+      std::snprintf(buf, sizeof(buf), "%.*g", precision, v);
+    else
+      std::snprintf(buf, sizeof(buf), "null");
+    text_ += buf;
+    return *this;
+  }
+  JsonLine& integer(const char* key, int64_t v) {
+    field(key);
+    text_ += std::to_string(v);
+    return *this;
+  }
+  std::string text() const { return "{" + text_ + "}"; }
+  void print() const {
+    std::printf("%s\n", text().c_str());
+    std::fflush(stdout);
+  }
+
+ private:
+  void field(const char* key) {
+    if (!text_.empty()) text_ += ", ";
+    text_ += '"';
+    text_ += key;
+    text_ += "\": ";
+  }
+  std::string text_;
+};
+
+struct Stat {
+  double median_ms = 0, min_ms = 0;
+  int iters = 0;
+};
+
+// Where the benchmark runs: the GPU (one non-blocking stream, timed with events), or with --cpu the
+// CPU backend on the small presets, timed with the host clock: a smoke test of the harness itself.
+class Runtime {
+ public:
+  explicit Runtime(bool gpu) : gpu_(gpu) {
+    if (!gpu_) return;
+    SAPATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    SAPATTN_CUDA_CHECK(cudaEventCreate(&a_));
+    SAPATTN_CUDA_CHECK(cudaEventCreate(&b_));
+  }
+  ~Runtime() {
+    if (!gpu_) return;
+    cudaEventDestroy(a_);
+    cudaEventDestroy(b_);
+    cudaStreamDestroy(stream_);
+  }
+  Runtime(const Runtime&) = delete;
+  Runtime& operator=(const Runtime&) = delete;
+
+  bool gpu() const { return gpu_; }
+  Device device() const { return gpu_ ? Device::cuda(0) : Device::cpu(); }
+  Stream stream() const { return gpu_ ? Stream{Device::cuda(0), stream_, 0} : Stream::cpu(); }
+  cudaStream_t cuda_stream() const { return stream_; }
+
+  void sync() const {
+    if (gpu_) SAPATTN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+  // dst (on this runtime's device) = src (host), same byte size.
+  void upload(const Tensor& dst, const Tensor& src) const {
+    if (gpu_)
+      SAPATTN_CUDA_CHECK(cudaMemcpy(dst.data(), src.data(), src.bytes(), cudaMemcpyHostToDevice));
+    else
+      std::memcpy(dst.data(), src.data(), src.bytes());
+  }
+  void zero(const Tensor& t) const {
+    if (gpu_)
+      SAPATTN_CUDA_CHECK(cudaMemsetAsync(t.data(), 0, t.bytes(), stream_));
+    else
+      std::memset(t.data(), 0, t.bytes());
+  }
+  template <typename T>
+  std::vector<T> to_host(const Tensor& t) const {
+    std::vector<T> h(static_cast<size_t>(t.numel()));
+    if (gpu_) {
+      SAPATTN_CUDA_CHECK(cudaMemcpyAsync(h.data(), t.data(), t.bytes(), cudaMemcpyDeviceToHost, stream_));
+      SAPATTN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    } else {
+      std::memcpy(h.data(), t.data(), t.bytes());
+    }
+    return h;
+  }
+
+  // Median and min of `iters` runs after `warmup` untimed ones; on the GPU each run lies between two
+  // events recorded on the stream.
+  Stat time(const std::function<void()>& f, int warmup, int iters) const {
+    for (int i = 0; i < warmup; ++i) f();
+    sync();
+    std::vector<double> ms;
+    for (int i = 0; i < iters; ++i) {
+      if (gpu_) {
+        SAPATTN_CUDA_CHECK(cudaEventRecord(a_, stream_));
+        f();
+        SAPATTN_CUDA_CHECK(cudaEventRecord(b_, stream_));
+        SAPATTN_CUDA_CHECK(cudaEventSynchronize(b_));
+        float t = 0;
+        SAPATTN_CUDA_CHECK(cudaEventElapsedTime(&t, a_, b_));
+        ms.push_back(t);
+      } else {
+        const auto t0 = std::chrono::steady_clock::now();
+        f();
+        ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      }
+    }
+    std::sort(ms.begin(), ms.end());
+    return {ms[ms.size() / 2], ms.front(), iters};
+  }
+
+ private:
+  bool gpu_;
+  cudaStream_t stream_ = nullptr;
+  cudaEvent_t a_ = nullptr, b_ = nullptr;
+};
+
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> v;
+  std::stringstream ss(s);
+  for (std::string item; std::getline(ss, item, ',');)
+    if (!item.empty()) v.push_back(item);
+  return v;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Cluster-size summary over every (b,h) of the first `clusters` clusters of [BH, C+1] offsets.
+void print_size_summary(const char* shape, const char* side, const std::vector<int32_t>& offsets, int64_t bh,
+                        int64_t stride, int64_t clusters) {
+  std::vector<int32_t> sizes;
+  sizes.reserve(static_cast<size_t>(bh * clusters));
+  for (int64_t r = 0; r < bh; ++r)
+    for (int64_t c = 0; c < clusters; ++c) sizes.push_back(offsets[r * stride + c + 1] - offsets[r * stride + c]);
+  std::sort(sizes.begin(), sizes.end());
+  const auto pct = [&](double p) { return sizes[static_cast<size_t>(p * static_cast<double>(sizes.size() - 1))]; };
+  double sum = 0;
+  int64_t empty = 0;
+  for (int32_t s : sizes) {
+    sum += s;
+    empty += s == 0;
+  }
+  JsonLine()
+      .str("shape", shape)
+      .str("op", "cluster_sizes")
+      .str("side", side)
+      .integer("clusters_per_head", clusters)
+      .num("mean", sum / static_cast<double>(sizes.size()))
+      .integer("min", sizes.front())
+      .integer("p10", pct(0.10))
+      .integer("p50", pct(0.50))
+      .integer("p90", pct(0.90))
+      .integer("max", sizes.back())
+      .integer("empty", empty)
+      .print();
+}
+
+// Writes an int32 tensor as an f32 .npy (the repo's npy writer takes f32/f16; offsets < 2^24 are exact).
+void save_i32_as_f32(const std::string& path, const std::vector<int32_t>& v, std::vector<int64_t> shape) {
+  Tensor t(DType::F32, std::move(shape));
+  float* p = t.data_as<float>();
+  for (size_t i = 0; i < v.size(); ++i) p[i] = static_cast<float>(v[i]);
+  io::write_npy(path, t.view());
+}
+
+void save_mask_as_f16(const std::string& path, const std::vector<uint8_t>& m, std::vector<int64_t> shape) {
+  Tensor t(DType::F16, std::move(shape));
+  uint16_t* p = t.data_as<uint16_t>();
+  const uint16_t one = f32_to_f16(1.0f);
+  for (size_t i = 0; i < m.size(); ++i) p[i] = m[i] != 0 ? one : 0;
+  io::write_npy(path, t.view());
+}
+
+void bench_shape(const ShapeSpec& spec, const Options& opt) {
+  const Runtime rt(!opt.cpu);
+  const Device dev = rt.device();
+  const Stream st = rt.stream();
+  const char* name = spec.name;
+
+  // ---- the workload: generated on the host, copied to the GPU ----------------------------------
+  const workload::Preset preset = workload::preset(spec.preset);
+  const int64_t B = preset.batch, H = preset.heads, S = preset.tokens(), D = preset.head_dim, BH = B * H;
+  const int64_t Sv = preset.video_tokens();
+  const bool text = preset.text_tokens > 0;
+  const int Cqv = opt.cq > 0 ? opt.cq : spec.q_clusters, Ckv = opt.ck > 0 ? opt.ck : spec.k_clusters;
+  const int Cq = Cqv + (text ? 2 : 0), Ck = Ckv + (text ? 2 : 0);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  auto tensor = [&](DType t, std::vector<int64_t> shape) { return Tensor(t, std::move(shape), dev); };
+  Tensor q = tensor(DType::BF16, {B, H, S, D}), k = tensor(DType::BF16, {B, H, S, D}),
+         v = tensor(DType::BF16, {B, H, S, D});
+  {
+    std::fprintf(stderr, "[%s] generating %s (B%lld H%lld S%lld D%lld)\n", name, spec.preset, static_cast<long long>(B),
+                 static_cast<long long>(H), static_cast<long long>(S), static_cast<long long>(D));
+    const auto t0 = std::chrono::steady_clock::now();
+    const workload::Workload w = workload::generate(preset, opt.seed, DType::BF16, {}, opt.threads);
+    const double gen_s = seconds_since(t0);
+    rt.upload(q, w.q);
+    rt.upload(k, w.k);
+    rt.upload(v, w.v);
+    JsonLine()
+        .str("shape", name)
+        .str("op", "workload")
+        .str("preset", spec.preset)
+        .integer("B", B)
+        .integer("H", H)
+        .integer("S", S)
+        .integer("D", D)
+        .integer("video_tokens", Sv)
+        .integer("text_tokens", preset.text_tokens)
+        .integer("q_clusters", Cqv)
+        .integer("k_clusters", Ckv)
+        .integer("seed", static_cast<int64_t>(opt.seed))
+        .num("generate_s", gen_s, 4)
+        .num("total_s", seconds_since(t0), 4)
+        .print();
+  }
+  const TensorView qv = q.view(), kv = k.view(), vv = v.view();
+
+  // ---- clustering: 50 Lloyd iterations from the seeded sample, as a layer's first sparse call ------
+  Tensor qc = tensor(DType::F32, {B, H, Cqv, D}), kc = tensor(DType::F32, {B, H, Ckv, D});
+  Tensor ql = tensor(DType::I32, {B, H, S}), kl = tensor(DType::I32, {B, H, S});
+  Tensor qs = tensor(DType::I32, {B, H, Cqv}), ks = tensor(DType::I32, {B, H, Ckv});
+  const size_t ws_bytes =
+      std::max({kmeans_workspace_bytes(BH, Sv, Cqv, D, dev), kmeans_workspace_bytes(BH, Sv, Ckv, D, dev),
+                cluster_permutation_workspace_bytes(BH, S, std::max(Cq, Ck), dev)});
+  const Buffer ws_buf = Buffer::allocate(ws_bytes, dev);
+  const Workspace ws{ws_buf.data(), ws_buf.bytes()};
+  const TensorView q_video = qv.slice(2, 0, Sv), k_video = kv.slice(2, 0, Sv);
+  const TensorView ql_video = ql.view().slice(2, 0, Sv), kl_video = kl.view().slice(2, 0, Sv);
+  const Stat kmeans_t = rt.time(
+      [&] {
+        kmeans_init(q_video, qc.view(), opt.seed, st, ws);
+        kmeans(q_video, qc.view(), ql_video, qs.view(), 50, st, ws);
+        kmeans_init(k_video, kc.view(), opt.seed ^ 0x5bd1e9955bd1e995ull, st, ws);
+        kmeans(k_video, kc.view(), kl_video, ks.view(), 50, st, ws);
+      },
+      0, 1);
+  if (text) {
+    label_text_tokens(ql.view(), Sv, preset.prompt_length, Cqv, st);
+    label_text_tokens(kl.view(), Sv, preset.prompt_length, Ckv, st);
+  }
+  Tensor qp = tensor(DType::I32, {B, H, S}), kp = tensor(DType::I32, {B, H, S});
+  Tensor qo = tensor(DType::I32, {B, H, Cq + 1}), ko = tensor(DType::I32, {B, H, Ck + 1});
+  cluster_permutation(ql.view(), Cq, qp.view(), qo.view(), st, ws);
+  cluster_permutation(kl.view(), Ck, kp.view(), ko.view(), st, ws);
+  Tensor qr = tensor(DType::BF16, {B, H, S, D}), kr = tensor(DType::BF16, {B, H, S, D}),
+         vr = tensor(DType::BF16, {B, H, S, D});
+  gather_rows(qv, qp.view(), qr.view(), st);
+  gather_rows(kv, kp.view(), kr.view(), st);
+  gather_rows(vv, kp.view(), vr.view(), st);
+  rt.sync();
+  JsonLine().str("shape", name).str("op", "kmeans_50it_qk").num("ms", kmeans_t.median_ms, 5).print();
+  const std::vector<int32_t> q_off = rt.to_host<int32_t>(qo), k_off = rt.to_host<int32_t>(ko);
+  print_size_summary(name, "q", q_off, BH, Cq + 1, Cqv);
+  print_size_summary(name, "k", k_off, BH, Ck + 1, Ckv);
+
+  const std::string dir = opt.out + "/" + name;
+  std::filesystem::create_directories(dir);
+  save_i32_as_f32(dir + "/q_offsets.npy", q_off, {B, H, Cq + 1});
+  save_i32_as_f32(dir + "/k_offsets.npy", k_off, {B, H, Ck + 1});
+  std::FILE* manifest = std::fopen((dir + "/manifest.jsonl").c_str(), "w");
+  SAPATTN_CHECK(manifest != nullptr, IoError, "cannot write ", dir, "/manifest.jsonl");
+
+  // ---- selection, with the top-p that reaches each target density ---------------------------------
+  Tensor mask = tensor(DType::U8, {B, H, Cq, Ck});
+  const TensorView video_mask = mask.view().slice(2, 0, Cqv).slice(3, 0, Ckv);
+  const BlockLayout layout{qo.view(), ko.view(), mask.view()};
+  Tensor dens = tensor(DType::F32, {B, H});
+  const int official_min_kept = Ckv / 10;  // floor(min_kc_ratio * Ck), min_kc_ratio = 0.10
+  auto select = [&](float top_p, int min_kept) {
+    rt.zero(mask);
+    select_blocks(qc.view(), kc.view(), ks.view(), scale, top_p, min_kept, video_mask, st);
+    if (text) apply_text_rule(mask.view(), st);
+    block_density(layout, dens.view(), st);
+    const std::vector<float> d = rt.to_host<float>(dens);
+    double sum = 0;
+    for (float x : d) sum += x;
+    return sum / static_cast<double>(d.size());
+  };
+
+  // Buffers of the timed calls.
+  Tensor out = tensor(DType::BF16, {B, H, S, D}), out_perm = tensor(DType::BF16, {B, H, S, D});
+  const TensorView no_lse{};
+  const size_t attn_ws_bytes = block_sparse_attention_workspace_bytes(BH, Cq, Ck, S, dev);
+  const Buffer attn_ws_buf = Buffer::allocate(std::max<size_t>(attn_ws_bytes, 256), dev);
+  const Workspace attn_ws{attn_ws_buf.data(), attn_ws_bytes};
+  const size_t plan_bytes = rt.gpu() ? cuda::attn::plan_workspace_bytes(BH, Cq, Ck, S) : 0;
+  const Buffer plan_buf = Buffer::allocate(std::max<size_t>(plan_bytes, 256), dev);
+  const double dense_pairs = static_cast<double>(BH) * static_cast<double>(S) * static_cast<double>(S);
+  auto tflops = [&](double pairs, double ms) { return 4.0 * pairs * static_cast<double>(D) / (ms * 1e-3) / 1e12; };
+
+  auto set_kernel = [&](const std::string& kernel) {
+    if (rt.gpu()) cuda::set_attention_kernel_override(kernel == "sm80" ? "sm80" : "");
+  };
+  auto report = [&](const char* variant, const std::string& kernel, const std::string& layout_tag, double target,
+                    double density, double pairs, const std::function<void()>& call) {
+    JsonLine j;
+    j.str("shape", name).str("impl", "sapattn").str("variant", variant).str("kernel", kernel);
+    try {
+      set_kernel(kernel);
+      j.str("kernel_name", attention_kernel(dev, DType::BF16, D).name);
+      const Stat t = rt.time(call, opt.warmup, opt.iters);
+      j.str("layout", layout_tag)
+          .num("density_target", target, 4)
+          .num("density", density, 5)
+          .num("pairs", pairs, 8)
+          .num("median_ms", t.median_ms, 6)
+          .num("min_ms", t.min_ms, 6)
+          .integer("iters", t.iters)
+          .num("tflops", tflops(pairs, t.median_ms), 5);
+    } catch (const std::exception& e) {
+      j.str("layout", layout_tag).num("density_target", target, 4).str("error", e.what());
+      if (rt.gpu()) (void)cudaGetLastError();
+    }
+    j.print();
+  };
+
+  // ---- dense references ---------------------------------------------------------------------------
+  for (const std::string& kernel : opt.kernels)
+    report("dense", kernel, "dense", 1.0, 1.0, dense_pairs,
+           [&] { dense_attention(qv, kv, vv, scale, out.view(), no_lse, st); });
+
+  for (const double target : opt.densities) {
+    std::fprintf(stderr, "[%s] layout at density %.3f\n", name, target);
+    // top_p -> density is non-decreasing; bisect on it.
+    int min_kept = official_min_kept;
+    float best_p = 1.0f;
+    std::string note;
+    if (target < 1.0) {
+      const float p_floor = 1e-6f;
+      double d_floor = select(p_floor, min_kept);
+      if (d_floor > target && min_kept > 0) {
+        note = "target below the density of min_kept=" + std::to_string(min_kept) + " (" + std::to_string(d_floor) +
+               "); min_kept lowered to 0";
+        min_kept = 0;
+        d_floor = select(p_floor, min_kept);
+      }
+      if (d_floor >= target) {
+        best_p = p_floor;
+        if (d_floor > 1.05 * target) note += (note.empty() ? "" : "; ") + std::string("target not reachable by top-p");
+      } else {
+        float lo = p_floor, hi = 1.0f;
+        double best_err = std::abs(d_floor - target);
+        best_p = lo;
+        for (int it = 0; it < 40; ++it) {
+          const float mid = 0.5f * (lo + hi);
+          if (mid <= lo || mid >= hi) break;
+          const double d = select(mid, min_kept);
+          if (std::abs(d - target) < best_err) {
+            best_err = std::abs(d - target);
+            best_p = mid;
+          }
+          if (d < target)
+            lo = mid;
+          else
+            hi = mid;
+          if (best_err < 0.002 * target) break;
+        }
+      }
+    }
+    select(best_p, min_kept);
+    const std::vector<uint8_t> m = rt.to_host<uint8_t>(mask);
+    // Exact pairs from the host copies: sum over kept (a,b) of |Q_a| * |K_b|.
+    double pairs = 0;
+    for (int64_t r = 0; r < BH; ++r) {
+      const int32_t* qo_r = &q_off[r * (Cq + 1)];
+      const int32_t* ko_r = &k_off[r * (Ck + 1)];
+      for (int a = 0; a < Cq; ++a) {
+        int64_t keys = 0;
+        const uint8_t* row = &m[(r * Cq + a) * Ck];
+        for (int b = 0; b < Ck; ++b)
+          if (row[b]) keys += ko_r[b + 1] - ko_r[b];
+        pairs += static_cast<double>(keys) * static_cast<double>(qo_r[a + 1] - qo_r[a]);
+      }
+    }
+    const double density = pairs / dense_pairs;
+    char tag[32];
+    std::snprintf(tag, sizeof(tag), "d%.3f", target);
+    const std::string mask_file = std::string("mask_") + tag + ".npy";
+    save_mask_as_f16(dir + "/" + mask_file, m, {B, H, Cq, Ck});
+    JsonLine layout_line;
+    layout_line.str("shape", name)
+        .str("layout", tag)
+        .integer("B", B)
+        .integer("H", H)
+        .integer("S", S)
+        .integer("D", D)
+        .integer("q_clusters", Cq)
+        .integer("k_clusters", Ck)
+        .num("density_target", target, 4)
+        .num("density", density, 6)
+        .num("pairs", pairs, 10)
+        .num("top_p", best_p, 8)
+        .integer("min_kept", min_kept)
+        .str("q_offsets", "q_offsets.npy")
+        .str("k_offsets", "k_offsets.npy")
+        .str("mask", mask_file);
+    if (!note.empty()) layout_line.str("note", note);
+    std::fprintf(manifest, "%s\n", layout_line.text().c_str());
+    std::fflush(manifest);
+    JsonLine(layout_line).str("op", "layout").print();
+
+    // The planner alone (what every CUDA block_sparse_attention call runs before its kernel).
+    if (rt.gpu()) {
+      JsonLine j;
+      j.str("shape", name).str("impl", "sapattn").str("variant", "plan").str("layout", tag);
+      try {
+        const Workspace plan_ws{plan_buf.data(), plan_bytes};
+        const Stat t =
+            rt.time([&] { cuda::attn::build_plan(layout, S, S, plan_ws, rt.cuda_stream()); }, opt.warmup, opt.iters);
+        j.num("density_target", target, 4).num("density", density, 5).num("plan_ms", t.median_ms, 6);
+      } catch (const std::exception& e) {
+        j.str("error", e.what());
+        (void)cudaGetLastError();
+      }
+      j.print();
+    }
+    const RowPermutation both{qp.view(), kp.view()}, q_only{qp.view(), TensorView{}};
+    for (const std::string& kernel : opt.kernels) {
+      report("unfused", kernel, tag, target, density, pairs, [&] {
+        block_sparse_attention(qr.view(), kr.view(), vr.view(), layout, scale, out.view(), no_lse, st, attn_ws);
+      });
+      report("fused_qk", kernel, tag, target, density, pairs,
+             [&] { block_sparse_attention(qv, kv, vv, layout, scale, out.view(), no_lse, st, attn_ws, both); });
+      report("fused_q", kernel, tag, target, density, pairs, [&] {
+        block_sparse_attention(qv, kr.view(), vr.view(), layout, scale, out.view(), no_lse, st, attn_ws, q_only);
+      });
+      // What the unfused call costs in a layer: permuted copies of Q, K, V in, the output put back.
+      report("unfused_e2e", kernel, tag, target, density, pairs, [&] {
+        gather_rows(qv, qp.view(), qr.view(), st);
+        gather_rows(kv, kp.view(), kr.view(), st);
+        gather_rows(vv, kp.view(), vr.view(), st);
+        block_sparse_attention(qr.view(), kr.view(), vr.view(), layout, scale, out_perm.view(), no_lse, st, attn_ws);
+        scatter_rows(out_perm.view(), qp.view(), out.view(), st);
+      });
+    }
+    if (target == opt.densities.front()) {  // once per shape: the fused call computes what the unfused one does
+      JsonLine j;
+      j.str("shape", name).str("op", "check_fused_vs_unfused").str("layout", tag);
+      try {
+        set_kernel("auto");
+        gather_rows(qv, qp.view(), qr.view(), st);
+        block_sparse_attention(qr.view(), kr.view(), vr.view(), layout, scale, out_perm.view(), no_lse, st, attn_ws);
+        scatter_rows(out_perm.view(), qp.view(), out.view(), st);
+        const std::vector<uint16_t> unfused = rt.to_host<uint16_t>(out);
+        block_sparse_attention(qv, kv, vv, layout, scale, out.view(), no_lse, st, attn_ws, both);
+        const std::vector<uint16_t> fused = rt.to_host<uint16_t>(out);
+        double max_diff = 0, max_ref = 0;
+        for (size_t i = 0; i < fused.size(); ++i) {
+          const double a = bf16_to_f32(fused[i]), b = bf16_to_f32(unfused[i]);
+          max_diff = std::max(max_diff, std::abs(a - b));
+          max_ref = std::max(max_ref, std::abs(b));
+          if (std::isnan(a) != std::isnan(b)) max_diff = INFINITY;
+        }
+        j.num("max_abs_diff", max_diff).num("max_abs", max_ref);
+      } catch (const std::exception& e) {
+        j.str("error", e.what());
+        if (rt.gpu()) (void)cudaGetLastError();
+      }
+      j.print();
+    }
+  }
+  set_kernel("auto");
+  std::fclose(manifest);
+  rt.sync();
+}
+
+int usage(const char* argv0) {
+  std::fprintf(stderr,
+               "usage: %s [--shape wan13b|wan14b|hunyuan|all[,...]] [--densities 0.05,0.1,...] [--out DIR]\n"
+               "          [--iters N] [--warmup N] [--kernels auto,sm80] [--seed N] [--cq N] [--ck N] [--threads N]\n"
+               "          [--cpu]   (CPU backend, for a smoke test on --shape tiny or tiny-text)\n",
+               argv0);
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options opt;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--cpu") {
+      opt.cpu = true;
+      continue;
+    }
+    if (i + 1 >= argc) return usage(argv[0]);
+    const std::string val = argv[++i];
+    if (a == "--shape") {
+      opt.shapes = split(val);
+    } else if (a == "--densities") {
+      opt.densities.clear();
+      for (const std::string& d : split(val)) opt.densities.push_back(std::atof(d.c_str()));
+    } else if (a == "--out") {
+      opt.out = val;
+    } else if (a == "--iters") {
+      opt.iters = std::max(1, std::atoi(val.c_str()));
+    } else if (a == "--warmup") {
+      opt.warmup = std::max(0, std::atoi(val.c_str()));
+    } else if (a == "--kernels") {
+      opt.kernels = split(val);
+    } else if (a == "--seed") {
+      opt.seed = std::strtoull(val.c_str(), nullptr, 10);
+    } else if (a == "--cq") {
+      opt.cq = std::atoi(val.c_str());
+    } else if (a == "--ck") {
+      opt.ck = std::atoi(val.c_str());
+    } else if (a == "--threads") {
+      opt.threads = std::atoi(val.c_str());
+    } else {
+      return usage(argv[0]);
+    }
+  }
+  for (double d : opt.densities)
+    if (!(d > 0.0 && d <= 1.0)) {
+      std::fprintf(stderr, "densities must lie in (0, 1], got %g\n", d);
+      return 2;
+    }
+  for (const std::string& kname : opt.kernels)
+    if (kname != "auto" && kname != "sm80") {
+      std::fprintf(stderr, "kernels are 'auto' and 'sm80', got '%s'\n", kname.c_str());
+      return 2;
+    }
+  if (opt.cpu) opt.kernels = {"auto"};
+  try {
+    if (opt.cpu) {
+      JsonLine().str("device", "cpu").print();
+    } else {
+      cudaDeviceProp prop{};
+      SAPATTN_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+      JsonLine()
+          .str("device", prop.name)
+          .integer("sms", prop.multiProcessorCount)
+          .integer("l2_bytes", prop.l2CacheSize)
+          .str("kernel_auto", attention_kernel(Device::cuda(0), DType::BF16, 128).name)
+          .print();
+    }
+    int failed = 0, ran = 0;
+    for (const ShapeSpec& s : kShapes) {
+      const bool wanted = std::any_of(opt.shapes.begin(), opt.shapes.end(), [&](const std::string& w) {
+        return (w == "all" && s.full_size) || std::string(s.name).rfind(w, 0) == 0;
+      });
+      if (!wanted) continue;
+      ++ran;
+      try {
+        bench_shape(s, opt);
+      } catch (const std::exception& e) {  // report, and go on with the next shape
+        JsonLine().str("shape", s.name).str("op", "failed").str("error", e.what()).print();
+        ++failed;
+      }
+    }
+    if (ran == 0) {
+      std::fprintf(stderr, "no shape matched\n");
+      return usage(argv[0]);
+    }
+    return failed == 0 ? 0 : 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench failed: %s\n", e.what());
+    return 1;
+  }
+}

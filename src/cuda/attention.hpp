@@ -1,0 +1,102 @@
+// The CUDA attention kernels' shared contract: the work plan built on the GPU from a BlockLayout
+// (attention_plan.cu), the parameters every kernel takes, and the kernels' entry points
+// (attention_sm90.cu: wgmma, sm_90a only; attention_sm80.cu: mma.sync, any sm_80+ GPU).
+// attention.cu checks the arguments, builds the plan and picks the kernel.
+//
+// The plan. Cluster-ordered queries are cut into work items of at most kTileQ rows that never
+// cross a query cluster, so every row of an item attends to the same key clusters. Each
+// (b,h, query cluster) has a list of segments, one per kept non-empty key cluster in ascending
+// cluster order; a kernel walks the concatenation of its segments as one "virtual" key sequence and
+// packs consecutive virtual keys into key tiles, so small key clusters do not pad tiles. Items are
+// sorted by cost (rows x kept keys), heaviest first, so that a persistent grid striding over them
+// finishes together.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "sapattn/ops.hpp"
+
+namespace sapattn::cuda::attn {
+
+inline constexpr int kTileQ = 128;  // query rows per work item
+// An item's cost: its rows x its kept keys, plus this fixed part (loading its queries, writing its
+// outputs, as much as 64 keys of a full tile), so that items whose rows keep no key are cheap but
+// not free.
+inline constexpr uint64_t kItemBaseCost = 64 * kTileQ;
+
+struct WorkItem {
+  int32_t bh;         // b * H + h
+  int32_t q_cluster;  // query cluster of every row
+  int32_t q_begin;    // rows [q_begin, q_end) of cluster-ordered Q, 0 < q_end - q_begin <= kTileQ
+  int32_t q_end;
+};
+
+// A kept key cluster as a piece of the virtual key sequence: virtual keys [cum_end - len, cum_end)
+// are cluster-ordered key rows [p + delta for p in that range], len = this cum_end minus the
+// previous segment's (0 for the first).
+struct Segment {
+  int32_t delta;    // key row of virtual key p is p + delta
+  int32_t cum_end;  // virtual position one past this segment's last key
+};
+
+// Device pointers into the plan workspace. Row r = bh * q_clusters + query cluster.
+struct PlanView {
+  const WorkItem* items = nullptr;        // [max_items]; items[0, *num_items) are valid, heaviest first
+  const int32_t* num_items = nullptr;     // device scalar
+  const Segment* segments = nullptr;      // [rows, k_clusters]: row r's segments start at r * k_clusters
+  const int32_t* num_segments = nullptr;  // [rows]
+  int32_t q_clusters = 0;
+  int32_t k_clusters = 0;
+  int32_t max_items = 0;  // capacity; a kernel's grid may be sized from it
+};
+
+// Upper bound on the number of work items: every cluster may end with a partial tile.
+inline int64_t max_work_items(int64_t batch_heads, int64_t q_clusters, int64_t q_tokens) {
+  return batch_heads * ((q_tokens + kTileQ - 1) / kTileQ + q_clusters);
+}
+
+// Workspace bytes of a plan (items, sort scratch, segments, counts), 256-byte aligned pieces.
+size_t plan_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters, int64_t q_tokens);
+
+// Builds the plan for `layout` (offsets contiguous, mask any strides) of q_tokens queries and
+// k_tokens keys into `workspace` on `stream`: no host sync, no allocation, graph-capturable. Throws
+// WorkspaceError if the workspace is smaller than plan_workspace_bytes. Reads the offsets as given
+// (the caller validated shapes); a (b,h) whose offsets do not start at 0, decrease, or do not end at
+// q_tokens (resp. k_tokens) raises kBadOffsets in the device value-check flag and gets no items and
+// no segments. Ties in cost keep the order (bh, query cluster, q_begin).
+PlanView build_plan(const BlockLayout& layout, int64_t q_tokens, int64_t k_tokens, Workspace workspace,
+                    cudaStream_t stream);
+
+// Everything a kernel needs. Strides are in elements; rows must have unit stride along D.
+struct Params {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;      // may be null
+  int64_t q_stride[3] = {};  // batch, head, row
+  int64_t k_stride[3] = {};
+  int64_t v_stride[3] = {};
+  int64_t o_stride[3] = {};
+  int64_t lse_stride[3] = {};  // batch, head, row
+  int32_t batch = 0, heads = 0, seq_q = 0, seq_k = 0, head_dim = 0;
+  const int32_t* q_perm = nullptr;  // [B*H, seq_q] or null: read Q / write out and lse through it
+  const int32_t* k_perm = nullptr;  // [B*H, seq_k] or null: read K and V through it
+  float scale = 0.0f;               // softmax scale; kernels use scale * log2(e) with exp2
+  bool dense = false;               // no plan: items are (bh, q tile) and every key is kept
+  PlanView plan;                    // when !dense
+  int num_sms = 0;                  // for persistent grids
+  int* flag = nullptr;              // value-check flag: a perm entry outside [0, S) ORs kBadPermIndex in
+                                    // (the row is then read as zeros / not written)
+};
+
+// The kernels. T is __half or __nv_bfloat16 (passed as is_bf16), head_dim 64 or 128.
+// Both launch on `stream` and return without waiting.
+void run_sm90(const Params& params, bool is_bf16, cudaStream_t stream);
+void run_sm80(const Params& params, bool is_bf16, cudaStream_t stream);
+bool sm90_compiled();  // whether this build holds the sm_90a kernel
+
+}  // namespace sapattn::cuda::attn

@@ -1,0 +1,244 @@
+// The GPU planner (attention.hpp): from a BlockLayout to the segments of every (b,h, query cluster)
+// row and the cost-sorted work items, as a fixed sequence of three launches (two kernels and a CUB
+// radix sort) on the caller's stream.
+//
+// Item slots need no prefix sum: (b,h) owns max_work_items / BH slots, and query cluster a's tiles
+// go to slots floor(q_offsets[a] / kTileQ) + a + t, t = 0, 1, ... These ranges never overlap (a
+// cluster of n rows starting at o ends before floor((o + n) / kTileQ) + a + 1) and end before
+// floor(Sq / kTileQ) + Cq, and slot order is (bh, cluster, q_begin) order. The slots left over
+// keep cost 0; every item costs more, so the stable descending sort puts the items first, equal
+// costs in slot order, the empty slots after them.
+//
+//   1. check_offsets_kernel, one block per (b,h): offsets start at 0, never decrease and end at the
+//      sequence length, or the (b,h) raises kBadOffsets and plans nothing. It also clears the
+//      (b,h)'s item slots.
+//   2. plan_rows_kernel, one block per row: a block-wide scan of the mask row compacts the kept
+//      non-empty key clusters into segments (one per cluster, adjacent clusters are not merged),
+//      then the row's items are written to their slots with their cost.
+//   3. cub::DeviceRadixSort sorts all slots by cost, descending.
+#include <cub/block/block_scan.cuh>
+#include <cub/device/device_radix_sort.cuh>
+
+#include <algorithm>
+#include <bit>
+
+#include "cuda/attention.hpp"
+#include "cuda/device.cuh"
+
+namespace sapattn::cuda::attn {
+
+namespace {
+
+constexpr int kCheckThreads = 256;
+constexpr int kRowThreads = 128;
+constexpr int kRowItems = 8;  // consecutive key clusters per thread: 1024 per scan, a Wan row in one pass
+constexpr int kRowTile = kRowThreads * kRowItems;
+
+struct LayoutView {
+  const int32_t* q_offsets;  // [BH, Cq+1]
+  const int32_t* k_offsets;  // [BH, Ck+1]
+  const uint8_t* mask;       // [B, H, Cq, Ck] with mask_stride
+  int64_t mask_stride[4];
+  int64_t heads, q_clusters, k_clusters;
+  int64_t q_tokens, k_tokens;
+  int64_t slots_per_bh;  // max_work_items / BH
+};
+
+// The plan's outputs and the sort's input.
+struct PlanOut {
+  Segment* segments;      // [rows, Ck]
+  int32_t* num_segments;  // [rows]
+  int32_t* bh_ok;         // [BH]
+  uint64_t* cost;         // [capacity], unsorted
+  WorkItem* items;        // [capacity], unsorted
+  int32_t* num_items;
+};
+
+// One block per (b,h). Requiring the ends to be the sequence lengths (not just at most them) keeps
+// the items within their slots and the key rows within the key tensor.
+__global__ void __launch_bounds__(kCheckThreads) check_offsets_kernel(LayoutView layout, PlanOut out, int* flag) {
+  const int64_t bh = blockIdx.x;
+  const int32_t* qo = layout.q_offsets + bh * (layout.q_clusters + 1);
+  const int32_t* ko = layout.k_offsets + bh * (layout.k_clusters + 1);
+  bool bad = false;
+  for (int64_t i = threadIdx.x; i < layout.q_clusters; i += kCheckThreads) bad = bad || qo[i] > qo[i + 1];
+  for (int64_t i = threadIdx.x; i < layout.k_clusters; i += kCheckThreads) bad = bad || ko[i] > ko[i + 1];
+  if (threadIdx.x == 0) {
+    bad = bad || qo[0] != 0 || qo[layout.q_clusters] != layout.q_tokens || ko[0] != 0 ||
+          ko[layout.k_clusters] != layout.k_tokens;
+  }
+  for (int64_t i = bh * layout.slots_per_bh + threadIdx.x; i < (bh + 1) * layout.slots_per_bh; i += kCheckThreads) {
+    out.cost[i] = 0;
+    out.items[i] = WorkItem{0, 0, 0, 0};
+  }
+  bad = __syncthreads_or(bad);
+  if (threadIdx.x == 0) {
+    out.bh_ok[bh] = bad ? 0 : 1;
+    if (bad) atomicOr(flag, kBadOffsets);
+    if (bh == 0) *out.num_items = 0;  // the row blocks add their items to it
+  }
+}
+
+// One block per row r = bh * Cq + a. Each kept non-empty cluster contributes (1 << 32) + its size to
+// a 64-bit exclusive scan, which so gives both its segment index (high word) and its first virtual
+// key (low word); the low word cannot carry into the high one, as the keys sum to at most Sk < 2^31.
+__global__ void __launch_bounds__(kRowThreads) plan_rows_kernel(LayoutView layout, PlanOut out) {
+  using Scan = cub::BlockScan<uint64_t, kRowThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  const int64_t r = blockIdx.x;
+  const int64_t bh = r / layout.q_clusters, a = r % layout.q_clusters;
+  const int64_t Ck = layout.k_clusters;
+  if (out.bh_ok[bh] == 0) {
+    if (threadIdx.x == 0) out.num_segments[r] = 0;
+    return;
+  }
+  const int64_t b = bh / layout.heads, h = bh % layout.heads;
+  const int32_t* ko = layout.k_offsets + bh * (Ck + 1);
+  const uint8_t* mask = layout.mask + b * layout.mask_stride[0] + h * layout.mask_stride[1] + a * layout.mask_stride[2];
+  const int64_t mask_col = layout.mask_stride[3];
+  Segment* seg = out.segments + r * Ck;
+
+  uint64_t running = 0;  // (segments << 32) + keys of the earlier passes
+  for (int64_t base = 0; base < Ck; base += kRowTile) {
+    const int64_t first = base + static_cast<int64_t>(threadIdx.x) * kRowItems;
+    int32_t begin[kRowItems], size[kRowItems];  // size 0: not kept (masked out or empty)
+    uint64_t scan[kRowItems];
+#pragma unroll
+    for (int u = 0; u < kRowItems; ++u) {
+      const int64_t c = first + u;
+      begin[u] = 0;
+      size[u] = 0;
+      if (c < Ck && mask[c * mask_col] != 0) {
+        begin[u] = ko[c];
+        size[u] = ko[c + 1] - begin[u];
+      }
+      scan[u] = size[u] > 0 ? (uint64_t{1} << 32) + static_cast<uint64_t>(size[u]) : 0;
+    }
+    uint64_t pass_total = 0;
+    Scan(scan_storage).ExclusiveSum(scan, scan, pass_total);
+#pragma unroll
+    for (int u = 0; u < kRowItems; ++u) {
+      if (size[u] == 0) continue;
+      const uint64_t at = running + scan[u];
+      const int32_t cum_begin = static_cast<int32_t>(at & 0xffffffffu);
+      seg[at >> 32] = Segment{begin[u] - cum_begin, cum_begin + size[u]};
+    }
+    running += pass_total;
+    __syncthreads();  // scan_storage is reused by the next pass
+  }
+  const uint64_t keys = running & 0xffffffffu;  // the same in every thread: CUB gives each the aggregate
+  const int32_t* qo = layout.q_offsets + bh * (layout.q_clusters + 1);
+  const int32_t q_lo = qo[a], q_hi = qo[a + 1];
+  const int32_t tiles = (q_hi - q_lo + kTileQ - 1) / kTileQ;
+  const int64_t slot0 = bh * layout.slots_per_bh + q_lo / kTileQ + a;
+  for (int32_t t = threadIdx.x; t < tiles; t += kRowThreads) {
+    const int32_t q_begin = q_lo + t * kTileQ, q_end = min_of(q_begin + kTileQ, q_hi);
+    out.cost[slot0 + t] = static_cast<uint64_t>(q_end - q_begin) * keys + kItemBaseCost;
+    out.items[slot0 + t] = WorkItem{static_cast<int32_t>(bh), static_cast<int32_t>(a), q_begin, q_end};
+  }
+  if (threadIdx.x == 0) {
+    out.num_segments[r] = static_cast<int32_t>(running >> 32);
+    if (tiles > 0) atomicAdd(out.num_items, tiles);
+  }
+}
+
+// The workspace, carved the same way by plan_workspace_bytes (counting only) and build_plan.
+struct PlanScratch {
+  WorkItem* items = nullptr;  // [capacity], the sorted result
+  int32_t* num_items = nullptr;
+  Segment* segments = nullptr;      // [rows, Ck]
+  int32_t* num_segments = nullptr;  // [rows]
+  int32_t* bh_ok = nullptr;         // [BH]
+  uint64_t* cost_in = nullptr;      // [capacity]
+  uint64_t* cost_out = nullptr;     // [capacity]
+  WorkItem* items_in = nullptr;     // [capacity], in slot order
+  void* sort_temp = nullptr;
+  size_t sort_temp_bytes = 0;
+  int64_t rows = 0, capacity = 0;
+};
+
+PlanScratch carve_plan(Carver& carver, int64_t batch_heads, int64_t q_clusters, int64_t k_clusters, int64_t q_tokens) {
+  PlanScratch s;
+  s.rows = batch_heads * q_clusters;
+  s.capacity = max_work_items(batch_heads, q_clusters, q_tokens);
+  constexpr int64_t kLimit = int64_t{1} << 31;  // grid sizes and CUB's int item counts
+  SAPATTN_CHECK(batch_heads < kLimit && s.rows < kLimit && s.capacity < kLimit, UnsupportedError,
+                "the CUDA attention planner takes fewer than 2^31 heads, query-cluster rows and work items, got ",
+                batch_heads, " heads x ", q_clusters, " clusters over ", q_tokens, " tokens");
+  s.items = carver.take<WorkItem>(s.capacity);
+  s.num_items = carver.take<int32_t>(1);
+  s.segments = carver.take<Segment>(s.rows * k_clusters);
+  s.num_segments = carver.take<int32_t>(s.rows);
+  s.bh_ok = carver.take<int32_t>(batch_heads);
+  s.cost_in = carver.take<uint64_t>(s.capacity);
+  s.cost_out = carver.take<uint64_t>(s.capacity);
+  s.items_in = carver.take<WorkItem>(s.capacity);
+  // A size query only (no launch, no dereference), for all 64 key bits: build_plan sorts fewer,
+  // which needs no more scratch.
+  SAPATTN_CUDA_CHECK(cub::DeviceRadixSort::SortPairsDescending(
+      nullptr, s.sort_temp_bytes, s.cost_in, s.cost_out, s.items_in, s.items, static_cast<int>(s.capacity), 0, 64));
+  s.sort_temp = carver.take_bytes(s.sort_temp_bytes);
+  return s;
+}
+
+}  // namespace
+
+size_t plan_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters, int64_t q_tokens) {
+  Carver carver("block_sparse_attention (plan)");
+  carve_plan(carver, batch_heads, q_clusters, k_clusters, q_tokens);
+  return carver.used();
+}
+
+PlanView build_plan(const BlockLayout& layout, int64_t q_tokens, int64_t k_tokens, Workspace workspace,
+                    cudaStream_t stream) {
+  const int64_t B = layout.q_offsets.shape[0], H = layout.q_offsets.shape[1];
+  const int64_t BH = B * H, Cq = layout.q_offsets.shape[2] - 1, Ck = layout.k_offsets.shape[2] - 1;
+  Carver carver("block_sparse_attention (plan)", workspace);
+  const PlanScratch s = carve_plan(carver, BH, Cq, Ck, q_tokens);
+  carver.check();
+
+  PlanView plan;
+  plan.items = s.items;
+  plan.num_items = s.num_items;
+  plan.segments = s.segments;
+  plan.num_segments = s.num_segments;
+  plan.q_clusters = static_cast<int32_t>(Cq);
+  plan.k_clusters = static_cast<int32_t>(Ck);
+  plan.max_items = static_cast<int32_t>(s.capacity);
+  if (BH == 0) {
+    SAPATTN_CUDA_CHECK(cudaMemsetAsync(s.num_items, 0, sizeof(int32_t), stream));
+    return plan;
+  }
+
+  LayoutView view{};
+  view.q_offsets = static_cast<const int32_t*>(layout.q_offsets.data);
+  view.k_offsets = static_cast<const int32_t*>(layout.k_offsets.data);
+  view.mask = static_cast<const uint8_t*>(layout.mask.data);
+  for (int d = 0; d < 4; ++d) view.mask_stride[d] = layout.mask.stride[d];
+  view.heads = H;
+  view.q_clusters = Cq;
+  view.k_clusters = Ck;
+  view.q_tokens = q_tokens;
+  view.k_tokens = k_tokens;
+  view.slots_per_bh = s.capacity / BH;
+  const PlanOut out{s.segments, s.num_segments, s.bh_ok, s.cost_in, s.items_in, s.num_items};
+
+  check_offsets_kernel<<<static_cast<unsigned>(BH), kCheckThreads, 0, stream>>>(view, out, value_error_flag());
+  SAPATTN_CUDA_CHECK_LAUNCH();
+  if (s.rows > 0) {
+    plan_rows_kernel<<<static_cast<unsigned>(s.rows), kRowThreads, 0, stream>>>(view, out);
+    SAPATTN_CUDA_CHECK_LAUNCH();
+  }
+  if (s.capacity > 0) {
+    // Only the bits a cost can occupy: fewer radix passes.
+    const uint64_t max_cost =
+        static_cast<uint64_t>(kTileQ) * static_cast<uint64_t>(std::max<int64_t>(k_tokens, 0)) + kItemBaseCost;
+    size_t temp_bytes = s.sort_temp_bytes;
+    SAPATTN_CUDA_CHECK(cub::DeviceRadixSort::SortPairsDescending(s.sort_temp, temp_bytes, s.cost_in, s.cost_out,
+                                                                 s.items_in, s.items, static_cast<int>(s.capacity), 0,
+                                                                 static_cast<int>(std::bit_width(max_cost)), stream));
+  }
+  return plan;
+}
+
+}  // namespace sapattn::cuda::attn

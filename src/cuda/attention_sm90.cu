@@ -1,0 +1,484 @@
+// The Hopper (sm_90a) variable-block attention kernel: warpgroup MMA (wgmma) with accumulators in
+// registers, a producer warpgroup gathering rows with cp.async into a multi-stage shared-memory
+// pipeline signalled by mbarriers, and two consumer warpgroups that each own 64 query rows of a
+// 128-row work item. One persistent CTA per SM strides over the plan's items (heaviest first).
+//
+// Why cp.async and not TMA: the rows of a key tile come from several kept key clusters (and, with
+// the fused permutation, from anywhere in the sequence), so a tile is a gather, not a box. 16-byte
+// cp.async per row chunk is what the layout allows; its completion is tied to the stage's "full"
+// mbarrier with cp.async.mbarrier.arrive.noinc, as CUTLASS's cp.async GMMA mainloops do.
+//
+// Per key tile a consumer warpgroup computes S = Q K^T (SS wgmma, both operands in swizzled shared
+// memory), the online softmax in fp32 on the accumulator fragment, converts P to 16 bits in
+// registers and accumulates O += P V (RS wgmma, V read through a transposed view of its tile).
+// Query rows of a work item beyond its end are zero-filled and never stored; a warpgroup whose 64
+// rows are all beyond the end skips its MMAs but keeps the barrier protocol.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/numeric_types.h>
+#include <cute/arch/copy_sm80.hpp>
+#include <cute/arch/mma_sm90.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cute/tensor.hpp>
+
+#include "cuda/attention.hpp"
+#include "cuda/device.cuh"
+
+namespace sapattn::cuda::attn {
+
+namespace {
+
+using namespace cute;
+
+using Barrier = cutlass::arch::ClusterBarrier;
+
+constexpr int kThreads = 384;      // warpgroup 0 loads, warpgroups 1 and 2 compute
+constexpr int kProducerRegs = 56;  // 128 x 56 + 256 x 224 = the 384 x 168 the launch holds
+constexpr int kConsumerRegs = 224;
+constexpr int kTurnBarrier = 2;  // named barriers 2 and 3: the consumer warpgroups' turns to issue MMAs
+
+template <typename Element, int kHeadDim>
+struct Traits {
+  using T = Element;
+  static constexpr int kBlockM = kTileQ;                  // query rows per item, 64 per consumer warpgroup
+  static constexpr int kBlockN = 128;                     // keys per tile
+  static constexpr int kStages = kHeadDim == 64 ? 6 : 3;  // as deep as 227 KB of shared memory allows
+  static constexpr int kChunksPerRow = kHeadDim / 8;      // 16-byte chunks
+
+  using SmemAtom = decltype(GMMA::Layout_K_SW128_Atom<T>{});
+  using LayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using LayoutK = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
+  // V^T (head dim x keys x stages) over V's memory: the B operand of P V, MN-major.
+  using LayoutVt = decltype(composition(
+      LayoutK{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+
+  using MmaQK = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kBlockN>, Int<kHeadDim>>>()));
+  using MmaPV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<T, T, float, Shape<_64, Int<kHeadDim>, Int<kBlockN>>, GMMA::Major::K, GMMA::Major::MN>()));
+
+  struct Smem {
+    array_aligned<T, cosize_v<LayoutQ>, 1024> q;
+    array_aligned<T, cosize_v<LayoutK>, 1024> k;
+    array_aligned<T, cosize_v<LayoutK>, 1024> v;
+    uint64_t q_full, q_empty;
+    uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
+  };
+};
+
+// What one work item is, for producer and consumers alike.
+struct Item {
+  int32_t bh, q_begin, rows;
+  const Segment* segments;  // nullptr in dense mode
+  int32_t num_segments;
+  int32_t keys;  // length of the virtual key sequence
+};
+
+__device__ __forceinline__ Item load_item(const Params& p, int index, int q_tiles) {
+  Item it;
+  if (p.dense) {
+    it.bh = index / q_tiles;
+    it.q_begin = (index % q_tiles) * kTileQ;
+    it.rows = min(kTileQ, p.seq_q - it.q_begin);
+    it.segments = nullptr;
+    it.num_segments = 1;
+    it.keys = p.seq_k;
+    return it;
+  }
+  const WorkItem w = p.plan.items[index];
+  const int64_t row = static_cast<int64_t>(w.bh) * p.plan.q_clusters + w.q_cluster;
+  it.bh = w.bh;
+  it.q_begin = w.q_begin;
+  it.rows = w.q_end - w.q_begin;
+  it.segments = p.plan.segments + row * p.plan.k_clusters;
+  it.num_segments = p.plan.num_segments[row];
+  it.keys = it.num_segments > 0 ? it.segments[it.num_segments - 1].cum_end : 0;
+  return it;
+}
+
+__device__ __forceinline__ void cp_async_16(uint32_t smem_addr, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(src), "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// A permutation entry, range-checked: out-of-range entries raise the value-check flag and read as
+// "no row" (-1).
+__device__ __forceinline__ int32_t through_perm(const int32_t* perm, int64_t base, int32_t j, int32_t n, int* flag) {
+  if (perm == nullptr) return j;
+  const int32_t r = perm[base + j];
+  if (r < 0 || r >= n) {
+    atomicOr(flag, kBadPermIndex);
+    return -1;
+  }
+  return r;
+}
+
+// Row ownership in a tile. Each producer thread copies one 16-byte chunk of every kRowsPerPass-th
+// row; the 32 rows a warp copies are "owned" one per lane: the owner finds the row's source and
+// the copying lanes fetch it with a shuffle (no shared-memory exchange, no barrier).
+template <class Tr>
+struct TileRows {
+  static constexpr int kRowsPerPass = 128 / Tr::kChunksPerRow;
+  static constexpr int kRowsPerWarpPass = kRowsPerPass / 4;
+  static constexpr int kPasses = Tr::kBlockN / kRowsPerPass;
+  static_assert(kRowsPerPass % 8 == 0 && kRowsPerWarpPass * kPasses == 32);
+  // The tile row owned by `lane` of `warp`.
+  __device__ static int owned(int warp, int lane) {
+    return lane % kRowsPerWarpPass + warp * kRowsPerWarpPass + lane / kRowsPerWarpPass * kRowsPerPass;
+  }
+};
+
+// The source rows of the tile rows this thread copies, fetched from their owners (`src`: the
+// owned row's source, -1 for none).
+template <class Tr>
+struct RowSources {
+  int32_t row[TileRows<Tr>::kPasses];
+  __device__ RowSources(int32_t src, int thread) {
+#pragma unroll
+    for (int i = 0; i < TileRows<Tr>::kPasses; ++i)
+      row[i] = __shfl_sync(0xffffffff, src, i * TileRows<Tr>::kRowsPerWarpPass + thread % 32 / Tr::kChunksPerRow);
+  }
+};
+
+// Copies a tile of rows (-1: zero-fill) of a [.., D] tensor into a swizzled shared tile. In the
+// 128-byte-swizzled K-major layout a block of 8 rows is one 1 KB atom column, so a thread's rows
+// (all with the same row mod 8) sit at a fixed distance from each other: one shared address to
+// compute.
+template <class Tr, class SmemTensor>
+__device__ __forceinline__ void gather_tile(const typename Tr::T* base, int64_t row_stride,
+                                            const RowSources<Tr>& sources, SmemTensor tile, int thread) {
+  using Rows = TileRows<Tr>;
+  const int chunk = thread % Tr::kChunksPerRow, row0 = thread / Tr::kChunksPerRow;
+  const uint32_t smem0 = cast_smem_ptr_to_uint(&tile(row0, chunk * 8));
+  constexpr uint32_t kPassBytes = Rows::kRowsPerPass * 64 * sizeof(typename Tr::T);  // atoms of 8 x 64
+#pragma unroll
+  for (int i = 0; i < Rows::kPasses; ++i) {
+    const int32_t r = sources.row[i];
+    const typename Tr::T* g = base + (r >= 0 ? static_cast<int64_t>(r) * row_stride : 0) + chunk * 8;
+    cp_async_16(smem0 + i * kPassBytes, g, r >= 0);
+  }
+}
+
+template <class Tr>
+__device__ void producer(const Params& p, typename Tr::Smem& s, int num_items, int q_tiles) {
+  using T = typename Tr::T;
+  const int thread = threadIdx.x;  // 0..127
+  const int own = TileRows<Tr>::owned(thread / 32, thread % 32);
+  auto sQ = make_tensor(make_smem_ptr(s.q.data()), typename Tr::LayoutQ{});
+  auto sK = make_tensor(make_smem_ptr(s.k.data()), typename Tr::LayoutK{});
+  auto sV = make_tensor(make_smem_ptr(s.v.data()), typename Tr::LayoutK{});
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  int tile_count = 0;  // key tiles loaded by this CTA so far: the pipeline position
+  int item_count = 0;
+  for (int index = blockIdx.x; index < num_items; index += gridDim.x, ++item_count) {
+    const Item it = load_item(p, index, q_tiles);
+    const int b = it.bh / p.heads, h = it.bh % p.heads;
+
+    // Q rows of the item.
+    Barrier::wait(&s.q_empty, (item_count & 1) ^ 1);
+    const int32_t j = own < it.rows ? it.q_begin + own : -1;
+    const int32_t q_src = j < 0 ? -1 : through_perm(p.q_perm, int64_t{it.bh} * p.seq_q, j, p.seq_q, p.flag);
+    gather_tile<Tr>(q + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], RowSources<Tr>(q_src, thread), sQ,
+                    thread);
+    cutlass::arch::cpasync_barrier_arrive_noinc(&s.q_full);
+
+    // Key tiles: the owner of tile row r follows virtual key position n * kBlockN + r through the
+    // segments (monotonically, so one cursor per thread).
+    const int n_blocks = (it.keys + Tr::kBlockN - 1) / Tr::kBlockN;
+    int seg = 0;
+    const int64_t k_base = b * p.k_stride[0] + h * p.k_stride[1];
+    const int64_t v_base = b * p.v_stride[0] + h * p.v_stride[1];
+    for (int n = 0; n < n_blocks; ++n, ++tile_count) {
+      const int stage = tile_count % Tr::kStages;
+      const int phase = (tile_count / Tr::kStages) & 1;
+      const int32_t pos = n * Tr::kBlockN + own;
+      int32_t src = -1;
+      if (pos < it.keys) {
+        if (it.segments == nullptr) {
+          src = pos;
+        } else {
+          while (it.segments[seg].cum_end <= pos) ++seg;  // pos < keys = last cum_end: terminates
+          src = pos + it.segments[seg].delta;
+        }
+        src = through_perm(p.k_perm, int64_t{it.bh} * p.seq_k, src, p.seq_k, p.flag);
+      }
+      // The row sources are shuffled again for V: holding them across K's copies spills.
+      Barrier::wait(&s.k_empty[stage], phase ^ 1);
+      gather_tile<Tr>(k + k_base, p.k_stride[2], RowSources<Tr>(src, thread), sK(_, _, stage), thread);
+      cutlass::arch::cpasync_barrier_arrive_noinc(&s.k_full[stage]);
+      Barrier::wait(&s.v_empty[stage], phase ^ 1);
+      gather_tile<Tr>(v + v_base, p.v_stride[2], RowSources<Tr>(src, thread), sV(_, _, stage), thread);
+      cutlass::arch::cpasync_barrier_arrive_noinc(&s.v_full[stage]);
+    }
+  }
+  cute::cp_async_wait<0>();  // leave no copy in flight behind an exiting thread
+}
+
+template <class Tr>
+__device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, int q_tiles) {
+  using T = typename Tr::T;
+  constexpr int kBlockN = Tr::kBlockN;
+  const int wg = threadIdx.x / 128 - 1;  // 0 or 1: rows [64 wg, 64 wg + 64) of the item
+  const int thread = threadIdx.x % 128;
+  const int lane = thread % 32, warp = thread / 32;
+
+  auto sQ = make_tensor(make_smem_ptr(s.q.data()), typename Tr::LayoutQ{});
+  auto sQw = local_tile(sQ, Shape<_64, Int<Tr::kChunksPerRow * 8>>{}, make_coord(wg, _0{}));
+  auto sK = make_tensor(make_smem_ptr(s.k.data()), typename Tr::LayoutK{});
+  auto sVt = make_tensor(make_smem_ptr(s.v.data()), typename Tr::LayoutVt{});
+
+  typename Tr::MmaQK mma_qk;
+  typename Tr::MmaPV mma_pv;
+  auto thr_qk = mma_qk.get_slice(thread);
+  auto thr_pv = mma_pv.get_slice(thread);
+  auto tSrQ = thr_qk.partition_fragment_A(sQw);
+  auto tSrK = thr_qk.partition_fragment_B(sK);
+  auto tOrV = thr_pv.partition_fragment_B(sVt);
+  auto tSrS = partition_fragment_C(mma_qk, Shape<_64, Int<kBlockN>>{});
+  auto tOrO = partition_fragment_C(mma_pv, Shape<_64, Int<Tr::kChunksPerRow * 8>>{});
+  // P as the A operand of P V: the accumulator's register order is (col pair, row half, 8-col
+  // group), the A fragment's is (col pair, row half, k half, 16-col block): the same flat order.
+  auto tOrP = make_tensor<T>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBlockN / 16>>>{});
+  static_assert(size(tOrP) == size(tSrS));
+
+  const float scale_log2 = p.scale * 1.4426950408889634f;
+  float row_max[2], row_sum[2];
+
+  // S = Q K^T for the tile in `stage`, issued asynchronously.
+  auto issue_qk = [&](int stage) {
+    warpgroup_fence_operand(tSrS);
+    warpgroup_arrive();
+    mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
+    CUTLASS_PRAGMA_UNROLL
+    for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+      cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb, stage), tSrS);
+      mma_qk.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+  };
+  // O += P V for the tile in `stage`, issued asynchronously (P is read from registers until done).
+  auto issue_pv = [&](int stage) {
+    warpgroup_fence_operand(tOrO);
+    warpgroup_arrive();
+    cute::gemm(mma_pv, tOrP, tOrV(_, _, _, stage), tOrO);
+    warpgroup_commit_batch();
+  };
+  // Online softmax of the tile in tSrS (key tile n): masks keys past the end, updates the row
+  // maxima and sums, leaves exp(S - max) in tSrS and returns the factor O must be rescaled by.
+  auto softmax = [&](int n, int keys, float(&rescale)[2]) {
+    warpgroup_fence_operand(tSrS);
+    // Accumulator value (c, r, g) is row lane/4 + 8r (+16 warp), column 8g + 2(lane%4) + c.
+    const int valid = keys - n * kBlockN;
+    if (valid < kBlockN) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(tSrS); ++i) {
+        const int c = i % 2, g = i / 4;
+        if (8 * g + 2 * (lane % 4) + c >= valid) tSrS(i) = -INFINITY;
+      }
+    }
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      float mx = row_max[r];
+      CUTLASS_PRAGMA_UNROLL
+      for (int g = 0; g < kBlockN / 8; ++g) mx = fmaxf(mx, fmaxf(tSrS(4 * g + 2 * r), tSrS(4 * g + 2 * r + 1)));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+      // Every tile holds at least one key, so mx is finite; exp2(-inf) = 0 on the first tile.
+      rescale[r] = fast_exp2((row_max[r] - mx) * scale_log2);
+      row_max[r] = mx;
+      const float offset = mx * scale_log2;
+      float sum = 0.0f;
+      CUTLASS_PRAGMA_UNROLL
+      for (int g = 0; g < kBlockN / 8; ++g) CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < 2; ++c) {
+        const float e = fast_exp2(tSrS(4 * g + 2 * r + c) * scale_log2 - offset);
+        tSrS(4 * g + 2 * r + c) = e;
+        sum += e;
+      }
+      row_sum[r] = row_sum[r] * rescale[r] + sum;
+    }
+  };
+  auto rescale_o = [&](const float(&rescale)[2]) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int g = 0; g < size(tOrO) / 4; ++g) CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      tOrO(4 * g + 2 * r) *= rescale[r];
+      tOrO(4 * g + 2 * r + 1) *= rescale[r];
+    }
+  };
+  auto convert_p = [&] {
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tSrS); ++i) tOrP(i) = static_cast<T>(tSrS(i));
+  };
+
+  // Ping-pong (FA3): the two warpgroups take turns to issue their MMAs, so that one's softmax runs
+  // while the other's MMAs hold the tensor cores. Every warpgroup takes the same number of turns
+  // per item (n_blocks + 1 when it has keys), active or not.
+  auto wait_turn = [&] { cutlass::arch::NamedBarrier::sync(256, kTurnBarrier + wg); };
+  auto pass_turn = [&] { cutlass::arch::NamedBarrier::arrive(256, kTurnBarrier + 1 - wg); };
+  if (wg == 1) pass_turn();  // warpgroup 0 goes first
+
+  int tile_count = 0, item_count = 0;
+  for (int index = blockIdx.x; index < num_items; index += gridDim.x, ++item_count) {
+    const Item it = load_item(p, index, q_tiles);
+    const int n_blocks = (it.keys + kBlockN - 1) / kBlockN;
+    row_max[0] = row_max[1] = -INFINITY;
+    row_sum[0] = row_sum[1] = 0.0f;
+    clear(tOrO);
+    Barrier::wait(&s.q_full, item_count & 1);
+    if (it.rows <= 64 * wg) {
+      // No row of this warpgroup: keep the barrier protocol without computing.
+      for (int n = 0; n < n_blocks; ++n, ++tile_count) {
+        const int stage = tile_count % Tr::kStages, phase = (tile_count / Tr::kStages) & 1;
+        wait_turn();
+        pass_turn();
+        Barrier::wait(&s.k_full[stage], phase);
+        Barrier::arrive(&s.k_empty[stage]);
+        Barrier::wait(&s.v_full[stage], phase);
+        Barrier::arrive(&s.v_empty[stage]);
+      }
+      if (n_blocks > 0) {
+        wait_turn();
+        pass_turn();
+      }
+      Barrier::arrive(&s.q_empty);
+      continue;
+    }
+    // Software pipeline within the warpgroup (FA3's intra-warpgroup overlap): the softmax of tile n
+    // runs while the tensor cores compute P V of tile n - 1.
+    if (n_blocks > 0) {
+      float rescale[2];
+      int stage = tile_count % Tr::kStages, phase = (tile_count / Tr::kStages) & 1;
+      Barrier::wait(&s.k_full[stage], phase);
+      wait_turn();
+      issue_qk(stage);
+      pass_turn();
+      warpgroup_wait<0>();
+      Barrier::arrive(&s.k_empty[stage]);
+      softmax(0, it.keys, rescale);
+      convert_p();
+      for (int n = 1; n < n_blocks; ++n) {
+        const int prev_stage = stage, prev_phase = phase;
+        ++tile_count;
+        stage = tile_count % Tr::kStages;
+        phase = (tile_count / Tr::kStages) & 1;
+        Barrier::wait(&s.k_full[stage], phase);
+        Barrier::wait(&s.v_full[prev_stage], prev_phase);
+        wait_turn();
+        issue_qk(stage);
+        issue_pv(prev_stage);
+        pass_turn();
+        warpgroup_wait<1>();  // S of tile n is ready; P V of tile n - 1 may still run
+        Barrier::arrive(&s.k_empty[stage]);
+        softmax(n, it.keys, rescale);
+        warpgroup_wait<0>();
+        Barrier::arrive(&s.v_empty[prev_stage]);
+        warpgroup_fence_operand(tOrO);
+        rescale_o(rescale);
+        convert_p();
+      }
+      Barrier::wait(&s.v_full[stage], phase);
+      wait_turn();
+      issue_pv(stage);
+      pass_turn();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tOrO);
+      Barrier::arrive(&s.v_empty[stage]);
+      ++tile_count;
+    }
+    Barrier::arrive(&s.q_empty);  // Q of this item is no longer read
+
+    // Epilogue: normalise, then write the rows of this item in place (or through q_perm).
+    const int b = it.bh / p.heads, h = it.bh % p.heads;
+    T* out = static_cast<T*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1];
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      float sum = row_sum[r];
+      sum += __shfl_xor_sync(0xffffffff, sum, 1);
+      sum += __shfl_xor_sync(0xffffffff, sum, 2);
+      const int local = 64 * wg + 16 * warp + lane / 4 + 8 * r;
+      if (local >= it.rows) continue;
+      const int32_t row = through_perm(p.q_perm, int64_t{it.bh} * p.seq_q, it.q_begin + local, p.seq_q, p.flag);
+      if (row < 0) continue;
+      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      T* dst = out + static_cast<int64_t>(row) * p.o_stride[2] + 2 * (lane % 4);
+      CUTLASS_PRAGMA_UNROLL
+      for (int g = 0; g < size(tOrO) / 4; ++g) {
+        T pair[2] = {static_cast<T>(tOrO(4 * g + 2 * r) * inv), static_cast<T>(tOrO(4 * g + 2 * r + 1) * inv)};
+        *reinterpret_cast<uint32_t*>(dst + 8 * g) = *reinterpret_cast<const uint32_t*>(pair);
+      }
+      if (p.lse != nullptr && lane % 4 == 0) {
+        p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + static_cast<int64_t>(row) * p.lse_stride[2]] =
+            sum > 0.0f ? row_max[r] * p.scale + logf(sum) : -INFINITY;
+      }
+    }
+  }
+  if (wg == 0) wait_turn();  // takes warpgroup 1's last pass, so no arrival is left on a barrier
+}
+
+template <class Tr>
+__global__ void __launch_bounds__(kThreads, 1) attention_kernel(const __grid_constant__ Params p) {
+  extern __shared__ __align__(1024) char smem_raw[];
+  auto& s = *reinterpret_cast<typename Tr::Smem*>(smem_raw);
+  if (threadIdx.x == 0) {
+    Barrier::init(&s.q_full, 128);
+    Barrier::init(&s.q_empty, 256);
+    for (int i = 0; i < Tr::kStages; ++i) {
+      Barrier::init(&s.k_full[i], 128);
+      Barrier::init(&s.v_full[i], 128);
+      Barrier::init(&s.k_empty[i], 256);
+      Barrier::init(&s.v_empty[i], 256);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+  const int q_tiles = (p.seq_q + kTileQ - 1) / kTileQ;
+  const int num_items = p.dense ? p.batch * p.heads * q_tiles : *p.plan.num_items;
+  if (threadIdx.x < 128) {
+    cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
+    producer<Tr>(p, s, num_items, q_tiles);
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
+    consumer<Tr>(p, s, num_items, q_tiles);
+  }
+}
+
+template <typename T, int kHeadDim>
+void launch(const Params& p, cudaStream_t stream) {
+  using Tr = Traits<T, kHeadDim>;
+  static_assert(sizeof(typename Tr::Smem) <= 227 * 1024, "more shared memory than an H100 SM gives a block");
+  const int smem = static_cast<int>(sizeof(typename Tr::Smem));
+  auto* kernel = attention_kernel<Tr>;
+  set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
+  const int64_t q_tiles = (p.seq_q + kTileQ - 1) / kTileQ;
+  const int64_t max_items = p.dense ? int64_t{p.batch} * p.heads * q_tiles : p.plan.max_items;
+  const int grid = static_cast<int>(std::min<int64_t>(p.num_sms, std::max<int64_t>(max_items, 1)));
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  SAPATTN_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+bool sm90_compiled() { return true; }
+
+void run_sm90(const Params& params, bool is_bf16, cudaStream_t stream) {
+  if (is_bf16) {
+    params.head_dim == 64 ? launch<cutlass::bfloat16_t, 64>(params, stream)
+                          : launch<cutlass::bfloat16_t, 128>(params, stream);
+  } else {
+    params.head_dim == 64 ? launch<cutlass::half_t, 64>(params, stream) : launch<cutlass::half_t, 128>(params, stream);
+  }
+}
+
+}  // namespace sapattn::cuda::attn
