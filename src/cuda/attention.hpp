@@ -8,8 +8,8 @@
 // (b,h, query cluster) has a list of segments, one per kept non-empty key cluster in ascending
 // cluster order; a kernel walks the concatenation of its segments as one "virtual" key sequence and
 // packs consecutive virtual keys into key tiles, so small key clusters do not pad tiles. Items are
-// sorted by cost (rows x kept keys), heaviest first, so that a persistent grid striding over them
-// finishes together.
+// sorted by head, then by cost (rows x kept keys), heaviest first: a persistent grid striding over
+// them works on one or two heads at a time (their K and V stay in L2) and finishes together.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -44,7 +44,7 @@ struct Segment {
 
 // Device pointers into the plan workspace. Row r = bh * q_clusters + query cluster.
 struct PlanView {
-  const WorkItem* items = nullptr;        // [max_items]; items[0, *num_items) are valid, heaviest first
+  const WorkItem* items = nullptr;        // [max_items]; items[0, *num_items) are valid, by head, heaviest first
   const int32_t* num_items = nullptr;     // device scalar
   const Segment* segments = nullptr;      // [rows, k_clusters]: row r's segments start at r * k_clusters
   const int32_t* num_segments = nullptr;  // [rows]

@@ -1,7 +1,7 @@
 // The Hopper (sm_90a) variable-block attention kernel: warpgroup MMA (wgmma) with accumulators in
 // registers, a producer warpgroup gathering rows with cp.async into a multi-stage shared-memory
 // pipeline signalled by mbarriers, and two consumer warpgroups that each own 64 query rows of a
-// 128-row work item. One persistent CTA per SM strides over the plan's items (heaviest first).
+// 128-row work item. One persistent CTA per SM strides over the plan's items (by head, heaviest first).
 //
 // Why cp.async and not TMA: the rows of a key tile come from several kept key clusters (and, with
 // the fused permutation, from anywhere in the sequence), so a tile is a gather, not a box. 16-byte

@@ -1,7 +1,8 @@
 // The GPU attention planner (src/cuda/attention_plan.cu) against a host construction of the same
 // plan: random layouts (empty, one-token and multi-tile clusters, all-kept and none-kept mask rows,
 // strided masks, several batches and heads) must give the same segments per row, the same items in
-// the same order (cost descending, ties in (bh, cluster, q_begin) order) and the same count. Also:
+// the same order (heads ascending, within a head cost descending, ties in (cluster, q_begin)
+// order) and the same count. Also:
 // a captured and replayed plan equals the eager one, a small workspace throws, bad offsets raise
 // the value-check flag and leave their (b,h) without items or segments, and the Wan 14B size is
 // timed (a "[plan]" line, not a pass/fail).
@@ -213,7 +214,10 @@ Plan host_plan(const HostLayout& l, const std::vector<bool>& bh_ok) {
       }
     }
   }
-  std::stable_sort(items.begin(), items.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+  std::stable_sort(items.begin(), items.end(), [](const auto& x, const auto& y) {
+    if (x.second.bh != y.second.bh) return x.second.bh < y.second.bh;
+    return x.first > y.first;
+  });
   for (const auto& item : items) p.items.push_back(item.second);
   return p;
 }
