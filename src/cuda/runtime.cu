@@ -5,9 +5,9 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
-#include <set>
-#include <tuple>
+#include <utility>
 
 #include "cuda/device.cuh"
 
@@ -104,16 +104,19 @@ void end_value_check(const Stream& stream, const char* op) {
 }
 
 void set_max_dynamic_smem(const void* kernel, int bytes) {
-  // Once per (kernel, device, size): the attribute is not a stream operation, but doing it once keeps
-  // calls out of graph capture after the first eager run.
+  // The attribute is a ceiling, so it is only ever raised: once per (kernel, device) and larger
+  // size. (Setting each size once, as this did first, lowered the ceiling when a smaller size came
+  // after a larger one, and the larger launch then failed with cudaErrorInvalidValue.) Not a stream
+  // operation, but doing it once keeps calls out of graph capture after the first eager run.
   static std::mutex mutex;
-  static std::set<std::tuple<const void*, int, int>> done;
+  static std::map<std::pair<const void*, int>, int> ceiling;
   int device = 0;
   SAPATTN_CUDA_CHECK(cudaGetDevice(&device));
   std::lock_guard<std::mutex> lock(mutex);
-  if (done.count({kernel, device, bytes}) != 0) return;
+  int& current = ceiling[{kernel, device}];
+  if (bytes <= current) return;
   SAPATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  done.insert({kernel, device, bytes});
+  current = bytes;
 }
 
 void check_finite(const TensorView& x, const char* name, const Stream& stream) {
