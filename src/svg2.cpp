@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <tuple>
 
 #include "core/carver.hpp"
 #include "op_checks.hpp"
@@ -104,29 +105,41 @@ void attend_clusters(const TensorView& q, const TensorView& k, const TensorView&
   if (!outputs.density.empty()) block_density(layout, outputs.density, stream);
 }
 
-void cluster(const TensorView& q, const TensorView& k, const Config& config, BranchState& state, Buffers& buf,
-             const TensorView& q_sizes, const TensorView& k_sizes, const Stream& stream) {
-  const int64_t B = q.shape[0], H = q.shape[1], D = q.shape[3];
+void cluster(const TensorView& q, const TensorView& k, const Config& config, const CentroidViews& centroids,
+             bool initialize, Buffers& buf, const TensorView& q_sizes, const TensorView& k_sizes,
+             const Stream& stream) {
   const TensorView qv = q.slice(2, 0, buf.video_tokens), kv = k.slice(2, 0, buf.video_tokens);
   int iters = config.kmeans_iters_step;
-  if (!state.initialized()) {
-    state.q_centroids = Tensor(DType::F32, {B, H, config.q_clusters, D}, stream.device);
-    state.k_centroids = Tensor(DType::F32, {B, H, config.k_clusters, D}, stream.device);
+  if (initialize) {
     // Different streams of the seed for Q and K, so their samples are independent.
-    kmeans_init(qv, state.q_centroids.view(), config.seed, stream, buf.op_scratch);
-    kmeans_init(kv, state.k_centroids.view(), config.seed ^ 0x5bd1e9955bd1e995ull, stream, buf.op_scratch);
+    kmeans_init(qv, centroids.q, config.seed, stream, buf.op_scratch);
+    kmeans_init(kv, centroids.k, config.seed ^ 0x5bd1e9955bd1e995ull, stream, buf.op_scratch);
     iters = config.kmeans_iters_init;
   }
-  kmeans(qv, state.q_centroids.view(), buf.q_video_labels(), q_sizes, iters, stream, buf.op_scratch);
-  kmeans(kv, state.k_centroids.view(), buf.k_video_labels(), k_sizes, iters, stream, buf.op_scratch);
-  ++state.calls;
+  kmeans(qv, centroids.q, buf.q_video_labels(), q_sizes, iters, stream, buf.op_scratch);
+  kmeans(kv, centroids.k, buf.k_video_labels(), k_sizes, iters, stream, buf.op_scratch);
 }
 
-void select(const Config& config, const BranchState& state, const TensorView& k_sizes, Buffers& buf,
+void select(const Config& config, const CentroidViews& centroids, const TensorView& k_sizes, Buffers& buf,
             const Stream& stream) {
-  select_blocks(state.q_centroids.view(), state.k_centroids.view(), k_sizes,
-                config.scale_for(state.q_centroids.shape()[3]), config.top_p, config.min_kept_clusters(),
-                buf.video_mask(), stream);
+  select_blocks(centroids.q, centroids.k, k_sizes, config.scale_for(centroids.q.shape[3]), config.top_p,
+                config.min_kept_clusters(), buf.video_mask(), stream);
+}
+
+void check_centroids(const CentroidViews& centroids, const AttentionShape& shape, const Config& config,
+                     const Stream& stream) {
+  using namespace checks;
+  for (const auto& [t, name, C] : {std::tuple{&centroids.q, "q_centroids", config.q_clusters},
+                                   {&centroids.k, "k_centroids", config.k_clusters}}) {
+    expect_rank(*t, 4, name);
+    expect_dtype(*t, DType::F32, name);
+    expect_contiguous(*t, name);
+    expect_extent(*t, 0, shape.batch, name, "batch");
+    expect_extent(*t, 1, shape.heads, name, "heads");
+    expect_extent(*t, 2, C, name, "the config's cluster count");
+    expect_extent(*t, 3, shape.head_dim, name, "head dim");
+    expect_device(*t, stream);
+  }
 }
 
 }  // namespace pipeline
@@ -137,8 +150,10 @@ size_t svg2_workspace_bytes(const AttentionShape& shape, const Config& config, D
 }
 
 void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
-                    BranchState& state, const Svg2Outputs& outputs, Workspace workspace, const Stream& stream) {
+                    const CentroidViews& centroids, bool initialize, const Svg2Outputs& outputs, Workspace workspace,
+                    const Stream& stream) {
   const AttentionShape shape = pipeline::check_inputs(q, k, v, config, outputs, stream);
+  pipeline::check_centroids(centroids, shape, config, stream);
   const size_t need = pipeline::carve(shape, config, q.dtype, stream.device, nullptr, nullptr);
   SAPATTN_CHECK(workspace.bytes >= need, WorkspaceError, "svg2_attention needs ", need,
                 " bytes of workspace (svg2_workspace_bytes), got ", workspace.bytes);
@@ -147,7 +162,19 @@ void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& 
     check_finite(k, "k", stream);
     check_finite(v, "v", stream);
   }
+  pipeline::Buffers buf;
+  pipeline::carve(shape, config, q.dtype, stream.device, &workspace, &buf);
+  // Cluster sizes go straight to the caller's outputs when asked for.
+  const TensorView q_sizes = outputs.q_cluster_sizes.empty() ? buf.q_sizes : outputs.q_cluster_sizes;
+  const TensorView k_sizes = outputs.k_cluster_sizes.empty() ? buf.k_sizes : outputs.k_cluster_sizes;
+  pipeline::cluster(q, k, config, centroids, initialize, buf, q_sizes, k_sizes, stream);
+  pipeline::select(config, centroids, k_sizes, buf, stream);
+  pipeline::attend_clusters(q, k, v, config, buf, outputs, stream);
+}
 
+void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
+                    BranchState& state, const Svg2Outputs& outputs, Workspace workspace, const Stream& stream) {
+  const AttentionShape shape = pipeline::check_inputs(q, k, v, config, outputs, stream);
   if (state.initialized()) {
     const std::vector<int64_t> q_shape{shape.batch, shape.heads, config.q_clusters, shape.head_dim};
     const std::vector<int64_t> k_shape{shape.batch, shape.heads, config.k_clusters, shape.head_dim};
@@ -157,14 +184,19 @@ void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& 
                   state.q_centroids.view().describe(), " / ", state.k_centroids.view().describe(),
                   "); call LayerState::reset() when the batch, heads, head dim or cluster counts change");
   }
-  pipeline::Buffers buf;
-  pipeline::carve(shape, config, q.dtype, stream.device, &workspace, &buf);
-  // Cluster sizes go straight to the caller's outputs when asked for.
-  const TensorView q_sizes = outputs.q_cluster_sizes.empty() ? buf.q_sizes : outputs.q_cluster_sizes;
-  const TensorView k_sizes = outputs.k_cluster_sizes.empty() ? buf.k_sizes : outputs.k_cluster_sizes;
-  pipeline::cluster(q, k, config, state, buf, q_sizes, k_sizes, stream);
-  pipeline::select(config, state, k_sizes, buf, stream);
-  pipeline::attend_clusters(q, k, v, config, buf, outputs, stream);
+  // A fresh branch gets its centroids only once the call is known to be valid.
+  BranchState fresh;
+  BranchState& target = state.initialized() ? state : fresh;
+  if (!state.initialized()) {
+    fresh.q_centroids = Tensor(DType::F32, {shape.batch, shape.heads, config.q_clusters, shape.head_dim}, stream.device);
+    fresh.k_centroids = Tensor(DType::F32, {shape.batch, shape.heads, config.k_clusters, shape.head_dim}, stream.device);
+  }
+  svg2_attention(q, k, v, config, target.views(), !state.initialized(), outputs, workspace, stream);
+  if (!state.initialized()) {
+    state.q_centroids = std::move(fresh.q_centroids);
+    state.k_centroids = std::move(fresh.k_centroids);
+  }
+  ++state.calls;
 }
 
 void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,

@@ -35,14 +35,19 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
 AttentionShape check_inputs(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
                             const Svg2Outputs& outputs, const Stream& stream);
 
-// SVG2's clustering: k-means of the video queries and keys (sampled init and kmeans_iters_init on
-// a fresh branch, else a warm start with kmeans_iters_step). Sizes go to q_sizes / k_sizes.
-void cluster(const TensorView& q, const TensorView& k, const Config& config, BranchState& state, Buffers& buffers,
-             const TensorView& q_sizes, const TensorView& k_sizes, const Stream& stream);
+// SVG2's clustering: k-means of the video queries and keys (with `initialize`, a sampled init and
+// kmeans_iters_init iterations, else a warm start with kmeans_iters_step). Sizes go to q_sizes / k_sizes.
+void cluster(const TensorView& q, const TensorView& k, const Config& config, const CentroidViews& centroids,
+             bool initialize, Buffers& buffers, const TensorView& q_sizes, const TensorView& k_sizes,
+             const Stream& stream);
 
 // SVG2's selection from the branch's centroids: the top-p rule into the video x video mask.
-void select(const Config& config, const BranchState& state, const TensorView& k_sizes, Buffers& buffers,
+void select(const Config& config, const CentroidViews& centroids, const TensorView& k_sizes, Buffers& buffers,
             const Stream& stream);
+
+// Checks caller-owned centroids against q's shape and the config.
+void check_centroids(const CentroidViews& centroids, const AttentionShape& shape, const Config& config,
+                     const Stream& stream);
 
 // Given video labels and sizes, the video x video mask and centroids already selected: labels the
 // text tokens, applies the text rule, permutes, attends, and writes the outputs in token order.

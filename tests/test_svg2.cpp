@@ -172,6 +172,41 @@ TEST(Svg2, ChangedShapeNeedsAReset) {
   EXPECT_THROW(run_svg2(q, q, q, c, state), InvalidArgumentError);
 }
 
+TEST(Svg2, CallerOwnedCentroidsGiveTheBranchStateResults) {
+  const int64_t B = 1, H = 2, S = 300, D = 64;
+  const Tensor q = clustered_tensor(DType::F32, B, H, S, D, 6, 40), k = clustered_tensor(DType::F32, B, H, S, D, 6, 41),
+               v = random_tensor(DType::F32, {B, H, S, D}, 42);
+  Config c = small_config();
+  c.top_p = 0.7f;
+  BranchState state;
+  const Svg2Run first = run_svg2(q, k, v, c, state), second = run_svg2(q, k, v, c, state);
+
+  // The same two calls with the centroids in the caller's tensors: initialise, then warm-start.
+  const Tensor qc(DType::F32, {B, H, c.q_clusters, D}), kc(DType::F32, {B, H, c.k_clusters, D});
+  const CentroidViews centroids{qc.view(), kc.view()};
+  const Buffer ws = Buffer::allocate(svg2_workspace_bytes(AttentionShape::of(q.view()), c, q.dtype(), Device::cpu()));
+  for (const auto& [init, expected] : {std::pair{true, &first}, {false, &second}}) {
+    const Tensor out(DType::F32, {B, H, S, D});
+    svg2_attention(q.view(), k.view(), v.view(), c, centroids, init, {out.view()}, Workspace{ws.data(), ws.bytes()},
+                   Stream::cpu());
+    EXPECT_EQ(max_abs_diff(out, expected->out), 0.0);
+  }
+  EXPECT_EQ(max_abs_diff(qc, state.q_centroids), 0.0);
+  EXPECT_EQ(max_abs_diff(kc, state.k_centroids), 0.0);
+
+  // Centroids of the wrong shape or dtype are rejected before anything is written.
+  const Tensor out(DType::F32, {B, H, S, D});
+  const Tensor short_q(DType::F32, {B, H, c.q_clusters - 1, D}), half_k(DType::F16, {B, H, c.k_clusters, D});
+  const Workspace w{ws.data(), ws.bytes()};
+  EXPECT_THROW(svg2_attention(q.view(), k.view(), v.view(), c, {short_q.view(), kc.view()}, false, {out.view()}, w,
+                              Stream::cpu()),
+               ShapeError);
+  EXPECT_THROW(svg2_attention(q.view(), k.view(), v.view(), c, {qc.view(), half_k.view()}, false, {out.view()}, w,
+                              Stream::cpu()),
+               DTypeError);
+  EXPECT_EQ(max_abs_diff(qc, state.q_centroids), 0.0);
+}
+
 TEST(Svg2, DeterministicForASeedAndThreadCount) {
   const Tensor q = clustered_tensor(DType::BF16, 1, 2, 300, 64, 7, 15),
                k = clustered_tensor(DType::BF16, 1, 2, 300, 64, 7, 16),

@@ -18,6 +18,13 @@ struct AttentionShape {
   static AttentionShape of(const TensorView& q) { return {q.shape[0], q.shape[1], q.shape[2], q.shape[3]}; }
 };
 
+// A branch's centroids in memory the caller owns (a framework's tensors, say):
+//   q [B,H,Cq,D] f32, k [B,H,Ck,D] f32, contiguous, on the stream's device; read and written.
+struct CentroidViews {
+  TensorView q;
+  TensorView k;
+};
+
 // k-means centroids of one denoising branch of one layer, per (batch item, head), kept on the
 // device of the calls that use them. Empty until the first sparse call.
 struct BranchState {
@@ -25,6 +32,7 @@ struct BranchState {
   Tensor k_centroids;  // [B,H,Ck,D] f32
   int64_t calls = 0;   // sparse calls that used this state
   bool initialized() const { return calls > 0; }
+  CentroidViews views() const { return {q_centroids.view(), k_centroids.view()}; }
 };
 
 // Per-layer state: one BranchState per classifier-free-guidance branch (any small integer id,
@@ -59,6 +67,14 @@ size_t svg2_workspace_bytes(const AttentionShape& shape, const Config& config, D
 // cached centroids have another shape throws InvalidArgumentError (call LayerState::reset()).
 void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
                     BranchState& state, const Svg2Outputs& outputs, Workspace workspace, const Stream& stream);
+
+// The same call with the centroids in caller-owned memory (what bindings to a framework use, so
+// that the framework's allocator owns all state). initialize = true samples them (config.seed) and
+// runs kmeans_iters_init iterations; false warm-starts from their contents with kmeans_iters_step.
+// Their shape must match q and the config (ShapeError), their dtype be f32 (DTypeError).
+void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
+                    const CentroidViews& centroids, bool initialize, const Svg2Outputs& outputs, Workspace workspace,
+                    const Stream& stream);
 
 // Convenience for hosts that do not manage memory: allocates the workspace on the stream's device.
 void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,

@@ -169,18 +169,18 @@ std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const Te
 
   // Clusters (and the ranking they are scored by) do not depend on top-p: made once.
   BranchState state;
+  state.q_centroids = Tensor(DType::F32, {B, H, config.q_clusters, D});
+  state.k_centroids = Tensor(DType::F32, {B, H, config.k_clusters, D});
   Tensor mass;
   if (method == Method::Blocks) {
     label_blocks(buf.q_video_labels(), buf.q_video_clusters);
     label_blocks(buf.k_video_labels(), buf.k_video_clusters);
     // Block centroids are their members' means: one k-means update step from the positional labels.
-    state.q_centroids = Tensor(DType::F32, {B, H, config.q_clusters, D});
-    state.k_centroids = Tensor(DType::F32, {B, H, config.k_clusters, D});
     const TensorView qv = q.slice(2, 0, buf.video_tokens), kv = k.slice(2, 0, buf.video_tokens);
     kmeans_update(qv, buf.q_video_labels(), state.q_centroids.view(), buf.q_sizes, stream, buf.op_scratch);
     kmeans_update(kv, buf.k_video_labels(), state.k_centroids.view(), buf.k_sizes, stream, buf.op_scratch);
   } else {
-    pipeline::cluster(q, k, config, state, buf, buf.q_sizes, buf.k_sizes, stream);
+    pipeline::cluster(q, k, config, state.views(), true, buf, buf.q_sizes, buf.k_sizes, stream);
     if (method == Method::Oracle) mass = true_cluster_mass(q, k, *dense, config, buf, threads);
   }
   const double shared_seconds = seconds_since(start);
@@ -194,7 +194,7 @@ std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const Te
     if (method == Method::Oracle) {
       select_top_p(mass.view(), p, c.min_kept_clusters(), buf.video_mask(), stream);
     } else {
-      pipeline::select(c, state, buf.k_sizes, buf, stream);
+      pipeline::select(c, state.views(), buf.k_sizes, buf, stream);
     }
     pipeline::attend_clusters(q, k, v, c, buf, outputs_of(r), stream);
     r.q_labels = copy_of(buf.q_labels);
