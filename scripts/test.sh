@@ -1,8 +1,24 @@
 #!/usr/bin/env bash
-# Builds sapattn with its tests and runs all of them through CTest.
+# Builds sapattn with its tests and runs all of them: the C++ suites through CTest, then the Python
+# package (PyTorch ops, diffusers integration, generate command) through pytest. The Python tests
+# need torch, diffusers and transformers; missing ones are installed with pip
+# (python/requirements-test.txt), and the package is installed from this checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
+bash scripts/bootstrap_python.sh python/requirements-test.txt
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DSAPATTN_TORCH=ON >/dev/null
 cmake --build build -j "$(nproc)"
-ctest --test-dir build --output-on-failure -j "$(nproc)"
+# The package from this checkout, reusing the build above (no second compile).
+if ! SAPATTN_BUILD_DIR=build python3 -m pip install --no-build-isolation --no-deps --force-reinstall . \
+  >build/pip-install.log 2>&1; then
+  cat build/pip-install.log
+  echo "test.sh: installing the sapattn package failed (log above)" >&2
+  exit 1
+fi
+ctest_rc=0
+ctest --test-dir build --output-on-failure -j "$(nproc)" || ctest_rc=$?
+pytest_rc=0
+python3 -m pytest python/tests -q -p no:cacheprovider || pytest_rc=$?
+echo "ctest exit $ctest_rc, pytest exit $pytest_rc"
+[ "$ctest_rc" -eq 0 ] && [ "$pytest_rc" -eq 0 ]

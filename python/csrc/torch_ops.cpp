@@ -1,0 +1,269 @@
+// PyTorch custom ops over the engine: torch.ops.sapattn.svg2_attention and .dense_attention.
+//
+// Tensors come in diffusers' layout, [B,S,H,D], with any strides; they are handed to the engine as
+// logical [B,H,S,D] views over the same memory (no copy). CUDA tensors run on the current stream of
+// their device, CPU tensors on the CPU backend with torch's intra-op thread count. Every temporary
+// (the SVG2 workspace, the outputs) comes from torch's allocator, so a call makes no cudaMalloc of
+// its own (the caching allocator serves it) and works under CUDA graph capture. The k-means state
+// is two caller-owned f32 tensors that the op updates in place (declared as mutated in the schema),
+// so that torch.compile and graph capture see every read and write.
+//
+// Engine errors become the Python exception a user expects: shapes, values and NaN/Inf ->
+// ValueError; dtypes -> TypeError; unsupported devices or features -> NotImplementedError; the
+// message names the sapattn error kind and the tensor at fault.
+#include <torch/library.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#ifdef SAPATTN_HAS_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include <cmath>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "sapattn/ops.hpp"
+#include "sapattn/svg2.hpp"
+
+namespace sapattn::torch_ops {
+namespace {
+
+DType dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::F32;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    case at::kInt: return DType::I32;
+    case at::kByte: return DType::U8;
+    default:
+      TORCH_CHECK_TYPE(false, "sapattn: ", name, " has dtype ", t.scalar_type(),
+                       "; sapattn takes float32, float16 or bfloat16 tensors");
+  }
+  return DType::F32;
+}
+
+Device device_of(const at::Tensor& t, const char* name) {
+  if (t.device().is_cpu()) return Device::cpu();
+#ifdef SAPATTN_HAS_CUDA
+  if (t.device().is_cuda()) return Device::cuda(t.device().index());
+  constexpr const char* kDevices = "the CPU and CUDA";
+#else
+  constexpr const char* kDevices = "the CPU (built without CUDA)";
+#endif
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "sapattn: ", name, " is on ", t.device(), "; this build of sapattn runs on ",
+                              kDevices, " only");
+  return Device::cpu();
+}
+
+// A view of `t` with its own shape and strides (rank <= 4).
+TensorView view_of(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() <= kMaxRank, "sapattn: ", name, " has ", t.dim(), " dims");
+  TensorView v;
+  v.data = t.data_ptr();
+  v.dtype = dtype_of(t, name);
+  v.rank = static_cast<int>(t.dim());
+  for (int d = 0; d < v.rank; ++d) {
+    v.shape[d] = t.size(d);
+    v.stride[d] = t.stride(d);
+  }
+  v.device = device_of(t, name);
+  return v;
+}
+
+// [B,S,H,D] tensor -> logical [B,H,S,D] view over the same memory.
+TensorView bshd_view(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 4, "sapattn: ", name, " must be [batch, seq, heads, head_dim], got shape ",
+                    t.sizes());
+  TensorView v = view_of(t, name);
+  std::swap(v.shape[1], v.shape[2]);
+  std::swap(v.stride[1], v.stride[2]);
+  return v;
+}
+
+Stream stream_for(const at::Tensor& t) {
+#ifdef SAPATTN_HAS_CUDA
+  if (t.is_cuda()) {
+    return Stream{Device::cuda(t.device().index()), c10::cuda::getCurrentCUDAStream(t.device().index()).stream(), 0};
+  }
+#endif
+  return Stream::cpu(at::get_num_threads());
+}
+
+// Makes t's device current for the call (CUDA tensors only).
+#ifdef SAPATTN_HAS_CUDA
+using DeviceGuard = std::optional<c10::cuda::CUDAGuard>;
+DeviceGuard guard_device(const at::Tensor& t) {
+  if (!t.is_cuda()) return std::nullopt;
+  return DeviceGuard(std::in_place, t.device());
+}
+#else
+struct DeviceGuard {};
+DeviceGuard guard_device(const at::Tensor&) { return {}; }
+#endif
+
+// Runs `body`, turning the engine's typed errors into torch's.
+template <typename F>
+auto translating_errors(F&& body) {
+  try {
+    return body();
+  } catch (const DTypeError& e) {
+    TORCH_CHECK_TYPE(false, "sapattn DTypeError: ", e.what());
+  } catch (const UnsupportedError& e) {
+    TORCH_CHECK_NOT_IMPLEMENTED(false, "sapattn UnsupportedError: ", e.what());
+  } catch (const ShapeError& e) {
+    TORCH_CHECK_VALUE(false, "sapattn ShapeError: ", e.what());
+  } catch (const InvalidArgumentError& e) {
+    TORCH_CHECK_VALUE(false, "sapattn InvalidArgumentError: ", e.what());
+  } catch (const NonFiniteError& e) {
+    TORCH_CHECK_VALUE(false, "sapattn NonFiniteError: ", e.what());
+  } catch (const Error& e) {
+    TORCH_CHECK(false, "sapattn error: ", e.what());
+  }
+  __builtin_unreachable();  // every catch above throws
+}
+
+// k and v against q: one device and one dtype.
+void check_like_q(const at::Tensor& q, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(q.device() == t.device(), "sapattn: ", name, " is on ", t.device(), " but q is on ", q.device());
+  TORCH_CHECK_TYPE(q.scalar_type() == t.scalar_type(), "sapattn: ", name, " has dtype ", t.scalar_type(),
+                   " but q has ", q.scalar_type());
+}
+
+void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* name) {
+  TORCH_CHECK_VALUE(a.device() == b.device(), "sapattn: ", name, " is on ", b.device(), " but q is on ", a.device());
+}
+
+// O as [B,S,H,D] in q's dtype, LSE as [B,H,S] f32 when asked for (else an empty tensor).
+std::tuple<at::Tensor, at::Tensor> make_outputs(const at::Tensor& q, bool return_lse) {
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = return_lse ? at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat))
+                              : at::empty({0}, q.options().dtype(at::kFloat));
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> svg2_attention(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& q_centroids, at::Tensor& k_centroids,
+    bool initialize, double top_p, double min_kc_ratio, int64_t kmeans_iters_init, int64_t kmeans_iters_step,
+    int64_t seed, int64_t text_tokens, int64_t prompt_length, double scale, bool check_finite, bool return_lse) {
+  return translating_errors([&] {
+    check_like_q(q, k, "k");
+    check_like_q(q, v, "v");
+    check_same_device(q, q_centroids, "q_centroids");
+    check_same_device(q, k_centroids, "k_centroids");
+    TORCH_CHECK_VALUE(q_centroids.dim() == 4 && k_centroids.dim() == 4,
+                      "sapattn: centroids must be [batch, heads, clusters, head_dim], got ", q_centroids.sizes(),
+                      " and ", k_centroids.sizes());
+    const DeviceGuard guard = guard_device(q);
+    Config config;
+    config.q_clusters = static_cast<int>(q_centroids.size(2));
+    config.k_clusters = static_cast<int>(k_centroids.size(2));
+    config.top_p = static_cast<float>(top_p);
+    config.min_kc_ratio = static_cast<float>(min_kc_ratio);
+    config.kmeans_iters_init = static_cast<int>(kmeans_iters_init);
+    config.kmeans_iters_step = static_cast<int>(kmeans_iters_step);
+    config.seed = static_cast<uint64_t>(seed);
+    config.text_tokens = text_tokens;
+    config.prompt_length = prompt_length;
+    config.scale = static_cast<float>(scale);
+    config.check_finite = check_finite;
+
+    const TensorView qv = bshd_view(q, "q"), kv = bshd_view(k, "k"), vv = bshd_view(v, "v");
+    auto [out, lse] = make_outputs(q, return_lse);
+    at::Tensor density = at::empty({q.size(0), q.size(2)}, q.options().dtype(at::kFloat));
+    Svg2Outputs outputs;
+    outputs.out = bshd_view(out, "out");
+    if (return_lse) outputs.lse = view_of(lse, "lse");
+    outputs.density = view_of(density, "density");
+
+    const Stream stream = stream_for(q);
+    const size_t bytes = svg2_workspace_bytes(AttentionShape::of(qv), config, qv.dtype, stream.device);
+    at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, q.options().dtype(at::kByte));
+    sapattn::svg2_attention(qv, kv, vv, config, CentroidViews{view_of(q_centroids, "q_centroids"),
+                                                              view_of(k_centroids, "k_centroids")},
+                            initialize, outputs, Workspace{workspace.data_ptr(), bytes}, stream);
+    return std::make_tuple(out, lse, density);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> dense_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   double scale, bool return_lse) {
+  return translating_errors([&] {
+    check_like_q(q, k, "k");
+    check_like_q(q, v, "v");
+    const DeviceGuard guard = guard_device(q);
+    const TensorView qv = bshd_view(q, "q"), kv = bshd_view(k, "k"), vv = bshd_view(v, "v");
+    TORCH_CHECK_VALUE(std::isfinite(scale) && scale >= 0.0, "sapattn: scale must be finite and >= 0, got ", scale);
+    const float s = scale > 0.0 ? static_cast<float>(scale) : 1.0f / std::sqrt(static_cast<float>(q.size(3)));
+    auto [out, lse] = make_outputs(q, return_lse);
+    sapattn::dense_attention(qv, kv, vv, s, bshd_view(out, "out"), return_lse ? view_of(lse, "lse") : TensorView{},
+                             stream_for(q));
+    return std::make_tuple(out, lse);
+  });
+}
+
+// Lloyd k-means of points [B,S,H,D] into centroids [B,H,C,D] f32 (in place), per (batch, head):
+// with `initialize`, first the seeded sample of kmeans_init. Returns the labels, [B,H,S] i32.
+at::Tensor kmeans(const at::Tensor& points, at::Tensor& centroids, bool initialize, int64_t iters, int64_t seed) {
+  return translating_errors([&] {
+    check_same_device(points, centroids, "centroids");
+    TORCH_CHECK_VALUE(iters >= 0, "sapattn: iters must be >= 0, got ", iters);
+    const DeviceGuard guard = guard_device(points);
+    const TensorView pv = bshd_view(points, "points"), cv = view_of(centroids, "centroids");
+    TORCH_CHECK_VALUE(cv.rank == 4, "sapattn: centroids must be [batch, heads, clusters, head_dim], got shape ",
+                      centroids.sizes());
+    const int64_t B = pv.shape[0], H = pv.shape[1], S = pv.shape[2], D = pv.shape[3], C = cv.shape[2];
+    at::Tensor labels = at::empty({B, H, S}, points.options().dtype(at::kInt));
+    at::Tensor sizes = at::empty({B, H, C}, points.options().dtype(at::kInt));
+    const Stream stream = stream_for(points);
+    const size_t bytes = kmeans_workspace_bytes(B * H, S, C, D, stream.device);
+    at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, points.options().dtype(at::kByte));
+    const Workspace ws{workspace.data_ptr(), bytes};
+    if (initialize) kmeans_init(pv, cv, static_cast<uint64_t>(seed), stream, ws);
+    sapattn::kmeans(pv, cv, view_of(labels, "labels"), view_of(sizes, "sizes"), static_cast<int>(iters), stream, ws);
+    return labels;
+  });
+}
+
+// Which kernel would run for these inputs ("cpu", "sm90a-wgmma", "sm80-mma"), or why none does.
+std::string attention_kernel_name(const at::Tensor& q) {
+  return translating_errors([&] {
+    TORCH_CHECK_VALUE(q.dim() == 4, "sapattn: q must be [batch, seq, heads, head_dim], got shape ", q.sizes());
+    const AttentionKernel k = attention_kernel(device_of(q, "q"), dtype_of(q, "q"), q.size(3));
+    return k.supported ? std::string(k.name) : std::string("unsupported: ") + k.reason;
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sapattn, m) {
+  m.def(
+      "svg2_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) q_centroids, Tensor(b!) k_centroids, bool initialize, "
+      "float top_p, float min_kc_ratio, int kmeans_iters_init, int kmeans_iters_step, int seed, int text_tokens, "
+      "int prompt_length, float scale, bool check_finite, bool return_lse) -> (Tensor, Tensor, Tensor)");
+  m.def("dense_attention(Tensor q, Tensor k, Tensor v, float scale, bool return_lse) -> (Tensor, Tensor)");
+  m.def("kmeans(Tensor points, Tensor(a!) centroids, bool initialize, int iters, int seed) -> Tensor");
+  m.def("attention_kernel(Tensor q) -> str");
+}
+
+TORCH_LIBRARY_IMPL(sapattn, CPU, m) {
+  m.impl("svg2_attention", &svg2_attention);
+  m.impl("dense_attention", &dense_attention);
+  m.impl("kmeans", &kmeans);
+}
+
+#ifdef SAPATTN_HAS_CUDA
+TORCH_LIBRARY_IMPL(sapattn, CUDA, m) {
+  m.impl("svg2_attention", &svg2_attention);
+  m.impl("dense_attention", &dense_attention);
+  m.impl("kmeans", &kmeans);
+}
+#endif
+
+// The kernel query reads only metadata: one implementation for every device.
+TORCH_LIBRARY_IMPL(sapattn, CompositeExplicitAutograd, m) { m.impl("attention_kernel", &attention_kernel_name); }
+
+}  // namespace sapattn::torch_ops

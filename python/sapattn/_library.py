@@ -1,0 +1,77 @@
+"""Loads the compiled ops (libsapattn_torch.so) into torch.ops.sapattn and registers their fake
+implementations, so that torch.compile and meta tensors can trace through them.
+
+The library is looked for, in order: the file named by the environment variable
+SAPATTN_TORCH_LIBRARY, then next to this package (where `pip install` puts it)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+_LIBRARY_NAME = "libsapattn_torch.so"
+
+
+def _library_path() -> Path:
+    explicit = os.environ.get("SAPATTN_TORCH_LIBRARY")
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ImportError(f"SAPATTN_TORCH_LIBRARY={explicit} is not a file")
+        return path
+    path = Path(__file__).resolve().parent / _LIBRARY_NAME
+    if not path.is_file():
+        raise ImportError(
+            f"sapattn's compiled ops ({_LIBRARY_NAME}) are not installed next to {Path(__file__).parent}: "
+            "install the package with `pip install --no-build-isolation .` from the sapattn checkout, "
+            "or point SAPATTN_TORCH_LIBRARY at a built libsapattn_torch.so"
+        )
+    return path
+
+
+def _check_torch_version() -> None:
+    """An installed library was compiled against one torch: another torch's ABI differs."""
+    try:
+        from ._build_info import TORCH_VERSION
+    except ImportError:  # a library named by SAPATTN_TORCH_LIBRARY, or a source checkout
+        return
+    if TORCH_VERSION != torch.__version__:
+        raise ImportError(f"sapattn was built against torch {TORCH_VERSION} but torch {torch.__version__} is installed: "
+                          "reinstall sapattn (`pip install --no-build-isolation --force-reinstall .`)")
+
+
+def _load() -> Path:
+    path = _library_path()
+    if "SAPATTN_TORCH_LIBRARY" not in os.environ:
+        _check_torch_version()
+    torch.ops.load_library(str(path))
+    return path
+
+
+LIBRARY_PATH = _load()
+
+
+@torch.library.register_fake("sapattn::svg2_attention")
+def _svg2_attention_fake(q, k, v, q_centroids, k_centroids, initialize, top_p, min_kc_ratio, kmeans_iters_init,
+                         kmeans_iters_step, seed, text_tokens, prompt_length, scale, check_finite, return_lse):
+    batch, seq, heads, _ = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = q.new_empty((batch, heads, seq) if return_lse else (0,), dtype=torch.float32)
+    density = q.new_empty((batch, heads), dtype=torch.float32)
+    return out, lse, density
+
+
+@torch.library.register_fake("sapattn::dense_attention")
+def _dense_attention_fake(q, k, v, scale, return_lse):
+    batch, seq, heads, _ = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = q.new_empty((batch, heads, seq) if return_lse else (0,), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.register_fake("sapattn::kmeans")
+def _kmeans_fake(points, centroids, initialize, iters, seed):
+    batch, seq, heads, _ = points.shape
+    return points.new_empty((batch, heads, seq), dtype=torch.int32)

@@ -1,0 +1,128 @@
+"""The module API: SVG2 attention and dense attention on torch tensors, with the k-means state of a
+layer held in torch tensors.
+
+Layouts follow diffusers and FlashAttention: q, k, v and the output are [B, S, H, D]. LSE is
+[B, H, S] float32 (natural log). CUDA tensors run on the current stream of their device; CPU tensors
+on sapattn's CPU backend with torch's intra-op threads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import _library  # noqa: F401  (loads torch.ops.sapattn)
+from .config import SVG2Config
+
+_K_SEED_STREAM = 0x5BD1E9955BD1E995  # the engine's seed stream for keys (src/svg2.cpp)
+
+
+@dataclass
+class BranchState:
+    """k-means centroids of one layer and one classifier-free-guidance branch, per batch item and
+    head: q [B, H, Cq, D] and k [B, H, Ck, D] float32 on the device of the calls. `calls` counts
+    the sparse calls that used them; `warm_iters` the warm-up iterations run during dense steps."""
+
+    q_centroids: Optional[torch.Tensor] = None
+    k_centroids: Optional[torch.Tensor] = None
+    calls: int = 0
+    warm_iters: int = 0
+
+    @property
+    def initialized(self) -> bool:
+        return self.q_centroids is not None
+
+    def reset(self) -> None:
+        self.q_centroids = self.k_centroids = None
+        self.calls = self.warm_iters = 0
+
+    def prepare(self, q: torch.Tensor, config: SVG2Config) -> bool:
+        """Makes sure centroids of the right shape exist for q ([B, S, H, D]); returns True when
+        they are new and must be initialised. A state that caches another shape, device or cluster
+        count is an error (call reset() when the batch, heads or config change)."""
+        if q.dim() != 4:
+            raise ValueError(f"sapattn: q must be [batch, seq, heads, head_dim], got shape {tuple(q.shape)}")
+        batch, _, heads, dim = q.shape
+        want_q = (batch, heads, config.q_clusters, dim)
+        want_k = (batch, heads, config.k_clusters, dim)
+        if self.initialized:
+            if (tuple(self.q_centroids.shape) != want_q or tuple(self.k_centroids.shape) != want_k
+                    or self.q_centroids.device != q.device):
+                raise ValueError(
+                    f"sapattn: this branch state holds centroids {tuple(self.q_centroids.shape)} / "
+                    f"{tuple(self.k_centroids.shape)} on {self.q_centroids.device}, but the call needs {want_q} / "
+                    f"{want_k} on {q.device}; call reset() when the batch, heads or cluster counts change")
+            return False
+        self.q_centroids = torch.empty(want_q, dtype=torch.float32, device=q.device)
+        self.k_centroids = torch.empty(want_k, dtype=torch.float32, device=q.device)
+        return True
+
+
+class LayerState:
+    """One BranchState per classifier-free-guidance branch id (0 = the first call of a step, ...)."""
+
+    def __init__(self) -> None:
+        self.branches: Dict[int, BranchState] = {}
+
+    def branch(self, branch_id: int = 0) -> BranchState:
+        return self.branches.setdefault(branch_id, BranchState())
+
+    def reset(self) -> None:
+        self.branches.clear()
+
+
+def svg2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: SVG2Config, state: BranchState, *,
+                   text_tokens: int = 0, prompt_length: Union[int, Sequence[int]] = 0, return_lse: bool = False
+                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """SVG2 attention of one layer call. q, k, v: [B, S, H, D], float16/bfloat16 (float32 too on
+    the CPU), S = video tokens followed by `text_tokens` text tokens of which the first
+    `prompt_length` are the prompt (HunyuanVideo's joint attention; 0 text tokens for video only).
+    prompt_length may be one count per batch item.
+    Returns (out [B, S, H, D] in q's dtype, lse [B, H, S] float32 or None, density [B, H] float32).
+    The state's centroids are initialised (seeded sample, kmeans_iters_init iterations) on its
+    first call and warm-started (kmeans_iters_step iterations) after."""
+    initialize = state.prepare(q, config)
+    lengths = [prompt_length] * q.shape[0] if isinstance(prompt_length, int) else list(prompt_length)
+    if len(lengths) != q.shape[0]:
+        raise ValueError(f"sapattn: {len(lengths)} prompt lengths for a batch of {q.shape[0]}")
+
+    def call(rows: slice, length: int):
+        return torch.ops.sapattn.svg2_attention(
+            q[rows], k[rows], v[rows], state.q_centroids[rows], state.k_centroids[rows], initialize, config.top_p,
+            config.min_kc_ratio, config.kmeans_iters_init, config.kmeans_iters_step, config.seed, text_tokens, length,
+            config.scale, config.check_finite, return_lse)
+
+    if all(n == lengths[0] for n in lengths):
+        out, lse, density = call(slice(None), lengths[0])
+    else:
+        # The text rule takes one prompt length per call: items with their own go one by one
+        # (each batch item's centroids are its own rows of the state).
+        parts = [call(slice(b, b + 1), n) for b, n in enumerate(lengths)]
+        out, lse, density = (torch.cat([p[i] for p in parts]) for i in range(3))
+    state.calls += 1
+    return out, (lse if return_lse else None), density
+
+
+def warm_centroids(q: torch.Tensor, k: torch.Tensor, config: SVG2Config, state: BranchState, iters: int, *,
+                   text_tokens: int = 0) -> None:
+    """Runs `iters` k-means iterations of the video queries and keys into the state without
+    attending (used during dense steps, so that the first sparse call can start warm). A new state
+    is sampled first, with the same seeds as svg2_attention's initialisation."""
+    initialize = state.prepare(q, config)
+    video = q.shape[1] - text_tokens
+    torch.ops.sapattn.kmeans(q[:, :video], state.q_centroids, initialize, iters, config.seed)
+    torch.ops.sapattn.kmeans(k[:, :video], state.k_centroids, initialize, iters, config.seed ^ _K_SEED_STREAM)
+    state.warm_iters += iters
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float = 0.0,
+                    return_lse: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Full attention with sapattn's kernels. q, k, v: [B, S, H, D]; scale 0 means 1/sqrt(D)."""
+    out, lse = torch.ops.sapattn.dense_attention(q, k, v, scale, return_lse)
+    return out, (lse if return_lse else None)
+
+
+def attention_kernel(q: torch.Tensor) -> str:
+    """The kernel that would run for q's device, dtype and head dim, or why none would."""
+    return torch.ops.sapattn.attention_kernel(q)

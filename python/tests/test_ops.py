@@ -1,0 +1,184 @@
+"""The torch ops and the module API: against torch's own attention, the engine's contracts (text
+rule, warm starts, per-item prompts), bad input, torch.compile's fake kernels, graph capture."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import sapattn
+from conftest import clustered, randn, sdpa, working_dtype
+
+
+def small_config(**changes):
+    return sapattn.SVG2Config(q_clusters=8, k_clusters=16, kmeans_iters_init=8, first_times_fp=0.0,
+                              first_layers_fp=0.0).replace(**changes)
+
+
+def tolerance(q, k, v, mask=None):
+    """FA3's error model: at most twice the error of torch's attention in the same dtype against
+    float32 (plus float32 rounding for float32 inputs)."""
+    if q.dtype == torch.float32:
+        return 2e-5
+    low = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                           attn_mask=mask).transpose(1, 2)
+    return 2.0 * (low.float() - sdpa(q, k, v, mask)).abs().max().item() + 1e-6
+
+
+def qkv(device, batch=2, seq=320, heads=3, dim=64, seed=0):
+    dtype = working_dtype(device)
+    return [clustered(batch, seq, heads, dim, centers=6, seed=seed + i, device=device, dtype=dtype) for i in range(3)]
+
+
+def test_top_p_one_equals_dense(device):
+    q, k, v = qkv(device)
+    state = sapattn.BranchState()
+    out, lse, density = sapattn.svg2_attention(q, k, v, small_config(top_p=1.0), state, return_lse=True)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert (out.float() - sdpa(q, k, v)).abs().max().item() <= tolerance(q, k, v)
+    ref_lse = torch.logsumexp(torch.einsum("bshd,bthd->bhst", q.float(), k.float()) / math.sqrt(q.shape[-1]), dim=-1)
+    assert (lse - ref_lse).abs().max().item() < 1e-3
+    assert torch.all(density == 1.0)
+    assert state.calls == 1 and state.q_centroids.shape == (2, 3, 8, 64)
+
+
+def test_sparse_attends_to_a_subset_of_the_keys(device):
+    q, k, v = qkv(device)
+    state = sapattn.BranchState()
+    out, lse, density = sapattn.svg2_attention(q, k, v, small_config(top_p=0.5, min_kc_ratio=0.0), state,
+                                               return_lse=True)
+    _, dense_lse = sapattn.dense_attention(q, k, v, return_lse=True)
+    # Fewer keys: every row's log-sum-exp is at most the dense one (up to rounding).
+    assert torch.all(lse <= dense_lse + 1e-3)
+    assert torch.all((density > 0.0) & (density < 1.0))
+    assert torch.isfinite(out.float()).all()
+
+
+def test_dense_attention_equals_torch(device):
+    q, k, v = qkv(device, seq=200)
+    out, lse = sapattn.dense_attention(q, k, v)
+    assert lse is None
+    assert (out.float() - sdpa(q, k, v)).abs().max().item() <= tolerance(q, k, v)
+
+
+def test_strided_inputs_equal_contiguous(device):
+    q, k, v = qkv(device)
+    # [B, H, S, D] memory seen as [B, S, H, D]: strided views go in without a copy.
+    qs, ks, vs = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    assert not qs.is_contiguous()
+    a = sapattn.svg2_attention(q, k, v, small_config(top_p=0.7), sapattn.BranchState())[0]
+    b = sapattn.svg2_attention(qs, ks, vs, small_config(top_p=0.7), sapattn.BranchState())[0]
+    assert torch.equal(a, b)
+
+
+def test_warm_start_uses_the_state(device):
+    q, k, v = qkv(device)
+    cfg = small_config(top_p=0.7)
+    state = sapattn.BranchState()
+    sapattn.svg2_attention(q, k, v, cfg, state)
+    first = state.q_centroids.clone()
+    q2 = q + 0.05 * randn(q.shape, seed=9, device=device, dtype=q.dtype)
+    sapattn.svg2_attention(q2, k, v, cfg, state)
+    assert state.calls == 2
+    moved = (state.q_centroids - first).abs().max().item()
+    assert 0.0 < moved < 1.0  # refined from the cached centroids, not re-sampled
+    # The same two calls on a fresh state give the same centroids: deterministic.
+    again = sapattn.BranchState()
+    sapattn.svg2_attention(q, k, v, cfg, again)
+    sapattn.svg2_attention(q2, k, v, cfg, again)
+    assert torch.equal(again.q_centroids, state.q_centroids)
+
+
+def test_warm_centroids_match_the_first_sparse_call(device):
+    q, k, v = qkv(device)
+    cfg = small_config(top_p=0.7, kmeans_iters_init=8)
+    warmed = sapattn.BranchState()
+    sapattn.warm_centroids(q, k, cfg, warmed, 8)
+    assert warmed.warm_iters == 8 and warmed.calls == 0
+    # The same seeded sample and the same 8 iterations as an initialising svg2 call.
+    cold = sapattn.BranchState()
+    sapattn.svg2_attention(q, k, v, cfg, cold)
+    assert torch.equal(warmed.q_centroids, cold.q_centroids)
+    assert torch.equal(warmed.k_centroids, cold.k_centroids)
+    # A warmed state is not initialised again: its first sparse call is the cold state's second.
+    out_warm = sapattn.svg2_attention(q, k, v, cfg, warmed)[0]
+    out_cold = sapattn.svg2_attention(q, k, v, cfg, cold)[0]
+    assert warmed.calls == 1 and cold.calls == 2
+    assert torch.equal(warmed.q_centroids, cold.q_centroids)
+    assert torch.equal(out_warm, out_cold)
+
+
+def test_text_tokens_follow_the_joint_rule(device):
+    batch, video, text, heads, dim = 2, 256, 16, 2, 64
+    dtype = working_dtype(device)
+    q, k, v = (clustered(batch, video + text, heads, dim, centers=5, seed=20 + i, device=device, dtype=dtype)
+               for i in range(3))
+    prompt = 10
+    out, _, _ = sapattn.svg2_attention(q, k, v, small_config(top_p=1.0), sapattn.BranchState(), text_tokens=text,
+                                       prompt_length=prompt)
+    # top_p = 1: video and prompt queries see every video key and the prompt, never the padding.
+    keys = torch.zeros(1, 1, 1, video + text, dtype=torch.bool, device=device)  # broadcast over [B, H, Sq]
+    keys[..., :video + prompt] = True
+    ref = sdpa(q, k, v, mask=keys)
+    rows = slice(0, video + prompt)
+    assert (out[:, rows].float() - ref[:, rows]).abs().max().item() <= tolerance(q, k, v, keys)
+    # Padding queries attend only to padding keys.
+    pad = torch.zeros_like(keys)
+    pad[..., video + prompt:] = True
+    ref_pad = sdpa(q, k, v, mask=pad)
+    assert (out[:, video + prompt:].float() - ref_pad[:, video + prompt:]).abs().max().item() <= tolerance(q, k, v, pad)
+
+
+def test_prompt_length_per_batch_item(device):
+    batch, video, text, heads, dim = 2, 200, 12, 2, 64
+    dtype = working_dtype(device)
+    q, k, v = (clustered(batch, video + text, heads, dim, centers=5, seed=30 + i, device=device, dtype=dtype)
+               for i in range(3))
+    cfg = small_config(top_p=0.8)
+    both = sapattn.svg2_attention(q, k, v, cfg, sapattn.BranchState(), text_tokens=text, prompt_length=[5, 12])[0]
+    for b, n in enumerate([5, 12]):
+        one = sapattn.svg2_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], cfg, sapattn.BranchState(), text_tokens=text,
+                                     prompt_length=n)[0]
+        assert torch.equal(both[b:b + 1], one)
+
+
+def test_bad_input_raises_clear_errors(device):
+    q, k, v = qkv(device, seq=64)
+    cfg = small_config()
+    with pytest.raises(ValueError, match=r"\[batch, seq, heads, head_dim\]"):
+        sapattn.svg2_attention(q[0], k[0], v[0], cfg, sapattn.BranchState())
+    with pytest.raises(ValueError, match="ShapeError"):
+        sapattn.svg2_attention(q, k[:, :32], v, cfg, sapattn.BranchState())
+    with pytest.raises(TypeError, match="f32, f16 or bf16"):
+        sapattn.dense_attention(q.to(torch.int32), k.to(torch.int32), v.to(torch.int32))
+    with pytest.raises(TypeError, match="k has dtype"):
+        sapattn.dense_attention(q, k.to(torch.float16 if q.dtype != torch.float16 else torch.bfloat16), v)
+    with pytest.raises(ValueError, match="top_p"):
+        small_config(top_p=0.0)
+    with pytest.raises(ValueError, match="InvalidArgumentError"):
+        sapattn.svg2_attention(q, k, v, cfg, sapattn.BranchState(), text_tokens=64)
+    with pytest.raises(ValueError, match="prompt lengths"):
+        sapattn.svg2_attention(q, k, v, cfg, sapattn.BranchState(), text_tokens=8, prompt_length=[1, 2, 3])
+    state = sapattn.BranchState()
+    sapattn.svg2_attention(q, k, v, cfg, state)
+    with pytest.raises(ValueError, match="reset"):
+        sapattn.svg2_attention(q, k, v, cfg.replace(q_clusters=4), state)
+    bad = q.clone()
+    bad[0, 3, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NonFiniteError"):
+        sapattn.svg2_attention(bad, k, v, cfg.replace(check_finite=True), sapattn.BranchState())
+
+
+def test_meta_tensors_and_opcheck():
+    """The fake kernels give the real kernels' shapes, and the schema declares the mutations."""
+    q, k, v = qkv(torch.device("cpu"), seq=96, batch=1)
+    qc = torch.zeros(1, 3, 8, 64)
+    kc = torch.zeros(1, 3, 16, 64)
+    args = (q, k, v, qc, kc, True, 0.9, 0.1, 4, 2, 0, 0, 0, 0.0, False, True)
+    torch.library.opcheck(torch.ops.sapattn.svg2_attention.default, args)
+    torch.library.opcheck(torch.ops.sapattn.dense_attention.default, (q, k, v, 0.0, True))
+    meta = [t.to("meta") for t in (q, k, v, qc, kc)]
+    out, lse, density = torch.ops.sapattn.svg2_attention(*meta, *args[5:])
+    assert out.shape == q.shape and lse.shape == (1, 3, 96) and density.shape == (1, 3)
