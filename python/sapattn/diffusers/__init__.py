@@ -1,0 +1,140 @@
+"""diffusers integration: one call turns SVG2 on for a Wan 2.1 or HunyuanVideo pipeline (or bare
+transformer), one call turns it off and restores the stock processors exactly.
+
+    import sapattn.diffusers
+    controller = sapattn.diffusers.enable(pipe, sapattn.SVG2Config.wan_t2v_720p())
+    video = pipe(prompt, num_inference_steps=50).frames[0]
+    sapattn.diffusers.disable(pipe)
+
+Tested with diffusers 0.42.1 (docs/torch.md lists what is supported)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+from ..config import SVG2Config
+from . import hunyuan, wan
+from .controller import Controller
+
+__all__ = ["enable", "disable", "Controller"]
+
+_ATTR = "_sapattn"  # set on each transformer that sapattn is enabled on
+
+
+def _adapter(transformer):
+    name = type(transformer).__name__
+    if name == "WanTransformer3DModel":
+        return wan
+    if name == "HunyuanVideoTransformer3DModel":
+        return hunyuan
+    raise TypeError(f"sapattn.diffusers supports WanTransformer3DModel and HunyuanVideoTransformer3DModel, "
+                    f"got {name}")
+
+
+def _transformers(target):
+    """The transformers of a pipeline (Wan 2.2 pipelines have two), or the transformer itself."""
+    if hasattr(target, "transformer"):
+        found = [t for t in (target.transformer, getattr(target, "transformer_2", None)) if t is not None]
+        if not found:
+            raise TypeError("the pipeline has no transformer")
+        return found
+    return [target]
+
+
+class _Installation:
+    """What enable() changed on one transformer, so that disable() can put it back."""
+
+    def __init__(self, controller: Controller):
+        self.controller = controller
+        self.processors = []  # (module, stock processor)
+        self.hook = None
+
+
+def _hook_scheduler(scheduler, controller: Controller) -> None:
+    """Wraps the scheduler's set_timesteps (a new generation) and step (a step done) on the
+    instance, so that the class and other instances are untouched."""
+    if getattr(scheduler, _ATTR, None) is not None:
+        raise RuntimeError("sapattn is already enabled on this pipeline's scheduler: call disable() first")
+    set_timesteps, step = scheduler.set_timesteps, scheduler.step
+
+    def set_timesteps_and_begin(*args, **kwargs):
+        result = set_timesteps(*args, **kwargs)
+        controller.begin(len(scheduler.timesteps))
+        return result
+
+    def step_and_count(*args, **kwargs):
+        result = step(*args, **kwargs)
+        controller.end_step()
+        return result
+
+    scheduler.set_timesteps = set_timesteps_and_begin
+    scheduler.step = step_and_count
+    setattr(scheduler, _ATTR, controller)
+
+
+def _unhook_scheduler(scheduler) -> None:
+    if getattr(scheduler, _ATTR, None) is None:
+        return
+    del scheduler.set_timesteps, scheduler.step  # the class's methods show through again
+    delattr(scheduler, _ATTR)
+
+
+def enable(target, config: Optional[SVG2Config] = None, *, telemetry: Union[str, Path, None] = None,
+           measure_recall: bool = False, dense_backend: str = "stock",
+           branches_per_step: Optional[int] = None) -> Controller:
+    """Turns SVG2 on for `target`: a diffusers pipeline (WanPipeline, WanImageToVideoPipeline,
+    HunyuanVideoPipeline, ...) or a WanTransformer3DModel / HunyuanVideoTransformer3DModel.
+
+    config: the SVG2 config with its schedule (default: the official Wan 2.1 720p settings).
+    telemetry: a JSON-lines file that gets one row per layer call (step, layer, branch, mode,
+      density, and recall when measure_recall is set), written at the end of each step.
+    measure_recall: also run dense attention on sparse calls to measure the share of the softmax
+      mass kept (costly: for evaluation, not for speed).
+    dense_backend: "stock" runs the dense calls of the schedule through diffusers' own processor;
+      "sapattn" through sapattn's dense kernel.
+
+    branches_per_step: forwards per denoising step (1, or 2 for CFG as two calls). With a pipeline
+      the default None counts steps from its scheduler (set_timesteps, step). A bare transformer
+      defaults to 1: every forward is one step and uses branch 0. Either way,
+      controller.begin(num_steps) starts a generation (it forgets the k-means state; needed when
+      first_times_fp > 0 without a pipeline) and controller.end_step() may end a step by hand.
+    Returns the controller (schedule, state and telemetry)."""
+    config = config if config is not None else SVG2Config()
+    transformers = _transformers(target)
+    for t in transformers:
+        _adapter(t)
+        if getattr(t, _ATTR, None) is not None:
+            raise RuntimeError("sapattn is already enabled on this transformer: call disable() first")
+    num_layers = len(_adapter(transformers[0]).self_attention_modules(transformers[0]))
+    if branches_per_step is None and not hasattr(target, "scheduler"):
+        branches_per_step = 1
+    controller = Controller(config, num_layers, telemetry=telemetry, measure_recall=measure_recall,
+                            dense_backend=dense_backend, branches_per_step=branches_per_step)
+    for t in transformers:
+        adapter = _adapter(t)
+        installed = _Installation(controller)
+        for layer, module in adapter.self_attention_modules(t):
+            stock = module.processor
+            installed.processors.append((module, stock))
+            module.set_processor(adapter.make_processor(stock, controller, layer))
+        installed.hook = t.register_forward_pre_hook(lambda module, args: controller.on_forward())
+        setattr(t, _ATTR, installed)
+    if hasattr(target, "scheduler"):
+        _hook_scheduler(target.scheduler, controller)
+    return controller
+
+
+def disable(target) -> None:
+    """Restores the stock processors (the very objects that were there) and removes every hook."""
+    for t in _transformers(target):
+        installed = getattr(t, _ATTR, None)
+        if installed is None:
+            continue
+        installed.controller.flush()
+        for module, stock in installed.processors:
+            module.set_processor(stock)
+        installed.hook.remove()
+        delattr(t, _ATTR)
+    if hasattr(target, "scheduler"):
+        _unhook_scheduler(target.scheduler)

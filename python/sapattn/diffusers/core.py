@@ -1,0 +1,77 @@
+"""The one attention entry point every model adapter calls, and the small tensor helpers the
+adapters share (projections, RoPE on interleaved pairs). Tensors are [B, S, H, D] throughout."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import dense_attention, svg2_attention, warm_centroids
+from .controller import CallPlan, Controller
+
+
+def project_qkv(attn: torch.nn.Module, hidden_states: torch.Tensor):
+    """Self-attention projections of a diffusers attention module, fused or not: [B, S, H*D] each."""
+    if getattr(attn, "fused_projections", False):
+        return attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.unflatten(2, (heads, -1))  # [B, S, H*D] -> [B, S, H, D]
+
+
+def rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on interleaved pairs (x[2i], x[2i+1]), the convention of Wan and
+    HunyuanVideo in diffusers. x: [B, S, H, D]; cos and sin hold each pair's value twice
+    ([c0, c0, c1, c1, ...]) and broadcast against x ([1, S, 1, D]) or are [S, D]. The product is
+    taken in cos's precision (float32) and returned in x's dtype."""
+    if cos.dim() == 2:
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    # Written into x's dtype half by half: the float32 temporaries are the size of half of x.
+    out = torch.empty_like(x)
+    out[..., 0::2] = even * c - odd * s
+    out[..., 1::2] = even * s + odd * c
+    return out
+
+
+def _dense(controller: Controller, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           key_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if controller.dense_backend == "sapattn" and key_mask is None:
+        return dense_attention(q, k, v, scale=controller.config.scale)[0]
+    # torch SDPA (cuDNN / flash on the GPU), with the model's key mask when it has one.
+    scale = controller.config.scale or None
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=key_mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+def attend(controller: Controller, layer: int, plan: CallPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+           text_tokens: int = 0, prompt_length: Union[int, Sequence[int]] = 0,
+           key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One layer call as the schedule plans it. q, k, v: [B, S, H, D], the last `text_tokens` of S
+    being text (prompt then padding, per batch item). key_mask: the model's own attention mask,
+    used by dense calls only (SVG2's text rule replaces it in sparse calls)."""
+    cfg = controller.config
+    if plan.sparse:
+        state = controller.layer_state(layer).branch(plan.branch)
+        want_recall = controller.measure_recall and controller.telemetry_path is not None
+        out, lse, density = svg2_attention(q, k, v, cfg, state, text_tokens=text_tokens, prompt_length=prompt_length,
+                                           return_lse=want_recall)
+        recall = None
+        if want_recall:
+            # Share of each video query's dense softmax mass that the kept keys hold.
+            _, dense_lse = dense_attention(q, k, v, scale=cfg.scale, return_lse=True)
+            video = q.shape[1] - text_tokens
+            recall = torch.exp(lse - dense_lse)[:, :, :video].mean()
+        controller.record(layer, plan, density, recall)
+        return out
+    if plan.warmup_iters > 0:
+        state = controller.layer_state(layer).branch(plan.branch)
+        warm_centroids(q, k, cfg, state, plan.warmup_iters, text_tokens=text_tokens)
+    controller.record(layer, plan, None, None)
+    return _dense(controller, q, k, v, key_mask)

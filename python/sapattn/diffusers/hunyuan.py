@@ -1,0 +1,81 @@
+"""HunyuanVideo: SVG2 on the joint [video | text] attention of the 20 double-stream and 40
+single-stream blocks (layers 0-19 and 20-59). The token refiner keeps its stock processor. Text
+tokens follow SVG2's joint-text rule with the prompt length read from the model's attention mask."""
+
+from __future__ import annotations
+
+import torch
+
+from .controller import Controller
+from .core import attend, project_qkv, rope_pairs, split_heads
+
+
+class HunyuanVideoSVG2Processor:
+    """Replaces HunyuanVideoAttnProcessor2_0 on one block. Dense calls go to the stock processor
+    unchanged (unless the dense path is sapattn's or k-means warms up)."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, stock, controller: Controller, layer: int) -> None:
+        self.stock = stock
+        self.controller = controller
+        self.layer = layer
+
+    # The legacy Attention module passes only the keyword arguments this signature names.
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None):
+        plan = self.controller.plan(self.layer)
+        stock_dense = not plan.sparse and plan.warmup_iters == 0 and self.controller.dense_backend == "stock"
+        if stock_dense or encoder_hidden_states is None:
+            self.controller.record(self.layer, plan, None, None)
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if self._parallel_config is not None or getattr(self.stock, "_parallel_config", None) is not None:
+            raise NotImplementedError("sapattn: SVG2 under diffusers' context parallelism is not supported yet")
+
+        text = encoder_hidden_states.shape[1]
+        joint = attn.add_q_proj is None  # single-stream block: one projection over [video | text]
+        if joint:
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+        query, key, value = (split_heads(t, attn.heads) for t in project_qkv(attn, hidden_states))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:  # on the video tokens only
+            if joint:
+                video = query.shape[1] - text
+                query = torch.cat([rope_pairs(query[:, :video], *image_rotary_emb), query[:, video:]], dim=1)
+                key = torch.cat([rope_pairs(key[:, :video], *image_rotary_emb), key[:, video:]], dim=1)
+            else:
+                query, key = rope_pairs(query, *image_rotary_emb), rope_pairs(key, *image_rotary_emb)
+        if not joint:
+            text_q = split_heads(attn.add_q_proj(encoder_hidden_states), attn.heads)
+            text_k = split_heads(attn.add_k_proj(encoder_hidden_states), attn.heads)
+            text_v = split_heads(attn.add_v_proj(encoder_hidden_states), attn.heads)
+            if attn.norm_added_q is not None:
+                text_q = attn.norm_added_q(text_q)
+            if attn.norm_added_k is not None:
+                text_k = attn.norm_added_k(text_k)
+            query, key, value = (torch.cat(p, dim=1) for p in ((query, text_q), (key, text_k), (value, text_v)))
+
+        prompt = self.controller.prompt_lengths(attention_mask, video_tokens=query.shape[1] - text, text_tokens=text)
+        out = attend(self.controller, self.layer, plan, query, key, value, text_tokens=text, prompt_length=prompt,
+                     key_mask=attention_mask)
+        out = out.flatten(2, 3).to(query.dtype)  # [B, S, H, D] -> [B, S, H*D]
+        hidden_states, encoder_hidden_states = out[:, :-text], out[:, -text:]
+        if getattr(attn, "to_out", None) is not None:
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if getattr(attn, "to_add_out", None) is not None:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states
+
+
+def self_attention_modules(transformer):
+    """(layer index, attention module) of the double-stream then single-stream blocks."""
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    return [(i, block.attn) for i, block in enumerate(blocks)]
+
+
+def make_processor(stock, controller: Controller, layer: int):
+    return HunyuanVideoSVG2Processor(stock, controller, layer)
