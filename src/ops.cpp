@@ -166,11 +166,24 @@ size_t cluster_permutation_workspace_bytes(int64_t batch_heads, int64_t tokens, 
 }
 
 void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const Stream& stream,
-                 Workspace workspace) {
+                 Workspace workspace, const TensorView& sample_ids) {
   check_points_centroids(points, centroids);
+  if (!sample_ids.empty()) {
+    expect_rank(sample_ids, 2, "sample_ids");
+    expect_dtype(sample_ids, DType::I32, "sample_ids");
+    expect_contiguous(sample_ids, "sample_ids");
+    expect_extent(sample_ids, 0, points.shape[0], "sample_ids", "batch");
+    expect_extent(sample_ids, 1, points.shape[1], "sample_ids", "heads");
+    expect_device(sample_ids, stream);
+  }
   if (backend(stream, points, centroids) == DeviceType::CUDA)
-    return SAPATTN_ON_CUDA(kmeans_init(points, centroids, seed, stream, workspace));
-  cpu::kmeans_init(points, centroids, seed, cpu_threads(stream));
+    return SAPATTN_ON_CUDA(kmeans_init(points, centroids, seed, stream, workspace, sample_ids));
+  if (!sample_ids.empty()) {
+    const int32_t* ids = static_cast<const int32_t*>(sample_ids.data);
+    for (int64_t i = 0; i < sample_ids.numel(); ++i)
+      SAPATTN_CHECK(ids[i] >= 0, InvalidArgumentError, "sample_ids[", i, "] = ", ids[i], " is negative");
+  }
+  cpu::kmeans_init(points, centroids, seed, static_cast<const int32_t*>(sample_ids.data), cpu_threads(stream));
 }
 
 void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels, const Stream& stream,
@@ -249,6 +262,16 @@ void apply_text_rule(TensorView mask, const Stream& stream) {
                 "mask for the text rule needs Cq+2 rows and Ck+2 columns with Cq, Ck >= 1, got ", mask.describe());
   if (backend(stream, mask) == DeviceType::CUDA) return SAPATTN_ON_CUDA(apply_text_rule(mask, stream));
   cpu::apply_text_rule(mask, cpu_threads(stream));
+}
+
+void shard_key_clusters(TensorView mask, int index, int count, const Stream& stream) {
+  expect_rank(mask, 4, "mask");
+  expect_dtype(mask, DType::U8, "mask");
+  SAPATTN_CHECK(count >= 1 && index >= 0 && index < count, InvalidArgumentError,
+                "a key shard needs count >= 1 and 0 <= index < count, got index ", index, " of ", count);
+  if (count == 1) return;
+  if (backend(stream, mask) == DeviceType::CUDA) return SAPATTN_ON_CUDA(shard_key_clusters(mask, index, count, stream));
+  cpu::shard_key_clusters(mask, index, count, cpu_threads(stream));
 }
 
 void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_length, int prompt_label,

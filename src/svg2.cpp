@@ -95,6 +95,7 @@ void attend_clusters(const TensorView& q, const TensorView& k, const TensorView&
     label_text_tokens(buf.k_labels, buf.video_tokens, config.prompt_length, buf.k_video_clusters, stream);
     apply_text_rule(buf.mask, stream);
   }
+  if (config.key_shard_count > 1) shard_key_clusters(buf.mask, config.key_shard_index, config.key_shard_count, stream);
   cluster_permutation(buf.q_labels, buf.q_clusters, buf.q_perm, buf.q_offsets, stream, buf.op_scratch);
   cluster_permutation(buf.k_labels, buf.k_clusters, buf.k_perm, buf.k_offsets, stream, buf.op_scratch);
   // The attention reads Q, K and V through the permutations and writes O and LSE in token order:
@@ -112,8 +113,8 @@ void cluster(const TensorView& q, const TensorView& k, const Config& config, con
   int iters = config.kmeans_iters_step;
   if (initialize) {
     // Different streams of the seed for Q and K, so their samples are independent.
-    kmeans_init(qv, centroids.q, config.seed, stream, buf.op_scratch);
-    kmeans_init(kv, centroids.k, config.seed ^ 0x5bd1e9955bd1e995ull, stream, buf.op_scratch);
+    kmeans_init(qv, centroids.q, config.seed, stream, buf.op_scratch, centroids.sample_ids);
+    kmeans_init(kv, centroids.k, config.seed ^ 0x5bd1e9955bd1e995ull, stream, buf.op_scratch, centroids.sample_ids);
     iters = config.kmeans_iters_init;
   }
   kmeans(qv, centroids.q, buf.q_video_labels(), q_sizes, iters, stream, buf.op_scratch);
@@ -129,8 +130,8 @@ void select(const Config& config, const CentroidViews& centroids, const TensorVi
 void check_centroids(const CentroidViews& centroids, const AttentionShape& shape, const Config& config,
                      const Stream& stream) {
   using namespace checks;
-  for (const auto& [t, name, C] : {std::tuple{&centroids.q, "q_centroids", config.q_clusters},
-                                   {&centroids.k, "k_centroids", config.k_clusters}}) {
+  for (const auto& [t, name, C] :
+       {std::tuple{&centroids.q, "q_centroids", config.q_clusters}, {&centroids.k, "k_centroids", config.k_clusters}}) {
     expect_rank(*t, 4, name);
     expect_dtype(*t, DType::F32, name);
     expect_contiguous(*t, name);
@@ -188,8 +189,10 @@ void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& 
   BranchState fresh;
   BranchState& target = state.initialized() ? state : fresh;
   if (!state.initialized()) {
-    fresh.q_centroids = Tensor(DType::F32, {shape.batch, shape.heads, config.q_clusters, shape.head_dim}, stream.device);
-    fresh.k_centroids = Tensor(DType::F32, {shape.batch, shape.heads, config.k_clusters, shape.head_dim}, stream.device);
+    fresh.q_centroids =
+        Tensor(DType::F32, {shape.batch, shape.heads, config.q_clusters, shape.head_dim}, stream.device);
+    fresh.k_centroids =
+        Tensor(DType::F32, {shape.batch, shape.heads, config.k_clusters, shape.head_dim}, stream.device);
   }
   svg2_attention(q, k, v, config, target.views(), !state.initialized(), outputs, workspace, stream);
   if (!state.initialized()) {

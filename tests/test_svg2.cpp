@@ -207,6 +207,58 @@ TEST(Svg2, CallerOwnedCentroidsGiveTheBranchStateResults) {
   EXPECT_EQ(max_abs_diff(qc, state.q_centroids), 0.0);
 }
 
+TEST(Svg2, KeyShardsCombineByLseIntoTheWholeCall) {
+  const int64_t B = 1, H = 2, S = 300, D = 64;
+  const Tensor q = clustered_tensor(DType::F32, B, H, S, D, 6, 50), k = clustered_tensor(DType::F32, B, H, S, D, 6, 51),
+               v = random_tensor(DType::F32, {B, H, S, D}, 52);
+  Config c = small_config();
+  c.top_p = 0.8f;
+  c.text_tokens = 20;
+  c.prompt_length = 12;
+  BranchState whole_state;
+  const Svg2Run whole = run_svg2(q, k, v, c, whole_state);
+  const int shards = 3;
+  std::vector<Svg2Run> parts;
+  for (int i = 0; i < shards; ++i) {
+    Config ci = c;
+    ci.key_shard_index = i;
+    ci.key_shard_count = shards;
+    BranchState state;  // the same seed: the same clusters and selection as the whole call
+    parts.push_back(run_svg2(q, k, v, ci, state));
+  }
+  double max_out = 0.0, max_lse = 0.0;
+  for (int64_t row = 0; row < B * H * S; ++row) {
+    double m = -INFINITY;
+    for (const auto& p : parts) m = std::max(m, static_cast<double>(p.lse.data_as<float>()[row]));
+    double sum = 0.0;
+    for (const auto& p : parts) sum += std::exp(p.lse.data_as<float>()[row] - m);
+    const double lse = m + std::log(sum);
+    max_lse = std::max(max_lse, std::fabs(lse - whole.lse.data_as<float>()[row]));
+    for (int64_t d = 0; d < D; ++d) {
+      double o = 0.0;
+      for (const auto& p : parts) {
+        const double w = std::exp(p.lse.data_as<float>()[row] - lse);
+        if (w > 0.0) o += w * p.out.data_as<float>()[row * D + d];
+      }
+      max_out = std::max(max_out, std::fabs(o - whole.out.data_as<float>()[row * D + d]));
+    }
+  }
+  EXPECT_LT(max_out, 1e-5);
+  EXPECT_LT(max_lse, 1e-5);
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    double density = 0.0;
+    for (const auto& p : parts) density += p.density.data_as<float>()[bh];
+    EXPECT_NEAR(density, whole.density.data_as<float>()[bh], 1e-6);
+    for (const auto& p : parts) EXPECT_LT(p.density.data_as<float>()[bh], whole.density.data_as<float>()[bh]);
+  }
+  Config bad = c;
+  bad.key_shard_index = 3;
+  bad.key_shard_count = 3;
+  EXPECT_THROW(bad.validate(), InvalidArgumentError);
+  Tensor mask(DType::U8, {1, 1, 2, 2});
+  EXPECT_THROW(shard_key_clusters(mask.view(), 0, 0, Stream::cpu()), InvalidArgumentError);
+}
+
 TEST(Svg2, DeterministicForASeedAndThreadCount) {
   const Tensor q = clustered_tensor(DType::BF16, 1, 2, 300, 64, 7, 15),
                k = clustered_tensor(DType::BF16, 1, 2, 300, 64, 7, 16),

@@ -18,6 +18,8 @@ struct Config {
   float scale = 0.0f;          // softmax scale; 0 means 1/sqrt(D)
   bool check_finite = true;    // svg2_attention checks Q, K, V for NaN/Inf: one read of each, and a
                                // stream sync on CUDA; turn off on a hot path or under graph capture
+  int key_shard_index = 0;     // attend over share key_shard_index of key_shard_count of the kept
+  int key_shard_count = 1;     // blocks (shard_key_clusters): keys split across devices
 
   // Throws InvalidArgumentError naming the first bad field and its valid range.
   void validate() const;

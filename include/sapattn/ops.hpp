@@ -33,11 +33,13 @@ namespace sapattn {
 // ---------------------------------------------------------------------------------------------
 
 // Seeded sample of C data points per (b,h) as initial centroids. Point i of (b,h) gets the key
-// splitmix64(seed ^ splitmix64((b*H + h) * 2^32 + i)); the C points with the smallest keys (ties by
+// splitmix64(seed ^ splitmix64(id * 2^32 + i)) with id = b*H + h, or sample_ids[b,h] when given
+// ([B,H] i32 >= 0, contiguous: a problem keeps its sample when it is run among other heads, e.g.
+// a head of a larger call on one of several devices). The C points with the smallest keys (ties by
 // index) become centroids 0..C-1 in ascending key order. When C > N, centroid c takes the sampled
 // point c mod N (the duplicates then stay empty: ties go to the lowest centroid index).
 void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const Stream& stream,
-                 Workspace workspace = {});
+                 Workspace workspace = {}, const TensorView& sample_ids = {});
 
 // labels[i] = argmin_c ||x_i - c||^2; ties go to the lowest centroid index.
 void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels, const Stream& stream,
@@ -84,6 +86,13 @@ void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids,
 // padding); the prompt row keeps every video column and the prompt; the padding row keeps only
 // padding. The video x video block is left as it is.
 void apply_text_rule(TensorView mask, const Stream& stream);
+
+// One share of a layout's kept blocks, for splitting a call's keys across devices: every key-cluster
+// column c with c % count != index is cleared, the others are left as they are. The shares of
+// index = 0..count-1 partition the kept blocks; their outputs combine by LSE into the whole call's
+// (out = sum_i exp(lse_i - lse) out_i, lse = logsumexp_i lse_i).   mask [B,H,R,C] u8, any strides;
+// 0 <= index < count.
+void shard_key_clusters(TensorView mask, int index, int count, const Stream& stream);
 
 // Labels the trailing text tokens of a joint [video | text] sequence as two extra clusters:
 // tokens [video_tokens, video_tokens + prompt_length) get `prompt_label`, the rest

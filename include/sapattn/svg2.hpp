@@ -23,6 +23,7 @@ struct AttentionShape {
 struct CentroidViews {
   TensorView q;
   TensorView k;
+  TensorView sample_ids;  // [B,H] i32 or empty: each row's initial sample stream (kmeans_init)
 };
 
 // k-means centroids of one denoising branch of one layer, per (batch item, head), kept on the
@@ -72,6 +73,7 @@ void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& 
 // that the framework's allocator owns all state). initialize = true samples them (config.seed) and
 // runs kmeans_iters_init iterations; false warm-starts from their contents with kmeans_iters_step.
 // Their shape must match q and the config (ShapeError), their dtype be f32 (DTypeError).
+// centroids.sample_ids, when given, names each (b,h)'s sample stream for the initialisation.
 void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
                     const CentroidViews& centroids, bool initialize, const Svg2Outputs& outputs, Workspace workspace,
                     const Stream& stream);

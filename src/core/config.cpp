@@ -20,6 +20,9 @@ void Config::validate() const {
   SAPATTN_CHECK(text_tokens >= 0, InvalidArgumentError, "text_tokens must be >= 0, got ", text_tokens);
   SAPATTN_CHECK(prompt_length >= 0 && prompt_length <= text_tokens, InvalidArgumentError,
                 "prompt_length must be in [0, text_tokens=", text_tokens, "], got ", prompt_length);
+  SAPATTN_CHECK(key_shard_count >= 1 && key_shard_index >= 0 && key_shard_index < key_shard_count, InvalidArgumentError,
+                "key_shard_index must be in [0, key_shard_count) with key_shard_count >= 1, got ", key_shard_index,
+                " of ", key_shard_count);
   SAPATTN_CHECK(std::isfinite(scale) && scale >= 0.0f, InvalidArgumentError,
                 "scale must be finite and >= 0 (0 = 1/sqrt(D)), got ", scale);
 }

@@ -7,7 +7,8 @@
 
 namespace sapattn::cpu {
 
-void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, int threads);
+// sample_ids: [B*H] or null (then b*H + h).
+void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const int32_t* sample_ids, int threads);
 void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels, int threads);
 // move_centroids = false only counts sizes (kmeans with zero iterations).
 void kmeans_update(const TensorView& points, const TensorView& labels, TensorView centroids, TensorView sizes,
@@ -17,6 +18,7 @@ void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView
 void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
                    float top_p, int min_kept, TensorView mask, int threads);
 void apply_text_rule(TensorView mask, int threads);
+void shard_key_clusters(TensorView mask, int index, int count, int threads);
 
 void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_length, int prompt_label, int threads);
 void cluster_permutation(const TensorView& labels, int num_clusters, TensorView perm, TensorView offsets, int threads);

@@ -43,13 +43,15 @@ constexpr int64_t kAssignChunk = 256;  // points per task: ~100 tasks per head a
 
 }  // namespace
 
-void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, int threads) {
+void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const int32_t* sample_ids,
+                 int threads) {
   const int64_t B = points.shape[0], H = points.shape[1], N = points.shape[2], D = points.shape[3];
   const int64_t C = centroids.shape[2];
   parallel_for(B * H, threads, [&](int64_t bh) {
     const int64_t b = bh / H, h = bh % H;
+    const uint64_t id = sample_ids != nullptr ? static_cast<uint64_t>(sample_ids[bh]) : static_cast<uint64_t>(bh);
     std::vector<uint64_t> key(N);
-    for (int64_t i = 0; i < N; ++i) key[i] = splitmix64(seed ^ splitmix64((static_cast<uint64_t>(bh) << 32) + i));
+    for (int64_t i = 0; i < N; ++i) key[i] = splitmix64(seed ^ splitmix64((id << 32) + i));
     std::vector<int64_t> order(N);
     std::iota(order.begin(), order.end(), 0);
     auto by_key = [&](int64_t a, int64_t c) { return key[a] != key[c] ? key[a] < key[c] : a < c; };

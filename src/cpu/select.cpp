@@ -115,4 +115,14 @@ void apply_text_rule(TensorView mask, int threads) {
   });
 }
 
+void shard_key_clusters(TensorView mask, int index, int count, int threads) {
+  const int64_t B = mask.shape[0], H = mask.shape[1], R = mask.shape[2], C = mask.shape[3];
+  parallel_for(B * H, threads, [&](int64_t bh) {
+    const int64_t b = bh / H, h = bh % H;
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = 0; c < C; ++c)
+        if (c % count != index) at<uint8_t>(mask, b, h, r, c) = 0;
+  });
+}
+
 }  // namespace sapattn::cpu

@@ -31,7 +31,7 @@ struct AssignStats {
 };
 
 void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const Stream& stream,
-                 Workspace workspace);
+                 Workspace workspace, const TensorView& sample_ids);
 // With a workspace of kmeans_workspace_bytes: the tensor-core assignment. Without one (the public
 // kmeans_assign has no workspace parameter): the exact fp32 assignment, bit-identical to the CPU's.
 void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels, const Stream& stream,
@@ -46,6 +46,7 @@ void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView
 void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
                    float top_p, int min_kept, TensorView mask, const Stream& stream);
 void apply_text_rule(TensorView mask, const Stream& stream);
+void shard_key_clusters(TensorView mask, int index, int count, const Stream& stream);
 void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_length, int prompt_label,
                        const Stream& stream);
 void cluster_permutation(const TensorView& labels, int num_clusters, TensorView perm, TensorView offsets,

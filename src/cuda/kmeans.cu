@@ -102,13 +102,18 @@ KmeansScratch carve_kmeans(Carver& carver, int64_t batch_heads, int64_t points, 
 // Initial sample
 // ---------------------------------------------------------------------------------------------
 
-__global__ void init_keys_kernel(uint64_t seed, int64_t batch_heads, int64_t N, uint64_t* __restrict__ keys,
-                                 int32_t* __restrict__ index, int32_t* __restrict__ segments) {
+// sample_ids: [B*H] or null (then the id of (b,h) is b*H + h); ids are >= 0 by the op's contract
+// (the CPU checks it; here a negative id is read as 0).
+__global__ void init_keys_kernel(uint64_t seed, int64_t batch_heads, int64_t N, const int32_t* __restrict__ sample_ids,
+                                 uint64_t* __restrict__ keys, int32_t* __restrict__ index,
+                                 int32_t* __restrict__ segments) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t <= batch_heads) segments[t] = static_cast<int32_t>(t * N);
   if (t >= batch_heads * N) return;
-  const uint64_t bh = static_cast<uint64_t>(t / N), i = static_cast<uint64_t>(t % N);
-  keys[t] = splitmix64(seed ^ splitmix64((bh << 32) + i));
+  const int64_t bh = t / N;
+  const uint64_t id = sample_ids != nullptr ? static_cast<uint64_t>(max(sample_ids[bh], 0)) : static_cast<uint64_t>(bh);
+  const uint64_t i = static_cast<uint64_t>(t % N);
+  keys[t] = splitmix64(seed ^ splitmix64((id << 32) + i));
   index[t] = static_cast<int32_t>(i);
 }
 
@@ -452,7 +457,7 @@ size_t kmeans_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clust
 }
 
 void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const Stream& stream,
-                 Workspace workspace) {
+                 Workspace workspace, const TensorView& sample_ids) {
   const PointsView pts = points_view(points);
   const int64_t BH = pts.B * pts.H, C = centroids.shape[2];
   const DeviceGuard guard(stream.device);
@@ -463,7 +468,7 @@ void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, 
   SAPATTN_CHECK(BH <= 65535, UnsupportedError, "k-means on CUDA takes at most 65535 (b,h) pairs");
   const cudaStream_t st = stream_of(stream);
   init_keys_kernel<<<static_cast<unsigned>(ceil_div(BH * pts.N + 1, kThreads)), kThreads, 0, st>>>(
-      seed, BH, pts.N, s.keys_in, s.index_in, s.segments);
+      seed, BH, pts.N, static_cast<const int32_t*>(sample_ids.data), s.keys_in, s.index_in, s.segments);
   SAPATTN_CUDA_CHECK_LAUNCH();
   size_t temp_bytes = s.temp_bytes;
   SAPATTN_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairs(

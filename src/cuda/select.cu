@@ -327,6 +327,17 @@ __global__ void text_rule_kernel(uint8_t* __restrict__ mask, int64_t H, int64_t 
   }
 }
 
+// One block per (b, h) row of the mask; threads stride over its R x C entries.
+__global__ void shard_key_clusters_kernel(uint8_t* __restrict__ mask, int64_t H, int64_t R, int64_t C, int index,
+                                          int count, int64_t s0, int64_t s1, int64_t s2, int64_t s3) {
+  const int64_t bh = blockIdx.x;
+  uint8_t* m = mask + (bh / H) * s0 + (bh % H) * s1;
+  for (int64_t i = threadIdx.x; i < R * C; i += blockDim.x) {
+    const int64_t r = i / C, c = i % C;
+    if (c % count != index) m[r * s2 + c * s3] = 0;
+  }
+}
+
 struct DensityParams {
   const int32_t* q_offsets;  // [B*H, Cq+1]
   const int32_t* k_offsets;  // [B*H, Ck+1]
@@ -404,6 +415,16 @@ void apply_text_rule(TensorView mask, const Stream& stream) {
   const DeviceGuard guard(stream.device);
   text_rule_kernel<<<static_cast<unsigned>(B * H), kThreads, 0, stream_of(stream)>>>(
       static_cast<uint8_t*>(mask.data), H, mask.shape[2] - 2, mask.shape[3] - 2, mask.stride[0], mask.stride[1],
+      mask.stride[2], mask.stride[3]);
+  SAPATTN_CUDA_CHECK_LAUNCH();
+}
+
+void shard_key_clusters(TensorView mask, int index, int count, const Stream& stream) {
+  const int64_t B = mask.shape[0], H = mask.shape[1];
+  if (B * H == 0) return;
+  const DeviceGuard guard(stream.device);
+  shard_key_clusters_kernel<<<static_cast<unsigned>(B * H), kThreads, 0, stream_of(stream)>>>(
+      static_cast<uint8_t*>(mask.data), H, mask.shape[2], mask.shape[3], index, count, mask.stride[0], mask.stride[1],
       mask.stride[2], mask.stride[3]);
   SAPATTN_CUDA_CHECK_LAUNCH();
 }

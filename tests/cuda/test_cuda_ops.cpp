@@ -3,8 +3,8 @@
 // their strides and offsets), both backends run the public op, and the outputs are compared with
 // the tolerance each contract allows:
 //   exact (bytes):   kmeans_init, the exact kmeans_assign, sizes, select_top_p, select_blocks,
-//                    apply_text_rule, label_text_tokens, cluster_permutation, gathers, scatters,
-//                    block_density;
+//                    apply_text_rule, shard_key_clusters, label_text_tokens, cluster_permutation, gathers,
+//                    scatters, block_density;
 //   error model:     the tensor-core assignment (a different label only where the two best
 //                    distances tie within the bound E of docs/cuda.md) and the centroid means (the
 //                    fp64 sums are added in another order: at most 1 ulp after rounding to fp32).
@@ -373,6 +373,15 @@ TEST_P(KmeansCase, InitIsIdenticalToCpu) {
   kmeans_init(dx.view, dc.view, seed, cs.stream(), as_workspace(ws));
   cs.sync();
   EXPECT_EQ(bytes_of(to_host(dc, cpu_c)), bytes_of(cpu_c));
+  // With sample ids (reversed order: each (b,h) samples as another one would).
+  Host ids = make_host(DType::I32, {k.B, k.H});
+  for (int64_t i = 0; i < k.B * k.H; ++i)
+    static_cast<int32_t*>(ids.view.data)[i] = static_cast<int32_t>(k.B * k.H - 1 - i);
+  kmeans_init(x.view, cpu_c.view, seed, kCpu, {}, ids.view);
+  const Dev dids = to_device(ids);
+  kmeans_init(dx.view, dc.view, seed, cs.stream(), as_workspace(ws), dids.view);
+  cs.sync();
+  EXPECT_EQ(bytes_of(to_host(dc, cpu_c)), bytes_of(cpu_c));
 }
 
 TEST_P(KmeansCase, ExactAssignIsIdenticalToCpu) {
@@ -664,6 +673,21 @@ TEST(Select, TextRuleLabelsAndDensityAreIdenticalToCpu) {
   EXPECT_EQ(bytes_of(to_host(dmask, mask)), bytes_of(mask));
   EXPECT_EQ(bytes_of(to_host(dlabels, labels)), bytes_of(labels));
   EXPECT_EQ(bytes_of(to_host(ddens, density)), bytes_of(density));
+}
+
+TEST(Select, KeyShardsAreIdenticalToCpu) {
+  Rng rng(case_seed());
+  const int64_t B = 2, H = 3, R = 41, C = 1002;
+  CudaStream cs;
+  for (const auto& [index, count] : {std::pair{0, 2}, {1, 2}, {2, 3}, {5, 8}}) {
+    Host mask = make_host(DType::U8, {B, H, R, C}, Layout::Padded);
+    for_each(mask.view, [&](const auto& idx) { set(mask.view, idx, static_cast<double>(rng.integer(0, 1))); });
+    Dev dmask = to_device(mask);
+    shard_key_clusters(mask.view, index, count, kCpu);
+    shard_key_clusters(dmask.view, index, count, cs.stream());
+    cs.sync();
+    EXPECT_EQ(bytes_of(to_host(dmask, mask)), bytes_of(mask)) << index << " of " << count;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
