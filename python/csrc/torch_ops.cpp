@@ -34,11 +34,16 @@ namespace {
 
 DType dtype_of(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
-    case at::kFloat: return DType::F32;
-    case at::kHalf: return DType::F16;
-    case at::kBFloat16: return DType::BF16;
-    case at::kInt: return DType::I32;
-    case at::kByte: return DType::U8;
+    case at::kFloat:
+      return DType::F32;
+    case at::kHalf:
+      return DType::F16;
+    case at::kBFloat16:
+      return DType::BF16;
+    case at::kInt:
+      return DType::I32;
+    case at::kByte:
+      return DType::U8;
     default:
       TORCH_CHECK_TYPE(false, "sapattn: ", name, " has dtype ", t.scalar_type(),
                        "; sapattn takes float32, float16 or bfloat16 tensors");
@@ -76,8 +81,7 @@ TensorView view_of(const at::Tensor& t, const char* name) {
 
 // [B,S,H,D] tensor -> logical [B,H,S,D] view over the same memory.
 TensorView bshd_view(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 4, "sapattn: ", name, " must be [batch, seq, heads, head_dim], got shape ",
-                    t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 4, "sapattn: ", name, " must be [batch, seq, heads, head_dim], got shape ", t.sizes());
   TensorView v = view_of(t, name);
   std::swap(v.shape[1], v.shape[2]);
   std::swap(v.stride[1], v.stride[2]);
@@ -129,8 +133,8 @@ auto translating_errors(F&& body) {
 // k and v against q: one device and one dtype.
 void check_like_q(const at::Tensor& q, const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(q.device() == t.device(), "sapattn: ", name, " is on ", t.device(), " but q is on ", q.device());
-  TORCH_CHECK_TYPE(q.scalar_type() == t.scalar_type(), "sapattn: ", name, " has dtype ", t.scalar_type(),
-                   " but q has ", q.scalar_type());
+  TORCH_CHECK_TYPE(q.scalar_type() == t.scalar_type(), "sapattn: ", name, " has dtype ", t.scalar_type(), " but q has ",
+                   q.scalar_type());
 }
 
 void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* name) {
@@ -148,7 +152,8 @@ std::tuple<at::Tensor, at::Tensor> make_outputs(const at::Tensor& q, bool return
 std::tuple<at::Tensor, at::Tensor, at::Tensor> svg2_attention(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& q_centroids, at::Tensor& k_centroids,
     bool initialize, double top_p, double min_kc_ratio, int64_t kmeans_iters_init, int64_t kmeans_iters_step,
-    int64_t seed, int64_t text_tokens, int64_t prompt_length, double scale, bool check_finite, bool return_lse) {
+    int64_t seed, int64_t text_tokens, int64_t prompt_length, double scale, bool check_finite, bool return_lse,
+    int64_t key_shard_index, int64_t key_shard_count, const std::optional<at::Tensor>& sample_ids) {
   return translating_errors([&] {
     check_like_q(q, k, "k");
     check_like_q(q, v, "v");
@@ -170,6 +175,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> svg2_attention(
     config.prompt_length = prompt_length;
     config.scale = static_cast<float>(scale);
     config.check_finite = check_finite;
+    config.key_shard_index = static_cast<int>(key_shard_index);
+    config.key_shard_count = static_cast<int>(key_shard_count);
 
     const TensorView qv = bshd_view(q, "q"), kv = bshd_view(k, "k"), vv = bshd_view(v, "v");
     auto [out, lse] = make_outputs(q, return_lse);
@@ -182,9 +189,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> svg2_attention(
     const Stream stream = stream_for(q);
     const size_t bytes = svg2_workspace_bytes(AttentionShape::of(qv), config, qv.dtype, stream.device);
     at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, q.options().dtype(at::kByte));
-    sapattn::svg2_attention(qv, kv, vv, config, CentroidViews{view_of(q_centroids, "q_centroids"),
-                                                              view_of(k_centroids, "k_centroids")},
-                            initialize, outputs, Workspace{workspace.data_ptr(), bytes}, stream);
+    CentroidViews centroids{view_of(q_centroids, "q_centroids"), view_of(k_centroids, "k_centroids"), {}};
+    if (sample_ids.has_value()) {
+      check_same_device(q, *sample_ids, "sample_ids");
+      centroids.sample_ids = view_of(*sample_ids, "sample_ids");
+    }
+    sapattn::svg2_attention(qv, kv, vv, config, centroids, initialize, outputs, Workspace{workspace.data_ptr(), bytes},
+                            stream);
     return std::make_tuple(out, lse, density);
   });
 }
@@ -243,7 +254,8 @@ TORCH_LIBRARY(sapattn, m) {
   m.def(
       "svg2_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) q_centroids, Tensor(b!) k_centroids, bool initialize, "
       "float top_p, float min_kc_ratio, int kmeans_iters_init, int kmeans_iters_step, int seed, int text_tokens, "
-      "int prompt_length, float scale, bool check_finite, bool return_lse) -> (Tensor, Tensor, Tensor)");
+      "int prompt_length, float scale, bool check_finite, bool return_lse, int key_shard_index=0, "
+      "int key_shard_count=1, Tensor? sample_ids=None) -> (Tensor, Tensor, Tensor)");
   m.def("dense_attention(Tensor q, Tensor k, Tensor v, float scale, bool return_lse) -> (Tensor, Tensor)");
   m.def("kmeans(Tensor points, Tensor(a!) centroids, bool initialize, int iters, int seed) -> Tensor");
   m.def("attention_kernel(Tensor q) -> str");

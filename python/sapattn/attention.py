@@ -73,12 +73,17 @@ class LayerState:
 
 
 def svg2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: SVG2Config, state: BranchState, *,
-                   text_tokens: int = 0, prompt_length: Union[int, Sequence[int]] = 0, return_lse: bool = False
+                   text_tokens: int = 0, prompt_length: Union[int, Sequence[int]] = 0, return_lse: bool = False,
+                   key_shard: Tuple[int, int] = (0, 1), sample_ids: Optional[torch.Tensor] = None
                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """SVG2 attention of one layer call. q, k, v: [B, S, H, D], float16/bfloat16 (float32 too on
     the CPU), S = video tokens followed by `text_tokens` text tokens of which the first
     `prompt_length` are the prompt (HunyuanVideo's joint attention; 0 text tokens for video only).
-    prompt_length may be one count per batch item.
+    prompt_length may be one count per batch item. key_shard = (i, n) attends over share i of n of
+    the kept key clusters (those with index % n == i): the n shares' outputs combine by their LSE
+    into the whole call's (sequence parallelism splits a head's keys across devices this way).
+    sample_ids ([B, H] int32, default b*H + h) names each (batch item, head)'s initial k-means
+    sample, so that a head run apart from the others (on another device) samples the same points.
     Returns (out [B, S, H, D] in q's dtype, lse [B, H, S] float32 or None, density [B, H] float32).
     The state's centroids are initialised (seeded sample, kmeans_iters_init iterations) on its
     first call and warm-started (kmeans_iters_step iterations) after."""
@@ -87,18 +92,22 @@ def svg2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: SV
     if len(lengths) != q.shape[0]:
         raise ValueError(f"sapattn: {len(lengths)} prompt lengths for a batch of {q.shape[0]}")
 
-    def call(rows: slice, length: int):
+    def call(rows: slice, length: int, ids: Optional[torch.Tensor]):
         return torch.ops.sapattn.svg2_attention(
             q[rows], k[rows], v[rows], state.q_centroids[rows], state.k_centroids[rows], initialize, config.top_p,
             config.min_kc_ratio, config.kmeans_iters_init, config.kmeans_iters_step, config.seed, text_tokens, length,
-            config.scale, config.check_finite, return_lse)
+            config.scale, config.check_finite, return_lse, key_shard[0], key_shard[1], ids)
 
     if all(n == lengths[0] for n in lengths):
-        out, lse, density = call(slice(None), lengths[0])
+        out, lse, density = call(slice(None), lengths[0], sample_ids)
     else:
-        # The text rule takes one prompt length per call: items with their own go one by one
-        # (each batch item's centroids are its own rows of the state).
-        parts = [call(slice(b, b + 1), n) for b, n in enumerate(lengths)]
+        # The text rule takes one prompt length per call: items with their own go one by one, each
+        # on its own rows of the state and with the sample stream it has in the whole batch.
+        heads = q.shape[2]
+        if sample_ids is None:
+            sample_ids = (torch.arange(q.shape[0], device=q.device)[:, None] * heads
+                          + torch.arange(heads, device=q.device)).to(torch.int32)
+        parts = [call(slice(b, b + 1), n, sample_ids[b:b + 1]) for b, n in enumerate(lengths)]
         out, lse, density = (torch.cat([p[i] for p in parts]) for i in range(3))
     state.calls += 1
     return out, (lse if return_lse else None), density

@@ -139,9 +139,16 @@ def test_prompt_length_per_batch_item(device):
     cfg = small_config(top_p=0.8)
     both = sapattn.svg2_attention(q, k, v, cfg, sapattn.BranchState(), text_tokens=text, prompt_length=[5, 12])[0]
     for b, n in enumerate([5, 12]):
+        # Item b alone, sampling its k-means start as it does in the batch (stream b*H + h).
+        ids = (b * heads + torch.arange(heads, device=device, dtype=torch.int32))[None]
         one = sapattn.svg2_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], cfg, sapattn.BranchState(), text_tokens=text,
-                                     prompt_length=n)[0]
+                                     prompt_length=n, sample_ids=ids)[0]
         assert torch.equal(both[b:b + 1], one)
+    # Equal lengths given per item take the batched call: the same result as one length.
+    same = sapattn.svg2_attention(q, k, v, cfg, sapattn.BranchState(), text_tokens=text, prompt_length=[12, 12])[0]
+    assert torch.equal(same, sapattn.svg2_attention(q, k, v, cfg, sapattn.BranchState(), text_tokens=text,
+                                                    prompt_length=12)[0])
+    assert torch.equal(same[1:], both[1:])
 
 
 def test_bad_input_raises_clear_errors(device):
