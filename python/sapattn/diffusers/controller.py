@@ -54,6 +54,7 @@ class Controller:
         self.branch = 0
         self._records: List[dict] = []
         self._mask_lengths = None  # (mask tensor, prompt lengths) of the current forward
+        self._parallel = {}  # id(context-parallel config) -> SequenceParallelSVG2
         if self.telemetry_path is not None:
             self.telemetry_path.parent.mkdir(parents=True, exist_ok=True)
             self.telemetry_path.write_text("")
@@ -69,10 +70,14 @@ class Controller:
         self.calls_in_step = 0
         for layer in self.layers.values():
             layer.reset()
+        self._parallel.clear()
 
     def end_step(self) -> None:
-        """The current denoising step is done: writes its telemetry, counts the step."""
+        """The current denoising step is done: writes its telemetry, rebalances heads across
+        ranks under sequence parallelism (every rank ends its steps together), counts the step."""
         self.flush()
+        for sp in self._parallel.values():
+            sp.rebalance()
         self.step += 1
         self.calls_in_step = 0
 
@@ -100,6 +105,17 @@ class Controller:
         sparse = layer_sparse and step_sparse
         warmup = cfg.kmeans_iters_warmup if (layer_sparse and not step_sparse) else 0
         return CallPlan(sparse=sparse, branch=self.branch, warmup_iters=warmup)
+
+    def sequence_parallel(self, cp_config, heads: int):
+        """The SVG2 sequence parallelism over the ranks of diffusers' context-parallel mesh (all of
+        them, ring and Ulysses dimensions flattened: sapattn assigns heads itself)."""
+        key = id(cp_config)
+        if key not in self._parallel:
+            from ..parallel import SequenceParallelSVG2
+
+            group = cp_config._flattened_mesh.get_group()
+            self._parallel[key] = SequenceParallelSVG2(self.config, heads, group)
+        return self._parallel[key]
 
     def layer_state(self, layer: int) -> LayerState:
         return self.layers.setdefault(layer, LayerState())

@@ -52,11 +52,20 @@ def _dense(controller: Controller, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
 def attend(controller: Controller, layer: int, plan: CallPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
            text_tokens: int = 0, prompt_length: Union[int, Sequence[int]] = 0,
-           key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+           key_mask: Optional[torch.Tensor] = None, parallel_config=None) -> torch.Tensor:
     """One layer call as the schedule plans it. q, k, v: [B, S, H, D], the last `text_tokens` of S
     being text (prompt then padding, per batch item). key_mask: the model's own attention mask,
-    used by dense calls only (SVG2's text rule replaces it in sparse calls)."""
+    used by dense calls only (SVG2's text rule replaces it in sparse calls). parallel_config:
+    diffusers' ParallelConfig when the model runs with context parallelism (then q, k, v are this
+    rank's sequence shard, and sparse calls go through sapattn's own Ulysses over the same ranks)."""
     cfg = controller.config
+    if plan.sparse and parallel_config is not None:
+        if text_tokens:
+            raise NotImplementedError("sapattn: joint text attention under context parallelism is not supported")
+        sp = controller.sequence_parallel(parallel_config.context_parallel_config, heads=q.shape[2])
+        out = sp.attention(q, k, v, layer=layer, branch=plan.branch)
+        controller.record(layer, plan, None, None)
+        return out
     if plan.sparse:
         state = controller.layer_state(layer).branch(plan.branch)
         want_recall = controller.measure_recall and controller.telemetry_path is not None

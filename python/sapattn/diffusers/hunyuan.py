@@ -15,12 +15,19 @@ class HunyuanVideoSVG2Processor:
     unchanged (unless the dense path is sapattn's or k-means warms up)."""
 
     _attention_backend = None
-    _parallel_config = None
 
     def __init__(self, stock, controller: Controller, layer: int) -> None:
         self.stock = stock
         self.controller = controller
         self.layer = layer
+
+    @property
+    def _parallel_config(self):
+        return getattr(self.stock, "_parallel_config", None)
+
+    @_parallel_config.setter
+    def _parallel_config(self, value):
+        self.stock._parallel_config = value
 
     # The legacy Attention module passes only the keyword arguments this signature names.
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
@@ -30,8 +37,9 @@ class HunyuanVideoSVG2Processor:
         if stock_dense or encoder_hidden_states is None:
             self.controller.record(self.layer, plan, None, None)
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        if self._parallel_config is not None or getattr(self.stock, "_parallel_config", None) is not None:
-            raise NotImplementedError("sapattn: SVG2 under diffusers' context parallelism is not supported yet")
+        if self._parallel_config is not None:
+            raise NotImplementedError("sapattn: SVG2 of HunyuanVideo's joint text attention under context "
+                                      "parallelism is not supported (Wan is)")
 
         text = encoder_hidden_states.shape[1]
         joint = attn.add_q_proj is None  # single-stream block: one projection over [video | text]

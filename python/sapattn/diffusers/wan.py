@@ -13,14 +13,22 @@ class WanSVG2Processor:
     """Replaces WanAttnProcessor on one block's attn1. Calls the schedule makes dense go to the
     stock processor unchanged (unless the dense path is sapattn's or k-means warms up)."""
 
-    # Looked for by diffusers' set_attention_backend / enable_parallelism.
-    _attention_backend = None
-    _parallel_config = None
+    _attention_backend = None  # looked for by diffusers' set_attention_backend / enable_parallelism
 
     def __init__(self, stock, controller: Controller, layer: int) -> None:
         self.stock = stock
         self.controller = controller
         self.layer = layer
+
+    # diffusers' enable_parallelism sets this on whichever processor is installed; the stock
+    # processor needs it too, for the dense calls it keeps.
+    @property
+    def _parallel_config(self):
+        return getattr(self.stock, "_parallel_config", None)
+
+    @_parallel_config.setter
+    def _parallel_config(self, value):
+        self.stock._parallel_config = value
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
                  rotary_emb=None, **kwargs):
@@ -31,15 +39,17 @@ class WanSVG2Processor:
         if not plan.sparse and plan.warmup_iters == 0 and self.controller.dense_backend == "stock":
             self.controller.record(self.layer, plan, None, None)
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
-        if self._parallel_config is not None or getattr(self.stock, "_parallel_config", None) is not None:
-            raise NotImplementedError("sapattn: SVG2 under diffusers' context parallelism is not supported yet")
+        parallel = self._parallel_config
+        if parallel is not None and not plan.sparse:
+            raise NotImplementedError("sapattn: under context parallelism the dense calls need dense_backend='stock' "
+                                      "and no k-means warm-up")
 
         query, key, value = project_qkv(attn, hidden_states)
         query, key = attn.norm_q(query), attn.norm_k(key)  # RMSNorm across heads, before the split
         query, key, value = (split_heads(t, attn.heads) for t in (query, key, value))
         if rotary_emb is not None:
             query, key = rope_pairs(query, *rotary_emb), rope_pairs(key, *rotary_emb)
-        out = attend(self.controller, self.layer, plan, query, key, value)
+        out = attend(self.controller, self.layer, plan, query, key, value, parallel_config=parallel)
         out = out.flatten(2, 3).type_as(query)  # [B, S, H, D] -> [B, S, H*D]
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
