@@ -9,12 +9,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-device-logs}
 mkdir -p "$out"
-lib=${1:-build/python/libsapattn_torch.so}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/sapattn-site \
-    .whl/*.whl && export PYTHONPATH=/tmp/sapattn-site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export SAPATTN_TORCH_LIBRARY=$lib PYTHONPATH=$PWD/python:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+. scripts/device_python_env.sh "${1:-build/python/libsapattn_torch.so}"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
 python3 bench/dit_forward.py --models "${2:-wan13b,wan14b}" --density "${3:-0.15}" --reps 3 2>&1 |
   grep -v "should be kept in float32" | tee "$out/dit_forward.log"

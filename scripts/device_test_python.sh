@@ -11,20 +11,16 @@ cd "$(dirname "$0")/.."
 out=${OUT:-device-logs}
 mkdir -p "$out"
 lib=${1:-build/python/libsapattn_torch.so}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/sapattn-site \
-    .whl/*.whl && export PYTHONPATH=/tmp/sapattn-site${PYTHONPATH:+:$PYTHONPATH}
-fi
 if [ ! -f "$lib" ]; then
   SAPATTN_BUILD_DIR=build-python CMAKE_CUDA_ARCHITECTURES=90 python3 -m pip install -q --no-build-isolation \
     --no-deps --target /tmp/sapattn-pkg . >"$out/pip-install.log" 2>&1 || { tail -30 "$out/pip-install.log"; exit 1; }
   lib=/tmp/sapattn-pkg/sapattn/libsapattn_torch.so
 fi
-export SAPATTN_TORCH_LIBRARY=$lib PYTHONPATH=$PWD/python:${PYTHONPATH:-}
+. scripts/device_python_env.sh "$lib"
 export SAPATTN_TEST_DEVICES=${SAPATTN_TEST_DEVICES:-cuda}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c 'import torch, diffusers, transformers; print("torch", torch.__version__, "diffusers", diffusers.__version__,
   "transformers", transformers.__version__)' | tee -a "$out/gpu.txt"
-PYTHONUNBUFFERED=1 python3 -m pytest python/tests -q -p no:cacheprovider -k "not generate" \
+python3 -m pytest python/tests -q -p no:cacheprovider -k "not generate" \
   --junitxml="$out/pytest.xml" 2>&1 | tee "$out/pytest.log"
 exit "${PIPESTATUS[0]}"

@@ -96,13 +96,14 @@ def _worker(rank, world, init_file, heads, backend, expect_rebalance, failures):
         raise
 
 
-def _run(world, heads, expect_rebalance, backend="gloo"):
+def _spawn(target, world, *args):
+    """Runs target(rank, world, init_file, *args, failures) in `world` processes and fails with
+    every rank's error."""
     ctx = mp.get_context("spawn")
     failures = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        procs = [ctx.Process(target=_worker, args=(r, world, init_file, heads, backend, expect_rebalance, failures))
-                 for r in range(world)]
+        procs = [ctx.Process(target=target, args=(r, world, init_file, *args, failures)) for r in range(world)]
         for p in procs:
             p.start()
         for p in procs:
@@ -112,6 +113,10 @@ def _run(world, heads, expect_rebalance, backend="gloo"):
         errors.append(failures.get())
     assert not errors, errors
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+def _run(world, heads, expect_rebalance, backend="gloo"):
+    _spawn(_worker, world, heads, backend, expect_rebalance)
 
 
 @pytest.mark.parametrize("world,heads,moves", [(2, 4, True), (4, 4, False), (3, 4, False), (4, 6, True)])
@@ -183,19 +188,5 @@ def _context_parallel_worker(rank, world, init_file, heads, dense_layers, failur
 @pytest.mark.parametrize("world,heads,dense_layers", [(2, 4, 1), (3, 4, 0)])
 def test_diffusers_context_parallel_equals_single_process(world, heads, dense_layers):
     """(2, 4, 1): layer 0 dense through diffusers' own Ulysses, layer 1 SVG2 through sapattn's;
-    (3, 4, 0): 4 heads on 3 ranks, SVG2 in key-cluster shards."""
-    ctx = mp.get_context("spawn")
-    failures = ctx.SimpleQueue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_context_parallel_worker,
-                             args=(r, world, os.path.join(tmp, "init"), heads, dense_layers, failures))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=300)
-    errors = []
-    while not failures.empty():
-        errors.append(failures.get())
-    assert not errors, errors
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    (3, 4, 0): 4 heads on 3 ranks, SVG2 in key-cluster shares."""
+    _spawn(_context_parallel_worker, world, heads, dense_layers)

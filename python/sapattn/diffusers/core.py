@@ -12,6 +12,28 @@ from ..attention import dense_attention, svg2_attention, warm_centroids
 from .controller import CallPlan, Controller
 
 
+class SVG2Processor:
+    """What every model's SVG2 processor shares: the stock processor it stands in for (dense calls
+    go to it), the controller, its layer index, and the attributes diffusers looks for."""
+
+    _attention_backend = None  # read by diffusers' set_attention_backend / enable_parallelism
+
+    def __init__(self, stock, controller: Controller, layer: int) -> None:
+        self.stock = stock
+        self.controller = controller
+        self.layer = layer
+
+    # diffusers' enable_parallelism sets this on whichever processor is installed; the stock
+    # processor needs it too, for the dense calls it keeps.
+    @property
+    def _parallel_config(self):
+        return getattr(self.stock, "_parallel_config", None)
+
+    @_parallel_config.setter
+    def _parallel_config(self, value):
+        self.stock._parallel_config = value
+
+
 def project_qkv(attn: torch.nn.Module, hidden_states: torch.Tensor):
     """Self-attention projections of a diffusers attention module, fused or not: [B, S, H*D] each."""
     if getattr(attn, "fused_projections", False):

@@ -7,27 +7,12 @@ from __future__ import annotations
 import torch
 
 from .controller import Controller
-from .core import attend, project_qkv, rope_pairs, split_heads
+from .core import SVG2Processor, attend, project_qkv, rope_pairs, split_heads
 
 
-class HunyuanVideoSVG2Processor:
+class HunyuanVideoSVG2Processor(SVG2Processor):
     """Replaces HunyuanVideoAttnProcessor2_0 on one block. Dense calls go to the stock processor
     unchanged (unless the dense path is sapattn's or k-means warms up)."""
-
-    _attention_backend = None
-
-    def __init__(self, stock, controller: Controller, layer: int) -> None:
-        self.stock = stock
-        self.controller = controller
-        self.layer = layer
-
-    @property
-    def _parallel_config(self):
-        return getattr(self.stock, "_parallel_config", None)
-
-    @_parallel_config.setter
-    def _parallel_config(self, value):
-        self.stock._parallel_config = value
 
     # The legacy Attention module passes only the keyword arguments this signature names.
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,

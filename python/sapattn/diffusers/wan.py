@@ -6,29 +6,12 @@ from __future__ import annotations
 import torch
 
 from .controller import Controller
-from .core import attend, project_qkv, rope_pairs, split_heads
+from .core import SVG2Processor, attend, project_qkv, rope_pairs, split_heads
 
 
-class WanSVG2Processor:
+class WanSVG2Processor(SVG2Processor):
     """Replaces WanAttnProcessor on one block's attn1. Calls the schedule makes dense go to the
     stock processor unchanged (unless the dense path is sapattn's or k-means warms up)."""
-
-    _attention_backend = None  # looked for by diffusers' set_attention_backend / enable_parallelism
-
-    def __init__(self, stock, controller: Controller, layer: int) -> None:
-        self.stock = stock
-        self.controller = controller
-        self.layer = layer
-
-    # diffusers' enable_parallelism sets this on whichever processor is installed; the stock
-    # processor needs it too, for the dense calls it keeps.
-    @property
-    def _parallel_config(self):
-        return getattr(self.stock, "_parallel_config", None)
-
-    @_parallel_config.setter
-    def _parallel_config(self, value):
-        self.stock._parallel_config = value
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
                  rotary_emb=None, **kwargs):
