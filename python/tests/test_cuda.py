@@ -46,3 +46,44 @@ def test_runs_on_the_current_stream():
         out = sapattn.svg2_attention(q, k, v, cfg, sapattn.BranchState())[0]
     torch.cuda.current_stream().wait_stream(side)
     assert torch.equal(out, reference)
+
+
+def test_cuda_graph_capture_of_a_sparse_wan_layer():
+    """A Wan self-attention layer in its warm sparse phase (sapattn's processor: projections,
+    RoPE, SVG2 with 2 k-means iterations) captured in a CUDA graph replays what it computes eagerly."""
+    import sapattn.diffusers as sd
+    import tiny_models
+
+    device = torch.device("cuda")
+    model = tiny_models.wan_transformer(layers=2).to(device, torch.bfloat16)
+    inputs = tiny_models.wan_inputs(device=device, dtype=torch.bfloat16)
+    controller = sd.enable(model, sapattn.SVG2Config(q_clusters=4, k_clusters=8, top_p=0.7, first_times_fp=0.0,
+                                                     first_layers_fp=0.0))
+    try:
+        captured_args = {}
+
+        def keep_args(module, args):
+            captured_args["args"] = tuple(a.clone() if torch.is_tensor(a) else a for a in args[:3]) + (
+                tuple(t.clone() for t in args[3]),)
+
+        hook = model.blocks[1].attn1.register_forward_pre_hook(keep_args)
+        with torch.no_grad():
+            model(**inputs)  # the initialising call of every layer, and the layer's inputs
+        hook.remove()
+        state = controller.layers[1].branch(0)
+        snapshot = (state.q_centroids.clone(), state.k_centroids.clone())
+        attn = model.blocks[1].attn1
+        with torch.no_grad():
+            eager = attn(*captured_args["args"])
+            state.q_centroids.copy_(snapshot[0])
+            state.k_centroids.copy_(snapshot[1])
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                replayed = attn(*captured_args["args"])
+            state.q_centroids.copy_(snapshot[0])
+            state.k_centroids.copy_(snapshot[1])
+            graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(replayed, eager)
+    finally:
+        sd.disable(model)
