@@ -121,7 +121,7 @@ class Controller:
         return self.layers.setdefault(layer, LayerState())
 
     def prompt_lengths(self, attention_mask: Optional[torch.Tensor], *, video_tokens: int,
-                       text_tokens: int) -> List[int]:
+                       text_tokens: int) -> Union[int, List[int]]:
         """Prompt tokens per batch item from a joint-attention key mask ([B, 1, 1, N] or [B, N]
         bool, True = attended; the text is right-padded). The same mask object serves every block
         of a forward, so it is read back to the host once per forward."""
