@@ -7,6 +7,7 @@ on sapattn's CPU backend with torch's intra-op threads."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -59,6 +60,18 @@ class BranchState:
         return True
 
 
+@contextlib.contextmanager
+def _fresh_on_failure(state: BranchState, initialize: bool):
+    """A call that was to initialise a state and failed leaves it fresh, never holding the
+    uninitialised centroids a later call would warm-start from."""
+    try:
+        yield
+    except BaseException:
+        if initialize:
+            state.reset()
+        raise
+
+
 class LayerState:
     """One BranchState per classifier-free-guidance branch id (0 = the first call of a step, ...)."""
 
@@ -98,17 +111,18 @@ def svg2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: SV
             config.min_kc_ratio, config.kmeans_iters_init, config.kmeans_iters_step, config.seed, text_tokens, length,
             config.scale, config.check_finite, return_lse, key_shard[0], key_shard[1], ids)
 
-    if all(n == lengths[0] for n in lengths):
-        out, lse, density = call(slice(None), lengths[0], sample_ids)
-    else:
-        # The text rule takes one prompt length per call: items with their own go one by one, each
-        # on its own rows of the state and with the sample stream it has in the whole batch.
-        heads = q.shape[2]
-        if sample_ids is None:
-            sample_ids = (torch.arange(q.shape[0], device=q.device)[:, None] * heads
-                          + torch.arange(heads, device=q.device)).to(torch.int32)
-        parts = [call(slice(b, b + 1), n, sample_ids[b:b + 1]) for b, n in enumerate(lengths)]
-        out, lse, density = (torch.cat([p[i] for p in parts]) for i in range(3))
+    with _fresh_on_failure(state, initialize):
+        if all(n == lengths[0] for n in lengths):
+            out, lse, density = call(slice(None), lengths[0], sample_ids)
+        else:
+            # The text rule takes one prompt length per call: items with their own go one by one,
+            # each on its own rows of the state and with the sample stream it has in the batch.
+            heads = q.shape[2]
+            if sample_ids is None:
+                sample_ids = (torch.arange(q.shape[0], device=q.device)[:, None] * heads
+                              + torch.arange(heads, device=q.device)).to(torch.int32)
+            parts = [call(slice(b, b + 1), n, sample_ids[b:b + 1]) for b, n in enumerate(lengths)]
+            out, lse, density = (torch.cat([p[i] for p in parts]) for i in range(3))
     state.calls += 1
     return out, (lse if return_lse else None), density
 
@@ -120,8 +134,9 @@ def warm_centroids(q: torch.Tensor, k: torch.Tensor, config: SVG2Config, state: 
     is sampled first, with the same seeds as svg2_attention's initialisation."""
     initialize = state.prepare(q, config)
     video = q.shape[1] - text_tokens
-    torch.ops.sapattn.kmeans(q[:, :video], state.q_centroids, initialize, iters, config.seed)
-    torch.ops.sapattn.kmeans(k[:, :video], state.k_centroids, initialize, iters, config.seed ^ _K_SEED_STREAM)
+    with _fresh_on_failure(state, initialize):
+        torch.ops.sapattn.kmeans(q[:, :video], state.q_centroids, initialize, iters, config.seed)
+        torch.ops.sapattn.kmeans(k[:, :video], state.k_centroids, initialize, iters, config.seed ^ _K_SEED_STREAM)
     state.warm_iters += iters
 
 

@@ -164,8 +164,10 @@ def test_bad_input_raises_clear_errors(device):
         sapattn.dense_attention(q, k.to(torch.float16 if q.dtype != torch.float16 else torch.bfloat16), v)
     with pytest.raises(ValueError, match="top_p"):
         small_config(top_p=0.0)
+    fresh = sapattn.BranchState()
     with pytest.raises(ValueError, match="InvalidArgumentError"):
-        sapattn.svg2_attention(q, k, v, cfg, sapattn.BranchState(), text_tokens=64)
+        sapattn.svg2_attention(q, k, v, cfg, fresh, text_tokens=64)
+    assert not fresh.initialized  # a failed first call leaves no uninitialised centroids behind
     with pytest.raises(ValueError, match="prompt lengths"):
         sapattn.svg2_attention(q, k, v, cfg, sapattn.BranchState(), text_tokens=8, prompt_length=[1, 2, 3])
     state = sapattn.BranchState()
