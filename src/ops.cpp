@@ -4,17 +4,21 @@
 
 #include "cpu/backend.hpp"
 #include "op_checks.hpp"
-#if SAPATTN_HAS_CUDA
+// Declarations only (plain C++): a build without CUDA names them in decltype but never calls them.
 #include "cuda/backend.hpp"
-// The CUDA version of an op; `call` is evaluated only in builds with the CUDA backend.
+// The CUDA version of an op; `call` is evaluated only in builds with the CUDA backend. Without it,
+// the expression throws UnsupportedError and has the CUDA op's return type (decltype does not
+// evaluate `call`), so `return SAPATTN_ON_CUDA(...)` compiles in ops returning void or a value.
+#if SAPATTN_HAS_CUDA
 #define SAPATTN_ON_CUDA(call) ::sapattn::cuda::call
 #else
-#define SAPATTN_ON_CUDA(call) ::sapattn::no_cuda_backend()
+#define SAPATTN_ON_CUDA(call) ::sapattn::no_cuda_backend<decltype(::sapattn::cuda::call)>()
 #endif
 
 namespace sapattn {
 
-[[maybe_unused]] [[noreturn]] static void no_cuda_backend() {
+template <class R = void>
+[[maybe_unused]] [[noreturn]] static R no_cuda_backend() {
   SAPATTN_THROW(UnsupportedError, "this build has no CUDA backend");
 }
 
