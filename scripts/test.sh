@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Builds sapattn with its tests and runs all of them: the C++ suites through CTest, then the Python
 # package (PyTorch ops, diffusers integration, generate command) through pytest. The Python tests
-# need torch, diffusers and transformers; missing ones are installed with pip
-# (python/requirements-test.txt), and the package is installed from this checkout.
+# run in the checkout's virtual environment .venv (scripts/bootstrap_python.sh: it reuses a torch of
+# the pinned version from the user's Python and installs what is missing into .venv only), and the
+# package is installed there from this checkout. The user's own Python is never changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-bash scripts/bootstrap_python.sh python/requirements-test.txt
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DSAPATTN_TORCH=ON >/dev/null
+py=$(bash scripts/bootstrap_python.sh python/requirements-test.txt)
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DSAPATTN_TORCH=ON -DPython3_EXECUTABLE="$py" >/dev/null
 cmake --build build -j "$(nproc)"
 # The package from this checkout, reusing the build above (no second compile).
-if ! SAPATTN_BUILD_DIR=build python3 -m pip install --no-build-isolation --no-deps --force-reinstall . \
+if ! SAPATTN_BUILD_DIR=build "$py" -m pip install --no-build-isolation --no-deps --force-reinstall . \
   >build/pip-install.log 2>&1; then
   cat build/pip-install.log
   echo "test.sh: installing the sapattn package failed (log above)" >&2
@@ -19,6 +20,6 @@ fi
 ctest_rc=0
 ctest --test-dir build --output-on-failure -j "$(nproc)" || ctest_rc=$?
 pytest_rc=0
-python3 -m pytest python/tests -q -p no:cacheprovider || pytest_rc=$?
+"$py" -m pytest python/tests -q -p no:cacheprovider || pytest_rc=$?
 echo "ctest exit $ctest_rc, pytest exit $pytest_rc"
 [ "$ctest_rc" -eq 0 ] && [ "$pytest_rc" -eq 0 ]
