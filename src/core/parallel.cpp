@@ -4,6 +4,7 @@
 #include <atomic>
 #include <exception>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -35,9 +36,16 @@ void parallel_for(int64_t n, int threads, const std::function<void(int64_t)>& fn
       }
     }
   };
+  // Every thread started here is joined before this call returns, also when starting one fails
+  // (std::system_error when the process is out of threads): a joinable std::thread that is destroyed
+  // calls std::terminate. Tasks are handed out dynamically, so the threads that did start (and the
+  // caller) run them all.
   std::vector<std::thread> pool;
   pool.reserve(workers - 1);
-  for (int t = 1; t < workers; ++t) pool.emplace_back(work);
+  try {
+    for (int t = 1; t < workers; ++t) pool.emplace_back(work);
+  } catch (const std::system_error&) {
+  }
   work();
   for (auto& t : pool) t.join();
   if (error) std::rethrow_exception(error);
