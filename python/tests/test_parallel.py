@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import sapattn
-from sapattn.parallel import SequenceParallelSVG2, balance, contiguous, replicas_for
+from sapattn.parallel import SequenceParallelSVG2, balance, contiguous, replicas_for, shutdown
 from conftest import clustered, randn
 
 # -- the assignment ----------------------------------------------------------------------------
@@ -89,8 +89,8 @@ def _worker(rank, world, init_file, heads, backend, expect_rebalance, failures):
                 if sp.rebalance() != expect_rebalance:
                     raise AssertionError(f"rebalance expected {expect_rebalance} from {before.items}")
                 sp.assignment.check()
-        dist.barrier()
-        dist.destroy_process_group()
+        del sp
+        shutdown()
     except Exception as e:  # noqa: BLE001 - reported to the parent
         failures.put(f"{type(e).__name__}: {e}")
         raise
@@ -179,7 +179,11 @@ def _context_parallel_worker(rank, world, init_file, heads, dense_layers, failur
                                  f"({(out - single).abs().max().item()})")
         if len(controller._parallel) != 1:
             raise AssertionError("the sparse layers did not go through sapattn's sequence parallelism")
-        dist.destroy_process_group()
+        # The clean-shutdown order (docs/parallel.md): release what holds process groups (sapattn's
+        # state, the model's context-parallel hooks, the device mesh), then leave.
+        sd.disable(model)
+        del model, controller, parallel, cp
+        shutdown()
     except Exception as e:  # noqa: BLE001 - reported to the parent
         failures.put(f"{type(e).__name__}: {e}")
         raise

@@ -132,6 +132,7 @@ def disable(target) -> None:
         if installed is None:
             continue
         installed.controller.flush()
+        installed.controller.release_parallel()  # its process-group references (sapattn.parallel.shutdown)
         for module, stock in installed.processors:
             module.set_processor(stock)
         installed.hook.remove()

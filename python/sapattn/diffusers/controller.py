@@ -70,7 +70,7 @@ class Controller:
         self.calls_in_step = 0
         for layer in self.layers.values():
             layer.reset()
-        self._parallel.clear()
+        self.release_parallel()
 
     def end_step(self) -> None:
         """The current denoising step is done: writes its telemetry, rebalances heads across
@@ -116,6 +116,11 @@ class Controller:
             group = cp_config._flattened_mesh.get_group()
             self._parallel[key] = SequenceParallelSVG2(self.config, heads, group)
         return self._parallel[key]
+
+    def release_parallel(self) -> None:
+        """Drops the sequence-parallel state and with it every process group this controller holds,
+        so that destroy_process_group() can join their worker threads (sapattn.parallel.shutdown)."""
+        self._parallel.clear()
 
     def layer_state(self, layer: int) -> LayerState:
         return self.layers.setdefault(layer, LayerState())
