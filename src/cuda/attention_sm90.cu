@@ -13,10 +13,15 @@
 // registers and accumulates O += P V (RS wgmma, V read through a transposed view of its tile).
 // Query rows of a work item beyond its end are zero-filled and never stored; a warpgroup whose 64
 // rows are all beyond the end skips its MMAs but keeps the barrier protocol.
+#include <cuda.h>  // CUtensorMap and its encoder's types (the encoder is reached through the runtime)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cudaTypedefs.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
@@ -49,6 +54,10 @@ struct Traits {
   static constexpr int kBlockN = 128;                     // keys per tile
   static constexpr int kStages = kHeadDim == 64 ? 6 : 3;  // as deep as 227 KB of shared memory allows
   static constexpr int kChunksPerRow = kHeadDim / 8;      // 16-byte chunks
+  static constexpr int kSlotRows = 16;                    // TMA: rows per box in the sparse mode
+  static constexpr int kSlots = kBlockN / kSlotRows;      // TMA: boxes per key tile and column block
+  static constexpr int kCountWords = (kSlots + 3) / 4;    // TMA: slot key counts, one byte each
+  static constexpr int kColBlocks = kHeadDim / 64;        // TMA: 128-byte-wide boxes per row
 
   using SmemAtom = decltype(GMMA::Layout_K_SW128_Atom<T>{});
   using LayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
@@ -67,6 +76,11 @@ struct Traits {
     array_aligned<T, cosize_v<LayoutK>, 1024> v;
     uint64_t q_full, q_empty;
     uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
+    // TMA loads only: each key tile is 16 slots of 8 rows; slot_count[stage][j] of slot j's rows are
+    // keys (the rest are masked), and item_blocks is the current item's number of key tiles.
+    uint32_t slot_count[kStages][kCountWords];  // per slot: how many of its rows are keys
+    int32_t slot_row[kSlots];                  // the producer warp's scratch: each slot's first row
+    int32_t item_blocks;
   };
 };
 
@@ -225,7 +239,165 @@ __device__ void producer(const Params& p, typename Tr::Smem& s, int num_items, i
   cute::cp_async_wait<0>();  // leave no copy in flight behind an exiting thread
 }
 
+// ---------------------------------------------------------------------------------------------
+// The TMA producer (no permutation to read through: q and k/v rows are in cluster order).
+// ---------------------------------------------------------------------------------------------
+
+// The tensor maps of q, k, v as 4-D tensors (D, S, H, B) with 128-byte swizzle: Q boxes are 64 rows
+// x 64 columns, K and V boxes 8 rows x 64 columns. A kernel parameter: TMA reads it from there.
+struct TmaMaps {
+  CUtensorMap q, k, v;
+};
+
+__device__ __forceinline__ void tma_load(const CUtensorMap& map, uint64_t* bar, void* smem, int32_t col, int32_t row,
+                                         int32_t head, int32_t batch) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(cast_smem_ptr_to_uint(smem)),
+      "l"(reinterpret_cast<uint64_t>(&map)), "r"(col), "r"(row), "r"(head), "r"(batch),
+      "r"(cast_smem_ptr_to_uint(bar))
+      : "memory");
+}
+
+// Walks an item's kept key clusters as slots of kRows rows: a cluster of L rows takes
+// ceil(L / kRows) slots, the last one partly masked. The cursor only moves forward.
+template <int kRows>
+struct SlotCursor {
+  const Segment* segments;
+  int32_t num_segments, seg = 0, row = 0, left = 0;  // the current cluster's next row and its rows left
+  __device__ SlotCursor(const Item& it) : segments(it.segments), num_segments(it.num_segments) {
+    if (segments == nullptr) {  // dense: one cluster of all keys
+      left = it.keys;
+      num_segments = 0;
+    } else {
+      advance_cluster(0);
+    }
+  }
+  // Moves to the cluster that starts at virtual key `begin` (the plan lists non-empty clusters only;
+  // an empty one would take no slot in count_slots either, so it is stepped over).
+  __device__ void advance_cluster(int32_t begin) {
+    left = 0;
+    for (; seg < num_segments; ++seg) {
+      const Segment sg = segments[seg];
+      if (sg.cum_end > begin) {
+        row = begin + sg.delta;
+        left = sg.cum_end - begin;
+        return;
+      }
+    }
+  }
+  // The next slot: its first key row and how many of its rows are keys (0 past the last cluster).
+  __device__ void next(int32_t& slot_row, int32_t& count) {
+    slot_row = left > 0 ? row : -kRows;  // a box wholly outside the tensor reads zeros
+    count = max(0, min(left, kRows));
+    row += kRows;
+    left -= kRows;
+    if (left <= 0 && seg < num_segments) {
+      const int32_t end = segments[seg].cum_end;
+      ++seg;
+      advance_cluster(end);
+    }
+  }
+};
+
+// Slots of an item: the sum over its clusters of ceil(rows / kRows), summed across the warp.
+template <int kRows>
+__device__ __forceinline__ int32_t count_slots(const Item& it, int lane) {
+  if (it.segments == nullptr) return (it.keys + kRows - 1) / kRows;
+  int32_t slots = 0;
+  for (int i = lane; i < it.num_segments; i += 32) {
+    const int32_t begin = i > 0 ? it.segments[i - 1].cum_end : 0;
+    slots += (it.segments[i].cum_end - begin + kRows - 1) / kRows;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) slots += __shfl_xor_sync(0xffffffff, slots, o);
+  return slots;
+}
+
+// One warp loads: lane 0 signs each stage up for its bytes and computes the tile's slots; lane j
+// (< kSlots * kColBlocks) issues slot j % kSlots of column block j / kSlots, for K and then V. In the
+// dense mode a key tile is one kBlockN-row box per column block.
 template <class Tr>
+__device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::Smem& s, int num_items, int q_tiles) {
+  using T = typename Tr::T;
+  constexpr uint32_t kQBytes = Tr::kBlockM * Tr::kChunksPerRow * 16;
+  constexpr uint32_t kTileBytes = Tr::kBlockN * Tr::kChunksPerRow * 16;
+  constexpr int kAtomElems = 8 * 64;  // one 8 x 64 swizzle atom
+  const int lane = threadIdx.x % 32;
+  const int slot = lane % Tr::kSlots, col_block = lane / Tr::kSlots;
+  const bool issues = lane < Tr::kSlots * Tr::kColBlocks;
+  int tile_count = 0, item_count = 0;
+  for (int index = blockIdx.x; index < num_items; index += gridDim.x, ++item_count) {
+    const Item it = load_item(p, index, q_tiles);
+    const int b = it.bh / p.heads, h = it.bh % p.heads;
+    const int n_blocks = (count_slots<Tr::kSlotRows>(it, lane) + Tr::kSlots - 1) / Tr::kSlots;
+
+    // Q: 64-row boxes (rows past the item's end are computed and never stored).
+    Barrier::wait(&s.q_empty, (item_count & 1) ^ 1);
+    if (lane == 0) {
+      s.item_blocks = n_blocks;
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.q_full, kQBytes);
+    }
+    __syncwarp();
+    if (lane < 2 * Tr::kColBlocks) {
+      const int half = lane % 2, cb = lane / 2;
+      T* dst = s.q.data() + (half * 8 + cb * (Tr::kBlockM / 8)) * kAtomElems;
+      tma_load(maps.q, &s.q_full, dst, cb * 64, it.q_begin + 64 * half, h, b);
+    }
+
+    SlotCursor<Tr::kSlotRows> cursor(it);
+    for (int n = 0; n < n_blocks; ++n, ++tile_count) {
+      const int stage = tile_count % Tr::kStages;
+      const int phase = (tile_count / Tr::kStages) & 1;
+      T* k_stage = s.k.data() + stage * Tr::kBlockN * Tr::kChunksPerRow * 8;
+      T* v_stage = s.v.data() + stage * Tr::kBlockN * Tr::kChunksPerRow * 8;
+      if (p.dense) {  // one kBlockN-row box per column block; the consumers mask by the key count
+        Barrier::wait(&s.k_empty[stage], phase ^ 1);
+        if (lane == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.k_full[stage], kTileBytes);
+        __syncwarp();
+        if (lane < Tr::kColBlocks)
+          tma_load(maps.k, &s.k_full[stage], k_stage + lane * (Tr::kBlockN / 8) * kAtomElems, lane * 64,
+                   n * Tr::kBlockN, h, b);
+        Barrier::wait(&s.v_empty[stage], phase ^ 1);
+        if (lane == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.v_full[stage], kTileBytes);
+        __syncwarp();
+        if (lane < Tr::kColBlocks)
+          tma_load(maps.v, &s.v_full[stage], v_stage + lane * (Tr::kBlockN / 8) * kAtomElems, lane * 64,
+                   n * Tr::kBlockN, h, b);
+        continue;
+      }
+      // Lane 0 walks the tile's slots and leaves their rows in shared memory for the issuing lanes.
+      uint32_t counts[Tr::kCountWords] = {};
+      if (lane == 0) {
+#pragma unroll
+        for (int j = 0; j < Tr::kSlots; ++j) {
+          int32_t r, c;
+          cursor.next(r, c);
+          counts[j / 4] |= static_cast<uint32_t>(c) << (8 * (j % 4));
+          s.slot_row[j] = r;
+        }
+      }
+      Barrier::wait(&s.k_empty[stage], phase ^ 1);
+      if (lane == 0) {
+#pragma unroll
+        for (int j = 0; j < Tr::kCountWords; ++j) s.slot_count[stage][j] = counts[j];
+        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.k_full[stage], kTileBytes);
+      }
+      __syncwarp();
+      const int32_t row = s.slot_row[slot];
+      // Slot j is rows [j kSlotRows, (j + 1) kSlotRows) of the tile: kSlotRows / 8 swizzle atoms.
+      const int atom = slot * (Tr::kSlotRows / 8) + col_block * (Tr::kBlockN / 8);
+      if (issues) tma_load(maps.k, &s.k_full[stage], k_stage + atom * kAtomElems, col_block * 64, row, h, b);
+      Barrier::wait(&s.v_empty[stage], phase ^ 1);
+      if (lane == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.v_full[stage], kTileBytes);
+      __syncwarp();
+      if (issues) tma_load(maps.v, &s.v_full[stage], v_stage + atom * kAtomElems, col_block * 64, row, h, b);
+      __syncwarp();  // every lane has read its row before lane 0 writes the next tile's
+    }
+  }
+}
+
+template <class Tr, bool kTma>
 __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, int q_tiles) {
   using T = typename Tr::T;
   constexpr int kBlockN = Tr::kBlockN;
@@ -274,12 +446,36 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
     cute::gemm(mma_pv, tOrP, tOrV(_, _, _, stage), tOrO);
     warpgroup_commit_batch();
   };
-  // Online softmax of the tile in tSrS (key tile n): masks keys past the end, updates the row
-  // maxima and sums, leaves exp(S - max) in tSrS and returns the factor O must be rescaled by.
-  auto softmax = [&](int n, int keys, float(&rescale)[2]) {
+  // The key counts of the tile in `stage`'s 16 slots (TMA loads), read before the stage is released.
+  using Counts = uint32_t[Tr::kCountWords];
+  auto read_counts = [&](int stage, Counts& counts) {
+    if constexpr (kTma) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < Tr::kCountWords; ++j) counts[j] = s.slot_count[stage][j];
+    }
+  };
+  // Online softmax of the tile in tSrS (key tile n): masks what is not a key (past the end; with TMA
+  // loads in the sparse mode, the rows of a slot past its cluster's end), updates the row maxima and
+  // sums, leaves exp(S - max) in tSrS and returns the factor O must be rescaled by.
+  const bool slot_masks = kTma && !p.dense;
+  auto softmax = [&](int n, int keys, const Counts& counts, float(&rescale)[2]) {
     warpgroup_fence_operand(tSrS);
     // Accumulator value (c, r, g) is row lane/4 + 8r (+16 warp), column 8g + 2(lane%4) + c.
-    const int valid = keys - n * kBlockN;
+    if (slot_masks) {
+      constexpr int kGroups = Tr::kSlotRows / 8;  // 8-column groups per slot
+      bool full = true;
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < Tr::kSlots; ++j) full = full && ((counts[j / 4] >> (8 * (j % 4))) & 0xff) == Tr::kSlotRows;
+      if (!full) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(tSrS); ++i) {
+          const int c = i % 2, g = i / 4, slot = g / kGroups;
+          const int count = (counts[slot / 4] >> (8 * (slot % 4))) & 0xff;
+          if (8 * (g % kGroups) + 2 * (lane % 4) + c >= count) tSrS(i) = -INFINITY;
+        }
+      }
+    }
+    const int valid = slot_masks ? kBlockN : keys - n * kBlockN;
     if (valid < kBlockN) {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(tSrS); ++i) {
@@ -332,11 +528,12 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
   int tile_count = 0, item_count = 0;
   for (int index = blockIdx.x; index < num_items; index += gridDim.x, ++item_count) {
     const Item it = load_item(p, index, q_tiles);
-    const int n_blocks = (it.keys + kBlockN - 1) / kBlockN;
     row_max[0] = row_max[1] = -INFINITY;
     row_sum[0] = row_sum[1] = 0.0f;
     clear(tOrO);
     Barrier::wait(&s.q_full, item_count & 1);
+    // With TMA loads key tiles are slots of 8 rows per cluster: the producer counted them.
+    const int n_blocks = kTma ? s.item_blocks : (it.keys + kBlockN - 1) / kBlockN;
     if (it.rows <= 64 * wg) {
       // No row of this warpgroup: keep the barrier protocol without computing.
       for (int n = 0; n < n_blocks; ++n, ++tile_count) {
@@ -359,14 +556,16 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
     // runs while the tensor cores compute P V of tile n - 1.
     if (n_blocks > 0) {
       float rescale[2];
+      Counts counts;
       int stage = tile_count % Tr::kStages, phase = (tile_count / Tr::kStages) & 1;
       Barrier::wait(&s.k_full[stage], phase);
+      read_counts(stage, counts);
       wait_turn();
       issue_qk(stage);
       pass_turn();
       warpgroup_wait<0>();
       Barrier::arrive(&s.k_empty[stage]);
-      softmax(0, it.keys, rescale);
+      softmax(0, it.keys, counts, rescale);
       convert_p();
       for (int n = 1; n < n_blocks; ++n) {
         const int prev_stage = stage, prev_phase = phase;
@@ -374,6 +573,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
         stage = tile_count % Tr::kStages;
         phase = (tile_count / Tr::kStages) & 1;
         Barrier::wait(&s.k_full[stage], phase);
+        read_counts(stage, counts);
         Barrier::wait(&s.v_full[prev_stage], prev_phase);
         wait_turn();
         issue_qk(stage);
@@ -381,7 +581,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
         pass_turn();
         warpgroup_wait<1>();  // S of tile n is ready; P V of tile n - 1 may still run
         Barrier::arrive(&s.k_empty[stage]);
-        softmax(n, it.keys, rescale);
+        softmax(n, it.keys, counts, rescale);
         warpgroup_wait<0>();
         Barrier::arrive(&s.v_empty[prev_stage]);
         warpgroup_fence_operand(tOrO);
@@ -427,16 +627,20 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
   if (wg == 0) wait_turn();  // takes warpgroup 1's last pass, so no arrival is left on a barrier
 }
 
-template <class Tr>
-__global__ void __launch_bounds__(kThreads, 1) attention_kernel(const __grid_constant__ Params p) {
+template <class Tr, bool kTma>
+__global__ void __launch_bounds__(kThreads, 1)
+    attention_kernel(const __grid_constant__ Params p, const __grid_constant__ TmaMaps maps) {
   extern __shared__ __align__(1024) char smem_raw[];
   auto& s = *reinterpret_cast<typename Tr::Smem*>(smem_raw);
   if (threadIdx.x == 0) {
-    Barrier::init(&s.q_full, 128);
+    // TMA: one arrival (the producer's, with the stage's bytes) completes a "full" phase;
+    // cp.async: one per producer thread.
+    const int loaders = kTma ? 1 : 128;
+    Barrier::init(&s.q_full, loaders);
     Barrier::init(&s.q_empty, 256);
     for (int i = 0; i < Tr::kStages; ++i) {
-      Barrier::init(&s.k_full[i], 128);
-      Barrier::init(&s.v_full[i], 128);
+      Barrier::init(&s.k_full[i], loaders);
+      Barrier::init(&s.v_full[i], loaders);
       Barrier::init(&s.k_empty[i], 256);
       Barrier::init(&s.v_empty[i], 256);
     }
@@ -447,24 +651,83 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const __grid_con
   const int num_items = p.dense ? p.batch * p.heads * q_tiles : *p.plan.num_items;
   if (threadIdx.x < 128) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
-    producer<Tr>(p, s, num_items, q_tiles);
+    if constexpr (kTma) {
+      if (threadIdx.x < 32) producer_tma<Tr>(p, maps, s, num_items, q_tiles);
+    } else {
+      producer<Tr>(p, s, num_items, q_tiles);
+    }
   } else {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
-    consumer<Tr>(p, s, num_items, q_tiles);
+    consumer<Tr, kTma>(p, s, num_items, q_tiles);
   }
+}
+
+// cuTensorMapEncodeTiled, reached through the runtime (no link against libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    SAPATTN_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
+                                                        &found));
+    return found == cudaDriverEntryPointSuccess ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr) : nullptr;
+  }();
+  return fn;
+}
+
+// A [B, S, H, D] view (strides in elements: batch, head, row) as a 4-D tensor map (D, S, H, B) with
+// boxes of 64 columns x box_rows rows, 128-byte swizzle, zeros outside. False where the driver
+// refuses it (the cp.async loads then run).
+template <typename T>
+bool encode_map(CUtensorMap& map, const void* base, int seq, const Params& p, const int64_t (&stride)[3],
+                int box_rows) {
+  const auto encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  constexpr auto kType = std::is_same_v<T, cutlass::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                                : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(p.head_dim), static_cast<cuuint64_t>(seq),
+                              static_cast<cuuint64_t>(p.heads), static_cast<cuuint64_t>(p.batch)};
+  const cuuint64_t bytes[3] = {static_cast<cuuint64_t>(stride[2]) * sizeof(T),
+                               static_cast<cuuint64_t>(stride[1]) * sizeof(T),
+                               static_cast<cuuint64_t>(stride[0]) * sizeof(T)};
+  for (const cuuint64_t b : bytes)
+    if (b == 0 || b % 16 != 0 || b >= (cuuint64_t{1} << 40)) return false;
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
+  const cuuint32_t unit[4] = {1, 1, 1, 1};
+  return encode(&map, kType, 4, const_cast<void*>(base), dims, bytes, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Which loads run. TMA needs rows in cluster order (no permutation to read through). Measured on an
+// H100 at Wan 14B 720p (docs/attention.md): in the dense mode one 128-row box per column block takes
+// the kernel from 507 to 609 TFLOP/s; in the sparse mode boxes of 8 or 16 rows (one cluster per slot)
+// reach 223 and 308 against the cp.async gather's 347, so the sparse mode keeps the gather.
+// SAPATTN_SM90_LOAD overrides: "cpasync" everywhere, "tma" wherever rows are unpermuted, "" or "auto"
+// as measured.
+bool use_tma(const Params& p) {
+  if (p.q_perm != nullptr || p.k_perm != nullptr) return false;
+  const char* env = std::getenv("SAPATTN_SM90_LOAD");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return p.dense;
+  if (std::strcmp(env, "cpasync") == 0) return false;
+  if (std::strcmp(env, "tma") == 0) return true;
+  SAPATTN_THROW(InvalidArgumentError, "SAPATTN_SM90_LOAD is '", env, "'; expected auto, cpasync or tma");
 }
 
 template <typename T, int kHeadDim>
 void launch(const Params& p, cudaStream_t stream) {
   using Tr = Traits<T, kHeadDim>;
   static_assert(sizeof(typename Tr::Smem) <= 227 * 1024, "more shared memory than an H100 SM gives a block");
+  TmaMaps maps{};
+  const bool tma = use_tma(p) && encode_map<T>(maps.q, p.q, p.seq_q, p, p.q_stride, 64) &&
+                   encode_map<T>(maps.k, p.k, p.seq_k, p, p.k_stride, p.dense ? Tr::kBlockN : Tr::kSlotRows) &&
+                   encode_map<T>(maps.v, p.v, p.seq_k, p, p.v_stride, p.dense ? Tr::kBlockN : Tr::kSlotRows);
   const int smem = static_cast<int>(sizeof(typename Tr::Smem));
-  auto* kernel = attention_kernel<Tr>;
+  auto* kernel = tma ? attention_kernel<Tr, true> : attention_kernel<Tr, false>;
   set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
   const int64_t q_tiles = (p.seq_q + kTileQ - 1) / kTileQ;
   const int64_t max_items = p.dense ? int64_t{p.batch} * p.heads * q_tiles : p.plan.max_items;
   const int grid = static_cast<int>(std::min<int64_t>(p.num_sms, std::max<int64_t>(max_items, 1)));
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  kernel<<<grid, kThreads, smem, stream>>>(p, maps);
   SAPATTN_CUDA_CHECK_LAUNCH();
 }
 

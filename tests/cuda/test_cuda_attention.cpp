@@ -38,6 +38,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -637,12 +638,22 @@ bool is_sm90() {
   return major == 9 && minor == 0;
 }
 
-// A suite over (case, kernel): "auto" lets the architecture choose, "sm80" forces the mma.sync kernel.
+// A suite over (case, kernel): "auto" lets the architecture choose (on an H100 the Hopper kernel, with
+// TMA loads in the dense mode), "cpasync" and "tma" are the Hopper kernel with its cp.async loads
+// everywhere or with TMA loads wherever rows are not read through a permutation (SAPATTN_SM90_LOAD),
+// "sm80" forces the mma.sync kernel.
 template <typename Case>
 class UnderKernel : public ::testing::TestWithParam<std::tuple<Case, const char*>> {
  protected:
-  void SetUp() override { cuda::set_attention_kernel_override(forced() ? "sm80" : ""); }
-  void TearDown() override { cuda::set_attention_kernel_override(""); }
+  void SetUp() override {
+    cuda::set_attention_kernel_override(forced() ? "sm80" : "");
+    const char* kernel = std::get<1>(this->GetParam());
+    if (std::strcmp(kernel, "cpasync") == 0 || std::strcmp(kernel, "tma") == 0) setenv("SAPATTN_SM90_LOAD", kernel, 1);
+  }
+  void TearDown() override {
+    cuda::set_attention_kernel_override("");
+    unsetenv("SAPATTN_SM90_LOAD");
+  }
   const Case& test_case() const { return std::get<0>(this->GetParam()); }
   bool forced() const { return std::strcmp(std::get<1>(this->GetParam()), "sm80") == 0; }
 
@@ -657,7 +668,7 @@ class UnderKernel : public ::testing::TestWithParam<std::tuple<Case, const char*
   }
 };
 
-const auto kKernels = ::testing::Values("auto", "sm80");
+const auto kKernels = ::testing::Values("auto", "cpasync", "tma", "sm80");
 
 template <typename Case>
 std::string case_and_kernel(const ::testing::TestParamInfo<std::tuple<Case, const char*>>& info) {
@@ -843,6 +854,10 @@ TEST_P(FusedPermutation, MatchesGatherAttendScatter) {
   EXPECT_TRUE(matches(fused, p.expected));
   // Unfused: the inputs gathered into cluster order, the op without permutations, the outputs scattered
   // back. The fused kernel reads the same rows into the same tiles, so the results are bit-identical.
+  // On the Hopper kernel rows read through a permutation take the cp.async loads, so the unfused call
+  // takes them too: TMA loads ("tma") lay keys out in other tiles (one cluster per slot of rows), which
+  // changes the order of the softmax sums (SparseAttention holds them to the reference).
+  setenv("SAPATTN_SM90_LOAD", "cpasync", 1);  // TearDown unsets it
   HostProblem unfused = p.problem;
   unfused.q = cluster_order(p.problem.q, p.problem.q_perm);
   unfused.k = cluster_order(p.problem.k, p.problem.k_perm);
