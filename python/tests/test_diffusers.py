@@ -142,6 +142,16 @@ def test_disable_restores_the_stock_model_exactly():
     sd.disable(model)
 
 
+def test_disable_releases_the_sequence_parallel_state():
+    # The SequenceParallelSVG2 objects hold the context-parallel mesh's process group; a rank can only
+    # leave torch.distributed cleanly once they are gone (docs/parallel.md, clean shutdown).
+    model = tiny_models.wan_transformer(layers=1, heads=2)
+    controller = sd.enable(model, everywhere())
+    controller._parallel[0] = object()  # stands for a SequenceParallelSVG2 made by a context-parallel call
+    sd.disable(model)
+    assert controller._parallel == {}
+
+
 def test_pipeline_schedule_state_and_telemetry(tmp_path):
     """A short generation with the flow-matching scheduler and CFG (two transformer calls per
     step): dense for the first 2 of 5 steps and the first of 4 layers, sparse after; one state per
