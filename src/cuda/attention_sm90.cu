@@ -1,12 +1,15 @@
 // The Hopper (sm_90a) variable-block attention kernel: warpgroup MMA (wgmma) with accumulators in
-// registers, a producer warpgroup gathering rows with cp.async into a multi-stage shared-memory
-// pipeline signalled by mbarriers, and two consumer warpgroups that each own 64 query rows of a
-// 128-row work item. One persistent CTA per SM strides over the plan's items (by head, heaviest first).
+// registers, a producer warpgroup filling a multi-stage shared-memory pipeline signalled by
+// mbarriers, and two consumer warpgroups that each own 64 query rows of a 128-row work item. One
+// persistent CTA per SM strides over the plan's items (by head, heaviest first).
 //
-// Why cp.async and not TMA: the rows of a key tile come from several kept key clusters (and, with
-// the fused permutation, from anywhere in the sequence), so a tile is a gather, not a box. 16-byte
-// cp.async per row chunk is what the layout allows; its completion is tied to the stage's "full"
-// mbarrier with cp.async.mbarrier.arrive.noinc, as CUTLASS's cp.async GMMA mainloops do.
+// Two producers (use_tma chooses). The cp.async gather: the rows of a sparse key tile come from
+// several kept key clusters (and, with the fused permutation, from anywhere in the sequence), so a
+// tile is a gather; 16-byte cp.async per row chunk, completion tied to the stage's "full" mbarrier
+// with cp.async.mbarrier.arrive.noinc, as CUTLASS's cp.async GMMA mainloops do. TMA: where rows are
+// not permuted, boxes from tensor maps; in the dense mode a tile is one box per 64 columns (faster
+// than the gather, docs/attention.md), in the sparse mode slots of rows per kept cluster (slower:
+// the gather stays the default there).
 //
 // Per key tile a consumer warpgroup computes S = Q K^T (SS wgmma, both operands in swizzled shared
 // memory), the online softmax in fp32 on the accumulator fragment, converts P to 16 bits in
