@@ -25,9 +25,10 @@ esac
 
 bash scripts/bootstrap.sh
 
-# Per test, in seconds: the end-to-end tests (the method comparison, the CLI demo) run 15-30x (ASan)
-# and 30-100x (TSan) slower than in Release, so the CTest limit of 600 s is raised; a slow test is
-# run to the end, never skipped. SAPATTN_SANITIZE_TIMEOUT overrides it.
+# Per test, in seconds: the end-to-end tests (the method comparison, the CLI demo) run about 15x
+# (ASan+UBSan) and 50-70x (TSan) slower than in Release, up to 40 minutes on 2 cores, so the CTest
+# limit of 600 s is raised; a slow test is run to the end, never skipped. SAPATTN_SANITIZE_TIMEOUT
+# overrides it.
 timeout=${SAPATTN_SANITIZE_TIMEOUT:-7200}
 jobs=$(nproc)
 [ "$jobs" -gt 2 ] && jobs=2  # the suites start their own threads; keep the machine responsive
