@@ -5,9 +5,10 @@
 //
 // The plan. Cluster-ordered queries are cut into work items of at most kTileQ rows that never
 // cross a query cluster, so every row of an item attends to the same key clusters. Each
-// (b,h, query cluster) has a list of segments, one per kept non-empty key cluster in ascending
-// cluster order; a kernel walks the concatenation of its segments as one "virtual" key sequence and
-// packs consecutive virtual keys into key tiles, so small key clusters do not pad tiles. Items are
+// (b,h, query cluster) has a list of segments, one per run of kept key clusters whose rows are
+// contiguous (consecutive non-empty clusters), in ascending cluster order; a kernel walks the
+// concatenation of its segments as one "virtual" key sequence and packs consecutive virtual keys
+// into key tiles, so small key clusters do not pad tiles. Items are
 // sorted by head, then by cost (rows x kept keys), heaviest first: a persistent grid striding over
 // them works on one or two heads at a time (their K and V stay in L2) and finishes together.
 #pragma once
@@ -34,7 +35,7 @@ struct WorkItem {
   int32_t q_end;
 };
 
-// A kept key cluster as a piece of the virtual key sequence: virtual keys [cum_end - len, cum_end)
+// A run of kept key clusters as a piece of the virtual key sequence: virtual keys [cum_end - len, cum_end)
 // are cluster-ordered key rows [p + delta for p in that range], len = this cum_end minus the
 // previous segment's (0 for the first).
 struct Segment {

@@ -17,9 +17,11 @@
 //   1. check_offsets_kernel, one block per (b,h): offsets start at 0, never decrease and end at the
 //      sequence length, or the (b,h) raises kBadOffsets and plans nothing. It also clears the
 //      (b,h)'s item slots.
-//   2. plan_rows_kernel, one block per row: a block-wide scan of the mask row compacts the kept
-//      non-empty key clusters into segments (one per cluster, adjacent clusters are not merged),
-//      then the row's items are written to their slots with their cost.
+//   2. plan_rows_kernel, one block per row: block-wide scans of the mask row compact the kept
+//      non-empty key clusters into segments, one per run of clusters whose rows are contiguous (a
+//      kept cluster whose previous non-empty cluster is kept too extends that one's segment), then
+//      the row's items are written to their slots with their cost. Fewer, longer segments are what
+//      the TMA loads want: each run is read as a few large boxes instead of one per cluster.
 //   3. cub::DeviceRadixSort sorts all slots by key, descending.
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
@@ -85,12 +87,24 @@ __global__ void __launch_bounds__(kCheckThreads) check_offsets_kernel(LayoutView
   }
 }
 
-// One block per row r = bh * Cq + a. Each kept non-empty cluster contributes (1 << 32) + its size to
-// a 64-bit exclusive scan, which so gives both its segment index (high word) and its first virtual
-// key (low word); the low word cannot carry into the high one, as the keys sum to at most Sk < 2^31.
+// Key cluster states for the run scan: an empty cluster (0) neither starts nor breaks a run.
+enum : uint8_t { kEmpty = 0, kSkipped = 1, kKept = 2 };
+// The state of the last non-empty cluster so far (associative: the right operand wins unless empty).
+struct LastNonEmpty {
+  __device__ uint8_t operator()(uint8_t a, uint8_t b) const { return b != kEmpty ? b : a; }
+};
+
+// One block per row r = bh * Cq + a. A first scan tells each kept cluster whether the last non-empty
+// cluster before it is kept (then its rows continue that cluster's run). Each kept cluster then
+// contributes (run start << 32) + its size to a 64-bit exclusive scan, which so gives both its
+// segment index (high word) and its first virtual key (low word); the low word cannot carry into the
+// high one, as the keys sum to at most Sk < 2^31. A run's start writes the segment's delta and the
+// previous segment's end; the last segment's end is the row's key count.
 __global__ void __launch_bounds__(kRowThreads) plan_rows_kernel(LayoutView layout, PlanOut out) {
   using Scan = cub::BlockScan<uint64_t, kRowThreads>;
+  using StateScan = cub::BlockScan<uint8_t, kRowThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ typename StateScan::TempStorage state_storage;
   const int64_t r = blockIdx.x;
   const int64_t bh = r / layout.q_clusters, a = r % layout.q_clusters;
   const int64_t Ck = layout.k_clusters;
@@ -105,32 +119,40 @@ __global__ void __launch_bounds__(kRowThreads) plan_rows_kernel(LayoutView layou
   Segment* seg = out.segments + r * Ck;
 
   uint64_t running = 0;  // (segments << 32) + keys of the earlier passes
+  uint8_t carry = kEmpty;  // the last non-empty cluster's state in the earlier passes
   for (int64_t base = 0; base < Ck; base += kRowTile) {
     const int64_t first = base + static_cast<int64_t>(threadIdx.x) * kRowItems;
-    int32_t begin[kRowItems], size[kRowItems];  // size 0: not kept (masked out or empty)
-    uint64_t scan[kRowItems];
+    int32_t begin[kRowItems], size[kRowItems];
+    uint8_t state[kRowItems], before[kRowItems];
 #pragma unroll
     for (int u = 0; u < kRowItems; ++u) {
       const int64_t c = first + u;
-      begin[u] = 0;
-      size[u] = 0;
-      if (c < Ck && mask[c * mask_col] != 0) {
-        begin[u] = ko[c];
-        size[u] = ko[c + 1] - begin[u];
-      }
-      scan[u] = size[u] > 0 ? (uint64_t{1} << 32) + static_cast<uint64_t>(size[u]) : 0;
+      begin[u] = c < Ck ? ko[c] : 0;
+      size[u] = c < Ck ? ko[c + 1] - begin[u] : 0;
+      state[u] = size[u] == 0 ? kEmpty : mask[c * mask_col] != 0 ? kKept : kSkipped;
+    }
+    uint8_t pass_state = kEmpty;
+    StateScan(state_storage).ExclusiveScan(state, before, carry, LastNonEmpty{}, pass_state);
+    uint64_t scan[kRowItems];
+#pragma unroll
+    for (int u = 0; u < kRowItems; ++u) {
+      const uint64_t starts = state[u] == kKept && before[u] != kKept ? uint64_t{1} << 32 : 0;
+      scan[u] = state[u] == kKept ? starts + static_cast<uint64_t>(size[u]) : 0;
     }
     uint64_t pass_total = 0;
     Scan(scan_storage).ExclusiveSum(scan, scan, pass_total);
 #pragma unroll
     for (int u = 0; u < kRowItems; ++u) {
-      if (size[u] == 0) continue;
+      if (state[u] != kKept || before[u] == kKept) continue;  // only a run's first cluster writes
       const uint64_t at = running + scan[u];
       const int32_t cum_begin = static_cast<int32_t>(at & 0xffffffffu);
-      seg[at >> 32] = Segment{begin[u] - cum_begin, cum_begin + size[u]};
+      const int64_t index = static_cast<int64_t>(at >> 32);
+      seg[index].delta = begin[u] - cum_begin;
+      if (index > 0) seg[index - 1].cum_end = cum_begin;
     }
     running += pass_total;
-    __syncthreads();  // scan_storage is reused by the next pass
+    carry = LastNonEmpty{}(carry, pass_state);
+    __syncthreads();  // the scans' storage is reused by the next pass
   }
   const uint64_t keys = running & 0xffffffffu;  // the same in every thread: CUB gives each the aggregate
   const int32_t* qo = layout.q_offsets + bh * (layout.q_clusters + 1);
@@ -144,7 +166,9 @@ __global__ void __launch_bounds__(kRowThreads) plan_rows_kernel(LayoutView layou
     out.items[slot0 + t] = WorkItem{static_cast<int32_t>(bh), static_cast<int32_t>(a), q_begin, q_end};
   }
   if (threadIdx.x == 0) {
-    out.num_segments[r] = static_cast<int32_t>(running >> 32);
+    const int32_t segments = static_cast<int32_t>(running >> 32);
+    if (segments > 0) seg[segments - 1].cum_end = static_cast<int32_t>(keys);
+    out.num_segments[r] = segments;
     if (tiles > 0) atomicAdd(out.num_items, tiles);
   }
 }

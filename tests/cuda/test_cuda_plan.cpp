@@ -204,7 +204,11 @@ Plan host_plan(const HostLayout& l, const std::vector<bool>& bh_ok) {
       for (int64_t c = 0; c < l.Ck; ++c) {
         const int32_t size = ko[c + 1] - ko[c];
         if (l.mask(bh, a, c) == 0 || size == 0) continue;
-        segs.push_back({ko[c] - keys, keys + size});
+        if (!segs.empty() && segs.back().delta + segs.back().cum_end == ko[c]) {
+          segs.back().cum_end += size;  // rows continue the previous kept cluster's: one run
+        } else {
+          segs.push_back({ko[c] - keys, keys + size});
+        }
         keys += size;
       }
       for (int32_t q = qo[a]; q < qo[a + 1]; q += attn::kTileQ) {
