@@ -199,6 +199,29 @@ void kmeans_assign(const TensorView& points, const TensorView& centroids, Tensor
   cpu::kmeans_assign(points, centroids, labels, cpu_threads(stream));
 }
 
+size_t order_clusters_workspace_bytes(int64_t batch_heads, int64_t clusters, int64_t dim, Device device) {
+  SAPATTN_CHECK(batch_heads >= 0 && clusters >= 0 && dim >= 0, InvalidArgumentError,
+                "order_clusters_workspace_bytes: negative size");
+  if (device.type == DeviceType::CPU) return 0;
+  return SAPATTN_ON_CUDA(order_clusters_workspace_bytes(batch_heads, clusters, dim));
+}
+
+void order_clusters(TensorView centroids, TensorView sizes, TensorView labels, const Stream& stream,
+                    Workspace workspace) {
+  expect_rank(centroids, 4, "centroids");
+  expect_dtype(centroids, DType::F32, "centroids");
+  expect_contiguous(centroids, "centroids");
+  check_sizes(sizes, centroids);
+  expect_rank(labels, 3, "labels");
+  expect_dtype(labels, DType::I32, "labels");
+  SAPATTN_CHECK(labels.stride[2] == 1, ShapeError, "labels must have unit stride along N, got ", labels.describe());
+  expect_extent(labels, 0, centroids.shape[0], "labels", "batch of centroids");
+  expect_extent(labels, 1, centroids.shape[1], "labels", "heads of centroids");
+  if (backend(stream, centroids, sizes, labels) == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(order_clusters(centroids, sizes, labels, stream, workspace));
+  cpu::order_clusters(centroids, sizes, labels, cpu_threads(stream));
+}
+
 void kmeans_update(const TensorView& points, const TensorView& labels, TensorView centroids, TensorView sizes,
                    const Stream& stream, Workspace workspace) {
   check_points_centroids(points, centroids);

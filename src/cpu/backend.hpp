@@ -14,6 +14,8 @@ void kmeans_assign(const TensorView& points, const TensorView& centroids, Tensor
 void kmeans_update(const TensorView& points, const TensorView& labels, TensorView centroids, TensorView sizes,
                    bool move_centroids, int threads);
 
+void order_clusters(TensorView centroids, TensorView sizes, TensorView labels, int threads);
+
 void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, int threads);
 void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
                    float top_p, int min_kept, TensorView mask, int threads);

@@ -42,6 +42,10 @@ void kmeans_update(const TensorView& points, const TensorView& labels, TensorVie
 void kmeans(const TensorView& points, TensorView centroids, TensorView labels, TensorView sizes, int iters,
             const Stream& stream, Workspace workspace, AssignStats stats = {});
 
+size_t order_clusters_workspace_bytes(int64_t batch_heads, int64_t clusters, int64_t dim);
+void order_clusters(TensorView centroids, TensorView sizes, TensorView labels, const Stream& stream,
+                    Workspace workspace);
+
 void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, const Stream& stream);
 void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
                    float top_p, int min_kept, TensorView mask, const Stream& stream);

@@ -793,6 +793,34 @@ INSTANTIATE_TEST_SUITE_P(
 // Errors, value checks, finiteness
 // ---------------------------------------------------------------------------------------------
 
+// order_clusters computes the CPU's chain in the CPU's arithmetic: identical bytes, also at the size
+// svg2 orders (1000 clusters of D = 128), with empty clusters and strided labels.
+TEST(ClusterOrder, IdenticalToCpu) {
+  Rng rng(case_seed());
+  const int64_t B = 2, H = 2, C = 1000, D = 128, N = 6000;
+  Host cent = make_host(DType::F32, {B, H, C, D}), sizes = make_host(DType::I32, {B, H, C}),
+       labels = make_host(DType::I32, {B, H, N + 5});
+  for_each(cent.view, [&](const auto& idx) { set(cent.view, idx, rng.normal() + (idx[2] % 7 == 0 ? 2.0 : 0.0)); });
+  for_each(sizes.view, [&](const auto& idx) { set(sizes.view, idx, 0); });
+  for_each(labels.view, [&](const auto& idx) {
+    const int64_t c = idx[2] < N ? rng.integer(0, C - 1) / 3 * 3 : -1;  // clusters not divisible by 3 stay empty
+    set(labels.view, idx, static_cast<double>(c));
+    if (c >= 0) set(sizes.view, {idx[0], idx[1], c}, get(sizes.view, {idx[0], idx[1], c}) + 1);
+  });
+  CudaStream cs;
+  Dev dc = to_device(cent), ds = to_device(sizes), dl = to_device(labels);
+  const Buffer ws = device_workspace(order_clusters_workspace_bytes(B * H, C, D, Device::cuda(0)));
+  order_clusters(dc.view, ds.view, dl.view.slice(2, 0, N), cs.stream(), as_workspace(ws));
+  order_clusters(cent.view, sizes.view, labels.view.slice(2, 0, N), kCpu);
+  cs.sync();
+  EXPECT_EQ(bytes_of(to_host(dc, cent)), bytes_of(cent));
+  EXPECT_EQ(bytes_of(to_host(ds, sizes)), bytes_of(sizes));
+  EXPECT_EQ(bytes_of(to_host(dl, labels)), bytes_of(labels));
+  // A small workspace throws.
+  EXPECT_THROW(order_clusters(dc.view, ds.view, dl.view.slice(2, 0, N), cs.stream(), Workspace{ws.data(), 64}),
+               WorkspaceError);
+}
+
 class ValueChecksOn {
  public:
   ValueChecksOn() { cuda::set_value_checks(true); }
@@ -827,6 +855,9 @@ TEST(Errors, BadValuesAreReportedWithValueChecks) {
   const Buffer kws = device_workspace(kmeans_workspace_bytes(2, N, C, 64, Device::cuda(0)));
   EXPECT_THROW(kmeans_update(dpts.view, dl.view, dc.view, ds.view, cs.stream(), as_workspace(kws)),
                InvalidArgumentError);
+  // order_clusters with a bad label.
+  const Buffer ows = device_workspace(order_clusters_workspace_bytes(2, C, 64, Device::cuda(0)));
+  EXPECT_THROW(order_clusters(dc.view, ds.view, dl.view, cs.stream(), as_workspace(ows)), InvalidArgumentError);
   // Good values pass.
   set(labels.view, {0, 1, 37}, 2);
   const Dev good = to_device(labels);
