@@ -16,7 +16,7 @@
 //
 //   sapattn_bench_attention [--shape wan13b|wan14b|hunyuan|all[,...]] [--densities 0.05,0.1,...]
 //                           [--out DIR] [--iters N] [--warmup N] [--kernels auto,cpasync,tma,sm80] [--seed N]
-//                           [--cq N] [--ck N] [--threads N] [--cpu]
+//                           [--cq N] [--ck N] [--threads N] [--order chain|none] [--cpu]
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -66,6 +66,7 @@ struct Options {
   int cq = 0, ck = 0;  // 0: the shape's official counts
   int threads = 0;     // generator threads, 0 = all
   bool cpu = false;    // run on the CPU backend (harness smoke test)
+  bool order = true;   // order_clusters on the key clusters after k-means ("--order chain"; "none": k-means numbering)
 };
 
 // One JSON object, built field by field and printed as one line.
@@ -322,6 +323,15 @@ void bench_shape(const ShapeSpec& spec, const Options& opt) {
         kmeans(k_video, kc.view(), kl_video, ks.view(), 50, st, ws);
       },
       0, 1);
+  // The key clusters renumbered so that similar ones are neighbours (what makes kept clusters form
+  // runs); timed apart, as svg2 pays it only when it clusters from scratch.
+  double order_ms = 0;
+  if (opt.order) {
+    const Buffer order_buf = Buffer::allocate(std::max<size_t>(order_clusters_workspace_bytes(BH, Ckv, D, dev), 256), dev);
+    const Workspace order_ws{order_buf.data(), order_buf.bytes()};
+    order_ms = rt.time([&] { order_clusters(kc.view(), ks.view(), kl_video, st, order_ws); }, 0, 1).median_ms;
+
+  }
   if (text) {
     label_text_tokens(ql.view(), Sv, preset.prompt_length, Cqv, st);
     label_text_tokens(kl.view(), Sv, preset.prompt_length, Ckv, st);
@@ -337,6 +347,8 @@ void bench_shape(const ShapeSpec& spec, const Options& opt) {
   gather_rows(vv, kp.view(), vr.view(), st);
   rt.sync();
   JsonLine().str("shape", name).str("op", "kmeans_50it_qk").num("ms", kmeans_t.median_ms, 5).print();
+  JsonLine().str("shape", name).str("op", "order_clusters").str("order", opt.order ? "chain" : "none")
+      .num("ms", order_ms, 5).print();
   const std::vector<int32_t> q_off = rt.to_host<int32_t>(qo), k_off = rt.to_host<int32_t>(ko);
   print_size_summary(name, "q", q_off, BH, Cq + 1, Cqv);
   print_size_summary(name, "k", k_off, BH, Ck + 1, Ckv);
@@ -455,17 +467,42 @@ void bench_shape(const ShapeSpec& spec, const Options& opt) {
     }
     select(best_p, min_kept);
     const std::vector<uint8_t> m = rt.to_host<uint8_t>(mask);
-    // Exact pairs from the host copies: sum over kept (a,b) of |Q_a| * |K_b|.
-    double pairs = 0;
+    // Exact pairs from the host copies: sum over kept (a,b) of |Q_a| * |K_b|. Also what the kernels
+    // see of the layout: runs of kept clusters with contiguous rows (the plan's segments) and the
+    // pairs computed and discarded by padding (query rows to 64 per warpgroup, keys to 16-row slots
+    // per run, as the TMA loads do, or per cluster, as they would without runs).
+    double pairs = 0, runs = 0, kept = 0, rows_with_keys = 0, q_padded = 0, k_slots_runs = 0, k_slots_clusters = 0;
     for (int64_t r = 0; r < BH; ++r) {
       const int32_t* qo_r = &q_off[r * (Cq + 1)];
       const int32_t* ko_r = &k_off[r * (Ck + 1)];
       for (int a = 0; a < Cq; ++a) {
-        int64_t keys = 0;
+        int64_t keys = 0, run = 0, slots_runs = 0, slots_clusters = 0, row_runs = 0, row_kept = 0;
+        bool previous_kept = false;  // the last non-empty cluster's
         const uint8_t* row = &m[(r * Cq + a) * Ck];
-        for (int b = 0; b < Ck; ++b)
-          if (row[b]) keys += ko_r[b + 1] - ko_r[b];
-        pairs += static_cast<double>(keys) * static_cast<double>(qo_r[a + 1] - qo_r[a]);
+        for (int b = 0; b <= Ck; ++b) {
+          const int64_t size = b < Ck ? ko_r[b + 1] - ko_r[b] : 1;
+          if (size == 0) continue;
+          const bool keep = b < Ck && row[b] != 0;
+          if (!keep && previous_kept) slots_runs += (run + 15) / 16;  // a run ends
+          if (keep) {
+            if (!previous_kept) ++row_runs, run = 0;
+            run += size;
+            keys += size;
+            ++row_kept;
+            slots_clusters += (size + 15) / 16;
+          }
+          previous_kept = keep;
+        }
+        const int64_t n = qo_r[a + 1] - qo_r[a];
+        pairs += static_cast<double>(keys) * static_cast<double>(n);
+        if (keys == 0 || n == 0) continue;
+        const int64_t computed = n / 128 * 128 + (n % 128 + 63) / 64 * 64;  // items of 128, warpgroups of 64
+        q_padded += static_cast<double>(computed - n) * static_cast<double>(keys);
+        k_slots_runs += static_cast<double>(slots_runs) * 16.0 * static_cast<double>(n);
+        k_slots_clusters += static_cast<double>(slots_clusters) * 16.0 * static_cast<double>(n);
+        runs += static_cast<double>(row_runs) * static_cast<double>(n);
+        kept += static_cast<double>(row_kept) * static_cast<double>(n);
+        rows_with_keys += static_cast<double>(n);
       }
     }
     const double density = pairs / dense_pairs;
@@ -487,6 +524,13 @@ void bench_shape(const ShapeSpec& spec, const Options& opt) {
         .num("pairs", pairs, 10)
         .num("top_p", best_p, 8)
         .integer("min_kept", min_kept)
+        .str("key_order", opt.order ? "chain" : "none")
+        // per query row: kept clusters and runs; shares of computed pairs that padding discards
+        .num("clusters_per_row", kept / std::max(rows_with_keys, 1.0), 5)
+        .num("runs_per_row", runs / std::max(rows_with_keys, 1.0), 5)
+        .num("q_pad_share", q_padded / std::max(pairs + q_padded, 1.0), 5)
+        .num("k_pad_share_slot16_runs", 1.0 - pairs / std::max(k_slots_runs, 1.0), 5)
+        .num("k_pad_share_slot16_clusters", 1.0 - pairs / std::max(k_slots_clusters, 1.0), 5)
         .str("q_offsets", "q_offsets.npy")
         .str("k_offsets", "k_offsets.npy")
         .str("mask", mask_file);
@@ -564,6 +608,7 @@ int usage(const char* argv0) {
   std::fprintf(stderr,
                "usage: %s [--shape wan13b|wan14b|hunyuan|all[,...]] [--densities 0.05,0.1,...] [--out DIR]\n"
                "          [--iters N] [--warmup N] [--kernels auto,cpasync,tma,sm80] [--seed N] [--cq N] [--ck N] [--threads N]\n"
+               "          [--order chain|none]   (key clusters renumbered by order_clusters, the default, or as k-means left them)\n"
                "          [--cpu]   (CPU backend, for a smoke test on --shape tiny or tiny-text)\n",
                argv0);
   return 2;
@@ -592,6 +637,9 @@ int main(int argc, char** argv) {
       opt.iters = std::max(1, std::atoi(val.c_str()));
     } else if (a == "--warmup") {
       opt.warmup = std::max(0, std::atoi(val.c_str()));
+    } else if (a == "--order") {
+      if (val != "chain" && val != "none") return usage(argv[0]);
+      opt.order = val == "chain";
     } else if (a == "--kernels") {
       opt.kernels = split(val);
     } else if (a == "--seed") {

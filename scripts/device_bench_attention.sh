@@ -18,7 +18,8 @@
 # (.whl/flashinfer/aot/<module>/<module>.so, sm_90a, nvcc 13.0), so that nothing is JIT-compiled here.
 # Without them the peers report flashinfer as unavailable and the rest runs.
 #
-# Environment: DENSITIES (0.05,0.1,0.15,0.2,0.3,0.4), ITERS (10), KERNELS (auto,sm80), PEER_IMPLS
+# Environment: DENSITIES (0.05,0.1,0.15,0.2,0.3,0.4), ITERS (10), KERNELS (auto,sm80), ORDER (chain: key
+# clusters renumbered by order_clusters; none: as k-means left them), PEER_IMPLS
 # (sdpa_cudnn,sdpa_flash,flex,flashinfer_fa2,flashinfer_fa3), BENCH_TIMEOUT / PEERS_TIMEOUT (seconds
 # per shape, 240 / 300), LAYOUTS (where layouts go, /tmp/sapattn-layouts; they can be large).
 set -uo pipefail
@@ -96,7 +97,7 @@ for s in "${shapes[@]}"; do
   rm -rf "${layouts:?}/$full"
   start=$(date +%s)
   timeout "${BENCH_TIMEOUT:-240}" "$exe" --shape "$full" --densities "$densities" --out "$layouts" --iters "$iters" \
-    --kernels "$kernels" >>"$out/attention.jsonl" 2>>"$out/attention.err"
+    --kernels "$kernels" --order "${ORDER:-chain}" >>"$out/attention.jsonl" 2>>"$out/attention.err"
   rc=$?
   [ $rc -ne 0 ] && rc_bench=$rc
   echo "$full: sapattn_bench_attention exit $rc after $(($(date +%s) - start)) s"
