@@ -7,7 +7,11 @@
 //           cluster counts, scored and selected by the same rule — what position-based methods do.
 //   oracle  the SAP clusters, with key clusters chosen by their true attention mass (from dense
 //           attention), same top-p: the upper bound of identification for these clusters.
+//   ear     SVG-EAR: the SAP clusters, key clusters routed by the error probe within the area SVG2's
+//           top-p computes, every skipped video key cluster compensated through its centroids
+//           (docs/ear.md). The config's ear_* fields apply; compensate is implied.
 //   dense   full attention.
+// config.compensate adds the centroid compensation to sap, blocks and oracle too.
 #pragma once
 
 #include <string_view>
@@ -18,9 +22,9 @@
 
 namespace sapattn::eval {
 
-enum class Method : uint8_t { Sap, Blocks, Oracle, Dense };
+enum class Method : uint8_t { Sap, Blocks, Oracle, Ear, Dense };
 std::string_view method_name(Method m);
-// "sap", "blocks", "oracle", "dense"; anything else throws InvalidArgumentError.
+// "sap", "blocks", "oracle", "ear", "dense"; anything else throws InvalidArgumentError.
 Method parse_method(std::string_view name);
 
 struct MethodResult {

@@ -53,15 +53,40 @@ void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView
   });
 }
 
-void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
-                   float top_p, int min_kept, TensorView mask, int threads) {
+namespace {
+
+// One row of the size-weighted centroid softmax: weight[j] = |K_j| exp(S_j - m) / sum, m the max
+// over non-empty key clusters. Returns false (weights all 0) when every key cluster is empty.
+bool centroid_prob_row(const float* cq, const float* ck, const int32_t* size, int64_t Ck, int64_t D, float scale,
+                       std::vector<float>& score, float* weight) {
+  float row_max = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < Ck; ++j) {
+    float dot = 0.0f;
+    for (int64_t d = 0; d < D; ++d) dot += cq[d] * ck[j * D + d];
+    score[j] = dot * scale;
+    if (size[j] > 0) row_max = std::max(row_max, score[j]);
+  }
+  if (row_max == -std::numeric_limits<float>::infinity()) {  // every key cluster is empty
+    std::fill(weight, weight + Ck, 0.0f);
+    return false;
+  }
+  float total = 0.0f;
+  for (int64_t j = 0; j < Ck; ++j) {
+    weight[j] = size[j] > 0 ? static_cast<float>(size[j]) * std::exp(score[j] - row_max) : 0.0f;
+    total += weight[j];
+  }
+  for (int64_t j = 0; j < Ck; ++j) weight[j] /= total;
+  return true;
+}
+
+// Calls row(b, h, a, any, weights, order) for every query-cluster row of every (b,h), in parallel
+// over (b,h); `any` is false when every key cluster is empty, `order` is the task's scratch.
+template <typename RowFn>
+void for_each_prob_row(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes,
+                       float scale, int threads, RowFn&& row) {
+  check_sizes_nonnegative(k_sizes, "k_sizes");
   const int64_t B = q_centroids.shape[0], H = q_centroids.shape[1];
   const int64_t Cq = q_centroids.shape[2], Ck = k_centroids.shape[2], D = q_centroids.shape[3];
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t j = 0; j < Ck; ++j)
-        SAPATTN_CHECK(at<int32_t>(k_sizes, b, h, j) >= 0, InvalidArgumentError, "k_sizes[b=", b, ", h=", h, ", ", j,
-                      "] = ", at<int32_t>(k_sizes, b, h, j), " is negative");
   parallel_for(B * H, threads, [&](int64_t bh) {
     const int64_t b = bh / H, h = bh % H;
     const float* cq = &at<float>(q_centroids, b, h);
@@ -70,27 +95,36 @@ void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids,
     std::vector<float> score(Ck), weight(Ck);
     std::vector<int32_t> order;
     for (int64_t a = 0; a < Cq; ++a) {
-      uint8_t* row = &at<uint8_t>(mask, b, h, a);
-      float row_max = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < Ck; ++j) {
-        float dot = 0.0f;
-        for (int64_t d = 0; d < D; ++d) dot += cq[a * D + d] * ck[j * D + d];
-        score[j] = dot * scale;
-        if (size[j] > 0) row_max = std::max(row_max, score[j]);
-      }
-      if (row_max == -std::numeric_limits<float>::infinity()) {  // every key cluster is empty
-        for (int64_t j = 0; j < Ck; ++j) row[j * mask.stride[3]] = 0;
-        continue;
-      }
-      float total = 0.0f;
-      for (int64_t j = 0; j < Ck; ++j) {
-        weight[j] = size[j] > 0 ? static_cast<float>(size[j]) * std::exp(score[j] - row_max) : 0.0f;
-        total += weight[j];
-      }
-      for (int64_t j = 0; j < Ck; ++j) weight[j] /= total;
-      keep_top_p_row(weight.data(), 1, Ck, top_p, min_kept, row, mask.stride[3], order);
+      const bool any = centroid_prob_row(cq + a * D, ck, size, Ck, D, scale, score, weight.data());
+      row(b, h, a, any, weight.data(), order);
     }
   });
+}
+
+}  // namespace
+
+void centroid_probs(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes,
+                    float scale, TensorView probs, int threads) {
+  const int64_t Ck = k_centroids.shape[2];
+  for_each_prob_row(q_centroids, k_centroids, k_sizes, scale, threads,
+                    [&](int64_t b, int64_t h, int64_t a, bool, const float* weight, std::vector<int32_t>&) {
+                      for (int64_t j = 0; j < Ck; ++j) at<float>(probs, b, h, a, j) = weight[j];
+                    });
+}
+
+void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
+                   float top_p, int min_kept, TensorView mask, int threads) {
+  const int64_t Ck = k_centroids.shape[2];
+  for_each_prob_row(q_centroids, k_centroids, k_sizes, scale, threads,
+                    [&](int64_t b, int64_t h, int64_t a, bool any, const float* weight,
+                        std::vector<int32_t>& order) {
+                      uint8_t* row = &at<uint8_t>(mask, b, h, a);
+                      if (!any) {
+                        for (int64_t j = 0; j < Ck; ++j) row[j * mask.stride[3]] = 0;
+                        return;
+                      }
+                      keep_top_p_row(weight, 1, Ck, top_p, min_kept, row, mask.stride[3], order);
+                    });
 }
 
 void apply_text_rule(TensorView mask, int threads) {

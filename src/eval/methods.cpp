@@ -22,6 +22,8 @@ std::string_view method_name(Method m) {
       return "blocks";
     case Method::Oracle:
       return "oracle";
+    case Method::Ear:
+      return "ear";
     case Method::Dense:
       return "dense";
   }
@@ -29,9 +31,9 @@ std::string_view method_name(Method m) {
 }
 
 Method parse_method(std::string_view name) {
-  for (Method m : {Method::Sap, Method::Blocks, Method::Oracle, Method::Dense})
+  for (Method m : {Method::Sap, Method::Blocks, Method::Oracle, Method::Ear, Method::Dense})
     if (name == method_name(m)) return m;
-  SAPATTN_THROW(InvalidArgumentError, "unknown method '", name, "' (choose sap, blocks, oracle or dense)");
+  SAPATTN_THROW(InvalidArgumentError, "unknown method '", name, "' (choose sap, blocks, oracle, ear or dense)");
 }
 
 namespace {
@@ -154,18 +156,23 @@ std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const Te
   const Stream stream = Stream::cpu(threads);
   const AttentionShape shape = AttentionShape::of(q);
   const int64_t B = shape.batch, H = shape.heads, D = shape.head_dim;
+  Config base = config;
+  if (method == Method::Ear) {
+    base.routing = Routing::ErrorAware;
+    base.compensate = true;
+  }
   // q stands in for the output: only its shape is checked; each result gets its own outputs below.
-  pipeline::check_inputs(q, k, v, config, Svg2Outputs{q}, stream);
+  pipeline::check_inputs(q, k, v, base, Svg2Outputs{q}, stream);
   for (float p : top_ps) {
-    Config c = config;
+    Config c = base;
     c.top_p = p;
     c.validate();
   }
   const auto start = std::chrono::steady_clock::now();
-  const Buffer scratch = Buffer::allocate(svg2_workspace_bytes(shape, config, q.dtype, stream.device));
+  const Buffer scratch = Buffer::allocate(svg2_workspace_bytes(shape, base, q.dtype, stream.device));
   const Workspace ws{scratch.data(), scratch.bytes()};
   pipeline::Buffers buf;
-  pipeline::carve(shape, config, q.dtype, stream.device, &ws, &buf);
+  pipeline::carve(shape, base, q.dtype, stream.device, &ws, &buf);
 
   // Clusters (and the ranking they are scored by) do not depend on top-p: made once.
   BranchState state;
@@ -180,23 +187,24 @@ std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const Te
     kmeans_update(qv, buf.q_video_labels(), state.q_centroids.view(), buf.q_sizes, stream, buf.op_scratch);
     kmeans_update(kv, buf.k_video_labels(), state.k_centroids.view(), buf.k_sizes, stream, buf.op_scratch);
   } else {
-    pipeline::cluster(q, k, config, state.views(), true, buf, buf.q_sizes, buf.k_sizes, stream);
-    if (method == Method::Oracle) mass = true_cluster_mass(q, k, *dense, config, buf, threads);
+    pipeline::cluster(q, k, base, state.views(), true, buf, buf.q_sizes, buf.k_sizes, stream);
+    if (method == Method::Oracle) mass = true_cluster_mass(q, k, *dense, base, buf, threads);
   }
+  pipeline::probe(k, v, base, state.views(), buf.q_sizes, buf.k_sizes, buf, stream);
   const double shared_seconds = seconds_since(start);
 
   std::vector<MethodResult> results;
   for (float p : top_ps) {
     const auto t0 = std::chrono::steady_clock::now();
-    Config c = config;
+    Config c = base;
     c.top_p = p;
     MethodResult r = empty_result(method, shape);
     if (method == Method::Oracle) {
       select_top_p(mass.view(), p, c.min_kept_clusters(), buf.video_mask(), stream);
     } else {
-      pipeline::select(c, state.views(), buf.k_sizes, buf, stream);
+      pipeline::select(c, state.views(), buf.q_sizes, buf.k_sizes, buf, stream);
     }
-    pipeline::attend_clusters(q, k, v, c, buf, outputs_of(r), stream);
+    pipeline::attend_clusters(q, k, v, c, state.views(), buf.k_sizes, buf, outputs_of(r), stream);
     r.q_labels = copy_of(buf.q_labels);
     r.k_labels = copy_of(buf.k_labels);
     r.mask = copy_of(buf.mask);
