@@ -113,6 +113,19 @@ void check_pair_matrix(const TensorView& t, int64_t B, int64_t H, int64_t rows, 
   expect_extent(t, 3, cols, name, "columns (key clusters)");
 }
 
+// q_sizes [B,H,R] and k_sizes [B,H,C] i32 contiguous: the clusters of a [B,H,R,C] pair matrix.
+void check_cluster_sizes(const TensorView& q_sizes, const TensorView& k_sizes, int64_t B, int64_t H, int64_t R,
+                         int64_t C) {
+  for (const auto& [t, name, n] : {std::tuple{&q_sizes, "q_sizes", R}, {&k_sizes, "k_sizes", C}}) {
+    expect_rank(*t, 3, name);
+    expect_dtype(*t, DType::I32, name);
+    expect_contiguous(*t, name);
+    expect_extent(*t, 0, B, name, "batch");
+    expect_extent(*t, 1, H, name, "heads");
+    expect_extent(*t, 2, n, name, "clusters");
+  }
+}
+
 // q [B,H,Sq,D], k and v [B,H,Sk,D], out [B,H,Sq,D], lse [B,H,Sq] or empty.
 void check_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale, const TensorView& out,
                      const TensorView& lse) {
@@ -165,6 +178,14 @@ DeviceType backend(const Stream& stream, const Views&... views) {
   SAPATTN_THROW(UnsupportedError, "no backend for ", to_string(stream.device),
                 " in this build (CPU only; "
                 "configure with -DSAPATTN_CUDA=ON where nvcc is installed)");
+}
+
+// The ops of SVG-EAR and the density budget run on the CPU only so far: a CUDA stream (or
+// tensor) gets UnsupportedError.
+template <typename... Views>
+void expect_cpu_backend(const char* op, const Stream& stream, const Views&... views) {
+  SAPATTN_CHECK(backend(stream, views...) == DeviceType::CPU, UnsupportedError, op,
+                " has no CUDA backend yet (docs/ear.md); run it on a CPU stream");
 }
 
 }  // namespace
@@ -269,6 +290,20 @@ void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView
   if (backend(stream, probs, mask) == DeviceType::CUDA)
     return SAPATTN_ON_CUDA(select_top_p(probs, top_p, min_kept, mask, stream));
   cpu::select_top_p(probs, top_p, min_kept, mask, cpu_threads(stream));
+}
+
+void select_top_p_at_density(const TensorView& probs, const TensorView& q_sizes, const TensorView& k_sizes,
+                             float density, int min_kept, TensorView mask, const Stream& stream) {
+  SAPATTN_CHECK(std::isfinite(density) && density > 0.0f && density <= 1.0f, InvalidArgumentError,
+                "density must be in (0, 1], got ", density);
+  SAPATTN_CHECK(min_kept >= 0, InvalidArgumentError, "min_kept must be >= 0, got ", min_kept);
+  expect_rank(probs, 4, "probs");
+  const int64_t B = probs.shape[0], H = probs.shape[1], R = probs.shape[2], C = probs.shape[3];
+  check_pair_matrix(probs, B, H, R, C, "probs");
+  check_mask(mask, B, H, R, C);
+  check_cluster_sizes(q_sizes, k_sizes, B, H, R, C);
+  expect_cpu_backend("select_top_p_at_density", stream, probs, q_sizes, k_sizes, mask);
+  cpu::select_top_p_at_density(probs, q_sizes, k_sizes, density, min_kept, mask, cpu_threads(stream));
 }
 
 void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
@@ -443,17 +478,6 @@ void dense_attention(const TensorView& q, const TensorView& k, const TensorView&
   cpu::dense_attention(q, k, v, scale, out, lse, cpu_threads(stream));
 }
 
-namespace {
-
-// The EAR ops run on the CPU only: a CUDA stream (or tensor) gets UnsupportedError.
-template <typename... Views>
-void expect_cpu_backend(const char* op, const Stream& stream, const Views&... views) {
-  SAPATTN_CHECK(backend(stream, views...) == DeviceType::CPU, UnsupportedError, op,
-                " has no CUDA backend yet (docs/ear.md); run it on a CPU stream");
-}
-
-}  // namespace
-
 void cluster_means(const TensorView& points, const TensorView& labels, TensorView means, const Stream& stream) {
   check_points_centroids(points, means);
   check_labels(labels, points);
@@ -499,14 +523,7 @@ void select_error_aware(const TensorView& probs, const TensorView& budget_mask, 
   check_pair_matrix(scores, B, H, R, C, "scores");
   check_mask(budget_mask, B, H, R, C);
   check_mask(mask, B, H, R, C);
-  for (const auto& [t, name, n] : {std::tuple{&q_sizes, "q_sizes", R}, {&k_sizes, "k_sizes", C}}) {
-    expect_rank(*t, 3, name);
-    expect_dtype(*t, DType::I32, name);
-    expect_contiguous(*t, name);
-    expect_extent(*t, 0, B, name, "batch");
-    expect_extent(*t, 1, H, name, "heads");
-    expect_extent(*t, 2, n, name, "clusters");
-  }
+  check_cluster_sizes(q_sizes, k_sizes, B, H, R, C);
   expect_cpu_backend("select_error_aware", stream, probs, budget_mask, scores, q_sizes, k_sizes, mask);
   cpu::select_error_aware(probs, budget_mask, scores, q_sizes, k_sizes, guaranteed, mask, cpu_threads(stream));
 }

@@ -37,8 +37,8 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
   const bool error_aware = config.routing == Routing::ErrorAware;
   const int64_t Cq = config.q_clusters, Ck = config.k_clusters;
   if (error_aware || config.compensate) b.v_centroids = c.take_view(DType::F32, {B, H, Ck, D}, device);
+  if (error_aware || config.density > 0.0f) b.probs = c.take_view(DType::F32, {B, H, Cq, Ck}, device);
   if (error_aware) {
-    b.probs = c.take_view(DType::F32, {B, H, Cq, Ck}, device);
     b.scores = c.take_view(DType::F32, {B, H, Cq, Ck}, device);
     b.budget_mask = c.take_view(DType::U8, {B, H, Cq, Ck}, device);
   }
@@ -138,27 +138,36 @@ void cluster(const TensorView& q, const TensorView& k, const Config& config, con
 void probe(const TensorView& k, const TensorView& v, const Config& config, const CentroidViews& centroids,
            const TensorView& q_sizes, const TensorView& k_sizes, Buffers& buf, const Stream& stream) {
   const bool error_aware = config.routing == Routing::ErrorAware;
+  const float scale = config.scale_for(k.shape[3]);
+  if (!buf.probs.empty()) centroid_probs(centroids.q, centroids.k, k_sizes, scale, buf.probs, stream);
   if (!error_aware && !config.compensate) return;
   const TensorView kv = k.slice(2, 0, buf.video_tokens), vv = v.slice(2, 0, buf.video_tokens);
   cluster_means(vv, buf.k_video_labels(), buf.v_centroids, stream);
-  if (!error_aware) return;
-  const float scale = config.scale_for(k.shape[3]);
-  centroid_probs(centroids.q, centroids.k, k_sizes, scale, buf.probs, stream);
-  ear_probe(centroids.q, centroids.k, buf.v_centroids, kv, vv, buf.k_video_labels(), q_sizes, k_sizes, scale,
-            config.ear_gamma, buf.scores, stream);
+  if (error_aware)
+    ear_probe(centroids.q, centroids.k, buf.v_centroids, kv, vv, buf.k_video_labels(), q_sizes, k_sizes, scale,
+              config.ear_gamma, buf.scores, stream);
 }
 
 void select(const Config& config, const CentroidViews& centroids, const TensorView& q_sizes, const TensorView& k_sizes,
             Buffers& buf, const Stream& stream) {
-  if (config.routing == Routing::TopP) {
+  const bool error_aware = config.routing == Routing::ErrorAware;
+  if (!error_aware && config.density == 0.0f) {
     select_blocks(centroids.q, centroids.k, k_sizes, config.scale_for(centroids.q.shape[3]), config.top_p,
                   config.min_kept_clusters(), buf.video_mask(), stream);
     return;
   }
-  // The budget is the area SVG2's rule computes: select_top_p on its weights is select_blocks.
-  select_top_p(buf.probs, config.top_p, config.min_kept_clusters(), buf.budget_mask, stream);
-  select_error_aware(buf.probs, buf.budget_mask, buf.scores, q_sizes, k_sizes, config.ear_guaranteed_clusters(),
-                     buf.video_mask(), stream);
+  // SVG2's rule on its weights (select_top_p on them is select_blocks), at top_p or at the top-p
+  // that meets the density; for EAR it is the budget.
+  const TensorView svg2_mask = error_aware ? buf.budget_mask : buf.video_mask();
+  if (config.density > 0.0f) {
+    select_top_p_at_density(buf.probs, q_sizes, k_sizes, config.density, config.min_kept_clusters(), svg2_mask,
+                            stream);
+  } else {
+    select_top_p(buf.probs, config.top_p, config.min_kept_clusters(), svg2_mask, stream);
+  }
+  if (error_aware)
+    select_error_aware(buf.probs, buf.budget_mask, buf.scores, q_sizes, k_sizes, config.ear_guaranteed_clusters(),
+                       buf.video_mask(), stream);
 }
 
 void check_centroids(const CentroidViews& centroids, const AttentionShape& shape, const Config& config,

@@ -3,6 +3,7 @@
 // characterisation, the layer call with error-aware routing, and bad input.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -237,6 +238,61 @@ TEST(EarRouting, FullBudgetKeepsEveryCluster) {
   select_error_aware(probs.view(), budget.view(), scores.view(), q_sizes.view(), k_sizes.view(), 1, mask.view(),
                      kStream);
   for (int64_t j = 0; j < C; ++j) EXPECT_EQ(mask.data_as<uint8_t>()[j], 1) << j;
+}
+
+// ---------------------------------------------------------------------------------------------
+// select_top_p_at_density (the --density budget)
+// ---------------------------------------------------------------------------------------------
+
+// Brute force over every candidate top-p (each row's fp32 running sums in rank order, and 1):
+// select_top_p at each, keep the smallest whose kept area reaches the target.
+TEST(DensityBudget, SmallestTopPThatReachesTheDensity) {
+  const int64_t B = 1, H = 2, R = 5, C = 9;
+  ref::Rng rng(case_seed());
+  for (int trial = 0; trial < 10; ++trial) {
+    std::vector<double> probs(static_cast<size_t>(B * H * R * C));
+    for (int64_t r = 0; r < B * H * R; ++r) {
+      double total = 0;
+      for (int64_t j = 0; j < C; ++j) total += probs[static_cast<size_t>(r * C + j)] = rng.uniform() + rng.integer(0, 1);
+      for (int64_t j = 0; j < C; ++j) probs[static_cast<size_t>(r * C + j)] /= total;
+    }
+    std::vector<int32_t> q_sizes(static_cast<size_t>(B * H * R)), k_sizes(static_cast<size_t>(B * H * C));
+    for (int32_t& n : q_sizes) n = static_cast<int32_t>(rng.integer(0, 6));
+    for (int32_t& n : k_sizes) n = static_cast<int32_t>(rng.integer(0, 9));
+    const Tensor probs_t = from_values(DType::F32, {B, H, R, C}, probs);
+    const Tensor q_sizes_t = sizes_tensor({B, H, R}, q_sizes), k_sizes_t = sizes_tensor({B, H, C}, k_sizes);
+    const float density = static_cast<float>(rng.uniform(0.05, 1.0));
+    const int min_kept = static_cast<int>(rng.integer(0, 2));
+    Tensor got(DType::U8, {B, H, R, C}), at_p(DType::U8, {B, H, R, C});
+    select_top_p_at_density(probs_t.view(), q_sizes_t.view(), k_sizes_t.view(), density, min_kept, got.view(), kStream);
+    const std::vector<double> pf = ref::to_vector(probs_t.view());
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      std::vector<float> candidates{1.0f};
+      for (int64_t r = 0; r < R; ++r) {
+        const std::vector<int64_t> order = ref::rank_descending(&pf[static_cast<size_t>((bh * R + r) * C)], C);
+        float sum = 0.0f;
+        for (int64_t i : order) candidates.push_back(sum += static_cast<float>(pf[static_cast<size_t>((bh * R + r) * C + i)]));
+      }
+      std::sort(candidates.begin(), candidates.end());
+      double q_total = 0, k_total = 0;
+      for (int64_t r = 0; r < R; ++r) q_total += q_sizes[static_cast<size_t>(bh * R + r)];
+      for (int64_t j = 0; j < C; ++j) k_total += k_sizes[static_cast<size_t>(bh * C + j)];
+      for (float p : candidates) {
+        if (p <= 0.0f || p > 1.0f) continue;
+        select_top_p(probs_t.view(), p, min_kept, at_p.view(), kStream);
+        double area = 0;
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t j = 0; j < C; ++j)
+            if (at_p.data_as<uint8_t>()[(bh * R + r) * C + j] != 0)
+              area += static_cast<double>(q_sizes[static_cast<size_t>(bh * R + r)]) * k_sizes[static_cast<size_t>(bh * C + j)];
+        if (area < density * q_total * k_total && p < 1.0f) continue;
+        for (int64_t i = bh * R * C; i < (bh + 1) * R * C; ++i)
+          ASSERT_EQ(got.data_as<uint8_t>()[i], at_p.data_as<uint8_t>()[i])
+              << "trial " << trial << " head " << bh << " top-p " << p << " density " << density;
+        break;
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

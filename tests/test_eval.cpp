@@ -148,6 +148,28 @@ TEST(Methods, OnTheTinyWorkloadEarBeatsCompensatedSapBeatsSap) {
   EXPECT_LE(worst(ear), worst(sap));
 }
 
+// --density sets the share of computed pairs: every sparse method meets it from above (SVG2 by the
+// top-p that reaches it, EAR by the same area as its budget, overshot by at most the last cluster
+// it takes), so methods are compared at equal density.
+TEST(Methods, DensityBudgetIsMet) {
+  const Tensor q = blobs(1, 2, 300, 32, 6, 7), k = blobs(1, 2, 300, 32, 6, 8), v = blobs(1, 2, 300, 32, 6, 9);
+  Config c = small_config();
+  c.min_kc_ratio = 0.0f;
+  const MethodResult d = run_method(Method::Dense, q.view(), k.view(), v.view(), c);
+  for (Method method : {Method::Sap, Method::Blocks, Method::Oracle, Method::Ear}) {
+    const std::vector<MethodResult> runs =
+        run_sweep(method, q.view(), k.view(), v.view(), c, std::vector<SweepPoint>{{0.9f, 0.15f}, {0.9f, 0.3f}}, &d);
+    for (size_t i = 0; i < runs.size(); ++i) {
+      const double target = i == 0 ? 0.15 : 0.3;
+      const Metrics m = compare(runs[i], d);
+      EXPECT_GE(m.mean.density, target - 1e-6) << method_name(method);
+      // EAR may overshoot by the crossing key cluster of every row: at most the largest key
+      // cluster's share of the keys (about 1/12 here).
+      EXPECT_LE(m.mean.density, target + 0.15) << method_name(method);
+    }
+  }
+}
+
 TEST(Metrics, KnownAnswers) {
   const Tensor q = blobs(1, 2, 50, 32, 3, 11), v = blobs(1, 2, 50, 32, 3, 12);
   const MethodResult d = run_method(Method::Dense, q.view(), q.view(), v.view(), small_config());

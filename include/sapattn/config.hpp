@@ -15,6 +15,8 @@ struct Config {
   int q_clusters = 300;        // Cq: k-means clusters over the video-token queries
   int k_clusters = 1000;       // Ck: k-means clusters over the video-token keys
   float top_p = 0.9f;          // per query-cluster row, keep key clusters until this mass; >= 1 keeps all
+  float density = 0.0f;        // > 0: replaces top_p by, per (b,h), the smallest top-p whose selection
+                               // computes this share of the video query-key pairs (a speed budget)
   float min_kc_ratio = 0.10f;  // always keep the top floor(min_kc_ratio * Ck) key clusters
   int kmeans_iters_init = 50;  // Lloyd iterations at a layer's first sparse call (sampled init)
   int kmeans_iters_step = 2;   // Lloyd iterations at later calls (warm start from cached centroids)

@@ -44,9 +44,20 @@ struct MethodResult {
 MethodResult run_method(Method method, const TensorView& q, const TensorView& k, const TensorView& v,
                         const Config& config, const MethodResult* dense = nullptr, int threads = 0);
 
-// One sparse method at several top-p values (config.top_p is ignored): the clusters, and the
-// oracle's mass matrix, are computed once and shared, as none of them depends on top-p. Each
-// result's `seconds` is what a single run at that top-p would take (the shared part included).
+// A selection budget: top_p, or a density (> 0: Config::density, which then replaces top_p).
+struct SweepPoint {
+  float top_p = 0.9f;
+  float density = 0.0f;
+};
+
+// One sparse method at several budgets (config.top_p and config.density are ignored): the
+// clusters, the oracle's mass matrix and EAR's probe are computed once and shared, as none of them
+// depends on the budget. Each result's `seconds` is what a single run at that budget would take
+// (the shared part included).
+std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const TensorView& k, const TensorView& v,
+                                    const Config& config, const std::vector<SweepPoint>& points,
+                                    const MethodResult* dense = nullptr, int threads = 0);
+// The same over top-p values.
 std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const TensorView& k, const TensorView& v,
                                     const Config& config, const std::vector<float>& top_ps,
                                     const MethodResult* dense = nullptr, int threads = 0);

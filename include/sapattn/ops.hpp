@@ -72,6 +72,16 @@ size_t kmeans_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clust
 // top_p >= 1 keeps every cluster of the row.
 void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, const Stream& stream);
 
+// select_top_p with one top-p per (b,h), chosen for a speed budget: the smallest top_p in (0, 1]
+// whose kept area sum_{kept (a,j)} q_sizes[a] k_sizes[j] reaches `density` times
+// sum_a q_sizes[a] * sum_j k_sizes[j]. The kept area only changes where top_p crosses a row's fp32
+// running sum, so those values (and 1) are the candidates, searched by bisection; the rows are then
+// written exactly as select_top_p writes them at that top_p. min_kept floors the density.
+//   probs [B,H,R,C] f32 as select_top_p; q_sizes [B,H,R], k_sizes [B,H,C] i32, contiguous,
+//   non-negative; 0 < density <= 1.
+void select_top_p_at_density(const TensorView& probs, const TensorView& q_sizes, const TensorView& k_sizes,
+                             float density, int min_kept, TensorView mask, const Stream& stream);
+
 // SVG2's selection: S = q_centroids . k_centroids^T * scale; per row the key-cluster-size
 // weighted softmax P_ij = |K_j| exp(S_ij - m_i) / sum_j |K_j| exp(S_ij - m_i), with m_i the row
 // max over non-empty key clusters; then select_top_p. Query-cluster sizes play no part.

@@ -12,6 +12,8 @@ void Config::validate() const {
   SAPATTN_CHECK(k_clusters >= 1, InvalidArgumentError, "k_clusters must be >= 1, got ", k_clusters);
   SAPATTN_CHECK(std::isfinite(top_p) && top_p > 0.0f && top_p <= 1.0f, InvalidArgumentError,
                 "top_p must be in (0, 1], got ", top_p);
+  SAPATTN_CHECK(std::isfinite(density) && density >= 0.0f && density <= 1.0f, InvalidArgumentError,
+                "density must be in [0, 1] (0 = use top_p), got ", density);
   SAPATTN_CHECK(std::isfinite(min_kc_ratio) && min_kc_ratio >= 0.0f && min_kc_ratio <= 1.0f, InvalidArgumentError,
                 "min_kc_ratio must be in [0, 1], got ", min_kc_ratio);
   SAPATTN_CHECK(kmeans_iters_init >= 0, InvalidArgumentError, "kmeans_iters_init must be >= 0, got ",

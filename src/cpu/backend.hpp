@@ -15,6 +15,8 @@ void kmeans_update(const TensorView& points, const TensorView& labels, TensorVie
                    bool move_centroids, int threads);
 
 void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, int threads);
+void select_top_p_at_density(const TensorView& probs, const TensorView& q_sizes, const TensorView& k_sizes,
+                             float density, int min_kept, TensorView mask, int threads);
 void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
                    float top_p, int min_kept, TensorView mask, int threads);
 void apply_text_rule(TensorView mask, int threads);

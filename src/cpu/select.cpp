@@ -112,6 +112,57 @@ void centroid_probs(const TensorView& q_centroids, const TensorView& k_centroids
                     });
 }
 
+void select_top_p_at_density(const TensorView& probs, const TensorView& q_sizes, const TensorView& k_sizes,
+                             float density, int min_kept, TensorView mask, int threads) {
+  const int64_t B = probs.shape[0], H = probs.shape[1], R = probs.shape[2], C = probs.shape[3];
+  check_sizes_nonnegative(q_sizes, "q_sizes");
+  check_sizes_nonnegative(k_sizes, "k_sizes");
+  parallel_for(B * H, threads, [&](int64_t bh) {
+    const int64_t b = bh / H, h = bh % H;
+    // Per row, in rank order: the fp32 running sums keep_top_p_row compares with top_p, and the
+    // running key counts, so that the area kept at any top_p is one search per row.
+    std::vector<float> running(R * C);
+    std::vector<int64_t> keys(R * (C + 1), 0);
+    std::vector<int32_t> order(C);
+    int64_t q_total = 0, k_total = 0;
+    for (int64_t j = 0; j < C; ++j) k_total += at<int32_t>(k_sizes, b, h, j);
+    for (int64_t r = 0; r < R; ++r) {
+      const float* w = &at<float>(probs, b, h, r);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int32_t x, int32_t y) { return w[x * probs.stride[3]] > w[y * probs.stride[3]]; });
+      float sum = 0.0f;
+      for (int64_t i = 0; i < C; ++i) {
+        running[r * C + i] = sum += w[order[i] * probs.stride[3]];
+        keys[r * (C + 1) + i + 1] = keys[r * (C + 1) + i] + at<int32_t>(k_sizes, b, h, order[i]);
+      }
+      q_total += at<int32_t>(q_sizes, b, h, r);
+    }
+    const auto kept_area = [&](float top_p) {
+      int64_t area = 0;
+      for (int64_t r = 0; r < R; ++r) {
+        const float* run = &running[r * C];
+        int64_t kept = top_p >= 1.0f ? C : std::lower_bound(run, run + C, top_p) - run + 1;
+        kept = std::min<int64_t>(C, std::max<int64_t>(kept, min_kept));
+        area += at<int32_t>(q_sizes, b, h, r) * keys[r * (C + 1) + kept];
+      }
+      return area;
+    };
+    std::vector<float> candidates;
+    for (float x : running)
+      if (x > 0.0f && x < 1.0f) candidates.push_back(x);
+    candidates.push_back(1.0f);
+    std::sort(candidates.begin(), candidates.end());
+    const double target = static_cast<double>(density) * static_cast<double>(q_total) * static_cast<double>(k_total);
+    const float top_p = *std::partition_point(candidates.begin(), candidates.end() - 1, [&](float p) {
+      return static_cast<double>(kept_area(p)) < target;
+    });
+    for (int64_t r = 0; r < R; ++r)
+      keep_top_p_row(&at<float>(probs, b, h, r), probs.stride[3], C, top_p, min_kept, &at<uint8_t>(mask, b, h, r),
+                     mask.stride[3], order);
+  });
+}
+
 void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
                    float top_p, int min_kept, TensorView mask, int threads) {
   const int64_t Ck = k_centroids.shape[2];

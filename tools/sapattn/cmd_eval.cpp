@@ -32,7 +32,8 @@ std::string metrics_json(const std::string& method, const eval::Metrics& m, cons
      << ", \"k_clusters\": " << c.k_clusters << ", \"top_p\": " << json_number(c.top_p)
      << ", \"min_kc_ratio\": " << json_number(c.min_kc_ratio) << ", \"kmeans_iters\": " << c.kmeans_iters_init
      << ", \"seed\": " << c.seed << ", \"text_tokens\": " << c.text_tokens << ", \"prompt_length\": " << c.prompt_length
-     << ", \"compensate\": " << (c.compensate ? "true" : "false") << "}, \"per_head\": [";
+     << ", \"compensate\": " << (c.compensate ? "true" : "false") << ", \"density\": " << json_number(c.density)
+     << "}, \"per_head\": [";
   for (size_t i = 0; i < m.per_head.size(); ++i) {
     const eval::HeadMetrics& h = m.per_head[i];
     os << (i ? ", " : "") << "{\"batch\": " << h.batch << ", \"head\": " << h.head
@@ -54,6 +55,8 @@ int run_eval(int argc, char** argv) {
       {"layout", "L", "bhsd ([B,H,S,D]) or bshd ([B,S,H,D], diffusers)", "bhsd"},
       {"method", "M[,M...]", "sap, blocks, oracle, ear (SVG-EAR, docs/ear.md) or dense", "sap"},
       {"compensate", "", "sap, blocks, oracle: skipped key clusters count through their centroids", ""},
+      {"density", "D[,D...]", "instead of top-p: per head, the top-p whose selection computes this share of\n"
+                              "                               the video query-key pairs (EAR: its budget)", ""},
       {"text-tokens", "N", "trailing text tokens of a joint sequence (HunyuanVideo)", "0"},
       {"prompt-length", "N", "real prompt tokens at the start of the text; the rest is padding", "0"},
       {"json", "", "print one JSON object instead of the table", ""},
@@ -95,8 +98,14 @@ int run_eval(int argc, char** argv) {
   config.text_tokens = text;
   config.prompt_length = args.get_int("prompt-length", 0, 0, text);
   config.compensate = args.flag("compensate");
-  const std::vector<double> top_p_list = args.get_doubles("top-p", 0.9, 1e-6, 1.0);
-  const std::vector<float> top_ps(top_p_list.begin(), top_p_list.end());
+  // The budgets of the sweep: densities when given, else top-p values.
+  const bool by_density = args.has("density");
+  const std::vector<double> budgets =
+      by_density ? args.get_doubles("density", 0.0, 1e-6, 1.0) : args.get_doubles("top-p", 0.9, 1e-6, 1.0);
+  std::vector<eval::SweepPoint> points;
+  for (double x : budgets)
+    points.push_back(by_density ? eval::SweepPoint{config.top_p, static_cast<float>(x)}
+                                : eval::SweepPoint{static_cast<float>(x), 0.0f});
   const Stream stream = Stream::cpu(threads);
   check_finite(q, "q", stream);
   check_finite(k, "k", stream);
@@ -118,14 +127,16 @@ int run_eval(int argc, char** argv) {
     std::vector<eval::MethodResult> results;
     {
       Progress progress(name, !json);
-      results = eval::run_sweep(method, q, k, v, config, top_ps, &dense, threads);
+      results = eval::run_sweep(method, q, k, v, config, points, &dense, threads);
     }
     for (size_t i = 0; i < results.size(); ++i) {
       Config c = config;
-      c.top_p = top_ps[i];
+      c.top_p = points[i].top_p;
+      c.density = points[i].density;
       const eval::Metrics metrics = eval::compare(results[i], dense);
       if (json) std::cout << metrics_json(name, metrics, c, q, results[i].seconds, dense.seconds);
-      rows.push_back({top_ps.size() > 1 ? name + " p=" + json_number(top_p_list[i]) : name, metrics, results[i].seconds});
+      const std::string budget = (by_density ? " d=" : " p=") + json_number(budgets[i]);
+      rows.push_back({points.size() > 1 || by_density ? name + budget : name, metrics, results[i].seconds});
     }
   }
   if (!json) {
