@@ -63,26 +63,12 @@ ValueStats value_stats(const std::vector<float>& v, const int32_t* labels, const
 }  // namespace
 
 void cluster_means(const TensorView& points, const TensorView& labels, TensorView means, int threads) {
-  const int64_t B = points.shape[0], H = points.shape[1], N = points.shape[2], D = points.shape[3];
-  const int64_t C = means.shape[2];
-  check_index_range(labels, C, "labels");
-  parallel_for(B * H, threads, [&](int64_t bh) {
-    const int64_t b = bh / H, h = bh % H;
-    const int32_t* label = &at<int32_t>(labels, b, h);
-    std::vector<double> sum(C * D, 0.0);
-    std::vector<int64_t> count(C, 0);
-    std::vector<float> row(D);
-    for (int64_t i = 0; i < N; ++i) {
-      load_row(points, b, h, i, row.data());
-      double* s = &sum[label[i] * D];
-      for (int64_t d = 0; d < D; ++d) s[d] += row[d];
-      ++count[label[i]];
-    }
-    float* out = &at<float>(means, b, h);
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t d = 0; d < D; ++d)
-        out[c * D + d] = count[c] > 0 ? static_cast<float>(sum[c * D + d] / static_cast<double>(count[c])) : 0.0f;
-  });
+  const int64_t B = points.shape[0], H = points.shape[1], C = means.shape[2];
+  check_index_range(labels, C, "labels");  // before anything is written
+  // kmeans_update's mean (fp64 sums), with zero as the "previous centroid" an empty cluster keeps.
+  std::fill_n(static_cast<float*>(means.data), means.numel(), 0.0f);  // contiguous by contract
+  Tensor sizes(DType::I32, {B, H, C});
+  kmeans_update(points, labels, means, sizes.view(), /*move_centroids=*/true, threads);
 }
 
 void ear_probe(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& v_centroids,
