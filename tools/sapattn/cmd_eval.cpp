@@ -81,6 +81,10 @@ int run_eval(int argc, char** argv) {
   for (const std::string& name : args.get_choices("method", "sap", {"sap", "blocks", "oracle", "ear", "dense"}))
     methods.push_back(eval::parse_method(name));
   const bool json = args.flag("json");
+  // The budgets of the sweep: densities when given, else top-p values.
+  const bool by_density = args.has("density");
+  const std::vector<double> budgets =
+      by_density ? args.get_doubles("density", 0.0, 1e-6, 1.0) : args.get_doubles("top-p", 0.9, 1e-6, 1.0);
   const int threads = threads_from(args);
   config_from(args, 1);  // checks the SVG2 options now, before a load that may take a while
 
@@ -98,10 +102,6 @@ int run_eval(int argc, char** argv) {
   config.text_tokens = text;
   config.prompt_length = args.get_int("prompt-length", 0, 0, text);
   config.compensate = args.flag("compensate");
-  // The budgets of the sweep: densities when given, else top-p values.
-  const bool by_density = args.has("density");
-  const std::vector<double> budgets =
-      by_density ? args.get_doubles("density", 0.0, 1e-6, 1.0) : args.get_doubles("top-p", 0.9, 1e-6, 1.0);
   std::vector<eval::SweepPoint> points;
   for (double x : budgets)
     points.push_back(by_density ? eval::SweepPoint{config.top_p, static_cast<float>(x)}
