@@ -160,8 +160,7 @@ void select(const Config& config, const CentroidViews& centroids, const TensorVi
   // that meets the density; for EAR it is the budget.
   const TensorView svg2_mask = error_aware ? buf.budget_mask : buf.video_mask();
   if (config.density > 0.0f) {
-    select_top_p_at_density(buf.probs, q_sizes, k_sizes, config.density, config.min_kept_clusters(), svg2_mask,
-                            stream);
+    select_top_p_at_density(buf.probs, q_sizes, k_sizes, config.density, config.min_kept_clusters(), svg2_mask, stream);
   } else {
     select_top_p(buf.probs, config.top_p, config.min_kept_clusters(), svg2_mask, stream);
   }

@@ -236,17 +236,16 @@ std::vector<double> ear_probe(const TensorView& q_centroids, const TensorView& k
 // -inf) is below max(0, budget - guaranteed area), budget the area budget_mask keeps.
 std::vector<uint8_t> error_aware_mask(const std::vector<double>& probs, const std::vector<uint8_t>& budget_mask,
                                       const std::vector<double>& scores, const std::vector<int32_t>& q_sizes,
-                                      const std::vector<int32_t>& k_sizes, int64_t B, int64_t H, int64_t R,
-                                      int64_t C, int guaranteed);
+                                      const std::vector<int32_t>& k_sizes, int64_t B, int64_t H, int64_t R, int64_t C,
+                                      int guaranteed);
 
 // Attention with centroid compensation as one float64 softmax per query row: query row i attends
 // the keys token_mask [B,H,S,S] allows and, when i < N (q_labels [B,H,N] gives its cluster a), one
 // pseudo-key of logit log|K_j| + scale q_i . kbar_j and value vbar_j for every key cluster j with
 // cluster_mask[a,j] = 0 ([B,H,Cq,Ck] row-major) and |K_j| > 0.
 Attention compensated_attention(const TensorView& q, const TensorView& k, const TensorView& v, double scale,
-                                const std::vector<uint8_t>& token_mask, const std::vector<int32_t>& q_labels,
-                                int64_t N, const std::vector<uint8_t>& cluster_mask, int64_t Cq,
-                                const TensorView& k_centroids, const TensorView& v_centroids,
-                                const std::vector<int32_t>& k_sizes);
+                                const std::vector<uint8_t>& token_mask, const std::vector<int32_t>& q_labels, int64_t N,
+                                const std::vector<uint8_t>& cluster_mask, int64_t Cq, const TensorView& k_centroids,
+                                const TensorView& v_centroids, const std::vector<int32_t>& k_sizes);
 
 }  // namespace sapattn::ref

@@ -46,8 +46,8 @@ std::vector<double> ear_probe(const TensorView& q_centroids, const TensorView& k
             error += diff * diff;
           }
         }
-        const double area = static_cast<double>(q_sizes[static_cast<size_t>(bh * Cq + a)]) *
-                            k_sizes[static_cast<size_t>(bh * Ck + j)];
+        const double area =
+            static_cast<double>(q_sizes[static_cast<size_t>(bh * Cq + a)]) * k_sizes[static_cast<size_t>(bh * Ck + j)];
         scores[static_cast<size_t>((bh * Cq + a) * Ck + j)] =
             std::log(std::max(error, eps)) - gamma * std::log(std::max(area, eps));
       }
@@ -58,15 +58,16 @@ std::vector<double> ear_probe(const TensorView& q_centroids, const TensorView& k
 
 std::vector<uint8_t> error_aware_mask(const std::vector<double>& probs, const std::vector<uint8_t>& budget_mask,
                                       const std::vector<double>& scores, const std::vector<int32_t>& q_sizes,
-                                      const std::vector<int32_t>& k_sizes, int64_t B, int64_t H, int64_t R,
-                                      int64_t C, int guaranteed) {
+                                      const std::vector<int32_t>& k_sizes, int64_t B, int64_t H, int64_t R, int64_t C,
+                                      int guaranteed) {
   std::vector<uint8_t> mask(static_cast<size_t>(B * H * R * C), 0);
   const auto key = [](double x) { return std::isnan(x) ? -std::numeric_limits<double>::infinity() : x; };
   for (int64_t bh = 0; bh < B * H; ++bh) {
     for (int64_t a = 0; a < R; ++a) {
       const size_t row = static_cast<size_t>((bh * R + a) * C);
       const auto area = [&](int64_t j) {
-        return static_cast<int64_t>(q_sizes[static_cast<size_t>(bh * R + a)]) * k_sizes[static_cast<size_t>(bh * C + j)];
+        return static_cast<int64_t>(q_sizes[static_cast<size_t>(bh * R + a)]) *
+               k_sizes[static_cast<size_t>(bh * C + j)];
       };
       std::vector<uint8_t> sure(static_cast<size_t>(C), 0);
       const std::vector<int64_t> by_prob = rank_descending(&probs[row], C);
@@ -96,10 +97,9 @@ std::vector<uint8_t> error_aware_mask(const std::vector<double>& probs, const st
 }
 
 Attention compensated_attention(const TensorView& q, const TensorView& k, const TensorView& v, double scale,
-                                const std::vector<uint8_t>& token_mask, const std::vector<int32_t>& q_labels,
-                                int64_t N, const std::vector<uint8_t>& cluster_mask, int64_t Cq,
-                                const TensorView& k_centroids, const TensorView& v_centroids,
-                                const std::vector<int32_t>& k_sizes) {
+                                const std::vector<uint8_t>& token_mask, const std::vector<int32_t>& q_labels, int64_t N,
+                                const std::vector<uint8_t>& cluster_mask, int64_t Cq, const TensorView& k_centroids,
+                                const TensorView& v_centroids, const std::vector<int32_t>& k_sizes) {
   const int64_t B = q.shape[0], H = q.shape[1], S = q.shape[2], D = q.shape[3], Sk = k.shape[2];
   const int64_t Ck = k_centroids.shape[2];
   const std::vector<double> qd = to_vector(q), kd = to_vector(k), vd = to_vector(v);

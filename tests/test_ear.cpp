@@ -253,7 +253,8 @@ TEST(DensityBudget, SmallestTopPThatReachesTheDensity) {
     std::vector<double> probs(static_cast<size_t>(B * H * R * C));
     for (int64_t r = 0; r < B * H * R; ++r) {
       double total = 0;
-      for (int64_t j = 0; j < C; ++j) total += probs[static_cast<size_t>(r * C + j)] = rng.uniform() + rng.integer(0, 1);
+      for (int64_t j = 0; j < C; ++j)
+        total += probs[static_cast<size_t>(r * C + j)] = rng.uniform() + rng.integer(0, 1);
       for (int64_t j = 0; j < C; ++j) probs[static_cast<size_t>(r * C + j)] /= total;
     }
     std::vector<int32_t> q_sizes(static_cast<size_t>(B * H * R)), k_sizes(static_cast<size_t>(B * H * C));
@@ -271,7 +272,8 @@ TEST(DensityBudget, SmallestTopPThatReachesTheDensity) {
       for (int64_t r = 0; r < R; ++r) {
         const std::vector<int64_t> order = ref::rank_descending(&pf[static_cast<size_t>((bh * R + r) * C)], C);
         float sum = 0.0f;
-        for (int64_t i : order) candidates.push_back(sum += static_cast<float>(pf[static_cast<size_t>((bh * R + r) * C + i)]));
+        for (int64_t i : order)
+          candidates.push_back(sum += static_cast<float>(pf[static_cast<size_t>((bh * R + r) * C + i)]));
       }
       std::sort(candidates.begin(), candidates.end());
       double q_total = 0, k_total = 0;
@@ -284,7 +286,8 @@ TEST(DensityBudget, SmallestTopPThatReachesTheDensity) {
         for (int64_t r = 0; r < R; ++r)
           for (int64_t j = 0; j < C; ++j)
             if (at_p.data_as<uint8_t>()[(bh * R + r) * C + j] != 0)
-              area += static_cast<double>(q_sizes[static_cast<size_t>(bh * R + r)]) * k_sizes[static_cast<size_t>(bh * C + j)];
+              area += static_cast<double>(q_sizes[static_cast<size_t>(bh * R + r)]) *
+                      k_sizes[static_cast<size_t>(bh * C + j)];
         if (area < density * q_total * k_total && p < 1.0f) continue;
         for (int64_t i = bh * R * C; i < (bh + 1) * R * C; ++i)
           ASSERT_EQ(got.data_as<uint8_t>()[i], at_p.data_as<uint8_t>()[i])
@@ -351,8 +354,8 @@ struct CompensationCase {
 
 // Random clusters (empty ones included) and a random mask; N video query rows of S (the rest
 // stand for text tokens: label Cq, attending everything, never compensated).
-CompensationCase compensation_case(ref::Rng& rng, DType dtype, int64_t B, int64_t H, int64_t S, int64_t N,
-                                   int64_t D, int64_t Cq, int64_t Ck, bool identical_clusters) {
+CompensationCase compensation_case(ref::Rng& rng, DType dtype, int64_t B, int64_t H, int64_t S, int64_t N, int64_t D,
+                                   int64_t Cq, int64_t Ck, bool identical_clusters) {
   CompensationCase c{ref::make_tensor(dtype, {B, H, S, D}, ref::Layout::Transposed),
                      ref::make_tensor(dtype, {B, H, S, D}, ref::Layout::Contiguous),
                      ref::make_tensor(dtype, {B, H, S, D}, ref::Layout::Padded)};
@@ -402,7 +405,8 @@ void expect_close(const ref::Attention& got, const ref::Attention& want, double 
   const double tol_out = 4.0 * static_cast<double>(D + Sk) * ref::kF32Eps * max_v;
   for (size_t i = 0; i < want.out.size(); ++i) ASSERT_NEAR(got.out[i], want.out[i], tol_out) << what << " out " << i;
   for (size_t i = 0; i < want.lse.size(); ++i)
-    ASSERT_NEAR(got.lse[i], want.lse[i], 4.0 * static_cast<double>(D + Sk) * ref::kF32Eps * (1 + std::fabs(want.lse[i])))
+    ASSERT_NEAR(got.lse[i], want.lse[i],
+                4.0 * static_cast<double>(D + Sk) * ref::kF32Eps * (1 + std::fabs(want.lse[i])))
         << what << " lse " << i;
 }
 
@@ -420,8 +424,8 @@ TEST(Compensation, IdenticalClusterMembersGiveDenseAttention) {
   ref::Rng rng(case_seed());
   const CompensationCase c = compensation_case(rng, DType::F32, B, H, S, N, D, Cq, Ck, true);
   const float scale = 0.25f;
-  const ref::Attention got = compensated(c.q.view, c.k.view, c.v.view, c.q_labels, c.k_labels, c.mask, c.kc, c.vc,
-                                         c.k_sizes, scale, N);
+  const ref::Attention got =
+      compensated(c.q.view, c.k.view, c.v.view, c.q_labels, c.k_labels, c.mask, c.kc, c.vc, c.k_sizes, scale, N);
   const ref::Attention dense = ref::attention_f64(c.q.view, c.k.view, c.v.view, scale, nullptr);
   expect_close(got, dense, max_abs(ref::to_vector(c.v.view)), D, S, "vs dense");
 }
@@ -442,7 +446,8 @@ TEST(Compensation, MatchesFloat64Reference) {
         for (int64_t j = 0; j < S; ++j) {
           const int64_t a = c.q_label_values[static_cast<size_t>(bh * S + i)];
           const int64_t b = c.k_label_values[static_cast<size_t>(bh * S + j)];
-          tokens[static_cast<size_t>((bh * S + i) * S + j)] = c.mask_values[static_cast<size_t>((bh * (Cq + 1) + a) * Ck + b)];
+          tokens[static_cast<size_t>((bh * S + i) * S + j)] =
+              c.mask_values[static_cast<size_t>((bh * (Cq + 1) + a) * Ck + b)];
         }
     // The reference takes the video rows' labels [B,H,N] and the video part of the mask.
     std::vector<int32_t> video_labels;
@@ -460,7 +465,8 @@ TEST(Compensation, MatchesFloat64Reference) {
       for (int64_t i = N; i < S; ++i) {
         ASSERT_EQ(got.lse[static_cast<size_t>(bh * S + i)], before.lse[static_cast<size_t>(bh * S + i)]);
         for (int64_t d = 0; d < D; ++d)
-          ASSERT_EQ(got.out[static_cast<size_t>((bh * S + i) * D + d)], before.out[static_cast<size_t>((bh * S + i) * D + d)]);
+          ASSERT_EQ(got.out[static_cast<size_t>((bh * S + i) * D + d)],
+                    before.out[static_cast<size_t>((bh * S + i) * D + d)]);
       }
   }
 }
@@ -478,7 +484,8 @@ TEST(EarErrors, ClusterMeans) {
   const Tensor bad_labels = sizes_tensor({1, 2, 10}, {0, 1, 2, 3, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0});
   const Tensor short_labels = sizes_tensor({1, 2, 9}, std::vector<int32_t>(18, 0));
   const Tensor f16_means(DType::F16, {1, 2, 4, 8});
-  EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, means, cluster_means(points.view(), bad_labels.view(), means.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, means,
+                         cluster_means(points.view(), bad_labels.view(), means.view, kStream));
   EXPECT_ERROR_UNTOUCHED(ShapeError, means, cluster_means(points.view(), short_labels.view(), means.view, kStream));
   EXPECT_THROW(cluster_means(points.view(), labels.view(), f16_means.view(), kStream), DTypeError);
   EXPECT_ERROR_UNTOUCHED(UnsupportedError, means,
@@ -522,8 +529,8 @@ TEST(EarErrors, ProbeAndRouting) {
                          select_error_aware(probs.view(), f32_budget.view(), scores.view, q_sizes.view(),
                                             k_sizes.view(), 1, mask.view, kStream));
   EXPECT_ERROR_UNTOUCHED(ShapeError, mask,
-                         select_error_aware(probs.view(), budget.view(), scores.view, k_sizes.view(), q_sizes.view(),
-                                            1, mask.view, kStream));
+                         select_error_aware(probs.view(), budget.view(), scores.view, k_sizes.view(), q_sizes.view(), 1,
+                                            mask.view, kStream));
   EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, mask,
                          select_error_aware(probs.view(), budget.view(), scores.view, negative.view(), k_sizes.view(),
                                             1, mask.view, kStream));
@@ -615,8 +622,10 @@ TEST(EarLayer, TextRowsAreNotCompensated) {
     for (int64_t i = 0; i < S; ++i)
       for (int64_t d = 0; d < 32; ++d) {
         const int64_t e = (h * S + i) * 32 + d;
-        if (i >= S - text) ASSERT_EQ(a[e], b[e]) << "text row " << i;
-        else video_change = std::max(video_change, static_cast<double>(std::fabs(a[e] - b[e])));
+        if (i >= S - text)
+          ASSERT_EQ(a[e], b[e]) << "text row " << i;
+        else
+          video_change = std::max(video_change, static_cast<double>(std::fabs(a[e] - b[e])));
       }
   EXPECT_GT(video_change, 1e-3) << "compensation changed no video row";
   EXPECT_EQ(with.density.data_as<float>()[0], without.density.data_as<float>()[0]);

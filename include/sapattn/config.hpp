@@ -29,11 +29,11 @@ struct Config {
   int key_shard_index = 0;     // attend over share key_shard_index of key_shard_count of the kept
   int key_shard_count = 1;     // blocks (shard_key_clusters): keys split across devices
   Routing routing = Routing::TopP;
-  bool compensate = false;      // skipped video key clusters still count through their key and value
-                                // centroids (centroid_compensation); not with key_shard_count > 1
-  float ear_gamma = 1.0f;       // ErrorAware: probe error divided by area^gamma
-  float ear_keep_ratio = 0.05f; // ErrorAware: the top max(1, floor(ratio * k_clusters)) clusters of
-                                // SVG2's ranking are always computed (0 keeps none)
+  bool compensate = false;       // skipped video key clusters still count through their key and value
+                                 // centroids (centroid_compensation); not with key_shard_count > 1
+  float ear_gamma = 1.0f;        // ErrorAware: probe error divided by area^gamma
+  float ear_keep_ratio = 0.05f;  // ErrorAware: the top max(1, floor(ratio * k_clusters)) clusters of
+                                 // SVG2's ranking are always computed (0 keeps none)
 
   // Throws InvalidArgumentError naming the first bad field and its valid range.
   void validate() const;

@@ -34,8 +34,8 @@ void Config::validate() const {
                 "compensate needs the whole key set in one call (key_shard_count = 1, got ", key_shard_count, ")");
   SAPATTN_CHECK(std::isfinite(ear_gamma) && ear_gamma >= 0.0f, InvalidArgumentError,
                 "ear_gamma must be finite and >= 0, got ", ear_gamma);
-  SAPATTN_CHECK(std::isfinite(ear_keep_ratio) && ear_keep_ratio >= 0.0f && ear_keep_ratio <= 1.0f,
-                InvalidArgumentError, "ear_keep_ratio must be in [0, 1], got ", ear_keep_ratio);
+  SAPATTN_CHECK(std::isfinite(ear_keep_ratio) && ear_keep_ratio >= 0.0f && ear_keep_ratio <= 1.0f, InvalidArgumentError,
+                "ear_keep_ratio must be in [0, 1], got ", ear_keep_ratio);
 }
 
 void Config::validate_for(int64_t seq_len, int64_t head_dim) const {

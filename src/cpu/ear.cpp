@@ -149,13 +149,15 @@ void select_error_aware(const TensorView& probs, const TensorView& budget_mask, 
       for (int64_t j = 0; j < C; ++j)
         if (at<uint8_t>(budget_mask, b, h, a, j) != 0) budget += area(j);
       std::fill(keep.begin(), keep.end(), 0);
-      rank_descending(C, [&](int32_t j) { return at<float>(probs, b, h, a, j); }, order);
+      rank_descending(
+          C, [&](int32_t j) { return at<float>(probs, b, h, a, j); }, order);
       for (int64_t r = 0; r < kept_first; ++r) {
         keep[order[r]] = 1;
         budget -= area(order[r]);
       }
       const int64_t remaining = std::max<int64_t>(budget, 0);
-      rank_descending(C, [&](int32_t j) { return at<float>(scores, b, h, a, j); }, order);
+      rank_descending(
+          C, [&](int32_t j) { return at<float>(scores, b, h, a, j); }, order);
       int64_t spent = 0;
       for (int64_t r = 0; r < C && spent < remaining; ++r) {
         if (keep[order[r]]) continue;  // guaranteed already

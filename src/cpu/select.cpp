@@ -154,9 +154,8 @@ void select_top_p_at_density(const TensorView& probs, const TensorView& q_sizes,
     candidates.push_back(1.0f);
     std::sort(candidates.begin(), candidates.end());
     const double target = static_cast<double>(density) * static_cast<double>(q_total) * static_cast<double>(k_total);
-    const float top_p = *std::partition_point(candidates.begin(), candidates.end() - 1, [&](float p) {
-      return static_cast<double>(kept_area(p)) < target;
-    });
+    const float top_p = *std::partition_point(candidates.begin(), candidates.end() - 1,
+                                              [&](float p) { return static_cast<double>(kept_area(p)) < target; });
     for (int64_t r = 0; r < R; ++r)
       keep_top_p_row(&at<float>(probs, b, h, r), probs.stride[3], C, top_p, min_kept, &at<uint8_t>(mask, b, h, r),
                      mask.stride[3], order);
@@ -167,8 +166,7 @@ void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids,
                    float top_p, int min_kept, TensorView mask, int threads) {
   const int64_t Ck = k_centroids.shape[2];
   for_each_prob_row(q_centroids, k_centroids, k_sizes, scale, threads,
-                    [&](int64_t b, int64_t h, int64_t a, bool any, const float* weight,
-                        std::vector<int32_t>& order) {
+                    [&](int64_t b, int64_t h, int64_t a, bool any, const float* weight, std::vector<int32_t>& order) {
                       uint8_t* row = &at<uint8_t>(mask, b, h, a);
                       if (!any) {
                         for (int64_t j = 0; j < Ck; ++j) row[j * mask.stride[3]] = 0;

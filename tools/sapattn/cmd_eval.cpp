@@ -55,8 +55,10 @@ int run_eval(int argc, char** argv) {
       {"layout", "L", "bhsd ([B,H,S,D]) or bshd ([B,S,H,D], diffusers)", "bhsd"},
       {"method", "M[,M...]", "sap, blocks, oracle, ear (SVG-EAR, docs/ear.md) or dense", "sap"},
       {"compensate", "", "sap, blocks, oracle: skipped key clusters count through their centroids", ""},
-      {"density", "D[,D...]", "instead of top-p: per head, the top-p whose selection computes this share of\n"
-                              "                               the video query-key pairs (EAR: its budget)", ""},
+      {"density", "D[,D...]",
+       "instead of top-p: per head, the top-p whose selection computes this share of\n"
+       "                               the video query-key pairs (EAR: its budget)",
+       ""},
       {"text-tokens", "N", "trailing text tokens of a joint sequence (HunyuanVideo)", "0"},
       {"prompt-length", "N", "real prompt tokens at the start of the text; the rest is padding", "0"},
       {"json", "", "print one JSON object instead of the table", ""},

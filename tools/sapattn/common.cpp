@@ -11,8 +11,7 @@ std::vector<Option> svg2_options() {
   return {
       {"q-clusters", "N", "query clusters (k-means over video-token queries)", "300, or 1 per 252 video tokens"},
       {"k-clusters", "N", "key clusters (k-means over video-token keys)", "1000, or 1 per 75.6 video tokens"},
-      {"top-p", "P", "per query cluster, keep key clusters until this share of estimated mass (eval: P,P,...)",
-       "0.9"},
+      {"top-p", "P", "per query cluster, keep key clusters until this share of estimated mass (eval: P,P,...)", "0.9"},
       {"min-kc-ratio", "R", "always keep the top floor(R * key clusters) key clusters", "0.1"},
       {"kmeans-iters", "N", "k-means iterations (first call, from a seeded sample)", "50"},
       {"seed", "S", "seed of the initial centroid sample", "0"},
