@@ -206,7 +206,8 @@ TEST(Cli, DemoWritesItsPictures) {
     EXPECT_EQ(std::string(sig, 8), std::string("\x89PNG\r\n\x1a\n", 8)) << name;
   }
   EXPECT_TRUE(fs::exists(dir / "summary.txt"));
-  for (const char* method : {"dense", "sap", "blocks", "oracle"}) EXPECT_NE(r.output.find(method), std::string::npos);
+  for (const char* method : {"dense", "sap", "blocks", "oracle", "sap+c", "ear"})
+    EXPECT_NE(r.output.find(method), std::string::npos);
   fs::remove_all(dir);
 }
 
