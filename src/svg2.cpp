@@ -68,6 +68,12 @@ AttentionShape check_inputs(const TensorView& q, const TensorView& k, const Tens
                 q.describe(), ", ", k.describe(), ", ", v.describe());
   SAPATTN_CHECK(shape.batch >= 1 && shape.heads >= 1, ShapeError, "q must have B, H >= 1, got ", q.describe());
   config.validate_for(shape.seq, shape.head_dim);
+  // Refused before the call touches any state (the ops would throw only after the k-means ran).
+  SAPATTN_CHECK(stream.device.type == DeviceType::CPU ||
+                    (config.routing == Routing::TopP && !config.compensate && config.density == 0.0f),
+                UnsupportedError,
+                "error-aware routing, compensation and the density budget run on the CPU only so far "
+                "(docs/ear.md)");
   const int64_t B = shape.batch, H = shape.heads;
   if (!outputs.lse.empty()) {
     expect_rank(outputs.lse, 3, "lse");
