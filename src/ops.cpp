@@ -2,6 +2,8 @@
 // dispatch on the stream's device: CPU -> cpu::, CUDA -> cuda:: (when this build has it).
 #include "sapattn/ops.hpp"
 
+#include <tuple>
+
 #include "cpu/backend.hpp"
 #include "op_checks.hpp"
 // Declarations only (plain C++): a build without CUDA names them in decltype but never calls them.
@@ -80,6 +82,50 @@ void check_top_p(float top_p, int min_kept) {
   SAPATTN_CHECK(min_kept >= 0, InvalidArgumentError, "min_kept must be >= 0, got ", min_kept);
 }
 
+void check_scale(float scale) {
+  SAPATTN_CHECK(std::isfinite(scale) && scale > 0.0f, InvalidArgumentError, "scale must be finite and > 0, got ",
+                scale);
+}
+
+// q_centroids [B,H,Cq,D] and k_centroids [B,H,Ck,D] f32 contiguous, k_sizes [B,H,Ck]: the inputs
+// of the centroid score matrix S = q_centroids . k_centroids^T * scale.
+void check_centroid_scores(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes,
+                           float scale) {
+  check_scale(scale);
+  for (const auto& [t, name] : {std::pair{&q_centroids, "q_centroids"}, {&k_centroids, "k_centroids"}}) {
+    expect_rank(*t, 4, name);
+    expect_dtype(*t, DType::F32, name);
+    expect_contiguous(*t, name);
+  }
+  expect_extent(k_centroids, 0, q_centroids.shape[0], "k_centroids", "batch of q_centroids");
+  expect_extent(k_centroids, 1, q_centroids.shape[1], "k_centroids", "heads of q_centroids");
+  expect_extent(k_centroids, 3, q_centroids.shape[3], "k_centroids", "head dim of q_centroids");
+  check_sizes(k_sizes, k_centroids);
+}
+
+// A [B,H,R,C] f32 matrix over cluster pairs (probabilities, probe scores).
+void check_pair_matrix(const TensorView& t, int64_t B, int64_t H, int64_t rows, int64_t cols, const char* name) {
+  expect_rank(t, 4, name);
+  expect_dtype(t, DType::F32, name);
+  expect_extent(t, 0, B, name, "batch");
+  expect_extent(t, 1, H, name, "heads");
+  expect_extent(t, 2, rows, name, "rows (query clusters)");
+  expect_extent(t, 3, cols, name, "columns (key clusters)");
+}
+
+// q_sizes [B,H,R] and k_sizes [B,H,C] i32 contiguous: the clusters of a [B,H,R,C] pair matrix.
+void check_cluster_sizes(const TensorView& q_sizes, const TensorView& k_sizes, int64_t B, int64_t H, int64_t R,
+                         int64_t C) {
+  for (const auto& [t, name, n] : {std::tuple{&q_sizes, "q_sizes", R}, {&k_sizes, "k_sizes", C}}) {
+    expect_rank(*t, 3, name);
+    expect_dtype(*t, DType::I32, name);
+    expect_contiguous(*t, name);
+    expect_extent(*t, 0, B, name, "batch");
+    expect_extent(*t, 1, H, name, "heads");
+    expect_extent(*t, 2, n, name, "clusters");
+  }
+}
+
 // q [B,H,Sq,D], k and v [B,H,Sk,D], out [B,H,Sq,D], lse [B,H,Sq] or empty.
 void check_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale, const TensorView& out,
                      const TensorView& lse) {
@@ -97,8 +143,7 @@ void check_attention(const TensorView& q, const TensorView& k, const TensorView&
     expect_dtype(lse, DType::F32, "lse");
     for (int d = 0; d < 3; ++d) expect_extent(lse, d, q.shape[d], "lse", "the extent of q");
   }
-  SAPATTN_CHECK(std::isfinite(scale) && scale > 0.0f, InvalidArgumentError, "scale must be finite and > 0, got ",
-                scale);
+  check_scale(scale);
 }
 
 void check_layout(const BlockLayout& layout, const TensorView& q, const TensorView& k) {
@@ -133,6 +178,14 @@ DeviceType backend(const Stream& stream, const Views&... views) {
   SAPATTN_THROW(UnsupportedError, "no backend for ", to_string(stream.device),
                 " in this build (CPU only; "
                 "configure with -DSAPATTN_CUDA=ON where nvcc is installed)");
+}
+
+// The ops of SVG-EAR and the density budget run on the CPU only so far: a CUDA stream (or
+// tensor) gets UnsupportedError.
+template <typename... Views>
+void expect_cpu_backend(const char* op, const Stream& stream, const Views&... views) {
+  SAPATTN_CHECK(backend(stream, views...) == DeviceType::CPU, UnsupportedError, op,
+                " has no CUDA backend yet (docs/ear.md); run it on a CPU stream");
 }
 
 }  // namespace
@@ -262,20 +315,24 @@ void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView
   cpu::select_top_p(probs, top_p, min_kept, mask, cpu_threads(stream));
 }
 
+void select_top_p_at_density(const TensorView& probs, const TensorView& q_sizes, const TensorView& k_sizes,
+                             float density, int min_kept, TensorView mask, const Stream& stream) {
+  SAPATTN_CHECK(std::isfinite(density) && density > 0.0f && density <= 1.0f, InvalidArgumentError,
+                "density must be in (0, 1], got ", density);
+  SAPATTN_CHECK(min_kept >= 0, InvalidArgumentError, "min_kept must be >= 0, got ", min_kept);
+  expect_rank(probs, 4, "probs");
+  const int64_t B = probs.shape[0], H = probs.shape[1], R = probs.shape[2], C = probs.shape[3];
+  check_pair_matrix(probs, B, H, R, C, "probs");
+  check_mask(mask, B, H, R, C);
+  check_cluster_sizes(q_sizes, k_sizes, B, H, R, C);
+  expect_cpu_backend("select_top_p_at_density", stream, probs, q_sizes, k_sizes, mask);
+  cpu::select_top_p_at_density(probs, q_sizes, k_sizes, density, min_kept, mask, cpu_threads(stream));
+}
+
 void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
                    float top_p, int min_kept, TensorView mask, const Stream& stream) {
   check_top_p(top_p, min_kept);
-  SAPATTN_CHECK(std::isfinite(scale) && scale > 0.0f, InvalidArgumentError, "scale must be finite and > 0, got ",
-                scale);
-  for (const auto& [t, name] : {std::pair{&q_centroids, "q_centroids"}, {&k_centroids, "k_centroids"}}) {
-    expect_rank(*t, 4, name);
-    expect_dtype(*t, DType::F32, name);
-    expect_contiguous(*t, name);
-  }
-  expect_extent(k_centroids, 0, q_centroids.shape[0], "k_centroids", "batch of q_centroids");
-  expect_extent(k_centroids, 1, q_centroids.shape[1], "k_centroids", "heads of q_centroids");
-  expect_extent(k_centroids, 3, q_centroids.shape[3], "k_centroids", "head dim of q_centroids");
-  check_sizes(k_sizes, k_centroids);
+  check_centroid_scores(q_centroids, k_centroids, k_sizes, scale);
   check_mask(mask, q_centroids.shape[0], q_centroids.shape[1], q_centroids.shape[2], k_centroids.shape[2]);
   if (backend(stream, q_centroids, k_centroids, k_sizes, mask) == DeviceType::CUDA)
     return SAPATTN_ON_CUDA(select_blocks(q_centroids, k_centroids, k_sizes, scale, top_p, min_kept, mask, stream));
@@ -442,6 +499,93 @@ void dense_attention(const TensorView& q, const TensorView& k, const TensorView&
   if (!lse.empty()) expect_device(lse, stream);
   if (where == DeviceType::CUDA) return SAPATTN_ON_CUDA(dense_attention(q, k, v, scale, out, lse, stream));
   cpu::dense_attention(q, k, v, scale, out, lse, cpu_threads(stream));
+}
+
+void cluster_means(const TensorView& points, const TensorView& labels, TensorView means, const Stream& stream) {
+  check_points_centroids(points, means);
+  check_labels(labels, points);
+  expect_cpu_backend("cluster_means", stream, points, labels, means);
+  cpu::cluster_means(points, labels, means, cpu_threads(stream));
+}
+
+void centroid_probs(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes,
+                    float scale, TensorView probs, const Stream& stream) {
+  check_centroid_scores(q_centroids, k_centroids, k_sizes, scale);
+  check_pair_matrix(probs, q_centroids.shape[0], q_centroids.shape[1], q_centroids.shape[2], k_centroids.shape[2],
+                    "probs");
+  expect_cpu_backend("centroid_probs", stream, q_centroids, k_centroids, k_sizes, probs);
+  cpu::centroid_probs(q_centroids, k_centroids, k_sizes, scale, probs, cpu_threads(stream));
+}
+
+void ear_probe(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& v_centroids,
+               const TensorView& k, const TensorView& v, const TensorView& k_labels, const TensorView& q_sizes,
+               const TensorView& k_sizes, float scale, float gamma, TensorView scores, const Stream& stream) {
+  check_centroid_scores(q_centroids, k_centroids, k_sizes, scale);
+  SAPATTN_CHECK(std::isfinite(gamma) && gamma >= 0.0f, InvalidArgumentError, "gamma must be finite and >= 0, got ",
+                gamma);
+  check_points_centroids(k, k_centroids);
+  check_points_centroids(v, v_centroids);
+  for (int d = 0; d < 4; ++d) expect_extent(v, d, k.shape[d], "v", "the extent of k");
+  check_labels(k_labels, k);
+  check_sizes(q_sizes, q_centroids);
+  const int64_t B = q_centroids.shape[0], H = q_centroids.shape[1];
+  check_pair_matrix(scores, B, H, q_centroids.shape[2], k_centroids.shape[2], "scores");
+  expect_cpu_backend("ear_probe", stream, q_centroids, k_centroids, v_centroids, k, v, k_labels, q_sizes, k_sizes,
+                     scores);
+  cpu::ear_probe(q_centroids, k_centroids, v_centroids, k, v, k_labels, q_sizes, k_sizes, scale, gamma, scores,
+                 cpu_threads(stream));
+}
+
+void select_error_aware(const TensorView& probs, const TensorView& budget_mask, const TensorView& scores,
+                        const TensorView& q_sizes, const TensorView& k_sizes, int guaranteed, TensorView mask,
+                        const Stream& stream) {
+  SAPATTN_CHECK(guaranteed >= 0, InvalidArgumentError, "guaranteed must be >= 0, got ", guaranteed);
+  expect_rank(probs, 4, "probs");
+  const int64_t B = probs.shape[0], H = probs.shape[1], R = probs.shape[2], C = probs.shape[3];
+  check_pair_matrix(probs, B, H, R, C, "probs");
+  check_pair_matrix(scores, B, H, R, C, "scores");
+  check_mask(budget_mask, B, H, R, C);
+  check_mask(mask, B, H, R, C);
+  check_cluster_sizes(q_sizes, k_sizes, B, H, R, C);
+  expect_cpu_backend("select_error_aware", stream, probs, budget_mask, scores, q_sizes, k_sizes, mask);
+  cpu::select_error_aware(probs, budget_mask, scores, q_sizes, k_sizes, guaranteed, mask, cpu_threads(stream));
+}
+
+void centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
+                           const TensorView& k_centroids, const TensorView& v_centroids, const TensorView& k_sizes,
+                           float scale, TensorView out, TensorView lse, const Stream& stream) {
+  check_scale(scale);
+  for (const auto& [t, name] : {std::pair{&q, "q"}, {&out, "out"}}) {
+    expect_rank(*t, 4, name);
+    expect_floating(*t, name);
+  }
+  for (int d = 0; d < 4; ++d) expect_extent(out, d, q.shape[d], "out", "the extent of q");
+  expect_rank(lse, 3, "lse");
+  expect_dtype(lse, DType::F32, "lse");
+  for (int d = 0; d < 3; ++d) expect_extent(lse, d, q.shape[d], "lse", "the extent of q");
+  expect_rank(q_labels, 3, "q_labels");
+  expect_dtype(q_labels, DType::I32, "q_labels");
+  SAPATTN_CHECK(q_labels.stride[2] == 1, ShapeError, "q_labels must have unit stride along N, got ",
+                q_labels.describe());
+  expect_extent(q_labels, 0, q.shape[0], "q_labels", "batch of q");
+  expect_extent(q_labels, 1, q.shape[1], "q_labels", "heads of q");
+  SAPATTN_CHECK(q_labels.shape[2] <= q.shape[2], ShapeError, "q_labels covers ", q_labels.shape[2],
+                " tokens, more than the ", q.shape[2], " rows of q");
+  for (const auto& [t, name] : {std::pair{&k_centroids, "k_centroids"}, {&v_centroids, "v_centroids"}}) {
+    expect_rank(*t, 4, name);
+    expect_dtype(*t, DType::F32, name);
+    expect_contiguous(*t, name);
+    expect_extent(*t, 0, q.shape[0], name, "batch of q");
+    expect_extent(*t, 1, q.shape[1], name, "heads of q");
+    expect_extent(*t, 3, q.shape[3], name, "head dim of q");
+  }
+  expect_extent(v_centroids, 2, k_centroids.shape[2], "v_centroids", "clusters of k_centroids");
+  check_sizes(k_sizes, k_centroids);
+  expect_rank(mask, 4, "mask");
+  check_mask(mask, q.shape[0], q.shape[1], mask.shape[2], k_centroids.shape[2]);
+  expect_cpu_backend("centroid_compensation", stream, q, q_labels, mask, k_centroids, v_centroids, k_sizes, out, lse);
+  cpu::centroid_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse,
+                             cpu_threads(stream));
 }
 
 void check_finite(const TensorView& x, const char* name, const Stream& stream) {

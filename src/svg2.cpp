@@ -34,6 +34,15 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
   b.q_sizes = c.take_view(DType::I32, {B, H, config.q_clusters}, device);
   b.k_sizes = c.take_view(DType::I32, {B, H, config.k_clusters}, device);
   b.mask = c.take_view(DType::U8, {B, H, b.q_clusters, b.k_clusters}, device);
+  const bool error_aware = config.routing == Routing::ErrorAware;
+  const int64_t Cq = config.q_clusters, Ck = config.k_clusters;
+  if (error_aware || config.compensate) b.v_centroids = c.take_view(DType::F32, {B, H, Ck, D}, device);
+  if (error_aware || config.density > 0.0f) b.probs = c.take_view(DType::F32, {B, H, Cq, Ck}, device);
+  if (error_aware) {
+    b.scores = c.take_view(DType::F32, {B, H, Cq, Ck}, device);
+    b.budget_mask = c.take_view(DType::U8, {B, H, Cq, Ck}, device);
+  }
+  if (config.compensate) b.lse = c.take_view(DType::F32, {B, H, S}, device);
   const size_t scratch =
       std::max({kmeans_workspace_bytes(B * H, b.video_tokens, config.q_clusters, D, device),
                 kmeans_workspace_bytes(B * H, b.video_tokens, config.k_clusters, D, device),
@@ -59,6 +68,12 @@ AttentionShape check_inputs(const TensorView& q, const TensorView& k, const Tens
                 q.describe(), ", ", k.describe(), ", ", v.describe());
   SAPATTN_CHECK(shape.batch >= 1 && shape.heads >= 1, ShapeError, "q must have B, H >= 1, got ", q.describe());
   config.validate_for(shape.seq, shape.head_dim);
+  // Refused before the call touches any state (the ops would throw only after the k-means ran).
+  SAPATTN_CHECK(stream.device.type == DeviceType::CPU ||
+                    (config.routing == Routing::TopP && !config.compensate && config.density == 0.0f),
+                UnsupportedError,
+                "error-aware routing, compensation and the density budget run on the CPU only so far "
+                "(docs/ear.md)");
   const int64_t B = shape.batch, H = shape.heads;
   if (!outputs.lse.empty()) {
     expect_rank(outputs.lse, 3, "lse");
@@ -87,7 +102,8 @@ AttentionShape check_inputs(const TensorView& q, const TensorView& k, const Tens
   return shape;
 }
 
-void attend_clusters(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config, Buffers& buf,
+void attend_clusters(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
+                     const CentroidViews& centroids, const TensorView& k_sizes, Buffers& buf,
                      const Svg2Outputs& outputs, const Stream& stream) {
   const float scale = config.scale_for(q.shape[3]);
   if (config.text_tokens > 0) {
@@ -101,8 +117,12 @@ void attend_clusters(const TensorView& q, const TensorView& k, const TensorView&
   // The attention reads Q, K and V through the permutations and writes O and LSE in token order:
   // no permuted copies of the inputs or outputs exist.
   const BlockLayout layout{buf.q_offsets, buf.k_offsets, buf.mask};
-  block_sparse_attention(q, k, v, layout, scale, outputs.out, outputs.lse, stream, buf.op_scratch,
+  const TensorView lse = config.compensate && outputs.lse.empty() ? buf.lse : outputs.lse;
+  block_sparse_attention(q, k, v, layout, scale, outputs.out, lse, stream, buf.op_scratch,
                          RowPermutation{buf.q_perm, buf.k_perm});
+  if (config.compensate)
+    centroid_compensation(q, buf.q_video_labels(), buf.video_mask(), centroids.k, buf.v_centroids, k_sizes, scale,
+                          outputs.out, lse, stream);
   if (!outputs.density.empty()) block_density(layout, outputs.density, stream);
 }
 
@@ -121,10 +141,38 @@ void cluster(const TensorView& q, const TensorView& k, const Config& config, con
   kmeans(kv, centroids.k, buf.k_video_labels(), k_sizes, iters, stream, buf.op_scratch);
 }
 
-void select(const Config& config, const CentroidViews& centroids, const TensorView& k_sizes, Buffers& buf,
-            const Stream& stream) {
-  select_blocks(centroids.q, centroids.k, k_sizes, config.scale_for(centroids.q.shape[3]), config.top_p,
-                config.min_kept_clusters(), buf.video_mask(), stream);
+void probe(const TensorView& k, const TensorView& v, const Config& config, const CentroidViews& centroids,
+           const TensorView& q_sizes, const TensorView& k_sizes, Buffers& buf, const Stream& stream) {
+  const bool error_aware = config.routing == Routing::ErrorAware;
+  const float scale = config.scale_for(k.shape[3]);
+  if (!buf.probs.empty()) centroid_probs(centroids.q, centroids.k, k_sizes, scale, buf.probs, stream);
+  if (!error_aware && !config.compensate) return;
+  const TensorView kv = k.slice(2, 0, buf.video_tokens), vv = v.slice(2, 0, buf.video_tokens);
+  cluster_means(vv, buf.k_video_labels(), buf.v_centroids, stream);
+  if (error_aware)
+    ear_probe(centroids.q, centroids.k, buf.v_centroids, kv, vv, buf.k_video_labels(), q_sizes, k_sizes, scale,
+              config.ear_gamma, buf.scores, stream);
+}
+
+void select(const Config& config, const CentroidViews& centroids, const TensorView& q_sizes, const TensorView& k_sizes,
+            Buffers& buf, const Stream& stream) {
+  const bool error_aware = config.routing == Routing::ErrorAware;
+  if (!error_aware && config.density == 0.0f) {
+    select_blocks(centroids.q, centroids.k, k_sizes, config.scale_for(centroids.q.shape[3]), config.top_p,
+                  config.min_kept_clusters(), buf.video_mask(), stream);
+    return;
+  }
+  // SVG2's rule on its weights (select_top_p on them is select_blocks), at top_p or at the top-p
+  // that meets the density; for EAR it is the budget.
+  const TensorView svg2_mask = error_aware ? buf.budget_mask : buf.video_mask();
+  if (config.density > 0.0f) {
+    select_top_p_at_density(buf.probs, q_sizes, k_sizes, config.density, config.min_kept_clusters(), svg2_mask, stream);
+  } else {
+    select_top_p(buf.probs, config.top_p, config.min_kept_clusters(), svg2_mask, stream);
+  }
+  if (error_aware)
+    select_error_aware(buf.probs, buf.budget_mask, buf.scores, q_sizes, k_sizes, config.ear_guaranteed_clusters(),
+                       buf.video_mask(), stream);
 }
 
 void check_centroids(const CentroidViews& centroids, const AttentionShape& shape, const Config& config,
@@ -169,8 +217,9 @@ void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& 
   const TensorView q_sizes = outputs.q_cluster_sizes.empty() ? buf.q_sizes : outputs.q_cluster_sizes;
   const TensorView k_sizes = outputs.k_cluster_sizes.empty() ? buf.k_sizes : outputs.k_cluster_sizes;
   pipeline::cluster(q, k, config, centroids, initialize, buf, q_sizes, k_sizes, stream);
-  pipeline::select(config, centroids, k_sizes, buf, stream);
-  pipeline::attend_clusters(q, k, v, config, buf, outputs, stream);
+  pipeline::probe(k, v, config, centroids, q_sizes, k_sizes, buf, stream);
+  pipeline::select(config, centroids, q_sizes, k_sizes, buf, stream);
+  pipeline::attend_clusters(q, k, v, config, centroids, k_sizes, buf, outputs, stream);
 }
 
 void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,

@@ -19,6 +19,11 @@ struct Buffers {
   TensorView q_offsets, k_offsets;                   // [B,H,Cq+1], [B,H,Ck+1] i32
   TensorView q_sizes, k_sizes;                       // [B,H,Cq], [B,H,Ck] i32 (video clusters)
   TensorView mask;                                   // [B,H,Cq,Ck] u8 (with text clusters)
+  TensorView v_centroids;                            // [B,H,Ck,D] f32 value means: ErrorAware or compensate
+  TensorView probs, scores;                          // [B,H,Cq,Ck] f32 SVG2's weights (ErrorAware or density),
+                                                     // probe scores (ErrorAware)
+  TensorView budget_mask;                            // [B,H,Cq,Ck] u8 SVG2's selection: ErrorAware
+  TensorView lse;                                    // [B,H,S] f32 when compensating without a caller's lse
   Workspace op_scratch;                              // scratch the k-means, permutation and attention ops ask for
 
   // Video parts of the label tensors and the video x video block of the mask.
@@ -41,17 +46,27 @@ void cluster(const TensorView& q, const TensorView& k, const Config& config, con
              bool initialize, Buffers& buffers, const TensorView& q_sizes, const TensorView& k_sizes,
              const Stream& stream);
 
-// SVG2's selection from the branch's centroids: the top-p rule into the video x video mask.
-void select(const Config& config, const CentroidViews& centroids, const TensorView& k_sizes, Buffers& buffers,
-            const Stream& stream);
+// What the selection needs besides the centroids and does not depend on top-p or density: SVG2's
+// weights (ErrorAware or a density budget), the value means per key cluster (ErrorAware or
+// compensate) and the probe scores (ErrorAware).
+void probe(const TensorView& k, const TensorView& v, const Config& config, const CentroidViews& centroids,
+           const TensorView& q_sizes, const TensorView& k_sizes, Buffers& buffers, const Stream& stream);
+
+// The video x video mask from the branch's centroids (after probe): SVG2's top-p rule (at
+// config.top_p, or at the top-p meeting config.density), or EAR's error-aware routing within the
+// area that rule computes.
+void select(const Config& config, const CentroidViews& centroids, const TensorView& q_sizes, const TensorView& k_sizes,
+            Buffers& buffers, const Stream& stream);
 
 // Checks caller-owned centroids against q's shape and the config.
 void check_centroids(const CentroidViews& centroids, const AttentionShape& shape, const Config& config,
                      const Stream& stream);
 
 // Given video labels and sizes, the video x video mask and centroids already selected: labels the
-// text tokens, applies the text rule, permutes, attends, and writes the outputs in token order.
+// text tokens, applies the text rule, permutes, attends, adds the skipped video key clusters through
+// their centroids when config.compensate, and writes the outputs in token order.
 void attend_clusters(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
-                     Buffers& buffers, const Svg2Outputs& outputs, const Stream& stream);
+                     const CentroidViews& centroids, const TensorView& k_sizes, Buffers& buffers,
+                     const Svg2Outputs& outputs, const Stream& stream);
 
 }  // namespace sapattn::pipeline

@@ -217,4 +217,35 @@ std::vector<uint8_t> expand_block_mask(const BlockLayout& layout, int64_t Sq, in
 // block_density's definition, [B,H].
 std::vector<double> block_density(const BlockLayout& layout, int64_t Sq, int64_t Sk);
 
+// ---------------------------------------------------------------------------------------------
+// SVG-EAR references (docs/ear.md), written from the contracts of the EAR ops
+// ---------------------------------------------------------------------------------------------
+
+// ear_probe's scores [B,H,Cq,Ck] evaluated as the contract writes them: for every key token t of
+// cluster j the difference exp(s_t) v_t - exp(c_aj) vbar_j, squared and summed, with no rescaling
+// (inputs must keep exp(2 s) finite), then log(max(E, 1e-8)) - gamma log(max(area, 1e-8)).
+//   k_labels [B,H,N]; q_sizes [B,H,Cq]; k_sizes [B,H,Ck].
+std::vector<double> ear_probe(const TensorView& q_centroids, const TensorView& k_centroids,
+                              const TensorView& v_centroids, const TensorView& k, const TensorView& v,
+                              const std::vector<int32_t>& k_labels, const std::vector<int32_t>& q_sizes,
+                              const std::vector<int32_t>& k_sizes, double scale, double gamma);
+
+// select_error_aware by a brute-force characterisation, [B,H,R,C]: the first `guaranteed` clusters
+// of each row's probs ranking are kept; any other cluster j is kept iff the area of the other
+// non-guaranteed clusters ranked before it by score (higher, or equal with a lower index; NaN as
+// -inf) is below max(0, budget - guaranteed area), budget the area budget_mask keeps.
+std::vector<uint8_t> error_aware_mask(const std::vector<double>& probs, const std::vector<uint8_t>& budget_mask,
+                                      const std::vector<double>& scores, const std::vector<int32_t>& q_sizes,
+                                      const std::vector<int32_t>& k_sizes, int64_t B, int64_t H, int64_t R, int64_t C,
+                                      int guaranteed);
+
+// Attention with centroid compensation as one float64 softmax per query row: query row i attends
+// the keys token_mask [B,H,S,S] allows and, when i < N (q_labels [B,H,N] gives its cluster a), one
+// pseudo-key of logit log|K_j| + scale q_i . kbar_j and value vbar_j for every key cluster j with
+// cluster_mask[a,j] = 0 ([B,H,Cq,Ck] row-major) and |K_j| > 0.
+Attention compensated_attention(const TensorView& q, const TensorView& k, const TensorView& v, double scale,
+                                const std::vector<uint8_t>& token_mask, const std::vector<int32_t>& q_labels, int64_t N,
+                                const std::vector<uint8_t>& cluster_mask, int64_t Cq, const TensorView& k_centroids,
+                                const TensorView& v_centroids, const std::vector<int32_t>& k_sizes);
+
 }  // namespace sapattn::ref

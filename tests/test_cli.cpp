@@ -83,6 +83,9 @@ TEST(Cli, BadOptionsExitWithTwo) {
   expect_one_line_error(run("eval --in x.safetensors --top-p 1.5"), "--top-p must be in");
   expect_one_line_error(run("eval --in x.safetensors --top-p abc"), "--top-p needs a number");
   expect_one_line_error(run("eval --in x.safetensors --method svg"), "--method must be one of");
+  expect_one_line_error(run("eval --in x.safetensors --method sap,svg"), "--method must be one of");
+  expect_one_line_error(run("eval --in x.safetensors --top-p 0.9,2"), "--top-p must be in");
+  expect_one_line_error(run("eval --in x.safetensors --density 0"), "--density must be in");
   expect_one_line_error(run("eval --in x.safetensors --q-clusters 0"), "--q-clusters must be in");
   expect_one_line_error(run("eval --in x.safetensors --top-p"), "needs a value");
   expect_one_line_error(run("gen --preset nope --out /tmp/x"), "nope");
@@ -147,6 +150,17 @@ TEST(Cli, EvalOnNpyInBothLayouts) {
   const Result table = run("eval --method dense" + files("bhsd"));
   ASSERT_EQ(table.code, 0) << table.output;
   EXPECT_NE(table.output.find("recall"), std::string::npos);
+  // Lists of methods and budgets: one JSON line per (method, budget), each at its density.
+  const Result sweep =
+      run("eval --json --method sap,ear --density 0.2,0.4 --q-clusters 6 --k-clusters 12" + files("bhsd"));
+  ASSERT_EQ(sweep.code, 0) << sweep.output;
+  EXPECT_EQ(std::count(sweep.output.begin(), sweep.output.end(), '\n'), 4) << sweep.output;
+  EXPECT_NE(sweep.output.find("\"method\": \"ear\""), std::string::npos);
+  EXPECT_GE(json_value(sweep.output, "density"), 0.2 - 1e-6);
+  const Result compensated = run("eval --json --compensate --top-p 0.5 --q-clusters 6 --k-clusters 12" + files("bhsd"));
+  ASSERT_EQ(compensated.code, 0) << compensated.output;
+  EXPECT_NE(compensated.output.find("\"method\": \"sap+c\""), std::string::npos);
+  EXPECT_NE(compensated.output.find("\"compensate\": true"), std::string::npos);
   fs::remove_all(dir);
 }
 
@@ -192,7 +206,8 @@ TEST(Cli, DemoWritesItsPictures) {
     EXPECT_EQ(std::string(sig, 8), std::string("\x89PNG\r\n\x1a\n", 8)) << name;
   }
   EXPECT_TRUE(fs::exists(dir / "summary.txt"));
-  for (const char* method : {"dense", "sap", "blocks", "oracle"}) EXPECT_NE(r.output.find(method), std::string::npos);
+  for (const char* method : {"dense", "sap", "blocks", "oracle", "sap+c", "ear"})
+    EXPECT_NE(r.output.find(method), std::string::npos);
   fs::remove_all(dir);
 }
 

@@ -5,10 +5,18 @@
 
 namespace sapattn {
 
+// How the key clusters to compute exactly are chosen per query cluster.
+enum class Routing : uint8_t {
+  TopP,        // SVG2: the top-p prefix of the size-weighted centroid softmax
+  ErrorAware,  // SVG-EAR: the best error-per-area blocks of the probe, within SVG2's top-p area
+};
+
 struct Config {
   int q_clusters = 300;        // Cq: k-means clusters over the video-token queries
   int k_clusters = 1000;       // Ck: k-means clusters over the video-token keys
   float top_p = 0.9f;          // per query-cluster row, keep key clusters until this mass; >= 1 keeps all
+  float density = 0.0f;        // > 0: replaces top_p by, per (b,h), the smallest top-p whose selection
+                               // computes this share of the video query-key pairs (a speed budget)
   float min_kc_ratio = 0.10f;  // always keep the top floor(min_kc_ratio * Ck) key clusters
   int kmeans_iters_init = 50;  // Lloyd iterations at a layer's first sparse call (sampled init)
   int kmeans_iters_step = 2;   // Lloyd iterations at later calls (warm start from cached centroids)
@@ -20,6 +28,12 @@ struct Config {
                                // stream sync on CUDA; turn off on a hot path or under graph capture
   int key_shard_index = 0;     // attend over share key_shard_index of key_shard_count of the kept
   int key_shard_count = 1;     // blocks (shard_key_clusters): keys split across devices
+  Routing routing = Routing::TopP;
+  bool compensate = false;       // skipped video key clusters still count through their key and value
+                                 // centroids (centroid_compensation); not with key_shard_count > 1
+  float ear_gamma = 1.0f;        // ErrorAware: probe error divided by area^gamma
+  float ear_keep_ratio = 0.05f;  // ErrorAware: the top max(1, floor(ratio * k_clusters)) clusters of
+                                 // SVG2's ranking are always computed (0 keeps none)
 
   // Throws InvalidArgumentError naming the first bad field and its valid range.
   void validate() const;
@@ -28,6 +42,9 @@ struct Config {
   float scale_for(int64_t head_dim) const;
   // Number of always-kept key clusters: floor(min_kc_ratio * k_clusters).
   int min_kept_clusters() const;
+  // ErrorAware's always-computed clusters per row: max(1, floor(ear_keep_ratio * k_clusters)), or 0
+  // when ear_keep_ratio is 0.
+  int ear_guaranteed_clusters() const;
 };
 
 }  // namespace sapattn

@@ -7,7 +7,11 @@
 //           cluster counts, scored and selected by the same rule — what position-based methods do.
 //   oracle  the SAP clusters, with key clusters chosen by their true attention mass (from dense
 //           attention), same top-p: the upper bound of identification for these clusters.
+//   ear     SVG-EAR: the SAP clusters, key clusters routed by the error probe within the area SVG2's
+//           top-p computes, every skipped video key cluster compensated through its centroids
+//           (docs/ear.md). The config's ear_* fields apply; compensate is implied.
 //   dense   full attention.
+// config.compensate adds the centroid compensation to sap, blocks and oracle too.
 #pragma once
 
 #include <string_view>
@@ -18,9 +22,9 @@
 
 namespace sapattn::eval {
 
-enum class Method : uint8_t { Sap, Blocks, Oracle, Dense };
+enum class Method : uint8_t { Sap, Blocks, Oracle, Ear, Dense };
 std::string_view method_name(Method m);
-// "sap", "blocks", "oracle", "dense"; anything else throws InvalidArgumentError.
+// "sap", "blocks", "oracle", "ear", "dense"; anything else throws InvalidArgumentError.
 Method parse_method(std::string_view name);
 
 struct MethodResult {
@@ -40,9 +44,20 @@ struct MethodResult {
 MethodResult run_method(Method method, const TensorView& q, const TensorView& k, const TensorView& v,
                         const Config& config, const MethodResult* dense = nullptr, int threads = 0);
 
-// One sparse method at several top-p values (config.top_p is ignored): the clusters, and the
-// oracle's mass matrix, are computed once and shared, as none of them depends on top-p. Each
-// result's `seconds` is what a single run at that top-p would take (the shared part included).
+// A selection budget: top_p, or a density (> 0: Config::density, which then replaces top_p).
+struct SweepPoint {
+  float top_p = 0.9f;
+  float density = 0.0f;
+};
+
+// One sparse method at several budgets (config.top_p and config.density are ignored): the
+// clusters, the oracle's mass matrix and EAR's probe are computed once and shared, as none of them
+// depends on the budget. Each result's `seconds` is what a single run at that budget would take
+// (the shared part included).
+std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const TensorView& k, const TensorView& v,
+                                    const Config& config, const std::vector<SweepPoint>& points,
+                                    const MethodResult* dense = nullptr, int threads = 0);
+// The same over top-p values.
 std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const TensorView& k, const TensorView& v,
                                     const Config& config, const std::vector<float>& top_ps,
                                     const MethodResult* dense = nullptr, int threads = 0);

@@ -86,6 +86,16 @@ size_t order_clusters_workspace_bytes(int64_t batch_heads, int64_t clusters, int
 // top_p >= 1 keeps every cluster of the row.
 void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, const Stream& stream);
 
+// select_top_p with one top-p per (b,h), chosen for a speed budget: the smallest top_p in (0, 1]
+// whose kept area sum_{kept (a,j)} q_sizes[a] k_sizes[j] reaches `density` times
+// sum_a q_sizes[a] * sum_j k_sizes[j]. The kept area only changes where top_p crosses a row's fp32
+// running sum, so those values (and 1) are the candidates, searched by bisection; the rows are then
+// written exactly as select_top_p writes them at that top_p. min_kept floors the density.
+//   probs [B,H,R,C] f32 as select_top_p; q_sizes [B,H,R], k_sizes [B,H,C] i32, contiguous,
+//   non-negative; 0 < density <= 1.
+void select_top_p_at_density(const TensorView& probs, const TensorView& q_sizes, const TensorView& k_sizes,
+                             float density, int min_kept, TensorView mask, const Stream& stream);
+
 // SVG2's selection: S = q_centroids . k_centroids^T * scale; per row the key-cluster-size
 // weighted softmax P_ij = |K_j| exp(S_ij - m_i) / sum_j |K_j| exp(S_ij - m_i), with m_i the row
 // max over non-empty key clusters; then select_top_p. Query-cluster sizes play no part.
@@ -197,6 +207,66 @@ void block_density(const BlockLayout& layout, TensorView density, const Stream& 
 // block_sparse_attention; no workspace).
 void dense_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale, TensorView out,
                      TensorView lse, const Stream& stream);
+
+// ---------------------------------------------------------------------------------------------
+// Error-aware routing and centroid compensation (SVG-EAR, arXiv 2603.08982; docs/ear.md). The CPU
+// backend only so far: a CUDA stream throws UnsupportedError. Shapes as above; every cluster-size
+// tensor is [B,H,C] i32, contiguous, non-negative (InvalidArgumentError otherwise).
+// ---------------------------------------------------------------------------------------------
+
+// means[c] = the mean of the points labelled c (fp64 sums, rounded to fp32), 0 for an empty cluster.
+//   points [B,H,N,D] f32/f16/bf16, any strides; labels [B,H,N] i32 in [0, C), unit stride along N;
+//   means [B,H,C,D] f32, contiguous.
+void cluster_means(const TensorView& points, const TensorView& labels, TensorView means, const Stream& stream);
+
+// select_blocks' weights written out: P_ij = |K_j| exp(S_ij - m_i) / sum_j |K_j| exp(S_ij - m_i) with
+// S = q_centroids . k_centroids^T * scale and m_i the row max over non-empty key clusters; a row
+// whose key clusters are all empty is all zero. probs [B,H,Cq,Ck] f32, any strides.
+void centroid_probs(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes,
+                    float scale, TensorView probs, const Stream& stream);
+
+// The EAR probe. For query cluster a and key cluster j, the error of standing in for j's keys and
+// values by their centroids, seen from a's centroid:
+//   E_aj = sum_{t in j} || exp(s_t) v_t - exp(c_aj) vbar_j ||^2,  s_t = scale qbar_a . k_t,
+//   c_aj = scale qbar_a . kbar_j,
+// and its log error per area: scores_aj = log(max(E_aj, eps)) - gamma log(max(|Q_a| |K_j|, eps)),
+// eps = 1e-8 (E is unnormalised, as the published code has it; the row's softmax denominator is common
+// to a row and does not change its ranking). E is evaluated in the log domain (fp64 sums), so it
+// does not overflow where exp(2 s_t) would. An empty key cluster gets E = eps.
+//   q_centroids [B,H,Cq,D], k_centroids and v_centroids [B,H,Ck,D] f32 contiguous;
+//   k and v [B,H,N,D] f32/f16/bf16, any strides; k_labels [B,H,N] i32 in [0, Ck), unit stride;
+//   q_sizes [B,H,Cq], k_sizes [B,H,Ck]; scores [B,H,Cq,Ck] f32, any strides. gamma >= 0.
+void ear_probe(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& v_centroids,
+               const TensorView& k, const TensorView& v, const TensorView& k_labels, const TensorView& q_sizes,
+               const TensorView& k_sizes, float scale, float gamma, TensorView scores, const Stream& stream);
+
+// EAR's routing, per query-cluster row a (area_j = |Q_a| |K_j|, counted exactly in integers):
+//   1. the first `guaranteed` key clusters of the row's ranking by probs (descending, ties by lower
+//      index) are always kept;
+//   2. budget = sum of area_j over the clusters budget_mask keeps (SVG2's selection: the area top-p
+//      would compute); remaining = max(0, budget - area of the guaranteed clusters);
+//   3. the other clusters, by score descending (ties by lower index, NaN last), are kept while the
+//      area kept before them is below `remaining` (the crossing cluster included).
+//   probs, scores [B,H,Cq,Ck] f32 and budget_mask [B,H,Cq,Ck] u8, any strides; q_sizes [B,H,Cq],
+//   k_sizes [B,H,Ck]; mask [B,H,Cq,Ck] u8, any strides, written; 0 <= guaranteed.
+void select_error_aware(const TensorView& probs, const TensorView& budget_mask, const TensorView& scores,
+                        const TensorView& q_sizes, const TensorView& k_sizes, int guaranteed, TensorView mask,
+                        const Stream& stream);
+
+// Adds the skipped key clusters to an attention result through their centroids. For every query
+// row i with q_labels[i] = a and every key cluster j with mask[a,j] = 0 and |K_j| > 0, the row gains
+// the pseudo-key kbar_j of multiplicity |K_j| and value vbar_j, merged by log-sum-exp with the row's
+// exact part (out_i, lse_i):
+//   w_j = log|K_j| + scale q_i . kbar_j,  lse' = logsumexp(lse_i, w_j...),
+//   out_i' = exp(lse_i - lse') out_i + sum_j exp(w_j - lse') vbar_j.
+// Each row uses its own q_i. Rows of q beyond q_labels' N (text tokens) are left as they are.
+//   q [B,H,S,D] f32/f16/bf16, any strides; q_labels [B,H,N] i32 in [0, Cq), N <= S, unit stride;
+//   mask [B,H,Cq,Ck] u8, any strides (the video part of a layout's mask); k_centroids, v_centroids
+//   [B,H,Ck,D] f32 contiguous; k_sizes [B,H,Ck]; out [B,H,S,D] f32/f16/bf16 and lse [B,H,S] f32, any
+//   strides, read and written (a row with lse = -inf and nothing to add stays out = 0, lse = -inf).
+void centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
+                           const TensorView& k_centroids, const TensorView& v_centroids, const TensorView& k_sizes,
+                           float scale, TensorView out, TensorView lse, const Stream& stream);
 
 // ---------------------------------------------------------------------------------------------
 // Input checks.

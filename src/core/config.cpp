@@ -1,5 +1,6 @@
 #include "sapattn/config.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 #include "sapattn/error.hpp"
@@ -11,6 +12,8 @@ void Config::validate() const {
   SAPATTN_CHECK(k_clusters >= 1, InvalidArgumentError, "k_clusters must be >= 1, got ", k_clusters);
   SAPATTN_CHECK(std::isfinite(top_p) && top_p > 0.0f && top_p <= 1.0f, InvalidArgumentError,
                 "top_p must be in (0, 1], got ", top_p);
+  SAPATTN_CHECK(std::isfinite(density) && density >= 0.0f && density <= 1.0f, InvalidArgumentError,
+                "density must be in [0, 1] (0 = use top_p), got ", density);
   SAPATTN_CHECK(std::isfinite(min_kc_ratio) && min_kc_ratio >= 0.0f && min_kc_ratio <= 1.0f, InvalidArgumentError,
                 "min_kc_ratio must be in [0, 1], got ", min_kc_ratio);
   SAPATTN_CHECK(kmeans_iters_init >= 0, InvalidArgumentError, "kmeans_iters_init must be >= 0, got ",
@@ -25,6 +28,14 @@ void Config::validate() const {
                 " of ", key_shard_count);
   SAPATTN_CHECK(std::isfinite(scale) && scale >= 0.0f, InvalidArgumentError,
                 "scale must be finite and >= 0 (0 = 1/sqrt(D)), got ", scale);
+  SAPATTN_CHECK(routing == Routing::TopP || routing == Routing::ErrorAware, InvalidArgumentError,
+                "routing must be TopP or ErrorAware, got ", static_cast<int>(routing));
+  SAPATTN_CHECK(!compensate || key_shard_count == 1, InvalidArgumentError,
+                "compensate needs the whole key set in one call (key_shard_count = 1, got ", key_shard_count, ")");
+  SAPATTN_CHECK(std::isfinite(ear_gamma) && ear_gamma >= 0.0f, InvalidArgumentError,
+                "ear_gamma must be finite and >= 0, got ", ear_gamma);
+  SAPATTN_CHECK(std::isfinite(ear_keep_ratio) && ear_keep_ratio >= 0.0f && ear_keep_ratio <= 1.0f, InvalidArgumentError,
+                "ear_keep_ratio must be in [0, 1], got ", ear_keep_ratio);
 }
 
 void Config::validate_for(int64_t seq_len, int64_t head_dim) const {
@@ -40,6 +51,11 @@ float Config::scale_for(int64_t head_dim) const {
 
 int Config::min_kept_clusters() const {
   return static_cast<int>(std::floor(static_cast<double>(min_kc_ratio) * k_clusters));
+}
+
+int Config::ear_guaranteed_clusters() const {
+  if (ear_keep_ratio <= 0.0f) return 0;
+  return std::max(1, static_cast<int>(std::floor(static_cast<double>(ear_keep_ratio) * k_clusters)));
 }
 
 }  // namespace sapattn

@@ -20,15 +20,6 @@ namespace {
 constexpr int64_t kQueryTile = 16;
 constexpr int64_t kKeyTile = 64;
 
-float dot(const float* a, const float* b, int64_t D) {
-  float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent lanes: vectorises without reassociation
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8)
-    for (int j = 0; j < 8; ++j) part[j] += a[d + j] * b[d + j];
-  for (; d < D; ++d) part[0] += a[d] * b[d];
-  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-}
-
 // A contiguous run of rows [begin, end) of the permuted sequence.
 struct Segment {
   int64_t begin, end;

@@ -17,6 +17,8 @@ void kmeans_update(const TensorView& points, const TensorView& labels, TensorVie
 void order_clusters(TensorView centroids, TensorView sizes, TensorView labels, int threads);
 
 void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, int threads);
+void select_top_p_at_density(const TensorView& probs, const TensorView& q_sizes, const TensorView& k_sizes,
+                             float density, int min_kept, TensorView mask, int threads);
 void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
                    float top_p, int min_kept, TensorView mask, int threads);
 void apply_text_rule(TensorView mask, int threads);
@@ -32,6 +34,19 @@ void block_sparse_attention(const TensorView& q, const TensorView& k, const Tens
 void dense_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale, TensorView out,
                      TensorView lse, int threads);
 void block_density(const BlockLayout& layout, TensorView density, int threads);
+
+void cluster_means(const TensorView& points, const TensorView& labels, TensorView means, int threads);
+void centroid_probs(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes,
+                    float scale, TensorView probs, int threads);
+void ear_probe(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& v_centroids,
+               const TensorView& k, const TensorView& v, const TensorView& k_labels, const TensorView& q_sizes,
+               const TensorView& k_sizes, float scale, float gamma, TensorView scores, int threads);
+void select_error_aware(const TensorView& probs, const TensorView& budget_mask, const TensorView& scores,
+                        const TensorView& q_sizes, const TensorView& k_sizes, int guaranteed, TensorView mask,
+                        int threads);
+void centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
+                           const TensorView& k_centroids, const TensorView& v_centroids, const TensorView& k_sizes,
+                           float scale, TensorView out, TensorView lse, int threads);
 
 void check_finite(const TensorView& x, const char* name, int threads);
 

@@ -53,15 +53,40 @@ void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView
   });
 }
 
-void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
-                   float top_p, int min_kept, TensorView mask, int threads) {
+namespace {
+
+// One row of the size-weighted centroid softmax: weight[j] = |K_j| exp(S_j - m) / sum, m the max
+// over non-empty key clusters. Returns false (weights all 0) when every key cluster is empty.
+bool centroid_prob_row(const float* cq, const float* ck, const int32_t* size, int64_t Ck, int64_t D, float scale,
+                       std::vector<float>& score, float* weight) {
+  float row_max = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < Ck; ++j) {
+    float dot = 0.0f;
+    for (int64_t d = 0; d < D; ++d) dot += cq[d] * ck[j * D + d];
+    score[j] = dot * scale;
+    if (size[j] > 0) row_max = std::max(row_max, score[j]);
+  }
+  if (row_max == -std::numeric_limits<float>::infinity()) {  // every key cluster is empty
+    std::fill(weight, weight + Ck, 0.0f);
+    return false;
+  }
+  float total = 0.0f;
+  for (int64_t j = 0; j < Ck; ++j) {
+    weight[j] = size[j] > 0 ? static_cast<float>(size[j]) * std::exp(score[j] - row_max) : 0.0f;
+    total += weight[j];
+  }
+  for (int64_t j = 0; j < Ck; ++j) weight[j] /= total;
+  return true;
+}
+
+// Calls row(b, h, a, any, weights, order) for every query-cluster row of every (b,h), in parallel
+// over (b,h); `any` is false when every key cluster is empty, `order` is the task's scratch.
+template <typename RowFn>
+void for_each_prob_row(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes,
+                       float scale, int threads, RowFn&& row) {
+  check_sizes_nonnegative(k_sizes, "k_sizes");
   const int64_t B = q_centroids.shape[0], H = q_centroids.shape[1];
   const int64_t Cq = q_centroids.shape[2], Ck = k_centroids.shape[2], D = q_centroids.shape[3];
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t j = 0; j < Ck; ++j)
-        SAPATTN_CHECK(at<int32_t>(k_sizes, b, h, j) >= 0, InvalidArgumentError, "k_sizes[b=", b, ", h=", h, ", ", j,
-                      "] = ", at<int32_t>(k_sizes, b, h, j), " is negative");
   parallel_for(B * H, threads, [&](int64_t bh) {
     const int64_t b = bh / H, h = bh % H;
     const float* cq = &at<float>(q_centroids, b, h);
@@ -70,27 +95,85 @@ void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids,
     std::vector<float> score(Ck), weight(Ck);
     std::vector<int32_t> order;
     for (int64_t a = 0; a < Cq; ++a) {
-      uint8_t* row = &at<uint8_t>(mask, b, h, a);
-      float row_max = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < Ck; ++j) {
-        float dot = 0.0f;
-        for (int64_t d = 0; d < D; ++d) dot += cq[a * D + d] * ck[j * D + d];
-        score[j] = dot * scale;
-        if (size[j] > 0) row_max = std::max(row_max, score[j]);
-      }
-      if (row_max == -std::numeric_limits<float>::infinity()) {  // every key cluster is empty
-        for (int64_t j = 0; j < Ck; ++j) row[j * mask.stride[3]] = 0;
-        continue;
-      }
-      float total = 0.0f;
-      for (int64_t j = 0; j < Ck; ++j) {
-        weight[j] = size[j] > 0 ? static_cast<float>(size[j]) * std::exp(score[j] - row_max) : 0.0f;
-        total += weight[j];
-      }
-      for (int64_t j = 0; j < Ck; ++j) weight[j] /= total;
-      keep_top_p_row(weight.data(), 1, Ck, top_p, min_kept, row, mask.stride[3], order);
+      const bool any = centroid_prob_row(cq + a * D, ck, size, Ck, D, scale, score, weight.data());
+      row(b, h, a, any, weight.data(), order);
     }
   });
+}
+
+}  // namespace
+
+void centroid_probs(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes,
+                    float scale, TensorView probs, int threads) {
+  const int64_t Ck = k_centroids.shape[2];
+  for_each_prob_row(q_centroids, k_centroids, k_sizes, scale, threads,
+                    [&](int64_t b, int64_t h, int64_t a, bool, const float* weight, std::vector<int32_t>&) {
+                      for (int64_t j = 0; j < Ck; ++j) at<float>(probs, b, h, a, j) = weight[j];
+                    });
+}
+
+void select_top_p_at_density(const TensorView& probs, const TensorView& q_sizes, const TensorView& k_sizes,
+                             float density, int min_kept, TensorView mask, int threads) {
+  const int64_t B = probs.shape[0], H = probs.shape[1], R = probs.shape[2], C = probs.shape[3];
+  check_sizes_nonnegative(q_sizes, "q_sizes");
+  check_sizes_nonnegative(k_sizes, "k_sizes");
+  parallel_for(B * H, threads, [&](int64_t bh) {
+    const int64_t b = bh / H, h = bh % H;
+    // Per row, in rank order: the fp32 running sums keep_top_p_row compares with top_p, and the
+    // running key counts, so that the area kept at any top_p is one search per row.
+    std::vector<float> running(R * C);
+    std::vector<int64_t> keys(R * (C + 1), 0);
+    std::vector<int32_t> order(C);
+    int64_t q_total = 0, k_total = 0;
+    for (int64_t j = 0; j < C; ++j) k_total += at<int32_t>(k_sizes, b, h, j);
+    for (int64_t r = 0; r < R; ++r) {
+      const float* w = &at<float>(probs, b, h, r);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int32_t x, int32_t y) { return w[x * probs.stride[3]] > w[y * probs.stride[3]]; });
+      float sum = 0.0f;
+      for (int64_t i = 0; i < C; ++i) {
+        running[r * C + i] = sum += w[order[i] * probs.stride[3]];
+        keys[r * (C + 1) + i + 1] = keys[r * (C + 1) + i] + at<int32_t>(k_sizes, b, h, order[i]);
+      }
+      q_total += at<int32_t>(q_sizes, b, h, r);
+    }
+    const auto kept_area = [&](float top_p) {
+      int64_t area = 0;
+      for (int64_t r = 0; r < R; ++r) {
+        const float* run = &running[r * C];
+        int64_t kept = top_p >= 1.0f ? C : std::lower_bound(run, run + C, top_p) - run + 1;
+        kept = std::min<int64_t>(C, std::max<int64_t>(kept, min_kept));
+        area += at<int32_t>(q_sizes, b, h, r) * keys[r * (C + 1) + kept];
+      }
+      return area;
+    };
+    std::vector<float> candidates;
+    for (float x : running)
+      if (x > 0.0f && x < 1.0f) candidates.push_back(x);
+    candidates.push_back(1.0f);
+    std::sort(candidates.begin(), candidates.end());
+    const double target = static_cast<double>(density) * static_cast<double>(q_total) * static_cast<double>(k_total);
+    const float top_p = *std::partition_point(candidates.begin(), candidates.end() - 1,
+                                              [&](float p) { return static_cast<double>(kept_area(p)) < target; });
+    for (int64_t r = 0; r < R; ++r)
+      keep_top_p_row(&at<float>(probs, b, h, r), probs.stride[3], C, top_p, min_kept, &at<uint8_t>(mask, b, h, r),
+                     mask.stride[3], order);
+  });
+}
+
+void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
+                   float top_p, int min_kept, TensorView mask, int threads) {
+  const int64_t Ck = k_centroids.shape[2];
+  for_each_prob_row(q_centroids, k_centroids, k_sizes, scale, threads,
+                    [&](int64_t b, int64_t h, int64_t a, bool any, const float* weight, std::vector<int32_t>& order) {
+                      uint8_t* row = &at<uint8_t>(mask, b, h, a);
+                      if (!any) {
+                        for (int64_t j = 0; j < Ck; ++j) row[j * mask.stride[3]] = 0;
+                        return;
+                      }
+                      keep_top_p_row(weight, 1, Ck, top_p, min_kept, row, mask.stride[3], order);
+                    });
 }
 
 void apply_text_rule(TensorView mask, int threads) {

@@ -1,5 +1,6 @@
 // The compared methods. All sparse methods end in pipeline::attend_clusters, the same permute /
 // attend / unpermute path as svg2_attention; they differ only in how clusters and the mask are made.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -22,6 +23,8 @@ std::string_view method_name(Method m) {
       return "blocks";
     case Method::Oracle:
       return "oracle";
+    case Method::Ear:
+      return "ear";
     case Method::Dense:
       return "dense";
   }
@@ -29,9 +32,9 @@ std::string_view method_name(Method m) {
 }
 
 Method parse_method(std::string_view name) {
-  for (Method m : {Method::Sap, Method::Blocks, Method::Oracle, Method::Dense})
+  for (Method m : {Method::Sap, Method::Blocks, Method::Oracle, Method::Ear, Method::Dense})
     if (name == method_name(m)) return m;
-  SAPATTN_THROW(InvalidArgumentError, "unknown method '", name, "' (choose sap, blocks, oracle or dense)");
+  SAPATTN_THROW(InvalidArgumentError, "unknown method '", name, "' (choose sap, blocks, oracle, ear or dense)");
 }
 
 namespace {
@@ -133,7 +136,8 @@ Svg2Outputs outputs_of(MethodResult& r) { return {r.out.view(), r.lse.view(), r.
 
 MethodResult run_method(Method method, const TensorView& q, const TensorView& k, const TensorView& v,
                         const Config& config, const MethodResult* dense, int threads) {
-  if (method != Method::Dense) return std::move(run_sweep(method, q, k, v, config, {config.top_p}, dense, threads)[0]);
+  if (method != Method::Dense)
+    return std::move(run_sweep(method, q, k, v, config, {SweepPoint{config.top_p, config.density}}, dense, threads)[0]);
   const Stream stream = Stream::cpu(threads);
   const AttentionShape shape = AttentionShape::of(q);
   MethodResult r = empty_result(method, shape);
@@ -148,24 +152,42 @@ MethodResult run_method(Method method, const TensorView& q, const TensorView& k,
 std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const TensorView& k, const TensorView& v,
                                     const Config& config, const std::vector<float>& top_ps, const MethodResult* dense,
                                     int threads) {
+  std::vector<SweepPoint> points;
+  for (float p : top_ps) points.push_back({p, 0.0f});
+  return run_sweep(method, q, k, v, config, points, dense, threads);
+}
+
+std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const TensorView& k, const TensorView& v,
+                                    const Config& config, const std::vector<SweepPoint>& points,
+                                    const MethodResult* dense, int threads) {
   SAPATTN_CHECK(method != Method::Dense, InvalidArgumentError, "a top-p sweep needs a sparse method, not dense");
   SAPATTN_CHECK(method != Method::Oracle || (dense != nullptr && dense->method == Method::Dense), InvalidArgumentError,
                 "the oracle needs the dense result of the same inputs");
   const Stream stream = Stream::cpu(threads);
   const AttentionShape shape = AttentionShape::of(q);
   const int64_t B = shape.batch, H = shape.heads, D = shape.head_dim;
-  // q stands in for the output: only its shape is checked; each result gets its own outputs below.
-  pipeline::check_inputs(q, k, v, config, Svg2Outputs{q}, stream);
-  for (float p : top_ps) {
-    Config c = config;
-    c.top_p = p;
-    c.validate();
+  Config base = config;
+  if (method == Method::Ear) {
+    base.routing = Routing::ErrorAware;
+    base.compensate = true;
   }
+  // Any density point needs SVG2's weights in the workspace.
+  base.density = 0.0f;
+  for (const SweepPoint& point : points) base.density = std::max(base.density, point.density);
+  const auto point_config = [&](const SweepPoint& point) {
+    Config c = base;
+    c.top_p = point.top_p;
+    c.density = point.density;
+    return c;
+  };
+  // q stands in for the output: only its shape is checked; each result gets its own outputs below.
+  pipeline::check_inputs(q, k, v, base, Svg2Outputs{q}, stream);
+  for (const SweepPoint& point : points) point_config(point).validate();
   const auto start = std::chrono::steady_clock::now();
-  const Buffer scratch = Buffer::allocate(svg2_workspace_bytes(shape, config, q.dtype, stream.device));
+  const Buffer scratch = Buffer::allocate(svg2_workspace_bytes(shape, base, q.dtype, stream.device));
   const Workspace ws{scratch.data(), scratch.bytes()};
   pipeline::Buffers buf;
-  pipeline::carve(shape, config, q.dtype, stream.device, &ws, &buf);
+  pipeline::carve(shape, base, q.dtype, stream.device, &ws, &buf);
 
   // Clusters (and the ranking they are scored by) do not depend on top-p: made once.
   BranchState state;
@@ -180,23 +202,26 @@ std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const Te
     kmeans_update(qv, buf.q_video_labels(), state.q_centroids.view(), buf.q_sizes, stream, buf.op_scratch);
     kmeans_update(kv, buf.k_video_labels(), state.k_centroids.view(), buf.k_sizes, stream, buf.op_scratch);
   } else {
-    pipeline::cluster(q, k, config, state.views(), true, buf, buf.q_sizes, buf.k_sizes, stream);
-    if (method == Method::Oracle) mass = true_cluster_mass(q, k, *dense, config, buf, threads);
+    pipeline::cluster(q, k, base, state.views(), true, buf, buf.q_sizes, buf.k_sizes, stream);
+    if (method == Method::Oracle) mass = true_cluster_mass(q, k, *dense, base, buf, threads);
   }
+  pipeline::probe(k, v, base, state.views(), buf.q_sizes, buf.k_sizes, buf, stream);
   const double shared_seconds = seconds_since(start);
 
   std::vector<MethodResult> results;
-  for (float p : top_ps) {
+  for (const SweepPoint& point : points) {
     const auto t0 = std::chrono::steady_clock::now();
-    Config c = config;
-    c.top_p = p;
+    const Config c = point_config(point);
     MethodResult r = empty_result(method, shape);
-    if (method == Method::Oracle) {
-      select_top_p(mass.view(), p, c.min_kept_clusters(), buf.video_mask(), stream);
+    if (method == Method::Oracle && c.density > 0.0f) {
+      select_top_p_at_density(mass.view(), buf.q_sizes, buf.k_sizes, c.density, c.min_kept_clusters(), buf.video_mask(),
+                              stream);
+    } else if (method == Method::Oracle) {
+      select_top_p(mass.view(), c.top_p, c.min_kept_clusters(), buf.video_mask(), stream);
     } else {
-      pipeline::select(c, state.views(), buf.k_sizes, buf, stream);
+      pipeline::select(c, state.views(), buf.q_sizes, buf.k_sizes, buf, stream);
     }
-    pipeline::attend_clusters(q, k, v, c, buf, outputs_of(r), stream);
+    pipeline::attend_clusters(q, k, v, c, state.views(), buf.k_sizes, buf, outputs_of(r), stream);
     r.q_labels = copy_of(buf.q_labels);
     r.k_labels = copy_of(buf.k_labels);
     r.mask = copy_of(buf.mask);

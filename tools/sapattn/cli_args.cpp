@@ -88,8 +88,10 @@ int64_t Args::get_int(const std::string& name, int64_t fallback, int64_t lo, int
 }
 
 double Args::get_double(const std::string& name, double fallback, double lo, double hi) const {
-  if (!has(name)) return fallback;
-  const std::string& s = values_.at(name);
+  return has(name) ? number(name, values_.at(name), lo, hi) : fallback;
+}
+
+double Args::number(const std::string& name, const std::string& s, double lo, double hi) const {
   double v = 0;
   const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
   SAPATTN_CHECK(ec == std::errc() && end == s.data() + s.size() && std::isfinite(v), UsageError, "sapattn ", command_,
@@ -101,12 +103,40 @@ double Args::get_double(const std::string& name, double fallback, double lo, dou
 
 std::string Args::get_choice(const std::string& name, const std::string& fallback,
                              const std::vector<std::string>& choices) const {
-  const std::string v = get(name, fallback);
+  return choice(name, get(name, fallback), choices);
+}
+
+std::string Args::choice(const std::string& name, const std::string& v, const std::vector<std::string>& choices) const {
   for (const std::string& c : choices)
     if (v == c) return v;
   std::string list;
   for (const std::string& c : choices) list += (list.empty() ? "" : ", ") + c;
   SAPATTN_THROW(UsageError, "sapattn ", command_, ": --", name, " must be one of ", list, ", got '", v, "'");
+}
+
+namespace {
+std::vector<std::string> split_commas(const std::string& s) {
+  std::vector<std::string> parts;
+  size_t begin = 0;
+  for (size_t comma; (comma = s.find(',', begin)) != std::string::npos; begin = comma + 1)
+    parts.push_back(s.substr(begin, comma - begin));
+  parts.push_back(s.substr(begin));
+  return parts;
+}
+}  // namespace
+
+std::vector<double> Args::get_doubles(const std::string& name, double fallback, double lo, double hi) const {
+  if (!has(name)) return {fallback};
+  std::vector<double> values;
+  for (const std::string& part : split_commas(values_.at(name))) values.push_back(number(name, part, lo, hi));
+  return values;
+}
+
+std::vector<std::string> Args::get_choices(const std::string& name, const std::string& fallback,
+                                           const std::vector<std::string>& choices) const {
+  std::vector<std::string> values;
+  for (const std::string& part : split_commas(get(name, fallback))) values.push_back(choice(name, part, choices));
+  return values;
 }
 
 }  // namespace sapattn::cli

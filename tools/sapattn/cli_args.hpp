@@ -43,9 +43,15 @@ class Args {
   // One of `choices`, else UsageError listing them.
   std::string get_choice(const std::string& name, const std::string& fallback,
                          const std::vector<std::string>& choices) const;
+  // Comma-separated lists ("0.8,0.9"), each entry checked as get_double / get_choice check one.
+  std::vector<double> get_doubles(const std::string& name, double fallback, double lo, double hi) const;
+  std::vector<std::string> get_choices(const std::string& name, const std::string& fallback,
+                                       const std::vector<std::string>& choices) const;
 
  private:
   const Option* find(const std::string& name) const;
+  double number(const std::string& name, const std::string& text, double lo, double hi) const;
+  std::string choice(const std::string& name, const std::string& text, const std::vector<std::string>& choices) const;
   std::string command_, summary_;
   std::vector<Option> options_;
   std::map<std::string, std::string> values_;

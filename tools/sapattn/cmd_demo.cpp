@@ -135,9 +135,10 @@ int run_demo(int argc, char** argv) {
                                  {"preset", "NAME", "workload preset", "tiny"}};
   for (Option& o : svg2_options()) options.push_back(o);
   Args args("demo",
-            "Generates a small synthetic video workload, runs dense, sap (SVG2), blocks (positional clusters)\n"
-            "and oracle attention, prints density / recall / error / time, sweeps top-p, and writes\n"
-            "clusters.png, mask.png and pareto.png to the output folder.",
+            "Generates a small synthetic video workload, runs dense, sap (SVG2), blocks (positional clusters),\n"
+            "oracle, sap+c (SVG2 with centroid compensation) and ear (SVG-EAR) attention, prints density /\n"
+            "recall / error / time, sweeps top-p, and writes clusters.png, mask.png and pareto.png to the\n"
+            "output folder.",
             options);
   if (!args.parse(argc, argv)) return 0;
   const std::string out = args.get("out", "out/demo");
@@ -167,24 +168,36 @@ int run_demo(int argc, char** argv) {
   if (std::find(sweep.begin(), sweep.end(), config.top_p) == sweep.end()) sweep.push_back(config.top_p);
   std::sort(sweep.begin(), sweep.end());
   const size_t at_p = static_cast<size_t>(std::find(sweep.begin(), sweep.end(), config.top_p) - sweep.begin());
-  const eval::Method methods[3] = {eval::Method::Sap, eval::Method::Blocks, eval::Method::Oracle};
+  struct Variant {
+    eval::Method method;
+    bool compensate;
+    const char* name;
+    render::Marker marker;
+  };
+  const Variant methods[] = {{eval::Method::Sap, false, "sap", render::Marker::kCircle},
+                             {eval::Method::Blocks, false, "blocks", render::Marker::kSquare},
+                             {eval::Method::Oracle, false, "oracle", render::Marker::kTriangle},
+                             {eval::Method::Sap, true, "sap+c", render::Marker::kDiamond},
+                             {eval::Method::Ear, false, "ear", render::Marker::kNone}};
+  constexpr int kMethods = sizeof(methods) / sizeof(methods[0]);
   eval::MethodResult dense;
-  std::vector<eval::MethodResult> runs[3];
+  std::vector<eval::MethodResult> runs[kMethods];
   {
-    Progress progress("dense, sap, blocks, oracle");
+    Progress progress("dense, sap, blocks, oracle, sap+c, ear");
     dense = eval::run_method(eval::Method::Dense, q, k, v, config, nullptr, threads);
-    for (int m = 0; m < 3; ++m) {
-      progress.update(m + 1, 4);
-      runs[m] = eval::run_sweep(methods[m], q, k, v, config, sweep, &dense, threads);
+    for (int m = 0; m < kMethods; ++m) {
+      progress.update(m + 1, kMethods + 1);
+      Config c = config;
+      c.compensate = methods[m].compensate;
+      runs[m] = eval::run_sweep(methods[m].method, q, k, v, c, sweep, &dense, threads);
     }
   }
   std::vector<Row> rows = {{"dense", eval::compare(dense, dense), dense.seconds}};
   std::vector<render::Series> series;
-  std::vector<eval::Metrics> swept[3];
-  for (int m = 0; m < 3; ++m) {
-    const std::string name(eval::method_name(methods[m]));
-    const render::Marker markers[3] = {render::Marker::kCircle, render::Marker::kSquare, render::Marker::kTriangle};
-    series.push_back({name, render::category_color(m), {}, markers[m]});
+  std::vector<eval::Metrics> swept[kMethods];
+  for (int m = 0; m < kMethods; ++m) {
+    const std::string name = methods[m].name;
+    series.push_back({name, render::category_color(m), {}, methods[m].marker});
     for (const eval::MethodResult& r : runs[m]) {
       swept[m].push_back(eval::compare(r, dense));
       series.back().points.push_back({swept[m].back().mean.density, swept[m].back().mean.rel_l2});
@@ -225,7 +238,7 @@ int run_demo(int argc, char** argv) {
   summary << "\n" << std::fixed << std::setprecision(4);
   for (size_t i = 0; i < sweep.size(); ++i) {
     summary << "  " << std::setw(5) << sweep[i] << " ";
-    for (int m = 0; m < 3; ++m) {
+    for (int m = 0; m < kMethods; ++m) {
       const eval::HeadMetrics& h = swept[m][i].mean;
       summary << "  " << h.density << " / " << h.recall << " / " << h.rel_l2;
     }
@@ -236,9 +249,9 @@ int run_demo(int argc, char** argv) {
   const double target = swept[0][at_p].mean.density;
   summary << "\nat sap's density " << target << " (top-p " << config.top_p
           << "), interpolated along each method's sweep:\n";
-  for (int m = 0; m < 3; ++m) {
+  for (int m = 0; m < kMethods; ++m) {
     const std::optional<eval::HeadMetrics> h = at_density(swept[m], target);
-    summary << "  " << std::setw(7) << std::left << eval::method_name(methods[m]);
+    summary << "  " << std::setw(7) << std::left << methods[m].name;
     if (h) {
       summary << " recall " << h->recall << "  rel_l2 " << h->rel_l2 << "  cosine " << h->cosine << "\n";
     } else {

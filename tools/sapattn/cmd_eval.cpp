@@ -32,6 +32,7 @@ std::string metrics_json(const std::string& method, const eval::Metrics& m, cons
      << ", \"k_clusters\": " << c.k_clusters << ", \"top_p\": " << json_number(c.top_p)
      << ", \"min_kc_ratio\": " << json_number(c.min_kc_ratio) << ", \"kmeans_iters\": " << c.kmeans_iters_init
      << ", \"seed\": " << c.seed << ", \"text_tokens\": " << c.text_tokens << ", \"prompt_length\": " << c.prompt_length
+     << ", \"compensate\": " << (c.compensate ? "true" : "false") << ", \"density\": " << json_number(c.density)
      << "}, \"per_head\": [";
   for (size_t i = 0; i < m.per_head.size(); ++i) {
     const eval::HeadMetrics& h = m.per_head[i];
@@ -52,7 +53,12 @@ int run_eval(int argc, char** argv) {
       {"k", "FILE", "keys (.npy, or .safetensors with a tensor 'k')", ""},
       {"v", "FILE", "values (.npy, or .safetensors with a tensor 'v')", ""},
       {"layout", "L", "bhsd ([B,H,S,D]) or bshd ([B,S,H,D], diffusers)", "bhsd"},
-      {"method", "M", "sap, blocks, oracle or dense", "sap"},
+      {"method", "M[,M...]", "sap, blocks, oracle, ear (SVG-EAR, docs/ear.md) or dense", "sap"},
+      {"compensate", "", "sap, blocks, oracle: skipped key clusters count through their centroids", ""},
+      {"density", "D[,D...]",
+       "instead of top-p: per head, the top-p whose selection computes this share of\n"
+       "                               the video query-key pairs (EAR: its budget)",
+       ""},
       {"text-tokens", "N", "trailing text tokens of a joint sequence (HunyuanVideo)", "0"},
       {"prompt-length", "N", "real prompt tokens at the start of the text; the rest is padding", "0"},
       {"json", "", "print one JSON object instead of the table", ""},
@@ -61,7 +67,9 @@ int run_eval(int argc, char** argv) {
   Args args("eval",
             "Runs one attention method on your Q, K, V and measures it against dense attention: density (share\n"
             "of query-key pairs computed), recall (share of the dense attention mass kept), relative L2 error\n"
-            "and cosine similarity of the output; means over heads, and per head with --json.",
+            "and cosine similarity of the output; means over heads, and per head with --json. Lists of\n"
+            "methods and top-p values run every pair against one dense reference, clustering once per\n"
+            "method (--json then prints one object per line).",
             options);
   if (!args.parse(argc, argv)) return 0;
   const bool have_in = args.has("in");
@@ -71,9 +79,14 @@ int run_eval(int argc, char** argv) {
   const std::string kp = have_in ? args.get("in", "") : args.require("k");
   const std::string vp = have_in ? args.get("in", "") : args.require("v");
   const bool bshd = args.get_choice("layout", "bhsd", {"bhsd", "bshd"}) == "bshd";
-  const eval::Method method =
-      eval::parse_method(args.get_choice("method", "sap", {"sap", "blocks", "oracle", "dense"}));
+  std::vector<eval::Method> methods;
+  for (const std::string& name : args.get_choices("method", "sap", {"sap", "blocks", "oracle", "ear", "dense"}))
+    methods.push_back(eval::parse_method(name));
   const bool json = args.flag("json");
+  // The budgets of the sweep: densities when given, else top-p values.
+  const bool by_density = args.has("density");
+  const std::vector<double> budgets =
+      by_density ? args.get_doubles("density", 0.0, 1e-6, 1.0) : args.get_doubles("top-p", 0.9, 1e-6, 1.0);
   const int threads = threads_from(args);
   config_from(args, 1);  // checks the SVG2 options now, before a load that may take a while
 
@@ -90,30 +103,49 @@ int run_eval(int argc, char** argv) {
   Config config = config_from(args, S - text);
   config.text_tokens = text;
   config.prompt_length = args.get_int("prompt-length", 0, 0, text);
+  config.compensate = args.flag("compensate");
+  std::vector<eval::SweepPoint> points;
+  for (double x : budgets)
+    points.push_back(by_density ? eval::SweepPoint{config.top_p, static_cast<float>(x)}
+                                : eval::SweepPoint{static_cast<float>(x), 0.0f});
   const Stream stream = Stream::cpu(threads);
   check_finite(q, "q", stream);
   check_finite(k, "k", stream);
   check_finite(v, "v", stream);
 
-  eval::MethodResult dense, result;
+  eval::MethodResult dense;
   {
     Progress progress("dense attention", !json);
     dense = eval::run_method(eval::Method::Dense, q, k, v, config, nullptr, threads);
   }
-  {
-    Progress progress(std::string(eval::method_name(method)), !json);
-    result = eval::run_method(method, q, k, v, config, &dense, threads);
+  std::vector<Row> rows{{"dense", eval::compare(dense, dense), dense.seconds}};
+  for (eval::Method method : methods) {
+    if (method == eval::Method::Dense) {  // the reference itself, already in the table
+      if (json) std::cout << metrics_json("dense", rows[0].metrics, config, q, dense.seconds, dense.seconds);
+      continue;
+    }
+    std::string name(eval::method_name(method));
+    if (config.compensate && method != eval::Method::Ear) name += "+c";
+    std::vector<eval::MethodResult> results;
+    {
+      Progress progress(name, !json);
+      results = eval::run_sweep(method, q, k, v, config, points, &dense, threads);
+    }
+    for (size_t i = 0; i < results.size(); ++i) {
+      Config c = config;
+      c.top_p = points[i].top_p;
+      c.density = points[i].density;
+      const eval::Metrics metrics = eval::compare(results[i], dense);
+      if (json) std::cout << metrics_json(name, metrics, c, q, results[i].seconds, dense.seconds);
+      const std::string budget = (by_density ? " d=" : " p=") + json_number(budgets[i]);
+      rows.push_back({points.size() > 1 || by_density ? name + budget : name, metrics, results[i].seconds});
+    }
   }
-  const eval::Metrics metrics = eval::compare(result, dense);
-  if (json) {
-    std::cout << metrics_json(std::string(eval::method_name(method)), metrics, config, q, result.seconds,
-                              dense.seconds);
-  } else {
+  if (!json) {
     std::cout << "[" << q.shape[0] << "," << q.shape[1] << "," << q.shape[2] << "," << q.shape[3] << "] "
               << dtype_name(q.dtype) << ", Cq=" << config.q_clusters << " Ck=" << config.k_clusters
-              << " top_p=" << config.top_p << " min_kc_ratio=" << config.min_kc_ratio << "\n"
-              << format_table({{"dense", eval::compare(dense, dense), dense.seconds},
-                               {std::string(eval::method_name(method)), metrics, result.seconds}});
+              << " min_kc_ratio=" << config.min_kc_ratio << "\n"
+              << format_table(rows);
   }
   return 0;
 }

@@ -11,7 +11,7 @@ std::vector<Option> svg2_options() {
   return {
       {"q-clusters", "N", "query clusters (k-means over video-token queries)", "300, or 1 per 252 video tokens"},
       {"k-clusters", "N", "key clusters (k-means over video-token keys)", "1000, or 1 per 75.6 video tokens"},
-      {"top-p", "P", "per query cluster, keep key clusters until this share of estimated mass", "0.9"},
+      {"top-p", "P", "per query cluster, keep key clusters until this share of estimated mass (eval: P,P,...)", "0.9"},
       {"min-kc-ratio", "R", "always keep the top floor(R * key clusters) key clusters", "0.1"},
       {"kmeans-iters", "N", "k-means iterations (first call, from a seeded sample)", "50"},
       {"seed", "S", "seed of the initial centroid sample", "0"},
@@ -26,7 +26,7 @@ Config config_from(const Args& args, int64_t video_tokens) {
   };
   c.q_clusters = static_cast<int>(args.get_int("q-clusters", per(252.0, 300), 1, 1 << 20));
   c.k_clusters = static_cast<int>(args.get_int("k-clusters", per(75.6, 1000), 1, 1 << 20));
-  c.top_p = static_cast<float>(args.get_double("top-p", 0.9, 1e-6, 1.0));
+  c.top_p = static_cast<float>(args.get_doubles("top-p", 0.9, 1e-6, 1.0).front());
   c.min_kc_ratio = static_cast<float>(args.get_double("min-kc-ratio", 0.1, 0.0, 1.0));
   c.kmeans_iters_init = static_cast<int>(args.get_int("kmeans-iters", 50, 0, 100000));
   c.seed = static_cast<uint64_t>(args.get_int("seed", 0, 0, INT64_MAX));
