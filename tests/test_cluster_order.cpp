@@ -102,7 +102,9 @@ TEST(ClusterOrder, IsTheNearestNeighbourChainAndOnlyRenumbers) {
       EXPECT_EQ(new_size[bh * 37 + p], old_size[bh * 37 + c]) << "head " << bh << " position " << p;
       if (p >= non_empty) {  // empty clusters last, in index order
         EXPECT_EQ(old_size[bh * 37 + c], 0);
-        if (p > non_empty) EXPECT_GT(c, order[static_cast<size_t>(p - 1)]);
+        if (p > non_empty) {
+          EXPECT_GT(c, order[static_cast<size_t>(p - 1)]);
+        }
         continue;
       }
       ASSERT_GT(old_size[bh * 37 + c], 0) << "an empty cluster inside the chain";

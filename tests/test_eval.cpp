@@ -141,9 +141,9 @@ TEST(Methods, OnTheTinyWorkloadEarBeatsCompensatedSapBeatsSap) {
   EXPECT_LT(sap_c.mean.rel_l2, sap.mean.rel_l2);
   EXPECT_LT(ear.mean.rel_l2, sap_c.mean.rel_l2);
   const auto worst = [](const Metrics& m) {
-    double w = 0;
-    for (const HeadMetrics& h : m.per_head) w = std::max(w, h.rel_l2);
-    return w;
+    double most = 0;
+    for (const HeadMetrics& h : m.per_head) most = std::max(most, h.rel_l2);
+    return most;
   };
   EXPECT_LE(worst(ear), worst(sap));
 }
