@@ -517,9 +517,12 @@ void centroid_probs(const TensorView& q_centroids, const TensorView& k_centroids
   cpu::centroid_probs(q_centroids, k_centroids, k_sizes, scale, probs, cpu_threads(stream));
 }
 
-void ear_probe(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& v_centroids,
-               const TensorView& k, const TensorView& v, const TensorView& k_labels, const TensorView& q_sizes,
-               const TensorView& k_sizes, float scale, float gamma, TensorView scores, const Stream& stream) {
+namespace {
+
+// The arguments ear_probe and ear_plus_probe share.
+void check_probe(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& v_centroids,
+                 const TensorView& k, const TensorView& v, const TensorView& k_labels, const TensorView& q_sizes,
+                 const TensorView& k_sizes, float scale, float gamma, const TensorView& scores) {
   check_centroid_scores(q_centroids, k_centroids, k_sizes, scale);
   SAPATTN_CHECK(std::isfinite(gamma) && gamma >= 0.0f, InvalidArgumentError, "gamma must be finite and >= 0, got ",
                 gamma);
@@ -530,15 +533,25 @@ void ear_probe(const TensorView& q_centroids, const TensorView& k_centroids, con
   check_sizes(q_sizes, q_centroids);
   const int64_t B = q_centroids.shape[0], H = q_centroids.shape[1];
   check_pair_matrix(scores, B, H, q_centroids.shape[2], k_centroids.shape[2], "scores");
+}
+
+}  // namespace
+
+void ear_probe(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& v_centroids,
+               const TensorView& k, const TensorView& v, const TensorView& k_labels, const TensorView& q_sizes,
+               const TensorView& k_sizes, float scale, float gamma, TensorView scores, const Stream& stream) {
+  check_probe(q_centroids, k_centroids, v_centroids, k, v, k_labels, q_sizes, k_sizes, scale, gamma, scores);
   expect_cpu_backend("ear_probe", stream, q_centroids, k_centroids, v_centroids, k, v, k_labels, q_sizes, k_sizes,
                      scores);
   cpu::ear_probe(q_centroids, k_centroids, v_centroids, k, v, k_labels, q_sizes, k_sizes, scale, gamma, scores,
                  cpu_threads(stream));
 }
 
-void select_error_aware(const TensorView& probs, const TensorView& budget_mask, const TensorView& scores,
-                        const TensorView& q_sizes, const TensorView& k_sizes, int guaranteed, TensorView mask,
-                        const Stream& stream) {
+namespace {
+
+// The arguments select_error_aware and select_error_aware_per_head share.
+void check_routing(const TensorView& probs, const TensorView& budget_mask, const TensorView& scores,
+                   const TensorView& q_sizes, const TensorView& k_sizes, int guaranteed, const TensorView& mask) {
   SAPATTN_CHECK(guaranteed >= 0, InvalidArgumentError, "guaranteed must be >= 0, got ", guaranteed);
   expect_rank(probs, 4, "probs");
   const int64_t B = probs.shape[0], H = probs.shape[1], R = probs.shape[2], C = probs.shape[3];
@@ -547,13 +560,25 @@ void select_error_aware(const TensorView& probs, const TensorView& budget_mask, 
   check_mask(budget_mask, B, H, R, C);
   check_mask(mask, B, H, R, C);
   check_cluster_sizes(q_sizes, k_sizes, B, H, R, C);
+}
+
+}  // namespace
+
+void select_error_aware(const TensorView& probs, const TensorView& budget_mask, const TensorView& scores,
+                        const TensorView& q_sizes, const TensorView& k_sizes, int guaranteed, TensorView mask,
+                        const Stream& stream) {
+  check_routing(probs, budget_mask, scores, q_sizes, k_sizes, guaranteed, mask);
   expect_cpu_backend("select_error_aware", stream, probs, budget_mask, scores, q_sizes, k_sizes, mask);
   cpu::select_error_aware(probs, budget_mask, scores, q_sizes, k_sizes, guaranteed, mask, cpu_threads(stream));
 }
 
-void centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
-                           const TensorView& k_centroids, const TensorView& v_centroids, const TensorView& k_sizes,
-                           float scale, TensorView out, TensorView lse, const Stream& stream) {
+namespace {
+
+// The arguments centroid_compensation and corrected_centroid_compensation share.
+// sub_centroids: k_centroids may hold several pseudo-keys per mask column (a whole multiple).
+void check_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
+                        const TensorView& k_centroids, const TensorView& v_centroids, const TensorView& k_sizes,
+                        float scale, const TensorView& out, const TensorView& lse, bool sub_centroids = false) {
   check_scale(scale);
   for (const auto& [t, name] : {std::pair{&q, "q"}, {&out, "out"}}) {
     expect_rank(*t, 4, name);
@@ -582,10 +607,89 @@ void centroid_compensation(const TensorView& q, const TensorView& q_labels, cons
   expect_extent(v_centroids, 2, k_centroids.shape[2], "v_centroids", "clusters of k_centroids");
   check_sizes(k_sizes, k_centroids);
   expect_rank(mask, 4, "mask");
-  check_mask(mask, q.shape[0], q.shape[1], mask.shape[2], k_centroids.shape[2]);
+  const int64_t Ck = k_centroids.shape[2];
+  if (sub_centroids)
+    SAPATTN_CHECK(mask.shape[3] >= 1 && Ck % mask.shape[3] == 0, ShapeError, "k_centroids holds ", Ck,
+                  " pseudo-keys, not a whole multiple of the mask's ", mask.shape[3], " key clusters");
+  check_mask(mask, q.shape[0], q.shape[1], mask.shape[2], sub_centroids ? mask.shape[3] : Ck);
+}
+
+}  // namespace
+
+void centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
+                           const TensorView& k_centroids, const TensorView& v_centroids, const TensorView& k_sizes,
+                           float scale, TensorView out, TensorView lse, const Stream& stream) {
+  check_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse);
   expect_cpu_backend("centroid_compensation", stream, q, q_labels, mask, k_centroids, v_centroids, k_sizes, out, lse);
   cpu::centroid_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse,
                              cpu_threads(stream));
+}
+
+namespace {
+
+// The probe's optional outputs for Cq x Ck cluster pairs of head dim D: spread [B,H,Cq,Ck] f32,
+// pair_values [B,H,Cq*Ck,D] f32 contiguous; either may be empty.
+void check_probe_corrections(const TensorView& spread, const TensorView& pair_values, int64_t B, int64_t H, int64_t Cq,
+                             int64_t Ck, int64_t D) {
+  if (!spread.empty()) check_pair_matrix(spread, B, H, Cq, Ck, "spread");
+  if (pair_values.empty()) return;
+  expect_rank(pair_values, 4, "pair_values");
+  expect_dtype(pair_values, DType::F32, "pair_values");
+  expect_contiguous(pair_values, "pair_values");
+  expect_extent(pair_values, 0, B, "pair_values", "batch");
+  expect_extent(pair_values, 1, H, "pair_values", "heads");
+  expect_extent(pair_values, 2, Cq * Ck, "pair_values", "query clusters x key clusters ([B,H,Cq*Ck,D])");
+  expect_extent(pair_values, 3, D, "pair_values", "head dim");
+}
+
+}  // namespace
+
+void ear_plus_probe(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& v_centroids,
+                    const TensorView& k, const TensorView& v, const TensorView& k_labels, const TensorView& q_sizes,
+                    const TensorView& k_sizes, float scale, float gamma, TensorView scores, TensorView spread,
+                    TensorView pair_values, const Stream& stream) {
+  check_probe(q_centroids, k_centroids, v_centroids, k, v, k_labels, q_sizes, k_sizes, scale, gamma, scores);
+  check_probe_corrections(spread, pair_values, q_centroids.shape[0], q_centroids.shape[1], q_centroids.shape[2],
+                          k_centroids.shape[2], k.shape[3]);
+  expect_cpu_backend("ear_plus_probe", stream, q_centroids, k_centroids, v_centroids, k, v, k_labels, q_sizes, k_sizes,
+                     scores, spread, pair_values);
+  cpu::ear_plus_probe(q_centroids, k_centroids, v_centroids, k, v, k_labels, q_sizes, k_sizes, scale, gamma, scores,
+                      spread, pair_values, cpu_threads(stream));
+}
+
+void select_error_aware_per_head(const TensorView& probs, const TensorView& budget_mask, const TensorView& scores,
+                                 const TensorView& q_sizes, const TensorView& k_sizes, int guaranteed, TensorView mask,
+                                 const Stream& stream) {
+  check_routing(probs, budget_mask, scores, q_sizes, k_sizes, guaranteed, mask);
+  expect_cpu_backend("select_error_aware_per_head", stream, probs, budget_mask, scores, q_sizes, k_sizes, mask);
+  cpu::select_error_aware_per_head(probs, budget_mask, scores, q_sizes, k_sizes, guaranteed, mask, cpu_threads(stream));
+}
+
+void split_clusters(const TensorView& points, const TensorView& labels, const TensorView& centroids,
+                    TensorView sub_labels, TensorView sub_sizes, const Stream& stream) {
+  const int64_t C = check_points_centroids(points, centroids);
+  check_labels(labels, points);
+  check_labels(sub_labels, points);
+  expect_rank(sub_sizes, 3, "sub_sizes");
+  expect_dtype(sub_sizes, DType::I32, "sub_sizes");
+  expect_contiguous(sub_sizes, "sub_sizes");
+  expect_extent(sub_sizes, 0, points.shape[0], "sub_sizes", "batch of points");
+  expect_extent(sub_sizes, 1, points.shape[1], "sub_sizes", "heads of points");
+  expect_extent(sub_sizes, 2, 2 * C, "sub_sizes", "twice the clusters of centroids");
+  expect_cpu_backend("split_clusters", stream, points, labels, centroids, sub_labels, sub_sizes);
+  cpu::split_clusters(points, labels, centroids, sub_labels, sub_sizes, cpu_threads(stream));
+}
+
+void corrected_centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
+                                     const TensorView& k_centroids, const TensorView& v_centroids,
+                                     const TensorView& k_sizes, const TensorView& spread, const TensorView& pair_values,
+                                     float scale, TensorView out, TensorView lse, const Stream& stream) {
+  check_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse, true);
+  check_probe_corrections(spread, pair_values, q.shape[0], q.shape[1], mask.shape[2], k_centroids.shape[2], q.shape[3]);
+  expect_cpu_backend("corrected_centroid_compensation", stream, q, q_labels, mask, k_centroids, v_centroids, k_sizes,
+                     spread, pair_values, out, lse);
+  cpu::corrected_centroid_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, spread, pair_values, scale,
+                                       out, lse, cpu_threads(stream));
 }
 
 void check_finite(const TensorView& x, const char* name, const Stream& stream) {

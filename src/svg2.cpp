@@ -43,6 +43,16 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
     b.budget_mask = c.take_view(DType::U8, {B, H, Cq, Ck}, device);
   }
   if (config.compensate) b.lse = c.take_view(DType::F32, {B, H, S}, device);
+  const int64_t Ck_comp = config.ear_split ? 2 * Ck : Ck;  // pseudo-keys of the compensation
+  if (config.ear_spread) b.spread = c.take_view(DType::F32, {B, H, Cq, Ck_comp}, device);
+  if (config.ear_pair_values) b.pair_values = c.take_view(DType::F32, {B, H, Cq * Ck_comp, D}, device);
+  if (config.ear_split) {
+    b.sub_labels = c.take_view(DType::I32, {B, H, S}, device);
+    b.sub_sizes = c.take_view(DType::I32, {B, H, 2 * Ck}, device);
+    b.sub_k_centroids = c.take_view(DType::F32, {B, H, 2 * Ck, D}, device);
+    b.sub_v_centroids = c.take_view(DType::F32, {B, H, 2 * Ck, D}, device);
+    if (config.ear_spread || config.ear_pair_values) b.sub_scores = c.take_view(DType::F32, {B, H, Cq, 2 * Ck}, device);
+  }
   const size_t scratch =
       std::max({kmeans_workspace_bytes(B * H, b.video_tokens, config.q_clusters, D, device),
                 kmeans_workspace_bytes(B * H, b.video_tokens, config.k_clusters, D, device),
@@ -120,7 +130,13 @@ void attend_clusters(const TensorView& q, const TensorView& k, const TensorView&
   const TensorView lse = config.compensate && outputs.lse.empty() ? buf.lse : outputs.lse;
   block_sparse_attention(q, k, v, layout, scale, outputs.out, lse, stream, buf.op_scratch,
                          RowPermutation{buf.q_perm, buf.k_perm});
-  if (config.compensate)
+  if (config.compensate && config.ear_split)
+    corrected_centroid_compensation(q, buf.q_video_labels(), buf.video_mask(), buf.sub_k_centroids, buf.sub_v_centroids,
+                                    buf.sub_sizes, buf.spread, buf.pair_values, scale, outputs.out, lse, stream);
+  else if (config.compensate && (config.ear_spread || config.ear_pair_values))
+    corrected_centroid_compensation(q, buf.q_video_labels(), buf.video_mask(), centroids.k, buf.v_centroids, k_sizes,
+                                    buf.spread, buf.pair_values, scale, outputs.out, lse, stream);
+  else if (config.compensate)
     centroid_compensation(q, buf.q_video_labels(), buf.video_mask(), centroids.k, buf.v_centroids, k_sizes, scale,
                           outputs.out, lse, stream);
   if (!outputs.density.empty()) block_density(layout, outputs.density, stream);
@@ -149,7 +165,21 @@ void probe(const TensorView& k, const TensorView& v, const Config& config, const
   if (!error_aware && !config.compensate) return;
   const TensorView kv = k.slice(2, 0, buf.video_tokens), vv = v.slice(2, 0, buf.video_tokens);
   cluster_means(vv, buf.k_video_labels(), buf.v_centroids, stream);
-  if (error_aware)
+  if (error_aware && config.ear_split) {
+    // Routing scores from the key clusters; the compensation's corrections from their halves.
+    ear_plus_probe(centroids.q, centroids.k, buf.v_centroids, kv, vv, buf.k_video_labels(), q_sizes, k_sizes, scale,
+                   config.ear_gamma, buf.scores, {}, {}, stream);
+    const TensorView sub_labels = buf.sub_labels.slice(2, 0, buf.video_tokens);
+    split_clusters(kv, buf.k_video_labels(), centroids.k, sub_labels, buf.sub_sizes, stream);
+    cluster_means(kv, sub_labels, buf.sub_k_centroids, stream);
+    cluster_means(vv, sub_labels, buf.sub_v_centroids, stream);
+    if (!buf.sub_scores.empty())
+      ear_plus_probe(centroids.q, buf.sub_k_centroids, buf.sub_v_centroids, kv, vv, sub_labels, q_sizes, buf.sub_sizes,
+                     scale, config.ear_gamma, buf.sub_scores, buf.spread, buf.pair_values, stream);
+  } else if (error_aware && config.ear_plus())
+    ear_plus_probe(centroids.q, centroids.k, buf.v_centroids, kv, vv, buf.k_video_labels(), q_sizes, k_sizes, scale,
+                   config.ear_gamma, buf.scores, buf.spread, buf.pair_values, stream);
+  else if (error_aware)
     ear_probe(centroids.q, centroids.k, buf.v_centroids, kv, vv, buf.k_video_labels(), q_sizes, k_sizes, scale,
               config.ear_gamma, buf.scores, stream);
 }
@@ -170,7 +200,10 @@ void select(const Config& config, const CentroidViews& centroids, const TensorVi
   } else {
     select_top_p(buf.probs, config.top_p, config.min_kept_clusters(), svg2_mask, stream);
   }
-  if (error_aware)
+  if (error_aware && config.ear_head_budget)
+    select_error_aware_per_head(buf.probs, buf.budget_mask, buf.scores, q_sizes, k_sizes,
+                                config.ear_guaranteed_clusters(), buf.video_mask(), stream);
+  else if (error_aware)
     select_error_aware(buf.probs, buf.budget_mask, buf.scores, q_sizes, k_sizes, config.ear_guaranteed_clusters(),
                        buf.video_mask(), stream);
 }

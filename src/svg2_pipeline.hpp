@@ -24,6 +24,14 @@ struct Buffers {
                                                      // probe scores (ErrorAware)
   TensorView budget_mask;                            // [B,H,Cq,Ck] u8 SVG2's selection: ErrorAware
   TensorView lse;                                    // [B,H,S] f32 when compensating without a caller's lse
+  // ear-plus. With ear_split the compensation runs over Ck' = 2 Ck sub-clusters of the key clusters,
+  // else Ck' = Ck.
+  TensorView spread;                                 // [B,H,Cq,Ck'] f32 compensation logit term (ear_spread)
+  TensorView pair_values;                            // [B,H,Cq*Ck',D] f32 compensation values (ear_pair_values)
+  TensorView sub_labels;                             // [B,H,S] i32 sub-cluster of each video key (ear_split)
+  TensorView sub_sizes;                              // [B,H,2Ck] i32
+  TensorView sub_k_centroids, sub_v_centroids;       // [B,H,2Ck,D] f32 means of the sub-clusters' keys, values
+  TensorView sub_scores;                             // [B,H,Cq,2Ck] f32 the sub-cluster probe's (unused) scores
   Workspace op_scratch;                              // scratch the k-means, permutation and attention ops ask for
 
   // Video parts of the label tensors and the video x video block of the mask.

@@ -233,19 +233,41 @@ std::vector<double> ear_probe(const TensorView& q_centroids, const TensorView& k
 // select_error_aware by a brute-force characterisation, [B,H,R,C]: the first `guaranteed` clusters
 // of each row's probs ranking are kept; any other cluster j is kept iff the area of the other
 // non-guaranteed clusters ranked before it by score (higher, or equal with a lower index; NaN as
-// -inf) is below max(0, budget - guaranteed area), budget the area budget_mask keeps.
+// -inf) is below max(0, budget - guaranteed area), budget the area budget_mask keeps. per_head
+// (select_error_aware_per_head): the same over all pairs (a, j) of a head at once, the index a*C+j.
 std::vector<uint8_t> error_aware_mask(const std::vector<double>& probs, const std::vector<uint8_t>& budget_mask,
                                       const std::vector<double>& scores, const std::vector<int32_t>& q_sizes,
                                       const std::vector<int32_t>& k_sizes, int64_t B, int64_t H, int64_t R, int64_t C,
-                                      int guaranteed);
+                                      int guaranteed, bool per_head = false);
+
+// ear_plus_probe as its contract writes it, every exp evaluated directly (inputs must keep exp(2 s)
+// finite): scores [B,H,Cq,Ck], spread [B,H,Cq,Ck] and pair_values [B,H,Cq*Ck,D].
+struct EarPlusProbe {
+  std::vector<double> scores, spread, pair_values;
+};
+EarPlusProbe ear_plus_probe(const TensorView& q_centroids, const TensorView& k_centroids,
+                            const TensorView& v_centroids, const TensorView& k, const TensorView& v,
+                            const std::vector<int32_t>& k_labels, const std::vector<int32_t>& q_sizes,
+                            const std::vector<int32_t>& k_sizes, double scale, double gamma);
+
+// corrected_centroid_compensation's terms for compensated_attention: the pseudo-keys' logit terms
+// spread [B,H,Cq,Ck'] and values pair_values [B,H,Cq*Ck',D] (either may be null), with Ck' =
+// per_cluster * the cluster mask's columns (pseudo-key c stands for mask column c / per_cluster).
+struct CompensationTerms {
+  const std::vector<double>* spread = nullptr;
+  const std::vector<double>* pair_values = nullptr;
+  int64_t per_cluster = 1;
+};
 
 // Attention with centroid compensation as one float64 softmax per query row: query row i attends
 // the keys token_mask [B,H,S,S] allows and, when i < N (q_labels [B,H,N] gives its cluster a), one
 // pseudo-key of logit log|K_j| + scale q_i . kbar_j and value vbar_j for every key cluster j with
-// cluster_mask[a,j] = 0 ([B,H,Cq,Ck] row-major) and |K_j| > 0.
+// cluster_mask[a,j] = 0 ([B,H,Cq,Ck] row-major) and |K_j| > 0. `terms` adds spread[a,j] to the
+// logit and replaces vbar_j by pair_values[a*Ck+j] where given.
 Attention compensated_attention(const TensorView& q, const TensorView& k, const TensorView& v, double scale,
                                 const std::vector<uint8_t>& token_mask, const std::vector<int32_t>& q_labels, int64_t N,
                                 const std::vector<uint8_t>& cluster_mask, int64_t Cq, const TensorView& k_centroids,
-                                const TensorView& v_centroids, const std::vector<int32_t>& k_sizes);
+                                const TensorView& v_centroids, const std::vector<int32_t>& k_sizes,
+                                const CompensationTerms& terms = {});
 
 }  // namespace sapattn::ref

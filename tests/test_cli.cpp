@@ -161,6 +161,14 @@ TEST(Cli, EvalOnNpyInBothLayouts) {
   ASSERT_EQ(compensated.code, 0) << compensated.output;
   EXPECT_NE(compensated.output.find("\"method\": \"sap+c\""), std::string::npos);
   EXPECT_NE(compensated.output.find("\"compensate\": true"), std::string::npos);
+  // ear-plus, and the ear-plus ideas one at a time on top of ear, named after them.
+  const Result plus =
+      run("eval --json --method ear,ear-plus --ear-spread --ear-split --density 0.3 --q-clusters 6 "
+          "--k-clusters 12" +
+          files("bhsd"));
+  ASSERT_EQ(plus.code, 0) << plus.output;
+  EXPECT_NE(plus.output.find("\"method\": \"ear+spread+split\""), std::string::npos) << plus.output;
+  EXPECT_NE(plus.output.find("\"method\": \"ear-plus\""), std::string::npos) << plus.output;
   fs::remove_all(dir);
 }
 

@@ -93,11 +93,11 @@ Tensor probe(const ProbeCase& c, const TensorView& k, const TensorView& v, float
   return scores;
 }
 
-TEST(EarProbe, ClosedFormOnAHandMadeCase) {
-  // One query centroid (1, 0) of 3 queries. Key cluster 0 holds k = (1,0), v = (1,0) and
-  // k = (-1,0), v = (0,1), with centroids kbar = (0,0), vbar = (1/2,1/2); key cluster 1 is empty
-  // (a stale centroid (5,5)); key cluster 2 holds two copies of k = (0,1), v = (2,0), which are
-  // exactly its centroids.
+// One query centroid (1, 0) of 3 queries. Key cluster 0 holds k = (1,0), v = (1,0) and
+// k = (-1,0), v = (0,1), with centroids kbar = (0,0), vbar = (1/2,1/2); key cluster 1 is empty
+// (a stale centroid (5,5)); key cluster 2 holds two copies of k = (0,1), v = (2,0), which are
+// exactly its centroids. The keys and values, in token order: the k and v of the tests below.
+ProbeCase hand_made_probe_case() {
   ProbeCase c;
   c.qc = from_values(DType::F32, {1, 1, 1, 2}, {1, 0});
   c.kc = from_values(DType::F32, {1, 1, 3, 2}, {0, 0, 5, 5, 0, 1});
@@ -105,6 +105,11 @@ TEST(EarProbe, ClosedFormOnAHandMadeCase) {
   c.labels = sizes_tensor({1, 1, 4}, {0, 2, 0, 2});
   c.q_sizes = sizes_tensor({1, 1, 1}, {3});
   c.k_sizes = sizes_tensor({1, 1, 3}, {2, 0, 2});
+  return c;
+}
+
+TEST(EarProbe, ClosedFormOnAHandMadeCase) {
+  const ProbeCase c = hand_made_probe_case();
   const Tensor k = from_values(DType::F32, {1, 1, 4, 2}, {1, 0, 0, 1, -1, 0, 0, 1});
   const Tensor v = from_values(DType::F32, {1, 1, 4, 2}, {1, 0, 2, 0, 0, 1, 2, 0});
   for (const float scale : {1.0f, 0.5f}) {
@@ -122,6 +127,37 @@ TEST(EarProbe, ClosedFormOnAHandMadeCase) {
   }
 }
 
+// Random centroids of Cq query clusters; keys and values (strided) in Ck random clusters (empty and
+// 1-token ones included) with their means as centroids; query-cluster sizes with 0 and 1 among them.
+struct RandomProbe {
+  ProbeCase c;
+  ref::HostTensor k, v;
+  std::vector<int32_t> labels, k_sizes, q_sizes;
+};
+
+RandomProbe random_probe(ref::Rng& rng, DType dtype, int64_t B, int64_t H, int64_t N, int64_t Cq, int64_t Ck,
+                         int64_t D) {
+  RandomProbe r{{},
+                ref::make_tensor(dtype, {B, H, N, D}, ref::Layout::Padded),
+                ref::make_tensor(dtype, {B, H, N, D}, ref::Layout::Transposed)};
+  ProbeCase& c = r.c;
+  c.qc = Tensor(DType::F32, {B, H, Cq, D});
+  ref::fill_normal(c.qc.view(), rng);
+  ref::fill_normal(r.k.view, rng);
+  ref::fill_normal(r.v.view, rng);
+  r.labels = random_labels(rng, B * H, N, Ck);
+  r.k_sizes = counts_of(r.labels, B * H, N, Ck);
+  for (int64_t i = 0; i < B * H * Cq; ++i) r.q_sizes.push_back(i % 7 == 1 ? 0 : static_cast<int32_t>(1 + i * 5 % 11));
+  c.labels = sizes_tensor({B, H, N}, r.labels);
+  c.k_sizes = sizes_tensor({B, H, Ck}, r.k_sizes);
+  c.q_sizes = sizes_tensor({B, H, Cq}, r.q_sizes);
+  c.kc = Tensor(DType::F32, {B, H, Ck, D});
+  c.vc = Tensor(DType::F32, {B, H, Ck, D});
+  cluster_means(r.k.view, c.labels.view(), c.kc.view(), kStream);
+  cluster_means(r.v.view, c.labels.view(), c.vc.view(), kStream);
+  return r;
+}
+
 // Against the float64 formula. The op's logits are fp32 dot products: |ds| <= (D + 2) u scale
 // sum_d |q_d k_d| (Higham 3.5); E is a sum of terms of total magnitude T (each exp(s) at most
 // doubled in exponent), so log E moves by at most 2 |ds| T / E to first order (twice that allowed).
@@ -130,23 +166,10 @@ TEST(EarProbe, MatchesFloat64Reference) {
   const double scale = 0.25;
   ref::Rng rng(case_seed());
   for (DType dtype : {DType::F32, DType::BF16}) {
-    ProbeCase c;
-    c.qc = Tensor(DType::F32, {B, H, Cq, D});
-    ref::fill_normal(c.qc.view(), rng);
-    ref::HostTensor k = ref::make_tensor(dtype, {B, H, N, D}, ref::Layout::Padded);
-    ref::HostTensor v = ref::make_tensor(dtype, {B, H, N, D}, ref::Layout::Transposed);
-    ref::fill_normal(k.view, rng);
-    ref::fill_normal(v.view, rng);
-    const std::vector<int32_t> labels = random_labels(rng, B * H, N, Ck);
-    const std::vector<int32_t> k_sizes = counts_of(labels, B * H, N, Ck);
-    const std::vector<int32_t> q_sizes = {5, 0, 1, 40, 7, 3, 3, 3, 3, 3, 9, 9, 9, 9, 9, 1, 2, 3, 4, 5};
-    c.labels = sizes_tensor({B, H, N}, labels);
-    c.k_sizes = sizes_tensor({B, H, Ck}, k_sizes);
-    c.q_sizes = sizes_tensor({B, H, Cq}, q_sizes);
-    c.kc = Tensor(DType::F32, {B, H, Ck, D});
-    c.vc = Tensor(DType::F32, {B, H, Ck, D});
-    cluster_means(k.view, c.labels.view(), c.kc.view(), kStream);
-    cluster_means(v.view, c.labels.view(), c.vc.view(), kStream);
+    const RandomProbe random = random_probe(rng, dtype, B, H, N, Cq, Ck, D);
+    const ProbeCase& c = random.c;
+    const ref::HostTensor &k = random.k, &v = random.v;
+    const std::vector<int32_t>&labels = random.labels, &k_sizes = random.k_sizes, &q_sizes = random.q_sizes;
     for (const double gamma : {1.0, 0.5}) {
       const std::vector<double> got = ref::to_vector(probe(c, k.view, v.view, scale, gamma).view());
       const std::vector<double> want =
@@ -192,7 +215,8 @@ TEST(EarProbe, MatchesFloat64Reference) {
 // ---------------------------------------------------------------------------------------------
 
 // Random rows with ties (scores and probs drawn from a few values), empty key and query clusters,
-// NaN scores, and budgets from SVG2's top-p rule; compared with the brute-force characterisation.
+// NaN scores, and budgets from SVG2's top-p rule; compared with the brute-force characterisation,
+// per row (EAR) and per head (ear-plus).
 TEST(EarRouting, MatchesBruteForce) {
   const int64_t B = 2, H = 3, R = 7, C = 11;
   ref::Rng rng(case_seed());
@@ -214,17 +238,23 @@ TEST(EarRouting, MatchesBruteForce) {
     Tensor budget_t(DType::U8, {B, H, R, C}), mask(DType::U8, {B, H, R, C});
     std::copy(budget.begin(), budget.end(), budget_t.data_as<uint8_t>());
     const Tensor q_sizes_t = sizes_tensor({B, H, R}, q_sizes), k_sizes_t = sizes_tensor({B, H, C}, k_sizes);
-    for (const int guaranteed : {0, 1, 3, static_cast<int>(C) + 2}) {
-      select_error_aware(probs_t.view(), budget_t.view(), scores_t.view(), q_sizes_t.view(), k_sizes_t.view(),
-                         guaranteed, mask.view(), kStream);
-      // The brute force reads the values the op read: fp32 probs and scores.
-      const std::vector<uint8_t> want =
-          ref::error_aware_mask(ref::to_vector(probs_t.view()), budget, ref::to_vector(scores_t.view()), q_sizes,
-                                k_sizes, B, H, R, C, guaranteed);
-      const std::vector<int32_t> got = ref::to_i32(mask.view());
-      for (size_t i = 0; i < want.size(); ++i)
-        ASSERT_EQ(got[i], want[i]) << "trial " << trial << " guaranteed " << guaranteed << " entry " << i;
-    }
+    for (const bool per_head : {false, true})
+      for (const int guaranteed : {0, 1, 3, static_cast<int>(C) + 2}) {
+        if (per_head)  // ear-plus: one budget per head
+          select_error_aware_per_head(probs_t.view(), budget_t.view(), scores_t.view(), q_sizes_t.view(),
+                                      k_sizes_t.view(), guaranteed, mask.view(), kStream);
+        else
+          select_error_aware(probs_t.view(), budget_t.view(), scores_t.view(), q_sizes_t.view(), k_sizes_t.view(),
+                             guaranteed, mask.view(), kStream);
+        // The brute force reads the values the op read: fp32 probs and scores.
+        const std::vector<uint8_t> want =
+            ref::error_aware_mask(ref::to_vector(probs_t.view()), budget, ref::to_vector(scores_t.view()), q_sizes,
+                                  k_sizes, B, H, R, C, guaranteed, per_head);
+        const std::vector<int32_t> got = ref::to_i32(mask.view());
+        for (size_t i = 0; i < want.size(); ++i)
+          ASSERT_EQ(got[i], want[i]) << "trial " << trial << " per_head " << per_head << " guaranteed " << guaranteed
+                                     << " entry " << i;
+      }
   }
 }
 
@@ -305,10 +335,15 @@ TEST(DensityBudget, SmallestTopPThatReachesTheDensity) {
 
 // Sparse attention in token order through the clusters of `q_labels` / `k_labels` and the mask,
 // then the compensation: the path svg2_attention takes.
+// With `corrections`, the compensation is corrected_centroid_compensation's with these terms.
+struct Corrections {
+  TensorView spread, pair_values;
+};
+
 ref::Attention compensated(const TensorView& q, const TensorView& k, const TensorView& v, const Tensor& q_labels,
                            const Tensor& k_labels, const Tensor& mask, const Tensor& k_centroids,
                            const Tensor& v_centroids, const Tensor& k_sizes, float scale, int64_t N,
-                           ref::Attention* before = nullptr) {
+                           ref::Attention* before = nullptr, const Corrections* corrections = nullptr) {
   const int64_t B = q.shape[0], H = q.shape[1], S = q.shape[2], D = q.shape[3];
   const int64_t Cq = mask.shape()[2], Ck = mask.shape()[3];
   Tensor qp(DType::I32, {B, H, S}), kp(DType::I32, {B, H, k.shape[2]}), qo(DType::I32, {B, H, Cq + 1}),
@@ -320,8 +355,13 @@ ref::Attention compensated(const TensorView& q, const TensorView& k, const Tenso
                          {qp.view(), kp.view()});
   if (before != nullptr) *before = {ref::to_vector(out.view()), ref::to_vector(lse.view())};
   const TensorView video_labels = q_labels.view().slice(2, 0, N);
-  centroid_compensation(q, video_labels, mask.view(), k_centroids.view(), v_centroids.view(), k_sizes.view(), scale,
-                        out.view(), lse.view(), kStream);
+  if (corrections != nullptr)
+    corrected_centroid_compensation(q, video_labels, mask.view(), k_centroids.view(), v_centroids.view(),
+                                    k_sizes.view(), corrections->spread, corrections->pair_values, scale, out.view(),
+                                    lse.view(), kStream);
+  else
+    centroid_compensation(q, video_labels, mask.view(), k_centroids.view(), v_centroids.view(), k_sizes.view(), scale,
+                          out.view(), lse.view(), kStream);
   return {ref::to_vector(out.view()), ref::to_vector(lse.view())};
 }
 
@@ -473,6 +513,294 @@ TEST(Compensation, MatchesFloat64Reference) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// ear-plus: ear_plus_probe, split_clusters, corrected_centroid_compensation
+// ---------------------------------------------------------------------------------------------
+
+constexpr double kNormalisedEps = 1e-30;  // ear_plus_probe's floor on the normalised error (ops.hpp)
+
+struct PlusProbe {
+  Tensor scores, spread, pair_values;
+};
+
+PlusProbe plus_probe(const TensorView& qc, const TensorView& kc, const TensorView& vc, const TensorView& labels,
+                     const TensorView& q_sizes, const TensorView& k_sizes, const TensorView& k, const TensorView& v,
+                     float scale, float gamma) {
+  const int64_t B = qc.shape[0], H = qc.shape[1], Cq = qc.shape[2], Ck = kc.shape[2];
+  PlusProbe r{Tensor(DType::F32, {B, H, Cq, Ck}), Tensor(DType::F32, {B, H, Cq, Ck}),
+              Tensor(DType::F32, {B, H, Cq * Ck, k.shape[3]})};
+  ear_plus_probe(qc, kc, vc, k, v, labels, q_sizes, k_sizes, scale, gamma, r.scores.view(), r.spread.view(),
+                 r.pair_values.view(), kStream);
+  return r;
+}
+
+PlusProbe plus_probe(const ProbeCase& c, const TensorView& k, const TensorView& v, float scale, float gamma) {
+  return plus_probe(c.qc.view(), c.kc.view(), c.vc.view(), c.labels.view(), c.q_sizes.view(), c.k_sizes.view(), k, v,
+                    scale, gamma);
+}
+
+// EarProbe's hand-made case: key cluster 0 = k (1,0), v (1,0) and k (-1,0), v (0,1) around
+// kbar = 0; cluster 1 empty; cluster 2 = two copies of its centroids k (0,1), v (2,0). From
+// q = (1,0): masses M_0 = e^s + e^-s, M_2 = 2, Z = M_0 + M_2.
+TEST(EarPlusProbe, ClosedFormOnAHandMadeCase) {
+  const ProbeCase c = hand_made_probe_case();
+  const Tensor k = from_values(DType::F32, {1, 1, 4, 2}, {1, 0, 0, 1, -1, 0, 0, 1});
+  const Tensor v = from_values(DType::F32, {1, 1, 4, 2}, {1, 0, 2, 0, 0, 1, 2, 0});
+  for (const float scale : {1.0f, 0.5f}) {
+    for (const float gamma : {1.0f, 0.5f}) {
+      const PlusProbe r = plus_probe(c, k.view(), v.view(), scale, gamma);
+      const std::vector<double> scores = ref::to_vector(r.scores.view()), spread = ref::to_vector(r.spread.view());
+      const std::vector<double> values = ref::to_vector(r.pair_values.view());
+      const double es = std::exp(scale), em = std::exp(-scale), z = es + em + 2;
+      const double e0 = (es - 0.5) * (es - 0.5) + 0.25 + 0.25 + (em - 0.5) * (em - 0.5);
+      EXPECT_NEAR(scores[0], std::log(3 * e0 / (z * z)) - gamma * std::log(6.0), 1e-5);
+      // Empty cluster: no error and no area, both floored; cluster 2: no error (floored).
+      EXPECT_NEAR(scores[1], std::log(kNormalisedEps) - gamma * std::log(kEps), 1e-4);
+      EXPECT_NEAR(scores[2], std::log(kNormalisedEps) - gamma * std::log(6.0), 1e-4);
+      // Spread: log mean exp(s q . (k - kbar)) = log cosh(s) for cluster 0, 0 for the others.
+      EXPECT_NEAR(spread[0], std::log(std::cosh(static_cast<double>(scale))), 1e-6);
+      EXPECT_EQ(spread[1], 0.0);
+      EXPECT_NEAR(spread[2], 0.0, 1e-7);
+      // Pair values: attention-weighted values; the empty cluster's value centroid; cluster 2's values.
+      EXPECT_NEAR(values[0], es / (es + em), 1e-6);
+      EXPECT_NEAR(values[1], em / (es + em), 1e-6);
+      EXPECT_EQ(values[2], 0.0);
+      EXPECT_EQ(values[3], 0.0);
+      EXPECT_NEAR(values[4], 2.0, 1e-6);
+      EXPECT_NEAR(values[5], 0.0, 1e-7);
+    }
+  }
+}
+
+// Against the float64 contract. Error model: every fp32 logit is off by at most ds = (D + 2) u scale
+// sum_d |q_d k_d| (Higham 3.5; the largest over the row's keys and centroids is used). The error E
+// moves relatively by 2 ds T / E (T: its terms' total magnitude, as in EarProbe) and Z by ds, so the
+// score by 2 ds T / E + 2 ds (twice allowed); the spread by 2 ds; a weighted mean of values by
+// 2 ds max|v - mean| <= 4 ds max|v| (twice allowed), plus its fp32 rounding.
+TEST(EarPlusProbe, MatchesFloat64Reference) {
+  const int64_t B = 2, H = 2, N = 90, Cq = 5, Ck = 9, D = 16;
+  const double scale = 0.25;
+  ref::Rng rng(case_seed());
+  for (DType dtype : {DType::F32, DType::BF16}) {
+    const RandomProbe random = random_probe(rng, dtype, B, H, N, Cq, Ck, D);
+    const ProbeCase& c = random.c;
+    const ref::HostTensor &k = random.k, &v = random.v;
+    const std::vector<int32_t>&labels = random.labels, &k_sizes = random.k_sizes, &q_sizes = random.q_sizes;
+    const std::vector<double> qd = ref::to_vector(c.qc.view()), kd = ref::to_vector(k.view);
+    const std::vector<double> vd = ref::to_vector(v.view), ck = ref::to_vector(c.kc.view());
+    const std::vector<double> cv = ref::to_vector(c.vc.view());
+    const double max_v = max_abs(vd);
+    const auto row = [&](const std::vector<double>& x, int64_t r) { return &x[static_cast<size_t>(r * D)]; };
+    const auto dot = [&](const double* x, const double* y, bool magnitude) {
+      double sum = 0;
+      for (int64_t d = 0; d < D; ++d) sum += magnitude ? std::fabs(x[d] * y[d]) : x[d] * y[d];
+      return sum;
+    };
+    for (const double gamma : {1.0, 0.5}) {
+      const PlusProbe got = plus_probe(c, k.view, v.view, static_cast<float>(scale), static_cast<float>(gamma));
+      const std::vector<double> scores = ref::to_vector(got.scores.view()), spread = ref::to_vector(got.spread.view());
+      const std::vector<double> values = ref::to_vector(got.pair_values.view());
+      const ref::EarPlusProbe want = ref::ear_plus_probe(c.qc.view(), c.kc.view(), c.vc.view(), k.view, v.view, labels,
+                                                         q_sizes, k_sizes, scale, gamma);
+      for (int64_t bh = 0; bh < B * H; ++bh)
+        for (int64_t a = 0; a < Cq; ++a) {
+          const double* qa = row(qd, bh * Cq + a);
+          double ds = 0;
+          for (int64_t t = 0; t < N; ++t) ds = std::max(ds, dot(qa, row(kd, bh * N + t), true));
+          for (int64_t j = 0; j < Ck; ++j) ds = std::max(ds, dot(qa, row(ck, bh * Ck + j), true));
+          ds *= (D + 2) * ref::kF32Eps * scale;
+          for (int64_t j = 0; j < Ck; ++j) {
+            const double* vbar = row(cv, bh * Ck + j);
+            const double c_logit = scale * dot(qa, row(ck, bh * Ck + j), false);
+            double magnitude = 0, error = 0;
+            for (int64_t t = 0; t < N; ++t) {
+              if (labels[static_cast<size_t>(bh * N + t)] != j) continue;
+              const double* vt = row(vd, bh * N + t);
+              const double st = scale * dot(qa, row(kd, bh * N + t), false);
+              magnitude += std::exp(2 * st) * dot(vt, vt, false) + 2 * std::exp(st + c_logit) * dot(vt, vbar, true) +
+                           std::exp(2 * c_logit) * dot(vbar, vbar, false);
+              for (int64_t d = 0; d < D; ++d) error += std::pow(std::exp(st) * vt[d] - std::exp(c_logit) * vbar[d], 2);
+            }
+            const size_t i = static_cast<size_t>((bh * Cq + a) * Ck + j);
+            const std::string where = std::string(dtype_name(dtype)) + " gamma " + std::to_string(gamma) + " bh " +
+                                      std::to_string(bh) + " pair " + std::to_string(a) + "," + std::to_string(j);
+            const double relative = error > 0 ? magnitude / error : 0.0;
+            EXPECT_NEAR(scores[i], want.scores[i], 4 * ds * relative + 4 * ds + 1e-5) << where;
+            EXPECT_NEAR(spread[i], want.spread[i], 4 * ds + 1e-6) << where;
+            for (int64_t d = 0; d < D; ++d) {
+              const size_t e = i * static_cast<size_t>(D) + static_cast<size_t>(d);
+              EXPECT_NEAR(values[e], want.pair_values[e], 8 * ds * max_v + 2 * ref::kF32Eps * max_v) << where;
+            }
+          }
+        }
+    }
+  }
+}
+
+TEST(SplitClusters, SeparatesTwoBlobsAndKeepsDegenerateClustersWhole) {
+  // Cluster 0: three points near (10, y) and three near (-10, y), interleaved in token order;
+  // cluster 1: three identical points; cluster 2: one point; cluster 3: empty.
+  const Tensor points =
+      from_values(DType::F32, {1, 1, 10, 2}, {10, 1, -10, 0.5, 9, -1, 2, 2, -11, -0.5, 11, 0, 2, 2, -9, 1, 2, 2, 7, 7});
+  const Tensor labels = sizes_tensor({1, 1, 10}, {0, 0, 0, 1, 0, 0, 1, 0, 1, 2});
+  Tensor centroids(DType::F32, {1, 1, 4, 2});
+  cluster_means(points.view(), labels.view(), centroids.view(), kStream);
+  Tensor sub_labels(DType::I32, {1, 1, 10}), sub_sizes(DType::I32, {1, 1, 8});
+  split_clusters(points.view(), labels.view(), centroids.view(), sub_labels.view(), sub_sizes.view(), kStream);
+  const std::vector<int32_t> sub = ref::to_i32(sub_labels.view()), sizes = ref::to_i32(sub_sizes.view());
+  const int32_t right = sub[0], left = sub[1];
+  EXPECT_NE(right, left);
+  for (const int t : {0, 2, 5}) EXPECT_EQ(sub[static_cast<size_t>(t)], right) << t;
+  for (const int t : {1, 4, 7}) EXPECT_EQ(sub[static_cast<size_t>(t)], left) << t;
+  for (const int t : {3, 6, 8}) EXPECT_EQ(sub[static_cast<size_t>(t)], 2) << t;  // identical: side 0
+  EXPECT_EQ(sub[9], 4);                                                          // one point: side 0
+  EXPECT_EQ(sizes, (std::vector<int32_t>{3, 3, 3, 0, 1, 0, 0, 0}));
+}
+
+// On random clusters (empty and 1-point ones included), f32 and bf16, strided: the halves nest in
+// the clusters, sub_sizes counts them, and the thread count does not change the result.
+TEST(SplitClusters, NestsInTheClustersAndCountsTheHalves) {
+  const int64_t B = 2, H = 2, N = 80, C = 9, D = 12;
+  ref::Rng rng(case_seed());
+  for (DType dtype : {DType::F32, DType::BF16}) {
+    ref::HostTensor points = ref::make_tensor(dtype, {B, H, N, D}, ref::Layout::TransposedPadded);
+    ref::fill_normal(points.view, rng);
+    const std::vector<int32_t> label_values = random_labels(rng, B * H, N, C);
+    const Tensor labels = sizes_tensor({B, H, N}, label_values);
+    Tensor centroids(DType::F32, {B, H, C, D});
+    cluster_means(points.view, labels.view(), centroids.view(), kStream);
+    std::vector<int32_t> first;
+    for (const int threads : {1, 3}) {
+      Tensor sub_labels(DType::I32, {B, H, N}), sub_sizes(DType::I32, {B, H, 2 * C});
+      split_clusters(points.view, labels.view(), centroids.view(), sub_labels.view(), sub_sizes.view(),
+                     Stream::cpu(threads));
+      const std::vector<int32_t> sub = ref::to_i32(sub_labels.view());
+      for (size_t i = 0; i < sub.size(); ++i) ASSERT_EQ(sub[i] / 2, label_values[i]) << dtype_name(dtype) << " " << i;
+      EXPECT_EQ(ref::to_i32(sub_sizes.view()), counts_of(sub, B * H, N, 2 * C));
+      const std::vector<int32_t> sizes = counts_of(label_values, B * H, N, C);
+      for (size_t i = 0; i < sub.size(); ++i)  // a 1-point cluster stays on side 0
+        if (sizes[i / N * C + static_cast<size_t>(label_values[i])] == 1) {
+          EXPECT_EQ(sub[i] % 2, 0) << i;
+        }
+      if (first.empty()) first = sub;
+      EXPECT_EQ(sub, first) << threads << " threads";
+    }
+  }
+}
+
+// Random spread and pair values (one pseudo-key per key cluster), and random sub-centroids (two per
+// key cluster, empty ones included), against the float64 softmax over exact keys and pseudo-keys.
+TEST(CorrectedCompensation, MatchesFloat64Reference) {
+  const int64_t B = 2, H = 2, S = 80, N = 64, D = 16, Cq = 5, Ck = 9;
+  const float scale = 0.3f;
+  ref::Rng rng(case_seed());
+  for (DType dtype : {DType::F32, DType::BF16}) {
+    const CompensationCase c = compensation_case(rng, dtype, B, H, S, N, D, Cq, Ck, false);
+    std::vector<int32_t> video_labels;
+    std::vector<uint8_t> video_mask;
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      video_labels.insert(video_labels.end(), c.q_label_values.begin() + bh * S, c.q_label_values.begin() + bh * S + N);
+      video_mask.insert(video_mask.end(), c.mask_values.begin() + bh * (Cq + 1) * Ck,
+                        c.mask_values.begin() + (bh * (Cq + 1) + Cq) * Ck);
+    }
+    std::vector<uint8_t> tokens(static_cast<size_t>(B * H * S * S));
+    for (int64_t bh = 0; bh < B * H; ++bh)
+      for (int64_t i = 0; i < S; ++i)
+        for (int64_t j = 0; j < S; ++j)
+          tokens[static_cast<size_t>((bh * S + i) * S + j)] = c.mask_values[static_cast<size_t>(
+              (bh * (Cq + 1) + c.q_label_values[static_cast<size_t>(bh * S + i)]) * Ck +
+              c.k_label_values[static_cast<size_t>(bh * S + j)])];
+    for (const int64_t per_cluster : {1, 2}) {
+      const int64_t Cc = per_cluster * Ck;  // pseudo-keys
+      // Two per key cluster: random sub-centroids and sizes (the op does not require them to be means).
+      Tensor sub_kc(DType::F32, {B, H, Cc, D}), sub_vc(DType::F32, {B, H, Cc, D});
+      std::vector<int32_t> size_values = c.k_size_values;
+      if (per_cluster == 2) {
+        ref::fill_normal(sub_kc.view(), rng);
+        ref::fill_normal(sub_vc.view(), rng);
+        size_values.resize(static_cast<size_t>(B * H * Cc));
+        for (int32_t& n : size_values) n = static_cast<int32_t>(rng.integer(0, 5));
+      }
+      const Tensor& kc = per_cluster == 2 ? sub_kc : c.kc;
+      const Tensor& vc = per_cluster == 2 ? sub_vc : c.vc;
+      const Tensor k_sizes = sizes_tensor({B, H, Cc}, size_values);
+      // The op's terms cover the mask's rows (the video ones and the text row Cq, which no video
+      // row reads); the reference's the video rows only.
+      Tensor spread(DType::F32, {B, H, Cq + 1, Cc}), pair_values(DType::F32, {B, H, (Cq + 1) * Cc, D});
+      for (int64_t i = 0; i < spread.numel(); ++i) spread.data_as<float>()[i] = static_cast<float>(rng.uniform(0, 1));
+      ref::fill_normal(pair_values.view(), rng);
+      const auto video_rows = [&](const std::vector<double>& x, int64_t row) {  // row: entries per (a) row
+        std::vector<double> kept;
+        for (int64_t bh = 0; bh < B * H; ++bh)
+          kept.insert(kept.end(), x.begin() + bh * (Cq + 1) * row, x.begin() + (bh * (Cq + 1) + Cq) * row);
+        return kept;
+      };
+      const std::vector<double> spread_values = video_rows(ref::to_vector(spread.view()), Cc);
+      const std::vector<double> value_values = video_rows(ref::to_vector(pair_values.view()), Cc * D);
+      const double max_v =
+          std::max({max_abs(ref::to_vector(c.v.view)), max_abs(value_values), max_abs(ref::to_vector(vc.view()))});
+      for (const int terms : {1, 2, 3}) {  // spread, pair values, both
+        const Corrections corrections{terms & 1 ? spread.view() : TensorView{},
+                                      terms & 2 ? pair_values.view() : TensorView{}};
+        const ref::Attention got = compensated(c.q.view, c.k.view, c.v.view, c.q_labels, c.k_labels, c.mask, kc, vc,
+                                               k_sizes, scale, N, nullptr, &corrections);
+        const ref::CompensationTerms want_terms{terms & 1 ? &spread_values : nullptr,
+                                                terms & 2 ? &value_values : nullptr, per_cluster};
+        const ref::Attention want =
+            ref::compensated_attention(c.q.view, c.k.view, c.v.view, scale, tokens, video_labels, N, video_mask, Cq,
+                                       kc.view(), vc.view(), size_values, want_terms);
+        expect_close(got, want, max_v, D, S + Cc,
+                     std::string(dtype_name(dtype)) + " per_cluster " + std::to_string(per_cluster) + " terms " +
+                         std::to_string(terms));
+      }
+    }
+  }
+}
+
+// The closed form behind the corrections: for a query equal to its cluster's centroid, the pseudo-key
+// of skipped cluster j (logit log|K_j| + c_aj + spread = log M_aj, value U_aj / M_aj) is j's exact
+// contribution, so the compensated output is dense attention whatever the mask, for one pseudo-key
+// per key cluster and for the halves of split_clusters.
+TEST(CorrectedCompensation, ExactForQueriesAtTheirCentroid) {
+  const int64_t B = 1, H = 2, S = 72, D = 8, Cq = 4, Ck = 7;
+  const float scale = 0.4f;
+  ref::Rng rng(case_seed());
+  const CompensationCase c = compensation_case(rng, DType::F32, B, H, S, S, D, Cq, Ck, false);
+  // Every query becomes its cluster's centre. No row is text here (N = S), but the mask keeps its
+  // text row Cq: the probe gets a centroid for it too, so that its terms cover the mask's rows.
+  Tensor qc(DType::F32, {B, H, Cq + 1, D});
+  ref::fill_normal(qc.view(), rng);
+  std::vector<double> qd(static_cast<size_t>(B * H * S * D));
+  for (int64_t bh = 0; bh < B * H; ++bh)
+    for (int64_t i = 0; i < S; ++i)
+      for (int64_t d = 0; d < D; ++d)
+        qd[static_cast<size_t>((bh * S + i) * D + d)] =
+            qc.data_as<float>()[(bh * (Cq + 1) + c.q_label_values[static_cast<size_t>(bh * S + i)]) * D + d];
+  ref::from_vector(c.q.view, qd);
+  std::vector<int32_t> q_size_values(static_cast<size_t>(B * H * (Cq + 1)), 1);
+  const Tensor q_sizes = sizes_tensor({B, H, Cq + 1}, q_size_values);
+  const ref::Attention dense = ref::attention_f64(c.q.view, c.k.view, c.v.view, scale, nullptr);
+  // The halves of split_clusters and their means.
+  Tensor sub_labels(DType::I32, {B, H, S}), sub_sizes(DType::I32, {B, H, 2 * Ck});
+  Tensor sub_kc(DType::F32, {B, H, 2 * Ck, D}), sub_vc(DType::F32, {B, H, 2 * Ck, D});
+  split_clusters(c.k.view, c.k_labels.view(), c.kc.view(), sub_labels.view(), sub_sizes.view(), kStream);
+  cluster_means(c.k.view, sub_labels.view(), sub_kc.view(), kStream);
+  cluster_means(c.v.view, sub_labels.view(), sub_vc.view(), kStream);
+  for (const bool split : {false, true}) {
+    const Tensor& labels = split ? sub_labels : c.k_labels;
+    const Tensor& sizes = split ? sub_sizes : c.k_sizes;
+    const Tensor& kc = split ? sub_kc : c.kc;
+    const Tensor& vc = split ? sub_vc : c.vc;
+    const PlusProbe r = plus_probe(qc.view(), kc.view(), vc.view(), labels.view(), q_sizes.view(), sizes.view(),
+                                   c.k.view, c.v.view, scale, 1.0f);
+    const Corrections corrections{r.spread.view(), r.pair_values.view()};
+    const ref::Attention got = compensated(c.q.view, c.k.view, c.v.view, c.q_labels, c.k_labels, c.mask, kc, vc, sizes,
+                                           scale, S, nullptr, &corrections);
+    // The probe's weights carry the same fp32 logit error as the attention's: twice its model.
+    expect_close(got, dense, 2 * max_abs(ref::to_vector(c.v.view)), D, S, split ? "split" : "one pseudo-key");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Bad input: typed errors, outputs untouched
 // ---------------------------------------------------------------------------------------------
 
@@ -563,6 +891,68 @@ TEST(EarErrors, Compensation) {
   EXPECT_ERROR_UNTOUCHED(UnsupportedError, outputs, run(labels, sizes, ref::on_cuda(lse.view)));
 }
 
+TEST(EarErrors, EarPlusOps) {
+  const int64_t Cq = 2, Ck = 3, N = 6, D = 4;
+  const Tensor qc(DType::F32, {1, 1, Cq, D}), kc(DType::F32, {1, 1, Ck, D}), vc(DType::F32, {1, 1, Ck, D});
+  const Tensor k(DType::F32, {1, 1, N, D}), v(DType::F32, {1, 1, N, D});
+  for (const Tensor* t : {&qc, &kc, &vc, &k, &v}) std::fill_n(t->data_as<float>(), t->numel(), 0.5f);
+  const Tensor labels = sizes_tensor({1, 1, N}, {0, 1, 2, 0, 1, 2}),
+               bad_labels = sizes_tensor({1, 1, N}, {0, 1, 3, 0, 1, 2});
+  const Tensor q_sizes = sizes_tensor({1, 1, Cq}, {3, 3}), k_sizes = sizes_tensor({1, 1, Ck}, {2, 2, 2});
+  ref::HostTensor scores = ref::make_tensor(DType::F32, {1, 1, Cq, Ck});
+  ref::HostTensor spread = ref::make_tensor(DType::F32, {1, 1, Cq, Ck});
+  ref::HostTensor values = ref::make_tensor(DType::F32, {1, 1, Cq * Ck, D});
+  for (ref::HostTensor* t : {&scores, &spread, &values}) ref::poison(*t);
+  const std::vector<const ref::HostTensor*> probe_outputs{&scores, &spread, &values};
+  const auto probe = [&](const TensorView& l, const TensorView& s, const TensorView& pv) {
+    ear_plus_probe(qc.view(), kc.view(), vc.view(), k.view(), v.view(), l, q_sizes.view(), k_sizes.view(), 0.5f, 1.0f,
+                   scores.view, s, pv, kStream);
+  };
+  const Tensor spread_t(DType::F32, {1, 1, Ck, Cq}), spread_u8(DType::U8, {1, 1, Cq, Ck});
+  const Tensor values_short(DType::F32, {1, 1, Cq * Ck - 1, D});
+  EXPECT_ERROR_UNTOUCHED(ShapeError, probe_outputs, probe(labels.view(), spread_t.view(), values.view));
+  EXPECT_ERROR_UNTOUCHED(DTypeError, probe_outputs, probe(labels.view(), spread_u8.view(), values.view));
+  EXPECT_ERROR_UNTOUCHED(ShapeError, probe_outputs, probe(labels.view(), spread.view, values_short.view()));
+  const ref::HostTensor values_padded = ref::make_tensor(DType::F32, {1, 1, Cq * Ck, D}, ref::Layout::Padded);
+  EXPECT_ERROR_UNTOUCHED(ShapeError, probe_outputs, probe(labels.view(), spread.view, values_padded.view));
+  EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, probe_outputs, probe(bad_labels.view(), spread.view, values.view));
+  EXPECT_ERROR_UNTOUCHED(UnsupportedError, probe_outputs, probe(labels.view(), ref::on_cuda(spread.view), values.view));
+
+  // split_clusters: sub_sizes must have 2C entries; labels within [0, C).
+  ref::HostTensor sub_labels = ref::make_tensor(DType::I32, {1, 1, N});
+  ref::HostTensor sub_sizes = ref::make_tensor(DType::I32, {1, 1, 2 * Ck});
+  ref::poison(sub_labels);
+  ref::poison(sub_sizes);
+  const std::vector<const ref::HostTensor*> split_outputs{&sub_labels, &sub_sizes};
+  const Tensor sizes_c(DType::I32, {1, 1, Ck});
+  EXPECT_ERROR_UNTOUCHED(ShapeError, split_outputs,
+                         split_clusters(k.view(), labels.view(), kc.view(), sub_labels.view, sizes_c.view(), kStream));
+  EXPECT_ERROR_UNTOUCHED(
+      InvalidArgumentError, split_outputs,
+      split_clusters(k.view(), bad_labels.view(), kc.view(), sub_labels.view, sub_sizes.view, kStream));
+
+  // corrected_centroid_compensation: pseudo-keys a whole multiple of the mask's key clusters.
+  const int64_t S = 5;
+  const Tensor q(DType::F32, {1, 1, S, D}), kc4(DType::F32, {1, 1, 4, D}), vc4(DType::F32, {1, 1, 4, D});
+  for (const Tensor* t : {&q, &kc4, &vc4}) std::fill_n(t->data_as<float>(), t->numel(), 0.25f);
+  const Tensor q_labels = sizes_tensor({1, 1, S}, {0, 1, 1, 0, 0}), sizes4 = sizes_tensor({1, 1, 4}, {1, 1, 1, 1});
+  Tensor mask(DType::U8, {1, 1, Cq, Ck});
+  std::fill_n(mask.data_as<uint8_t>(), mask.numel(), uint8_t{0});
+  ref::HostTensor out = ref::make_tensor(DType::F32, {1, 1, S, D});
+  ref::HostTensor lse = ref::make_tensor(DType::F32, {1, 1, S});
+  ref::Rng rng(case_seed());
+  ref::fill_normal(out.view, rng);
+  std::fill_n(static_cast<float*>(lse.view.data), S, 0.0f);
+  const std::vector<const ref::HostTensor*> outputs{&out, &lse};
+  EXPECT_ERROR_UNTOUCHED(ShapeError, outputs,
+                         corrected_centroid_compensation(q.view(), q_labels.view(), mask.view(), kc4.view(), vc4.view(),
+                                                         sizes4.view(), {}, {}, 0.5f, out.view, lse.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(
+      ShapeError, outputs,
+      corrected_centroid_compensation(q.view(), q_labels.view(), mask.view(), kc.view(), vc.view(), k_sizes.view(),
+                                      spread_t.view(), {}, 0.5f, out.view, lse.view, kStream));
+}
+
 // ---------------------------------------------------------------------------------------------
 // The layer call with error-aware routing and compensation
 // ---------------------------------------------------------------------------------------------
@@ -574,6 +964,13 @@ Config ear_config() {
   c.kmeans_iters_init = 8;
   c.routing = Routing::ErrorAware;
   c.compensate = true;
+  return c;
+}
+
+// ear_config with every ear-plus idea on.
+Config ear_plus_config() {
+  Config c = ear_config();
+  c.ear_spread = c.ear_pair_values = c.ear_head_budget = c.ear_split = true;
   return c;
 }
 
@@ -595,13 +992,15 @@ Tensor blobs(int64_t S, uint32_t seed) {
 
 TEST(EarLayer, TopPOneIsDenseAttention) {
   const Tensor q = blobs(120, 1), k = blobs(120, 2), v = blobs(120, 3);
-  Config c = ear_config();
-  c.top_p = 1.0f;
-  const LayerRun r = run_layer(q, k, v, c);
-  const ref::Attention dense = ref::attention_f64(q.view(), k.view(), v.view(), c.scale_for(32), nullptr);
-  const std::vector<double> out = ref::to_vector(r.out.view());
-  for (size_t i = 0; i < out.size(); ++i) ASSERT_NEAR(out[i], dense.out[i], 1e-4) << i;
-  for (int64_t i = 0; i < 2; ++i) EXPECT_FLOAT_EQ(r.density.data_as<float>()[i], 1.0f);
+  for (Config c : {ear_config(), ear_plus_config()}) {
+    c.top_p = 1.0f;
+    const LayerRun r = run_layer(q, k, v, c);
+    const ref::Attention dense = ref::attention_f64(q.view(), k.view(), v.view(), c.scale_for(32), nullptr);
+    const std::vector<double> out = ref::to_vector(r.out.view());
+    for (size_t i = 0; i < out.size(); ++i)
+      ASSERT_NEAR(out[i], dense.out[i], 1e-4) << i << " ear-plus " << c.ear_plus();
+    for (int64_t i = 0; i < 2; ++i) EXPECT_FLOAT_EQ(r.density.data_as<float>()[i], 1.0f);
+  }
 }
 
 // HunyuanVideo's text rows attend by the joint-text rule and are never compensated: with the same
@@ -609,27 +1008,28 @@ TEST(EarLayer, TopPOneIsDenseAttention) {
 TEST(EarLayer, TextRowsAreNotCompensated) {
   const int64_t S = 140, text = 20;
   const Tensor q = blobs(S, 4), k = blobs(S, 5), v = blobs(S, 6);
-  Config c = ear_config();
-  c.text_tokens = text;
-  c.prompt_length = 12;
-  c.top_p = 0.6f;
-  const LayerRun with = run_layer(q, k, v, c);
-  c.compensate = false;
-  const LayerRun without = run_layer(q, k, v, c);
-  const float* a = with.out.data_as<float>();
-  const float* b = without.out.data_as<float>();
-  double video_change = 0;
-  for (int64_t h = 0; h < 2; ++h)
-    for (int64_t i = 0; i < S; ++i)
-      for (int64_t d = 0; d < 32; ++d) {
-        const int64_t e = (h * S + i) * 32 + d;
-        if (i >= S - text)
-          ASSERT_EQ(a[e], b[e]) << "text row " << i;
-        else
-          video_change = std::max(video_change, static_cast<double>(std::fabs(a[e] - b[e])));
-      }
-  EXPECT_GT(video_change, 1e-3) << "compensation changed no video row";
-  EXPECT_EQ(with.density.data_as<float>()[0], without.density.data_as<float>()[0]);
+  for (Config c : {ear_config(), ear_plus_config()}) {
+    c.text_tokens = text;
+    c.prompt_length = 12;
+    c.top_p = 0.6f;
+    const LayerRun with = run_layer(q, k, v, c);
+    c.compensate = c.ear_spread = c.ear_pair_values = c.ear_split = false;
+    const LayerRun without = run_layer(q, k, v, c);
+    const float* a = with.out.data_as<float>();
+    const float* b = without.out.data_as<float>();
+    double video_change = 0;
+    for (int64_t h = 0; h < 2; ++h)
+      for (int64_t i = 0; i < S; ++i)
+        for (int64_t d = 0; d < 32; ++d) {
+          const int64_t e = (h * S + i) * 32 + d;
+          if (i >= S - text)
+            ASSERT_EQ(a[e], b[e]) << "text row " << i;
+          else
+            video_change = std::max(video_change, static_cast<double>(std::fabs(a[e] - b[e])));
+        }
+    EXPECT_GT(video_change, 1e-3) << "compensation changed no video row";
+    EXPECT_EQ(with.density.data_as<float>()[0], without.density.data_as<float>()[0]);
+  }
 }
 
 TEST(EarLayer, BadInputIsATypedError) {
@@ -649,6 +1049,20 @@ TEST(EarLayer, BadInputIsATypedError) {
   c = ear_config();
   c.routing = static_cast<Routing>(7);
   EXPECT_THROW(c.validate(), InvalidArgumentError);
+  // The ear-plus ideas refine error-aware routing; the compensation ones need the compensation.
+  c = ear_plus_config();
+  c.routing = Routing::TopP;
+  EXPECT_THROW(c.validate(), InvalidArgumentError);
+  for (bool Config::*idea : {&Config::ear_spread, &Config::ear_pair_values, &Config::ear_split}) {
+    c = ear_config();
+    c.compensate = false;
+    c.*idea = true;
+    EXPECT_THROW(c.validate(), InvalidArgumentError);
+  }
+  c = ear_config();
+  c.compensate = false;
+  c.ear_head_budget = true;
+  EXPECT_NO_THROW(c.validate());
   // On a CUDA stream the call is refused, with its own message (a CPU-only build would refuse any
   // CUDA call, but with another one), before it touches the branch state.
   BranchState state;

@@ -34,6 +34,16 @@ struct Config {
   float ear_gamma = 1.0f;        // ErrorAware: probe error divided by area^gamma
   float ear_keep_ratio = 0.05f;  // ErrorAware: the top max(1, floor(ratio * k_clusters)) clusters of
                                  // SVG2's ranking are always computed (0 keeps none)
+  // ear-plus (docs/ear.md): improvements over SVG-EAR, each off by default (all off = the published
+  // method). They need routing = ErrorAware; the first two also need compensate.
+  bool ear_spread = false;       // compensation logits gain log(mean over j's keys of exp(scale qbar_a .
+                                 // (k_t - kbar_j))): the keys' spread seen from the query centroid
+  bool ear_pair_values = false;  // compensation values per (query cluster, key cluster): j's values
+                                 // weighted by their attention from qbar_a, instead of their plain mean
+  bool ear_head_budget = false;  // one area budget per head instead of one per row: all pairs of a head
+                                 // ranked by the probe's row-normalised error per area
+  bool ear_split = false;        // compensation through two sub-centroids per key cluster (split_clusters)
+                                 // instead of one; with ear_spread/ear_pair_values, theirs too
 
   // Throws InvalidArgumentError naming the first bad field and its valid range.
   void validate() const;
@@ -45,6 +55,8 @@ struct Config {
   // ErrorAware's always-computed clusters per row: max(1, floor(ear_keep_ratio * k_clusters)), or 0
   // when ear_keep_ratio is 0.
   int ear_guaranteed_clusters() const;
+  // Whether any ear-plus improvement is on (the probe then runs ear_plus_probe).
+  bool ear_plus() const { return ear_spread || ear_pair_values || ear_head_budget || ear_split; }
 };
 
 }  // namespace sapattn

@@ -10,6 +10,8 @@
 //   ear     SVG-EAR: the SAP clusters, key clusters routed by the error probe within the area SVG2's
 //           top-p computes, every skipped video key cluster compensated through its centroids
 //           (docs/ear.md). The config's ear_* fields apply; compensate is implied.
+//   ear-plus SVG-EAR with the improvements that won on the generator's workloads (use_ear_plus,
+//           docs/ear.md and docs/results.md): ear with those ear_* fields turned on.
 //   dense   full attention.
 // config.compensate adds the centroid compensation to sap, blocks and oracle too.
 #pragma once
@@ -22,10 +24,13 @@
 
 namespace sapattn::eval {
 
-enum class Method : uint8_t { Sap, Blocks, Oracle, Ear, Dense };
+enum class Method : uint8_t { Sap, Blocks, Oracle, Ear, EarPlus, Dense };
 std::string_view method_name(Method m);
-// "sap", "blocks", "oracle", "ear", "dense"; anything else throws InvalidArgumentError.
+// "sap", "blocks", "oracle", "ear", "ear-plus", "dense"; anything else throws InvalidArgumentError.
 Method parse_method(std::string_view name);
+
+// ear-plus's config: config with error-aware routing, compensation and the winning ear_* ideas on.
+Config use_ear_plus(Config config);
 
 struct MethodResult {
   Method method = Method::Dense;

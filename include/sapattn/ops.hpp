@@ -269,6 +269,66 @@ void centroid_compensation(const TensorView& q, const TensorView& q_labels, cons
                            float scale, TensorView out, TensorView lse, const Stream& stream);
 
 // ---------------------------------------------------------------------------------------------
+// ear-plus: SVG-EAR's probe, routing and compensation refined (docs/ear.md, the numbers in
+// docs/results.md). The CPU backend only so far. Shapes as for the EAR ops above.
+// ---------------------------------------------------------------------------------------------
+
+// One pass over the video keys from every query centroid, like ear_probe, that also keeps per
+// (a, j) the attention mass M_aj = sum_{t in j} exp(s_t) and, optionally, its value sum:
+//   scores_aj = log(max(|Q_a| E_aj / Z_a^2, eps)) - gamma log(max(|Q_a| |K_j|, eps)), Z_a = sum_j M_aj
+// with E_aj as in ear_probe and eps = 1e-30 on the error, 1e-8 on the area: the squared output error
+// the compensation leaves on the |Q_a| rows of cluster a, seen from its centroid and normalised by
+// the row's softmax denominator, per pair computed. Within one row it ranks as ear_probe does (at
+// equal gamma the terms added are common to the row; only pairs under a floor may order otherwise);
+// unlike it, it compares pairs across rows.
+//   spread [B,H,Cq,Ck] f32, any strides, or empty: log(M_aj / (|K_j| exp(c_aj))), the log-mean of
+//     exp(scale qbar_a . (k_t - kbar_j)) over j's keys (>= 0 when kbar_j is their mean), 0 for an
+//     empty cluster.
+//   pair_values [B,H,Cq*Ck,D] f32 contiguous, or empty: row a*Ck + j = sum_t exp(s_t) v_t / M_aj, the
+//     values of j weighted by their attention from qbar_a; v_centroids[j] for an empty cluster.
+void ear_plus_probe(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& v_centroids,
+                    const TensorView& k, const TensorView& v, const TensorView& k_labels, const TensorView& q_sizes,
+                    const TensorView& k_sizes, float scale, float gamma, TensorView scores, TensorView spread,
+                    TensorView pair_values, const Stream& stream);
+
+// select_error_aware with one budget per head instead of one per row: the guaranteed clusters of
+// every row are kept first; budget = the area budget_mask keeps summed over the head's rows;
+// remaining = max(0, budget - the guaranteed area); then all other (a, j) pairs of the head by score
+// descending (ties by lower a * C + j, NaN last) are kept while the area kept before them is below
+// `remaining`. The head's area exceeds the budget's by at most one pair (select_error_aware: one
+// cluster per row). Arguments as select_error_aware.
+void select_error_aware_per_head(const TensorView& probs, const TensorView& budget_mask, const TensorView& scores,
+                                 const TensorView& q_sizes, const TensorView& k_sizes, int guaranteed, TensorView mask,
+                                 const Stream& stream);
+
+// Splits every cluster in two for a finer compensation: per (b,h) and cluster c with centroid
+// centroids[c] (its points' mean), the principal axis u of its points (8 power iterations from
+// the point farthest from the centroid, fp64), the side of each point (u . (x - centroid) > 0),
+// then two 2-means steps between the two halves' means (ties to side 0). A point of cluster c gets
+// sub-label 2c + side; sub_sizes counts them. A cluster of one point, or of identical points,
+// keeps them all on side 0.
+//   points [B,H,N,D] f32/f16/bf16 any strides; labels [B,H,N] i32 in [0, C), unit stride; centroids
+//   [B,H,C,D] f32 contiguous; sub_labels [B,H,N] i32 unit stride and sub_sizes [B,H,2C] i32
+//   contiguous, written.
+void split_clusters(const TensorView& points, const TensorView& labels, const TensorView& centroids,
+                    TensorView sub_labels, TensorView sub_sizes, const Stream& stream);
+
+// centroid_compensation with the probe's corrections: the pseudo-key of skipped cluster j for a row
+// of query cluster a has the logit w_j + spread[a, j] (when spread is given) and the value
+// pair_values[a * Ck + j] (when given; else v_centroids[j]). With both, it is the first-order
+// translation of j's exact contribution seen from qbar_a to the row's own q_i:
+//   sum_t exp(scale q_i . k_t) v_t ~= exp(scale (q_i - qbar_a) . kbar_j) sum_t exp(scale qbar_a . k_t) v_t.
+// Sub-centroids: k_centroids, v_centroids, k_sizes (and spread, pair_values) may hold m pseudo-keys
+// per mask column (Ck = m * the mask's key clusters, split_clusters gives m = 2): pseudo-key c is
+// added when the mask skips key cluster c / m.
+//   spread [B,H,Cq,Ck] f32 any strides or empty; pair_values [B,H,Cq*Ck,D] f32 contiguous or empty;
+//   the rest as centroid_compensation.
+void corrected_centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
+                                     const TensorView& k_centroids, const TensorView& v_centroids,
+                                     const TensorView& k_sizes, const TensorView& spread, const TensorView& pair_values,
+                                     float scale, TensorView out, TensorView lse, const Stream& stream);
+
+// ---------------------------------------------------------------------------------------------
 // Input checks.
 // ---------------------------------------------------------------------------------------------
 

@@ -36,6 +36,11 @@ void Config::validate() const {
                 "ear_gamma must be finite and >= 0, got ", ear_gamma);
   SAPATTN_CHECK(std::isfinite(ear_keep_ratio) && ear_keep_ratio >= 0.0f && ear_keep_ratio <= 1.0f, InvalidArgumentError,
                 "ear_keep_ratio must be in [0, 1], got ", ear_keep_ratio);
+  SAPATTN_CHECK(!ear_plus() || routing == Routing::ErrorAware, InvalidArgumentError,
+                "ear_spread, ear_pair_values, ear_head_budget and ear_split refine error-aware routing: they need "
+                "routing = ErrorAware");
+  SAPATTN_CHECK(!(ear_spread || ear_pair_values || ear_split) || compensate, InvalidArgumentError,
+                "ear_spread, ear_pair_values and ear_split change the compensation: they need compensate = true");
 }
 
 void Config::validate_for(int64_t seq_len, int64_t head_dim) const {

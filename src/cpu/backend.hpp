@@ -47,6 +47,19 @@ void select_error_aware(const TensorView& probs, const TensorView& budget_mask, 
 void centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
                            const TensorView& k_centroids, const TensorView& v_centroids, const TensorView& k_sizes,
                            float scale, TensorView out, TensorView lse, int threads);
+void ear_plus_probe(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& v_centroids,
+                    const TensorView& k, const TensorView& v, const TensorView& k_labels, const TensorView& q_sizes,
+                    const TensorView& k_sizes, float scale, float gamma, TensorView scores, TensorView spread,
+                    TensorView pair_values, int threads);
+void select_error_aware_per_head(const TensorView& probs, const TensorView& budget_mask, const TensorView& scores,
+                                 const TensorView& q_sizes, const TensorView& k_sizes, int guaranteed, TensorView mask,
+                                 int threads);
+void split_clusters(const TensorView& points, const TensorView& labels, const TensorView& centroids,
+                    TensorView sub_labels, TensorView sub_sizes, int threads);
+void corrected_centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
+                                     const TensorView& k_centroids, const TensorView& v_centroids,
+                                     const TensorView& k_sizes, const TensorView& spread, const TensorView& pair_values,
+                                     float scale, TensorView out, TensorView lse, int threads);
 
 void check_finite(const TensorView& x, const char* name, int threads);
 

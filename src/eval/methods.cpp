@@ -25,6 +25,8 @@ std::string_view method_name(Method m) {
       return "oracle";
     case Method::Ear:
       return "ear";
+    case Method::EarPlus:
+      return "ear-plus";
     case Method::Dense:
       return "dense";
   }
@@ -32,9 +34,20 @@ std::string_view method_name(Method m) {
 }
 
 Method parse_method(std::string_view name) {
-  for (Method m : {Method::Sap, Method::Blocks, Method::Oracle, Method::Ear, Method::Dense})
+  for (Method m : {Method::Sap, Method::Blocks, Method::Oracle, Method::Ear, Method::EarPlus, Method::Dense})
     if (name == method_name(m)) return m;
-  SAPATTN_THROW(InvalidArgumentError, "unknown method '", name, "' (choose sap, blocks, oracle, ear or dense)");
+  SAPATTN_THROW(InvalidArgumentError, "unknown method '", name,
+                "' (choose sap, blocks, oracle, ear, ear-plus or dense)");
+}
+
+Config use_ear_plus(Config config) {
+  config.routing = Routing::ErrorAware;
+  config.compensate = true;
+  // The ideas that won at equal density (docs/results.md, "ear-plus").
+  config.ear_spread = true;
+  config.ear_split = true;
+  config.ear_head_budget = true;
+  return config;
 }
 
 namespace {
@@ -166,7 +179,7 @@ std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const Te
   const Stream stream = Stream::cpu(threads);
   const AttentionShape shape = AttentionShape::of(q);
   const int64_t B = shape.batch, H = shape.heads, D = shape.head_dim;
-  Config base = config;
+  Config base = method == Method::EarPlus ? use_ear_plus(config) : config;
   if (method == Method::Ear) {
     base.routing = Routing::ErrorAware;
     base.compensate = true;

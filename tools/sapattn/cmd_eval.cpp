@@ -53,8 +53,12 @@ int run_eval(int argc, char** argv) {
       {"k", "FILE", "keys (.npy, or .safetensors with a tensor 'k')", ""},
       {"v", "FILE", "values (.npy, or .safetensors with a tensor 'v')", ""},
       {"layout", "L", "bhsd ([B,H,S,D]) or bshd ([B,S,H,D], diffusers)", "bhsd"},
-      {"method", "M[,M...]", "sap, blocks, oracle, ear (SVG-EAR, docs/ear.md) or dense", "sap"},
+      {"method", "M[,M...]", "sap, blocks, oracle, ear (SVG-EAR, docs/ear.md), ear-plus or dense", "sap"},
       {"compensate", "", "sap, blocks, oracle: skipped key clusters count through their centroids", ""},
+      {"ear-spread", "", "ear: compensation logits gain the key spread seen from the query centroid", ""},
+      {"ear-pair-values", "", "ear: compensation values weighted by attention from the query centroid", ""},
+      {"ear-head-budget", "", "ear: one area budget per head, pairs ranked by normalised error per area", ""},
+      {"ear-split", "", "ear: compensation through two sub-centroids per key cluster", ""},
       {"density", "D[,D...]",
        "instead of top-p: per head, the top-p whose selection computes this share of\n"
        "                               the video query-key pairs (EAR: its budget)",
@@ -80,7 +84,8 @@ int run_eval(int argc, char** argv) {
   const std::string vp = have_in ? args.get("in", "") : args.require("v");
   const bool bshd = args.get_choice("layout", "bhsd", {"bhsd", "bshd"}) == "bshd";
   std::vector<eval::Method> methods;
-  for (const std::string& name : args.get_choices("method", "sap", {"sap", "blocks", "oracle", "ear", "dense"}))
+  for (const std::string& name :
+       args.get_choices("method", "sap", {"sap", "blocks", "oracle", "ear", "ear-plus", "dense"}))
     methods.push_back(eval::parse_method(name));
   const bool json = args.flag("json");
   // The budgets of the sweep: densities when given, else top-p values.
@@ -104,6 +109,9 @@ int run_eval(int argc, char** argv) {
   config.text_tokens = text;
   config.prompt_length = args.get_int("prompt-length", 0, 0, text);
   config.compensate = args.flag("compensate");
+  // The ear-plus ideas one at a time, on top of ear (ear-plus turns its winners on itself).
+  const bool ear_spread = args.flag("ear-spread"), ear_pair_values = args.flag("ear-pair-values"),
+             ear_head_budget = args.flag("ear-head-budget"), ear_split = args.flag("ear-split");
   std::vector<eval::SweepPoint> points;
   for (double x : budgets)
     points.push_back(by_density ? eval::SweepPoint{config.top_p, static_cast<float>(x)}
@@ -125,11 +133,26 @@ int run_eval(int argc, char** argv) {
       continue;
     }
     std::string name(eval::method_name(method));
-    if (config.compensate && method != eval::Method::Ear) name += "+c";
+    const bool ear_like = method == eval::Method::Ear || method == eval::Method::EarPlus;
+    if (config.compensate && !ear_like) name += "+c";
+    Config method_config = config;
+    if (ear_like) {
+      method_config.routing = Routing::ErrorAware;
+      method_config.ear_spread = ear_spread;
+      method_config.ear_pair_values = ear_pair_values;
+      method_config.ear_head_budget = ear_head_budget;
+      method_config.ear_split = ear_split;
+      if (method == eval::Method::Ear) {
+        if (ear_spread) name += "+spread";
+        if (ear_pair_values) name += "+values";
+        if (ear_head_budget) name += "+head";
+        if (ear_split) name += "+split";
+      }
+    }
     std::vector<eval::MethodResult> results;
     {
       Progress progress(name, !json);
-      results = eval::run_sweep(method, q, k, v, config, points, &dense, threads);
+      results = eval::run_sweep(method, q, k, v, method_config, points, &dense, threads);
     }
     for (size_t i = 0; i < results.size(); ++i) {
       Config c = config;
