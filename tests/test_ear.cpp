@@ -133,6 +133,15 @@ struct RandomProbe {
   ProbeCase c;
   ref::HostTensor k, v;
   std::vector<int32_t> labels, k_sizes, q_sizes;
+  std::vector<double> qd, kd, vd, ck, cv;  // float64 copies of the query centroids, k, v and k, v centroids
+  int64_t D = 0;
+  const double* row(const std::vector<double>& x, int64_t r) const { return &x[static_cast<size_t>(r * D)]; }
+  // x . y, or sum |x_d y_d| with `magnitude`.
+  double dot(const double* x, const double* y, bool magnitude) const {
+    double sum = 0;
+    for (int64_t d = 0; d < D; ++d) sum += magnitude ? std::fabs(x[d] * y[d]) : x[d] * y[d];
+    return sum;
+  }
 };
 
 RandomProbe random_probe(ref::Rng& rng, DType dtype, int64_t B, int64_t H, int64_t N, int64_t Cq, int64_t Ck,
@@ -155,6 +164,12 @@ RandomProbe random_probe(ref::Rng& rng, DType dtype, int64_t B, int64_t H, int64
   c.vc = Tensor(DType::F32, {B, H, Ck, D});
   cluster_means(r.k.view, c.labels.view(), c.kc.view(), kStream);
   cluster_means(r.v.view, c.labels.view(), c.vc.view(), kStream);
+  r.qd = ref::to_vector(c.qc.view());
+  r.kd = ref::to_vector(r.k.view);
+  r.vd = ref::to_vector(r.v.view);
+  r.ck = ref::to_vector(c.kc.view());
+  r.cv = ref::to_vector(c.vc.view());
+  r.D = D;
   return r;
 }
 
@@ -170,19 +185,13 @@ TEST(EarProbe, MatchesFloat64Reference) {
     const ProbeCase& c = random.c;
     const ref::HostTensor &k = random.k, &v = random.v;
     const std::vector<int32_t>&labels = random.labels, &k_sizes = random.k_sizes, &q_sizes = random.q_sizes;
+    const std::vector<double>&qd = random.qd, &kd = random.kd, &vd = random.vd, &ck = random.ck, &cv = random.cv;
+    const auto row = [&](const std::vector<double>& x, int64_t r) { return random.row(x, r); };
+    const auto dot = [&](const double* x, const double* y, bool magnitude) { return random.dot(x, y, magnitude); };
     for (const double gamma : {1.0, 0.5}) {
       const std::vector<double> got = ref::to_vector(probe(c, k.view, v.view, scale, gamma).view());
       const std::vector<double> want =
           ref::ear_probe(c.qc.view(), c.kc.view(), c.vc.view(), k.view, v.view, labels, q_sizes, k_sizes, scale, gamma);
-      const std::vector<double> qd = ref::to_vector(c.qc.view()), kd = ref::to_vector(k.view);
-      const std::vector<double> vd = ref::to_vector(v.view), ck = ref::to_vector(c.kc.view());
-      const std::vector<double> cv = ref::to_vector(c.vc.view());
-      const auto row = [&](const std::vector<double>& x, int64_t r) { return &x[static_cast<size_t>(r * D)]; };
-      const auto dot = [&](const double* x, const double* y, bool magnitude) {
-        double sum = 0;
-        for (int64_t d = 0; d < D; ++d) sum += magnitude ? std::fabs(x[d] * y[d]) : x[d] * y[d];
-        return sum;
-      };
       for (int64_t bh = 0; bh < B * H; ++bh)
         for (int64_t a = 0; a < Cq; ++a)
           for (int64_t j = 0; j < Ck; ++j) {
@@ -585,16 +594,10 @@ TEST(EarPlusProbe, MatchesFloat64Reference) {
     const ProbeCase& c = random.c;
     const ref::HostTensor &k = random.k, &v = random.v;
     const std::vector<int32_t>&labels = random.labels, &k_sizes = random.k_sizes, &q_sizes = random.q_sizes;
-    const std::vector<double> qd = ref::to_vector(c.qc.view()), kd = ref::to_vector(k.view);
-    const std::vector<double> vd = ref::to_vector(v.view), ck = ref::to_vector(c.kc.view());
-    const std::vector<double> cv = ref::to_vector(c.vc.view());
+    const std::vector<double>&qd = random.qd, &kd = random.kd, &vd = random.vd, &ck = random.ck, &cv = random.cv;
+    const auto row = [&](const std::vector<double>& x, int64_t r) { return random.row(x, r); };
+    const auto dot = [&](const double* x, const double* y, bool magnitude) { return random.dot(x, y, magnitude); };
     const double max_v = max_abs(vd);
-    const auto row = [&](const std::vector<double>& x, int64_t r) { return &x[static_cast<size_t>(r * D)]; };
-    const auto dot = [&](const double* x, const double* y, bool magnitude) {
-      double sum = 0;
-      for (int64_t d = 0; d < D; ++d) sum += magnitude ? std::fabs(x[d] * y[d]) : x[d] * y[d];
-      return sum;
-    };
     for (const double gamma : {1.0, 0.5}) {
       const PlusProbe got = plus_probe(c, k.view, v.view, static_cast<float>(scale), static_cast<float>(gamma));
       const std::vector<double> scores = ref::to_vector(got.scores.view()), spread = ref::to_vector(got.spread.view());
