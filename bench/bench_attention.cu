@@ -67,6 +67,7 @@ struct Options {
   int threads = 0;     // generator threads, 0 = all
   bool cpu = false;    // run on the CPU backend (harness smoke test)
   bool order = true;   // order_clusters on the key clusters after k-means ("--order chain"; "none": k-means numbering)
+  std::vector<std::string> variants{"unfused", "fused_qk", "fused_q", "unfused_e2e"};  // --variants
 };
 
 // One JSON object, built field by field and printed as one line.
@@ -401,6 +402,9 @@ void bench_shape(const ShapeSpec& spec, const Options& opt) {
   };
   auto report = [&](const char* variant, const std::string& kernel, const std::string& layout_tag, double target,
                     double density, double pairs, const std::function<void()>& call) {
+    const std::string v = variant;
+    if (v != "dense" && std::find(opt.variants.begin(), opt.variants.end(), v) == opt.variants.end())
+      return;
     JsonLine j;
     j.str("shape", name).str("impl", "sapattn").str("variant", variant).str("kernel", kernel);
     try {
@@ -609,6 +613,7 @@ int usage(const char* argv0) {
                "usage: %s [--shape wan13b|wan14b|hunyuan|all[,...]] [--densities 0.05,0.1,...] [--out DIR]\n"
                "          [--iters N] [--warmup N] [--kernels auto,cpasync,tma,sm80] [--seed N] [--cq N] [--ck N] [--threads N]\n"
                "          [--order chain|none]   (key clusters renumbered by order_clusters, the default, or as k-means left them)\n"
+               "          [--variants unfused,fused_qk,fused_q,unfused_e2e]   (the sparse calls to time; default all)\n"
                "          [--cpu]   (CPU backend, for a smoke test on --shape tiny or tiny-text)\n",
                argv0);
   return 2;
@@ -642,6 +647,8 @@ int main(int argc, char** argv) {
       opt.order = val == "chain";
     } else if (a == "--kernels") {
       opt.kernels = split(val);
+    } else if (a == "--variants") {
+      opt.variants = split(val);
     } else if (a == "--seed") {
       opt.seed = std::strtoull(val.c_str(), nullptr, 10);
     } else if (a == "--cq") {

@@ -19,7 +19,8 @@
 # Without them the peers report flashinfer as unavailable and the rest runs.
 #
 # Environment: DENSITIES (0.05,0.1,0.15,0.2,0.3,0.4), ITERS (10), KERNELS (auto,sm80), ORDER (chain: key
-# clusters renumbered by order_clusters; none: as k-means left them), PEER_IMPLS
+# clusters renumbered by order_clusters; none: as k-means left them), VARIANTS (sparse calls to time, default
+# unfused,fused_qk,fused_q,unfused_e2e), PEER_IMPLS
 # (sdpa_cudnn,sdpa_flash,flex,flashinfer_fa2,flashinfer_fa3), BENCH_TIMEOUT / PEERS_TIMEOUT (seconds
 # per shape, 240 / 300), LAYOUTS (where layouts go, /tmp/sapattn-layouts; they can be large).
 set -uo pipefail
@@ -97,7 +98,7 @@ for s in "${shapes[@]}"; do
   rm -rf "${layouts:?}/$full"
   start=$(date +%s)
   timeout "${BENCH_TIMEOUT:-240}" "$exe" --shape "$full" --densities "$densities" --out "$layouts" --iters "$iters" \
-    --kernels "$kernels" --order "${ORDER:-chain}" >>"$out/attention.jsonl" 2>>"$out/attention.err"
+    --kernels "$kernels" --order "${ORDER:-chain}" ${VARIANTS:+--variants "$VARIANTS"} >>"$out/attention.jsonl" 2>>"$out/attention.err"
   rc=$?
   [ $rc -ne 0 ] && rc_bench=$rc
   echo "$full: sapattn_bench_attention exit $rc after $(($(date +%s) - start)) s"
