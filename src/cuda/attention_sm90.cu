@@ -8,8 +8,8 @@
 // tile is a gather; 16-byte cp.async per row chunk, completion tied to the stage's "full" mbarrier
 // with cp.async.mbarrier.arrive.noinc, as CUTLASS's cp.async GMMA mainloops do. TMA: where rows are
 // not permuted, boxes from tensor maps; in the dense mode a tile is one box per 64 columns (faster
-// than the gather, docs/attention.md), in the sparse mode slots of rows per kept cluster (slower:
-// the gather stays the default there).
+// than the gather, docs/attention.md), in the sparse mode 16-row slots per run of kept clusters,
+// loaded as boxes of 16 to 128 rows (still slower than the gather there: docs/attention.md).
 //
 // Per key tile a consumer warpgroup computes S = Q K^T (SS wgmma, both operands in swizzled shared
 // memory), the online softmax in fp32 on the accumulator fragment, converts P to 16 bits in
@@ -49,6 +49,7 @@ constexpr int kThreads = 384;      // warpgroup 0 loads, warpgroups 1 and 2 comp
 constexpr int kProducerRegs = 56;  // 128 x 56 + 256 x 224 = the 384 x 168 the launch holds
 constexpr int kConsumerRegs = 224;
 constexpr int kTurnBarrier = 2;  // named barriers 2 and 3: the consumer warpgroups' turns to issue MMAs
+constexpr int kBoxHeights = 4;   // TMA: K and V boxes of 16, 32, 64 and 128 rows (one tensor map each)
 
 template <typename Element, int kHeadDim>
 struct Traits {
@@ -57,10 +58,11 @@ struct Traits {
   static constexpr int kBlockN = 128;                     // keys per tile
   static constexpr int kStages = kHeadDim == 64 ? 6 : 3;  // as deep as 227 KB of shared memory allows
   static constexpr int kChunksPerRow = kHeadDim / 8;      // 16-byte chunks
-  static constexpr int kSlotRows = 16;                    // TMA: rows per box in the sparse mode
-  static constexpr int kSlots = kBlockN / kSlotRows;      // TMA: boxes per key tile and column block
+  static constexpr int kSlotRows = 16;                    // TMA: rows per slot in the sparse mode
+  static constexpr int kSlots = kBlockN / kSlotRows;      // TMA: slots per key tile
   static constexpr int kCountWords = (kSlots + 3) / 4;    // TMA: slot key counts, one byte each
   static constexpr int kColBlocks = kHeadDim / 64;        // TMA: 128-byte-wide boxes per row
+  static_assert(kSlotRows * (1 << (kBoxHeights - 1)) == kBlockN, "the tallest box is a whole key tile");
 
   using SmemAtom = decltype(GMMA::Layout_K_SW128_Atom<T>{});
   using LayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
@@ -79,10 +81,10 @@ struct Traits {
     array_aligned<T, cosize_v<LayoutK>, 1024> v;
     uint64_t q_full, q_empty;
     uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
-    // TMA loads only: each key tile is 16 slots of 8 rows; slot_count[stage][j] of slot j's rows are
-    // keys (the rest are masked), and item_blocks is the current item's number of key tiles.
+    // TMA loads only: each key tile is kSlots slots of kSlotRows rows; slot_count[stage][j] of slot
+    // j's rows are keys (the rest are masked), and item_blocks is the current item's number of key
+    // tiles.
     uint32_t slot_count[kStages][kCountWords];  // per slot: how many of its rows are keys
-    int32_t slot_row[kSlots];                  // the producer warp's scratch: each slot's first row
     int32_t item_blocks;
   };
 };
@@ -247,63 +249,64 @@ __device__ void producer(const Params& p, typename Tr::Smem& s, int num_items, i
 // ---------------------------------------------------------------------------------------------
 
 // The tensor maps of q, k, v as 4-D tensors (D, S, H, B) with 128-byte swizzle: Q boxes are 64 rows
-// x 64 columns, K and V boxes 8 rows x 64 columns. A kernel parameter: TMA reads it from there.
+// x 64 columns, K and V boxes kSlotRows << j rows x 64 columns in map j. A kernel parameter: TMA
+// reads it from there.
 struct TmaMaps {
-  CUtensorMap q, k, v;
+  CUtensorMap q, k[kBoxHeights], v[kBoxHeights];
+  uint64_t q_policy, kv_policy;  // L2 cache hints of the Q and the K/V loads (SAPATTN_SM90_L2HINT)
 };
 
+// The L2 eviction priorities TMA loads can carry (createpolicy encodings, as CUTLASS's CacheHintSm90).
+constexpr uint64_t kEvictNormal = 0x1000000000000000ull;
+constexpr uint64_t kEvictFirst = 0x12F0000000000000ull;
+constexpr uint64_t kEvictLast = 0x14F0000000000000ull;
+
 __device__ __forceinline__ void tma_load(const CUtensorMap& map, uint64_t* bar, void* smem, int32_t col, int32_t row,
-                                         int32_t head, int32_t batch) {
+                                         int32_t head, int32_t batch, uint64_t policy) {
   asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
-      "[%6];\n" ::"r"(cast_smem_ptr_to_uint(smem)),
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6], %7;\n" ::"r"(cast_smem_ptr_to_uint(smem)),
       "l"(reinterpret_cast<uint64_t>(&map)), "r"(col), "r"(row), "r"(head), "r"(batch),
-      "r"(cast_smem_ptr_to_uint(bar))
+      "r"(cast_smem_ptr_to_uint(bar)), "l"(policy)
       : "memory");
 }
 
-// Walks an item's kept key clusters as slots of kRows rows: a cluster of L rows takes
-// ceil(L / kRows) slots, the last one partly masked. The cursor only moves forward.
+// The slots of an item's keys: each segment (a run of kept clusters with contiguous rows) of L keys
+// takes ceil(L / kRows) slots of kRows rows, the last one partly masked. Every lane of the producer
+// warp follows the slots of its own position in the tile with a cursor that only moves forward; it
+// counts the slots of the segments it passes, so the plan needs no slot prefix.
 template <int kRows>
-struct SlotCursor {
+struct LaneSlots {
   const Segment* segments;
-  int32_t num_segments, seg = 0, row = 0, left = 0;  // the current cluster's next row and its rows left
-  __device__ SlotCursor(const Item& it) : segments(it.segments), num_segments(it.num_segments) {
-    if (segments == nullptr) {  // dense: one cluster of all keys
-      left = it.keys;
-      num_segments = 0;
-    } else {
-      advance_cluster(0);
-    }
-  }
-  // Moves to the cluster that starts at virtual key `begin` (the plan lists non-empty clusters only;
-  // an empty one would take no slot in count_slots either, so it is stepped over).
-  __device__ void advance_cluster(int32_t begin) {
-    left = 0;
-    for (; seg < num_segments; ++seg) {
+  int32_t num_segments;
+  int32_t seg = -1, slot_begin = 0, slot_end = 0;  // the current segment and its slots [begin, end)
+  int32_t row = 0, len = 0, cum = 0;               // its first key row, its keys, its end in the virtual keys
+  __device__ explicit LaneSlots(const Item& it) : segments(it.segments), num_segments(it.num_segments) {}
+  // Slot `slot`: its first key row, how many of its rows are keys, and its segment (num_segments past
+  // the last one, where the slot reads zeros and is masked).
+  __device__ void at(int32_t slot, int32_t& slot_row, int32_t& count, int32_t& slot_seg) {
+    while (seg < num_segments && slot >= slot_end) {
+      if (++seg == num_segments) break;
       const Segment sg = segments[seg];
-      if (sg.cum_end > begin) {
-        row = begin + sg.delta;
-        left = sg.cum_end - begin;
-        return;
-      }
+      len = sg.cum_end - cum;
+      row = cum + sg.delta;
+      cum = sg.cum_end;
+      slot_begin = slot_end;
+      slot_end += (len + kRows - 1) / kRows;
     }
-  }
-  // The next slot: its first key row and how many of its rows are keys (0 past the last cluster).
-  __device__ void next(int32_t& slot_row, int32_t& count) {
-    slot_row = left > 0 ? row : -kRows;  // a box wholly outside the tensor reads zeros
-    count = max(0, min(left, kRows));
-    row += kRows;
-    left -= kRows;
-    if (left <= 0 && seg < num_segments) {
-      const int32_t end = segments[seg].cum_end;
-      ++seg;
-      advance_cluster(end);
+    slot_seg = seg;
+    if (seg >= num_segments) {
+      slot_row = -kRows;  // a box wholly outside the tensor reads zeros
+      count = 0;
+      return;
     }
+    const int32_t local = (slot - slot_begin) * kRows;
+    slot_row = row + local;
+    count = min(kRows, len - local);
   }
 };
 
-// Slots of an item: the sum over its clusters of ceil(rows / kRows), summed across the warp.
+// Slots of an item: the sum over its segments of ceil(keys / kRows), summed across the warp.
 template <int kRows>
 __device__ __forceinline__ int32_t count_slots(const Item& it, int lane) {
   if (it.segments == nullptr) return (it.keys + kRows - 1) / kRows;
@@ -317,9 +320,31 @@ __device__ __forceinline__ int32_t count_slots(const Item& it, int lane) {
   return slots;
 }
 
-// One warp loads: lane 0 signs each stage up for its bytes and computes the tile's slots; lane j
-// (< kSlots * kColBlocks) issues slot j % kSlots of column block j / kSlots, for K and then V. In the
-// dense mode a key tile is one kBlockN-row box per column block.
+// The TMA box that slot j (= lane % kSlots) of a sparse key tile begins, found by the whole warp at
+// once. Consecutive slots of one segment form a stretch (every slot but a segment's last is full),
+// cut into boxes of 8, 4, 2 and 1 slots, largest first: the slot at offset o of a stretch of L slots
+// begins a box iff o is L with some low bits cleared, and that box spans the largest power of two
+// <= L - o. Slots past the item's last key are stretches of their own. Lanes j, j + kSlots, ... see
+// the same slots (one column block each). Returns whether this lane's slot begins a box, and its
+// height as log2(slots).
+template <int kSlots>
+__device__ __forceinline__ bool box_at(int32_t slot_seg, int32_t num_segments, int lane, int& lg) {
+  static_assert(kSlots <= 8 && (kSlots & (kSlots - 1)) == 0);
+  const int j = lane % kSlots;
+  const int32_t prev_seg = __shfl_up_sync(0xffffffff, slot_seg, 1, kSlots);
+  const bool starts = j == 0 || slot_seg != prev_seg || slot_seg >= num_segments;
+  const uint32_t group = (__ballot_sync(0xffffffff, starts) >> (lane - j)) & ((1u << kSlots) - 1);
+  const int a = 31 - __clz(group & ((2u << j) - 1));  // this stretch's first slot
+  const uint32_t later = group & ~((2u << j) - 1);
+  const int b = later != 0 ? __ffs(later) - 1 : kSlots;  // the next stretch's first slot
+  const int length = b - a, o = j - a;
+  lg = 31 - __clz(length - o);
+  return o == 0 || ((o & ~length) == 0 && (length ^ o) < (o & -o));
+}
+
+// One warp loads: lane 0 signs each stage up for its bytes; in the sparse mode every lane finds the
+// box its slot begins (box_at) and lane c * kSlots + j issues the box at slot j of column block c,
+// for K and then V. In the dense mode a key tile is one kBlockN-row box per column block.
 template <class Tr>
 __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::Smem& s, int num_items, int q_tiles) {
   using T = typename Tr::T;
@@ -328,12 +353,12 @@ __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::
   constexpr int kAtomElems = 8 * 64;  // one 8 x 64 swizzle atom
   const int lane = threadIdx.x % 32;
   const int slot = lane % Tr::kSlots, col_block = lane / Tr::kSlots;
-  const bool issues = lane < Tr::kSlots * Tr::kColBlocks;
   int tile_count = 0, item_count = 0;
   for (int index = blockIdx.x; index < num_items; index += gridDim.x, ++item_count) {
     const Item it = load_item(p, index, q_tiles);
     const int b = it.bh / p.heads, h = it.bh % p.heads;
     const int n_blocks = (count_slots<Tr::kSlotRows>(it, lane) + Tr::kSlots - 1) / Tr::kSlots;
+    LaneSlots<Tr::kSlotRows> slots(it);
 
     // Q: 64-row boxes (rows past the item's end are computed and never stored).
     Barrier::wait(&s.q_empty, (item_count & 1) ^ 1);
@@ -345,57 +370,48 @@ __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::
     if (lane < 2 * Tr::kColBlocks) {
       const int half = lane % 2, cb = lane / 2;
       T* dst = s.q.data() + (half * 8 + cb * (Tr::kBlockM / 8)) * kAtomElems;
-      tma_load(maps.q, &s.q_full, dst, cb * 64, it.q_begin + 64 * half, h, b);
+      tma_load(maps.q, &s.q_full, dst, cb * 64, it.q_begin + 64 * half, h, b, maps.q_policy);
     }
 
-    SlotCursor<Tr::kSlotRows> cursor(it);
     for (int n = 0; n < n_blocks; ++n, ++tile_count) {
       const int stage = tile_count % Tr::kStages;
       const int phase = (tile_count / Tr::kStages) & 1;
-      T* k_stage = s.k.data() + stage * Tr::kBlockN * Tr::kChunksPerRow * 8;
-      T* v_stage = s.v.data() + stage * Tr::kBlockN * Tr::kChunksPerRow * 8;
-      if (p.dense) {  // one kBlockN-row box per column block; the consumers mask by the key count
-        Barrier::wait(&s.k_empty[stage], phase ^ 1);
-        if (lane == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.k_full[stage], kTileBytes);
-        __syncwarp();
-        if (lane < Tr::kColBlocks)
-          tma_load(maps.k, &s.k_full[stage], k_stage + lane * (Tr::kBlockN / 8) * kAtomElems, lane * 64,
-                   n * Tr::kBlockN, h, b);
-        Barrier::wait(&s.v_empty[stage], phase ^ 1);
-        if (lane == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.v_full[stage], kTileBytes);
-        __syncwarp();
-        if (lane < Tr::kColBlocks)
-          tma_load(maps.v, &s.v_full[stage], v_stage + lane * (Tr::kBlockN / 8) * kAtomElems, lane * 64,
-                   n * Tr::kBlockN, h, b);
-        continue;
-      }
-      // Lane 0 walks the tile's slots and leaves their rows in shared memory for the issuing lanes.
+      // This lane's box: where it starts in the tile (in slots), its first row and its map. Dense:
+      // one whole-tile box per column block.
+      int at = 0, map = kBoxHeights - 1;
+      int32_t row = n * Tr::kBlockN;
+      bool issues = slot == 0 && col_block < Tr::kColBlocks;
       uint32_t counts[Tr::kCountWords] = {};
-      if (lane == 0) {
+      if (!p.dense) {
+        int32_t count, seg;
+        slots.at(n * Tr::kSlots + slot, row, count, seg);
+        issues = box_at<Tr::kSlots>(seg, it.num_segments, lane, map) && col_block < Tr::kColBlocks;
+        at = slot;
+        // Slot j's count goes to byte j % 4 of word j / 4 (lanes of column block 0 hold every slot).
 #pragma unroll
-        for (int j = 0; j < Tr::kSlots; ++j) {
-          int32_t r, c;
-          cursor.next(r, c);
-          counts[j / 4] |= static_cast<uint32_t>(c) << (8 * (j % 4));
-          s.slot_row[j] = r;
+        for (int w = 0; w < Tr::kCountWords; ++w) {
+          const bool mine = col_block == 0 && slot / 4 == w;
+          counts[w] = __reduce_or_sync(0xffffffff, mine ? static_cast<uint32_t>(count) << (8 * (slot % 4)) : 0u);
         }
       }
+      // Slot j is rows [j kSlotRows, (j + 1) kSlotRows) of the tile: kSlotRows / 8 swizzle atoms.
+      const int atom = at * (Tr::kSlotRows / 8) + col_block * (Tr::kBlockN / 8);
+      T* k_dst = s.k.data() + stage * Tr::kBlockN * Tr::kChunksPerRow * 8 + atom * kAtomElems;
+      T* v_dst = s.v.data() + stage * Tr::kBlockN * Tr::kChunksPerRow * 8 + atom * kAtomElems;
       Barrier::wait(&s.k_empty[stage], phase ^ 1);
       if (lane == 0) {
+        if (!p.dense) {
 #pragma unroll
-        for (int j = 0; j < Tr::kCountWords; ++j) s.slot_count[stage][j] = counts[j];
+          for (int w = 0; w < Tr::kCountWords; ++w) s.slot_count[stage][w] = counts[w];
+        }
         cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.k_full[stage], kTileBytes);
       }
-      __syncwarp();
-      const int32_t row = s.slot_row[slot];
-      // Slot j is rows [j kSlotRows, (j + 1) kSlotRows) of the tile: kSlotRows / 8 swizzle atoms.
-      const int atom = slot * (Tr::kSlotRows / 8) + col_block * (Tr::kBlockN / 8);
-      if (issues) tma_load(maps.k, &s.k_full[stage], k_stage + atom * kAtomElems, col_block * 64, row, h, b);
+      __syncwarp();  // the expected bytes are set before any copy of the stage is issued
+      if (issues) tma_load(maps.k[map], &s.k_full[stage], k_dst, col_block * 64, row, h, b, maps.kv_policy);
       Barrier::wait(&s.v_empty[stage], phase ^ 1);
       if (lane == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.v_full[stage], kTileBytes);
       __syncwarp();
-      if (issues) tma_load(maps.v, &s.v_full[stage], v_stage + atom * kAtomElems, col_block * 64, row, h, b);
-      __syncwarp();  // every lane has read its row before lane 0 writes the next tile's
+      if (issues) tma_load(maps.v[map], &s.v_full[stage], v_dst, col_block * 64, row, h, b, maps.kv_policy);
     }
   }
 }
@@ -704,7 +720,8 @@ bool encode_map(CUtensorMap& map, const void* base, int seq, const Params& p, co
 // Which loads run. TMA needs rows in cluster order (no permutation to read through). Measured on an
 // H100 at Wan 14B 720p (docs/attention.md): in the dense mode one 128-row box per column block takes
 // the kernel from 507 to 609 TFLOP/s; in the sparse mode boxes of 8 or 16 rows (one cluster per slot)
-// reach 223 and 308 against the cp.async gather's 347, so the sparse mode keeps the gather.
+// reach 223 and 308 against the cp.async gather's 347, and boxes of 16-128 rows over runs of kept
+// clusters (order_clusters) 299 against 340, so the sparse mode keeps the gather.
 // SAPATTN_SM90_LOAD overrides: "cpasync" everywhere, "tma" wherever rows are unpermuted, "" or "auto"
 // as measured.
 bool use_tma(const Params& p) {
@@ -716,14 +733,28 @@ bool use_tma(const Params& p) {
   SAPATTN_THROW(InvalidArgumentError, "SAPATTN_SM90_LOAD is '", env, "'; expected auto, cpasync or tma");
 }
 
+// SAPATTN_SM90_L2HINT=1: the TMA loads ask L2 to evict Q first and keep K and V (each Q tile is read
+// once, each K/V tile by every item of its head); unset or 0: no preference. An experiment of issue
+// 12 (the dense TMA mode reads 241 GB from DRAM where the gather reads 9 GB, docs/attention.md).
+void l2_policies(TmaMaps& maps) {
+  const char* env = std::getenv("SAPATTN_SM90_L2HINT");
+  const bool hint = env != nullptr && std::strcmp(env, "1") == 0;
+  SAPATTN_CHECK(env == nullptr || env[0] == '\0' || hint || std::strcmp(env, "0") == 0, InvalidArgumentError,
+                "SAPATTN_SM90_L2HINT is '", env, "'; expected 0 or 1");
+  maps.q_policy = hint ? kEvictFirst : kEvictNormal;
+  maps.kv_policy = hint ? kEvictLast : kEvictNormal;
+}
+
 template <typename T, int kHeadDim>
 void launch(const Params& p, cudaStream_t stream) {
   using Tr = Traits<T, kHeadDim>;
   static_assert(sizeof(typename Tr::Smem) <= 227 * 1024, "more shared memory than an H100 SM gives a block");
   TmaMaps maps{};
-  const bool tma = use_tma(p) && encode_map<T>(maps.q, p.q, p.seq_q, p, p.q_stride, 64) &&
-                   encode_map<T>(maps.k, p.k, p.seq_k, p, p.k_stride, p.dense ? Tr::kBlockN : Tr::kSlotRows) &&
-                   encode_map<T>(maps.v, p.v, p.seq_k, p, p.v_stride, p.dense ? Tr::kBlockN : Tr::kSlotRows);
+  l2_policies(maps);
+  bool tma = use_tma(p) && encode_map<T>(maps.q, p.q, p.seq_q, p, p.q_stride, 64);
+  for (int j = 0; j < kBoxHeights && tma; ++j)
+    tma = encode_map<T>(maps.k[j], p.k, p.seq_k, p, p.k_stride, Tr::kSlotRows << j) &&
+          encode_map<T>(maps.v[j], p.v, p.seq_k, p, p.v_stride, Tr::kSlotRows << j);
   const int smem = static_cast<int>(sizeof(typename Tr::Smem));
   auto* kernel = tma ? attention_kernel<Tr, true> : attention_kernel<Tr, false>;
   set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
