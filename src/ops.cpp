@@ -180,8 +180,9 @@ DeviceType backend(const Stream& stream, const Views&... views) {
                 "configure with -DSAPATTN_CUDA=ON where nvcc is installed)");
 }
 
-// The ops of SVG-EAR and the density budget run on the CPU only so far: a CUDA stream (or
-// tensor) gets UnsupportedError.
+// The ear-plus ops (ear_plus_probe, select_error_aware_per_head, split_clusters,
+// corrected_centroid_compensation) run on the CPU only so far: a CUDA stream (or tensor) gets
+// UnsupportedError, in a CUDA build too.
 template <typename... Views>
 void expect_cpu_backend(const char* op, const Stream& stream, const Views&... views) {
   SAPATTN_CHECK(backend(stream, views...) == DeviceType::CPU, UnsupportedError, op,
@@ -316,7 +317,7 @@ void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView
 }
 
 void select_top_p_at_density(const TensorView& probs, const TensorView& q_sizes, const TensorView& k_sizes,
-                             float density, int min_kept, TensorView mask, const Stream& stream) {
+                             float density, int min_kept, TensorView mask, const Stream& stream, Workspace workspace) {
   SAPATTN_CHECK(std::isfinite(density) && density > 0.0f && density <= 1.0f, InvalidArgumentError,
                 "density must be in (0, 1], got ", density);
   SAPATTN_CHECK(min_kept >= 0, InvalidArgumentError, "min_kept must be >= 0, got ", min_kept);
@@ -325,7 +326,9 @@ void select_top_p_at_density(const TensorView& probs, const TensorView& q_sizes,
   check_pair_matrix(probs, B, H, R, C, "probs");
   check_mask(mask, B, H, R, C);
   check_cluster_sizes(q_sizes, k_sizes, B, H, R, C);
-  expect_cpu_backend("select_top_p_at_density", stream, probs, q_sizes, k_sizes, mask);
+  if (backend(stream, probs, q_sizes, k_sizes, mask) == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(
+        select_top_p_at_density(probs, q_sizes, k_sizes, density, min_kept, mask, stream, workspace));
   cpu::select_top_p_at_density(probs, q_sizes, k_sizes, density, min_kept, mask, cpu_threads(stream));
 }
 
@@ -501,10 +504,20 @@ void dense_attention(const TensorView& q, const TensorView& k, const TensorView&
   cpu::dense_attention(q, k, v, scale, out, lse, cpu_threads(stream));
 }
 
-void cluster_means(const TensorView& points, const TensorView& labels, TensorView means, const Stream& stream) {
+size_t ear_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_clusters, int64_t k_clusters, int64_t dim,
+                           Device device) {
+  SAPATTN_CHECK(batch_heads >= 0 && tokens >= 0 && q_clusters >= 0 && k_clusters >= 0 && dim >= 0, InvalidArgumentError,
+                "ear_workspace_bytes: negative size");
+  if (device.type == DeviceType::CPU) return 0;  // the CPU backend needs no scratch
+  return SAPATTN_ON_CUDA(ear_workspace_bytes(batch_heads, tokens, q_clusters, k_clusters, dim));
+}
+
+void cluster_means(const TensorView& points, const TensorView& labels, TensorView means, const Stream& stream,
+                   Workspace workspace) {
   check_points_centroids(points, means);
   check_labels(labels, points);
-  expect_cpu_backend("cluster_means", stream, points, labels, means);
+  if (backend(stream, points, labels, means) == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(cluster_means(points, labels, means, stream, workspace));
   cpu::cluster_means(points, labels, means, cpu_threads(stream));
 }
 
@@ -513,7 +526,8 @@ void centroid_probs(const TensorView& q_centroids, const TensorView& k_centroids
   check_centroid_scores(q_centroids, k_centroids, k_sizes, scale);
   check_pair_matrix(probs, q_centroids.shape[0], q_centroids.shape[1], q_centroids.shape[2], k_centroids.shape[2],
                     "probs");
-  expect_cpu_backend("centroid_probs", stream, q_centroids, k_centroids, k_sizes, probs);
+  if (backend(stream, q_centroids, k_centroids, k_sizes, probs) == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(centroid_probs(q_centroids, k_centroids, k_sizes, scale, probs, stream));
   cpu::centroid_probs(q_centroids, k_centroids, k_sizes, scale, probs, cpu_threads(stream));
 }
 
@@ -528,6 +542,7 @@ void check_probe(const TensorView& q_centroids, const TensorView& k_centroids, c
                 gamma);
   check_points_centroids(k, k_centroids);
   check_points_centroids(v, v_centroids);
+  expect_extent(v_centroids, 2, k_centroids.shape[2], "v_centroids", "clusters of k_centroids");
   for (int d = 0; d < 4; ++d) expect_extent(v, d, k.shape[d], "v", "the extent of k");
   check_labels(k_labels, k);
   check_sizes(q_sizes, q_centroids);
@@ -539,10 +554,13 @@ void check_probe(const TensorView& q_centroids, const TensorView& k_centroids, c
 
 void ear_probe(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& v_centroids,
                const TensorView& k, const TensorView& v, const TensorView& k_labels, const TensorView& q_sizes,
-               const TensorView& k_sizes, float scale, float gamma, TensorView scores, const Stream& stream) {
+               const TensorView& k_sizes, float scale, float gamma, TensorView scores, const Stream& stream,
+               Workspace workspace) {
   check_probe(q_centroids, k_centroids, v_centroids, k, v, k_labels, q_sizes, k_sizes, scale, gamma, scores);
-  expect_cpu_backend("ear_probe", stream, q_centroids, k_centroids, v_centroids, k, v, k_labels, q_sizes, k_sizes,
-                     scores);
+  if (backend(stream, q_centroids, k_centroids, v_centroids, k, v, k_labels, q_sizes, k_sizes, scores) ==
+      DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(ear_probe(q_centroids, k_centroids, v_centroids, k, v, k_labels, q_sizes, k_sizes, scale,
+                                     gamma, scores, stream, workspace));
   cpu::ear_probe(q_centroids, k_centroids, v_centroids, k, v, k_labels, q_sizes, k_sizes, scale, gamma, scores,
                  cpu_threads(stream));
 }
@@ -568,7 +586,8 @@ void select_error_aware(const TensorView& probs, const TensorView& budget_mask, 
                         const TensorView& q_sizes, const TensorView& k_sizes, int guaranteed, TensorView mask,
                         const Stream& stream) {
   check_routing(probs, budget_mask, scores, q_sizes, k_sizes, guaranteed, mask);
-  expect_cpu_backend("select_error_aware", stream, probs, budget_mask, scores, q_sizes, k_sizes, mask);
+  if (backend(stream, probs, budget_mask, scores, q_sizes, k_sizes, mask) == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(select_error_aware(probs, budget_mask, scores, q_sizes, k_sizes, guaranteed, mask, stream));
   cpu::select_error_aware(probs, budget_mask, scores, q_sizes, k_sizes, guaranteed, mask, cpu_threads(stream));
 }
 
@@ -620,7 +639,9 @@ void centroid_compensation(const TensorView& q, const TensorView& q_labels, cons
                            const TensorView& k_centroids, const TensorView& v_centroids, const TensorView& k_sizes,
                            float scale, TensorView out, TensorView lse, const Stream& stream) {
   check_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse);
-  expect_cpu_backend("centroid_compensation", stream, q, q_labels, mask, k_centroids, v_centroids, k_sizes, out, lse);
+  if (backend(stream, q, q_labels, mask, k_centroids, v_centroids, k_sizes, out, lse) == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(
+        centroid_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse, stream));
   cpu::centroid_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse,
                              cpu_threads(stream));
 }

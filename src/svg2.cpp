@@ -57,7 +57,10 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
       std::max({kmeans_workspace_bytes(B * H, b.video_tokens, config.q_clusters, D, device),
                 kmeans_workspace_bytes(B * H, b.video_tokens, config.k_clusters, D, device),
                 cluster_permutation_workspace_bytes(B * H, S, std::max(b.q_clusters, b.k_clusters), device),
-                block_sparse_attention_workspace_bytes(B * H, b.q_clusters, b.k_clusters, S, device)});
+                block_sparse_attention_workspace_bytes(B * H, b.q_clusters, b.k_clusters, S, device),
+                error_aware || config.compensate || config.density > 0.0f
+                    ? ear_workspace_bytes(B * H, b.video_tokens, Cq, Ck, D, device)
+                    : size_t{0}});
   b.op_scratch = Workspace{c.take_bytes(scratch), scratch};
   if (buffers != nullptr) *buffers = b;
   return c.used();
@@ -78,12 +81,11 @@ AttentionShape check_inputs(const TensorView& q, const TensorView& k, const Tens
                 q.describe(), ", ", k.describe(), ", ", v.describe());
   SAPATTN_CHECK(shape.batch >= 1 && shape.heads >= 1, ShapeError, "q must have B, H >= 1, got ", q.describe());
   config.validate_for(shape.seq, shape.head_dim);
-  // Refused before the call touches any state (the ops would throw only after the k-means ran).
-  SAPATTN_CHECK(stream.device.type == DeviceType::CPU ||
-                    (config.routing == Routing::TopP && !config.compensate && config.density == 0.0f),
-                UnsupportedError,
-                "error-aware routing, compensation and the density budget run on the CPU only so far "
-                "(docs/ear.md)");
+  // Refused before the call touches any state (the ear-plus ops would throw only after the k-means ran).
+  SAPATTN_CHECK(stream.device.type == DeviceType::CPU || !config.ear_plus(), UnsupportedError,
+                "the ear-plus ideas (ear_spread, ear_pair_values, ear_head_budget, ear_split) run on the CPU only "
+                "so far (docs/ear.md); on a CUDA stream turn them off: error-aware routing, compensation and the "
+                "density budget run there");
   const int64_t B = shape.batch, H = shape.heads;
   if (!outputs.lse.empty()) {
     expect_rank(outputs.lse, 3, "lse");
@@ -164,7 +166,8 @@ void probe(const TensorView& k, const TensorView& v, const Config& config, const
   if (!buf.probs.empty()) centroid_probs(centroids.q, centroids.k, k_sizes, scale, buf.probs, stream);
   if (!error_aware && !config.compensate) return;
   const TensorView kv = k.slice(2, 0, buf.video_tokens), vv = v.slice(2, 0, buf.video_tokens);
-  cluster_means(vv, buf.k_video_labels(), buf.v_centroids, stream);
+  cluster_means(vv, buf.k_video_labels(), buf.v_centroids, stream, buf.op_scratch);
+  // The ear-plus ops run on the CPU only (check_inputs refuses them on CUDA), so they take no scratch.
   if (error_aware && config.ear_split) {
     // Routing scores from the key clusters; the compensation's corrections from their halves.
     ear_plus_probe(centroids.q, centroids.k, buf.v_centroids, kv, vv, buf.k_video_labels(), q_sizes, k_sizes, scale,
@@ -181,7 +184,7 @@ void probe(const TensorView& k, const TensorView& v, const Config& config, const
                    config.ear_gamma, buf.scores, buf.spread, buf.pair_values, stream);
   else if (error_aware)
     ear_probe(centroids.q, centroids.k, buf.v_centroids, kv, vv, buf.k_video_labels(), q_sizes, k_sizes, scale,
-              config.ear_gamma, buf.scores, stream);
+              config.ear_gamma, buf.scores, stream, buf.op_scratch);
 }
 
 void select(const Config& config, const CentroidViews& centroids, const TensorView& q_sizes, const TensorView& k_sizes,
@@ -196,7 +199,8 @@ void select(const Config& config, const CentroidViews& centroids, const TensorVi
   // that meets the density; for EAR it is the budget.
   const TensorView svg2_mask = error_aware ? buf.budget_mask : buf.video_mask();
   if (config.density > 0.0f) {
-    select_top_p_at_density(buf.probs, q_sizes, k_sizes, config.density, config.min_kept_clusters(), svg2_mask, stream);
+    select_top_p_at_density(buf.probs, q_sizes, k_sizes, config.density, config.min_kept_clusters(), svg2_mask, stream,
+                            buf.op_scratch);
   } else {
     select_top_p(buf.probs, config.top_p, config.min_kept_clusters(), svg2_mask, stream);
   }

@@ -1066,18 +1066,24 @@ TEST(EarLayer, BadInputIsATypedError) {
   c.compensate = false;
   c.ear_head_budget = true;
   EXPECT_NO_THROW(c.validate());
-  // On a CUDA stream the call is refused, with its own message (a CPU-only build would refuse any
-  // CUDA call, but with another one), before it touches the branch state.
-  BranchState state;
+  // EAR itself runs on CUDA (tests/cuda/test_cuda_ear.cpp); each ear-plus idea is refused there, with
+  // its own message (a CPU-only build would refuse any CUDA call, but with another one), before the
+  // call touches the branch state or any tensor: the views are CUDA-tagged host memory.
   Tensor out(DType::F32, q.shape());
-  try {
-    svg2_attention(ref::on_cuda(q.view()), ref::on_cuda(k.view()), ref::on_cuda(v.view()), ear_config(), state,
-                   {ref::on_cuda(out.view())}, Stream{Device::cuda(0), nullptr, 0});
-    ADD_FAILURE() << "EAR on a CUDA stream was not refused";
-  } catch (const UnsupportedError& e) {
-    EXPECT_NE(std::string(e.what()).find("run on the CPU only so far"), std::string::npos) << e.what();
+  for (bool Config::*idea :
+       {&Config::ear_spread, &Config::ear_pair_values, &Config::ear_head_budget, &Config::ear_split}) {
+    c = ear_config();
+    c.*idea = true;
+    BranchState state;
+    try {
+      svg2_attention(ref::on_cuda(q.view()), ref::on_cuda(k.view()), ref::on_cuda(v.view()), c, state,
+                     {ref::on_cuda(out.view())}, Stream{Device::cuda(0), nullptr, 0});
+      ADD_FAILURE() << "an ear-plus idea on a CUDA stream was not refused";
+    } catch (const UnsupportedError& e) {
+      EXPECT_NE(std::string(e.what()).find("ear-plus ideas"), std::string::npos) << e.what();
+    }
+    EXPECT_FALSE(state.initialized());
   }
-  EXPECT_FALSE(state.initialized());
   EXPECT_EQ(ear_config().ear_guaranteed_clusters(), 1);  // max(1, floor(0.05 * 14))
   c.ear_keep_ratio = 0.0f;
   EXPECT_EQ(c.ear_guaranteed_clusters(), 0);

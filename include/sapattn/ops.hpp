@@ -92,9 +92,11 @@ void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView
 // running sum, so those values (and 1) are the candidates, searched by bisection; the rows are then
 // written exactly as select_top_p writes them at that top_p. min_kept floors the density.
 //   probs [B,H,R,C] f32 as select_top_p; q_sizes [B,H,R], k_sizes [B,H,C] i32, contiguous,
-//   non-negative; 0 < density <= 1.
+//   non-negative; 0 < density <= 1. CUDA: scratch of ear_workspace_bytes (R = Cq, C = Ck) in `workspace`;
+//   the masks are bit-identical to the CPU's.
 void select_top_p_at_density(const TensorView& probs, const TensorView& q_sizes, const TensorView& k_sizes,
-                             float density, int min_kept, TensorView mask, const Stream& stream);
+                             float density, int min_kept, TensorView mask, const Stream& stream,
+                             Workspace workspace = {});
 
 // SVG2's selection: S = q_centroids . k_centroids^T * scale; per row the key-cluster-size
 // weighted softmax P_ij = |K_j| exp(S_ij - m_i) / sum_j |K_j| exp(S_ij - m_i), with m_i the row
@@ -209,15 +211,25 @@ void dense_attention(const TensorView& q, const TensorView& k, const TensorView&
                      TensorView lse, const Stream& stream);
 
 // ---------------------------------------------------------------------------------------------
-// Error-aware routing and centroid compensation (SVG-EAR, arXiv 2603.08982; docs/ear.md). The CPU
-// backend only so far: a CUDA stream throws UnsupportedError. Shapes as above; every cluster-size
-// tensor is [B,H,C] i32, contiguous, non-negative (InvalidArgumentError otherwise).
+// Error-aware routing and centroid compensation (SVG-EAR, arXiv 2603.08982; docs/ear.md). Shapes as
+// above; every cluster-size tensor is [B,H,C] i32, contiguous, non-negative (InvalidArgumentError
+// otherwise; on CUDA a value check, see cuda/backend.hpp). On CUDA, cluster_means, ear_probe and
+// select_top_p_at_density take scratch of ear_workspace_bytes; ear_probe takes head dims up to 256,
+// centroid_compensation up to 128, the routing up to 8192 key clusters (UnsupportedError beyond).
+// How close each CUDA op is to the CPU's: docs/ear.md, "The CUDA backend".
 // ---------------------------------------------------------------------------------------------
+
+// Scratch bytes cluster_means, ear_probe and select_top_p_at_density need on `device` for B*H
+// heads, N key tokens, Cq x Ck clusters and head dim D (0 on the CPU). A smaller one throws
+// WorkspaceError.
+size_t ear_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_clusters, int64_t k_clusters, int64_t dim,
+                           Device device);
 
 // means[c] = the mean of the points labelled c (fp64 sums, rounded to fp32), 0 for an empty cluster.
 //   points [B,H,N,D] f32/f16/bf16, any strides; labels [B,H,N] i32 in [0, C), unit stride along N;
 //   means [B,H,C,D] f32, contiguous.
-void cluster_means(const TensorView& points, const TensorView& labels, TensorView means, const Stream& stream);
+void cluster_means(const TensorView& points, const TensorView& labels, TensorView means, const Stream& stream,
+                   Workspace workspace = {});
 
 // select_blocks' weights written out: P_ij = |K_j| exp(S_ij - m_i) / sum_j |K_j| exp(S_ij - m_i) with
 // S = q_centroids . k_centroids^T * scale and m_i the row max over non-empty key clusters; a row
@@ -238,7 +250,8 @@ void centroid_probs(const TensorView& q_centroids, const TensorView& k_centroids
 //   q_sizes [B,H,Cq], k_sizes [B,H,Ck]; scores [B,H,Cq,Ck] f32, any strides. gamma >= 0.
 void ear_probe(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& v_centroids,
                const TensorView& k, const TensorView& v, const TensorView& k_labels, const TensorView& q_sizes,
-               const TensorView& k_sizes, float scale, float gamma, TensorView scores, const Stream& stream);
+               const TensorView& k_sizes, float scale, float gamma, TensorView scores, const Stream& stream,
+               Workspace workspace = {});
 
 // EAR's routing, per query-cluster row a (area_j = |Q_a| |K_j|, counted exactly in integers):
 //   1. the first `guaranteed` key clusters of the row's ranking by probs (descending, ties by lower
@@ -270,7 +283,8 @@ void centroid_compensation(const TensorView& q, const TensorView& q_labels, cons
 
 // ---------------------------------------------------------------------------------------------
 // ear-plus: SVG-EAR's probe, routing and compensation refined (docs/ear.md, the numbers in
-// docs/results.md). The CPU backend only so far. Shapes as for the EAR ops above.
+// docs/results.md). The CPU backend only so far: a CUDA stream throws UnsupportedError, in a CUDA
+// build too. Shapes as for the EAR ops above.
 // ---------------------------------------------------------------------------------------------
 
 // One pass over the video keys from every query centroid, like ear_probe, that also keeps per

@@ -3,11 +3,11 @@
 // stream.handle (a cudaStream_t) and returns without waiting for the GPU; none allocates or
 // synchronises, except check_finite (it must read its answer back) and the value checks below.
 //
-// Values the CPU backend checks on the host (labels in [0, C), permutation indices in [0, N)) would
-// need a device-to-host copy and a sync to check here. On CUDA they are the caller's contract:
-// kernels never read or write out of bounds on a bad value (the token is skipped, or lands in a
-// trash bucket), and they raise a device-side error flag. With value checks on
-// (set_value_checks(true), or SAPATTN_CUDA_CHECK_VALUES=1 in the environment; the device tests
+// Values the CPU backend checks on the host (labels in [0, C), permutation indices in [0, N),
+// cluster sizes >= 0) would need a device-to-host copy and a sync to check here. On CUDA they are
+// the caller's contract: kernels never read or write out of bounds on a bad value (the token is
+// skipped, or lands in a trash bucket), and they raise a device-side error flag. With value checks
+// on (set_value_checks(true), or SAPATTN_CUDA_CHECK_VALUES=1 in the environment; the device tests
 // turn them on), each op that reads such values synchronises its stream afterwards, reads the flag
 // and throws InvalidArgumentError; under CUDA graph capture the check is skipped. Outputs are then
 // unspecified (the CPU backend leaves them untouched).
@@ -58,6 +58,26 @@ void cluster_permutation(const TensorView& labels, int num_clusters, TensorView 
 void gather_rows(const TensorView& x, const TensorView& perm, TensorView out, const Stream& stream);
 void scatter_rows(const TensorView& y, const TensorView& perm, TensorView out, const Stream& stream);
 void block_density(const BlockLayout& layout, TensorView density, const Stream& stream);
+
+// SVG-EAR and the density budget (ear.cu). One scratch size covers cluster_means, ear_probe and
+// select_top_p_at_density for B*H heads, N key tokens, Cq x Ck clusters and head dim D.
+size_t ear_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_clusters, int64_t k_clusters, int64_t dim);
+void cluster_means(const TensorView& points, const TensorView& labels, TensorView means, const Stream& stream,
+                   Workspace workspace);
+void centroid_probs(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes,
+                    float scale, TensorView probs, const Stream& stream);
+void ear_probe(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& v_centroids,
+               const TensorView& k, const TensorView& v, const TensorView& k_labels, const TensorView& q_sizes,
+               const TensorView& k_sizes, float scale, float gamma, TensorView scores, const Stream& stream,
+               Workspace workspace);
+void select_error_aware(const TensorView& probs, const TensorView& budget_mask, const TensorView& scores,
+                        const TensorView& q_sizes, const TensorView& k_sizes, int guaranteed, TensorView mask,
+                        const Stream& stream);
+void select_top_p_at_density(const TensorView& probs, const TensorView& q_sizes, const TensorView& k_sizes,
+                             float density, int min_kept, TensorView mask, const Stream& stream, Workspace workspace);
+void centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
+                           const TensorView& k_centroids, const TensorView& v_centroids, const TensorView& k_sizes,
+                           float scale, TensorView out, TensorView lse, const Stream& stream);
 
 // Attention (attention.cu: argument rules for the kernels, planning, kernel choice).
 size_t block_sparse_attention_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters,

@@ -90,6 +90,7 @@ enum ValueError : int {
   kBadLabel = 1,      // a label outside [0, C)
   kBadPermIndex = 2,  // a permutation index outside [0, N)
   kBadOffsets = 4,    // offsets not non-decreasing or outside [0, S]
+  kBadSize = 8,       // a negative cluster size
 };
 
 // The device's flag word (a __device__ variable of runtime.cu; one per device).

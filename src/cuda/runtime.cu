@@ -101,6 +101,7 @@ void end_value_check(const Stream& stream, const char* op) {
                 ": a permutation index is outside [0, N) (CUDA value check)");
   SAPATTN_CHECK((flag & kBadOffsets) == 0, InvalidArgumentError, op,
                 ": offsets are not non-decreasing within [0, S] (CUDA value check)");
+  SAPATTN_CHECK((flag & kBadSize) == 0, InvalidArgumentError, op, ": a cluster size is negative (CUDA value check)");
 }
 
 void set_max_dynamic_smem(const void* kernel, int bytes) {

@@ -228,7 +228,7 @@ std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const Te
     MethodResult r = empty_result(method, shape);
     if (method == Method::Oracle && c.density > 0.0f) {
       select_top_p_at_density(mass.view(), buf.q_sizes, buf.k_sizes, c.density, c.min_kept_clusters(), buf.video_mask(),
-                              stream);
+                              stream, buf.op_scratch);
     } else if (method == Method::Oracle) {
       select_top_p(mass.view(), c.top_p, c.min_kept_clusters(), buf.video_mask(), stream);
     } else {
