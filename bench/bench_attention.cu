@@ -390,7 +390,7 @@ void bench_shape(const ShapeSpec& spec, const Options& opt) {
   auto tflops = [&](double pairs, double ms) { return 4.0 * pairs * static_cast<double>(D) / (ms * 1e-3) / 1e12; };
 
   // "cpasync" / "tma": the Hopper kernel with its cp.async loads everywhere, or with TMA loads wherever
-  // rows are unpermuted ("auto": TMA in the dense mode only, as measured).
+  // rows are unpermuted ("auto" is the library default: TMA wherever rows are unpermuted, as measured).
   auto set_kernel = [&](const std::string& kernel) {
     if (!rt.gpu()) return;
     cuda::set_attention_kernel_override(kernel == "sm80" ? "sm80" : "");

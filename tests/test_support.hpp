@@ -47,9 +47,10 @@ inline Tensor random_tensor(DType dtype, std::vector<int64_t> shape, uint32_t se
 }
 
 // [B,H,S,D] tokens scattered around `centers` random centres (spread center_std per element) with
-// noise_std of noise: structure for k-means and selection to find, as in a video DiT.
+// noise_std of noise: structure for k-means and selection to find, as in a video DiT. The centres
+// ([centers, D]) go to *centres_out where given.
 inline Tensor clustered_tensor(DType dtype, int64_t B, int64_t H, int64_t S, int64_t D, int centers, uint32_t seed,
-                               float center_std, float noise_std) {
+                               float center_std, float noise_std, std::vector<float>* centres_out = nullptr) {
   Tensor t(dtype, {B, H, S, D});
   std::mt19937 rng(seed);
   std::normal_distribution<float> n(0.0f, 1.0f);
@@ -59,6 +60,7 @@ inline Tensor clustered_tensor(DType dtype, int64_t B, int64_t H, int64_t S, int
     const int64_t which = std::uniform_int_distribution<int64_t>(0, centers - 1)(rng);
     for (int64_t d = 0; d < D; ++d) store_from_f32(t.data(), dtype, r * D + d, c[which * D + d] + noise_std * n(rng));
   }
+  if (centres_out != nullptr) *centres_out = std::move(c);
   return t;
 }
 

@@ -4,8 +4,7 @@
 // select_blocks reproduces the CPU reference's arithmetic step by step, so that the masks agree
 // bit for bit: scores are fp32 dot products accumulated in order of d with separate multiply and add
 // roundings (the CPU's loop; no FMA contraction), exp(s - m) is evaluated in double and rounded once
-// (the correctly rounded fp32 value, which glibc's expf returns for all but a vanishing share of
-// inputs), the row total is a sequential fp32 sum in column order, and the top-p running sum is a
+// (the correctly rounded fp32 value; the CPU computes it the same way), the row total is a sequential fp32 sum in column order, and the top-p running sum is a
 // sequential fp32 sum in rank order. The only parallel parts are order-free: the row max, the
 // ranking (a stable radix sort of (weight desc, index asc)) and the mask writes.
 #include <cub/block/block_radix_sort.cuh>
