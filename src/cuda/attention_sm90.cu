@@ -254,21 +254,17 @@ __device__ void producer(const Params& p, typename Tr::Smem& s, int num_items, i
 // reads it from there.
 struct TmaMaps {
   CUtensorMap q, k[kBoxHeights], v[kBoxHeights];
-  uint64_t q_policy, kv_policy;  // L2 cache hints of the Q and the K/V loads (SAPATTN_SM90_L2HINT)
 };
 
-// The L2 eviction priorities TMA loads can carry (createpolicy encodings, as CUTLASS's CacheHintSm90).
-constexpr uint64_t kEvictNormal = 0x1000000000000000ull;
-constexpr uint64_t kEvictFirst = 0x12F0000000000000ull;
-constexpr uint64_t kEvictLast = 0x14F0000000000000ull;
-
+// (An L2 eviction hint on these loads, evict-first on Q and evict-last on K/V, was measured and
+// changed nothing: docs/attention.md.)
 __device__ __forceinline__ void tma_load(const CUtensorMap& map, uint64_t* bar, void* smem, int32_t col, int32_t row,
-                                         int32_t head, int32_t batch, uint64_t policy) {
+                                         int32_t head, int32_t batch) {
   asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
-      " [%0], [%1, {%2, %3, %4, %5}], [%6], %7;\n" ::"r"(cast_smem_ptr_to_uint(smem)),
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(cast_smem_ptr_to_uint(smem)),
       "l"(reinterpret_cast<uint64_t>(&map)), "r"(col), "r"(row), "r"(head), "r"(batch),
-      "r"(cast_smem_ptr_to_uint(bar)), "l"(policy)
+      "r"(cast_smem_ptr_to_uint(bar))
       : "memory");
 }
 
@@ -398,7 +394,7 @@ __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::
     if (lane < 2 * Tr::kColBlocks) {
       const int half = lane % 2, cb = lane / 2;
       T* dst = s.q.data() + (half * 8 + cb * (Tr::kBlockM / 8)) * kAtomElems;
-      tma_load(maps.q, &s.q_full, dst, cb * 64, it.q_begin + 64 * half, h, b, maps.q_policy);
+      tma_load(maps.q, &s.q_full, dst, cb * 64, it.q_begin + 64 * half, h, b);
     }
 
     for (int n = 0; n < n_blocks; ++n, ++tile_count) {
@@ -435,11 +431,11 @@ __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::
         cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.k_full[stage], kTileBytes);
       }
       __syncwarp();  // the expected bytes are set before any copy of the stage is issued
-      if (issues) tma_load(maps.k[map], &s.k_full[stage], k_dst, col_block * 64, row, h, b, maps.kv_policy);
+      if (issues) tma_load(maps.k[map], &s.k_full[stage], k_dst, col_block * 64, row, h, b);
       Barrier::wait(&s.v_empty[stage], phase ^ 1);
       if (lane == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.v_full[stage], kTileBytes);
       __syncwarp();
-      if (issues) tma_load(maps.v[map], &s.v_full[stage], v_dst, col_block * 64, row, h, b, maps.kv_policy);
+      if (issues) tma_load(maps.v[map], &s.v_full[stage], v_dst, col_block * 64, row, h, b);
     }
     index = next_index(p, index, num_items, lane);
   }
@@ -766,18 +762,6 @@ bool use_tma(const Params& p) {
   SAPATTN_THROW(InvalidArgumentError, "SAPATTN_SM90_LOAD is '", env, "'; expected auto, cpasync or tma");
 }
 
-// SAPATTN_SM90_L2HINT=1: the TMA loads ask L2 to evict Q first and keep K and V (each Q tile is read
-// once, each K/V tile by every item of its head); unset or 0: no preference. An experiment of issue
-// 12 (the dense TMA mode reads 241 GB from DRAM where the gather reads 9 GB, docs/attention.md).
-void l2_policies(TmaMaps& maps) {
-  const char* env = std::getenv("SAPATTN_SM90_L2HINT");
-  const bool hint = env != nullptr && std::strcmp(env, "1") == 0;
-  SAPATTN_CHECK(env == nullptr || env[0] == '\0' || hint || std::strcmp(env, "0") == 0, InvalidArgumentError,
-                "SAPATTN_SM90_L2HINT is '", env, "'; expected 0 or 1");
-  maps.q_policy = hint ? kEvictFirst : kEvictNormal;
-  maps.kv_policy = hint ? kEvictLast : kEvictNormal;
-}
-
 // SAPATTN_SM90_SCHED=static|dynamic (default dynamic): how the sparse TMA kernel hands out items
 // (next_index). An experiment of issue 12.
 bool dynamic_schedule() {
@@ -793,7 +777,6 @@ void launch(const Params& p, cudaStream_t stream) {
   using Tr = Traits<T, kHeadDim>;
   static_assert(sizeof(typename Tr::Smem) <= 227 * 1024, "more shared memory than an H100 SM gives a block");
   TmaMaps maps{};
-  l2_policies(maps);
   Params params = p;
   bool tma = use_tma(p) && encode_map<T>(maps.q, p.q, p.seq_q, p, p.q_stride, 64);
   for (int j = 0; j < kBoxHeights && tma; ++j)
