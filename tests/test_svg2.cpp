@@ -12,6 +12,7 @@
 namespace sapattn {
 namespace {
 
+using testing_support::expect_error_message;
 using testing_support::random_tensor;
 
 // Clustered tokens, so that k-means and selection have structure to find (as in a video DiT).
@@ -379,6 +380,42 @@ TEST(Svg2, MoreClustersThanTokensLeavesEmptyClusters) {
   Tensor o(DType::F32, {1, 1, 20, 64});
   dense_attention(q.view(), k.view(), k.view(), c.scale_for(64), o.view(), {}, Stream::cpu());
   EXPECT_LT(max_abs_diff(r.out, o), 1e-5);
+}
+
+TEST(Svg2, ShapeErrorsSpeakTheCallersLayout) {
+  // Issue 17's case: q [1,256,2,64] and k [1,100,2,64] held as [B,S,H,D], as PyTorch passes them.
+  std::vector<float> q(1 * 256 * 2 * 64, 0.5f), k(1 * 100 * 2 * 64, 0.5f), out(q.size());
+  const auto bshd = [](std::vector<float>& m, int64_t S) {
+    return TensorView::bshd(m.data(), DType::F32, 1, 2, S, 64);
+  };
+  const auto bhsd = [](std::vector<float>& m, int64_t S) {
+    return TensorView::bhsd(m.data(), DType::F32, 1, 2, S, 64);
+  };
+  const Config c = small_config();
+  BranchState state;
+  const Stream cpu = Stream::cpu();
+  expect_error_message<ShapeError>(
+      [&] { svg2_attention(bshd(q, 256), bshd(k, 100), bshd(k, 100), c, state, {bshd(out, 256)}, cpu); },
+      "k dim 1 (S of [B,S,H,D]) must be 256 as in q, got [1,100,2,64] f32 cpu");
+  // The same memory seen as [B,H,S,D] is described in those terms.
+  expect_error_message<ShapeError>(
+      [&] { svg2_attention(bhsd(q, 256), bhsd(k, 100), bhsd(k, 100), c, state, {bhsd(out, 256)}, cpu); },
+      "k dim 2 (S of [B,H,S,D]) must be 256 as in q, got [1,2,100,64] f32 cpu");
+  // An empty sequence is reported as empty, not as a text-token or cluster-count problem.
+  std::vector<float> none;
+  expect_error_message<ShapeError>(
+      [&] { svg2_attention(bshd(none, 0), bshd(none, 0), bshd(none, 0), c, state, {bshd(none, 0)}, cpu); },
+      "q is empty ([1,0,2,64] f32 cpu as [B,S,H,D]): attention needs B, S, H and D >= 1");
+  EXPECT_FALSE(state.initialized());
+  // Sizing the workspace from the call's own arguments checks them the same way first.
+  expect_error_message<ShapeError>(
+      [&] { svg2_workspace_bytes(bshd(none, 0), bshd(none, 0), bshd(none, 0), c, {bshd(none, 0)}, cpu); },
+      "q is empty ([1,0,2,64] f32 cpu as [B,S,H,D])");
+  EXPECT_EQ(svg2_workspace_bytes(bshd(q, 256), bshd(q, 256), bshd(q, 256), c, {bshd(out, 256)}, cpu),
+            svg2_workspace_bytes(AttentionShape{1, 2, 256, 64}, c, DType::F32, Device::cpu()));
+  const AttentionShape empty = AttentionShape::of(bshd(none, 0));
+  expect_error_message<ShapeError>([&] { svg2_workspace_bytes(empty, c, DType::F32, Device::cpu()); },
+                                   "the sequence is empty (S = 0, D = 64)");
 }
 
 }  // namespace

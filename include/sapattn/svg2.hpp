@@ -60,6 +60,11 @@ struct Svg2Outputs {
 
 // Bytes of workspace svg2_attention needs for this shape, config and input dtype on `device`.
 size_t svg2_workspace_bytes(const AttentionShape& shape, const Config& config, DType dtype, Device device);
+// The same for the arguments of a call, checked first as svg2_attention checks them: a caller that
+// sizes the workspace before the call hears of bad input in its own layout and names (an empty q, a
+// k of another length), not as a problem of a shape it never wrote.
+size_t svg2_workspace_bytes(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
+                            const Svg2Outputs& outputs, const Stream& stream);
 
 // q, k, v: [B,H,S,D] f32/f16/bf16, any strides, finite (checked unless config.check_finite is
 // false: NonFiniteError otherwise).

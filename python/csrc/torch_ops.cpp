@@ -10,7 +10,8 @@
 //
 // Engine errors become the Python exception a user expects: shapes, values and NaN/Inf ->
 // ValueError; dtypes -> TypeError; unsupported devices or features -> NotImplementedError; the
-// message names the sapattn error kind and the tensor at fault.
+// message names the sapattn error kind and the tensor at fault, with shapes as the caller passed
+// them ([B,S,H,D]).
 #include <torch/library.h>
 
 #include <ATen/ATen.h>
@@ -85,6 +86,7 @@ TensorView bshd_view(const at::Tensor& t, const char* name) {
   TensorView v = view_of(t, name);
   std::swap(v.shape[1], v.shape[2]);
   std::swap(v.stride[1], v.stride[2]);
+  v.order = TensorView::Order::BSHD;  // messages print the shape as the caller passed it
   return v;
 }
 
@@ -187,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> svg2_attention(
     outputs.density = view_of(density, "density");
 
     const Stream stream = stream_for(q);
-    const size_t bytes = svg2_workspace_bytes(AttentionShape::of(qv), config, qv.dtype, stream.device);
+    const size_t bytes = svg2_workspace_bytes(qv, kv, vv, config, outputs, stream);
     at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, q.options().dtype(at::kByte));
     CentroidViews centroids{view_of(q_centroids, "q_centroids"), view_of(k_centroids, "k_centroids"), {}};
     if (sample_ids.has_value()) {

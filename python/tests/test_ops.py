@@ -4,6 +4,7 @@ rule, warm starts, per-item prompts), bad input, torch.compile's fake kernels, g
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -191,3 +192,25 @@ def test_meta_tensors_and_opcheck():
     meta = [t.to("meta") for t in (q, k, v, qc, kc)]
     out, lse, density = torch.ops.sapattn.svg2_attention(*meta, *args[5:])
     assert out.shape == q.shape and lse.shape == (1, 3, 96) and density.shape == (1, 3)
+
+
+def test_errors_speak_the_callers_layout():
+    """Issue 17: shapes and dim numbers as the caller passed them ([B, S, H, D]), one prefix."""
+    q, k = randn((1, 256, 2, 64), seed=1, device="cpu"), randn((1, 100, 2, 64), seed=2, device="cpu")
+    with pytest.raises(ValueError) as error:
+        sapattn.svg2_attention(q, k, k, small_config(), sapattn.BranchState())
+    want = "sapattn ShapeError: k dim 1 (S of [B,S,H,D]) must be 256 as in q, got [1,100,2,64] f32 cpu"
+    assert want in str(error.value)
+    assert str(error.value).count("sapattn") == 1
+    short_d = randn((1, 256, 2, 32), seed=3, device="cpu")
+    with pytest.raises(ValueError, match=re.escape("k dim 3 (D of [B,S,H,D]) must be 64 as in q, got [1,256,2,32]")):
+        sapattn.dense_attention(q, short_d, short_d)
+    empty = torch.empty(1, 0, 2, 64)
+    message = "q is empty ([1,0,2,64] f32 cpu as [B,S,H,D]): attention needs B, S, H and D >= 1"
+    state = sapattn.BranchState()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sapattn.svg2_attention(empty, empty, empty, small_config(), state)
+    assert not state.initialized
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sapattn.dense_attention(empty, empty, empty)
+

@@ -45,7 +45,8 @@ void Config::validate() const {
 
 void Config::validate_for(int64_t seq_len, int64_t head_dim) const {
   validate();
-  SAPATTN_CHECK(head_dim >= 1, ShapeError, "head dim must be >= 1, got ", head_dim);
+  SAPATTN_CHECK(seq_len >= 1 && head_dim >= 1, ShapeError, "the sequence is empty (S = ", seq_len, ", D = ", head_dim,
+                "): attention needs at least one token of head dim >= 1");
   SAPATTN_CHECK(text_tokens < seq_len, InvalidArgumentError, "text_tokens (", text_tokens,
                 ") must leave at least one video token in a sequence of ", seq_len);
 }

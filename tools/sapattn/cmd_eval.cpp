@@ -78,7 +78,7 @@ int run_eval(int argc, char** argv) {
   if (!args.parse(argc, argv)) return 0;
   const bool have_in = args.has("in");
   SAPATTN_CHECK(have_in != (args.has("q") || args.has("k") || args.has("v")), UsageError,
-                "sapattn eval: give either --in FILE or all of --q, --k, --v");
+                "give either --in FILE or all of --q, --k, --v");
   const std::string qp = have_in ? args.get("in", "") : args.require("q");
   const std::string kp = have_in ? args.get("in", "") : args.require("k");
   const std::string vp = have_in ? args.get("in", "") : args.require("v");
