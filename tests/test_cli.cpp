@@ -196,6 +196,13 @@ TEST(Cli, BadInputFilesExitWithTwo) {
   io::write_npy(d + "/empty.npy", Tensor(DType::F32, {1, 2, 0, 32}).view());
   expect_one_line_error(run("eval --q " + d + "/empty.npy --k " + d + "/empty.npy --v " + d + "/empty.npy"),
                         "q is empty ([1,2,0,32] f32 cpu as [B,H,S,D])");
+  // More clusters than tokens (64 here).
+  const std::string good_qkv = "eval --q " + d + "/good.npy --k " + d + "/good.npy --v " + d + "/good.npy";
+  expect_one_line_error(run(good_qkv + " --q-clusters 10000"),
+                        "--q-clusters 10000 exceeds the 64 video tokens of the input: a cluster needs at least one "
+                        "token");
+  expect_one_line_error(run(good_qkv + " --k-clusters 65"), "--k-clusters 65 exceeds the 64 video tokens");
+  EXPECT_EQ(run(good_qkv + " --k-clusters 64 --q-clusters 64").code, 0);
   // Wrong rank.
   io::write_npy(d + "/rank3.npy", random_tensor(DType::F32, {2, 64, 32}, 4).view());
   expect_one_line_error(run("eval --q " + d + "/rank3.npy --k " + d + "/good.npy --v " + d + "/good.npy"), "rank 4");

@@ -131,7 +131,12 @@ TEST(Config, RejectsOutOfRangeValues) {
   EXPECT_THROW(bad([](Config& c) { c.text_tokens = 10, c.prompt_length = 11; }).validate(), InvalidArgumentError);
   EXPECT_THROW(bad([](Config& c) { c.scale = -1.0f; }).validate(), InvalidArgumentError);
   EXPECT_THROW(bad([](Config& c) { c.text_tokens = 100; }).validate_for(100, 64), InvalidArgumentError);
-  EXPECT_NO_THROW(bad([](Config& c) { c.text_tokens = 99; }).validate_for(100, 64));
+  EXPECT_NO_THROW(bad([](Config& c) { c.text_tokens = 99, c.q_clusters = 1, c.k_clusters = 1; }).validate_for(100, 64));
+  // At most one cluster per video token: 1000 key clusters need 1000 video tokens.
+  EXPECT_NO_THROW(bad([](Config& c) { c.text_tokens = 10; }).validate_for(1010, 64));
+  testing_support::expect_error_message<InvalidArgumentError>(
+      [&] { bad([](Config& c) { c.text_tokens = 10; }).validate_for(1009, 64); },
+      "k_clusters (1000) exceeds the 999 video tokens");
   testing_support::expect_error_message<ShapeError>([&] { Config().validate_for(0, 64); },
                                                     "the sequence is empty (S = 0, D = 64)");
   try {

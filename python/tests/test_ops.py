@@ -214,3 +214,37 @@ def test_errors_speak_the_callers_layout():
     with pytest.raises(ValueError, match=re.escape(message)):
         sapattn.dense_attention(empty, empty, empty)
 
+
+def test_default_cluster_counts_scale_with_the_sequence():
+    """SVG2Config() counts follow the sapattn command's rule: 300 / 1000 clusters at Wan 720p's
+    75,600 tokens, the same tokens per cluster (252 / 75.6) below."""
+    cfg = sapattn.SVG2Config()
+    assert cfg.cluster_counts(75_600) == (300, 1000)
+    assert cfg.cluster_counts(200_000) == (300, 1000)
+    assert cfg.cluster_counts(32_760) == (130, 434)
+    assert cfg.cluster_counts(256) == (2, 4)
+    assert cfg.cluster_counts(1) == (1, 1)
+    assert sapattn.SVG2Config(q_clusters=7).cluster_counts(256) == (7, 4)
+    # A 256-token video with 16 text tokens: the state gets 2 query and 4 key clusters.
+    q, k, v = qkv(torch.device("cpu"), batch=1, seq=272, heads=2)
+    state = sapattn.BranchState()
+    sapattn.svg2_attention(q, k, v, cfg, state, text_tokens=16, prompt_length=16)
+    assert state.q_centroids.shape == (1, 2, 2, 64) and state.k_centroids.shape == (1, 2, 4, 64)
+
+
+def test_cluster_counts_above_the_tokens_are_errors():
+    q, k, v = qkv(torch.device("cpu"), batch=1, seq=272, heads=2)
+    message = ("SVG2Config: k_clusters=1000 exceeds the 256 video tokens of this call: a cluster needs at least one "
+               "token; leave k_clusters=None for one cluster per 75.6 video tokens (at most 1000)")
+    for run in (lambda s: sapattn.svg2_attention(q, k, v, sapattn.SVG2Config.wan_480p(), s, text_tokens=16),
+                lambda s: sapattn.warm_centroids(q, k, sapattn.SVG2Config.wan_480p(), s, 2, text_tokens=16)):
+        state = sapattn.BranchState()
+        with pytest.raises(ValueError, match=re.escape(message)):
+            run(state)
+        assert not state.initialized
+    # The op itself refuses too (the engine's check), in the engine's names.
+    centroids = [torch.zeros(1, 2, n, 64) for n in (300, 8)]
+    with pytest.raises(ValueError, match=re.escape("sapattn InvalidArgumentError: q_clusters (300) exceeds the 272 "
+                                                   "video tokens")):
+        torch.ops.sapattn.svg2_attention(q, k, v, *centroids, True, 0.9, 0.1, 2, 2, 0, 0, 0, 0.0, False, False)
+

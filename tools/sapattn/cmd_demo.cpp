@@ -147,6 +147,7 @@ int run_demo(int argc, char** argv) {
                 " tokens; the CPU demo takes presets up to 20,000 (use sapattn eval)");
   const int threads = threads_from(args);
   Config config = config_from(args, preset.video_tokens());
+  check_cluster_counts(args, config, preset.video_tokens());
   config.text_tokens = preset.text_tokens;
   config.prompt_length = preset.prompt_length;
   std::error_code ec;

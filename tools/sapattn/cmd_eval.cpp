@@ -106,6 +106,7 @@ int run_eval(int argc, char** argv) {
   const int64_t S = q.shape[2];
   const int64_t text = args.get_int("text-tokens", 0, 0, S - 1);
   Config config = config_from(args, S - text);
+  check_cluster_counts(args, config, S - text);
   config.text_tokens = text;
   config.prompt_length = args.get_int("prompt-length", 0, 0, text);
   config.compensate = args.flag("compensate");
