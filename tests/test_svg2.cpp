@@ -421,5 +421,34 @@ TEST(Svg2, ShapeErrorsSpeakTheCallersLayout) {
                                    "the sequence is empty (S = 0, D = 64)");
 }
 
+TEST(Svg2, NanRowsComeBackAsNanWithoutTheFiniteCheck) {
+  // As in dense attention: a NaN query makes its own row NaN (O and LSE) and no other; a NaN key
+  // reaches every row. Before, the NaN query's cluster kept no key cluster and its row read 0.
+  const int64_t S = 256, D = 64;
+  const Tensor k = clustered_tensor(DType::F32, 1, 2, S, D, 4, 40), v = random_tensor(DType::F32, {1, 2, S, D}, 41);
+  Tensor q = clustered_tensor(DType::F32, 1, 2, S, D, 4, 42);
+  const int64_t nan_row = 37;  // head 1
+  q.data_as<float>()[((1 * S) + nan_row) * D + 5] = std::nanf("");
+  Config c = small_config();
+  c.check_finite = false;
+  c.top_p = 0.5f;
+  BranchState state;
+  const Svg2Run r = run_svg2(q, k, v, c, state);
+  for (int64_t s = 0; s < S; ++s) {
+    const bool want_nan = s == nan_row;
+    EXPECT_EQ(std::isnan(r.lse.data_as<float>()[S + s]), want_nan) << "row " << s;
+    for (int64_t d = 0; d < D; ++d) ASSERT_EQ(std::isnan(r.out.data_as<float>()[(S + s) * D + d]), want_nan) << s;
+    EXPECT_TRUE(std::isfinite(r.lse.data_as<float>()[s])) << "head 0, row " << s;
+  }
+  Tensor bad_k = clustered_tensor(DType::F32, 1, 2, S, D, 4, 40);
+  bad_k.data_as<float>()[3 * D] = std::nanf("");  // head 0, key 3
+  BranchState fresh;
+  const Svg2Run rk = run_svg2(clustered_tensor(DType::F32, 1, 2, S, D, 4, 42), bad_k, v, c, fresh);
+  for (int64_t s = 0; s < S; ++s) {
+    EXPECT_TRUE(std::isnan(rk.lse.data_as<float>()[s])) << "head 0, row " << s;
+    EXPECT_TRUE(std::isfinite(rk.lse.data_as<float>()[S + s])) << "head 1, row " << s;
+  }
+}
+
 }  // namespace
 }  // namespace sapattn

@@ -104,7 +104,10 @@ def svg2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: SV
     sample, so that a head run apart from the others (on another device) samples the same points.
     Returns (out [B, S, H, D] in q's dtype, lse [B, H, S] float32 or None, density [B, H] float32).
     The state's centroids are initialised (seeded sample, kmeans_iters_init iterations) on its
-    first call and warm-started (kmeans_iters_step iterations) after."""
+    first call and warm-started (kmeans_iters_step iterations) after.
+
+    Inference only: the outputs have no backward (calling it raises RuntimeError). A NaN in q or k
+    comes back as NaN in the rows it reaches, as in torch's attention, on the CPU (docs/torch.md)."""
     initialize = state.prepare(q, config, text_tokens)
     lengths = [prompt_length] * q.shape[0] if isinstance(prompt_length, int) else list(prompt_length)
     if len(lengths) != q.shape[0]:
@@ -147,7 +150,8 @@ def warm_centroids(q: torch.Tensor, k: torch.Tensor, config: SVG2Config, state: 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float = 0.0,
                     return_lse: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Full attention with sapattn's kernels. q, k, v: [B, S, H, D]; scale 0 means 1/sqrt(D)."""
+    """Full attention with sapattn's kernels. q, k, v: [B, S, H, D]; scale 0 means 1/sqrt(D).
+    Inference only, like svg2_attention."""
     out, lse = torch.ops.sapattn.dense_attention(q, k, v, scale, return_lse)
     return out, (lse if return_lse else None)
 

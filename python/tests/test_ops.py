@@ -248,3 +248,41 @@ def test_cluster_counts_above_the_tokens_are_errors():
                                                    "video tokens")):
         torch.ops.sapattn.svg2_attention(q, k, v, *centroids, True, 0.9, 0.1, 2, 2, 0, 0, 0, 0.0, False, False)
 
+
+def test_nan_rows_come_back_as_nan_like_sdpa():
+    """check_finite off (the default): a NaN query's own row is NaN, and nothing else (as in torch's
+    attention); a NaN key makes every row of its head NaN. The CPU path; docs/torch.md says what the
+    CUDA kernels do."""
+    q, k, v = qkv(torch.device("cpu"), batch=1, seq=320, heads=2)
+    cfg = small_config(top_p=0.5)
+    q[0, 37, 1, 5] = float("nan")
+    out, lse, _ = sapattn.svg2_attention(q, k, v, cfg, sapattn.BranchState(), return_lse=True)
+    nan_rows = torch.isnan(out).any(-1)  # [B, S, H]
+    assert torch.equal(nan_rows, torch.isnan(sdpa(q, k, v)).any(-1)) and nan_rows.sum() == 1
+    assert torch.isnan(out[0, 37, 1]).all() and torch.isnan(lse[0, 1, 37])
+    assert torch.isfinite(lse).sum() == lse.numel() - 1
+    dense_out, dense_lse = sapattn.dense_attention(q, k, v, return_lse=True)
+    assert torch.equal(torch.isnan(dense_out), torch.isnan(out))
+    assert torch.equal(torch.isnan(dense_lse), torch.isnan(lse))
+    q, k, v = qkv(torch.device("cpu"), batch=1, seq=320, heads=2)
+    k[0, 3, 0, 1] = float("nan")
+    out, lse, _ = sapattn.svg2_attention(q, k, v, cfg, sapattn.BranchState(), return_lse=True)
+    assert torch.equal(torch.isnan(out), torch.isnan(sdpa(q, k, v)))
+    assert torch.isnan(lse[0, 0]).all() and torch.isfinite(lse[0, 1]).all()
+
+
+def test_ops_are_inference_only():
+    """No backward: asking for a gradient raises instead of leaving q.grad None."""
+    q, k, v = (t.requires_grad_() for t in qkv(torch.device("cpu"), batch=1, seq=64, heads=2))
+    out, lse, density = sapattn.svg2_attention(q, k, v, small_config(), sapattn.BranchState(), return_lse=True)
+    assert out.requires_grad and lse.requires_grad
+    with pytest.raises(RuntimeError, match="sapattn.svg2_attention is inference-only and has no backward"):
+        (out.sum() + q.sum()).backward()
+    dense, _ = sapattn.dense_attention(q, k, v)
+    with pytest.raises(RuntimeError, match="sapattn.dense_attention is inference-only and has no backward"):
+        dense.sum().backward()
+    with torch.no_grad():
+        out = sapattn.svg2_attention(q, k, v, small_config(), sapattn.BranchState())[0]
+    assert not out.requires_grad
+    frozen = sapattn.dense_attention(q.detach(), k.detach(), v.detach())[0]
+    assert not frozen.requires_grad
