@@ -76,10 +76,11 @@ class SVG2Config:
 
         q = scaled(_TOKENS_PER_Q_CLUSTER, _MAX_Q_CLUSTERS) if self.q_clusters is None else self.q_clusters
         k = scaled(_TOKENS_PER_K_CLUSTER, _MAX_K_CLUSTERS) if self.k_clusters is None else self.k_clusters
-        for name, count, per, cap in (("q_clusters", q, "252", 300), ("k_clusters", k, "75.6", 1000)):
+        for name, count, per, cap in (("q_clusters", q, _TOKENS_PER_Q_CLUSTER, _MAX_Q_CLUSTERS),
+                                      ("k_clusters", k, _TOKENS_PER_K_CLUSTER, _MAX_K_CLUSTERS)):
             if count > video_tokens:
                 raise ValueError(f"SVG2Config: {name}={count} exceeds the {video_tokens} video tokens of this call: a "
-                                 f"cluster needs at least one token; leave {name}=None for one cluster per {per} "
+                                 f"cluster needs at least one token; leave {name}=None for one cluster per {per:g} "
                                  f"video tokens (at most {cap})")
         return q, k
 
