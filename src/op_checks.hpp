@@ -29,8 +29,23 @@ inline void expect_contiguous(const TensorView& t, const char* name) {
 }
 
 inline void expect_extent(const TensorView& t, int dim, int64_t extent, const char* name, const char* what) {
-  SAPATTN_CHECK(t.shape[dim] == extent, ShapeError, name, " dim ", dim, " must be ", extent, " (", what, "), got ",
-                t.describe());
+  SAPATTN_CHECK(t.shape[dim] == extent, ShapeError, name, " dim ", t.caller_dim(dim), " must be ", extent, " (", what,
+                "), got ", t.describe());
+}
+
+// Attention tensors [B,H,S,D]: t's logical dim `dim` must equal ref's. The message names the dim as
+// the caller's layout does: "k dim 1 (S of [B,S,H,D]) must be 256 as in q, got [1,100,2,64] f32 cpu".
+inline void expect_extent_of(const TensorView& t, int dim, const char* name, const TensorView& ref,
+                             const char* ref_name) {
+  SAPATTN_CHECK(t.shape[dim] == ref.shape[dim], ShapeError, name, " dim ", t.caller_dim(dim), " (", "BHSD"[dim], " of ",
+                t.dim_names(), ") must be ", ref.shape[dim], " as in ", ref_name, ", got ", t.describe());
+}
+
+// An attention input with a zero extent has nothing to attend: say so before any other check
+// reads its extents (a sequence of 0 tokens would otherwise surface as a text-token error).
+inline void expect_nonempty(const TensorView& t, const char* name) {
+  SAPATTN_CHECK(t.numel() > 0, ShapeError, name, " is empty (", t.describe(), " as ", t.dim_names(),
+                "): attention needs B, S, H and D >= 1");
 }
 
 inline void expect_device(const TensorView& t, const Stream& s) {

@@ -28,7 +28,9 @@ using checks::expect_contiguous;
 using checks::expect_device;
 using checks::expect_dtype;
 using checks::expect_extent;
+using checks::expect_extent_of;
 using checks::expect_floating;
+using checks::expect_nonempty;
 using checks::expect_rank;
 
 namespace {
@@ -133,15 +135,14 @@ void check_attention(const TensorView& q, const TensorView& k, const TensorView&
     expect_rank(*t, 4, name);
     expect_floating(*t, name);
   }
-  expect_extent(k, 0, q.shape[0], "k", "batch of q");
-  expect_extent(k, 1, q.shape[1], "k", "heads of q");
-  expect_extent(k, 3, q.shape[3], "k", "head dim of q");
-  for (int d = 0; d < 4; ++d) expect_extent(v, d, k.shape[d], "v", "the same extent as k");
-  for (int d = 0; d < 4; ++d) expect_extent(out, d, q.shape[d], "out", "the same extent as q");
+  for (const auto& [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) expect_nonempty(*t, name);
+  for (int d : {0, 1, 3}) expect_extent_of(k, d, "k", q, "q");  // k may have its own S
+  for (int d = 0; d < 4; ++d) expect_extent_of(v, d, "v", k, "k");
+  for (int d = 0; d < 4; ++d) expect_extent_of(out, d, "out", q, "q");
   if (!lse.empty()) {
     expect_rank(lse, 3, "lse");
     expect_dtype(lse, DType::F32, "lse");
-    for (int d = 0; d < 3; ++d) expect_extent(lse, d, q.shape[d], "lse", "the extent of q");
+    for (int d = 0; d < 3; ++d) expect_extent(lse, d, q.shape[d], "lse", "B, H, S of q: lse is [B,H,S]");
   }
   check_scale(scale);
 }

@@ -74,12 +74,12 @@ AttentionShape check_inputs(const TensorView& q, const TensorView& k, const Tens
     expect_floating(*t, name);
     expect_device(*t, stream);
   }
+  for (const auto& [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) expect_nonempty(*t, name);
   const AttentionShape shape = AttentionShape::of(q);
   for (const auto& [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&outputs.out, "out"}})
-    for (int d = 0; d < 4; ++d) expect_extent(*t, d, q.shape[d], name, "the extent of q ([B,H,S,D])");
+    for (int d = 0; d < 4; ++d) expect_extent_of(*t, d, name, q, "q");
   SAPATTN_CHECK(k.dtype == q.dtype && v.dtype == q.dtype, DTypeError, "q, k and v must share a dtype, got ",
                 q.describe(), ", ", k.describe(), ", ", v.describe());
-  SAPATTN_CHECK(shape.batch >= 1 && shape.heads >= 1, ShapeError, "q must have B, H >= 1, got ", q.describe());
   config.validate_for(shape.seq, shape.head_dim);
   // Refused before the call touches any state (the ear-plus ops would throw only after the k-means ran).
   SAPATTN_CHECK(stream.device.type == DeviceType::CPU || !config.ear_plus(), UnsupportedError,
@@ -90,7 +90,7 @@ AttentionShape check_inputs(const TensorView& q, const TensorView& k, const Tens
   if (!outputs.lse.empty()) {
     expect_rank(outputs.lse, 3, "lse");
     expect_dtype(outputs.lse, DType::F32, "lse");
-    for (int d = 0; d < 3; ++d) expect_extent(outputs.lse, d, q.shape[d], "lse", "the extent of q ([B,H,S])");
+    for (int d = 0; d < 3; ++d) expect_extent(outputs.lse, d, q.shape[d], "lse", "B, H, S of q: lse is [B,H,S]");
     expect_device(outputs.lse, stream);
   }
   if (!outputs.density.empty()) {
@@ -235,6 +235,12 @@ size_t svg2_workspace_bytes(const AttentionShape& shape, const Config& config, D
   return pipeline::carve(shape, config, dtype, device, nullptr, nullptr);
 }
 
+size_t svg2_workspace_bytes(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
+                            const Svg2Outputs& outputs, const Stream& stream) {
+  const AttentionShape shape = pipeline::check_inputs(q, k, v, config, outputs, stream);
+  return pipeline::carve(shape, config, q.dtype, stream.device, nullptr, nullptr);
+}
+
 void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
                     const CentroidViews& centroids, bool initialize, const Svg2Outputs& outputs, Workspace workspace,
                     const Stream& stream) {
@@ -290,8 +296,7 @@ void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& 
 
 void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
                     BranchState& state, const Svg2Outputs& outputs, const Stream& stream) {
-  const AttentionShape shape = pipeline::check_inputs(q, k, v, config, outputs, stream);
-  const Buffer scratch = Buffer::allocate(svg2_workspace_bytes(shape, config, q.dtype, stream.device), stream.device);
+  const Buffer scratch = Buffer::allocate(svg2_workspace_bytes(q, k, v, config, outputs, stream), stream.device);
   svg2_attention(q, k, v, config, state, outputs, Workspace{scratch.data(), scratch.bytes()}, stream);
 }
 

@@ -472,6 +472,36 @@ TEST(AttentionKernelChoice, CpuRunsEveryFloatDtype) {
   EXPECT_THROW(block_sparse_attention_workspace_bytes(1, 0, 4, 10, Device::cpu()), InvalidArgumentError);
 }
 
+TEST(AttentionNumerics, NanQueryRowIsNanAsInDenseAttention) {
+  // One NaN in query 5: its O row and LSE are NaN, every other row is finite. Before, the epilogue
+  // took the NaN row sum for an empty row and wrote LSE = -inf.
+  ref::Rng rng(case_seed());
+  Qkv t = make_qkv(1, 1, 12, 20, 32, DType::F32, DType::F32, Layout::Contiguous, Layout::Contiguous, true, 1.0, rng);
+  ref::set(t.q.view, {0, 0, 5, 7}, std::nan(""));
+  dense_attention(t.q.view, t.k.view, t.v.view, t.scale, t.out.view, t.lse.view, kStream);
+  for (int64_t s = 0; s < 12; ++s) {
+    EXPECT_EQ(std::isnan(ref::get(t.lse.view, {0, 0, s})), s == 5) << "row " << s;
+    for (int64_t d = 0; d < 32; ++d) EXPECT_EQ(std::isnan(ref::get(t.out.view, {0, 0, s, d})), s == 5) << s;
+  }
+}
+
+TEST(AttentionErrors, MessagesSpeakTheCallersLayout) {
+  // [B,S,H,D] views: the dim numbers and shapes of a message are the caller's.
+  std::vector<float> q(2 * 8 * 3 * 64, 1.0f), k(2 * 8 * 3 * 32, 1.0f), out(q.size());
+  const auto bshd = [](std::vector<float>& m, int64_t S, int64_t D) {
+    return TensorView::bshd(m.data(), DType::F32, 2, 3, S, D);
+  };
+  testing_support::expect_error_message<ShapeError>(
+      [&] { dense_attention(bshd(q, 8, 64), bshd(k, 8, 32), bshd(k, 8, 32), 0.125f, bshd(out, 8, 64), {}, kStream); },
+      "k dim 3 (D of [B,S,H,D]) must be 64 as in q, got [2,8,3,32] f32 cpu");
+  std::vector<float> none;
+  testing_support::expect_error_message<ShapeError>(
+      [&] {
+        dense_attention(bshd(q, 8, 64), bshd(none, 0, 64), bshd(none, 0, 64), 0.125f, bshd(out, 8, 64), {}, kStream);
+      },
+      "k is empty ([2,0,3,64] f32 cpu as [B,S,H,D]): attention needs B, S, H and D >= 1");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Errors: the documented type, and out / lse untouched.
 

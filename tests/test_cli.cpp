@@ -77,7 +77,10 @@ TEST(Cli, HelpAndUsage) {
 }
 
 TEST(Cli, BadOptionsExitWithTwo) {
-  expect_one_line_error(run("eval --bogus 1"), "unknown option --bogus");
+  // The command is named once, by main; messages carry no prefix of their own.
+  EXPECT_EQ(run("eval --bogus 1").output, "sapattn eval: error: unknown option --bogus (see sapattn eval --help)\n");
+  EXPECT_EQ(run("gen --preset tiny --out /tmp/x --format npy").output,
+            "sapattn gen: error: .npy has no bf16; use --dtype f16/f32 or --format safetensors\n");
   expect_one_line_error(run("eval --q a.npy"), "--k is required");
   expect_one_line_error(run("eval --in a.safetensors --q a.npy"), "either --in FILE or all of --q, --k, --v");
   expect_one_line_error(run("eval --in x.safetensors --top-p 1.5"), "--top-p must be in");
@@ -184,7 +187,22 @@ TEST(Cli, BadInputFilesExitWithTwo) {
   expect_one_line_error(run("eval --q " + d + "/nan.npy --k " + d + "/good.npy --v " + d + "/good.npy"), "non-finite");
   // Mismatched shapes.
   io::write_npy(d + "/short.npy", random_tensor(DType::F32, {1, 2, 63, 32}, 3).view());
-  expect_one_line_error(run("eval --q " + d + "/good.npy --k " + d + "/short.npy --v " + d + "/short.npy"), "k dim 2");
+  const std::string short_k = "eval --q " + d + "/good.npy --k " + d + "/short.npy --v " + d + "/short.npy";
+  expect_one_line_error(run(short_k), "k dim 2 (S of [B,H,S,D]) must be 64 as in q, got [1,2,63,32] f32 cpu");
+  // The same files read as [B,S,H,D]: the message speaks that layout (the third dim is H there).
+  expect_one_line_error(run(short_k + " --layout bshd"),
+                        "k dim 2 (H of [B,S,H,D]) must be 64 as in q, got [1,2,63,32] f32 cpu");
+  // An empty tensor is reported as empty.
+  io::write_npy(d + "/empty.npy", Tensor(DType::F32, {1, 2, 0, 32}).view());
+  expect_one_line_error(run("eval --q " + d + "/empty.npy --k " + d + "/empty.npy --v " + d + "/empty.npy"),
+                        "q is empty ([1,2,0,32] f32 cpu as [B,H,S,D])");
+  // More clusters than tokens (64 here).
+  const std::string good_qkv = "eval --q " + d + "/good.npy --k " + d + "/good.npy --v " + d + "/good.npy";
+  expect_one_line_error(run(good_qkv + " --q-clusters 10000"),
+                        "--q-clusters 10000 exceeds the 64 video tokens of the input: a cluster needs at least one "
+                        "token");
+  expect_one_line_error(run(good_qkv + " --k-clusters 65"), "--k-clusters 65 exceeds the 64 video tokens");
+  EXPECT_EQ(run(good_qkv + " --k-clusters 64 --q-clusters 64").code, 0);
   // Wrong rank.
   io::write_npy(d + "/rank3.npy", random_tensor(DType::F32, {2, 64, 32}, 4).view());
   expect_one_line_error(run("eval --q " + d + "/rank3.npy --k " + d + "/good.npy --v " + d + "/good.npy"), "rank 4");

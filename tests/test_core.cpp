@@ -8,6 +8,7 @@
 #include "sapattn/config.hpp"
 #include "sapattn/dtype.hpp"
 #include "sapattn/tensor.hpp"
+#include "test_support.hpp"
 
 namespace sapattn {
 namespace {
@@ -76,6 +77,22 @@ TEST(TensorView, SliceAndDescribe) {
   EXPECT_THROW(t.view().slice(4, 0, 1), ShapeError);
 }
 
+TEST(TensorView, DescribesAShapeInTheCallersOrder) {
+  // Logical [B,H,S,D] = [1,2,100,64] over [B,S,H,D] memory: messages print [1,100,2,64].
+  const TensorView s = TensorView::bshd(nullptr, DType::F32, 1, 2, 100, 64);
+  EXPECT_EQ(s.shape[2], 100);
+  EXPECT_EQ(s.describe(), "[1,100,2,64] f32 cpu");
+  EXPECT_EQ(s.caller_dim(2), 1);
+  EXPECT_EQ(s.caller_dim(1), 2);
+  EXPECT_EQ(s.caller_dim(3), 3);
+  EXPECT_STREQ(s.dim_names(), "[B,S,H,D]");
+  EXPECT_EQ(s.slice(2, 0, 10).describe(), "[1,10,2,64] f32 cpu");  // a slice keeps the order
+  const TensorView h = TensorView::bhsd(nullptr, DType::F32, 1, 2, 100, 64);
+  EXPECT_EQ(h.describe(), "[1,2,100,64] f32 cpu");
+  EXPECT_EQ(h.caller_dim(2), 2);
+  EXPECT_STREQ(h.dim_names(), "[B,H,S,D]");
+}
+
 TEST(Buffer, CpuIsAlignedAndCudaIsRefusedInACpuOnlyBuild) {
   const Buffer b = Buffer::allocate(100);
   EXPECT_EQ(reinterpret_cast<uintptr_t>(b.data()) % 64, 0u);
@@ -114,7 +131,14 @@ TEST(Config, RejectsOutOfRangeValues) {
   EXPECT_THROW(bad([](Config& c) { c.text_tokens = 10, c.prompt_length = 11; }).validate(), InvalidArgumentError);
   EXPECT_THROW(bad([](Config& c) { c.scale = -1.0f; }).validate(), InvalidArgumentError);
   EXPECT_THROW(bad([](Config& c) { c.text_tokens = 100; }).validate_for(100, 64), InvalidArgumentError);
-  EXPECT_NO_THROW(bad([](Config& c) { c.text_tokens = 99; }).validate_for(100, 64));
+  EXPECT_NO_THROW(bad([](Config& c) { c.text_tokens = 99, c.q_clusters = 1, c.k_clusters = 1; }).validate_for(100, 64));
+  // At most one cluster per video token: 1000 key clusters need 1000 video tokens.
+  EXPECT_NO_THROW(bad([](Config& c) { c.text_tokens = 10; }).validate_for(1010, 64));
+  testing_support::expect_error_message<InvalidArgumentError>(
+      [&] { bad([](Config& c) { c.text_tokens = 10; }).validate_for(1009, 64); },
+      "k_clusters (1000) exceeds the 999 video tokens");
+  testing_support::expect_error_message<ShapeError>([&] { Config().validate_for(0, 64); },
+                                                    "the sequence is empty (S = 0, D = 64)");
   try {
     bad([](Config& c) { c.top_p = 2.0f; }).validate();
     FAIL() << "no throw";

@@ -452,6 +452,26 @@ TEST(SelectBlocks, RowsWithOnlyEmptyKeyClustersKeepNothing) {
   }
 }
 
+TEST(SelectBlocks, RowsWithANonFiniteScoreKeepEveryCluster) {
+  // A NaN query centroid (a NaN query with check_finite off) cannot be ranked: its row keeps every
+  // key cluster, so the NaN reaches the row's outputs as in dense attention instead of a row of 0.
+  // The other rows select as they did before.
+  ref::Rng rng(case_seed());
+  const BlocksCase bc{1, 1, 4, 10, 16, Layout::Contiguous, 1.0};
+  Blocks b = make_blocks(bc, rng);
+  select_blocks(b.qc.view, b.kc.view, b.sizes.view, b.scale, 0.5f, 0, b.mask.view, kStream);
+  const std::vector<double> finite_mask = ref::to_vector(b.mask.view);
+  ASSERT_LT(std::accumulate(finite_mask.begin() + 2 * bc.Ck, finite_mask.begin() + 3 * bc.Ck, 0.0), bc.Ck);
+  ref::set(b.qc.view, {0, 0, 2, 5}, std::nan(""));
+  select_blocks(b.qc.view, b.kc.view, b.sizes.view, b.scale, 0.5f, 0, b.mask.view, kStream);
+  const std::vector<double> mask = ref::to_vector(b.mask.view);
+  for (int64_t a = 0; a < bc.Cq; ++a)
+    for (int64_t j = 0; j < bc.Ck; ++j) {
+      const size_t i = static_cast<size_t>(a * bc.Ck + j);
+      EXPECT_EQ(mask[i], a == 2 ? 1.0 : finite_mask[i]) << "row " << a << ", column " << j;
+    }
+}
+
 TEST(SelectBlocks, SizeWeightingDecides) {
   // Two key clusters with the same score for every query: the larger one has the larger weight and
   // must rank first, whatever its index.

@@ -37,6 +37,17 @@ void expect_error_untouched(F&& f, const ref::HostTensor& output) {
   expect_error_untouched<E>(std::forward<F>(f), std::vector<const ref::HostTensor*>{&output});
 }
 
+// Runs f, expects exception E, and checks that its message contains `needle`.
+template <typename E, typename F>
+void expect_error_message(F&& f, const std::string& needle) {
+  try {
+    f();
+    ADD_FAILURE() << "no exception; expected one saying: " << needle;
+  } catch (const E& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << "expected '" << needle << "' in: " << e.what();
+  }
+}
+
 // Seeded normal(0, stddev) values of any float dtype (16-bit dtypes hold their rounding).
 inline Tensor random_tensor(DType dtype, std::vector<int64_t> shape, uint32_t seed, float stddev = 1.0f) {
   Tensor t(dtype, std::move(shape));

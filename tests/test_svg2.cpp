@@ -12,6 +12,7 @@
 namespace sapattn {
 namespace {
 
+using testing_support::expect_error_message;
 using testing_support::random_tensor;
 
 // Clustered tokens, so that k-means and selection have structure to find (as in a video DiT).
@@ -365,20 +366,88 @@ TEST(Svg2, RejectsBadInput) {
   EXPECT_FALSE(state.initialized());
 }
 
-TEST(Svg2, MoreClustersThanTokensLeavesEmptyClusters) {
-  const Tensor q = random_tensor(DType::F32, {1, 1, 20, 64}, 25), k = random_tensor(DType::F32, {1, 1, 20, 64}, 26);
+TEST(Svg2, MoreClustersThanVideoTokensIsAnError) {
+  // 20 tokens, 4 of them text: 16 video tokens hold at most 16 clusters of each kind. More would be
+  // empty by construction (issue 17: 10,000 query clusters on 512 tokens ran 5.8 s, silently).
+  const Tensor q = random_tensor(DType::F32, {1, 1, 20, 64}, 25);
+  Tensor out(DType::F32, {1, 1, 20, 64});
   Config c = small_config();
-  c.q_clusters = 32;
-  c.k_clusters = 40;
-  c.top_p = 1.0f;
+  c.text_tokens = 4;
+  c.q_clusters = 17;
   BranchState state;
-  const Svg2Run r = run_svg2(q, k, k, c, state);
-  int empty = 0;
-  for (int a = 0; a < c.k_clusters; ++a) empty += r.k_sizes.data_as<int32_t>()[a] == 0;
-  EXPECT_GE(empty, 20);
-  Tensor o(DType::F32, {1, 1, 20, 64});
-  dense_attention(q.view(), k.view(), k.view(), c.scale_for(64), o.view(), {}, Stream::cpu());
-  EXPECT_LT(max_abs_diff(r.out, o), 1e-5);
+  const auto call = [&] { svg2_attention(q.view(), q.view(), q.view(), c, state, {out.view()}, Stream::cpu()); };
+  expect_error_message<InvalidArgumentError>(call, "q_clusters (17) exceeds the 16 video tokens");
+  c.q_clusters = 16;
+  c.k_clusters = 17;
+  expect_error_message<InvalidArgumentError>(call, "k_clusters (17) exceeds the 16 video tokens");
+  EXPECT_FALSE(state.initialized());
+  c.k_clusters = 16;  // one cluster per video token is the most there can be
+  EXPECT_NO_THROW(call());
+}
+
+TEST(Svg2, ShapeErrorsSpeakTheCallersLayout) {
+  // Issue 17's case: q [1,256,2,64] and k [1,100,2,64] held as [B,S,H,D], as PyTorch passes them.
+  std::vector<float> q(1 * 256 * 2 * 64, 0.5f), k(1 * 100 * 2 * 64, 0.5f), out(q.size());
+  const auto bshd = [](std::vector<float>& m, int64_t S) {
+    return TensorView::bshd(m.data(), DType::F32, 1, 2, S, 64);
+  };
+  const auto bhsd = [](std::vector<float>& m, int64_t S) {
+    return TensorView::bhsd(m.data(), DType::F32, 1, 2, S, 64);
+  };
+  const Config c = small_config();
+  BranchState state;
+  const Stream cpu = Stream::cpu();
+  expect_error_message<ShapeError>(
+      [&] { svg2_attention(bshd(q, 256), bshd(k, 100), bshd(k, 100), c, state, {bshd(out, 256)}, cpu); },
+      "k dim 1 (S of [B,S,H,D]) must be 256 as in q, got [1,100,2,64] f32 cpu");
+  // The same memory seen as [B,H,S,D] is described in those terms.
+  expect_error_message<ShapeError>(
+      [&] { svg2_attention(bhsd(q, 256), bhsd(k, 100), bhsd(k, 100), c, state, {bhsd(out, 256)}, cpu); },
+      "k dim 2 (S of [B,H,S,D]) must be 256 as in q, got [1,2,100,64] f32 cpu");
+  // An empty sequence is reported as empty, not as a text-token or cluster-count problem.
+  std::vector<float> none;
+  expect_error_message<ShapeError>(
+      [&] { svg2_attention(bshd(none, 0), bshd(none, 0), bshd(none, 0), c, state, {bshd(none, 0)}, cpu); },
+      "q is empty ([1,0,2,64] f32 cpu as [B,S,H,D]): attention needs B, S, H and D >= 1");
+  EXPECT_FALSE(state.initialized());
+  // Sizing the workspace from the call's own arguments checks them the same way first.
+  expect_error_message<ShapeError>(
+      [&] { svg2_workspace_bytes(bshd(none, 0), bshd(none, 0), bshd(none, 0), c, {bshd(none, 0)}, cpu); },
+      "q is empty ([1,0,2,64] f32 cpu as [B,S,H,D])");
+  EXPECT_EQ(svg2_workspace_bytes(bshd(q, 256), bshd(q, 256), bshd(q, 256), c, {bshd(out, 256)}, cpu),
+            svg2_workspace_bytes(AttentionShape{1, 2, 256, 64}, c, DType::F32, Device::cpu()));
+  const AttentionShape empty = AttentionShape::of(bshd(none, 0));
+  expect_error_message<ShapeError>([&] { svg2_workspace_bytes(empty, c, DType::F32, Device::cpu()); },
+                                   "the sequence is empty (S = 0, D = 64)");
+}
+
+TEST(Svg2, NanRowsComeBackAsNanWithoutTheFiniteCheck) {
+  // As in dense attention: a NaN query makes its own row NaN (O and LSE) and no other; a NaN key
+  // reaches every row. Before, the NaN query's cluster kept no key cluster and its row read 0.
+  const int64_t S = 256, D = 64;
+  const Tensor k = clustered_tensor(DType::F32, 1, 2, S, D, 4, 40), v = random_tensor(DType::F32, {1, 2, S, D}, 41);
+  Tensor q = clustered_tensor(DType::F32, 1, 2, S, D, 4, 42);
+  const int64_t nan_row = 37;  // head 1
+  q.data_as<float>()[((1 * S) + nan_row) * D + 5] = std::nanf("");
+  Config c = small_config();
+  c.check_finite = false;
+  c.top_p = 0.5f;
+  BranchState state;
+  const Svg2Run r = run_svg2(q, k, v, c, state);
+  for (int64_t s = 0; s < S; ++s) {
+    const bool want_nan = s == nan_row;
+    EXPECT_EQ(std::isnan(r.lse.data_as<float>()[S + s]), want_nan) << "row " << s;
+    for (int64_t d = 0; d < D; ++d) ASSERT_EQ(std::isnan(r.out.data_as<float>()[(S + s) * D + d]), want_nan) << s;
+    EXPECT_TRUE(std::isfinite(r.lse.data_as<float>()[s])) << "head 0, row " << s;
+  }
+  Tensor bad_k = clustered_tensor(DType::F32, 1, 2, S, D, 4, 40);
+  bad_k.data_as<float>()[3 * D] = std::nanf("");  // head 0, key 3
+  BranchState fresh;
+  const Svg2Run rk = run_svg2(clustered_tensor(DType::F32, 1, 2, S, D, 4, 42), bad_k, v, c, fresh);
+  for (int64_t s = 0; s < S; ++s) {
+    EXPECT_TRUE(std::isnan(rk.lse.data_as<float>()[s])) << "head 0, row " << s;
+    EXPECT_TRUE(std::isfinite(rk.lse.data_as<float>()[S + s])) << "head 1, row " << s;
+  }
 }
 
 }  // namespace

@@ -47,7 +47,8 @@ struct Config {
 
   // Throws InvalidArgumentError naming the first bad field and its valid range.
   void validate() const;
-  // Also checks the fields that depend on the sequence: text_tokens < S.
+  // Also checks the fields that depend on the sequence: S >= 1, text_tokens < S, and at most one
+  // cluster per video token (q_clusters, k_clusters <= S - text_tokens; an error, never a clamp).
   void validate_for(int64_t seq_len, int64_t head_dim) const;
   float scale_for(int64_t head_dim) const;
   // Number of always-kept key clusters: floor(min_kc_ratio * k_clusters).

@@ -83,7 +83,8 @@ size_t order_clusters_workspace_bytes(int64_t batch_heads, int64_t clusters, int
 // per row, non-negative weights summing to 1. A row's clusters are ranked by weight, descending,
 // ties by lower index; the shortest prefix whose fp32 running sum reaches top_p is kept (the
 // crossing cluster included, rank 0 always), and the first `min_kept` ranks are always kept.
-// top_p >= 1 keeps every cluster of the row.
+// top_p >= 1 keeps every cluster of the row. A row holding a NaN weight cannot be ranked and keeps
+// every cluster too (CPU backend; the CUDA one does not yet), so NaN inputs reach the row's queries.
 void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, const Stream& stream);
 
 // select_top_p with one top-p per (b,h), chosen for a speed budget: the smallest top_p in (0, 1]
@@ -103,7 +104,9 @@ void select_top_p_at_density(const TensorView& probs, const TensorView& q_sizes,
 // max over non-empty key clusters; then select_top_p. Query-cluster sizes play no part.
 //   q_centroids [B,H,Cq,D] f32, k_centroids [B,H,Ck,D] f32, k_sizes [B,H,Ck] i32 (contiguous)
 //   mask        [B,H,Cq,Ck] u8 (any strides)
-// A row whose key clusters are all empty keeps nothing.
+// A row whose key clusters are all empty keeps nothing. A row with a non-finite score of a non-empty
+// key cluster (NaN or Inf in the centroids) keeps every cluster on the CPU backend: its queries then
+// attend to every key, and a NaN comes out in their rows as in dense attention.
 void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
                    float top_p, int min_kept, TensorView mask, const Stream& stream);
 
@@ -152,7 +155,9 @@ void scatter_rows(const TensorView& y, const TensorView& perm, TensorView out, c
 //   out [B,H,Sq,D] f32/f16/bf16, any strides
 //   lse [B,H,Sq]   f32, any strides, natural-log log-sum-exp of the scaled scores of the keys
 //                  actually attended; optional (pass an empty view). A query row that attends to no
-//                  key gets out = 0 and lse = -inf.
+//                  key gets out = 0 and lse = -inf. A row whose softmax sum is NaN (a NaN input)
+//                  gets NaN out and lse on the CPU backend; the CUDA kernels still give it
+//                  lse = -inf (docs/attention.md).
 // ---------------------------------------------------------------------------------------------
 
 // The variable-size block layout of cluster-permuted tensors.
@@ -233,7 +238,8 @@ void cluster_means(const TensorView& points, const TensorView& labels, TensorVie
 
 // select_blocks' weights written out: P_ij = |K_j| exp(S_ij - m_i) / sum_j |K_j| exp(S_ij - m_i) with
 // S = q_centroids . k_centroids^T * scale and m_i the row max over non-empty key clusters; a row
-// whose key clusters are all empty is all zero. probs [B,H,Cq,Ck] f32, any strides.
+// whose key clusters are all empty is all zero; a row with a non-finite score of a non-empty key
+// cluster is all NaN. probs [B,H,Cq,Ck] f32, any strides.
 void centroid_probs(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes,
                     float scale, TensorView probs, const Stream& stream);
 

@@ -60,9 +60,16 @@ struct Svg2Outputs {
 
 // Bytes of workspace svg2_attention needs for this shape, config and input dtype on `device`.
 size_t svg2_workspace_bytes(const AttentionShape& shape, const Config& config, DType dtype, Device device);
+// The same for the arguments of a call, checked first as svg2_attention checks them: a caller that
+// sizes the workspace before the call hears of bad input in its own layout and names (an empty q, a
+// k of another length), not as a problem of a shape it never wrote.
+size_t svg2_workspace_bytes(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
+                            const Svg2Outputs& outputs, const Stream& stream);
 
 // q, k, v: [B,H,S,D] f32/f16/bf16, any strides, finite (checked unless config.check_finite is
-// false: NonFiniteError otherwise).
+// false: NonFiniteError otherwise; unchecked, a NaN reaches the same output rows as in dense
+// attention on the CPU backend, docs/design.md). None may be empty (ShapeError), and neither
+// cluster count may exceed the video tokens S - text_tokens (InvalidArgumentError).
 // The first call on a fresh branch samples centroids (seeded by config.seed) and runs
 // kmeans_iters_init iterations; later calls warm-start and run kmeans_iters_step. A branch whose
 // cached centroids have another shape throws InvalidArgumentError (call LayerState::reset()).

@@ -2,7 +2,8 @@
 //
 // A TensorView is (pointer, dtype, shape, int64 element strides, device). Attention tensors are
 // always seen through the logical shape [B,H,S,D]; a caller holding [B,S,H,D] memory builds the view
-// with TensorView::bshd() and passes it without a copy.
+// with TensorView::bshd() and passes it without a copy. The view remembers that order, so that an
+// error about it prints shapes and dim numbers as the caller wrote them.
 #pragma once
 
 #include <array>
@@ -31,19 +32,25 @@ std::string to_string(Device d);
 inline constexpr int kMaxRank = 4;
 
 struct TensorView {
+  // The order in which the caller's own shape lists the dims of a rank-4 attention view. Ops index
+  // every view logically ([B,H,S,D], shape and stride below); only messages use the order.
+  enum class Order : uint8_t { BHSD, BSHD };
+
   void* data = nullptr;
   DType dtype = DType::F32;
   int rank = 0;
   std::array<int64_t, kMaxRank> shape{};
   std::array<int64_t, kMaxRank> stride{};  // in elements
   Device device = Device::cpu();
+  Order order = Order::BHSD;  // BSHD for views made by bshd() (and the PyTorch ops' inputs)
 
   // Row-major contiguous view of the given shape.
   static TensorView contiguous(void* data, DType dtype, std::vector<int64_t> shape, Device device = Device::cpu());
   // Logical [B,H,S,D] over memory laid out as [B,H,S,D] (contiguous).
   static TensorView bhsd(void* data, DType dtype, int64_t B, int64_t H, int64_t S, int64_t D,
                          Device device = Device::cpu());
-  // Logical [B,H,S,D] over memory laid out as [B,S,H,D] (contiguous), the layout of diffusers.
+  // Logical [B,H,S,D] over memory laid out as [B,S,H,D] (contiguous), the layout of diffusers;
+  // its messages speak [B,S,H,D] (order = BSHD).
   static TensorView bshd(void* data, DType dtype, int64_t B, int64_t H, int64_t S, int64_t D,
                          Device device = Device::cpu());
 
@@ -59,8 +66,12 @@ struct TensorView {
   }
   // View of dims [lo, hi) along `dim` (same strides).
   TensorView slice(int dim, int64_t lo, int64_t hi) const;
-  // "[2,4,128,64] bf16 cpu" for messages.
+  // "[2,4,128,64] bf16 cpu" for messages: the shape in the caller's order.
   std::string describe() const;
+  // The index the caller's shape gives logical dim `dim` (S is dim 1 of a BSHD view).
+  int caller_dim(int dim) const { return order == Order::BSHD && rank == 4 && (dim == 1 || dim == 2) ? 3 - dim : dim; }
+  // "[B,S,H,D]" or "[B,H,S,D]": how the caller's shape names the dims of a rank-4 attention view.
+  const char* dim_names() const { return order == Order::BSHD ? "[B,S,H,D]" : "[B,H,S,D]"; }
 };
 
 // Owning, device-tagged memory. CPU memory is 64-byte aligned. Allocation on a device this build

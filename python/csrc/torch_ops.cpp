@@ -10,7 +10,13 @@
 //
 // Engine errors become the Python exception a user expects: shapes, values and NaN/Inf ->
 // ValueError; dtypes -> TypeError; unsupported devices or features -> NotImplementedError; the
-// message names the sapattn error kind and the tensor at fault.
+// message names the sapattn error kind and the tensor at fault, with shapes as the caller passed
+// them ([B,S,H,D]).
+//
+// The ops are inference-only: their Autograd kernels give outputs that depend on an input requiring
+// grad a node that raises on backward, so a gradient request fails loudly (see refuse_backward).
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <ATen/ATen.h>
@@ -85,6 +91,7 @@ TensorView bshd_view(const at::Tensor& t, const char* name) {
   TensorView v = view_of(t, name);
   std::swap(v.shape[1], v.shape[2]);
   std::swap(v.stride[1], v.stride[2]);
+  v.order = TensorView::Order::BSHD;  // messages print the shape as the caller passed it
   return v;
 }
 
@@ -187,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> svg2_attention(
     outputs.density = view_of(density, "density");
 
     const Stream stream = stream_for(q);
-    const size_t bytes = svg2_workspace_bytes(AttentionShape::of(qv), config, qv.dtype, stream.device);
+    const size_t bytes = svg2_workspace_bytes(qv, kv, vv, config, outputs, stream);
     at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, q.options().dtype(at::kByte));
     CentroidViews centroids{view_of(q_centroids, "q_centroids"), view_of(k_centroids, "k_centroids"), {}};
     if (sample_ids.has_value()) {
@@ -248,6 +255,52 @@ std::string attention_kernel_name(const at::Tensor& q) {
   });
 }
 
+// What backward through an op raises. The ops have no backward: a training step must not run
+// them, and the caller learns it at the backward call rather than from a gradient left as None.
+void refuse_backward(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     std::initializer_list<at::Tensor> outputs) {
+  if (!torch::autograd::compute_requires_grad(q, k, v)) return;
+  const std::string message = std::string("sapattn.") + op +
+                              " is inference-only and has no backward; run it under torch.no_grad() or "
+                              "torch.inference_mode(), or use torch's scaled_dot_product_attention to train";
+  const std::shared_ptr<torch::autograd::Node> node(
+      new torch::autograd::Error(message, torch::autograd::collect_next_edges(q, k, v)), torch::autograd::deleteNode);
+  for (const at::Tensor& t : outputs)
+    if (t.defined() && t.is_floating_point()) torch::autograd::set_history(t, node);
+}
+
+// The Autograd kernels: the op itself below autograd, then refuse_backward on its float outputs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> svg2_attention_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& q_centroids, at::Tensor& k_centroids,
+    bool initialize, double top_p, double min_kc_ratio, int64_t kmeans_iters_init, int64_t kmeans_iters_step,
+    int64_t seed, int64_t text_tokens, int64_t prompt_length, double scale, bool check_finite, bool return_lse,
+    int64_t key_shard_index, int64_t key_shard_count, const std::optional<at::Tensor>& sample_ids) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("sapattn::svg2_attention", "").typed<decltype(svg2_attention)>();
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
+  {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    result = op.call(q, k, v, q_centroids, k_centroids, initialize, top_p, min_kc_ratio, kmeans_iters_init,
+                     kmeans_iters_step, seed, text_tokens, prompt_length, scale, check_finite, return_lse,
+                     key_shard_index, key_shard_count, sample_ids);
+  }
+  refuse_backward("svg2_attention", q, k, v, {std::get<0>(result), std::get<1>(result), std::get<2>(result)});
+  return result;
+}
+
+std::tuple<at::Tensor, at::Tensor> dense_attention_autograd(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, double scale, bool return_lse) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("sapattn::dense_attention", "").typed<decltype(dense_attention)>();
+  std::tuple<at::Tensor, at::Tensor> result;
+  {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    result = op.call(q, k, v, scale, return_lse);
+  }
+  refuse_backward("dense_attention", q, k, v, {std::get<0>(result), std::get<1>(result)});
+  return result;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sapattn, m) {
@@ -274,6 +327,11 @@ TORCH_LIBRARY_IMPL(sapattn, CUDA, m) {
   m.impl("kmeans", &kmeans);
 }
 #endif
+
+TORCH_LIBRARY_IMPL(sapattn, Autograd, m) {
+  m.impl("svg2_attention", &svg2_attention_autograd);
+  m.impl("dense_attention", &dense_attention_autograd);
+}
 
 // The kernel query reads only metadata: one implementation for every device.
 TORCH_LIBRARY_IMPL(sapattn, CompositeExplicitAutograd, m) { m.impl("attention_kernel", &attention_kernel_name); }

@@ -38,22 +38,27 @@ class BranchState:
         self.q_centroids = self.k_centroids = None
         self.calls = self.warm_iters = 0
 
-    def prepare(self, q: torch.Tensor, config: SVG2Config) -> bool:
-        """Makes sure centroids of the right shape exist for q ([B, S, H, D]); returns True when
-        they are new and must be initialised. A state that caches another shape, device or cluster
-        count is an error (call reset() when the batch, heads or config change)."""
+    def prepare(self, q: torch.Tensor, config: SVG2Config, text_tokens: int = 0) -> bool:
+        """Makes sure centroids of the right shape exist for q ([B, S, H, D], whose last
+        `text_tokens` tokens are text); returns True when they are new and must be initialised. The
+        cluster counts are the config's for the video tokens (SVG2Config.cluster_counts). A state
+        that caches another shape, device or cluster count is an error (call reset() when the batch,
+        heads, config or, with counts that scale, the sequence length change)."""
         if q.dim() != 4:
             raise ValueError(f"sapattn: q must be [batch, seq, heads, head_dim], got shape {tuple(q.shape)}")
-        batch, _, heads, dim = q.shape
-        want_q = (batch, heads, config.q_clusters, dim)
-        want_k = (batch, heads, config.k_clusters, dim)
+        batch, seq, heads, dim = q.shape
+        # An empty q or a text that fills the sequence is the op's to report, in its own words.
+        q_clusters, k_clusters = config.cluster_counts(seq - text_tokens) if seq > text_tokens else (1, 1)
+        want_q = (batch, heads, q_clusters, dim)
+        want_k = (batch, heads, k_clusters, dim)
         if self.initialized:
             if (tuple(self.q_centroids.shape) != want_q or tuple(self.k_centroids.shape) != want_k
                     or self.q_centroids.device != q.device):
                 raise ValueError(
                     f"sapattn: this branch state holds centroids {tuple(self.q_centroids.shape)} / "
                     f"{tuple(self.k_centroids.shape)} on {self.q_centroids.device}, but the call needs {want_q} / "
-                    f"{want_k} on {q.device}; call reset() when the batch, heads or cluster counts change")
+                    f"{want_k} on {q.device}; call reset() when the batch, heads, cluster counts or sequence "
+                    "length change")
             return False
         self.q_centroids = torch.empty(want_q, dtype=torch.float32, device=q.device)
         self.k_centroids = torch.empty(want_k, dtype=torch.float32, device=q.device)
@@ -99,8 +104,11 @@ def svg2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: SV
     sample, so that a head run apart from the others (on another device) samples the same points.
     Returns (out [B, S, H, D] in q's dtype, lse [B, H, S] float32 or None, density [B, H] float32).
     The state's centroids are initialised (seeded sample, kmeans_iters_init iterations) on its
-    first call and warm-started (kmeans_iters_step iterations) after."""
-    initialize = state.prepare(q, config)
+    first call and warm-started (kmeans_iters_step iterations) after.
+
+    Inference only: the outputs have no backward (calling it raises RuntimeError). A NaN in q or k
+    comes back as NaN in the rows it reaches, as in torch's attention, on the CPU (docs/torch.md)."""
+    initialize = state.prepare(q, config, text_tokens)
     lengths = [prompt_length] * q.shape[0] if isinstance(prompt_length, int) else list(prompt_length)
     if len(lengths) != q.shape[0]:
         raise ValueError(f"sapattn: {len(lengths)} prompt lengths for a batch of {q.shape[0]}")
@@ -132,7 +140,7 @@ def warm_centroids(q: torch.Tensor, k: torch.Tensor, config: SVG2Config, state: 
     """Runs `iters` k-means iterations of the video queries and keys into the state without
     attending (used during dense steps, so that the first sparse call can start warm). A new state
     is sampled first, with the same seeds as svg2_attention's initialisation."""
-    initialize = state.prepare(q, config)
+    initialize = state.prepare(q, config, text_tokens)
     video = q.shape[1] - text_tokens
     with _fresh_on_failure(state, initialize):
         torch.ops.sapattn.kmeans(q[:, :video], state.q_centroids, initialize, iters, config.seed)
@@ -142,7 +150,8 @@ def warm_centroids(q: torch.Tensor, k: torch.Tensor, config: SVG2Config, state: 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float = 0.0,
                     return_lse: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Full attention with sapattn's kernels. q, k, v: [B, S, H, D]; scale 0 means 1/sqrt(D)."""
+    """Full attention with sapattn's kernels. q, k, v: [B, S, H, D]; scale 0 means 1/sqrt(D).
+    Inference only, like svg2_attention."""
     out, lse = torch.ops.sapattn.dense_attention(q, k, v, scale, return_lse)
     return out, (lse if return_lse else None)
 

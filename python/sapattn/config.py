@@ -1,19 +1,29 @@
 """SVG2 configuration: the method's knobs and the schedule that decides which calls are sparse.
 
 Defaults are the official Wan 2.1 T2V 720p script's (see ../shared/ANCHORS.md in the project):
-300 query clusters, 1000 key clusters, top-p 0.9, min_kc_ratio 0.10, 50 k-means iterations at a
-layer's first sparse call and 2 after, dense for the first 20% of the steps and 3% of the layers."""
+300 query clusters and 1000 key clusters at its 75,600 tokens, top-p 0.9, min_kc_ratio 0.10, 50
+k-means iterations at a layer's first sparse call and 2 after, dense for the first 20% of the steps
+and 3% of the layers. Shorter sequences get the same tokens per cluster, as the sapattn command's."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional, Tuple
+
+# The official Wan 2.1 720p counts, 300 query and 1000 key clusters for 75,600 video tokens, as tokens
+# per cluster: the default counts of a shorter sequence (tools/sapattn/common.cpp, config_from).
+_TOKENS_PER_Q_CLUSTER = 252.0
+_TOKENS_PER_K_CLUSTER = 75.6
+_MAX_Q_CLUSTERS, _MAX_K_CLUSTERS = 300, 1000
 
 
 @dataclasses.dataclass
 class SVG2Config:
-    q_clusters: int = 300
-    k_clusters: int = 1000
+    # None: scale with the call's video tokens (cluster_counts); a number: that many, which must not
+    # exceed the video tokens (a cluster needs at least one token).
+    q_clusters: Optional[int] = None
+    k_clusters: Optional[int] = None
     top_p: float = 0.9
     min_kc_ratio: float = 0.10
     kmeans_iters_init: int = 50
@@ -39,8 +49,8 @@ class SVG2Config:
             if not cond:
                 raise ValueError(f"SVG2Config: {what}")
 
-        need(self.q_clusters >= 1, f"q_clusters must be >= 1, got {self.q_clusters}")
-        need(self.k_clusters >= 1, f"k_clusters must be >= 1, got {self.k_clusters}")
+        need(self.q_clusters is None or self.q_clusters >= 1, f"q_clusters must be None or >= 1, got {self.q_clusters}")
+        need(self.k_clusters is None or self.k_clusters >= 1, f"k_clusters must be None or >= 1, got {self.k_clusters}")
         need(math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
         need(math.isfinite(self.min_kc_ratio) and 0.0 <= self.min_kc_ratio <= 1.0,
              f"min_kc_ratio must be in [0, 1], got {self.min_kc_ratio}")
@@ -55,18 +65,39 @@ class SVG2Config:
     def replace(self, **changes) -> "SVG2Config":
         return dataclasses.replace(self, **changes)
 
+    def cluster_counts(self, video_tokens: int) -> Tuple[int, int]:
+        """(query clusters, key clusters) for a call with this many video tokens. A count left None is
+        one query cluster per 252 video tokens (at most 300) and one key cluster per 75.6 (at most
+        1000): the official 720p counts at 75,600 tokens, the same tokens per cluster below. A count
+        given that exceeds the video tokens raises ValueError: it would leave clusters empty by
+        construction and cost time for nothing."""
+        def scaled(per: float, cap: int) -> int:
+            return min(max(1, math.ceil(video_tokens / per)), cap)
+
+        q = scaled(_TOKENS_PER_Q_CLUSTER, _MAX_Q_CLUSTERS) if self.q_clusters is None else self.q_clusters
+        k = scaled(_TOKENS_PER_K_CLUSTER, _MAX_K_CLUSTERS) if self.k_clusters is None else self.k_clusters
+        for name, count, per, cap in (("q_clusters", q, _TOKENS_PER_Q_CLUSTER, _MAX_Q_CLUSTERS),
+                                      ("k_clusters", k, _TOKENS_PER_K_CLUSTER, _MAX_K_CLUSTERS)):
+            if count > video_tokens:
+                raise ValueError(f"SVG2Config: {name}={count} exceeds the {video_tokens} video tokens of this call: a "
+                                 f"cluster needs at least one token; leave {name}=None for one cluster per {per:g} "
+                                 f"video tokens (at most {cap})")
+        return q, k
+
     # -- presets (ANCHORS.md) -------------------------------------------------------------------
+    # The 720p preset is the defaults: 300 / 1000 clusters at 720p, scaled on shorter sequences. The
+    # others fix the official counts of their resolution (a shorter sequence must set its own).
     @classmethod
     def wan_t2v_720p(cls, **changes) -> "SVG2Config":
         return cls(**changes)
 
     @classmethod
     def wan_480p(cls, **changes) -> "SVG2Config":
-        return cls(**{"q_clusters": 200, **changes})
+        return cls(**{"q_clusters": 200, "k_clusters": 1000, **changes})
 
     @classmethod
     def hunyuan_720p(cls, **changes) -> "SVG2Config":
-        return cls(**{"q_clusters": 400, "first_times_fp": 0.1, **changes})
+        return cls(**{"q_clusters": 400, "k_clusters": 1000, "first_times_fp": 0.1, **changes})
 
     def with_fixed_density(self, density: float) -> "SVG2Config":
         """A fixed budget instead of top-p: every query cluster keeps its floor(density * Ck)

@@ -4,6 +4,7 @@ rule, warm starts, per-item prompts), bad input, torch.compile's fake kernels, g
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -191,3 +192,97 @@ def test_meta_tensors_and_opcheck():
     meta = [t.to("meta") for t in (q, k, v, qc, kc)]
     out, lse, density = torch.ops.sapattn.svg2_attention(*meta, *args[5:])
     assert out.shape == q.shape and lse.shape == (1, 3, 96) and density.shape == (1, 3)
+
+
+def test_errors_speak_the_callers_layout():
+    """Issue 17: shapes and dim numbers as the caller passed them ([B, S, H, D]), one prefix."""
+    q, k = randn((1, 256, 2, 64), seed=1, device="cpu"), randn((1, 100, 2, 64), seed=2, device="cpu")
+    with pytest.raises(ValueError) as error:
+        sapattn.svg2_attention(q, k, k, small_config(), sapattn.BranchState())
+    want = "sapattn ShapeError: k dim 1 (S of [B,S,H,D]) must be 256 as in q, got [1,100,2,64] f32 cpu"
+    assert want in str(error.value)
+    assert str(error.value).count("sapattn") == 1
+    short_d = randn((1, 256, 2, 32), seed=3, device="cpu")
+    with pytest.raises(ValueError, match=re.escape("k dim 3 (D of [B,S,H,D]) must be 64 as in q, got [1,256,2,32]")):
+        sapattn.dense_attention(q, short_d, short_d)
+    empty = torch.empty(1, 0, 2, 64)
+    message = "q is empty ([1,0,2,64] f32 cpu as [B,S,H,D]): attention needs B, S, H and D >= 1"
+    state = sapattn.BranchState()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sapattn.svg2_attention(empty, empty, empty, small_config(), state)
+    assert not state.initialized
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sapattn.dense_attention(empty, empty, empty)
+
+
+def test_default_cluster_counts_scale_with_the_sequence():
+    """SVG2Config() counts follow the sapattn command's rule: 300 / 1000 clusters at Wan 720p's
+    75,600 tokens, the same tokens per cluster (252 / 75.6) below."""
+    cfg = sapattn.SVG2Config()
+    assert cfg.cluster_counts(75_600) == (300, 1000)
+    assert cfg.cluster_counts(200_000) == (300, 1000)
+    assert cfg.cluster_counts(32_760) == (130, 434)
+    assert cfg.cluster_counts(256) == (2, 4)
+    assert cfg.cluster_counts(1) == (1, 1)
+    assert sapattn.SVG2Config(q_clusters=7).cluster_counts(256) == (7, 4)
+    # A 256-token video with 16 text tokens: the state gets 2 query and 4 key clusters.
+    q, k, v = qkv(torch.device("cpu"), batch=1, seq=272, heads=2)
+    state = sapattn.BranchState()
+    sapattn.svg2_attention(q, k, v, cfg, state, text_tokens=16, prompt_length=16)
+    assert state.q_centroids.shape == (1, 2, 2, 64) and state.k_centroids.shape == (1, 2, 4, 64)
+
+
+def test_cluster_counts_above_the_tokens_are_errors():
+    q, k, v = qkv(torch.device("cpu"), batch=1, seq=272, heads=2)
+    message = ("SVG2Config: k_clusters=1000 exceeds the 256 video tokens of this call: a cluster needs at least one "
+               "token; leave k_clusters=None for one cluster per 75.6 video tokens (at most 1000)")
+    for run in (lambda s: sapattn.svg2_attention(q, k, v, sapattn.SVG2Config.wan_480p(), s, text_tokens=16),
+                lambda s: sapattn.warm_centroids(q, k, sapattn.SVG2Config.wan_480p(), s, 2, text_tokens=16)):
+        state = sapattn.BranchState()
+        with pytest.raises(ValueError, match=re.escape(message)):
+            run(state)
+        assert not state.initialized
+    # The op itself refuses too (the engine's check), in the engine's names.
+    centroids = [torch.zeros(1, 2, n, 64) for n in (300, 8)]
+    with pytest.raises(ValueError, match=re.escape("sapattn InvalidArgumentError: q_clusters (300) exceeds the 272 "
+                                                   "video tokens")):
+        torch.ops.sapattn.svg2_attention(q, k, v, *centroids, True, 0.9, 0.1, 2, 2, 0, 0, 0, 0.0, False, False)
+
+
+def test_nan_rows_come_back_as_nan_like_sdpa():
+    """check_finite off (the default): a NaN query's own row is NaN, and nothing else (as in torch's
+    attention); a NaN key makes every row of its head NaN. The CPU path; docs/torch.md says what the
+    CUDA kernels do."""
+    q, k, v = qkv(torch.device("cpu"), batch=1, seq=320, heads=2)
+    cfg = small_config(top_p=0.5)
+    q[0, 37, 1, 5] = float("nan")
+    out, lse, _ = sapattn.svg2_attention(q, k, v, cfg, sapattn.BranchState(), return_lse=True)
+    nan_rows = torch.isnan(out).any(-1)  # [B, S, H]
+    assert torch.equal(nan_rows, torch.isnan(sdpa(q, k, v)).any(-1)) and nan_rows.sum() == 1
+    assert torch.isnan(out[0, 37, 1]).all() and torch.isnan(lse[0, 1, 37])
+    assert torch.isfinite(lse).sum() == lse.numel() - 1
+    dense_out, dense_lse = sapattn.dense_attention(q, k, v, return_lse=True)
+    assert torch.equal(torch.isnan(dense_out), torch.isnan(out))
+    assert torch.equal(torch.isnan(dense_lse), torch.isnan(lse))
+    q, k, v = qkv(torch.device("cpu"), batch=1, seq=320, heads=2)
+    k[0, 3, 0, 1] = float("nan")
+    out, lse, _ = sapattn.svg2_attention(q, k, v, cfg, sapattn.BranchState(), return_lse=True)
+    assert torch.equal(torch.isnan(out), torch.isnan(sdpa(q, k, v)))
+    assert torch.isnan(lse[0, 0]).all() and torch.isfinite(lse[0, 1]).all()
+
+
+def test_ops_are_inference_only():
+    """No backward: asking for a gradient raises instead of leaving q.grad None."""
+    q, k, v = (t.requires_grad_() for t in qkv(torch.device("cpu"), batch=1, seq=64, heads=2))
+    out, lse, density = sapattn.svg2_attention(q, k, v, small_config(), sapattn.BranchState(), return_lse=True)
+    assert out.requires_grad and lse.requires_grad
+    with pytest.raises(RuntimeError, match="sapattn.svg2_attention is inference-only and has no backward"):
+        (out.sum() + q.sum()).backward()
+    dense, _ = sapattn.dense_attention(q, k, v)
+    with pytest.raises(RuntimeError, match="sapattn.dense_attention is inference-only and has no backward"):
+        dense.sum().backward()
+    with torch.no_grad():
+        out = sapattn.svg2_attention(q, k, v, small_config(), sapattn.BranchState())[0]
+    assert not out.requires_grad
+    frozen = sapattn.dense_attention(q.detach(), k.detach(), v.detach())[0]
+    assert not frozen.requires_grad

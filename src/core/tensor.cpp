@@ -39,6 +39,7 @@ TensorView TensorView::bshd(void* data, DType dtype, int64_t B, int64_t H, int64
   // Memory [B,S,H,D]; logical dims (b,h,s,d) map to strides (S*H*D, D, H*D, 1).
   TensorView t = contiguous(data, dtype, {B, H, S, D}, device);
   t.stride = {S * H * D, D, H * D, 1};
+  t.order = Order::BSHD;
   return t;
 }
 
@@ -69,8 +70,10 @@ TensorView TensorView::slice(int dim, int64_t lo, int64_t hi) const {
 
 std::string TensorView::describe() const {
   std::ostringstream os;
+  std::array<int64_t, kMaxRank> caller_shape{};
+  for (int i = 0; i < rank; ++i) caller_shape[caller_dim(i)] = shape[i];
   os << "[";
-  for (int i = 0; i < rank; ++i) os << (i ? "," : "") << shape[i];
+  for (int i = 0; i < rank; ++i) os << (i ? "," : "") << caller_shape[i];
   os << "] " << dtype_name(dtype) << " " << to_string(device);
   return os.str();
 }

@@ -77,14 +77,16 @@ void attend_tile(const float* q, const float* k, const float* v, int64_t D, floa
   }
   std::vector<float> o(D);
   for (int64_t r = 0; r < rows; ++r) {
-    const bool attended = row_sum[r] > 0.0f;
-    const float inv = attended ? 1.0f / row_sum[r] : 0.0f;
+    // Only a row that saw no key has a sum of 0 (the max key contributes exp(0) = 1): O = 0 and
+    // LSE = -inf. A NaN among its inputs makes the sum NaN, and the NaN goes on to O and LSE, as
+    // in dense attention (SDPA), rather than passing for an empty row.
+    const bool no_keys = row_sum[r] == 0.0f;
+    const float inv = no_keys ? 0.0f : 1.0f / row_sum[r];
     for (int64_t d = 0; d < D; ++d) o[d] = acc[r * D + d] * inv;
     const int64_t row = q_perm != nullptr ? q_perm[q_begin + r] : q_begin + r;
     store_row(out, b, h, row, o.data());
     if (!lse.empty())
-      at<float>(lse, b, h, row) =
-          attended ? row_max[r] + std::log(row_sum[r]) : -std::numeric_limits<float>::infinity();
+      at<float>(lse, b, h, row) = no_keys ? -std::numeric_limits<float>::infinity() : row_max[r] + std::log(row_sum[r]);
   }
 }
 

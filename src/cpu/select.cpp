@@ -18,7 +18,11 @@ namespace {
 // (at least one entry, at least min_kept). Writes all C entries of the mask row.
 void keep_top_p_row(const float* w, int64_t w_stride, int64_t C, float top_p, int64_t min_kept, uint8_t* mask,
                     int64_t mask_stride, std::vector<int32_t>& order) {
-  if (top_p >= 1.0f) {
+  // A NaN weight (from a NaN or Inf centroid) cannot be ranked: such a row keeps every cluster, so
+  // that the NaN reaches its queries' outputs as in dense attention instead of an empty row's 0.
+  bool ranked = true;
+  for (int64_t c = 0; c < C; ++c) ranked = ranked && !std::isnan(w[c * w_stride]);
+  if (top_p >= 1.0f || !ranked) {
     for (int64_t c = 0; c < C; ++c) mask[c * mask_stride] = 1;
     return;
   }
@@ -56,15 +60,24 @@ void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView
 namespace {
 
 // One row of the size-weighted centroid softmax: weight[j] = |K_j| exp(S_j - m) / sum, m the max
-// over non-empty key clusters. Returns false (weights all 0) when every key cluster is empty.
+// over non-empty key clusters. Returns false (weights all 0) when every key cluster is empty. A
+// non-finite score of a non-empty cluster (NaN or Inf in the inputs) makes every weight NaN.
 bool centroid_prob_row(const float* cq, const float* ck, const int32_t* size, int64_t Ck, int64_t D, float scale,
                        std::vector<float>& score, float* weight) {
   float row_max = -std::numeric_limits<float>::infinity();
+  bool finite = true;
   for (int64_t j = 0; j < Ck; ++j) {
     float dot = 0.0f;
     for (int64_t d = 0; d < D; ++d) dot += cq[d] * ck[j * D + d];
     score[j] = dot * scale;
-    if (size[j] > 0) row_max = std::max(row_max, score[j]);
+    if (size[j] > 0) {
+      row_max = std::max(row_max, score[j]);
+      finite = finite && std::isfinite(score[j]);
+    }
+  }
+  if (!finite) {
+    std::fill(weight, weight + Ck, std::numeric_limits<float>::quiet_NaN());
+    return true;
   }
   if (row_max == -std::numeric_limits<float>::infinity()) {  // every key cluster is empty
     std::fill(weight, weight + Ck, 0.0f);

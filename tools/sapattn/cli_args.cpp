@@ -23,8 +23,8 @@ bool Args::parse(int argc, char** argv) {
       std::cout << help();
       return false;
     }
-    SAPATTN_CHECK(word.rfind("--", 0) == 0 && word.size() > 2, UsageError, "sapattn ", command_,
-                  ": unexpected argument '", word, "' (see sapattn ", command_, " --help)");
+    SAPATTN_CHECK(word.rfind("--", 0) == 0 && word.size() > 2, UsageError, "unexpected argument '", word,
+                  "' (see sapattn ", command_, " --help)");
     std::string name = word.substr(2), value;
     const size_t eq = name.find('=');
     const bool inline_value = eq != std::string::npos;
@@ -33,14 +33,12 @@ bool Args::parse(int argc, char** argv) {
       name = name.substr(0, eq);
     }
     const Option* opt = find(name);
-    SAPATTN_CHECK(opt != nullptr, UsageError, "sapattn ", command_, ": unknown option --", name, " (see sapattn ",
-                  command_, " --help)");
-    SAPATTN_CHECK(!values_.count(name), UsageError, "sapattn ", command_, ": --", name, " given twice");
+    SAPATTN_CHECK(opt != nullptr, UsageError, "unknown option --", name, " (see sapattn ", command_, " --help)");
+    SAPATTN_CHECK(!values_.count(name), UsageError, "--", name, " given twice");
     if (opt->value_name.empty()) {
-      SAPATTN_CHECK(!inline_value, UsageError, "sapattn ", command_, ": --", name, " takes no value");
+      SAPATTN_CHECK(!inline_value, UsageError, "--", name, " takes no value");
     } else if (!inline_value) {
-      SAPATTN_CHECK(i + 1 < argc, UsageError, "sapattn ", command_, ": --", name, " needs a value (", opt->value_name,
-                    ")");
+      SAPATTN_CHECK(i + 1 < argc, UsageError, "--", name, " needs a value (", opt->value_name, ")");
       value = argv[++i];
     }
     values_[name] = value;
@@ -70,8 +68,7 @@ std::string Args::get(const std::string& name, const std::string& fallback) cons
 }
 
 std::string Args::require(const std::string& name) const {
-  SAPATTN_CHECK(has(name), UsageError, "sapattn ", command_, ": --", name, " is required (see sapattn ", command_,
-                " --help)");
+  SAPATTN_CHECK(has(name), UsageError, "--", name, " is required (see sapattn ", command_, " --help)");
   return values_.at(name);
 }
 
@@ -80,10 +77,9 @@ int64_t Args::get_int(const std::string& name, int64_t fallback, int64_t lo, int
   const std::string& s = values_.at(name);
   int64_t v = 0;
   const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
-  SAPATTN_CHECK(ec == std::errc() && end == s.data() + s.size(), UsageError, "sapattn ", command_, ": --", name,
-                " needs an integer, got '", s, "'");
-  SAPATTN_CHECK(v >= lo && v <= hi, UsageError, "sapattn ", command_, ": --", name, " must be in [", lo, ", ", hi,
-                "], got ", v);
+  SAPATTN_CHECK(ec == std::errc() && end == s.data() + s.size(), UsageError, "--", name, " needs an integer, got '", s,
+                "'");
+  SAPATTN_CHECK(v >= lo && v <= hi, UsageError, "--", name, " must be in [", lo, ", ", hi, "], got ", v);
   return v;
 }
 
@@ -94,10 +90,9 @@ double Args::get_double(const std::string& name, double fallback, double lo, dou
 double Args::number(const std::string& name, const std::string& s, double lo, double hi) const {
   double v = 0;
   const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
-  SAPATTN_CHECK(ec == std::errc() && end == s.data() + s.size() && std::isfinite(v), UsageError, "sapattn ", command_,
-                ": --", name, " needs a number, got '", s, "'");
-  SAPATTN_CHECK(v >= lo && v <= hi, UsageError, "sapattn ", command_, ": --", name, " must be in [", lo, ", ", hi,
-                "], got ", v);
+  SAPATTN_CHECK(ec == std::errc() && end == s.data() + s.size() && std::isfinite(v), UsageError, "--", name,
+                " needs a number, got '", s, "'");
+  SAPATTN_CHECK(v >= lo && v <= hi, UsageError, "--", name, " must be in [", lo, ", ", hi, "], got ", v);
   return v;
 }
 
@@ -111,7 +106,7 @@ std::string Args::choice(const std::string& name, const std::string& v, const st
     if (v == c) return v;
   std::string list;
   for (const std::string& c : choices) list += (list.empty() ? "" : ", ") + c;
-  SAPATTN_THROW(UsageError, "sapattn ", command_, ": --", name, " must be one of ", list, ", got '", v, "'");
+  SAPATTN_THROW(UsageError, "--", name, " must be one of ", list, ", got '", v, "'");
 }
 
 namespace {

@@ -1,5 +1,6 @@
 // A small command-line parser: declared options only, typed getters with range checks. Every
-// problem throws UsageError, which main() turns into a one-line message and exit code 2.
+// problem throws UsageError, which main() turns into one line, "sapattn <command>: error: <message>",
+// and exit code 2; so messages carry no prefix of their own.
 #pragma once
 
 #include <cstdint>

@@ -143,10 +143,11 @@ int run_demo(int argc, char** argv) {
   if (!args.parse(argc, argv)) return 0;
   const std::string out = args.get("out", "out/demo");
   const workload::Preset preset = workload::preset(args.get("preset", "tiny"));
-  SAPATTN_CHECK(preset.video_tokens() <= 20000, UsageError, "sapattn demo: preset ", preset.name, " has ",
-                preset.video_tokens(), " tokens; the CPU demo takes presets up to 20,000 (use sapattn eval)");
+  SAPATTN_CHECK(preset.video_tokens() <= 20000, UsageError, "preset ", preset.name, " has ", preset.video_tokens(),
+                " tokens; the CPU demo takes presets up to 20,000 (use sapattn eval)");
   const int threads = threads_from(args);
   Config config = config_from(args, preset.video_tokens());
+  check_cluster_counts(args, config, preset.video_tokens());
   config.text_tokens = preset.text_tokens;
   config.prompt_length = preset.prompt_length;
   std::error_code ec;

@@ -78,7 +78,7 @@ int run_eval(int argc, char** argv) {
   if (!args.parse(argc, argv)) return 0;
   const bool have_in = args.has("in");
   SAPATTN_CHECK(have_in != (args.has("q") || args.has("k") || args.has("v")), UsageError,
-                "sapattn eval: give either --in FILE or all of --q, --k, --v");
+                "give either --in FILE or all of --q, --k, --v");
   const std::string qp = have_in ? args.get("in", "") : args.require("q");
   const std::string kp = have_in ? args.get("in", "") : args.require("k");
   const std::string vp = have_in ? args.get("in", "") : args.require("v");
@@ -106,6 +106,7 @@ int run_eval(int argc, char** argv) {
   const int64_t S = q.shape[2];
   const int64_t text = args.get_int("text-tokens", 0, 0, S - 1);
   Config config = config_from(args, S - text);
+  check_cluster_counts(args, config, S - text);
   config.text_tokens = text;
   config.prompt_length = args.get_int("prompt-length", 0, 0, text);
   config.compensate = args.flag("compensate");

@@ -44,7 +44,7 @@ int run_gen(int argc, char** argv) {
   const std::string dtype_name = args.get_choice("dtype", "bf16", {"bf16", "f16", "f32"});
   const std::string format = args.get_choice("format", "safetensors", {"safetensors", "npy"});
   SAPATTN_CHECK(!(format == "npy" && dtype_name == "bf16"), UsageError,
-                "sapattn gen: .npy has no bf16; use --dtype f16/f32 or --format safetensors");
+                ".npy has no bf16; use --dtype f16/f32 or --format safetensors");
   const int threads = static_cast<int>(args.get_int("threads", 0, 0, 4096));
 
   std::error_code ec;

@@ -22,6 +22,9 @@ std::vector<Option> svg2_options();
 // (one query cluster per 252 video tokens, one key cluster per 75.6), so small inputs are not cut
 // into clusters of a handful of tokens.
 Config config_from(const Args& args, int64_t video_tokens);
+// UsageError naming --q-clusters or --k-clusters when the count given exceeds the video tokens (the
+// engine refuses it too, in its own names).
+void check_cluster_counts(const Args& args, const Config& config, int64_t video_tokens);
 int threads_from(const Args& args);
 
 // One row of the methods table.

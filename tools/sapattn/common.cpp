@@ -2,6 +2,7 @@
 #include <cmath>
 #include <cstdio>
 #include <sstream>
+#include <utility>
 
 #include "commands.hpp"
 
@@ -31,6 +32,15 @@ Config config_from(const Args& args, int64_t video_tokens) {
   c.kmeans_iters_init = static_cast<int>(args.get_int("kmeans-iters", 50, 0, 100000));
   c.seed = static_cast<uint64_t>(args.get_int("seed", 0, 0, INT64_MAX));
   return c;
+}
+
+void check_cluster_counts(const Args& args, const Config& config, int64_t video_tokens) {
+  // The defaults never exceed a non-empty input; an empty one is the engine's to report.
+  if (video_tokens < 1) return;
+  for (const auto& [option, count] : {std::pair{"q-clusters", config.q_clusters}, {"k-clusters", config.k_clusters}})
+    SAPATTN_CHECK(!args.has(option) || count <= video_tokens, UsageError, "--", option, " ", count, " exceeds the ",
+                  video_tokens,
+                  " video tokens of the input: a cluster needs at least one token (leave it out for the default)");
 }
 
 int threads_from(const Args& args) { return static_cast<int>(args.get_int("threads", 0, 0, 4096)); }
