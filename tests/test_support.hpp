@@ -4,7 +4,9 @@
 
 #include <gtest/gtest.h>
 
+#include <cctype>
 #include <random>
+#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -35,6 +37,20 @@ void expect_error_untouched(F&& f, std::vector<const ref::HostTensor*> outputs) 
 template <typename E, typename F>
 void expect_error_untouched(F&& f, const ref::HostTensor& output) {
   expect_error_untouched<E>(std::forward<F>(f), std::vector<const ref::HostTensor*>{&output});
+}
+
+// A readable name for a value-parameterised case, e.g. case_name("f16", "transposed+padded", "B2H3")
+// = "f16_transposed_padded_B2H3": the parts joined by '_', every character that GoogleTest does not
+// take in a name made '_'. CTest registers each case under this name (tests/CMakeLists.txt).
+template <typename... Parts>
+std::string case_name(const Parts&... parts) {
+  std::ostringstream os;
+  ((os << parts << '_'), ...);
+  std::string name = os.str();
+  name.pop_back();
+  for (char& c : name)
+    if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
+  return name;
 }
 
 // Seeded normal(0, stddev) values of any float dtype (16-bit dtypes hold their rounding).
