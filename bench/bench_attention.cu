@@ -608,15 +608,17 @@ void bench_shape(const ShapeSpec& spec, const Options& opt) {
   rt.sync();
 }
 
-int usage(const char* argv0) {
-  std::fprintf(stderr,
+// The usage text: on stdout for --help (exit 0), on stderr after a bad argument (exit 2). The
+// options are all read before anything touches the GPU, so neither needs a driver.
+int usage(const char* argv0, bool asked = false) {
+  std::fprintf(asked ? stdout : stderr,
                "usage: %s [--shape wan13b|wan14b|hunyuan|all[,...]] [--densities 0.05,0.1,...] [--out DIR]\n"
                "          [--iters N] [--warmup N] [--kernels auto,cpasync,tma,sm80] [--seed N] [--cq N] [--ck N] [--threads N]\n"
                "          [--order chain|none]   (key clusters renumbered by order_clusters, the default, or as k-means left them)\n"
                "          [--variants unfused,fused_qk,fused_q,unfused_e2e]   (the sparse calls to time; default all)\n"
                "          [--cpu]   (CPU backend, for a smoke test on --shape tiny or tiny-text)\n",
                argv0);
-  return 2;
+  return asked ? 0 : 2;
 }
 
 }  // namespace
@@ -625,6 +627,7 @@ int main(int argc, char** argv) {
   Options opt;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
+    if (a == "--help" || a == "-h") return usage(argv[0], true);
     if (a == "--cpu") {
       opt.cpu = true;
       continue;
@@ -672,6 +675,15 @@ int main(int argc, char** argv) {
       return 2;
     }
   if (opt.cpu) opt.kernels = {"auto"};
+  const auto wanted = [&](const ShapeSpec& s) {
+    return std::any_of(opt.shapes.begin(), opt.shapes.end(), [&](const std::string& w) {
+      return (w == "all" && s.full_size) || std::string(s.name).rfind(w, 0) == 0;
+    });
+  };
+  if (std::none_of(std::begin(kShapes), std::end(kShapes), wanted)) {
+    std::fprintf(stderr, "no shape matched\n");
+    return usage(argv[0]);
+  }
   try {
     if (opt.cpu) {
       JsonLine().str("device", "cpu").print();
@@ -685,23 +697,15 @@ int main(int argc, char** argv) {
           .str("kernel_auto", attention_kernel(Device::cuda(0), DType::BF16, 128).name)
           .print();
     }
-    int failed = 0, ran = 0;
+    int failed = 0;
     for (const ShapeSpec& s : kShapes) {
-      const bool wanted = std::any_of(opt.shapes.begin(), opt.shapes.end(), [&](const std::string& w) {
-        return (w == "all" && s.full_size) || std::string(s.name).rfind(w, 0) == 0;
-      });
-      if (!wanted) continue;
-      ++ran;
+      if (!wanted(s)) continue;
       try {
         bench_shape(s, opt);
       } catch (const std::exception& e) {  // report, and go on with the next shape
         JsonLine().str("shape", s.name).str("op", "failed").str("error", e.what()).print();
         ++failed;
       }
-    }
-    if (ran == 0) {
-      std::fprintf(stderr, "no shape matched\n");
-      return usage(argv[0]);
     }
     return failed == 0 ? 0 : 1;
   } catch (const std::exception& e) {

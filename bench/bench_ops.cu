@@ -3,14 +3,14 @@
 // are far larger than the L2 for every memory-bound op). Prints one JSON object per measurement;
 // bench/report.py puts them next to the floors and the peers measured in the same run.
 //
-//   sapattn_bench_ops [--shape wan14b|wan13b|hunyuan|all] [--reps N]
+//   sapattn_bench_ops [--shape wan14b|wan13b|hunyuan|all] [--reps N]   (--help needs no GPU)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <cstring>
+#include <cstdlib>
 #include <functional>
 #include <string>
 #include <vector>
@@ -252,17 +252,58 @@ void bench(const Shape& s, int reps) {
   SAPATTN_CUDA_CHECK(cudaStreamDestroy(cs));
 }
 
+constexpr const char* kUsage =
+    "usage: sapattn_bench_ops [--shape wan14b|wan13b|hunyuan|all] [--reps N]\n"
+    "\n"
+    "Times the CUDA k-means, selection and permutation ops at the official SVG2 shapes on GPU 0 and\n"
+    "prints one JSON object per measurement (bench/report.py makes the table of docs/cuda.md).\n"
+    "  --shape S   the shapes whose name starts with S (wan14b_720p, wan13b_480p, hunyuan_720p) or all\n"
+    "              (default: all)\n"
+    "  --reps N    timed runs per op, after the warm-up; the median is reported (default: 20)\n";
+
+// The options, read before anything touches the GPU, so that --help and a usage error need no
+// driver. Returns the exit code to leave with, or -1 to go on.
+int parse_options(int argc, char** argv, std::string& which, int& reps) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--help" || a == "-h") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
+    if ((a == "--shape" || a == "--reps") && i + 1 < argc) {
+      const std::string value = argv[++i];
+      if (a == "--shape") {
+        which = value;
+      } else {
+        char* end = nullptr;
+        const long n = std::strtol(value.c_str(), &end, 10);
+        if (end == value.c_str() || *end != '\0' || n < 1 || n > 100000) {
+          std::fprintf(stderr, "sapattn_bench_ops: --reps needs a count in [1, 100000], got '%s'\n", value.c_str());
+          return 2;
+        }
+        reps = static_cast<int>(n);
+      }
+      continue;
+    }
+    std::fprintf(stderr, "sapattn_bench_ops: unexpected argument '%s'\n%s", a.c_str(), kUsage);
+    return 2;
+  }
+  const bool known = which == "all" || std::any_of(std::begin(kShapes), std::end(kShapes), [&](const Shape& s) {
+                       return std::string(s.name).rfind(which, 0) == 0;
+                     });
+  if (!known) {
+    std::fprintf(stderr, "sapattn_bench_ops: no shape starts with '%s'\n%s", which.c_str(), kUsage);
+    return 2;
+  }
+  return -1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string which = "all";
   int reps = 20;
-  for (int i = 1; i < argc; ++i) {
-    if (!std::strcmp(argv[i], "--shape") && i + 1 < argc)
-      which = argv[++i];
-    else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc)
-      reps = std::atoi(argv[++i]);
-  }
+  if (const int rc = parse_options(argc, argv, which, reps); rc >= 0) return rc;
   try {
     cudaDeviceProp prop{};
     SAPATTN_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));

@@ -205,7 +205,13 @@ INSTANTIATE_TEST_SUITE_P(
         DenseCase{2, 3, 50, 70, 24, DType::F16, DType::F32, Layout::Padded, Layout::TransposedPadded, true, 1.0},
         // D = 27: not a multiple of any vector width.
         DenseCase{1, 2, 70, 90, 27, DType::F32, DType::BF16, Layout::Transposed, Layout::Contiguous, true, 1.0}),
-    [](const auto& p) { return "case" + std::to_string(p.index); });
+    [](const auto& p) {
+      const DenseCase& c = p.param;
+      return testing_support::case_name(dtype_name(c.in), dtype_name(c.out), ref::layout_name(c.qkv_layout),
+                                        "B" + std::to_string(c.B) + "H" + std::to_string(c.H),
+                                        "Sq" + std::to_string(c.Sq), "Sk" + std::to_string(c.Sk),
+                                        "D" + std::to_string(c.D));
+    });
 
 // ---------------------------------------------------------------------------------------------
 // Block-sparse attention

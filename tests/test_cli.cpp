@@ -76,6 +76,14 @@ TEST(Cli, HelpAndUsage) {
   EXPECT_NE(run("eval --help").output.find("--top-p"), std::string::npos);
 }
 
+// The version is the CMake project's (SAPATTN_VERSION, from the top-level CMakeLists.txt).
+TEST(Cli, VersionIsTheProjectVersion) {
+  const Result r = run("--version");
+  EXPECT_EQ(r.code, 0);
+  EXPECT_EQ(r.output.rfind("sapattn " SAPATTN_VERSION " (", 0), 0u) << r.output;
+  EXPECT_EQ(std::count(r.output.begin(), r.output.end(), '\n'), 1) << r.output;
+}
+
 TEST(Cli, BadOptionsExitWithTwo) {
   // The command is named once, by main; messages carry no prefix of their own.
   EXPECT_EQ(run("eval --bogus 1").output, "sapattn eval: error: unknown option --bogus (see sapattn eval --help)\n");
@@ -122,6 +130,48 @@ TEST(Cli, GenThenEvalJson) {
   for (size_t at = e.output.find("\"head\": "); at != std::string::npos; at = e.output.find("\"head\": ", at + 1))
     ++heads;
   EXPECT_EQ(static_cast<int64_t>(heads), shape[0] * shape[1]);
+  fs::remove_all(dir);
+}
+
+// A generated workload with joint text: eval takes the text tokens from its workload.json, unless
+// told otherwise, with the tensors in either format.
+TEST(Cli, EvalHonoursTheWorkloadDescription) {
+  const fs::path dir = scratch("text");
+  ASSERT_EQ(run("gen --preset tiny-text --out " + dir.string()).code, 0);
+  ASSERT_EQ(run("gen --preset tiny-text --dtype f32 --format npy --out " + (dir / "npy").string()).code, 0);
+  const std::string in = " --in " + (dir / "workload.safetensors").string() + " --json --kmeans-iters 3";
+  const Result described = run("eval" + in);
+  ASSERT_EQ(described.code, 0) << described.output;
+  EXPECT_EQ(json_value(described.output, "text_tokens"), 64) << described.output;  // the preset's
+  EXPECT_EQ(json_value(described.output, "prompt_length"), 40) << described.output;
+  const Result overridden = run("eval" + in + " --text-tokens 0");
+  ASSERT_EQ(overridden.code, 0) << overridden.output;
+  EXPECT_EQ(json_value(overridden.output, "text_tokens"), 0);
+  EXPECT_NE(json_value(overridden.output, "density"), json_value(described.output, "density"));
+  const fs::path npy = dir / "npy";
+  const Result from_npy = run("eval --q " + (npy / "q.npy").string() + " --k " + (npy / "k.npy").string() + " --v " +
+                              (npy / "v.npy").string() + " --kmeans-iters 3");
+  ASSERT_EQ(from_npy.code, 0) << from_npy.output;
+  EXPECT_NE(from_npy.output.find("text_tokens=64 prompt_length=40 (from " + (npy / "workload.json").string()),
+            std::string::npos)
+      << from_npy.output;
+  fs::remove_all(dir);
+}
+
+// Progress on stderr when asked (here stderr is a pipe, not a terminal): one line per step, with
+// the steps done, the total and an estimate of the time left; nothing with --json otherwise.
+TEST(Cli, EvalShowsProgressWhenAsked) {
+  const fs::path dir = scratch("progress");
+  ASSERT_EQ(run("gen --preset tiny --out " + dir.string()).code, 0);
+  const std::string in = " --in " + (dir / "workload.safetensors").string() + " --json --kmeans-iters 3";
+  const Result r = run("eval" + in + " --method sap,blocks --top-p 0.8,0.9 --progress");
+  ASSERT_EQ(r.code, 0) << r.output;
+  for (const char* line : {"eval: dense attention", "] 0/7", "eval: sap clusters", "] 1/7", "eval: sap p=0.8",
+                           "eval: blocks p=0.9", "] 6/7", "s left\n", "] 7/7"})
+    EXPECT_NE(r.output.find(line), std::string::npos) << line << " missing in " << r.output;
+  const Result quiet = run("eval" + in);
+  ASSERT_EQ(quiet.code, 0) << quiet.output;
+  EXPECT_EQ(quiet.output.find("eval:"), std::string::npos) << quiet.output;
   fs::remove_all(dir);
 }
 

@@ -196,6 +196,17 @@ TEST(Methods, DensityBudgetIsMet) {
   }
 }
 
+// The sweep reports its shared part, then each budget, so that a caller can show how far it is.
+TEST(Methods, SweepReportsEachStep) {
+  const Tensor q = blobs(1, 2, 80, 32, 4, 13), k = blobs(1, 2, 80, 32, 4, 14), v = blobs(1, 2, 80, 32, 4, 15);
+  std::vector<std::pair<int64_t, int64_t>> calls;
+  const std::vector<MethodResult> runs = run_sweep(
+      Method::Sap, q.view(), k.view(), v.view(), small_config(), std::vector<SweepPoint>{{0.5f, 0.0f}, {0.9f, 0.0f}},
+      nullptr, 0, [&](int64_t done, int64_t total) { calls.emplace_back(done, total); });
+  EXPECT_EQ(runs.size(), 2u);
+  EXPECT_EQ(calls, (std::vector<std::pair<int64_t, int64_t>>{{1, 3}, {2, 3}, {3, 3}}));
+}
+
 TEST(Metrics, KnownAnswers) {
   const Tensor q = blobs(1, 2, 50, 32, 3, 11), v = blobs(1, 2, 50, 32, 3, 12);
   const MethodResult d = run_method(Method::Dense, q.view(), q.view(), v.view(), small_config());

@@ -12,6 +12,7 @@
 #include <string_view>
 #include <vector>
 
+#include "io/json.hpp"
 #include "sapattn/error.hpp"
 #include "sapattn/io.hpp"
 #include "sapattn/tensor.hpp"
@@ -491,6 +492,27 @@ TEST(SafetensorsErrors, JsonSyntax) {
   EXPECT_TRUE(rejects(R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"y":tru})", "unexpected"));
   const std::string deep = R"({"__metadata__":)" + std::string(100, '[') + std::string(100, ']') + "}";
   EXPECT_TRUE(rejects(deep, "nested deeper than 64"));
+}
+
+// Other JSON files (the generator's workload.json) hold fractions: a parse may allow them.
+TEST(Json, FractionsOnlyWhenAllowed) {
+  namespace detail = sapattn::io::detail;
+  using Kind = detail::JsonValue::Kind;
+  const auto any = [](std::string_view text) { return detail::parse_json(text, "t", detail::JsonNumbers::kAny); };
+  EXPECT_THROW(detail::parse_json("0.5", "t"), sapattn::FormatError);
+  for (const auto& [text, value] : std::vector<std::pair<std::string_view, double>>{
+           {"0.5", 0.5}, {"-2.25", -2.25}, {"1e3", 1000.0}, {"2.5E-2", 0.025}, {"-0.0", -0.0}, {"7e+1", 70.0}}) {
+    const detail::JsonValue v = any(text);
+    EXPECT_EQ(v.kind, Kind::kNumber) << text;
+    EXPECT_DOUBLE_EQ(v.number, value) << text;
+  }
+  const detail::JsonValue object = any(R"({"n": 3, "x": 0.875})");
+  EXPECT_EQ(object.find("n")->kind, Kind::kInt);
+  EXPECT_EQ(object.find("n")->integer, 3);
+  EXPECT_DOUBLE_EQ(object.find("x")->number, 0.875);
+  for (std::string_view bad : {"1.", ".5", "1e", "1e+", "01.5", "1.5.2", "1e999"}) {
+    EXPECT_THROW(any(bad), sapattn::FormatError) << bad;
+  }
 }
 
 TEST(SafetensorsErrors, BadEntries) {

@@ -378,9 +378,9 @@ TEST_P(KmeansShapes, WarmStartContinuesTheSameIterations) {
 
 INSTANTIATE_TEST_SUITE_P(Cases, KmeansShapes, ::testing::ValuesIn(kShapes), [](const auto& p) {
   const Shape& s = p.param;
-  return "B" + std::to_string(s.B) + "H" + std::to_string(s.H) + "N" + std::to_string(s.N) + "D" + std::to_string(s.D) +
-         "C" + std::to_string(s.C) + "_" + std::string(dtype_name(s.dtype)) + "_" +
-         std::to_string(static_cast<int>(s.layout));
+  return testing_support::case_name("B" + std::to_string(s.B) + "H" + std::to_string(s.H), "N" + std::to_string(s.N),
+                                    "D" + std::to_string(s.D), "C" + std::to_string(s.C), dtype_name(s.dtype),
+                                    ref::layout_name(s.layout));
 });
 
 // ---------------------------------------------------------------------------------------------

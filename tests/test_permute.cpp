@@ -255,7 +255,13 @@ INSTANTIATE_TEST_SUITE_P(
                       // Floating dtypes may differ ("any floating dtypes"): 16-bit to f32 is exact.
                       RowsCase{DType::F16, DType::F32, Layout::Transposed, Layout::Contiguous, 1, 3, 100, 64},
                       RowsCase{DType::BF16, DType::F32, Layout::Contiguous, Layout::TransposedPadded, 2, 1, 90, 24}),
-    [](const auto& p) { return "case" + std::to_string(p.index); });
+    [](const auto& p) {
+      const RowsCase& c = p.param;
+      return testing_support::case_name(dtype_name(c.x_dtype), ref::layout_name(c.x_layout), "to",
+                                        dtype_name(c.out_dtype), ref::layout_name(c.out_layout),
+                                        "B" + std::to_string(c.B) + "H" + std::to_string(c.H),
+                                        "N" + std::to_string(c.N), "D" + std::to_string(c.D));
+    });
 
 // ---------------------------------------------------------------------------------------------
 

@@ -1,9 +1,10 @@
 // Tests of the demo's picture code: the PNG encoder (checked by an independent decoder written
-// here), the canvas and its font and colour maps, tick generation, box averaging and charts.
+// here), the canvas and its font and colour maps, tick generation, charts and the kept-pair grid.
 #include <gtest/gtest.h>
 #include <unistd.h>
 #include <zlib.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "render/canvas.hpp"
+#include "render/pair_grid.hpp"
 #include "render/plot.hpp"
 #include "render/png.hpp"
 #include "sapattn/error.hpp"
@@ -582,79 +584,95 @@ TEST(Ticks, CompactLabels) {
   EXPECT_EQ(format_ticks(nice_ticks(0.03, 0.41, 6)), (V{"0.1", "0.2", "0.3", "0.4"}));
 }
 
-// ---- Heatmap -----------------------------------------------------------------------------------
+// ---- Matrix chart and the kept-pair grid ------------------------------------------------------
 
-TEST(Heatmap, BoxAverageShrinksAndEnlarges) {
-  const float m4[16] = {0,  1,  2,  3,   //
-                        4,  5,  6,  7,   //
-                        8,  9,  10, 11,  //
-                        12, 13, 14, 15};
-  EXPECT_EQ(box_average(m4, 4, 4, 2, 2), (std::vector<float>{2.5f, 4.5f, 10.5f, 12.5f}));
-  EXPECT_EQ(box_average(m4, 4, 4, 1, 1), (std::vector<float>{7.5f}));
-  EXPECT_EQ(box_average(m4, 4, 4, 4, 1), (std::vector<float>{6, 7, 8, 9}));
+// The first pixel (scanning rows, then columns) of the given colour, or (-1, -1).
+std::pair<int, int> find_pixel(const Image& img, Rgb color) {
+  for (int y = 0; y < img.height(); ++y)
+    for (int x = 0; x < img.width(); ++x)
+      if (img.pixel(x, y) == color) return {x, y};
+  return {-1, -1};
+}
 
-  const float m2[4] = {1, 2, 3, 4};
-  EXPECT_EQ(box_average(m2, 2, 2, 4, 4), (std::vector<float>{1, 1, 2, 2, 1, 1, 2, 2, 3, 3, 4, 4, 3, 3, 4, 4}));
-
-  // 3 -> 2 along both axes: output pixel 0 covers cell 0 fully and half of cell 1.
-  const float m3[9] = {0,  3,  6,   //
-                       9,  12, 15,  //
-                       18, 21, 24};
-  const std::vector<float> got = box_average(m3, 3, 3, 2, 2);
-  auto expect = [&](int oy, int ox) {
-    const double w[2][3] = {{1.0, 0.5, 0.0}, {0.0, 0.5, 1.0}};
-    double sum = 0, weight = 0;
-    for (int r = 0; r < 3; ++r) {
-      for (int c = 0; c < 3; ++c) {
-        sum += w[oy][r] * w[ox][c] * m3[r * 3 + c];
-        weight += w[oy][r] * w[ox][c];
-      }
-    }
-    return sum / weight;
+TEST(MatrixChart, CellsAreWholeSquaresWithAxesAndAColourBar) {
+  MatrixChart chart;
+  chart.title = "kept pairs";
+  chart.x_label = "key token";
+  chart.y_label = "query token";
+  chart.rows = 2;
+  chart.cols = 3;
+  chart.values = {0.0f, 0.5f, 1.0f,  //
+                  1.0f, 0.5f, 0.0f};
+  chart.x_extent = 96;  // 32 tokens per cell
+  chart.colorbar_label = "share kept";
+  const Image img = chart.render(10);
+  // Cell (0, 0) is a 10 x 10 square of heat_color(0), with cell (0, 1) to its right and (1, 0) below.
+  const auto [x0, y0] = find_pixel(img, heat_color(0.0f));
+  ASSERT_GE(x0, 0);
+  for (int dy = 0; dy < 10; ++dy)
+    for (int dx = 0; dx < 10; ++dx) ASSERT_EQ(img.pixel(x0 + dx, y0 + dy), heat_color(0.0f)) << dx << "," << dy;
+  EXPECT_EQ(img.pixel(x0 + 10, y0), heat_color(0.5f));
+  EXPECT_EQ(img.pixel(x0 + 20, y0 + 9), heat_color(1.0f));
+  EXPECT_EQ(img.pixel(x0, y0 + 10), heat_color(1.0f));
+  // Left of the plot: the y label and tick labels (ink); below it: x tick labels and the x label.
+  const auto inked = [&](int xa, int ya, int xb, int yb) {
+    for (int y = ya; y < yb; ++y)
+      for (int x = xa; x < xb; ++x)
+        if (luma(img.pixel(x, y)) < 100) return true;
+    return false;
   };
-  for (int oy = 0; oy < 2; ++oy) {
-    for (int ox = 0; ox < 2; ++ox) EXPECT_NEAR(got[oy * 2 + ox], expect(oy, ox), 1e-5) << oy << "," << ox;
-  }
-  EXPECT_NEAR(got[0], (1.5 + 4.5 + 3.0) / 2.25, 1e-5);  // cells 0, 3, 9, 12 weighted 1, .5, .5, .25
+  EXPECT_TRUE(inked(0, y0, x0 - 2, y0 + 20));
+  EXPECT_TRUE(inked(x0, y0 + 22, x0 + 30, img.height()));
+  // The colour bar right of the plot runs from heat_color(1) at the top to heat_color(0) at the
+  // bottom, and is ticked.
+  const auto [bar_x, bar_top] = find_pixel(img, heat_color(1.0f - 0.5f / 20));
+  EXPECT_GT(bar_x, x0 + 30);
+  EXPECT_EQ(bar_top, y0);
+  EXPECT_EQ(img.pixel(bar_x, y0 + 19), heat_color(0.5f / 20));
+  EXPECT_TRUE(inked(bar_x + 1, y0, img.width(), y0 + 20));
 
-  // Non-finite cells are left out of the average.
-  const float holes[4] = {1, NAN, INFINITY, 3};
-  EXPECT_EQ(box_average(holes, 2, 2, 1, 1), (std::vector<float>{2.0f}));
-  const float none[1] = {NAN};
-  EXPECT_TRUE(std::isnan(box_average(none, 1, 1, 2, 2)[3]));
-
-  EXPECT_THROW(box_average(m4, 0, 4, 2, 2), InvalidArgumentError);
-  EXPECT_THROW(box_average(m4, 4, 4, 0, 2), InvalidArgumentError);
-  EXPECT_THROW(box_average(nullptr, 4, 4, 2, 2), InvalidArgumentError);
+  chart.colorbar = false;
+  EXPECT_LT(chart.render(10).width(), img.width());
+  chart.values.pop_back();
+  EXPECT_THROW(chart.render(10), InvalidArgumentError);
+  chart.values.push_back(0.0f);
+  chart.vmax = 0.0f;
+  EXPECT_THROW(chart.render(10), InvalidArgumentError);
 }
 
-TEST(Heatmap, ColoursFollowTheAverages) {
-  const float m[4] = {0, 1, 1, 1};
-  const Image img = heatmap(m, 2, 2, 2, 1, 0.0f, 1.0f);
-  ASSERT_EQ(img.width(), 2);
-  ASSERT_EQ(img.height(), 1);
-  EXPECT_EQ(img.pixel(0, 0), heat_color(0.5f));
-  EXPECT_EQ(img.pixel(1, 0), heat_color(1.0f));
-  const Image shifted = heatmap(m, 2, 2, 1, 1, -1.0f, 1.0f);  // average 0.75 -> t = 0.875
-  EXPECT_EQ(shifted.pixel(0, 0), heat_color(0.875f));
-  EXPECT_THROW(heatmap(m, 2, 2, 2, 2, 1.0f, 1.0f), InvalidArgumentError);
-  EXPECT_THROW(heatmap(m, 2, 2, 2, 2, 0.0f, INFINITY), InvalidArgumentError);
+// Token order repeats a cluster layout every latent row (W tokens): cells of whole rows hold whole
+// periods and show the same share everywhere; each cell is an exact share however many tokens it
+// holds (the last one holds fewer).
+TEST(KeptPairGrid, WholeRowCellsShowNoMoire) {
+  const std::int64_t W = 32, S = 20 * W;
+  std::vector<std::int32_t> labels(S);
+  for (std::int64_t i = 0; i < S; ++i) labels[i] = (i % W) < 12 ? 0 : 1;  // two vertical stripes
+  const std::uint8_t diagonal[4] = {1, 0, 0, 1};                          // kept within a cluster
+  std::vector<std::int64_t> order(S);
+  for (std::int64_t i = 0; i < S; ++i) order[i] = i;
+  const PairGrid rows = kept_pair_grid(S, labels.data(), labels.data(), diagonal, 2, order.data(), order.data(), W);
+  ASSERT_EQ(rows.cells, 20);
+  const float want = static_cast<float>((12.0 * 12 + 20.0 * 20) / (32.0 * 32));
+  for (float share : rows.share) ASSERT_FLOAT_EQ(share, want);
+  // Cells of 13 tokens cut the period at drifting phases: their shares differ.
+  const PairGrid cut = kept_pair_grid(S, labels.data(), labels.data(), diagonal, 2, order.data(), order.data(), 13);
+  EXPECT_EQ(cut.cells, 50);  // 49 of 13 tokens and one of 3
+  EXPECT_NE(*std::min_element(cut.share.begin(), cut.share.end()),
+            *std::max_element(cut.share.begin(), cut.share.end()));
+  const std::uint8_t all[4] = {1, 1, 1, 1};
+  for (float share : kept_pair_grid(S, labels.data(), labels.data(), all, 2, order.data(), order.data(), 13).share)
+    ASSERT_EQ(share, 1.0f);
+  EXPECT_THROW(kept_pair_grid(S, labels.data(), labels.data(), all, 2, order.data(), order.data(), 0),
+               InvalidArgumentError);
 }
 
-TEST(Heatmap, BlockDiagonalMaskShowsItsBlocks) {
-  // A 1000 x 1000 mask with four dense 250-blocks on the diagonal, shown at 100 x 100.
-  const int n = 1000;
-  std::vector<float> mask(static_cast<std::size_t>(n) * n, 0.0f);
-  for (int r = 0; r < n; ++r) {
-    for (int c = 0; c < n; ++c) mask[static_cast<std::size_t>(r) * n + c] = (r / 250 == c / 250) ? 1.0f : 0.0f;
-  }
-  const Image img = heatmap(mask.data(), n, n, 100, 100, 0.0f, 1.0f);
-  for (int y = 0; y < 100; ++y) {
-    for (int x = 0; x < 100; ++x) {
-      const Rgb want = heat_color(y / 25 == x / 25 ? 1.0f : 0.0f);
-      ASSERT_EQ(img.pixel(x, y), want) << x << "," << y;
-    }
-  }
+TEST(KeptPairGrid, ClusterOrderMakesKeptBlocksContiguous) {
+  // 8 tokens, clusters alternate; in cluster order (ranks) cluster 0 holds positions 0-3.
+  const std::int32_t labels[8] = {0, 1, 0, 1, 0, 1, 0, 1};
+  const std::int64_t rank[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+  const std::uint8_t only_00[4] = {1, 0, 0, 0};
+  const PairGrid grid = kept_pair_grid(8, labels, labels, only_00, 2, rank, rank, 4);
+  EXPECT_EQ(grid.share, (std::vector<float>{1.0f, 0.0f, 0.0f, 0.0f}));
 }
 
 // ---- Line chart --------------------------------------------------------------------------------

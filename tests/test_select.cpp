@@ -95,6 +95,11 @@ std::vector<uint8_t> mask_values(const TensorView& mask) {
 
 enum class Weights { HeavyTailed, WithZeros, WithTies, Flat };
 
+const char* weights_name(Weights w) {
+  constexpr const char* kNames[] = {"heavy_tailed", "with_zeros", "with_ties", "flat"};
+  return kNames[static_cast<int>(w)];
+}
+
 // Rows of non-negative weights summing to 1 (in float64 before the fp32 rounding).
 void fill_probs(const TensorView& probs, ref::Rng& rng, Weights kind) {
   const int64_t C = probs.shape[3];
@@ -178,7 +183,12 @@ INSTANTIATE_TEST_SUITE_P(
                       TopPCase{1, 3, 11, 64, Weights::WithTies, Layout::TransposedPadded, Layout::Transposed},
                       TopPCase{1, 1, 20, 1000, Weights::Flat, Layout::Contiguous, Layout::Padded},
                       TopPCase{2, 1, 5, 1, Weights::HeavyTailed, Layout::Contiguous, Layout::Contiguous}),
-    [](const auto& p) { return "case" + std::to_string(p.index); });
+    [](const auto& p) {
+      const TopPCase& c = p.param;
+      return testing_support::case_name(
+          weights_name(c.weights), ref::layout_name(c.probs_layout), ref::layout_name(c.mask_layout),
+          "B" + std::to_string(c.B) + "H" + std::to_string(c.H), "R" + std::to_string(c.R), "C" + std::to_string(c.C));
+    });
 
 // Rows of exactly representable weights: every running sum is exact in fp32, so the kept set is
 // known exactly. Each row: weights, top_p, min_kept, the kept clusters.
@@ -406,7 +416,12 @@ INSTANTIATE_TEST_SUITE_P(Cases, SelectBlocksRandom,
                                            BlocksCase{1, 5, 9, 64, 64, Layout::Transposed, 0.3},
                                            BlocksCase{1, 1, 1, 1, 64, Layout::Contiguous, 1.0},
                                            BlocksCase{1, 2, 3, 5, 24, Layout::Padded, 1.0}),
-                         [](const auto& p) { return "case" + std::to_string(p.index); });
+                         [](const auto& p) {
+                           const BlocksCase& c = p.param;
+                           return testing_support::case_name(
+                               ref::layout_name(c.mask_layout), "B" + std::to_string(c.B) + "H" + std::to_string(c.H),
+                               "Cq" + std::to_string(c.Cq), "Ck" + std::to_string(c.Ck), "D" + std::to_string(c.D));
+                         });
 
 TEST(SelectBlocks, RowMaxIsOverNonEmptyClustersOnly) {
   // An empty key cluster whose score is 320 above every other: were it in the row max, every

@@ -4,7 +4,9 @@
 
 #include <gtest/gtest.h>
 
+#include <cctype>
 #include <random>
+#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -46,6 +48,20 @@ void expect_error_message(F&& f, const std::string& needle) {
   } catch (const E& e) {
     EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << "expected '" << needle << "' in: " << e.what();
   }
+}
+
+// A readable name for a value-parameterised case, e.g. case_name("f16", "transposed+padded", "B2H3")
+// = "f16_transposed_padded_B2H3": the parts joined by '_', every character that GoogleTest does not
+// take in a name made '_'. CTest registers each case under this name (tests/CMakeLists.txt).
+template <typename... Parts>
+std::string case_name(const Parts&... parts) {
+  std::ostringstream os;
+  ((os << parts << '_'), ...);
+  std::string name = os.str();
+  name.pop_back();
+  for (char& c : name)
+    if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
+  return name;
 }
 
 // Seeded normal(0, stddev) values of any float dtype (16-bit dtypes hold their rounding).

@@ -16,6 +16,7 @@
 // config.compensate adds the centroid compensation to sap, blocks and oracle too.
 #pragma once
 
+#include <functional>
 #include <string_view>
 #include <vector>
 
@@ -55,13 +56,18 @@ struct SweepPoint {
   float density = 0.0f;
 };
 
+// Called with (done, total) after each step of a sweep: first the shared part (clusters, the
+// oracle's mass, EAR's probe), then each budget; total = points + 1.
+using SweepProgress = std::function<void(int64_t done, int64_t total)>;
+
 // One sparse method at several budgets (config.top_p and config.density are ignored): the
 // clusters, the oracle's mass matrix and EAR's probe are computed once and shared, as none of them
 // depends on the budget. Each result's `seconds` is what a single run at that budget would take
 // (the shared part included).
 std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const TensorView& k, const TensorView& v,
                                     const Config& config, const std::vector<SweepPoint>& points,
-                                    const MethodResult* dense = nullptr, int threads = 0);
+                                    const MethodResult* dense = nullptr, int threads = 0,
+                                    const SweepProgress& progress = {});
 // The same over top-p values.
 std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const TensorView& k, const TensorView& v,
                                     const Config& config, const std::vector<float>& top_ps,

@@ -9,9 +9,8 @@ sapattn.diffusers.enable(pipe, config) puts it into a Wan 2.1 or HunyuanVideo pi
 
 from .attention import (BranchState, LayerState, attention_kernel, dense_attention, svg2_attention,
                         warm_centroids)
+from ._library import VERSION as __version__
 from .config import SVG2Config
-
-__version__ = "0.1.0"
 
 __all__ = ["SVG2Config", "BranchState", "LayerState", "svg2_attention", "dense_attention", "warm_centroids",
            "attention_kernel", "__version__"]

@@ -7,6 +7,7 @@ SAPATTN_TORCH_LIBRARY, then next to this package (where `pip install` puts it)."
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -42,6 +43,20 @@ def _check_torch_version() -> None:
                           "reinstall sapattn (`pip install --no-build-isolation --force-reinstall .`)")
 
 
+def _version() -> str:
+    """The CMake project version (CMakeLists.txt), the one version of sapattn: recorded in
+    _build_info.py by setup.py, or read from the checkout when the package runs from one."""
+    try:
+        from ._build_info import VERSION
+        return VERSION
+    except ImportError:
+        pass
+    cmake_lists = Path(__file__).resolve().parents[2] / "CMakeLists.txt"
+    match = re.search(r"project\(\s*sapattn\s+VERSION\s+([0-9][0-9.]*)",
+                      cmake_lists.read_text() if cmake_lists.is_file() else "")
+    return match.group(1) if match else "unknown"
+
+
 def _load() -> Path:
     path = _library_path()
     if "SAPATTN_TORCH_LIBRARY" not in os.environ:
@@ -51,6 +66,7 @@ def _load() -> Path:
 
 
 LIBRARY_PATH = _load()
+VERSION = _version()
 
 
 @torch.library.register_fake("sapattn::svg2_attention")

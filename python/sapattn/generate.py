@@ -4,9 +4,10 @@
     python -m sapattn.generate --model DIR --prompt "..." --out dense.mp4 --dense
 
 DIR is a diffusers pipeline folder (model_index.json). The SVG2 settings default to the official
-ones for the model and resolution (see --help); --density fixes the budget instead of top-p. Next to
-the video go <out>.telemetry.jsonl (per step and layer: density; recall with --measure-recall) and
-<out>.json (wall time, settings, mean density). Writing .mp4 needs imageio and imageio-ffmpeg."""
+ones for the model and resolution (listed at the end); --density fixes the budget instead of top-p.
+Next to the video, with its extension replaced, go video.telemetry.jsonl (per step and layer:
+density; recall with --measure-recall) and video.json (wall time, settings, mean density). Writing
+.mp4 needs imageio and imageio-ffmpeg."""
 
 from __future__ import annotations
 
@@ -17,37 +18,83 @@ import time
 from pathlib import Path
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m sapattn.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="diffusers pipeline folder")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--out", required=True, help="video file (.mp4 or .gif)")
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks and ends each option's help with its default, where it
+    has one (argparse.ArgumentDefaultsHelpFormatter would also print "default: None" for options
+    whose default the help text describes in words)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if action.option_strings and not unset:
+            text += " (default: %(default)s)"
+        return text
+
+
+# The SVG2 options and the config fields they set.
+_SVG2_FIELDS = ("top_p", "q_clusters", "k_clusters", "min_kc_ratio", "first_times_fp", "first_layers_fp",
+                "kmeans_iters_init", "kmeans_iters_step", "kmeans_iters_warmup")
+
+
+def _preset_table() -> str:
+    """The official SVG2 settings the command starts from, per model and resolution, read from the
+    presets themselves."""
+    from .config import SVG2Config
+
+    presets = {"Wan 2.1 >= 720p": SVG2Config.wan_t2v_720p(), "Wan 2.1 < 720p": SVG2Config.wan_480p(),
+               "HunyuanVideo": SVG2Config.hunyuan_720p()}
+    row = "  {:<24}" + "{:<17}" * len(presets)
+    lines = ["official SVG2 settings (the defaults of the SVG2 options):", row.format("", *presets)]
+    for name in _SVG2_FIELDS:
+        lines.append(row.format("--" + name.replace("_", "-"), *(getattr(c, name) for c in presets.values())))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="python -m sapattn.generate", description=__doc__, epilog=_preset_table(),
+                                formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version", version=f"sapattn {__version__}")
+    p.add_argument("--model", required=True, metavar="DIR", help="diffusers pipeline folder (holds model_index.json)")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="text prompt")
+    p.add_argument("--negative-prompt", default=None, metavar="TEXT", help="negative prompt (default: the pipeline's)")
+    p.add_argument("--out", required=True, metavar="VIDEO",
+                   help="video file (.mp4 or .gif); the summary and the telemetry go beside it under its name "
+                        "with the extension replaced: video.mp4 -> video.json, video.telemetry.jsonl")
     p.add_argument("--dense", action="store_true", help="the stock pipeline, no sapattn (the baseline)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--height", type=int, default=None, help="default: the pipeline's")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--frames", type=int, default=None)
-    p.add_argument("--guidance-scale", type=float, default=None)
-    p.add_argument("--fps", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    p.add_argument("--max-sequence-length", type=int, default=None)
-    svg2 = p.add_argument_group("SVG2 (defaults: the official settings for the model and resolution)")
-    svg2.add_argument("--top-p", type=float)
-    svg2.add_argument("--density", type=float, help="fixed budget: keep this share of key clusters per query cluster")
-    svg2.add_argument("--q-clusters", type=int)
-    svg2.add_argument("--k-clusters", type=int)
-    svg2.add_argument("--min-kc-ratio", type=float)
-    svg2.add_argument("--first-times-fp", type=float)
-    svg2.add_argument("--first-layers-fp", type=float)
-    svg2.add_argument("--kmeans-iters-init", type=int)
-    svg2.add_argument("--kmeans-iters-step", type=int)
-    svg2.add_argument("--kmeans-iters-warmup", type=int)
-    svg2.add_argument("--measure-recall", action="store_true", help="also run dense attention to measure recall")
-    return p.parse_args(argv)
+    p.add_argument("--steps", type=int, metavar="N", default=50, help="denoising steps")
+    p.add_argument("--height", type=int, metavar="PX", default=None, help="video height in pixels (default: the pipeline's)")
+    p.add_argument("--width", type=int, metavar="PX", default=None, help="video width in pixels (default: the pipeline's)")
+    p.add_argument("--frames", type=int, metavar="N", default=None, help="number of video frames (default: the pipeline's)")
+    p.add_argument("--guidance-scale", type=float, metavar="X", default=None,
+                   help="classifier-free guidance scale (default: the pipeline's)")
+    p.add_argument("--fps", type=int, metavar="N", default=16, help="frames per second of the written video")
+    p.add_argument("--seed", type=int, metavar="N", default=0, help="seed of the initial noise, drawn on the CPU")
+    p.add_argument("--device", default="cuda", metavar="DEVICE", help="torch device to run on")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the pipeline")
+    p.add_argument("--max-sequence-length", type=int, metavar="N", default=None,
+                   help="text tokens of the prompt encoding (default: the pipeline's)")
+    svg2 = p.add_argument_group("SVG2 (default: the official settings for the model and resolution, listed below)")
+    svg2.add_argument("--top-p", type=float, metavar="P", help="share of the estimated attention mass the kept key clusters hold")
+    svg2.add_argument("--density", type=float, metavar="D",
+                      help="a fixed budget instead of top-p: keep this share of key clusters per query cluster")
+    svg2.add_argument("--q-clusters", type=int, metavar="N", help="k-means clusters of the queries, per head")
+    svg2.add_argument("--k-clusters", type=int, metavar="N", help="k-means clusters of the keys, per head")
+    svg2.add_argument("--min-kc-ratio", type=float, metavar="R", help="least share of key clusters each query cluster keeps")
+    svg2.add_argument("--first-times-fp", type=float, metavar="F", help="share of the first denoising steps that stay dense")
+    svg2.add_argument("--first-layers-fp", type=float, metavar="F", help="share of the first transformer layers that stay dense")
+    svg2.add_argument("--kmeans-iters-init", type=int, metavar="N", help="k-means iterations at a layer's first sparse call")
+    svg2.add_argument("--kmeans-iters-step", type=int, metavar="N", help="k-means iterations at each later sparse call")
+    svg2.add_argument("--kmeans-iters-warmup", type=int, metavar="N",
+                      help="k-means iterations during each dense step of a layer that turns sparse later")
+    svg2.add_argument("--measure-recall", action="store_true",
+                      help="also run dense attention on sparse calls to measure recall (slower)")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def default_config(kind: str, height: int, width: int):
@@ -60,10 +107,7 @@ def default_config(kind: str, height: int, width: int):
 
 def config_from_args(args, kind: str, height: int, width: int):
     cfg = default_config(kind, height, width)
-    changes = {name: getattr(args, name) for name in ("top_p", "q_clusters", "k_clusters", "min_kc_ratio",
-                                                        "first_times_fp", "first_layers_fp", "kmeans_iters_init",
-                                                        "kmeans_iters_step", "kmeans_iters_warmup")
-               if getattr(args, name) is not None}
+    changes = {name: getattr(args, name) for name in _SVG2_FIELDS if getattr(args, name) is not None}
     cfg = cfg.replace(**changes)
     return cfg.with_fixed_density(args.density) if args.density is not None else cfg
 
@@ -82,6 +126,9 @@ def main(argv=None) -> int:
     model_dir = Path(args.model)
     if not (model_dir / "model_index.json").is_file():
         print(f"error: {model_dir} is not a diffusers pipeline folder (no model_index.json)", file=sys.stderr)
+        return 2
+    if Path(args.out).suffix.lower() in (".json", ".jsonl"):
+        print(f"error: --out {args.out} names the summary's file type; name the video (.mp4 or .gif)", file=sys.stderr)
         return 2
     import torch
     from diffusers import DiffusionPipeline
@@ -130,8 +177,10 @@ def main(argv=None) -> int:
         sparse = [r["density"] for r in rows if r["mode"] == "sparse"]
         summary.update(config=vars(config), telemetry=str(telemetry),
                        mean_sparse_density=sum(sparse) / len(sparse) if sparse else None)
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {out} ({summary['frames']} frames) in {seconds:.1f} s")
+    summary_path = out.with_suffix(".json")
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    beside = f"{summary_path}" + ("" if args.dense else f", {telemetry}")
+    print(f"wrote {out} ({summary['frames']} frames) in {seconds:.1f} s; {beside}")
     return 0
 
 

@@ -6,6 +6,7 @@ stock model exactly, torch.compile works."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -186,12 +187,37 @@ def test_pipeline_schedule_state_and_telemetry(tmp_path):
         assert not torch.equal(cond.q_centroids, uncond.q_centroids)
 
 
+def test_bare_transformer_without_a_step_count_assumes_50_steps():
+    # The README's enable() on a bare transformer: nothing says how many steps there are.
+    model = tiny_models.wan_transformer(layers=2)
+    controller = sd.enable(model, everywhere(first_times_fp=0.1))  # floor(0.1 * 50) = 5 dense steps
+    try:
+        with pytest.warns(UserWarning, match="the first 5 steps of a 50-step generation stay dense"):
+            run(model, tiny_models.wan_inputs())
+        for _ in range(5):
+            run(model, tiny_models.wan_inputs())
+        assert controller.step == 5 and controller.layers[0].branch(0).calls == 1  # step 5 is the first sparse one
+    finally:
+        sd.disable(model)
+
+
+def test_bare_transformer_with_num_steps_needs_no_begin():
+    model = tiny_models.wan_transformer(layers=2)
+    controller = sd.enable(model, everywhere(first_times_fp=0.5), num_steps=4)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the step count is known: no warning
+            for _ in range(4):
+                run(model, tiny_models.wan_inputs())
+        assert controller.layers[0].branch(0).calls == 2  # steps 2 and 3
+    finally:
+        sd.disable(model)
+
+
 def test_bare_transformer_steps():
     model = tiny_models.wan_transformer(layers=2)
     controller = sd.enable(model, everywhere(first_times_fp=0.5))
     try:
-        with pytest.raises(RuntimeError, match="begin"):
-            run(model, tiny_models.wan_inputs())
         controller.begin(4)
         for step in range(4):  # each forward is a step: no end_step() needed
             run(model, tiny_models.wan_inputs())

@@ -172,7 +172,7 @@ std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const Te
 
 std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const TensorView& k, const TensorView& v,
                                     const Config& config, const std::vector<SweepPoint>& points,
-                                    const MethodResult* dense, int threads) {
+                                    const MethodResult* dense, int threads, const SweepProgress& progress) {
   SAPATTN_CHECK(method != Method::Dense, InvalidArgumentError, "a top-p sweep needs a sparse method, not dense");
   SAPATTN_CHECK(method != Method::Oracle || (dense != nullptr && dense->method == Method::Dense), InvalidArgumentError,
                 "the oracle needs the dense result of the same inputs");
@@ -220,6 +220,8 @@ std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const Te
   }
   pipeline::probe(k, v, base, state.views(), buf.q_sizes, buf.k_sizes, buf, stream);
   const double shared_seconds = seconds_since(start);
+  const auto steps = static_cast<int64_t>(points.size()) + 1;
+  if (progress) progress(1, steps);
 
   std::vector<MethodResult> results;
   for (const SweepPoint& point : points) {
@@ -240,6 +242,7 @@ std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const Te
     r.mask = copy_of(buf.mask);
     r.seconds = shared_seconds + seconds_since(t0);
     results.push_back(std::move(r));
+    if (progress) progress(static_cast<int64_t>(results.size()) + 1, steps);
   }
   return results;
 }

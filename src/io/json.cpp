@@ -4,7 +4,9 @@
 #include <array>
 #include <cctype>
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -63,10 +65,11 @@ std::string hex_byte(unsigned char c) {
   return {'\\', 'x', kDigits[c >> 4], kDigits[c & 0xf]};
 }
 
-// Recursive-descent parser over RFC 8259 JSON, restricted to integer numbers.
+// Recursive-descent parser over RFC 8259 JSON, restricted to integer numbers unless told otherwise.
 class JsonParser {
  public:
-  JsonParser(std::string_view text, std::string_view context) : text_(text), context_(context) {}
+  JsonParser(std::string_view text, std::string_view context, JsonNumbers numbers)
+      : text_(text), context_(context), numbers_(numbers) {}
 
   JsonValue parse_document() {
     skip_whitespace();
@@ -279,8 +282,9 @@ class JsonParser {
     while (is_digit()) ++pos_;
     const std::string_view digits = text_.substr(digits_at, pos_ - digits_at);
     if (digits.size() > 1 && digits[0] == '0') fail_at(v.offset, "number with a leading zero");
-    // Consume a fraction or exponent only to name the whole number in the message.
     if (!at_end() && (peek() == '.' || peek() == 'e' || peek() == 'E')) {
+      if (numbers_ == JsonNumbers::kAny) return parse_fraction(std::move(v));
+      // Consume the fraction or exponent only to name the whole number in the message.
       constexpr std::string_view kNumberChars = "0123456789.eE+-";
       while (!at_end() && kNumberChars.find(peek()) != std::string_view::npos) ++pos_;
       fail_at(v.offset, "number ", printable(text_.substr(v.offset, pos_ - v.offset)),
@@ -299,6 +303,29 @@ class JsonParser {
       value = -value;
     }
     v.integer = value;
+    return v;
+  }
+
+  // The rest of a number whose integer part is read: ['.' digits] [('e' | 'E') ['+' | '-'] digits].
+  JsonValue parse_fraction(JsonValue v) {
+    const auto digits = [&](const char* where) {
+      if (at_end() || peek() < '0' || peek() > '9') fail("expected a digit ", where, " but found ", describe_next());
+      while (!at_end() && peek() >= '0' && peek() <= '9') ++pos_;
+    };
+    if (peek() == '.') {
+      ++pos_;
+      digits("after the decimal point");
+    }
+    if (!at_end() && (peek() == 'e' || peek() == 'E')) {
+      ++pos_;
+      if (!at_end() && (peek() == '+' || peek() == '-')) ++pos_;
+      digits("in the exponent");
+    }
+    const std::string literal(text_.substr(v.offset, pos_ - v.offset));
+    errno = 0;
+    v.number = std::strtod(literal.c_str(), nullptr);
+    if (errno == ERANGE && std::abs(v.number) > 1.0) fail_at(v.offset, "number ", literal, " is out of range");
+    v.kind = JsonValue::Kind::kNumber;
     return v;
   }
 
@@ -323,6 +350,7 @@ class JsonParser {
 
   std::string_view text_;
   std::string_view context_;
+  JsonNumbers numbers_;
   size_t pos_ = 0;
 };
 
@@ -335,8 +363,8 @@ const JsonValue* JsonValue::find(std::string_view key) const {
   return nullptr;
 }
 
-JsonValue parse_json(std::string_view text, std::string_view context) {
-  return JsonParser(text, context).parse_document();
+JsonValue parse_json(std::string_view text, std::string_view context, JsonNumbers numbers) {
+  return JsonParser(text, context, numbers).parse_document();
 }
 
 std::string_view json_kind_name(JsonValue::Kind kind) {
@@ -347,6 +375,8 @@ std::string_view json_kind_name(JsonValue::Kind kind) {
       return "a boolean";
     case JsonValue::Kind::kInt:
       return "an integer";
+    case JsonValue::Kind::kNumber:
+      return "a number";
     case JsonValue::Kind::kString:
       return "a string";
     case JsonValue::Kind::kArray:

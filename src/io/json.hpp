@@ -15,16 +15,17 @@
 
 namespace sapattn::io::detail {
 
-// A parsed JSON value. Numbers are integers only: a safetensors header holds nothing else (shapes
-// and offsets), so a fraction or exponent is rejected while parsing instead of being carried as a
-// double that could silently lose precision.
+// A parsed JSON value. Numbers are integers (kInt) unless the parse allows fractions: a
+// safetensors header holds nothing else (shapes and offsets), so there a fraction or exponent is
+// rejected while parsing instead of being carried as a double that could silently lose precision.
 struct JsonValue {
-  enum class Kind { kNull, kBool, kInt, kString, kArray, kObject };
+  enum class Kind { kNull, kBool, kInt, kNumber, kString, kArray, kObject };
   struct Member;
 
   Kind kind = Kind::kNull;
   bool boolean = false;
   int64_t integer = 0;
+  double number = 0.0;  // kNumber: a number with a fraction or an exponent
   std::string string;
   std::vector<JsonValue> array;
   std::vector<Member> object;  // in text order; keys are unique (duplicates are a parse error)
@@ -42,10 +43,13 @@ struct JsonValue::Member {
 // Nesting deeper than this is rejected, so hostile input cannot exhaust the stack.
 inline constexpr int kJsonMaxDepth = 64;
 
+// Which numbers a parse accepts: integers alone (kInt), or also fractions and exponents (kNumber).
+enum class JsonNumbers { kIntegers, kAny };
+
 // Parses `text` as exactly one JSON value, optionally surrounded by whitespace. Strings must be
 // valid UTF-8; escapes (including \uXXXX surrogate pairs) are decoded. Throws FormatError whose
 // message starts with `context` and names the problem and its byte offset in `text`.
-JsonValue parse_json(std::string_view text, std::string_view context);
+JsonValue parse_json(std::string_view text, std::string_view context, JsonNumbers numbers = JsonNumbers::kIntegers);
 
 // "an object", "an array", "null", ... for messages.
 std::string_view json_kind_name(JsonValue::Kind kind);

@@ -1316,7 +1316,8 @@ TEST_P(Svg2OnGpu, SparseCallsAreDeterministicAndWellFormed) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Kernels, Svg2OnGpu, ::testing::Values("auto", "sm80"));
+INSTANTIATE_TEST_SUITE_P(Kernels, Svg2OnGpu, ::testing::Values("auto", "sm80"),
+                         [](const auto& p) { return std::string(p.param); });
 
 // Regression: a kernel's dynamic shared-memory ceiling was set once per size, so a smaller size
 // after a larger one lowered it and the next larger launch failed (select_blocks sizes its shared

@@ -11,6 +11,7 @@
 
 #include "commands.hpp"
 #include "progress.hpp"
+#include "render/pair_grid.hpp"
 #include "render/plot.hpp"
 #include "render/png.hpp"
 #include "sapattn/workload.hpp"
@@ -74,11 +75,15 @@ render::Image clusters_picture(const workload::Workload& w, int64_t head, const 
   return img;
 }
 
-// The kept query-key pairs of one head as an S x S picture, box-averaged to `px` pixels: in the
-// original token order (left) and in cluster order (right), where kept blocks are contiguous.
-render::Image mask_picture(const eval::MethodResult& r, int64_t head, int px) {
-  const auto& shape = r.out.shape();
-  const int64_t S = shape[2];
+// The kept query-key pairs of one head, in the original token order (left) and in cluster order
+// (right), where kept blocks are contiguous; each cell is the share of its pairs that are kept.
+// Cells hold whole latent rows (row_tokens, the frame width, or a multiple of it): in token order a
+// cluster's tokens recur once per row, and cells of a fractional number of rows caught that period
+// at drifting phases, which drew moire.
+render::Image mask_picture(const eval::MethodResult& r, int64_t head, int64_t row_tokens, const std::string& title) {
+  constexpr int64_t kMaxCells = 200;
+  constexpr int kPanelPixels = 400;
+  const int64_t S = r.out.shape()[2];
   const int64_t Cq = r.mask.shape()[2], Ck = r.mask.shape()[3];
   const int32_t* ql = r.q_labels.data_as<int32_t>() + head * S;
   const int32_t* kl = r.k_labels.data_as<int32_t>() + head * S;
@@ -91,23 +96,31 @@ render::Image mask_picture(const eval::MethodResult& r, int64_t head, int px) {
     for (int64_t j = 0; j < S; ++j) rank[order[j]] = j;
     return rank;
   };
-  const std::vector<int64_t> qr = rank_of(ql), kr = rank_of(kl);
-  std::vector<float> before(static_cast<size_t>(px) * px, 0.0f), after(before.size(), 0.0f);
-  const float cell = static_cast<float>(px) * px / (static_cast<float>(S) * S);  // pixels per token pair
-  for (int64_t i = 0; i < S; ++i) {
-    const uint8_t* row = mask + ql[i] * Ck;
-    const int64_t bi = i * px / S, ai = qr[i] * px / S;
-    for (int64_t j = 0; j < S; ++j) {
-      if (!row[kl[j]]) continue;
-      before[bi * px + j * px / S] += cell;
-      after[ai * px + kr[j] * px / S] += cell;
-    }
-  }
-  render::Image img(2 * px + 90, px + 60);
-  img.draw_text(20, 10, "kept pairs, head " + std::to_string(head) + ": token order", render::kBlack, 2);
-  img.draw_text(px + 70, 10, "cluster order", render::kBlack, 2);
-  img.blit(render::heatmap(before.data(), px, px, px, px, 0.0f, 1.0f), 20, 40);
-  img.blit(render::heatmap(after.data(), px, px, px, px, 0.0f, 1.0f), px + 70, 40);
+  std::vector<int64_t> token_order(S);
+  std::iota(token_order.begin(), token_order.end(), 0);
+  const std::vector<int64_t> q_rank = rank_of(ql), k_rank = rank_of(kl);
+  const int64_t per_cell = row_tokens * ((S + row_tokens * kMaxCells - 1) / (row_tokens * kMaxCells));
+
+  const auto panel = [&](const std::vector<int64_t>& q_pos, const std::vector<int64_t>& k_pos, const char* order,
+                         bool colorbar) {
+    const render::PairGrid grid = render::kept_pair_grid(S, ql, kl, mask, Ck, q_pos.data(), k_pos.data(), per_cell);
+    render::MatrixChart chart;
+    chart.title = order;
+    chart.x_label = "key token";
+    chart.y_label = "query token";
+    chart.values = grid.share;
+    chart.rows = chart.cols = grid.cells;
+    chart.x_extent = chart.y_extent = static_cast<double>(grid.cells * per_cell);
+    chart.colorbar = colorbar;
+    chart.colorbar_label = "share of pairs kept";
+    return chart.render(std::max<int>(1, kPanelPixels / static_cast<int>(grid.cells)));
+  };
+  const render::Image left = panel(token_order, token_order, "token order (frame by frame)", false);
+  const render::Image right = panel(q_rank, k_rank, "cluster order", true);
+  render::Image img(left.width() + right.width(), std::max(left.height(), right.height()) + 40);
+  img.draw_text(10, 10, title + ", " + std::to_string(per_cell) + " tokens per cell", render::kBlack, 2);
+  img.blit(left, 0, 40);
+  img.blit(right, left.width(), 40);
   return img;
 }
 
@@ -219,7 +232,9 @@ int run_demo(int argc, char** argv) {
   {
     Progress progress("pictures");
     render::write_png(out + "/clusters.png", clusters_picture(w, head, sap, blocks, config));
-    render::write_png(out + "/mask.png", mask_picture(sap, head, 400));
+    const std::string mask_title = "Kept query-key pairs of sap, head " + std::to_string(head) + " (" +
+                                   std::string(workload::head_kind_name(w.head_kinds[head])) + ")";
+    render::write_png(out + "/mask.png", mask_picture(sap, head, w.preset.width, mask_title));
     render::LineChart chart;
     chart.title = "Density vs error, top-p swept (" + preset.name + ")";
     chart.x_label = "density (share of query-key pairs computed)";

@@ -1,5 +1,8 @@
 // sapattn eval: one method on the user's own Q, K, V, measured against dense attention.
+#include <unistd.h>
+
 #include <iostream>
+#include <optional>
 #include <sstream>
 
 #include "commands.hpp"
@@ -7,6 +10,7 @@
 #include "progress.hpp"
 #include "sapattn/io.hpp"
 #include "sapattn/svg2.hpp"
+#include "workload_json.hpp"
 
 namespace sapattn::cli {
 
@@ -44,6 +48,23 @@ std::string metrics_json(const std::string& method, const eval::Metrics& m, cons
   return os.str();
 }
 
+// The expected cost of each step of a run, in multiply-adds per head, from which the progress line
+// estimates the time left: dense attention 2 * S^2 * D; a method's clusters the k-means
+// assignments, iters * (Cq + Ck) * S * D (positional blocks need none), plus one more pass over all
+// pairs for the oracle's true mass; a budget its share of the pairs (the density asked for, else
+// 0.25, a guess for top-p).
+struct WorkModel {
+  double S, D;
+  const Config& config;
+  double dense() const { return 2.0 * S * S * D; }
+  double clusters(eval::Method m) const {
+    if (m == eval::Method::Blocks) return S * D;
+    const double kmeans = config.kmeans_iters_init * static_cast<double>(config.q_clusters + config.k_clusters) * S * D;
+    return m == eval::Method::Oracle ? kmeans + dense() : kmeans;
+  }
+  double budget(const eval::SweepPoint& point) const { return dense() * (point.density > 0.0f ? point.density : 0.25); }
+};
+
 }  // namespace
 
 int run_eval(int argc, char** argv) {
@@ -52,7 +73,7 @@ int run_eval(int argc, char** argv) {
       {"q", "FILE", "queries (.npy, or .safetensors with a tensor 'q')", ""},
       {"k", "FILE", "keys (.npy, or .safetensors with a tensor 'k')", ""},
       {"v", "FILE", "values (.npy, or .safetensors with a tensor 'v')", ""},
-      {"layout", "L", "bhsd ([B,H,S,D]) or bshd ([B,S,H,D], diffusers)", "bhsd"},
+      {"layout", "L", "bhsd ([B,H,S,D]) or bshd ([B,S,H,D], diffusers)", "workload.json's, else bhsd"},
       {"method", "M[,M...]", "sap, blocks, oracle, ear (SVG-EAR, docs/ear.md), ear-plus or dense", "sap"},
       {"compensate", "", "sap, blocks, oracle: skipped key clusters count through their centroids", ""},
       {"ear-spread", "", "ear: compensation logits gain the key spread seen from the query centroid", ""},
@@ -63,9 +84,11 @@ int run_eval(int argc, char** argv) {
        "instead of top-p: per head, the top-p whose selection computes this share of\n"
        "                               the video query-key pairs (EAR: its budget)",
        ""},
-      {"text-tokens", "N", "trailing text tokens of a joint sequence (HunyuanVideo)", "0"},
-      {"prompt-length", "N", "real prompt tokens at the start of the text; the rest is padding", "0"},
+      {"text-tokens", "N", "trailing text tokens of a joint sequence (HunyuanVideo)", "workload.json's, else 0"},
+      {"prompt-length", "N", "real prompt tokens at the start of the text; the rest is padding",
+       "workload.json's, else 0"},
       {"json", "", "print one JSON object instead of the table", ""},
+      {"progress", "", "show progress on stderr, one line per step, also when it is not a terminal", "on a terminal"},
   };
   for (Option& o : svg2_options()) options.push_back(o);
   Args args("eval",
@@ -73,7 +96,8 @@ int run_eval(int argc, char** argv) {
             "of query-key pairs computed), recall (share of the dense attention mass kept), relative L2 error\n"
             "and cosine similarity of the output; means over heads, and per head with --json. Lists of\n"
             "methods and top-p values run every pair against one dense reference, clustering once per\n"
-            "method (--json then prints one object per line).",
+            "method (--json then prints one object per line). A workload.json beside the input (as\n"
+            "sapattn gen writes) gives the defaults of --layout, --text-tokens and --prompt-length.",
             options);
   if (!args.parse(argc, argv)) return 0;
   const bool have_in = args.has("in");
@@ -82,12 +106,17 @@ int run_eval(int argc, char** argv) {
   const std::string qp = have_in ? args.get("in", "") : args.require("q");
   const std::string kp = have_in ? args.get("in", "") : args.require("k");
   const std::string vp = have_in ? args.get("in", "") : args.require("v");
-  const bool bshd = args.get_choice("layout", "bhsd", {"bhsd", "bshd"}) == "bshd";
+  // A generated workload's description gives the layout and the text tokens unless told otherwise.
+  const std::optional<WorkloadJson> described = read_workload_json_beside(qp);
+  const bool bshd = args.get_choice("layout", described ? described->layout : "bhsd", {"bhsd", "bshd"}) == "bshd";
   std::vector<eval::Method> methods;
   for (const std::string& name :
        args.get_choices("method", "sap", {"sap", "blocks", "oracle", "ear", "ear-plus", "dense"}))
     methods.push_back(eval::parse_method(name));
   const bool json = args.flag("json");
+  // Progress goes to stderr: on a terminal, when asked, or as the step lines of a run without --json.
+  const bool asked = args.flag("progress");
+  const bool show_progress = asked || !json || isatty(STDERR_FILENO) != 0;
   // The budgets of the sweep: densities when given, else top-p values.
   const bool by_density = args.has("density");
   const std::vector<double> budgets =
@@ -98,17 +127,22 @@ int run_eval(int argc, char** argv) {
   Tensor qs, ks, vs;
   TensorView q, k, v;
   {
-    Progress progress("loading tensors", !json);
+    Progress progress("loading tensors", show_progress);
     q = load_view(qp, "q", bshd, qs);
     k = load_view(kp, "k", bshd, ks);
     v = load_view(vp, "v", bshd, vs);
   }
+  // The description is of these tensors only if it has their shape.
+  const bool use_description =
+      described && described->shape == qs.shape() && !args.has("text-tokens") && !args.has("prompt-length");
+  if (described && described->shape != qs.shape() && !json)
+    std::cerr << "note: " << described->path << " describes tensors of another shape; not used\n";
   const int64_t S = q.shape[2];
-  const int64_t text = args.get_int("text-tokens", 0, 0, S - 1);
+  const int64_t text = args.get_int("text-tokens", use_description ? described->text_tokens : 0, 0, S - 1);
   Config config = config_from(args, S - text);
   check_cluster_counts(args, config, S - text);
   config.text_tokens = text;
-  config.prompt_length = args.get_int("prompt-length", 0, 0, text);
+  config.prompt_length = args.get_int("prompt-length", use_description ? described->prompt_length : 0, 0, text);
   config.compensate = args.flag("compensate");
   // The ear-plus ideas one at a time, on top of ear (ear-plus turns its winners on itself).
   const bool ear_spread = args.flag("ear-spread"), ear_pair_values = args.flag("ear-pair-values"),
@@ -122,54 +156,85 @@ int run_eval(int argc, char** argv) {
   check_finite(k, "k", stream);
   check_finite(v, "v", stream);
 
-  eval::MethodResult dense;
-  {
-    Progress progress("dense attention", !json);
-    dense = eval::run_method(eval::Method::Dense, q, k, v, config, nullptr, threads);
-  }
-  std::vector<Row> rows{{"dense", eval::compare(dense, dense), dense.seconds}};
+  // The methods as they run: a name for the table and each method's config.
+  struct Run {
+    eval::Method method;
+    std::string name;
+    Config config;
+  };
+  std::vector<Run> runs;
   for (eval::Method method : methods) {
-    if (method == eval::Method::Dense) {  // the reference itself, already in the table
+    Run run{method, std::string(eval::method_name(method)), config};
+    const bool ear_like = method == eval::Method::Ear || method == eval::Method::EarPlus;
+    if (config.compensate && !ear_like && method != eval::Method::Dense) run.name += "+c";
+    if (ear_like) {
+      run.config.routing = Routing::ErrorAware;
+      run.config.ear_spread = ear_spread;
+      run.config.ear_pair_values = ear_pair_values;
+      run.config.ear_head_budget = ear_head_budget;
+      run.config.ear_split = ear_split;
+      if (method == eval::Method::Ear) {
+        if (ear_spread) run.name += "+spread";
+        if (ear_pair_values) run.name += "+values";
+        if (ear_head_budget) run.name += "+head";
+        if (ear_split) run.name += "+split";
+      }
+    }
+    runs.push_back(std::move(run));
+  }
+  const auto budget_name = [&](size_t i) { return (by_density ? " d=" : " p=") + json_number(budgets[i]); };
+
+  // One progress line over the whole run: its steps are dense attention, then per sparse method its
+  // clusters and each budget, weighted by their expected cost for the estimate of the time left.
+  const WorkModel work{static_cast<double>(S), static_cast<double>(q.shape[3]), config};
+  std::vector<std::pair<std::string, double>> steps = {{"dense attention", work.dense()}};
+  for (const Run& run : runs) {
+    if (run.method == eval::Method::Dense) continue;
+    steps.emplace_back(run.name + " clusters", work.clusters(run.method));
+    for (size_t i = 0; i < points.size(); ++i) steps.emplace_back(run.name + budget_name(i), work.budget(points[i]));
+  }
+  double total_work = 0.0, done_work = 0.0;
+  for (const auto& step : steps) total_work += step.second;
+  size_t done_steps = 0;
+  Progress progress("eval", show_progress, asked);
+  const auto report = [&] {
+    if (done_steps < steps.size()) progress.set_step(steps[done_steps].first);
+    progress.update(static_cast<int64_t>(done_steps), static_cast<int64_t>(steps.size()), done_work / total_work);
+  };
+  const auto step_done = [&] {
+    done_work += steps[done_steps++].second;
+    report();
+  };
+  report();
+  const eval::MethodResult dense = eval::run_method(eval::Method::Dense, q, k, v, config, nullptr, threads);
+  step_done();
+  std::vector<Row> rows{{"dense", eval::compare(dense, dense), dense.seconds}};
+  for (const Run& run : runs) {
+    if (run.method == eval::Method::Dense) {  // the reference itself, already in the table
       if (json) std::cout << metrics_json("dense", rows[0].metrics, config, q, dense.seconds, dense.seconds);
       continue;
     }
-    std::string name(eval::method_name(method));
-    const bool ear_like = method == eval::Method::Ear || method == eval::Method::EarPlus;
-    if (config.compensate && !ear_like) name += "+c";
-    Config method_config = config;
-    if (ear_like) {
-      method_config.routing = Routing::ErrorAware;
-      method_config.ear_spread = ear_spread;
-      method_config.ear_pair_values = ear_pair_values;
-      method_config.ear_head_budget = ear_head_budget;
-      method_config.ear_split = ear_split;
-      if (method == eval::Method::Ear) {
-        if (ear_spread) name += "+spread";
-        if (ear_pair_values) name += "+values";
-        if (ear_head_budget) name += "+head";
-        if (ear_split) name += "+split";
-      }
-    }
-    std::vector<eval::MethodResult> results;
-    {
-      Progress progress(name, !json);
-      results = eval::run_sweep(method, q, k, v, method_config, points, &dense, threads);
-    }
+    const std::vector<eval::MethodResult> results = eval::run_sweep(run.method, q, k, v, run.config, points, &dense,
+                                                                    threads, [&](int64_t, int64_t) { step_done(); });
     for (size_t i = 0; i < results.size(); ++i) {
       Config c = config;
       c.top_p = points[i].top_p;
       c.density = points[i].density;
       const eval::Metrics metrics = eval::compare(results[i], dense);
-      if (json) std::cout << metrics_json(name, metrics, c, q, results[i].seconds, dense.seconds);
-      const std::string budget = (by_density ? " d=" : " p=") + json_number(budgets[i]);
-      rows.push_back({points.size() > 1 || by_density ? name + budget : name, metrics, results[i].seconds});
+      if (json) std::cout << metrics_json(run.name, metrics, c, q, results[i].seconds, dense.seconds);
+      rows.push_back(
+          {points.size() > 1 || by_density ? run.name + budget_name(i) : run.name, metrics, results[i].seconds});
     }
   }
+  progress.finish();
   if (!json) {
     std::cout << "[" << q.shape[0] << "," << q.shape[1] << "," << q.shape[2] << "," << q.shape[3] << "] "
               << dtype_name(q.dtype) << ", Cq=" << config.q_clusters << " Ck=" << config.k_clusters
-              << " min_kc_ratio=" << config.min_kc_ratio << "\n"
-              << format_table(rows);
+              << " min_kc_ratio=" << config.min_kc_ratio;
+    if (config.text_tokens > 0)
+      std::cout << ", text_tokens=" << config.text_tokens << " prompt_length=" << config.prompt_length
+                << (use_description ? " (from " + described->path + ")" : "");
+    std::cout << "\n" << format_table(rows);
   }
   return 0;
 }

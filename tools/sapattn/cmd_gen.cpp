@@ -4,10 +4,10 @@
 #include <iostream>
 
 #include "commands.hpp"
-#include "io/json.hpp"
 #include "progress.hpp"
 #include "sapattn/io.hpp"
 #include "sapattn/workload.hpp"
+#include "workload_json.hpp"
 
 namespace sapattn::cli {
 
@@ -73,19 +73,8 @@ int run_gen(int argc, char** argv) {
     Progress progress("calibration check");
     mass = workload::top_fraction_mass(w.q.view(), w.k.view(), 0.13, 64, seed, 0.0f, threads);
   }
-  std::string kinds;
-  for (workload::HeadKind k : w.head_kinds)
-    kinds += (kinds.empty() ? "" : ", ") + io::detail::json_quote(std::string(workload::head_kind_name(k)));
+  write_text(out + "/workload.json", workload_json(w, seed, dtype_name, mass));
   const auto& s = w.q.shape();
-  write_text(out + "/workload.json",
-             "{\n  \"preset\": " + io::detail::json_quote(preset.name) + ",\n  \"seed\": " + std::to_string(seed) +
-                 ",\n  \"dtype\": " + io::detail::json_quote(dtype_name) +
-                 ",\n  \"layout\": \"bhsd\",\n  \"shape\": [" + std::to_string(s[0]) + ", " + std::to_string(s[1]) +
-                 ", " + std::to_string(s[2]) + ", " + std::to_string(s[3]) + "],\n  \"grid\": [" +
-                 std::to_string(preset.frames) + ", " + std::to_string(preset.height) + ", " +
-                 std::to_string(preset.width) + "],\n  \"text_tokens\": " + std::to_string(preset.text_tokens) +
-                 ",\n  \"prompt_length\": " + std::to_string(preset.prompt_length) + ",\n  \"head_kinds\": [" + kinds +
-                 "],\n  \"top13_mass\": " + json_number(mass) + "\n}\n");
   std::cout << "wrote " << preset.name << " [" << s[0] << "," << s[1] << "," << s[2] << "," << s[3] << "] "
             << dtype_name << " to " << out << " (" << (format == "safetensors" ? "workload.safetensors" : "q/k/v.npy")
             << ", workload.json)\n"

@@ -19,7 +19,15 @@ constexpr const char* kUsage =
     "  gen    write a synthetic video-attention workload (presets: tiny, tiny-text, wan-1.3b-480p,\n"
     "         wan-14b-720p, hunyuan-720p)\n"
     "\n"
-    "Run 'sapattn <command> --help' for the options of each.\n";
+    "Run 'sapattn <command> --help' for the options of each, 'sapattn --version' for the version.\n";
+
+// SAPATTN_VERSION is the CMake project version (tools/sapattn/CMakeLists.txt), the one the Python
+// package and the CMake package carry too.
+#ifdef SAPATTN_HAS_CUDA
+constexpr const char* kBackends = "CPU and CUDA backends";
+#else
+constexpr const char* kBackends = "CPU backend";
+#endif
 
 }  // namespace
 
@@ -28,6 +36,10 @@ int main(int argc, char** argv) {
       std::strcmp(argv[1], "help") == 0) {
     std::cout << kUsage;
     return argc < 2 ? 2 : 0;
+  }
+  if (std::strcmp(argv[1], "--version") == 0) {
+    std::cout << "sapattn " << SAPATTN_VERSION << " (" << kBackends << ")\n";
+    return 0;
   }
   const std::string command = argv[1];
   try {

@@ -82,7 +82,7 @@ def _unhook_scheduler(scheduler) -> None:
 
 def enable(target, config: Optional[SVG2Config] = None, *, telemetry: Union[str, Path, None] = None,
            measure_recall: bool = False, dense_backend: str = "stock",
-           branches_per_step: Optional[int] = None) -> Controller:
+           branches_per_step: Optional[int] = None, num_steps: Optional[int] = None) -> Controller:
     """Turns SVG2 on for `target`: a diffusers pipeline (WanPipeline, WanImageToVideoPipeline,
     HunyuanVideoPipeline, ...) or a WanTransformer3DModel / HunyuanVideoTransformer3DModel.
 
@@ -97,8 +97,12 @@ def enable(target, config: Optional[SVG2Config] = None, *, telemetry: Union[str,
     branches_per_step: forwards per denoising step (1, or 2 for CFG as two calls). With a pipeline
       the default None counts steps from its scheduler (set_timesteps, step). A bare transformer
       defaults to 1: every forward is one step and uses branch 0. Either way,
-      controller.begin(num_steps) starts a generation (it forgets the k-means state; needed when
-      first_times_fp > 0 without a pipeline) and controller.end_step() may end a step by hand.
+      controller.begin(num_steps) starts a generation (it forgets the k-means state) and
+      controller.end_step() may end a step by hand.
+    num_steps: denoising steps of the generation, for a bare transformer (a pipeline's scheduler
+      says it at each call). Without it and without controller.begin(), the schedule is that of a
+      50-step generation (controller.DEFAULT_NUM_STEPS), with a warning when it matters
+      (first_times_fp > 0).
     Returns the controller (schedule, state and telemetry)."""
     config = config if config is not None else SVG2Config()
     transformers = _transformers(target)
@@ -111,6 +115,8 @@ def enable(target, config: Optional[SVG2Config] = None, *, telemetry: Union[str,
         branches_per_step = 1
     controller = Controller(config, num_layers, telemetry=telemetry, measure_recall=measure_recall,
                             dense_backend=dense_backend, branches_per_step=branches_per_step)
+    if num_steps is not None:
+        controller.begin(num_steps)
     for t in transformers:
         adapter = _adapter(t)
         installed = _Installation(controller)

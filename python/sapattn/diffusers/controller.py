@@ -7,11 +7,14 @@ generation (set_timesteps) and the end of each step (step); each transformer for
 is the next classifier-free-guidance branch (Wan calls the transformer twice per step, cond then
 uncond; a pipeline that batches both branches in one call has one branch whose state holds both
 batch items). Without a pipeline, `branches_per_step` forwards make one step (1 unless told
-otherwise), or the caller ends each step with end_step(); begin() starts a generation."""
+otherwise), or the caller ends each step with end_step(); begin() starts a generation. Until a
+scheduler or begin() gives the number of steps, the schedule is that of a generation of
+DEFAULT_NUM_STEPS steps (the diffusers pipelines' default), with a warning."""
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Union
@@ -20,6 +23,11 @@ import torch
 
 from ..attention import LayerState
 from ..config import SVG2Config
+
+
+# Steps assumed when nothing has said how many there are: num_inference_steps of the Wan 2.1 and
+# HunyuanVideo pipelines, the step count SVG2's official settings were made for.
+DEFAULT_NUM_STEPS = 50
 
 
 @dataclass
@@ -55,6 +63,7 @@ class Controller:
         self._records: List[dict] = []
         self._mask_lengths = None  # (mask tensor, prompt lengths) of the current forward
         self._parallel = {}  # id(context-parallel config) -> SequenceParallelSVG2
+        self._warned_default_steps = False
         if self.telemetry_path is not None:
             self.telemetry_path.parent.mkdir(parents=True, exist_ok=True)
             self.telemetry_path.write_text("")
@@ -93,15 +102,16 @@ class Controller:
     def plan(self, layer: int) -> CallPlan:
         cfg = self.config
         layer_sparse = cfg.layer_is_sparse(layer, self.num_layers)
-        if self.num_steps is None:
-            if cfg.first_times_fp > 0.0:
-                raise RuntimeError(
-                    "sapattn: the schedule needs the number of denoising steps (first_times_fp > 0): enable sapattn "
-                    "on a diffusers pipeline, or call controller.begin(num_steps) before the first step and "
-                    "controller.end_step() after each")
-            step_sparse = True
-        else:
-            step_sparse = cfg.step_is_sparse(self.step, self.num_steps)
+        num_steps = self.num_steps
+        if num_steps is None:
+            num_steps = DEFAULT_NUM_STEPS
+            if cfg.first_times_fp > 0.0 and not self._warned_default_steps:
+                self._warned_default_steps = True
+                warnings.warn(f"sapattn: the number of denoising steps is unknown, so the first "
+                              f"{cfg.dense_steps(num_steps)} steps of a {num_steps}-step generation stay dense "
+                              "(first_times_fp); pass num_steps= to sapattn.diffusers.enable() or call "
+                              "controller.begin(num_steps) for another count", stacklevel=2)
+        step_sparse = cfg.step_is_sparse(self.step, num_steps)
         sparse = layer_sparse and step_sparse
         warmup = cfg.kmeans_iters_warmup if (layer_sparse and not step_sparse) else 0
         return CallPlan(sparse=sparse, branch=self.branch, warmup_iters=warmup)

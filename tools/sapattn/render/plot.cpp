@@ -141,26 +141,6 @@ int auto_text_scale(int width, int height) {
   return static_cast<int>(std::clamp(std::lround(s), 1L, 4L));
 }
 
-// For each of `out` output pixels along an axis of n source cells: the cells it covers and by how
-// much. Pixel o spans [o * n, (o + 1) * n) and cell c spans [c * out, (c + 1) * out) in units of
-// 1 / (n * out) of the axis, so every overlap is an exact integer.
-struct Overlap {
-  std::int64_t cell;
-  double weight;
-};
-std::vector<std::vector<Overlap>> overlaps(std::int64_t n, int out) {
-  std::vector<std::vector<Overlap>> result(static_cast<std::size_t>(out));
-  for (int o = 0; o < out; ++o) {
-    const std::int64_t a = std::int64_t{o} * n;
-    const std::int64_t b = std::int64_t{o + 1} * n;
-    for (std::int64_t c = a / out; c <= (b - 1) / out; ++c) {
-      const std::int64_t w = std::min(b, (c + 1) * out) - std::max(a, c * out);
-      if (w > 0) result[o].push_back({c, static_cast<double>(w)});
-    }
-  }
-  return result;
-}
-
 }  // namespace
 
 // ---- Ticks ---------------------------------------------------------------------------------
@@ -431,61 +411,73 @@ Image LineChart::render(int width, int height) const {
   return img;
 }
 
-// ---- Heatmap -------------------------------------------------------------------------------
+// ---- Matrix chart --------------------------------------------------------------------------
 
-std::vector<float> box_average(const float* values, std::int64_t rows, std::int64_t cols, int out_w, int out_h) {
-  constexpr std::int64_t kMaxSide = std::int64_t{1} << 40;
-  SAPATTN_CHECK(
-      rows >= 1 && cols >= 1 && rows <= kMaxSide && cols <= kMaxSide && rows <= (std::int64_t{1} << 48) / cols,
-      InvalidArgumentError, "matrix size ", rows, "x", cols, " is empty or too large");
-  SAPATTN_CHECK(values != nullptr, InvalidArgumentError, "matrix pointer is null");
-  SAPATTN_CHECK(out_w >= 1 && out_h >= 1 && out_w <= kMaxImageSide && out_h <= kMaxImageSide &&
-                    std::int64_t{out_w} * out_h <= kMaxImagePixels,
-                InvalidArgumentError, "output size ", out_w, "x", out_h, " is empty or too large");
+Image MatrixChart::render(int cell_pixels) const {
+  SAPATTN_CHECK(rows >= 1 && cols >= 1 && static_cast<std::int64_t>(values.size()) == rows * cols, InvalidArgumentError,
+                "matrix chart: ", values.size(), " values for ", rows, " x ", cols, " cells");
+  SAPATTN_CHECK(cell_pixels >= 1 && cols * cell_pixels <= kMaxImageSide / 2 && rows * cell_pixels <= kMaxImageSide / 2,
+                InvalidArgumentError, "matrix chart: ", rows, " x ", cols, " cells of ", cell_pixels,
+                " pixels do not fit a picture");
+  SAPATTN_CHECK(std::isfinite(vmin) && std::isfinite(vmax) && vmin < vmax, InvalidArgumentError,
+                "matrix chart: colour range [", vmin, ", ", vmax, "] must be finite with vmin < vmax");
+  SAPATTN_CHECK(text_scale >= 1, InvalidArgumentError, "text scale must be >= 1, got ", text_scale);
+  const int s = text_scale, th = text_height(s), pad = 5 * s, gap = 3 * s, tick_len = 3 * s;
+  const int plot_w = static_cast<int>(cols) * cell_pixels, plot_h = static_cast<int>(rows) * cell_pixels;
+  const AxisRange xr{0.0, x_extent > 0.0 ? x_extent : static_cast<double>(cols)};
+  const AxisRange yr{0.0, y_extent > 0.0 ? y_extent : static_cast<double>(rows)};
+  const auto label_gap = [&](const std::vector<std::string>& labels) { return max_width(labels, s) + 2.0 * gap; };
+  const Ticks xt = choose_ticks(xr, false, plot_w, label_gap);
+  const Ticks yt = choose_ticks(yr, false, plot_h, [&](const auto&) { return 2.0 * th; });
+  const Ticks ct = choose_ticks(AxisRange{vmin, vmax}, false, plot_h, [&](const auto&) { return 2.0 * th; });
 
-  const auto col_spans = overlaps(cols, out_w);
-  const auto row_spans = overlaps(rows, out_h);
-  std::vector<float> out(static_cast<std::size_t>(out_w) * out_h);
-  // Rows are folded first into one accumulator row (value and finite weight per column), then
-  // each output pixel folds its columns: every source cell is read once per output row it touches.
-  std::vector<double> acc(static_cast<std::size_t>(cols));
-  std::vector<double> acc_w(static_cast<std::size_t>(cols));
-  for (int oy = 0; oy < out_h; ++oy) {
-    std::fill(acc.begin(), acc.end(), 0.0);
-    std::fill(acc_w.begin(), acc_w.end(), 0.0);
-    for (const Overlap& r : row_spans[oy]) {
-      const float* row = values + r.cell * cols;
-      for (std::int64_t c = 0; c < cols; ++c) {
-        if (!std::isfinite(row[c])) continue;
-        acc[c] += r.weight * row[c];
-        acc_w[c] += r.weight;
-      }
+  const int left = pad + (y_label.empty() ? 0 : th + 2 * gap) + max_width(yt.labels, s) + gap + tick_len;
+  const int top = pad + (title.empty() ? 0 : th + 2 * gap);
+  const int bar_x = left + plot_w + 4 * gap, bar_w = 4 * gap;
+  const int bar_right = bar_x + bar_w + tick_len + gap + max_width(ct.labels, s) +
+                        (colorbar_label.empty() ? 0 : 2 * gap + th + kGlyphDescent * s);
+  const int right_edge = colorbar ? bar_right : left + plot_w + text_width(xt.labels.back(), s) / 2;
+  const int width = std::max(right_edge, left + text_width(title, s)) + pad;
+  const int height = top + plot_h + tick_len + gap + th + (x_label.empty() ? 0 : 2 * gap + th) + pad;
+  Image img(width, height, kWhite);
+
+  const double vscale = 1.0 / (static_cast<double>(vmax) - vmin);
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t c = 0; c < cols; ++c) {
+      const double v = values[static_cast<std::size_t>(r * cols + c)];
+      img.fill_rect(left + static_cast<int>(c) * cell_pixels, top + static_cast<int>(r) * cell_pixels, cell_pixels,
+                    cell_pixels, heat_color(static_cast<float>((v - vmin) * vscale)));
     }
-    for (int ox = 0; ox < out_w; ++ox) {
-      double sum = 0.0;
-      double weight = 0.0;
-      for (const Overlap& c : col_spans[ox]) {
-        sum += c.weight * acc[c.cell];
-        weight += c.weight * acc_w[c.cell];
-      }
-      out[static_cast<std::size_t>(oy) * out_w + ox] =
-          weight > 0.0 ? static_cast<float>(sum / weight) : std::numeric_limits<float>::quiet_NaN();
-    }
+  img.draw_rect(left - 1, top - 1, plot_w + 2, plot_h + 2, kFrame);
+  for (std::size_t i = 0; i < xt.at.size(); ++i) {
+    const int x = left + static_cast<int>(std::lround(xt.at[i] / xr.hi * plot_w));
+    img.fill_rect(x, top + plot_h + 1, 1, tick_len, kFrame);
+    img.draw_text(x - text_width(xt.labels[i], s) / 2, top + plot_h + tick_len + gap, xt.labels[i], kInk, s);
   }
-  return out;
-}
+  for (std::size_t i = 0; i < yt.at.size(); ++i) {  // row 0 at the top: values grow downwards
+    const int y = top + static_cast<int>(std::lround(yt.at[i] / yr.hi * plot_h));
+    img.fill_rect(left - 1 - tick_len, y, tick_len, 1, kFrame);
+    img.draw_text(left - 1 - tick_len - gap - text_width(yt.labels[i], s), y - th / 2, yt.labels[i], kInk, s);
+  }
+  if (!title.empty()) img.draw_text(left, pad, title, kInk, s);
+  if (!x_label.empty())
+    img.draw_text(left + (plot_w - text_width(x_label, s)) / 2, height - pad - th, x_label, kInk, s);
+  if (!y_label.empty()) img.draw_text_vertical(pad, top + (plot_h - text_width(y_label, s)) / 2, y_label, kInk, s);
 
-Image heatmap(const float* values, std::int64_t rows, std::int64_t cols, int out_w, int out_h, float vmin, float vmax) {
-  SAPATTN_CHECK(std::isfinite(vmin) && std::isfinite(vmax) && vmin < vmax, InvalidArgumentError, "heatmap range [",
-                vmin, ", ", vmax, "] must be finite with vmin < vmax");
-  const std::vector<float> avg = box_average(values, rows, cols, out_w, out_h);
-  Image img(out_w, out_h);
-  const double scale = 1.0 / (static_cast<double>(vmax) - vmin);
-  for (int y = 0; y < out_h; ++y) {
-    for (int x = 0; x < out_w; ++x) {
-      const float v = avg[static_cast<std::size_t>(y) * out_w + x];
-      img.set_pixel(x, y, heat_color(static_cast<float>((v - static_cast<double>(vmin)) * scale)));
+  if (colorbar) {  // vmax at the top, one colour per pixel row
+    for (int y = 0; y < plot_h; ++y) {
+      const double t = 1.0 - (y + 0.5) / plot_h;
+      img.fill_rect(bar_x, top + y, bar_w, 1, heat_color(static_cast<float>(t)));
     }
+    img.draw_rect(bar_x - 1, top - 1, bar_w + 2, plot_h + 2, kFrame);
+    for (std::size_t i = 0; i < ct.at.size(); ++i) {
+      const int y = top + static_cast<int>(std::lround((vmax - ct.at[i]) * vscale * (plot_h - 1)));
+      img.fill_rect(bar_x + bar_w + 1, y, tick_len, 1, kFrame);
+      img.draw_text(bar_x + bar_w + 1 + tick_len + gap, y - th / 2, ct.labels[i], kInk, s);
+    }
+    if (!colorbar_label.empty())
+      img.draw_text_vertical(bar_right - th - kGlyphDescent * s, top + (plot_h - text_width(colorbar_label, s)) / 2,
+                             colorbar_label, kInk, s);
   }
   return img;
 }

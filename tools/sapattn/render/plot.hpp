@@ -1,5 +1,5 @@
-// Charts for the demo: a line chart with nice ticks and a legend, and a heatmap that box-averages
-// a large matrix (an attention block mask) down or up to the requested picture size.
+// Charts for the demo: a line chart with nice ticks and a legend, and a matrix chart (a heatmap
+// with axes and a colour bar).
 #pragma once
 
 #include <cstdint>
@@ -42,6 +42,32 @@ struct LineChart {
   Image render(int width, int height) const;
 };
 
+// A rows x cols matrix as a picture with axes: each cell a square of cell_pixels x cell_pixels
+// (whole pixels, so that no cell is drawn larger than another), coloured heat_color((v - vmin) /
+// (vmax - vmin)), row 0 at the top. The axes are ticked in their own units: the columns span
+// [0, x_extent] and the rows [0, y_extent] (e.g. tokens, when each cell holds several). The colour
+// bar on the right, when asked for, is ticked over [vmin, vmax] and carries colorbar_label.
+struct MatrixChart {
+  std::string title;
+  std::string x_label;
+  std::string y_label;
+  std::vector<float> values;  // rows * cols, row-major
+  std::int64_t rows = 0;
+  std::int64_t cols = 0;
+  double x_extent = 0.0;  // 0: cols
+  double y_extent = 0.0;  // 0: rows
+  float vmin = 0.0f;
+  float vmax = 1.0f;
+  bool colorbar = true;
+  std::string colorbar_label;
+  int text_scale = 2;
+
+  // The picture's size follows from the matrix, the cell size and the labels. Throws
+  // InvalidArgumentError when values does not hold rows * cols entries, the picture would exceed
+  // the canvas limits, or vmin < vmax fails.
+  Image render(int cell_pixels) const;
+};
+
 // Tick values at multiples of the step 1, 2 or 5 x 10^k, the smallest such step that leaves at
 // most max_count ticks inside [lo, hi]. Needs finite lo < hi and max_count >= 2.
 // Example: [0.03, 0.41] with max_count 6 gives 0.1, 0.2, 0.3, 0.4.
@@ -55,14 +81,5 @@ std::vector<double> log_ticks(double lo, double hi, int max_count = 6);
 // longest label or a decimal label would need more than four decimals; the choice is made once
 // per axis so labels look alike.
 std::vector<std::string> format_ticks(const std::vector<double>& ticks);
-
-// Area-weighted average of a row-major rows x cols matrix over an out_h x out_w grid: output
-// pixel (px, py) averages the source region [px, px + 1) * cols / out_w by
-// [py, py + 1) * rows / out_h, weighting cells by overlap, so it works for shrinking and
-// enlarging alike. Non-finite cells are left out; a pixel with no finite cell gets NaN.
-// Returns out_h * out_w values, row-major.
-std::vector<float> box_average(const float* values, std::int64_t rows, std::int64_t cols, int out_w, int out_h);
-// box_average coloured with heat_color((v - vmin) / (vmax - vmin)); needs finite vmin < vmax.
-Image heatmap(const float* values, std::int64_t rows, std::int64_t cols, int out_w, int out_h, float vmin, float vmax);
 
 }  // namespace sapattn::render

@@ -1,0 +1,28 @@
+# Fails when a CTest name of the build is longer than MAX_LENGTH or carries a GoogleTest parameter
+# printout ("# GetParam() = 88-byte object <...>"): names are what a user reads in CTest's output
+# and types after -R.
+#   cmake -DCTEST=ctest -DBUILD_DIR=build -DMAX_LENGTH=120 -P tests/ctest_names.cmake
+execute_process(COMMAND ${CTEST} --test-dir ${BUILD_DIR} -N OUTPUT_VARIABLE listing RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "ctest -N failed in ${BUILD_DIR}")
+endif()
+string(REPLACE "\n" ";" lines "${listing}")
+set(count 0)
+set(bad "")
+foreach(line IN LISTS lines)
+  if(line MATCHES "^ *Test +#[0-9]+: (.*)$")
+    set(name "${CMAKE_MATCH_1}")
+    math(EXPR count "${count} + 1")
+    string(LENGTH "${name}" length)
+    if(length GREATER MAX_LENGTH OR name MATCHES "#|GetParam")
+      string(APPEND bad "\n  ${name}")
+    endif()
+  endif()
+endforeach()
+if(count EQUAL 0)
+  message(FATAL_ERROR "ctest -N listed no tests in ${BUILD_DIR}")
+endif()
+if(bad)
+  message(FATAL_ERROR "CTest names longer than ${MAX_LENGTH} characters or with a parameter dump:${bad}")
+endif()
+message(STATUS "${count} CTest names, all short")
