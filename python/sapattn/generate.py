@@ -45,8 +45,12 @@ def _preset_table() -> str:
                "HunyuanVideo": SVG2Config.hunyuan_720p()}
     row = "  {:<24}" + "{:<17}" * len(presets)
     lines = ["official SVG2 settings (the defaults of the SVG2 options):", row.format("", *presets)]
+    def cell(value) -> str:
+        return "scaled*" if value is None else str(value)
+
     for name in _SVG2_FIELDS:
-        lines.append(row.format("--" + name.replace("_", "-"), *(getattr(c, name) for c in presets.values())))
+        lines.append(row.format("--" + name.replace("_", "-"), *(cell(getattr(c, name)) for c in presets.values())))
+    lines.append("* one query cluster per 252 video tokens (at most 300), one key cluster per 75.6 (at most 1000)")
     return "\n".join(line.rstrip() for line in lines)
 
 

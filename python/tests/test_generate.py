@@ -71,7 +71,9 @@ def test_help_explains_every_option_and_shows_its_default(tmp_path):
     # The SVG2 options' defaults are the presets' own values.
     config = sapattn.SVG2Config
     wan, wan480, hunyuan = config.wan_t2v_720p(), config.wan_480p(), config.hunyuan_720p()
-    assert f"--q-clusters {wan.q_clusters} {wan480.q_clusters} {hunyuan.q_clusters}" in text
+    assert wan.q_clusters is None  # scales with the tokens: the table says so
+    assert f"--q-clusters scaled* {wan480.q_clusters} {hunyuan.q_clusters}" in text
+    assert "* one query cluster per 252 video tokens (at most 300)" in text
     assert f"--first-times-fp {wan.first_times_fp} {wan480.first_times_fp} {hunyuan.first_times_fp}" in text
 
 
