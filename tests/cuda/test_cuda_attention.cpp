@@ -52,6 +52,7 @@
 
 #include "cuda/backend.hpp"
 #include "cuda/check.hpp"
+#include "cuda_support.hpp"
 #include "reference.hpp"
 #include "sapattn/ops.hpp"
 #include "sapattn/svg2.hpp"
@@ -60,6 +61,8 @@
 namespace {
 
 using namespace sapattn;
+using CudaStream = cuda_test::TestStream;  // blocking: the synchronous copies are ordered with it
+using cuda_test::ValueChecksOn;
 using ref::HostTensor;
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
@@ -72,22 +75,6 @@ std::vector<int64_t> shape_of(const TensorView& v) { return {v.shape.begin(), v.
 // ---------------------------------------------------------------------------------------------
 // Device memory and streams
 // ---------------------------------------------------------------------------------------------
-
-// A blocking stream: the synchronous cudaMemcpy calls below (legacy default stream) are ordered with
-// its work.
-class CudaStream {
- public:
-  CudaStream() { SAPATTN_CUDA_CHECK(cudaStreamCreate(&stream_)); }
-  ~CudaStream() { (void)cudaStreamDestroy(stream_); }
-  CudaStream(const CudaStream&) = delete;
-  CudaStream& operator=(const CudaStream&) = delete;
-  Stream stream() const { return {Device::cuda(0), stream_, 0}; }
-  cudaStream_t handle() const { return stream_; }
-  void sync() const { SAPATTN_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
-
- private:
-  cudaStream_t stream_ = nullptr;
-};
 
 // A device copy of a host tensor's whole storage; the view keeps the host view's strides and offset.
 struct DeviceTensor {
@@ -1147,18 +1134,6 @@ TEST(AttentionCudaErrors, WorkspaceTooSmall) {
     EXPECT_TRUE(fails_with<WorkspaceError>([&] { s.attend(in, ws); }, "workspace", {&s.out, &s.lse}));
   EXPECT_NO_THROW(s.attend(in, Workspace{s.workspace.data(), need}));
 }
-
-// Turns the CUDA value checks on for one test.
-class ValueChecksOn {
- public:
-  ValueChecksOn() : was_on_(cuda::value_checks()) { cuda::set_value_checks(true); }
-  ~ValueChecksOn() { cuda::set_value_checks(was_on_); }
-  ValueChecksOn(const ValueChecksOn&) = delete;
-  ValueChecksOn& operator=(const ValueChecksOn&) = delete;
-
- private:
-  bool was_on_;
-};
 
 TEST(AttentionCudaErrors, BadValuesWithValueChecks) {
   const ValueChecksOn on;

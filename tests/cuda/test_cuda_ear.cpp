@@ -28,6 +28,7 @@
 #include "cpu/rows.hpp"
 #include "cuda/backend.hpp"
 #include "cuda/check.hpp"
+#include "cuda_support.hpp"
 #include "reference.hpp"
 #include "sapattn/ops.hpp"
 #include "sapattn/svg2.hpp"
@@ -35,6 +36,8 @@
 
 namespace sapattn {
 namespace {
+
+using CudaStream = cuda_test::TestStream;  // blocking: the synchronous copies are ordered with it
 
 using ref::HostTensor;
 using ref::Layout;
@@ -71,21 +74,6 @@ struct Twin {
                   (static_cast<const char*>(host.view.data) - static_cast<const char*>(host.storage.data()));
     return h;
   }
-};
-
-// A blocking stream: the synchronous copies above are ordered with its work.
-class CudaStream {
- public:
-  CudaStream() { SAPATTN_CUDA_CHECK(cudaStreamCreate(&stream_)); }
-  ~CudaStream() { (void)cudaStreamDestroy(stream_); }
-  CudaStream(const CudaStream&) = delete;
-  CudaStream& operator=(const CudaStream&) = delete;
-  Stream stream() const { return {Device::cuda(0), stream_, 0}; }
-  cudaStream_t handle() const { return stream_; }
-  void sync() const { SAPATTN_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
-
- private:
-  cudaStream_t stream_ = nullptr;
 };
 
 struct DeviceScratch {

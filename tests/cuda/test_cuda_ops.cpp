@@ -23,11 +23,18 @@
 
 #include "cuda/backend.hpp"
 #include "cuda/check.hpp"
+#include "cuda_support.hpp"
 #include "sapattn/ops.hpp"
 
 namespace {
 
 using namespace sapattn;
+using cuda_test::ValueChecksOn;
+// Non-blocking: these tests synchronise themselves.
+class CudaStream : public cuda_test::TestStream {
+ public:
+  CudaStream() : TestStream(NonBlocking) {}
+};
 
 // ---------------------------------------------------------------------------------------------
 // Host and device tensors
@@ -197,18 +204,6 @@ Host clone(const Host& h) {
 
 Buffer device_workspace(size_t bytes) { return Buffer::allocate(std::max<size_t>(bytes, 1), Device::cuda(0)); }
 Workspace as_workspace(const Buffer& b) { return {b.data(), b.bytes()}; }
-
-class CudaStream {
- public:
-  CudaStream() { SAPATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
-  ~CudaStream() { (void)cudaStreamDestroy(s_); }
-  Stream stream() const { return {Device::cuda(0), s_, 0}; }
-  cudaStream_t handle() const { return s_; }
-  void sync() const { SAPATTN_CUDA_CHECK(cudaStreamSynchronize(s_)); }
-
- private:
-  cudaStream_t s_ = nullptr;
-};
 
 const Stream kCpu = Stream::cpu(0);
 
@@ -820,12 +815,6 @@ TEST(ClusterOrder, IdenticalToCpu) {
   EXPECT_THROW(order_clusters(dc.view, ds.view, dl.view.slice(2, 0, N), cs.stream(), Workspace{ws.data(), 64}),
                WorkspaceError);
 }
-
-class ValueChecksOn {
- public:
-  ValueChecksOn() { cuda::set_value_checks(true); }
-  ~ValueChecksOn() { cuda::set_value_checks(false); }
-};
 
 TEST(Errors, BadValuesAreReportedWithValueChecks) {
   const ValueChecksOn on;

@@ -22,10 +22,17 @@
 #include "cuda/backend.hpp"
 #include "cuda/check.hpp"
 #include "cuda/device.cuh"
+#include "cuda_support.hpp"
 
 namespace {
 
 using namespace sapattn;
+using cuda_test::ValueChecksOn;
+// Non-blocking: these tests synchronise themselves.
+class CudaStream : public cuda_test::TestStream {
+ public:
+  CudaStream() : TestStream(NonBlocking) {}
+};
 namespace attn = sapattn::cuda::attn;
 
 struct Rng {
@@ -278,17 +285,6 @@ void expect_same_plan(const Plan& got, const Plan& want, const std::string& what
   }
 }
 
-class CudaStream {
- public:
-  CudaStream() { SAPATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
-  ~CudaStream() { (void)cudaStreamDestroy(s_); }
-  cudaStream_t handle() const { return s_; }
-  Stream stream() const { return {Device::cuda(0), s_, 0}; }
-
- private:
-  cudaStream_t s_ = nullptr;
-};
-
 struct PlanWorkspace {
   explicit PlanWorkspace(const HostLayout& l)
       : bytes(attn::plan_workspace_bytes(l.heads(), l.Cq, l.Ck, l.Sq)),
@@ -306,12 +302,6 @@ uint64_t case_seed() {
     for (const char* c = s; *c; ++c) h = (h ^ static_cast<uint8_t>(*c)) * 1099511628211ull;
   return h;
 }
-
-class ValueChecksOn {
- public:
-  ValueChecksOn() { cuda::set_value_checks(true); }
-  ~ValueChecksOn() { cuda::set_value_checks(false); }
-};
 
 // ---------------------------------------------------------------------------------------------
 // Random layouts
