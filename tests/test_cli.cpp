@@ -11,7 +11,9 @@
 #include <fstream>
 #include <iterator>
 #include <random>
+#include <sstream>
 #include <string>
+#include <vector>
 
 #include "sapattn/io.hpp"
 #include "sapattn/tensor.hpp"
@@ -281,9 +283,47 @@ TEST(Cli, DemoWritesItsPictures) {
     f.read(sig, 8);
     EXPECT_EQ(std::string(sig, 8), std::string("\x89PNG\r\n\x1a\n", 8)) << name;
   }
-  EXPECT_TRUE(fs::exists(dir / "summary.txt"));
-  for (const char* method : {"dense", "sap", "blocks", "oracle", "sap+c", "ear"})
+  // pareto.png holds two charts side by side (top-p swept; density budget swept), 900 x 600 each:
+  // the IHDR's big-endian width and height.
+  std::ifstream png(dir / "pareto.png", std::ios::binary);
+  unsigned char ihdr[24] = {};
+  png.read(reinterpret_cast<char*>(ihdr), sizeof ihdr);
+  const auto be32 = [&](int at) { return (ihdr[at] << 24) | (ihdr[at + 1] << 16) | (ihdr[at + 2] << 8) | ihdr[at + 3]; };
+  EXPECT_EQ(be32(16), 1800);
+  EXPECT_EQ(be32(20), 600);
+  for (const char* method : {"dense", "sap", "blocks", "oracle", "sap+c", "ear", "ear-plus"})
     EXPECT_NE(r.output.find(method), std::string::npos);
+
+  // The density budget's curves: each method at each budget computes about that density (at
+  // least it, and at most about one key cluster per query cluster more: 1/68 on tiny, plus the
+  // selection's granularity), and EAR errs less than SVG2 at every one of them.
+  std::ifstream summary_file(dir / "summary.txt");
+  std::string line;
+  while (std::getline(summary_file, line) && line.rfind("density budget sweep", 0) != 0) {
+  }
+  ASSERT_FALSE(summary_file.eof()) << "summary.txt has no density budget sweep";
+  std::getline(summary_file, line);
+  std::istringstream header(line);
+  const std::vector<std::string> columns{std::istream_iterator<std::string>(header), {}};
+  EXPECT_EQ(columns, (std::vector<std::string>{"budget", "sap", "sap+c", "ear", "ear-plus"}));
+  int budgets = 0;
+  while (std::getline(summary_file, line) && !line.empty()) {
+    std::istringstream row(line);
+    double budget = 0.0;
+    row >> budget;
+    std::vector<double> rel_l2;
+    std::string slash, times;
+    double density = 0.0, l2 = 0.0;
+    while (row >> density >> slash >> l2 >> times) {
+      EXPECT_GE(density, budget - 1e-3) << line;
+      EXPECT_LE(density, budget + 0.05) << line;
+      rel_l2.push_back(l2);
+    }
+    ASSERT_EQ(rel_l2.size(), 4u) << line;
+    EXPECT_LT(rel_l2[2], rel_l2[0]) << "ear against sap: " << line;
+    ++budgets;
+  }
+  EXPECT_EQ(budgets, 6);
   fs::remove_all(dir);
 }
 

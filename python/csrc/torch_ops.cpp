@@ -30,6 +30,7 @@
 #include <cmath>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <tuple>
 
 #include "sapattn/ops.hpp"
@@ -148,6 +149,14 @@ void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* nam
   TORCH_CHECK_VALUE(a.device() == b.device(), "sapattn: ", name, " is on ", b.device(), " but q is on ", a.device());
 }
 
+// SVG2Config.routing's names (python/sapattn/config.py) -> the engine's Routing.
+Routing routing_of(std::string_view name) {
+  if (name == "top_p") return Routing::TopP;
+  if (name == "error_aware") return Routing::ErrorAware;
+  TORCH_CHECK_VALUE(false, "sapattn: routing must be 'top_p' or 'error_aware', got '", std::string(name), "'");
+  return Routing::TopP;
+}
+
 // O as [B,S,H,D] in q's dtype, LSE as [B,H,S] f32 when asked for (else an empty tensor).
 std::tuple<at::Tensor, at::Tensor> make_outputs(const at::Tensor& q, bool return_lse) {
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
@@ -160,7 +169,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> svg2_attention(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& q_centroids, at::Tensor& k_centroids,
     bool initialize, double top_p, double min_kc_ratio, int64_t kmeans_iters_init, int64_t kmeans_iters_step,
     int64_t seed, int64_t text_tokens, int64_t prompt_length, double scale, bool check_finite, bool return_lse,
-    int64_t key_shard_index, int64_t key_shard_count, const std::optional<at::Tensor>& sample_ids) {
+    int64_t key_shard_index, int64_t key_shard_count, const std::optional<at::Tensor>& sample_ids, double density,
+    std::string_view routing, bool compensate, double ear_gamma, double ear_keep_ratio, bool ear_spread,
+    bool ear_pair_values, bool ear_head_budget, bool ear_split) {
   return translating_errors([&] {
     check_like_q(q, k, "k");
     check_like_q(q, v, "v");
@@ -184,14 +195,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> svg2_attention(
     config.check_finite = check_finite;
     config.key_shard_index = static_cast<int>(key_shard_index);
     config.key_shard_count = static_cast<int>(key_shard_count);
+    config.density = static_cast<float>(density);
+    config.routing = routing_of(routing);
+    config.compensate = compensate;
+    config.ear_gamma = static_cast<float>(ear_gamma);
+    config.ear_keep_ratio = static_cast<float>(ear_keep_ratio);
+    config.ear_spread = ear_spread;
+    config.ear_pair_values = ear_pair_values;
+    config.ear_head_budget = ear_head_budget;
+    config.ear_split = ear_split;
 
     const TensorView qv = bshd_view(q, "q"), kv = bshd_view(k, "k"), vv = bshd_view(v, "v");
     auto [out, lse] = make_outputs(q, return_lse);
-    at::Tensor density = at::empty({q.size(0), q.size(2)}, q.options().dtype(at::kFloat));
+    at::Tensor reached = at::empty({q.size(0), q.size(2)}, q.options().dtype(at::kFloat));  // density per (b,h)
     Svg2Outputs outputs;
     outputs.out = bshd_view(out, "out");
     if (return_lse) outputs.lse = view_of(lse, "lse");
-    outputs.density = view_of(density, "density");
+    outputs.density = view_of(reached, "density");
 
     const Stream stream = stream_for(q);
     const size_t bytes = svg2_workspace_bytes(qv, kv, vv, config, outputs, stream);
@@ -203,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> svg2_attention(
     }
     sapattn::svg2_attention(qv, kv, vv, config, centroids, initialize, outputs, Workspace{workspace.data_ptr(), bytes},
                             stream);
-    return std::make_tuple(out, lse, density);
+    return std::make_tuple(out, lse, reached);
   });
 }
 
@@ -274,7 +294,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> svg2_attention_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& q_centroids, at::Tensor& k_centroids,
     bool initialize, double top_p, double min_kc_ratio, int64_t kmeans_iters_init, int64_t kmeans_iters_step,
     int64_t seed, int64_t text_tokens, int64_t prompt_length, double scale, bool check_finite, bool return_lse,
-    int64_t key_shard_index, int64_t key_shard_count, const std::optional<at::Tensor>& sample_ids) {
+    int64_t key_shard_index, int64_t key_shard_count, const std::optional<at::Tensor>& sample_ids, double density,
+    std::string_view routing, bool compensate, double ear_gamma, double ear_keep_ratio, bool ear_spread,
+    bool ear_pair_values, bool ear_head_budget, bool ear_split) {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("sapattn::svg2_attention", "").typed<decltype(svg2_attention)>();
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
@@ -282,7 +304,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> svg2_attention_autograd(
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     result = op.call(q, k, v, q_centroids, k_centroids, initialize, top_p, min_kc_ratio, kmeans_iters_init,
                      kmeans_iters_step, seed, text_tokens, prompt_length, scale, check_finite, return_lse,
-                     key_shard_index, key_shard_count, sample_ids);
+                     key_shard_index, key_shard_count, sample_ids, density, routing, compensate, ear_gamma,
+                     ear_keep_ratio, ear_spread, ear_pair_values, ear_head_budget, ear_split);
   }
   refuse_backward("svg2_attention", q, k, v, {std::get<0>(result), std::get<1>(result), std::get<2>(result)});
   return result;
@@ -308,7 +331,9 @@ TORCH_LIBRARY(sapattn, m) {
       "svg2_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) q_centroids, Tensor(b!) k_centroids, bool initialize, "
       "float top_p, float min_kc_ratio, int kmeans_iters_init, int kmeans_iters_step, int seed, int text_tokens, "
       "int prompt_length, float scale, bool check_finite, bool return_lse, int key_shard_index=0, "
-      "int key_shard_count=1, Tensor? sample_ids=None) -> (Tensor, Tensor, Tensor)");
+      "int key_shard_count=1, Tensor? sample_ids=None, float density=0.0, str routing=\"top_p\", "
+      "bool compensate=False, float ear_gamma=1.0, float ear_keep_ratio=0.05, bool ear_spread=False, "
+      "bool ear_pair_values=False, bool ear_head_budget=False, bool ear_split=False) -> (Tensor, Tensor, Tensor)");
   m.def("dense_attention(Tensor q, Tensor k, Tensor v, float scale, bool return_lse) -> (Tensor, Tensor)");
   m.def("kmeans(Tensor points, Tensor(a!) centroids, bool initialize, int iters, int seed) -> Tensor");
   m.def("attention_kernel(Tensor q) -> str");

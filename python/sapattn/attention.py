@@ -106,6 +106,11 @@ def svg2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: SV
     The state's centroids are initialised (seeded sample, kmeans_iters_init iterations) on its
     first call and warm-started (kmeans_iters_step iterations) after.
 
+    The config's budget (top_p or density), routing, compensation and ear-plus fields apply as in
+    the C++ Config (docs/ear.md). The ear-plus fields run on the CPU only: a CUDA call with one of
+    them raises NotImplementedError before it touches the state. Compensation needs the whole key
+    set: with key_shard count > 1 it raises ValueError.
+
     Inference only: the outputs have no backward (calling it raises RuntimeError). A NaN in q or k
     comes back as NaN in the rows it reaches, as in torch's attention, on the CPU (docs/torch.md)."""
     initialize = state.prepare(q, config, text_tokens)
@@ -117,7 +122,9 @@ def svg2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: SV
         return torch.ops.sapattn.svg2_attention(
             q[rows], k[rows], v[rows], state.q_centroids[rows], state.k_centroids[rows], initialize, config.top_p,
             config.min_kc_ratio, config.kmeans_iters_init, config.kmeans_iters_step, config.seed, text_tokens, length,
-            config.scale, config.check_finite, return_lse, key_shard[0], key_shard[1], ids)
+            config.scale, config.check_finite, return_lse, key_shard[0], key_shard[1], ids, config.density,
+            config.routing, config.compensate, config.ear_gamma, config.ear_keep_ratio, config.ear_spread,
+            config.ear_pair_values, config.ear_head_budget, config.ear_split)
 
     with _fresh_on_failure(state, initialize):
         if all(n == lengths[0] for n in lengths):

@@ -16,6 +16,10 @@ from typing import Optional, Tuple
 _TOKENS_PER_Q_CLUSTER = 252.0
 _TOKENS_PER_K_CLUSTER = 75.6
 _MAX_Q_CLUSTERS, _MAX_K_CLUSTERS = 300, 1000
+# SVG2Config.routing: the names the op takes for the C++ Routing values (include/sapattn/config.hpp).
+_ROUTINGS = ("top_p", "error_aware")
+# The methods with_method knows, as `sapattn eval --method` names them.
+METHODS = ("sap", "ear", "ear-plus")
 
 
 @dataclasses.dataclass
@@ -40,6 +44,24 @@ class SVG2Config:
     # Checks Q, K, V for NaN/Inf before each sparse call. It reads the answer back to the host (one
     # stream sync per call) and cannot run under CUDA graph capture, so it is off by default.
     check_finite: bool = False
+    # Budget and routing (docs/ear.md); the defaults are SVG2 as published and the C++ Config's.
+    # density > 0 replaces top_p by, per (batch item, head), the smallest top-p whose selection
+    # computes this share of the video query-key pairs: a speed budget, equal across methods.
+    density: float = 0.0
+    # "top_p": SVG2's top-p prefix; "error_aware": SVG-EAR, the blocks with the largest probe error
+    # per area within SVG2's area (at top_p or density), the top ear_keep_ratio always computed.
+    routing: str = "top_p"
+    # Skipped video key clusters still count through their key and value centroids, merged through
+    # the log-sum-exp (SVG-EAR's compensation; with routing "top_p": SVG2 plus compensation).
+    compensate: bool = False
+    ear_gamma: float = 1.0        # error_aware: probe error divided by area ** ear_gamma
+    ear_keep_ratio: float = 0.05  # error_aware: max(1, floor(ratio * Ck)) top clusters always kept (0: none)
+    # ear-plus refinements (each needs routing "error_aware"; spread, pair values and split also
+    # compensate). CPU only so far: a CUDA call with any of them raises NotImplementedError.
+    ear_spread: bool = False       # compensation logits gain the keys' spread seen from the query centroid
+    ear_pair_values: bool = False  # values per (query, key cluster) pair, weighted by attention
+    ear_head_budget: bool = False  # one area budget per head instead of one per query cluster
+    ear_split: bool = False        # two sub-centroids per key cluster in the compensation
 
     def __post_init__(self) -> None:
         self.validate()
@@ -61,6 +83,40 @@ class SVG2Config:
         need(0.0 <= self.first_times_fp <= 1.0, f"first_times_fp must be in [0, 1], got {self.first_times_fp}")
         need(0.0 <= self.first_layers_fp <= 1.0, f"first_layers_fp must be in [0, 1], got {self.first_layers_fp}")
         need(0 <= self.seed < 2**63, f"seed must be in [0, 2^63), got {self.seed}")
+        # As the C++ Config::validate (src/core/config.cpp), so that a bad config fails here, at
+        # construction, rather than at the first sparse call.
+        need(math.isfinite(self.density) and 0.0 <= self.density <= 1.0,
+             f"density must be in [0, 1] (0 = use top_p), got {self.density}")
+        need(self.routing in _ROUTINGS, f"routing must be one of {', '.join(map(repr, _ROUTINGS))}, got {self.routing!r}")
+        need(math.isfinite(self.ear_gamma) and self.ear_gamma >= 0.0,
+             f"ear_gamma must be finite and >= 0, got {self.ear_gamma}")
+        need(math.isfinite(self.ear_keep_ratio) and 0.0 <= self.ear_keep_ratio <= 1.0,
+             f"ear_keep_ratio must be in [0, 1], got {self.ear_keep_ratio}")
+        need(not self.ear_plus or self.routing == "error_aware",
+             "ear_spread, ear_pair_values, ear_head_budget and ear_split refine error-aware routing: they need "
+             "routing='error_aware' (or use SVG2Config.with_method('ear-plus'))")
+        need(not (self.ear_spread or self.ear_pair_values or self.ear_split) or self.compensate,
+             "ear_spread, ear_pair_values and ear_split change the compensation: they need compensate=True")
+
+    @property
+    def ear_plus(self) -> bool:
+        """Whether any ear-plus refinement is on (CPU only so far)."""
+        return self.ear_spread or self.ear_pair_values or self.ear_head_budget or self.ear_split
+
+    def with_method(self, method: str) -> "SVG2Config":
+        """This config running one of the methods of `sapattn eval --method` (docs/ear.md):
+        "sap" (SVG2: top-p routing, compensation and the ear-plus fields as they are set), "ear"
+        (SVG-EAR as published: error-aware routing plus compensation, the ear-plus fields off) or
+        "ear-plus" (EAR with the refinements that won, as eval::use_ear_plus: key spread, split key
+        clusters, one budget per head). Budget fields (top_p, density) are kept."""
+        if method == "sap":
+            return self.replace(routing="top_p", ear_spread=False, ear_pair_values=False, ear_head_budget=False,
+                                ear_split=False)
+        plus = method == "ear-plus"
+        if method not in ("ear", "ear-plus"):
+            raise ValueError(f"SVG2Config: method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+        return self.replace(routing="error_aware", compensate=True, ear_spread=plus, ear_pair_values=False,
+                            ear_head_budget=plus, ear_split=plus)
 
     def replace(self, **changes) -> "SVG2Config":
         return dataclasses.replace(self, **changes)
@@ -104,10 +160,13 @@ class SVG2Config:
         best-scored key clusters and nothing more (top_p so small that only rank 0 would pass, and
         min_kc_ratio = density). The density reached is close to `density` but depends on the kept
         clusters' sizes; the ops report it. Used to benchmark at a set density on models whose
-        attention is diffuse (randomly initialised weights), where top-p keeps almost everything."""
+        attention is diffuse (randomly initialised weights), where top-p keeps almost everything.
+        The `density` field is the other budget: it searches the top-p per head that meets the
+        density, so the reached density is close to it and top-p's selection rule stays; this one
+        clears it."""
         if not (0.0 < density <= 1.0):
             raise ValueError(f"density must be in (0, 1], got {density}")
-        return self.replace(top_p=1e-6, min_kc_ratio=density)
+        return self.replace(top_p=1e-6, min_kc_ratio=density, density=0.0)
 
     # -- the schedule ---------------------------------------------------------------------------
     def dense_steps(self, num_steps: int) -> int:

@@ -4,7 +4,8 @@
     python -m sapattn.generate --model DIR --prompt "..." --out dense.mp4 --dense
 
 DIR is a diffusers pipeline folder (model_index.json). The SVG2 settings default to the official
-ones for the model and resolution (listed at the end); --density fixes the budget instead of top-p.
+ones for the model and resolution (listed at the end); --density sets the budget instead of top-p,
+--method picks SVG2 (sap), SVG-EAR (ear) or ear-plus (docs/ear.md).
 Next to the video, with its extension replaced, go video.telemetry.jsonl (per step and layer:
 density; recall with --measure-recall) and video.json (wall time, settings, mean density). Writing
 .mp4 needs imageio and imageio-ffmpeg."""
@@ -36,6 +37,17 @@ _SVG2_FIELDS = ("top_p", "q_clusters", "k_clusters", "min_kc_ratio", "first_time
                 "kmeans_iters_init", "kmeans_iters_step", "kmeans_iters_warmup")
 
 
+def _density(text: str) -> float:
+    """--density's type: a share in (0, 1], refused before the pipeline loads."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]: the share of query-key pairs computed")
+    return value
+
+
 def _preset_table() -> str:
     """The official SVG2 settings the command starts from, per model and resolution, read from the
     presets themselves."""
@@ -56,6 +68,7 @@ def _preset_table() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .config import METHODS
 
     p = argparse.ArgumentParser(prog="python -m sapattn.generate", description=__doc__, epilog=_preset_table(),
                                 formatter_class=_HelpFormatter)
@@ -81,8 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text tokens of the prompt encoding (default: the pipeline's)")
     svg2 = p.add_argument_group("SVG2 (default: the official settings for the model and resolution, listed below)")
     svg2.add_argument("--top-p", type=float, metavar="P", help="share of the estimated attention mass the kept key clusters hold")
-    svg2.add_argument("--density", type=float, metavar="D",
-                      help="a fixed budget instead of top-p: keep this share of key clusters per query cluster")
+    svg2.add_argument("--method", choices=METHODS, default="sap",
+                      help="sap: SVG2 (top-p routing); ear: SVG-EAR (error-aware routing within SVG2's area, "
+                           "skipped key clusters compensated through their centroids); ear-plus: ear with key "
+                           "spread, split key clusters and one budget per head (CPU only so far)")
+    svg2.add_argument("--compensate", action="store_true",
+                      help="sap: skipped key clusters still count through their centroids (ear and ear-plus always do)")
+    svg2.add_argument("--density", type=_density, metavar="D",
+                      help="a budget instead of top-p: per head, the top-p whose selection computes this share of "
+                           "the video query-key pairs (0 < D <= 1; the same speed for every method)")
     svg2.add_argument("--q-clusters", type=int, metavar="N", help="k-means clusters of the queries, per head")
     svg2.add_argument("--k-clusters", type=int, metavar="N", help="k-means clusters of the keys, per head")
     svg2.add_argument("--min-kc-ratio", type=float, metavar="R", help="least share of key clusters each query cluster keeps")
@@ -112,8 +132,11 @@ def default_config(kind: str, height: int, width: int):
 def config_from_args(args, kind: str, height: int, width: int):
     cfg = default_config(kind, height, width)
     changes = {name: getattr(args, name) for name in _SVG2_FIELDS if getattr(args, name) is not None}
-    cfg = cfg.replace(**changes)
-    return cfg.with_fixed_density(args.density) if args.density is not None else cfg
+    if args.density is not None:
+        changes["density"] = args.density
+    if args.compensate:
+        changes["compensate"] = True
+    return cfg.replace(**changes).with_method(args.method)
 
 
 def model_kind(pipe) -> str:

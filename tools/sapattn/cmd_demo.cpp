@@ -1,5 +1,6 @@
-// sapattn demo: the main job. Generates a small video workload, compares dense, sap, blocks and
-// oracle attention, sweeps top-p for the density / error trade-off, and writes three pictures.
+// sapattn demo: the main job. Generates a small video workload, compares dense, sap, blocks,
+// oracle, sap+c, ear and ear-plus attention, sweeps top-p and the density budget for the density /
+// error trade-off, and writes three pictures and a summary.
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
@@ -149,9 +150,10 @@ int run_demo(int argc, char** argv) {
   for (Option& o : svg2_options()) options.push_back(o);
   Args args("demo",
             "Generates a small synthetic video workload, runs dense, sap (SVG2), blocks (positional clusters),\n"
-            "oracle, sap+c (SVG2 with centroid compensation) and ear (SVG-EAR) attention, prints density /\n"
-            "recall / error / time, sweeps top-p, and writes clusters.png, mask.png and pareto.png to the\n"
-            "output folder.",
+            "oracle, sap+c (SVG2 with centroid compensation), ear (SVG-EAR) and ear-plus attention, prints\n"
+            "density / recall / error / time, sweeps top-p (sap, blocks, oracle) and the density budget\n"
+            "(sap, sap+c, ear, ear-plus), and writes clusters.png, mask.png, pareto.png and summary.txt to\n"
+            "the output folder.",
             options);
   if (!args.parse(argc, argv)) return 0;
   const std::string out = args.get("out", "out/demo");
@@ -175,51 +177,87 @@ int run_demo(int argc, char** argv) {
   }
   const TensorView q = w.q.view(), k = w.k.view(), v = w.v.view();
 
-  // Each sparse method clusters once and is then run at every top-p of the sweep; the table row
-  // is the run at the configured top-p.
-  // Low top-p values too: positional blocks reach SVG2's densities only there.
+  // Two sweeps, each method clustering once and then run at every budget of its sweep (clusters,
+  // the oracle's mass and EAR's probe do not depend on the budget). Top-p compares how SVG2, blocks
+  // and the oracle identify what to compute (low top-p values too: blocks reach SVG2's densities
+  // only there). The density budget compares the methods that differ in what they do with a budget
+  // at equal speed: sap, sap+c (SVG2 plus compensation), ear (SVG-EAR) and ear-plus. Each method's
+  // table row is its run at the configured top-p, one more point of its sweep.
   std::vector<float> sweep = {0.1f, 0.2f, 0.3f, 0.5f, 0.7f, 0.8f, 0.9f, 0.95f, 0.98f};
   if (std::find(sweep.begin(), sweep.end(), config.top_p) == sweep.end()) sweep.push_back(config.top_p);
   std::sort(sweep.begin(), sweep.end());
   const size_t at_p = static_cast<size_t>(std::find(sweep.begin(), sweep.end(), config.top_p) - sweep.begin());
+  // From min_kc_ratio's floor (the top 10% of key clusters, about 0.11 on tiny) to twice SVG2's own
+  // density at top-p 0.9; six points keep the demo near its old time on 2 cores.
+  const std::vector<float> budgets = {0.1f, 0.15f, 0.2f, 0.25f, 0.3f, 0.4f};
   struct Variant {
     eval::Method method;
     bool compensate;
+    bool top_p_sweep;  // else the density sweep
     const char* name;
     render::Marker marker;
   };
-  const Variant methods[] = {{eval::Method::Sap, false, "sap", render::Marker::kCircle},
-                             {eval::Method::Blocks, false, "blocks", render::Marker::kSquare},
-                             {eval::Method::Oracle, false, "oracle", render::Marker::kTriangle},
-                             {eval::Method::Sap, true, "sap+c", render::Marker::kDiamond},
-                             {eval::Method::Ear, false, "ear", render::Marker::kNone}};
+  const Variant methods[] = {{eval::Method::Sap, false, true, "sap", render::Marker::kCircle},
+                             {eval::Method::Blocks, false, true, "blocks", render::Marker::kSquare},
+                             {eval::Method::Oracle, false, true, "oracle", render::Marker::kTriangle},
+                             {eval::Method::Sap, true, false, "sap+c", render::Marker::kDiamond},
+                             {eval::Method::Ear, false, false, "ear", render::Marker::kCircle},
+                             {eval::Method::EarPlus, false, false, "ear-plus", render::Marker::kSquare}};
   constexpr int kMethods = sizeof(methods) / sizeof(methods[0]);
+  // Points of each method's run_sweep: its sweep, then sap's density sweep (sap is on both
+  // pictures) or the configured top-p (the table row of a density-swept method).
+  std::vector<eval::SweepPoint> top_p_points, density_points;
+  for (float p : sweep) top_p_points.push_back({p, 0.0f});
+  for (float d : budgets) density_points.push_back({config.top_p, d});
   eval::MethodResult dense;
-  std::vector<eval::MethodResult> runs[kMethods];
+  std::vector<eval::Metrics> swept[kMethods];  // along each method's sweep
+  std::vector<eval::Metrics> by_budget[kMethods];  // along the density sweep (empty for blocks, oracle)
+  std::vector<Row> rows;
+  std::optional<eval::MethodResult> sap, blocks;
   {
-    Progress progress("dense, sap, blocks, oracle, sap+c, ear");
+    Progress progress("dense, sap, blocks, oracle, sap+c, ear, ear-plus");
     dense = eval::run_method(eval::Method::Dense, q, k, v, config, nullptr, threads);
+    rows.push_back({"dense", eval::compare(dense, dense), dense.seconds});
     for (int m = 0; m < kMethods; ++m) {
       progress.update(m + 1, kMethods + 1);
       Config c = config;
       c.compensate = methods[m].compensate;
-      runs[m] = eval::run_sweep(methods[m].method, q, k, v, c, sweep, &dense, threads);
+      const bool sap_like = methods[m].method == eval::Method::Sap && !methods[m].compensate;
+      std::vector<eval::SweepPoint> points = methods[m].top_p_sweep ? top_p_points : density_points;
+      if (sap_like) points.insert(points.end(), density_points.begin(), density_points.end());
+      if (!methods[m].top_p_sweep) points.push_back({config.top_p, 0.0f});
+      std::vector<eval::MethodResult> runs = eval::run_sweep(methods[m].method, q, k, v, c, points, &dense, threads);
+      std::vector<eval::Metrics> metrics;
+      for (const eval::MethodResult& r : runs) metrics.push_back(eval::compare(r, dense));
+      const size_t row = methods[m].top_p_sweep ? at_p : budgets.size();
+      rows.push_back({methods[m].name, metrics[row], runs[row].seconds});
+      if (methods[m].top_p_sweep) {
+        swept[m].assign(metrics.begin(), metrics.begin() + static_cast<std::ptrdiff_t>(sweep.size()));
+        if (sap_like) by_budget[m].assign(metrics.begin() + static_cast<std::ptrdiff_t>(sweep.size()), metrics.end());
+      } else {
+        swept[m] = by_budget[m] = std::vector<eval::Metrics>(metrics.begin(), metrics.end() - 1);
+      }
+      if (sap_like) sap = std::move(runs[row]);
+      if (methods[m].method == eval::Method::Blocks) blocks = std::move(runs[row]);
     }
   }
-  std::vector<Row> rows = {{"dense", eval::compare(dense, dense), dense.seconds}};
-  std::vector<render::Series> series;
-  std::vector<eval::Metrics> swept[kMethods];
+  const auto curve = [&](int m, const std::vector<eval::Metrics>& along) {
+    render::Series s{methods[m].name, render::category_color(m), {}, methods[m].marker};
+    for (const eval::Metrics& x : along) s.points.push_back({x.mean.density, x.mean.rel_l2});
+    return s;
+  };
+  render::LineChart by_top_p, by_density;
+  by_top_p.title = "top-p swept: what to compute (" + preset.name + ")";
+  by_density.title = "density budget swept: equal speed (" + preset.name + ")";
+  for (render::LineChart* chart : {&by_top_p, &by_density}) {
+    chart->x_label = "density (share of query-key pairs computed)";
+    chart->y_label = "relative L2 error of O";
+    chart->log_y = true;
+  }
   for (int m = 0; m < kMethods; ++m) {
-    const std::string name = methods[m].name;
-    series.push_back({name, render::category_color(m), {}, methods[m].marker});
-    for (const eval::MethodResult& r : runs[m]) {
-      swept[m].push_back(eval::compare(r, dense));
-      series.back().points.push_back({swept[m].back().mean.density, swept[m].back().mean.rel_l2});
-    }
-    rows.push_back({name, swept[m][at_p], runs[m][at_p].seconds});
+    if (methods[m].top_p_sweep) by_top_p.series.push_back(curve(m, swept[m]));
+    if (!by_budget[m].empty()) by_density.series.push_back(curve(m, by_budget[m]));
   }
-  const eval::MethodResult& sap = runs[0][at_p];
-  const eval::MethodResult& blocks = runs[1][at_p];
   const std::string table = format_table(rows);
 
   // The first semantic head shows what k-means finds that positions do not.
@@ -231,17 +269,15 @@ int run_demo(int argc, char** argv) {
     }
   {
     Progress progress("pictures");
-    render::write_png(out + "/clusters.png", clusters_picture(w, head, sap, blocks, config));
+    render::write_png(out + "/clusters.png", clusters_picture(w, head, *sap, *blocks, config));
     const std::string mask_title = "Kept query-key pairs of sap, head " + std::to_string(head) + " (" +
                                    std::string(workload::head_kind_name(w.head_kinds[head])) + ")";
-    render::write_png(out + "/mask.png", mask_picture(sap, head, w.preset.width, mask_title));
-    render::LineChart chart;
-    chart.title = "Density vs error, top-p swept (" + preset.name + ")";
-    chart.x_label = "density (share of query-key pairs computed)";
-    chart.y_label = "relative L2 error of O";
-    chart.log_y = true;
-    chart.series = series;
-    render::write_png(out + "/pareto.png", chart.render(900, 600));
+    render::write_png(out + "/mask.png", mask_picture(*sap, head, w.preset.width, mask_title));
+    const render::Image left = by_top_p.render(900, 600), right = by_density.render(900, 600);
+    render::Image pareto(left.width() + right.width(), std::max(left.height(), right.height()));
+    pareto.blit(left, 0, 0);
+    pareto.blit(right, left.width(), 0);
+    render::write_png(out + "/pareto.png", pareto);
   }
   std::ostringstream summary;
   summary << "workload " << preset.name << " [" << q.shape[0] << "," << q.shape[1] << "," << q.shape[2] << ","
@@ -250,13 +286,29 @@ int run_demo(int argc, char** argv) {
           << " kmeans_iters=" << config.kmeans_iters_init << "\n"
           << table;
   summary << "\ntop-p sweep: density / recall / rel_l2\n  top_p ";
-  for (const render::Series& s : series) summary << "  " << std::setw(24) << std::left << s.name;
+  for (const render::Series& s : by_top_p.series) summary << "  " << std::setw(24) << std::left << s.name;
   summary << "\n" << std::fixed << std::setprecision(4);
   for (size_t i = 0; i < sweep.size(); ++i) {
     summary << "  " << std::setw(5) << sweep[i] << " ";
     for (int m = 0; m < kMethods; ++m) {
+      if (!methods[m].top_p_sweep) continue;
       const eval::HeadMetrics& h = swept[m][i].mean;
       summary << "  " << h.density << " / " << h.recall << " / " << h.rel_l2;
+    }
+    summary << "\n";
+  }
+  // The compensated methods' recall counts the centroid mass too (docs/ear.md): rel_l2 compares them.
+  summary << "\ndensity budget sweep (--density): density / rel_l2 (x sap's)\n  budget";
+  for (const render::Series& s : by_density.series) summary << "  " << std::setw(23) << std::left << s.name;
+  summary << "\n";
+  for (size_t i = 0; i < budgets.size(); ++i) {
+    summary << "  " << std::setw(6) << budgets[i];
+    const double sap_l2 = by_budget[0][i].mean.rel_l2;
+    for (int m = 0; m < kMethods; ++m) {
+      if (by_budget[m].empty()) continue;
+      const eval::HeadMetrics& h = by_budget[m][i].mean;
+      summary << "  " << h.density << " / " << h.rel_l2 << " (" << std::setprecision(2) << h.rel_l2 / sap_l2 << "x)"
+              << std::setprecision(4);
     }
     summary << "\n";
   }
@@ -267,7 +319,7 @@ int run_demo(int argc, char** argv) {
           << "), interpolated along each method's sweep:\n";
   for (int m = 0; m < kMethods; ++m) {
     const std::optional<eval::HeadMetrics> h = at_density(swept[m], target);
-    summary << "  " << std::setw(7) << std::left << methods[m].name;
+    summary << "  " << std::setw(8) << std::left << methods[m].name;
     if (h) {
       summary << " recall " << h->recall << "  rel_l2 " << h->rel_l2 << "  cosine " << h->cosine << "\n";
     } else {

@@ -42,6 +42,18 @@ def _transformers(target):
     return [target]
 
 
+def _check_device(transformer, config: SVG2Config) -> None:
+    """Refuses, at enable() rather than at the first sparse call many steps later, a config whose
+    ear-plus fields the engine runs on the CPU only (the op would raise NotImplementedError)."""
+    device = next(transformer.parameters()).device
+    if config.ear_plus and device.type != "cpu":
+        on = [name for name in ("ear_spread", "ear_pair_values", "ear_head_budget", "ear_split") if getattr(config, name)]
+        raise NotImplementedError(
+            f"sapattn: the ear-plus fields ({', '.join(on)}) run on the CPU only so far and the transformer is on "
+            f"{device}; use SVG2Config.with_method('ear') (error-aware routing and compensation run on CUDA) or "
+            "turn them off")
+
+
 class _Installation:
     """What enable() changed on one transformer, so that disable() can put it back."""
 
@@ -86,7 +98,9 @@ def enable(target, config: Optional[SVG2Config] = None, *, telemetry: Union[str,
     """Turns SVG2 on for `target`: a diffusers pipeline (WanPipeline, WanImageToVideoPipeline,
     HunyuanVideoPipeline, ...) or a WanTransformer3DModel / HunyuanVideoTransformer3DModel.
 
-    config: the SVG2 config with its schedule (default: the official Wan 2.1 720p settings).
+    config: the SVG2 config with its schedule (default: the official Wan 2.1 720p settings). Its
+      method fields apply to every sparse call: density (budget), routing, compensate and the ear-plus
+      fields (config.with_method("ear") / "ear-plus"; ear-plus needs a transformer on the CPU).
     telemetry: a JSON-lines file that gets one row per layer call (step, layer, branch, mode,
       density, and recall when measure_recall is set), written at the end of each step.
     measure_recall: also run dense attention on sparse calls to measure the share of the softmax
@@ -110,6 +124,8 @@ def enable(target, config: Optional[SVG2Config] = None, *, telemetry: Union[str,
         _adapter(t)
         if getattr(t, _ATTR, None) is not None:
             raise RuntimeError("sapattn is already enabled on this transformer: call disable() first")
+    for t in transformers:
+        _check_device(t, config)
     num_layers = len(_adapter(transformers[0]).self_attention_modules(transformers[0]))
     if branches_per_step is None and not hasattr(target, "scheduler"):
         branches_per_step = 1
