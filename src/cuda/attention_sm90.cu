@@ -87,6 +87,7 @@ struct Traits {
     // tiles.
     uint32_t slot_count[kStages][kCountWords];  // per slot: how many of its rows are keys
     int32_t item_blocks;
+    int32_t item_index;  // dynamic scheduling: the item the producer took (num_items: none left)
     // A split item's merge: warpgroup 1's row maxima and partial sums, per thread (its O goes
     // through the Q buffer, which holds exactly its 128 x kHeadDim / 2 fp32 accumulators).
     float merge_max[2][128], merge_sum[2][128];
@@ -344,6 +345,21 @@ __device__ __forceinline__ bool box_at(int32_t slot_seg, int32_t num_segments, i
   return o == 0 || ((o & ~length) == 0 && (length ^ o) < (o & -o));
 }
 
+// The producer warp's next item. Static: CTA i takes items i, i + grid, ... Dynamic (p.next_item):
+// the next one nobody has taken, so that CTAs whose items were lighter do not drift ahead of the
+// others into other heads. Every item but the first grid's is handed out by one fetch, and each
+// CTA's last fetch finds none left: the fetches return 0 ... num_items - 1 in all, and the one that
+// returns num_items - 1 is the launch's last, which puts the counter back to 0 for the next launch.
+__device__ __forceinline__ int next_index(const Params& p, int index, int num_items, int lane) {
+  if (p.next_item == nullptr) return index + gridDim.x;
+  int taken = 0;
+  if (lane == 0) {
+    taken = atomicAdd(p.next_item, 1);
+    if (taken == num_items - 1) *p.next_item = 0;
+  }
+  return __shfl_sync(0xffffffff, taken, 0) + gridDim.x;
+}
+
 // One warp loads: lane 0 signs each stage up for its bytes; in the sparse mode every lane finds the
 // box its slot begins (box_at) and lane c * kSlots + j issues the box at slot j of column block c,
 // for K and then V. In the dense mode a key tile is one kBlockN-row box per column block.
@@ -355,8 +371,19 @@ __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::
   constexpr int kAtomElems = 8 * 64;  // one 8 x 64 swizzle atom
   const int lane = threadIdx.x % 32;
   const int slot = lane % Tr::kSlots, col_block = lane / Tr::kSlots;
-  int tile_count = 0, item_count = 0;
-  for (int index = blockIdx.x; index < num_items; index += gridDim.x, ++item_count) {
+  int tile_count = 0;
+  int index = blockIdx.x;
+  for (int item_count = 0;; ++item_count) {
+    if (index >= num_items) {
+      if (p.next_item != nullptr) {  // tell the consumers that no item is left
+        Barrier::wait(&s.q_empty, (item_count & 1) ^ 1);
+        if (lane == 0) {
+          s.item_index = num_items;
+          Barrier::arrive(&s.q_full);
+        }
+      }
+      return;
+    }
     const Item it = load_item(p, index, q_tiles);
     const int b = it.bh / p.heads, h = it.bh % p.heads;
     const int n_blocks = (count_slots<Tr::kSlotRows>(it, lane) + Tr::kSlots - 1) / Tr::kSlots;
@@ -366,6 +393,7 @@ __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::
     Barrier::wait(&s.q_empty, (item_count & 1) ^ 1);
     if (lane == 0) {
       s.item_blocks = n_blocks;
+      s.item_index = index;
       cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.q_full, kQBytes);
     }
     __syncwarp();
@@ -415,6 +443,7 @@ __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::
       __syncwarp();
       if (issues) tma_load(maps.v[map], &s.v_full[stage], v_dst, col_block * 64, row, h, b);
     }
+    index = next_index(p, index, num_items, lane);
   }
 }
 
@@ -550,18 +579,23 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
   if (wg == 1) pass_turn();  // warpgroup 0 goes first
 
   int tile_count = 0, item_count = 0;
-  for (int index = blockIdx.x; index < num_items; index += gridDim.x, ++item_count) {
+  for (int index = blockIdx.x;; index += gridDim.x, ++item_count) {
+    if (p.next_item == nullptr && index >= num_items) break;
+    Barrier::wait(&s.q_full, item_count & 1);
+    if (p.next_item != nullptr) {  // the item the producer took
+      index = s.item_index;
+      if (index >= num_items) break;
+    }
     const Item it = load_item(p, index, q_tiles);
     row_max[0] = row_max[1] = -INFINITY;
     row_sum[0] = row_sum[1] = 0.0f;
     clear(tOrO);
-    Barrier::wait(&s.q_full, item_count & 1);
     // With TMA loads key tiles are slots of 8 rows per cluster: the producer counted them.
     const int n_blocks = kTma ? s.item_blocks : (it.keys + kBlockN - 1) / kBlockN;
     // An item of at most 64 rows is split: both warpgroups compute rows [0, 64), warpgroup w the key
     // tiles w, w + 2, ..., and warpgroup 0 merges the two halves (by their row maxima) before the
     // epilogue. Unsplit, such an item would leave warpgroup 1 idle and run at half the pair rate.
-    const bool split = it.rows <= 64 && n_blocks >= 2;
+    const bool split = p.split_tails && it.rows <= 64 && n_blocks >= 2;
     const auto stage_of = [&](int n) { return (tile_count + n) % Tr::kStages; };
     const auto phase_of = [&](int n) { return ((tile_count + n) / Tr::kStages) & 1; };
     // A key tile this warpgroup does not compute: released once loaded, which keeps every stage's
@@ -796,11 +830,32 @@ bool use_tma(const Params& p) {
   SAPATTN_THROW(InvalidArgumentError, "SAPATTN_SM90_LOAD is '", env, "'; expected auto, cpasync or tma");
 }
 
+// SAPATTN_SM90_SCHED=static|dynamic (default dynamic): how the sparse TMA kernel hands out items
+// (next_index). An experiment of issue 12.
+bool dynamic_schedule() {
+  const char* env = std::getenv("SAPATTN_SM90_SCHED");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "dynamic") == 0) return true;
+  SAPATTN_CHECK(std::strcmp(env, "static") == 0, InvalidArgumentError, "SAPATTN_SM90_SCHED is '", env,
+                "'; expected static or dynamic");
+  return false;
+}
+
+// SAPATTN_SM90_SPLIT=0|1 (default 1): whether items of at most 64 rows are split across both
+// consumer warpgroups. An experiment of issue 12.
+bool split_tails() {
+  const char* env = std::getenv("SAPATTN_SM90_SPLIT");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "1") == 0) return true;
+  SAPATTN_CHECK(std::strcmp(env, "0") == 0, InvalidArgumentError, "SAPATTN_SM90_SPLIT is '", env,
+                "'; expected 0 or 1");
+  return false;
+}
+
 template <typename T, int kHeadDim>
 void launch(const Params& p, cudaStream_t stream) {
   using Tr = Traits<T, kHeadDim>;
   static_assert(sizeof(typename Tr::Smem) <= 227 * 1024, "more shared memory than an H100 SM gives a block");
   TmaMaps maps{};
+  Params params = p;
   bool tma = use_tma(p) && encode_map<T>(maps.q, p.q, p.seq_q, p, p.q_stride, 64);
   for (int j = 0; j < kBoxHeights && tma; ++j)
     tma = encode_map<T>(maps.k[j], p.k, p.seq_k, p, p.k_stride, Tr::kSlotRows << j) &&
@@ -811,7 +866,9 @@ void launch(const Params& p, cudaStream_t stream) {
   const int64_t q_tiles = (p.seq_q + kTileQ - 1) / kTileQ;
   const int64_t max_items = p.dense ? int64_t{p.batch} * p.heads * q_tiles : p.plan.max_items;
   const int grid = static_cast<int>(std::min<int64_t>(p.num_sms, std::max<int64_t>(max_items, 1)));
-  kernel<<<grid, kThreads, smem, stream>>>(p, maps);
+  params.next_item = tma && !p.dense && dynamic_schedule() ? p.plan.next_item : nullptr;
+  params.split_tails = split_tails();
+  kernel<<<grid, kThreads, smem, stream>>>(params, maps);
   SAPATTN_CUDA_CHECK_LAUNCH();
 }
 
