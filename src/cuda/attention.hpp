@@ -43,10 +43,20 @@ struct Segment {
   int32_t cum_end;  // virtual position one past this segment's last key
 };
 
+// How build_plan orders the work items within a head (heads always go in ascending order).
+// Cost: heaviest first. Locality: by the mean row of the keys an item keeps, so that the items a
+// persistent grid runs at one time read overlapping keys. Slot: (query cluster, q_begin).
+// SAPATTN_PLAN_ORDER=cost|locality|slot picks one (an experiment of issue 12).
+enum class PlanOrder : int { Cost, Locality, Slot };
+
 // Device pointers into the plan workspace. Row r = bh * q_clusters + query cluster.
 struct PlanView {
   const WorkItem* items = nullptr;        // [max_items]; items[0, *num_items) are valid, by head, heaviest first
   const int32_t* num_items = nullptr;     // device scalar
+  // The persistent kernel's item counter (dynamic scheduling): 0 after build_plan, and back to 0 at
+  // the end of every launch that uses it, so a plan serves one launch at a time, launches in stream
+  // order.
+  int32_t* next_item = nullptr;
   const Segment* segments = nullptr;      // [rows, k_clusters]: row r's segments start at r * k_clusters
   const int32_t* num_segments = nullptr;  // [rows]
   int32_t q_clusters = 0;
@@ -90,6 +100,9 @@ struct Params {
   bool dense = false;               // no plan: items are (bh, q tile) and every key is kept
   PlanView plan;                    // when !dense
   int num_sms = 0;                  // for persistent grids
+  bool split_tails = true;          // sm90: items of at most 64 rows split across both consumer warpgroups
+  int32_t* next_item = nullptr;     // sm90 with TMA loads: plan.next_item, items taken as CTAs free up;
+                                    // null: CTA i takes items i, i + grid, ...  (set by the launcher)
   int* flag = nullptr;              // value-check flag: a perm entry outside [0, S) ORs kBadPermIndex in
                                     // (the row is then read as zeros / not written)
 };

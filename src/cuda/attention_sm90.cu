@@ -49,6 +49,7 @@ constexpr int kThreads = 384;      // warpgroup 0 loads, warpgroups 1 and 2 comp
 constexpr int kProducerRegs = 56;  // 128 x 56 + 256 x 224 = the 384 x 168 the launch holds
 constexpr int kConsumerRegs = 224;
 constexpr int kTurnBarrier = 2;  // named barriers 2 and 3: the consumer warpgroups' turns to issue MMAs
+constexpr int kMergeBarrier = 4;  // both consumer warpgroups: merging the halves of a split item
 constexpr int kBoxHeights = 4;   // TMA: K and V boxes of 16, 32, 64 and 128 rows (one tensor map each)
 
 template <typename Element, int kHeadDim>
@@ -86,7 +87,13 @@ struct Traits {
     // tiles.
     uint32_t slot_count[kStages][kCountWords];  // per slot: how many of its rows are keys
     int32_t item_blocks;
+    int32_t item_index;  // dynamic scheduling: the item the producer took (num_items: none left)
+    // A split item's merge: warpgroup 1's row maxima and partial sums, per thread (its O goes
+    // through the Q buffer, which holds exactly its 128 x kHeadDim / 2 fp32 accumulators).
+    float merge_max[2][128], merge_sum[2][128];
   };
+  static_assert(sizeof(float) * 128 * (kHeadDim / 2) == sizeof(T) * kBlockM * kHeadDim,
+                "a warpgroup's O accumulators fill the Q buffer exactly");
 };
 
 // What one work item is, for producer and consumers alike.
@@ -338,6 +345,21 @@ __device__ __forceinline__ bool box_at(int32_t slot_seg, int32_t num_segments, i
   return o == 0 || ((o & ~length) == 0 && (length ^ o) < (o & -o));
 }
 
+// The producer warp's next item. Static: CTA i takes items i, i + grid, ... Dynamic (p.next_item):
+// the next one nobody has taken, so that CTAs whose items were lighter do not drift ahead of the
+// others into other heads. Every item but the first grid's is handed out by one fetch, and each
+// CTA's last fetch finds none left: the fetches return 0 ... num_items - 1 in all, and the one that
+// returns num_items - 1 is the launch's last, which puts the counter back to 0 for the next launch.
+__device__ __forceinline__ int next_index(const Params& p, int index, int num_items, int lane) {
+  if (p.next_item == nullptr) return index + gridDim.x;
+  int taken = 0;
+  if (lane == 0) {
+    taken = atomicAdd(p.next_item, 1);
+    if (taken == num_items - 1) *p.next_item = 0;
+  }
+  return __shfl_sync(0xffffffff, taken, 0) + gridDim.x;
+}
+
 // One warp loads: lane 0 signs each stage up for its bytes; in the sparse mode every lane finds the
 // box its slot begins (box_at) and lane c * kSlots + j issues the box at slot j of column block c,
 // for K and then V. In the dense mode a key tile is one kBlockN-row box per column block.
@@ -349,8 +371,19 @@ __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::
   constexpr int kAtomElems = 8 * 64;  // one 8 x 64 swizzle atom
   const int lane = threadIdx.x % 32;
   const int slot = lane % Tr::kSlots, col_block = lane / Tr::kSlots;
-  int tile_count = 0, item_count = 0;
-  for (int index = blockIdx.x; index < num_items; index += gridDim.x, ++item_count) {
+  int tile_count = 0;
+  int index = blockIdx.x;
+  for (int item_count = 0;; ++item_count) {
+    if (index >= num_items) {
+      if (p.next_item != nullptr) {  // tell the consumers that no item is left
+        Barrier::wait(&s.q_empty, (item_count & 1) ^ 1);
+        if (lane == 0) {
+          s.item_index = num_items;
+          Barrier::arrive(&s.q_full);
+        }
+      }
+      return;
+    }
     const Item it = load_item(p, index, q_tiles);
     const int b = it.bh / p.heads, h = it.bh % p.heads;
     const int n_blocks = (count_slots<Tr::kSlotRows>(it, lane) + Tr::kSlots - 1) / Tr::kSlots;
@@ -360,6 +393,7 @@ __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::
     Barrier::wait(&s.q_empty, (item_count & 1) ^ 1);
     if (lane == 0) {
       s.item_blocks = n_blocks;
+      s.item_index = index;
       cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.q_full, kQBytes);
     }
     __syncwarp();
@@ -409,6 +443,7 @@ __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::
       __syncwarp();
       if (issues) tma_load(maps.v[map], &s.v_full[stage], v_dst, col_block * 64, row, h, b);
     }
+    index = next_index(p, index, num_items, lane);
   }
 }
 
@@ -422,6 +457,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
 
   auto sQ = make_tensor(make_smem_ptr(s.q.data()), typename Tr::LayoutQ{});
   auto sQw = local_tile(sQ, Shape<_64, Int<Tr::kChunksPerRow * 8>>{}, make_coord(wg, _0{}));
+  auto sQ0 = local_tile(sQ, Shape<_64, Int<Tr::kChunksPerRow * 8>>{}, make_coord(0, _0{}));
   auto sK = make_tensor(make_smem_ptr(s.k.data()), typename Tr::LayoutK{});
   auto sVt = make_tensor(make_smem_ptr(s.v.data()), typename Tr::LayoutVt{});
 
@@ -430,6 +466,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
   auto thr_qk = mma_qk.get_slice(thread);
   auto thr_pv = mma_pv.get_slice(thread);
   auto tSrQ = thr_qk.partition_fragment_A(sQw);
+  auto tSrQ0 = thr_qk.partition_fragment_A(sQ0);  // rows [0, 64): both warpgroups' in a split item
   auto tSrK = thr_qk.partition_fragment_B(sK);
   auto tOrV = thr_pv.partition_fragment_B(sVt);
   auto tSrS = partition_fragment_C(mma_qk, Shape<_64, Int<kBlockN>>{});
@@ -442,14 +479,15 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
   const float scale_log2 = p.scale * 1.4426950408889634f;
   float row_max[2], row_sum[2];
 
-  // S = Q K^T for the tile in `stage`, issued asynchronously.
-  auto issue_qk = [&](int stage) {
+  // S = Q K^T for the tile in `stage`, issued asynchronously; Q is this warpgroup's rows, or rows
+  // [0, 64) in a split item.
+  auto issue_qk = [&](int stage, bool rows0) {
     warpgroup_fence_operand(tSrS);
     warpgroup_arrive();
     mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
     CUTLASS_PRAGMA_UNROLL
     for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
-      cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb, stage), tSrS);
+      cute::gemm(mma_qk, rows0 ? tSrQ0(_, _, kb) : tSrQ(_, _, kb), tSrK(_, _, kb, stage), tSrS);
       mma_qk.accumulate_ = GMMA::ScaleOut::One;
     }
     warpgroup_commit_batch();
@@ -535,66 +573,84 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
 
   // Ping-pong (FA3): the two warpgroups take turns to issue their MMAs, so that one's softmax runs
   // while the other's MMAs hold the tensor cores. Every warpgroup takes the same number of turns
-  // per item (n_blocks + 1 when it has keys), active or not.
+  // per item, active or not.
   auto wait_turn = [&] { cutlass::arch::NamedBarrier::sync(256, kTurnBarrier + wg); };
   auto pass_turn = [&] { cutlass::arch::NamedBarrier::arrive(256, kTurnBarrier + 1 - wg); };
   if (wg == 1) pass_turn();  // warpgroup 0 goes first
 
   int tile_count = 0, item_count = 0;
-  for (int index = blockIdx.x; index < num_items; index += gridDim.x, ++item_count) {
+  for (int index = blockIdx.x;; index += gridDim.x, ++item_count) {
+    if (p.next_item == nullptr && index >= num_items) break;
+    Barrier::wait(&s.q_full, item_count & 1);
+    if (p.next_item != nullptr) {  // the item the producer took
+      index = s.item_index;
+      if (index >= num_items) break;
+    }
     const Item it = load_item(p, index, q_tiles);
     row_max[0] = row_max[1] = -INFINITY;
     row_sum[0] = row_sum[1] = 0.0f;
     clear(tOrO);
-    Barrier::wait(&s.q_full, item_count & 1);
     // With TMA loads key tiles are slots of 8 rows per cluster: the producer counted them.
     const int n_blocks = kTma ? s.item_blocks : (it.keys + kBlockN - 1) / kBlockN;
-    if (it.rows <= 64 * wg) {
+    // An item of at most 64 rows is split: both warpgroups compute rows [0, 64), warpgroup w the key
+    // tiles w, w + 2, ..., and warpgroup 0 merges the two halves (by their row maxima) before the
+    // epilogue. Unsplit, such an item would leave warpgroup 1 idle and run at half the pair rate.
+    const bool split = p.split_tails && it.rows <= 64 && n_blocks >= 2;
+    const auto stage_of = [&](int n) { return (tile_count + n) % Tr::kStages; };
+    const auto phase_of = [&](int n) { return ((tile_count + n) / Tr::kStages) & 1; };
+    // A key tile this warpgroup does not compute: released once loaded, which keeps every stage's
+    // barrier phases in order.
+    const auto release = [&](int n) {
+      Barrier::wait(&s.k_full[stage_of(n)], phase_of(n));
+      Barrier::arrive(&s.k_empty[stage_of(n)]);
+      Barrier::wait(&s.v_full[stage_of(n)], phase_of(n));
+      Barrier::arrive(&s.v_empty[stage_of(n)]);
+    };
+    if (!split && it.rows <= 64 * wg) {
       // No row of this warpgroup: keep the barrier protocol without computing.
-      for (int n = 0; n < n_blocks; ++n, ++tile_count) {
-        const int stage = tile_count % Tr::kStages, phase = (tile_count / Tr::kStages) & 1;
+      for (int n = 0; n < n_blocks; ++n) {
         wait_turn();
         pass_turn();
-        Barrier::wait(&s.k_full[stage], phase);
-        Barrier::arrive(&s.k_empty[stage]);
-        Barrier::wait(&s.v_full[stage], phase);
-        Barrier::arrive(&s.v_empty[stage]);
+        release(n);
       }
       if (n_blocks > 0) {
         wait_turn();
         pass_turn();
       }
+      tile_count += n_blocks;
       Barrier::arrive(&s.q_empty);
       continue;
     }
     // Software pipeline within the warpgroup (FA3's intra-warpgroup overlap): the softmax of tile n
-    // runs while the tensor cores compute P V of tile n - 1.
-    if (n_blocks > 0) {
+    // runs while the tensor cores compute P V of the warpgroup's previous tile.
+    const int step = split ? 2 : 1, first = split ? wg : 0;
+    if (first < n_blocks) {
       float rescale[2];
       Counts counts;
-      int stage = tile_count % Tr::kStages, phase = (tile_count / Tr::kStages) & 1;
+      if (first > 0) release(0);
+      int stage = stage_of(first), phase = phase_of(first);
       Barrier::wait(&s.k_full[stage], phase);
       read_counts(stage, counts);
       wait_turn();
-      issue_qk(stage);
+      issue_qk(stage, split);
       pass_turn();
       warpgroup_wait<0>();
       Barrier::arrive(&s.k_empty[stage]);
-      softmax(0, it.keys, counts, rescale);
+      softmax(first, it.keys, counts, rescale);
       convert_p();
-      for (int n = 1; n < n_blocks; ++n) {
+      for (int n = first + step; n < n_blocks; n += step) {
+        if (split) release(n - 1);
         const int prev_stage = stage, prev_phase = phase;
-        ++tile_count;
-        stage = tile_count % Tr::kStages;
-        phase = (tile_count / Tr::kStages) & 1;
+        stage = stage_of(n);
+        phase = phase_of(n);
         Barrier::wait(&s.k_full[stage], phase);
         read_counts(stage, counts);
         Barrier::wait(&s.v_full[prev_stage], prev_phase);
         wait_turn();
-        issue_qk(stage);
+        issue_qk(stage, split);
         issue_pv(prev_stage);
         pass_turn();
-        warpgroup_wait<1>();  // S of tile n is ready; P V of tile n - 1 may still run
+        warpgroup_wait<1>();  // S of tile n is ready; P V of the previous tile may still run
         Barrier::arrive(&s.k_empty[stage]);
         softmax(n, it.keys, counts, rescale);
         warpgroup_wait<0>();
@@ -610,9 +666,55 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
       Barrier::arrive(&s.v_empty[stage]);
-      ++tile_count;
+      if (split && (n_blocks - 1) % 2 != wg) release(n_blocks - 1);  // the last tile is the other's
+    }
+    // Warpgroup 1 of a split item with an odd number of tiles computed one tile fewer: one more
+    // (empty) turn keeps the two warpgroups' turns equal.
+    if (split && wg == 1 && n_blocks % 2 == 1) {
+      wait_turn();
+      pass_turn();
+    }
+    tile_count += n_blocks;
+    if (split) {
+      // Warpgroup 1's O, row maxima and partial sums go through shared memory (its O through the Q
+      // buffer, free once both warpgroups' last Q K^T is done); warpgroup 0 rescales both halves to
+      // the larger maximum and adds them. Same thread, same fragment: element i of thread t sits at
+      // i * 128 + t.
+      float* merge_o = reinterpret_cast<float*>(s.q.data());
+      cutlass::arch::NamedBarrier::sync(256, kMergeBarrier);
+      if (wg == 1) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(tOrO); ++i) merge_o[i * 128 + thread] = tOrO(i);
+        CUTLASS_PRAGMA_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          s.merge_max[r][thread] = row_max[r];
+          s.merge_sum[r][thread] = row_sum[r];
+        }
+      }
+      cutlass::arch::NamedBarrier::sync(256, kMergeBarrier);
+      if (wg == 0) {
+        float own[2], other[2];
+        CUTLASS_PRAGMA_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          const float m1 = s.merge_max[r][thread], m = fmaxf(row_max[r], m1);
+          own[r] = fast_exp2((row_max[r] - m) * scale_log2);
+          other[r] = fast_exp2((m1 - m) * scale_log2);
+          row_sum[r] = row_sum[r] * own[r] + s.merge_sum[r][thread] * other[r];
+          row_max[r] = m;
+        }
+        CUTLASS_PRAGMA_UNROLL
+        for (int g = 0; g < size(tOrO) / 4; ++g) CUTLASS_PRAGMA_UNROLL
+        for (int r = 0; r < 2; ++r) CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < 2; ++c) {
+          const int i = 4 * g + 2 * r + c;
+          tOrO(i) = tOrO(i) * own[r] + merge_o[i * 128 + thread] * other[r];
+        }
+      }
+      // The Q buffer was written and read through the generic proxy; the next Q arrives by TMA.
+      cutlass::arch::fence_view_async_shared();
     }
     Barrier::arrive(&s.q_empty);  // Q of this item is no longer read
+    if (split && wg == 1) continue;  // warpgroup 0 writes the merged rows
 
     // Epilogue: normalise, then write the rows of this item in place (or through q_perm).
     const int b = it.bh / p.heads, h = it.bh % p.heads;
@@ -728,11 +830,32 @@ bool use_tma(const Params& p) {
   SAPATTN_THROW(InvalidArgumentError, "SAPATTN_SM90_LOAD is '", env, "'; expected auto, cpasync or tma");
 }
 
+// SAPATTN_SM90_SCHED=static|dynamic (default dynamic): how the sparse TMA kernel hands out items
+// (next_index). An experiment of issue 12.
+bool dynamic_schedule() {
+  const char* env = std::getenv("SAPATTN_SM90_SCHED");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "dynamic") == 0) return true;
+  SAPATTN_CHECK(std::strcmp(env, "static") == 0, InvalidArgumentError, "SAPATTN_SM90_SCHED is '", env,
+                "'; expected static or dynamic");
+  return false;
+}
+
+// SAPATTN_SM90_SPLIT=0|1 (default 1): whether items of at most 64 rows are split across both
+// consumer warpgroups. An experiment of issue 12.
+bool split_tails() {
+  const char* env = std::getenv("SAPATTN_SM90_SPLIT");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "1") == 0) return true;
+  SAPATTN_CHECK(std::strcmp(env, "0") == 0, InvalidArgumentError, "SAPATTN_SM90_SPLIT is '", env,
+                "'; expected 0 or 1");
+  return false;
+}
+
 template <typename T, int kHeadDim>
 void launch(const Params& p, cudaStream_t stream) {
   using Tr = Traits<T, kHeadDim>;
   static_assert(sizeof(typename Tr::Smem) <= 227 * 1024, "more shared memory than an H100 SM gives a block");
   TmaMaps maps{};
+  Params params = p;
   bool tma = use_tma(p) && encode_map<T>(maps.q, p.q, p.seq_q, p, p.q_stride, 64);
   for (int j = 0; j < kBoxHeights && tma; ++j)
     tma = encode_map<T>(maps.k[j], p.k, p.seq_k, p, p.k_stride, Tr::kSlotRows << j) &&
@@ -743,7 +866,9 @@ void launch(const Params& p, cudaStream_t stream) {
   const int64_t q_tiles = (p.seq_q + kTileQ - 1) / kTileQ;
   const int64_t max_items = p.dense ? int64_t{p.batch} * p.heads * q_tiles : p.plan.max_items;
   const int grid = static_cast<int>(std::min<int64_t>(p.num_sms, std::max<int64_t>(max_items, 1)));
-  kernel<<<grid, kThreads, smem, stream>>>(p, maps);
+  params.next_item = tma && !p.dense && dynamic_schedule() ? p.plan.next_item : nullptr;
+  params.split_tails = split_tails();
+  kernel<<<grid, kThreads, smem, stream>>>(params, maps);
   SAPATTN_CUDA_CHECK_LAUNCH();
 }
 
