@@ -84,7 +84,7 @@ size_t order_clusters_workspace_bytes(int64_t batch_heads, int64_t clusters, int
 // ties by lower index; the shortest prefix whose fp32 running sum reaches top_p is kept (the
 // crossing cluster included, rank 0 always), and the first `min_kept` ranks are always kept.
 // top_p >= 1 keeps every cluster of the row. A row holding a NaN weight cannot be ranked and keeps
-// every cluster too (CPU backend; the CUDA one does not yet), so NaN inputs reach the row's queries.
+// every cluster too, so NaN inputs reach the row's queries.
 void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, const Stream& stream);
 
 // select_top_p with one top-p per (b,h), chosen for a speed budget: the smallest top_p in (0, 1]
@@ -156,8 +156,7 @@ void scatter_rows(const TensorView& y, const TensorView& perm, TensorView out, c
 //   lse [B,H,Sq]   f32, any strides, natural-log log-sum-exp of the scaled scores of the keys
 //                  actually attended; optional (pass an empty view). A query row that attends to no
 //                  key gets out = 0 and lse = -inf. A row whose softmax sum is NaN (a NaN input)
-//                  gets NaN out and lse on the CPU backend; the CUDA kernels still give it
-//                  lse = -inf (docs/attention.md).
+//                  gets NaN out and lse, as in dense attention.
 // ---------------------------------------------------------------------------------------------
 
 // The variable-size block layout of cluster-permuted tensors.

@@ -476,7 +476,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(const Params p) 
       float sum = row_sum[i];
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      const float inv = sum != 0.0f ? 1.0f / sum : 0.0f;
       const int row = warp * kWarpRows + mt * 16 + half * 8 + g;
 #pragma unroll
       for (int j = 0; j < kDTiles; ++j)
@@ -485,7 +485,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(const Params p) 
       const int dst = q_rows[row];
       if (p.lse != nullptr && t4 == 0 && dst >= 0)
         p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + dst * p.lse_stride[2]] =
-            sum > 0.0f ? (row_max[i] + log2f(sum)) * kLn2 : -INFINITY;
+            sum != 0.0f ? (row_max[i] + log2f(sum)) * kLn2 : -INFINITY;
     }
   __syncwarp();
 #pragma unroll

@@ -728,7 +728,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       if (local >= it.rows) continue;
       const int32_t row = through_perm(p.q_perm, int64_t{it.bh} * p.seq_q, it.q_begin + local, p.seq_q, p.flag);
       if (row < 0) continue;
-      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      const float inv = sum != 0.0f ? 1.0f / sum : 0.0f;
       T* dst = out + static_cast<int64_t>(row) * p.o_stride[2] + 2 * (lane % 4);
       CUTLASS_PRAGMA_UNROLL
       for (int g = 0; g < size(tOrO) / 4; ++g) {
@@ -737,7 +737,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       }
       if (p.lse != nullptr && lane % 4 == 0) {
         p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + static_cast<int64_t>(row) * p.lse_stride[2]] =
-            sum > 0.0f ? row_max[r] * p.scale + logf(sum) : -INFINITY;
+            sum != 0.0f ? row_max[r] * p.scale + logf(sum) : -INFINITY;
       }
     }
   }

@@ -61,6 +61,7 @@ struct alignas(16) SelectSmem {
   int32_t sizes[kCapacity];
   float row_max[kRows];
   int32_t kept[kRows];
+  bool unranked[kRows];  // a NaN weight: the row keeps every cluster (as the CPU's keep_top_p_row)
   union alignas(16) {
     float tile[kTileCols][kTileStride];  // score phase (float4 reads)
     typename Sort::TempStorage sort;     // ranking phase
@@ -172,12 +173,21 @@ __global__ void __launch_bounds__(kThreads, kCapacity <= 2048 ? 2 : 1) select_ke
     // Size-weighted softmax numerators: one warp per row.
     if (warp < rows_here) {
       float m = -INFINITY;
+      bool finite = true;
       for (int64_t j = lane; j < C; j += 32)
-        if (sm.sizes[j] > 0) m = fmaxf(m, sm.weights[warp][j]);
+        if (sm.sizes[j] > 0) {
+          m = fmaxf(m, sm.weights[warp][j]);
+          finite = finite && isfinite(sm.weights[warp][j]);
+        }
 #pragma unroll
       for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      if (!__all_sync(0xffffffffu, finite)) {
+        // A NaN or Inf score (from NaN or Inf inputs): every weight is NaN, as on the CPU.
+        m = NAN;
+        for (int64_t j = lane; j < C; j += 32) sm.weights[warp][j] = NAN;
+      }
       if (lane == 0) sm.row_max[warp] = m;
-      if (m != -INFINITY) {
+      if (m != -INFINITY && !isnan(m)) {
         for (int64_t j = lane; j < C; j += 32) {
           const int32_t n = sm.sizes[j];
           const float e = static_cast<float>(exp(static_cast<double>(__fsub_rn(sm.weights[warp][j], m))));
@@ -201,11 +211,21 @@ __global__ void __launch_bounds__(kThreads, kCapacity <= 2048 ? 2 : 1) select_ke
     }
   }
   __syncthreads();
+  // A row with a NaN weight cannot be ranked: it keeps every cluster, so that the NaN reaches its
+  // queries' outputs as in dense attention instead of an empty row's zeros.
+  if (warp < rows_here) {
+    bool nan = false;
+    for (int64_t j = lane; j < C; j += 32) nan = nan || isnan(sm.weights[warp][j]);
+    nan = __any_sync(0xffffffffu, nan);
+    if (lane == 0) sm.unranked[warp] = nan;
+  }
+  __syncthreads();
 
   // ---- ranking: stable radix sort of (weight desc, index asc), one row at a time ----------------
   const bool keep_all = p.top_p >= 1.0f;
   if (!keep_all) {
     for (int r = 0; r < rows_here; ++r) {
+      if (sm.unranked[r]) continue;
       if constexpr (!kFromProbs) {
         if (sm.row_max[r] == -INFINITY) continue;  // nothing to rank: the row keeps nothing
       }
@@ -232,7 +252,7 @@ __global__ void __launch_bounds__(kThreads, kCapacity <= 2048 ? 2 : 1) select_ke
     if constexpr (!kFromProbs) empty = sm.row_max[warp] == -INFINITY;
     if (empty) {
       kept = 0;
-    } else if (!keep_all) {
+    } else if (!keep_all && !sm.unranked[warp]) {
       float running = 0.0f;
       for (int64_t rank = 0; rank < C; rank += 8) {
         float w[8];
@@ -261,7 +281,7 @@ __global__ void __launch_bounds__(kThreads, kCapacity <= 2048 ? 2 : 1) select_ke
     uint8_t* m = p.mask + b * p.mask_stride[0] + h * p.mask_stride[1] + (row0 + r) * p.mask_stride[2];
     const int64_t kept = sm.kept[r];
     for (int64_t rank = threadIdx.x; rank < C; rank += kThreads) {
-      const int64_t j = (keep_all || kept == 0) ? rank : sm.order[r][rank];
+      const int64_t j = (keep_all || kept == 0 || sm.unranked[r]) ? rank : sm.order[r][rank];
       m[j * p.mask_stride[3]] = rank < kept ? 1 : 0;
     }
   }

@@ -1001,6 +1001,32 @@ TEST_P(DenseAttentionCuda, MatchesCpuAndFloat64) {
 INSTANTIATE_TEST_SUITE_P(Cases, DenseAttentionCuda, ::testing::Combine(::testing::ValuesIn(kDenseCases), kKernels),
                          case_and_kernel<DenseCase>);
 
+// One NaN in query 5 of head (0,0): its O row and LSE are NaN, as in the CPU backend and SDPA, and
+// every other row is finite. The outputs start at zero (not poisoned), so a NaN was written.
+class DenseNanRows : public UnderKernel<DenseCase> {};
+
+TEST_P(DenseNanRows, NanQueryRowIsNan) {
+  const DenseCase& c = test_case();
+  ref::Rng rng(ref::test_seed(std::string("nan/") + c.name));
+  HostProblem problem = random_qkv(c.B, c.H, c.Sq, c.Sk, c.D, c.dtype, 1.0, rng);
+  ref::set(problem.q.view, {0, 0, 5, 7}, std::nan(""));
+  const Outputs zeros{ref::make_tensor(c.dtype, shape_of(problem.q.view)),
+                      ref::make_tensor(DType::F32, {c.B, c.H, c.Sq})};
+  const CudaStream cs;
+  const Outputs got = run_gpu(to_device(problem).inputs(), zeros, cs, Buffer{});
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t h = 0; h < c.H; ++h)
+      for (int64_t s = 0; s < c.Sq; ++s) {
+        const bool nan_row = b == 0 && h == 0 && s == 5;
+        ASSERT_EQ(std::isnan(ref::get(got.lse.view, {b, h, s})), nan_row) << "lse " << b << "," << h << "," << s;
+        for (int64_t d = 0; d < c.D; ++d)
+          ASSERT_EQ(std::isnan(ref::get(got.out.view, {b, h, s, d})), nan_row) << "out " << b << "," << h << "," << s;
+      }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, DenseNanRows, ::testing::Combine(::testing::ValuesIn(kDenseCases), kKernels),
+                         case_and_kernel<DenseCase>);
+
 // ---------------------------------------------------------------------------------------------
 // Errors
 // ---------------------------------------------------------------------------------------------

@@ -572,6 +572,9 @@ TEST_P(SelectCase, SelectBlocksIsIdenticalToCpu) {
   // With several (b,h), the last one has only empty key clusters: its rows keep nothing.
   if (s.B * s.H > 1)
     for (int64_t j = 0; j < s.Ck; ++j) set(sizes.view, {s.B - 1, s.H - 1, j}, 0);
+  // A NaN in query centroid 0 of head (0,0) when there are other rows: that row keeps every cluster.
+  const bool nan_row = s.Cq > 1;
+  if (nan_row) set(qc.view, {0, 0, 0, 0}, std::nan(""));
   // The mask is a sub-view of a larger one (strided rows), as svg2's video x video block is.
   Host cpu_m = make_host(DType::U8, {s.B, s.H, s.Cq, s.Ck}, Layout::Padded);
   // Peaky rows (the crossing comes early) for most cases, flat rows (it comes late) for top_p < 0.8.
@@ -591,6 +594,10 @@ TEST_P(SelectCase, SelectBlocksIsIdenticalToCpu) {
   int64_t differ = 0;
   for (size_t t = 0; t < g.size(); ++t) differ += g[t] != c[t];
   EXPECT_EQ(differ, 0);
+  bool head_has_keys = false;  // a head whose key clusters are all empty keeps nothing, NaN or not
+  for (int64_t j = 0; j < s.Ck; ++j) head_has_keys = head_has_keys || get(sizes.view, {0, 0, j}) > 0;
+  if (nan_row && head_has_keys)
+    for (int64_t j = 0; j < s.Ck; ++j) EXPECT_EQ(get(gm.view, {0, 0, 0, j}), 1.0) << "column " << j;
   int64_t kept = 0;
   for (double v : values(cpu_m.view)) kept += v != 0;
   std::printf("[select %s] density of kept clusters %.3f, %lld mask bytes differ\n", describe(s).c_str(),
@@ -615,6 +622,8 @@ TEST_P(SelectCase, SelectTopPIsIdenticalToCpu) {
         for (int64_t j = 0; j < s.Ck; ++j)
           set(probs.view, {b, h, r, j}, w[static_cast<size_t>(j)] / std::max(total, 1.0f));
       }
+  // A NaN weight in row 0 of head (0,0): that row keeps every cluster.
+  set(probs.view, {0, 0, 0, s.Ck / 2}, std::nan(""));
   Host cpu_m = make_host(DType::U8, {s.B, s.H, s.Cq, s.Ck});
   select_top_p(probs.view, s.top_p, s.min_kept, cpu_m.view, kCpu);
   CudaStream cs;
@@ -622,7 +631,9 @@ TEST_P(SelectCase, SelectTopPIsIdenticalToCpu) {
   Dev dm = to_device(make_host(DType::U8, {s.B, s.H, s.Cq, s.Ck}));
   select_top_p(dp.view, s.top_p, s.min_kept, dm.view, cs.stream());
   cs.sync();
-  EXPECT_EQ(bytes_of(to_host(dm, cpu_m)), bytes_of(cpu_m));
+  const Host gm = to_host(dm, cpu_m);
+  EXPECT_EQ(bytes_of(gm), bytes_of(cpu_m));
+  for (int64_t j = 0; j < s.Ck; ++j) EXPECT_EQ(get(gm.view, {0, 0, 0, j}), 1.0) << "column " << j;
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, SelectCase,
