@@ -2,12 +2,11 @@
 #
 # The attention benchmark, against SDPA, FlexAttention and flashinfer on the same layouts.
 #
-# The attention benchmark. Per shape (wan13b, wan14b, hunyuan; default: all three),
-# sapattn_bench_attention generates the full-size workload, clusters it (50 Lloyd iterations), finds
-# the top-p of each target density, times sapattn's attention (unfused, fused, sm80, planner) and
-# saves the layouts; then, in the same run, bench/attention_peers.py times torch SDPA (cuDNN, flash),
-# FlexAttention and flashinfer's VariableBlockSparseAttentionWrapper on exactly those layouts. Prints
-# the markdown table last.
+# Per shape (wan13b, wan14b, hunyuan; default: all three), sapattn_bench_attention generates the
+# full-size workload, clusters it (50 Lloyd iterations), finds the top-p of each target density,
+# times sapattn's attention (unfused, fused, sm80, planner) and saves the layouts; then, in the same
+# run, bench/attention_peers.py times torch SDPA (cuDNN, flash), FlexAttention and flashinfer's
+# VariableBlockSparseAttentionWrapper on exactly those layouts. Prints the markdown table last.
 #
 # BIN_DIR (default build-device) holds a prebuilt sapattn_bench_attention, flat or under bench/;
 # without one, this builds it in build-device (needs .deps/cutlass). One shape fits one 600 s device

@@ -2,10 +2,10 @@
 #
 # One forward of full-size Wan 2.1 transformers, stock diffusers against sapattn.
 #
-# One denoising forward of full-size Wan 2.1 transformers (random weights), stock diffusers + cuDNN
-# SDPA against sapattn at a fixed density (bench/dit_forward.py, 3 repetitions). LIBRARY is a prebuilt
-# libsapattn_torch.so (default build/python/libsapattn_torch.so); diffusers comes from the wheels in
-# .whl/ as for test-python. MODELS defaults to wan13b,wan14b, DENSITY to 0.15.
+# A denoising forward with random weights, stock diffusers + cuDNN SDPA against sapattn at a fixed
+# density (bench/dit_forward.py, 3 repetitions). LIBRARY is a prebuilt libsapattn_torch.so (default
+# build/python/libsapattn_torch.so); diffusers comes from the wheels in .whl/ as for test-python.
+# MODELS defaults to wan13b,wan14b, DENSITY to 0.15.
 #
 # Writes to $OUT or ./device-logs: gpu.txt, dit_forward.log.
 

@@ -19,11 +19,13 @@ device_preamble() {
 describe_gpu() {
   {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
-    python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, torch.version.cuda)' \
-      2>&1 || echo "torch does not import"
+    python3 -c 'import sys, torch
+print("python", sys.version.split()[0], "torch", torch.__version__, torch.version.cuda)' 2>/dev/null ||
+      echo "torch does not import"
     local module
     for module in "$@"; do
-      python3 -c "import $module; print('$module', $module.__version__)" 2>/dev/null || echo "$module does not import"
+      python3 -c "import $module; print('$module', $module.__version__)" 2>/dev/null ||
+        echo "$module does not import"
     done
   } | tee "$out/gpu.txt"
 }
@@ -65,8 +67,8 @@ install_wheels() {
   local set=$1 src=.whl
   [ "$set" = base ] || src=.whl/$set
   ls "$src"/*.whl >/dev/null 2>&1 || return 1
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$wheel_root/$set" \
-    "$src"/*.whl || return 2
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$wheel_root/$set" "$src"/*.whl || return 2
   export PYTHONPATH=$wheel_root/$set${PYTHONPATH:+:$PYTHONPATH}
 }
 

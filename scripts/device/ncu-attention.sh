@@ -2,13 +2,13 @@
 #
 # An Nsight Compute profile of the attention kernel at one shape and one density.
 #
-# Profiles the attention kernel at one shape and one density with Nsight Compute (`ncu --set full`),
-# the evidence docs/attention.md quotes (tensor-pipe utilisation, stall reasons, L2 hit rate, DRAM
-# bytes, shared-memory bank conflicts, registers), and prints the lines that decide where the time
-# goes. SHAPE defaults to wan14b_720p, DENSITY to 0.15. BIN_DIR holds a prebuilt
-# sapattn_bench_attention (flat or under bench/); nothing is built here. The benchmark runs with one
-# timed launch per variant, so the profiled launches are, in order: dense per kernel in KERNELS, then
-# per kernel the unfused, fused_qk, fused_q and unfused_e2e calls of the density.
+# `ncu --set full` on the attention kernel gives the evidence docs/attention.md quotes (tensor-pipe
+# utilisation, stall reasons, L2 hit rate, DRAM bytes, shared-memory bank conflicts, registers), and
+# prints the lines that decide where the time goes. SHAPE defaults to wan14b_720p, DENSITY to 0.15.
+# BIN_DIR holds a prebuilt sapattn_bench_attention (flat or under bench/); nothing is built here.
+# The benchmark runs with one timed launch per variant, so the profiled launches are, in order:
+# dense per kernel in KERNELS, then per kernel the unfused, fused_qk, fused_q and unfused_e2e calls
+# of the density.
 #
 # Environment: KERNELS (tma,cpasync), LAUNCHES (how many attention launches to profile, 7: the dense
 # ones and the first two kernels' unfused calls with two kernels).

@@ -2,12 +2,12 @@
 #
 # The Python tests (PyTorch ops, diffusers integration) on the GPU.
 #
-# The Python tests (PyTorch ops, diffusers integration) on the GPU, with SAPATTN_TEST_DEVICES=cuda
-# unless set. LIBRARY (default build/python/libsapattn_torch.so) is a prebuilt libsapattn_torch.so,
-# built on the dev machine against the same torch and carried; without one, this builds the package
-# here (pip, with its CMake build in build-device) into /tmp/sapattn-wheels/sapattn. diffusers comes
-# from the wheels in .whl/ when the machine lacks it. The generate command's test runs on the CPU in CI
-# and is left out here (the GPU image has no imageio-ffmpeg).
+# SAPATTN_TEST_DEVICES is cuda unless set. LIBRARY (default build/python/libsapattn_torch.so) is a
+# prebuilt libsapattn_torch.so, built on the dev machine against the same torch and carried; without
+# one, this builds the package here (pip, with its CMake build in build-device) into
+# /tmp/sapattn-wheels/sapattn. diffusers comes from the wheels in .whl/ when the machine lacks it.
+# The generate command's test runs on the CPU in CI and is left out here (the GPU image has no
+# imageio-ffmpeg).
 #
 # Writes to $OUT or ./device-logs: gpu.txt (with the diffusers and transformers versions), pytest.log,
 # pytest.xml (and pip-install.log when it builds).
@@ -19,7 +19,10 @@ device_main() {
   if [ ! -f "$lib" ]; then
     local pkg=$wheel_root/sapattn
     SAPATTN_BUILD_DIR=$build_dir CMAKE_CUDA_ARCHITECTURES=90 python3 -m pip install -q --no-build-isolation \
-      --no-deps --target "$pkg" . >"$out/pip-install.log" 2>&1 || { tail -30 "$out/pip-install.log"; return 1; }
+      --no-deps --target "$pkg" . >"$out/pip-install.log" 2>&1 || {
+      tail -30 "$out/pip-install.log"
+      return 1
+    }
     lib=$pkg/sapattn/libsapattn_torch.so
   fi
   use_torch_library "$lib"

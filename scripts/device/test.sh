@@ -2,8 +2,8 @@
 #
 # GPU tests of every CUDA op against the CPU op, then compute-sanitizer memcheck and racecheck.
 #
-# The GPU test suite (every CUDA op against the CPU op), then compute-sanitizer memcheck and
-# racecheck over it, and a table of the three. Exits non-zero if anything failed.
+# Prints a table of the three runs; exits non-zero if anything failed. The sanitizers skip the
+# realistic sizes to fit the time.
 #
 # BIN_DIR (default build-device) holds a prebuilt test_cuda_ops, flat (as the device tool carries
 # it, built on the dev machine with -DSAPATTN_CUDA=ON) or under tests/cuda/; without one, this
