@@ -15,17 +15,18 @@ device_preamble() {
 }
 
 # gpu.txt: the GPU (name, driver, memory, SM clock now and at most), Python and torch, and the
-# version of each module named (flashinfer, diffusers, ...) or that it does not import. Echoed too.
+# version of each module named (flashinfer, diffusers, ...) or why it does not import. Echoed too.
 describe_gpu() {
   {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
     python3 -c 'import sys, torch
 print("python", sys.version.split()[0], "torch", torch.__version__, torch.version.cuda)' 2>/dev/null ||
       echo "torch does not import"
-    local module
+    local module line
     for module in "$@"; do
-      python3 -c "import $module; print('$module', $module.__version__)" 2>/dev/null ||
-        echo "$module does not import"
+      line=$(python3 -c "import $module; print('$module', $module.__version__)" 2>&1) ||
+        line="$module does not import: $(tail -1 <<<"$line")"  # the exception, not the traceback
+      echo "$line"
     done
   } | tee "$out/gpu.txt"
 }
