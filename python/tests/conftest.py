@@ -1,7 +1,7 @@
 """Shared fixtures: the devices the tests run on and seeded inputs.
 
 Every test runs on the CPU; tests marked with the `device` fixture also run on CUDA when a GPU is
-present (scripts/device_test_python.sh on the GPU machine). SAPATTN_TEST_DEVICES=cuda restricts a
+present (scripts/device.sh test-python on the GPU machine). SAPATTN_TEST_DEVICES=cuda restricts a
 run to the GPU, so that nothing is counted twice there."""
 
 from __future__ import annotations
