@@ -596,8 +596,9 @@ TEST_P(SelectCase, SelectBlocksIsIdenticalToCpu) {
   EXPECT_EQ(differ, 0);
   bool head_has_keys = false;  // a head whose key clusters are all empty keeps nothing, NaN or not
   for (int64_t j = 0; j < s.Ck; ++j) head_has_keys = head_has_keys || get(sizes.view, {0, 0, j}) > 0;
-  if (nan_row && head_has_keys)
+  if (nan_row && head_has_keys) {
     for (int64_t j = 0; j < s.Ck; ++j) EXPECT_EQ(get(gm.view, {0, 0, 0, j}), 1.0) << "column " << j;
+  }
   int64_t kept = 0;
   for (double v : values(cpu_m.view)) kept += v != 0;
   std::printf("[select %s] density of kept clusters %.3f, %lld mask bytes differ\n", describe(s).c_str(),
