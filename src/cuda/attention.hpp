@@ -78,8 +78,14 @@ size_t plan_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_c
 // (the caller validated shapes); a (b,h) whose offsets do not start at 0, decrease, or do not end at
 // q_tokens (resp. k_tokens) raises kBadOffsets in the device value-check flag and gets no items and
 // no segments. Ties in cost keep the order (bh, query cluster, q_begin).
+//
+// Key phases: with phases > 1 the plan keeps only the kept key clusters whose first row r has
+// r * phases / k_tokens == phase (about the phase-th 1/phases of each head's keys); every query tile
+// still gets an item, with no keys where its row keeps none there. Running the phases one after
+// another, each merged into the earlier ones by LSE (Params::accumulate), gives the whole layout's
+// result while the CTAs of a phase share a 1/phases slice of a head's K and V in L2.
 PlanView build_plan(const BlockLayout& layout, int64_t q_tokens, int64_t k_tokens, Workspace workspace,
-                    cudaStream_t stream);
+                    cudaStream_t stream, int phase = 0, int phases = 1);
 
 // Everything a kernel needs. Strides are in elements; rows must have unit stride along D.
 struct Params {
@@ -103,6 +109,7 @@ struct Params {
   bool split_tails = true;          // sm90: items of at most 64 rows split across both consumer warpgroups
   int32_t* next_item = nullptr;     // sm90 with TMA loads: plan.next_item, items taken as CTAs free up;
                                     // null: CTA i takes items i, i + grid, ...  (set by the launcher)
+  bool accumulate = false;          // sm90: out and lse hold an earlier key phase's rows; merge by LSE
   int* flag = nullptr;              // value-check flag: a perm entry outside [0, S) ORs kBadPermIndex in
                                     // (the row is then read as zeros / not written)
 };
@@ -110,7 +117,7 @@ struct Params {
 // The kernels. T is __half or __nv_bfloat16 (passed as is_bf16), head_dim 64 or 128.
 // Both launch on `stream` and return without waiting.
 void run_sm90(const Params& params, bool is_bf16, cudaStream_t stream);
-void run_sm80(const Params& params, bool is_bf16, cudaStream_t stream);
+void run_sm80(const Params& params, bool is_bf16, cudaStream_t stream);  // params.accumulate must be false
 bool sm90_compiled();  // whether this build holds the sm_90a kernel
 
 }  // namespace sapattn::cuda::attn

@@ -54,6 +54,7 @@ struct LayoutView {
   int64_t slots_per_bh;  // max_work_items / BH
   int cost_bits;         // bits of the largest cost; the head goes above them in the sort key
   PlanOrder order;       // what orders the items within a head
+  int phase, phases;     // key phases (build_plan): only kept clusters starting in phase `phase`
 };
 
 // The plan's outputs and the sort's input.
@@ -134,7 +135,9 @@ __global__ void __launch_bounds__(kRowThreads) plan_rows_kernel(LayoutView layou
       const int64_t c = first + u;
       begin[u] = c < Ck ? ko[c] : 0;
       size[u] = c < Ck ? ko[c + 1] - begin[u] : 0;
-      state[u] = size[u] == 0 ? kEmpty : mask[c * mask_col] != 0 ? kKept : kSkipped;
+      const bool in_phase =
+          layout.phases == 1 || int64_t{begin[u]} * layout.phases / layout.k_tokens == layout.phase;
+      state[u] = size[u] == 0 ? kEmpty : mask[c * mask_col] != 0 && in_phase ? kKept : kSkipped;
       if (state[u] == kKept)
         moment += (2 * static_cast<uint64_t>(begin[u]) + static_cast<uint64_t>(size[u])) * static_cast<uint64_t>(size[u]);
     }
@@ -251,7 +254,9 @@ size_t plan_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_c
 }
 
 PlanView build_plan(const BlockLayout& layout, int64_t q_tokens, int64_t k_tokens, Workspace workspace,
-                    cudaStream_t stream) {
+                    cudaStream_t stream, int phase, int phases) {
+  SAPATTN_CHECK(phases >= 1 && phase >= 0 && phase < phases, InvalidArgumentError, "key phase ", phase, " of ", phases,
+                " is not a phase");
   const int64_t B = layout.q_offsets.shape[0], H = layout.q_offsets.shape[1];
   const int64_t BH = B * H, Cq = layout.q_offsets.shape[2] - 1, Ck = layout.k_offsets.shape[2] - 1;
   Carver carver("block_sparse_attention (plan)", workspace);
@@ -289,6 +294,8 @@ PlanView build_plan(const BlockLayout& layout, int64_t q_tokens, int64_t k_token
       static_cast<uint64_t>(kTileQ) * static_cast<uint64_t>(std::max<int64_t>(k_tokens, 0)) + kItemBaseCost;
   view.cost_bits = static_cast<int>(std::bit_width(max_cost));
   view.order = plan_order();
+  view.phase = phase;
+  view.phases = phases;
   const int key_bits = view.cost_bits + static_cast<int>(std::bit_width(static_cast<uint64_t>(BH)));
   const PlanOut out{s.segments, s.num_segments, s.bh_ok, s.key_in, s.items_in, s.num_items};
 

@@ -716,29 +716,56 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
     Barrier::arrive(&s.q_empty);  // Q of this item is no longer read
     if (split && wg == 1) continue;  // warpgroup 0 writes the merged rows
 
-    // Epilogue: normalise, then write the rows of this item in place (or through q_perm).
+    // Epilogue: normalise, then write the rows of this item in place (or through q_perm). Under
+    // p.accumulate (key phases) out and lse already hold an earlier phase's result for these rows and
+    // the two merge by their LSEs; the four lanes of a quad share a row, so all of them read its old
+    // lse before any writes the new one.
     const int b = it.bh / p.heads, h = it.bh % p.heads;
     T* out = static_cast<T*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1];
+    float* lse = p.lse == nullptr ? nullptr : p.lse + b * p.lse_stride[0] + h * p.lse_stride[1];
+    int32_t rows[2];
+    float old_lse[2] = {-INFINITY, -INFINITY};
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      const int local = 64 * wg + 16 * warp + lane / 4 + 8 * r;
+      rows[r] = local < it.rows
+                    ? through_perm(p.q_perm, int64_t{it.bh} * p.seq_q, it.q_begin + local, p.seq_q, p.flag)
+                    : -1;
+      if (p.accumulate && rows[r] >= 0) old_lse[r] = lse[static_cast<int64_t>(rows[r]) * p.lse_stride[2]];
+    }
+    __syncwarp();
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < 2; ++r) {
       float sum = row_sum[r];
       sum += __shfl_xor_sync(0xffffffff, sum, 1);
       sum += __shfl_xor_sync(0xffffffff, sum, 2);
-      const int local = 64 * wg + 16 * warp + lane / 4 + 8 * r;
-      if (local >= it.rows) continue;
-      const int32_t row = through_perm(p.q_perm, int64_t{it.bh} * p.seq_q, it.q_begin + local, p.seq_q, p.flag);
+      const int32_t row = rows[r];
       if (row < 0) continue;
-      const float inv = sum != 0.0f ? 1.0f / sum : 0.0f;
+      float inv = sum != 0.0f ? 1.0f / sum : 0.0f;
+      float new_lse = sum != 0.0f ? row_max[r] * p.scale + logf(sum) : -INFINITY;
       T* dst = out + static_cast<int64_t>(row) * p.o_stride[2] + 2 * (lane % 4);
+      float keep = 0.0f;  // the old row's weight in the merged one
+      if (p.accumulate) {
+        const float m = fmaxf(old_lse[r], new_lse);
+        if (m == -INFINITY) continue;  // no phase so far has a key for this row: it stays 0, -inf
+        const float w_old = __expf(old_lse[r] - m), w_new = __expf(new_lse - m), total = w_old + w_new;
+        keep = w_old / total;
+        inv *= w_new / total;
+        new_lse = m + logf(total);
+      }
       CUTLASS_PRAGMA_UNROLL
       for (int g = 0; g < size(tOrO) / 4; ++g) {
-        T pair[2] = {static_cast<T>(tOrO(4 * g + 2 * r) * inv), static_cast<T>(tOrO(4 * g + 2 * r + 1) * inv)};
+        float x0 = tOrO(4 * g + 2 * r) * inv, x1 = tOrO(4 * g + 2 * r + 1) * inv;
+        if (p.accumulate) {
+          const uint32_t bits = *reinterpret_cast<const uint32_t*>(dst + 8 * g);
+          const T* old = reinterpret_cast<const T*>(&bits);
+          x0 += keep * static_cast<float>(old[0]);
+          x1 += keep * static_cast<float>(old[1]);
+        }
+        T pair[2] = {static_cast<T>(x0), static_cast<T>(x1)};
         *reinterpret_cast<uint32_t*>(dst + 8 * g) = *reinterpret_cast<const uint32_t*>(pair);
       }
-      if (p.lse != nullptr && lane % 4 == 0) {
-        p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + static_cast<int64_t>(row) * p.lse_stride[2]] =
-            sum != 0.0f ? row_max[r] * p.scale + logf(sum) : -INFINITY;
-      }
+      if (lse != nullptr && lane % 4 == 0) lse[static_cast<int64_t>(row) * p.lse_stride[2]] = new_lse;
     }
   }
   if (wg == 0) wait_turn();  // takes warpgroup 1's last pass, so no arrival is left on a barrier
