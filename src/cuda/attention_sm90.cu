@@ -746,8 +746,8 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       T* dst = out + static_cast<int64_t>(row) * p.o_stride[2] + 2 * (lane % 4);
       float keep = 0.0f;  // the old row's weight in the merged one
       if (p.accumulate) {
+        if (new_lse == -INFINITY) continue;  // no key of this phase: the row keeps its earlier result
         const float m = fmaxf(old_lse[r], new_lse);
-        if (m == -INFINITY) continue;  // no phase so far has a key for this row: it stays 0, -inf
         const float w_old = __expf(old_lse[r] - m), w_new = __expf(new_lse - m), total = w_old + w_new;
         keep = w_old / total;
         inv *= w_new / total;
