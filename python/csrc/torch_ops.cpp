@@ -392,8 +392,10 @@ std::tuple<at::Tensor, at::Tensor> dense_attention(const at::Tensor& q, const at
 }
 
 // Lloyd k-means of points [B,S,H,D] into centroids [B,H,C,D] f32 (in place), per (batch, head):
-// with `initialize`, first the seeded sample of kmeans_init. Returns the labels, [B,H,S] i32.
-at::Tensor kmeans(const at::Tensor& points, at::Tensor& centroids, bool initialize, int64_t iters, int64_t seed) {
+// with `initialize`, first the seeded sample of kmeans_init; `keys` samples from the keys' stream of
+// the seed (key_sample_seed), as svg2_attention does. Returns the labels, [B,H,S] i32.
+at::Tensor kmeans(const at::Tensor& points, at::Tensor& centroids, bool initialize, int64_t iters, int64_t seed,
+                  bool keys) {
   return translating_errors([&] {
     check_same_device(points, centroids, "centroids");
     TORCH_CHECK_VALUE(iters >= 0, "sapattn: iters must be >= 0, got ", iters);
@@ -408,7 +410,8 @@ at::Tensor kmeans(const at::Tensor& points, at::Tensor& centroids, bool initiali
     const size_t bytes = kmeans_workspace_bytes(B * H, S, C, D, stream.device);
     at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, points.options().dtype(at::kByte));
     const Workspace ws{workspace.data_ptr(), bytes};
-    if (initialize) kmeans_init(pv, cv, static_cast<uint64_t>(seed), stream, ws);
+    const uint64_t sample_seed = keys ? key_sample_seed(static_cast<uint64_t>(seed)) : static_cast<uint64_t>(seed);
+    if (initialize) kmeans_init(pv, cv, sample_seed, stream, ws);
     sapattn::kmeans(pv, cv, view_of(labels, "labels"), view_of(sizes, "sizes"), static_cast<int>(iters), stream, ws);
     return labels;
   });
@@ -457,7 +460,7 @@ void inference_only(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 TORCH_LIBRARY(sapattn, m) {
   m.def(svg2_schema().c_str());
   m.def("dense_attention(Tensor q, Tensor k, Tensor v, float scale, bool return_lse) -> (Tensor, Tensor)");
-  m.def("kmeans(Tensor points, Tensor(a!) centroids, bool initialize, int iters, int seed) -> Tensor");
+  m.def("kmeans(Tensor points, Tensor(a!) centroids, bool initialize, int iters, int seed, bool keys=False) -> Tensor");
   m.def("attention_kernel(Tensor q) -> str");
 }
 

@@ -17,8 +17,6 @@ import torch
 from . import _library  # loads torch.ops.sapattn
 from .config import DEFAULTS_UNLIKE_CPP, HOST_FIELDS, SVG2Config
 
-_K_SEED_STREAM = 0x5BD1E9955BD1E995  # the engine's seed stream for keys (src/svg2.cpp)
-
 # The arguments of torch.ops.sapattn.svg2_attention that a call supplies itself. Every other
 # argument is the SVG2Config field of its name: the op's schema, generated from one table in
 # python/csrc/torch_ops.cpp, is the list of those fields and gives their C++ defaults.
@@ -183,7 +181,7 @@ def warm_centroids(q: torch.Tensor, k: torch.Tensor, config: SVG2Config, state: 
     video = q.shape[1] - text_tokens
     with _fresh_on_failure(state, initialize):
         torch.ops.sapattn.kmeans(q[:, :video], state.q_centroids, initialize, iters, config.seed)
-        torch.ops.sapattn.kmeans(k[:, :video], state.k_centroids, initialize, iters, config.seed ^ _K_SEED_STREAM)
+        torch.ops.sapattn.kmeans(k[:, :video], state.k_centroids, initialize, iters, config.seed, keys=True)
     state.warm_iters += iters
 
 
