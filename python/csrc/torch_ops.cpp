@@ -367,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> svg2_attention(const at::Tensor& 
 void svg2_attention_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const size_t count = op.schema().arguments().size();
   const at::ArrayRef<c10::IValue> arguments = torch::jit::last(stack, count);
-  static_assert(kSvg2InputCount == 6);
+  static_assert(kSvg2InputCount == 6);  // q, k, v, q_centroids, k_centroids, initialize: read below
   auto [out, lse, density] =
       svg2_attention(arguments[0].toTensor(), arguments[1].toTensor(), arguments[2].toTensor(), arguments[3].toTensor(),
                      arguments[4].toTensor(), arguments[5].toBool(), unpack_options(arguments.slice(kSvg2InputCount)));
