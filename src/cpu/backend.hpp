@@ -3,7 +3,9 @@
 // dtypes and devices; they still check the values that only they read (labels, offsets).
 #pragma once
 
-#include "sapattn/ops.hpp"
+#include <cstdint>
+
+#include "sapattn/layout.hpp"
 
 namespace sapattn::cpu {
 

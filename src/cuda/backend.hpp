@@ -16,7 +16,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "sapattn/ops.hpp"
+#include "sapattn/layout.hpp"
 
 namespace sapattn::cuda {
 
