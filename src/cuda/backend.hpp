@@ -1,5 +1,5 @@
 // The CUDA backend: one function per op of include/sapattn/ops.hpp, mirroring src/cpu/backend.hpp.
-// src/ops.cpp checks shapes, dtypes and devices before calling here. Every function launches on
+// src/ops/ checks shapes, dtypes and devices before calling here. Every function launches on
 // stream.handle (a cudaStream_t) and returns without waiting for the GPU; none allocates or
 // synchronises, except check_finite (it must read its answer back) and the value checks below.
 //

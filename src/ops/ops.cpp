@@ -5,7 +5,7 @@
 #include <tuple>
 
 #include "cpu/backend.hpp"
-#include "op_checks.hpp"
+#include "ops/checks.hpp"
 // Declarations only (plain C++): a build without CUDA names them in decltype but never calls them.
 #include "cuda/backend.hpp"
 // The CUDA version of an op; `call` is evaluated only in builds with the CUDA backend. Without it,

@@ -1,4 +1,4 @@
-// Argument checks shared by the op entry points (src/ops.cpp, src/svg2.cpp). Each throws the
+// Argument checks shared by the op entry points (src/ops/, src/svg2/). Each throws the
 // typed error the contract names, with the tensor's name and what was expected.
 #pragma once
 
