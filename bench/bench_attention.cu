@@ -31,9 +31,9 @@
 #include <string>
 #include <vector>
 
+#include "core/cuda_check.hpp"
 #include "cuda/attention.hpp"
 #include "cuda/backend.hpp"
-#include "cuda/check.hpp"
 #include "sapattn/io.hpp"
 #include "sapattn/ops.hpp"
 #include "sapattn/workload.hpp"

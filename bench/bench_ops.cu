@@ -15,8 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "core/cuda_check.hpp"
 #include "cuda/backend.hpp"
-#include "cuda/check.hpp"
 #include "sapattn/ops.hpp"
 
 namespace {
