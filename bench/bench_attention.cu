@@ -33,9 +33,9 @@
 #include <string>
 #include <vector>
 
+#include "core/cuda_check.hpp"
 #include "cuda/attention.hpp"
 #include "cuda/backend.hpp"
-#include "cuda/check.hpp"
 #include "harness.hpp"
 #include "sapattn/io.hpp"
 #include "sapattn/ops.hpp"

@@ -16,9 +16,9 @@
 #include <string>
 #include <vector>
 
+#include "core/cuda_check.hpp"
 #include "cuda/attention.hpp"
 #include "cuda/backend.hpp"
-#include "cuda/check.hpp"
 #include "harness.hpp"
 #include "sapattn/ops.hpp"
 

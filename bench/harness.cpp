@@ -6,7 +6,7 @@
 #include <limits>
 
 #include "bench_shapes_json.hpp"  // kBenchShapesJson: bench/shapes.json, written in by bench/CMakeLists.txt
-#include "cuda/check.hpp"
+#include "core/cuda_check.hpp"
 #include "io/json.hpp"
 #include "sapattn/error.hpp"
 

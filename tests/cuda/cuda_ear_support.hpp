@@ -16,7 +16,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda/check.hpp"
+#include "core/cuda_check.hpp"
 #include "cuda_support.hpp"
 #include "reference.hpp"
 #include "sapattn/tensor.hpp"

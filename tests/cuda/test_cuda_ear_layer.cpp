@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda/check.hpp"
+#include "core/cuda_check.hpp"
 #include "cuda_ear_support.hpp"
 #include "reference.hpp"
 #include "sapattn/svg2.hpp"

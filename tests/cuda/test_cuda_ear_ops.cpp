@@ -1,4 +1,4 @@
-// The CUDA ops of SVG-EAR and the density budget (src/cuda/ear_*.cu) against the CPU backend on the
+// The CUDA ops of SVG-EAR and the density budget (src/cuda/ear/) against the CPU backend on the
 // same inputs. Inputs are drawn on the host (seeded by the test's name), copied byte for byte to the
 // GPU with their strides and offsets, and the outputs compared as each op's contract allows
 // (docs/ear.md, "The CUDA backend"):

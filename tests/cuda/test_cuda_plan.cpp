@@ -18,9 +18,9 @@
 #include <tuple>
 #include <vector>
 
+#include "core/cuda_check.hpp"
 #include "cuda/attention.hpp"
 #include "cuda/backend.hpp"
-#include "cuda/check.hpp"
 #include "cuda/device.cuh"
 #include "cuda_support.hpp"
 

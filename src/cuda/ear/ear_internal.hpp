@@ -9,8 +9,8 @@
 #include <cstdint>
 
 #include "core/carver.hpp"
-#include "cuda/device.cuh"
-#include "cuda/label_sort.hpp"
+#include "cuda/permute/label_sort.hpp"
+#include "cuda/runtime/runtime.hpp"
 #include "sapattn/error.hpp"
 #include "sapattn/tensor.hpp"
 
@@ -49,7 +49,7 @@ inline void check_head_dim(int64_t D, int64_t limit, const char* op) {
   SAPATTN_CHECK(D <= limit, UnsupportedError, op, " on CUDA takes head dims up to ", limit, ", got ", D);
 }
 
-// Runs `launches` between the value-check bracket (see backend.hpp).
+// Runs `launches` between the value-check bracket (see cuda/backend.hpp).
 template <typename F>
 void with_value_check(const Stream& stream, const char* op, F&& launches) {
   const bool checked = begin_value_check(stream);

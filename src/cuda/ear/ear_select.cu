@@ -17,8 +17,8 @@
 #include <type_traits>
 
 #include "cuda/device.cuh"
-#include "cuda/ear.cuh"
-#include "cuda/ear_internal.hpp"
+#include "cuda/ear/ear.cuh"
+#include "cuda/ear/ear_internal.hpp"
 
 namespace sapattn::cuda {
 

@@ -7,8 +7,8 @@
 #include <tuple>
 
 #include "core/carver.hpp"
-#include "op_checks.hpp"
-#include "svg2_pipeline.hpp"
+#include "ops/checks.hpp"
+#include "svg2/pipeline.hpp"
 
 namespace sapattn {
 

@@ -9,8 +9,8 @@
 #include <cstdint>
 
 #include "cuda/device.cuh"
-#include "cuda/ear.cuh"
-#include "cuda/ear_internal.hpp"
+#include "cuda/ear/ear.cuh"
+#include "cuda/ear/ear_internal.hpp"
 
 namespace sapattn::cuda {
 
