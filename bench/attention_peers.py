@@ -34,49 +34,9 @@ import time
 
 import numpy as np
 
+from harness import emit, log, read_jsonl, time_cuda, time_host
+
 IMPLS = ("sdpa_cudnn", "sdpa_flash", "flex", "flashinfer_fa2", "flashinfer_fa3")
-
-
-def emit(**fields):
-    print(json.dumps(fields), flush=True)
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-# ---- timing ---------------------------------------------------------------------------------
-
-
-def time_cuda(torch, fn, warmup, iters):
-    """Median and min in ms of `iters` runs between CUDA events, after `warmup` untimed runs."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    start = torch.cuda.Event(enable_timing=True)
-    stop = torch.cuda.Event(enable_timing=True)
-    for _ in range(iters):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    times.sort()
-    return times[len(times) // 2], times[0]
-
-
-def time_host(torch, fn, iters):
-    """Median and min in ms of `iters` host-timed runs, each ending with a device sync."""
-    times = []
-    for _ in range(iters):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2], times[0]
 
 
 def tflops(pairs, head_dim, ms):
@@ -89,8 +49,7 @@ def tflops(pairs, head_dim, ms):
 def load_shape(layout_dir, shape):
     """The manifest entries of one shape, each with its offsets, mask and per-head pairs."""
     base = os.path.join(layout_dir, shape)
-    with open(os.path.join(base, "manifest.jsonl")) as f:
-        entries = [json.loads(line) for line in f if line.strip()]
+    entries = read_jsonl(os.path.join(base, "manifest.jsonl"))
     out = []
     for e in entries:
         q_off = np.load(os.path.join(base, e["q_offsets"])).astype(np.int64)
@@ -130,7 +89,7 @@ def bench_sdpa(torch, shape, q, k, v, args):
                 with sdpa_kernel([backend]):
                     F.scaled_dot_product_attention(q, k, v)
 
-            med, mn = time_cuda(torch, run, args.warmup, args.iters)
+            med, mn = time_cuda(run, args.warmup, args.iters)
             emit(**rec, median_ms=med, min_ms=mn, iters=args.iters, tflops=tflops(pairs, D, med))
         except Exception as e:  # report and go on
             emit(**rec, error=f"{type(e).__name__}: {e}")
@@ -177,7 +136,7 @@ def bench_flex(torch, shape, q, k, v, entries, args):
             flex(q, k, v, block_mask=block_mask)
             torch.cuda.synchronize()
             first_s = time.perf_counter() - t0
-            med, mn = time_cuda(torch, lambda: flex(q, k, v, block_mask=block_mask), args.warmup, args.iters)
+            med, mn = time_cuda(lambda: flex(q, k, v, block_mask=block_mask), args.warmup, args.iters)
             emit(**rec, density=pairs / (B * H * S * S), pairs=pairs, median_ms=med, min_ms=mn, iters=args.iters,
                  tflops=tflops(pairs, D, med), first_call_s=first_s)
         except Exception as e:  # report and go on
@@ -229,8 +188,8 @@ def bench_flashinfer(torch, shape, q, k, v, entries, args):
                 plan()  # the first plan also loads (or JIT-builds) the kernel module
                 torch.cuda.synchronize()
                 first_s = time.perf_counter() - t0
-                plan_ms, _ = time_host(torch, plan, args.plan_iters)
-                med, mn = time_cuda(torch, lambda: wrapper.run(qf, kf, vf), args.warmup, args.iters)
+                plan_ms, _ = time_host(plan, args.plan_iters)
+                med, mn = time_cuda(lambda: wrapper.run(qf, kf, vf), args.warmup, args.iters)
                 emit(**rec, plan_ms=plan_ms, median_ms=med, min_ms=mn, iters=args.iters,
                      tflops=tflops(e["pairs"], D, med), first_plan_s=first_s)
             except Exception as ex:  # report and go on
@@ -243,12 +202,12 @@ def sanity(torch):
     n = 1 << 29  # 1 GiB of bf16
     a = torch.empty(n, dtype=torch.bfloat16, device="cuda")
     b = torch.empty_like(a)
-    med, _ = time_cuda(torch, lambda: b.copy_(a), 3, 10)
+    med, _ = time_cuda(lambda: b.copy_(a), 3, 10)
     emit(op="sanity_copy", median_ms=med, tb_s=2 * a.numel() * 2 / (med * 1e-3) / 1e12)
     m = 8192
     x = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
     y = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
-    med, _ = time_cuda(torch, lambda: x @ y, 3, 10)
+    med, _ = time_cuda(lambda: x @ y, 3, 10)
     emit(op="sanity_matmul_bf16_8192", median_ms=med, tflops=2 * m**3 / (med * 1e-3) / 1e12)
 
 
@@ -286,21 +245,6 @@ def run_peers(args):
 # ---- the summary table ----------------------------------------------------------------------
 
 
-def read_jsonl(path):
-    rows = []
-    if not path or not os.path.exists(path):
-        return rows
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line.startswith("{"):
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-    return rows
-
-
 def cell(r, with_plan=False):
     if r is None:
         return ""
@@ -313,7 +257,7 @@ def cell(r, with_plan=False):
 
 
 def print_table(bench_path, peers_path):
-    bench, peers = read_jsonl(bench_path), read_jsonl(peers_path)
+    bench, peers = read_jsonl(bench_path, lenient=True), read_jsonl(peers_path, lenient=True)
     for r in bench + peers:
         if "device" in r:
             print(f"device: {r['device']}" + (f", torch {r['torch']}" if "torch" in r else ""))

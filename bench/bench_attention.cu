@@ -12,7 +12,8 @@
 //
 // Each layout is saved under --out (q_offsets.npy, k_offsets.npy as f32, mask_d<target>.npy as f16,
 // manifest.jsonl) so that bench/attention_peers.py times the peers on exactly the same clusters
-// and masks. Prints one JSON object per line on stdout; progress goes to stderr.
+// and masks. Prints one JSON object per line on stdout; progress goes to stderr. The shapes, the
+// timer and the JSON lines are the harness's (bench/harness.hpp, bench/shapes.json).
 //
 //   sapattn_bench_attention [--shape wan13b|wan14b|hunyuan|all[,...]] [--densities 0.05,0.1,...]
 //                           [--out DIR] [--iters N] [--warmup N] [--kernels auto,cpasync,tma,sm80] [--seed N]
@@ -27,13 +28,15 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "core/cuda_check.hpp"
 #include "cuda/attention.hpp"
 #include "cuda/backend.hpp"
-#include "cuda/check.hpp"
+#include "harness.hpp"
 #include "sapattn/io.hpp"
 #include "sapattn/ops.hpp"
 #include "sapattn/workload.hpp"
@@ -42,18 +45,9 @@ namespace {
 
 using namespace sapattn;
 
-struct ShapeSpec {
-  const char* name;
-  const char* preset;
-  int q_clusters, k_clusters;  // the official scripts' Cq and Ck (../shared/ANCHORS.md)
-  bool full_size;              // part of "all"; the others are for the --cpu smoke test
-};
-
-constexpr ShapeSpec kShapes[] = {
-    {"wan13b_480p", "wan-1.3b-480p", 200, 1000, true}, {"wan14b_720p", "wan-14b-720p", 300, 1000, true},
-    {"hunyuan_720p", "hunyuan-720p", 400, 1000, true}, {"tiny", "tiny", 16, 40, false},
-    {"tiny-text", "tiny-text", 8, 20, false},
-};
+using bench::BenchShape;
+using bench::JsonLine;
+using bench::Timing;
 
 struct Options {
   std::vector<std::string> shapes{"all"};
@@ -70,55 +64,6 @@ struct Options {
   std::vector<std::string> variants{"unfused", "fused_qk", "fused_q", "unfused_e2e"};  // --variants
 };
 
-// One JSON object, built field by field and printed as one line.
-class JsonLine {
- public:
-  JsonLine& str(const char* key, const std::string& v) {
-    field(key);
-    text_ += '"';
-    for (char c : v) {
-      if (c == '"' || c == '\\') text_ += '\\';
-      text_ += static_cast<unsigned char>(c) < 0x20 ? ' ' : c;
-    }
-    text_ += '"';
-    return *this;
-  }
-  JsonLine& num(const char* key, double v, int precision = 6) {
-    field(key);
-    char buf[64];
-    if (std::isfinite(v))
-      std::snprintf(buf, sizeof(buf), "%.*g", precision, v);
-    else
-      std::snprintf(buf, sizeof(buf), "null");
-    text_ += buf;
-    return *this;
-  }
-  JsonLine& integer(const char* key, int64_t v) {
-    field(key);
-    text_ += std::to_string(v);
-    return *this;
-  }
-  std::string text() const { return "{" + text_ + "}"; }
-  void print() const {
-    std::printf("%s\n", text().c_str());
-    std::fflush(stdout);
-  }
-
- private:
-  void field(const char* key) {
-    if (!text_.empty()) text_ += ", ";
-    text_ += '"';
-    text_ += key;
-    text_ += "\": ";
-  }
-  std::string text_;
-};
-
-struct Stat {
-  double median_ms = 0, min_ms = 0;
-  int iters = 0;
-};
-
 // Where the benchmark runs: the GPU (one non-blocking stream, timed with events), or with --cpu the
 // CPU backend on the small presets, timed with the host clock: a smoke test of the harness itself.
 class Runtime {
@@ -126,13 +71,11 @@ class Runtime {
   explicit Runtime(bool gpu) : gpu_(gpu) {
     if (!gpu_) return;
     SAPATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    SAPATTN_CUDA_CHECK(cudaEventCreate(&a_));
-    SAPATTN_CUDA_CHECK(cudaEventCreate(&b_));
+    timer_.emplace(stream_);
   }
   ~Runtime() {
     if (!gpu_) return;
-    cudaEventDestroy(a_);
-    cudaEventDestroy(b_);
+    timer_.reset();
     cudaStreamDestroy(stream_);
   }
   Runtime(const Runtime&) = delete;
@@ -173,33 +116,14 @@ class Runtime {
 
   // Median and min of `iters` runs after `warmup` untimed ones; on the GPU each run lies between two
   // events recorded on the stream.
-  Stat time(const std::function<void()>& f, int warmup, int iters) const {
-    for (int i = 0; i < warmup; ++i) f();
-    sync();
-    std::vector<double> ms;
-    for (int i = 0; i < iters; ++i) {
-      if (gpu_) {
-        SAPATTN_CUDA_CHECK(cudaEventRecord(a_, stream_));
-        f();
-        SAPATTN_CUDA_CHECK(cudaEventRecord(b_, stream_));
-        SAPATTN_CUDA_CHECK(cudaEventSynchronize(b_));
-        float t = 0;
-        SAPATTN_CUDA_CHECK(cudaEventElapsedTime(&t, a_, b_));
-        ms.push_back(t);
-      } else {
-        const auto t0 = std::chrono::steady_clock::now();
-        f();
-        ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-      }
-    }
-    std::sort(ms.begin(), ms.end());
-    return {ms[ms.size() / 2], ms.front(), iters};
+  Timing time(const std::function<void()>& f, int warmup, int iters) const {
+    return gpu_ ? timer_->time(f, warmup, iters) : bench::time_host(f, warmup, iters);
   }
 
  private:
   bool gpu_;
   cudaStream_t stream_ = nullptr;
-  cudaEvent_t a_ = nullptr, b_ = nullptr;
+  std::optional<bench::EventTimer> timer_;
 };
 
 std::vector<std::string> split(const std::string& s) {
@@ -260,14 +184,19 @@ void save_mask_as_f16(const std::string& path, const std::vector<uint8_t>& m, st
   io::write_npy(path, t.view());
 }
 
-void bench_shape(const ShapeSpec& spec, const Options& opt) {
+void bench_shape(const BenchShape& spec, const Options& opt) {
   const Runtime rt(!opt.cpu);
   const Device dev = rt.device();
   const Stream st = rt.stream();
-  const char* name = spec.name;
+  const char* name = spec.name.c_str();
 
   // ---- the workload: generated on the host, copied to the GPU ----------------------------------
   const workload::Preset preset = workload::preset(spec.preset);
+  SAPATTN_CHECK(preset.batch == spec.batch && preset.heads == spec.heads && preset.head_dim == spec.head_dim &&
+                    preset.frames == spec.frames && preset.height == spec.height && preset.width == spec.width &&
+                    preset.text_tokens == spec.text_tokens,
+                InvalidArgumentError, "bench/shapes.json: shape ", spec.name, " differs from workload preset ",
+                spec.preset, " (batch, heads, head_dim, latent_grid or text_tokens)");
   const int64_t B = preset.batch, H = preset.heads, S = preset.tokens(), D = preset.head_dim, BH = B * H;
   const int64_t Sv = preset.video_tokens();
   const bool text = preset.text_tokens > 0;
@@ -278,8 +207,9 @@ void bench_shape(const ShapeSpec& spec, const Options& opt) {
   Tensor q = tensor(DType::BF16, {B, H, S, D}), k = tensor(DType::BF16, {B, H, S, D}),
          v = tensor(DType::BF16, {B, H, S, D});
   {
-    std::fprintf(stderr, "[%s] generating %s (B%lld H%lld S%lld D%lld)\n", name, spec.preset, static_cast<long long>(B),
-                 static_cast<long long>(H), static_cast<long long>(S), static_cast<long long>(D));
+    std::fprintf(stderr, "[%s] generating %s (B%lld H%lld S%lld D%lld)\n", name, spec.preset.c_str(),
+                 static_cast<long long>(B), static_cast<long long>(H), static_cast<long long>(S),
+                 static_cast<long long>(D));
     const auto t0 = std::chrono::steady_clock::now();
     const workload::Workload w = workload::generate(preset, opt.seed, DType::BF16, {}, opt.threads);
     const double gen_s = seconds_since(t0);
@@ -316,7 +246,7 @@ void bench_shape(const ShapeSpec& spec, const Options& opt) {
   const Workspace ws{ws_buf.data(), ws_buf.bytes()};
   const TensorView q_video = qv.slice(2, 0, Sv), k_video = kv.slice(2, 0, Sv);
   const TensorView ql_video = ql.view().slice(2, 0, Sv), kl_video = kl.view().slice(2, 0, Sv);
-  const Stat kmeans_t = rt.time(
+  const Timing kmeans_t = rt.time(
       [&] {
         kmeans_init(q_video, qc.view(), opt.seed, st, ws);
         kmeans(q_video, qc.view(), ql_video, qs.view(), 50, st, ws);
@@ -410,7 +340,7 @@ void bench_shape(const ShapeSpec& spec, const Options& opt) {
     try {
       set_kernel(kernel);
       j.str("kernel_name", attention_kernel(dev, DType::BF16, D).name);
-      const Stat t = rt.time(call, opt.warmup, opt.iters);
+      const Timing t = rt.time(call, opt.warmup, opt.iters);
       j.str("layout", layout_tag)
           .num("density_target", target, 4)
           .num("density", density, 5)
@@ -539,8 +469,7 @@ void bench_shape(const ShapeSpec& spec, const Options& opt) {
         .str("k_offsets", "k_offsets.npy")
         .str("mask", mask_file);
     if (!note.empty()) layout_line.str("note", note);
-    std::fprintf(manifest, "%s\n", layout_line.text().c_str());
-    std::fflush(manifest);
+    layout_line.print(manifest);
     JsonLine(layout_line).str("op", "layout").print();
 
     // The planner alone (what every CUDA block_sparse_attention call runs before its kernel).
@@ -549,7 +478,7 @@ void bench_shape(const ShapeSpec& spec, const Options& opt) {
       j.str("shape", name).str("impl", "sapattn").str("variant", "plan").str("layout", tag);
       try {
         const Workspace plan_ws{plan_buf.data(), plan_bytes};
-        const Stat t =
+        const Timing t =
             rt.time([&] { cuda::attn::build_plan(layout, S, S, plan_ws, rt.cuda_stream()); }, opt.warmup, opt.iters);
         j.num("density_target", target, 4).num("density", density, 5).num("plan_ms", t.median_ms, 6);
       } catch (const std::exception& e) {
@@ -675,12 +604,12 @@ int main(int argc, char** argv) {
       return 2;
     }
   if (opt.cpu) opt.kernels = {"auto"};
-  const auto wanted = [&](const ShapeSpec& s) {
-    return std::any_of(opt.shapes.begin(), opt.shapes.end(), [&](const std::string& w) {
-      return (w == "all" && s.full_size) || std::string(s.name).rfind(w, 0) == 0;
-    });
+  const auto wanted = [&](const BenchShape& s) {
+    return std::any_of(opt.shapes.begin(), opt.shapes.end(),
+                       [&](const std::string& w) { return bench::shape_selected(s, w); });
   };
-  if (std::none_of(std::begin(kShapes), std::end(kShapes), wanted)) {
+  const std::vector<BenchShape>& shapes = bench::bench_shapes();
+  if (std::none_of(shapes.begin(), shapes.end(), wanted)) {
     std::fprintf(stderr, "no shape matched\n");
     return usage(argv[0]);
   }
@@ -688,26 +617,9 @@ int main(int argc, char** argv) {
     if (opt.cpu) {
       JsonLine().str("device", "cpu").print();
     } else {
-      cudaDeviceProp prop{};
-      SAPATTN_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-      JsonLine()
-          .str("device", prop.name)
-          .integer("sms", prop.multiProcessorCount)
-          .integer("l2_bytes", prop.l2CacheSize)
-          .str("kernel_auto", attention_kernel(Device::cuda(0), DType::BF16, 128).name)
-          .print();
+      bench::device_line().str("kernel_auto", attention_kernel(Device::cuda(0), DType::BF16, 128).name).print();
     }
-    int failed = 0;
-    for (const ShapeSpec& s : kShapes) {
-      if (!wanted(s)) continue;
-      try {
-        bench_shape(s, opt);
-      } catch (const std::exception& e) {  // report, and go on with the next shape
-        JsonLine().str("shape", s.name).str("op", "failed").str("error", e.what()).print();
-        ++failed;
-      }
-    }
-    return failed == 0 ? 0 : 1;
+    return bench::run_shapes(wanted, [&](const BenchShape& s) { bench_shape(s, opt); });
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench failed: %s\n", e.what());
     return 1;

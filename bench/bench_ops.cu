@@ -1,7 +1,9 @@
-// Times the CUDA semantic-aware permutation ops at the official SVG2 shapes (CUTLASS's method:
-// warm-up apart from timing, CUDA events, the median of many runs, random structured inputs that
-// are far larger than the L2 for every memory-bound op). Prints one JSON object per measurement;
-// bench/report.py puts them next to the floors and the peers measured in the same run.
+// Times the CUDA semantic-aware permutation ops and the attention planner at the official SVG2
+// shapes (the full-size ones of bench/shapes.json, over their video tokens), with the harness's
+// timer (bench/harness.hpp: CUTLASS's method, warm-up apart from timing, CUDA events, the median of
+// many runs) on random structured inputs that are far larger than the L2 for every memory-bound op.
+// Prints one JSON object per measurement; bench/report.py puts them next to the floors and the peers
+// measured in the same run.
 //
 //   sapattn_bench_ops [--shape wan14b|wan13b|hunyuan|all] [--reps N]   (--help needs no GPU)
 #include <cuda_bf16.h>
@@ -11,28 +13,21 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <functional>
 #include <string>
 #include <vector>
 
+#include "core/cuda_check.hpp"
+#include "cuda/attention.hpp"
 #include "cuda/backend.hpp"
-#include "cuda/check.hpp"
+#include "harness.hpp"
 #include "sapattn/ops.hpp"
 
 namespace {
 
 using namespace sapattn;
-
-struct Shape {
-  const char* name;
-  int64_t B, H, S, D, Cq, Ck;
-};
-
-constexpr Shape kShapes[] = {
-    {"wan14b_720p", 1, 40, 75600, 128, 300, 1000},
-    {"wan13b_480p", 1, 12, 32760, 128, 200, 1000},
-    {"hunyuan_720p", 1, 24, 118800, 128, 400, 1000},
-};
+using bench::BenchShape;
+using bench::JsonLine;
+using bench::Timing;
 
 __device__ uint64_t mix(uint64_t z) {
   z += 0x9e3779b97f4a7c15ull;
@@ -67,70 +62,55 @@ __global__ void fill_f32_kernel(float* x, int64_t n, uint64_t seed) {
     x[t] = gauss(seed + t);
 }
 
-struct Timer {
-  cudaStream_t stream;
-  // Median (and min) over `reps` timed runs after `warmup` untimed ones; each run between events.
-  std::pair<double, double> run(const std::function<void()>& f, int warmup, int reps) {
-    for (int i = 0; i < warmup; ++i) f();
-    SAPATTN_CUDA_CHECK(cudaStreamSynchronize(stream));
-    std::vector<double> ms;
-    cudaEvent_t a, b;
-    SAPATTN_CUDA_CHECK(cudaEventCreate(&a));
-    SAPATTN_CUDA_CHECK(cudaEventCreate(&b));
-    for (int i = 0; i < reps; ++i) {
-      SAPATTN_CUDA_CHECK(cudaEventRecord(a, stream));
-      f();
-      SAPATTN_CUDA_CHECK(cudaEventRecord(b, stream));
-      SAPATTN_CUDA_CHECK(cudaEventSynchronize(b));
-      float t = 0;
-      SAPATTN_CUDA_CHECK(cudaEventElapsedTime(&t, a, b));
-      ms.push_back(t);
-    }
-    SAPATTN_CUDA_CHECK(cudaEventDestroy(a));
-    SAPATTN_CUDA_CHECK(cudaEventDestroy(b));
-    std::sort(ms.begin(), ms.end());
-    return {ms[ms.size() / 2], ms.front()};
-  }
-};
-
-void emit(const Shape& s, const char* what, std::pair<double, double> t, int reps, double bytes, double flops,
-          const char* extra = "") {
-  std::printf(
-      "{\"shape\": \"%s\", \"op\": \"%s\", \"median_ms\": %.4f, \"min_ms\": %.4f, \"reps\": %d, \"bytes\": %.6g, "
-      "\"flops\": %.6g%s}\n",
-      s.name, what, t.first, t.second, reps, bytes, flops, extra);
-  std::fflush(stdout);
+// One measurement: {"shape", "op", "median_ms", "min_ms", "reps", "bytes", "flops"}, the bytes and
+// FLOPs being what bench/report.py divides by the floors' rates. Callers may add fields, then print.
+JsonLine measurement(const BenchShape& s, const std::string& op, const Timing& t, double bytes, double flops) {
+  JsonLine j;
+  j.str("shape", s.name)
+      .str("op", op)
+      .fixed("median_ms", t.median_ms, 4)
+      .fixed("min_ms", t.min_ms, 4)
+      .integer("reps", t.iters)
+      .num("bytes", bytes, 6)
+      .num("flops", flops, 6);
+  return j;
 }
 
-void bench(const Shape& s, int reps) {
+void emit(const BenchShape& s, const std::string& op, const Timing& t, double bytes, double flops) {
+  measurement(s, op, t, bytes, flops).print();
+}
+
+void bench_shape(const BenchShape& s, int reps) {
   const Device dev = Device::cuda(0);
   cudaStream_t cs;
   SAPATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&cs, cudaStreamNonBlocking));
   const Stream st{dev, cs, 0};
-  Timer timer{cs};
-  const int64_t B = s.B, H = s.H, S = s.S, D = s.D, BH = B * H;
+  const bench::EventTimer timer(cs);
+  // Q, K and V are the video tokens alone: [B,H,S,D] with S = S_video, Cq and Ck clusters.
+  const int64_t B = s.batch, H = s.heads, S = s.video_tokens(), D = s.head_dim, BH = B * H;
+  const int64_t Cq = s.q_clusters, Ck = s.k_clusters;
   const double elem = static_cast<double>(B * H * S * D);
   auto tensor = [&](DType t, std::vector<int64_t> shape) { return Tensor(t, std::move(shape), dev); };
   // Q, K, V in the diffusers layout [B,S,H,D], seen as [B,H,S,D].
   Tensor q = tensor(DType::BF16, {B, S, H, D}), k = tensor(DType::BF16, {B, S, H, D}),
          v = tensor(DType::BF16, {B, S, H, D});
-  fill_kernel<<<4096, 256, 0, cs>>>(q.data_as<__nv_bfloat16>(), S, H, D, 4 * s.Cq, 1);
-  fill_kernel<<<4096, 256, 0, cs>>>(k.data_as<__nv_bfloat16>(), S, H, D, 4 * s.Ck, 2);
+  fill_kernel<<<4096, 256, 0, cs>>>(q.data_as<__nv_bfloat16>(), S, H, D, 4 * Cq, 1);
+  fill_kernel<<<4096, 256, 0, cs>>>(k.data_as<__nv_bfloat16>(), S, H, D, 4 * Ck, 2);
   fill_kernel<<<4096, 256, 0, cs>>>(v.data_as<__nv_bfloat16>(), S, H, D, 64, 3);
   SAPATTN_CUDA_CHECK(cudaGetLastError());
   const TensorView qv = TensorView::bshd(q.data(), DType::BF16, B, H, S, D, dev);
   const TensorView kv = TensorView::bshd(k.data(), DType::BF16, B, H, S, D, dev);
   const TensorView vv = TensorView::bshd(v.data(), DType::BF16, B, H, S, D, dev);
-  Tensor qc = tensor(DType::F32, {B, H, s.Cq, D}), kc = tensor(DType::F32, {B, H, s.Ck, D});
+  Tensor qc = tensor(DType::F32, {B, H, Cq, D}), kc = tensor(DType::F32, {B, H, Ck, D});
   Tensor ql = tensor(DType::I32, {B, H, S}), kl = tensor(DType::I32, {B, H, S});
-  Tensor qs = tensor(DType::I32, {B, H, s.Cq}), ks = tensor(DType::I32, {B, H, s.Ck});
+  Tensor qs = tensor(DType::I32, {B, H, Cq}), ks = tensor(DType::I32, {B, H, Ck});
   const size_t ws_bytes =
-      std::max({kmeans_workspace_bytes(BH, S, s.Cq, D, dev), kmeans_workspace_bytes(BH, S, s.Ck, D, dev),
-                cluster_permutation_workspace_bytes(BH, S, static_cast<int>(s.Ck), dev)});
+      std::max({kmeans_workspace_bytes(BH, S, Cq, D, dev), kmeans_workspace_bytes(BH, S, Ck, D, dev),
+                cluster_permutation_workspace_bytes(BH, S, static_cast<int>(Ck), dev)});
   const Buffer ws_buf = Buffer::allocate(ws_bytes, dev);
   const Workspace ws{ws_buf.data(), ws_buf.bytes()};
   const double point_bytes = elem * 2;  // one bf16 tensor
-  auto lloyd_flops = [&](int iters) { return 2.0 * iters * static_cast<double>(BH * S) * (s.Cq + s.Ck) * D; };
+  auto lloyd_flops = [&](int iters) { return 2.0 * iters * static_cast<double>(BH * S) * (Cq + Ck) * D; };
 
   // ---- 50 iterations from the seeded sample (a branch's first sparse call) ----------------------
   auto init50 = [&] {
@@ -139,18 +119,18 @@ void bench(const Shape& s, int reps) {
     kmeans_init(kv, kc.view(), 12, st, ws);
     kmeans(kv, kc.view(), kl.view(), ks.view(), 50, st, ws);
   };
-  emit(s, "kmeans_init_50it_qk", timer.run(init50, 1, 3), 3, 50 * 2 * point_bytes, lloyd_flops(50));
+  emit(s, "kmeans_init_50it_qk", timer.time(init50, 1, 3), 50 * 2 * point_bytes, lloyd_flops(50));
 
   // ---- 2 iterations warm-started (every later sparse call) ---------------------------------------
   auto step = [&] {
     kmeans(qv, qc.view(), ql.view(), qs.view(), 2, st, ws);
     kmeans(kv, kc.view(), kl.view(), ks.view(), 2, st, ws);
   };
-  emit(s, "kmeans_2it_qk", timer.run(step, 3, reps), reps, 2 * 2 * point_bytes, lloyd_flops(2));
-  emit(s, "kmeans_2it_q", timer.run([&] { kmeans(qv, qc.view(), ql.view(), qs.view(), 2, st, ws); }, 3, reps), reps,
-       2 * point_bytes, 2.0 * 2 * BH * S * s.Cq * D);
-  emit(s, "kmeans_2it_k", timer.run([&] { kmeans(kv, kc.view(), kl.view(), ks.view(), 2, st, ws); }, 3, reps), reps,
-       2 * point_bytes, 2.0 * 2 * BH * S * s.Ck * D);
+  emit(s, "kmeans_2it_qk", timer.time(step, 3, reps), 2 * 2 * point_bytes, lloyd_flops(2));
+  emit(s, "kmeans_2it_q", timer.time([&] { kmeans(qv, qc.view(), ql.view(), qs.view(), 2, st, ws); }, 3, reps),
+       2 * point_bytes, 2.0 * 2 * BH * S * Cq * D);
+  emit(s, "kmeans_2it_k", timer.time([&] { kmeans(kv, kc.view(), kl.view(), ks.view(), 2, st, ws); }, 3, reps),
+       2 * point_bytes, 2.0 * 2 * BH * S * Ck * D);
   // The parts of one iteration, and how many rows the exact re-ranking touched.
   Buffer counter = Buffer::allocate(sizeof(unsigned long long), dev);
   for (int side = 0; side < 2; ++side) {
@@ -158,95 +138,111 @@ void bench(const Shape& s, int reps) {
     Tensor& c = side == 0 ? qc : kc;
     Tensor& l = side == 0 ? ql : kl;
     Tensor& sz = side == 0 ? qs : ks;
-    const int64_t C = side == 0 ? s.Cq : s.Ck;
+    const int64_t C = side == 0 ? Cq : Ck;
     const char* tag = side == 0 ? "q" : "k";
     SAPATTN_CUDA_CHECK(cudaMemsetAsync(counter.data(), 0, sizeof(unsigned long long), cs));
     cuda::kmeans_assign(x, c.view(), l.view(), st, ws, {static_cast<unsigned long long*>(counter.data())});
     unsigned long long refined = 0;
     SAPATTN_CUDA_CHECK(cudaMemcpyAsync(&refined, counter.data(), sizeof(refined), cudaMemcpyDeviceToHost, cs));
     SAPATTN_CUDA_CHECK(cudaStreamSynchronize(cs));
-    char extra[96];
-    std::snprintf(extra, sizeof(extra), ", \"refined_share\": %.5f", static_cast<double>(refined) / (BH * S));
-    emit(s, (std::string("assign_") + tag).c_str(),
-         timer.run([&] { cuda::kmeans_assign(x, c.view(), l.view(), st, ws); }, 3, reps), reps, point_bytes,
-         2.0 * BH * S * C * D, extra);
+    measurement(s, std::string("assign_") + tag,
+                timer.time([&] { cuda::kmeans_assign(x, c.view(), l.view(), st, ws); }, 3, reps), point_bytes,
+                2.0 * BH * S * C * D)
+        .fixed("refined_share", static_cast<double>(refined) / (BH * S), 5)
+        .print();
     cuda::set_assign_columns_per_pass(8);  // the other variant, for the record
-    emit(s, (std::string("assign_8cols_") + tag).c_str(),
-         timer.run([&] { cuda::kmeans_assign(x, c.view(), l.view(), st, ws); }, 3, reps), reps, point_bytes,
+    emit(s, std::string("assign_8cols_") + tag,
+         timer.time([&] { cuda::kmeans_assign(x, c.view(), l.view(), st, ws); }, 3, reps), point_bytes,
          2.0 * BH * S * C * D);
     cuda::set_assign_columns_per_pass(16);
-    emit(s, (std::string("update_") + tag).c_str(),
-         timer.run([&] { cuda::kmeans_update(x, l.view(), c.view(), sz.view(), true, st, ws); }, 3, reps), reps,
-         point_bytes, 0);
+    emit(s, std::string("update_") + tag,
+         timer.time([&] { cuda::kmeans_update(x, l.view(), c.view(), sz.view(), true, st, ws); }, 3, reps), point_bytes,
+         0);
   }
 
   // ---- selection -----------------------------------------------------------------------------
-  Tensor mask = tensor(DType::U8, {B, H, s.Cq, s.Ck});
+  Tensor mask = tensor(DType::U8, {B, H, Cq, Ck});
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   emit(s, "select_blocks",
-       timer.run(
+       timer.time(
            [&] {
-             select_blocks(qc.view(), kc.view(), ks.view(), scale, 0.9f, static_cast<int>(s.Ck / 10), mask.view(), st);
+             select_blocks(qc.view(), kc.view(), ks.view(), scale, 0.9f, static_cast<int>(Ck / 10), mask.view(), st);
            },
            5, reps * 2),
-       reps * 2, static_cast<double>(BH) * ((s.Cq + s.Ck) * D * 4 + s.Ck * 4 + s.Cq * s.Ck),
-       2.0 * BH * s.Cq * s.Ck * D);
+       static_cast<double>(BH) * ((Cq + Ck) * D * 4 + Ck * 4 + Cq * Ck), 2.0 * BH * Cq * Ck * D);
   {  // the density this selection gives (for the record)
-    std::vector<uint8_t> m(static_cast<size_t>(BH * s.Cq * s.Ck));
+    std::vector<uint8_t> m(static_cast<size_t>(BH * Cq * Ck));
     SAPATTN_CUDA_CHECK(cudaMemcpy(m.data(), mask.data(), m.size(), cudaMemcpyDeviceToHost));
     size_t kept = 0;
     for (uint8_t x : m) kept += x;
-    std::printf("{\"shape\": \"%s\", \"op\": \"kept_cluster_share\", \"value\": %.4f}\n", s.name,
-                static_cast<double>(kept) / static_cast<double>(m.size()));
+    JsonLine()
+        .str("shape", s.name)
+        .str("op", "kept_cluster_share")
+        .fixed("value", static_cast<double>(kept) / static_cast<double>(m.size()), 4)
+        .print();
   }
 
   // ---- permutation of Q, K, V and its inverse ------------------------------------------------
   Tensor qp = tensor(DType::I32, {B, H, S}), kp = tensor(DType::I32, {B, H, S});
-  Tensor qo = tensor(DType::I32, {B, H, s.Cq + 1}), ko = tensor(DType::I32, {B, H, s.Ck + 1});
+  Tensor qo = tensor(DType::I32, {B, H, Cq + 1}), ko = tensor(DType::I32, {B, H, Ck + 1});
   Tensor qr = tensor(DType::BF16, {B, H, S, D}), kr = tensor(DType::BF16, {B, H, S, D}),
          vr = tensor(DType::BF16, {B, H, S, D});
   auto perms = [&] {
-    cluster_permutation(ql.view(), static_cast<int>(s.Cq), qp.view(), qo.view(), st, ws);
-    cluster_permutation(kl.view(), static_cast<int>(s.Ck), kp.view(), ko.view(), st, ws);
+    cluster_permutation(ql.view(), static_cast<int>(Cq), qp.view(), qo.view(), st, ws);
+    cluster_permutation(kl.view(), static_cast<int>(Ck), kp.view(), ko.view(), st, ws);
   };
   auto gathers = [&] {
     gather_rows(qv, qp.view(), qr.view(), st);
     gather_rows(kv, kp.view(), kr.view(), st);
     gather_rows(vv, kp.view(), vr.view(), st);
   };
-  emit(s, "cluster_permutation_qk", timer.run(perms, 3, reps), reps, 2.0 * BH * S * 4 * 2, 0);
-  emit(s, "gather_qkv", timer.run(gathers, 3, reps), reps, 6 * point_bytes, 0);
+  emit(s, "cluster_permutation_qk", timer.time(perms, 3, reps), 2.0 * BH * S * 4 * 2, 0);
+  emit(s, "gather_qkv", timer.time(gathers, 3, reps), 6 * point_bytes, 0);
   emit(s, "permute_qkv",
-       timer.run(
+       timer.time(
            [&] {
              perms();
              gathers();
            },
            3, reps),
-       reps, 6 * point_bytes, 0);
+       6 * point_bytes, 0);
   // The layout of the random side: Q gathered from [B,S,H,D] memory vs from [B,H,S,D] memory.
-  emit(s, "gather_q_from_bshd", timer.run([&] { gather_rows(qv, qp.view(), qr.view(), st); }, 3, reps), reps,
+  emit(s, "gather_q_from_bshd", timer.time([&] { gather_rows(qv, qp.view(), qr.view(), st); }, 3, reps),
        2 * point_bytes, 0);
-  emit(s, "gather_q_from_bhsd", timer.run([&] { gather_rows(kr.view(), qp.view(), qr.view(), st); }, 3, reps), reps,
+  emit(s, "gather_q_from_bhsd", timer.time([&] { gather_rows(kr.view(), qp.view(), qr.view(), st); }, 3, reps),
        2 * point_bytes, 0);
   Tensor out = tensor(DType::BF16, {B, S, H, D});
   const TensorView outv = TensorView::bshd(out.data(), DType::BF16, B, H, S, D, dev);
-  emit(s, "inverse_o_bf16", timer.run([&] { scatter_rows(qr.view(), qp.view(), outv, st); }, 3, reps), reps,
-       2 * point_bytes, 0);
+  emit(s, "inverse_o_bf16", timer.time([&] { scatter_rows(qr.view(), qp.view(), outv, st); }, 3, reps), 2 * point_bytes,
+       0);
   {
     Tensor of32 = tensor(DType::F32, {B, H, S, D});
     fill_f32_kernel<<<4096, 256, 0, cs>>>(of32.data_as<float>(), of32.numel(), 5);
-    emit(s, "inverse_o_f32_to_bf16", timer.run([&] { scatter_rows(of32.view(), qp.view(), outv, st); }, 3, reps), reps,
+    emit(s, "inverse_o_f32_to_bf16", timer.time([&] { scatter_rows(of32.view(), qp.view(), outv, st); }, 3, reps),
          3 * point_bytes, 0);
+  }
+  // ---- the attention planner -----------------------------------------------------------------
+  // What every CUDA block_sparse_attention call runs before its kernel, on the layout of this
+  // selection and permutation (it read the mask and the offsets: the bytes). It was timed inside the
+  // planner's GPU test before; tests check, benchmarks time.
+  {
+    const BlockLayout layout{qo.view(), ko.view(), mask.view()};
+    const size_t plan_bytes = cuda::attn::plan_workspace_bytes(BH, Cq, Ck, S);
+    const Buffer plan_buf = Buffer::allocate(plan_bytes, dev);
+    const Workspace plan_ws{plan_buf.data(), plan_bytes};
+    measurement(s, "build_plan", timer.time([&] { cuda::attn::build_plan(layout, S, S, plan_ws, cs); }, 3, reps),
+                static_cast<double>(BH) * static_cast<double>(Cq * Ck + (Cq + 1 + Ck + 1) * 4), 0)
+        .integer("workspace_bytes", static_cast<int64_t>(plan_bytes))
+        .print();
   }
   // The device's copy rate in this process (the torch measurement is the reference floor).
   {
     Tensor a = tensor(DType::BF16, {B, H, S, D});
     emit(s, "memcpy_d2d_point_tensor",
-         timer.run(
+         timer.time(
              [&] { SAPATTN_CUDA_CHECK(cudaMemcpyAsync(a.data(), q.data(), q.bytes(), cudaMemcpyDeviceToDevice, cs)); },
              3, reps),
-         reps, 2 * point_bytes, 0);
+         2 * point_bytes, 0);
   }
   SAPATTN_CUDA_CHECK(cudaStreamSynchronize(cs));
   SAPATTN_CUDA_CHECK(cudaStreamDestroy(cs));
@@ -255,8 +251,9 @@ void bench(const Shape& s, int reps) {
 constexpr const char* kUsage =
     "usage: sapattn_bench_ops [--shape wan14b|wan13b|hunyuan|all] [--reps N]\n"
     "\n"
-    "Times the CUDA k-means, selection and permutation ops at the official SVG2 shapes on GPU 0 and\n"
-    "prints one JSON object per measurement (bench/report.py makes the table of docs/cuda.md).\n"
+    "Times the CUDA k-means, selection and permutation ops and the attention planner at the official\n"
+    "SVG2 shapes (bench/shapes.json) on GPU 0 and prints one JSON object per measurement\n"
+    "(bench/report.py makes the table of docs/cuda.md).\n"
     "  --shape S   the shapes whose name starts with S (wan14b_720p, wan13b_480p, hunyuan_720p) or all\n"
     "              (default: all)\n"
     "  --reps N    timed runs per op, after the warm-up; the median is reported (default: 20)\n";
@@ -288,9 +285,9 @@ int parse_options(int argc, char** argv, std::string& which, int& reps) {
     std::fprintf(stderr, "sapattn_bench_ops: unexpected argument '%s'\n%s", a.c_str(), kUsage);
     return 2;
   }
-  const bool known = which == "all" || std::any_of(std::begin(kShapes), std::end(kShapes), [&](const Shape& s) {
-                       return std::string(s.name).rfind(which, 0) == 0;
-                     });
+  const std::vector<BenchShape>& shapes = bench::bench_shapes();
+  const bool known = std::any_of(shapes.begin(), shapes.end(),
+                                 [&](const BenchShape& s) { return s.in_all && bench::shape_selected(s, which); });
   if (!known) {
     std::fprintf(stderr, "sapattn_bench_ops: no shape starts with '%s'\n%s", which.c_str(), kUsage);
     return 2;
@@ -305,24 +302,11 @@ int main(int argc, char** argv) {
   int reps = 20;
   if (const int rc = parse_options(argc, argv, which, reps); rc >= 0) return rc;
   try {
-    cudaDeviceProp prop{};
-    SAPATTN_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-    std::printf("{\"device\": \"%s\", \"sms\": %d, \"l2_bytes\": %d}\n", prop.name, prop.multiProcessorCount,
-                prop.l2CacheSize);
-    int failed = 0;
-    for (const Shape& s : kShapes) {
-      if (which != "all" && std::string(s.name).rfind(which, 0) != 0) continue;
-      try {
-        bench(s, reps);
-      } catch (const std::exception& e) {  // report, and go on with the next shape
-        std::printf("{\"shape\": \"%s\", \"op\": \"failed\", \"error\": \"%s\"}\n", s.name, e.what());
-        ++failed;
-      }
-    }
-    return failed == 0 ? 0 : 1;
+    bench::device_line().print();
+    return bench::run_shapes([&](const BenchShape& s) { return s.in_all && bench::shape_selected(s, which); },
+                             [&](const BenchShape& s) { bench_shape(s, reps); });
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench failed: %s\n", e.what());
     return 1;
   }
-  return 0;
 }

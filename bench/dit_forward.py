@@ -20,8 +20,6 @@ Prints one JSON object per model and a markdown table last.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import tempfile
 import time
@@ -29,12 +27,24 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import SHAPES, cuda_ms, emit, read_jsonl, summarize  # noqa: E402  (bench/harness.py, wherever this is run from)
+
+
+def wan(shape: str, ffn_dim: int, num_layers: int, preset: str) -> dict:
+    """A Wan 2.1 config (diffusers' WanTransformer3DModel) at an attention shape of bench/shapes.json:
+    its heads and head dim, and a latent [C, F, H, W] of 81 frames whose 2 x 2 patches make the
+    shape's [frames, height, width] grid of tokens."""
+    s = SHAPES[shape]
+    frames, height, width = s["latent_grid"]
+    return dict(config=dict(num_attention_heads=s["heads"], attention_head_dim=s["head_dim"], ffn_dim=ffn_dim,
+                            num_layers=num_layers),
+                latent=(16, frames, 2 * height, 2 * width), preset=preset)
+
+
 MODELS = {
-    # Wan 2.1 configs (diffusers' WanTransformer3DModel), latent [C, F, H, W] of 81 frames.
-    "wan14b": dict(config=dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
-                   latent=(16, 21, 90, 160), preset="wan_t2v_720p"),  # 720p: 21 x 45 x 80 = 75,600 tokens
-    "wan13b": dict(config=dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
-                   latent=(16, 21, 60, 104), preset="wan_480p"),  # 480p: 21 x 30 x 52 = 32,760 tokens
+    "wan14b": wan("wan14b_720p", ffn_dim=13824, num_layers=40, preset="wan_t2v_720p"),  # 21 x 45 x 80 = 75,600 tokens
+    "wan13b": wan("wan13b_480p", ffn_dim=8960, num_layers=30, preset="wan_480p"),  # 21 x 30 x 52 = 32,760 tokens
 }
 COMMON = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
               cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
@@ -64,24 +74,20 @@ def timed_forward(model, inputs):
     """(milliseconds, peak GiB, output finite) of one forward."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch.no_grad():
-        start.record()
-        out = model(**inputs)[0]
-        end.record()
-    end.synchronize()
-    return start.elapsed_time(end), torch.cuda.max_memory_allocated() / 2**30, bool(torch.isfinite(out).all())
+        ms, out = cuda_ms(lambda: model(**inputs)[0])
+    return ms, torch.cuda.max_memory_allocated() / 2**30, bool(torch.isfinite(out).all())
 
 
 def median_of(model, inputs, reps):
     timed_forward(model, inputs)  # warm-up
     runs = [timed_forward(model, inputs) for _ in range(reps)]
-    return (statistics.median(r[0] for r in runs), max(r[1] for r in runs), all(r[2] for r in runs),
+    return (summarize(r[0] for r in runs)[0], max(r[1] for r in runs), all(r[2] for r in runs),
             [round(r[0], 1) for r in runs])
 
 
 def mean_sparse_density(telemetry: Path) -> float:
-    rows = [json.loads(line) for line in telemetry.read_text().splitlines()]
+    rows = read_jsonl(telemetry)
     values = [r["density"] for r in rows if r["mode"] == "sparse"]
     return sum(values) / len(values)
 
@@ -132,7 +138,7 @@ def bench(name: str, density: float, reps: int) -> dict:
             sd.disable(model)
     row["min_kc_ratio"] = ratio
     row["density_measured"] = mean_sparse_density(folder / "sparse.jsonl")
-    rows = [json.loads(line) for line in (folder / "sparse.jsonl").read_text().splitlines()]
+    rows = read_jsonl(folder / "sparse.jsonl")
     row["sparse_layers"] = len({r["layer"] for r in rows if r["mode"] == "sparse"})
     row["layers"] = MODELS[name]["config"]["num_layers"]
     row["stock_attn_ms"] = row["stock_ms"] - row["no_attn_ms"]
@@ -174,7 +180,7 @@ def main() -> int:
     rows = []
     for name in args.models.split(","):
         row = bench(name, args.density, args.reps)
-        print(json.dumps(row), flush=True)
+        emit(**row)
         rows.append(row)
     print(table(rows))
     return 0

@@ -6,36 +6,17 @@ rate (torch, 8192^3, random data). Peers: flash-kmeans (its PyPI wheel, Triton) 
 the way the official SVG2 code permutes. Prints one JSON object per line.
 """
 import argparse
-import json
 import sys
 
 import torch
 
-SHAPES = {
-    "wan14b_720p": (1, 40, 75600, 128, 300, 1000),
-    "wan13b_480p": (1, 12, 32760, 128, 200, 1000),
-    "hunyuan_720p": (1, 24, 118800, 128, 400, 1000),
-}
+from harness import SHAPES, emit, shape_selected, time_cuda
 
 
-def emit(**kw):
-    print(json.dumps(kw), flush=True)
-
-
-def timed(fn, warmup, reps):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ms = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ms.append(a.elapsed_time(b))
-    ms.sort()
-    return ms[len(ms) // 2], ms[0]
+def dims(name):
+    """(B, H, S, D, Cq, Ck) of a shape of bench/shapes.json, S the video tokens as bench_ops.cu takes them."""
+    s = SHAPES[name]
+    return s["batch"], s["heads"], s["video_tokens"], s["head_dim"], s["q_clusters"], s["k_clusters"]
 
 
 def points(bh, n, d, modes, seed):
@@ -49,12 +30,12 @@ def points(bh, n, d, modes, seed):
 def floors():
     x = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)  # 1 GiB
     y = torch.empty_like(x)
-    med, mn = timed(lambda: y.copy_(x), 3, 20)
+    med, mn = time_cuda(lambda: y.copy_(x), 3, 20)
     emit(op="floor_copy", median_ms=med, min_ms=mn, bytes_per_s=2 * x.numel() * 2 / (med * 1e-3))
     del x, y
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    med, mn = timed(lambda: a @ b, 3, 20)
+    med, mn = time_cuda(lambda: a @ b, 3, 20)
     emit(op="floor_matmul_bf16", median_ms=med, min_ms=mn, flops_per_s=2 * 8192**3 / (med * 1e-3))
 
 
@@ -64,16 +45,16 @@ def flash_kmeans(name, reps):
     except Exception as e:  # noqa: BLE001
         emit(shape=name, op="flash_kmeans_unavailable", error=str(e))
         return
-    B, H, S, D, Cq, Ck = SHAPES[name]
+    B, H, S, D, Cq, Ck = dims(name)
     for side, C, seed in (("q", Cq, 1), ("k", Ck, 2)):
         x = points(B * H, S, D, 4 * C, seed)
         init = x[:, :C].clone()
         try:
             # tol < 0: every iteration runs (its convergence test still reads the shift back each one).
             _, cent, _ = batch_kmeans_Euclid(x, C, max_iters=50, tol=-1.0, init_centroids=init.clone())
-            med, mn = timed(lambda: batch_kmeans_Euclid(x, C, max_iters=2, tol=-1.0, init_centroids=cent.clone()), 2, reps)
+            med, mn = time_cuda(lambda: batch_kmeans_Euclid(x, C, max_iters=2, tol=-1.0, init_centroids=cent.clone()), 2, reps)
             emit(shape=name, op=f"flash_kmeans_2it_{side}", median_ms=med, min_ms=mn, reps=reps)
-            med, mn = timed(lambda: batch_kmeans_Euclid(x, C, max_iters=50, tol=-1.0, init_centroids=init.clone()), 1, 3)
+            med, mn = time_cuda(lambda: batch_kmeans_Euclid(x, C, max_iters=50, tol=-1.0, init_centroids=init.clone()), 1, 3)
             emit(shape=name, op=f"flash_kmeans_50it_{side}", median_ms=med, min_ms=mn, reps=3)
         except Exception as e:  # noqa: BLE001
             emit(shape=name, op=f"flash_kmeans_failed_{side}", error=repr(e)[:300])
@@ -82,7 +63,7 @@ def flash_kmeans(name, reps):
 
 
 def torch_permute(name, reps):
-    B, H, S, D, Cq, Ck = SHAPES[name]
+    B, H, S, D, Cq, Ck = dims(name)
     q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     ql = torch.randint(0, Cq, (B, H, S), device="cuda")
     kl = torch.randint(0, Ck, (B, H, S), device="cuda")
@@ -96,11 +77,11 @@ def torch_permute(name, reps):
         vp = torch.gather(vh, 2, ki[..., None].expand(-1, -1, -1, D))
         return qi, qp, kp, vp
 
-    med, mn = timed(permute, 3, reps)
+    med, mn = time_cuda(permute, 3, reps)
     emit(shape=name, op="torch_permute_qkv", median_ms=med, min_ms=mn, reps=reps)
     qi, qp, _, _ = permute()
     out = torch.empty(B, H, S, D, device="cuda", dtype=torch.bfloat16)
-    med, mn = timed(lambda: out.scatter_(2, qi[..., None].expand(-1, -1, -1, D), qp), 3, reps)
+    med, mn = time_cuda(lambda: out.scatter_(2, qi[..., None].expand(-1, -1, -1, D), qp), 3, reps)
     emit(shape=name, op="torch_inverse_o", median_ms=med, min_ms=mn, reps=reps)
 
 
@@ -112,7 +93,7 @@ def main():
     emit(op="torch", version=torch.__version__, device=torch.cuda.get_device_name(0))
     floors()
     for name in SHAPES:
-        if a.shape in ("all", name) or name.startswith(a.shape):
+        if SHAPES[name]["in_all"] and shape_selected(name, a.shape):
             torch_permute(name, a.reps)
             flash_kmeans(name, a.reps)
             torch.cuda.empty_cache()

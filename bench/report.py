@@ -3,8 +3,9 @@
 Floor of each op: max(bytes / copy rate, flops / bf16 matrix rate), both measured by peers.py in
 the same run. Usage: python3 report.py ops.jsonl peers.jsonl
 """
-import json
-import sys
+import argparse
+
+from harness import read_jsonl
 
 GOALS_MS = {  # at Wan 2.1 14B 720p
     "kmeans_2it_qk": 3.0,
@@ -23,18 +24,12 @@ PEERS = {
 }
 
 
-def load(path):
-    rows = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line.startswith("{"):
-                rows.append(json.loads(line))
-    return rows
-
-
 def main():
-    ops, peers = load(sys.argv[1]), load(sys.argv[2])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ops", help="the JSON lines of sapattn_bench_ops")
+    p.add_argument("peers", help="the JSON lines of bench/peers.py")
+    a = p.parse_args()
+    ops, peers = read_jsonl(a.ops), read_jsonl(a.peers)
     copy = next(r["bytes_per_s"] for r in peers if r.get("op") == "floor_copy")
     mm = next(r["flops_per_s"] for r in peers if r.get("op") == "floor_matmul_bf16")
     dev = next((r for r in ops if "device" in r), {})

@@ -14,9 +14,7 @@ machines set it: NVLink multicast stays off)."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,22 +24,21 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dit_forward import MODELS, build  # noqa: E402  (same models and inputs as the 1-GPU benchmark)
+from harness import emit, time_cuda  # noqa: E402
 
 
 def forward_ms(model, inputs, reps):
-    times = []
-    for i in range(reps + 1):  # the first is a warm-up
+    """Median ms of `reps` forwards after one warm-up, every rank starting each one together."""
+
+    def forward():
+        with torch.no_grad():
+            model(**inputs)
+
+    def together():
         dist.barrier()
         torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.no_grad():
-            a.record()
-            model(**inputs)
-            b.record()
-        b.synchronize()
-        if i:
-            times.append(a.elapsed_time(b))
-    return statistics.median(times)
+
+    return time_cuda(forward, 1, reps, before=together)[0]
 
 
 class AttentionTimer:
@@ -128,7 +125,7 @@ def main() -> int:
     if timer:
         timer.remove()
     if rank == 0:
-        print(json.dumps(row), flush=True)
+        emit(**row)
         print(f"| {row['model']} | {world} | {row['dense_ms']:.0f} | {row['sparse_unbalanced_ms']:.0f} | "
               f"{row['sparse_balanced_ms']:.0f} | {row.get('attention_unbalanced_max_over_mean', 1.0):.3f} | "
               f"{row.get('attention_balanced_max_over_mean', 1.0):.3f} |")

@@ -11,6 +11,10 @@ enum class Routing : uint8_t {
   ErrorAware,  // SVG-EAR: the best error-per-area blocks of the probe, within SVG2's top-p area
 };
 
+// The seed of the keys' initial k-means sample for a config's seed: another stream than the queries'
+// (the seed itself), so that the two samples are independent.
+constexpr uint64_t key_sample_seed(uint64_t seed) { return seed ^ 0x5bd1e9955bd1e995ull; }
+
 struct Config {
   int q_clusters = 300;        // Cq: k-means clusters over the video-token queries
   int k_clusters = 1000;       // Ck: k-means clusters over the video-token keys

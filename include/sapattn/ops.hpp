@@ -19,6 +19,7 @@
 
 #include <cstdint>
 
+#include "sapattn/layout.hpp"
 #include "sapattn/tensor.hpp"
 
 namespace sapattn {
@@ -159,23 +160,8 @@ void scatter_rows(const TensorView& y, const TensorView& perm, TensorView out, c
 //                  gets NaN out and lse, as in dense attention.
 // ---------------------------------------------------------------------------------------------
 
-// The variable-size block layout of cluster-permuted tensors.
-struct BlockLayout {
-  TensorView q_offsets;  // [B,H,Cq+1] i32: query cluster a = rows [q_offsets[a], q_offsets[a+1])
-  TensorView k_offsets;  // [B,H,Ck+1] i32: key cluster b = rows [k_offsets[b], k_offsets[b+1])
-  TensorView mask;       // [B,H,Cq,Ck] u8: query cluster a attends to key cluster b iff mask != 0
-};
-
-// Optional row permutations fused into the attention kernel (CUDA; the CPU applies them the same
-// way). With q_perm, q, out and lse are in token order: the j-th cluster-ordered query row is
-// q[b,h,q_perm[b,h,j],:], and its result lands in out/lse row q_perm[b,h,j]. With k_perm, k and v are
-// in token order and the j-th cluster-ordered key row is k/v[b,h,k_perm[b,h,j],:]. Offsets and the
-// mask always refer to cluster order. Permutations are [B,H,S] i32, contiguous, and must be
-// permutations of [0, S) (the CPU checks; on CUDA it is the caller's contract, see cuda/backend.hpp).
-struct RowPermutation {
-  TensorView q_perm;  // [B,H,Sq] or empty
-  TensorView k_perm;  // [B,H,Sk] or empty
-};
+// BlockLayout (the offsets and mask of cluster-permuted tensors) and RowPermutation (the fused
+// permutations) are in sapattn/layout.hpp.
 
 // Attention of each query over exactly the keys of its query cluster's kept key clusters.
 //   q [B,H,Sq,D], k and v [B,H,Sk,D]: cluster-permuted (unless `perm` says otherwise),
@@ -195,13 +181,7 @@ size_t block_sparse_attention_workspace_bytes(int64_t batch_heads, int64_t q_clu
                                               int64_t q_tokens, Device device);
 
 // Which attention kernel runs for inputs of `dtype` and head dim `head_dim` on `device`, or why
-// none does. One answer for "is this supported" and "what runs": `name` is "cpu", "sm90a-wgmma" or
-// "sm80-mma"; when supported is false, `reason` says what is missing.
-struct AttentionKernel {
-  bool supported = false;
-  const char* name = "";
-  const char* reason = "";
-};
+// none does (AttentionKernel, sapattn/layout.hpp). One answer for "is this supported" and "what runs".
 AttentionKernel attention_kernel(Device device, DType dtype, int64_t head_dim);
 
 // Share of query-key pairs a layout computes, per (b,h): sum over kept (a,b) of |Q_a|*|K_b|,

@@ -15,6 +15,10 @@
 //
 // The ops are inference-only: their Autograd kernels give outputs that depend on an input requiring
 // grad a node that raises on backward, so a gradient request fails loudly (see refuse_backward).
+//
+// svg2_attention's options are written once, in kSvg2Options: its schema is generated from that
+// table (torch types from the C++ types, defaults from Config{}), and its kernel, boxed, unpacks a
+// call's arguments into the engine's Config through the same table (docs/torch.md, "One config").
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
@@ -27,11 +31,18 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <algorithm>
+#include <charconv>
 #include <cmath>
+#include <concepts>
+#include <iterator>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <type_traits>
+#include <utility>
+#include <variant>
 
 #include "sapattn/ops.hpp"
 #include "sapattn/svg2.hpp"
@@ -149,12 +160,21 @@ void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* nam
   TORCH_CHECK_VALUE(a.device() == b.device(), "sapattn: ", name, " is on ", b.device(), " but q is on ", a.device());
 }
 
-// SVG2Config.routing's names (python/sapattn/config.py) -> the engine's Routing.
+// The routing names the op takes (SVG2Config.routing in python/sapattn/config.py) for the engine's Routing.
+constexpr std::pair<Routing, std::string_view> kRoutingNames[] = {{Routing::TopP, "top_p"},
+                                                                  {Routing::ErrorAware, "error_aware"}};
+
 Routing routing_of(std::string_view name) {
-  if (name == "top_p") return Routing::TopP;
-  if (name == "error_aware") return Routing::ErrorAware;
+  for (const auto& [routing, routing_name] : kRoutingNames)
+    if (name == routing_name) return routing;
   TORCH_CHECK_VALUE(false, "sapattn: routing must be 'top_p' or 'error_aware', got '", std::string(name), "'");
   return Routing::TopP;
+}
+
+std::string_view name_of(Routing routing) {
+  for (const auto& [known, routing_name] : kRoutingNames)
+    if (routing == known) return routing_name;
+  return "?";
 }
 
 // O as [B,S,H,D] in q's dtype, LSE as [B,H,S] f32 when asked for (else an empty tensor).
@@ -165,13 +185,148 @@ std::tuple<at::Tensor, at::Tensor> make_outputs(const at::Tensor& q, bool return
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> svg2_attention(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& q_centroids, at::Tensor& k_centroids,
-    bool initialize, double top_p, double min_kc_ratio, int64_t kmeans_iters_init, int64_t kmeans_iters_step,
-    int64_t seed, int64_t text_tokens, int64_t prompt_length, double scale, bool check_finite, bool return_lse,
-    int64_t key_shard_index, int64_t key_shard_count, const std::optional<at::Tensor>& sample_ids, double density,
-    std::string_view routing, bool compensate, double ear_gamma, double ear_keep_ratio, bool ear_spread,
-    bool ear_pair_values, bool ear_head_budget, bool ear_split) {
+// ---- svg2_attention's options: one table -----------------------------------------------------
+//
+// The op's schema is
+//   svg2_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) q_centroids, Tensor(b!) k_centroids,
+//                  bool initialize, <one argument per row of kSvg2Options>) -> (Tensor, Tensor, Tensor)
+// A row names a Config field or one of the call's own options (Svg2Options). Its torch type follows
+// from the member's C++ type and its default is the member's value in Svg2Options{}, so the schema's
+// defaults are the C++ Config's. The rows keep the order the op's arguments had before the table,
+// in which return_lse and sample_ids sit among the config fields, so positional callers keep working.
+// python/sapattn/attention.py maps the config rows to SVG2Config's fields by name and refuses to
+// import where names or defaults disagree.
+
+// One call's options: the engine's Config (but the cluster counts, the centroids' shapes) and the
+// call's own.
+struct Svg2Options {
+  Config config;
+  bool return_lse = false;
+  std::optional<at::Tensor> sample_ids;  // [B,H] i32: each (b,h)'s initial sample stream
+};
+
+using Svg2Member = std::variant<bool Config::*, int Config::*, int64_t Config::*, uint64_t Config::*, float Config::*,
+                                Routing Config::*, bool Svg2Options::*, std::optional<at::Tensor> Svg2Options::*>;
+
+struct Svg2Option {
+  const char* name;
+  Svg2Member member;
+};
+
+constexpr Svg2Option kSvg2Options[] = {
+    {"top_p", &Config::top_p},
+    {"min_kc_ratio", &Config::min_kc_ratio},
+    {"kmeans_iters_init", &Config::kmeans_iters_init},
+    {"kmeans_iters_step", &Config::kmeans_iters_step},
+    {"seed", &Config::seed},
+    {"text_tokens", &Config::text_tokens},
+    {"prompt_length", &Config::prompt_length},
+    {"scale", &Config::scale},
+    {"check_finite", &Config::check_finite},
+    {"return_lse", &Svg2Options::return_lse},
+    {"key_shard_index", &Config::key_shard_index},
+    {"key_shard_count", &Config::key_shard_count},
+    {"sample_ids", &Svg2Options::sample_ids},
+    {"density", &Config::density},
+    {"routing", &Config::routing},
+    {"compensate", &Config::compensate},
+    {"ear_gamma", &Config::ear_gamma},
+    {"ear_keep_ratio", &Config::ear_keep_ratio},
+    {"ear_spread", &Config::ear_spread},
+    {"ear_pair_values", &Config::ear_pair_values},
+    {"ear_head_budget", &Config::ear_head_budget},
+    {"ear_split", &Config::ear_split},
+};
+
+// The arguments before the options, read by position in svg2_attention_boxed.
+constexpr std::string_view kSvg2Inputs =
+    "Tensor q, Tensor k, Tensor v, Tensor(a!) q_centroids, Tensor(b!) k_centroids, bool initialize";
+constexpr size_t kSvg2InputCount = std::ranges::count(kSvg2Inputs, ',') + 1;
+
+// The member a row names, in `options`.
+template <typename T>
+T& field(Svg2Options& options, T Config::*member) {
+  return options.config.*member;
+}
+template <typename T>
+T& field(Svg2Options& options, T Svg2Options::*member) {
+  return options.*member;
+}
+
+// How a member of each C++ type crosses the boundary: its torch type, its value as a schema default,
+// its value from a call's argument.
+template <typename T>
+struct TorchArg;
+template <>
+struct TorchArg<bool> {
+  static constexpr std::string_view type = "bool";
+  static std::string literal(bool value) { return value ? "True" : "False"; }
+  static bool read(const c10::IValue& value) { return value.toBool(); }
+};
+template <std::integral T>
+struct TorchArg<T> {
+  static constexpr std::string_view type = "int";
+  static std::string literal(T value) { return std::to_string(value); }
+  static T read(const c10::IValue& value) { return static_cast<T>(value.toInt()); }
+};
+template <>
+struct TorchArg<float> {
+  static constexpr std::string_view type = "float";
+  // The shortest decimal that reads back as this float: 0.9f is "0.9", the double Python's 0.9 is,
+  // not 0.899999976.
+  static std::string literal(float value) {
+    char digits[32];
+    std::string text(digits, std::to_chars(digits, digits + sizeof digits, value).ptr);
+    return text.find_first_of(".e") == std::string::npos ? text + ".0" : text;
+  }
+  static float read(const c10::IValue& value) { return static_cast<float>(value.toDouble()); }
+};
+template <>
+struct TorchArg<Routing> {
+  static constexpr std::string_view type = "str";
+  static std::string literal(Routing value) { return "\"" + std::string(name_of(value)) + "\""; }
+  static Routing read(const c10::IValue& value) { return routing_of(value.toStringView()); }
+};
+template <>
+struct TorchArg<std::optional<at::Tensor>> {
+  static constexpr std::string_view type = "Tensor?";
+  static std::string literal(const std::optional<at::Tensor>&) { return "None"; }
+  static std::optional<at::Tensor> read(const c10::IValue& value) { return value.toOptional<at::Tensor>(); }
+};
+
+std::string svg2_schema() {
+  Svg2Options defaults;
+  std::string schema = "svg2_attention(" + std::string(kSvg2Inputs);
+  for (const Svg2Option& option : kSvg2Options) {
+    std::visit(
+        [&](auto member) {
+          using T = std::remove_reference_t<decltype(field(defaults, member))>;
+          schema += ", " + std::string(TorchArg<T>::type) + " " + option.name + "=" +
+                    TorchArg<T>::literal(field(defaults, member));
+        },
+        option.member);
+  }
+  return schema + ") -> (Tensor, Tensor, Tensor)";
+}
+
+// Reads a call's options, one argument per row, into their members.
+Svg2Options unpack_options(at::ArrayRef<c10::IValue> arguments) {
+  Svg2Options options;
+  for (size_t i = 0; i < std::size(kSvg2Options); ++i) {
+    std::visit(
+        [&](auto member) {
+          auto& to = field(options, member);
+          to = TorchArg<std::remove_reference_t<decltype(to)>>::read(arguments[i]);
+        },
+        kSvg2Options[i].member);
+  }
+  return options;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> svg2_attention(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v, const at::Tensor& q_centroids,
+                                                              const at::Tensor& k_centroids, bool initialize,
+                                                              const Svg2Options& options) {
   return translating_errors([&] {
     check_like_q(q, k, "k");
     check_like_q(q, v, "v");
@@ -181,50 +336,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> svg2_attention(
                       "sapattn: centroids must be [batch, heads, clusters, head_dim], got ", q_centroids.sizes(),
                       " and ", k_centroids.sizes());
     const DeviceGuard guard = guard_device(q);
-    Config config;
+    Config config = options.config;
     config.q_clusters = static_cast<int>(q_centroids.size(2));
     config.k_clusters = static_cast<int>(k_centroids.size(2));
-    config.top_p = static_cast<float>(top_p);
-    config.min_kc_ratio = static_cast<float>(min_kc_ratio);
-    config.kmeans_iters_init = static_cast<int>(kmeans_iters_init);
-    config.kmeans_iters_step = static_cast<int>(kmeans_iters_step);
-    config.seed = static_cast<uint64_t>(seed);
-    config.text_tokens = text_tokens;
-    config.prompt_length = prompt_length;
-    config.scale = static_cast<float>(scale);
-    config.check_finite = check_finite;
-    config.key_shard_index = static_cast<int>(key_shard_index);
-    config.key_shard_count = static_cast<int>(key_shard_count);
-    config.density = static_cast<float>(density);
-    config.routing = routing_of(routing);
-    config.compensate = compensate;
-    config.ear_gamma = static_cast<float>(ear_gamma);
-    config.ear_keep_ratio = static_cast<float>(ear_keep_ratio);
-    config.ear_spread = ear_spread;
-    config.ear_pair_values = ear_pair_values;
-    config.ear_head_budget = ear_head_budget;
-    config.ear_split = ear_split;
 
     const TensorView qv = bshd_view(q, "q"), kv = bshd_view(k, "k"), vv = bshd_view(v, "v");
-    auto [out, lse] = make_outputs(q, return_lse);
+    auto [out, lse] = make_outputs(q, options.return_lse);
     at::Tensor reached = at::empty({q.size(0), q.size(2)}, q.options().dtype(at::kFloat));  // density per (b,h)
     Svg2Outputs outputs;
     outputs.out = bshd_view(out, "out");
-    if (return_lse) outputs.lse = view_of(lse, "lse");
+    if (options.return_lse) outputs.lse = view_of(lse, "lse");
     outputs.density = view_of(reached, "density");
 
     const Stream stream = stream_for(q);
     const size_t bytes = svg2_workspace_bytes(qv, kv, vv, config, outputs, stream);
     at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, q.options().dtype(at::kByte));
     CentroidViews centroids{view_of(q_centroids, "q_centroids"), view_of(k_centroids, "k_centroids"), {}};
-    if (sample_ids.has_value()) {
-      check_same_device(q, *sample_ids, "sample_ids");
-      centroids.sample_ids = view_of(*sample_ids, "sample_ids");
+    if (options.sample_ids.has_value()) {
+      check_same_device(q, *options.sample_ids, "sample_ids");
+      centroids.sample_ids = view_of(*options.sample_ids, "sample_ids");
     }
     sapattn::svg2_attention(qv, kv, vv, config, centroids, initialize, outputs, Workspace{workspace.data_ptr(), bytes},
                             stream);
     return std::make_tuple(out, lse, reached);
   });
+}
+
+// The CPU and CUDA kernel, boxed: it takes the arguments from the stack in schema order (the inputs,
+// then the options), so that no C++ signature lists them again.
+void svg2_attention_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const size_t count = op.schema().arguments().size();
+  const at::ArrayRef<c10::IValue> arguments = torch::jit::last(stack, count);
+  static_assert(kSvg2InputCount == 6);  // q, k, v, q_centroids, k_centroids, initialize: read below
+  auto [out, lse, density] =
+      svg2_attention(arguments[0].toTensor(), arguments[1].toTensor(), arguments[2].toTensor(), arguments[3].toTensor(),
+                     arguments[4].toTensor(), arguments[5].toBool(), unpack_options(arguments.slice(kSvg2InputCount)));
+  torch::jit::drop(stack, count);
+  torch::jit::push(stack, std::move(out), std::move(lse), std::move(density));
 }
 
 std::tuple<at::Tensor, at::Tensor> dense_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -244,8 +392,10 @@ std::tuple<at::Tensor, at::Tensor> dense_attention(const at::Tensor& q, const at
 }
 
 // Lloyd k-means of points [B,S,H,D] into centroids [B,H,C,D] f32 (in place), per (batch, head):
-// with `initialize`, first the seeded sample of kmeans_init. Returns the labels, [B,H,S] i32.
-at::Tensor kmeans(const at::Tensor& points, at::Tensor& centroids, bool initialize, int64_t iters, int64_t seed) {
+// with `initialize`, first the seeded sample of kmeans_init; `keys` samples from the keys' stream of
+// the seed (key_sample_seed), as svg2_attention does. Returns the labels, [B,H,S] i32.
+at::Tensor kmeans(const at::Tensor& points, at::Tensor& centroids, bool initialize, int64_t iters, int64_t seed,
+                  bool keys) {
   return translating_errors([&] {
     check_same_device(points, centroids, "centroids");
     TORCH_CHECK_VALUE(iters >= 0, "sapattn: iters must be >= 0, got ", iters);
@@ -260,7 +410,8 @@ at::Tensor kmeans(const at::Tensor& points, at::Tensor& centroids, bool initiali
     const size_t bytes = kmeans_workspace_bytes(B * H, S, C, D, stream.device);
     at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, points.options().dtype(at::kByte));
     const Workspace ws{workspace.data_ptr(), bytes};
-    if (initialize) kmeans_init(pv, cv, static_cast<uint64_t>(seed), stream, ws);
+    const uint64_t sample_seed = keys ? key_sample_seed(static_cast<uint64_t>(seed)) : static_cast<uint64_t>(seed);
+    if (initialize) kmeans_init(pv, cv, sample_seed, stream, ws);
     sapattn::kmeans(pv, cv, view_of(labels, "labels"), view_of(sizes, "sizes"), static_cast<int>(iters), stream, ws);
     return labels;
   });
@@ -277,85 +428,59 @@ std::string attention_kernel_name(const at::Tensor& q) {
 
 // What backward through an op raises. The ops have no backward: a training step must not run
 // them, and the caller learns it at the backward call rather than from a gradient left as None.
-void refuse_backward(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     std::initializer_list<at::Tensor> outputs) {
+void refuse_backward(std::string_view op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     at::ArrayRef<c10::IValue> outputs) {
   if (!torch::autograd::compute_requires_grad(q, k, v)) return;
-  const std::string message = std::string("sapattn.") + op +
+  const std::string message = "sapattn." + std::string(op.substr(op.rfind(':') + 1)) +
                               " is inference-only and has no backward; run it under torch.no_grad() or "
                               "torch.inference_mode(), or use torch's scaled_dot_product_attention to train";
   const std::shared_ptr<torch::autograd::Node> node(
       new torch::autograd::Error(message, torch::autograd::collect_next_edges(q, k, v)), torch::autograd::deleteNode);
-  for (const at::Tensor& t : outputs)
+  for (const c10::IValue& output : outputs) {
+    const at::Tensor& t = output.toTensor();
     if (t.defined() && t.is_floating_point()) torch::autograd::set_history(t, node);
+  }
 }
 
-// The Autograd kernels: the op itself below autograd, then refuse_backward on its float outputs.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> svg2_attention_autograd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& q_centroids, at::Tensor& k_centroids,
-    bool initialize, double top_p, double min_kc_ratio, int64_t kmeans_iters_init, int64_t kmeans_iters_step,
-    int64_t seed, int64_t text_tokens, int64_t prompt_length, double scale, bool check_finite, bool return_lse,
-    int64_t key_shard_index, int64_t key_shard_count, const std::optional<at::Tensor>& sample_ids, double density,
-    std::string_view routing, bool compensate, double ear_gamma, double ear_keep_ratio, bool ear_spread,
-    bool ear_pair_values, bool ear_head_budget, bool ear_split) {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("sapattn::svg2_attention", "").typed<decltype(svg2_attention)>();
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
+// The Autograd kernel of the attention ops (each takes q, k, v first): the op itself below
+// autograd, then refuse_backward on its float outputs. Boxed, so that it passes the arguments on
+// without listing them.
+void inference_only(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const at::ArrayRef<c10::IValue> arguments = torch::jit::last(stack, op.schema().arguments().size());
+  const at::Tensor q = arguments[0].toTensor(), k = arguments[1].toTensor(), v = arguments[2].toTensor();
   {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    result = op.call(q, k, v, q_centroids, k_centroids, initialize, top_p, min_kc_ratio, kmeans_iters_init,
-                     kmeans_iters_step, seed, text_tokens, prompt_length, scale, check_finite, return_lse,
-                     key_shard_index, key_shard_count, sample_ids, density, routing, compensate, ear_gamma,
-                     ear_keep_ratio, ear_spread, ear_pair_values, ear_head_budget, ear_split);
+    op.callBoxed(stack);
   }
-  refuse_backward("svg2_attention", q, k, v, {std::get<0>(result), std::get<1>(result), std::get<2>(result)});
-  return result;
-}
-
-std::tuple<at::Tensor, at::Tensor> dense_attention_autograd(const at::Tensor& q, const at::Tensor& k,
-                                                            const at::Tensor& v, double scale, bool return_lse) {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("sapattn::dense_attention", "").typed<decltype(dense_attention)>();
-  std::tuple<at::Tensor, at::Tensor> result;
-  {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    result = op.call(q, k, v, scale, return_lse);
-  }
-  refuse_backward("dense_attention", q, k, v, {std::get<0>(result), std::get<1>(result)});
-  return result;
+  refuse_backward(op.schema().name(), q, k, v, torch::jit::last(stack, op.schema().returns().size()));
 }
 
 }  // namespace
 
 TORCH_LIBRARY(sapattn, m) {
-  m.def(
-      "svg2_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) q_centroids, Tensor(b!) k_centroids, bool initialize, "
-      "float top_p, float min_kc_ratio, int kmeans_iters_init, int kmeans_iters_step, int seed, int text_tokens, "
-      "int prompt_length, float scale, bool check_finite, bool return_lse, int key_shard_index=0, "
-      "int key_shard_count=1, Tensor? sample_ids=None, float density=0.0, str routing=\"top_p\", "
-      "bool compensate=False, float ear_gamma=1.0, float ear_keep_ratio=0.05, bool ear_spread=False, "
-      "bool ear_pair_values=False, bool ear_head_budget=False, bool ear_split=False) -> (Tensor, Tensor, Tensor)");
+  m.def(svg2_schema().c_str());
   m.def("dense_attention(Tensor q, Tensor k, Tensor v, float scale, bool return_lse) -> (Tensor, Tensor)");
-  m.def("kmeans(Tensor points, Tensor(a!) centroids, bool initialize, int iters, int seed) -> Tensor");
+  m.def("kmeans(Tensor points, Tensor(a!) centroids, bool initialize, int iters, int seed, bool keys=False) -> Tensor");
   m.def("attention_kernel(Tensor q) -> str");
 }
 
 TORCH_LIBRARY_IMPL(sapattn, CPU, m) {
-  m.impl("svg2_attention", &svg2_attention);
+  m.impl("svg2_attention", torch::CppFunction::makeFromBoxedFunction<&svg2_attention_boxed>());
   m.impl("dense_attention", &dense_attention);
   m.impl("kmeans", &kmeans);
 }
 
 #ifdef SAPATTN_HAS_CUDA
 TORCH_LIBRARY_IMPL(sapattn, CUDA, m) {
-  m.impl("svg2_attention", &svg2_attention);
+  m.impl("svg2_attention", torch::CppFunction::makeFromBoxedFunction<&svg2_attention_boxed>());
   m.impl("dense_attention", &dense_attention);
   m.impl("kmeans", &kmeans);
 }
 #endif
 
 TORCH_LIBRARY_IMPL(sapattn, Autograd, m) {
-  m.impl("svg2_attention", &svg2_attention_autograd);
-  m.impl("dense_attention", &dense_attention_autograd);
+  m.impl("svg2_attention", torch::CppFunction::makeFromBoxedFunction<&inference_only>());
+  m.impl("dense_attention", torch::CppFunction::makeFromBoxedFunction<&inference_only>());
 }
 
 // The kernel query reads only metadata: one implementation for every device.

@@ -69,15 +69,20 @@ LIBRARY_PATH = _load()
 VERSION = _version()
 
 
+def _bound(op, args, kwargs) -> dict:
+    """An op call's arguments by name, the schema's defaults filled in (the dispatcher hands a fake
+    kernel only the arguments before a run of trailing defaults)."""
+    return {a.name: args[i] if i < len(args) else kwargs.get(a.name, a.default_value)
+            for i, a in enumerate(op._schema.arguments)}
+
+
 @torch.library.register_fake("sapattn::svg2_attention")
-def _svg2_attention_fake(q, k, v, q_centroids, k_centroids, initialize, top_p, min_kc_ratio, kmeans_iters_init,
-                         kmeans_iters_step, seed, text_tokens, prompt_length, scale, check_finite, return_lse,
-                         key_shard_index=0, key_shard_count=1, sample_ids=None, density=0.0, routing="top_p",
-                         compensate=False, ear_gamma=1.0, ear_keep_ratio=0.05, ear_spread=False,
-                         ear_pair_values=False, ear_head_budget=False, ear_split=False):
+def _svg2_attention_fake(*args, **kwargs):
+    call = _bound(torch.ops.sapattn.svg2_attention.default, args, kwargs)
+    q = call["q"]
     batch, seq, heads, _ = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = q.new_empty((batch, heads, seq) if return_lse else (0,), dtype=torch.float32)
+    lse = q.new_empty((batch, heads, seq) if call["return_lse"] else (0,), dtype=torch.float32)
     density = q.new_empty((batch, heads), dtype=torch.float32)
     return out, lse, density
 
@@ -91,6 +96,6 @@ def _dense_attention_fake(q, k, v, scale, return_lse):
 
 
 @torch.library.register_fake("sapattn::kmeans")
-def _kmeans_fake(points, centroids, initialize, iters, seed):
+def _kmeans_fake(points, centroids, initialize, iters, seed, keys=False):
     batch, seq, heads, _ = points.shape
     return points.new_empty((batch, heads, seq), dtype=torch.int32)

@@ -8,15 +8,45 @@ on sapattn's CPU backend with torch's intra-op threads."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import _library  # noqa: F401  (loads torch.ops.sapattn)
-from .config import SVG2Config
+from . import _library  # loads torch.ops.sapattn
+from .config import DEFAULTS_UNLIKE_CPP, HOST_FIELDS, SVG2Config
 
-_K_SEED_STREAM = 0x5BD1E9955BD1E995  # the engine's seed stream for keys (src/svg2.cpp)
+# The arguments of torch.ops.sapattn.svg2_attention that a call supplies itself. Every other
+# argument is the SVG2Config field of its name: the op's schema, generated from one table in
+# python/csrc/torch_ops.cpp, is the list of those fields and gives their C++ defaults.
+_CALL_ARGUMENTS = ("q", "k", "v", "q_centroids", "k_centroids", "initialize", "text_tokens", "prompt_length",
+                   "return_lse", "key_shard_index", "key_shard_count", "sample_ids")
+
+
+def _config_arguments(arguments) -> Tuple[str, ...]:
+    """The names of the op's arguments (schema arguments: .name, .default_value) that SVG2Config
+    fields give, in schema order. Raises ImportError where the op and SVG2Config disagree: an
+    argument that is neither the call's nor a field, a field the op does not take (other than the
+    host's, config.HOST_FIELDS), or a default unlike the C++ Config's (other than
+    config.DEFAULTS_UNLIKE_CPP's)."""
+    fields = {f.name: f for f in dataclasses.fields(SVG2Config)}
+    names = tuple(a.name for a in arguments if a.name not in _CALL_ARGUMENTS)
+    problems = [f"the op takes {name}, which SVG2Config has no field for" for name in names if name not in fields]
+    problems += [f"SVG2Config.{name} is no argument of the op" for name in fields
+                 if name not in names and name not in HOST_FIELDS]
+    problems += [f"SVG2Config.{a.name} defaults to {fields[a.name].default!r}, the C++ Config to {a.default_value!r}"
+                 for a in arguments if a.name in fields and a.name not in DEFAULTS_UNLIKE_CPP
+                 and fields[a.name].default != a.default_value]
+    if problems:
+        raise ImportError(f"sapattn: SVG2Config (python/sapattn/config.py) and the op sapattn::svg2_attention of "
+                          f"{_library.LIBRARY_PATH} disagree: {'; '.join(problems)}. Rebuild the library from the same "
+                          "checkout, or change both sides (the op's arguments: kSvg2Options in "
+                          "python/csrc/torch_ops.cpp)")
+    return names
+
+
+_CONFIG_ARGUMENTS = _config_arguments(torch.ops.sapattn.svg2_attention.default._schema.arguments)
 
 
 @dataclass
@@ -118,13 +148,13 @@ def svg2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: SV
     if len(lengths) != q.shape[0]:
         raise ValueError(f"sapattn: {len(lengths)} prompt lengths for a batch of {q.shape[0]}")
 
+    options = {name: getattr(config, name) for name in _CONFIG_ARGUMENTS}
+
     def call(rows: slice, length: int, ids: Optional[torch.Tensor]):
         return torch.ops.sapattn.svg2_attention(
-            q[rows], k[rows], v[rows], state.q_centroids[rows], state.k_centroids[rows], initialize, config.top_p,
-            config.min_kc_ratio, config.kmeans_iters_init, config.kmeans_iters_step, config.seed, text_tokens, length,
-            config.scale, config.check_finite, return_lse, key_shard[0], key_shard[1], ids, config.density,
-            config.routing, config.compensate, config.ear_gamma, config.ear_keep_ratio, config.ear_spread,
-            config.ear_pair_values, config.ear_head_budget, config.ear_split)
+            q[rows], k[rows], v[rows], state.q_centroids[rows], state.k_centroids[rows], initialize,
+            text_tokens=text_tokens, prompt_length=length, return_lse=return_lse, key_shard_index=key_shard[0],
+            key_shard_count=key_shard[1], sample_ids=ids, **options)
 
     with _fresh_on_failure(state, initialize):
         if all(n == lengths[0] for n in lengths):
@@ -151,7 +181,7 @@ def warm_centroids(q: torch.Tensor, k: torch.Tensor, config: SVG2Config, state: 
     video = q.shape[1] - text_tokens
     with _fresh_on_failure(state, initialize):
         torch.ops.sapattn.kmeans(q[:, :video], state.q_centroids, initialize, iters, config.seed)
-        torch.ops.sapattn.kmeans(k[:, :video], state.k_centroids, initialize, iters, config.seed ^ _K_SEED_STREAM)
+        torch.ops.sapattn.kmeans(k[:, :video], state.k_centroids, initialize, iters, config.seed, keys=True)
     state.warm_iters += iters
 
 

@@ -20,6 +20,13 @@ _MAX_Q_CLUSTERS, _MAX_K_CLUSTERS = 300, 1000
 _ROUTINGS = ("top_p", "error_aware")
 # The methods with_method knows, as `sapattn eval --method` names them.
 METHODS = ("sap", "ear", "ear-plus")
+# Every other field is an argument of torch.ops.sapattn.svg2_attention of the same name, whose
+# default is the C++ Config's (attention.py checks both at import). These stay on the host: the
+# cluster counts become the centroids' shapes (BranchState.prepare), the rest is the schedule.
+HOST_FIELDS = ("q_clusters", "k_clusters", "first_times_fp", "first_layers_fp", "kmeans_iters_warmup")
+# Defaults unlike the C++ Config's, on purpose: check_finite reads its answer back to the host (a
+# stream sync per call, refused under graph capture), so here it is off; the C++ Config checks.
+DEFAULTS_UNLIKE_CPP = ("check_finite",)
 
 
 @dataclasses.dataclass

@@ -3,6 +3,8 @@ rule, warm starts, per-item prompts), bad input, torch.compile's fake kernels, g
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import math
 import re
 
@@ -192,6 +194,56 @@ def test_meta_tensors_and_opcheck():
     meta = [t.to("meta") for t in (q, k, v, qc, kc)]
     out, lse, density = torch.ops.sapattn.svg2_attention(*meta, *args[5:])
     assert out.shape == q.shape and lse.shape == (1, 3, 96) and density.shape == (1, 3)
+
+
+def test_the_op_takes_svg2config_as_its_schema_says():
+    """Issue 16: the op's arguments are the call's own and SVG2Config's fields, its schema generated
+    from one C++ table whose defaults are the C++ Config's; Python derives the keyword arguments
+    from the schema, and a disagreement on names or defaults stops the import."""
+    from sapattn import attention, config
+
+    schema = torch.ops.sapattn.svg2_attention.default._schema
+    arguments = {a.name: a for a in schema.arguments}
+    fields = {f.name: f for f in dataclasses.fields(sapattn.SVG2Config)}
+    assert set(attention._CONFIG_ARGUMENTS) == set(fields) - set(config.HOST_FIELDS)
+    assert set(arguments) == set(attention._CALL_ARGUMENTS) | set(attention._CONFIG_ARGUMENTS)
+    for name in attention._CONFIG_ARGUMENTS:
+        if name not in config.DEFAULTS_UNLIKE_CPP:
+            assert arguments[name].default_value == fields[name].default, name
+    # The one difference, on purpose: the C++ Config checks Q, K, V for NaN/Inf, Python does not.
+    assert config.DEFAULTS_UNLIKE_CPP == ("check_finite",)
+    assert arguments["check_finite"].default_value is True and fields["check_finite"].default is False
+    assert [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write] == [
+        "q_centroids", "k_centroids"]
+
+    Argument = collections.namedtuple("Argument", "name default_value")
+    wrong = [Argument(a.name, 0.8 if a.name == "top_p" else a.default_value) for a in schema.arguments
+             if a.name != "ear_split"] + [Argument("ear_splt", False)]
+    with pytest.raises(ImportError) as error:
+        attention._config_arguments(wrong)
+    for problem in ("the op takes ear_splt, which SVG2Config has no field for",
+                    "SVG2Config.ear_split is no argument of the op",
+                    "SVG2Config.top_p defaults to 0.9, the C++ Config to 0.8", "Rebuild the library"):
+        assert problem in str(error.value)
+
+
+def test_the_schema_defaults_are_svg2configs():
+    """The op called with its inputs alone runs with the schema's defaults: SVG2Config()'s."""
+    q, k, v = qkv(torch.device("cpu"), batch=1, seq=256, heads=2)
+    cfg = sapattn.SVG2Config(q_clusters=8, k_clusters=16)
+    state = sapattn.BranchState()
+    out, lse, density = sapattn.svg2_attention(q, k, v, cfg, state, return_lse=True)
+    fresh = sapattn.BranchState()
+    fresh.prepare(q, cfg)
+    alone = torch.ops.sapattn.svg2_attention(q, k, v, fresh.q_centroids, fresh.k_centroids, True, return_lse=True)
+    assert all(torch.equal(a, b) for a, b in zip((out, lse, density), alone))
+    assert torch.equal(state.k_centroids, fresh.k_centroids)
+    # Keyword options reach the fake kernel too (the dispatcher drops trailing defaults).
+    meta = [t.to("meta") for t in (q, k, v, fresh.q_centroids, fresh.k_centroids)]
+    assert torch.ops.sapattn.svg2_attention(*meta, True)[1].shape == (0,)
+    assert torch.ops.sapattn.svg2_attention(*meta, True, return_lse=True)[1].shape == (1, 2, 256)
+    torch.library.opcheck(torch.ops.sapattn.svg2_attention.default, (q, k, v, fresh.q_centroids, fresh.k_centroids,
+                                                                     True), {"return_lse": True, "top_p": 0.5})
 
 
 def test_errors_speak_the_callers_layout():

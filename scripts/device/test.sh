@@ -9,8 +9,9 @@
 # it, built on the dev machine with -DSAPATTN_CUDA=ON) or under tests/cuda/; without one, this
 # configures and builds it in build-device with -DSAPATTN_CUDA_TESTS=ON (needs GoogleTest).
 #
-# Writes to $OUT or ./device-logs: gpu.txt, test.log, test_cuda_ops.xml, numbers.txt (the timings the
-# tests print), memcheck.log, racecheck.log.
+# Writes to $OUT or ./device-logs: gpu.txt, test.log, test_cuda_ops.xml, numbers.txt (the figures the
+# tests print: labels that differ, rows re-ranked, densities; the tests time nothing), memcheck.log,
+# racecheck.log.
 
 # shellcheck shell=bash disable=SC2154  # out, build_dir, wheel_root: set by common.sh
 

@@ -5,7 +5,7 @@
 #include <sstream>
 
 #if SAPATTN_HAS_CUDA
-#include "cuda/check.hpp"
+#include "core/cuda_check.hpp"
 #endif
 
 namespace sapattn {

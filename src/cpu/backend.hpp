@@ -1,9 +1,11 @@
-// The CPU backend: one function per op of include/sapattn/ops.hpp. src/ops.cpp checks every
+// The CPU backend: one function per op of include/sapattn/ops.hpp. src/ops/ checks every
 // argument against the contract before calling here, so these functions assume valid shapes,
 // dtypes and devices; they still check the values that only they read (labels, offsets).
 #pragma once
 
-#include "sapattn/ops.hpp"
+#include <cstdint>
+
+#include "sapattn/layout.hpp"
 
 namespace sapattn::cpu {
 

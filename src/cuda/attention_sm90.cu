@@ -7,9 +7,10 @@
 // several kept key clusters (and, with the fused permutation, from anywhere in the sequence), so a
 // tile is a gather; 16-byte cp.async per row chunk, completion tied to the stage's "full" mbarrier
 // with cp.async.mbarrier.arrive.noinc, as CUTLASS's cp.async GMMA mainloops do. TMA: where rows are
-// not permuted, boxes from tensor maps; in the dense mode a tile is one box per 64 columns (faster
-// than the gather, docs/attention.md), in the sparse mode 16-row slots per run of kept clusters,
-// loaded as boxes of 16 to 128 rows (still slower than the gather there: docs/attention.md).
+// not permuted, boxes from tensor maps; in the dense mode a tile is one box per 64 columns, in the
+// sparse mode 16-row slots per run of kept clusters, loaded as boxes of 16 to 128 rows that the
+// whole producer warp finds at once (box_at). TMA is the faster of the two in both modes
+// (docs/attention.md), so it runs wherever rows are unpermuted.
 //
 // Per key tile a consumer warpgroup computes S = Q K^T (SS wgmma, both operands in swizzled shared
 // memory), the online softmax in fp32 on the accumulator fragment, converts P to 16 bits in

@@ -1,5 +1,5 @@
 // The CUDA backend: one function per op of include/sapattn/ops.hpp, mirroring src/cpu/backend.hpp.
-// src/ops.cpp checks shapes, dtypes and devices before calling here. Every function launches on
+// src/ops/ checks shapes, dtypes and devices before calling here. Every function launches on
 // stream.handle (a cudaStream_t) and returns without waiting for the GPU; none allocates or
 // synchronises, except check_finite (it must read its answer back) and the value checks below.
 //
@@ -16,7 +16,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "sapattn/ops.hpp"
+#include "sapattn/layout.hpp"
 
 namespace sapattn::cuda {
 
@@ -59,8 +59,9 @@ void gather_rows(const TensorView& x, const TensorView& perm, TensorView out, co
 void scatter_rows(const TensorView& y, const TensorView& perm, TensorView out, const Stream& stream);
 void block_density(const BlockLayout& layout, TensorView density, const Stream& stream);
 
-// SVG-EAR and the density budget (ear.cu). One scratch size covers cluster_means, ear_probe and
-// select_top_p_at_density for B*H heads, N key tokens, Cq x Ck clusters and head dim D.
+// SVG-EAR and the density budget (ear/: ear_estimate.cu, ear_select.cu, ear_compensation.cu). One
+// scratch size covers cluster_means, ear_probe and select_top_p_at_density for B*H heads, N key tokens,
+// Cq x Ck clusters and head dim D.
 size_t ear_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_clusters, int64_t k_clusters, int64_t dim);
 void cluster_means(const TensorView& points, const TensorView& labels, TensorView means, const Stream& stream,
                    Workspace workspace);

@@ -1,5 +1,8 @@
-// Device-side helpers shared by the CUDA backend's kernels: element types and conversions, the
-// launch plumbing (stream, launch check, workspace carving), and the value-check flag.
+// Device-side helpers shared by the CUDA backend's kernels: element types and conversions and the
+// launch plumbing (stream, launch check, workspace carving). The host side of the runtime (the
+// value-check flag, graph-capture queries) is declared in runtime/runtime.hpp, included here so that
+// every kernel file has both. This header moves into runtime/ with the attention and selection files
+// that include it by this path.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -10,8 +13,9 @@
 #include <type_traits>
 
 #include "core/carver.hpp"
+#include "core/cuda_check.hpp"
 #include "cuda/backend.hpp"
-#include "cuda/check.hpp"
+#include "cuda/runtime/runtime.hpp"
 #include "sapattn/error.hpp"
 #include "sapattn/tensor.hpp"
 
@@ -81,31 +85,5 @@ __device__ __forceinline__ T from_f32(float v) {
     return __float2bfloat16_rn(v);
   }
 }
-
-// ---------------------------------------------------------------------------------------------
-// Value checks (see backend.hpp). Kernels OR these bits into the flag when they meet a bad value.
-// ---------------------------------------------------------------------------------------------
-
-enum ValueError : int {
-  kBadLabel = 1,      // a label outside [0, C)
-  kBadPermIndex = 2,  // a permutation index outside [0, N)
-  kBadOffsets = 4,    // offsets not non-decreasing or outside [0, S]
-  kBadSize = 8,       // a negative cluster size
-};
-
-// The device's flag word (a __device__ variable of runtime.cu; one per device).
-int* value_error_flag();
-// Before an op's launches: clears the flag when value checks are on and the stream is not capturing.
-// Returns whether end_value_check must run.
-bool begin_value_check(const Stream& stream);
-// After them: synchronises, reads the flag and throws InvalidArgumentError naming `op`.
-void end_value_check(const Stream& stream, const char* op);
-
-// True while `stream` is being captured into a CUDA graph (no synchronisation allowed then).
-bool is_capturing(cudaStream_t stream);
-
-// Raises the dynamic shared-memory limit of a kernel once (thread-safe; not a stream operation, so it
-// is allowed during graph capture).
-void set_max_dynamic_smem(const void* kernel, int bytes);
 
 }  // namespace sapattn::cuda

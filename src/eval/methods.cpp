@@ -11,7 +11,7 @@
 #include "sapattn/eval.hpp"
 #include "sapattn/ops.hpp"
 #include "sapattn/svg2.hpp"
-#include "svg2_pipeline.hpp"
+#include "svg2/pipeline.hpp"
 
 namespace sapattn::eval {
 

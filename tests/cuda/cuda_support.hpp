@@ -5,8 +5,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "core/cuda_check.hpp"
 #include "cuda/backend.hpp"
-#include "cuda/check.hpp"
 #include "sapattn/tensor.hpp"
 
 namespace sapattn::cuda_test {

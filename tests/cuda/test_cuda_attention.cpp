@@ -50,8 +50,8 @@
 #include <utility>
 #include <vector>
 
+#include "core/cuda_check.hpp"
 #include "cuda/backend.hpp"
-#include "cuda/check.hpp"
 #include "cuda_support.hpp"
 #include "reference.hpp"
 #include "sapattn/ops.hpp"

@@ -21,8 +21,8 @@
 #include <string>
 #include <vector>
 
+#include "core/cuda_check.hpp"
 #include "cuda/backend.hpp"
-#include "cuda/check.hpp"
 #include "cuda_support.hpp"
 #include "sapattn/ops.hpp"
 

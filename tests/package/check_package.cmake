@@ -31,7 +31,7 @@ endif()
 if(MODE STREQUAL "installed")
   set(prefix ${WORK_DIR}/prefix)
   run_step("cmake --install" ${CMAKE_COMMAND} --install ${BUILD_DIR} --prefix ${prefix})
-  foreach(f include/sapattn/ops.hpp include/sapattn/svg2.hpp lib/libsapattn_ops.a
+  foreach(f include/sapattn/ops.hpp include/sapattn/layout.hpp include/sapattn/svg2.hpp lib/libsapattn_ops.a
             lib/cmake/sapattn/sapattnConfig.cmake lib/cmake/sapattn/sapattnConfigVersion.cmake
             lib/cmake/sapattn/sapattnTargets.cmake)
     if(NOT EXISTS ${prefix}/${f})

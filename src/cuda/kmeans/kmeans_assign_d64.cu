@@ -1,5 +1,5 @@
 // The tensor-core k-means assignment for head dim 64 (all point dtypes).
-#include "cuda/kmeans_assign.cuh"
+#include "cuda/kmeans/kmeans_assign.cuh"
 
 namespace sapattn::cuda {
 

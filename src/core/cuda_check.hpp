@@ -1,6 +1,8 @@
 // Host-side CUDA plumbing shared by the CUDA backend and Buffer::allocate: the typed error every
 // failed CUDA call becomes, the check macro, and a guard that makes the stream's device current.
 // Host-only (it includes the runtime API, not the device headers), so plain C++ files can use it.
+// It lives in core/ because sapattn_base (Buffer::allocate, src/core/tensor.cpp) uses it and base
+// sits below the CUDA backend: includes run from src/cuda down to src/core, never up.
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -11,8 +11,8 @@
 #include <cmath>
 
 #include "core/carver.hpp"
+#include "core/cuda_check.hpp"
 #include "cuda/backend.hpp"
-#include "cuda/check.hpp"
 #include "cuda/device.cuh"
 
 namespace sapattn::cuda {

@@ -1,5 +1,7 @@
 // Process-wide pieces of the CUDA backend: the value-check flag, graph-capture queries, and
 // check_finite (the one op that reads an answer back to the host).
+#include "cuda/runtime/runtime.hpp"
+
 #include <algorithm>
 #include <atomic>
 #include <climits>

@@ -7,8 +7,8 @@
 #include <tuple>
 
 #include "core/carver.hpp"
-#include "op_checks.hpp"
-#include "svg2_pipeline.hpp"
+#include "ops/checks.hpp"
+#include "svg2/pipeline.hpp"
 
 namespace sapattn {
 
@@ -152,7 +152,7 @@ void cluster(const TensorView& q, const TensorView& k, const Config& config, con
   if (initialize) {
     // Different streams of the seed for Q and K, so their samples are independent.
     kmeans_init(qv, centroids.q, config.seed, stream, buf.op_scratch, centroids.sample_ids);
-    kmeans_init(kv, centroids.k, config.seed ^ 0x5bd1e9955bd1e995ull, stream, buf.op_scratch, centroids.sample_ids);
+    kmeans_init(kv, centroids.k, key_sample_seed(config.seed), stream, buf.op_scratch, centroids.sample_ids);
     iters = config.kmeans_iters_init;
   }
   kmeans(qv, centroids.q, buf.q_video_labels(), q_sizes, iters, stream, buf.op_scratch);

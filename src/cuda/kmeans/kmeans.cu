@@ -8,8 +8,8 @@
 #include <bit>
 
 #include "cuda/device.cuh"
-#include "cuda/kmeans_internal.hpp"
-#include "cuda/label_sort.hpp"
+#include "cuda/kmeans/kmeans_internal.hpp"
+#include "cuda/permute/label_sort.hpp"
 
 namespace sapattn::cuda {
 

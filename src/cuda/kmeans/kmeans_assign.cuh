@@ -22,7 +22,7 @@
 #include <type_traits>
 
 #include "cuda/device.cuh"
-#include "cuda/kmeans_internal.hpp"
+#include "cuda/kmeans/kmeans_internal.hpp"
 
 namespace sapattn::cuda::tc {
 

@@ -6,7 +6,7 @@
 #include <bit>
 
 #include "cuda/device.cuh"
-#include "cuda/label_sort.hpp"
+#include "cuda/permute/label_sort.hpp"
 
 namespace sapattn::cuda {
 

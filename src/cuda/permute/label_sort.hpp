@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-#include "cuda/device.cuh"
+#include "core/carver.hpp"
 
 namespace sapattn::cuda {
 

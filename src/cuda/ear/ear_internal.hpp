@@ -1,0 +1,70 @@
+// The host side that the SVG-EAR files (ear_estimate.cu, ear_select.cu, ear_compensation.cu) share:
+// each op family's scratch, carved from the caller's workspace (ear_workspace_bytes takes the
+// largest of them), the argument checks of the launchers and the value-check bracket around an
+// op's launches.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "core/carver.hpp"
+#include "cuda/permute/label_sort.hpp"
+#include "cuda/runtime/runtime.hpp"
+#include "sapattn/error.hpp"
+#include "sapattn/tensor.hpp"
+
+namespace sapattn::cuda::ear {
+
+// ear_probe (ear_estimate.cu): the label sort of the key tokens, the clusters' offsets in it, the
+// per-token value statistics and the value centroids' squared norms.
+struct ProbeScratch {
+  LabelSort sort;
+  int32_t* offsets = nullptr;
+  double2* token_stats = nullptr;
+  double* centroid_norm2 = nullptr;
+};
+
+ProbeScratch carve_probe(Carver& carver, int64_t batch_heads, int64_t tokens, int64_t k_clusters);
+
+// select_top_p_at_density (ear_select.cu): per row, the running sums and key counts in rank order;
+// per (b,h), the top-p that meets the density.
+struct DensityScratch {
+  float* running = nullptr;
+  long long* key_count = nullptr;
+  float* top_p = nullptr;
+};
+
+DensityScratch carve_density(Carver& carver, int64_t batch_heads, int64_t rows, int64_t cols);
+
+// cluster_means (ear_estimate.cu): a [B*H, C] i32 sizes buffer, then kmeans_update's scratch.
+void carve_means(Carver& carver, int64_t batch_heads, int64_t tokens, int64_t clusters, int64_t dim, int32_t** sizes,
+                 Workspace* update);
+
+inline void copy_strides(const TensorView& t, int64_t* out, int rank) {
+  for (int d = 0; d < rank; ++d) out[d] = t.stride[d];
+}
+
+inline void check_head_dim(int64_t D, int64_t limit, const char* op) {
+  SAPATTN_CHECK(D <= limit, UnsupportedError, op, " on CUDA takes head dims up to ", limit, ", got ", D);
+}
+
+// Runs `launches` between the value-check bracket (see cuda/backend.hpp).
+template <typename F>
+void with_value_check(const Stream& stream, const char* op, F&& launches) {
+  const bool checked = begin_value_check(stream);
+  try {
+    launches();
+  } catch (...) {
+    if (checked) {
+      try {
+        end_value_check(stream, op);  // releases the check's lock
+      } catch (...) {
+      }
+    }
+    throw;  // the launch error, not what the check found after it
+  }
+  if (checked) end_value_check(stream, op);
+}
+
+}  // namespace sapattn::cuda::ear

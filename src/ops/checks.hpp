@@ -1,0 +1,149 @@
+// Argument checks shared by the op entry points (src/ops/, src/svg2/). Each throws the
+// typed error the contract names, with the tensor's name and what was expected.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <utility>
+
+#include "sapattn/error.hpp"
+#include "sapattn/tensor.hpp"
+
+namespace sapattn::checks {
+
+inline void expect_rank(const TensorView& t, int rank, const char* name) {
+  SAPATTN_CHECK(t.data != nullptr || t.numel() == 0, ShapeError, name, ": null data pointer");
+  SAPATTN_CHECK(t.rank == rank, ShapeError, name, " must have rank ", rank, ", got ", t.describe());
+  for (int d = 0; d < t.rank; ++d)
+    SAPATTN_CHECK(t.shape[d] >= 0, ShapeError, name, " has a negative extent: ", t.describe());
+}
+
+inline void expect_dtype(const TensorView& t, DType dtype, const char* name) {
+  SAPATTN_CHECK(t.dtype == dtype, DTypeError, name, " must be ", dtype_name(dtype), ", got ", t.describe());
+}
+
+inline void expect_floating(const TensorView& t, const char* name) {
+  SAPATTN_CHECK(is_floating(t.dtype), DTypeError, name, " must be f32, f16 or bf16, got ", t.describe());
+}
+
+inline void expect_contiguous(const TensorView& t, const char* name) {
+  SAPATTN_CHECK(t.is_contiguous(), ShapeError, name, " must be contiguous, got strides of ", t.describe());
+}
+
+inline void expect_extent(const TensorView& t, int dim, int64_t extent, const char* name, const char* what) {
+  SAPATTN_CHECK(t.shape[dim] == extent, ShapeError, name, " dim ", t.caller_dim(dim), " must be ", extent, " (", what,
+                "), got ", t.describe());
+}
+
+// Attention tensors [B,H,S,D]: t's logical dim `dim` must equal ref's. The message names the dim as
+// the caller's layout does: "k dim 1 (S of [B,S,H,D]) must be 256 as in q, got [1,100,2,64] f32 cpu".
+inline void expect_extent_of(const TensorView& t, int dim, const char* name, const TensorView& ref,
+                             const char* ref_name) {
+  SAPATTN_CHECK(t.shape[dim] == ref.shape[dim], ShapeError, name, " dim ", t.caller_dim(dim), " (", "BHSD"[dim], " of ",
+                t.dim_names(), ") must be ", ref.shape[dim], " as in ", ref_name, ", got ", t.describe());
+}
+
+// An attention input with a zero extent has nothing to attend: say so before any other check
+// reads its extents (a sequence of 0 tokens would otherwise surface as a text-token error).
+inline void expect_nonempty(const TensorView& t, const char* name) {
+  SAPATTN_CHECK(t.numel() > 0, ShapeError, name, " is empty (", t.describe(), " as ", t.dim_names(),
+                "): attention needs B, S, H and D >= 1");
+}
+
+inline void expect_device(const TensorView& t, const Stream& s) {
+  SAPATTN_CHECK(t.device == s.device, UnsupportedError, "tensor ", t.describe(), " is not on the stream's device ",
+                to_string(s.device));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arguments that ops of several families of ops.hpp share (k-means, selection, attention, SVG-EAR).
+// ---------------------------------------------------------------------------------------------
+
+// Checks points [B,H,N,D] floating, centroids [B,H,C,D] f32 contiguous; returns C.
+inline int64_t check_points_centroids(const TensorView& points, const TensorView& centroids) {
+  expect_rank(points, 4, "points");
+  expect_floating(points, "points");
+  SAPATTN_CHECK(points.shape[2] >= 1, ShapeError, "points: need at least one point per (b,h), got N = 0");
+  expect_rank(centroids, 4, "centroids");
+  expect_dtype(centroids, DType::F32, "centroids");
+  expect_contiguous(centroids, "centroids");
+  expect_extent(centroids, 0, points.shape[0], "centroids", "batch of points");
+  expect_extent(centroids, 1, points.shape[1], "centroids", "heads of points");
+  expect_extent(centroids, 3, points.shape[3], "centroids", "head dim of points");
+  SAPATTN_CHECK(centroids.shape[2] >= 1, ShapeError, "centroids: need at least one cluster, got C = 0");
+  return centroids.shape[2];
+}
+
+inline void check_labels(const TensorView& labels, const TensorView& points) {
+  expect_rank(labels, 3, "labels");
+  expect_dtype(labels, DType::I32, "labels");
+  SAPATTN_CHECK(labels.stride[2] == 1, ShapeError, "labels must have unit stride along N, got ", labels.describe());
+  expect_extent(labels, 0, points.shape[0], "labels", "batch of points");
+  expect_extent(labels, 1, points.shape[1], "labels", "heads of points");
+  expect_extent(labels, 2, points.shape[2], "labels", "points per (b,h)");
+}
+
+inline void check_sizes(const TensorView& sizes, const TensorView& centroids) {
+  expect_rank(sizes, 3, "sizes");
+  expect_dtype(sizes, DType::I32, "sizes");
+  expect_contiguous(sizes, "sizes");
+  expect_extent(sizes, 0, centroids.shape[0], "sizes", "batch of centroids");
+  expect_extent(sizes, 1, centroids.shape[1], "sizes", "heads of centroids");
+  expect_extent(sizes, 2, centroids.shape[2], "sizes", "clusters of centroids");
+}
+
+inline void check_mask(const TensorView& mask, int64_t B, int64_t H, int64_t rows, int64_t cols) {
+  expect_rank(mask, 4, "mask");
+  expect_dtype(mask, DType::U8, "mask");
+  expect_extent(mask, 0, B, "mask", "batch");
+  expect_extent(mask, 1, H, "mask", "heads");
+  expect_extent(mask, 2, rows, "mask", "rows (query clusters)");
+  expect_extent(mask, 3, cols, "mask", "columns (key clusters)");
+}
+
+inline void check_scale(float scale) {
+  SAPATTN_CHECK(std::isfinite(scale) && scale > 0.0f, InvalidArgumentError, "scale must be finite and > 0, got ",
+                scale);
+}
+
+// q_centroids [B,H,Cq,D] and k_centroids [B,H,Ck,D] f32 contiguous, k_sizes [B,H,Ck]: the inputs
+// of the centroid score matrix S = q_centroids . k_centroids^T * scale.
+inline void check_centroid_scores(const TensorView& q_centroids, const TensorView& k_centroids,
+                                  const TensorView& k_sizes, float scale) {
+  check_scale(scale);
+  for (const auto& [t, name] : {std::pair{&q_centroids, "q_centroids"}, {&k_centroids, "k_centroids"}}) {
+    expect_rank(*t, 4, name);
+    expect_dtype(*t, DType::F32, name);
+    expect_contiguous(*t, name);
+  }
+  expect_extent(k_centroids, 0, q_centroids.shape[0], "k_centroids", "batch of q_centroids");
+  expect_extent(k_centroids, 1, q_centroids.shape[1], "k_centroids", "heads of q_centroids");
+  expect_extent(k_centroids, 3, q_centroids.shape[3], "k_centroids", "head dim of q_centroids");
+  check_sizes(k_sizes, k_centroids);
+}
+
+// A [B,H,R,C] f32 matrix over cluster pairs (probabilities, probe scores).
+inline void check_pair_matrix(const TensorView& t, int64_t B, int64_t H, int64_t rows, int64_t cols, const char* name) {
+  expect_rank(t, 4, name);
+  expect_dtype(t, DType::F32, name);
+  expect_extent(t, 0, B, name, "batch");
+  expect_extent(t, 1, H, name, "heads");
+  expect_extent(t, 2, rows, name, "rows (query clusters)");
+  expect_extent(t, 3, cols, name, "columns (key clusters)");
+}
+
+// q_sizes [B,H,R] and k_sizes [B,H,C] i32 contiguous: the clusters of a [B,H,R,C] pair matrix.
+inline void check_cluster_sizes(const TensorView& q_sizes, const TensorView& k_sizes, int64_t B, int64_t H, int64_t R,
+                                int64_t C) {
+  for (const auto& [t, name, n] : {std::tuple{&q_sizes, "q_sizes", R}, {&k_sizes, "k_sizes", C}}) {
+    expect_rank(*t, 3, name);
+    expect_dtype(*t, DType::I32, name);
+    expect_contiguous(*t, name);
+    expect_extent(*t, 0, B, name, "batch");
+    expect_extent(*t, 1, H, name, "heads");
+    expect_extent(*t, 2, n, name, "clusters");
+  }
+}
+
+}  // namespace sapattn::checks
