@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "core/cuda_check.hpp"
-#include "cuda/attention.hpp"
+#include "cuda/attention/attention.hpp"
 #include "cuda/backend.hpp"
 #include "harness.hpp"
 #include "sapattn/ops.hpp"

@@ -1,4 +1,4 @@
-// The GPU attention planner (src/cuda/attention_plan.cu) against a host construction of the same
+// The GPU attention planner (src/cuda/attention/attention_plan.cu) against a host construction of the same
 // plan: random layouts (empty, one-token and multi-tile clusters, all-kept and none-kept mask rows,
 // strided masks, several batches and heads) must give the same segments per row, the same items in
 // the same order (heads ascending, within a head cost descending, ties in (cluster, q_begin)
@@ -19,9 +19,9 @@
 #include <vector>
 
 #include "core/cuda_check.hpp"
-#include "cuda/attention.hpp"
+#include "cuda/attention/attention.hpp"
 #include "cuda/backend.hpp"
-#include "cuda/device.cuh"
+#include "cuda/runtime/device.cuh"
 #include "cuda_support.hpp"
 
 namespace {

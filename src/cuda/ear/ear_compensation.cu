@@ -8,9 +8,9 @@
 #include <cmath>
 #include <cstdint>
 
-#include "cuda/device.cuh"
 #include "cuda/ear/ear.cuh"
 #include "cuda/ear/ear_internal.hpp"
+#include "cuda/runtime/device.cuh"
 
 namespace sapattn::cuda {
 

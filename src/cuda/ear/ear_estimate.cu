@@ -14,10 +14,10 @@
 #include <algorithm>
 #include <cmath>
 
-#include "cuda/device.cuh"
 #include "cuda/ear/ear.cuh"
 #include "cuda/ear/ear_internal.hpp"
 #include "cuda/permute/label_sort.hpp"
+#include "cuda/runtime/device.cuh"
 
 namespace sapattn::cuda {
 
@@ -42,7 +42,7 @@ LabelsView labels_view(const TensorView& t) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// centroid_probs: select_blocks' weights, with the CPU's arithmetic (see cuda/select.cu): fp32 dot
+// centroid_probs: select_blocks' weights, with the CPU's arithmetic (see cuda/select/select.cu): fp32 dot
 // products in order of d without FMA, exp in double rounded once, a sequential fp32 row total in
 // column order, one correctly rounded division. The raw scores go through `probs` itself.
 // ---------------------------------------------------------------------------------------------

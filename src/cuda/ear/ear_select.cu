@@ -16,9 +16,9 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "cuda/device.cuh"
 #include "cuda/ear/ear.cuh"
 #include "cuda/ear/ear_internal.hpp"
+#include "cuda/runtime/device.cuh"
 
 namespace sapattn::cuda {
 

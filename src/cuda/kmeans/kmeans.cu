@@ -7,9 +7,9 @@
 #include <algorithm>
 #include <bit>
 
-#include "cuda/device.cuh"
 #include "cuda/kmeans/kmeans_internal.hpp"
 #include "cuda/permute/label_sort.hpp"
+#include "cuda/runtime/device.cuh"
 
 namespace sapattn::cuda {
 

@@ -21,8 +21,8 @@
 
 #include <type_traits>
 
-#include "cuda/device.cuh"
 #include "cuda/kmeans/kmeans_internal.hpp"
+#include "cuda/runtime/device.cuh"
 
 namespace sapattn::cuda::tc {
 

@@ -13,7 +13,7 @@
 #include "core/carver.hpp"
 #include "core/cuda_check.hpp"
 #include "cuda/backend.hpp"
-#include "cuda/device.cuh"
+#include "cuda/runtime/device.cuh"
 
 namespace sapattn::cuda {
 

@@ -11,7 +11,7 @@
 #include <mutex>
 #include <utility>
 
-#include "cuda/device.cuh"
+#include "cuda/runtime/device.cuh"
 
 namespace sapattn::cuda {
 

@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "core/carver.hpp"
-#include "cuda/attention.hpp"
-#include "cuda/device.cuh"
+#include "cuda/attention/attention.hpp"
+#include "cuda/runtime/device.cuh"
 
 namespace sapattn::cuda {
 

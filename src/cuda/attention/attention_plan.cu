@@ -32,8 +32,8 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "cuda/attention.hpp"
-#include "cuda/device.cuh"
+#include "cuda/attention/attention.hpp"
+#include "cuda/runtime/device.cuh"
 
 namespace sapattn::cuda::attn {
 

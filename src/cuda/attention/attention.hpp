@@ -18,7 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "sapattn/ops.hpp"
+#include "sapattn/layout.hpp"
 
 namespace sapattn::cuda::attn {
 

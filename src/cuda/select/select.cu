@@ -12,7 +12,7 @@
 
 #include <cfloat>
 
-#include "cuda/device.cuh"
+#include "cuda/runtime/device.cuh"
 
 namespace sapattn::cuda {
 

@@ -31,8 +31,8 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "cuda/attention.hpp"
-#include "cuda/device.cuh"
+#include "cuda/attention/attention.hpp"
+#include "cuda/runtime/device.cuh"
 
 namespace sapattn::cuda::attn {
 

@@ -35,8 +35,8 @@
 #include <cute/atom/mma_atom.hpp>
 #include <cute/tensor.hpp>
 
-#include "cuda/attention.hpp"
-#include "cuda/device.cuh"
+#include "cuda/attention/attention.hpp"
+#include "cuda/runtime/device.cuh"
 
 namespace sapattn::cuda::attn {
 
