@@ -29,10 +29,10 @@
 
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 
 #include "cuda/attention/attention.hpp"
 #include "cuda/runtime/device.cuh"
+#include "cuda/runtime/primitives.cuh"
 
 namespace sapattn::cuda::attn {
 
@@ -44,84 +44,6 @@ constexpr int kWarpRows = kTileQ / kWarps;  // 32 query rows per warp
 constexpr int kMTiles = kWarpRows / 16;     // m16 tiles per warp
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-
-// ---------------------------------------------------------------------------------------------
-// PTX wrappers
-// ---------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte slot of (row, chunk) in a swizzled tile of kChunks chunks per row: the XOR with row % 8
-// puts the same chunk of eight consecutive rows (one ldmatrix phase) in eight different bank groups.
-template <int kChunks>
-__device__ __forceinline__ int swizzle(int row, int chunk) {
-  return row * kChunks + (chunk ^ (row & 7));
-}
-
-// x, hidden from the optimizer: values derived from it inside a loop are recomputed there instead
-// of being hoisted out of the loop into registers.
-__device__ __forceinline__ uint32_t opaque(uint32_t x) {
-  asm volatile("" : "+r"(x));
-  return x;
-}
-
-// Copies 16 bytes, or writes 16 zero bytes when `valid` is false (src-size 0: nothing is read).
-__device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// c += a b for a 16x16 A fragment and a 16x8 B fragment (b0, b1), fp32 accumulation.
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-// 2^x in one MUFU instruction; flushing results below 2^-126 to zero is far below what a softmax
-// weight next to the row maximum (weight 1) can contribute.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// Two floats rounded to nearest into one register of T pairs (lo in the low half).
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Rows
@@ -175,7 +97,7 @@ __device__ __forceinline__ void start_key(const ItemState<T>& item, Cursor& curs
     const int r = pos + c.delta;
     if (r >= 0 && r < seq_k) {
       c.row = r;
-      if (item.k_perm != nullptr) asm volatile("prefetch.global.L1 [%0];\n" ::"l"(item.k_perm + r));
+      if (item.k_perm != nullptr) prefetch_l1(item.k_perm + r);
     } else if (flag != nullptr) {
       atomicOr(flag, kBadOffsets);
     }
@@ -341,7 +263,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(const Params p) 
   const float scale_log2 = p.scale * kLog2e;  // the op requires scale > 0: -inf scores stay -inf
 
   for (int n = 0; n < num_tiles; ++n) {
-    cp_async_wait_all();
+    cp_async_wait<0>();
     __syncthreads();  // K[n] (and Q) landed; every warp is done with V[n - 1]
     load_keys(v_tile, v_src + (n % 2) * kTileK, p.v);
     cp_async_commit();
@@ -372,7 +294,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(const Params p) 
       }
     }
 
-    cp_async_wait_all();
+    cp_async_wait<0>();
     __syncthreads();  // V[n] landed; every warp is done with K[n]
     if (n + 1 < num_tiles) {
       load_keys(k_tile, k_src + (n + 1) % 2 * kTileK, p.k);
