@@ -136,7 +136,8 @@ void set_attention_kernel_override(const char* name) { g_override.store(parse_ov
 AttentionKernel attention_kernel(int device, DType dtype, int64_t head_dim) {
   if (dtype != DType::F16 && dtype != DType::BF16)
     return {false, "", "the CUDA attention kernels take f16 or bf16 inputs (convert f32 first, or use the CPU)"};
-  if (head_dim != 64 && head_dim != 128) return {false, "", "the CUDA attention kernels take head dim 64 or 128"};
+  if (!attn::KernelHeadDims::contains(head_dim))
+    return {false, "", "the CUDA attention kernels take head dim 64 or 128"};
   const DeviceInfo info = device_info(device);
   if (info.major < 8) return {false, "", "the CUDA attention kernels need an sm_80 or newer GPU"};
   if (override_arch() != 80 && info.major == 9 && info.minor == 0 && attn::sm90_compiled())

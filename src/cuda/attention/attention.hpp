@@ -114,8 +114,33 @@ struct Params {
                                     // (the row is then read as zeros / not written)
 };
 
-// The kernels. T is __half or __nv_bfloat16 (passed as is_bf16), head_dim 64 or 128.
-// Both launch on `stream` and return without waiting.
+// The instances every attention kernel is compiled for, listed once: f16 and bf16 (each kernel names
+// its own element types) times the head dims of KernelHeadDims. attention_kernel() answers
+// "supported" from the same list that each kernel's entry point dispatches on, so the two cannot
+// disagree (docs/attention.md).
+template <typename Element, int HeadDim>
+struct Instance {
+  using T = Element;
+  static constexpr int kHeadDim = HeadDim;
+};
+
+template <int... kDims>
+struct HeadDims {
+  static constexpr bool contains(int64_t head_dim) { return ((head_dim == kDims) || ...); }
+  // Calls f(Instance<Bf16 or F16, head_dim>{}); false (and no call) for a head dim not in the list.
+  template <typename Bf16, typename F16, typename F>
+  static bool dispatch(bool is_bf16, int64_t head_dim, F&& f) {
+    const auto with = [&](auto element) {
+      using T = typename decltype(element)::T;
+      return ((head_dim == kDims && (f(Instance<T, kDims>{}), true)) || ...);
+    };
+    return is_bf16 ? with(Instance<Bf16, 0>{}) : with(Instance<F16, 0>{});
+  }
+};
+using KernelHeadDims = HeadDims<64, 128>;
+
+// The kernels, for the instances above (is_bf16 picks the element type). Both launch on `stream`
+// and return without waiting.
 void run_sm90(const Params& params, bool is_bf16, cudaStream_t stream);
 void run_sm80(const Params& params, bool is_bf16, cudaStream_t stream);  // params.accumulate must be false
 bool sm90_compiled();  // whether this build holds the sm_90a kernel

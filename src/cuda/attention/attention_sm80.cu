@@ -435,14 +435,11 @@ void launch(const Params& p, cudaStream_t stream) {
 }  // namespace
 
 void run_sm80(const Params& params, bool is_bf16, cudaStream_t stream) {
-  switch (params.head_dim) {
-    case 64:
-      return is_bf16 ? launch<__nv_bfloat16, 64>(params, stream) : launch<__half, 64>(params, stream);
-    case 128:
-      return is_bf16 ? launch<__nv_bfloat16, 128>(params, stream) : launch<__half, 128>(params, stream);
-    default:
-      SAPATTN_THROW(UnsupportedError, "the sm80 attention kernel takes head dim 64 or 128, got ", params.head_dim);
-  }
+  const bool found = KernelHeadDims::dispatch<__nv_bfloat16, __half>(is_bf16, params.head_dim, [&](auto instance) {
+    using I = decltype(instance);
+    launch<typename I::T, I::kHeadDim>(params, stream);
+  });
+  SAPATTN_CHECK(found, UnsupportedError, "the sm80 attention kernel takes head dim 64 or 128, got ", params.head_dim);
 }
 
 }  // namespace sapattn::cuda::attn

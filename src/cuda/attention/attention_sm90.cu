@@ -8,7 +8,8 @@
 // where rows are unpermuted, else the cp.async gather) and to the consumers, which run the main loop
 // (mainloop.cuh: Q K^T, online softmax, P V, the split-item merge) and the epilogue (epilogue.cuh:
 // normalise, write O and LSE, merge key phases). Below the kernel: the tensor maps, the runtime
-// switches (SAPATTN_SM90_LOAD, _SCHED, _SPLIT) and the launch.
+// switches (SAPATTN_SM90_LOAD, _SCHED, _SPLIT) and the launch for each instance of
+// KernelHeadDims (attention.hpp).
 #include <cuda.h>  // CUtensorMap and its encoder's types (the encoder is reached through the runtime)
 #include <cudaTypedefs.h>
 
@@ -170,12 +171,12 @@ void launch(const Params& p, cudaStream_t stream) {
 bool sm90_compiled() { return true; }
 
 void run_sm90(const Params& params, bool is_bf16, cudaStream_t stream) {
-  if (is_bf16) {
-    params.head_dim == 64 ? launch<cutlass::bfloat16_t, 64>(params, stream)
-                          : launch<cutlass::bfloat16_t, 128>(params, stream);
-  } else {
-    params.head_dim == 64 ? launch<cutlass::half_t, 64>(params, stream) : launch<cutlass::half_t, 128>(params, stream);
-  }
+  const bool found =
+      KernelHeadDims::dispatch<cutlass::bfloat16_t, cutlass::half_t>(is_bf16, params.head_dim, [&](auto instance) {
+        using I = decltype(instance);
+        launch<typename I::T, I::kHeadDim>(params, stream);
+      });
+  SAPATTN_CHECK(found, UnsupportedError, "the sm90 attention kernel takes head dim 64 or 128, got ", params.head_dim);
 }
 
 }  // namespace sapattn::cuda::attn
