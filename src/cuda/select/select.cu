@@ -392,39 +392,38 @@ __global__ void density_kernel(DensityParams p) {
   }
 }
 
-}  // namespace
-
-void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, const Stream& stream) {
-  const DeviceGuard guard(stream.device);
+// What select_top_p and select_blocks share: the mask [B,H,rows,cols] they write and the top-p rule.
+SelectParams rule_params(int64_t H, int64_t rows, int64_t cols, float top_p, int min_kept, TensorView mask) {
   SelectParams p;
-  p.probs = static_cast<const float*>(probs.data);
-  copy_strides(probs, p.probs_stride);
-  p.H = probs.shape[1];
-  p.rows = probs.shape[2];
-  p.cols = probs.shape[3];
+  p.H = H;
+  p.rows = rows;
+  p.cols = cols;
   p.top_p = top_p;
   p.min_kept = min_kept;
   p.mask = static_cast<uint8_t*>(mask.data);
   copy_strides(mask, p.mask_stride);
+  return p;
+}
+
+}  // namespace
+
+void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, const Stream& stream) {
+  const DeviceGuard guard(stream.device);
+  SelectParams p = rule_params(probs.shape[1], probs.shape[2], probs.shape[3], top_p, min_kept, mask);
+  p.probs = static_cast<const float*>(probs.data);
+  copy_strides(probs, p.probs_stride);
   run_select<true>(p, probs.shape[0] * probs.shape[1], false, stream_of(stream));
 }
 
 void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
                    float top_p, int min_kept, TensorView mask, const Stream& stream) {
   const DeviceGuard guard(stream.device);
-  SelectParams p;
+  SelectParams p = rule_params(q_centroids.shape[1], q_centroids.shape[2], k_centroids.shape[2], top_p, min_kept, mask);
   p.q_centroids = static_cast<const float*>(q_centroids.data);
   p.k_centroids = static_cast<const float*>(k_centroids.data);
   p.k_sizes = static_cast<const int32_t*>(k_sizes.data);
   p.D = q_centroids.shape[3];
   p.scale = scale;
-  p.H = q_centroids.shape[1];
-  p.rows = q_centroids.shape[2];
-  p.cols = k_centroids.shape[2];
-  p.top_p = top_p;
-  p.min_kept = min_kept;
-  p.mask = static_cast<uint8_t*>(mask.data);
-  copy_strides(mask, p.mask_stride);
   run_select<false>(p, q_centroids.shape[0] * q_centroids.shape[1], p.D % 4 == 0, stream_of(stream));
 }
 
