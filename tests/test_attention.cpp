@@ -27,6 +27,8 @@ namespace {
 using namespace sapattn;
 using ref::HostTensor;
 using ref::Layout;
+using ref::max_abs;
+using ref::max_abs_diff;
 using testing_support::case_seed;
 using testing_support::kStream;
 
@@ -45,21 +47,6 @@ double output_roundoff(DType t) {
 }
 // Absolute rounding floor of a stored output dtype: half the f16 subnormal spacing 2^-24.
 double output_floor(DType t) { return t == DType::F16 ? 0x1p-25 : 0.0; }
-
-double max_abs(const std::vector<double>& v) {
-  double m = 0.0;
-  for (double x : v)
-    if (std::isfinite(x)) m = std::max(m, std::abs(x));
-  return m;
-}
-
-double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) {
-  double m = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (std::isfinite(a[i]) && std::isfinite(b[i])) m = std::max(m, std::abs(a[i] - b[i]));
-  }
-  return m;
-}
 
 // Compares the op's out (and lse, when given) with the float64 reference under the error model.
 ::testing::AssertionResult matches_reference(const TensorView& out, const TensorView& lse, const ref::Attention& want,

@@ -1,22 +1,18 @@
-// What the SVG-EAR GPU suites (test_cuda_ear_*.cpp) share: device twins of host tensors (the whole
-// storage copied byte for byte, the view at the same offset and strides), device scratch, inputs
-// drawn on the host (poisoned storage, normal values, labels with empty, 1-token and large clusters,
-// sizes) and the byte-for-byte comparison of a GPU output with the CPU's. The stream and the value
-// checks are cuda_support.hpp's.
+// What the SVG-EAR GPU suites (test_cuda_ear_*.cpp) share beyond cuda_support.hpp (streams, device
+// twins of host tensors, workspaces, poisoned tensors): inputs drawn on the host (normal values, labels
+// with empty, 1-token and large clusters, sizes) and the byte-for-byte comparison of a GPU output with
+// the CPU's.
 #pragma once
 
-#include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <sstream>
 #include <string>
 #include <vector>
 
-#include "core/cuda_check.hpp"
 #include "cuda_support.hpp"
 #include "reference.hpp"
 #include "sapattn/tensor.hpp"
@@ -26,66 +22,19 @@ namespace sapattn::ear_cuda_test {
 using ref::HostTensor;
 using ref::Layout;
 
-using CudaStream = cuda_test::TestStream;  // blocking: the synchronous copies are ordered with it
-
-inline const Stream kCpu = Stream::cpu(0);
-
-// ---------------------------------------------------------------------------------------------
-// Device copies and workspaces
-// ---------------------------------------------------------------------------------------------
-
-// The device twin of a host tensor: the whole storage, the view at the same offset and strides.
-struct Twin {
-  HostTensor host;
-  Buffer buffer;
-  TensorView dev;
-
-  explicit Twin(HostTensor h) : host(std::move(h)) {
-    buffer = Buffer::allocate(host.storage.bytes(), Device::cuda(0));
-    upload();
-    dev = host.view;
-    dev.data = static_cast<char*>(buffer.data()) +
-               (static_cast<const char*>(host.view.data) - static_cast<const char*>(host.storage.data()));
-    dev.device = Device::cuda(0);
-  }
-  void upload() const {
-    SAPATTN_CUDA_CHECK(cudaMemcpy(buffer.data(), host.storage.data(), host.storage.bytes(), cudaMemcpyHostToDevice));
-  }
-  // The device storage, as a host tensor laid out as `host`.
-  HostTensor download() const {
-    HostTensor h{Tensor(host.storage.dtype(), host.storage.shape()), host.view};
-    SAPATTN_CUDA_CHECK(cudaMemcpy(h.storage.data(), buffer.data(), h.storage.bytes(), cudaMemcpyDeviceToHost));
-    h.view.data = static_cast<char*>(h.storage.data()) +
-                  (static_cast<const char*>(host.view.data) - static_cast<const char*>(host.storage.data()));
-    return h;
-  }
-};
-
-struct DeviceScratch {
-  Buffer buffer;
-  explicit DeviceScratch(size_t bytes) : buffer(Buffer::allocate(std::max<size_t>(bytes, 1), Device::cuda(0))) {}
-  Workspace workspace() const { return {buffer.data(), buffer.bytes()}; }
-};
-
 // ---------------------------------------------------------------------------------------------
 // Inputs
 // ---------------------------------------------------------------------------------------------
 
-inline HostTensor poisoned(DType dtype, std::vector<int64_t> shape, Layout layout = Layout::Contiguous) {
-  HostTensor t = ref::make_tensor(dtype, std::move(shape), layout);
-  ref::poison(t);
-  return t;
-}
-
 inline HostTensor normal(DType dtype, std::vector<int64_t> shape, ref::Rng& rng, Layout layout = Layout::Contiguous,
                          double stddev = 1.0) {
-  HostTensor t = poisoned(dtype, std::move(shape), layout);
+  HostTensor t = cuda_test::poisoned(dtype, std::move(shape), layout);
   ref::fill_normal(t.view, rng, 0.0, stddev);
   return t;
 }
 
 inline HostTensor i32_tensor(std::vector<int64_t> shape, const std::vector<int32_t>& values) {
-  HostTensor t = poisoned(DType::I32, std::move(shape));
+  HostTensor t = cuda_test::poisoned(DType::I32, std::move(shape));
   std::copy(values.begin(), values.end(), t.storage.data_as<int32_t>());
   return t;
 }
@@ -93,22 +42,13 @@ inline HostTensor i32_tensor(std::vector<int64_t> shape, const std::vector<int32
 // Labels [B,H,N] (every (b,h) with empty, 1-token and large clusters) as the video part of a
 // [B,H,N+extra] tensor, so that the views have a row stride other than N.
 inline HostTensor random_labels(ref::Rng& rng, int64_t B, int64_t H, int64_t N, int64_t C, int64_t extra = 3) {
-  HostTensor t = poisoned(DType::I32, {B, H, N + extra});
+  HostTensor t = cuda_test::poisoned(DType::I32, {B, H, N + extra});
   for (int64_t bh = 0; bh < B * H; ++bh) {
     const std::vector<int32_t> l = ref::random_labels_with_sizes(rng, ref::random_cluster_sizes(rng, N, C));
     std::copy(l.begin(), l.end(), t.storage.data_as<int32_t>() + bh * (N + extra));
   }
   t.view = t.view.slice(2, 0, N);
   return t;
-}
-
-// A copy with storage of its own (Tensor copies share their buffer).
-inline HostTensor deep_copy(const HostTensor& t) {
-  HostTensor c{Tensor(t.storage.dtype(), t.storage.shape()), t.view};
-  std::memcpy(c.storage.data(), t.storage.data(), t.storage.bytes());
-  c.view.data = static_cast<char*>(c.storage.data()) +
-                (static_cast<const char*>(t.view.data) - static_cast<const char*>(t.storage.data()));
-  return c;
 }
 
 inline std::vector<int32_t> counts_of(const TensorView& labels, int64_t C) {

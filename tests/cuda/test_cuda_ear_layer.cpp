@@ -17,10 +17,10 @@
 namespace sapattn {
 namespace {
 
-using ear_cuda_test::CudaStream;
-using ear_cuda_test::deep_copy;
-using ear_cuda_test::kCpu;
-using ear_cuda_test::Twin;
+using cuda_test::deep_copy;
+using cuda_test::kCpu;
+using cuda_test::TestStream;
+using cuda_test::Twin;
 using ear_cuda_test::where;
 using ref::HostTensor;
 
@@ -29,7 +29,7 @@ using ref::HostTensor;
 // centres of the blobs the tokens are drawn around, and run zero Lloyd iterations: each token's
 // nearest centroid wins by a margin far beyond either backend's rounding (squared distances ~128
 // apart against noise of ~8), so sizes, probabilities, budgets and masks are the same, and the
-// outputs differ by the attention kernels' bf16 error (the tolerance of test_cuda_attention's layer
+// outputs differ by the attention kernels' bf16 error (the tolerance of test_cuda_svg2.cpp's layer
 // test) plus the compensation's.
 // ---------------------------------------------------------------------------------------------
 
@@ -121,10 +121,8 @@ LayerResult run_layer(const LayerInputs& in, const Config& config, const Stream&
   }
   auto values = [&](const Tensor& t) {
     if (!gpu) return ref::to_vector(t.view());
-    Tensor h(t.dtype(), t.shape());
     SAPATTN_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream.handle)));
-    SAPATTN_CUDA_CHECK(cudaMemcpy(h.data(), t.data(), t.bytes(), cudaMemcpyDeviceToHost));
-    return ref::to_vector(h.view());
+    return cuda_test::host_values(t);
   };
   return {values(out), values(lse), values(density), values(qs), values(ks)};
 }
@@ -136,7 +134,7 @@ TEST_P(EarLayer, CudaLayerMatchesCpuLayer) {
   const Config config = layer_config(lc);
   const int64_t B = 1, H = 2, S = 1200 + lc.text, D = 64;
   const LayerInputs in = layer_inputs(B, H, S, D, config);
-  CudaStream cs;
+  TestStream cs;
   const LayerResult cpu = run_layer(in, config, kCpu);
   const LayerResult gpu = run_layer(in, config, cs.stream());
   const LayerResult again = run_layer(in, config, cs.stream());
@@ -172,7 +170,7 @@ TEST(EarGraph, CapturedLayerMatchesEager) {
   const Config config = layer_config(lc);
   const int64_t B = 1, H = 2, S = 1000, D = 64;
   const LayerInputs in = layer_inputs(B, H, S, D, config);
-  CudaStream cs;
+  TestStream cs;
   const LayerResult eager = run_layer(in, config, cs.stream());
   Twin q(in.q), k(in.k), v(in.v), qc(in.qc), kc(in.kc);
   const Device dev = Device::cuda(0);
@@ -185,29 +183,13 @@ TEST(EarGraph, CapturedLayerMatchesEager) {
   };
   call();  // eager once: kernel attributes are set outside the capture
   cs.sync();
-  cudaGraph_t graph = nullptr;
-  SAPATTN_CUDA_CHECK(cudaStreamBeginCapture(cs.handle(), cudaStreamCaptureModeThreadLocal));
-  try {
-    call();
-  } catch (...) {
-    (void)cudaStreamEndCapture(cs.handle(), &graph);
-    if (graph != nullptr) (void)cudaGraphDestroy(graph);
-    throw;
-  }
-  SAPATTN_CUDA_CHECK(cudaStreamEndCapture(cs.handle(), &graph));
-  cudaGraphExec_t exec = nullptr;
-  SAPATTN_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  const cuda_test::CapturedGraph graph(cs.handle(), call);
   SAPATTN_CUDA_CHECK(cudaMemset(out.data(), 0xff, out.bytes()));
   SAPATTN_CUDA_CHECK(cudaMemset(lse.data(), 0xff, lse.bytes()));
-  SAPATTN_CUDA_CHECK(cudaGraphLaunch(exec, cs.handle()));
+  graph.launch(cs.handle());
   cs.sync();
-  (void)cudaGraphExecDestroy(exec);
-  (void)cudaGraphDestroy(graph);
-  Tensor out_h(DType::BF16, {B, H, S, D}), lse_h(DType::F32, {B, H, S});
-  SAPATTN_CUDA_CHECK(cudaMemcpy(out_h.data(), out.data(), out.bytes(), cudaMemcpyDeviceToHost));
-  SAPATTN_CUDA_CHECK(cudaMemcpy(lse_h.data(), lse.data(), lse.bytes(), cudaMemcpyDeviceToHost));
-  EXPECT_EQ(ref::to_vector(out_h.view()), eager.out) << "the graph replay differs from the eager call";
-  EXPECT_EQ(ref::to_vector(lse_h.view()), eager.lse) << "the graph replay differs from the eager call";
+  EXPECT_EQ(cuda_test::host_values(out), eager.out) << "the graph replay differs from the eager call";
+  EXPECT_EQ(cuda_test::host_values(lse), eager.lse) << "the graph replay differs from the eager call";
 }
 
 }  // namespace

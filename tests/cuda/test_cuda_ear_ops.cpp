@@ -32,33 +32,24 @@
 namespace sapattn {
 namespace {
 
+using cuda_test::as_workspace;
+using cuda_test::deep_copy;
+using cuda_test::device_workspace;
+using cuda_test::kCpu;
+using cuda_test::poisoned;
+using cuda_test::TestStream;
+using cuda_test::Twin;
 using ear_cuda_test::counts_of;
-using ear_cuda_test::CudaStream;
-using ear_cuda_test::deep_copy;
-using ear_cuda_test::DeviceScratch;
 using ear_cuda_test::expect_identical;
 using ear_cuda_test::i32_tensor;
-using ear_cuda_test::kCpu;
 using ear_cuda_test::normal;
-using ear_cuda_test::poisoned;
 using ear_cuda_test::random_labels;
 using ear_cuda_test::random_sizes;
-using ear_cuda_test::Twin;
 using ear_cuda_test::where;
 using ref::HostTensor;
 using ref::Layout;
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
-
-struct Environment : ::testing::Environment {
-  void SetUp() override {
-    int count = 0;
-    const cudaError_t e = cudaGetDeviceCount(&count);
-    ASSERT_EQ(e, cudaSuccess) << "the EAR GPU tests need a CUDA device: " << cudaGetErrorString(e);
-    ASSERT_GT(count, 0) << "the EAR GPU tests need a CUDA device";
-  }
-};
-[[maybe_unused]] const auto* const kEnvironment = ::testing::AddGlobalTestEnvironment(new Environment);
 
 struct OpCase {
   int64_t B, H, N, D, Cq, Ck;
@@ -76,7 +67,7 @@ std::string describe(const OpCase& c) {
 class EarOp : public ::testing::TestWithParam<OpCase> {
  protected:
   ref::Rng rng{testing_support::case_seed()};
-  CudaStream cs;
+  TestStream cs;
   float scale() const { return 1.0f / std::sqrt(static_cast<float>(GetParam().D)); }
 };
 
@@ -87,8 +78,8 @@ TEST_P(EarOp, ClusterMeansWithinOneUlp) {
   HostTensor cpu = poisoned(DType::F32, {c.B, c.H, c.Ck, c.D});
   Twin gpu(poisoned(DType::F32, {c.B, c.H, c.Ck, c.D}));
   cluster_means(points.host.view, labels.host.view, cpu.view, kCpu);
-  DeviceScratch ws(ear_workspace_bytes(c.B * c.H, c.N, c.Cq, c.Ck, c.D, Device::cuda(0)));
-  cluster_means(points.dev, labels.dev, gpu.dev, cs.stream(), ws.workspace());
+  const Buffer ws = device_workspace(ear_workspace_bytes(c.B * c.H, c.N, c.Cq, c.Ck, c.D, Device::cuda(0)));
+  cluster_means(points.dev, labels.dev, gpu.dev, cs.stream(), as_workspace(ws));
   cs.sync();
   const std::vector<double> g = ref::to_vector(gpu.download().view), r = ref::to_vector(cpu.view);
   const std::vector<int32_t> counts = counts_of(labels.host.view, c.Ck);
@@ -198,9 +189,9 @@ TEST_P(EarOp, ProbeWithinItsErrorModel) {
     Twin gpu(poisoned(DType::F32, {c.B, c.H, c.Cq, c.Ck}, c.layout));
     ear_probe(qc.host.view, kc.host.view, vc.host.view, k.host.view, v.host.view, labels.host.view, qs.host.view,
               ks.host.view, scale(), gamma, cpu.view, kCpu);
-    DeviceScratch ws(ear_workspace_bytes(c.B * c.H, c.N, c.Cq, c.Ck, c.D, Device::cuda(0)));
+    const Buffer ws = device_workspace(ear_workspace_bytes(c.B * c.H, c.N, c.Cq, c.Ck, c.D, Device::cuda(0)));
     ear_probe(qc.dev, kc.dev, vc.dev, k.dev, v.dev, labels.dev, qs.dev, ks.dev, scale(), gamma, gpu.dev, cs.stream(),
-              ws.workspace());
+              as_workspace(ws));
     cs.sync();
     const HostTensor got = gpu.download();
     ASSERT_TRUE(got.outside_view_unchanged(cpu.bytes())) << "ear_probe wrote outside its output view";
@@ -279,14 +270,14 @@ TEST_P(EarOp, DensityBudgetIsIdentical) {
   Twin probs(poisoned(DType::F32, {c.B, c.H, R, C}, c.layout));
   centroid_probs(qc.host.view, kc.host.view, ks.host.view, scale(), probs.host.view, kCpu);
   probs.upload();
-  DeviceScratch ws(ear_workspace_bytes(c.B * c.H, c.N, R, C, c.D, Device::cuda(0)));
+  const Buffer ws = device_workspace(ear_workspace_bytes(c.B * c.H, c.N, R, C, c.D, Device::cuda(0)));
   for (const float density : {0.02f, 0.15f, 0.5f, 0.93f, 1.0f})
     for (const int min_kept : {0, 3}) {
       SCOPED_TRACE("density " + std::to_string(density) + ", min_kept " + std::to_string(min_kept));
       HostTensor cpu = poisoned(DType::U8, {c.B, c.H, R, C}, Layout::Padded);
       Twin gpu(poisoned(DType::U8, {c.B, c.H, R, C}, Layout::Padded));
       select_top_p_at_density(probs.host.view, qs.host.view, ks.host.view, density, min_kept, cpu.view, kCpu);
-      select_top_p_at_density(probs.dev, qs.dev, ks.dev, density, min_kept, gpu.dev, cs.stream(), ws.workspace());
+      select_top_p_at_density(probs.dev, qs.dev, ks.dev, density, min_kept, gpu.dev, cs.stream(), as_workspace(ws));
       cs.sync();
       expect_identical(gpu.download(), cpu, "select_top_p_at_density mask");
     }
