@@ -393,7 +393,8 @@ std::tuple<at::Tensor, at::Tensor> dense_attention(const at::Tensor& q, const at
 
 // Lloyd k-means of points [B,S,H,D] into centroids [B,H,C,D] f32 (in place), per (batch, head):
 // with `initialize`, first the seeded sample of kmeans_init; `keys` samples from the keys' stream of
-// the seed (key_sample_seed), as svg2_attention does. Returns the labels, [B,H,S] i32.
+// the seed (key_sample_seed) and, when initialising, numbers the clusters along order_clusters'
+// chain afterwards, as svg2_attention does. Returns the labels, [B,H,S] i32.
 at::Tensor kmeans(const at::Tensor& points, at::Tensor& centroids, bool initialize, int64_t iters, int64_t seed,
                   bool keys) {
   return translating_errors([&] {
@@ -407,12 +408,16 @@ at::Tensor kmeans(const at::Tensor& points, at::Tensor& centroids, bool initiali
     at::Tensor labels = at::empty({B, H, S}, points.options().dtype(at::kInt));
     at::Tensor sizes = at::empty({B, H, C}, points.options().dtype(at::kInt));
     const Stream stream = stream_for(points);
-    const size_t bytes = kmeans_workspace_bytes(B * H, S, C, D, stream.device);
+    const bool order = initialize && keys;  // svg2_attention numbers a fresh clustering of the keys along the chain
+    const size_t bytes = std::max(kmeans_workspace_bytes(B * H, S, C, D, stream.device),
+                                  order ? order_clusters_workspace_bytes(B * H, C, D, stream.device) : size_t{0});
     at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, points.options().dtype(at::kByte));
     const Workspace ws{workspace.data_ptr(), bytes};
     const uint64_t sample_seed = keys ? key_sample_seed(static_cast<uint64_t>(seed)) : static_cast<uint64_t>(seed);
     if (initialize) kmeans_init(pv, cv, sample_seed, stream, ws);
-    sapattn::kmeans(pv, cv, view_of(labels, "labels"), view_of(sizes, "sizes"), static_cast<int>(iters), stream, ws);
+    const TensorView lv = view_of(labels, "labels"), sv = view_of(sizes, "sizes");
+    sapattn::kmeans(pv, cv, lv, sv, static_cast<int>(iters), stream, ws);
+    if (order) order_clusters(cv, sv, lv, stream, ws);
     return labels;
   });
 }

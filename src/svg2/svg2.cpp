@@ -14,6 +14,12 @@ namespace sapattn {
 
 namespace pipeline {
 
+bool sorted_kv(Device device, DType dtype, int64_t head_dim) {
+  if (device.type != DeviceType::CUDA) return false;
+  const AttentionKernel kernel = attention_kernel(device, dtype, head_dim);
+  return kernel.supported && std::strcmp(kernel.name, "sm90a-wgmma") == 0;
+}
+
 size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Device device, const Workspace* workspace,
              Buffers* buffers) {
   const int64_t B = shape.batch, H = shape.heads, S = shape.seq, D = shape.head_dim;
@@ -34,6 +40,10 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
   b.q_sizes = c.take_view(DType::I32, {B, H, config.q_clusters}, device);
   b.k_sizes = c.take_view(DType::I32, {B, H, config.k_clusters}, device);
   b.mask = c.take_view(DType::U8, {B, H, b.q_clusters, b.k_clusters}, device);
+  if (sorted_kv(device, dtype, D)) {
+    b.k_sorted = c.take_view(dtype, {B, H, S, D}, device);
+    b.v_sorted = c.take_view(dtype, {B, H, S, D}, device);
+  }
   const bool error_aware = config.routing == Routing::ErrorAware;
   const int64_t Cq = config.q_clusters, Ck = config.k_clusters;
   if (error_aware || config.compensate) b.v_centroids = c.take_view(DType::F32, {B, H, Ck, D}, device);
@@ -56,6 +66,7 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
   const size_t scratch =
       std::max({kmeans_workspace_bytes(B * H, b.video_tokens, config.q_clusters, D, device),
                 kmeans_workspace_bytes(B * H, b.video_tokens, config.k_clusters, D, device),
+                order_clusters_workspace_bytes(B * H, config.k_clusters, D, device),
                 cluster_permutation_workspace_bytes(B * H, S, std::max(b.q_clusters, b.k_clusters), device),
                 block_sparse_attention_workspace_bytes(B * H, b.q_clusters, b.k_clusters, S, device),
                 error_aware || config.compensate || config.density > 0.0f
@@ -126,12 +137,20 @@ void attend_clusters(const TensorView& q, const TensorView& k, const TensorView&
   if (config.key_shard_count > 1) shard_key_clusters(buf.mask, config.key_shard_index, config.key_shard_count, stream);
   cluster_permutation(buf.q_labels, buf.q_clusters, buf.q_perm, buf.q_offsets, stream, buf.op_scratch);
   cluster_permutation(buf.k_labels, buf.k_clusters, buf.k_perm, buf.k_offsets, stream, buf.op_scratch);
-  // The attention reads Q, K and V through the permutations and writes O and LSE in token order:
-  // no permuted copies of the inputs or outputs exist.
+  // The attention reads Q (and K and V, unless sorted copies are made for the Hopper kernel's TMA
+  // loads) through the permutations and writes O and LSE in token order: no permuted copy of Q or O
+  // exists.
   const BlockLayout layout{buf.q_offsets, buf.k_offsets, buf.mask};
   const TensorView lse = config.compensate && outputs.lse.empty() ? buf.lse : outputs.lse;
-  block_sparse_attention(q, k, v, layout, scale, outputs.out, lse, stream, buf.op_scratch,
-                         RowPermutation{buf.q_perm, buf.k_perm});
+  if (buf.k_sorted.empty()) {
+    block_sparse_attention(q, k, v, layout, scale, outputs.out, lse, stream, buf.op_scratch,
+                           RowPermutation{buf.q_perm, buf.k_perm});
+  } else {
+    gather_rows(k, buf.k_perm, buf.k_sorted, stream);
+    gather_rows(v, buf.k_perm, buf.v_sorted, stream);
+    block_sparse_attention(q, buf.k_sorted, buf.v_sorted, layout, scale, outputs.out, lse, stream, buf.op_scratch,
+                           RowPermutation{buf.q_perm, TensorView{}});
+  }
   if (config.compensate && config.ear_split)
     corrected_centroid_compensation(q, buf.q_video_labels(), buf.video_mask(), buf.sub_k_centroids, buf.sub_v_centroids,
                                     buf.sub_sizes, buf.spread, buf.pair_values, scale, outputs.out, lse, stream);
@@ -157,6 +176,7 @@ void cluster(const TensorView& q, const TensorView& k, const Config& config, con
   }
   kmeans(qv, centroids.q, buf.q_video_labels(), q_sizes, iters, stream, buf.op_scratch);
   kmeans(kv, centroids.k, buf.k_video_labels(), k_sizes, iters, stream, buf.op_scratch);
+  if (initialize) order_clusters(centroids.k, k_sizes, buf.k_video_labels(), stream, buf.op_scratch);
 }
 
 void probe(const TensorView& k, const TensorView& v, const Config& config, const CentroidViews& centroids,

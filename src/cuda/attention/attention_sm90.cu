@@ -39,16 +39,18 @@ using sm90::kBoxHeights;
 using sm90::kThreads;
 using sm90::TmaMaps;
 
-template <class Tr, bool kTma>
+// kTma: K and V (and Q unless kQGather) come as TMA boxes; kQGather: Q rows are read through q_perm
+// by the TMA warp with cp.async.
+template <class Tr, bool kTma, bool kQGather>
 __global__ void __launch_bounds__(kThreads, 1)
     attention_kernel(const __grid_constant__ Params p, const __grid_constant__ TmaMaps maps) {
   extern __shared__ __align__(1024) char smem_raw[];
   auto& s = *reinterpret_cast<typename Tr::Smem*>(smem_raw);
   if (threadIdx.x == 0) {
     // TMA: one arrival (the producer's, with the stage's bytes) completes a "full" phase;
-    // cp.async: one per producer thread.
+    // cp.async: one per producer thread (the TMA warp's Q gather: one per lane and lane 0's).
     const int loaders = kTma ? 1 : 128;
-    Barrier::init(&s.q_full, loaders);
+    Barrier::init(&s.q_full, kQGather ? sm90::kQGatherArrivals : loaders);
     Barrier::init(&s.q_empty, 256);
     for (int i = 0; i < Tr::kStages; ++i) {
       Barrier::init(&s.k_full[i], loaders);
@@ -65,7 +67,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The producer warpgroup: one warp issues TMA boxes; all four gather with cp.async.
     cutlass::arch::warpgroup_reg_dealloc<sm90::kProducerRegs>();
     if constexpr (kTma) {
-      if (threadIdx.x < 32) sm90::producer_tma<Tr>(p, maps, s, num_items, q_tiles);
+      if (threadIdx.x < 32) sm90::producer_tma<Tr, kQGather>(p, maps, s, num_items, q_tiles);
     } else {
       sm90::producer_cp_async<Tr>(p, s, num_items, q_tiles);
     }
@@ -112,14 +114,15 @@ bool encode_map(CUtensorMap& map, const void* base, int seq, const Params& p, co
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// Which loads run. TMA needs rows in cluster order (no permutation to read through); where they
-// are, it is faster in both modes. Measured on an H100 (docs/attention.md, 2026-12-06): dense Wan
-// 14B 720p 209 ms against the cp.async gather's 232; sparse, with the warp-parallel box finder, 16.5
-// / 42.7 / 86.6 ms against 17.6 / 47.8 / 98.3 at densities 0.05 / 0.15 / 0.30, and 8-13% ahead on
-// Wan 1.3B 480p and HunyuanVideo 720p. SAPATTN_SM90_LOAD overrides: "cpasync" everywhere, "tma" (or
-// "" or "auto") wherever rows are unpermuted.
+// Which loads run. TMA needs key rows in cluster order (no permutation to read K and V through);
+// where they are, it is faster in both modes. Measured on an H100 (docs/attention.md, 2026-12-06):
+// dense Wan 14B 720p 209 ms against the cp.async gather's 232; sparse, with the warp-parallel box
+// finder, 16.5 / 42.7 / 86.6 ms against 17.6 / 47.8 / 98.3 at densities 0.05 / 0.15 / 0.30, and
+// 8-13% ahead on Wan 1.3B 480p and HunyuanVideo 720p. Queries read through q_perm are then gathered
+// by the TMA warp. SAPATTN_SM90_LOAD overrides: "cpasync" everywhere, "tma" (or "" or "auto")
+// wherever key rows are unpermuted.
 bool use_tma(const Params& p) {
-  if (p.q_perm != nullptr || p.k_perm != nullptr) return false;
+  if (p.k_perm != nullptr) return false;
   const char* env = std::getenv("SAPATTN_SM90_LOAD");
   if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return true;
   if (std::strcmp(env, "cpasync") == 0) return false;
@@ -150,12 +153,14 @@ void launch(const Params& p, cudaStream_t stream) {
   static_assert(sizeof(typename Tr::Smem) <= 227 * 1024, "more shared memory than an H100 SM gives a block");
   TmaMaps maps{};
   Params params = p;
-  bool tma = use_tma(p) && encode_map<T>(maps.q, p.q, p.seq_q, p, p.q_stride, 64);
+  const bool q_gather = p.q_perm != nullptr;
+  bool tma = use_tma(p) && (q_gather || encode_map<T>(maps.q, p.q, p.seq_q, p, p.q_stride, 64));
   for (int j = 0; j < kBoxHeights && tma; ++j)
     tma = encode_map<T>(maps.k[j], p.k, p.seq_k, p, p.k_stride, Tr::kSlotRows << j) &&
           encode_map<T>(maps.v[j], p.v, p.seq_k, p, p.v_stride, Tr::kSlotRows << j);
   const int smem = static_cast<int>(sizeof(typename Tr::Smem));
-  auto* kernel = tma ? attention_kernel<Tr, true> : attention_kernel<Tr, false>;
+  auto* kernel = !tma ? attention_kernel<Tr, false, false>
+                      : (q_gather ? attention_kernel<Tr, true, true> : attention_kernel<Tr, true, false>);
   set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
   const int64_t q_tiles = (p.seq_q + kTileQ - 1) / kTileQ;
   const int64_t max_items = p.dense ? int64_t{p.batch} * p.heads * q_tiles : p.plan.max_items;

@@ -7,9 +7,11 @@
 // cp.async per row chunk, completion tied to the stage's "full" mbarrier with
 // cp.async.mbarrier.arrive.noinc, as CUTLASS's cp.async GMMA mainloops do. All 128 threads load.
 //
-// producer_tma: where rows are not permuted, boxes from tensor maps; in the dense mode a tile is one
-// box per 64 columns, in the sparse mode 16-row slots per run of kept clusters, loaded as boxes of 16
-// to 128 rows that the whole producer warp finds at once (box_at). One warp loads.
+// producer_tma: where key rows are not permuted, boxes from tensor maps; in the dense mode a tile is
+// one box per 64 columns, in the sparse mode 16-row slots per run of kept clusters, loaded as boxes of
+// 16 to 128 rows that the whole producer warp finds at once (box_at). Q comes as boxes too, or, where
+// it is read through q_perm (svg2's calls, with K and V laid out in cluster order), as a cp.async
+// gather by the same warp. One warp loads.
 //
 // Both walk the items the scheduler (scheduler.cuh) hands out and keep their own pipeline
 // positions: item_count for the Q buffer, tile_count for the K/V stage ring.
@@ -217,11 +219,57 @@ __device__ __forceinline__ bool box_at(int32_t slot_seg, int32_t num_segments, i
   return o == 0 || ((o & ~length) == 0 && (length ^ o) < (o & -o));
 }
 
+// The Q rows of an item read through q_perm by the one TMA producer warp, with cp.async (TMA boxes
+// need contiguous rows; K and V still come as boxes). Lane l owns item rows l, l + 32, ... and finds
+// their sources (QSources, before the warp waits for the Q buffer); in each pass the warp copies
+// 32 / kChunksPerRow rows, one 16-byte chunk per lane, the source fetched from the row's owner by a
+// shuffle. Rows past the item's end are zero-filled. Each lane ties its copies to q_full
+// (cp.async.mbarrier.arrive.noinc): 32 of the phase's kQGatherArrivals.
+constexpr int kQGatherArrivals = 33;  // 32 lanes' copies + lane 0's publication of the item
+
+template <class Tr>
+struct QSources {
+  static constexpr int kOwned = Tr::kBlockM / 32;
+  int32_t row[kOwned];  // the source rows of item rows lane + 32 j, -1 for none
+  __device__ __forceinline__ QSources(const Params& p, const Item& it, int lane) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < kOwned; ++j) {
+      const int r = lane + 32 * j;
+      row[j] = r < it.rows ? through_perm(p.q_perm, int64_t{it.bh} * p.seq_q, it.q_begin + r, p.seq_q, p.flag) : -1;
+    }
+  }
+};
+
+template <class Tr>
+__device__ __forceinline__ void gather_q_warp(const Params& p, const Item& it, const QSources<Tr>& sources,
+                                              typename Tr::Smem& s, int lane) {
+  using T = typename Tr::T;
+  constexpr int kChunks = Tr::kChunksPerRow, kRowsPerPass = 32 / kChunks;
+  static_assert(32 % kChunks == 0 && Tr::kBlockM % 32 == 0);
+  const int b = it.bh / p.heads, h = it.bh % p.heads;
+  const T* base = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
+  auto sQ = make_tensor(make_smem_ptr(s.q.data()), typename Tr::LayoutQ{});
+  const int chunk = lane % kChunks;
+  // Not unrolled further: the producer holds kProducerRegs registers.
+  CUTLASS_PRAGMA_UNROLL
+  for (int j = 0; j < QSources<Tr>::kOwned; ++j) {
+#pragma unroll 2
+    for (int i = 0; i < 32 / kRowsPerPass; ++i) {
+      const int owner = i * kRowsPerPass + lane / kChunks;  // the row's lane; the row is 32 j + owner
+      const int32_t src = __shfl_sync(0xffffffff, sources.row[j], owner);
+      const T* g = base + (src >= 0 ? static_cast<int64_t>(src) * p.q_stride[2] : 0) + chunk * 8;
+      cp_async16_zfill(cast_smem_ptr_to_uint(&sQ(32 * j + owner, chunk * 8)), g, src >= 0);
+    }
+  }
+  cutlass::arch::cpasync_barrier_arrive_noinc(&s.q_full);
+}
+
 // One warp loads: lane 0 signs each stage up for its bytes; in the sparse mode every lane finds the
 // box its slot begins (box_at) and lane c * kSlots + j issues the box at slot j of column block c,
 // for K and then V. In the dense mode a key tile is one kBlockN-row box per column block. With Q
 // lane 0 also publishes the item's key tile count and its index (s.item_blocks, s.item_index).
-template <class Tr>
+// kQGather: Q rows are read through q_perm with cp.async (gather_q_warp), not as boxes.
+template <class Tr, bool kQGather>
 __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::Smem& s, int num_items, int q_tiles) {
   using T = typename Tr::T;
   constexpr uint32_t kQBytes = Tr::kBlockM * Tr::kChunksPerRow * 16;
@@ -239,15 +287,27 @@ __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::
     const int n_blocks = (count_slots<Tr::kSlotRows>(it, lane) + Tr::kSlots - 1) / Tr::kSlots;
     LaneSlots<Tr::kSlotRows> slots(it);
 
-    // Q: 64-row boxes (rows past the item's end are computed and never stored).
-    Barrier::wait(&s.q_empty, (item_count & 1) ^ 1);
-    if (lane == 0) {
-      s.item_blocks = n_blocks;
-      s.item_index = index;  // the dynamic scheduler's hand-off (ItemScheduler)
-      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.q_full, kQBytes);
+    // Q: 64-row boxes, or rows gathered through q_perm (rows past the item's end are computed and
+    // never stored).
+    if constexpr (kQGather) {
+      const QSources<Tr> sources(p, it, lane);
+      Barrier::wait(&s.q_empty, (item_count & 1) ^ 1);
+      gather_q_warp<Tr>(p, it, sources, s, lane);
+      if (lane == 0) {
+        s.item_blocks = n_blocks;
+        s.item_index = index;
+        Barrier::arrive(&s.q_full);  // releases the two fields to the consumers' wait
+      }
+    } else {
+      Barrier::wait(&s.q_empty, (item_count & 1) ^ 1);
+      if (lane == 0) {
+        s.item_blocks = n_blocks;
+        s.item_index = index;  // the dynamic scheduler's hand-off (ItemScheduler)
+        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.q_full, kQBytes);
+      }
+      __syncwarp();
     }
-    __syncwarp();
-    if (lane < 2 * Tr::kColBlocks) {
+    if (!kQGather && lane < 2 * Tr::kColBlocks) {
       const int half = lane % 2, cb = lane / 2;
       T* dst = s.q.data() + (half * 8 + cb * (Tr::kBlockM / 8)) * kAtomElems;
       tma_load_4d(&maps.q, &s.q_full, dst, cb * 64, it.q_begin + 64 * half, h, b);
@@ -294,7 +354,8 @@ __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::
       if (issues) tma_load_4d(&maps.v[map], &s.v_full[stage], v_dst, col_block * 64, row, h, b);
     }
   }
-  items.finish(item_count);
+  items.finish(item_count, kQGather ? kQGatherArrivals : 1);
+  if constexpr (kQGather) cute::cp_async_wait<0>();  // leave no copy in flight behind an exiting lane
 }
 
 }  // namespace sapattn::cuda::attn::sm90

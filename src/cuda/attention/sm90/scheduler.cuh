@@ -104,14 +104,14 @@ class ItemScheduler {
   }
 
   // The producer, after its last item (`q_count` items in all): tell the consumers that no item is
-  // left.
-  __device__ __forceinline__ void finish(int q_count) const {
+  // left, completing q_full's phase with its `arrivals`.
+  __device__ __forceinline__ void finish(int q_count, int arrivals) const {
     static_assert(kProducer);
     if (dynamic()) {
       Barrier::wait(&s_.q_empty, (q_count & 1) ^ 1);
       if (threadIdx.x % 32 == 0) {
         s_.item_index = num_items_;
-        Barrier::arrive(&s_.q_full);
+        for (int i = 0; i < arrivals; ++i) Barrier::arrive(&s_.q_full);
       }
     }
   }
