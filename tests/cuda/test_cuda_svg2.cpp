@@ -8,6 +8,8 @@
 //     and the outputs are finite. The GPU's clusters are not compared with the CPU's here: the
 //     tensor-core assignment may place a point whose two nearest centroids are within bf16
 //     rounding differently (3 of 3,200 keys in this test), which moves whole key sets.
+//   - the Hopper path (sorted K and V, q_perm only) against the sm80 kernel's fused gather on the
+//     same clusters.
 // The layer call with SVG-EAR's options is in test_cuda_ear_layer.cpp.
 #include <gtest/gtest.h>
 
@@ -121,6 +123,43 @@ TEST_P(Svg2OnGpu, SparseCallsAreDeterministicAndWellFormed) {
 
 INSTANTIATE_TEST_SUITE_P(Kernels, Svg2OnGpu, ::testing::Values("auto", "sm80"),
                          [](const auto& p) { return std::string(p.param); });
+
+// On an H100 the automatic kernel is the Hopper one, for which svg2 sorts K and V into cluster order
+// and passes only q_perm (TMA loads); the forced sm80 kernel reads K and V through k_perm. The
+// clustering does not depend on the attention kernel, so both calls attend over the same layout:
+// equal densities and sizes, outputs within two kernels' evaluations of one another (P rounded to
+// 16 bits in both, the bf16 output rounding), LSE within 2^-8 (1 + |lse|). Fresh and warm calls,
+// with and without text tokens. On other GPUs both calls take the sm80 kernel.
+TEST(Svg2OnGpuPaths, SortedKeysAndFusedGatherAgree) {
+  for (const int64_t text : {int64_t{0}, int64_t{48}}) {
+    const int64_t B = 2, H = 2, S = 1600 + text, D = 128;
+    const Inputs3 in = clustered_inputs(B, H, S, D);
+    Config config;
+    config.q_clusters = 10;
+    config.k_clusters = 30;
+    config.text_tokens = text;
+    config.prompt_length = text / 2;
+    TestStream cs;
+    BranchState sorted, fused;
+    for (int call = 0; call < 2; ++call) {
+      SCOPED_TRACE("text tokens " + std::to_string(text) + ", call " + std::to_string(call));
+      cuda::set_attention_kernel_override("");
+      const Svg2Run a = run_svg2(in.q, in.k, in.v, config, sorted, cs.stream());
+      cuda::set_attention_kernel_override("sm80");
+      const Svg2Run b = run_svg2(in.q, in.k, in.v, config, fused, cs.stream());
+      cuda::set_attention_kernel_override("");
+      cs.sync();
+      EXPECT_EQ(host_values(a.density), host_values(b.density));
+      EXPECT_EQ(host_values(a.k_sizes), host_values(b.k_sizes));
+      const std::vector<double> o = host_values(a.out), o_ref = host_values(b.out);
+      for (size_t i = 0; i < o.size(); ++i)
+        ASSERT_LE(std::abs(o[i] - o_ref[i]), 0x1p-7 * in.max_v + 0x1p-8 * std::abs(o_ref[i])) << "out element " << i;
+      const std::vector<double> l = host_values(a.lse), l_ref = host_values(b.lse);
+      for (size_t i = 0; i < l.size(); ++i)
+        ASSERT_LE(std::abs(l[i] - l_ref[i]), 0x1p-8 * (1.0 + std::abs(l_ref[i]))) << "lse element " << i;
+    }
+  }
+}
 
 }  // namespace
 }  // namespace sapattn::cuda_test
