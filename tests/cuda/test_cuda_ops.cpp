@@ -2,7 +2,7 @@
 // test-backend-ops does: inputs are drawn on the host, copied to the GPU byte for byte (views keep
 // their strides and offsets), both backends run the public op, and the outputs are compared with
 // the tolerance each contract allows:
-//   exact (bytes):   kmeans_init, the exact kmeans_assign, sizes, select_top_p, select_blocks,
+//   exact (bytes):   kmeans_init, the exact kmeans_assign, sizes, order_clusters, select_top_p, select_blocks,
 //                    apply_text_rule, shard_key_clusters, label_text_tokens, cluster_permutation, gathers,
 //                    scatters, block_density;
 //   error model:     the tensor-core assignment (a different label only where the two best
@@ -16,6 +16,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <numeric>
 #include <string>
@@ -814,6 +815,113 @@ TEST(ClusterOrder, IdenticalToCpu) {
   // A small workspace throws.
   EXPECT_THROW(order_clusters(dc.view, ds.view, dl.view.slice(2, 0, N), cs.stream(), Workspace{ws.data(), 64}),
                WorkspaceError);
+}
+
+// The same at the shapes that pick each chain kernel (cuda::order_chain_kernel) and at its edges: the
+// cluster kernel (sm_90+) at C not a multiple of a warp or of the CTAs, D = 64, D padded to 64 or 128,
+// one cluster, every cluster empty, the largest C (8 CTAs), tiny CTAs (the "cluster:N" knob), many heads;
+// centroids with exact and near ties, NaN, infinities, zero rows and rows whose squared norm overflows
+// (similarities of +0 and -0, which tie); the block kernel above the cluster kernel's shapes and
+// forced at the svg2 size.
+enum class OrderFill { Normal, Duplicates, NonFinite };
+
+struct OrderCase {
+  const char* name;
+  int64_t B, H, C, D;
+  OrderFill fill;
+  double empty_share;
+  const char* kernel;  // set_order_chain_override's name; "" for the default choice
+  bool cluster;        // whether the cluster kernel must run (on sm_90+)
+};
+
+void PrintTo(const OrderCase& k, std::ostream* os) { *os << k.name; }
+
+class ClusterOrderCases : public ::testing::TestWithParam<OrderCase> {
+ protected:
+  void SetUp() override { cuda::set_order_chain_override(GetParam().kernel); }
+  void TearDown() override { cuda::set_order_chain_override(""); }
+};
+
+TEST_P(ClusterOrderCases, IdenticalToCpu) {
+  const OrderCase& k = GetParam();
+  const int64_t B = k.B, H = k.H, C = k.C, D = k.D, N = 3 * C + 17;
+  int device = 0, major = 0;
+  SAPATTN_CUDA_CHECK(cudaGetDevice(&device));
+  SAPATTN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  const cuda::OrderChainKernel chosen = cuda::order_chain_kernel(device, C, D);
+  ASSERT_TRUE(chosen.supported);
+  if (major >= 9) {
+    EXPECT_EQ(chosen.cluster, k.cluster) << "the case no longer covers the kernel it is meant for";
+  }
+  Rng rng(case_seed());
+  Host cent = make_host(DType::F32, {B, H, C, D}), sizes = make_host(DType::I32, {B, H, C}),
+       labels = make_host(DType::I32, {B, H, N});
+  auto* x = static_cast<float*>(cent.view.data);
+  std::vector<float> base(static_cast<size_t>(8 * D));
+  for (float& v : base) v = static_cast<float>(rng.normal());
+  for (int64_t r = 0; r < B * H * C; ++r) {
+    float* row = x + r * D;
+    for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(rng.normal());
+    const double u = rng.uniform();
+    if (k.fill == OrderFill::Duplicates && u < 0.67) {  // exact copies of 8 rows, and scaled copies
+      const float scale = u < 0.33 ? 1.0f : static_cast<float>(rng.integer(2, 5));
+      const float* b = base.data() + rng.integer(0, 7) * D;
+      for (int64_t d = 0; d < D; ++d) row[d] = scale * b[d];
+    } else if (k.fill == OrderFill::NonFinite) {
+      if (u < 0.1) {
+        row[rng.integer(0, D - 1)] = std::numeric_limits<float>::quiet_NaN();
+      } else if (u < 0.2) {
+        row[rng.integer(0, D - 1)] = (u < 0.15 ? 1 : -1) * std::numeric_limits<float>::infinity();
+      } else if (u < 0.35) {
+        for (int64_t d = 0; d < D; ++d) row[d] *= 1e30f;
+      } else if (u < 0.45) {
+        for (int64_t d = 0; d < D; ++d) row[d] = 0.0f;
+      }
+    }
+  }
+  auto* size = static_cast<int32_t*>(sizes.view.data);
+  for (int64_t i = 0; i < B * H * C; ++i)
+    size[i] = rng.uniform() < k.empty_share ? 0 : static_cast<int32_t>(rng.integer(1, 40));
+  auto* label = static_cast<int32_t*>(labels.view.data);
+  for (int64_t i = 0; i < B * H * N; ++i) label[i] = static_cast<int32_t>(rng.integer(0, C - 1));
+  CudaStream cs;
+  Dev dc = to_device(cent), ds = to_device(sizes), dl = to_device(labels);
+  const Buffer ws = device_workspace(order_clusters_workspace_bytes(B * H, C, D, Device::cuda(0)));
+  order_clusters(dc.view, ds.view, dl.view, cs.stream(), as_workspace(ws));
+  order_clusters(cent.view, sizes.view, labels.view, kCpu);
+  cs.sync();
+  EXPECT_EQ(bytes_of(to_host(dc, cent)), bytes_of(cent));
+  EXPECT_EQ(bytes_of(to_host(ds, sizes)), bytes_of(sizes));
+  EXPECT_EQ(bytes_of(to_host(dl, labels)), bytes_of(labels));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, ClusterOrderCases,
+    ::testing::Values(OrderCase{"wan_d128", 1, 3, 1000, 128, OrderFill::Normal, 0.2, "", true},
+                      OrderCase{"wan_d128_cta256", 1, 3, 1000, 128, OrderFill::Normal, 0.2, "cluster:256", true},
+                      OrderCase{"wan_d128_block", 1, 3, 1000, 128, OrderFill::Normal, 0.2, "block", false},
+                      OrderCase{"d64", 2, 1, 1000, 64, OrderFill::Normal, 0.1, "", true},
+                      OrderCase{"d100_c333", 2, 2, 333, 100, OrderFill::Normal, 0.3, "", true},
+                      OrderCase{"d20_c37", 1, 2, 37, 20, OrderFill::Normal, 0.2, "", true},
+                      OrderCase{"c2816_8ctas", 1, 1, 2816, 128, OrderFill::Normal, 0.1, "", true},
+                      OrderCase{"c100_ctas_of_32", 1, 2, 100, 128, OrderFill::Normal, 0.2, "cluster:32", true},
+                      OrderCase{"one_cluster", 2, 3, 1, 64, OrderFill::Normal, 0.5, "", true},
+                      OrderCase{"all_empty", 1, 2, 50, 128, OrderFill::Normal, 1.0, "", true},
+                      OrderCase{"many_heads", 4, 150, 64, 64, OrderFill::Normal, 0.2, "", true},
+                      OrderCase{"ties", 1, 2, 200, 96, OrderFill::Duplicates, 0.1, "", true},
+                      OrderCase{"non_finite", 1, 2, 300, 128, OrderFill::NonFinite, 0.1, "", true},
+                      OrderCase{"non_finite_block", 1, 2, 300, 128, OrderFill::NonFinite, 0.1, "block", false},
+                      OrderCase{"c2817_block", 1, 1, 2817, 128, OrderFill::Normal, 0.1, "", false},
+                      OrderCase{"d200_block", 1, 2, 300, 200, OrderFill::Normal, 0.1, "", false}),
+    [](const auto& p) { return std::string(p.param.name); });
+
+TEST(ClusterOrder, KernelOverrideNames) {
+  EXPECT_THROW(cuda::set_order_chain_override("cluster:48"), InvalidArgumentError);
+  EXPECT_THROW(cuda::set_order_chain_override("cluster:"), InvalidArgumentError);
+  EXPECT_THROW(cuda::set_order_chain_override("warp"), InvalidArgumentError);
+  cuda::set_order_chain_override("block");
+  EXPECT_FALSE(cuda::order_chain_kernel(0, 1000, 128).cluster);
+  cuda::set_order_chain_override("");
 }
 
 TEST(Errors, BadValuesAreReportedWithValueChecks) {
