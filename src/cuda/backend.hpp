@@ -46,8 +46,9 @@ size_t order_clusters_workspace_bytes(int64_t batch_heads, int64_t clusters, int
 void order_clusters(TensorView centroids, TensorView sizes, TensorView labels, const Stream& stream,
                     Workspace workspace);
 // The kernel that builds order_clusters' chain on `device` for C clusters of dimension D
-// (permute/cluster_order.cu): the cluster kernel (sm_90+, D <= 128, C <= 2816, or 4096 at D <= 64) or
-// the block kernel (any other shape up to 40960 clusters; `supported` is false above that).
+// (permute/cluster_order.cu): the cluster kernel (sm_90+ with a data-centre GPU's shared memory,
+// D <= 128, C <= 2816, or 4096 at D <= 64) or the block kernel (any other shape or GPU, up to 40960
+// clusters; `supported` is false above that).
 struct OrderChainKernel {
   bool supported = true;
   bool cluster = false;  // true: a thread-block cluster of `ctas` CTAs per head, rows padded to padded_dim

@@ -7,8 +7,9 @@
 // times their count, so a head's centroids stay on chip and a step is kept short. Two kernels build
 // it; order_chain_kernel() says which one runs (one function answers "supported?" and "which?"):
 //
-// Cluster kernel (sm_90+, D <= 128, C <= 8 x 352 = 2816 at D > 64 and 8 x 512 = 4096 at D <= 64):
-// one thread-block cluster of K CTAs per head, one thread per candidate holding its row in registers,
+// Cluster kernel (sm_90+, D <= 128, C <= 8 x 352 = 2816 at D > 64 and 8 x 512 = 4096 at D <= 64, and
+// a device that gives a CTA the shared memory for its rows, up to 196 KB: an H100 gives 227 KB): one
+// thread-block cluster of K CTAs per head, one thread per candidate holding its row in registers,
 // padded with zeros to kD = 64 or 128 (chain_arithmetic.hpp: the reference's warp butterfly as one
 // thread evaluates it, host-tested against the reference in tests/test_cluster_order.cpp). A step:
 //   1. every thread scores its candidate against the current row, which sits in its CTA's shared
@@ -380,15 +381,19 @@ int parse_chain_override(const char* name) {
                 ", or \"\")");
 }
 
-// Whether `device` runs the cluster kernel: thread-block clusters (sm_90+) and sm_90 code in this
-// build (an sm_80-only build JIT-compiled for an H100 has the kernel's empty body).
-bool cluster_kernel_runs(int device) {
-  int major = 0;
+// The shared memory a CTA of the cluster kernel may have on `device`, or 0 where the kernel cannot run:
+// no thread-block clusters (before sm_90), or no sm_90 code in this build (an sm_80-only build
+// JIT-compiled for an H100 has the kernel's empty body). Consumer GPUs with 99 KB per CTA take the
+// block kernel.
+size_t cluster_kernel_smem(int device) {
+  int major = 0, smem = 0;
   SAPATTN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  if (major < 9) return false;
+  if (major < 9) return 0;
   cudaFuncAttributes attr{};
   SAPATTN_CUDA_CHECK(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(chain_cluster_kernel<128>)));
-  return attr.ptxVersion >= 90;
+  if (attr.ptxVersion < 90) return 0;
+  SAPATTN_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return static_cast<size_t>(smem);
 }
 
 template <int kD>
@@ -417,17 +422,21 @@ void launch_cluster_kernel(const OrderChainKernel& k, const float* centroids, co
 OrderChainKernel order_chain_kernel(int device, int64_t clusters, int64_t dim) {
   OrderChainKernel k;
   const int forced = g_chain_override.load();
-  if (forced != 0 && clusters >= 1 && dim >= 1 && dim <= 128 && cluster_kernel_runs(device)) {
+  const size_t smem_limit = forced != 0 && clusters >= 1 && dim >= 1 && dim <= 128 ? cluster_kernel_smem(device) : 0;
+  if (smem_limit > 0) {
     const int padded = dim <= 64 ? 64 : 128;
     int most = padded == 128 ? kClusterThreads<128> : kClusterThreads<64>;
     if (forced > 0) most = min_of(most, forced);
     const int64_t ctas = ceil_div(clusters, most);
-    if (ctas <= kMaxClusterCtas) {
+    const int threads = static_cast<int>(round_up(ceil_div(clusters, ctas), 32));
+    const size_t smem = padded == 128 ? cluster_smem_bytes<128>(threads, static_cast<int>(ctas))
+                                      : cluster_smem_bytes<64>(threads, static_cast<int>(ctas));
+    if (ctas <= kMaxClusterCtas && smem <= smem_limit) {
       k.cluster = true;
       k.padded_dim = padded;
       k.ctas = static_cast<int>(ctas);
-      k.threads = static_cast<int>(round_up(ceil_div(clusters, ctas), 32));
-      k.smem = padded == 128 ? cluster_smem_bytes<128>(k.threads, k.ctas) : cluster_smem_bytes<64>(k.threads, k.ctas);
+      k.threads = threads;
+      k.smem = smem;
       return k;
     }
   }
