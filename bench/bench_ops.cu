@@ -1,7 +1,8 @@
-// Times the CUDA semantic-aware permutation ops and the attention planner at the official SVG2
-// shapes (the full-size ones of bench/shapes.json, over their video tokens), with the harness's
-// timer (bench/harness.hpp: CUTLASS's method, warm-up apart from timing, CUDA events, the median of
-// many runs) on random structured inputs that are far larger than the L2 for every memory-bound op.
+// Times the CUDA semantic-aware permutation ops, order_clusters and the attention planner at the
+// official SVG2 shapes (the full-size ones of bench/shapes.json, over their video tokens), with the
+// harness's timer (bench/harness.hpp: CUTLASS's method, warm-up apart from timing, CUDA events, the
+// median of many runs) on random structured inputs that are far larger than the L2 for every
+// memory-bound op.
 // Prints one JSON object per measurement; bench/report.py puts them next to the floors and the peers
 // measured in the same run.
 //
@@ -160,6 +161,34 @@ void bench_shape(const BenchShape& s, int reps) {
          0);
   }
 
+  // ---- order_clusters on the key clusters (svg2's first sparse call of a layer) --------------------
+  // On copies of the key centroids, sizes and labels (the op works in place; ordering clusters that
+  // are already in chain order takes as many steps of the same work). Each chain kernel in the same
+  // run: the default, the cluster kernel with CTAs of at most 256 threads, the block kernel.
+  {
+    Tensor oc = tensor(DType::F32, {B, H, Ck, D}), os = tensor(DType::I32, {B, H, Ck}),
+           ol = tensor(DType::I32, {B, H, S});
+    SAPATTN_CUDA_CHECK(cudaMemcpyAsync(oc.data(), kc.data(), kc.bytes(), cudaMemcpyDeviceToDevice, cs));
+    SAPATTN_CUDA_CHECK(cudaMemcpyAsync(os.data(), ks.data(), ks.bytes(), cudaMemcpyDeviceToDevice, cs));
+    SAPATTN_CUDA_CHECK(cudaMemcpyAsync(ol.data(), kl.data(), kl.bytes(), cudaMemcpyDeviceToDevice, cs));
+    const size_t order_bytes = order_clusters_workspace_bytes(BH, Ck, D, dev);
+    const Buffer order_buf = Buffer::allocate(order_bytes, dev);
+    const Workspace order_ws{order_buf.data(), order_bytes};
+    for (const char* kernel : {"", "cluster:256", "block"}) {
+      cuda::set_order_chain_override(kernel);
+      const cuda::OrderChainKernel k = cuda::order_chain_kernel(0, Ck, D);
+      const std::string name = kernel[0] == '\0' ? "order_clusters_k" : std::string("order_clusters_k_") + kernel;
+      measurement(s, name, timer.time([&] { order_clusters(oc.view(), os.view(), ol.view(), st, order_ws); }, 2, reps),
+                  static_cast<double>(BH) * (Ck * D * 4 * 3 + Ck * 4 * 3 + S * 4 * 2),
+                  0)  // latency-bound (C dependent steps): no rate floor applies
+          .str("kernel", k.cluster ? "cluster" : "block")
+          .integer("ctas_per_head", k.ctas)
+          .integer("threads", k.threads)
+          .print();
+    }
+    cuda::set_order_chain_override("");
+  }
+
   // ---- selection -----------------------------------------------------------------------------
   Tensor mask = tensor(DType::U8, {B, H, Cq, Ck});
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -251,8 +280,8 @@ void bench_shape(const BenchShape& s, int reps) {
 constexpr const char* kUsage =
     "usage: sapattn_bench_ops [--shape wan14b|wan13b|hunyuan|all] [--reps N]\n"
     "\n"
-    "Times the CUDA k-means, selection and permutation ops and the attention planner at the official\n"
-    "SVG2 shapes (bench/shapes.json) on GPU 0 and prints one JSON object per measurement\n"
+    "Times the CUDA k-means, order_clusters, selection and permutation ops and the attention planner\n"
+    "at the official SVG2 shapes (bench/shapes.json) on GPU 0 and prints one JSON object per measurement\n"
     "(bench/report.py makes the table of docs/cuda.md).\n"
     "  --shape S   the shapes whose name starts with S (wan14b_720p, wan13b_480p, hunyuan_720p) or all\n"
     "              (default: all)\n"

@@ -13,6 +13,7 @@ GOALS_MS = {  # at Wan 2.1 14B 720p
     "select_blocks": 0.3,
     "permute_qkv": 1.6,
     "inverse_o_bf16": 0.6,
+    "order_clusters_k": 2.0,  # issue 13: svg2's first sparse call of a layer orders the key clusters
 }
 PEERS = {
     "kmeans_2it_qk": ("flash_kmeans_2it_q", "flash_kmeans_2it_k"),

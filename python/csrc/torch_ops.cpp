@@ -294,10 +294,26 @@ struct TorchArg<std::optional<at::Tensor>> {
   static std::optional<at::Tensor> read(const c10::IValue& value) { return value.toOptional<at::Tensor>(); }
 };
 
-std::string svg2_schema() {
+template <typename M>
+struct MemberOf;
+template <typename T, typename C>
+struct MemberOf<T C::*> {
+  using type = C;
+};
+
+// Whether a row names a field of the engine's Config (check_config takes those) or the call's own.
+bool names_config(const Svg2Option& option) {
+  return std::visit([](auto member) { return std::is_same_v<typename MemberOf<decltype(member)>::type, Config>; },
+                    option.member);
+}
+
+// The options' part of a schema, ", <torch type> <name>=<default>" per row (the Config rows only
+// with config_only).
+std::string options_schema(bool config_only) {
   Svg2Options defaults;
-  std::string schema = "svg2_attention(" + std::string(kSvg2Inputs);
+  std::string schema;
   for (const Svg2Option& option : kSvg2Options) {
+    if (config_only && !names_config(option)) continue;
     std::visit(
         [&](auto member) {
           using T = std::remove_reference_t<decltype(field(defaults, member))>;
@@ -306,19 +322,27 @@ std::string svg2_schema() {
         },
         option.member);
   }
-  return schema + ") -> (Tensor, Tensor, Tensor)";
+  return schema;
 }
 
-// Reads a call's options, one argument per row, into their members.
-Svg2Options unpack_options(at::ArrayRef<c10::IValue> arguments) {
+std::string svg2_schema() {
+  return "svg2_attention(" + std::string(kSvg2Inputs) + options_schema(false) + ") -> (Tensor, Tensor, Tensor)";
+}
+
+std::string check_config_schema() { return "check_config(" + options_schema(true).substr(2) + ") -> ()"; }
+
+// Reads a call's options, one argument per row (per Config row with config_only), into their members.
+Svg2Options unpack_options(at::ArrayRef<c10::IValue> arguments, bool config_only = false) {
   Svg2Options options;
-  for (size_t i = 0; i < std::size(kSvg2Options); ++i) {
+  size_t at = 0;
+  for (const Svg2Option& option : kSvg2Options) {
+    if (config_only && !names_config(option)) continue;
     std::visit(
         [&](auto member) {
           auto& to = field(options, member);
-          to = TorchArg<std::remove_reference_t<decltype(to)>>::read(arguments[i]);
+          to = TorchArg<std::remove_reference_t<decltype(to)>>::read(arguments[at++]);
         },
-        kSvg2Options[i].member);
+        option.member);
   }
   return options;
 }
@@ -373,6 +397,17 @@ void svg2_attention_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stac
                      arguments[4].toTensor(), arguments[5].toBool(), unpack_options(arguments.slice(kSvg2InputCount)));
   torch::jit::drop(stack, count);
   torch::jit::push(stack, std::move(out), std::move(lse), std::move(density));
+}
+
+// Config::validate over the config rows, boxed like svg2_attention: SVG2Config's construction calls
+// it, so that a bad config fails there with the message the call would give, checked by one rule.
+void check_config_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const size_t count = op.schema().arguments().size();
+  translating_errors([&] {
+    unpack_options(torch::jit::last(stack, count), /*config_only=*/true).config.validate();
+    return 0;
+  });
+  torch::jit::drop(stack, count);
 }
 
 std::tuple<at::Tensor, at::Tensor> dense_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -464,6 +499,7 @@ void inference_only(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 
 TORCH_LIBRARY(sapattn, m) {
   m.def(svg2_schema().c_str());
+  m.def(check_config_schema().c_str(), torch::CppFunction::makeFromBoxedFunction<&check_config_boxed>());
   m.def("dense_attention(Tensor q, Tensor k, Tensor v, float scale, bool return_lse) -> (Tensor, Tensor)");
   m.def("kmeans(Tensor points, Tensor(a!) centroids, bool initialize, int iters, int seed, bool keys=False) -> Tensor");
   m.def("attention_kernel(Tensor q) -> str");

@@ -69,6 +69,14 @@ LIBRARY_PATH = _load()
 VERSION = _version()
 
 
+def check_config(config) -> None:
+    """The engine's Config::validate on an SVG2Config: every argument of sapattn::check_config is a
+    C++ Config field, given from the SVG2Config field of its name where there is one (the call's own,
+    such as text_tokens, keep their defaults). Raises ValueError with the engine's message."""
+    arguments = torch.ops.sapattn.check_config.default._schema.arguments
+    torch.ops.sapattn.check_config(**{a.name: getattr(config, a.name) for a in arguments if hasattr(config, a.name)})
+
+
 def _bound(op, args, kwargs) -> dict:
     """An op call's arguments by name, the schema's defaults filled in (the dispatcher hands a fake
     kernel only the arguments before a run of trailing defaults)."""

@@ -107,18 +107,28 @@ def test_with_method_matches_the_command_line_methods(inputs):
     (dict(density=-0.1), r"density must be in \[0, 1\] \(0 = use top_p\), got -0.1"),
     (dict(density=1.5), r"density must be in \[0, 1\]"),
     (dict(density=math.nan), r"density must be in \[0, 1\]"),
-    (dict(routing="ear"), r"routing must be one of 'top_p', 'error_aware', got 'ear'"),
-    (dict(ear_gamma=-1.0), r"ear_gamma must be finite and >= 0, got -1.0"),
+    (dict(routing="ear"), r"routing must be 'top_p' or 'error_aware', got 'ear'"),
+    (dict(ear_gamma=-1.0), r"ear_gamma must be finite and >= 0, got -1"),
     (dict(ear_gamma=math.inf), r"ear_gamma must be finite"),
     (dict(ear_keep_ratio=1.5), r"ear_keep_ratio must be in \[0, 1\], got 1.5"),
-    (dict(ear_head_budget=True), r"ear_spread, .* refine error-aware routing: they need routing='error_aware' "
-                                 r"\(or use SVG2Config.with_method\('ear-plus'\)\)"),
-    (dict(ear_split=True, routing="error_aware"), r"ear_spread, .* change the compensation: they need compensate=True"),
-    (dict(ear_spread=True, routing="error_aware"), r"ear_spread, .* change the compensation: they need compensate=True"),
+    (dict(ear_head_budget=True), r"ear_spread, .* refine error-aware routing: they need routing ErrorAware "
+                                 r"\('error_aware' in Python, where SVG2Config.with_method\('ear-plus'\) sets them all\)"),
+    (dict(ear_split=True, routing="error_aware"), r"ear_spread, .* change the compensation: they need compensate = true"),
+    (dict(ear_spread=True, routing="error_aware"), r"ear_spread, .* change the compensation: they need compensate = true"),
+    (dict(top_p=0.0), r"InvalidArgumentError: top_p must be in \(0, 1\], got 0"),
+    (dict(kmeans_iters_step=-1), r"InvalidArgumentError: kmeans_iters_step must be >= 0, got -1"),
 ])
 def test_bad_method_fields_raise_value_error(changes, message):
-    with pytest.raises(ValueError, match="SVG2Config: " + message):
+    """A bad engine field fails at construction with the engine's own message (one rule, one text)."""
+    with pytest.raises(ValueError, match=message):
         small_config(**changes)
+
+
+def test_bad_host_fields_raise_value_error():
+    with pytest.raises(ValueError, match=r"SVG2Config: first_times_fp must be in \[0, 1\], got 1.5"):
+        small_config(first_times_fp=1.5)
+    with pytest.raises(ValueError, match=r"SVG2Config: q_clusters must be None or >= 1, got 0"):
+        small_config(q_clusters=0)
 
 
 def test_unknown_method_and_engine_side_errors(inputs):

@@ -38,7 +38,7 @@ void Config::validate() const {
                 "ear_keep_ratio must be in [0, 1], got ", ear_keep_ratio);
   SAPATTN_CHECK(!ear_plus() || routing == Routing::ErrorAware, InvalidArgumentError,
                 "ear_spread, ear_pair_values, ear_head_budget and ear_split refine error-aware routing: they need "
-                "routing = ErrorAware");
+                "routing ErrorAware ('error_aware' in Python, where SVG2Config.with_method('ear-plus') sets them all)");
   SAPATTN_CHECK(!(ear_spread || ear_pair_values || ear_split) || compensate, InvalidArgumentError,
                 "ear_spread, ear_pair_values and ear_split change the compensation: they need compensate = true");
 }

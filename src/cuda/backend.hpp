@@ -45,6 +45,23 @@ void kmeans(const TensorView& points, TensorView centroids, TensorView labels, T
 size_t order_clusters_workspace_bytes(int64_t batch_heads, int64_t clusters, int64_t dim);
 void order_clusters(TensorView centroids, TensorView sizes, TensorView labels, const Stream& stream,
                     Workspace workspace);
+// The kernel that builds order_clusters' chain on `device` for C clusters of dimension D
+// (permute/cluster_order.cu): the cluster kernel (sm_90+ with a data-centre GPU's shared memory,
+// D <= 128, C <= 2816, or 4096 at D <= 64) or the block kernel (any other shape or GPU, up to 40960
+// clusters; `supported` is false above that).
+struct OrderChainKernel {
+  bool supported = true;
+  bool cluster = false;  // true: a thread-block cluster of `ctas` CTAs per head, rows padded to padded_dim
+  int padded_dim = 0;
+  int ctas = 1;
+  int threads = 0;  // per CTA
+  size_t smem = 0;  // dynamic shared memory per CTA, bytes
+};
+OrderChainKernel order_chain_kernel(int device, int64_t clusters, int64_t dim);
+// Test and benchmark knob (process-wide): "block" forces the block kernel, "cluster:N" caps the
+// cluster kernel's CTAs at N threads (a multiple of 32; more CTAs per head, shorter steps), "" (or
+// nullptr) restores the default. Throws InvalidArgumentError for other names.
+void set_order_chain_override(const char* name);
 
 void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, const Stream& stream);
 void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,

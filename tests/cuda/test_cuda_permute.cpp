@@ -2,13 +2,19 @@
 // byte for byte (outputs poisoned alike on both sides, so bytes outside a strided view count too):
 // cluster_permutation (permutation and offsets; skewed sizes, C > N, one cluster, one token, a Wan
 // 720p head), gather_rows and scatter_rows (dtype pairs, layouts, LSE rows of D = 1) and
-// order_clusters (the CPU's chain in the CPU's arithmetic at svg2's size).
+// order_clusters (the CPU's chain in the CPU's arithmetic at svg2's size, and at the shapes and
+// values that pick and stress each chain kernel).
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <limits>
+#include <ostream>
 #include <string>
 #include <vector>
 
+#include <cuda_runtime.h>
+
+#include "core/cuda_check.hpp"
 #include "cuda_support.hpp"
 #include "sapattn/ops.hpp"
 #include "test_support.hpp"
@@ -140,6 +146,113 @@ TEST(ClusterOrder, IdenticalToCpu) {
   // A small workspace throws.
   EXPECT_THROW(order_clusters(dc.view, ds.view, dl.view.slice(2, 0, N), cs.stream(), Workspace{ws.data(), 64}),
                WorkspaceError);
+}
+
+// The same at the shapes that pick each chain kernel (cuda::order_chain_kernel) and at its edges: the
+// cluster kernel (sm_90+) at C not a multiple of a warp or of the CTAs, D = 64, D padded to 64 or 128,
+// one cluster, every cluster empty, the largest C (8 CTAs), tiny CTAs (the "cluster:N" knob), many heads;
+// centroids with exact and near ties, NaN, infinities, zero rows and rows whose squared norm overflows
+// (similarities of +0 and -0, which tie); the block kernel above the cluster kernel's shapes and
+// forced at the svg2 size.
+enum class OrderFill { Normal, Duplicates, NonFinite };
+
+struct OrderCase {
+  const char* name;
+  int64_t B, H, C, D;
+  OrderFill fill;
+  double empty_share;
+  const char* kernel;  // set_order_chain_override's name; "" for the default choice
+  bool cluster;        // whether the cluster kernel must run (on sm_90+)
+};
+
+void PrintTo(const OrderCase& k, std::ostream* os) { *os << k.name; }
+
+class ClusterOrderCases : public ::testing::TestWithParam<OrderCase> {
+ protected:
+  void SetUp() override { cuda::set_order_chain_override(GetParam().kernel); }
+  void TearDown() override { cuda::set_order_chain_override(""); }
+};
+
+TEST_P(ClusterOrderCases, IdenticalToCpu) {
+  const OrderCase& k = GetParam();
+  const int64_t B = k.B, H = k.H, C = k.C, D = k.D, N = 3 * C + 17;
+  int device = 0, major = 0;
+  SAPATTN_CUDA_CHECK(cudaGetDevice(&device));
+  SAPATTN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  const cuda::OrderChainKernel chosen = cuda::order_chain_kernel(device, C, D);
+  ASSERT_TRUE(chosen.supported);
+  if (major >= 9) {
+    EXPECT_EQ(chosen.cluster, k.cluster) << "the case no longer covers the kernel it is meant for";
+  }
+  ref::Rng rng(testing_support::case_seed());
+  HostTensor cent = poisoned(DType::F32, {B, H, C, D}), sizes = poisoned(DType::I32, {B, H, C}),
+             labels = poisoned(DType::I32, {B, H, N});
+  auto* x = static_cast<float*>(cent.view.data);
+  std::vector<float> base(static_cast<size_t>(8 * D));
+  for (float& v : base) v = static_cast<float>(rng.normal());
+  for (int64_t r = 0; r < B * H * C; ++r) {
+    float* row = x + r * D;
+    for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(rng.normal());
+    const double u = rng.uniform();
+    if (k.fill == OrderFill::Duplicates && u < 0.67) {  // exact copies of 8 rows, and scaled copies
+      const float scale = u < 0.33 ? 1.0f : static_cast<float>(rng.integer(2, 5));
+      const float* b = base.data() + rng.integer(0, 7) * D;
+      for (int64_t d = 0; d < D; ++d) row[d] = scale * b[d];
+    } else if (k.fill == OrderFill::NonFinite) {
+      if (u < 0.1) {
+        row[rng.integer(0, D - 1)] = std::numeric_limits<float>::quiet_NaN();
+      } else if (u < 0.2) {
+        row[rng.integer(0, D - 1)] = (u < 0.15 ? 1 : -1) * std::numeric_limits<float>::infinity();
+      } else if (u < 0.35) {
+        for (int64_t d = 0; d < D; ++d) row[d] *= 1e30f;
+      } else if (u < 0.45) {
+        for (int64_t d = 0; d < D; ++d) row[d] = 0.0f;
+      }
+    }
+  }
+  auto* size = static_cast<int32_t*>(sizes.view.data);
+  for (int64_t i = 0; i < B * H * C; ++i)
+    size[i] = rng.uniform() < k.empty_share ? 0 : static_cast<int32_t>(rng.integer(1, 40));
+  auto* label = static_cast<int32_t*>(labels.view.data);
+  for (int64_t i = 0; i < B * H * N; ++i) label[i] = static_cast<int32_t>(rng.integer(0, C - 1));
+  NonBlockingStream cs;
+  DeviceTensor dc = to_device(cent), ds = to_device(sizes), dl = to_device(labels);
+  const Buffer ws = device_workspace(order_clusters_workspace_bytes(B * H, C, D, Device::cuda(0)));
+  order_clusters(dc.view, ds.view, dl.view, cs.stream(), as_workspace(ws));
+  order_clusters(cent.view, sizes.view, labels.view, kCpu);
+  cs.sync();
+  EXPECT_EQ(to_host(dc, cent).bytes(), cent.bytes());
+  EXPECT_EQ(to_host(ds, sizes).bytes(), sizes.bytes());
+  EXPECT_EQ(to_host(dl, labels).bytes(), labels.bytes());
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, ClusterOrderCases,
+    ::testing::Values(OrderCase{"wan_d128", 1, 3, 1000, 128, OrderFill::Normal, 0.2, "", true},
+                      OrderCase{"wan_d128_cta256", 1, 3, 1000, 128, OrderFill::Normal, 0.2, "cluster:256", true},
+                      OrderCase{"wan_d128_block", 1, 3, 1000, 128, OrderFill::Normal, 0.2, "block", false},
+                      OrderCase{"d64", 2, 1, 1000, 64, OrderFill::Normal, 0.1, "", true},
+                      OrderCase{"d100_c333", 2, 2, 333, 100, OrderFill::Normal, 0.3, "", true},
+                      OrderCase{"d20_c37", 1, 2, 37, 20, OrderFill::Normal, 0.2, "", true},
+                      OrderCase{"c2816_8ctas", 1, 1, 2816, 128, OrderFill::Normal, 0.1, "", true},
+                      OrderCase{"c100_ctas_of_32", 1, 2, 100, 128, OrderFill::Normal, 0.2, "cluster:32", true},
+                      OrderCase{"one_cluster", 2, 3, 1, 64, OrderFill::Normal, 0.5, "", true},
+                      OrderCase{"all_empty", 1, 2, 50, 128, OrderFill::Normal, 1.0, "", true},
+                      OrderCase{"many_heads", 4, 150, 64, 64, OrderFill::Normal, 0.2, "", true},
+                      OrderCase{"ties", 1, 2, 200, 96, OrderFill::Duplicates, 0.1, "", true},
+                      OrderCase{"non_finite", 1, 2, 300, 128, OrderFill::NonFinite, 0.1, "", true},
+                      OrderCase{"non_finite_block", 1, 2, 300, 128, OrderFill::NonFinite, 0.1, "block", false},
+                      OrderCase{"c2817_block", 1, 1, 2817, 128, OrderFill::Normal, 0.1, "", false},
+                      OrderCase{"d200_block", 1, 2, 300, 200, OrderFill::Normal, 0.1, "", false}),
+    [](const auto& p) { return std::string(p.param.name); });
+
+TEST(ClusterOrder, KernelOverrideNames) {
+  EXPECT_THROW(cuda::set_order_chain_override("cluster:48"), InvalidArgumentError);
+  EXPECT_THROW(cuda::set_order_chain_override("cluster:"), InvalidArgumentError);
+  EXPECT_THROW(cuda::set_order_chain_override("warp"), InvalidArgumentError);
+  cuda::set_order_chain_override("block");
+  EXPECT_FALSE(cuda::order_chain_kernel(0, 1000, 128).cluster);
+  cuda::set_order_chain_override("");
 }
 
 }  // namespace
