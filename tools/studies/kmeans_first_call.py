@@ -20,6 +20,9 @@ A schedule is a start followed by N full Lloyd iterations, the same on Q and on 
   rsubF:NS+N        the same on a random 1/F of the tokens (the first ranks of kmeans_init's keys)
   ppM+N             k-means++ seeding on a random sample of M*C tokens (the first ranks of the keys)
   gppM+N            greedy k-means++ (2 + ln C candidates per step, the best kept) on M*C tokens
+  opgppM+N          the same as the op kmeans_seed_greedy runs it (its splitmix64 draws, fp32 distances
+                    and fixed-point sums: the seeds of sapattn's default first call); gppM draws with
+                    numpy's generator in float64, as the committed runs did
   ppM/rsubF:NS+N    stages chain with '/'
   START+stopE       full iterations until the assignment objective changes by less than E (relative)
                     from one iteration to the next: a device-side flag, later iterations do no work
@@ -33,7 +36,8 @@ The project's method is what runs: kmeans_init's sample is computed bit for bit 
 the assignment uses the matrix form ||c||^2/2 - x.c in fp32 (the CUDA tensor-core path's form; the
 CPU op's exact sums are ~5x slower here); updates are fp64 means, empty clusters keep their centroid;
 selection follows select_blocks. --validate checks this against the project's CPU ops
-(torch.ops.sapattn.kmeans, sapattn.svg2_attention's density and LSE). Seeds are fixed: the sample
+(torch.ops.sapattn.kmeans: the sample, Lloyd, and kmeans_seed_greedy's seeds against opgpp's;
+sapattn.svg2_attention's density and LSE). Seeds are fixed: the sample
 (--seed), the k-means++ draws (head, tensor, seed) and the recall rows (head).
 
 --report prints, per schedule, mean / worst over heads of each ratio and how many heads meet the
@@ -60,7 +64,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-K_SEED_STREAM = 0x5BD1E9955BD1E995  # src/svg2.cpp: the keys' sample stream
+K_SEED_STREAM = 0x5BD1E9955BD1E995  # sapattn/config.hpp key_sample_seed: the keys' sample stream
+DRAW_STREAM = 0x243F6A8885A308D3  # src/core/kmeans_seeding.hpp: kmeans_seed_greedy's draws
+MASK64 = (1 << 64) - 1
 BASE_ITERS = 50
 TOP_P, MIN_KC_RATIO = 0.9, 0.10
 BASE_CHECKPOINTS = (4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 30, 40, 50)
@@ -92,6 +98,7 @@ class Points:
 
     def __init__(self, x: torch.Tensor, clusters: int, seed: int, problem: int):
         self.x, self.x64, self.C = x, x.double(), clusters
+        self.seed, self.problem = seed, problem
         self.sq = (self.x64 * self.x64).sum(1)
         self.order = sample_order(x.shape[0], seed, problem)
         self.init = x[self.order[torch.arange(clusters) % x.shape[0]]].clone()  # C > N: centroid c, point c mod N
@@ -244,12 +251,83 @@ def kmeans_pp(xs: torch.Tensor, C: int, rng: np.random.Generator, trials: int = 
     return xs[chosen].clone()
 
 
+def splitmix64_int(z: int) -> int:
+    """splitmix64 of one Python integer (arithmetic mod 2^64)."""
+    z = (z + 0x9E3779B97F4A7C15) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def squared_distances_f32(xs: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """The CPU op's fp32 ||x - c||^2 for every row of xs [M, D] float32 (src/cpu/kmeans.cpp): 8 partial
+    sums over d mod 8 in order, the tail into sum 0, combined ((0+1)+(2+3))+((4+5)+(6+7)); numpy's
+    float32 operations round as the C++ ones do."""
+    sq = np.square(xs - c)
+    full = xs.shape[1] // 8 * 8
+    part = np.zeros((xs.shape[0], 8), np.float32)
+    for d0 in range(0, full, 8):
+        part += sq[:, d0:d0 + 8]
+    for d in range(full, xs.shape[1]):
+        part[:, 0] += sq[:, d]
+    return ((part[:, 0] + part[:, 1]) + (part[:, 2] + part[:, 3])) + ((part[:, 4] + part[:, 5]) + (part[:, 6] + part[:, 7]))
+
+
+def greedy_seeds_op(p: Points, factor: int) -> torch.Tensor:
+    """kmeans_seed_greedy as include/sapattn/ops.hpp specifies it, for problem id p.problem and
+    p.seed: greedy k-means++ on the first M = min(N, factor C) tokens of kmeans_init's order, with
+    splitmix64 draws and distances as 64-bit fixed-point integers (unit 2^E from the largest finite
+    distance to centroid 0; non-finite ones capped). C >= N is kmeans_init's sample."""
+    n, C = p.x.shape[0], p.C
+    if C >= n:
+        return p.init
+    m = min(n, factor * C)
+    xs = p.x[p.order[:m]].numpy()
+    trials = 2 + int(math.log(C))
+    bits = (m - 1).bit_length()
+    cap = 1 << (63 - bits)
+    d2 = squared_distances_f32(xs, xs[0])
+    finite = d2[np.isfinite(d2)]
+    largest = float(finite.max()) if finite.size else 0.0
+    exponent = math.frexp(largest)[1] + bits - 63 if largest > 0 else 0  # ilogb(largest) + 1 + L - 63
+
+    def fixed(d: np.ndarray) -> np.ndarray:
+        units = np.ldexp(d.astype(np.float64), -exponent)
+        out = np.full(d.shape, cap, dtype=np.uint64)
+        below = units < cap  # False for NaN
+        out[below] = np.floor(units[below]).astype(np.uint64)
+        return out
+
+    chosen = [0]
+    for step in range(1, C):
+        prefix = np.cumsum(fixed(d2), dtype=np.uint64)
+        total = int(prefix[-1])
+        h = splitmix64_int(p.seed ^ DRAW_STREAM ^ splitmix64_int(((p.problem << 32) + step) & MASK64))
+        best = None
+        for t in range(trials):
+            target = (total * splitmix64_int((h + t) & MASK64)) >> 64
+            j = min(int(np.searchsorted(prefix, np.uint64(target), side="right")), m - 1)
+            dist = squared_distances_f32(xs, xs[j])
+            cand = np.where(dist < d2, dist, d2)
+            potential = int(fixed(cand).sum(dtype=np.uint64))
+            if best is None or potential < best[0]:
+                best = (potential, j, cand)
+        chosen.append(best[1])
+        d2 = best[2]
+    return torch.from_numpy(xs[chosen].copy())
+
+
 def start(p: Points, name: str, rng_seed: int):
     """A start's centroids and its cost in full-iteration equivalents. Stages chain with '/', e.g.
     pp4/rsub2:16 (k-means++ seeds, then 16 iterations on a random half)."""
     n, cent, cost = p.x.shape[0], p.init, 0.0
     for stage in name.split("/"):
         if stage == "sample":
+            continue
+        if stage.startswith("opgpp"):
+            factor = int(stage[len("opgpp"):])
+            cent = greedy_seeds_op(p, factor)
+            cost += (2 + int(math.log(p.C))) * min(n, factor * p.C) / n
             continue
         if stage.startswith(("pp", "gpp")):
             m = min(n, int(stage.split("pp")[1]) * p.C)
@@ -450,21 +528,24 @@ def report(paths, max_cost: float, only=None, per_preset: bool = False) -> None:
 # Validation against the project's ops
 # ------------------------------------------------------------------------------------------------
 def check_kmeans(p: Points, x4: torch.Tensor, seed: int, iters: int, what: str) -> None:
-    """kmeans_init and `iters` Lloyd iterations of the project's op on x4 [1,N,1,D] (a one-head call:
-    problem id 0, which p must use) against the replica."""
+    """kmeans_init, kmeans_seed_greedy and `iters` Lloyd iterations of the project's op on x4 [1,N,1,D]
+    (a one-head call: problem id 0, which p must use) against the replicas."""
+    greedy = torch.empty(1, 1, p.C, x4.shape[3])
+    torch.ops.sapattn.kmeans(x4, greedy, True, 0, seed, seeding="greedy_pp", sample_factor=2)
+    assert torch.equal(greedy[0, 0], greedy_seeds_op(p, 2)), f"{what}: kmeans_seed_greedy differs from opgpp2"
     cent = torch.empty(1, 1, p.C, x4.shape[3])
-    torch.ops.sapattn.kmeans(x4, cent, True, 0, seed)
+    torch.ops.sapattn.kmeans(x4, cent, True, 0, seed, seeding="sample")
     assert torch.equal(cent[0, 0], p.init), f"{what}: kmeans_init differs"
     labels = torch.ops.sapattn.kmeans(x4, cent, False, iters, seed)[0, 0].long()
     states, _ = lloyd(p, p.init, iters)
     same = float((labels == states[iters][0]).double().mean())
-    print(f"{what}: init identical; labels after {iters} iterations {same:.4%} identical, objective "
+    print(f"{what}: greedy seeds and init identical; labels after {iters} iterations {same:.4%} identical, objective "
           f"{states[iters][3] / objective(p, cent[0, 0], labels):.7f} of the op's", flush=True)
 
 
 def validate(folder: Path, heads, clusters, iters: int) -> None:
-    """Every workload: kmeans_init and Lloyd per head. Small workloads (<= 8192 video tokens, all
-    heads): also density and recall against sapattn.svg2_attention (too slow on the CPU at full size)."""
+    """Every workload: kmeans_init, kmeans_seed_greedy and Lloyd per head. Small workloads (<= 8192
+    video tokens, all heads): also density and recall against sapattn.svg2_attention (too slow on the CPU at full size)."""
     import sapattn
 
     meta, handle = load_workload(folder)
@@ -478,7 +559,7 @@ def validate(folder: Path, heads, clusters, iters: int) -> None:
     if not small:
         return
     q4, k4, v4 = (handle.get_tensor(n).permute(0, 2, 1, 3).contiguous() for n in "qkv")  # [B,S,H,D]
-    config = sapattn.SVG2Config(q_clusters=cq_n, k_clusters=ck_n, kmeans_iters_init=iters)
+    config = sapattn.SVG2Config(q_clusters=cq_n, k_clusters=ck_n, kmeans_seeding="sample", kmeans_iters_init=iters)
     _, lse, density = sapattn.svg2_attention(q4, k4, v4, config, sapattn.BranchState(),
                                              text_tokens=meta["text_tokens"], prompt_length=prompt, return_lse=True)
     _, lse_dense = sapattn.dense_attention(q4, k4, v4, return_lse=True)
