@@ -21,6 +21,7 @@
 #include "cuda/attention/attention.hpp"
 #include "cuda/backend.hpp"
 #include "harness.hpp"
+#include "sapattn/config.hpp"
 #include "sapattn/ops.hpp"
 
 namespace {
@@ -105,8 +106,11 @@ void bench_shape(const BenchShape& s, int reps) {
   Tensor qc = tensor(DType::F32, {B, H, Cq, D}), kc = tensor(DType::F32, {B, H, Ck, D});
   Tensor ql = tensor(DType::I32, {B, H, S}), kl = tensor(DType::I32, {B, H, S});
   Tensor qs = tensor(DType::I32, {B, H, Cq}), ks = tensor(DType::I32, {B, H, Ck});
+  const int factor = Config{}.kmeans_sample_factor;
   const size_t ws_bytes =
       std::max({kmeans_workspace_bytes(BH, S, Cq, D, dev), kmeans_workspace_bytes(BH, S, Ck, D, dev),
+                kmeans_seed_greedy_workspace_bytes(BH, S, Cq, factor, dev),
+                kmeans_seed_greedy_workspace_bytes(BH, S, Ck, factor, dev),
                 cluster_permutation_workspace_bytes(BH, S, static_cast<int>(Ck), dev)});
   const Buffer ws_buf = Buffer::allocate(ws_bytes, dev);
   const Workspace ws{ws_buf.data(), ws_buf.bytes()};
@@ -121,6 +125,25 @@ void bench_shape(const BenchShape& s, int reps) {
     kmeans(kv, kc.view(), kl.view(), ks.view(), 50, st, ws);
   };
   emit(s, "kmeans_init_50it_qk", timer.time(init50, 1, 3), 50 * 2 * point_bytes, lloyd_flops(50));
+
+  // ---- The default first call (issue 13): greedy k-means++ on 2C sampled points, then 14 ---------
+  // The seeding's FLOPs: T candidates against M = min(S, 2C) points per step, C - 1 steps, 3 per element.
+  auto seed_flops = [&](int64_t C) {
+    return 3.0 * BH * kmeans_greedy_trials(C) * std::min<int64_t>(S, factor * C) * (C - 1) * D;
+  };
+  const int iters_init = Config{}.kmeans_iters_init;
+  emit(s, "kmeans_seed_greedy_q", timer.time([&] { kmeans_seed_greedy(qv, qc.view(), 11, factor, st, ws); }, 1, 3),
+       point_bytes, seed_flops(Cq));
+  emit(s, "kmeans_seed_greedy_k", timer.time([&] { kmeans_seed_greedy(kv, kc.view(), 12, factor, st, ws); }, 1, 3),
+       point_bytes, seed_flops(Ck));
+  auto first_call = [&] {
+    kmeans_seed_greedy(qv, qc.view(), 11, factor, st, ws);
+    kmeans(qv, qc.view(), ql.view(), qs.view(), iters_init, st, ws);
+    kmeans_seed_greedy(kv, kc.view(), 12, factor, st, ws);
+    kmeans(kv, kc.view(), kl.view(), ks.view(), iters_init, st, ws);
+  };
+  emit(s, "kmeans_gpp2_" + std::to_string(iters_init) + "it_qk", timer.time(first_call, 1, 3),
+       iters_init * 2 * point_bytes, lloyd_flops(iters_init) + seed_flops(Cq) + seed_flops(Ck));
 
   // ---- 2 iterations warm-started (every later sparse call) ---------------------------------------
   auto step = [&] {

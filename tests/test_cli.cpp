@@ -101,6 +101,7 @@ TEST(Cli, BadOptionsExitWithTwo) {
   expect_one_line_error(run("eval --in x.safetensors --density 0"), "--density must be in");
   expect_one_line_error(run("eval --in x.safetensors --q-clusters 0"), "--q-clusters must be in");
   expect_one_line_error(run("eval --in x.safetensors --top-p"), "needs a value");
+  expect_one_line_error(run("eval --in x.safetensors --kmeans-seeding kmeans++"), "--kmeans-seeding must be one of");
   expect_one_line_error(run("gen --preset nope --out /tmp/x"), "nope");
   expect_one_line_error(run("gen --preset tiny --out /tmp/x --format npy"), "no bf16");
   expect_one_line_error(run("eval --in /nonexistent/x.safetensors"), "/nonexistent/x.safetensors");
@@ -137,6 +138,23 @@ TEST(Cli, GenThenEvalJson) {
 
 // A generated workload with joint text: eval takes the text tokens from its workload.json, unless
 // told otherwise, with the tensors in either format.
+// The first call's seeding: greedy k-means++ by default, the official sample when asked; the JSON
+// says which ran, and the two give other clusters.
+TEST(Cli, EvalTakesTheKmeansSeeding) {
+  const fs::path dir = scratch("seeding");
+  ASSERT_EQ(run("gen --preset tiny --out " + dir.string()).code, 0);
+  const std::string in = " --in " + (dir / "workload.safetensors").string() + " --json --method sap";
+  const Result greedy = run("eval" + in), sample = run("eval" + in + " --kmeans-seeding sample --kmeans-iters 50");
+  ASSERT_EQ(greedy.code, 0) << greedy.output;
+  ASSERT_EQ(sample.code, 0) << sample.output;
+  EXPECT_NE(greedy.output.find("\"kmeans_seeding\": \"greedy_pp\", \"kmeans_iters\": 14"), std::string::npos)
+      << greedy.output;
+  EXPECT_NE(sample.output.find("\"kmeans_seeding\": \"sample\", \"kmeans_iters\": 50"), std::string::npos)
+      << sample.output;
+  EXPECT_NE(json_value(greedy.output, "rel_l2"), json_value(sample.output, "rel_l2"));
+  fs::remove_all(dir);
+}
+
 TEST(Cli, EvalHonoursTheWorkloadDescription) {
   const fs::path dir = scratch("text");
   ASSERT_EQ(run("gen --preset tiny-text --out " + dir.string()).code, 0);

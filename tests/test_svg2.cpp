@@ -162,6 +162,43 @@ TEST(Svg2, WarmStartsPerBranchAndResets) {
   EXPECT_FALSE(layer.branch(0).initialized());
 }
 
+TEST(Svg2, FirstCallSeedsAsTheConfigSaysThenRunsTheInitIterations) {
+  // The first call's centroids are the config's seeding (Q from the seed, K from its keys' stream),
+  // then kmeans_iters_init Lloyd iterations, over the video tokens only.
+  const int64_t B = 1, H = 2, S = 260, D = 64, text = 20;
+  const Tensor q = clustered_tensor(DType::F32, B, H, S, D, 6, 60), k = clustered_tensor(DType::F32, B, H, S, D, 6, 61),
+               v = random_tensor(DType::F32, {B, H, S, D}, 62);
+  std::vector<std::vector<float>> k_centroids;
+  for (const KMeansSeeding seeding : {KMeansSeeding::GreedyPP, KMeansSeeding::Sample}) {
+    Config c = small_config();
+    c.kmeans_seeding = seeding;
+    c.kmeans_sample_factor = 3;
+    c.kmeans_iters_init = 4;
+    c.text_tokens = text;
+    c.prompt_length = 8;
+    BranchState state;
+    run_svg2(q, k, v, c, state);
+    const TensorView qv = q.view().slice(2, 0, S - text), kv = k.view().slice(2, 0, S - text);
+    const Tensor qc(DType::F32, {B, H, c.q_clusters, D}), kc(DType::F32, {B, H, c.k_clusters, D});
+    if (seeding == KMeansSeeding::GreedyPP) {
+      kmeans_seed_greedy(qv, qc.view(), c.seed, 3, Stream::cpu());
+      kmeans_seed_greedy(kv, kc.view(), key_sample_seed(c.seed), 3, Stream::cpu());
+    } else {
+      kmeans_init(qv, qc.view(), c.seed, Stream::cpu());
+      kmeans_init(kv, kc.view(), key_sample_seed(c.seed), Stream::cpu());
+    }
+    for (const Tensor* t : {&qc, &kc}) {
+      const int64_t C = t->shape()[2];
+      const Tensor labels(DType::I32, {B, H, S - text}), sizes(DType::I32, {B, H, C});
+      kmeans(t == &qc ? qv : kv, t->view(), labels.view(), sizes.view(), c.kmeans_iters_init, Stream::cpu());
+    }
+    EXPECT_EQ(max_abs_diff(qc, state.q_centroids), 0.0);
+    EXPECT_EQ(max_abs_diff(kc, state.k_centroids), 0.0);
+    k_centroids.emplace_back(kc.data_as<float>(), kc.data_as<float>() + kc.numel());
+  }
+  EXPECT_NE(k_centroids[0], k_centroids[1]) << "the two seedings gave the same key centroids";
+}
+
 TEST(Svg2, ChangedShapeNeedsAReset) {
   const Tensor q = random_tensor(DType::F32, {1, 2, 64, 64}, 13);
   Config c = small_config();

@@ -42,6 +42,38 @@ namespace sapattn {
 void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const Stream& stream,
                  Workspace workspace = {}, const TensorView& sample_ids = {});
 
+// Greedy k-means++ seeding (Arthur & Vassilvitskii 2007, with scikit-learn's greedy trials) on a
+// seeded sample: the first call's start of Config::kmeans_seeding = GreedyPP (docs/cuda.md). Per
+// (b,h), with the problem id of kmeans_init (b*H + h, or sample_ids[b,h]):
+//   - The sample: the first M = min(N, sample_factor * C) points of kmeans_init's order (the M
+//     smallest keys, in key order). When C >= N the centroids are kmeans_init's.
+//   - Centroid 0 is sample point 0 (kmeans_init's centroid 0). Each sample point i keeps D2[i], its
+//     fp32 squared distance to the nearest centroid so far (the exact kmeans_assign's fp32 sum), as
+//     the 64-bit fixed-point value q(D2[i]) = floor(D2[i] / 2^E), one E per (b,h) from the largest
+//     finite D2 to centroid 0 (src/core/kmeans_seeding.hpp); all sums below are exact integers.
+//   - Steps s = 1..C-1, each with T = kmeans_greedy_trials(C) trials. Trial t draws
+//     r = splitmix64(splitmix64(seed ^ 0x243f6a8885a308d3 ^ splitmix64(id * 2^32 + s)) + t) and the
+//     target floor(r * Q / 2^64), Q the sum of q over the sample; its candidate is the first sample
+//     point whose running sum of q (in sample order) exceeds the target (a point at distance 0 is
+//     never drawn; the last point when Q = 0), and its potential is the sum over i of
+//     q(min(D2[i], ||x_i - x_candidate||^2)). The candidate of the smallest potential (ties: the
+//     lowest trial) becomes centroid s, and D2 takes the minimum with it.
+// Both backends compute the same fp32 distances and integers, so they write identical centroids.
+// Points should be finite (svg2_attention checks them); a NaN or infinite distance counts as the
+// largest one, deterministically. sample_factor must be >= 1 (InvalidArgumentError). Scratch:
+// kmeans_seed_greedy_workspace_bytes (WorkspaceError when smaller). The CPU runs the C - 1 steps of
+// a (b,h) in sequence, M * T distances each: about T * M / N of a Lloyd iteration's work.
+void kmeans_seed_greedy(const TensorView& points, TensorView centroids, uint64_t seed, int sample_factor,
+                        const Stream& stream, Workspace workspace = {}, const TensorView& sample_ids = {});
+
+// Trials per step of kmeans_seed_greedy for C clusters: 2 + floor(ln C), scikit-learn's default.
+int kmeans_greedy_trials(int64_t clusters);
+
+// Scratch bytes kmeans_seed_greedy needs on `device` for B*H problems of N points, C clusters and a
+// sample factor (0 on the CPU).
+size_t kmeans_seed_greedy_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clusters, int sample_factor,
+                                          Device device);
+
 // labels[i] = argmin_c ||x_i - c||^2; ties go to the lowest centroid index.
 void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels, const Stream& stream,
                    Workspace workspace = {});

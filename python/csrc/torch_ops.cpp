@@ -177,6 +177,23 @@ std::string_view name_of(Routing routing) {
   return "?";
 }
 
+// The seeding names (SVG2Config.kmeans_seeding) for the engine's KMeansSeeding.
+constexpr std::pair<KMeansSeeding, std::string_view> kSeedingNames[] = {{KMeansSeeding::Sample, "sample"},
+                                                                        {KMeansSeeding::GreedyPP, "greedy_pp"}};
+
+KMeansSeeding seeding_of(std::string_view name) {
+  for (const auto& [seeding, seeding_name] : kSeedingNames)
+    if (name == seeding_name) return seeding;
+  TORCH_CHECK_VALUE(false, "sapattn: kmeans_seeding must be 'greedy_pp' or 'sample', got '", std::string(name), "'");
+  return KMeansSeeding::GreedyPP;
+}
+
+std::string_view name_of(KMeansSeeding seeding) {
+  for (const auto& [known, seeding_name] : kSeedingNames)
+    if (seeding == known) return seeding_name;
+  return "?";
+}
+
 // O as [B,S,H,D] in q's dtype, LSE as [B,H,S] f32 when asked for (else an empty tensor).
 std::tuple<at::Tensor, at::Tensor> make_outputs(const at::Tensor& q, bool return_lse) {
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
@@ -206,7 +223,8 @@ struct Svg2Options {
 };
 
 using Svg2Member = std::variant<bool Config::*, int Config::*, int64_t Config::*, uint64_t Config::*, float Config::*,
-                                Routing Config::*, bool Svg2Options::*, std::optional<at::Tensor> Svg2Options::*>;
+                                Routing Config::*, KMeansSeeding Config::*, bool Svg2Options::*,
+                                std::optional<at::Tensor> Svg2Options::*>;
 
 struct Svg2Option {
   const char* name;
@@ -236,6 +254,8 @@ constexpr Svg2Option kSvg2Options[] = {
     {"ear_pair_values", &Config::ear_pair_values},
     {"ear_head_budget", &Config::ear_head_budget},
     {"ear_split", &Config::ear_split},
+    {"kmeans_seeding", &Config::kmeans_seeding},
+    {"kmeans_sample_factor", &Config::kmeans_sample_factor},
 };
 
 // The arguments before the options, read by position in svg2_attention_boxed.
@@ -286,6 +306,12 @@ struct TorchArg<Routing> {
   static constexpr std::string_view type = "str";
   static std::string literal(Routing value) { return "\"" + std::string(name_of(value)) + "\""; }
   static Routing read(const c10::IValue& value) { return routing_of(value.toStringView()); }
+};
+template <>
+struct TorchArg<KMeansSeeding> {
+  static constexpr std::string_view type = "str";
+  static std::string literal(KMeansSeeding value) { return "\"" + std::string(name_of(value)) + "\""; }
+  static KMeansSeeding read(const c10::IValue& value) { return seeding_of(value.toStringView()); }
 };
 template <>
 struct TorchArg<std::optional<at::Tensor>> {
@@ -427,14 +453,16 @@ std::tuple<at::Tensor, at::Tensor> dense_attention(const at::Tensor& q, const at
 }
 
 // Lloyd k-means of points [B,S,H,D] into centroids [B,H,C,D] f32 (in place), per (batch, head):
-// with `initialize`, first the seeded sample of kmeans_init; `keys` samples from the keys' stream of
-// the seed (key_sample_seed) and, when initialising, numbers the clusters along order_clusters'
-// chain afterwards, as svg2_attention does. Returns the labels, [B,H,S] i32.
+// with `initialize`, first the seeding (kmeans_seed_greedy on sample_factor * C points, or
+// kmeans_init's sample); `keys` draws from the keys' stream of the seed (key_sample_seed) and, when
+// initialising, numbers the clusters along order_clusters' chain afterwards, as svg2_attention does.
+// Returns the labels, [B,H,S] i32.
 at::Tensor kmeans(const at::Tensor& points, at::Tensor& centroids, bool initialize, int64_t iters, int64_t seed,
-                  bool keys) {
+                  bool keys, c10::string_view seeding_name, int64_t sample_factor) {
   return translating_errors([&] {
     check_same_device(points, centroids, "centroids");
     TORCH_CHECK_VALUE(iters >= 0, "sapattn: iters must be >= 0, got ", iters);
+    const KMeansSeeding seeding = seeding_of(std::string_view(seeding_name.data(), seeding_name.size()));
     const DeviceGuard guard = guard_device(points);
     const TensorView pv = bshd_view(points, "points"), cv = view_of(centroids, "centroids");
     TORCH_CHECK_VALUE(cv.rank == 4, "sapattn: centroids must be [batch, heads, clusters, head_dim], got shape ",
@@ -443,18 +471,33 @@ at::Tensor kmeans(const at::Tensor& points, at::Tensor& centroids, bool initiali
     at::Tensor labels = at::empty({B, H, S}, points.options().dtype(at::kInt));
     at::Tensor sizes = at::empty({B, H, C}, points.options().dtype(at::kInt));
     const Stream stream = stream_for(points);
+    const int factor = static_cast<int>(sample_factor);
+    const bool greedy = initialize && seeding == KMeansSeeding::GreedyPP;
     const bool order = initialize && keys;  // svg2_attention numbers a fresh clustering of the keys along the chain
-    const size_t bytes = std::max(kmeans_workspace_bytes(B * H, S, C, D, stream.device),
-                                  order ? order_clusters_workspace_bytes(B * H, C, D, stream.device) : size_t{0});
+    const size_t bytes = std::max({kmeans_workspace_bytes(B * H, S, C, D, stream.device),
+                                   greedy ? kmeans_seed_greedy_workspace_bytes(B * H, S, C, factor, stream.device) : 0,
+                                   order ? order_clusters_workspace_bytes(B * H, C, D, stream.device) : 0});
     at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, points.options().dtype(at::kByte));
     const Workspace ws{workspace.data_ptr(), bytes};
     const uint64_t sample_seed = keys ? key_sample_seed(static_cast<uint64_t>(seed)) : static_cast<uint64_t>(seed);
-    if (initialize) kmeans_init(pv, cv, sample_seed, stream, ws);
+    if (greedy)
+      kmeans_seed_greedy(pv, cv, sample_seed, factor, stream, ws);
+    else if (initialize)
+      kmeans_init(pv, cv, sample_seed, stream, ws);
     const TensorView lv = view_of(labels, "labels"), sv = view_of(sizes, "sizes");
     sapattn::kmeans(pv, cv, lv, sv, static_cast<int>(iters), stream, ws);
     if (order) order_clusters(cv, sv, lv, stream, ws);
     return labels;
   });
+}
+
+// The kmeans op's seeding arguments default to the engine Config's, as svg2_attention's do.
+std::string kmeans_schema() {
+  const Config defaults;
+  return "kmeans(Tensor points, Tensor(a!) centroids, bool initialize, int iters, int seed, bool keys=False, "
+         "str seeding=" +
+         TorchArg<KMeansSeeding>::literal(defaults.kmeans_seeding) +
+         ", int sample_factor=" + TorchArg<int>::literal(defaults.kmeans_sample_factor) + ") -> Tensor";
 }
 
 // Which kernel would run for these inputs ("cpu", "sm90a-wgmma", "sm80-mma"), or why none does.
@@ -501,7 +544,7 @@ TORCH_LIBRARY(sapattn, m) {
   m.def(svg2_schema().c_str());
   m.def(check_config_schema().c_str(), torch::CppFunction::makeFromBoxedFunction<&check_config_boxed>());
   m.def("dense_attention(Tensor q, Tensor k, Tensor v, float scale, bool return_lse) -> (Tensor, Tensor)");
-  m.def("kmeans(Tensor points, Tensor(a!) centroids, bool initialize, int iters, int seed, bool keys=False) -> Tensor");
+  m.def(kmeans_schema().c_str());
   m.def("attention_kernel(Tensor q) -> str");
 }
 

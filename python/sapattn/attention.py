@@ -133,8 +133,8 @@ def svg2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: SV
     sample_ids ([B, H] int32, default b*H + h) names each (batch item, head)'s initial k-means
     sample, so that a head run apart from the others (on another device) samples the same points.
     Returns (out [B, S, H, D] in q's dtype, lse [B, H, S] float32 or None, density [B, H] float32).
-    The state's centroids are initialised (seeded sample, kmeans_iters_init iterations) on its
-    first call and warm-started (kmeans_iters_step iterations) after.
+    The state's centroids are initialised (the config's kmeans_seeding, then kmeans_iters_init
+    iterations) on its first call and warm-started (kmeans_iters_step iterations) after.
 
     The config's budget (top_p or density), routing, compensation and ear-plus fields apply as in
     the C++ Config (docs/ear.md). The ear-plus fields run on the CPU only: a CUDA call with one of
@@ -176,12 +176,14 @@ def warm_centroids(q: torch.Tensor, k: torch.Tensor, config: SVG2Config, state: 
                    text_tokens: int = 0) -> None:
     """Runs `iters` k-means iterations of the video queries and keys into the state without
     attending (used during dense steps, so that the first sparse call can start warm). A new state
-    is sampled first, with the same seeds as svg2_attention's initialisation."""
+    is seeded first as svg2_attention's initialisation seeds it (the config's kmeans_seeding, the same
+    seeds)."""
     initialize = state.prepare(q, config, text_tokens)
     video = q.shape[1] - text_tokens
     with _fresh_on_failure(state, initialize):
-        torch.ops.sapattn.kmeans(q[:, :video], state.q_centroids, initialize, iters, config.seed)
-        torch.ops.sapattn.kmeans(k[:, :video], state.k_centroids, initialize, iters, config.seed, keys=True)
+        seeding = {"seeding": config.kmeans_seeding, "sample_factor": config.kmeans_sample_factor}
+        torch.ops.sapattn.kmeans(q[:, :video], state.q_centroids, initialize, iters, config.seed, **seeding)
+        torch.ops.sapattn.kmeans(k[:, :video], state.k_centroids, initialize, iters, config.seed, keys=True, **seeding)
     state.warm_iters += iters
 
 

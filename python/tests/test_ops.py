@@ -113,6 +113,29 @@ def test_warm_centroids_match_the_first_sparse_call(device):
     assert torch.equal(out_warm, out_cold)
 
 
+def test_first_call_seeds_as_the_config_says(device):
+    """kmeans_seeding and kmeans_sample_factor reach the engine: with no iterations after the seeding,
+    the first call's centroids are the kmeans op's seeding of the same tokens."""
+    q, k, v = qkv(device, batch=1)
+    seeded = {}
+    for seeding in ("greedy_pp", "sample"):
+        cfg = small_config(kmeans_seeding=seeding, kmeans_sample_factor=3, kmeans_iters_init=0, seed=5)
+        state = sapattn.BranchState()
+        sapattn.svg2_attention(q, k, v, cfg, state)
+        for points, centroids, keys in ((q, state.q_centroids, False), (k, state.k_centroids, True)):
+            alone = torch.empty_like(centroids)
+            torch.ops.sapattn.kmeans(points, alone, True, 0, 5, keys=keys, seeding=seeding, sample_factor=3)
+            assert torch.equal(alone, centroids), (seeding, keys)
+        seeded[seeding] = state.k_centroids
+    assert not torch.equal(seeded["greedy_pp"], seeded["sample"])
+    with pytest.raises(ValueError, match="kmeans_sample_factor must be in \\[1, 64\\], got 0"):
+        small_config(kmeans_sample_factor=0)
+    with pytest.raises(ValueError, match="kmeans_seeding must be 'greedy_pp' or 'sample', got 'kmeans'"):
+        small_config(kmeans_seeding="kmeans")
+    with pytest.raises(ValueError, match="sample_factor must be >= 1"):
+        torch.ops.sapattn.kmeans(q, torch.empty(1, 3, 8, 64, device=device), True, 0, 0, sample_factor=0)
+
+
 def test_text_tokens_follow_the_joint_rule(device):
     batch, video, text, heads, dim = 2, 256, 16, 2, 64
     dtype = working_dtype(device)

@@ -11,6 +11,8 @@ namespace sapattn::cpu {
 
 // sample_ids: [B*H] or null (then b*H + h).
 void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const int32_t* sample_ids, int threads);
+void kmeans_seed_greedy(const TensorView& points, TensorView centroids, uint64_t seed, int sample_factor,
+                        const int32_t* sample_ids, int threads);
 void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels, int threads);
 // move_centroids = false only counts sizes (kmeans with zero iterations).
 void kmeans_update(const TensorView& points, const TensorView& labels, TensorView centroids, TensorView sizes,

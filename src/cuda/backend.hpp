@@ -32,6 +32,10 @@ struct AssignStats {
 
 void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const Stream& stream,
                  Workspace workspace, const TensorView& sample_ids);
+// Greedy k-means++ seeding (kmeans/kmeans_seed.cu): kmeans_init's key sort, then one block per (b,h).
+size_t kmeans_seed_greedy_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clusters, int sample_factor);
+void kmeans_seed_greedy(const TensorView& points, TensorView centroids, uint64_t seed, int sample_factor,
+                        const Stream& stream, Workspace workspace, const TensorView& sample_ids);
 // With a workspace of kmeans_workspace_bytes: the tensor-core assignment. Without one (the public
 // kmeans_assign has no workspace parameter): the exact fp32 assignment, bit-identical to the CPU's.
 void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels, const Stream& stream,

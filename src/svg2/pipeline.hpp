@@ -55,11 +55,11 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
 AttentionShape check_inputs(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
                             const Svg2Outputs& outputs, const Stream& stream);
 
-// SVG2's clustering: k-means of the video queries and keys (with `initialize`, a sampled init and
-// kmeans_iters_init iterations, else a warm start with kmeans_iters_step). Sizes go to q_sizes / k_sizes.
-// A fresh clustering of the keys is renumbered along order_clusters' chain, so that the key
-// clusters a query cluster keeps are mostly neighbours (long runs of rows for the attention's loads);
-// warm-started calls keep the numbering.
+// SVG2's clustering: k-means of the video queries and keys (with `initialize`, the config's seeding,
+// kmeans_init's sample or kmeans_seed_greedy, and kmeans_iters_init iterations, else a warm start
+// with kmeans_iters_step). Sizes go to q_sizes / k_sizes. A fresh clustering of the keys is
+// renumbered along order_clusters' chain, so that the key clusters a query cluster keeps are mostly
+// neighbours (long runs of rows for the attention's loads); warm-started calls keep the numbering.
 void cluster(const TensorView& q, const TensorView& k, const Config& config, const CentroidViews& centroids,
              bool initialize, Buffers& buffers, const TensorView& q_sizes, const TensorView& k_sizes,
              const Stream& stream);

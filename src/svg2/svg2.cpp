@@ -63,10 +63,17 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
     b.sub_v_centroids = c.take_view(DType::F32, {B, H, 2 * Ck, D}, device);
     if (config.ear_spread || config.ear_pair_values) b.sub_scores = c.take_view(DType::F32, {B, H, Cq, 2 * Ck}, device);
   }
+  const bool greedy = config.kmeans_seeding == KMeansSeeding::GreedyPP;
+  const auto seeding_bytes = [&](int clusters) {
+    return greedy ? kmeans_seed_greedy_workspace_bytes(B * H, b.video_tokens, clusters, config.kmeans_sample_factor,
+                                                       device)
+                  : size_t{0};
+  };
   const size_t scratch =
       std::max({kmeans_workspace_bytes(B * H, b.video_tokens, config.q_clusters, D, device),
                 kmeans_workspace_bytes(B * H, b.video_tokens, config.k_clusters, D, device),
                 order_clusters_workspace_bytes(B * H, config.k_clusters, D, device),
+                seeding_bytes(config.q_clusters), seeding_bytes(config.k_clusters),
                 cluster_permutation_workspace_bytes(B * H, S, std::max(b.q_clusters, b.k_clusters), device),
                 block_sparse_attention_workspace_bytes(B * H, b.q_clusters, b.k_clusters, S, device),
                 error_aware || config.compensate || config.density > 0.0f
@@ -170,8 +177,15 @@ void cluster(const TensorView& q, const TensorView& k, const Config& config, con
   int iters = config.kmeans_iters_step;
   if (initialize) {
     // Different streams of the seed for Q and K, so their samples are independent.
-    kmeans_init(qv, centroids.q, config.seed, stream, buf.op_scratch, centroids.sample_ids);
-    kmeans_init(kv, centroids.k, key_sample_seed(config.seed), stream, buf.op_scratch, centroids.sample_ids);
+    const uint64_t q_seed = config.seed, k_seed = key_sample_seed(config.seed);
+    if (config.kmeans_seeding == KMeansSeeding::GreedyPP) {
+      const int factor = config.kmeans_sample_factor;
+      kmeans_seed_greedy(qv, centroids.q, q_seed, factor, stream, buf.op_scratch, centroids.sample_ids);
+      kmeans_seed_greedy(kv, centroids.k, k_seed, factor, stream, buf.op_scratch, centroids.sample_ids);
+    } else {
+      kmeans_init(qv, centroids.q, q_seed, stream, buf.op_scratch, centroids.sample_ids);
+      kmeans_init(kv, centroids.k, k_seed, stream, buf.op_scratch, centroids.sample_ids);
+    }
     iters = config.kmeans_iters_init;
   }
   kmeans(qv, centroids.q, buf.q_video_labels(), q_sizes, iters, stream, buf.op_scratch);

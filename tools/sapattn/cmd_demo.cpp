@@ -283,6 +283,7 @@ int run_demo(int argc, char** argv) {
   summary << "workload " << preset.name << " [" << q.shape[0] << "," << q.shape[1] << "," << q.shape[2] << ","
           << q.shape[3] << "] bf16, seed " << config.seed << "; Cq=" << config.q_clusters << " Ck=" << config.k_clusters
           << " top_p=" << config.top_p << " min_kc_ratio=" << config.min_kc_ratio
+          << " kmeans_seeding=" << (config.kmeans_seeding == KMeansSeeding::Sample ? "sample" : "greedy_pp")
           << " kmeans_iters=" << config.kmeans_iters_init << "\n"
           << table;
   summary << "\ntop-p sweep: density / recall / rel_l2\n  top_p ";

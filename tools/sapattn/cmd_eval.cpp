@@ -1,6 +1,7 @@
 // sapattn eval: one method on the user's own Q, K, V, measured against dense attention.
 #include <unistd.h>
 
+#include <algorithm>
 #include <iostream>
 #include <optional>
 #include <sstream>
@@ -34,8 +35,10 @@ std::string metrics_json(const std::string& method, const eval::Metrics& m, cons
      << ", \"dense_seconds\": " << json_number(dense_seconds) << ", \"shape\": [" << q.shape[0] << ", " << q.shape[1]
      << ", " << q.shape[2] << ", " << q.shape[3] << "], \"config\": {\"q_clusters\": " << c.q_clusters
      << ", \"k_clusters\": " << c.k_clusters << ", \"top_p\": " << json_number(c.top_p)
-     << ", \"min_kc_ratio\": " << json_number(c.min_kc_ratio) << ", \"kmeans_iters\": " << c.kmeans_iters_init
-     << ", \"seed\": " << c.seed << ", \"text_tokens\": " << c.text_tokens << ", \"prompt_length\": " << c.prompt_length
+     << ", \"min_kc_ratio\": " << json_number(c.min_kc_ratio)
+     << ", \"kmeans_seeding\": " << (c.kmeans_seeding == KMeansSeeding::Sample ? "\"sample\"" : "\"greedy_pp\"")
+     << ", \"kmeans_iters\": " << c.kmeans_iters_init << ", \"seed\": " << c.seed
+     << ", \"text_tokens\": " << c.text_tokens << ", \"prompt_length\": " << c.prompt_length
      << ", \"compensate\": " << (c.compensate ? "true" : "false") << ", \"density\": " << json_number(c.density)
      << "}, \"per_head\": [";
   for (size_t i = 0; i < m.per_head.size(); ++i) {
@@ -50,16 +53,19 @@ std::string metrics_json(const std::string& method, const eval::Metrics& m, cons
 
 // The expected cost of each step of a run, in multiply-adds per head, from which the progress line
 // estimates the time left: dense attention 2 * S^2 * D; a method's clusters the k-means
-// assignments, iters * (Cq + Ck) * S * D (positional blocks need none), plus one more pass over all
-// pairs for the oracle's true mass; a budget its share of the pairs (the density asked for, else
-// 0.25, a guess for top-p).
+// assignments, iters * (Cq + Ck) * S * D, and the greedy seeding's T * min(S, factor * C) * C * D per
+// tensor (positional blocks need none), plus one more pass over all pairs for the oracle's true
+// mass; a budget its share of the pairs (the density asked for, else 0.25, a guess for top-p).
 struct WorkModel {
   double S, D;
   const Config& config;
   double dense() const { return 2.0 * S * S * D; }
   double clusters(eval::Method m) const {
     if (m == eval::Method::Blocks) return S * D;
-    const double kmeans = config.kmeans_iters_init * static_cast<double>(config.q_clusters + config.k_clusters) * S * D;
+    double kmeans = config.kmeans_iters_init * static_cast<double>(config.q_clusters + config.k_clusters) * S * D;
+    if (config.kmeans_seeding == KMeansSeeding::GreedyPP)
+      for (const double C : {static_cast<double>(config.q_clusters), static_cast<double>(config.k_clusters)})
+        kmeans += kmeans_greedy_trials(static_cast<int64_t>(C)) * std::min(S, config.kmeans_sample_factor * C) * C * D;
     return m == eval::Method::Oracle ? kmeans + dense() : kmeans;
   }
   double budget(const eval::SweepPoint& point) const { return dense() * (point.density > 0.0f ? point.density : 0.25); }

@@ -2,6 +2,7 @@
 #include <cmath>
 #include <cstdio>
 #include <sstream>
+#include <string>
 #include <utility>
 
 #include "commands.hpp"
@@ -14,7 +15,12 @@ std::vector<Option> svg2_options() {
       {"k-clusters", "N", "key clusters (k-means over video-token keys)", "1000, or 1 per 75.6 video tokens"},
       {"top-p", "P", "per query cluster, keep key clusters until this share of estimated mass (eval: P,P,...)", "0.9"},
       {"min-kc-ratio", "R", "always keep the top floor(R * key clusters) key clusters", "0.1"},
-      {"kmeans-iters", "N", "k-means iterations (first call, from a seeded sample)", "50"},
+      {"kmeans-seeding", "NAME",
+       "first call's k-means start: greedy_pp (greedy k-means++ on 2C sampled tokens) or sample (C sampled tokens, "
+       "SVG2's official start, with --kmeans-iters 50)",
+       "greedy_pp"},
+      {"kmeans-iters", "N", "k-means iterations (first call, after the seeding)",
+       std::to_string(Config{}.kmeans_iters_init)},
       {"seed", "S", "seed of the initial centroid sample", "0"},
       {"threads", "N", "CPU threads", "all cores"},
   };
@@ -29,7 +35,10 @@ Config config_from(const Args& args, int64_t video_tokens) {
   c.k_clusters = static_cast<int>(args.get_int("k-clusters", per(75.6, 1000), 1, 1 << 20));
   c.top_p = static_cast<float>(args.get_doubles("top-p", 0.9, 1e-6, 1.0).front());
   c.min_kc_ratio = static_cast<float>(args.get_double("min-kc-ratio", 0.1, 0.0, 1.0));
-  c.kmeans_iters_init = static_cast<int>(args.get_int("kmeans-iters", 50, 0, 100000));
+  c.kmeans_seeding = args.get_choice("kmeans-seeding", "greedy_pp", {"greedy_pp", "sample"}) == "sample"
+                         ? KMeansSeeding::Sample
+                         : KMeansSeeding::GreedyPP;
+  c.kmeans_iters_init = static_cast<int>(args.get_int("kmeans-iters", c.kmeans_iters_init, 0, 100000));
   c.seed = static_cast<uint64_t>(args.get_int("seed", 0, 0, INT64_MAX));
   return c;
 }

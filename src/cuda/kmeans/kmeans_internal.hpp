@@ -1,14 +1,55 @@
-// The k-means pieces shared between kmeans.cu (the ops) and the tensor-core assignment, which is
-// instantiated in one file per head dim (kmeans_assign_d64.cu, kmeans_assign_d128.cu).
+// The k-means pieces shared between kmeans.cu (the ops), the tensor-core assignment, which is
+// instantiated in one file per head dim (kmeans_assign_d64.cu, kmeans_assign_d128.cu), and the
+// greedy seeding (kmeans_seed.cu), which starts from kmeans_init's order.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "core/carver.hpp"
 #include "sapattn/dtype.hpp"
+#include "sapattn/tensor.hpp"
 
 namespace sapattn::cuda {
+
+// Points [B,H,N,D] of any float dtype and element strides, as the kernels take them.
+struct PointsView {
+  const void* data = nullptr;
+  int64_t stride[4] = {0, 0, 0, 0};
+  int64_t B = 0, H = 0, N = 0, D = 0;
+};
+
+inline PointsView points_view(const TensorView& t) {
+  PointsView v;
+  v.data = t.data;
+  for (int d = 0; d < 4; ++d) v.stride[d] = t.stride[d];
+  v.B = t.shape[0];
+  v.H = t.shape[1];
+  v.N = t.shape[2];
+  v.D = t.shape[3];
+  return v;
+}
+
+// kmeans_init's order of every (b,h)'s points (kmeans.cu): point i of problem id gets the key
+// splitmix64(seed ^ splitmix64(id * 2^32 + i)); one segmented radix sort orders them all.
+struct SampleSort {
+  uint64_t* keys_in = nullptr;
+  uint64_t* keys_out = nullptr;
+  int32_t* index_in = nullptr;
+  int32_t* index_out = nullptr;  // [B*H, N]: per (b,h), the point indices by ascending key
+  int32_t* segments = nullptr;   // [B*H + 1]
+  void* temp = nullptr;
+  size_t temp_bytes = 0;
+};
+
+// Takes the sort's buffers from `carver`; UnsupportedError past 2^31 points in all.
+SampleSort carve_sample_sort(Carver& carver, int64_t batch_heads, int64_t points);
+// Sorts the points of every (b,h) by key into s.index_out. sample_ids: [B*H] or null (ids b*H + h).
+void sort_sample(const SampleSort& s, uint64_t seed, int64_t batch_heads, int64_t points, const int32_t* sample_ids,
+                 cudaStream_t stream);
+// kmeans_init's centroids from the order: centroid c of (b,h) = its point of rank c mod N.
+void gather_sample(const TensorView& points, const int32_t* order, TensorView centroids, cudaStream_t stream);
 
 // Head dims with a tensor-core assignment. Support and dispatch both ask this one function.
 constexpr bool tensor_core_assign(int64_t dim) { return dim == 64 || dim == 128; }
