@@ -164,7 +164,8 @@ TEST(Svg2, WarmStartsPerBranchAndResets) {
 
 TEST(Svg2, FirstCallSeedsAsTheConfigSaysThenRunsTheInitIterations) {
   // The first call's centroids are the config's seeding (Q from the seed, K from its keys' stream),
-  // then kmeans_iters_init Lloyd iterations, over the video tokens only.
+  // then kmeans_iters_init Lloyd iterations, over the video tokens only; the keys' then numbered
+  // along order_clusters' chain.
   const int64_t B = 1, H = 2, S = 260, D = 64, text = 20;
   const Tensor q = clustered_tensor(DType::F32, B, H, S, D, 6, 60), k = clustered_tensor(DType::F32, B, H, S, D, 6, 61),
                v = random_tensor(DType::F32, {B, H, S, D}, 62);
@@ -191,6 +192,7 @@ TEST(Svg2, FirstCallSeedsAsTheConfigSaysThenRunsTheInitIterations) {
       const int64_t C = t->shape()[2];
       const Tensor labels(DType::I32, {B, H, S - text}), sizes(DType::I32, {B, H, C});
       kmeans(t == &qc ? qv : kv, t->view(), labels.view(), sizes.view(), c.kmeans_iters_init, Stream::cpu());
+      if (t == &kc) order_clusters(kc.view(), sizes.view(), labels.view(), Stream::cpu());  // a fresh key clustering
     }
     EXPECT_EQ(max_abs_diff(qc, state.q_centroids), 0.0);
     EXPECT_EQ(max_abs_diff(kc, state.k_centroids), 0.0);
