@@ -22,13 +22,15 @@
 namespace sapattn {
 namespace {
 
-using ear_cuda_test::CudaStream;
-using ear_cuda_test::DeviceScratch;
+using cuda_test::as_workspace;
+using cuda_test::CapturedGraph;
+using cuda_test::device_workspace;
+using cuda_test::kCpu;
+using cuda_test::poisoned;
+using cuda_test::Twin;
+using CudaStream = cuda_test::TestStream;
 using ear_cuda_test::expect_identical;
-using ear_cuda_test::kCpu;
 using ear_cuda_test::normal;
-using ear_cuda_test::poisoned;
-using ear_cuda_test::Twin;
 using ref::HostTensor;
 using ref::Layout;
 using testing_support::case_seed;
@@ -59,9 +61,9 @@ void expect_gpu_matches_cpu(const HostTensor& points, int64_t C, int factor, uin
   const Twin* dev_ids = nullptr;
   std::optional<Twin> ids_twin;
   if (ids != nullptr) dev_ids = &ids_twin.emplace(*ids);
-  const DeviceScratch ws(kmeans_seed_greedy_workspace_bytes(B * H, N, C, factor, Device::cuda(0)));
+  const Buffer ws = device_workspace(kmeans_seed_greedy_workspace_bytes(B * H, N, C, factor, Device::cuda(0)));
   CudaStream cs;
-  kmeans_seed_greedy(x.dev, centroids.dev, seed, factor, cs.stream(), ws.workspace(),
+  kmeans_seed_greedy(x.dev, centroids.dev, seed, factor, cs.stream(), as_workspace(ws),
                      dev_ids != nullptr ? dev_ids->dev : TensorView{});
   cs.sync();
   expect_identical(centroids.download(), cpu, what);
@@ -129,8 +131,8 @@ TEST(KmeansSeedOnGpuErrors, WorkspaceIsCheckedAndSized) {
   EXPECT_LT(kmeans_seed_greedy_workspace_bytes(B * H, N, C, 1, Device::cuda(0)), need);  // D2 of fewer points
   CudaStream cs;
   EXPECT_THROW(kmeans_seed_greedy(x.dev, centroids.dev, 1, 2, cs.stream()), WorkspaceError);
-  const DeviceScratch small(need - 256);
-  EXPECT_THROW(kmeans_seed_greedy(x.dev, centroids.dev, 1, 2, cs.stream(), small.workspace()), WorkspaceError);
+  const Buffer small = device_workspace(need - 256);
+  EXPECT_THROW(kmeans_seed_greedy(x.dev, centroids.dev, 1, 2, cs.stream(), as_workspace(small)), WorkspaceError);
   EXPECT_THROW(kmeans_seed_greedy(x.dev, centroids.dev, 1, 0, cs.stream()), InvalidArgumentError);
   cs.sync();
   expect_identical(centroids.download(), centroids.host, "centroids after the refused calls");
@@ -141,26 +143,19 @@ TEST(KmeansSeedOnGpuGraph, CapturedSeedingMatchesEager) {
   const int64_t B = 1, H = 3, N = 2000, D = 128, C = 60;
   const HostTensor points = normal(DType::BF16, {B, H, N, D}, rng, Layout::Transposed);
   const Twin x(points), centroids(poisoned(DType::F32, {B, H, C, D}));
-  const DeviceScratch ws(kmeans_seed_greedy_workspace_bytes(B * H, N, C, 2, Device::cuda(0)));
+  const Buffer ws = device_workspace(kmeans_seed_greedy_workspace_bytes(B * H, N, C, 2, Device::cuda(0)));
   CudaStream cs;
-  kmeans_seed_greedy(x.dev, centroids.dev, 21, 2, cs.stream(), ws.workspace());
+  kmeans_seed_greedy(x.dev, centroids.dev, 21, 2, cs.stream(), as_workspace(ws));
   cs.sync();
   const HostTensor eager = centroids.download();
   centroids.upload();  // poison again
-  cudaGraph_t graph = nullptr;
-  SAPATTN_CUDA_CHECK(cudaStreamBeginCapture(cs.handle(), cudaStreamCaptureModeThreadLocal));
-  kmeans_seed_greedy(x.dev, centroids.dev, 21, 2, cs.stream(), ws.workspace());
-  SAPATTN_CUDA_CHECK(cudaStreamEndCapture(cs.handle(), &graph));
-  cudaGraphExec_t exec = nullptr;
-  SAPATTN_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  const CapturedGraph graph(cs.handle(), [&] { kmeans_seed_greedy(x.dev, centroids.dev, 21, 2, cs.stream(), as_workspace(ws)); });
   for (int replay = 0; replay < 2; ++replay) {
     centroids.upload();
-    SAPATTN_CUDA_CHECK(cudaGraphLaunch(exec, cs.handle()));
+    graph.launch(cs.handle());
     cs.sync();
     expect_identical(centroids.download(), eager, "replayed centroids");
   }
-  SAPATTN_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  SAPATTN_CUDA_CHECK(cudaGraphDestroy(graph));
 }
 
 }  // namespace
