@@ -64,6 +64,16 @@ Inputs3 clustered_inputs(int64_t B, int64_t H, int64_t S, int64_t D) {
   return in;
 }
 
+// The sparse calls' config: 10 query and 30 key clusters; `text` prompt tokens, half of them the prompt.
+Config sparse_config(int64_t text) {
+  Config config;
+  config.q_clusters = 10;
+  config.k_clusters = 30;
+  config.text_tokens = text;
+  config.prompt_length = text / 2;
+  return config;
+}
+
 class Svg2OnGpu : public ::testing::TestWithParam<const char*> {
  protected:
   void SetUp() override { cuda::set_attention_kernel_override(std::string(GetParam()) == "sm80" ? "sm80" : ""); }
@@ -96,11 +106,7 @@ TEST_P(Svg2OnGpu, SparseCallsAreDeterministicAndWellFormed) {
   for (const int64_t text : {int64_t{0}, int64_t{48}}) {
     const int64_t B = 2, H = 2, S = 1600 + text, D = 64;
     const Inputs3 in = clustered_inputs(B, H, S, D);
-    Config config;
-    config.q_clusters = 10;
-    config.k_clusters = 30;
-    config.text_tokens = text;
-    config.prompt_length = text / 2;
+    const Config config = sparse_config(text);
     TestStream cs;
     BranchState first, second;
     for (int call = 0; call < 2; ++call) {  // a fresh branch, then a warm start
@@ -134,11 +140,7 @@ TEST(Svg2OnGpuPaths, SortedKeysAndFusedGatherAgree) {
   for (const int64_t text : {int64_t{0}, int64_t{48}}) {
     const int64_t B = 2, H = 2, S = 1600 + text, D = 128;
     const Inputs3 in = clustered_inputs(B, H, S, D);
-    Config config;
-    config.q_clusters = 10;
-    config.k_clusters = 30;
-    config.text_tokens = text;
-    config.prompt_length = text / 2;
+    const Config config = sparse_config(text);
     TestStream cs;
     BranchState sorted, fused;
     for (int call = 0; call < 2; ++call) {
