@@ -64,9 +64,9 @@ its contract (include/sapattn/ops.hpp). `--check DIR` compares the initial sampl
 the selection's per-head density with sapattn.svg2_attention's on a small workload (0 warm
 iterations, so the op selects on the given centroids).
 
-    build/sapattn gen --preset wan-14b-720p --seed 1 --out /tmp/qpad/wan-14b-720p
+    build/sapattn gen --preset wan-14b-720p --seed 1 --out /tmp/qpad/wan-14b-720p   # target sapattn_cli
     python tools/studies/query_padding.py --workload /tmp/qpad/wan-14b-720p --heads 0,1,2 \
-        --noise-seeds 7,8 --top-p-variants 0.88,0.85 --rows 4096 --out out/qpad/wan-14b-720p.jsonl
+        --noise-seeds 7,8 --rows 4096 --cache /tmp/qpad/cache --out out/qpad/wan-14b-720p.jsonl
     python tools/studies/query_padding.py --report out/qpad/*.jsonl
     python tools/studies/query_padding.py --check /tmp/qpad/tiny
 """
