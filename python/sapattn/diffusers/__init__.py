@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
+import torch
+
 from ..config import SVG2Config
 from . import hunyuan, wan
 from .controller import Controller
@@ -60,7 +62,25 @@ class _Installation:
     def __init__(self, controller: Controller):
         self.controller = controller
         self.processors = []  # (module, stock processor)
-        self.hook = None
+        self.hooks = []  # torch hook handles: forward pre-hook and forward hook
+
+
+def _hook_forward(transformer, adapter, controller: Controller) -> list:
+    """The transformer's forward tells the controller when it starts (the next CFG branch or step,
+    and what the adapter reads from its inputs) and when it ends (the calls it made are counted).
+    Both hooks run on the host and are never traced by torch.compile: they change the counters that
+    a compiled forward must not guard on (controller.py's docstring)."""
+    read_inputs = getattr(adapter, "forward_inputs", None)
+
+    @torch.compiler.disable
+    def before(module, args, kwargs):
+        controller.on_forward(read_inputs(args, kwargs) if read_inputs is not None else None)
+
+    @torch.compiler.disable
+    def after(module, args, output):
+        controller.on_forward_end()
+
+    return [transformer.register_forward_pre_hook(before, with_kwargs=True), transformer.register_forward_hook(after)]
 
 
 def _hook_scheduler(scheduler, controller: Controller) -> None:
@@ -140,7 +160,7 @@ def enable(target, config: Optional[SVG2Config] = None, *, telemetry: Union[str,
             stock = module.processor
             installed.processors.append((module, stock))
             module.set_processor(adapter.make_processor(stock, controller, layer))
-        installed.hook = t.register_forward_pre_hook(lambda module, args: controller.on_forward())
+        installed.hooks = _hook_forward(t, adapter, controller)
         setattr(t, _ATTR, installed)
     if hasattr(target, "scheduler"):
         _hook_scheduler(target.scheduler, controller)
@@ -157,7 +177,8 @@ def disable(target) -> None:
         installed.controller.release_parallel()  # its process-group references (sapattn.parallel.shutdown)
         for module, stock in installed.processors:
             module.set_processor(stock)
-        installed.hook.remove()
+        for handle in installed.hooks:
+            handle.remove()
         delattr(t, _ATTR)
     if hasattr(target, "scheduler"):
         _unhook_scheduler(target.scheduler)

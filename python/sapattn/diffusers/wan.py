@@ -18,9 +18,9 @@ class WanSVG2Processor(SVG2Processor):
         if encoder_hidden_states is not None or attention_mask is not None:
             # Not the self-attention this processor was installed for: leave it to diffusers.
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
-        plan = self.controller.plan(self.layer)
+        plan = self.controller.plan(self.slot)
         if not plan.sparse and plan.warmup_iters == 0 and self.controller.dense_backend == "stock":
-            self.controller.record(self.layer, plan, None, None)
+            self.controller.record(self.slot, plan)
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
         parallel = self._parallel_config
         if parallel is not None and not plan.sparse:
@@ -32,7 +32,7 @@ class WanSVG2Processor(SVG2Processor):
         query, key, value = (split_heads(t, attn.heads) for t in (query, key, value))
         if rotary_emb is not None:
             query, key = rope_pairs(query, *rotary_emb), rope_pairs(key, *rotary_emb)
-        out = attend(self.controller, self.layer, plan, query, key, value, parallel_config=parallel)
+        out = attend(self.controller, self.slot, plan, query, key, value, parallel_config=parallel)
         out = out.flatten(2, 3).type_as(query)  # [B, S, H, D] -> [B, S, H*D]
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
