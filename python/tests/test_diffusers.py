@@ -246,3 +246,68 @@ def test_bare_transformer_with_two_cfg_calls_per_step():
         assert [b.calls for b in controller.layers[1].branches.values()] == [3, 3]
     finally:
         sd.disable(model)
+
+
+@pytest.mark.parametrize("image", [False, True], ids=["t2v", "i2v"])
+def test_hunyuan15_sparse_with_top_p_one_equals_stock(device, image):
+    """HunyuanVideo 1.5 through the same adapter interface: every double-stream block sparse at
+    top-p = 1 equals the stock model. SVG2's text rule lets video queries attend to the prompt keys
+    only, so this holds only if the prompt length of each item (valid MLLM + ByT5 tokens, plus the
+    image tokens for I2V) is the model's own; the lengths differ per item."""
+    dtype = working_dtype(device)
+    model = tiny_models.hunyuan15_transformer().to(device, dtype)
+    inputs = tiny_models.hunyuan15_inputs(prompt_lengths=(7, 12), byt5_lengths=(2, 5), image=image, device=device,
+                                          dtype=dtype)
+    refiner = [b.attn.processor for b in model.context_embedder.token_refiner.refiner_blocks]
+    masks = []  # the joint text mask the model hands its first block, [B, T]
+    spy = model.transformer_blocks[0].register_forward_pre_hook(lambda module, args: masks.append(args[3]))
+
+    def ours():
+        controller = sd.enable(model, everywhere(top_p=1.0))
+        try:
+            out = run(model, inputs)
+            assert [b.attn.processor for b in model.context_embedder.token_refiner.refiner_blocks] == refiner
+            assert sorted(controller.layers) == [0, 1, 2, 3]
+            assert all(isinstance(m.processor, sd.hunyuan.HunyuanVideoSVG2Processor)
+                       for _, m in sd.hunyuan15.self_attention_modules(model))
+            images = 4 if image else 0
+            assert controller.forward_inputs["prompt_lengths"] == [7 + 2 + images, 12 + 5 + images]
+            assert controller.forward_inputs["prompt_lengths"] == masks[-1].sum(dim=1).tolist()
+            return out
+        finally:
+            sd.disable(model)
+
+    try:
+        assert_close_to_stock(model, inputs, ours)
+    finally:
+        spy.remove()
+
+
+def test_hunyuan15_generation_schedule(tmp_path):
+    """A tiny HunyuanVideo 1.5 through a denoising loop with CFG (two calls per step, prompts of
+    different lengths): dense for the first 2 of 6 steps and layer 0, two states per sparse layer,
+    telemetry rows at the loop's steps; disable() restores the stock processors."""
+    from denoise import Generation
+
+    model = tiny_models.hunyuan15_transformer()
+    cond = tiny_models.hunyuan15_inputs(prompt_lengths=(7,), seed=0)
+    uncond = tiny_models.hunyuan15_inputs(prompt_lengths=(3,), seed=1)
+    uncond["hidden_states"] = cond["hidden_states"]
+    for inputs in (cond, uncond):
+        del inputs["timestep"], inputs["return_dict"]
+    generation = Generation(model, cond, uncond)
+    stock = [m.processor for _, m in sd.hunyuan15.self_attention_modules(model)]
+    telemetry = tmp_path / "telemetry.jsonl"
+    controller = sd.enable(generation, everywhere(top_p=0.6, first_times_fp=2 / 6, first_layers_fp=0.25),
+                           telemetry=telemetry)
+    latents, _ = generation(6)
+    sd.disable(generation)
+    assert torch.isfinite(latents).all()
+    rows = [json.loads(line) for line in telemetry.read_text().splitlines()]
+    assert [(r["step"], r["branch"], r["layer"]) for r in rows] == [
+        (s, b, layer) for s in range(6) for b in range(2) for layer in range(4)]
+    for r in rows:
+        assert r["mode"] == ("sparse" if r["step"] >= 2 and r["layer"] >= 1 else "dense"), r
+    for layer in (1, 2, 3):
+        assert [controller.layers[layer].branch(b).calls for b in (0, 1)] == [4, 4]
+    assert [m.processor for _, m in sd.hunyuan15.self_attention_modules(model)] == stock

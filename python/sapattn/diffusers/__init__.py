@@ -1,5 +1,5 @@
-"""diffusers integration: one call turns SVG2 on for a Wan 2.1 or HunyuanVideo pipeline (or bare
-transformer), one call turns it off and restores the stock processors exactly.
+"""diffusers integration: one call turns SVG2 on for a Wan 2.1, HunyuanVideo or HunyuanVideo 1.5
+pipeline (or bare transformer), one call turns it off and restores the stock processors exactly.
 
     import sapattn.diffusers
     controller = sapattn.diffusers.enable(pipe, sapattn.SVG2Config.wan_t2v_720p())
@@ -16,22 +16,33 @@ from typing import Optional, Union
 import torch
 
 from ..config import SVG2Config
-from . import hunyuan, wan
+from . import hunyuan, hunyuan15, wan
 from .controller import Controller
 
-__all__ = ["enable", "disable", "Controller"]
+__all__ = ["enable", "disable", "Controller", "adapter_for", "ADAPTERS"]
 
 _ATTR = "_sapattn"  # set on each transformer that sapattn is enabled on
 
+# One module per model family (docs/torch.md, "Adding a model"). Each has:
+#   TRANSFORMERS                       the diffusers transformer class names it serves
+#   DEFAULT_SIZE                       (height, width) of its pipelines' default generation
+#   default_config(height, width)      the SVG2 settings for that resolution
+#   self_attention_modules(t)          [(layer index, attention module)] whose processor SVG2 replaces
+#   make_processor(stock, controller, layer)  the processor standing in for `stock`
+#   forward_inputs(args, kwargs)       optional: what the processors need from the forward's inputs,
+#                                      read on the host before it (controller.forward_inputs)
+ADAPTERS = (wan, hunyuan, hunyuan15)
 
-def _adapter(transformer):
+
+def adapter_for(transformer):
+    """The adapter module of a transformer's class; TypeError naming the supported ones if none."""
     name = type(transformer).__name__
-    if name == "WanTransformer3DModel":
-        return wan
-    if name == "HunyuanVideoTransformer3DModel":
-        return hunyuan
-    raise TypeError(f"sapattn.diffusers supports WanTransformer3DModel and HunyuanVideoTransformer3DModel, "
-                    f"got {name}")
+    for adapter in ADAPTERS:
+        if name in adapter.TRANSFORMERS:
+            return adapter
+    supported = ", ".join(n for adapter in ADAPTERS for n in adapter.TRANSFORMERS)
+    raise TypeError(f"sapattn.diffusers supports {supported}; got {name}")
+
 
 
 def _transformers(target):
@@ -116,7 +127,8 @@ def enable(target, config: Optional[SVG2Config] = None, *, telemetry: Union[str,
            measure_recall: bool = False, dense_backend: str = "stock",
            branches_per_step: Optional[int] = None, num_steps: Optional[int] = None) -> Controller:
     """Turns SVG2 on for `target`: a diffusers pipeline (WanPipeline, WanImageToVideoPipeline,
-    HunyuanVideoPipeline, ...) or a WanTransformer3DModel / HunyuanVideoTransformer3DModel.
+    HunyuanVideoPipeline, HunyuanVideo15Pipeline, ...) or one of their transformers
+    (WanTransformer3DModel, HunyuanVideoTransformer3DModel, HunyuanVideo15Transformer3DModel).
 
     config: the SVG2 config with its schedule (default: the official Wan 2.1 720p settings). Its
       method fields apply to every sparse call: density (budget), routing, compensate and the ear-plus
@@ -141,12 +153,12 @@ def enable(target, config: Optional[SVG2Config] = None, *, telemetry: Union[str,
     config = config if config is not None else SVG2Config()
     transformers = _transformers(target)
     for t in transformers:
-        _adapter(t)
+        adapter_for(t)
         if getattr(t, _ATTR, None) is not None:
             raise RuntimeError("sapattn is already enabled on this transformer: call disable() first")
     for t in transformers:
         _check_device(t, config)
-    num_layers = len(_adapter(transformers[0]).self_attention_modules(transformers[0]))
+    num_layers = len(adapter_for(transformers[0]).self_attention_modules(transformers[0]))
     if branches_per_step is None and not hasattr(target, "scheduler"):
         branches_per_step = 1
     controller = Controller(config, num_layers, telemetry=telemetry, measure_recall=measure_recall,
@@ -154,7 +166,7 @@ def enable(target, config: Optional[SVG2Config] = None, *, telemetry: Union[str,
     if num_steps is not None:
         controller.begin(num_steps)
     for t in transformers:
-        adapter = _adapter(t)
+        adapter = adapter_for(t)
         installed = _Installation(controller)
         for layer, module in adapter.self_attention_modules(t):
             stock = module.processor

@@ -5,14 +5,20 @@ tokens follow SVG2's joint-text rule with the prompt length read from the forwar
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from ..config import SVG2Config
 from .controller import Controller
 from .core import SVG2Processor, attend, project_qkv, rope_pairs, split_heads
 
+TRANSFORMERS = ("HunyuanVideoTransformer3DModel",)  # the diffusers classes this adapter serves
+DEFAULT_SIZE = (720, 1280)  # height, width of the HunyuanVideo pipeline's default generation
+
 
 class HunyuanVideoSVG2Processor(SVG2Processor):
-    """Replaces HunyuanVideoAttnProcessor2_0 on one block. Dense calls go to the stock processor
-    unchanged (unless the dense path is sapattn's or k-means warms up)."""
+    """Replaces HunyuanVideoAttnProcessor2_0 on one block (and HunyuanVideo15AttnProcessor2_0,
+    whose double-stream attention is the same but for its mask: hunyuan15.py). Dense calls go to the
+    stock processor unchanged (unless the dense path is sapattn's or k-means warms up)."""
 
     # The legacy Attention module passes only the keyword arguments this signature names.
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
@@ -54,7 +60,11 @@ class HunyuanVideoSVG2Processor(SVG2Processor):
 
         prompt = text
         if attention_mask is not None:
-            keys = attention_mask.shape[-1]  # the joint mask, [B, 1, 1, N]
+            if attention_mask.dim() == 2 and attention_mask.shape[1] == text:
+                # HunyuanVideo 1.5 hands the blocks the text's own mask [B, T]: as a key mask over
+                # [video | text], [B, 1, 1, N], for the dense calls that do not go to the stock processor.
+                attention_mask = F.pad(attention_mask.bool(), (query.shape[1] - text, 0), value=True)[:, None, None, :]
+            keys = attention_mask.shape[-1]  # the joint key mask, [B, 1, 1, N]
             if keys != query.shape[1]:
                 raise ValueError(f"sapattn: the attention mask covers {keys} keys, the call has "
                                  f"{query.shape[1] - text} video + {text} text tokens")
@@ -68,6 +78,11 @@ class HunyuanVideoSVG2Processor(SVG2Processor):
         if getattr(attn, "to_add_out", None) is not None:
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         return hidden_states, encoder_hidden_states
+
+
+def default_config(height: int, width: int) -> SVG2Config:
+    """The official HunyuanVideo T2V 720p settings (ANCHORS.md): 400 / 1000 clusters, 10% dense steps."""
+    return SVG2Config.hunyuan_720p()
 
 
 def forward_inputs(args, kwargs) -> dict:

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import torch
 
+from ..config import SVG2Config
 from .controller import Controller
 from .core import SVG2Processor, attend, project_qkv, rope_pairs, split_heads
+
+TRANSFORMERS = ("WanTransformer3DModel",)  # the diffusers classes this adapter serves
+DEFAULT_SIZE = (480, 832)  # height, width of the Wan pipelines' default generation
 
 
 class WanSVG2Processor(SVG2Processor):
@@ -36,6 +40,12 @@ class WanSVG2Processor(SVG2Processor):
         out = out.flatten(2, 3).type_as(query)  # [B, S, H, D] -> [B, S, H*D]
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
+
+
+def default_config(height: int, width: int) -> SVG2Config:
+    """The official SVG2 settings (ANCHORS.md): the 720p script's from 720p up (clusters scaled
+    with the tokens), the 480p script's (200 / 1000 clusters) below."""
+    return SVG2Config.wan_t2v_720p() if height * width >= 720 * 1280 else SVG2Config.wan_480p()
 
 
 def self_attention_modules(transformer):
