@@ -6,7 +6,7 @@ pipeline (or bare transformer), one call turns it off and restores the stock pro
     video = pipe(prompt, num_inference_steps=50).frames[0]
     sapattn.diffusers.disable(pipe)
 
-Tested with diffusers 0.42.1 (docs/torch.md lists what is supported)."""
+Tested with diffusers 0.42.1; supported: sapattn.supported_versions.DIFFUSERS (docs/torch.md)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Optional, Union
 
 import torch
 
+from .. import supported_versions
 from ..config import SVG2Config
 from . import hunyuan, hunyuan15, wan
 from .controller import Controller
@@ -22,6 +23,21 @@ from .controller import Controller
 __all__ = ["enable", "disable", "Controller", "adapter_for", "ADAPTERS"]
 
 _ATTR = "_sapattn"  # set on each transformer that sapattn is enabled on
+
+
+def _check_diffusers() -> None:
+    """The adapters follow diffusers' model code (processor signatures, block layout, masks): a
+    diffusers outside the tested range gets a warning (supported_versions.py)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("diffusers")
+    except PackageNotFoundError:  # nothing to adapt to yet; enable() needs a diffusers model anyway
+        return
+    supported_versions.check("diffusers", found, supported_versions.DIFFUSERS)
+
+
+_check_diffusers()
 
 # One module per model family (docs/torch.md, "Adding a model"). Each has:
 #   TRANSFORMERS                       the diffusers transformer class names it serves
