@@ -139,8 +139,9 @@ def run_stack(model, latents, cond, uncond, steps: int, timer: Timer, *, cache: 
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
     if cache:
-        model.enable_cache(MagCacheConfig(threshold=0.06, max_skip_steps=MAX_SKIP_STEPS, retention_ratio=RETENTION_RATIO,
-                                          num_inference_steps=steps, mag_ratios=[1.0] * steps))
+        model.enable_cache(MagCacheConfig(threshold=0.06, max_skip_steps=MAX_SKIP_STEPS,
+                                          retention_ratio=RETENTION_RATIO, num_inference_steps=steps,
+                                          mag_ratios=[1.0] * steps))
     pipe = argparse.Namespace(transformer=model, scheduler=scheduler)  # what enable() takes as a pipeline
     controller = sd.enable(pipe, svg2_config) if svg2_config is not None else None
     last = model.blocks[-1].attn1
@@ -217,8 +218,9 @@ def summarize(name: str, result: dict, steps: int) -> dict:
         kinds.setdefault(f["kind"], []).append(f["ms"])
     pattern = " ".join("".join(LETTERS[f["kind"]] for f in result["forwards"] if f["step"] == s)
                        for s in range(steps))  # per step, cond then uncond
-    return dict(stack=name, steps=steps, forwards=len(result["forwards"]), total_ms=sum(f["ms"] for f in result["forwards"]),
-                wall_ms=result["wall_ms"], finite=result["finite"], pattern=pattern,
+    return dict(stack=name, steps=steps, forwards=len(result["forwards"]),
+                total_ms=sum(f["ms"] for f in result["forwards"]), wall_ms=result["wall_ms"], finite=result["finite"],
+                pattern=pattern,
                 ms_by_kind={k: statistics.median(v) for k, v in kinds.items()},
                 count_by_kind={k: len(v) for k, v in kinds.items()})
 
@@ -260,8 +262,9 @@ def table(rows: dict, projection: dict) -> str:
     for name in STACKS:
         r = rows[name]
         kinds = ", ".join(f"{n} {k} ({r['ms_by_kind'][k]:.0f} ms)" for k, n in sorted(r["count_by_kind"].items()))
-        lines.append(f"| {name} | {kinds} | `{r['pattern']}` | {r['total_ms'] / 1e3:.3g} | {stock / r['total_ms']:.2f}x | "
-                     f"{projection['seconds'][name]:.3g} | {projection['speedup'][name]:.2f}x |")
+        lines.append(f"| {name} | {kinds} | `{r['pattern']}` | {r['total_ms'] / 1e3:.3g} | "
+                     f"{stock / r['total_ms']:.2f}x | {projection['seconds'][name]:.3g} | "
+                     f"{projection['speedup'][name]:.2f}x |")
     return "\n".join(lines)
 
 

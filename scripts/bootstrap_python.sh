@@ -59,11 +59,11 @@ PY
 }
 missing=$(unmet)
 if [ -n "$missing" ]; then
-  echo "bootstrap_python: installing into $venv (torch is large: a few minutes):" $missing >&2
+  printf 'bootstrap_python: installing into %s (torch is large: a few minutes):\n%s\n' "$venv" "$missing" >&2
   "$py" -m pip install --quiet --disable-pip-version-check -r "$requirements" >&2
   missing=$(unmet)
   if [ -n "$missing" ]; then
-    echo "bootstrap_python: pip could not install into $venv:" $missing >&2
+    printf 'bootstrap_python: pip could not install into %s:\n%s\n' "$venv" "$missing" >&2
     exit 1
   fi
 fi

@@ -97,7 +97,8 @@ def _wheel(folder: Path, name: str, version: str) -> Path:
     info = f"{module}-{version}.dist-info"
     files = {f"{module}/__init__.py": f"VERSION = {version!r}\n",
              f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: sapattn-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+             f"{info}/WHEEL": ("Wheel-Version: 1.0\nGenerator: sapattn-tests\nRoot-Is-Purelib: true\n"
+                               "Tag: py3-none-any\n")}
     record = []
     for path, text in files.items():
         digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
@@ -149,7 +150,8 @@ def _python_installation(root: Path) -> Path:
 
 def _snapshot(root: Path) -> dict:
     """Every file under `root`: size, modification time and content hash."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns,
+                                       hashlib.sha256(p.read_bytes()).hexdigest())
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 

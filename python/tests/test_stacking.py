@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch

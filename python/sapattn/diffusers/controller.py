@@ -23,8 +23,9 @@ the branch id is not read either: a whole generation compiles three graphs (dens
 sparse step, the warm sparse steps), tested. Read from the step counter itself, every step would be a
 new guard and a recompilation, and the 8 recompilations torch allows by default are spent by the
 fourth step of a CFG generation (with fullgraph=True that is an error; without, the rest of the
-generation silently runs eager). The processors log each call (layer, branch, mode, the state it
-used, the device figures) into a list that the post-hook folds into the counters and telemetry.
+generation silently runs eager). Each processor logs its calls (mode, the state it used, the
+device figures) into its layer's slot; the post-hook folds the logs into the counters and the
+telemetry, at the step and branch of the forward.
 
 Step caches (diffusers' enable_cache: FirstBlockCache, MagCache, TaylorSeer, ...) skip blocks or
 whole steps inside a forward: a skipped layer makes no call, so its centroids stay as its last

@@ -73,8 +73,8 @@ def _dense(controller: Controller, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     return out.transpose(1, 2)
 
 
-def attend(controller: Controller, slot: LayerSlot, plan: CallPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-           text_tokens: int = 0, prompt_length: Union[int, Sequence[int]] = 0,
+def attend(controller: Controller, slot: LayerSlot, plan: CallPlan, q: torch.Tensor, k: torch.Tensor,
+           v: torch.Tensor, *, text_tokens: int = 0, prompt_length: Union[int, Sequence[int]] = 0,
            key_mask: Optional[torch.Tensor] = None, parallel_config=None) -> torch.Tensor:
     """One layer call as the schedule plans it. q, k, v: [B, S, H, D], the last `text_tokens` of S
     being text (prompt then padding, per batch item). key_mask: the model's own attention mask,
