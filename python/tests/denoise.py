@@ -30,8 +30,8 @@ class Generation:
     def __call__(self, num_steps: int, *, on_step_end: Optional[Callable[[int, torch.Tensor], None]] = None
                  ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Runs the loop; returns the final latents and the latents after each step."""
-        self.scheduler.set_timesteps(num_steps)
         latents = self.cond["hidden_states"]
+        self.scheduler.set_timesteps(num_steps, device=latents.device)
         batch = latents.shape[0]
         trajectory = []
         with torch.no_grad():

@@ -139,13 +139,16 @@ def _python_installation(root: Path) -> Path:
     for entry in stdlib.iterdir():
         if entry.name not in ("site-packages", "dist-packages"):
             (lib / entry.name).symlink_to(entry)
-    (lib / "site-packages").mkdir()
+    # Its site-packages, wherever this build of Python puts it under the prefix (lib/pythonX.Y/
+    # site-packages; Debian's patched site.py names dist-packages folders).
     found = subprocess.run([str(root / "bin" / "python3"), "-c", "import sys, site; print(sys.prefix); "
-                            "print(site.getsitepackages()[0])"], capture_output=True, text=True, check=True,
+                            "print(*site.getsitepackages(), sep='\\n')"], capture_output=True, text=True, check=True,
                            env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")})
-    prefix, site = found.stdout.split()
-    assert Path(prefix) == root and Path(site) == lib / "site-packages", found.stdout
-    return Path(site)
+    prefix, *sites = found.stdout.split("\n")
+    assert Path(prefix) == root, f"the stand-in Python's prefix is {prefix}, not {root}"
+    site = next(Path(s) for s in sites if s and Path(s).is_relative_to(root))
+    site.mkdir(parents=True, exist_ok=True)
+    return site
 
 
 def _snapshot(root: Path) -> dict:

@@ -264,9 +264,16 @@ def test_torch_compile_fullgraph_over_a_generation(device):
     assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
     assert not counters["graph_break"]
     assert compiled_calls == eager_calls and compiled_calls[1, 0] == STEPS - DENSE_STEPS
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    for a, b in zip(eager, compiled):
-        torch.testing.assert_close(b, a, rtol=tol, atol=tol)
+    if dtype == torch.float32:
+        for a, b in zip(eager, compiled):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        return
+    # bf16: the dense steps are the stock model's ops, rounded as inductor fuses them; after them the
+    # rounding may move a token to another cluster, so the sparse steps are compared as a whole.
+    for a, b in zip(eager[:DENSE_STEPS], compiled[:DENSE_STEPS]):
+        torch.testing.assert_close(b, a, rtol=3e-2, atol=3e-2)
+    for a, b in zip(eager[DENSE_STEPS:], compiled[DENSE_STEPS:]):
+        assert ((b.float() - a.float()).norm() / a.float().norm()).item() < 0.05
 
 
 def test_torch_compile_fullgraph_hunyuan():
