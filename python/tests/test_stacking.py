@@ -340,3 +340,22 @@ def test_torch_compile_with_first_block_cache():
     assert compiled_calls == eager_calls and sum(compiled_calls.values()) > 0
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_enable_on_an_already_compiled_transformer():
+    """enable() and disable() take a torch.compile'd transformer (or a pipeline holding one) as the
+    module it wraps: the compiled module then runs SVG2, and the stock model after disable()."""
+    torch._dynamo.reset()
+    model, cond, uncond, modules = model_and_inputs("wan", layers=2)
+    stock = [m.processor for _, m in modules]
+    compiled = torch.compile(model, backend="eager")
+    inputs = dict(cond, timestep=torch.tensor([500.0]), return_dict=False)
+    with torch.no_grad():
+        before = compiled(**inputs)[0]
+        controller = sd.enable(compiled, svg2_config(first_times_fp=0.0, first_layers_fp=0.0), num_steps=1)
+        assert all(isinstance(m.processor, sd.wan.WanSVG2Processor) for _, m in modules)
+        sparse = compiled(**inputs)[0]
+        sd.disable(compiled)
+        after = compiled(**inputs)[0]
+    assert controller.layers[1].branch(0).calls == 1 and not torch.equal(sparse, before)
+    assert [m.processor for _, m in modules] == stock and torch.equal(after, before)

@@ -62,13 +62,16 @@ def adapter_for(transformer):
 
 
 def _transformers(target):
-    """The transformers of a pipeline (Wan 2.2 pipelines have two), or the transformer itself."""
+    """The transformers of a pipeline (Wan 2.2 pipelines have two), or the transformer itself; a
+    torch.compile'd one (OptimizedModule) as the module it wraps, whose processors and hooks the
+    compiled one runs."""
     if hasattr(target, "transformer"):
         found = [t for t in (target.transformer, getattr(target, "transformer_2", None)) if t is not None]
         if not found:
             raise TypeError("the pipeline has no transformer")
-        return found
-    return [target]
+    else:
+        found = [target]
+    return [getattr(t, "_orig_mod", t) for t in found]
 
 
 def _check_device(transformer, config: SVG2Config) -> None:
