@@ -46,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dit_forward  # noqa: E402  (the full-size Wan configs; bench/ is on the path wherever this runs from)
-from harness import emit, log, read_jsonl  # noqa: E402
+from harness import cuda_ms, emit, log, read_jsonl  # noqa: E402
 
 STACKS = ("stock", "cache", "svg2", "both")
 LETTERS = {"dense": "D", "sparse": "S", "sparse-init": "I", "skipped": "-"}  # the pattern's, per forward
@@ -107,12 +107,7 @@ class Timer:
     def __call__(self, fn):
         """(milliseconds, fn's result)."""
         if self.device.type == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            result = fn()
-            stop.record()
-            stop.synchronize()
-            return start.elapsed_time(stop), result
+            return cuda_ms(fn)
         t0 = time.perf_counter()
         result = fn()
         return (time.perf_counter() - t0) * 1e3, result
