@@ -12,6 +12,7 @@
 
 #include "reference.hpp"
 #include "sapattn/ops.hpp"
+#include "sapattn/svg2.hpp"
 #include "test_support.hpp"
 
 namespace {
@@ -285,6 +286,66 @@ TEST(RoundQueryClusters, ArgumentErrorsLeaveOutputsUntouched) {
   p.lab()[5] = 0;
   EXPECT_THROW(call(p.q.view(), p.mask.view(), ref::on_cuda(p.labels.view()), p.sizes.view(), ok), UnsupportedError);
   untouched();
+}
+
+// The Config switch: svg2_attention with round_q_clusters rounds the sizes it reports the way the op
+// does (whole donor tails, receivers within their last block, fewer padding rows), and at top_p = 1
+// (every key kept, every move free) its output is still dense attention.
+TEST(RoundQueryClusters, Svg2ConfigSwitch) {
+  const int64_t B = 1, H = 2, S = 1000, D = 32;
+  const Tensor q = testing_support::clustered_tensor(DType::F32, B, H, S, D, 7, 11, 1.5f, 0.5f),
+               k = testing_support::clustered_tensor(DType::F32, B, H, S, D, 7, 12, 1.5f, 0.5f),
+               v = testing_support::clustered_tensor(DType::F32, B, H, S, D, 7, 13, 1.5f, 0.5f);
+  Config c;
+  c.q_clusters = 12;
+  c.k_clusters = 20;
+  c.kmeans_iters_init = 10;
+  EXPECT_FALSE(c.round_q_clusters) << "off by default";
+  auto run = [&](const Config& config, Tensor& out) {
+    Tensor sizes(DType::I32, {B, H, config.q_clusters});
+    BranchState state;
+    Svg2Outputs o;
+    o.out = out.view();
+    o.q_cluster_sizes = sizes.view();
+    svg2_attention(q.view(), k.view(), v.view(), config, state, o, kStream);
+    return std::vector<int32_t>(sizes.data_as<int32_t>(), sizes.data_as<int32_t>() + sizes.numel());
+  };
+  auto padding = [](const std::vector<int32_t>& sizes) {
+    int64_t pad = 0;
+    for (int32_t n : sizes) pad += (n + 63) / 64 * 64 - n;
+    return pad;
+  };
+  for (float top_p : {0.9f, 1.0f}) {
+    c.top_p = top_p;
+    Tensor out_off(DType::F32, {B, H, S, D}), out_on(DType::F32, {B, H, S, D});
+    c.round_q_clusters = false;
+    const std::vector<int32_t> off = run(c, out_off);
+    c.round_q_clusters = true;
+    const std::vector<int32_t> on = run(c, out_on);
+    EXPECT_LE(padding(on), padding(off)) << "top_p " << top_p;
+    if (top_p == 1.0f) {
+      EXPECT_LT(padding(on), padding(off)) << "free moves must round something";
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      int64_t total = 0;
+      for (int64_t a = 0; a < c.q_clusters; ++a) {
+        const int64_t before = off[h * c.q_clusters + a], now = on[h * c.q_clusters + a], t = before % 64;
+        total += now;
+        if (now < before) {
+          EXPECT_EQ(now, before - t);
+        }
+        if (now > before) {
+          EXPECT_LE(now, before + 64 - t);
+        }
+      }
+      EXPECT_EQ(total, S);
+    }
+    if (top_p == 1.0f) {
+      const ref::Attention dense = ref::attention_f64(q.view(), k.view(), v.view(), c.scale_for(D), nullptr);
+      const std::vector<double> got = ref::to_vector(out_on.view());
+      for (size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], dense.out[i], 1e-4) << i;
+    }
+  }
 }
 
 }  // namespace

@@ -236,6 +236,7 @@ constexpr Svg2Option kSvg2Options[] = {
     {"ear_pair_values", &Config::ear_pair_values},
     {"ear_head_budget", &Config::ear_head_budget},
     {"ear_split", &Config::ear_split},
+    {"round_q_clusters", &Config::round_q_clusters},
 };
 
 // The arguments before the options, read by position in svg2_attention_boxed.
