@@ -3,6 +3,11 @@ it inside the sapattn package. The rest of the package's description is in pypro
 version is the CMake project version (CMakeLists.txt), and the wheel requires the torch release it
 was compiled against.
 
+Supported (tested) releases, python/sapattn/supported_versions.py: torch >=2.11,<2.12 and, for
+sapattn.diffusers, diffusers >=0.42,<0.43 (the `diffusers` extra). The build works against any
+torch from 2.4 and says so when the installed one is outside the range; `import sapattn` then
+warns the same way.
+
     pip install -v --no-build-isolation .          # -v: pip shows CMake's progress, else a spinner
     pip wheel --no-build-isolation --no-deps .     # a wheel for machines with the same torch (docs/torch.md)
 
@@ -53,6 +58,16 @@ def installed_torch():
     return torch
 
 
+def supported_versions():
+    """python/sapattn/supported_versions.py, loaded by path (the package itself imports torch)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("supported_versions", ROOT / "python/sapattn/supported_versions.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def torch_requirement() -> list:
     """The torch release this build is compiled against (its ABI is torch's C++ ABI): a wheel then
     installs only beside that release. The local tag (+cu130, +cpu) cannot be pinned in a
@@ -73,6 +88,12 @@ class BuildWithLibrary(build_py):
             sys.exit("sapattn compiles against the installed PyTorch, which this Python cannot import: install torch "
                      "first, then `pip install --no-build-isolation .` (without --no-build-isolation pip builds in "
                      "an environment that has no torch)")
+        versions = supported_versions()
+        kind, message = versions.problem("torch", torch.__version__, versions.TORCH, minimum=versions.TORCH_MINIMUM)
+        if kind == "too old":
+            sys.exit(f"setup.py: {message}")
+        print(f"sapattn: building against torch {torch.__version__}; supported (tested): torch{versions.TORCH}, "
+              f"diffusers{versions.DIFFUSERS}" + (f"\nsapattn: note: {message}" if message else ""), flush=True)
         # Configured every time: a no-op when nothing changed, and it picks up another Python or
         # torch in a reused folder (the torch paths and ABI are read at configure time).
         cmake = ["cmake", "-S", ROOT, "-B", BUILD_DIR, "-DSAPATTN_TORCH=ON", f"-DPython3_EXECUTABLE={sys.executable}"]

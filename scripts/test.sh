@@ -2,9 +2,10 @@
 # Builds sapattn with its tests and runs all of them: the C++ suites through CTest (also in the
 # CPU-only configuration, build-cpu/, and against an installed prefix), then the Python
 # package (PyTorch ops, diffusers integration, generate command) through pytest. The Python tests
-# run in the checkout's virtual environment .venv (scripts/bootstrap_python.sh: it reuses a torch of
-# the pinned version from the user's Python and installs what is missing into .venv only), and the
-# package is installed there from this checkout. The user's own Python is never changed.
+# run in the checkout's virtual environment .venv (scripts/bootstrap_python.sh: it reuses what the
+# user's Python has in the supported ranges, torch above all, and installs what is missing or out of
+# range into .venv only), and the package is installed there from this checkout. The user's own
+# Python is never changed (python/tests/test_environment.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh

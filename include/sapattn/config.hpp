@@ -54,6 +54,12 @@ struct Config {
                                  // ranked by the probe's row-normalised error per area
   bool ear_split = false;        // compensation through two sub-centroids per key cluster (split_clusters)
                                  // instead of one; with ear_spread/ear_pair_values, theirs too
+  // Issue 12 (docs/attention.md, "Query padding at 64-row blocks"): after the selection, move a few
+  // video queries between query clusters (round_query_clusters with its default RoundQueryOptions:
+  // slack 16, cap 0.1, prefilter 4, 8 rounds) so that fewer 64-row blocks carry padding rows.
+  // Centroids and mask stay; q_cluster_sizes, the permutation and the compensation see the rounded
+  // clusters. CPU only so far (UnsupportedError on a CUDA stream). Off by default.
+  bool round_q_clusters = false;
 
   // The first sparse call's seeding, before its kmeans_iters_init iterations. The defaults (with 14
   // iterations) are the CPU study's choice (issue 13): greedy k-means++ on 2C sampled points, then 14

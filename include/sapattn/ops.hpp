@@ -162,6 +162,58 @@ void shard_key_clusters(TensorView mask, int index, int count, const Stream& str
 void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_length, int prompt_label,
                        const Stream& stream);
 
+// Size rounding of the query clusters (issue 12; docs/attention.md, "Query padding at 64-row
+// blocks"): after the selection, moves a few video query points between query clusters so that
+// every cluster's tail t = n mod 64 is 0 or at least 64 - slack, so the 64-row warpgroup blocks of
+// the sparse kernel carry fewer padding rows. The study's variant B:mass:SLACK:MAX:F:ROUNDS:keep
+// (tools/studies/query_padding.py, round_clusters with match_rounds); per (b,h):
+//   1. Roles. n_a = the count of label a, t_a = n_a mod 64. A cluster with t = 0 or t >= 64 - slack
+//      is done; it may still take up to 64 - t points when t > 0 (optional capacity). The other
+//      ("open") clusters, ranked by ascending t (ties by lower index), split into the first k
+//      (donors: they give all t points away) and the rest (receivers: they need 64 - slack - t and
+//      take at most 64 - t). k in [0, #open] minimises (pad, supply) lexicographically, the lowest
+//      k on ties: supply = the donors' tails, dmin / dmax = the receivers' total need / capacity
+//      (dmax with the optional capacity), pad = dmin - supply when supply < dmin, else
+//      (dmax - supply) mod 64 when supply > dmax, else 0.
+//   2. Candidates: the points of the donors (ascending index). With options.prefilter = F > 0, each
+//      donor's candidates are its F * t points with the lowest best distance cost
+//      min_r (|x - c_r|^2 - |x - c_own|^2) over the targets r (computed as |c|^2 - 2 x.c in fp32;
+//      ties by lower point index); they are then ordered by donor, best distance, point index.
+//      Targets: every cluster with capacity left (receivers and done clusters with t > 0), ascending.
+//   3. Move cost (mass): p_j = |K_j| exp(scale x.kbar_j) / sum_j' |K_j'| exp(scale x.kbar_j') over the
+//      non-empty key clusters (the selection's estimate with the point x in place of its centroid;
+//      fp32 dot products, fp64 softmax and sums); cost(x, r) = sum_j p_j mask[own, j] -
+//      sum_j p_j mask[r, j]: the mass x loses by taking r's kept key clusters. A cost above
+//      options.max_cost (or NaN) forbids the move; with no non-empty key cluster every cost is 0.
+//   4. Matching in rounds: each candidate ranks its options.candidates cheapest targets (ties by
+//      lower target index). Two phases, first up to each receiver's need, then up to its capacity,
+//      each of up to options.rounds rounds: at the start of a round every unplaced candidate picks
+//      its cheapest ranked target with room left (none: it sits the round out); per donor the
+//      (t - placed) cheapest such picks are offered (ties by candidate order); each target accepts
+//      the cheapest offers up to its room (ties by candidate order). A phase ends early when
+//      nothing is offered. A donor that has not placed its whole tail at the end takes its points
+//      back (a partial tail would still pad to 64), so a donor moves all t points or none.
+//   Centroids and mask are left as they are (the study's "keep"): a moved point takes its new
+//   cluster's kept keys through its label. Only labels and sizes change.
+//   q [B,H,N,D] f32/f16/bf16 any strides (the video queries); q_centroids [B,H,Cq,D] and
+//   k_centroids [B,H,Ck,D] f32 contiguous; k_sizes [B,H,Ck] i32 contiguous, >= 0; mask [B,H,Cq,Ck]
+//   u8 any strides (the video x video block of the selection); labels [B,H,N] i32 in [0, Cq), unit
+//   stride along N, read and rewritten; sizes [B,H,Cq] i32 contiguous, written with the new counts.
+//   slack in [0, 63], max_cost not NaN (+inf: uncapped), prefilter >= 0 (0: every donor point is a
+//   candidate), rounds >= 1, candidates >= 1; scale finite > 0. CPU backend only so far: a CUDA
+//   stream throws UnsupportedError ("not yet on CUDA"), in a CUDA build too.
+struct RoundQueryOptions {
+  int slack = 16;
+  float max_cost = 0.1f;
+  int prefilter = 4;
+  int rounds = 8;
+  int candidates = 16;
+};
+void round_query_clusters(const TensorView& q, const TensorView& q_centroids, const TensorView& k_centroids,
+                          const TensorView& k_sizes, const TensorView& mask, float scale,
+                          const RoundQueryOptions& options, TensorView labels, TensorView sizes,
+                          const Stream& stream);
+
 // ---------------------------------------------------------------------------------------------
 // Permutation.
 //   labels  [B,H,N]   i32 in [0, C), contiguous

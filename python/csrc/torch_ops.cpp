@@ -256,6 +256,7 @@ constexpr Svg2Option kSvg2Options[] = {
     {"ear_split", &Config::ear_split},
     {"kmeans_seeding", &Config::kmeans_seeding},
     {"kmeans_sample_factor", &Config::kmeans_sample_factor},
+    {"round_q_clusters", &Config::round_q_clusters},
 };
 
 // The arguments before the options, read by position in svg2_attention_boxed.

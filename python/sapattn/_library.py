@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from . import supported_versions
+
 _LIBRARY_NAME = "libsapattn_torch.so"
 
 
@@ -65,6 +67,8 @@ def _load() -> Path:
     return path
 
 
+# torch outside the tested range: a warning; below the oldest with the APIs called here: ImportError.
+supported_versions.check("torch", torch.__version__, supported_versions.TORCH, minimum=supported_versions.TORCH_MINIMUM)
 LIBRARY_PATH = _load()
 VERSION = _version()
 

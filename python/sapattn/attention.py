@@ -53,7 +53,10 @@ _CONFIG_ARGUMENTS = _config_arguments(torch.ops.sapattn.svg2_attention.default._
 class BranchState:
     """k-means centroids of one layer and one classifier-free-guidance branch, per batch item and
     head: q [B, H, Cq, D] and k [B, H, Ck, D] float32 on the device of the calls. `calls` counts
-    the sparse calls that used them; `warm_iters` the warm-up iterations run during dense steps."""
+    the sparse calls that used them; `warm_iters` the warm-up iterations run during dense steps.
+    The counters are host ints: svg2_attention and warm_centroids count eager calls only (inside a
+    torch.compile'd region an int that changes at every call would be a guard that fails at every
+    call); sapattn.diffusers counts its calls, compiled or not, after each forward."""
 
     q_centroids: Optional[torch.Tensor] = None
     k_centroids: Optional[torch.Tensor] = None
@@ -114,7 +117,10 @@ class LayerState:
         self.branches: Dict[int, BranchState] = {}
 
     def branch(self, branch_id: int = 0) -> BranchState:
-        return self.branches.setdefault(branch_id, BranchState())
+        state = self.branches.get(branch_id)
+        if state is None:
+            state = self.branches[branch_id] = BranchState()
+        return state
 
     def reset(self) -> None:
         self.branches.clear()
@@ -143,6 +149,20 @@ def svg2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: SV
 
     Inference only: the outputs have no backward (calling it raises RuntimeError). A NaN in q or k
     comes back as NaN in the rows it reaches, as in torch's attention, on the CPU (docs/torch.md)."""
+    result = svg2_attention_uncounted(q, k, v, config, state, text_tokens=text_tokens, prompt_length=prompt_length,
+                                      return_lse=return_lse, key_shard=key_shard, sample_ids=sample_ids)
+    if not torch.compiler.is_compiling():
+        state.calls += 1
+    return result
+
+
+def svg2_attention_uncounted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: SVG2Config,
+                             state: BranchState, *, text_tokens: int = 0,
+                             prompt_length: Union[int, Sequence[int]] = 0, return_lse: bool = False,
+                             key_shard: Tuple[int, int] = (0, 1), sample_ids: Optional[torch.Tensor] = None
+                             ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """svg2_attention without touching state.calls: for callers that count on the host themselves
+    (sapattn.diffusers, whose forwards may be compiled)."""
     initialize = state.prepare(q, config, text_tokens)
     lengths = [prompt_length] * q.shape[0] if isinstance(prompt_length, int) else list(prompt_length)
     if len(lengths) != q.shape[0]:
@@ -168,7 +188,6 @@ def svg2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: SV
                               + torch.arange(heads, device=q.device)).to(torch.int32)
             parts = [call(slice(b, b + 1), n, sample_ids[b:b + 1]) for b, n in enumerate(lengths)]
             out, lse, density = (torch.cat([p[i] for p in parts]) for i in range(3))
-    state.calls += 1
     return out, (lse if return_lse else None), density
 
 
@@ -178,13 +197,20 @@ def warm_centroids(q: torch.Tensor, k: torch.Tensor, config: SVG2Config, state: 
     attending (used during dense steps, so that the first sparse call can start warm). A new state
     is seeded first as svg2_attention's initialisation seeds it (the config's kmeans_seeding, the same
     seeds)."""
+    warm_centroids_uncounted(q, k, config, state, iters, text_tokens=text_tokens)
+    if not torch.compiler.is_compiling():
+        state.warm_iters += iters
+
+
+def warm_centroids_uncounted(q: torch.Tensor, k: torch.Tensor, config: SVG2Config, state: BranchState, iters: int,
+                             *, text_tokens: int = 0) -> None:
+    """warm_centroids without touching state.warm_iters (see svg2_attention_uncounted)."""
     initialize = state.prepare(q, config, text_tokens)
     video = q.shape[1] - text_tokens
     with _fresh_on_failure(state, initialize):
         seeding = {"seeding": config.kmeans_seeding, "sample_factor": config.kmeans_sample_factor}
         torch.ops.sapattn.kmeans(q[:, :video], state.q_centroids, initialize, iters, config.seed, **seeding)
         torch.ops.sapattn.kmeans(k[:, :video], state.k_centroids, initialize, iters, config.seed, keys=True, **seeding)
-    state.warm_iters += iters
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float = 0.0,

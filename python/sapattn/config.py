@@ -75,6 +75,9 @@ class SVG2Config:
     ear_pair_values: bool = False  # values per (query, key cluster) pair, weighted by attention
     ear_head_budget: bool = False  # one area budget per head instead of one per query cluster
     ear_split: bool = False        # two sub-centroids per key cluster in the compensation
+    # Issue 12: after the selection, move a few video queries between query clusters so that fewer
+    # 64-row blocks carry padding rows (round_query_clusters, docs/attention.md). CPU only so far.
+    round_q_clusters: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

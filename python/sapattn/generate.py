@@ -1,4 +1,4 @@
-"""Generate a video with a diffusers Wan 2.1 or HunyuanVideo pipeline, with SVG2 or dense.
+"""Generate a video with a diffusers Wan 2.1, HunyuanVideo or HunyuanVideo 1.5 pipeline, with SVG2 or dense.
 
     python -m sapattn.generate --model DIR --prompt "a cat runs on the beach" --out video.mp4
     python -m sapattn.generate --model DIR --prompt "..." --out dense.mp4 --dense
@@ -51,13 +51,14 @@ def _density(text: str) -> float:
 def _preset_table() -> str:
     """The official SVG2 settings the command starts from, per model and resolution, read from the
     presets themselves."""
-    from .config import SVG2Config
-
-    presets = {"Wan 2.1 >= 720p": SVG2Config.wan_t2v_720p(), "Wan 2.1 < 720p": SVG2Config.wan_480p(),
-               "HunyuanVideo": SVG2Config.hunyuan_720p()}
+    presets = {"Wan 2.1 >= 720p": default_config("wan", 720, 1280), "Wan 2.1 < 720p": default_config("wan", 480, 832),
+               "HunyuanVideo": default_config("hunyuan", 720, 1280),
+               "HY 1.5 720p": default_config("hunyuan15", 720, 1280),
+               "HY 1.5 480p": default_config("hunyuan15", 480, 848)}
     row = "  {:<24}" + "{:<17}" * len(presets)
-    lines = ["official SVG2 settings (the defaults of the SVG2 options; the first call's k-means seeding and "
-             "iterations are sapattn's, docs/cuda.md):", row.format("", *presets)]
+    lines = ["SVG2 settings, the defaults of the SVG2 options (official for Wan 2.1 and HunyuanVideo;",
+             "HunyuanVideo 1.5 (HY 1.5) has none: HunyuanVideo's, docs/torch.md; the first call's k-means",
+             "seeding and iterations are sapattn's, docs/cuda.md):", row.format("", *presets)]
     def cell(value) -> str:
         return "scaled*" if value is None else str(value)
 
@@ -126,12 +127,19 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-def default_config(kind: str, height: int, width: int):
-    from .config import SVG2Config
+def _adapter(kind: str):
+    """sapattn.diffusers' adapter module named `kind` (wan, hunyuan, hunyuan15)."""
+    from .diffusers import ADAPTERS
 
-    if kind == "hunyuan":
-        return SVG2Config.hunyuan_720p()
-    return SVG2Config.wan_t2v_720p() if height * width >= 720 * 1280 else SVG2Config.wan_480p()
+    for adapter in ADAPTERS:
+        if adapter.__name__.rsplit(".", 1)[-1] == kind:
+            return adapter
+    raise ValueError(f"no sapattn.diffusers adapter named {kind!r}")
+
+
+def default_config(kind: str, height: int, width: int):
+    """The model's SVG2 settings at this resolution (its adapter's default_config)."""
+    return _adapter(kind).default_config(height, width)
 
 
 def config_from_args(args, kind: str, height: int, width: int):
@@ -145,12 +153,13 @@ def config_from_args(args, kind: str, height: int, width: int):
 
 
 def model_kind(pipe) -> str:
-    name = type(pipe.transformer).__name__
-    if name.startswith("Wan"):
-        return "wan"
-    if name.startswith("HunyuanVideo"):
-        return "hunyuan"
-    raise SystemExit(f"error: {type(pipe).__name__} has a {name}; sapattn supports Wan 2.1 and HunyuanVideo")
+    """The name of the adapter module that serves the pipeline's transformer."""
+    from .diffusers import adapter_for
+
+    try:
+        return adapter_for(pipe.transformer).__name__.rsplit(".", 1)[-1]
+    except TypeError as e:
+        raise SystemExit(f"error: {type(pipe).__name__}: {e}") from None
 
 
 def main(argv=None) -> int:
@@ -178,8 +187,8 @@ def main(argv=None) -> int:
                        ("max_sequence_length", args.max_sequence_length)):
         if value is not None:
             call[key] = value
-    height = args.height or (720 if kind == "hunyuan" else 480)
-    width = args.width or (1280 if kind == "hunyuan" else 832)
+    height = args.height or _adapter(kind).DEFAULT_SIZE[0]
+    width = args.width or _adapter(kind).DEFAULT_SIZE[1]
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """diffusers integration on small random Wan 2.1 and HunyuanVideo models: the dense and the
 top-p = 1 sparse paths equal the stock processors, the schedule switches at the right step and
 layer, state is kept per layer and CFG branch, a pipeline runs end to end, disable() restores the
-stock model exactly, torch.compile works."""
+stock model exactly. torch.compile and the step caches: test_stacking.py."""
 
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def test_disable_restores_the_stock_model_exactly():
     sd.disable(pipe)
     assert [block.attn1.processor for block in model.blocks] == stock
     assert "step" not in vars(pipe.scheduler) and "set_timesteps" not in vars(pipe.scheduler)
-    assert not model._forward_pre_hooks
+    assert not model._forward_pre_hooks and not model._forward_hooks
     assert torch.equal(run(model, inputs), before)
     with pytest.raises(RuntimeError, match="already enabled"):
         sd.enable(model)
@@ -248,20 +248,66 @@ def test_bare_transformer_with_two_cfg_calls_per_step():
         sd.disable(model)
 
 
-def test_torch_compile_of_the_transformer(device):
+@pytest.mark.parametrize("image", [False, True], ids=["t2v", "i2v"])
+def test_hunyuan15_sparse_with_top_p_one_equals_stock(device, image):
+    """HunyuanVideo 1.5 through the same adapter interface: every double-stream block sparse at
+    top-p = 1 equals the stock model. SVG2's text rule lets video queries attend to the prompt keys
+    only, so this holds only if the prompt length of each item (valid MLLM + ByT5 tokens, plus the
+    image tokens for I2V) is the model's own; the lengths differ per item."""
     dtype = working_dtype(device)
-    model = tiny_models.wan_transformer(layers=2).to(device, dtype)
-    inputs = tiny_models.wan_inputs(device=device, dtype=dtype)
-    cfg = everywhere(top_p=0.6)
-    sd.enable(model, cfg)
-    eager = [run(model, inputs) for _ in range(2)]  # initialising call, then a warm start
-    sd.disable(model)
-    sd.enable(model, cfg)
-    compiled = torch.compile(model)
+    model = tiny_models.hunyuan15_transformer().to(device, dtype)
+    inputs = tiny_models.hunyuan15_inputs(prompt_lengths=(7, 12), byt5_lengths=(2, 5), image=image, device=device,
+                                          dtype=dtype)
+    refiner = [b.attn.processor for b in model.context_embedder.token_refiner.refiner_blocks]
+    masks = []  # the joint text mask the model hands its first block, [B, T]
+    spy = model.transformer_blocks[0].register_forward_pre_hook(lambda module, args: masks.append(args[3]))
+
+    def ours():
+        controller = sd.enable(model, everywhere(top_p=1.0))
+        try:
+            out = run(model, inputs)
+            assert [b.attn.processor for b in model.context_embedder.token_refiner.refiner_blocks] == refiner
+            assert sorted(controller.layers) == [0, 1, 2, 3]
+            assert all(isinstance(m.processor, sd.hunyuan.HunyuanVideoSVG2Processor)
+                       for _, m in sd.hunyuan15.self_attention_modules(model))
+            images = 4 if image else 0
+            assert controller.forward_inputs["prompt_lengths"] == [7 + 2 + images, 12 + 5 + images]
+            assert controller.forward_inputs["prompt_lengths"] == masks[-1].sum(dim=1).tolist()
+            return out
+        finally:
+            sd.disable(model)
+
     try:
-        out = [run(compiled, inputs) for _ in range(2)]
+        assert_close_to_stock(model, inputs, ours)
     finally:
-        sd.disable(model)
-    for a, b in zip(eager, out):
-        torch.testing.assert_close(b, a, rtol=2e-2 if dtype != torch.float32 else 1e-4,
-                                   atol=2e-2 if dtype != torch.float32 else 1e-4)
+        spy.remove()
+
+
+def test_hunyuan15_generation_schedule(tmp_path):
+    """A tiny HunyuanVideo 1.5 through a denoising loop with CFG (two calls per step, prompts of
+    different lengths): dense for the first 2 of 6 steps and layer 0, two states per sparse layer,
+    telemetry rows at the loop's steps; disable() restores the stock processors."""
+    from denoise import Generation
+
+    model = tiny_models.hunyuan15_transformer()
+    cond = tiny_models.hunyuan15_inputs(prompt_lengths=(7,), seed=0)
+    uncond = tiny_models.hunyuan15_inputs(prompt_lengths=(3,), seed=1)
+    uncond["hidden_states"] = cond["hidden_states"]
+    for inputs in (cond, uncond):
+        del inputs["timestep"], inputs["return_dict"]
+    generation = Generation(model, cond, uncond)
+    stock = [m.processor for _, m in sd.hunyuan15.self_attention_modules(model)]
+    telemetry = tmp_path / "telemetry.jsonl"
+    controller = sd.enable(generation, everywhere(top_p=0.6, first_times_fp=2 / 6, first_layers_fp=0.25),
+                           telemetry=telemetry)
+    latents, _ = generation(6)
+    sd.disable(generation)
+    assert torch.isfinite(latents).all()
+    rows = [json.loads(line) for line in telemetry.read_text().splitlines()]
+    assert [(r["step"], r["branch"], r["layer"]) for r in rows] == [
+        (s, b, layer) for s in range(6) for b in range(2) for layer in range(4)]
+    for r in rows:
+        assert r["mode"] == ("sparse" if r["step"] >= 2 and r["layer"] >= 1 else "dense"), r
+    for layer in (1, 2, 3):
+        assert [controller.layers[layer].branch(b).calls for b in (0, 1)] == [4, 4]
+    assert [m.processor for _, m in sd.hunyuan15.self_attention_modules(model)] == stock

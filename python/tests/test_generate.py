@@ -75,6 +75,9 @@ def test_help_explains_every_option_and_shows_its_default(tmp_path):
     assert f"--q-clusters scaled* {wan480.q_clusters} {hunyuan.q_clusters}" in text
     assert "* one query cluster per 252 video tokens (at most 300)" in text
     assert f"--first-times-fp {wan.first_times_fp} {wan480.first_times_fp} {hunyuan.first_times_fp}" in text
+    # HunyuanVideo 1.5's columns: HunyuanVideo's settings, 200 query clusters below 720p.
+    assert f"--q-clusters scaled* {wan480.q_clusters} {hunyuan.q_clusters} {hunyuan.q_clusters} 200" in text
+    assert "HY 1.5 720p" in text and "HY 1.5 480p" in text
 
 
 def test_version_is_the_cmake_project_version(tmp_path):

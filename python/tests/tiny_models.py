@@ -1,4 +1,4 @@
-"""Small randomly initialised Wan 2.1 and HunyuanVideo models and a Wan pipeline, built from configs
+"""Small randomly initialised Wan 2.1, HunyuanVideo and HunyuanVideo 1.5 models and a Wan pipeline, built from configs
 (no weights are downloaded anywhere). Head dim 64, so that the CUDA kernels run them too."""
 
 from __future__ import annotations
@@ -27,6 +27,16 @@ def hunyuan_transformer(*, double=2, single=2, heads=2, seed=0):
                                           num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
                                           text_embed_dim=16, pooled_projection_dim=8,
                                           rope_axes_dim=(16, 24, 24)).eval()
+
+
+def hunyuan15_transformer(*, layers=4, heads=2, seed=0):
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    torch.manual_seed(seed)
+    return HunyuanVideo15Transformer3DModel(in_channels=4, out_channels=4, num_attention_heads=heads,
+                                            attention_head_dim=HEAD_DIM, num_layers=layers, num_refiner_layers=1,
+                                            text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8,
+                                            rope_axes_dim=(16, 24, 24)).eval()
 
 
 def word_tokenizer(max_length=16):
@@ -78,3 +88,25 @@ def hunyuan_inputs(prompt_lengths=(7, 12), *, seed=0, device="cpu", dtype=torch.
                 encoder_hidden_states=text.to(device, dtype), encoder_attention_mask=mask.to(device),
                 pooled_projections=torch.randn(batch, 8, generator=g).to(device, dtype),
                 guidance=torch.full((batch,), 6000.0, device=device), return_dict=False)
+
+
+# HunyuanVideo 1.5: 3 x 8 x 8 latent tokens (192) + 12 MLLM tokens (prompt_lengths of them valid) +
+# 6 ByT5 tokens (byt5_lengths valid) + 4 image tokens (zeros: text-to-video, unless image=True).
+def hunyuan15_inputs(prompt_lengths=(7, 12), byt5_lengths=None, *, image=False, seed=0, device="cpu",
+                     dtype=torch.float32):
+    batch = len(prompt_lengths)
+    byt5_lengths = byt5_lengths or (2,) * batch
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, 3, 8, 8, generator=g)
+    text = torch.randn(batch, 12, 16, generator=g)
+    text_2 = torch.randn(batch, 6, 8, generator=g)
+    mask = torch.zeros(batch, 12, dtype=torch.int64)
+    mask_2 = torch.zeros(batch, 6, dtype=torch.int64)
+    for b, (n, n2) in enumerate(zip(prompt_lengths, byt5_lengths)):
+        mask[b, :n] = 1
+        mask_2[b, :n2] = 1
+    images = torch.randn(batch, 4, 8, generator=g) if image else torch.zeros(batch, 4, 8)
+    return dict(hidden_states=x.to(device, dtype), timestep=torch.full((batch,), 500.0, device=device),
+                encoder_hidden_states=text.to(device, dtype), encoder_attention_mask=mask.to(device),
+                encoder_hidden_states_2=text_2.to(device, dtype), encoder_attention_mask_2=mask_2.to(device),
+                image_embeds=images.to(device, dtype), return_dict=False)

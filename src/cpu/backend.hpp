@@ -65,6 +65,11 @@ void corrected_centroid_compensation(const TensorView& q, const TensorView& q_la
                                      const TensorView& k_sizes, const TensorView& spread, const TensorView& pair_values,
                                      float scale, TensorView out, TensorView lse, int threads);
 
+void round_query_clusters(const TensorView& q, const TensorView& q_centroids, const TensorView& k_centroids,
+                          const TensorView& k_sizes, const TensorView& mask, float scale, int slack, float max_cost,
+                          int prefilter, int rounds, int candidates, TensorView labels, TensorView sizes,
+                          int threads);
+
 void check_finite(const TensorView& x, const char* name, int threads);
 
 }  // namespace sapattn::cpu

@@ -104,6 +104,8 @@ AttentionShape check_inputs(const TensorView& q, const TensorView& k, const Tens
                 "the ear-plus ideas (ear_spread, ear_pair_values, ear_head_budget, ear_split) run on the CPU only "
                 "so far (docs/ear.md); on a CUDA stream turn them off: error-aware routing, compensation and the "
                 "density budget run there");
+  SAPATTN_CHECK(stream.device.type == DeviceType::CPU || !config.round_q_clusters, UnsupportedError,
+                "round_q_clusters (round_query_clusters) runs on the CPU only so far; turn it off on a CUDA stream");
   const int64_t B = shape.batch, H = shape.heads;
   if (!outputs.lse.empty()) {
     expect_rank(outputs.lse, 3, "lse");
@@ -296,6 +298,9 @@ void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& 
   pipeline::cluster(q, k, config, centroids, initialize, buf, q_sizes, k_sizes, stream);
   pipeline::probe(k, v, config, centroids, q_sizes, k_sizes, buf, stream);
   pipeline::select(config, centroids, q_sizes, k_sizes, buf, stream);
+  if (config.round_q_clusters)  // rewrites the video query labels and q_sizes; centroids and mask stay
+    round_query_clusters(q.slice(2, 0, buf.video_tokens), centroids.q, centroids.k, k_sizes, buf.video_mask(),
+                         config.scale_for(q.shape[3]), RoundQueryOptions{}, buf.q_video_labels(), q_sizes, stream);
   pipeline::attend_clusters(q, k, v, config, centroids, k_sizes, buf, outputs, stream);
 }
 

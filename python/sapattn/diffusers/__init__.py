@@ -1,45 +1,77 @@
-"""diffusers integration: one call turns SVG2 on for a Wan 2.1 or HunyuanVideo pipeline (or bare
-transformer), one call turns it off and restores the stock processors exactly.
+"""diffusers integration: one call turns SVG2 on for a Wan 2.1, HunyuanVideo or HunyuanVideo 1.5
+pipeline (or bare transformer), one call turns it off and restores the stock processors exactly.
 
     import sapattn.diffusers
     controller = sapattn.diffusers.enable(pipe, sapattn.SVG2Config.wan_t2v_720p())
     video = pipe(prompt, num_inference_steps=50).frames[0]
     sapattn.diffusers.disable(pipe)
 
-Tested with diffusers 0.42.1 (docs/torch.md lists what is supported)."""
+Tested with diffusers 0.42.1; supported: sapattn.supported_versions.DIFFUSERS (docs/torch.md)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional, Union
 
+import torch
+
+from .. import supported_versions
 from ..config import SVG2Config
-from . import hunyuan, wan
+from . import hunyuan, hunyuan15, wan
 from .controller import Controller
 
-__all__ = ["enable", "disable", "Controller"]
+__all__ = ["enable", "disable", "Controller", "adapter_for", "ADAPTERS"]
 
 _ATTR = "_sapattn"  # set on each transformer that sapattn is enabled on
 
 
-def _adapter(transformer):
+def _check_diffusers() -> None:
+    """The adapters follow diffusers' model code (processor signatures, block layout, masks): a
+    diffusers outside the tested range gets a warning (supported_versions.py)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("diffusers")
+    except PackageNotFoundError:  # nothing to adapt to yet; enable() needs a diffusers model anyway
+        return
+    supported_versions.check("diffusers", found, supported_versions.DIFFUSERS)
+
+
+_check_diffusers()
+
+# One module per model family (docs/torch.md, "Adding a model"). Each has:
+#   TRANSFORMERS                       the diffusers transformer class names it serves
+#   DEFAULT_SIZE                       (height, width) of its pipelines' default generation
+#   default_config(height, width)      the SVG2 settings for that resolution
+#   self_attention_modules(t)          [(layer index, attention module)] whose processor SVG2 replaces
+#   make_processor(stock, controller, layer)  the processor standing in for `stock`
+#   forward_inputs(args, kwargs)       optional: what the processors need from the forward's inputs,
+#                                      read on the host before it (controller.forward_inputs)
+ADAPTERS = (wan, hunyuan, hunyuan15)
+
+
+def adapter_for(transformer):
+    """The adapter module of a transformer's class; TypeError naming the supported ones if none."""
     name = type(transformer).__name__
-    if name == "WanTransformer3DModel":
-        return wan
-    if name == "HunyuanVideoTransformer3DModel":
-        return hunyuan
-    raise TypeError(f"sapattn.diffusers supports WanTransformer3DModel and HunyuanVideoTransformer3DModel, "
-                    f"got {name}")
+    for adapter in ADAPTERS:
+        if name in adapter.TRANSFORMERS:
+            return adapter
+    supported = ", ".join(n for adapter in ADAPTERS for n in adapter.TRANSFORMERS)
+    raise TypeError(f"sapattn.diffusers supports {supported}; got {name}")
+
 
 
 def _transformers(target):
-    """The transformers of a pipeline (Wan 2.2 pipelines have two), or the transformer itself."""
+    """The transformers of a pipeline (Wan 2.2 pipelines have two), or the transformer itself; a
+    torch.compile'd one (OptimizedModule) as the module it wraps, whose processors and hooks the
+    compiled one runs."""
     if hasattr(target, "transformer"):
         found = [t for t in (target.transformer, getattr(target, "transformer_2", None)) if t is not None]
         if not found:
             raise TypeError("the pipeline has no transformer")
-        return found
-    return [target]
+    else:
+        found = [target]
+    return [getattr(t, "_orig_mod", t) for t in found]
 
 
 def _check_device(transformer, config: SVG2Config) -> None:
@@ -60,7 +92,25 @@ class _Installation:
     def __init__(self, controller: Controller):
         self.controller = controller
         self.processors = []  # (module, stock processor)
-        self.hook = None
+        self.hooks = []  # torch hook handles: forward pre-hook and forward hook
+
+
+def _hook_forward(transformer, adapter, controller: Controller) -> list:
+    """The transformer's forward tells the controller when it starts (the next CFG branch or step,
+    and what the adapter reads from its inputs) and when it ends (the calls it made are counted).
+    Both hooks run on the host and are never traced by torch.compile: they change the counters that
+    a compiled forward must not guard on (controller.py's docstring)."""
+    read_inputs = getattr(adapter, "forward_inputs", None)
+
+    @torch.compiler.disable
+    def before(module, args, kwargs):
+        controller.on_forward(read_inputs(args, kwargs) if read_inputs is not None else None)
+
+    @torch.compiler.disable
+    def after(module, args, output):
+        controller.on_forward_end()
+
+    return [transformer.register_forward_pre_hook(before, with_kwargs=True), transformer.register_forward_hook(after)]
 
 
 def _hook_scheduler(scheduler, controller: Controller) -> None:
@@ -96,7 +146,8 @@ def enable(target, config: Optional[SVG2Config] = None, *, telemetry: Union[str,
            measure_recall: bool = False, dense_backend: str = "stock",
            branches_per_step: Optional[int] = None, num_steps: Optional[int] = None) -> Controller:
     """Turns SVG2 on for `target`: a diffusers pipeline (WanPipeline, WanImageToVideoPipeline,
-    HunyuanVideoPipeline, ...) or a WanTransformer3DModel / HunyuanVideoTransformer3DModel.
+    HunyuanVideoPipeline, HunyuanVideo15Pipeline, ...) or one of their transformers
+    (WanTransformer3DModel, HunyuanVideoTransformer3DModel, HunyuanVideo15Transformer3DModel).
 
     config: the SVG2 config with its schedule (default: the official Wan 2.1 720p settings). Its
       method fields apply to every sparse call: density (budget), routing, compensate and the ear-plus
@@ -121,12 +172,12 @@ def enable(target, config: Optional[SVG2Config] = None, *, telemetry: Union[str,
     config = config if config is not None else SVG2Config()
     transformers = _transformers(target)
     for t in transformers:
-        _adapter(t)
+        adapter_for(t)
         if getattr(t, _ATTR, None) is not None:
             raise RuntimeError("sapattn is already enabled on this transformer: call disable() first")
     for t in transformers:
         _check_device(t, config)
-    num_layers = len(_adapter(transformers[0]).self_attention_modules(transformers[0]))
+    num_layers = len(adapter_for(transformers[0]).self_attention_modules(transformers[0]))
     if branches_per_step is None and not hasattr(target, "scheduler"):
         branches_per_step = 1
     controller = Controller(config, num_layers, telemetry=telemetry, measure_recall=measure_recall,
@@ -134,13 +185,13 @@ def enable(target, config: Optional[SVG2Config] = None, *, telemetry: Union[str,
     if num_steps is not None:
         controller.begin(num_steps)
     for t in transformers:
-        adapter = _adapter(t)
+        adapter = adapter_for(t)
         installed = _Installation(controller)
         for layer, module in adapter.self_attention_modules(t):
             stock = module.processor
             installed.processors.append((module, stock))
             module.set_processor(adapter.make_processor(stock, controller, layer))
-        installed.hook = t.register_forward_pre_hook(lambda module, args: controller.on_forward())
+        installed.hooks = _hook_forward(t, adapter, controller)
         setattr(t, _ATTR, installed)
     if hasattr(target, "scheduler"):
         _hook_scheduler(target.scheduler, controller)
@@ -157,7 +208,8 @@ def disable(target) -> None:
         installed.controller.release_parallel()  # its process-group references (sapattn.parallel.shutdown)
         for module, stock in installed.processors:
             module.set_processor(stock)
-        installed.hook.remove()
+        for handle in installed.hooks:
+            handle.remove()
         delattr(t, _ATTR)
     if hasattr(target, "scheduler"):
         _unhook_scheduler(target.scheduler)

@@ -8,8 +8,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from ..attention import dense_attention, svg2_attention, warm_centroids
-from .controller import CallPlan, Controller
+from ..attention import dense_attention, svg2_attention_uncounted, warm_centroids_uncounted
+from .controller import CallPlan, Controller, LayerSlot
 
 
 class SVG2Processor:
@@ -21,7 +21,8 @@ class SVG2Processor:
     def __init__(self, stock, controller: Controller, layer: int) -> None:
         self.stock = stock
         self.controller = controller
-        self.layer = layer
+        self.layer = layer  # for people; the forward reads the slot (controller.LayerSlot says why)
+        self.slot = controller.slots[layer]
 
     # diffusers' enable_parallelism sets this on whichever processor is installed; the stock
     # processor needs it too, for the dense calls it keeps.
@@ -72,8 +73,8 @@ def _dense(controller: Controller, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     return out.transpose(1, 2)
 
 
-def attend(controller: Controller, layer: int, plan: CallPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-           text_tokens: int = 0, prompt_length: Union[int, Sequence[int]] = 0,
+def attend(controller: Controller, slot: LayerSlot, plan: CallPlan, q: torch.Tensor, k: torch.Tensor,
+           v: torch.Tensor, *, text_tokens: int = 0, prompt_length: Union[int, Sequence[int]] = 0,
            key_mask: Optional[torch.Tensor] = None, parallel_config=None) -> torch.Tensor:
     """One layer call as the schedule plans it. q, k, v: [B, S, H, D], the last `text_tokens` of S
     being text (prompt then padding, per batch item). key_mask: the model's own attention mask,
@@ -85,24 +86,26 @@ def attend(controller: Controller, layer: int, plan: CallPlan, q: torch.Tensor, 
         if text_tokens:
             raise NotImplementedError("sapattn: joint text attention under context parallelism is not supported")
         sp = controller.sequence_parallel(parallel_config.context_parallel_config, heads=q.shape[2])
-        out = sp.attention(q, k, v, layer=layer, branch=plan.branch)
-        controller.record(layer, plan, None, None)
+        out = sp.attention(q, k, v, layer=slot.layer, branch=controller.branch)
+        controller.record(slot, plan)
         return out
     if plan.sparse:
-        state = controller.layer_state(layer).branch(plan.branch)
+        state = controller.state(slot)
         want_recall = controller.measure_recall and controller.telemetry_path is not None
-        out, lse, density = svg2_attention(q, k, v, cfg, state, text_tokens=text_tokens, prompt_length=prompt_length,
-                                           return_lse=want_recall)
+        out, lse, density = svg2_attention_uncounted(q, k, v, cfg, state, text_tokens=text_tokens,
+                                                     prompt_length=prompt_length, return_lse=want_recall)
         recall = None
         if want_recall:
             # Share of each video query's dense softmax mass that the kept keys hold.
             _, dense_lse = dense_attention(q, k, v, scale=cfg.scale, return_lse=True)
             video = q.shape[1] - text_tokens
             recall = torch.exp(lse - dense_lse)[:, :, :video].mean()
-        controller.record(layer, plan, density, recall)
+        controller.record(slot, plan, state=state, density=density, recall=recall)
         return out
     if plan.warmup_iters > 0:
-        state = controller.layer_state(layer).branch(plan.branch)
-        warm_centroids(q, k, cfg, state, plan.warmup_iters, text_tokens=text_tokens)
-    controller.record(layer, plan, None, None)
+        state = controller.state(slot)
+        warm_centroids_uncounted(q, k, cfg, state, plan.warmup_iters, text_tokens=text_tokens)
+        controller.record(slot, plan, state=state, warm_iters=plan.warmup_iters)
+    else:
+        controller.record(slot, plan)
     return _dense(controller, q, k, v, key_mask)

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import torch
 
+from ..config import SVG2Config
 from .controller import Controller
 from .core import SVG2Processor, attend, project_qkv, rope_pairs, split_heads
+
+TRANSFORMERS = ("WanTransformer3DModel",)  # the diffusers classes this adapter serves
+DEFAULT_SIZE = (480, 832)  # height, width of the Wan pipelines' default generation
 
 
 class WanSVG2Processor(SVG2Processor):
@@ -18,9 +22,9 @@ class WanSVG2Processor(SVG2Processor):
         if encoder_hidden_states is not None or attention_mask is not None:
             # Not the self-attention this processor was installed for: leave it to diffusers.
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
-        plan = self.controller.plan(self.layer)
+        plan = self.controller.plan(self.slot)
         if not plan.sparse and plan.warmup_iters == 0 and self.controller.dense_backend == "stock":
-            self.controller.record(self.layer, plan, None, None)
+            self.controller.record(self.slot, plan)
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
         parallel = self._parallel_config
         if parallel is not None and not plan.sparse:
@@ -32,10 +36,16 @@ class WanSVG2Processor(SVG2Processor):
         query, key, value = (split_heads(t, attn.heads) for t in (query, key, value))
         if rotary_emb is not None:
             query, key = rope_pairs(query, *rotary_emb), rope_pairs(key, *rotary_emb)
-        out = attend(self.controller, self.layer, plan, query, key, value, parallel_config=parallel)
+        out = attend(self.controller, self.slot, plan, query, key, value, parallel_config=parallel)
         out = out.flatten(2, 3).type_as(query)  # [B, S, H, D] -> [B, S, H*D]
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
+
+
+def default_config(height: int, width: int) -> SVG2Config:
+    """The official SVG2 settings (ANCHORS.md): the 720p script's from 720p up (clusters scaled
+    with the tokens), the 480p script's (200 / 1000 clusters) below."""
+    return SVG2Config.wan_t2v_720p() if height * width >= 720 * 1280 else SVG2Config.wan_480p()
 
 
 def self_attention_modules(transformer):
