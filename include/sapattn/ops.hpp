@@ -352,9 +352,18 @@ void centroid_compensation(const TensorView& q, const TensorView& q_labels, cons
 
 // ---------------------------------------------------------------------------------------------
 // ear-plus: SVG-EAR's probe, routing and compensation refined (docs/ear.md, the numbers in
-// docs/results.md). The CPU backend only so far: a CUDA stream throws UnsupportedError, in a CUDA
-// build too. Shapes as for the EAR ops above.
+// docs/results.md). Shapes as for the EAR ops above. On CUDA, ear_plus_probe,
+// select_error_aware_per_head and split_clusters take scratch of ear_plus_workspace_bytes; the
+// probe and the split take head dims up to 256, the routing up to 8192 key clusters and 2^31 - 1
+// cluster pairs over all heads (UnsupportedError beyond). corrected_centroid_compensation runs on
+// the CPU only so far (UnsupportedError on a CUDA stream, in a CUDA build too).
 // ---------------------------------------------------------------------------------------------
+
+// Scratch bytes ear_plus_probe, select_error_aware_per_head and split_clusters need on `device` for
+// B*H heads, N key tokens and Cq x Ck clusters (Ck: the clusters the probe or split is given; 0 on
+// the CPU). A smaller one throws WorkspaceError.
+size_t ear_plus_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_clusters, int64_t k_clusters,
+                                Device device);
 
 // One pass over the video keys from every query centroid, like ear_probe, that also keeps per
 // (a, j) the attention mass M_aj = sum_{t in j} exp(s_t) and, optionally, its value sum:
@@ -372,7 +381,7 @@ void centroid_compensation(const TensorView& q, const TensorView& q_labels, cons
 void ear_plus_probe(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& v_centroids,
                     const TensorView& k, const TensorView& v, const TensorView& k_labels, const TensorView& q_sizes,
                     const TensorView& k_sizes, float scale, float gamma, TensorView scores, TensorView spread,
-                    TensorView pair_values, const Stream& stream);
+                    TensorView pair_values, const Stream& stream, Workspace workspace = {});
 
 // select_error_aware with one budget per head instead of one per row: the guaranteed clusters of
 // every row are kept first; budget = the area budget_mask keeps summed over the head's rows;
@@ -382,7 +391,7 @@ void ear_plus_probe(const TensorView& q_centroids, const TensorView& k_centroids
 // cluster per row). Arguments as select_error_aware.
 void select_error_aware_per_head(const TensorView& probs, const TensorView& budget_mask, const TensorView& scores,
                                  const TensorView& q_sizes, const TensorView& k_sizes, int guaranteed, TensorView mask,
-                                 const Stream& stream);
+                                 const Stream& stream, Workspace workspace = {});
 
 // Splits every cluster in two for a finer compensation: per (b,h) and cluster c with centroid
 // centroids[c] (its points' mean), the principal axis u of its points (8 power iterations from
@@ -394,7 +403,7 @@ void select_error_aware_per_head(const TensorView& probs, const TensorView& budg
 //   [B,H,C,D] f32 contiguous; sub_labels [B,H,N] i32 unit stride and sub_sizes [B,H,2C] i32
 //   contiguous, written.
 void split_clusters(const TensorView& points, const TensorView& labels, const TensorView& centroids,
-                    TensorView sub_labels, TensorView sub_sizes, const Stream& stream);
+                    TensorView sub_labels, TensorView sub_sizes, const Stream& stream, Workspace workspace = {});
 
 // centroid_compensation with the probe's corrections: the pseudo-key of skipped cluster j for a row
 // of query cluster a has the logit w_j + spread[a, j] (when spread is given) and the value
