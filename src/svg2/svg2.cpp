@@ -78,7 +78,10 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
                 block_sparse_attention_workspace_bytes(B * H, b.q_clusters, b.k_clusters, S, device),
                 error_aware || config.compensate || config.density > 0.0f
                     ? ear_workspace_bytes(B * H, b.video_tokens, Cq, Ck, D, device)
-                    : size_t{0}});
+                    : size_t{0},
+                config.round_q_clusters ? round_query_clusters_workspace_bytes(B * H, b.video_tokens, Cq, Ck,
+                                                                               RoundQueryOptions{}, device)
+                                        : size_t{0}});
   b.op_scratch = Workspace{c.take_bytes(scratch), scratch};
   if (buffers != nullptr) *buffers = b;
   return c.used();
@@ -104,8 +107,6 @@ AttentionShape check_inputs(const TensorView& q, const TensorView& k, const Tens
                 "the ear-plus ideas (ear_spread, ear_pair_values, ear_head_budget, ear_split) run on the CPU only "
                 "so far (docs/ear.md); on a CUDA stream turn them off: error-aware routing, compensation and the "
                 "density budget run there");
-  SAPATTN_CHECK(stream.device.type == DeviceType::CPU || !config.round_q_clusters, UnsupportedError,
-                "round_q_clusters (round_query_clusters) runs on the CPU only so far; turn it off on a CUDA stream");
   const int64_t B = shape.batch, H = shape.heads;
   if (!outputs.lse.empty()) {
     expect_rank(outputs.lse, 3, "lse");
@@ -300,7 +301,8 @@ void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& 
   pipeline::select(config, centroids, q_sizes, k_sizes, buf, stream);
   if (config.round_q_clusters)  // rewrites the video query labels and q_sizes; centroids and mask stay
     round_query_clusters(q.slice(2, 0, buf.video_tokens), centroids.q, centroids.k, k_sizes, buf.video_mask(),
-                         config.scale_for(q.shape[3]), RoundQueryOptions{}, buf.q_video_labels(), q_sizes, stream);
+                         config.scale_for(q.shape[3]), RoundQueryOptions{}, buf.q_video_labels(), q_sizes, stream,
+                         buf.op_scratch);
   pipeline::attend_clusters(q, k, v, config, centroids, k_sizes, buf, outputs, stream);
 }
 
