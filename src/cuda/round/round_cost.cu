@@ -206,10 +206,10 @@ __global__ void __launch_bounds__(kCostThreads) mass_kernel(CostInputs in, Dims 
   const auto allowed = [&](double c) { return c != c || c > max_cost ? static_cast<double>(INFINITY) : c; };
   for_each_tile<T>(in, dims, bh, pts, info.P, xs, [&](int64_t first, int count) {
     if (info.any_key) {
-      const int group = tid / kRowLanes;
+      double* zg = z + (tid / kRowLanes) * kGroup;  // this thread's group of candidates
       tile_dots<kVec>(
-          xs, D, Ck, [&](int64_t j) { return kc + j * D; },
-          [&](int64_t j, int k, float dot) { z[j * kTile + group * kGroup + k] = static_cast<double>(rn::mul(scale, dot)); });
+          xs, D, Ck, [=](int64_t j) { return kc + j * D; },
+          [=](int64_t j, int k, float dot) { zg[j * kTile + k] = static_cast<double>(rn::mul(scale, dot)); });
       __syncthreads();
       // Softmax over the non-empty key clusters, one lane per candidate in the CPU's order of j.
       if (warp == 0) {
