@@ -182,7 +182,8 @@ void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_l
 //      Targets: every cluster with capacity left (receivers and done clusters with t > 0), ascending.
 //   3. Move cost (mass): p_j = |K_j| exp(scale x.kbar_j) / sum_j' |K_j'| exp(scale x.kbar_j') over the
 //      non-empty key clusters (the selection's estimate with the point x in place of its centroid;
-//      fp32 dot products, fp64 softmax and sums); cost(x, r) = sum_j p_j mask[own, j] -
+//      fp32 dot products, fp64 softmax and sums in order of j; the dot products and the exp are those
+//      of src/core/round_arithmetic.hpp, shared by both backends); cost(x, r) = sum_j p_j mask[own, j] -
 //      sum_j p_j mask[r, j]: the mass x loses by taking r's kept key clusters. A cost above
 //      options.max_cost (or NaN) forbids the move; with no non-empty key cluster every cost is 0.
 //   4. Matching in rounds: each candidate ranks its options.candidates cheapest targets (ties by
@@ -195,13 +196,16 @@ void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_l
 //      back (a partial tail would still pad to 64), so a donor moves all t points or none.
 //   Centroids and mask are left as they are (the study's "keep"): a moved point takes its new
 //   cluster's kept keys through its label. Only labels and sizes change.
-//   q [B,H,N,D] f32/f16/bf16 any strides (the video queries); q_centroids [B,H,Cq,D] and
+//   q [B,H,N,D] f32/f16/bf16 any strides, N >= 1 (the video queries); q_centroids [B,H,Cq,D] and
 //   k_centroids [B,H,Ck,D] f32 contiguous; k_sizes [B,H,Ck] i32 contiguous, >= 0; mask [B,H,Cq,Ck]
 //   u8 any strides (the video x video block of the selection); labels [B,H,N] i32 in [0, Cq), unit
 //   stride along N, read and rewritten; sizes [B,H,Cq] i32 contiguous, written with the new counts.
 //   slack in [0, 63], max_cost not NaN (+inf: uncapped), prefilter >= 0 (0: every donor point is a
-//   candidate), rounds >= 1, candidates >= 1; scale finite > 0. CPU backend only so far: a CUDA
-//   stream throws UnsupportedError ("not yet on CUDA"), in a CUDA build too.
+//   candidate), rounds >= 1, candidates >= 1; scale finite > 0.
+//   Both backends give the same labels and sizes bit for bit (the CUDA one reproduces every
+//   arithmetic step and tie rule). CUDA: scratch of round_query_clusters_workspace_bytes in
+//   `workspace` (WorkspaceError when smaller); labels outside [0, Cq) and negative k_sizes raise the
+//   value-check flag (InvalidArgumentError with value checks on; such a head is left as it was).
 struct RoundQueryOptions {
   int slack = 16;
   float max_cost = 0.1f;
@@ -212,7 +216,13 @@ struct RoundQueryOptions {
 void round_query_clusters(const TensorView& q, const TensorView& q_centroids, const TensorView& k_centroids,
                           const TensorView& k_sizes, const TensorView& mask, float scale,
                           const RoundQueryOptions& options, TensorView labels, TensorView sizes,
-                          const Stream& stream);
+                          const Stream& stream, Workspace workspace = {});
+
+// Scratch bytes round_query_clusters needs on `device` for B*H heads of N points, Cq query and Ck key
+// clusters and these options (0 on the CPU). It grows with the candidate bound
+// min(N, prefilter * (63 - slack) * Cq) (N without the prefilter) times options.candidates.
+size_t round_query_clusters_workspace_bytes(int64_t batch_heads, int64_t points, int64_t q_clusters,
+                                            int64_t k_clusters, const RoundQueryOptions& options, Device device);
 
 // ---------------------------------------------------------------------------------------------
 // Permutation.

@@ -113,6 +113,14 @@ void select_error_aware_per_head(const TensorView& probs, const TensorView& budg
                                  const Stream& stream, Workspace workspace);
 void split_clusters(const TensorView& points, const TensorView& labels, const TensorView& centroids,
                     TensorView sub_labels, TensorView sub_sizes, const Stream& stream, Workspace workspace);
+// Size rounding of the query clusters (round/: round.cu, round_cost.cu); the CPU's labels and sizes bit
+// for bit. Cq at most qround::kMaxClusters (8192), D at most 1024 (UnsupportedError otherwise).
+size_t round_query_clusters_workspace_bytes(int64_t batch_heads, int64_t points, int64_t q_clusters,
+                                            int64_t k_clusters, int slack, int prefilter, int candidates);
+void round_query_clusters(const TensorView& q, const TensorView& q_centroids, const TensorView& k_centroids,
+                          const TensorView& k_sizes, const TensorView& mask, float scale, int slack, float max_cost,
+                          int prefilter, int rounds, int candidates, TensorView labels, TensorView sizes,
+                          const Stream& stream, Workspace workspace);
 
 // Attention (attention.cu: argument rules for the kernels, planning, kernel choice).
 size_t block_sparse_attention_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters,

@@ -84,7 +84,10 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
                 // ear_plus_probe (over the halves too, with the split: Ck_comp), the routing per head
                 // and split_clusters; with the split, the routing's share counts 2 Ck columns, more
                 // than it ranks.
-                config.ear_plus() ? ear_plus_workspace_bytes(B * H, b.video_tokens, Cq, Ck_comp, device) : size_t{0}});
+                config.ear_plus() ? ear_plus_workspace_bytes(B * H, b.video_tokens, Cq, Ck_comp, device) : size_t{0},
+                config.round_q_clusters ? round_query_clusters_workspace_bytes(B * H, b.video_tokens, Cq, Ck,
+                                                                               RoundQueryOptions{}, device)
+                                        : size_t{0}});
   b.op_scratch = Workspace{c.take_bytes(scratch), scratch};
   if (buffers != nullptr) *buffers = b;
   return c.used();
@@ -111,8 +114,6 @@ AttentionShape check_inputs(const TensorView& q, const TensorView& k, const Tens
                 "on the CPU only so far: their compensation, corrected_centroid_compensation, has no CUDA backend "
                 "yet (ear_plus_probe, select_error_aware_per_head and split_clusters have; docs/ear.md). On a CUDA "
                 "stream turn them off: error-aware routing, compensation and the density budget run there");
-  SAPATTN_CHECK(stream.device.type == DeviceType::CPU || !config.round_q_clusters, UnsupportedError,
-                "round_q_clusters (round_query_clusters) runs on the CPU only so far; turn it off on a CUDA stream");
   const int64_t B = shape.batch, H = shape.heads;
   if (!outputs.lse.empty()) {
     expect_rank(outputs.lse, 3, "lse");
@@ -306,7 +307,8 @@ void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& 
   pipeline::select(config, centroids, q_sizes, k_sizes, buf, stream);
   if (config.round_q_clusters)  // rewrites the video query labels and q_sizes; centroids and mask stay
     round_query_clusters(q.slice(2, 0, buf.video_tokens), centroids.q, centroids.k, k_sizes, buf.video_mask(),
-                         config.scale_for(q.shape[3]), RoundQueryOptions{}, buf.q_video_labels(), q_sizes, stream);
+                         config.scale_for(q.shape[3]), RoundQueryOptions{}, buf.q_video_labels(), q_sizes, stream,
+                         buf.op_scratch);
   pipeline::attend_clusters(q, k, v, config, centroids, k_sizes, buf, outputs, stream);
 }
 
