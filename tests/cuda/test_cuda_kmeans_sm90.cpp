@@ -230,30 +230,37 @@ TEST(Sm90Assign, SwitchPicksTheKernel) {
   EXPECT_THROW(cuda::set_assign_kernel("sm90"), InvalidArgumentError);
 }
 
-// kmeans (2 iterations of a Q-like and a K-like tensor) captured into a graph and replayed: the same
+// kmeans (2 iterations of a bf16 tensor, loaded by TMA, and an f32 one, converted by the producer
+// warps) captured into a graph with the copies of its starting centroids, and replayed: the same
 // bytes as eager launches, twice.
 TEST(Sm90Assign, GraphReplayMatchesEager) {
   SKIP_UNLESS_SM90();
   const AssignKernelScope scope("wgmma");
   ref::Rng rng(testing_support::case_seed());
-  const int64_t B = 1, H = 3, N = 2500, D = 128, Cq = 30, Ck = 300;
-  const HostTensor q = mixture_points(DType::BF16, B, H, N, D, Layout::Transposed, 20, rng);
-  const HostTensor kx = mixture_points(DType::F32, B, H, N, D, Layout::Contiguous, 60, rng);  // the converting loader
-  const DeviceTensor dq = to_device(q), dk = to_device(kx);
-  auto dev = [](DType t, std::vector<int64_t> shape) { return to_device(poisoned(t, std::move(shape))); };
-  DeviceTensor qc = dev(DType::F32, {B, H, Cq, D}), kc = dev(DType::F32, {B, H, Ck, D});
-  DeviceTensor ql = dev(DType::I32, {B, H, N}), kl = dev(DType::I32, {B, H, N});
-  DeviceTensor qs = dev(DType::I32, {B, H, Cq}), ks = dev(DType::I32, {B, H, Ck});
-  const Buffer ws = device_workspace(kmeans_workspace_bytes(B * H, N, Ck, D, Device::cuda(0)));
+  const KmCase bf16{1, 3, 2500, 128, 30, DType::BF16, Layout::Transposed, 20};
+  const KmCase f32{1, 3, 2500, 128, 300, DType::F32, Layout::Contiguous, 60};
+  const HostTensor xb = points_of(bf16, rng), xf = points_of(f32, rng);
+  const DeviceTensor dxb = to_device(xb), dxf = to_device(xf);
+  const DeviceTensor start_b = to_device(initial_centroids(bf16, xb, rng));
+  const DeviceTensor start_f = to_device(initial_centroids(f32, xf, rng));
+  DeviceTensor cb = to_device(poisoned(DType::F32, {1, 3, bf16.C, 128})),
+               cf = to_device(poisoned(DType::F32, {1, 3, f32.C, 128}));
+  DeviceTensor lb = to_device(poisoned(DType::I32, {1, 3, 2500})), lf = to_device(poisoned(DType::I32, {1, 3, 2500}));
+  DeviceTensor sb = to_device(poisoned(DType::I32, {1, 3, bf16.C})),
+               sf = to_device(poisoned(DType::I32, {1, 3, f32.C}));
+  const Buffer ws = device_workspace(kmeans_workspace_bytes(3, 2500, f32.C, 128, Device::cuda(0)));
   NonBlockingStream cs;
-  const Stream st = cs.stream();
-  auto sequence = [&] {
-    kmeans_init(dq.view, qc.view, 7, st, as_workspace(ws));
-    kmeans_init(dk.view, kc.view, 8, st, as_workspace(ws));
-    kmeans(dq.view, qc.view, ql.view, qs.view, 2, st, as_workspace(ws));
-    kmeans(dk.view, kc.view, kl.view, ks.view, 2, st, as_workspace(ws));
+  auto run = [&](const DeviceTensor& x, const DeviceTensor& start, DeviceTensor& c, DeviceTensor& l, DeviceTensor& sz) {
+    SAPATTN_CUDA_CHECK(
+        cudaMemcpyAsync(c.buffer.data(), start.buffer.data(), c.buffer.bytes(), cudaMemcpyDeviceToDevice, cs.handle()));
+    kmeans(x.view, c.view, l.view, sz.view, 2, cs.stream(), as_workspace(ws));
   };
-  expect_replays_match_eager(cs, sequence, {&qc, &kc, &ql, &kl, &qs, &ks});
+  expect_replays_match_eager(cs,
+                             [&] {
+                               run(dxb, start_b, cb, lb, sb);
+                               run(dxf, start_f, cf, lf, sf);
+                             },
+                             {&cb, &cf, &lb, &lf, &sb, &sf});
 }
 
 TEST(Sm90AssignLarge, WanShapedHeadsMatchCpu) {
