@@ -155,6 +155,39 @@ void bench_shape(const BenchShape& s, int reps) {
        2 * point_bytes, 2.0 * 2 * BH * S * Cq * D);
   emit(s, "kmeans_2it_k", timer.time([&] { kmeans(kv, kc.view(), kl.view(), ks.view(), 2, st, ws); }, 3, reps),
        2 * point_bytes, 2.0 * 2 * BH * S * Ck * D);
+  // The step and one assignment of each with each tensor-core assignment kernel (issue 13): the
+  // mma.sync kernel and, on an sm_90 device, the wgmma kernel in its default configuration. The rows
+  // above ran the default ("auto": the wgmma kernel where it runs).
+  for (const char* kernel : {"mma", "wgmma"}) {
+    cuda::set_assign_kernel(kernel);
+    cuda::AssignKernel q_kernel, k_kernel;
+    try {
+      q_kernel = cuda::assign_kernel(0, Cq, D);
+      k_kernel = cuda::assign_kernel(0, Ck, D);
+    } catch (const UnsupportedError&) {
+      continue;  // no wgmma kernel on this device
+    }
+    auto config = [](const cuda::AssignKernel& a) {
+      return a.wgmma ? std::to_string(a.group_rows) + "x" + std::to_string(a.tile_n) : std::string("mma.sync");
+    };
+    const std::string tag = std::string("_") + kernel;
+    measurement(s, "kmeans_2it_qk" + tag, timer.time(step, 3, reps), 2 * 2 * point_bytes, lloyd_flops(2))
+        .str("q_config", config(q_kernel))
+        .str("k_config", config(k_kernel))
+        .print();
+    measurement(s, "assign_q" + tag,
+                timer.time([&] { cuda::kmeans_assign(qv, qc.view(), ql.view(), st, ws); }, 3, reps), point_bytes,
+                2.0 * BH * S * Cq * D)
+        .str("config", config(q_kernel))
+        .print();
+    measurement(s, "assign_k" + tag,
+                timer.time([&] { cuda::kmeans_assign(kv, kc.view(), kl.view(), st, ws); }, 3, reps), point_bytes,
+                2.0 * BH * S * Ck * D)
+        .str("config", config(k_kernel))
+        .print();
+  }
+  cuda::set_assign_kernel("auto");
+
   // The parts of one iteration, and how many rows the exact re-ranking touched.
   Buffer counter = Buffer::allocate(sizeof(unsigned long long), dev);
   for (int side = 0; side < 2; ++side) {
@@ -174,11 +207,13 @@ void bench_shape(const BenchShape& s, int reps) {
                 2.0 * BH * S * C * D)
         .fixed("refined_share", static_cast<double>(refined) / (BH * S), 5)
         .print();
-    cuda::set_assign_columns_per_pass(8);  // the other variant, for the record
+    cuda::set_assign_kernel("mma");  // the mma.sync kernel's other variant, for the record
+    cuda::set_assign_columns_per_pass(8);
     emit(s, std::string("assign_8cols_") + tag,
          timer.time([&] { cuda::kmeans_assign(x, c.view(), l.view(), st, ws); }, 3, reps), point_bytes,
          2.0 * BH * S * C * D);
     cuda::set_assign_columns_per_pass(16);
+    cuda::set_assign_kernel("auto");
     emit(s, std::string("update_") + tag,
          timer.time([&] { cuda::kmeans_update(x, l.view(), c.view(), sz.view(), true, st, ws); }, 3, reps), point_bytes,
          0);

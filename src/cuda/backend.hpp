@@ -149,6 +149,22 @@ bool value_checks();
 void set_assign_columns_per_pass(int columns);
 int assign_columns_per_pass();
 
+// The tensor-core k-means assignment's kernel (kmeans/assign_plan.cu), process-wide, for tests and
+// benchmarks: "auto" ("" or nullptr too; the default) runs the wgmma kernel on sm_90 devices for head
+// dims 64 and 128 and the mma.sync kernel elsewhere; "mma" the mma.sync kernel everywhere; "wgmma" the
+// wgmma kernel (UnsupportedError where it cannot run); "wgmma:RxN" its configuration of R point rows per
+// consumer warpgroup and N centroids per tile (64x64, 64x160, 64x256 or 128x128; by default the one
+// with the least padded work). SAPATTN_KMEANS_ASSIGN in the environment says the same until this is
+// called. InvalidArgumentError for other names.
+void set_assign_kernel(const char* name);
+// What the assignment of C clusters at head dim D with a workspace runs on `device`.
+struct AssignKernel {
+  bool tensor_cores = false;  // false: the exact fp32 kernel (head dims other than 64 and 128)
+  bool wgmma = false;         // else the mma.sync kernel
+  int group_rows = 0, tile_n = 0;
+};
+AssignKernel assign_kernel(int device, int64_t clusters, int64_t dim);
+
 // Largest key-cluster count select_blocks / select_top_p take on CUDA (one block sorts a row).
 inline constexpr int64_t kMaxSelectColumns = 8192;
 

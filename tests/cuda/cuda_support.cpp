@@ -143,4 +143,31 @@ size_t CapturedGraph::nodes() const {
   return n;
 }
 
+GraphReplay expect_replays_match_eager(const TestStream& stream, const std::function<void()>& sequence,
+                                       const std::vector<const DeviceTensor*>& outputs) {
+  auto snapshot = [&] {
+    stream.sync();
+    std::vector<std::vector<uint8_t>> s;
+    for (const DeviceTensor* d : outputs) s.push_back(device_bytes(*d));
+    return s;
+  };
+  auto poison = [&] {
+    for (const DeviceTensor* d : outputs) SAPATTN_CUDA_CHECK(cudaMemset(d->buffer.data(), 0xff, d->buffer.bytes()));
+  };
+  sequence();
+  GraphReplay r;
+  r.eager = snapshot();
+  poison();
+  const CapturedGraph graph(stream.handle(), sequence);
+  r.nodes = graph.nodes();
+  for (int replay = 0; replay < 2; ++replay) {
+    poison();
+    graph.launch(stream.handle());
+    const auto replayed = snapshot();
+    for (size_t i = 0; i < outputs.size(); ++i)
+      EXPECT_EQ(replayed[i], r.eager[i]) << "output " << i << " replay " << replay;
+  }
+  return r;
+}
+
 }  // namespace sapattn::cuda_test

@@ -158,4 +158,14 @@ class CapturedGraph {
   cudaGraphExec_t exec_ = nullptr;
 };
 
+// Runs `sequence` on `stream` eagerly, then captured into a graph and replayed twice into outputs
+// poisoned with 0xff bytes: every output's bytes must equal the eager run's (EXPECT). Returns the
+// eager run's bytes of each output and the graph's node count.
+struct GraphReplay {
+  std::vector<std::vector<uint8_t>> eager;
+  size_t nodes = 0;
+};
+GraphReplay expect_replays_match_eager(const TestStream& stream, const std::function<void()>& sequence,
+                                       const std::vector<const DeviceTensor*>& outputs);
+
 }  // namespace sapattn::cuda_test

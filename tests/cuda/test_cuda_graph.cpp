@@ -58,28 +58,10 @@ TEST(Graph, CapturedSequenceMatchesEager) {
   };
   const std::vector<const DeviceTensor*> outs = {&qc, &kc, &ql, &kl, &qs, &ks, &mask, &qp,
                                                  &kp, &qo, &ko, &qr, &kr, &vr, &back};
-  auto snapshot = [&] {
-    cs.sync();
-    std::vector<std::vector<uint8_t>> s;
-    for (const DeviceTensor* d : outs) s.push_back(device_bytes(*d));
-    return s;
-  };
-  auto poison = [&] {
-    for (const DeviceTensor* d : outs) SAPATTN_CUDA_CHECK(cudaMemset(d->buffer.data(), 0xff, d->buffer.bytes()));
-  };
-  sequence();
-  const auto eager = snapshot();
-  poison();
-  const CapturedGraph graph(cs.handle(), sequence);
-  for (int replay = 0; replay < 2; ++replay) {
-    poison();
-    graph.launch(cs.handle());
-    const auto replayed = snapshot();
-    for (size_t i = 0; i < outs.size(); ++i) EXPECT_EQ(replayed[i], eager[i]) << "output " << i << " replay " << replay;
-  }
-  std::printf("[graph] %zu nodes captured, replays identical to eager\n", graph.nodes());
+  const GraphReplay replay = expect_replays_match_eager(cs, sequence, outs);
+  std::printf("[graph] %zu nodes captured, replays identical to eager\n", replay.nodes);
   // The scatter undid the gather.
-  EXPECT_EQ(eager.back(), device_bytes(dq));
+  EXPECT_EQ(replay.eager.back(), device_bytes(dq));
 }
 
 const std::vector<SparseCase> kGraphCases = {

@@ -30,10 +30,10 @@ LabelsView labels_view(const TensorView& t) {
 // ---------------------------------------------------------------------------------------------
 
 struct KmeansScratch {
-  void* operand = nullptr;     // [B*H, C_pad, D] operand dtype (2 bytes)
-  float* half_norm = nullptr;  // [B*H, C_pad]
+  void* operand = nullptr;     // [B*H, rows, D] operand dtype (2 bytes); each call uses [B*H, C_pad, D]
+  float* half_norm = nullptr;  // [B*H, rows]
   int32_t* stats = nullptr;    // [B*H, 2]
-  int64_t c_pad = 0;
+  int64_t rows = 0;            // prepared_rows(C): room for the padding of either assignment kernel
   LabelSort sort;
   int32_t* offsets = nullptr;  // [B*H, C+1]
 };
@@ -41,9 +41,9 @@ struct KmeansScratch {
 KmeansScratch carve_kmeans(Carver& carver, int64_t batch_heads, int64_t points, int64_t clusters, int64_t dim) {
   KmeansScratch s;
   if (tensor_core_assign(dim)) {
-    s.c_pad = round_up(clusters, kCentroidTile);
-    s.operand = carver.take<uint16_t>(batch_heads * s.c_pad * dim);
-    s.half_norm = carver.take<float>(batch_heads * s.c_pad);
+    s.rows = prepared_rows(clusters);
+    s.operand = carver.take<uint16_t>(batch_heads * s.rows * dim);
+    s.half_norm = carver.take<float>(batch_heads * s.rows);
     s.stats = carver.take<int32_t>(batch_heads * 2);
   }
   s.sort = carve_label_sort(carver, batch_heads, points, clusters);
@@ -174,18 +174,20 @@ __global__ void prepare_kernel(const float* __restrict__ centroids, int64_t C, i
   }
 }
 
+// Writes the prepared centroids padded to c_pad rows (<= s.rows), as the chosen kernel reads them.
 template <int D>
-void prepare_centroids(const TensorView& centroids, DType points_dtype, const KmeansScratch& s, cudaStream_t stream) {
+void prepare_centroids(const TensorView& centroids, DType points_dtype, const KmeansScratch& s, int64_t c_pad,
+                       cudaStream_t stream) {
   const int64_t BH = centroids.shape[0] * centroids.shape[1], C = centroids.shape[2];
   SAPATTN_CUDA_CHECK(cudaMemsetAsync(s.stats, 0, BH * 2 * sizeof(int32_t), stream));
-  const dim3 grid(static_cast<unsigned>(ceil_div(s.c_pad, kThreads / 32)), static_cast<unsigned>(BH));
+  const dim3 grid(static_cast<unsigned>(ceil_div(c_pad, kThreads / 32)), static_cast<unsigned>(BH));
   const float* c = static_cast<const float*>(centroids.data);
   if (operand_dtype(points_dtype) == DType::F16) {
     prepare_kernel<__half, D>
-        <<<grid, kThreads, 0, stream>>>(c, C, s.c_pad, static_cast<__half*>(s.operand), s.half_norm, s.stats);
+        <<<grid, kThreads, 0, stream>>>(c, C, c_pad, static_cast<__half*>(s.operand), s.half_norm, s.stats);
   } else {
     prepare_kernel<__nv_bfloat16, D>
-        <<<grid, kThreads, 0, stream>>>(c, C, s.c_pad, static_cast<__nv_bfloat16*>(s.operand), s.half_norm, s.stats);
+        <<<grid, kThreads, 0, stream>>>(c, C, c_pad, static_cast<__nv_bfloat16*>(s.operand), s.half_norm, s.stats);
   }
   SAPATTN_CUDA_CHECK_LAUNCH();
 }
@@ -392,7 +394,7 @@ bool vector_rows(const TensorView& points) {
 }
 
 void assign(const TensorView& points, const TensorView& centroids, TensorView labels, const KmeansScratch* s,
-            AssignStats stats, cudaStream_t stream) {
+            AssignStats stats, int device, cudaStream_t stream) {
   const PointsView pts = points_view(points);
   const int64_t C = centroids.shape[2];
   if (pts.N == 0) return;
@@ -409,22 +411,30 @@ void assign(const TensorView& points, const TensorView& centroids, TensorView la
   p.N = pts.N;
   p.C = C;
   p.vector_rows = vector_rows(points);
-  p.prepared = {s->operand, s->half_norm, s->stats, s->c_pad};
+  const AssignPlan plan = plan_assign(device, C, pts.D, {s->operand, s->half_norm, s->stats, 0});
+  p.prepared = {s->operand, s->half_norm, s->stats, plan.c_pad};
   p.centroids = static_cast<const float*>(centroids.data);
   p.labels = static_cast<int32_t*>(labels.data);
   p.l_stride_b = labels.stride[0];
   p.l_stride_h = labels.stride[1];
   p.refined = stats.d_refined_rows;
-  p.index_bits = std::max(1, static_cast<int>(std::bit_width(static_cast<uint64_t>(s->c_pad - 1))));
+  p.index_bits = std::max(1, static_cast<int>(std::bit_width(static_cast<uint64_t>(plan.c_pad - 1))));
   p.index_mask = (1 << p.index_bits) - 1;
   SAPATTN_CHECK(p.index_bits <= 16, UnsupportedError, "the tensor-core assignment takes up to 65536 clusters, got ", C);
   const int64_t BH = pts.B * pts.H;
+  auto run = [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    prepare_centroids<D>(centroids, points.dtype, *s, plan.c_pad, stream);
+    if (plan.sm90) {
+      launch_sm90_assign<D>(p, points.dtype, BH, plan.config, plan.num_sms, stream);
+    } else {
+      launch_tensor_core_assign<D>(p, points.dtype, BH, stream);
+    }
+  };
   if (pts.D == 64) {
-    prepare_centroids<64>(centroids, points.dtype, *s, stream);
-    launch_tensor_core_assign<64>(p, points.dtype, BH, stream);
+    run(std::integral_constant<int, 64>{});
   } else {
-    prepare_centroids<128>(centroids, points.dtype, *s, stream);
-    launch_tensor_core_assign<128>(p, points.dtype, BH, stream);
+    run(std::integral_constant<int, 128>{});
   }
 }
 
@@ -460,13 +470,13 @@ void kmeans_assign(const TensorView& points, const TensorView& centroids, Tensor
   const DeviceGuard guard(stream.device);
   const int64_t BH = points.shape[0] * points.shape[1];
   if (workspace.data == nullptr) {
-    assign(points, centroids, labels, nullptr, stats, stream_of(stream));
+    assign(points, centroids, labels, nullptr, stats, stream.device.index, stream_of(stream));
     return;
   }
   Carver carver("kmeans_assign", workspace);
   const KmeansScratch s = carve_kmeans(carver, BH, points.shape[2], centroids.shape[2], points.shape[3]);
   carver.check();
-  assign(points, centroids, labels, &s, stats, stream_of(stream));
+  assign(points, centroids, labels, &s, stats, stream.device.index, stream_of(stream));
 }
 
 void kmeans_update(const TensorView& points, const TensorView& labels, TensorView centroids, TensorView sizes,
@@ -493,7 +503,7 @@ void kmeans(const TensorView& points, TensorView centroids, TensorView labels, T
   const cudaStream_t st = stream_of(stream);
   const bool checked = begin_value_check(stream);
   for (int it = 0; it < std::max(iters, 1); ++it) {
-    assign(points, centroids, labels, &s, stats, st);
+    assign(points, centroids, labels, &s, stats, stream.device.index, st);
     update(points, labels, centroids, sizes, /*move_centroids=*/iters > 0, s, st);
   }
   if (checked) end_value_check(stream, "kmeans");

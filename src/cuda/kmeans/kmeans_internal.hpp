@@ -1,6 +1,7 @@
-// The k-means pieces shared between kmeans.cu (the ops), the tensor-core assignment, which is
-// instantiated in one file per head dim (kmeans_assign_d64.cu, kmeans_assign_d128.cu), and the
-// greedy seeding (kmeans_seed.cu), which starts from kmeans_init's order.
+// The k-means pieces shared between kmeans.cu (the ops), the tensor-core assignments, instantiated in
+// one file per head dim (mma.sync: kmeans_assign_d64.cu, _d128.cu; wgmma: assign_sm90_d64.cu, _d128.cu;
+// which one runs: assign_plan.cu), and the greedy seeding (kmeans_seed.cu), which starts from
+// kmeans_init's order.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -54,7 +55,8 @@ void gather_sample(const TensorView& points, const int32_t* order, TensorView ce
 // Head dims with a tensor-core assignment. Support and dispatch both ask this one function.
 constexpr bool tensor_core_assign(int64_t dim) { return dim == 64 || dim == 128; }
 
-// Centroids are streamed in tiles of this many rows; the prepared copy is padded to a multiple.
+// The mma.sync kernel streams centroids in tiles of this many rows; its prepared copy is padded to a
+// multiple.
 inline constexpr int64_t kCentroidTile = 64;
 
 // The operand type of the matrix units for points of a dtype: f16 points multiply in f16 (exact),
@@ -89,5 +91,34 @@ struct TensorCoreAssignParams {
 template <int D>
 void launch_tensor_core_assign(const TensorCoreAssignParams& p, DType points_dtype, int64_t batch_heads,
                                cudaStream_t stream);
+
+// The wgmma (sm_90a) assignment (assign_sm90.cuh; assign_sm90_d64.cu / _d128.cu): a configuration is
+// its point rows per consumer warpgroup and its centroid tile width. The compiled ones:
+struct Sm90AssignConfig {
+  int group_rows = 64;
+  int tile_n = 256;
+  constexpr bool operator==(const Sm90AssignConfig&) const = default;
+};
+inline constexpr Sm90AssignConfig kSm90AssignConfigs[] = {{64, 64}, {64, 160}, {64, 256}, {128, 128}};
+
+// Launches the wgmma assignment for head dim D over B*H problems (p.prepared padded to a multiple of
+// config.tile_n), one persistent CTA per SM.
+template <int D>
+void launch_sm90_assign(const TensorCoreAssignParams& p, DType points_dtype, int64_t batch_heads,
+                        Sm90AssignConfig config, int num_sms, cudaStream_t stream);
+
+// Which tensor-core assignment runs for C clusters at head dim D on `device` (assign_plan.cu, after
+// cuda::set_assign_kernel), and the padding of the prepared centroids it reads: a multiple of
+// kCentroidTile for the mma.sync kernel, of the tile width for the wgmma kernel. `prepared`: the
+// operand and half norms the wgmma kernel would load by TMA (they must be 16-byte aligned).
+struct AssignPlan {
+  bool sm90 = false;
+  Sm90AssignConfig config;
+  int64_t c_pad = 0;
+  int num_sms = 0;
+};
+AssignPlan plan_assign(int device, int64_t clusters, int64_t dim, const PreparedCentroids& prepared);
+// Rows per (b,h) of the prepared centroids in the workspace: enough for every plan of C clusters.
+int64_t prepared_rows(int64_t clusters);
 
 }  // namespace sapattn::cuda

@@ -1,10 +1,10 @@
 // The device primitives of the CUDA backend: every inline PTX the kernels issue (cp.async, ldmatrix,
-// mma.sync, ex2, prefetch, the TMA tile load) and the 16-byte-chunk XOR swizzle that the ldmatrix
-// kernels share. One copy for the attention kernels, the tensor-core k-means assignment and any
+// mma.sync, ex2, prefetch, the TMA tile and bulk loads) and the 16-byte-chunk XOR swizzle that the
+// ldmatrix kernels share. One copy for the attention kernels, the tensor-core k-means assignment and any
 // kernel to come (issue: "the PTX wrappers in one device-primitives header"); the Hopper kernel takes
 // wgmma, mbarriers and named barriers from CuTe/CUTLASS instead.
 //
-// A wrapper is emitted only where a kernel calls it, so the sm_90-only ones (tma_load_4d) cost the
+// A wrapper is emitted only where a kernel calls it, so the sm_90-only ones (the TMA loads) cost the
 // sm_80 objects nothing.
 #pragma once
 
@@ -142,6 +142,25 @@ __device__ __forceinline__ void tma_load_4d(const void* map, uint64_t* bar, void
       " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(smem_addr(smem)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_addr(bar))
       : "memory");
+}
+
+// One box of a 3-D tensor map at (c0, c1, c2), as tma_load_4d.
+__device__ __forceinline__ void tma_load_3d(const void* map, uint64_t* bar, void* smem, int32_t c0, int32_t c1,
+                                            int32_t c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(smem_addr(smem)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar))
+      : "memory");
+}
+
+// `bytes` contiguous bytes (a multiple of 16; both addresses 16-byte aligned) from global memory into
+// shared memory by the TMA unit, counted on the mbarrier `bar`.
+__device__ __forceinline__ void bulk_load(void* smem, const void* gmem, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   smem_addr(smem)),
+               "l"(gmem), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
 }
 
 }  // namespace sapattn::cuda

@@ -106,6 +106,20 @@ void end_value_check(const Stream& stream, const char* op) {
   SAPATTN_CHECK((flag & kBadSize) == 0, InvalidArgumentError, op, ": a cluster size is negative (CUDA value check)");
 }
 
+DeviceArch device_arch(int device) {
+  static std::mutex mutex;
+  static std::map<int, DeviceArch> known;
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto found = known.find(device);
+  if (found != known.end()) return found->second;
+  DeviceArch arch;
+  SAPATTN_CUDA_CHECK(cudaDeviceGetAttribute(&arch.major, cudaDevAttrComputeCapabilityMajor, device));
+  SAPATTN_CUDA_CHECK(cudaDeviceGetAttribute(&arch.minor, cudaDevAttrComputeCapabilityMinor, device));
+  SAPATTN_CUDA_CHECK(cudaDeviceGetAttribute(&arch.sms, cudaDevAttrMultiProcessorCount, device));
+  known.emplace(device, arch);
+  return arch;
+}
+
 void set_max_dynamic_smem(const void* kernel, int bytes) {
   // The attribute is a ceiling, so it is only ever raised: once per (kernel, device) and larger
   // size. (Setting each size once, as this did first, lowered the ceiling when a smaller size came
