@@ -15,9 +15,8 @@ using namespace dispatch;  // backend(), cpu_threads(), SAPATTN_ON_CUDA
 
 namespace {
 
-// The ear-plus ops (ear_plus_probe, select_error_aware_per_head, split_clusters,
-// corrected_centroid_compensation) run on the CPU only so far: a CUDA stream (or tensor) gets
-// UnsupportedError, in a CUDA build too.
+// The ear-plus ops ear_plus_probe, select_error_aware_per_head and split_clusters run on the CPU
+// only so far: a CUDA stream (or tensor) gets UnsupportedError, in a CUDA build too.
 template <typename... Views>
 void expect_cpu_backend(const char* op, const Stream& stream, const Views&... views) {
   SAPATTN_CHECK(backend(stream, views...) == DeviceType::CPU, UnsupportedError, op,
@@ -32,6 +31,14 @@ size_t ear_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_cluste
                 "ear_workspace_bytes: negative size");
   if (device.type == DeviceType::CPU) return 0;  // the CPU backend needs no scratch
   return SAPATTN_ON_CUDA(ear_workspace_bytes(batch_heads, tokens, q_clusters, k_clusters, dim));
+}
+
+size_t compensation_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_clusters, int64_t pseudo_keys,
+                                    int64_t dim, Device device) {
+  SAPATTN_CHECK(batch_heads >= 0 && tokens >= 0 && q_clusters >= 0 && pseudo_keys >= 0 && dim >= 0,
+                InvalidArgumentError, "compensation_workspace_bytes: negative size");
+  if (device.type == DeviceType::CPU) return 0;  // the CPU backend needs no scratch
+  return SAPATTN_ON_CUDA(compensation_workspace_bytes(batch_heads, tokens, q_clusters, pseudo_keys, dim));
 }
 
 void cluster_means(const TensorView& points, const TensorView& labels, TensorView means, const Stream& stream,
@@ -159,11 +166,11 @@ void check_compensation(const TensorView& q, const TensorView& q_labels, const T
 
 void centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
                            const TensorView& k_centroids, const TensorView& v_centroids, const TensorView& k_sizes,
-                           float scale, TensorView out, TensorView lse, const Stream& stream) {
+                           float scale, TensorView out, TensorView lse, const Stream& stream, Workspace workspace) {
   check_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse);
   if (backend(stream, q, q_labels, mask, k_centroids, v_centroids, k_sizes, out, lse) == DeviceType::CUDA)
-    return SAPATTN_ON_CUDA(
-        centroid_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse, stream));
+    return SAPATTN_ON_CUDA(centroid_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse,
+                                                 stream, workspace));
   cpu::centroid_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse,
                              cpu_threads(stream));
 }
@@ -226,11 +233,15 @@ void split_clusters(const TensorView& points, const TensorView& labels, const Te
 void corrected_centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
                                      const TensorView& k_centroids, const TensorView& v_centroids,
                                      const TensorView& k_sizes, const TensorView& spread, const TensorView& pair_values,
-                                     float scale, TensorView out, TensorView lse, const Stream& stream) {
+                                     float scale, TensorView out, TensorView lse, const Stream& stream,
+                                     Workspace workspace) {
   check_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse, true);
   check_probe_corrections(spread, pair_values, q.shape[0], q.shape[1], mask.shape[2], k_centroids.shape[2], q.shape[3]);
-  expect_cpu_backend("corrected_centroid_compensation", stream, q, q_labels, mask, k_centroids, v_centroids, k_sizes,
-                     spread, pair_values, out, lse);
+  for (const TensorView* t : {&spread, &pair_values})
+    if (!t->empty()) expect_device(*t, stream);
+  if (backend(stream, q, q_labels, mask, k_centroids, v_centroids, k_sizes, out, lse) == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(corrected_centroid_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, spread,
+                                                           pair_values, scale, out, lse, stream, workspace));
   cpu::corrected_centroid_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, spread, pair_values, scale,
                                        out, lse, cpu_threads(stream));
 }
