@@ -247,13 +247,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(const Params p) 
   const flash::LaneOffsets lanes = flash::lane_offsets<D>(lane, warp * kWarpRows);
   float o[kMTiles][kDTiles][4];
   float row_max[2 * kMTiles], row_sum[2 * kMTiles];
-#pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt) {
-#pragma unroll
-    for (int j = 0; j < kDTiles; ++j) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.0f;
-    row_max[2 * mt] = row_max[2 * mt + 1] = -INFINITY;
-    row_sum[2 * mt] = row_sum[2 * mt + 1] = 0.0f;
-  }
+  flash::start_rows(o, row_max, row_sum);
   const float scale_log2 = p.scale * kLog2e;  // the op requires scale > 0: -inf scores stay -inf
 
   for (int n = 0; n < num_tiles; ++n) {

@@ -39,6 +39,19 @@ __device__ __forceinline__ LaneOffsets lane_offsets(int lane, int q_row0) {
           static_cast<uint32_t>((lane % 16) * kRowBytes + ((lane / 16) ^ x7) * 16)};
 }
 
+// The rows' state before the first key tile: O = 0, no maximum yet, an empty sum.
+template <int kMTiles, int kDTiles>
+__device__ __forceinline__ void start_rows(float (&o)[kMTiles][kDTiles][4], float (&row_max)[2 * kMTiles],
+                                           float (&row_sum)[2 * kMTiles]) {
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int j = 0; j < kDTiles; ++j) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.0f;
+    row_max[2 * mt] = row_max[2 * mt + 1] = -INFINITY;
+    row_sum[2 * mt] = row_sum[2 * mt + 1] = 0.0f;
+  }
+}
+
 // s += Q K^T for the warp's rows against the key tile (fp32 accumulation). The caller sets s's
 // starting value: 0 for plain scores, or a per-key term that the accumulators carry for free.
 template <typename T, int kMTiles, int kNTiles, int D>

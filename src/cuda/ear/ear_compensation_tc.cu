@@ -361,13 +361,7 @@ __global__ void __launch_bounds__(kThreads, 2) compensation_tc_kernel(const TcPa
   const uint32_t v_tile = smem_addr(smem + L::kOffV);
   float o[kMTiles][kDTiles][4];
   float row_max[2 * kMTiles], row_sum[2 * kMTiles];
-#pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt) {
-#pragma unroll
-    for (int j = 0; j < kDTiles; ++j) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.0f;
-    row_max[2 * mt] = row_max[2 * mt + 1] = -INFINITY;
-    row_sum[2 * mt] = row_sum[2 * mt + 1] = 0.0f;
-  }
+  flash::start_rows(o, row_max, row_sum);
 
   // Tiles are copied as rows of 16-byte chunks: thread t copies chunk t % kChunks of every
   // (kThreads / kChunks)-th row. A padding entry (-1) becomes a zero row: finite scores, 0 * V = 0.
