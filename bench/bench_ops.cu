@@ -1,8 +1,8 @@
-// Times the CUDA semantic-aware permutation ops, order_clusters, SVG-EAR's compensation and the
-// attention planner at the official SVG2 shapes (the full-size ones of bench/shapes.json, over their
-// video tokens), with the harness's timer (bench/harness.hpp: CUTLASS's method, warm-up apart from
-// timing, CUDA events, the median of many runs) on random structured inputs that are far larger
-// than the L2 for every memory-bound op.
+// Times the CUDA semantic-aware permutation ops, order_clusters, round_query_clusters, SVG-EAR's
+// compensation and the attention planner at the official SVG2 shapes (the full-size ones of
+// bench/shapes.json, over their video tokens), with the harness's timer (bench/harness.hpp:
+// CUTLASS's method, warm-up apart from timing, CUDA events, the median of many runs) on random
+// structured inputs that are far larger than the L2 for every memory-bound op.
 // Prints one JSON object per measurement; bench/report.py puts them next to the floors and the peers
 // measured in the same run.
 //
@@ -306,6 +306,43 @@ void bench_shape(const BenchShape& s, int reps) {
   }
 
   bench_compensation(s, reps, st, timer, qv, ql, kc, ks);
+
+  // ---- round_query_clusters (issue 12) on this clustering and selection --------------------------
+  // The op rewrites the labels, so every run starts from a copy of the k-means labels (a 4-byte-per-
+  // token device copy, timed with it). The line also says how much it moved and what it saved.
+  {
+    const RoundQueryOptions ro;
+    const size_t round_bytes = round_query_clusters_workspace_bytes(BH, S, Cq, Ck, ro, dev);
+    const Buffer round_buf = Buffer::allocate(round_bytes, dev);
+    const Workspace round_ws{round_buf.data(), round_bytes};
+    Tensor rl = tensor(DType::I32, {B, H, S}), rs = tensor(DType::I32, {B, H, Cq});
+    auto rounding = [&] {
+      SAPATTN_CUDA_CHECK(cudaMemcpyAsync(rl.data(), ql.data(), ql.bytes(), cudaMemcpyDeviceToDevice, cs));
+      round_query_clusters(qv, qc.view(), kc.view(), ks.view(), mask.view(), scale, ro, rl.view(), rs.view(), st,
+                           round_ws);
+    };
+    const Timing t = timer.time(rounding, 2, reps);
+    std::vector<int32_t> before(static_cast<size_t>(BH * S)), after(before.size()), sizes(static_cast<size_t>(BH * Cq));
+    SAPATTN_CUDA_CHECK(cudaMemcpy(before.data(), ql.data(), ql.bytes(), cudaMemcpyDeviceToHost));
+    SAPATTN_CUDA_CHECK(cudaMemcpy(after.data(), rl.data(), rl.bytes(), cudaMemcpyDeviceToHost));
+    SAPATTN_CUDA_CHECK(cudaMemcpy(sizes.data(), rs.data(), rs.bytes(), cudaMemcpyDeviceToHost));
+    std::vector<int64_t> old_sizes(static_cast<size_t>(BH * Cq), 0);
+    int64_t moved = 0, pad_before = 0, pad_after = 0;
+    for (int64_t i = 0; i < BH * S; ++i) {
+      moved += before[i] != after[i];
+      ++old_sizes[(i / S) * Cq + before[i]];
+    }
+    for (int64_t a = 0; a < BH * Cq; ++a) {
+      pad_before += (old_sizes[a] + 63) / 64 * 64 - old_sizes[a];
+      pad_after += (sizes[a] + 63) / 64 * 64 - sizes[a];
+    }
+    measurement(s, "round_query_clusters", t, static_cast<double>(BH) * (S * 4 * 3 + S * D * 2), 0)
+        .integer("workspace_bytes", static_cast<int64_t>(round_bytes))
+        .fixed("moved_share", static_cast<double>(moved) / static_cast<double>(BH * S), 5)
+        .fixed("q_pad_rows_share_before", static_cast<double>(pad_before) / static_cast<double>(BH * S), 5)
+        .fixed("q_pad_rows_share_after", static_cast<double>(pad_after) / static_cast<double>(BH * S), 5)
+        .print();
+  }
 
   // ---- permutation of Q, K, V and its inverse ------------------------------------------------
   Tensor qp = tensor(DType::I32, {B, H, S}), kp = tensor(DType::I32, {B, H, S});

@@ -58,7 +58,7 @@ struct Config {
   // video queries between query clusters (round_query_clusters with its default RoundQueryOptions:
   // slack 16, cap 0.1, prefilter 4, 8 rounds) so that fewer 64-row blocks carry padding rows.
   // Centroids and mask stay; q_cluster_sizes, the permutation and the compensation see the rounded
-  // clusters. CPU only so far (UnsupportedError on a CUDA stream). Off by default.
+  // clusters. Both backends (the CUDA op gives the CPU's labels bit for bit). Off by default.
   bool round_q_clusters = false;
 
   // The first sparse call's seeding, before its kmeans_iters_init iterations. The defaults (with 14

@@ -182,7 +182,8 @@ void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_l
 //      Targets: every cluster with capacity left (receivers and done clusters with t > 0), ascending.
 //   3. Move cost (mass): p_j = |K_j| exp(scale x.kbar_j) / sum_j' |K_j'| exp(scale x.kbar_j') over the
 //      non-empty key clusters (the selection's estimate with the point x in place of its centroid;
-//      fp32 dot products, fp64 softmax and sums); cost(x, r) = sum_j p_j mask[own, j] -
+//      fp32 dot products, fp64 softmax and sums in order of j; the dot products and the exp are those
+//      of src/core/round_arithmetic.hpp, shared by both backends); cost(x, r) = sum_j p_j mask[own, j] -
 //      sum_j p_j mask[r, j]: the mass x loses by taking r's kept key clusters. A cost above
 //      options.max_cost (or NaN) forbids the move; with no non-empty key cluster every cost is 0.
 //   4. Matching in rounds: each candidate ranks its options.candidates cheapest targets (ties by
@@ -195,13 +196,16 @@ void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_l
 //      back (a partial tail would still pad to 64), so a donor moves all t points or none.
 //   Centroids and mask are left as they are (the study's "keep"): a moved point takes its new
 //   cluster's kept keys through its label. Only labels and sizes change.
-//   q [B,H,N,D] f32/f16/bf16 any strides (the video queries); q_centroids [B,H,Cq,D] and
+//   q [B,H,N,D] f32/f16/bf16 any strides, N >= 1 (the video queries); q_centroids [B,H,Cq,D] and
 //   k_centroids [B,H,Ck,D] f32 contiguous; k_sizes [B,H,Ck] i32 contiguous, >= 0; mask [B,H,Cq,Ck]
 //   u8 any strides (the video x video block of the selection); labels [B,H,N] i32 in [0, Cq), unit
 //   stride along N, read and rewritten; sizes [B,H,Cq] i32 contiguous, written with the new counts.
 //   slack in [0, 63], max_cost not NaN (+inf: uncapped), prefilter >= 0 (0: every donor point is a
-//   candidate), rounds >= 1, candidates >= 1; scale finite > 0. CPU backend only so far: a CUDA
-//   stream throws UnsupportedError ("not yet on CUDA"), in a CUDA build too.
+//   candidate), rounds >= 1, candidates >= 1; scale finite > 0.
+//   Both backends give the same labels and sizes bit for bit (the CUDA one reproduces every
+//   arithmetic step and tie rule). CUDA: scratch of round_query_clusters_workspace_bytes in
+//   `workspace` (WorkspaceError when smaller); labels outside [0, Cq) and negative k_sizes raise the
+//   value-check flag (InvalidArgumentError with value checks on; such a head is left as it was).
 struct RoundQueryOptions {
   int slack = 16;
   float max_cost = 0.1f;
@@ -212,7 +216,13 @@ struct RoundQueryOptions {
 void round_query_clusters(const TensorView& q, const TensorView& q_centroids, const TensorView& k_centroids,
                           const TensorView& k_sizes, const TensorView& mask, float scale,
                           const RoundQueryOptions& options, TensorView labels, TensorView sizes,
-                          const Stream& stream);
+                          const Stream& stream, Workspace workspace = {});
+
+// Scratch bytes round_query_clusters needs on `device` for B*H heads of N points, Cq query and Ck key
+// clusters and these options (0 on the CPU). It grows with the candidate bound
+// min(N, prefilter * (63 - slack) * Cq) (N without the prefilter) times options.candidates.
+size_t round_query_clusters_workspace_bytes(int64_t batch_heads, int64_t points, int64_t q_clusters,
+                                            int64_t k_clusters, const RoundQueryOptions& options, Device device);
 
 // ---------------------------------------------------------------------------------------------
 // Permutation.
@@ -362,9 +372,18 @@ void centroid_compensation(const TensorView& q, const TensorView& q_labels, cons
 
 // ---------------------------------------------------------------------------------------------
 // ear-plus: SVG-EAR's probe, routing and compensation refined (docs/ear.md, the numbers in
-// docs/results.md). The CPU backend only so far, but for corrected_centroid_compensation: a CUDA
-// stream throws UnsupportedError, in a CUDA build too. Shapes as for the EAR ops above.
+// docs/results.md). Shapes as for the EAR ops above. On CUDA, ear_plus_probe,
+// select_error_aware_per_head and split_clusters take scratch of ear_plus_workspace_bytes; the
+// probe and the split take head dims up to 256, the routing up to 8192 key clusters and 2^31 - 1
+// cluster pairs over all heads (UnsupportedError beyond). corrected_centroid_compensation takes
+// centroid_compensation's scratch and limits.
 // ---------------------------------------------------------------------------------------------
+
+// Scratch bytes ear_plus_probe, select_error_aware_per_head and split_clusters need on `device` for
+// B*H heads, N key tokens and Cq x Ck clusters (Ck: the clusters the probe or split is given; 0 on
+// the CPU). A smaller one throws WorkspaceError.
+size_t ear_plus_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_clusters, int64_t k_clusters,
+                                Device device);
 
 // One pass over the video keys from every query centroid, like ear_probe, that also keeps per
 // (a, j) the attention mass M_aj = sum_{t in j} exp(s_t) and, optionally, its value sum:
@@ -382,7 +401,7 @@ void centroid_compensation(const TensorView& q, const TensorView& q_labels, cons
 void ear_plus_probe(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& v_centroids,
                     const TensorView& k, const TensorView& v, const TensorView& k_labels, const TensorView& q_sizes,
                     const TensorView& k_sizes, float scale, float gamma, TensorView scores, TensorView spread,
-                    TensorView pair_values, const Stream& stream);
+                    TensorView pair_values, const Stream& stream, Workspace workspace = {});
 
 // select_error_aware with one budget per head instead of one per row: the guaranteed clusters of
 // every row are kept first; budget = the area budget_mask keeps summed over the head's rows;
@@ -392,7 +411,7 @@ void ear_plus_probe(const TensorView& q_centroids, const TensorView& k_centroids
 // cluster per row). Arguments as select_error_aware.
 void select_error_aware_per_head(const TensorView& probs, const TensorView& budget_mask, const TensorView& scores,
                                  const TensorView& q_sizes, const TensorView& k_sizes, int guaranteed, TensorView mask,
-                                 const Stream& stream);
+                                 const Stream& stream, Workspace workspace = {});
 
 // Splits every cluster in two for a finer compensation: per (b,h) and cluster c with centroid
 // centroids[c] (its points' mean), the principal axis u of its points (8 power iterations from
@@ -404,7 +423,7 @@ void select_error_aware_per_head(const TensorView& probs, const TensorView& budg
 //   [B,H,C,D] f32 contiguous; sub_labels [B,H,N] i32 unit stride and sub_sizes [B,H,2C] i32
 //   contiguous, written.
 void split_clusters(const TensorView& points, const TensorView& labels, const TensorView& centroids,
-                    TensorView sub_labels, TensorView sub_sizes, const Stream& stream);
+                    TensorView sub_labels, TensorView sub_sizes, const Stream& stream, Workspace workspace = {});
 
 // centroid_compensation with the probe's corrections: the pseudo-key of skipped cluster j for a row
 // of query cluster a has the logit w_j + spread[a, j] (when spread is given) and the value

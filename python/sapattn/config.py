@@ -76,7 +76,7 @@ class SVG2Config:
     ear_head_budget: bool = False  # one area budget per head instead of one per query cluster
     ear_split: bool = False        # two sub-centroids per key cluster in the compensation
     # Issue 12: after the selection, move a few video queries between query clusters so that fewer
-    # 64-row blocks carry padding rows (round_query_clusters, docs/attention.md). CPU only so far.
+    # 64-row blocks carry padding rows (round_query_clusters, docs/attention.md). CPU and CUDA.
     round_q_clusters: bool = False
 
     def __post_init__(self) -> None:

@@ -115,6 +115,27 @@ void corrected_centroid_compensation(const TensorView& q, const TensorView& q_la
 // names.
 void set_compensation_kernel_override(const char* name);
 
+// ear-plus (ear/: ear_plus.cu, ear_select.cu, ear_split.cu). One scratch size covers ear_plus_probe,
+// select_error_aware_per_head and split_clusters for B*H heads, N key tokens and Cq x Ck clusters.
+size_t ear_plus_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_clusters, int64_t k_clusters);
+void ear_plus_probe(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& v_centroids,
+                    const TensorView& k, const TensorView& v, const TensorView& k_labels, const TensorView& q_sizes,
+                    const TensorView& k_sizes, float scale, float gamma, TensorView scores, TensorView spread,
+                    TensorView pair_values, const Stream& stream, Workspace workspace);
+void select_error_aware_per_head(const TensorView& probs, const TensorView& budget_mask, const TensorView& scores,
+                                 const TensorView& q_sizes, const TensorView& k_sizes, int guaranteed, TensorView mask,
+                                 const Stream& stream, Workspace workspace);
+void split_clusters(const TensorView& points, const TensorView& labels, const TensorView& centroids,
+                    TensorView sub_labels, TensorView sub_sizes, const Stream& stream, Workspace workspace);
+// Size rounding of the query clusters (round/: round.cu, round_cost.cu); the CPU's labels and sizes bit
+// for bit. Cq at most qround::kMaxClusters (8192), D at most 1024 (UnsupportedError otherwise).
+size_t round_query_clusters_workspace_bytes(int64_t batch_heads, int64_t points, int64_t q_clusters,
+                                            int64_t k_clusters, int slack, int prefilter, int candidates);
+void round_query_clusters(const TensorView& q, const TensorView& q_centroids, const TensorView& k_centroids,
+                          const TensorView& k_sizes, const TensorView& mask, float scale, int slack, float max_cost,
+                          int prefilter, int rounds, int candidates, TensorView labels, TensorView sizes,
+                          const Stream& stream, Workspace workspace);
+
 // Attention (attention.cu: argument rules for the kernels, planning, kernel choice).
 size_t block_sparse_attention_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters,
                                               int64_t q_tokens);

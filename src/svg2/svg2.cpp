@@ -80,7 +80,16 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
                     ? ear_workspace_bytes(B * H, b.video_tokens, Cq, Ck, D, device)
                     : size_t{0},
                 config.compensate ? compensation_workspace_bytes(B * H, b.video_tokens, Cq, Ck_comp, D, device)
-                                  : size_t{0}});
+                                  : size_t{0},
+                // The halves' means (cluster_means over 2 Ck sub-labels).
+                config.ear_split ? ear_workspace_bytes(B * H, b.video_tokens, 0, Ck_comp, D, device) : size_t{0},
+                // ear_plus_probe (over the halves too, with the split: Ck_comp), the routing per head
+                // and split_clusters; with the split, the routing's share counts 2 Ck columns, more
+                // than it ranks.
+                config.ear_plus() ? ear_plus_workspace_bytes(B * H, b.video_tokens, Cq, Ck_comp, device) : size_t{0},
+                config.round_q_clusters ? round_query_clusters_workspace_bytes(B * H, b.video_tokens, Cq, Ck,
+                                                                               RoundQueryOptions{}, device)
+                                        : size_t{0}});
   b.op_scratch = Workspace{c.take_bytes(scratch), scratch};
   if (buffers != nullptr) *buffers = b;
   return c.used();
@@ -103,11 +112,10 @@ AttentionShape check_inputs(const TensorView& q, const TensorView& k, const Tens
   config.validate_for(shape.seq, shape.head_dim);
   // Refused before the call touches any state (the ear-plus ops would throw only after the k-means ran).
   SAPATTN_CHECK(stream.device.type == DeviceType::CPU || !config.ear_plus(), UnsupportedError,
-                "the ear-plus ideas (ear_spread, ear_pair_values, ear_head_budget, ear_split) run on the CPU only "
-                "so far (docs/ear.md); on a CUDA stream turn them off: error-aware routing, compensation and the "
-                "density budget run there");
-  SAPATTN_CHECK(stream.device.type == DeviceType::CPU || !config.round_q_clusters, UnsupportedError,
-                "round_q_clusters (round_query_clusters) runs on the CPU only so far; turn it off on a CUDA stream");
+                "svg2_attention takes the ear-plus ideas (ear_spread, ear_pair_values, ear_head_budget, ear_split) "
+                "on the CPU only so far: their compensation, corrected_centroid_compensation, has no CUDA backend "
+                "yet (ear_plus_probe, select_error_aware_per_head and split_clusters have; docs/ear.md). On a CUDA "
+                "stream turn them off: error-aware routing, compensation and the density budget run there");
   const int64_t B = shape.batch, H = shape.heads;
   if (!outputs.lse.empty()) {
     expect_rank(outputs.lse, 3, "lse");
@@ -207,21 +215,20 @@ void probe(const TensorView& k, const TensorView& v, const Config& config, const
   if (!error_aware && !config.compensate) return;
   const TensorView kv = k.slice(2, 0, buf.video_tokens), vv = v.slice(2, 0, buf.video_tokens);
   cluster_means(vv, buf.k_video_labels(), buf.v_centroids, stream, buf.op_scratch);
-  // The ear-plus ops run on the CPU only (check_inputs refuses them on CUDA), so they take no scratch.
   if (error_aware && config.ear_split) {
     // Routing scores from the key clusters; the compensation's corrections from their halves.
     ear_plus_probe(centroids.q, centroids.k, buf.v_centroids, kv, vv, buf.k_video_labels(), q_sizes, k_sizes, scale,
-                   config.ear_gamma, buf.scores, {}, {}, stream);
+                   config.ear_gamma, buf.scores, {}, {}, stream, buf.op_scratch);
     const TensorView sub_labels = buf.sub_labels.slice(2, 0, buf.video_tokens);
-    split_clusters(kv, buf.k_video_labels(), centroids.k, sub_labels, buf.sub_sizes, stream);
-    cluster_means(kv, sub_labels, buf.sub_k_centroids, stream);
-    cluster_means(vv, sub_labels, buf.sub_v_centroids, stream);
+    split_clusters(kv, buf.k_video_labels(), centroids.k, sub_labels, buf.sub_sizes, stream, buf.op_scratch);
+    cluster_means(kv, sub_labels, buf.sub_k_centroids, stream, buf.op_scratch);
+    cluster_means(vv, sub_labels, buf.sub_v_centroids, stream, buf.op_scratch);
     if (!buf.sub_scores.empty())
       ear_plus_probe(centroids.q, buf.sub_k_centroids, buf.sub_v_centroids, kv, vv, sub_labels, q_sizes, buf.sub_sizes,
-                     scale, config.ear_gamma, buf.sub_scores, buf.spread, buf.pair_values, stream);
+                     scale, config.ear_gamma, buf.sub_scores, buf.spread, buf.pair_values, stream, buf.op_scratch);
   } else if (error_aware && config.ear_plus())
     ear_plus_probe(centroids.q, centroids.k, buf.v_centroids, kv, vv, buf.k_video_labels(), q_sizes, k_sizes, scale,
-                   config.ear_gamma, buf.scores, buf.spread, buf.pair_values, stream);
+                   config.ear_gamma, buf.scores, buf.spread, buf.pair_values, stream, buf.op_scratch);
   else if (error_aware)
     ear_probe(centroids.q, centroids.k, buf.v_centroids, kv, vv, buf.k_video_labels(), q_sizes, k_sizes, scale,
               config.ear_gamma, buf.scores, stream, buf.op_scratch);
@@ -246,7 +253,7 @@ void select(const Config& config, const CentroidViews& centroids, const TensorVi
   }
   if (error_aware && config.ear_head_budget)
     select_error_aware_per_head(buf.probs, buf.budget_mask, buf.scores, q_sizes, k_sizes,
-                                config.ear_guaranteed_clusters(), buf.video_mask(), stream);
+                                config.ear_guaranteed_clusters(), buf.video_mask(), stream, buf.op_scratch);
   else if (error_aware)
     select_error_aware(buf.probs, buf.budget_mask, buf.scores, q_sizes, k_sizes, config.ear_guaranteed_clusters(),
                        buf.video_mask(), stream);
@@ -304,7 +311,8 @@ void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& 
   pipeline::select(config, centroids, q_sizes, k_sizes, buf, stream);
   if (config.round_q_clusters)  // rewrites the video query labels and q_sizes; centroids and mask stay
     round_query_clusters(q.slice(2, 0, buf.video_tokens), centroids.q, centroids.k, k_sizes, buf.video_mask(),
-                         config.scale_for(q.shape[3]), RoundQueryOptions{}, buf.q_video_labels(), q_sizes, stream);
+                         config.scale_for(q.shape[3]), RoundQueryOptions{}, buf.q_video_labels(), q_sizes, stream,
+                         buf.op_scratch);
   pipeline::attend_clusters(q, k, v, config, centroids, k_sizes, buf, outputs, stream);
 }
 

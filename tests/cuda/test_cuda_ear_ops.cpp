@@ -23,7 +23,6 @@
 #include <string>
 #include <vector>
 
-#include "cpu/rows.hpp"
 #include "cuda/backend.hpp"
 #include "cuda_ear_support.hpp"
 #include "reference.hpp"
@@ -43,7 +42,10 @@ using cuda_test::Twin;
 using ear_cuda_test::counts_of;
 using ear_cuda_test::expect_identical;
 using ear_cuda_test::i32_tensor;
+using ear_cuda_test::log_error_bound;
 using ear_cuda_test::normal;
+using ear_cuda_test::probe_conditioning;
+using ear_cuda_test::ProbeConditioning;
 using ear_cuda_test::random_labels;
 using ear_cuda_test::random_sizes;
 using ear_cuda_test::where;
@@ -111,67 +113,6 @@ TEST_P(EarOp, CentroidProbsAreIdentical) {
   expect_identical(gpu.download(), cpu, "centroid_probs");
 }
 
-// The probe on the host, the CPU backend's way (same fp32 logits, fp64 terms), returning per
-// (b,h,a,j) the magnitude M of the terms of E / exp(2m) and its value R, so that the fp64 rounding
-// of two summation orders moves log E by at most about (n + 16) 2^-52 M / R.
-struct ProbeConditioning {
-  std::vector<double> magnitude, value;
-  std::vector<int64_t> tokens;
-};
-
-ProbeConditioning probe_conditioning(const TensorView& qc, const TensorView& kc, const TensorView& vc,
-                                     const TensorView& k, const TensorView& v, const TensorView& labels,
-                                     const std::vector<int32_t>& k_sizes, float scale) {
-  const int64_t B = k.shape[0], H = k.shape[1], N = k.shape[2], D = k.shape[3];
-  const int64_t Cq = qc.shape[2], Ck = kc.shape[2];
-  ProbeConditioning out{std::vector<double>(static_cast<size_t>(B * H * Cq * Ck)),
-                        std::vector<double>(static_cast<size_t>(B * H * Cq * Ck)),
-                        std::vector<int64_t>(static_cast<size_t>(B * H * Ck), 0)};
-  std::vector<float> q(D), kk(D), kb(D), vv(D), vb(D);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t a = 0; a < Cq; ++a)
-        for (int64_t j = 0; j < Ck; ++j) {
-          for (int64_t d = 0; d < D; ++d) {
-            q[d] = static_cast<float>(ref::get(qc, {b, h, a, d}));
-            kb[d] = static_cast<float>(ref::get(kc, {b, h, j, d}));
-            vb[d] = static_cast<float>(ref::get(vc, {b, h, j, d}));
-          }
-          const double c = static_cast<double>(cpu::dot(q.data(), kb.data(), D) * scale);
-          std::vector<double> s;
-          std::vector<int64_t> members;
-          for (int64_t t = 0; t < N; ++t) {
-            if (ref::get(labels, {b, h, t}) != j) continue;
-            for (int64_t d = 0; d < D; ++d) kk[d] = static_cast<float>(ref::get(k, {b, h, t, d}));
-            s.push_back(static_cast<double>(cpu::dot(q.data(), kk.data(), D) * scale));
-            members.push_back(t);
-          }
-          double m = c;
-          for (double x : s) m = std::max(m, x);
-          const double pc = std::exp(c - m);
-          double sq = 0, cr = 0, cr_abs = 0, vn = 0;
-          for (int64_t d = 0; d < D; ++d) vn += static_cast<double>(vb[d]) * vb[d];
-          for (size_t n = 0; n < s.size(); ++n) {
-            double n2 = 0, cd = 0;
-            for (int64_t d = 0; d < D; ++d) {
-              const double x = ref::get(v, {b, h, members[n], d});
-              n2 += x * x;
-              cd += vb[d] * x;
-            }
-            const double e = std::exp(s[n] - m);
-            sq += e * e * n2;
-            cr += e * cd;
-            cr_abs += e * std::abs(cd);
-          }
-          const double K = k_sizes[static_cast<size_t>((b * H + h) * Ck + j)];
-          const size_t at = static_cast<size_t>(((b * H + h) * Cq + a) * Ck + j);
-          out.magnitude[at] = sq + 2 * pc * cr_abs + pc * pc * K * vn;
-          out.value[at] = sq - 2 * pc * cr + pc * pc * K * vn;
-          out.tokens[static_cast<size_t>((b * H + h) * Ck + j)] = static_cast<int64_t>(s.size());
-        }
-  return out;
-}
-
 TEST_P(EarOp, ProbeWithinItsErrorModel) {
   const OpCase c = GetParam();
   if (c.N * c.Cq * c.Ck * c.B * c.H > 40'000'000) GTEST_SKIP() << "the host conditioning would take too long";
@@ -202,11 +143,7 @@ TEST_P(EarOp, ProbeWithinItsErrorModel) {
     int64_t ill_conditioned = 0;
     for (size_t i = 0; i < g.size(); ++i) {
       const int64_t j = static_cast<int64_t>(i) % c.Ck, bh = static_cast<int64_t>(i) / (c.Cq * c.Ck);
-      const double n = static_cast<double>(cond.tokens[static_cast<size_t>(bh * c.Ck + j)]);
-      // Two fp64 summation orders, each with a rescaling chain of up to n steps and libm vs CUDA exp
-      // (<= 2 ulp): 4 (n + 16) 2^-52 of the magnitude. An empty cluster has the closed form (M = 0).
-      const double relative =
-          cond.magnitude[i] == 0 ? 0.0 : 4 * (n + 16) * 0x1p-52 * cond.magnitude[i] / std::max(cond.value[i], 0.0);
+      const double relative = log_error_bound(cond, i, cond.tokens[static_cast<size_t>(bh * c.Ck + j)]);
       if (!(relative < 0.25)) {  // E cancels to rounding noise: only the range is checked
         ++ill_conditioned;
         ASSERT_TRUE(std::isfinite(g[i])) << "probe score " << where(cpu.view, static_cast<int64_t>(i));

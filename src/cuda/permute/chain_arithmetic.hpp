@@ -19,6 +19,8 @@
 #include <cstring>
 #include <limits>
 
+#include "core/rounded_ops.hpp"
+
 #if defined(__CUDACC__)
 #define SAPATTN_CHAIN_FN __host__ __device__ __forceinline__
 #else
@@ -33,29 +35,10 @@
 
 namespace sapattn::cuda::chain {
 
-// Round-to-nearest operations that the compiler may neither fuse nor reorder (on the device, -fmad
-// would otherwise be free to contract a multiply and an add).
-SAPATTN_CHAIN_FN float fma_rn(float a, float b, float c) {
-#if defined(__CUDA_ARCH__)
-  return __fmaf_rn(a, b, c);
-#else
-  return std::fma(a, b, c);
-#endif
-}
-SAPATTN_CHAIN_FN float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-SAPATTN_CHAIN_FN float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
+// Round-to-nearest operations that the compiler may neither fuse nor reorder.
+using rn::add;
+using rn::fma;
+using rn::mul;
 
 // 1 / sqrt(n) for a squared norm n > 0, else 0 (a zero, NaN or overflowed norm), both correctly rounded
 // as the reference's 1.0f / std::sqrt(n).
@@ -83,20 +66,20 @@ SAPATTN_CHAIN_FN float dot(const float (&row)[kD], Load4&& load4) {
     SAPATTN_CHAIN_UNROLL
     for (int e = 0; e < 4; ++e) {
       const int d = 4 * j + e;
-      lane[d % 32] = fma_rn(q[e], row[d], lane[d % 32]);
+      lane[d % 32] = fma(q[e], row[d], lane[d % 32]);
     }
   }
   // The butterfly's levels m = 16, 8, 4, 2, 1 written out: with a loop over m, nvcc leaves the
   // inner bound variable and `lane` in local memory.
   SAPATTN_CHAIN_UNROLL
-  for (int l = 0; l < 16; ++l) lane[l] = add_rn(lane[l], lane[l + 16]);
+  for (int l = 0; l < 16; ++l) lane[l] = add(lane[l], lane[l + 16]);
   SAPATTN_CHAIN_UNROLL
-  for (int l = 0; l < 8; ++l) lane[l] = add_rn(lane[l], lane[l + 8]);
+  for (int l = 0; l < 8; ++l) lane[l] = add(lane[l], lane[l + 8]);
   SAPATTN_CHAIN_UNROLL
-  for (int l = 0; l < 4; ++l) lane[l] = add_rn(lane[l], lane[l + 4]);
-  lane[0] = add_rn(lane[0], lane[2]);
-  lane[1] = add_rn(lane[1], lane[3]);
-  return add_rn(lane[0], lane[1]);
+  for (int l = 0; l < 4; ++l) lane[l] = add(lane[l], lane[l + 4]);
+  lane[0] = add(lane[0], lane[2]);
+  lane[1] = add(lane[1], lane[3]);
+  return add(lane[0], lane[1]);
 }
 
 // A row's own squared norm, in the same arithmetic.
@@ -110,7 +93,7 @@ SAPATTN_CHAIN_FN float squared_norm(const float (&row)[kD]) {
 
 // The cosine similarity as the reference forms it, (dot * inv_cur) * inv_candidate, NaN -> -inf.
 SAPATTN_CHAIN_FN float similarity(float dot_product, float inv_cur, float inv_candidate) {
-  const float s = mul_rn(mul_rn(dot_product, inv_cur), inv_candidate);
+  const float s = mul(mul(dot_product, inv_cur), inv_candidate);
   return s != s ? -std::numeric_limits<float>::infinity() : s;
 }
 
