@@ -1,8 +1,8 @@
-// Times the CUDA semantic-aware permutation ops, order_clusters, round_query_clusters and the
-// attention planner at the official SVG2 shapes (the full-size ones of bench/shapes.json, over their
-// video tokens), with the harness's timer (bench/harness.hpp: CUTLASS's method, warm-up apart from timing, CUDA events, the
-// median of many runs) on random structured inputs that are far larger than the L2 for every
-// memory-bound op.
+// Times the CUDA semantic-aware permutation ops, order_clusters, round_query_clusters, SVG-EAR's
+// compensation and the attention planner at the official SVG2 shapes (the full-size ones of
+// bench/shapes.json, over their video tokens), with the harness's timer (bench/harness.hpp:
+// CUTLASS's method, warm-up apart from timing, CUDA events, the median of many runs) on random
+// structured inputs that are far larger than the L2 for every memory-bound op.
 // Prints one JSON object per measurement; bench/report.py puts them next to the floors and the peers
 // measured in the same run.
 //
@@ -64,6 +64,13 @@ __global__ void fill_f32_kernel(float* x, int64_t n, uint64_t seed) {
     x[t] = gauss(seed + t);
 }
 
+// mask[i] = 1 (kept) with probability `keep`, from a hash of i: a selection of fixed density.
+__global__ void fill_mask_kernel(uint8_t* mask, int64_t n, float keep, uint64_t seed) {
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < n;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    mask[t] = (static_cast<float>(mix(seed + t) >> 40) * 0x1p-24f) < keep ? 1 : 0;
+}
+
 // One measurement: {"shape", "op", "median_ms", "min_ms", "reps", "bytes", "flops"}, the bytes and
 // FLOPs being what bench/report.py divides by the floors' rates. Callers may add fields, then print.
 JsonLine measurement(const BenchShape& s, const std::string& op, const Timing& t, double bytes, double flops) {
@@ -80,6 +87,70 @@ JsonLine measurement(const BenchShape& s, const std::string& op, const Timing& t
 
 void emit(const BenchShape& s, const std::string& op, const Timing& t, double bytes, double flops) {
   measurement(s, op, t, bytes, flops).print();
+}
+
+// SVG-EAR's compensation (issue 20) on the clusters of this run: every video query row against the
+// key clusters its query cluster skips, at a kept share of 0.15 (the density of the attention
+// estimates), on the tensor cores (the default), on the CUDA-core kernel it replaces, and ear-plus's
+// (two pseudo-keys per key cluster, with the spread). FLOPs: the two GEMMs over the skipped pairs.
+void bench_compensation(const BenchShape& s, int reps, const Stream& st, const bench::EventTimer& timer,
+                        const TensorView& q, const Tensor& q_labels, const Tensor& k_centroids, const Tensor& k_sizes) {
+  const Device dev = st.device;
+  const cudaStream_t cs = static_cast<cudaStream_t>(st.handle);
+  const int64_t B = s.batch, H = s.heads, S = s.video_tokens(), D = s.head_dim, BH = B * H;
+  const int64_t Cq = s.q_clusters, Ck = s.k_clusters;
+  constexpr float kKept = 0.15f;
+  auto tensor = [&](DType t, std::vector<int64_t> shape) { return Tensor(t, std::move(shape), dev); };
+  Tensor mask = tensor(DType::U8, {B, H, Cq, Ck}), vc = tensor(DType::F32, {B, H, Ck, D});
+  Tensor out = tensor(DType::BF16, {B, S, H, D}), lse = tensor(DType::F32, {B, H, S});
+  fill_mask_kernel<<<1024, 256, 0, cs>>>(mask.data_as<uint8_t>(), mask.numel(), kKept, 21);
+  fill_f32_kernel<<<1024, 256, 0, cs>>>(vc.data_as<float>(), vc.numel(), 22);
+  fill_kernel<<<4096, 256, 0, cs>>>(out.data_as<__nv_bfloat16>(), S, H, D, 64, 23);
+  fill_f32_kernel<<<1024, 256, 0, cs>>>(lse.data_as<float>(), lse.numel(), 24);
+  SAPATTN_CUDA_CHECK(cudaGetLastError());
+  const TensorView outv = TensorView::bshd(out.data(), DType::BF16, B, H, S, D, dev);
+  // ear-plus's pseudo-keys: each key cluster's centroid twice, its size split in two, and a spread.
+  Tensor kc2 = tensor(DType::F32, {B, H, 2 * Ck, D}), vc2 = tensor(DType::F32, {B, H, 2 * Ck, D});
+  Tensor ks2 = tensor(DType::I32, {B, H, 2 * Ck}), spread = tensor(DType::F32, {B, H, Cq, 2 * Ck});
+  fill_f32_kernel<<<1024, 256, 0, cs>>>(kc2.data_as<float>(), kc2.numel(), 25);
+  fill_f32_kernel<<<1024, 256, 0, cs>>>(vc2.data_as<float>(), vc2.numel(), 26);
+  fill_f32_kernel<<<1024, 256, 0, cs>>>(spread.data_as<float>(), spread.numel(), 27);
+  SAPATTN_CUDA_CHECK(cudaGetLastError());
+  {
+    std::vector<int32_t> sizes(static_cast<size_t>(BH * Ck)), halves(static_cast<size_t>(2 * BH * Ck));
+    SAPATTN_CUDA_CHECK(cudaMemcpyAsync(sizes.data(), k_sizes.data(), sizes.size() * 4, cudaMemcpyDeviceToHost, cs));
+    SAPATTN_CUDA_CHECK(cudaStreamSynchronize(cs));
+    for (size_t j = 0; j < sizes.size(); ++j) {
+      halves[2 * j] = sizes[j] / 2;
+      halves[2 * j + 1] = sizes[j] - sizes[j] / 2;
+    }
+    SAPATTN_CUDA_CHECK(cudaMemcpyAsync(ks2.data(), halves.data(), halves.size() * 4, cudaMemcpyHostToDevice, cs));
+    SAPATTN_CUDA_CHECK(cudaStreamSynchronize(cs));
+  }
+  const Buffer ws_buf = Buffer::allocate(compensation_workspace_bytes(BH, S, Cq, 2 * Ck, D, dev), dev);
+  const Workspace ws{ws_buf.data(), ws_buf.bytes()};
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  // Q, the output and its lse read, the output and lse written (bf16, f32); the centroids are
+  // L2-resident. FLOPs: 2 GEMMs of 2 FLOPs per multiply-add over the skipped (row, pseudo-key) pairs.
+  const double bytes = static_cast<double>(BH * S) * (D * 2 * 3 + 8);
+  const double flops = 4.0 * static_cast<double>(BH * S) * (1.0 - kKept) * static_cast<double>(Ck * D);
+  auto ear = [&] {
+    centroid_compensation(q, q_labels.view(), mask.view(), k_centroids.view(), vc.view(), k_sizes.view(), scale, outv,
+                          lse.view(), st, ws);
+  };
+  measurement(s, "ear_compensation_tc", timer.time(ear, 3, reps), bytes, flops).fixed("kept_share", kKept, 2).print();
+  cuda::set_compensation_kernel_override("cuda_cores");
+  measurement(s, "ear_compensation_cuda_cores", timer.time(ear, 2, std::max(reps / 4, 3)), bytes, flops)
+      .fixed("kept_share", kKept, 2)
+      .print();
+  cuda::set_compensation_kernel_override("");
+  auto ear_plus = [&] {
+    corrected_centroid_compensation(q, q_labels.view(), mask.view(), kc2.view(), vc2.view(), ks2.view(), spread.view(),
+                                    {}, scale, outv, lse.view(), st, ws);
+  };
+  measurement(s, "ear_plus_compensation_tc", timer.time(ear_plus, 3, reps), bytes, 2 * flops)
+      .fixed("kept_share", kKept, 2)
+      .print();
 }
 
 void bench_shape(const BenchShape& s, int reps) {
@@ -269,6 +340,8 @@ void bench_shape(const BenchShape& s, int reps) {
         .print();
   }
 
+  bench_compensation(s, reps, st, timer, qv, ql, kc, ks);
+
   // ---- round_query_clusters (issue 12) on this clustering and selection --------------------------
   // The op rewrites the labels, so every run starts from a copy of the k-means labels (a 4-byte-per-
   // token device copy, timed with it). The line also says how much it moved and what it saved.
@@ -375,7 +448,8 @@ void bench_shape(const BenchShape& s, int reps) {
 constexpr const char* kUsage =
     "usage: sapattn_bench_ops [--shape wan14b|wan13b|hunyuan|all] [--reps N]\n"
     "\n"
-    "Times the CUDA k-means, order_clusters, selection and permutation ops and the attention planner\n"
+    "Times the CUDA k-means, order_clusters, selection, EAR compensation and permutation ops and the\n"
+    "attention planner\n"
     "at the official SVG2 shapes (bench/shapes.json) on GPU 0 and prints one JSON object per measurement\n"
     "(bench/report.py makes the table of docs/cuda.md).\n"
     "  --shape S   the shapes whose name starts with S (wan14b_720p, wan13b_480p, hunyuan_720p) or all\n"

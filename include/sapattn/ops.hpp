@@ -293,7 +293,8 @@ void dense_attention(const TensorView& q, const TensorView& k, const TensorView&
 // above; every cluster-size tensor is [B,H,C] i32, contiguous, non-negative (InvalidArgumentError
 // otherwise; on CUDA a value check, see cuda/backend.hpp). On CUDA, cluster_means, ear_probe and
 // select_top_p_at_density take scratch of ear_workspace_bytes; ear_probe takes head dims up to 256,
-// centroid_compensation up to 128, the routing up to 8192 key clusters (UnsupportedError beyond).
+// centroid_compensation up to 128, the routing up to 8192 key clusters (UnsupportedError beyond);
+// the compensation takes scratch of compensation_workspace_bytes.
 // How close each CUDA op is to the CPU's: docs/ear.md, "The CUDA backend".
 // ---------------------------------------------------------------------------------------------
 
@@ -345,6 +346,13 @@ void select_error_aware(const TensorView& probs, const TensorView& budget_mask, 
                         const TensorView& q_sizes, const TensorView& k_sizes, int guaranteed, TensorView mask,
                         const Stream& stream);
 
+// Scratch bytes centroid_compensation and corrected_centroid_compensation need on `device` for B*H
+// heads, N video query rows, Cq query clusters, Ck' pseudo-keys (the k_centroids' count: Ck, or m Ck
+// with m pseudo-keys per mask column) and head dim D (0 on the CPU). A smaller one throws
+// WorkspaceError.
+size_t compensation_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_clusters, int64_t pseudo_keys,
+                                    int64_t dim, Device device);
+
 // Adds the skipped key clusters to an attention result through their centroids. For every query
 // row i with q_labels[i] = a and every key cluster j with mask[a,j] = 0 and |K_j| > 0, the row gains
 // the pseudo-key kbar_j of multiplicity |K_j| and value vbar_j, merged by log-sum-exp with the row's
@@ -356,17 +364,19 @@ void select_error_aware(const TensorView& probs, const TensorView& budget_mask, 
 //   mask [B,H,Cq,Ck] u8, any strides (the video part of a layout's mask); k_centroids, v_centroids
 //   [B,H,Ck,D] f32 contiguous; k_sizes [B,H,Ck]; out [B,H,S,D] f32/f16/bf16 and lse [B,H,S] f32, any
 //   strides, read and written (a row with lse = -inf and nothing to add stays out = 0, lse = -inf).
+// On CUDA the logits and P V run on tensor cores with bf16 operands (docs/ear.md: the error bound).
 void centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
                            const TensorView& k_centroids, const TensorView& v_centroids, const TensorView& k_sizes,
-                           float scale, TensorView out, TensorView lse, const Stream& stream);
+                           float scale, TensorView out, TensorView lse, const Stream& stream,
+                           Workspace workspace = {});
 
 // ---------------------------------------------------------------------------------------------
 // ear-plus: SVG-EAR's probe, routing and compensation refined (docs/ear.md, the numbers in
 // docs/results.md). Shapes as for the EAR ops above. On CUDA, ear_plus_probe,
 // select_error_aware_per_head and split_clusters take scratch of ear_plus_workspace_bytes; the
 // probe and the split take head dims up to 256, the routing up to 8192 key clusters and 2^31 - 1
-// cluster pairs over all heads (UnsupportedError beyond). corrected_centroid_compensation runs on
-// the CPU only so far (UnsupportedError on a CUDA stream, in a CUDA build too).
+// cluster pairs over all heads (UnsupportedError beyond). corrected_centroid_compensation takes
+// centroid_compensation's scratch and limits.
 // ---------------------------------------------------------------------------------------------
 
 // Scratch bytes ear_plus_probe, select_error_aware_per_head and split_clusters need on `device` for
@@ -424,11 +434,12 @@ void split_clusters(const TensorView& points, const TensorView& labels, const Te
 // per mask column (Ck = m * the mask's key clusters, split_clusters gives m = 2): pseudo-key c is
 // added when the mask skips key cluster c / m.
 //   spread [B,H,Cq,Ck] f32 any strides or empty; pair_values [B,H,Cq*Ck,D] f32 contiguous or empty;
-//   the rest as centroid_compensation.
+//   the rest (the CUDA scratch too) as centroid_compensation.
 void corrected_centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
                                      const TensorView& k_centroids, const TensorView& v_centroids,
                                      const TensorView& k_sizes, const TensorView& spread, const TensorView& pair_values,
-                                     float scale, TensorView out, TensorView lse, const Stream& stream);
+                                     float scale, TensorView out, TensorView lse, const Stream& stream,
+                                     Workspace workspace = {});
 
 // ---------------------------------------------------------------------------------------------
 // Input checks.

@@ -97,9 +97,23 @@ void select_error_aware(const TensorView& probs, const TensorView& budget_mask, 
                         const Stream& stream);
 void select_top_p_at_density(const TensorView& probs, const TensorView& q_sizes, const TensorView& k_sizes,
                              float density, int min_kept, TensorView mask, const Stream& stream, Workspace workspace);
+// The compensation (ear/ear_compensation*.cu): tensor cores, scratch of compensation_workspace_bytes
+// for Ck' pseudo-keys (Ck' = m * the mask's key clusters).
+size_t compensation_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_clusters, int64_t pseudo_keys,
+                                    int64_t dim);
 void centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
                            const TensorView& k_centroids, const TensorView& v_centroids, const TensorView& k_sizes,
-                           float scale, TensorView out, TensorView lse, const Stream& stream);
+                           float scale, TensorView out, TensorView lse, const Stream& stream, Workspace workspace);
+void corrected_centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
+                                     const TensorView& k_centroids, const TensorView& v_centroids,
+                                     const TensorView& k_sizes, const TensorView& spread, const TensorView& pair_values,
+                                     float scale, TensorView out, TensorView lse, const Stream& stream,
+                                     Workspace workspace);
+// Test and benchmark knob (process-wide): "cuda_cores" makes centroid_compensation run the CUDA-core
+// kernel it had before the tensor-core one (no scratch needed; corrected_centroid_compensation keeps
+// the tensor cores), "" (or nullptr) restores the default. Throws InvalidArgumentError for other
+// names.
+void set_compensation_kernel_override(const char* name);
 
 // ear-plus (ear/: ear_plus.cu, ear_select.cu, ear_split.cu). One scratch size covers ear_plus_probe,
 // select_error_aware_per_head and split_clusters for B*H heads, N key tokens and Cq x Ck clusters.

@@ -1,6 +1,5 @@
 // The SVG-EAR and ear-plus ops of include/sapattn/ops.hpp (docs/ear.md): the argument checks every
-// backend shares, then dispatch on the stream's device. corrected_centroid_compensation has a CPU
-// backend only.
+// backend shares, then dispatch on the stream's device.
 #include "sapattn/ops.hpp"
 
 #include <cmath>
@@ -14,24 +13,20 @@ namespace sapattn {
 using namespace checks;    // the argument checks of src/ops/
 using namespace dispatch;  // backend(), cpu_threads(), SAPATTN_ON_CUDA
 
-namespace {
-
-// corrected_centroid_compensation runs on the CPU only so far: a CUDA stream (or tensor) gets
-// UnsupportedError, in a CUDA build too.
-template <typename... Views>
-void expect_cpu_backend(const char* op, const Stream& stream, const Views&... views) {
-  SAPATTN_CHECK(backend(stream, views...) == DeviceType::CPU, UnsupportedError, op,
-                " has no CUDA backend yet (docs/ear.md); run it on a CPU stream");
-}
-
-}  // namespace
-
 size_t ear_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_clusters, int64_t k_clusters, int64_t dim,
                            Device device) {
   SAPATTN_CHECK(batch_heads >= 0 && tokens >= 0 && q_clusters >= 0 && k_clusters >= 0 && dim >= 0, InvalidArgumentError,
                 "ear_workspace_bytes: negative size");
   if (device.type == DeviceType::CPU) return 0;  // the CPU backend needs no scratch
   return SAPATTN_ON_CUDA(ear_workspace_bytes(batch_heads, tokens, q_clusters, k_clusters, dim));
+}
+
+size_t compensation_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_clusters, int64_t pseudo_keys,
+                                    int64_t dim, Device device) {
+  SAPATTN_CHECK(batch_heads >= 0 && tokens >= 0 && q_clusters >= 0 && pseudo_keys >= 0 && dim >= 0,
+                InvalidArgumentError, "compensation_workspace_bytes: negative size");
+  if (device.type == DeviceType::CPU) return 0;  // the CPU backend needs no scratch
+  return SAPATTN_ON_CUDA(compensation_workspace_bytes(batch_heads, tokens, q_clusters, pseudo_keys, dim));
 }
 
 size_t ear_plus_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_clusters, int64_t k_clusters,
@@ -167,11 +162,11 @@ void check_compensation(const TensorView& q, const TensorView& q_labels, const T
 
 void centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
                            const TensorView& k_centroids, const TensorView& v_centroids, const TensorView& k_sizes,
-                           float scale, TensorView out, TensorView lse, const Stream& stream) {
+                           float scale, TensorView out, TensorView lse, const Stream& stream, Workspace workspace) {
   check_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse);
   if (backend(stream, q, q_labels, mask, k_centroids, v_centroids, k_sizes, out, lse) == DeviceType::CUDA)
-    return SAPATTN_ON_CUDA(
-        centroid_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse, stream));
+    return SAPATTN_ON_CUDA(centroid_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse,
+                                                 stream, workspace));
   cpu::centroid_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse,
                              cpu_threads(stream));
 }
@@ -241,11 +236,15 @@ void split_clusters(const TensorView& points, const TensorView& labels, const Te
 void corrected_centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
                                      const TensorView& k_centroids, const TensorView& v_centroids,
                                      const TensorView& k_sizes, const TensorView& spread, const TensorView& pair_values,
-                                     float scale, TensorView out, TensorView lse, const Stream& stream) {
+                                     float scale, TensorView out, TensorView lse, const Stream& stream,
+                                     Workspace workspace) {
   check_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse, true);
   check_probe_corrections(spread, pair_values, q.shape[0], q.shape[1], mask.shape[2], k_centroids.shape[2], q.shape[3]);
-  expect_cpu_backend("corrected_centroid_compensation", stream, q, q_labels, mask, k_centroids, v_centroids, k_sizes,
-                     spread, pair_values, out, lse);
+  for (const TensorView* t : {&spread, &pair_values})
+    if (!t->empty()) expect_device(*t, stream);
+  if (backend(stream, q, q_labels, mask, k_centroids, v_centroids, k_sizes, out, lse) == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(corrected_centroid_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, spread,
+                                                           pair_values, scale, out, lse, stream, workspace));
   cpu::corrected_centroid_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, spread, pair_values, scale,
                                        out, lse, cpu_threads(stream));
 }

@@ -79,6 +79,8 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
                 error_aware || config.compensate || config.density > 0.0f
                     ? ear_workspace_bytes(B * H, b.video_tokens, Cq, Ck, D, device)
                     : size_t{0},
+                config.compensate ? compensation_workspace_bytes(B * H, b.video_tokens, Cq, Ck_comp, D, device)
+                                  : size_t{0},
                 // The halves' means (cluster_means over 2 Ck sub-labels).
                 config.ear_split ? ear_workspace_bytes(B * H, b.video_tokens, 0, Ck_comp, D, device) : size_t{0},
                 // ear_plus_probe (over the halves too, with the split: Ck_comp), the routing per head
@@ -168,15 +170,17 @@ void attend_clusters(const TensorView& q, const TensorView& k, const TensorView&
     block_sparse_attention(q, buf.k_sorted, buf.v_sorted, layout, scale, outputs.out, lse, stream, buf.op_scratch,
                            RowPermutation{buf.q_perm, TensorView{}});
   }
+  // The compensation reuses the ops' scratch: the attention, its last user, ran before it on the stream.
   if (config.compensate && config.ear_split)
     corrected_centroid_compensation(q, buf.q_video_labels(), buf.video_mask(), buf.sub_k_centroids, buf.sub_v_centroids,
-                                    buf.sub_sizes, buf.spread, buf.pair_values, scale, outputs.out, lse, stream);
+                                    buf.sub_sizes, buf.spread, buf.pair_values, scale, outputs.out, lse, stream,
+                                    buf.op_scratch);
   else if (config.compensate && (config.ear_spread || config.ear_pair_values))
     corrected_centroid_compensation(q, buf.q_video_labels(), buf.video_mask(), centroids.k, buf.v_centroids, k_sizes,
-                                    buf.spread, buf.pair_values, scale, outputs.out, lse, stream);
+                                    buf.spread, buf.pair_values, scale, outputs.out, lse, stream, buf.op_scratch);
   else if (config.compensate)
     centroid_compensation(q, buf.q_video_labels(), buf.video_mask(), centroids.k, buf.v_centroids, k_sizes, scale,
-                          outputs.out, lse, stream);
+                          outputs.out, lse, stream, buf.op_scratch);
   if (!outputs.density.empty()) block_density(layout, outputs.density, stream);
 }
 

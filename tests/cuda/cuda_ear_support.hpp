@@ -1,7 +1,8 @@
 // What the SVG-EAR and ear-plus GPU suites (test_cuda_ear_*.cpp) share beyond cuda_support.hpp
 // (streams, device twins of host tensors, workspaces, poisoned tensors): inputs drawn on the host
-// (normal values, labels with empty, 1-token and large clusters, sizes), the probe's conditioning
-// (what its error model scales) and the byte-for-byte comparison of a GPU output with the CPU's.
+// (normal values, labels with empty, 1-token and large clusters, sizes, values that bf16 holds
+// exactly), the probe's conditioning (what its error model scales), the byte-for-byte comparison of
+// a GPU output with the CPU's, and the tensor-core compensation's error bound.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -9,12 +10,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "cpu/rows.hpp"
+#include "cuda/backend.hpp"
 #include "cuda_support.hpp"
 #include "reference.hpp"
 #include "sapattn/tensor.hpp"
@@ -225,6 +228,163 @@ inline void expect_identical(const HostTensor& gpu, const HostTensor& cpu, const
       return;
     }
   ADD_FAILURE() << what << ": the views agree but bytes outside the view differ (written out of bounds)";
+}
+
+// centroid_compensation on the CUDA-core kernel for a scope (cuda::set_compensation_kernel_override).
+class CudaCoreCompensation {
+ public:
+  CudaCoreCompensation() { cuda::set_compensation_kernel_override("cuda_cores"); }
+  ~CudaCoreCompensation() { cuda::set_compensation_kernel_override(""); }
+  CudaCoreCompensation(const CudaCoreCompensation&) = delete;
+  CudaCoreCompensation& operator=(const CudaCoreCompensation&) = delete;
+};
+
+// ---------------------------------------------------------------------------------------------
+// bf16 operands
+// ---------------------------------------------------------------------------------------------
+
+inline constexpr double kBf16Eps = 0x1p-8;  // unit roundoff of bf16 (8 significant bits)
+
+// x rounded to the nearest bf16 value, ties to even (what the kernels' conversions do).
+inline float bf16_round(float x) {
+  uint32_t u = 0;
+  std::memcpy(&u, &x, sizeof u);
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  float r = 0;
+  std::memcpy(&r, &u, sizeof r);
+  return r;
+}
+
+// The relative error of a tensor's values as bf16 operands: 0 when every value is a bf16 value.
+inline double bf16_rounding(const TensorView& t) {
+  for (double x : ref::to_vector(t))
+    if (static_cast<float>(x) != bf16_round(static_cast<float>(x))) return kBf16Eps;
+  return 0.0;
+}
+
+// Normal(0, stddev) values that bf16 holds exactly (and f16 too: |x| < 2^-10 becomes 0).
+inline void fill_bf16_values(const TensorView& t, ref::Rng& rng, double stddev = 1.0) {
+  ref::for_each_index(t, [&](const auto& idx) {
+    const float x = bf16_round(static_cast<float>(rng.normal() * stddev));
+    ref::set(t, idx, std::abs(x) < 0x1p-10f ? 0.0 : x);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tensor-core compensation's error bound (docs/ear.md, "The CUDA backend")
+// ---------------------------------------------------------------------------------------------
+
+// The inputs of (corrected_)centroid_compensation as host views (spread, pair_values may be empty).
+struct CompensationInputs {
+  TensorView q, q_labels, mask, k_centroids, v_centroids, k_sizes, spread, pair_values;
+  float scale = 1.0f;
+};
+
+// One video row's compensation evaluated in float64 from the stored inputs, and how far the
+// tensor-core kernel may be from it. With u = 2^-24, u_b = 2^-8, Dp = 64 or 128 (D padded), the
+// relative bf16 roundings e_q, e_k, e_v of q, kbar and the values (0 for values bf16 holds), and per
+// skipped pseudo-key j with bias b_j = log|K_j| (+ spread_aj) and logit w_j = b_j + scale q.kbar_j:
+//   delta_j = scale sum_d |q_d kbar_jd| (e_q + e_k + e_q e_k + (Dp + 16) 2^-23 + (D + 8) u)
+//             + (Dp + 16) 2^-23 |b_j| + 8 u (|w_j| + |b_j| + 1)
+// (the bf16 products; the tensor cores' fp32 accumulation of the products and of b_j / scale, which
+// the accumulators start from, with truncation; the CPU's own fp32 dot product; the fp32 roundings
+// of the bias, the scale and the exponent). With Delta = max_j delta_j over the row's n pseudo-keys:
+//   |dlse| <= L = Delta + 2^-21 + (n + 16) u + 4 u (|lse'| + |lse_c| + 1)
+// (ex2.approx, the fp32 sums and logs), and each weight, exact part included, moves by a factor
+// within exp(+-2 L), so per output dim, with A = pi_0 |out0| + sum_j pi_j |v_j| and C = sum_j pi_j |v_j|:
+//   |dout| <= (exp(2 L) - 1) A + exp(2 L) ((1 + u_b)(1 + e_v) - 1 + (n + 16) 2^-23) C + 8 u A
+// (P and the values as bf16 operands of P V, its fp32 accumulation, the merge).
+struct RowModel {
+  bool skips = false;  // false: the op leaves the row as it is
+  double lse = 0, lse_bound = 0;
+  std::vector<double> out, out_bound, magnitude;  // [D]; magnitude: A
+};
+
+class CompensationModel {
+ public:
+  explicit CompensationModel(const CompensationInputs& in)
+      : in_(in),
+        q_(ref::to_vector(in.q)),
+        kc_(ref::to_vector(in.k_centroids)),
+        values_(ref::to_vector(in.pair_values.empty() ? in.v_centroids : in.pair_values)),
+        spread_(in.spread.empty() ? std::vector<double>{} : ref::to_vector(in.spread)),
+        e_q_(bf16_rounding(in.q)),
+        e_k_(bf16_rounding(in.k_centroids)),
+        e_v_(bf16_rounding(in.pair_values.empty() ? in.v_centroids : in.pair_values)) {}
+
+  // Row i of (b, h) whose exact part is (lse0, out0).
+  RowModel row(int64_t b, int64_t h, int64_t i, double lse0, const std::vector<double>& out0) const {
+    const int64_t H = in_.q.shape[1], S = in_.q.shape[2], D = in_.q.shape[3], N = in_.q_labels.shape[2];
+    const int64_t Cq = in_.mask.shape[2], Ck = in_.k_centroids.shape[2], m = Ck / in_.mask.shape[3];
+    const int64_t bh = b * H + h, Dp = D <= 64 ? 64 : 128;
+    const double u = ref::kF32Eps, acc = (Dp + 16) * 0x1p-23;
+    RowModel r;
+    if (i >= N) return r;
+    const auto a = static_cast<int64_t>(ref::get(in_.q_labels, {b, h, i}));
+    const double* q = &q_[static_cast<size_t>((bh * S + i) * D)];
+    std::vector<int64_t> skipped;
+    std::vector<double> w;
+    double delta = 0, wmax = lse0;
+    for (int64_t j = 0; j < Ck; ++j) {
+      const double size = ref::get(in_.k_sizes, {b, h, j});
+      if (ref::get(in_.mask, {b, h, a, j / m}) != 0 || size <= 0) continue;
+      const double* k = &kc_[static_cast<size_t>((bh * Ck + j) * D)];
+      double dot = 0, magnitude = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        dot += q[d] * k[d];
+        magnitude += std::abs(q[d] * k[d]);
+      }
+      double bias = std::log(size);
+      if (!spread_.empty()) bias += spread_[static_cast<size_t>((bh * Cq + a) * Ck + j)];
+      const double wj = bias + in_.scale * dot;
+      const double dj = in_.scale * magnitude * (e_q_ + e_k_ + e_q_ * e_k_ + acc + (D + 8) * u) + acc * std::abs(bias) +
+                        8 * u * (std::abs(wj) + std::abs(bias) + 1);
+      skipped.push_back(j);
+      w.push_back(wj);
+      delta = std::max(delta, dj);
+      wmax = std::max(wmax, wj);
+    }
+    r.skips = !skipped.empty();
+    if (!r.skips) return r;
+    const double n = static_cast<double>(skipped.size());
+    double total = lse0 == -std::numeric_limits<double>::infinity() ? 0.0 : std::exp(lse0 - wmax), comp = 0;
+    for (double x : w) comp += std::exp(x - wmax);
+    total += comp;
+    r.lse = wmax + std::log(total);
+    const double lse_c = wmax + std::log(comp);
+    r.lse_bound = delta + 0x1p-21 + (n + 16) * u + 4 * u * (std::abs(r.lse) + std::abs(lse_c) + 1);
+    const double pi0 = lse0 == -std::numeric_limits<double>::infinity() ? 0.0 : std::exp(lse0 - r.lse);
+    const double grow = std::exp(2 * r.lse_bound);
+    const double operand = (1 + kBf16Eps) * (1 + e_v_) - 1 + (n + 16) * 0x1p-23;
+    r.out.assign(static_cast<size_t>(D), 0.0);
+    r.out_bound.assign(static_cast<size_t>(D), 0.0);
+    r.magnitude.assign(static_cast<size_t>(D), 0.0);
+    for (int64_t d = 0; d < D; ++d) {
+      double o = pi0 * out0[static_cast<size_t>(d)], A = pi0 * std::abs(out0[static_cast<size_t>(d)]), C = 0;
+      for (size_t t = 0; t < skipped.size(); ++t) {
+        const double pi = std::exp(w[t] - r.lse);
+        const int64_t row = in_.pair_values.empty() ? bh * Ck + skipped[t] : (bh * Cq + a) * Ck + skipped[t];
+        const double v = values_[static_cast<size_t>(row * D + d)];
+        o += pi * v;
+        C += pi * std::abs(v);
+      }
+      A += C;
+      r.out[static_cast<size_t>(d)] = o;
+      r.magnitude[static_cast<size_t>(d)] = A;
+      r.out_bound[static_cast<size_t>(d)] = (grow - 1) * A + grow * operand * C + 8 * u * A;
+    }
+    return r;
+  }
+
+ private:
+  CompensationInputs in_;
+  std::vector<double> q_, kc_, values_, spread_;
+  double e_q_, e_k_, e_v_;
+};
+
+// Unit roundoff of an output dtype.
+inline double unit_roundoff(DType dtype) {
+  return dtype == DType::F32 ? ref::kF32Eps : dtype == DType::F16 ? 0x1p-11 : kBf16Eps;
 }
 
 }  // namespace sapattn::ear_cuda_test

@@ -44,6 +44,7 @@ TEST(EarErrors, WorkspaceValuesAndLimits) {
   ASSERT_GT(need, 0u);
   EXPECT_EQ(ear_workspace_bytes(B * H, N, Cq, Ck, D, Device::cpu()), 0u);
   const Buffer ws = device_workspace(need), small = device_workspace(need / 2);
+  const Buffer comp_ws = device_workspace(compensation_workspace_bytes(B * H, N, Cq, Ck, D, Device::cuda(0)));
   const Stream s = cs.stream();
 
   // Too small a workspace: WorkspaceError before anything is launched.
@@ -75,18 +76,18 @@ TEST(EarErrors, WorkspaceValuesAndLimits) {
     HostTensor bad_q_host = random_labels(rng, B, H, N, Cq);
     bad_q_host.storage.data_as<int32_t>()[5] = -2;
     Twin bad_q_labels(std::move(bad_q_host));
-    EXPECT_THROW(
-        centroid_compensation(q.dev, bad_q_labels.dev, mask.dev, kc.dev, vc.dev, ks.dev, scale, out.dev, lse.dev, s),
-        InvalidArgumentError);
+    EXPECT_THROW(centroid_compensation(q.dev, bad_q_labels.dev, mask.dev, kc.dev, vc.dev, ks.dev, scale, out.dev,
+                                       lse.dev, s, as_workspace(comp_ws)),
+                 InvalidArgumentError);
     Twin q_labels(random_labels(rng, B, H, N, Cq));
     HostTensor zeros = poisoned(DType::U8, {B, H, Cq, Ck});
     std::fill_n(zeros.storage.data_as<uint8_t>(), zeros.storage.bytes(), 0);  // every cluster skipped
     Twin skip_all(std::move(zeros));
     EXPECT_THROW(centroid_compensation(q.dev, q_labels.dev, skip_all.dev, kc.dev, vc.dev, ks_negative.dev, scale,
-                                       out.dev, lse.dev, s),
+                                       out.dev, lse.dev, s, as_workspace(comp_ws)),
                  InvalidArgumentError);
-    EXPECT_NO_THROW(
-        centroid_compensation(q.dev, q_labels.dev, skip_all.dev, kc.dev, vc.dev, ks.dev, scale, out.dev, lse.dev, s));
+    EXPECT_NO_THROW(centroid_compensation(q.dev, q_labels.dev, skip_all.dev, kc.dev, vc.dev, ks.dev, scale, out.dev,
+                                          lse.dev, s, as_workspace(comp_ws)));
     // Good values pass the same checks.
     EXPECT_NO_THROW(ear_probe(qc.dev, kc.dev, vc.dev, k.dev, v.dev, labels.dev, qs.dev, ks.dev, scale, 1.0f, scores.dev,
                               s, as_workspace(ws)));

@@ -30,7 +30,10 @@ using ref::HostTensor;
 // nearest centroid wins by a margin far beyond either backend's rounding (squared distances ~128
 // apart against noise of ~8), so sizes, probabilities, budgets and masks are the same, and the
 // outputs differ by the attention kernels' bf16 error (the tolerance of test_cuda_svg2.cpp's layer
-// test) plus the compensation's.
+// test) plus the compensation's. The centres are rounded to bf16 values (a move of ~2^-9 of the
+// margin), so that the tensor-core compensation's logits, from bf16 q and kbar, carry only fp32
+// error and its output differs by the bf16 rounding of P and vbar (2^-8 each, of the compensated
+// share of the row): within the same 2^-7 max|v| as the attention's rounding of P.
 // ---------------------------------------------------------------------------------------------
 
 struct LayerCase {
@@ -78,7 +81,9 @@ LayerInputs layer_inputs(int64_t B, int64_t H, int64_t S, int64_t D, const Confi
       host_of(Tensor(DType::F32, {B, H, config.k_clusters, D}))};
   for (HostTensor* t : {&in.q, &in.k, &in.v, &in.qc, &in.kc}) t->view = t->storage.view();
   for (double x : ref::to_vector(in.v.view)) in.max_v = std::max(in.max_v, std::abs(x));
-  // The centroids: the blobs' centres, in every head.
+  // The centroids: the blobs' centres as bf16 values, in every head.
+  for (std::vector<float>* centres : {&q_centres, &k_centres})
+    for (float& x : *centres) x = ear_cuda_test::bf16_round(x);
   for (int64_t bh = 0; bh < B * H; ++bh) {
     std::copy(q_centres.begin(), q_centres.end(), in.qc.storage.data_as<float>() + bh * qn * D);
     std::copy(k_centres.begin(), k_centres.end(), in.kc.storage.data_as<float>() + bh * kn * D);

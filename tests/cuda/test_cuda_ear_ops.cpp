@@ -7,8 +7,9 @@
 //   1 fp32 ulp:     cluster_means (fp64 sums in another order, rounded once);
 //   error model:    ear_probe (same logits and per-token terms, fp64 sums in another order: the
 //                   difference of log E is bounded by the fp64 rounding of the sums times their
-//                   cancellation, plus 2 fp32 ulps), centroid_compensation (fp32 FMA logits and
-//                   accumulation against the CPU's 8-lane logits and fp64 sums: bound below).
+//                   cancellation, plus 2 fp32 ulps), centroid_compensation's CUDA-core kernel (fp32
+//                   FMA logits and accumulation against the CPU's 8-lane logits and fp64 sums: bound
+//                   below; the tensor-core kernel, the default, is tested in test_cuda_ear_comp.cpp).
 // Every failure message names the case (shape, dtype, layout) and the first element that differs.
 // The layer call is tested in test_cuda_ear_layer.cpp, bad input in test_cuda_ear_errors.cpp.
 #include <cuda_runtime_api.h>
@@ -229,8 +230,9 @@ struct RowBound {
   double out, lse;
 };
 
-TEST_P(EarOp, CompensationWithinItsErrorModel) {
+TEST_P(EarOp, CudaCoreCompensationWithinItsErrorModel) {
   const OpCase c = GetParam();
+  const ear_cuda_test::CudaCoreCompensation cuda_cores;  // the kernel this bound is for
   const int64_t text = 5, S = c.N + text;
   Twin q(normal(c.dtype, {c.B, c.H, S, c.D}, rng, c.layout));
   HostTensor labels_host = random_labels(rng, c.B, c.H, c.N, c.Cq, text);

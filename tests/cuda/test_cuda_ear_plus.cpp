@@ -1,7 +1,7 @@
 // The CUDA ops of ear-plus (src/cuda/ear/: ear_plus.cu, ear_select.cu, ear_split.cu) against the CPU
 // backend on the same inputs, their bad input, the sequence the layer runs captured into a CUDA
-// graph, and the layer call's refusal until the corrected compensation has a CUDA backend. Inputs are
-// drawn on the host (seeded by the test's name) and copied byte for byte to the GPU with their
+// graph, and the layer call's refusal of the ear-plus fields on a CUDA stream (still in place).
+// Inputs are drawn on the host (seeded by the test's name) and copied byte for byte to the GPU with their
 // strides and offsets; the outputs are compared as each op's contract allows (docs/ear.md, "The
 // CUDA backend"):
 //   bit-identical: select_error_aware_per_head (the CPU's ranking, exact integer areas) and
@@ -404,7 +404,8 @@ TEST(EarPlusErrors, WorkspaceValuesShapesAndLimits) {
     EXPECT_NO_THROW(split(labels.dev, sub_sizes.dev, as_workspace(ws)));
   }
 
-  // Limits of the CUDA kernels: UnsupportedError naming them; the corrected compensation has none.
+  // Limits of the CUDA kernels: UnsupportedError naming them (the corrected compensation's are in
+  // test_cuda_ear_comp.cpp).
   {
     Twin qc_wide(normal(DType::F32, {1, 1, 2, 300}, rng)), kc_wide(normal(DType::F32, {1, 1, 2, 300}, rng));
     Twin k_wide(normal(DType::F32, {1, 1, 4, 300}, rng)), l_wide(i32_tensor({1, 1, 4}, {0, 1, 1, 0}));
@@ -431,11 +432,6 @@ TEST(EarPlusErrors, WorkspaceValuesShapesAndLimits) {
                                       as_workspace(w_long));
         },
         "select_error_aware_per_head");
-    Twin q(normal(DType::BF16, {B, H, N, D}, rng)), out(normal(DType::BF16, {B, H, N, D}, rng));
-    Twin lse(normal(DType::F32, {B, H, N}, rng)), q_labels(random_labels(rng, B, H, N, Cq));
-    EXPECT_THROW(corrected_centroid_compensation(q.dev, q_labels.dev, mask.dev, kc.dev, vc.dev, ks.dev, spread.dev, {},
-                                                 scale, out.dev, lse.dev, s),
-                 UnsupportedError);
   }
   cs.sync();
 }

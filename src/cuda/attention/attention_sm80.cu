@@ -31,6 +31,7 @@
 #include <cstdint>
 
 #include "cuda/attention/attention.hpp"
+#include "cuda/attention/flash_tile.cuh"
 #include "cuda/runtime/device.cuh"
 #include "cuda/runtime/primitives.cuh"
 
@@ -144,7 +145,6 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(const Params p) 
   constexpr int kChunks = C::kChunks;
   constexpr int kNTiles = kTileK / 8;  // n8 tiles of S per m16 tile
   constexpr int kDTiles = D / 8;       // n8 tiles of O per m16 tile
-  constexpr int kRowBytes = D * 2;
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t q_tile = smem_addr(smem + C::kOffQ);
   const uint32_t k_tile = smem_addr(smem + C::kOffK);
@@ -244,22 +244,10 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(const Params p) 
   // maximum in the log2 domain (scores times scale * log2 e), and the sum of this lane's columns'
   // fp32 weights.
   const int g = lane / 4, t4 = lane % 4;
-  // Byte offsets of the rows whose addresses this lane gives ldmatrix, at chunk pair 0 and swizzled.
-  // Every such row is lane % 8 mod 8 and its chunk is 2 c + (0 or 1), so chunk pair c is at
-  // offset ^ (32 c): one LOP3 per ldmatrix, the row steps being immediates.
-  const int x7 = lane & 7;
-  const uint32_t q_lane = (warp * kWarpRows + lane % 16) * kRowBytes + ((lane / 16) ^ x7) * 16;
-  const uint32_t k_lane = ((lane / 16) * 8 + x7) * kRowBytes + (((lane / 8) % 2) ^ x7) * 16;
-  const uint32_t v_lane = (lane % 16) * kRowBytes + ((lane / 16) ^ x7) * 16;
+  const flash::LaneOffsets lanes = flash::lane_offsets<D>(lane, warp * kWarpRows);
   float o[kMTiles][kDTiles][4];
   float row_max[2 * kMTiles], row_sum[2 * kMTiles];
-#pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt) {
-#pragma unroll
-    for (int j = 0; j < kDTiles; ++j) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.0f;
-    row_max[2 * mt] = row_max[2 * mt + 1] = -INFINITY;
-    row_sum[2 * mt] = row_sum[2 * mt + 1] = 0.0f;
-  }
+  flash::start_rows(o, row_max, row_sum);
   const float scale_log2 = p.scale * kLog2e;  // the op requires scale > 0: -inf scores stay -inf
 
   for (int n = 0; n < num_tiles; ++n) {
@@ -270,29 +258,13 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(const Params p) 
 
     // ---- S = Q K^T --------------------------------------------------------------------------------
     // Recomputing the ~80 distinct ldmatrix addresses in each iteration is cheaper than holding them.
-    const uint32_t q_at = opaque(q_lane), k_at = opaque(k_lane), v_at = opaque(v_lane);
+    const uint32_t q_at = opaque(lanes.q), k_at = opaque(lanes.k), v_at = opaque(lanes.v);
     float s[kMTiles][kNTiles][4];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
       for (int j = 0; j < kNTiles; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.0f;
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      uint32_t a[kMTiles][4];
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) ldmatrix_x4(q_tile + (q_at ^ (ks * 32)) + mt * 16 * kRowBytes, a[mt]);
-#pragma unroll
-      for (int jp = 0; jp < kNTiles / 2; ++jp) {
-        // Matrices: keys jp*16 + 0..7 at dims ks*16 + 0..7 and + 8..15, then keys + 8..15 likewise.
-        uint32_t kb[4];
-        ldmatrix_x4(k_tile + (k_at ^ (ks * 32)) + jp * 16 * kRowBytes, kb);
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          mma16816<T>(s[mt][2 * jp], a[mt], kb[0], kb[1]);
-          mma16816<T>(s[mt][2 * jp + 1], a[mt], kb[2], kb[3]);
-        }
-      }
-    }
+    flash::qk_tile<T, kMTiles, kNTiles, D>(s, q_tile, q_at, k_tile, k_at);
 
     cp_async_wait<0>();
     __syncthreads();  // V[n] landed; every warp is done with K[n]
@@ -317,71 +289,11 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(const Params p) 
     }
     float base[2 * kMTiles];     // the log2-domain exponent each row's weights are taken relative to
     float rescale[2 * kMTiles];  // what the row's earlier weights are multiplied by
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int i = 2 * mt + half;
-        float mx = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < kNTiles; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * half], s[mt][j][2 * half + 1]));
-        // The four lanes of a quad hold the row's other columns.
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        mx = fmaxf(row_max[i], mx * scale_log2);
-        // Only non-finite inputs leave a row at -inf after a tile with a valid key; subtracting 0 then
-        // keeps exp2 away from -inf - (-inf) = NaN.
-        base[i] = mx == -INFINITY ? 0.0f : mx;
-        rescale[i] = fast_exp2(row_max[i] - base[i]);
-        row_max[i] = mx;
-        row_sum[i] *= rescale[i];
-      }
-    // Row maxima settle as keys go by; a warp whose rows all kept theirs skips the multiplications.
-    bool changed = false;
-#pragma unroll
-    for (int i = 0; i < 2 * kMTiles; ++i) changed |= rescale[i] != 1.0f;
-    if (__any_sync(0xffffffffu, changed)) {
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-        for (int j = 0; j < kDTiles; ++j) {
-          o[mt][j][0] *= rescale[2 * mt];
-          o[mt][j][1] *= rescale[2 * mt];
-          o[mt][j][2] *= rescale[2 * mt + 1];
-          o[mt][j][3] *= rescale[2 * mt + 1];
-        }
-    }
+    flash::softmax_step(s, scale_log2, row_max, row_sum, base, rescale);
+    flash::rescale_o(o, rescale);
 
     // ---- O += P V, 16 keys at a time ----------------------------------------------------------------
-    // The C fragments of S over 16 keys, as weights rounded to T, are the A fragment of P: register q
-    // holds n8 tile 2 kk + q / 2, row half q % 2. Making them just in time keeps S and P from being
-    // live at once. The row sums add the unrounded weights, so the LSE is as exact as fp32 allows.
-#pragma unroll
-    for (int kk = 0; kk < kTileK / 16; ++kk) {
-      uint32_t a[kMTiles][4];
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int i = 2 * mt + q % 2;
-          const float* sv = s[mt][2 * kk + q / 2] + 2 * (q % 2);
-          const float p0 = fast_exp2(fmaf(sv[0], scale_log2, -base[i]));
-          const float p1 = fast_exp2(fmaf(sv[1], scale_log2, -base[i]));
-          row_sum[i] += p0 + p1;
-          a[mt][q] = pack2<T>(p0, p1);
-        }
-#pragma unroll
-      for (int jp = 0; jp < kDTiles / 2; ++jp) {
-        // Transposed matrices: keys kk*16 + 0..7 and + 8..15 at dims jp*16 + 0..7, then dims + 8..15.
-        uint32_t vb[4];
-        ldmatrix_x4_trans(v_tile + (v_at ^ (jp * 32)) + kk * 16 * kRowBytes, vb);
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          mma16816<T>(o[mt][2 * jp], a[mt], vb[0], vb[1]);
-          mma16816<T>(o[mt][2 * jp + 1], a[mt], vb[2], vb[3]);
-        }
-      }
-    }
+    flash::pv_tile<T, kMTiles, kNTiles, kDTiles>(o, s, scale_log2, base, row_sum, v_tile, v_at);
     if (walker) finish_key(item, cursors[tid], p, &k_src[n % 2 * kTileK + tid], &v_src[n % 2 * kTileK + tid]);
   }
 

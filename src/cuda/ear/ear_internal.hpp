@@ -1,8 +1,8 @@
 // The host side that the SVG-EAR and ear-plus files (ear_estimate.cu, ear_select.cu,
-// ear_compensation.cu, ear_plus.cu, ear_split.cu) share: each op family's scratch, carved from the
+// ear_compensation*.cu, ear_plus.cu, ear_split.cu) share: each op family's scratch, carved from the
 // caller's workspace (ear_workspace_bytes takes the largest of EAR's, ear_plus_workspace_bytes of
-// ear-plus's), the argument checks of the launchers and the value-check bracket around an op's
-// launches.
+// ear-plus's, compensation_workspace_bytes the compensation's), the argument checks of the
+// launchers and the value-check bracket around an op's launches.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -92,6 +92,27 @@ SplitScratch carve_split(Carver& carver, int64_t batch_heads, int64_t tokens, in
 // cluster_means (ear_estimate.cu): a [B*H, C] i32 sizes buffer, then kmeans_update's scratch.
 void carve_means(Carver& carver, int64_t batch_heads, int64_t tokens, int64_t clusters, int64_t dim, int32_t** sizes,
                  Workspace* update);
+
+// The compensation on tensor cores (ear_compensation_tc.cu): the label sort of the video query rows
+// and each query cluster's first sorted row [BH, Cq + 1]; the pseudo-keys' bf16 operands (k, v:
+// [BH, Ck, Dp], Dp = 64 or 128) and log sizes [BH, Ck].
+struct CompensationScratch {
+  LabelSort sort;
+  int32_t* offsets = nullptr;
+  void* k_operand = nullptr;
+  void* v_operand = nullptr;
+  float* log_size = nullptr;
+};
+
+CompensationScratch carve_compensation(Carver& carver, int64_t batch_heads, int64_t tokens, int64_t q_clusters,
+                                       int64_t pseudo_keys, int64_t dim);
+
+// corrected_centroid_compensation's contract (centroid_compensation's with spread and pair_values
+// empty) on tensor cores, head dims up to 128, after the op's checks; `op` names it in errors.
+void compensation_tensor_cores(const char* op, const TensorView& q, const TensorView& q_labels,
+                               const TensorView& mask, const TensorView& k_centroids, const TensorView& v_centroids,
+                               const TensorView& k_sizes, const TensorView& spread, const TensorView& pair_values,
+                               float scale, TensorView out, TensorView lse, const Stream& stream, Workspace workspace);
 
 inline void copy_strides(const TensorView& t, int64_t* out, int rank) {
   for (int d = 0; d < rank; ++d) out[d] = t.stride[d];
