@@ -143,8 +143,7 @@ def svg2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: SV
     iterations) on its first call and warm-started (kmeans_iters_step iterations) after.
 
     The config's budget (top_p or density), routing, compensation and ear-plus fields apply as in
-    the C++ Config (docs/ear.md). The ear-plus fields run on the CPU only: a CUDA call with one of
-    them raises NotImplementedError before it touches the state. Compensation needs the whole key
+    the C++ Config (docs/ear.md), on the CPU and on CUDA. Compensation needs the whole key
     set: with key_shard count > 1 it raises ValueError.
 
     Inference only: the outputs have no backward (calling it raises RuntimeError). A NaN in q or k

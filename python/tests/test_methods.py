@@ -178,17 +178,6 @@ def test_diffusers_runs_every_method():
             assert not torch.equal(outputs[a], outputs[b]), (a, b)
 
 
-def test_diffusers_refuses_ear_plus_off_the_cpu_at_enable():
-    model = tiny_models.wan_transformer(layers=1).to("meta")
-    cfg = sapattn.SVG2Config().with_method("ear-plus")
-    with pytest.raises(NotImplementedError, match=r"ear_spread, ear_head_budget, ear_split\) run on the CPU only.*"
-                                                  r"with_method\('ear'\)"):
-        sd.enable(model, cfg)
-    assert not hasattr(model, "_sapattn")
-    sd.enable(model, cfg.with_method("ear"))  # ear itself runs on CUDA too: accepted
-    sd.disable(model)
-
-
 def parse(*options):
     return build_parser().parse_args(["--model", "m", "--prompt", "p", "--out", "v.mp4", *options])
 

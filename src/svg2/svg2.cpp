@@ -110,12 +110,6 @@ AttentionShape check_inputs(const TensorView& q, const TensorView& k, const Tens
   SAPATTN_CHECK(k.dtype == q.dtype && v.dtype == q.dtype, DTypeError, "q, k and v must share a dtype, got ",
                 q.describe(), ", ", k.describe(), ", ", v.describe());
   config.validate_for(shape.seq, shape.head_dim);
-  // Refused before the call touches any state (the ear-plus ops would throw only after the k-means ran).
-  SAPATTN_CHECK(stream.device.type == DeviceType::CPU || !config.ear_plus(), UnsupportedError,
-                "svg2_attention takes the ear-plus ideas (ear_spread, ear_pair_values, ear_head_budget, ear_split) "
-                "on the CPU only so far: their compensation, corrected_centroid_compensation, has no CUDA backend "
-                "yet (ear_plus_probe, select_error_aware_per_head and split_clusters have; docs/ear.md). On a CUDA "
-                "stream turn them off: error-aware routing, compensation and the density budget run there");
   const int64_t B = shape.batch, H = shape.heads;
   if (!outputs.lse.empty()) {
     expect_rank(outputs.lse, 3, "lse");

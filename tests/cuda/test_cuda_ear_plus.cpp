@@ -496,9 +496,9 @@ TEST(EarPlusGraph, CapturedSequenceMatchesEager) {
   }
 }
 
-// svg2_attention still refuses the ear-plus ideas on a CUDA stream (their compensation has no CUDA
-// backend yet), naming it; its workspace for such a config covers the ear-plus ops' scratch.
-TEST(EarPlusLayer, RefusedUntilTheCorrectedCompensationRunsOnCuda) {
+// svg2_attention's workspace for an ear-plus config covers the ear-plus ops' scratch (the layer
+// itself against the CPU layer: test_cuda_ear_layer.cpp).
+TEST(EarPlusLayer, WorkspaceCoversTheEarPlusOps) {
   const int64_t B = 1, H = 2, S = 512, D = 64;
   Config config;
   config.q_clusters = 8;
@@ -506,20 +506,9 @@ TEST(EarPlusLayer, RefusedUntilTheCorrectedCompensationRunsOnCuda) {
   config.routing = Routing::ErrorAware;
   config.compensate = true;
   config.ear_spread = config.ear_head_budget = config.ear_split = true;
-  config.check_finite = false;
   const Device dev = Device::cuda(0);
-  const AttentionShape shape{B, H, S, D};
-  EXPECT_GE(svg2_workspace_bytes(shape, config, DType::BF16, dev),
+  EXPECT_GE(svg2_workspace_bytes(AttentionShape{B, H, S, D}, config, DType::BF16, dev),
             ear_plus_workspace_bytes(B * H, S, config.q_clusters, 2 * config.k_clusters, dev));
-  Tensor q(DType::BF16, {B, H, S, D}, dev), out(DType::BF16, {B, H, S, D}, dev);
-  Tensor qc(DType::F32, {B, H, config.q_clusters, D}, dev), kc(DType::F32, {B, H, config.k_clusters, D}, dev);
-  TestStream cs;
-  expect_error_message<UnsupportedError>(
-      [&] {
-        svg2_attention(q.view(), q.view(), q.view(), config, CentroidViews{qc.view(), kc.view(), {}}, true,
-                       {out.view()}, {}, cs.stream());
-      },
-      "corrected_centroid_compensation");
 }
 
 }  // namespace

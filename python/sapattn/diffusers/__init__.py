@@ -74,18 +74,6 @@ def _transformers(target):
     return [getattr(t, "_orig_mod", t) for t in found]
 
 
-def _check_device(transformer, config: SVG2Config) -> None:
-    """Refuses, at enable() rather than at the first sparse call many steps later, a config whose
-    ear-plus fields the engine runs on the CPU only (the op would raise NotImplementedError)."""
-    device = next(transformer.parameters()).device
-    if config.ear_plus and device.type != "cpu":
-        on = [name for name in ("ear_spread", "ear_pair_values", "ear_head_budget", "ear_split") if getattr(config, name)]
-        raise NotImplementedError(
-            f"sapattn: the ear-plus fields ({', '.join(on)}) run on the CPU only so far and the transformer is on "
-            f"{device}; use SVG2Config.with_method('ear') (error-aware routing and compensation run on CUDA) or "
-            "turn them off")
-
-
 class _Installation:
     """What enable() changed on one transformer, so that disable() can put it back."""
 
@@ -175,8 +163,6 @@ def enable(target, config: Optional[SVG2Config] = None, *, telemetry: Union[str,
         adapter_for(t)
         if getattr(t, _ATTR, None) is not None:
             raise RuntimeError("sapattn is already enabled on this transformer: call disable() first")
-    for t in transformers:
-        _check_device(t, config)
     num_layers = len(adapter_for(transformers[0]).self_attention_modules(transformers[0]))
     if branches_per_step is None and not hasattr(target, "scheduler"):
         branches_per_step = 1
