@@ -16,10 +16,7 @@
 namespace {
 
 using namespace sapattn;
-using ref::HostTensor;
-using ref::Layout;
-using testing_support::case_seed;
-using testing_support::kStream;
+using namespace sapattn::testing_support;
 
 struct Shape {
   int64_t B, H, N, D, C;
@@ -378,9 +375,9 @@ TEST_P(KmeansShapes, WarmStartContinuesTheSameIterations) {
 
 INSTANTIATE_TEST_SUITE_P(Cases, KmeansShapes, ::testing::ValuesIn(kShapes), [](const auto& p) {
   const Shape& s = p.param;
-  return testing_support::case_name("B" + std::to_string(s.B) + "H" + std::to_string(s.H), "N" + std::to_string(s.N),
-                                    "D" + std::to_string(s.D), "C" + std::to_string(s.C), dtype_name(s.dtype),
-                                    ref::layout_name(s.layout));
+  return case_name("B" + std::to_string(s.B) + "H" + std::to_string(s.H), "N" + std::to_string(s.N),
+                   "D" + std::to_string(s.D), "C" + std::to_string(s.C), dtype_name(s.dtype),
+                   ref::layout_name(s.layout));
 });
 
 // ---------------------------------------------------------------------------------------------

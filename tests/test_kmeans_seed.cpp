@@ -25,10 +25,7 @@
 namespace {
 
 using namespace sapattn;
-using ref::HostTensor;
-using ref::Layout;
-using testing_support::case_seed;
-using testing_support::kStream;
+using namespace sapattn::testing_support;
 
 // ---------------------------------------------------------------------------------------------
 // The documented rule in float64
@@ -116,9 +113,9 @@ struct Case {
 };
 
 std::string describe(const Case& c) {
-  return testing_support::case_name("B" + std::to_string(c.B) + "H" + std::to_string(c.H), "N" + std::to_string(c.N),
-                                    "D" + std::to_string(c.D), "C" + std::to_string(c.C),
-                                    "f" + std::to_string(c.factor), dtype_name(c.dtype), ref::layout_name(c.layout));
+  return case_name("B" + std::to_string(c.B) + "H" + std::to_string(c.H), "N" + std::to_string(c.N),
+                   "D" + std::to_string(c.D), "C" + std::to_string(c.C), "f" + std::to_string(c.factor),
+                   dtype_name(c.dtype), ref::layout_name(c.layout));
 }
 
 HostTensor integer_points(const Case& c, ref::Rng& rng) {
@@ -463,8 +460,8 @@ TEST(KmeansSeedErrors, TypedErrorsLeaveTheCentroidsUntouched) {
   for (int factor : {0, -3})
     EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, centroids,
                            kmeans_seed_greedy(points.view, centroids.view, 0, factor, st));
-  testing_support::expect_error_message<InvalidArgumentError>(
-      [&] { kmeans_seed_greedy(points.view, centroids.view, 0, 0, st); }, "sample_factor must be >= 1, got 0");
+  expect_error_message<InvalidArgumentError>([&] { kmeans_seed_greedy(points.view, centroids.view, 0, 0, st); },
+                                             "sample_factor must be >= 1, got 0");
   EXPECT_THROW(kmeans_seed_greedy_workspace_bytes(2, 40, 6, 0, Device::cpu()), InvalidArgumentError);
   EXPECT_THROW(kmeans_seed_greedy_workspace_bytes(-1, 40, 6, 2, Device::cpu()), InvalidArgumentError);
   EXPECT_EQ(kmeans_seed_greedy_workspace_bytes(2, 40, 6, 2, Device::cpu()), 0u);

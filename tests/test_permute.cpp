@@ -14,10 +14,7 @@
 namespace {
 
 using namespace sapattn;
-using ref::HostTensor;
-using ref::Layout;
-using testing_support::case_seed;
-using testing_support::kStream;
+using namespace sapattn::testing_support;
 
 // Labels [B,H,N] whose per-(b,h) cluster sizes are random (with empty, 1-token and, for N >= 200,
 // >128-token clusters).
@@ -257,10 +254,9 @@ INSTANTIATE_TEST_SUITE_P(
                       RowsCase{DType::BF16, DType::F32, Layout::Contiguous, Layout::TransposedPadded, 2, 1, 90, 24}),
     [](const auto& p) {
       const RowsCase& c = p.param;
-      return testing_support::case_name(dtype_name(c.x_dtype), ref::layout_name(c.x_layout), "to",
-                                        dtype_name(c.out_dtype), ref::layout_name(c.out_layout),
-                                        "B" + std::to_string(c.B) + "H" + std::to_string(c.H),
-                                        "N" + std::to_string(c.N), "D" + std::to_string(c.D));
+      return case_name(dtype_name(c.x_dtype), ref::layout_name(c.x_layout), "to", dtype_name(c.out_dtype),
+                       ref::layout_name(c.out_layout), "B" + std::to_string(c.B) + "H" + std::to_string(c.H),
+                       "N" + std::to_string(c.N), "D" + std::to_string(c.D));
     });
 
 // ---------------------------------------------------------------------------------------------

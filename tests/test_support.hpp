@@ -16,6 +16,11 @@
 
 namespace sapattn::testing_support {
 
+// The reference's tensor types, so that an op suite's `using namespace sapattn::testing_support;`
+// brings them in with the helpers below.
+using ref::HostTensor;
+using ref::Layout;
+
 // A seed derived from the running test's full name, so every case draws its own inputs.
 inline uint64_t case_seed(uint64_t index = 0) {
   const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
