@@ -380,22 +380,12 @@ TEST(KmeansSeed, NormalPointsGiveDistinctSeedsPerSeed) {
 }
 
 TEST(KmeansSeed, SampleIdsKeepAHeadsSeedsWhenItRunsApart) {
-  ref::Rng rng(case_seed());
-  const int64_t B = 2, H = 3, N = 80, D = 16, C = 9;
-  HostTensor points = ref::make_tensor(DType::F32, {B, H, N, D});
-  ref::fill_normal(points.view, rng);
-  HostTensor all = ref::make_tensor(DType::F32, {B, H, C, D});
-  kmeans_seed_greedy(points.view, all.view, 11, 2, kStream);
-  // Head 2 of every batch item alone, with the ids it has in the whole call (b*H + 2): its sample
-  // and its draws are those of the whole call.
-  HostTensor one = ref::make_tensor(DType::F32, {B, 1, C, D});
-  HostTensor ids = ref::make_tensor(DType::I32, {B, 1});
-  for (int64_t b = 0; b < B; ++b) static_cast<int32_t*>(ids.view.data)[b] = static_cast<int32_t>(b * H + 2);
-  kmeans_seed_greedy(points.view.slice(1, 2, 3), one.view, 11, 2, kStream, {}, ids.view);
-  EXPECT_EQ(ref::to_vector(one.view), ref::to_vector(all.view.slice(1, 2, 3)));
-  HostTensor plain = ref::make_tensor(DType::F32, {B, 1, C, D});
-  kmeans_seed_greedy(points.view.slice(1, 2, 3), plain.view, 11, 2, kStream);
-  EXPECT_NE(ref::to_vector(plain.view), ref::to_vector(one.view));
+  // With the ids it has in the whole call, a head's sample and its draws are those of the whole call.
+  expect_sample_ids_keep_a_head(
+      [](const TensorView& points, const TensorView& centroids, const TensorView& ids) {
+        kmeans_seed_greedy(points, centroids, 11, 2, kStream, {}, ids);
+      },
+      2, 3, 80, 16, 9);
 }
 
 TEST(KmeansSeed, NonFiniteDistancesCountAsTheLargest) {
