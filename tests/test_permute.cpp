@@ -141,21 +141,45 @@ std::string describe(const RowsCase& rc) {
          ref::layout_name(rc.x_layout) + "->" + ref::layout_name(rc.out_layout);
 }
 
+// The permutation [B,H,N] of random labels over C clusters (the reference's counting sort, which the
+// op cluster_permutation matches exactly).
+HostTensor random_permutation(const RowsCase& rc, int64_t C, ref::Rng& rng) {
+  const HostTensor labels = random_labels(rc.B, rc.H, rc.N, C, rng);
+  HostTensor perm = ref::make_tensor(DType::I32, {rc.B, rc.H, rc.N});
+  const ref::Permutation p = ref::cluster_permutation(labels.view, C);
+  ref::from_vector(perm.view, std::vector<double>(p.perm.begin(), p.perm.end()));
+  return perm;
+}
+
+// Rows [B,H,N,D]: random in the case's input dtype and layout (random_rows); poisoned, to be
+// written, in the input's dtype and layout (poisoned_rows, for the inverse that restores the
+// input) or in the output's (poisoned_out).
+HostTensor random_rows(const RowsCase& rc, ref::Rng& rng) {
+  HostTensor x = ref::make_tensor(rc.x_dtype, {rc.B, rc.H, rc.N, rc.D}, rc.x_layout);
+  ref::fill_normal(x.view, rng);
+  return x;
+}
+
+HostTensor poisoned_rows(const RowsCase& rc) {
+  HostTensor t = ref::make_tensor(rc.x_dtype, {rc.B, rc.H, rc.N, rc.D}, rc.x_layout);
+  ref::poison(t);
+  return t;
+}
+
+HostTensor poisoned_out(const RowsCase& rc) {
+  HostTensor t = ref::make_tensor(rc.out_dtype, {rc.B, rc.H, rc.N, rc.D}, rc.out_layout);
+  ref::poison(t);
+  return t;
+}
+
 TEST_P(GatherScatter, GatherThenScatterIsExact) {
   const RowsCase rc = GetParam();
   SCOPED_TRACE(describe(rc));
   ref::Rng rng(case_seed());
-  const HostTensor labels = random_labels(rc.B, rc.H, rc.N, 13, rng);
-  HostTensor perm = ref::make_tensor(DType::I32, {rc.B, rc.H, rc.N});
-  {
-    const ref::Permutation p = ref::cluster_permutation(labels.view, 13);
-    ref::from_vector(perm.view, std::vector<double>(p.perm.begin(), p.perm.end()));
-  }
-  HostTensor x = ref::make_tensor(rc.x_dtype, {rc.B, rc.H, rc.N, rc.D}, rc.x_layout);
-  ref::fill_normal(x.view, rng);
+  const HostTensor perm = random_permutation(rc, 13, rng);
+  const HostTensor x = random_rows(rc, rng);
   const std::vector<uint8_t> x_bytes = x.bytes();
-  HostTensor gathered = ref::make_tensor(rc.out_dtype, {rc.B, rc.H, rc.N, rc.D}, rc.out_layout);
-  ref::poison(gathered);
+  HostTensor gathered = poisoned_out(rc);
   const std::vector<uint8_t> gathered_before = gathered.bytes();
   gather_rows(x.view, perm.view, gathered.view, kStream);
   EXPECT_EQ(x.bytes(), x_bytes) << "gather_rows wrote its input";
@@ -175,8 +199,7 @@ TEST_P(GatherScatter, GatherThenScatterIsExact) {
     }
   }
   // Scattering back (out in x's dtype and layout) restores x exactly: scatter inverts gather.
-  HostTensor back = ref::make_tensor(rc.x_dtype, {rc.B, rc.H, rc.N, rc.D}, rc.x_layout);
-  ref::poison(back);
+  HostTensor back = poisoned_rows(rc);
   const std::vector<uint8_t> back_before = back.bytes();
   scatter_rows(gathered.view, perm.view, back.view, kStream);
   ASSERT_EQ(ref::count_poisoned(back.view), 0);
@@ -188,14 +211,9 @@ TEST_P(GatherScatter, ScatterThenGatherIsExact) {
   const RowsCase rc = GetParam();
   SCOPED_TRACE(describe(rc));
   ref::Rng rng(case_seed());
-  const HostTensor labels = random_labels(rc.B, rc.H, rc.N, 5, rng);
-  HostTensor perm = ref::make_tensor(DType::I32, {rc.B, rc.H, rc.N});
-  HostTensor offsets = ref::make_tensor(DType::I32, {rc.B, rc.H, 6});
-  cluster_permutation(labels.view, 5, perm.view, offsets.view, kStream);
-  HostTensor y = ref::make_tensor(rc.x_dtype, {rc.B, rc.H, rc.N, rc.D}, rc.x_layout);
-  ref::fill_normal(y.view, rng);
-  HostTensor scattered = ref::make_tensor(rc.out_dtype, {rc.B, rc.H, rc.N, rc.D}, rc.out_layout);
-  ref::poison(scattered);
+  const HostTensor perm = random_permutation(rc, 5, rng);
+  const HostTensor y = random_rows(rc, rng);
+  HostTensor scattered = poisoned_out(rc);
   scatter_rows(y.view, perm.view, scattered.view, kStream);
   ASSERT_EQ(ref::count_poisoned(scattered.view), 0);
   // out[perm[j]] = y[j].
@@ -210,8 +228,7 @@ TEST_P(GatherScatter, ScatterThenGatherIsExact) {
       }
     }
   }
-  HostTensor back = ref::make_tensor(rc.x_dtype, {rc.B, rc.H, rc.N, rc.D}, rc.x_layout);
-  ref::poison(back);
+  HostTensor back = poisoned_rows(rc);
   gather_rows(scattered.view, perm.view, back.view, kStream);
   EXPECT_EQ(ref::to_vector(back.view), yv);
 }
@@ -219,16 +236,11 @@ TEST_P(GatherScatter, ScatterThenGatherIsExact) {
 TEST_P(GatherScatter, ThreadCountIndependent) {
   const RowsCase rc = GetParam();
   ref::Rng rng(case_seed());
-  const HostTensor labels = random_labels(rc.B, rc.H, rc.N, 7, rng);
-  HostTensor perm = ref::make_tensor(DType::I32, {rc.B, rc.H, rc.N});
-  HostTensor offsets = ref::make_tensor(DType::I32, {rc.B, rc.H, 8});
-  cluster_permutation(labels.view, 7, perm.view, offsets.view, kStream);
-  HostTensor x = ref::make_tensor(rc.x_dtype, {rc.B, rc.H, rc.N, rc.D}, rc.x_layout);
-  ref::fill_normal(x.view, rng);
+  const HostTensor perm = random_permutation(rc, 7, rng);
+  const HostTensor x = random_rows(rc, rng);
   std::vector<std::vector<uint8_t>> g, s;
   for (int threads : {1, 2, 3}) {
-    HostTensor out = ref::make_tensor(rc.out_dtype, {rc.B, rc.H, rc.N, rc.D}, rc.out_layout);
-    ref::poison(out);
+    HostTensor out = poisoned_out(rc);
     gather_rows(x.view, perm.view, out.view, Stream::cpu(threads));
     g.push_back(out.bytes());
     ref::poison(out);
