@@ -13,7 +13,7 @@ import torch
 import sapattn
 import sapattn.diffusers as sd
 import tiny_models
-from conftest import sdpa
+from conftest import sdpa, svg2_enabled
 from sapattn.generate import build_parser, config_from_args
 from test_ops import qkv, small_config
 
@@ -155,12 +155,8 @@ def test_opcheck_with_the_method_arguments(inputs):
 
 
 def wan_output(model, inputs, cfg):
-    sd.enable(model, cfg)
-    try:
-        with torch.no_grad():
-            return model(**inputs)[0]
-    finally:
-        sd.disable(model)
+    with svg2_enabled(model, cfg), torch.no_grad():
+        return model(**inputs)[0]
 
 
 def test_diffusers_runs_every_method():
