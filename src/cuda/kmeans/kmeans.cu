@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <bit>
 
-#include "core/kmeans_seeding.hpp"
+#include "core/splitmix64.hpp"
 #include "cuda/kmeans/exact_distance.cuh"
 #include "cuda/kmeans/kmeans_internal.hpp"
 #include "cuda/permute/label_sort.hpp"
@@ -19,7 +19,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-using seeding::splitmix64;
 
 LabelsView labels_view(const TensorView& t) {
   return {static_cast<const int32_t*>(t.data), t.stride[0], t.stride[1], t.shape[0], t.shape[1], t.shape[2]};
