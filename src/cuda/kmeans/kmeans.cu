@@ -19,7 +19,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-
 LabelsView labels_view(const TensorView& t) {
   return {static_cast<const int32_t*>(t.data), t.stride[0], t.stride[1], t.shape[0], t.shape[1], t.shape[2]};
 }
@@ -418,12 +417,14 @@ void assign(const TensorView& points, const TensorView& centroids, TensorView la
   p.index_mask = (1 << p.index_bits) - 1;
   SAPATTN_CHECK(p.index_bits <= 16, UnsupportedError, "the tensor-core assignment takes up to 65536 clusters, got ", C);
   const int64_t BH = pts.B * pts.H;
-  if (pts.D == 64) {
-    prepare_centroids<64>(centroids, points.dtype, *s, stream);
-    launch_tensor_core_assign<64>(p, points.dtype, BH, stream);
-  } else {
-    prepare_centroids<128>(centroids, points.dtype, *s, stream);
-    launch_tensor_core_assign<128>(p, points.dtype, BH, stream);
+  switch (pts.D) {  // one case per head dim of the list; tensor_core_assign(pts.D) holds here
+#define SAPATTN_ASSIGN_CASE(D)                                 \
+  case D:                                                      \
+    prepare_centroids<D>(centroids, points.dtype, *s, stream); \
+    launch_tensor_core_assign<D>(p, points.dtype, BH, stream); \
+    break;
+    SAPATTN_TENSOR_CORE_ASSIGN_HEAD_DIMS(SAPATTN_ASSIGN_CASE)
+#undef SAPATTN_ASSIGN_CASE
   }
 }
 
