@@ -413,7 +413,7 @@ TEST(Svg2, RejectsBadInput) {
 
 TEST(Svg2, MoreClustersThanVideoTokensIsAnError) {
   // 20 tokens, 4 of them text: 16 video tokens hold at most 16 clusters of each kind. More would be
-  // empty by construction (issue 17: 10,000 query clusters on 512 tokens ran 5.8 s, silently).
+  // empty by construction (10,000 query clusters on 512 tokens once ran 5.8 s, silently).
   const Tensor q = random_tensor(DType::F32, {1, 1, 20, 64}, 25);
   Tensor out(DType::F32, {1, 1, 20, 64});
   Config c = small_config();
@@ -431,7 +431,7 @@ TEST(Svg2, MoreClustersThanVideoTokensIsAnError) {
 }
 
 TEST(Svg2, ShapeErrorsSpeakTheCallersLayout) {
-  // Issue 17's case: q [1,256,2,64] and k [1,100,2,64] held as [B,S,H,D], as PyTorch passes them.
+  // The case that was reported: q [1,256,2,64] and k [1,100,2,64] held as [B,S,H,D], as PyTorch passes them.
   std::vector<float> q(1 * 256 * 2 * 64, 0.5f), k(1 * 100 * 2 * 64, 0.5f), out(q.size());
   const auto bshd = [](std::vector<float>& m, int64_t S) {
     return TensorView::bshd(m.data(), DType::F32, 1, 2, S, 64);

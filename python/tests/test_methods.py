@@ -1,4 +1,4 @@
-"""The methods of issue 20 from Python (docs/ear.md): the density budget, error-aware routing, the
+"""SVG-EAR and ear-plus from Python (docs/ear.md): the density budget, error-aware routing, the
 centroid compensation and the ear-plus fields reach the engine through SVG2Config, the torch op,
 the diffusers integration and the generation command; bad values are refused with clear text."""
 
