@@ -85,12 +85,14 @@ RandomProbe random_probe(ref::Rng& rng, DType dtype, int64_t B, int64_t H, int64
   r.vd = ref::to_vector(r.v.view);
   r.ck = ref::to_vector(c.kc.view());
   r.cv = ref::to_vector(c.vc.view());
+  r.N = N;
+  r.Cq = Cq;
+  r.Ck = Ck;
   r.D = D;
   return r;
 }
 
-RandomProbe::PairError RandomProbe::pair_error(int64_t bh, int64_t a, int64_t j, int64_t Cq, int64_t Ck, int64_t N,
-                                               double scale) const {
+RandomProbe::PairError RandomProbe::pair_error(int64_t bh, int64_t a, int64_t j, double scale) const {
   const double* qa = row(qd, bh * Cq + a);
   const double* kbar = row(ck, bh * Ck + j);
   const double* vbar = row(cv, bh * Ck + j);

@@ -48,7 +48,7 @@ struct RandomProbe {
   ref::HostTensor k, v;
   std::vector<int32_t> labels, k_sizes, q_sizes;
   std::vector<double> qd, kd, vd, ck, cv;  // float64 copies of the query centroids, k, v and k, v centroids
-  int64_t D = 0;
+  int64_t N = 0, Cq = 0, Ck = 0, D = 0;
   const double* row(const std::vector<double>& x, int64_t r) const { return &x[static_cast<size_t>(r * D)]; }
   // x . y, or sum |x_d y_d| with `magnitude`.
   double dot(const double* x, const double* y, bool magnitude) const {
@@ -65,7 +65,7 @@ struct RandomProbe {
     double magnitude = 0;    // T, the total magnitude of E's terms once expanded
     double logit_error = 0;  // ds = (D + 2) u scale max sum_d |qbar_d k_d| over the keys and kbar_j (Higham 3.5)
   };
-  PairError pair_error(int64_t bh, int64_t a, int64_t j, int64_t Cq, int64_t Ck, int64_t N, double scale) const;
+  PairError pair_error(int64_t bh, int64_t a, int64_t j, double scale) const;
 };
 
 RandomProbe random_probe(ref::Rng& rng, DType dtype, int64_t B, int64_t H, int64_t N, int64_t Cq, int64_t Ck,

@@ -14,16 +14,8 @@
 namespace sapattn {
 namespace {
 
-using ear_test::compensated;
-using ear_test::compensation_case;
-using ear_test::compensation_reference;
-using ear_test::CompensationCase;
-using ear_test::CompensationReference;
-using ear_test::expect_close;
-using ear_test::from_values;
-using ear_test::max_abs;
-using ear_test::sizes_tensor;
-using testing_support::case_seed;
+using namespace ear_test;
+using namespace testing_support;
 
 TEST(Compensation, ClosedFormOnAHandMadeCase) {
   // One query q = (1,0); key cluster 0 = one key (0,0) with v = (1,0), computed exactly; key

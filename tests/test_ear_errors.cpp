@@ -14,9 +14,8 @@
 namespace sapattn {
 namespace {
 
-using ear_test::sizes_tensor;
-using testing_support::case_seed;
-using testing_support::kStream;
+using namespace ear_test;
+using namespace testing_support;
 
 // What a compensation call finds at its outputs: out [1,1,S,D] random, lse [1,1,S] zero, as a
 // sparse attention leaves them; and a [1,1,Cq,Ck] mask that skips every pair.

@@ -16,25 +16,8 @@
 namespace sapattn {
 namespace {
 
-using ear_test::compensated;
-using ear_test::compensation_case;
-using ear_test::compensation_reference;
-using ear_test::CompensationCase;
-using ear_test::CompensationReference;
-using ear_test::Corrections;
-using ear_test::counts_of;
-using ear_test::expect_close;
-using ear_test::from_values;
-using ear_test::hand_made_probe_case;
-using ear_test::kEps;
-using ear_test::max_abs;
-using ear_test::ProbeCase;
-using ear_test::random_labels;
-using ear_test::random_probe;
-using ear_test::RandomProbe;
-using ear_test::sizes_tensor;
-using testing_support::case_seed;
-using testing_support::kStream;
+using namespace ear_test;
+using namespace testing_support;
 
 constexpr double kNormalisedEps = 1e-30;  // ear_plus_probe's floor on the normalised error (ops.hpp)
 
@@ -117,7 +100,7 @@ TEST(EarPlusProbe, MatchesFloat64Reference) {
           std::vector<RandomProbe::PairError> errors;
           double ds = 0;
           for (int64_t j = 0; j < Ck; ++j) {
-            errors.push_back(random.pair_error(bh, a, j, Cq, Ck, N, scale));
+            errors.push_back(random.pair_error(bh, a, j, scale));
             ds = std::max(ds, errors.back().logit_error);
           }
           for (int64_t j = 0; j < Ck; ++j) {

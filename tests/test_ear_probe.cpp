@@ -14,18 +14,8 @@
 namespace sapattn {
 namespace {
 
-using ear_test::counts_of;
-using ear_test::from_values;
-using ear_test::hand_made_probe_case;
-using ear_test::kEps;
-using ear_test::probe;
-using ear_test::ProbeCase;
-using ear_test::random_labels;
-using ear_test::random_probe;
-using ear_test::RandomProbe;
-using ear_test::sizes_tensor;
-using testing_support::case_seed;
-using testing_support::kStream;
+using namespace ear_test;
+using namespace testing_support;
 
 // ---------------------------------------------------------------------------------------------
 // cluster_means
@@ -96,7 +86,7 @@ TEST(EarProbe, MatchesFloat64Reference) {
       for (int64_t bh = 0; bh < B * H; ++bh)
         for (int64_t a = 0; a < Cq; ++a)
           for (int64_t j = 0; j < Ck; ++j) {
-            const RandomProbe::PairError e = random.pair_error(bh, a, j, Cq, Ck, N, scale);
+            const RandomProbe::PairError e = random.pair_error(bh, a, j, scale);
             const size_t i = static_cast<size_t>((bh * Cq + a) * Ck + j);
             const double area = static_cast<double>(random.q_sizes[static_cast<size_t>(bh * Cq + a)]) *
                                 random.k_sizes[static_cast<size_t>(bh * Ck + j)];
