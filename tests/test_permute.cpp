@@ -172,6 +172,20 @@ HostTensor poisoned_out(const RowsCase& rc) {
   return t;
 }
 
+// gathered[j] == source[perm[j]] for every row j of every (b,h), element for element.
+void expect_gather_of(const std::vector<double>& gathered, const std::vector<double>& source, const HostTensor& perm,
+                      const RowsCase& rc) {
+  const std::vector<int32_t> p = ref::to_i32(perm.view);
+  for (int64_t bh = 0; bh < rc.B * rc.H; ++bh)
+    for (int64_t j = 0; j < rc.N; ++j) {
+      const int64_t src = p[static_cast<size_t>(bh * rc.N + j)];
+      for (int64_t d = 0; d < rc.D; ++d)
+        ASSERT_EQ(gathered[static_cast<size_t>((bh * rc.N + j) * rc.D + d)],
+                  source[static_cast<size_t>((bh * rc.N + src) * rc.D + d)])
+            << "(b,h) " << bh << " row " << j << " (source row " << src << ")";
+    }
+}
+
 TEST_P(GatherScatter, GatherThenScatterIsExact) {
   const RowsCase rc = GetParam();
   SCOPED_TRACE(describe(rc));
@@ -186,18 +200,8 @@ TEST_P(GatherScatter, GatherThenScatterIsExact) {
   ASSERT_EQ(ref::count_poisoned(gathered.view), 0);
   EXPECT_TRUE(gathered.outside_view_unchanged(gathered_before));
   // out[j] = x[perm[j]], exactly (the dtype pairs here convert exactly).
-  const std::vector<int32_t> p = ref::to_i32(perm.view);
-  const std::vector<double> xv = ref::to_vector(x.view), gv = ref::to_vector(gathered.view);
-  for (int64_t bh = 0; bh < rc.B * rc.H; ++bh) {
-    for (int64_t j = 0; j < rc.N; ++j) {
-      const int64_t src = p[static_cast<size_t>(bh * rc.N + j)];
-      for (int64_t d = 0; d < rc.D; ++d) {
-        ASSERT_EQ(gv[static_cast<size_t>((bh * rc.N + j) * rc.D + d)],
-                  xv[static_cast<size_t>((bh * rc.N + src) * rc.D + d)])
-            << "(b,h) " << bh << " row " << j;
-      }
-    }
-  }
+  const std::vector<double> xv = ref::to_vector(x.view);
+  ASSERT_NO_FATAL_FAILURE(expect_gather_of(ref::to_vector(gathered.view), xv, perm, rc));
   // Scattering back (out in x's dtype and layout) restores x exactly: scatter inverts gather.
   HostTensor back = poisoned_rows(rc);
   const std::vector<uint8_t> back_before = back.bytes();
@@ -216,18 +220,9 @@ TEST_P(GatherScatter, ScatterThenGatherIsExact) {
   HostTensor scattered = poisoned_out(rc);
   scatter_rows(y.view, perm.view, scattered.view, kStream);
   ASSERT_EQ(ref::count_poisoned(scattered.view), 0);
-  // out[perm[j]] = y[j].
-  const std::vector<int32_t> p = ref::to_i32(perm.view);
-  const std::vector<double> yv = ref::to_vector(y.view), sv = ref::to_vector(scattered.view);
-  for (int64_t bh = 0; bh < rc.B * rc.H; ++bh) {
-    for (int64_t j = 0; j < rc.N; ++j) {
-      const int64_t dst = p[static_cast<size_t>(bh * rc.N + j)];
-      for (int64_t d = 0; d < rc.D; ++d) {
-        ASSERT_EQ(sv[static_cast<size_t>((bh * rc.N + dst) * rc.D + d)],
-                  yv[static_cast<size_t>((bh * rc.N + j) * rc.D + d)]);
-      }
-    }
-  }
+  // out[perm[j]] = y[j]: y is the gather of out.
+  const std::vector<double> yv = ref::to_vector(y.view);
+  ASSERT_NO_FATAL_FAILURE(expect_gather_of(yv, ref::to_vector(scattered.view), perm, rc));
   HostTensor back = poisoned_rows(rc);
   gather_rows(scattered.view, perm.view, back.view, kStream);
   EXPECT_EQ(ref::to_vector(back.view), yv);
