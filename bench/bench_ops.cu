@@ -121,7 +121,7 @@ void bench_shape(const BenchShape& s, int reps) {
   };
   emit(s, "kmeans_init_50it_qk", timer.time(init50, 1, 3), 50 * 2 * point_bytes, lloyd_flops(50));
 
-  // ---- The default first call (issue 13): greedy k-means++ on 2C sampled points, then 14 ---------
+  // ---- The default first call (docs/design.md): greedy k-means++ on 2C sampled points, then 14 ---
   // The seeding's FLOPs: T candidates against M = min(S, 2C) points per step, C - 1 steps, 3 per element.
   auto seed_flops = [&](int64_t C) {
     return 3.0 * BH * kmeans_greedy_trials(C) * std::min<int64_t>(S, factor * C) * (C - 1) * D;
@@ -229,7 +229,7 @@ void bench_shape(const BenchShape& s, int reps) {
         .print();
   }
 
-  // ---- round_query_clusters (issue 12) on this clustering and selection --------------------------
+  // ---- round_query_clusters on this clustering and selection -------------------------------------
   // The op rewrites the labels, so every run starts from a copy of the k-means labels (a 4-byte-per-
   // token device copy, timed with it). The line also says how much it moved and what it saved.
   {
