@@ -1,4 +1,4 @@
-// The attention benchmark of issue 4: SVG2's block-sparse attention at the official shapes, on the
+// The attention benchmark: SVG2's block-sparse attention at the official shapes, on the
 // layouts SVG2 itself would build. Per shape it generates the full-size synthetic workload
 // (include/sapattn/workload.hpp), clusters Q and K with 50 Lloyd iterations from the seeded sample
 // (the official Cq/Ck), permutes, and for each target density finds the top-p that reaches it

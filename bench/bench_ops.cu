@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "core/cuda_check.hpp"
+#include "core/splitmix64.hpp"
 #include "cuda/attention/attention.hpp"
 #include "cuda/backend.hpp"
 #include "harness.hpp"
@@ -31,15 +32,8 @@ using bench::BenchShape;
 using bench::JsonLine;
 using bench::Timing;
 
-__device__ uint64_t mix(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
 __device__ float gauss(uint64_t key) {
-  const uint64_t r = mix(key);
+  const uint64_t r = splitmix64(key);
   const float u = (static_cast<float>(r >> 40) + 0.5f) * 0x1p-24f;
   const float v = static_cast<float>((r >> 16) & 0xffffff) * 0x1p-24f;
   return sqrtf(-2.0f * logf(u)) * cospif(2.0f * v);
@@ -52,7 +46,8 @@ __global__ void fill_kernel(__nv_bfloat16* x, int64_t S, int64_t H, int64_t D, i
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < n;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t d = t % D, h = (t / D) % H, s = t / (D * H);
-    const int64_t mode = static_cast<int64_t>(mix(seed ^ (s * 1315423911ull + h)) % static_cast<uint64_t>(modes));
+    const int64_t mode =
+        static_cast<int64_t>(splitmix64(seed ^ (s * 1315423911ull + h)) % static_cast<uint64_t>(modes));
     const float centre = gauss(seed * 31 + ((h * modes + mode) * D + d) * 2 + 1);
     x[t] = __float2bfloat16_rn(1.5f * centre + gauss(seed * 17 + t * 2));
   }
@@ -197,7 +192,7 @@ void bench_shape(const BenchShape& s, int reps) {
   };
   emit(s, "kmeans_init_50it_qk", timer.time(init50, 1, 3), 50 * 2 * point_bytes, lloyd_flops(50));
 
-  // ---- The default first call (issue 13): greedy k-means++ on 2C sampled points, then 14 ---------
+  // ---- The default first call (docs/design.md): greedy k-means++ on 2C sampled points, then 14 ---
   // The seeding's FLOPs: T candidates against M = min(S, 2C) points per step, C - 1 steps, 3 per element.
   auto seed_flops = [&](int64_t C) {
     return 3.0 * BH * kmeans_greedy_trials(C) * std::min<int64_t>(S, factor * C) * (C - 1) * D;
@@ -342,7 +337,7 @@ void bench_shape(const BenchShape& s, int reps) {
 
   bench_compensation(s, reps, st, timer, qv, ql, kc, ks);
 
-  // ---- round_query_clusters (issue 12) on this clustering and selection --------------------------
+  // ---- round_query_clusters on this clustering and selection -------------------------------------
   // The op rewrites the labels, so every run starts from a copy of the k-means labels (a 4-byte-per-
   // token device copy, timed with it). The line also says how much it moved and what it saved.
   {

@@ -10,11 +10,11 @@ from harness import read_jsonl
 GOALS_MS = {  # at Wan 2.1 14B 720p
     "kmeans_2it_qk": 3.0,
     "kmeans_init_50it_qk": 60.0,
-    "kmeans_gpp2_14it_qk": 60.0,  # the default first call (issue 13), the same goal
+    "kmeans_gpp2_14it_qk": 60.0,  # the default first call (docs/design.md), the same goal
     "select_blocks": 0.3,
     "permute_qkv": 1.6,
     "inverse_o_bf16": 0.6,
-    "order_clusters_k": 2.0,  # issue 13: svg2's first sparse call of a layer orders the key clusters
+    "order_clusters_k": 2.0,  # svg2's first sparse call of a layer orders the key clusters
 }
 PEERS = {
     "kmeans_2it_qk": ("flash_kmeans_2it_q", "flash_kmeans_2it_k"),

@@ -25,12 +25,9 @@
 namespace {
 
 using namespace sapattn;
-using ref::HostTensor;
-using ref::Layout;
+using namespace sapattn::testing_support;
 using ref::max_abs;
 using ref::max_abs_diff;
-using testing_support::case_seed;
-using testing_support::kStream;
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
@@ -194,10 +191,9 @@ INSTANTIATE_TEST_SUITE_P(
         DenseCase{1, 2, 70, 90, 27, DType::F32, DType::BF16, Layout::Transposed, Layout::Contiguous, true, 1.0}),
     [](const auto& p) {
       const DenseCase& c = p.param;
-      return testing_support::case_name(dtype_name(c.in), dtype_name(c.out), ref::layout_name(c.qkv_layout),
-                                        "B" + std::to_string(c.B) + "H" + std::to_string(c.H),
-                                        "Sq" + std::to_string(c.Sq), "Sk" + std::to_string(c.Sk),
-                                        "D" + std::to_string(c.D));
+      return case_name(dtype_name(c.in), dtype_name(c.out), ref::layout_name(c.qkv_layout),
+                       "B" + std::to_string(c.B) + "H" + std::to_string(c.H), "Sq" + std::to_string(c.Sq),
+                       "Sk" + std::to_string(c.Sk), "D" + std::to_string(c.D));
     });
 
 // ---------------------------------------------------------------------------------------------
@@ -484,11 +480,11 @@ TEST(AttentionErrors, MessagesSpeakTheCallersLayout) {
   const auto bshd = [](std::vector<float>& m, int64_t S, int64_t D) {
     return TensorView::bshd(m.data(), DType::F32, 2, 3, S, D);
   };
-  testing_support::expect_error_message<ShapeError>(
+  expect_error_message<ShapeError>(
       [&] { dense_attention(bshd(q, 8, 64), bshd(k, 8, 32), bshd(k, 8, 32), 0.125f, bshd(out, 8, 64), {}, kStream); },
       "k dim 3 (D of [B,S,H,D]) must be 64 as in q, got [2,8,3,32] f32 cpu");
   std::vector<float> none;
-  testing_support::expect_error_message<ShapeError>(
+  expect_error_message<ShapeError>(
       [&] {
         dense_attention(bshd(q, 8, 64), bshd(none, 0, 64), bshd(none, 0, 64), 0.125f, bshd(out, 8, 64), {}, kStream);
       },

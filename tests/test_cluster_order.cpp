@@ -20,9 +20,7 @@
 namespace {
 
 using namespace sapattn;
-using ref::HostTensor;
-using testing_support::case_seed;
-using testing_support::kStream;
+using namespace sapattn::testing_support;
 
 struct Problem {
   int64_t B, H, C, D, N;

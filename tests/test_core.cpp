@@ -109,7 +109,7 @@ TEST(Config, DefaultsAreTheOfficialWan720pOnes) {
   EXPECT_EQ(c.k_clusters, 1000);
   EXPECT_FLOAT_EQ(c.top_p, 0.9f);
   EXPECT_EQ(c.min_kept_clusters(), 100);
-  // The first call is the CPU study's schedule (issue 13), not the official 50 iterations from a sample.
+  // The first call is the CPU study's schedule (docs/cuda.md), not the official 50 iterations from a sample.
   EXPECT_EQ(c.kmeans_seeding, KMeansSeeding::GreedyPP);
   EXPECT_EQ(c.kmeans_sample_factor, 2);
   EXPECT_EQ(c.kmeans_iters_init, 14);

@@ -140,7 +140,7 @@ double worst_head(const Metrics& m) {
   return most;
 }
 
-// Issue 20's claim on the tiny preset: at SVG2's own top-p (0.9), EAR computes about SVG2's area
+// SVG-EAR's claim on the tiny preset: at SVG2's own top-p (0.9), EAR computes about SVG2's area
 // (its budget, overshot by at most the last cluster it takes) and errs less than SVG2 with the
 // compensation alone, which errs less than SVG2; its worst head is no worse than SVG2's.
 TEST(Methods, OnTheTinyWorkloadEarBeatsCompensatedSapBeatsSap) {
@@ -158,7 +158,7 @@ TEST(Methods, OnTheTinyWorkloadEarBeatsCompensatedSapBeatsSap) {
   EXPECT_LE(worst_head(ear), worst_head(sap));
 }
 
-// Issue 20's better method on the tiny preset at equal density (docs/results.md: 0.61-0.64x EAR's
+// ear-plus, the better method, on the tiny preset at equal density (docs/results.md: 0.61-0.64x EAR's
 // mean rel L2 over seeds 0-2): ear-plus meets the density from above, errs less than EAR on average
 // and in its worst head.
 TEST(Methods, OnTheTinyWorkloadEarPlusBeatsEarAtEqualDensity) {

@@ -25,10 +25,7 @@
 namespace {
 
 using namespace sapattn;
-using ref::HostTensor;
-using ref::Layout;
-using testing_support::case_seed;
-using testing_support::kStream;
+using namespace sapattn::testing_support;
 
 // ---------------------------------------------------------------------------------------------
 // The documented rule in float64
@@ -116,9 +113,9 @@ struct Case {
 };
 
 std::string describe(const Case& c) {
-  return testing_support::case_name("B" + std::to_string(c.B) + "H" + std::to_string(c.H), "N" + std::to_string(c.N),
-                                    "D" + std::to_string(c.D), "C" + std::to_string(c.C),
-                                    "f" + std::to_string(c.factor), dtype_name(c.dtype), ref::layout_name(c.layout));
+  return case_name("B" + std::to_string(c.B) + "H" + std::to_string(c.H), "N" + std::to_string(c.N),
+                   "D" + std::to_string(c.D), "C" + std::to_string(c.C), "f" + std::to_string(c.factor),
+                   dtype_name(c.dtype), ref::layout_name(c.layout));
 }
 
 HostTensor integer_points(const Case& c, ref::Rng& rng) {
@@ -383,22 +380,12 @@ TEST(KmeansSeed, NormalPointsGiveDistinctSeedsPerSeed) {
 }
 
 TEST(KmeansSeed, SampleIdsKeepAHeadsSeedsWhenItRunsApart) {
-  ref::Rng rng(case_seed());
-  const int64_t B = 2, H = 3, N = 80, D = 16, C = 9;
-  HostTensor points = ref::make_tensor(DType::F32, {B, H, N, D});
-  ref::fill_normal(points.view, rng);
-  HostTensor all = ref::make_tensor(DType::F32, {B, H, C, D});
-  kmeans_seed_greedy(points.view, all.view, 11, 2, kStream);
-  // Head 2 of every batch item alone, with the ids it has in the whole call (b*H + 2): its sample
-  // and its draws are those of the whole call.
-  HostTensor one = ref::make_tensor(DType::F32, {B, 1, C, D});
-  HostTensor ids = ref::make_tensor(DType::I32, {B, 1});
-  for (int64_t b = 0; b < B; ++b) static_cast<int32_t*>(ids.view.data)[b] = static_cast<int32_t>(b * H + 2);
-  kmeans_seed_greedy(points.view.slice(1, 2, 3), one.view, 11, 2, kStream, {}, ids.view);
-  EXPECT_EQ(ref::to_vector(one.view), ref::to_vector(all.view.slice(1, 2, 3)));
-  HostTensor plain = ref::make_tensor(DType::F32, {B, 1, C, D});
-  kmeans_seed_greedy(points.view.slice(1, 2, 3), plain.view, 11, 2, kStream);
-  EXPECT_NE(ref::to_vector(plain.view), ref::to_vector(one.view));
+  // With the ids it has in the whole call, a head's sample and its draws are those of the whole call.
+  expect_sample_ids_keep_a_head(
+      [](const TensorView& points, const TensorView& centroids, const TensorView& ids) {
+        kmeans_seed_greedy(points, centroids, 11, 2, kStream, {}, ids);
+      },
+      2, 3, 80, 16, 9);
 }
 
 TEST(KmeansSeed, NonFiniteDistancesCountAsTheLargest) {
@@ -463,8 +450,8 @@ TEST(KmeansSeedErrors, TypedErrorsLeaveTheCentroidsUntouched) {
   for (int factor : {0, -3})
     EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, centroids,
                            kmeans_seed_greedy(points.view, centroids.view, 0, factor, st));
-  testing_support::expect_error_message<InvalidArgumentError>(
-      [&] { kmeans_seed_greedy(points.view, centroids.view, 0, 0, st); }, "sample_factor must be >= 1, got 0");
+  expect_error_message<InvalidArgumentError>([&] { kmeans_seed_greedy(points.view, centroids.view, 0, 0, st); },
+                                             "sample_factor must be >= 1, got 0");
   EXPECT_THROW(kmeans_seed_greedy_workspace_bytes(2, 40, 6, 0, Device::cpu()), InvalidArgumentError);
   EXPECT_THROW(kmeans_seed_greedy_workspace_bytes(-1, 40, 6, 2, Device::cpu()), InvalidArgumentError);
   EXPECT_EQ(kmeans_seed_greedy_workspace_bytes(2, 40, 6, 2, Device::cpu()), 0u);

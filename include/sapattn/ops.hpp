@@ -162,11 +162,11 @@ void shard_key_clusters(TensorView mask, int index, int count, const Stream& str
 void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_length, int prompt_label,
                        const Stream& stream);
 
-// Size rounding of the query clusters (issue 12; docs/attention.md, "Query padding at 64-row
-// blocks"): after the selection, moves a few video query points between query clusters so that
-// every cluster's tail t = n mod 64 is 0 or at least 64 - slack, so the 64-row warpgroup blocks of
-// the sparse kernel carry fewer padding rows. The study's variant B:mass:SLACK:MAX:F:ROUNDS:keep
-// (tools/studies/query_padding.py, round_clusters with match_rounds); per (b,h):
+// Size rounding of the query clusters (docs/attention.md, "Query padding at 64-row blocks"): after
+// the selection, moves a few video query points between query clusters so that every cluster's tail
+// t = n mod 64 is 0 or at least 64 - slack, so the 64-row warpgroup blocks of the sparse kernel
+// carry fewer padding rows. The study's variant B:mass:SLACK:MAX:F:ROUNDS:keep
+// (tools/studies/size_rounding.py, round_clusters with match_rounds); per (b,h):
 //   1. Roles. n_a = the count of label a, t_a = n_a mod 64. A cluster with t = 0 or t >= 64 - slack
 //      is done; it may still take up to 64 - t points when t > 0 (optional capacity). The other
 //      ("open") clusters, ranked by ascending t (ties by lower index), split into the first k

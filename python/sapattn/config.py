@@ -1,6 +1,6 @@
 """SVG2 configuration: the method's knobs and the schedule that decides which calls are sparse.
 
-Defaults are the official Wan 2.1 T2V 720p script's (see ../shared/ANCHORS.md in the project):
+Defaults are the official SVG2 Wan 2.1 T2V 720p script's:
 300 query clusters and 1000 key clusters at its 75,600 tokens, top-p 0.9, min_kc_ratio 0.10, 2
 k-means iterations at each sparse call after a layer's first, dense for the first 20% of the steps
 and 3% of the layers. Shorter sequences get the same tokens per cluster, as the sapattn command's.
@@ -75,7 +75,7 @@ class SVG2Config:
     ear_pair_values: bool = False  # values per (query, key cluster) pair, weighted by attention
     ear_head_budget: bool = False  # one area budget per head instead of one per query cluster
     ear_split: bool = False        # two sub-centroids per key cluster in the compensation
-    # Issue 12: after the selection, move a few video queries between query clusters so that fewer
+    # After the selection, move a few video queries between query clusters so that fewer
     # 64-row blocks carry padding rows (round_query_clusters, docs/attention.md). CPU and CUDA.
     round_q_clusters: bool = False
 
@@ -142,7 +142,7 @@ class SVG2Config:
                                  f"video tokens (at most {cap})")
         return q, k
 
-    # -- presets (ANCHORS.md) -------------------------------------------------------------------
+    # -- presets (the official scripts' settings) -----------------------------------------------
     # The 720p preset is the defaults: 300 / 1000 clusters at 720p, scaled on shorter sequences. The
     # others fix the official counts of their resolution (a shorter sequence must set its own).
     @classmethod

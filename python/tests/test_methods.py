@@ -1,4 +1,4 @@
-"""The methods of issue 20 from Python (docs/ear.md): the density budget, error-aware routing, the
+"""SVG-EAR and ear-plus from Python (docs/ear.md): the density budget, error-aware routing, the
 centroid compensation and the ear-plus fields reach the engine through SVG2Config, the torch op,
 the diffusers integration and the generation command; bad values are refused with clear text."""
 
@@ -13,7 +13,7 @@ import torch
 import sapattn
 import sapattn.diffusers as sd
 import tiny_models
-from conftest import sdpa
+from conftest import sdpa, svg2_enabled
 from sapattn.generate import build_parser, config_from_args
 from test_ops import qkv, small_config
 
@@ -155,12 +155,8 @@ def test_opcheck_with_the_method_arguments(inputs):
 
 
 def wan_output(model, inputs, cfg):
-    sd.enable(model, cfg)
-    try:
-        with torch.no_grad():
-            return model(**inputs)[0]
-    finally:
-        sd.disable(model)
+    with svg2_enabled(model, cfg), torch.no_grad():
+        return model(**inputs)[0]
 
 
 def test_diffusers_runs_every_method():

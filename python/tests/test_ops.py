@@ -220,7 +220,7 @@ def test_meta_tensors_and_opcheck():
 
 
 def test_the_op_takes_svg2config_as_its_schema_says():
-    """Issue 16: the op's arguments are the call's own and SVG2Config's fields, its schema generated
+    """The op's arguments are the call's own and SVG2Config's fields, its schema generated
     from one C++ table whose defaults are the C++ Config's; Python derives the keyword arguments
     from the schema, and a disagreement on names or defaults stops the import."""
     from sapattn import attention, config
@@ -270,7 +270,7 @@ def test_the_schema_defaults_are_svg2configs():
 
 
 def test_errors_speak_the_callers_layout():
-    """Issue 17: shapes and dim numbers as the caller passed them ([B, S, H, D]), one prefix."""
+    """Errors give shapes and dim numbers as the caller passed them ([B, S, H, D]), one prefix."""
     q, k = randn((1, 256, 2, 64), seed=1, device="cpu"), randn((1, 100, 2, 64), seed=2, device="cpu")
     with pytest.raises(ValueError) as error:
         sapattn.svg2_attention(q, k, k, small_config(), sapattn.BranchState())

@@ -1,6 +1,6 @@
 # scripts/device.sh kernel-matrix [BIN_DIR] [SHAPE]
 #
-# The Hopper kernel's measurement switches compared in one call (issue 12), tests first.
+# The Hopper kernel's measurement switches compared in one call, tests first.
 #
 # Runs test_cuda_ops (when BIN_DIR has one) under the defaults and its attention, graph and svg2
 # suites under the other side of every switch (SAPATTN_SM90_SCHED=static SAPATTN_SM90_SPLIT=0

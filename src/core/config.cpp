@@ -22,7 +22,7 @@ void Config::validate() const {
                 InvalidArgumentError, "kmeans_seeding must be Sample or GreedyPP, got ",
                 static_cast<int>(kmeans_seeding));
   // The seeding's CUDA workspace and CPU time grow with factor * C; the study measured 2 to 8, and
-  // beyond 64 the sample is every video token of the shapes of ANCHORS.md anyway.
+  // beyond 64 the sample is every video token of the official scripts' shapes anyway.
   SAPATTN_CHECK(kmeans_sample_factor >= 1 && kmeans_sample_factor <= 64, InvalidArgumentError,
                 "kmeans_sample_factor must be in [1, 64], got ", kmeans_sample_factor);
   SAPATTN_CHECK(kmeans_iters_step >= 0, InvalidArgumentError, "kmeans_iters_step must be >= 0, got ",

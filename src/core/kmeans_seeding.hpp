@@ -7,21 +7,10 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define SAPATTN_HOST_DEVICE __host__ __device__
-#else
-#define SAPATTN_HOST_DEVICE
-#endif
+#include "core/host_device.hpp"
+#include "core/splitmix64.hpp"
 
 namespace sapattn::seeding {
-
-// splitmix64 (Steele, Lea, Flood 2014), as kmeans_init's keys use it.
-SAPATTN_HOST_DEVICE constexpr uint64_t splitmix64(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
 
 // Trials per step for C >= 1 clusters: 2 + floor(ln C), scikit-learn's default (host only). ln C is
 // never within 1e-9 of an integer for an integer 2 <= C < 2^31 (e^k is irrational), so the double

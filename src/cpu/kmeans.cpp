@@ -8,6 +8,7 @@
 
 #include "core/kmeans_seeding.hpp"
 #include "core/parallel.hpp"
+#include "core/splitmix64.hpp"
 #include "cpu/backend.hpp"
 #include "cpu/rows.hpp"
 #include "sapattn/error.hpp"
@@ -42,7 +43,6 @@ uint64_t problem_id(const int32_t* sample_ids, int64_t bh) {
 // kmeans_init's order of the N points of problem `id`, its first `take` entries sorted: point i has
 // the key splitmix64(seed ^ splitmix64(id * 2^32 + i)), ties by index.
 std::vector<int64_t> sample_order(int64_t N, uint64_t seed, uint64_t id, int64_t take) {
-  using seeding::splitmix64;
   std::vector<uint64_t> key(N);
   for (int64_t i = 0; i < N; ++i) key[i] = splitmix64(seed ^ splitmix64((id << 32) + i));
   std::vector<int64_t> order(N);

@@ -5,7 +5,6 @@
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
-#include <tuple>
 #include <utility>
 
 #include "sapattn/error.hpp"
@@ -142,17 +141,22 @@ inline void check_pair_matrix(const TensorView& t, int64_t B, int64_t H, int64_t
   expect_extent(t, 3, cols, name, "columns (key clusters)");
 }
 
+// Cluster sizes [B,H,C] i32 contiguous; `what` names where C comes from in the message.
+inline void check_size_tensor(const TensorView& t, int64_t B, int64_t H, int64_t C, const char* name,
+                              const char* what = "clusters") {
+  expect_rank(t, 3, name);
+  expect_dtype(t, DType::I32, name);
+  expect_contiguous(t, name);
+  expect_extent(t, 0, B, name, "batch");
+  expect_extent(t, 1, H, name, "heads");
+  expect_extent(t, 2, C, name, what);
+}
+
 // q_sizes [B,H,R] and k_sizes [B,H,C] i32 contiguous: the clusters of a [B,H,R,C] pair matrix.
 inline void check_cluster_sizes(const TensorView& q_sizes, const TensorView& k_sizes, int64_t B, int64_t H, int64_t R,
                                 int64_t C) {
-  for (const auto& [t, name, n] : {std::tuple{&q_sizes, "q_sizes", R}, {&k_sizes, "k_sizes", C}}) {
-    expect_rank(*t, 3, name);
-    expect_dtype(*t, DType::I32, name);
-    expect_contiguous(*t, name);
-    expect_extent(*t, 0, B, name, "batch");
-    expect_extent(*t, 1, H, name, "heads");
-    expect_extent(*t, 2, n, name, "clusters");
-  }
+  check_size_tensor(q_sizes, B, H, R, "q_sizes");
+  check_size_tensor(k_sizes, B, H, C, "k_sizes");
 }
 
 }  // namespace sapattn::checks

@@ -72,8 +72,8 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
   const size_t scratch =
       std::max({kmeans_workspace_bytes(B * H, b.video_tokens, config.q_clusters, D, device),
                 kmeans_workspace_bytes(B * H, b.video_tokens, config.k_clusters, D, device),
-                order_clusters_workspace_bytes(B * H, config.k_clusters, D, device),
-                seeding_bytes(config.q_clusters), seeding_bytes(config.k_clusters),
+                order_clusters_workspace_bytes(B * H, config.k_clusters, D, device), seeding_bytes(config.q_clusters),
+                seeding_bytes(config.k_clusters),
                 cluster_permutation_workspace_bytes(B * H, S, std::max(b.q_clusters, b.k_clusters), device),
                 block_sparse_attention_workspace_bytes(B * H, b.q_clusters, b.k_clusters, S, device),
                 error_aware || config.compensate || config.density > 0.0f
@@ -127,12 +127,7 @@ AttentionShape check_inputs(const TensorView& q, const TensorView& k, const Tens
   for (const auto& [t, name, C] : {std::tuple{&outputs.q_cluster_sizes, "q_cluster_sizes", config.q_clusters},
                                    {&outputs.k_cluster_sizes, "k_cluster_sizes", config.k_clusters}}) {
     if (t->empty()) continue;
-    expect_rank(*t, 3, name);
-    expect_dtype(*t, DType::I32, name);
-    expect_contiguous(*t, name);
-    expect_extent(*t, 0, B, name, "batch");
-    expect_extent(*t, 1, H, name, "heads");
-    expect_extent(*t, 2, C, name, "the config's cluster count");
+    check_size_tensor(*t, B, H, C, name, "the config's cluster count");
     expect_device(*t, stream);
   }
   return shape;

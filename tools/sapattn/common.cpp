@@ -1,11 +1,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <sstream>
 #include <string>
+#include <system_error>
 #include <utility>
 
 #include "commands.hpp"
+#include "progress.hpp"
 
 namespace sapattn::cli {
 
@@ -53,6 +56,18 @@ void check_cluster_counts(const Args& args, const Config& config, int64_t video_
 }
 
 int threads_from(const Args& args) { return static_cast<int>(args.get_int("threads", 0, 0, 4096)); }
+
+void make_output_folder(const std::string& out) {
+  std::error_code ec;
+  std::filesystem::create_directories(out, ec);
+  SAPATTN_CHECK(!ec, IoError, "cannot create ", out, ": ", ec.message());
+}
+
+workload::Workload generate_workload(const workload::Preset& preset, uint64_t seed, DType dtype, int threads) {
+  Progress progress("generating " + preset.name);
+  return workload::generate(
+      preset, seed, dtype, [&](int64_t done, int64_t total) { progress.update(done, total); }, threads);
+}
 
 std::string format_table(const std::vector<Row>& rows) {
   std::ostringstream os;

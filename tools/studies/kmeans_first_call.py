@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Which k-means schedule should a layer's first sparse call run (issue 13)? A CPU study.
+"""Which k-means schedule should a layer's first sparse call run? A CPU study.
 
 Today the first call samples centroids (kmeans_init) and runs 50 Lloyd iterations over every point
 (235 ms per layer at Wan 14B 720p on an H100; the goal is 60 ms). This script runs that baseline and
@@ -41,7 +41,7 @@ sapattn.svg2_attention's density and LSE). Seeds are fixed: the sample
 (--seed), the k-means++ draws (head, tensor, seed) and the recall rows (head).
 
 --report prints, per schedule, mean / worst over heads of each ratio and how many heads meet the
-issue's bar (objective <= baseline, density <= 1.01 x, recall >= 0.99 x), and how many shapes meet
+bar (objective <= baseline, density <= 1.01 x, recall >= 0.99 x), and how many shapes meet
 it on the mean over their heads (objective still on every head). The runs of docs/cuda.md:
 
     build/sapattn gen --preset wan-14b-720p --seed 1 --out /tmp/w14      # likewise the other presets
@@ -447,7 +447,7 @@ def run(args) -> None:
 
 
 def meets(r) -> bool:
-    """The issue's bar on one head: objective no worse than the baseline's, density and recall within
+    """The bar on one head: objective no worse than the baseline's, density and recall within
     1% of it (a lower density or a higher recall is no loss)."""
     base_recall = r["recall"] - r["d_recall"]
     return (r["rel_obj_q"] <= 1.0 and r["rel_obj_k"] <= 1.0 and r["rel_density"] <= 1.01
@@ -580,7 +580,7 @@ def main() -> None:
     ap.add_argument("--workload", help="a folder written by `sapattn gen`")
     ap.add_argument("--heads", default="0,1,2", help="head indices (default 0,1,2: positional, semantic, mixed)")
     ap.add_argument("--clusters", default="300,1000",
-                    help="Cq,Ck (ANCHORS.md: 300,1000 Wan 720p; 200,1000 Wan 480p; 400,1000 HunyuanVideo)")
+                    help="Cq,Ck (official scripts: 300,1000 Wan 720p; 200,1000 Wan 480p; 400,1000 HunyuanVideo)")
     ap.add_argument("--starts", default=DEFAULT_STARTS, help=f"starts besides the sample (default {DEFAULT_STARTS})")
     ap.add_argument("--no-sample", action="store_true",
                     help="skip the baseline (sample+N), e.g. when an earlier run of the same heads has it")

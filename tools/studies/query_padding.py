@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Query padding at 64-row granularity (issue 12, "no query padding waste"): a CPU study.
+"""Query padding at 64-row granularity ("no query padding waste"): a CPU study.
 
 The Hopper kernel computes a query cluster of n rows in 64-row warpgroup blocks, ceil(n/64)*64
 rows, so the rows past the cluster's end are computed and thrown away (11.1% of the computed pairs
@@ -316,7 +316,7 @@ def kept_mass_metrics(q, k, v, group, groups, scale, rows, keeps, chunk=128):
 # One head
 
 
-PRESET_CLUSTERS = {  # (Cq, Ck) of the official scripts (/work/shared/ANCHORS.md)
+PRESET_CLUSTERS = {  # (Cq, Ck) of the official SVG2 scripts
     "wan-1.3b-480p": (200, 1000),
     "wan-14b-720p": (300, 1000),
     "hunyuan-720p": (400, 1000),

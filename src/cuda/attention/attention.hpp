@@ -46,7 +46,7 @@ struct Segment {
 // How build_plan orders the work items within a head (heads always go in ascending order).
 // Cost: heaviest first. Locality: by the mean row of the keys an item keeps, so that the items a
 // persistent grid runs at one time read overlapping keys. Slot: (query cluster, q_begin).
-// SAPATTN_PLAN_ORDER=cost|locality|slot picks one (an experiment of issue 12).
+// SAPATTN_PLAN_ORDER=cost|locality|slot picks one (an experiment, docs/attention.md).
 enum class PlanOrder : int { Cost, Locality, Slot };
 
 // Device pointers into the plan workspace. Row r = bh * q_clusters + query cluster.

@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <bit>
 
-#include "core/kmeans_seeding.hpp"
+#include "core/splitmix64.hpp"
 #include "cuda/kmeans/exact_distance.cuh"
 #include "cuda/kmeans/kmeans_internal.hpp"
 #include "cuda/permute/label_sort.hpp"
@@ -18,8 +18,6 @@ namespace sapattn::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-using seeding::splitmix64;
 
 LabelsView labels_view(const TensorView& t) {
   return {static_cast<const int32_t*>(t.data), t.stride[0], t.stride[1], t.shape[0], t.shape[1], t.shape[2]};
@@ -431,10 +429,13 @@ void assign(const TensorView& points, const TensorView& centroids, TensorView la
       launch_tensor_core_assign<D>(p, points.dtype, BH, stream);
     }
   };
-  if (pts.D == 64) {
-    run(std::integral_constant<int, 64>{});
-  } else {
-    run(std::integral_constant<int, 128>{});
+  switch (pts.D) {  // one case per head dim of the list; tensor_core_assign(pts.D) holds here
+#define SAPATTN_ASSIGN_CASE(D)             \
+  case D:                                  \
+    run(std::integral_constant<int, D>{}); \
+    break;
+    SAPATTN_TENSOR_CORE_ASSIGN_HEAD_DIMS(SAPATTN_ASSIGN_CASE)
+#undef SAPATTN_ASSIGN_CASE
   }
 }
 

@@ -1,7 +1,7 @@
-// The k-means pieces shared between kmeans.cu (the ops), the tensor-core assignments, instantiated in
-// one file per head dim (mma.sync: kmeans_assign_d64.cu, _d128.cu; wgmma: assign_sm90_d64.cu, _d128.cu;
-// which one runs: assign_plan.cu), and the greedy seeding (kmeans_seed.cu), which starts from
-// kmeans_init's order.
+// The k-means pieces shared between kmeans.cu (the ops), the tensor-core assignments (mma.sync:
+// instantiated in one generated file per head dim of SAPATTN_TENSOR_CORE_ASSIGN_HEAD_DIMS below;
+// wgmma: assign_sm90_d64.cu, _d128.cu, the same head dims; which one runs: assign_plan.cu), and the
+// greedy seeding (kmeans_seed.cu), which starts from kmeans_init's order.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -52,8 +52,18 @@ void sort_sample(const SampleSort& s, uint64_t seed, int64_t batch_heads, int64_
 // kmeans_init's centroids from the order: centroid c of (b,h) = its point of rank c mod N.
 void gather_sample(const TensorView& points, const int32_t* order, TensorView centroids, cudaStream_t stream);
 
-// Head dims with a tensor-core assignment. Support and dispatch both ask this one function.
-constexpr bool tensor_core_assign(int64_t dim) { return dim == 64 || dim == 128; }
+// The head dims with a tensor-core assignment, X(D) for each: the one list that support
+// (tensor_core_assign), the dispatch (kmeans.cu) and the instantiations read. src/CMakeLists.txt
+// generates one translation unit per head dim from kmeans_assign_instance.cu.in (a unit holds the
+// dim's kernels for every point dtype; more in one unit would raise nvcc's peak memory).
+#define SAPATTN_TENSOR_CORE_ASSIGN_HEAD_DIMS(X) X(64) X(128)
+
+// Whether head dim `dim` has a tensor-core assignment. Support and dispatch both ask this one function.
+constexpr bool tensor_core_assign(int64_t dim) {
+#define SAPATTN_IS_HEAD_DIM(D) dim == D ||
+  return SAPATTN_TENSOR_CORE_ASSIGN_HEAD_DIMS(SAPATTN_IS_HEAD_DIM) false;
+#undef SAPATTN_IS_HEAD_DIM
+}
 
 // The mma.sync kernel streams centroids in tiles of this many rows; its prepared copy is padded to a
 // multiple.
@@ -87,7 +97,8 @@ struct TensorCoreAssignParams {
   int index_mask = 1;                     // (1 << index_bits) - 1
 };
 
-// Launches the tensor-core assignment for head dim D over B*H problems.
+// Launches the tensor-core assignment for head dim D over B*H problems; defined for each D of
+// SAPATTN_TENSOR_CORE_ASSIGN_HEAD_DIMS in its generated translation unit.
 template <int D>
 void launch_tensor_core_assign(const TensorCoreAssignParams& p, DType points_dtype, int64_t batch_heads,
                                cudaStream_t stream);
