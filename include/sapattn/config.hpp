@@ -1,4 +1,4 @@
-// SVG2 configuration. Defaults are the official Wan 2.1 T2V 720p script's (../shared/ANCHORS.md).
+// SVG2 configuration. Defaults are the official Wan 2.1 T2V 720p script's (docs/torch.md lists them per model).
 #pragma once
 
 #include <cstdint>
@@ -62,7 +62,7 @@ struct Config {
   bool round_q_clusters = false;
 
   // The first sparse call's seeding, before its kmeans_iters_init iterations. The defaults (with 14
-  // iterations) are the CPU study's choice (issue 13): greedy k-means++ on 2C sampled points, then 14
+  // iterations) are the CPU study's choice (docs/cuda.md): greedy k-means++ on 2C sampled points, then 14
   // iterations, reach a lower k-means objective than SVG2's official start (C sampled points, then
   // 50) for 3.5x less work. They give other first-call clusters than that start (Sample with 50
   // iterations restores it); later calls do not change.

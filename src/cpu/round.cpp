@@ -1,6 +1,6 @@
-// round_query_clusters on the CPU: the reference of the size rounding that tools/studies/
-// query_padding.py recommends (B:mass:SLACK:MAX:F:ROUNDS:keep, its round_clusters with
-// match_rounds). The contract, the role choice and every tie rule are in include/sapattn/ops.hpp.
+// round_query_clusters on the CPU: the reference of the size rounding that the query-padding
+// study recommends (tools/studies/size_rounding.py's round_clusters with match_rounds, variant
+// B:mass:SLACK:MAX:F:ROUNDS:keep of query_padding.py). The contract, the role choice and every tie rule are in include/sapattn/ops.hpp.
 // Its dot products and exp are core/round_arithmetic.hpp's, which the CUDA backend computes too.
 // Each (b,h) is one task; its arithmetic does not depend on the thread that runs it, so results
 // are bit-identical for any thread count.

@@ -140,11 +140,11 @@ bool env_switch(const char* name, const char* on, const char* off) {
 }
 
 // SAPATTN_SM90_SCHED=static|dynamic (default dynamic): how the sparse TMA kernel hands out items
-// (ItemScheduler). An experiment of issue 12.
+// (ItemScheduler). A measurement switch (docs/attention.md); it goes once measured.
 bool dynamic_schedule() { return env_switch("SAPATTN_SM90_SCHED", "dynamic", "static"); }
 
 // SAPATTN_SM90_SPLIT=0|1 (default 1): whether items of at most 64 rows are split across both
-// consumer warpgroups. An experiment of issue 12.
+// consumer warpgroups. A measurement switch (docs/attention.md); it goes once measured.
 bool split_tails() { return env_switch("SAPATTN_SM90_SPLIT", "1", "0"); }
 
 template <typename T, int kHeadDim>
