@@ -7,11 +7,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define SAPATTN_HOST_DEVICE __host__ __device__
-#else
-#define SAPATTN_HOST_DEVICE
-#endif
+#include "core/host_device.hpp"
 
 namespace sapattn::seeding {
 

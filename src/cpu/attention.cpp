@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/parallel.hpp"
+#include "cpu/attention_layout.hpp"
 #include "cpu/backend.hpp"
 #include "cpu/rows.hpp"
 #include "sapattn/error.hpp"
@@ -19,22 +20,6 @@ namespace {
 
 constexpr int64_t kQueryTile = 16;
 constexpr int64_t kKeyTile = 64;
-
-// A contiguous run of rows [begin, end) of the permuted sequence.
-struct Segment {
-  int64_t begin, end;
-};
-
-// fp32 copy of one (b,h) slice: [S, D] row-major; row s comes from row perm[s] when perm is given.
-void load_slice(const TensorView& t, int64_t b, int64_t h, const int32_t* perm, std::vector<float>& dst, int threads) {
-  const int64_t S = t.shape[2], D = t.shape[3];
-  dst.resize(S * D);
-  const int64_t chunks = (S + 1023) / 1024;
-  parallel_for(chunks, threads, [&](int64_t c) {
-    for (int64_t s = c * 1024; s < std::min(S, (c + 1) * 1024); ++s)
-      load_row(t, b, h, perm != nullptr ? perm[s] : s, dst.data() + s * D);
-  });
-}
 
 // Attention of the query rows [q_begin, q_end) (at most kQueryTile) over the key segments.
 // Writes out rows and lse entries of those queries (row q_perm[r] for row r when q_perm is given).
@@ -90,37 +75,6 @@ void attend_tile(const float* q, const float* k, const float* v, int64_t D, floa
   }
 }
 
-// Checks one (b,h)'s offsets: start at 0, non-decreasing, end at `total` (any end if total < 0).
-void check_offsets(const int32_t* off, int64_t C, int64_t total, const char* name, int64_t b, int64_t h) {
-  SAPATTN_CHECK(off[0] == 0, InvalidArgumentError, name, "[b=", b, ",h=", h, "] must start at 0, got ", off[0]);
-  for (int64_t c = 0; c < C; ++c)
-    SAPATTN_CHECK(off[c + 1] >= off[c], InvalidArgumentError, name, "[b=", b, ",h=", h, "] decreases at cluster ", c,
-                  ": ", off[c], " -> ", off[c + 1]);
-  SAPATTN_CHECK(total < 0 || off[C] == total, InvalidArgumentError, name, "[b=", b, ",h=", h, "] must end at ", total,
-                ", got ", off[C]);
-}
-
-// Throws InvalidArgumentError unless every (b,h) row of perm [B,H,N] is a permutation of [0, N).
-void check_permutation(const TensorView& perm, const char* name) {
-  if (perm.empty()) return;
-  check_index_range(perm, perm.shape[2], name);
-  std::vector<uint8_t> seen(perm.shape[2]);
-  for (int64_t b = 0; b < perm.shape[0]; ++b)
-    for (int64_t h = 0; h < perm.shape[1]; ++h) {
-      std::fill(seen.begin(), seen.end(), 0);
-      const int32_t* p = &at<int32_t>(perm, b, h);
-      for (int64_t i = 0; i < perm.shape[2]; ++i) {
-        SAPATTN_CHECK(seen[p[i]] == 0, InvalidArgumentError, name, "[b=", b, ", h=", h, "] repeats index ", p[i],
-                      " (at ", i, "): not a permutation");
-        seen[p[i]] = 1;
-      }
-    }
-}
-
-const int32_t* perm_row(const TensorView& perm, int64_t b, int64_t h) {
-  return perm.empty() ? nullptr : &at<int32_t>(perm, b, h);
-}
-
 // The shared engine. `key_list(b, h, a)` gives the key segments of query cluster a; `q_offsets` the
 // query cluster boundaries of (b,h).
 template <typename QueryOffsets, typename KeyList>
@@ -134,19 +88,12 @@ void run_attention(const TensorView& q, const TensorView& k, const TensorView& v
       load_slice(q, b, h, q_perm, qf, threads);
       load_slice(k, b, h, perm_row(perm.k_perm, b, h), kf, threads);
       load_slice(v, b, h, perm_row(perm.k_perm, b, h), vf, threads);
-      // Query tiles: kQueryTile rows, never crossing a query-cluster boundary.
-      struct Tile {
-        int64_t cluster, begin, end;
-      };
-      std::vector<Tile> tiles;
       const std::vector<int64_t> bounds = q_offsets(b, h);
-      for (size_t a = 0; a + 1 < bounds.size(); ++a)
-        for (int64_t r = bounds[a]; r < bounds[a + 1]; r += kQueryTile)
-          tiles.push_back({static_cast<int64_t>(a), r, std::min(bounds[a + 1], r + kQueryTile)});
+      const std::vector<QueryTile> tiles = query_tiles(bounds, kQueryTile);
       std::vector<std::vector<Segment>> lists(bounds.size() - 1);
       for (size_t a = 0; a + 1 < bounds.size(); ++a) lists[a] = key_list(b, h, static_cast<int64_t>(a));
       parallel_for(static_cast<int64_t>(tiles.size()), threads, [&](int64_t t) {
-        const Tile& tile = tiles[t];
+        const QueryTile& tile = tiles[t];
         attend_tile(qf.data(), kf.data(), vf.data(), D, scale, tile.begin, tile.end, lists[tile.cluster], out, lse, b,
                     h, q_perm);
       });
@@ -158,34 +105,15 @@ void run_attention(const TensorView& q, const TensorView& k, const TensorView& v
 
 void block_sparse_attention(const TensorView& q, const TensorView& k, const TensorView& v, const BlockLayout& layout,
                             float scale, TensorView out, TensorView lse, const RowPermutation& perm, int threads) {
-  const int64_t B = q.shape[0], H = q.shape[1], Sq = q.shape[2], Sk = k.shape[2];
-  check_permutation(perm.q_perm, "q_perm");
-  check_permutation(perm.k_perm, "k_perm");
-  const int64_t Cq = layout.q_offsets.shape[2] - 1, Ck = layout.k_offsets.shape[2] - 1;
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      check_offsets(&at<int32_t>(layout.q_offsets, b, h), Cq, Sq, "q_offsets", b, h);
-      check_offsets(&at<int32_t>(layout.k_offsets, b, h), Ck, Sk, "k_offsets", b, h);
-    }
+  check_layout_values(layout, perm, q.shape[2], k.shape[2]);
+  const int64_t Cq = layout.q_offsets.shape[2] - 1;
   run_attention(
       q, k, v, scale, out, lse, perm, threads,
       [&](int64_t b, int64_t h) {
         const int32_t* off = &at<int32_t>(layout.q_offsets, b, h);
         return std::vector<int64_t>(off, off + Cq + 1);
       },
-      [&](int64_t b, int64_t h, int64_t a) {
-        const int32_t* off = &at<int32_t>(layout.k_offsets, b, h);
-        std::vector<Segment> segs;
-        for (int64_t c = 0; c < Ck; ++c) {
-          if (at<uint8_t>(layout.mask, b, h, a, c) == 0 || off[c] == off[c + 1]) continue;
-          if (!segs.empty() && segs.back().end == off[c]) {
-            segs.back().end = off[c + 1];  // adjacent kept clusters form one run of keys
-          } else {
-            segs.push_back({off[c], off[c + 1]});
-          }
-        }
-        return segs;
-      });
+      [&](int64_t b, int64_t h, int64_t a) { return kept_key_runs(layout, b, h, a); });
 }
 
 void dense_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale, TensorView out,
