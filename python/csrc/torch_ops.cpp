@@ -194,6 +194,23 @@ std::string_view name_of(KMeansSeeding seeding) {
   return "?";
 }
 
+// The attention dtypes (SVG2Config.attention_dtype) for the engine's AttentionDType.
+constexpr std::pair<AttentionDType, std::string_view> kAttentionDTypeNames[] = {{AttentionDType::Native, "native"},
+                                                                                {AttentionDType::E4M3, "fp8_e4m3"}};
+
+AttentionDType attention_dtype_of(std::string_view name) {
+  for (const auto& [dtype, dtype_name] : kAttentionDTypeNames)
+    if (name == dtype_name) return dtype;
+  TORCH_CHECK_VALUE(false, "sapattn: attention_dtype must be 'native' or 'fp8_e4m3', got '", std::string(name), "'");
+  return AttentionDType::Native;
+}
+
+std::string_view name_of(AttentionDType dtype) {
+  for (const auto& [known, dtype_name] : kAttentionDTypeNames)
+    if (dtype == known) return dtype_name;
+  return "?";
+}
+
 // O as [B,S,H,D] in q's dtype, LSE as [B,H,S] f32 when asked for (else an empty tensor).
 std::tuple<at::Tensor, at::Tensor> make_outputs(const at::Tensor& q, bool return_lse) {
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
@@ -223,8 +240,8 @@ struct Svg2Options {
 };
 
 using Svg2Member = std::variant<bool Config::*, int Config::*, int64_t Config::*, uint64_t Config::*, float Config::*,
-                                Routing Config::*, KMeansSeeding Config::*, bool Svg2Options::*,
-                                std::optional<at::Tensor> Svg2Options::*>;
+                                Routing Config::*, KMeansSeeding Config::*, AttentionDType Config::*,
+                                bool Svg2Options::*, std::optional<at::Tensor> Svg2Options::*>;
 
 struct Svg2Option {
   const char* name;
@@ -257,6 +274,7 @@ constexpr Svg2Option kSvg2Options[] = {
     {"kmeans_seeding", &Config::kmeans_seeding},
     {"kmeans_sample_factor", &Config::kmeans_sample_factor},
     {"round_q_clusters", &Config::round_q_clusters},
+    {"attention_dtype", &Config::attention_dtype},
 };
 
 // The arguments before the options, read by position in svg2_attention_boxed.
@@ -313,6 +331,12 @@ struct TorchArg<KMeansSeeding> {
   static constexpr std::string_view type = "str";
   static std::string literal(KMeansSeeding value) { return "\"" + std::string(name_of(value)) + "\""; }
   static KMeansSeeding read(const c10::IValue& value) { return seeding_of(value.toStringView()); }
+};
+template <>
+struct TorchArg<AttentionDType> {
+  static constexpr std::string_view type = "str";
+  static std::string literal(AttentionDType value) { return "\"" + std::string(name_of(value)) + "\""; }
+  static AttentionDType read(const c10::IValue& value) { return attention_dtype_of(value.toStringView()); }
 };
 template <>
 struct TorchArg<std::optional<at::Tensor>> {

@@ -144,8 +144,9 @@ def svg2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: SV
 
     The config's budget (top_p or density), routing, compensation and ear-plus fields apply as in
     the C++ Config (docs/ear.md). The ear-plus fields run on the CPU only: a CUDA call with one of
-    them raises NotImplementedError before it touches the state. Compensation needs the whole key
-    set: with key_shard count > 1 it raises ValueError.
+    them raises NotImplementedError before it touches the state, as does attention_dtype="fp8_e4m3"
+    (the FP8 attention, emulated on the CPU; docs/fp8.md). Compensation needs the whole key set: with
+    key_shard count > 1 it raises ValueError.
 
     Inference only: the outputs have no backward (calling it raises RuntimeError). A NaN in q or k
     comes back as NaN in the rows it reaches, as in torch's attention, on the CPU (docs/torch.md)."""
