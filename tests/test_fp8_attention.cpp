@@ -206,18 +206,30 @@ std::vector<double> mean_keys(const TensorView& k) {
   return mean;
 }
 
+// A layout, q and v ~ N(0, 1) and dyadic keys around key_mean, f32, batch 1.
+struct SmoothingCase {
+  Blocks bl;
+  HostTensor q, k, v;
+};
+
+SmoothingCase make_smoothing_case(int64_t H, int64_t Sq, int64_t Sk, int64_t D, int64_t Cq, int64_t Ck, double key_mean,
+                                  ref::Rng& rng) {
+  SmoothingCase c{make_blocks(1, H, Sq, Sk, Cq, Ck, 0.5, rng), ref::make_tensor(DType::F32, {1, H, Sq, D}),
+                  ref::make_tensor(DType::F32, {1, H, Sk, D}), ref::make_tensor(DType::F32, {1, H, Sk, D})};
+  ref::fill_normal(c.q.view, rng);
+  fill_dyadic_keys(c.k, key_mean, rng);
+  ref::fill_normal(c.v.view, rng);
+  return c;
+}
+
 // Softmax rows do not change when every key moves by the same vector c: q.(k_j + c) = q.k_j + q.c is
 // a constant per row. In float64, for c = -mean(K) as the smoothing takes it: the same output, and
 // the LSE moved by scale q.mean.
 TEST(BlockSparseAttentionE4M3, SmoothingLeavesTheSoftmaxInFloat64) {
   ref::Rng rng(case_seed());
   const int64_t H = 2, Sq = 90, Sk = 128, D = 32;
-  const Blocks bl = make_blocks(1, H, Sq, Sk, 5, 8, 0.5, rng);
-  HostTensor q = ref::make_tensor(DType::F32, {1, H, Sq, D}), k = ref::make_tensor(DType::F32, {1, H, Sk, D}),
-             v = ref::make_tensor(DType::F32, {1, H, Sk, D}), smoothed = ref::make_tensor(DType::F32, {1, H, Sk, D});
-  ref::fill_normal(q.view, rng);
-  fill_dyadic_keys(k, 2.0, rng);
-  ref::fill_normal(v.view, rng);
+  const auto [bl, q, k, v] = make_smoothing_case(H, Sq, Sk, D, 5, 8, 2.0, rng);
+  const HostTensor smoothed = ref::make_tensor(DType::F32, {1, H, Sk, D});
   const std::vector<double> mean = mean_keys(k.view), qv = ref::to_vector(q.view);
   std::vector<double> shifted = ref::to_vector(k.view);
   for (size_t i = 0; i < shifted.size(); ++i) shifted[i] -= mean[(i / (Sk * D)) * D + i % D];
@@ -248,12 +260,8 @@ TEST(BlockSparseAttentionE4M3, SmoothingLeavesTheSoftmaxInFloat64) {
 TEST(BlockSparseAttentionE4M3, SmoothingMakesTheOpBlindToACommonKeyOffset) {
   ref::Rng rng(case_seed());
   const int64_t H = 2, Sq = 150, Sk = 256, D = 48;
-  const Blocks bl = make_blocks(1, H, Sq, Sk, 4, 9, 0.5, rng);
-  HostTensor q = ref::make_tensor(DType::F32, {1, H, Sq, D}), k = ref::make_tensor(DType::F32, {1, H, Sk, D}),
-             moved = ref::make_tensor(DType::F32, {1, H, Sk, D}), v = ref::make_tensor(DType::F32, {1, H, Sk, D});
-  ref::fill_normal(q.view, rng);
-  fill_dyadic_keys(k, 0.0, rng);
-  ref::fill_normal(v.view, rng);
+  const auto [bl, q, k, v] = make_smoothing_case(H, Sq, Sk, D, 4, 9, 0.0, rng);
+  const HostTensor moved = ref::make_tensor(DType::F32, {1, H, Sk, D});
   std::vector<double> c(static_cast<size_t>(H * D)), kv = ref::to_vector(k.view);
   for (double& x : c) x = static_cast<double>(rng.integer(-32, 32)) / 4.0;
   for (size_t i = 0; i < kv.size(); ++i) kv[i] += c[(i / (Sk * D)) * D + i % D];

@@ -23,13 +23,13 @@ using testing_support::kStream;
 
 // q, k, v ~ N(0, 1) with a layout of Cq x Ck clusters of equal size (the last takes the rest) and
 // a random mask keeping half the blocks.
-struct Problem {
+struct SparseCall {
   HostTensor q, k, v, out, lse, q_offsets, k_offsets, mask;
   BlockLayout layout() const { return {q_offsets.view, k_offsets.view, mask.view}; }
 };
 
-Problem make_problem(int64_t B, int64_t H, int64_t S, int64_t D, int64_t Cq, int64_t Ck, ref::Rng& rng) {
-  Problem p{ref::make_tensor(DType::BF16, {B, H, S, D}),  ref::make_tensor(DType::BF16, {B, H, S, D}),
+SparseCall make_problem(int64_t B, int64_t H, int64_t S, int64_t D, int64_t Cq, int64_t Ck, ref::Rng& rng) {
+  SparseCall p{ref::make_tensor(DType::BF16, {B, H, S, D}),  ref::make_tensor(DType::BF16, {B, H, S, D}),
             ref::make_tensor(DType::BF16, {B, H, S, D}),  ref::make_tensor(DType::F32, {B, H, S, D}),
             ref::make_tensor(DType::F32, {B, H, S}),      ref::make_tensor(DType::I32, {B, H, Cq + 1}),
             ref::make_tensor(DType::I32, {B, H, Ck + 1}), ref::make_tensor(DType::U8, {B, H, Cq, Ck})};
@@ -50,7 +50,7 @@ Problem make_problem(int64_t B, int64_t H, int64_t S, int64_t D, int64_t Cq, int
 
 TEST(BlockSparseAttentionE4M3Errors, BadOptionsAndStreamsLeaveOutputsUntouched) {
   ref::Rng rng(case_seed());
-  Problem p = make_problem(1, 2, 100, 16, 3, 5, rng);
+  SparseCall p = make_problem(1, 2, 100, 16, 3, 5, rng);
   const std::vector<const HostTensor*> outputs{&p.out, &p.lse};
   const auto run = [&](const Fp8Options& o) {
     block_sparse_attention_e4m3(p.q.view, p.k.view, p.v.view, p.layout(), 0.25f, o, p.out.view, p.lse.view, kStream);
@@ -98,7 +98,7 @@ TEST(BlockSparseAttentionE4M3Errors, BadOptionsAndStreamsLeaveOutputsUntouched) 
 TEST(BlockSparseAttentionE4M3Errors, NaNReachesTheRowsOfItsGroup) {
   ref::Rng rng(case_seed());
   const int64_t S = 200, D = 16;
-  Problem p = make_problem(1, 1, S, D, 2, 4, rng);
+  SparseCall p = make_problem(1, 1, S, D, 2, 4, rng);
   std::vector<double> q = ref::to_vector(p.q.view);
   q[70 * D + 3] = std::numeric_limits<double>::quiet_NaN();  // row 70: tile [64, 128)
   ref::from_vector(p.q.view, q);
@@ -116,7 +116,7 @@ TEST(BlockSparseAttentionE4M3Errors, NaNReachesTheRowsOfItsGroup) {
 
 TEST(BlockSparseAttentionE4M3, ThreadCountIndependent) {
   ref::Rng rng(case_seed());
-  Problem p = make_problem(2, 2, 333, 32, 5, 7, rng);
+  SparseCall p = make_problem(2, 2, 333, 32, 5, 7, rng);
   Fp8Options o;
   o.q_scale = Fp8Scale::Cluster;
   o.v_scale = Fp8Scale::Cluster;

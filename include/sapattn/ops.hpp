@@ -303,7 +303,7 @@ void dense_attention(const TensorView& q, const TensorView& k, const TensorView&
 void quantize_e4m3(const TensorView& x, const TensorView& perm, const TensorView& offsets, const TensorView& shift,
                    Fp8Scale granularity, int tile_rows, TensorView codes, TensorView scales, const Stream& stream);
 
-// block_sparse_attention (same arguments, same empty-row and NaN rules) with Q K^T and P V in e4m3,
+// block_sparse_attention (same arguments, same empty-row rule) with Q K^T and P V in e4m3,
 // fp32 accumulation and softmax. Per (b,h), in cluster order:
 //   1. mean = the head's mean key over all Sk rows (fp64 sum rounded to fp32, cluster_means' value
 //      for one cluster) when options.smooth_k, else no shift.
@@ -314,12 +314,17 @@ void quantize_e4m3(const TensorView& x, const TensorView& perm, const TensorView
 //      fp32 sum of the exact products of decoded codes; per chunk the online softmax in fp32
 //      (m = max(m, chunk max), acc and l scaled by exp(m_old - m)), p_ij = exp(logit_ij - m) in
 //      [0, 1], p8 = e4m3(p_ij * f_j) with f_j = p_scale (V per channel) or (p_scale * sv_j) / sv_max
-//      (V per tile or cluster: its scale folds into P; sv_max = the head's largest), acc[d] +=
-//      decode(p8) * decode(v8_jd), and l += p_ij (l += decode(p8) with p_sum_e4m3).
+//      (V per tile or cluster: its scale folds into P; sv_max = the head's largest, and f_j = 0 when
+//      it is 0), acc[d] += decode(p8) * decode(v8_jd), and l += p_ij (l += decode(p8) with
+//      p_sum_e4m3).
 //   4. out[i,d] = (acc[d] * c_d) * (1 / l) with c_d = sv_d or sv_max, divided by p_scale unless
 //      p_sum_e4m3; lse_i = m + log(l) (log(l / p_scale) with p_sum_e4m3) + scale * dot(q_i, mean),
 //      q_i unquantised: smoothing moved row i's logits by -scale q_i . mean, which its softmax does
 //      not see and its LSE must.
+// A non-finite input makes its group's scale NaN, and every result computed with that scale NaN:
+// the rows of a Q group, every row that reads a K group, one column of every row for V per channel,
+// every row for V per tile or cluster (through sv_max). check_finite (svg2_attention's
+// Config::check_finite) reports such inputs before they get here.
 // Options (Fp8Options): q_scale and k_scale Tile or Cluster (a scale per column does not factor out
 // of Q K^T), tiles >= 1, p_scale in [1, 448] (P = 1 must stay a normal e4m3 number and never
 // saturate), p_sum_e4m3 only with V per channel; else InvalidArgumentError.

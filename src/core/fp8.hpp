@@ -12,39 +12,34 @@
 // attention).
 #pragma once
 
+#include <bit>
 #include <cstdint>
+#include <cstring>
 
 #include "core/host_device.hpp"
-
-#if !defined(__CUDA_ARCH__)
-#include <bit>
-#endif
 
 namespace sapattn::fp8 {
 
 inline constexpr float kE4M3Max = 448.0f;
 inline constexpr uint8_t kE4M3NaN = 0x7f;
 
-SAPATTN_HOST_DEVICE inline uint32_t float_bits(float x) {
+// The bits of a value as another type of the same size (std::bit_cast, which device code lacks).
+template <typename To, typename From>
+SAPATTN_HOST_DEVICE inline To bits_as(From x) {
+  static_assert(sizeof(To) == sizeof(From));
 #if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
+  To to;
+  memcpy(&to, &x, sizeof to);
+  return to;
 #else
-  return std::bit_cast<uint32_t>(x);
-#endif
-}
-
-SAPATTN_HOST_DEVICE inline float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  return std::bit_cast<float>(u);
+  return std::bit_cast<To>(x);
 #endif
 }
 
 // fp32 -> e4m3 code: round to nearest even, saturating to +-448, NaN -> 0x7f. Signed zeros and
 // values that round to zero keep their sign (0x80 is -0).
 SAPATTN_HOST_DEVICE inline uint8_t e4m3_encode(float x) {
-  const uint32_t bits = float_bits(x);
+  const auto bits = bits_as<uint32_t>(x);
   const auto sign = static_cast<uint8_t>((bits >> 24) & 0x80u);
   const uint32_t mag = bits & 0x7fffffffu;
   if (mag > 0x7f800000u) return kE4M3NaN;
@@ -76,8 +71,8 @@ SAPATTN_HOST_DEVICE inline uint8_t e4m3_encode(float x) {
 SAPATTN_HOST_DEVICE inline float e4m3_decode(uint8_t code) {
   const uint32_t sign = static_cast<uint32_t>(code & 0x80u) << 24;
   const uint32_t mag = code & 0x7fu;
-  if (mag == 0x7fu) return bits_float(sign | 0x7fc00000u);
-  if (mag >= 0x08u) return bits_float(sign | ((mag + ((127u - 7u) << 3)) << 20));
+  if (mag == 0x7fu) return bits_as<float>(sign | 0x7fc00000u);
+  if (mag >= 0x08u) return bits_as<float>(sign | ((mag + ((127u - 7u) << 3)) << 20));
   const float value = static_cast<float>(mag) * 0x1p-9f;
   return sign != 0u ? -value : value;
 }

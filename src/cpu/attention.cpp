@@ -27,11 +27,10 @@ void attend_tile(const float* q, const float* k, const float* v, int64_t D, floa
                  const std::vector<Segment>& keys, const TensorView& out, const TensorView& lse, int64_t b, int64_t h,
                  const int32_t* q_perm) {
   const int64_t rows = q_end - q_begin;
-  float row_max[kQueryTile], row_sum[kQueryTile];
+  RowSoftmax row[kQueryTile];
+  std::fill(row, row + rows, RowSoftmax{-std::numeric_limits<float>::infinity(), 0.0f});
   std::vector<float> acc(rows * D, 0.0f);
   float s[kQueryTile][kKeyTile];
-  std::fill(row_max, row_max + rows, -std::numeric_limits<float>::infinity());
-  std::fill(row_sum, row_sum + rows, 0.0f);
   for (const Segment& seg : keys) {
     for (int64_t k0 = seg.begin; k0 < seg.end; k0 += kKeyTile) {
       const int64_t cols = std::min(kKeyTile, seg.end - k0);
@@ -42,12 +41,8 @@ void attend_tile(const float* q, const float* k, const float* v, int64_t D, floa
           s[r][c] = dot(qr, k + (k0 + c) * D, D) * scale;
           tile_max = std::max(tile_max, s[r][c]);
         }
-        const float new_max = std::max(row_max[r], tile_max);
-        const float rescale = std::exp(row_max[r] - new_max);  // exp(-inf) = 0 on the first tile
         float* a = acc.data() + r * D;
-        if (rescale != 1.0f) {
-          for (int64_t d = 0; d < D; ++d) a[d] *= rescale;
-        }
+        const float new_max = advance_max(row[r], tile_max, a, D);
         float tile_sum = 0.0f;
         for (int64_t c = 0; c < cols; ++c) {
           const float p = std::exp(s[r][c] - new_max);
@@ -55,23 +50,15 @@ void attend_tile(const float* q, const float* k, const float* v, int64_t D, floa
           const float* vr = v + (k0 + c) * D;
           for (int64_t d = 0; d < D; ++d) a[d] += p * vr[d];
         }
-        row_sum[r] = row_sum[r] * rescale + tile_sum;
-        row_max[r] = new_max;
+        row[r].sum += tile_sum;
       }
     }
   }
   std::vector<float> o(D);
   for (int64_t r = 0; r < rows; ++r) {
-    // Only a row that saw no key has a sum of 0 (the max key contributes exp(0) = 1): O = 0 and
-    // LSE = -inf. A NaN among its inputs makes the sum NaN, and the NaN goes on to O and LSE, as
-    // in dense attention (SDPA), rather than passing for an empty row.
-    const bool no_keys = row_sum[r] == 0.0f;
-    const float inv = no_keys ? 0.0f : 1.0f / row_sum[r];
-    for (int64_t d = 0; d < D; ++d) o[d] = acc[r * D + d] * inv;
-    const int64_t row = q_perm != nullptr ? q_perm[q_begin + r] : q_begin + r;
-    store_row(out, b, h, row, o.data());
-    if (!lse.empty())
-      at<float>(lse, b, h, row) = no_keys ? -std::numeric_limits<float>::infinity() : row_max[r] + std::log(row_sum[r]);
+    const int64_t i = q_begin + r;
+    finish_row(acc.data() + r * D, D, row[r], nullptr, 1.0f, 0.0f, out, lse, b, h, q_perm != nullptr ? q_perm[i] : i,
+               o.data());
   }
 }
 

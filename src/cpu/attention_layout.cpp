@@ -2,6 +2,8 @@
 #include "cpu/attention_layout.hpp"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 
 #include "core/parallel.hpp"
 #include "cpu/rows.hpp"
@@ -69,6 +71,21 @@ void check_permutation(const TensorView& perm, const char* name) {
         seen[p[i]] = 1;
       }
     }
+}
+
+void finish_row(const float* acc, int64_t D, RowSoftmax s, const float* out_scale, float sum_unit, float lse_shift,
+                const TensorView& out, const TensorView& lse, int64_t b, int64_t h, int64_t row, float* o) {
+  const bool no_keys = s.sum == 0.0f;
+  const float inv = no_keys ? 0.0f : 1.0f / s.sum;
+  if (out_scale != nullptr) {
+    for (int64_t d = 0; d < D; ++d) o[d] = (acc[d] * out_scale[d]) * inv;
+  } else {
+    for (int64_t d = 0; d < D; ++d) o[d] = acc[d] * inv;
+  }
+  store_row(out, b, h, row, o);
+  if (!lse.empty())
+    at<float>(lse, b, h, row) =
+        no_keys ? -std::numeric_limits<float>::infinity() : s.max + std::log(s.sum / sum_unit) + lse_shift;
 }
 
 void check_layout_values(const BlockLayout& layout, const RowPermutation& perm, int64_t Sq, int64_t Sk) {

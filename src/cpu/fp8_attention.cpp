@@ -78,7 +78,7 @@ void quantize_head(const std::vector<float>& qf, const std::vector<float>& kf, c
   }
   // V's row scales fold into P, relative to the head's largest (a NaN scale makes it NaN).
   float v_max = 0.0f;
-  for (const float s : rv.scales) v_max = std::isnan(s) || std::isnan(v_max) ? s : std::max(v_max, s);
+  for (const float s : rv.scales) v_max = std::isnan(s) || std::isnan(v_max) ? std::nanf("") : std::max(v_max, s);
   for (int64_t j = 0; j < Sk; ++j) head.p_factor[j] = v_max != 0.0f ? (o.p_scale * rv.scales[j]) / v_max : 0.0f;
   std::fill(head.out_factor.begin(), head.out_factor.end(), v_max / o.p_scale);
 }
@@ -113,9 +113,8 @@ void attend_tile(const E4M3Head& head, int64_t q_begin, int64_t q_end, const std
                  const TensorView& out, const TensorView& lse, int64_t b, int64_t h, const int32_t* q_perm) {
   const int64_t rows = q_end - q_begin, D = head.D;
   const float* table = e4m3_values();
-  float row_max[kQueryTile], row_sum[kQueryTile];
-  std::fill(row_max, row_max + rows, -std::numeric_limits<float>::infinity());
-  std::fill(row_sum, row_sum + rows, 0.0f);
+  RowSoftmax row[kQueryTile];
+  std::fill(row, row + rows, RowSoftmax{-std::numeric_limits<float>::infinity(), 0.0f});
   std::vector<float> acc(rows * D, 0.0f);
   int64_t keys[kKeyChunk];
   float s[kKeyChunk];
@@ -130,12 +129,8 @@ void attend_tile(const E4M3Head& head, int64_t q_begin, int64_t q_end, const std
         s[c] = dot(qi, head.k.data() + j * D, D) * (head.q_factor[i] * head.k_scale[j]);
         chunk_max = std::max(chunk_max, s[c]);
       }
-      const float new_max = std::max(row_max[r], chunk_max);
-      const float rescale = std::exp(row_max[r] - new_max);  // exp(-inf) = 0 on the first chunk
       float* a = acc.data() + r * D;
-      if (rescale != 1.0f) {
-        for (int64_t d = 0; d < D; ++d) a[d] *= rescale;
-      }
+      const float new_max = advance_max(row[r], chunk_max, a, D);
       float chunk_sum = 0.0f;
       for (int64_t c = 0; c < n; ++c) {
         const int64_t j = keys[c];
@@ -145,27 +140,17 @@ void attend_tile(const E4M3Head& head, int64_t q_begin, int64_t q_end, const std
         const float* vj = head.v.data() + j * D;
         for (int64_t d = 0; d < D; ++d) a[d] += p8 * vj[d];
       }
-      row_sum[r] = row_sum[r] * rescale + chunk_sum;
-      row_max[r] = new_max;
+      row[r].sum += chunk_sum;
     }
   }
+  // A row's largest logit gives p = 1, stored as p_scale * f >= 1 or summed in fp32: only a row
+  // that saw no key ends with a sum of 0 (finish_row).
   std::vector<float> o(D);
   for (int64_t r = 0; r < rows; ++r) {
-    // As the native engine: only a row that saw no key has a sum of 0 (the row's largest logit
-    // gives p = 1, stored as p_scale * f >= 1 or summed in fp32); a NaN goes on to O and LSE.
-    const bool no_keys = row_sum[r] == 0.0f;
-    const float inv = no_keys ? 0.0f : 1.0f / row_sum[r];
-    for (int64_t d = 0; d < D; ++d) o[d] = (acc[r * D + d] * head.out_factor[d]) * inv;
     const int64_t i = q_begin + r;
-    const int64_t row = q_perm != nullptr ? q_perm[i] : i;
-    store_row(out, b, h, row, o.data());
-    if (lse.empty()) continue;
-    float value = -std::numeric_limits<float>::infinity();
-    if (!no_keys) {
-      value = row_max[r] + std::log(row_sum[r] / head.sum_unit);
-      if (!head.lse_shift.empty()) value += head.lse_shift[i];
-    }
-    at<float>(lse, b, h, row) = value;
+    finish_row(acc.data() + r * D, D, row[r], head.out_factor.data(), head.sum_unit,
+               head.lse_shift.empty() ? 0.0f : head.lse_shift[i], out, lse, b, h, q_perm != nullptr ? q_perm[i] : i,
+               o.data());
   }
 }
 

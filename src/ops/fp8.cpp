@@ -20,42 +20,20 @@ void quantize_e4m3(const TensorView& x, const TensorView& perm, const TensorView
   expect_rank(x, 4, "x");
   expect_floating(x, "x");
   const int64_t B = x.shape[0], H = x.shape[1], S = x.shape[2], D = x.shape[3];
-  if (!perm.empty()) {
-    expect_rank(perm, 3, "perm");
-    expect_dtype(perm, DType::I32, "perm");
-    expect_contiguous(perm, "perm");
-    for (int d = 0; d < 3; ++d) expect_extent(perm, d, x.shape[d], "perm", "B, H, S of x: perm is [B,H,S]");
-  }
+  if (!perm.empty()) expect_contiguous_tensor(perm, DType::I32, {B, H, S}, "perm", "B, H, S of x");
   const bool by_cluster = granularity == Fp8Scale::Cluster;
   SAPATTN_CHECK(!by_cluster || !offsets.empty(), ShapeError, "Fp8Scale::Cluster needs the clusters' offsets");
   if (by_cluster) {
-    expect_rank(offsets, 3, "offsets");
-    expect_dtype(offsets, DType::I32, "offsets");
-    expect_contiguous(offsets, "offsets");
-    expect_extent(offsets, 0, B, "offsets", "batch");
-    expect_extent(offsets, 1, H, "offsets", "heads");
+    expect_contiguous_tensor(offsets, DType::I32, {B, H, -1}, "offsets", "B, H of x");
     SAPATTN_CHECK(offsets.shape[2] >= 2, ShapeError, "offsets must hold at least one cluster (C+1 >= 2 entries), got ",
                   offsets.describe());
   }
-  if (!shift.empty()) {
-    expect_rank(shift, 3, "shift");
-    expect_dtype(shift, DType::F32, "shift");
-    expect_contiguous(shift, "shift");
-    for (int d = 0; d < 2; ++d) expect_extent(shift, d, x.shape[d], "shift", "B, H of x: shift is [B,H,D]");
-    expect_extent(shift, 2, D, "shift", "D of x: shift is [B,H,D]");
-  }
-  expect_rank(codes, 4, "codes");
-  expect_dtype(codes, DType::U8, "codes");
-  expect_contiguous(codes, "codes");
-  for (int d = 0; d < 4; ++d) expect_extent(codes, d, x.shape[d], "codes", "the shape of x");
-  expect_rank(scales, 3, "scales");
-  expect_dtype(scales, DType::F32, "scales");
-  expect_contiguous(scales, "scales");
-  expect_extent(scales, 0, B, "scales", "batch");
-  expect_extent(scales, 1, H, "scales", "heads");
+  if (!shift.empty()) expect_contiguous_tensor(shift, DType::F32, {B, H, D}, "shift", "B, H, D of x");
+  expect_contiguous_tensor(codes, DType::U8, {B, H, S, D}, "codes", "the shape of x");
   const bool per_channel = granularity == Fp8Scale::Channel;
-  expect_extent(scales, 2, per_channel ? D : S, "scales",
-                per_channel ? "D: one scale per column with Fp8Scale::Channel" : "S: one scale per row");
+  expect_contiguous_tensor(
+      scales, DType::F32, {B, H, per_channel ? D : S}, "scales",
+      per_channel ? "B, H, D of x: one scale per column with Fp8Scale::Channel" : "B, H, S of x: one scale per row");
   const DeviceType where = by_cluster ? backend(stream, x, offsets, codes, scales) : backend(stream, x, codes, scales);
   if (!perm.empty()) expect_device(perm, stream);
   if (!shift.empty()) expect_device(shift, stream);
