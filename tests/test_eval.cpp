@@ -245,6 +245,7 @@ TEST(Methods, Fp8OptionsAsText) {
   o.v_tile = 64;
   o.smooth_k = false;
   o.p_scale = 16.0f;
+  o.p_sum_e4m3 = false;
   EXPECT_EQ(fp8_options_name(o), "qc:k176:v64:nosmooth:p16:sumf");
   const Fp8Options back = parse_fp8_options("qc:k176:v64:nosmooth:p16:sumf");
   EXPECT_EQ(fp8_options_name(back), fp8_options_name(o));
@@ -254,6 +255,7 @@ TEST(Methods, Fp8OptionsAsText) {
   EXPECT_EQ(back.v_tile, 64);
   EXPECT_EQ(back.p_scale, 16.0f);
   EXPECT_TRUE(parse_fp8_options("vch:sumq").p_sum_e4m3);
+  EXPECT_FALSE(parse_fp8_options("sumf").p_sum_e4m3);
   EXPECT_EQ(parse_fp8_options("vch").v_scale, Fp8Scale::Channel);
   EXPECT_EQ(parse_fp8_options("kc").k_scale, Fp8Scale::Cluster);
   for (const char* bad : {"q0", "qch", "k", "x1", "p", "pfoo", "q64:", "smooth:v-3"})

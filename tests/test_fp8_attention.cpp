@@ -69,13 +69,17 @@ void fill_representable(const HostTensor& t, Fp8Scale g, int64_t tile, int e_lo,
   ref::from_vector(t.view, x);
 }
 
-// With Q, K and V exact in e4m3 only P is rounded: p8 = e4m3(p * 448) / 448 with |p8 - p| <=
-// 2^-4 p + 2^-10 / 448 (half an ulp among the normals, half the subnormal spacing below). The
-// error holds for p against the running maximum, and rescaling by exp(m_run - m) <= 1 keeps it.
-// So |O8 - O| <= (2^-4 sum_j p_j |v_jd| + (2^-10 / 448) sum_j |v_jd|) / l, in float64 from the
-// reference's weights, plus the fp32 evaluation error (twice the naive fp32 reference's). The
-// logits are those of the native path bit for bit (power-of-two scales), so the LSE matches it
-// within the fp32 model, and the rows that attend to nothing are 0 and -inf.
+// With Q, K and V exact in e4m3 only P is rounded. In units of the row's running maximum (P <= 1),
+// p8 = e4m3(p * 448) / 448 with |p8 - p| <= 2^-4 p + 2^-10 / 448 (half an ulp among the normals,
+// half the subnormal spacing below), and rescaling by exp(m_run - m) <= 1 keeps that bound against
+// the final maximum m. With w_j = exp(s_j - lse) the normalised weights and u = exp(m - lse) (one
+// over the sum in units of the maximum), the output errs by
+//   fp32 sum of P:      |O8 - O| <= sum_j (2^-4 w_j + 2^-10 / 448 u) |v_jd|
+//   sum of the e4m3 P:  |O8 - O| <= sum_j (2^-4 w_j + 2^-10 / 448 u) |v_jd - O_d| / (1 - 2^-4 - n 2^-10 / 448 u)
+// (the second is a convex combination of V: O8 - O = sum_j (p8_j - p_j)(v_j - O) / sum p8), in float64
+// from the reference, plus the fp32 evaluation error (twice the naive fp32 reference's). The logits
+// are the native path's bit for bit (power-of-two scales), so the LSE matches it within the fp32
+// model, and the rows that attend to nothing are 0 and -inf.
 TEST(BlockSparseAttentionE4M3, ExactInputsOnlyRoundP) {
   ref::Rng rng(case_seed());
   const int64_t B = 2, H = 2, Sq = 300, Sk = 420, D = 64, Cq = 7, Ck = 11;
@@ -92,52 +96,58 @@ TEST(BlockSparseAttentionE4M3, ExactInputsOnlyRoundP) {
   fill_representable(k, Fp8Scale::Tile, o.k_tile, -8, -6, rng);
   fill_representable(v, Fp8Scale::Channel, 0, -9, -7, rng);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  HostTensor out = ref::make_tensor(DType::F32, {B, H, Sq, D}), lse = ref::make_tensor(DType::F32, {B, H, Sq});
-  block_sparse_attention_e4m3(q.view, k.view, v.view, bl.layout(), scale, o, out.view, lse.view, kStream);
-
   const std::vector<uint8_t> tokens = ref::expand_block_mask(bl.layout(), Sq, Sk);
   const ref::Attention want = ref::attention_f64(q.view, k.view, v.view, scale, &tokens);
   const ref::Attention low = ref::attention_f32(q.view, k.view, v.view, scale, &tokens);
   const double err32 = 2.0 * ref::max_abs_diff(low.out, want.out) + 4.0 * ref::kF32Eps * ref::max_abs(want.out);
   const double lerr32 = 2.0 * ref::max_abs_diff(low.lse, want.lse) + 4.0 * ref::kF32Eps * ref::max_abs(want.lse);
-  const std::vector<double> got = ref::to_vector(out.view), got_lse = ref::to_vector(lse.view);
   const std::vector<double> qv = ref::to_vector(q.view), kv = ref::to_vector(k.view), vv = ref::to_vector(v.view);
-  double worst = 0.0, largest = 0.0;
-  for (int64_t bh = 0; bh < B * H; ++bh)
-    for (int64_t i = 0; i < Sq; ++i) {
-      const size_t row = static_cast<size_t>(bh * Sq + i);
-      if (want.lse[row] == -kInf) {
-        ASSERT_EQ(got_lse[row], -kInf) << "row " << row;
-        for (int64_t d = 0; d < D; ++d) ASSERT_EQ(got[row * D + d], 0.0) << "row " << row;
-        continue;
-      }
-      ASSERT_NEAR(got_lse[row], want.lse[row], lerr32) << "row " << row;
-      std::vector<double> weighted(static_cast<size_t>(D), 0.0), plain(static_cast<size_t>(D), 0.0);
-      double l = 0.0;
-      for (int64_t j = 0; j < Sk; ++j) {
-        if (tokens[row * Sk + j] == 0) continue;
-        double s = 0.0;
-        for (int64_t d = 0; d < D; ++d) s += qv[row * D + d] * kv[(bh * Sk + j) * D + d];
-        const double p = std::exp(s * scale - want.lse[row]);  // p_j / l
-        l += p;
+  constexpr double kFloor = 0x1p-10 / 448.0;
+  for (const bool sum_e4m3 : {false, true}) {
+    o.p_sum_e4m3 = sum_e4m3;
+    HostTensor out = ref::make_tensor(DType::F32, {B, H, Sq, D}), lse = ref::make_tensor(DType::F32, {B, H, Sq});
+    block_sparse_attention_e4m3(q.view, k.view, v.view, bl.layout(), scale, o, out.view, lse.view, kStream);
+    const std::vector<double> got = ref::to_vector(out.view), got_lse = ref::to_vector(lse.view);
+    double worst = 0.0, largest = 0.0;
+    for (int64_t bh = 0; bh < B * H; ++bh)
+      for (int64_t i = 0; i < Sq; ++i) {
+        const size_t row = static_cast<size_t>(bh * Sq + i);
+        if (want.lse[row] == -kInf) {
+          ASSERT_EQ(got_lse[row], -kInf) << "row " << row;
+          for (int64_t d = 0; d < D; ++d) ASSERT_EQ(got[row * D + d], 0.0) << "row " << row;
+          continue;
+        }
+        std::vector<double> logits;
+        std::vector<int64_t> keys;
+        for (int64_t j = 0; j < Sk; ++j) {
+          if (tokens[row * Sk + j] == 0) continue;
+          double dot = 0.0;
+          for (int64_t d = 0; d < D; ++d) dot += qv[row * D + d] * kv[(bh * Sk + j) * D + d];
+          logits.push_back(dot * scale);
+          keys.push_back(j);
+        }
+        const double u = std::exp(*std::max_element(logits.begin(), logits.end()) - want.lse[row]);
+        const double shrink = sum_e4m3 ? 1.0 - 0x1p-4 - static_cast<double>(keys.size()) * kFloor * u : 1.0;
+        // With the e4m3 sum the LSE is log of that sum: within its relative error of the fp32 one.
+        const double lse_tol = lerr32 + (sum_e4m3 ? -std::log(shrink) : 0.0);
+        ASSERT_NEAR(got_lse[row], want.lse[row], lse_tol) << "row " << row;
         for (int64_t d = 0; d < D; ++d) {
-          weighted[d] += p * std::abs(vv[(bh * Sk + j) * D + d]);
-          plain[d] += std::abs(vv[(bh * Sk + j) * D + d]);
+          double bound = 0.0;
+          for (size_t t = 0; t < keys.size(); ++t) {
+            const double vj = vv[(bh * Sk + keys[t]) * D + d];
+            bound += (0x1p-4 * std::exp(logits[t] - want.lse[row]) + kFloor * u) *
+                     std::abs(sum_e4m3 ? vj - want.out[row * D + d] : vj);
+          }
+          bound = bound / shrink * (1.0 + 1e-6) + err32;
+          const double diff = std::abs(got[row * D + d] - want.out[row * D + d]);
+          ASSERT_LE(diff, bound) << "row " << row << " dim " << d << (sum_e4m3 ? " (e4m3 sum)" : " (fp32 sum)");
+          worst = std::max(worst, diff / bound);
+          largest = std::max(largest, diff);
         }
       }
-      // l = 1 up to rounding here: the weights were normalised by the LSE. Undo it for the floor
-      // term, whose 1/l is exp(lse - m) <= the number of keys.
-      const double inv_l_floor = std::exp(want.lse[row] - std::log(l));
-      for (int64_t d = 0; d < D; ++d) {
-        const double diff = std::abs(got[row * D + d] - want.out[row * D + d]);
-        const double bound = (0x1p-4 * weighted[d] + 0x1p-10 / 448.0 * plain[d] * inv_l_floor) * (1.0 + 1e-6) + err32;
-        ASSERT_LE(diff, bound) << "row " << row << " dim " << d;
-        worst = std::max(worst, diff / bound);
-        largest = std::max(largest, diff);
-      }
-    }
-  EXPECT_GT(largest, 10.0 * err32) << "P was not rounded: the e4m3 path gave the native result";
-  std::printf("    worst error / bound: %.3f\n", worst);
+    EXPECT_GT(largest, 10.0 * err32) << "P was not rounded: the e4m3 path gave the native result";
+    std::printf("    %s: worst error / bound %.3f\n", sum_e4m3 ? "e4m3 sum" : "fp32 sum", worst);
+  }
 }
 
 // One query, two keys, D = 2, worked by hand. q = (1, 0), k = (1, 0), (0.5, 0), v = (1, 2), (3, -1),

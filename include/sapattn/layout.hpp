@@ -47,18 +47,20 @@ enum class Fp8Scale : uint8_t {
   Channel,  // one scale per column d over all rows of the head (V only: it factors out of P V)
 };
 
-// How block_sparse_attention_e4m3 quantises (docs/fp8.md says what each choice measured and why
-// the defaults won). Q and K take Tile or Cluster; V any of the three.
+// How block_sparse_attention_e4m3 quantises. The defaults are the choice of docs/fp8.md, which says
+// what every option measured: scales per fixed 128-row tile for Q and K and per channel for V, K
+// smoothed, P * 448 in e4m3, and the softmax denominator summed from the quantised P. Q and K take
+// Tile or Cluster; V any of the three.
 struct Fp8Options {
   Fp8Scale q_scale = Fp8Scale::Tile;
-  int q_tile = 64;
+  int q_tile = 128;
   Fp8Scale k_scale = Fp8Scale::Tile;
   int k_tile = 128;
   Fp8Scale v_scale = Fp8Scale::Channel;
   int v_tile = 128;
-  bool smooth_k = true;     // subtract the head's mean key before quantising K (softmax-invariant)
-  float p_scale = 448.0f;   // P in [0, 1] is stored as e4m3(P * p_scale); in [1, 448]
-  bool p_sum_e4m3 = false;  // the softmax denominator sums the quantised P (V per channel only), not fp32 P
+  bool smooth_k = true;    // subtract the head's mean key before quantising K (softmax-invariant)
+  float p_scale = 448.0f;  // P in [0, 1] is stored as e4m3(P * p_scale); in [1, 448]
+  bool p_sum_e4m3 = true;  // the softmax denominator sums the quantised P (needs V per channel)
 };
 
 }  // namespace sapattn

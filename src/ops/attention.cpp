@@ -78,7 +78,7 @@ void check_fp8_options(const Fp8Options& o) {
                 o.p_scale);
   SAPATTN_CHECK(!o.p_sum_e4m3 || o.v_scale == Fp8Scale::Channel, InvalidArgumentError,
                 "Fp8Options::p_sum_e4m3 needs v_scale Channel (with V's scale folded into P the quantised P no "
-                "longer sums the softmax weights)");
+                "longer sums the softmax weights): set p_sum_e4m3 = false ('sumf') for V per tile or cluster");
 }
 
 }  // namespace
