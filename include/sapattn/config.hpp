@@ -17,6 +17,13 @@ enum class KMeansSeeding : uint8_t {
   GreedyPP,  // kmeans_seed_greedy: greedy k-means++ on a seeded sample of kmeans_sample_factor * C points
 };
 
+// The precision of the sparse attention's two GEMMs (issue 14, docs/fp8.md).
+enum class AttentionDType : uint8_t {
+  Native,  // Q K^T and P V in the inputs' dtype (bf16/f16 on CUDA; fp32 arithmetic on the CPU)
+  E4M3,    // Q, K, V and P quantised to FP8 E4M3 with fp32 scales (block_sparse_attention_e4m3 with
+           // the default Fp8Options); fp32 accumulation and softmax
+};
+
 // The seed of the keys' initial k-means sample for a config's seed: another stream than the queries'
 // (the seed itself), so that the two samples are independent.
 constexpr uint64_t key_sample_seed(uint64_t seed) { return seed ^ 0x5bd1e9955bd1e995ull; }
@@ -60,6 +67,10 @@ struct Config {
   // Centroids and mask stay; q_cluster_sizes, the permutation and the compensation see the rounded
   // clusters. Both backends (the CUDA op gives the CPU's labels bit for bit). Off by default.
   bool round_q_clusters = false;
+  // Issue 14: the sparse attention in FP8 E4M3 (block_sparse_attention_e4m3, docs/fp8.md); the
+  // clustering and selection are unchanged. The CPU backend emulates the future kernel's arithmetic;
+  // there is no CUDA kernel yet (UnsupportedError on a CUDA stream). Off (Native) by default.
+  AttentionDType attention_dtype = AttentionDType::Native;
 
   // The first sparse call's seeding, before its kmeans_iters_init iterations. The defaults (with 14
   // iterations) are the CPU study's choice (docs/cuda.md): greedy k-means++ on 2C sampled points, then 14

@@ -289,6 +289,61 @@ void dense_attention(const TensorView& q, const TensorView& k, const TensorView&
                      TensorView lse, const Stream& stream);
 
 // ---------------------------------------------------------------------------------------------
+// FP8 attention (issue 14, docs/fp8.md): the e4m3 quantisation, and block-sparse attention with both
+// GEMMs in e4m3 computed as the Hopper kernel is to compute it, so that the kernel can be tested
+// against it and its options chosen now. CPU backend only so far: a CUDA stream throws
+// UnsupportedError, in a CUDA build too. The codec (OCP E4M3, round to nearest even, saturating at
+// +-448, NaN -> 0x7f) is src/core/fp8.hpp, shared with the kernels.
+// ---------------------------------------------------------------------------------------------
+
+// Quantises rows of x to e4m3 with fp32 scales. Row r of the result is y_r = x[perm[r]] - shift
+// (fp32; row r itself when perm is empty, no subtraction when shift is empty). Per group of rows
+// (Fp8Scale): amax = the largest |y| of the group, NaN when the group holds a non-finite value;
+// scale = amax / 448 and inverse = 448 / amax (fp32, both 0 when amax = 0); codes[r,d] =
+// e4m3(y[r,d] * inverse), so that y ~= e4m3_decode(code) * scale. Channel takes amax per column d
+// over every row of the head.
+//   x       [B,H,S,D] f32/f16/bf16, any strides
+//   perm    [B,H,S] i32 contiguous, a permutation of [0, S), or empty
+//   offsets [B,H,C+1] i32 contiguous, the clusters of the result's rows (from 0, non-decreasing, to
+//           S): used by Cluster only, and may be empty otherwise
+//   shift   [B,H,D] f32 contiguous, or empty (K's smoothing subtracts the head's mean key)
+//   codes   [B,H,S,D] u8 contiguous, written
+//   scales  [B,H,S] f32 contiguous, each row's group scale (Tile, Cluster), or [B,H,D] (Channel)
+// tile_rows >= 1 (Tile only).
+void quantize_e4m3(const TensorView& x, const TensorView& perm, const TensorView& offsets, const TensorView& shift,
+                   Fp8Scale granularity, int tile_rows, TensorView codes, TensorView scales, const Stream& stream);
+
+// block_sparse_attention (same arguments, same empty-row rule) with Q K^T and P V in e4m3,
+// fp32 accumulation and softmax. Per (b,h), in cluster order:
+//   1. mean = the head's mean key over all Sk rows (fp64 sum rounded to fp32, cluster_means' value
+//      for one cluster) when options.smooth_k, else no shift.
+//   2. quantize_e4m3 of Q (q_scale, q_tile, q_offsets), of K - mean (k_scale, k_tile, k_offsets) and
+//      of V (v_scale, v_tile, k_offsets): row scales sq_i, sk_j and V's sv_d (Channel) or sv_j.
+//   3. Query row i walks the keys of its cluster's kept key clusters, in key order, in chunks of 128
+//      (the GPU plan's key tiles): logit_ij = dot(q8_i, k8_j) * ((sq_i * scale) * sk_j), the dot an
+//      fp32 sum of the exact products of decoded codes; per chunk the online softmax in fp32
+//      (m = max(m, chunk max), acc and l scaled by exp(m_old - m)), p_ij = exp(logit_ij - m) in
+//      [0, 1], p8 = e4m3(p_ij * f_j) with f_j = p_scale (V per channel) or (p_scale * sv_j) / sv_max
+//      (V per tile or cluster: its scale folds into P; sv_max = the head's largest, and f_j = 0 when
+//      it is 0), acc[d] += decode(p8) * decode(v8_jd), and l += p_ij (l += decode(p8) with
+//      p_sum_e4m3).
+//   4. out[i,d] = (acc[d] * c_d) * (1 / l) with c_d = sv_d or sv_max, divided by p_scale unless
+//      p_sum_e4m3; lse_i = m + log(l) (log(l / p_scale) with p_sum_e4m3) + scale * dot(q_i, mean),
+//      q_i unquantised: smoothing moved row i's logits by -scale q_i . mean, which its softmax does
+//      not see and its LSE must.
+// A non-finite input makes its group's scale NaN, and every result computed with that scale NaN:
+// the rows of a Q group, every row that reads a K group, one column of every row for V per channel,
+// every row for V per tile or cluster (through sv_max). check_finite (svg2_attention's
+// Config::check_finite) reports such inputs before they get here.
+// Options (Fp8Options): q_scale and k_scale Tile or Cluster (a scale per column does not factor out
+// of Q K^T), tiles >= 1, p_scale in [1, 448] (P = 1 must stay a normal e4m3 number and never
+// saturate), p_sum_e4m3 only with V per channel; else InvalidArgumentError.
+void block_sparse_attention_e4m3(const TensorView& q, const TensorView& k, const TensorView& v,
+                                 const BlockLayout& layout, float scale, const Fp8Options& options, TensorView out,
+                                 TensorView lse, const Stream& stream, Workspace workspace = {},
+                                 const RowPermutation& perm = {});
+
+// ---------------------------------------------------------------------------------------------
 // Error-aware routing and centroid compensation (SVG-EAR, arXiv 2603.08982; docs/ear.md). Shapes as
 // above; every cluster-size tensor is [B,H,C] i32, contiguous, non-negative (InvalidArgumentError
 // otherwise; on CUDA a value check, see cuda/backend.hpp). On CUDA, cluster_means, ear_probe and

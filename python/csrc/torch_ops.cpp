@@ -160,37 +160,45 @@ void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* nam
   TORCH_CHECK_VALUE(a.device() == b.device(), "sapattn: ", name, " is on ", b.device(), " but q is on ", a.device());
 }
 
-// The routing names the op takes (SVG2Config.routing in python/sapattn/config.py) for the engine's Routing.
-constexpr std::pair<Routing, std::string_view> kRoutingNames[] = {{Routing::TopP, "top_p"},
-                                                                  {Routing::ErrorAware, "error_aware"}};
+// The names the op takes for the engine's enums (SVG2Config's string fields in
+// python/sapattn/config.py): one table per enum, listed in the order the error message names them.
+template <typename E>
+struct EnumNames;
+template <>
+struct EnumNames<Routing> {
+  static constexpr const char* field = "routing";
+  static constexpr std::pair<Routing, std::string_view> table[] = {{Routing::TopP, "top_p"},
+                                                                   {Routing::ErrorAware, "error_aware"}};
+};
+template <>
+struct EnumNames<KMeansSeeding> {
+  static constexpr const char* field = "kmeans_seeding";
+  static constexpr std::pair<KMeansSeeding, std::string_view> table[] = {{KMeansSeeding::GreedyPP, "greedy_pp"},
+                                                                         {KMeansSeeding::Sample, "sample"}};
+};
+template <>
+struct EnumNames<AttentionDType> {
+  static constexpr const char* field = "attention_dtype";
+  static constexpr std::pair<AttentionDType, std::string_view> table[] = {{AttentionDType::Native, "native"},
+                                                                          {AttentionDType::E4M3, "fp8_e4m3"}};
+};
 
-Routing routing_of(std::string_view name) {
-  for (const auto& [routing, routing_name] : kRoutingNames)
-    if (name == routing_name) return routing;
-  TORCH_CHECK_VALUE(false, "sapattn: routing must be 'top_p' or 'error_aware', got '", std::string(name), "'");
-  return Routing::TopP;
+// The value of a name, or ValueError: "routing must be 'top_p' or 'error_aware', got 'ear'".
+template <typename E>
+E enum_of(std::string_view name) {
+  std::string choices;
+  for (const auto& [value, known] : EnumNames<E>::table) {
+    if (name == known) return value;
+    choices += (choices.empty() ? "'" : " or '") + std::string(known) + "'";
+  }
+  TORCH_CHECK_VALUE(false, "sapattn: ", EnumNames<E>::field, " must be ", choices, ", got '", std::string(name), "'");
+  return EnumNames<E>::table[0].first;
 }
 
-std::string_view name_of(Routing routing) {
-  for (const auto& [known, routing_name] : kRoutingNames)
-    if (routing == known) return routing_name;
-  return "?";
-}
-
-// The seeding names (SVG2Config.kmeans_seeding) for the engine's KMeansSeeding.
-constexpr std::pair<KMeansSeeding, std::string_view> kSeedingNames[] = {{KMeansSeeding::Sample, "sample"},
-                                                                        {KMeansSeeding::GreedyPP, "greedy_pp"}};
-
-KMeansSeeding seeding_of(std::string_view name) {
-  for (const auto& [seeding, seeding_name] : kSeedingNames)
-    if (name == seeding_name) return seeding;
-  TORCH_CHECK_VALUE(false, "sapattn: kmeans_seeding must be 'greedy_pp' or 'sample', got '", std::string(name), "'");
-  return KMeansSeeding::GreedyPP;
-}
-
-std::string_view name_of(KMeansSeeding seeding) {
-  for (const auto& [known, seeding_name] : kSeedingNames)
-    if (seeding == known) return seeding_name;
+template <typename E>
+std::string_view name_of(E value) {
+  for (const auto& [known, name] : EnumNames<E>::table)
+    if (value == known) return name;
   return "?";
 }
 
@@ -223,8 +231,8 @@ struct Svg2Options {
 };
 
 using Svg2Member = std::variant<bool Config::*, int Config::*, int64_t Config::*, uint64_t Config::*, float Config::*,
-                                Routing Config::*, KMeansSeeding Config::*, bool Svg2Options::*,
-                                std::optional<at::Tensor> Svg2Options::*>;
+                                Routing Config::*, KMeansSeeding Config::*, AttentionDType Config::*,
+                                bool Svg2Options::*, std::optional<at::Tensor> Svg2Options::*>;
 
 struct Svg2Option {
   const char* name;
@@ -257,6 +265,7 @@ constexpr Svg2Option kSvg2Options[] = {
     {"kmeans_seeding", &Config::kmeans_seeding},
     {"kmeans_sample_factor", &Config::kmeans_sample_factor},
     {"round_q_clusters", &Config::round_q_clusters},
+    {"attention_dtype", &Config::attention_dtype},
 };
 
 // The arguments before the options, read by position in svg2_attention_boxed.
@@ -302,17 +311,12 @@ struct TorchArg<float> {
   }
   static float read(const c10::IValue& value) { return static_cast<float>(value.toDouble()); }
 };
-template <>
-struct TorchArg<Routing> {
+template <typename E>
+requires requires { EnumNames<E>::table; }
+struct TorchArg<E> {
   static constexpr std::string_view type = "str";
-  static std::string literal(Routing value) { return "\"" + std::string(name_of(value)) + "\""; }
-  static Routing read(const c10::IValue& value) { return routing_of(value.toStringView()); }
-};
-template <>
-struct TorchArg<KMeansSeeding> {
-  static constexpr std::string_view type = "str";
-  static std::string literal(KMeansSeeding value) { return "\"" + std::string(name_of(value)) + "\""; }
-  static KMeansSeeding read(const c10::IValue& value) { return seeding_of(value.toStringView()); }
+  static std::string literal(E value) { return "\"" + std::string(name_of(value)) + "\""; }
+  static E read(const c10::IValue& value) { return enum_of<E>(value.toStringView()); }
 };
 template <>
 struct TorchArg<std::optional<at::Tensor>> {
@@ -463,7 +467,7 @@ at::Tensor kmeans(const at::Tensor& points, at::Tensor& centroids, bool initiali
   return translating_errors([&] {
     check_same_device(points, centroids, "centroids");
     TORCH_CHECK_VALUE(iters >= 0, "sapattn: iters must be >= 0, got ", iters);
-    const KMeansSeeding seeding = seeding_of(std::string_view(seeding_name.data(), seeding_name.size()));
+    const auto seeding = enum_of<KMeansSeeding>(std::string_view(seeding_name.data(), seeding_name.size()));
     const DeviceGuard guard = guard_device(points);
     const TensorView pv = bshd_view(points, "points"), cv = view_of(centroids, "centroids");
     TORCH_CHECK_VALUE(cv.rank == 4, "sapattn: centroids must be [batch, heads, clusters, head_dim], got shape ",

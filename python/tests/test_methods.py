@@ -167,11 +167,21 @@ def test_diffusers_runs_every_method():
     outputs = {m: wan_output(model, inputs, base.with_method(m)) for m in ("sap", "ear", "ear-plus")}
     outputs["sap+c"] = wan_output(model, inputs, base.replace(compensate=True))
     outputs["sap d=0.5"] = wan_output(model, inputs, base.replace(density=0.5))
+    outputs["sap fp8"] = wan_output(model, inputs, base.replace(attention_dtype="fp8_e4m3"))
     names = list(outputs)
     for i, a in enumerate(names):
         assert torch.isfinite(outputs[a]).all(), a
         for b in names[i + 1:]:
             assert not torch.equal(outputs[a], outputs[b]), (a, b)
+
+
+def test_diffusers_refuses_fp8_off_the_cpu_at_enable():
+    model = tiny_models.wan_transformer(layers=1).to("meta")
+    with pytest.raises(NotImplementedError, match=r"attention_dtype='fp8_e4m3' has no CUDA kernel yet"):
+        sd.enable(model, sapattn.SVG2Config(attention_dtype="fp8_e4m3"))
+    assert not hasattr(model, "_sapattn")
+    sd.enable(model, sapattn.SVG2Config().with_method("ear-plus"))  # the native dtype runs on CUDA: accepted
+    sd.disable(model)
 
 
 def parse(*options):

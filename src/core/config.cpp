@@ -37,6 +37,9 @@ void Config::validate() const {
                 "scale must be finite and >= 0 (0 = 1/sqrt(D)), got ", scale);
   SAPATTN_CHECK(routing == Routing::TopP || routing == Routing::ErrorAware, InvalidArgumentError,
                 "routing must be TopP or ErrorAware, got ", static_cast<int>(routing));
+  SAPATTN_CHECK(attention_dtype == AttentionDType::Native || attention_dtype == AttentionDType::E4M3,
+                InvalidArgumentError, "attention_dtype must be Native or E4M3, got ",
+                static_cast<int>(attention_dtype));
   SAPATTN_CHECK(!compensate || key_shard_count == 1, InvalidArgumentError,
                 "compensate needs the whole key set in one call (key_shard_count = 1, got ", key_shard_count, ")");
   SAPATTN_CHECK(std::isfinite(ear_gamma) && ear_gamma >= 0.0f, InvalidArgumentError,

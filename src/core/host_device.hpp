@@ -1,5 +1,5 @@
-// SAPATTN_HOST_DEVICE marks arithmetic that both backends must compute bit for bit: plain C++ for
-// the CPU; under nvcc the same function compiles for the device too.
+// SAPATTN_HOST_DEVICE marks a function that both backends compile: plain C++ for the CPU, and
+// __host__ __device__ under nvcc, so that a CUDA kernel and its CPU reference run the same code.
 #pragma once
 
 #if defined(__CUDACC__)

@@ -39,6 +39,12 @@ void dense_attention(const TensorView& q, const TensorView& k, const TensorView&
                      TensorView lse, int threads);
 void block_density(const BlockLayout& layout, TensorView density, int threads);
 
+void quantize_e4m3(const TensorView& x, const TensorView& perm, const TensorView& offsets, const TensorView& shift,
+                   Fp8Scale granularity, int tile_rows, TensorView codes, TensorView scales, int threads);
+void block_sparse_attention_e4m3(const TensorView& q, const TensorView& k, const TensorView& v,
+                                 const BlockLayout& layout, float scale, const Fp8Options& options, TensorView out,
+                                 TensorView lse, const RowPermutation& perm, int threads);
+
 void cluster_means(const TensorView& points, const TensorView& labels, TensorView means, int threads);
 void centroid_probs(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes,
                     float scale, TensorView probs, int threads);

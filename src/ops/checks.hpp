@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <tuple>
 #include <utility>
 
 #include "sapattn/error.hpp"
@@ -54,6 +55,20 @@ inline void expect_extent_of(const TensorView& t, int dim, const char* name, con
                              const char* ref_name) {
   SAPATTN_CHECK(t.shape[dim] == ref.shape[dim], ShapeError, name, " dim ", t.caller_dim(dim), " (", "BHSD"[dim], " of ",
                 t.dim_names(), ") must be ", ref.shape[dim], " as in ", ref_name, ", got ", t.describe());
+}
+
+// t is contiguous, of `dtype`, with the extents `shape` (its rank); an extent of -1 takes any size.
+// `what` says where the extents come from ("B, H, S of x").
+inline void expect_contiguous_tensor(const TensorView& t, DType dtype, std::initializer_list<int64_t> shape,
+                                     const char* name, const char* what) {
+  expect_rank(t, static_cast<int>(shape.size()), name);
+  expect_dtype(t, dtype, name);
+  expect_contiguous(t, name);
+  int d = 0;
+  for (const int64_t extent : shape) {
+    if (extent >= 0) expect_extent(t, d, extent, name, what);
+    ++d;
+  }
 }
 
 // An attention input with a zero extent has nothing to attend: say so before any other check

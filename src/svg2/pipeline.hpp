@@ -81,7 +81,8 @@ void check_centroids(const CentroidViews& centroids, const AttentionShape& shape
                      const Stream& stream);
 
 // Given video labels and sizes, the video x video mask and centroids already selected: labels the
-// text tokens, applies the text rule, permutes, attends, adds the skipped video key clusters through
+// text tokens, applies the text rule, permutes, attends (in e4m3 when config.attention_dtype says so,
+// block_sparse_attention_e4m3 with the default Fp8Options), adds the skipped video key clusters through
 // their centroids when config.compensate, and writes the outputs in token order.
 void attend_clusters(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
                      const CentroidViews& centroids, const TensorView& k_sizes, Buffers& buffers,

@@ -110,6 +110,11 @@ AttentionShape check_inputs(const TensorView& q, const TensorView& k, const Tens
   SAPATTN_CHECK(k.dtype == q.dtype && v.dtype == q.dtype, DTypeError, "q, k and v must share a dtype, got ",
                 q.describe(), ", ", k.describe(), ", ", v.describe());
   config.validate_for(shape.seq, shape.head_dim);
+  // Refused before the call touches any state.
+  SAPATTN_CHECK(stream.device.type == DeviceType::CPU || config.attention_dtype == AttentionDType::Native,
+                UnsupportedError,
+                "attention_dtype E4M3 (the FP8 attention) has no CUDA kernel yet: the CPU backend emulates "
+                "it (docs/fp8.md); on a CUDA stream use attention_dtype Native");
   const int64_t B = shape.batch, H = shape.heads;
   if (!outputs.lse.empty()) {
     expect_rank(outputs.lse, 3, "lse");
@@ -150,7 +155,10 @@ void attend_clusters(const TensorView& q, const TensorView& k, const TensorView&
   // exists.
   const BlockLayout layout{buf.q_offsets, buf.k_offsets, buf.mask};
   const TensorView lse = config.compensate && outputs.lse.empty() ? buf.lse : outputs.lse;
-  if (buf.k_sorted.empty()) {
+  if (config.attention_dtype == AttentionDType::E4M3) {
+    block_sparse_attention_e4m3(q, k, v, layout, scale, Fp8Options{}, outputs.out, lse, stream, buf.op_scratch,
+                                RowPermutation{buf.q_perm, buf.k_perm});
+  } else if (buf.k_sorted.empty()) {
     block_sparse_attention(q, k, v, layout, scale, outputs.out, lse, stream, buf.op_scratch,
                            RowPermutation{buf.q_perm, buf.k_perm});
   } else {

@@ -16,7 +16,8 @@ int run_demo(int argc, char** argv);
 int run_eval(int argc, char** argv);
 int run_gen(int argc, char** argv);
 
-// --q-clusters, --k-clusters, --top-p, --min-kc-ratio, --kmeans-seeding, --kmeans-iters, --seed, --threads.
+// --q-clusters, --k-clusters, --top-p, --min-kc-ratio, --kmeans-seeding, --kmeans-iters, --seed,
+// --attention-dtype, --threads.
 std::vector<Option> svg2_options();
 
 // The config the SVG2 options ask for. Cluster counts default to the official Wan 720p ones (300

@@ -25,6 +25,9 @@ std::vector<Option> svg2_options() {
       {"kmeans-iters", "N", "k-means iterations (first call, after the seeding)",
        std::to_string(Config{}.kmeans_iters_init)},
       {"seed", "S", "seed of the initial centroid sample", "0"},
+      {"attention-dtype", "T",
+       "native (the inputs' precision) or fp8_e4m3 (Q K^T and P V in FP8 E4M3, emulated on the CPU; docs/fp8.md)",
+       "native"},
       {"threads", "N", "CPU threads", "all cores"},
   };
 }
@@ -43,6 +46,9 @@ Config config_from(const Args& args, int64_t video_tokens) {
                          : KMeansSeeding::GreedyPP;
   c.kmeans_iters_init = static_cast<int>(args.get_int("kmeans-iters", c.kmeans_iters_init, 0, 100000));
   c.seed = static_cast<uint64_t>(args.get_int("seed", 0, 0, INT64_MAX));
+  c.attention_dtype = args.get_choice("attention-dtype", "native", {"native", "fp8_e4m3"}) == "fp8_e4m3"
+                          ? AttentionDType::E4M3
+                          : AttentionDType::Native;
   return c;
 }
 

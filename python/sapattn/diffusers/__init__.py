@@ -74,6 +74,16 @@ def _transformers(target):
     return [getattr(t, "_orig_mod", t) for t in found]
 
 
+def _check_device(transformer, config: SVG2Config) -> None:
+    """Refuses, at enable() rather than at the first sparse call many steps later, a config whose FP8
+    attention the engine runs on the CPU only (the op would raise NotImplementedError)."""
+    device = next(transformer.parameters()).device
+    if config.attention_dtype != "native" and device.type != "cpu":
+        raise NotImplementedError(
+            f"sapattn: attention_dtype={config.attention_dtype!r} has no CUDA kernel yet (the CPU backend "
+            f"emulates it, docs/fp8.md) and the transformer is on {device}; use attention_dtype='native'")
+
+
 class _Installation:
     """What enable() changed on one transformer, so that disable() can put it back."""
 
@@ -163,6 +173,8 @@ def enable(target, config: Optional[SVG2Config] = None, *, telemetry: Union[str,
         adapter_for(t)
         if getattr(t, _ATTR, None) is not None:
             raise RuntimeError("sapattn is already enabled on this transformer: call disable() first")
+    for t in transformers:
+        _check_device(t, config)
     num_layers = len(adapter_for(transformers[0]).self_attention_modules(transformers[0]))
     if branches_per_step is None and not hasattr(target, "scheduler"):
         branches_per_step = 1
