@@ -157,7 +157,10 @@ Agreement compare_labels(const TensorView& points, const TensorView& centroids, 
 void expect_agreement(const Agreement& a, const std::string& what) {
   EXPECT_EQ(a.beyond_tie, 0) << what;
   EXPECT_EQ(a.settled_differ, 0) << what << ": a label differs on a row the exact re-ranking settles";
-  EXPECT_LE(a.differ, a.total / 1000) << what;  // >= 99.9% identical
+  // >= 99.9% identical where near-ties are rare (nine rows in ten settled). A case built with more
+  // centroids than points (C = 1000, N = 130) settles none: there any label within the tie bound is
+  // right, and the two checks above are the whole contract.
+  if (a.settled * 10 >= a.total * 9) EXPECT_LE(a.differ, a.total / 1000) << what;
 }
 
 HostTensor gpu_assign(const KmCase& k, const DeviceTensor& x, const DeviceTensor& c, const HostTensor& like,

@@ -50,10 +50,12 @@ TEST_P(FusedPermutation, MatchesGatherAttendScatter) {
   EXPECT_TRUE(matches(fused.first, fused.prepared.expected));
   // Unfused: the inputs gathered into cluster order, the op without permutations, the outputs scattered
   // back. The fused kernel reads the same rows into the same tiles, so the results are bit-identical.
-  // On the Hopper kernel rows read through a permutation take the cp.async loads, so the unfused call
+  // On the Hopper kernel key rows read through k_perm take the cp.async loads, so the unfused call
   // takes them too: TMA loads ("tma") lay keys out in other tiles (one cluster per slot of rows), which
-  // changes the order of the softmax sums (SparseAttention holds them to the reference).
-  setenv("SAPATTN_SM90_LOAD", "cpasync", 1);  // TearDown unsets it
+  // changes the order of the softmax sums (SparseAttention holds them to the reference). With q_perm
+  // alone the TMA kernel gathers the query rows and loads K and V as boxes, as the unfused call does
+  // under the same switch.
+  if (c.k_perm) setenv("SAPATTN_SM90_LOAD", "cpasync", 1);  // TearDown unsets it
   HostProblem unfused = p;
   unfused.q = cluster_order(p.q, p.q_perm);
   unfused.k = cluster_order(p.k, p.k_perm);

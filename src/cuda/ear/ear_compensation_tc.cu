@@ -49,20 +49,20 @@ namespace {
 using Op = __nv_bfloat16;  // the mma operand type, whatever q's dtype
 
 constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
+constexpr int kTcThreads = kWarps * 32;  // not ear::kThreads (256), which the host code in namespace ear would find first
 constexpr int kTileRows = 128;                 // query rows per block
 constexpr int kWarpRows = kTileRows / kWarps;  // 32 per warp: two m16 tiles share every K and V fragment
 constexpr int kMTiles = kWarpRows / 16;
 constexpr int kTileK = 64;      // pseudo-keys per tile (the sm80 attention's at head dim 128)
 constexpr int kWindow = 1024;   // candidate pseudo-keys per list build
-constexpr int kPerThread = kWindow / kThreads;
+constexpr int kPerThread = kWindow / kTcThreads;
 constexpr float kLog2e = 1.4426950408889634f;
 // The bias of a padding entry: its zero key row scores kPadBias, whose weight exp2(kPadBias scale
 // log2 e - max) is 0 for any scale the op takes (> 0, finite). Finite, so that no -inf enters the
 // mma accumulators; every tile holds at least one real entry, so it never sets a row's maximum.
 constexpr float kPadBias = -0x1p120f;
 constexpr float kLn2 = 0.6931471805599453f;
-static_assert(kThreads == kTileRows && kWindow % kTileK == 0 && kPerThread <= 32);
+static_assert(kTcThreads == kTileRows && kWindow % kTileK == 0 && kPerThread <= 32);
 
 // Head dims the kernel is built for: D is zero-padded to the next one.
 constexpr int padded_dim(int64_t D) { return D <= 64 ? 64 : 128; }
@@ -194,7 +194,7 @@ template <typename TQ, int Dp>
 __device__ __forceinline__ void load_q_tile(const TcParams& p, const int32_t* rows, unsigned char* tile) {
   constexpr int kChunks = Dp / 8;
   const int64_t b = blockIdx.y / p.H, h = blockIdx.y % p.H;
-  constexpr int kPerThreadChunks = kTileRows * kChunks / kThreads;
+  constexpr int kPerThreadChunks = kTileRows * kChunks / kTcThreads;
   static_assert(kPerThreadChunks % 4 == 0);
   const TQ* q = static_cast<const TQ*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
 #pragma unroll 1
@@ -202,13 +202,13 @@ __device__ __forceinline__ void load_q_tile(const TcParams& p, const int32_t* ro
     float f[4][8];
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
-      const int i = threadIdx.x + (u0 + u) * kThreads, row = i / kChunks, ch = i % kChunks;
+      const int i = threadIdx.x + (u0 + u) * kTcThreads, row = i / kChunks, ch = i % kChunks;
       const int32_t t = rows[row];
       load8(t >= 0 ? q + t * p.q_stride[2] : nullptr, p.q_stride[3], ch * 8, p.D, f[u]);
     }
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
-      const int i = threadIdx.x + (u0 + u) * kThreads, row = i / kChunks, ch = i % kChunks;
+      const int i = threadIdx.x + (u0 + u) * kTcThreads, row = i / kChunks, ch = i % kChunks;
       *reinterpret_cast<uint4*>(tile + swizzle<kChunks>(row, ch) * 16) = pack8(f[u]);
     }
   }
@@ -263,7 +263,7 @@ __device__ __forceinline__ int build_list(const TcParams& p, int64_t a, int w0, 
     ++pos;
   }
   const int padded = (count + kTileK - 1) / kTileK * kTileK;
-  for (int i = count + tid; i < padded; i += kThreads) {
+  for (int i = count + tid; i < padded; i += kTcThreads) {
     list[i] = -1;
     bias[i] = kPadBias;
   }
@@ -303,7 +303,7 @@ __device__ __forceinline__ void write_rows(const TcParams& p, const int32_t* row
 }
 
 template <int Dp, bool kPairValues>
-__global__ void __launch_bounds__(kThreads, 2) compensation_tc_kernel(const TcParams p) {
+__global__ void __launch_bounds__(kTcThreads, 2) compensation_tc_kernel(const TcParams p) {
   using L = Layout<Dp>;
   constexpr int kChunks = Dp / 8;
   constexpr int kNTiles = kTileK / 8;  // n8 tiles of S per m16 tile
@@ -324,7 +324,7 @@ __global__ void __launch_bounds__(kThreads, 2) compensation_tc_kernel(const TcPa
   const int32_t* offsets = p.offsets + bh * (p.Cq + 1);
   const int64_t x = blockIdx.x;
   int64_t before = 0;
-  for (int64_t a0 = 0; a0 < p.Cq; a0 += kThreads) {
+  for (int64_t a0 = 0; a0 < p.Cq; a0 += kTcThreads) {
     const int64_t c = a0 + tid;
     before += __syncthreads_count(c < p.Cq && first_block(offsets[c], c) <= x);
   }
@@ -364,12 +364,12 @@ __global__ void __launch_bounds__(kThreads, 2) compensation_tc_kernel(const TcPa
   flash::start_rows(o, row_max, row_sum);
 
   // Tiles are copied as rows of 16-byte chunks: thread t copies chunk t % kChunks of every
-  // (kThreads / kChunks)-th row. A padding entry (-1) becomes a zero row: finite scores, 0 * V = 0.
+  // (kTcThreads / kChunks)-th row. A padding entry (-1) becomes a zero row: finite scores, 0 * V = 0.
   auto load_operand = [&](uint32_t dst, const Op* head, int n) {
     const int load_row = tid / kChunks, load_chunk = tid % kChunks;
 #pragma unroll
-    for (int u = 0; u < kTileK * kChunks / kThreads; ++u) {
-      const int row = load_row + u * (kThreads / kChunks);
+    for (int u = 0; u < kTileK * kChunks / kTcThreads; ++u) {
+      const int row = load_row + u * (kTcThreads / kChunks);
       const int32_t c = list[n * kTileK + row];
       cp_async16_zfill(dst + swizzle<kChunks>(row, load_chunk) * 16,
                        c >= 0 ? static_cast<const void*>(head + static_cast<int64_t>(c) * Dp + load_chunk * 8) : head,
@@ -381,8 +381,8 @@ __global__ void __launch_bounds__(kThreads, 2) compensation_tc_kernel(const TcPa
     const int load_row = tid / kChunks, load_chunk = tid % kChunks;
     const float* head = item.pair_head;
 #pragma unroll
-    for (int u = 0; u < kTileK * kChunks / kThreads; ++u) {
-      const int row = load_row + u * (kThreads / kChunks);
+    for (int u = 0; u < kTileK * kChunks / kTcThreads; ++u) {
+      const int row = load_row + u * (kTcThreads / kChunks);
       const int32_t c = list[n * kTileK + row];
       float f[8];
       load8(c >= 0 ? head + static_cast<int64_t>(c) * p.D : nullptr, int64_t{1}, load_chunk * 8, p.D, f);
@@ -567,7 +567,7 @@ void compensation_tensor_cores(const char* op, const TensorView& q, const Tensor
     const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(BH));
     auto launch = [&](auto kernel, int smem) {
       set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
-      kernel<<<grid, kThreads, smem, cs>>>(p);
+      kernel<<<grid, kTcThreads, smem, cs>>>(p);
       SAPATTN_CUDA_CHECK_LAUNCH();
     };
     if (padded_dim(D) == 64) {
