@@ -167,6 +167,7 @@ void block_sparse_attention(const TensorView& q, const TensorView& k, const Tens
                 " (ask block_sparse_attention_workspace_bytes)");
   if (BH == 0 || Sq == 0) return;
   const int phases = k.shape[2] == 0 ? 1 : key_phases(q.dtype, stream.device.index, p.head_dim);
+  p.pair = is_sm90(q.dtype, stream.device.index, p.head_dim) && attn::sm90_pairs(p);
   Carver carver("block_sparse_attention", workspace);
   const size_t plan_bytes = attn::plan_workspace_bytes(BH, Cq, Ck, Sq);
   const Workspace plan_workspace{carver.take_bytes(plan_bytes), plan_bytes};
@@ -179,7 +180,8 @@ void block_sparse_attention(const TensorView& q, const TensorView& k, const Tens
   }
   const bool checked = begin_value_check(stream);
   for (int phase = 0; phase < phases; ++phase) {
-    p.plan = attn::build_plan(layout, Sq, k.shape[2], plan_workspace, stream_of(stream), phase, phases);
+    p.plan = attn::build_plan(layout, Sq, k.shape[2], plan_workspace, stream_of(stream), phase, phases,
+                              p.pair ? attn::kPairTileQ : attn::kTileQ);
     p.accumulate = phase > 0;
     launch(p, q.dtype, stream.device.index, stream_of(stream));
   }
@@ -192,6 +194,7 @@ void dense_attention(const TensorView& q, const TensorView& k, const TensorView&
   attn::Params p = make_params(q, k, v, scale, out, lse, perm, stream.device.index);
   if (q.shape[0] * q.shape[1] == 0 || q.shape[2] == 0) return;
   p.dense = true;
+  p.pair = is_sm90(q.dtype, stream.device.index, p.head_dim) && attn::sm90_pairs(p);
   const bool checked = begin_value_check(stream);
   launch(p, q.dtype, stream.device.index, stream_of(stream));
   if (checked) end_value_check(stream, "dense_attention");

@@ -22,7 +22,9 @@
 
 namespace sapattn::cuda::attn {
 
-inline constexpr int kTileQ = 128;  // query rows per work item
+inline constexpr int kTileQ = 128;  // query rows per work item (the plan's default)
+// The sm90 kernel's CTA pairs (Params::pair) take items of up to two tiles: one per CTA of the pair.
+inline constexpr int kPairTileQ = 2 * kTileQ;
 // An item's cost: its rows x its kept keys, plus this fixed part (loading its queries, writing its
 // outputs, as much as 64 keys of a full tile), so that items whose rows keep no key are cheap but
 // not free.
@@ -31,7 +33,7 @@ inline constexpr uint64_t kItemBaseCost = 64 * kTileQ;
 struct WorkItem {
   int32_t bh;         // b * H + h
   int32_t q_cluster;  // query cluster of every row
-  int32_t q_begin;    // rows [q_begin, q_end) of cluster-ordered Q, 0 < q_end - q_begin <= kTileQ
+  int32_t q_begin;    // rows [q_begin, q_end) of cluster-ordered Q, 0 < q_end - q_begin <= PlanView::item_rows
   int32_t q_end;
 };
 
@@ -62,9 +64,11 @@ struct PlanView {
   int32_t q_clusters = 0;
   int32_t k_clusters = 0;
   int32_t max_items = 0;  // capacity; a kernel's grid may be sized from it
+  int32_t item_rows = kTileQ;  // the most query rows of an item: kTileQ, or kPairTileQ for CTA pairs
 };
 
-// Upper bound on the number of work items: every cluster may end with a partial tile.
+// Upper bound on the number of work items (of kTileQ rows or more): every cluster may end with a
+// partial tile.
 inline int64_t max_work_items(int64_t batch_heads, int64_t q_clusters, int64_t q_tokens) {
   return batch_heads * ((q_tokens + kTileQ - 1) / kTileQ + q_clusters);
 }
@@ -84,8 +88,11 @@ size_t plan_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_c
 // still gets an item, with no keys where its row keeps none there. Running the phases one after
 // another, each merged into the earlier ones by LSE (Params::accumulate), gives the whole layout's
 // result while the CTAs of a phase share a 1/phases slice of a head's K and V in L2.
+//
+// item_rows (kTileQ or kPairTileQ) is the most rows of an item: the sm90 kernel's CTA pairs take
+// items of two tiles.
 PlanView build_plan(const BlockLayout& layout, int64_t q_tokens, int64_t k_tokens, Workspace workspace,
-                    cudaStream_t stream, int phase = 0, int phases = 1);
+                    cudaStream_t stream, int phase = 0, int phases = 1, int item_rows = kTileQ);
 
 // Everything a kernel needs. Strides are in elements; rows must have unit stride along D.
 struct Params {
@@ -110,6 +117,8 @@ struct Params {
   int32_t* next_item = nullptr;     // sm90 with TMA loads: plan.next_item, items taken as CTAs free up;
                                     // null: CTA i takes items i, i + grid, ...  (set by the launcher)
   bool accumulate = false;          // sm90: out and lse hold an earlier key phase's rows; merge by LSE
+  bool pair = false;                // sm90 with TMA loads: CTA pairs share each item's K/V loads
+                                    // (plan.item_rows == kPairTileQ; set by the attention call)
   int* flag = nullptr;              // value-check flag: a perm entry outside [0, S) ORs kBadPermIndex in
                                     // (the row is then read as zeros / not written)
 };
@@ -142,7 +151,10 @@ using KernelHeadDims = HeadDims<64, 128>;
 // The kernels, for the instances above (is_bf16 picks the element type). Both launch on `stream`
 // and return without waiting.
 void run_sm90(const Params& params, bool is_bf16, cudaStream_t stream);
-void run_sm80(const Params& params, bool is_bf16, cudaStream_t stream);  // params.accumulate must be false
+void run_sm80(const Params& params, bool is_bf16, cudaStream_t stream);  // params.accumulate and .pair false
 bool sm90_compiled();  // whether this build holds the sm_90a kernel
+// Whether the sm90 kernel runs `params` (its plan still to be built) as CTA pairs: the
+// SAPATTN_SM90_PAIR switch, where the TMA loads run.
+bool sm90_pairs(const Params& params);
 
 }  // namespace sapattn::cuda::attn

@@ -7,7 +7,8 @@
 // cluster of n rows starting at o ends before floor((o + n) / kTileQ) + a + 1) and end before
 // floor(Sq / kTileQ) + Cq, and slot order is (bh, cluster, q_begin) order. The slots left over
 // keep key 0; every item's key is larger, so the stable descending sort puts the items first, equal
-// keys in slot order, the empty slots after them.
+// keys in slot order, the empty slots after them. Items of item_rows = kPairTileQ rows (the sm90
+// kernel's CTA pairs) take the first ceil(n / kPairTileQ) of the same slots.
 //
 // The sort key is (head, cost): heads in ascending order, within a head the heaviest items first.
 // A persistent grid striding over the items then works on one or two heads at a time, whose K and
@@ -55,6 +56,7 @@ struct LayoutView {
   int cost_bits;         // bits of the largest cost; the head goes above them in the sort key
   PlanOrder order;       // what orders the items within a head
   int phase, phases;     // key phases (build_plan): only kept clusters starting in phase `phase`
+  int item_rows;         // the most rows of an item (kTileQ or kPairTileQ)
 };
 
 // The plan's outputs and the sort's input.
@@ -177,11 +179,11 @@ __global__ void __launch_bounds__(kRowThreads) plan_rows_kernel(LayoutView layou
   }
   const int32_t* qo = layout.q_offsets + bh * (layout.q_clusters + 1);
   const int32_t q_lo = qo[a], q_hi = qo[a + 1];
-  const int32_t tiles = (q_hi - q_lo + kTileQ - 1) / kTileQ;
+  const int32_t tiles = (q_hi - q_lo + layout.item_rows - 1) / layout.item_rows;
   const int64_t slot0 = bh * layout.slots_per_bh + q_lo / kTileQ + a;
   const uint64_t head_key = static_cast<uint64_t>(layout.batch_heads - 1 - bh) << layout.cost_bits;
   for (int32_t t = threadIdx.x; t < tiles; t += kRowThreads) {
-    const int32_t q_begin = q_lo + t * kTileQ, q_end = min_of(q_begin + kTileQ, q_hi);
+    const int32_t q_begin = q_lo + t * layout.item_rows, q_end = min_of(q_begin + layout.item_rows, q_hi);
     const uint64_t cost = static_cast<uint64_t>(q_end - q_begin) * keys + kItemBaseCost;
     // Every field is below 2^cost_bits, and nonzero, so that the empty slots (key 0) sort last.
     const uint64_t place = layout.order == PlanOrder::Cost       ? cost
@@ -254,9 +256,11 @@ size_t plan_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_c
 }
 
 PlanView build_plan(const BlockLayout& layout, int64_t q_tokens, int64_t k_tokens, Workspace workspace,
-                    cudaStream_t stream, int phase, int phases) {
+                    cudaStream_t stream, int phase, int phases, int item_rows) {
   SAPATTN_CHECK(phases >= 1 && phase >= 0 && phase < phases, InvalidArgumentError, "key phase ", phase, " of ", phases,
                 " is not a phase");
+  SAPATTN_CHECK(item_rows == kTileQ || item_rows == kPairTileQ, InvalidArgumentError, "a plan's items take ", kTileQ,
+                " or ", kPairTileQ, " query rows, got ", item_rows);
   const int64_t B = layout.q_offsets.shape[0], H = layout.q_offsets.shape[1];
   const int64_t BH = B * H, Cq = layout.q_offsets.shape[2] - 1, Ck = layout.k_offsets.shape[2] - 1;
   Carver carver("block_sparse_attention (plan)", workspace);
@@ -272,6 +276,7 @@ PlanView build_plan(const BlockLayout& layout, int64_t q_tokens, int64_t k_token
   plan.q_clusters = static_cast<int32_t>(Cq);
   plan.k_clusters = static_cast<int32_t>(Ck);
   plan.max_items = static_cast<int32_t>(s.capacity);
+  plan.item_rows = item_rows;
   if (BH == 0) {
     SAPATTN_CUDA_CHECK(cudaMemsetAsync(s.num_items, 0, 2 * sizeof(int32_t), stream));
     return plan;
@@ -291,11 +296,12 @@ PlanView build_plan(const BlockLayout& layout, int64_t q_tokens, int64_t k_token
   view.batch_heads = BH;
   // Only the bits a key can occupy: fewer radix passes.
   const uint64_t max_cost =
-      static_cast<uint64_t>(kTileQ) * static_cast<uint64_t>(std::max<int64_t>(k_tokens, 0)) + kItemBaseCost;
+      static_cast<uint64_t>(item_rows) * static_cast<uint64_t>(std::max<int64_t>(k_tokens, 0)) + kItemBaseCost;
   view.cost_bits = static_cast<int>(std::bit_width(max_cost));
   view.order = plan_order();
   view.phase = phase;
   view.phases = phases;
+  view.item_rows = item_rows;
   const int key_bits = view.cost_bits + static_cast<int>(std::bit_width(static_cast<uint64_t>(BH)));
   const PlanOut out{s.segments, s.num_segments, s.bh_ok, s.key_in, s.items_in, s.num_items};
 

@@ -347,6 +347,8 @@ void launch(const Params& p, cudaStream_t stream) {
 }  // namespace
 
 void run_sm80(const Params& params, bool is_bf16, cudaStream_t stream) {
+  SAPATTN_CHECK(!params.pair && (params.dense || params.plan.item_rows == kTileQ), InvalidArgumentError,
+                "the sm80 attention kernel runs items of ", kTileQ, " rows, without CTA pairs");
   const bool found = KernelHeadDims::dispatch<__nv_bfloat16, __half>(is_bf16, params.head_dim, [&](auto instance) {
     using I = decltype(instance);
     launch<typename I::T, I::kHeadDim>(params, stream);

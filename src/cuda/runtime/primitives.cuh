@@ -144,6 +144,30 @@ __device__ __forceinline__ void tma_load_4d(const void* map, uint64_t* bar, void
       : "memory");
 }
 
+// tma_load_4d into the same shared-memory offset of every CTA of the cluster named in `cta_mask`
+// (bit r: CTA rank r), each copy counted on the mbarrier at `bar`'s offset in that CTA.
+__device__ __forceinline__ void tma_load_4d_multicast(const void* map, uint64_t* bar, void* smem, uint16_t cta_mask,
+                                                      int32_t c0, int32_t c1, int32_t c2, int32_t c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6], %7;\n" ::"r"(smem_addr(smem)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_addr(bar)), "h"(cta_mask)
+      : "memory");
+}
+
+// `count` arrivals, with release semantics at cluster scope, on the mbarrier at `bar`'s offset in the
+// shared memory of the cluster's CTA `cta` (this CTA's own rank included).
+__device__ __forceinline__ void mbarrier_arrive_cluster(const uint64_t* bar, uint32_t cta, uint32_t count) {
+  asm volatile(
+      "{\n"
+      ".reg .b32 remote;\n"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote], %2;\n"
+      "}\n" ::"r"(smem_addr(bar)),
+      "r"(cta), "r"(count)
+      : "memory");
+}
+
 // One box of a 3-D tensor map at (c0, c1, c2), as tma_load_4d.
 __device__ __forceinline__ void tma_load_3d(const void* map, uint64_t* bar, void* smem, int32_t c0, int32_t c1,
                                             int32_t c2) {

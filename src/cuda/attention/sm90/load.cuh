@@ -269,7 +269,15 @@ __device__ __forceinline__ void gather_q_warp(const Params& p, const Item& it, c
 // for K and then V. In the dense mode a key tile is one kBlockN-row box per column block. With Q
 // lane 0 also publishes the item's key tile count and its index (s.item_blocks, s.item_index).
 // kQGather: Q rows are read through q_perm with cp.async (gather_q_warp), not as boxes.
-template <class Tr, bool kQGather>
+//
+// kPair (CTA pairs, scheduler.cuh): both CTAs of the pair walk the same items and key tiles, so
+// their stage rings stay in step; CTA 0 loads each K tile and CTA 1 each V tile, multicast into both
+// CTAs' stage (the same offsets), and each CTA's lane 0 expects the whole tile's bytes on its own
+// barriers, as without pairs. A stage is rewritten only once the consumers of both CTAs have freed
+// it: its "empty" barriers count both CTAs' consumer threads (the consumers arrive on the peer's too).
+// Each CTA's Q is its own. At the end the producer waits until every stage is free again (both CTAs'
+// consumers have arrived on its barriers), so that no arrival reaches a CTA that has exited.
+template <class Tr, bool kQGather, bool kPair>
 __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::Smem& s, int num_items, int q_tiles) {
   using T = typename Tr::T;
   constexpr uint32_t kQBytes = Tr::kBlockM * Tr::kChunksPerRow * 16;
@@ -277,6 +285,8 @@ __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::
   constexpr int kAtomElems = 8 * 64;  // one 8 x 64 swizzle atom
   const int lane = threadIdx.x % 32;
   const int slot = lane % Tr::kSlots, col_block = lane / Tr::kSlots;
+  constexpr uint16_t kBothCtas = 0b11;
+  const bool loads_k = !kPair || pair_rank() == 0, loads_v = !kPair || pair_rank() == 1;
   int tile_count = 0;  // key tiles loaded by this CTA so far: the pipeline position
   ItemScheduler<Tr, true> items(p, s, num_items, q_tiles);
   int item_count = 0;  // items loaded so far: the Q buffer's position
@@ -347,14 +357,34 @@ __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::
         cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.k_full[stage], kTileBytes);
       }
       __syncwarp();  // the expected bytes are set before any copy of the stage is issued
-      if (issues) tma_load_4d(&maps.k[map], &s.k_full[stage], k_dst, col_block * 64, row, h, b);
+      if (issues && loads_k) {
+        if constexpr (kPair) {
+          tma_load_4d_multicast(&maps.k[map], &s.k_full[stage], k_dst, kBothCtas, col_block * 64, row, h, b);
+        } else {
+          tma_load_4d(&maps.k[map], &s.k_full[stage], k_dst, col_block * 64, row, h, b);
+        }
+      }
       Barrier::wait(&s.v_empty[stage], phase ^ 1);
       if (lane == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.v_full[stage], kTileBytes);
       __syncwarp();
-      if (issues) tma_load_4d(&maps.v[map], &s.v_full[stage], v_dst, col_block * 64, row, h, b);
+      if (issues && loads_v) {
+        if constexpr (kPair) {
+          tma_load_4d_multicast(&maps.v[map], &s.v_full[stage], v_dst, kBothCtas, col_block * 64, row, h, b);
+        } else {
+          tma_load_4d(&maps.v[map], &s.v_full[stage], v_dst, col_block * 64, row, h, b);
+        }
+      }
     }
   }
   items.finish(item_count, kQGather ? kQGatherArrivals : 1);
+  if constexpr (kPair) {
+    for (int i = 0; i < Tr::kStages; ++i, ++tile_count) {
+      const int stage = tile_count % Tr::kStages;
+      const int phase = (tile_count / Tr::kStages) & 1;
+      Barrier::wait(&s.k_empty[stage], phase ^ 1);
+      Barrier::wait(&s.v_empty[stage], phase ^ 1);
+    }
+  }
   if constexpr (kQGather) cute::cp_async_wait<0>();  // leave no copy in flight behind an exiting lane
 }
 

@@ -21,8 +21,9 @@
 
 namespace sapattn::cuda::attn::sm90 {
 
-// Epilogue: epilogue.cuh's, or any type with the same store().
-template <class Tr, bool kTma, class Epilogue>
+// Epilogue: epilogue.cuh's, or any type with the same store(). kPair (CTA pairs, load.cuh): a
+// stage is freed on both CTAs' "empty" barriers, the peer's through one arrival of 32 per warp.
+template <class Tr, bool kTma, bool kPair, class Epilogue>
 __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, int q_tiles, const Epilogue& epilogue) {
   using T = typename Tr::T;
   constexpr int kBlockN = Tr::kBlockN;
@@ -50,6 +51,15 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
   // group), the A fragment's is (col pair, row half, k half, 16-col block): the same flat order.
   auto tOrP = make_tensor<T>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBlockN / 16>>>{});
   static_assert(size(tOrP) == size(tSrS));
+
+  // Frees a stage's K or V buffer for the producers (both CTAs' with pairs).
+  auto free_stage = [&](uint64_t& empty) {
+    Barrier::arrive(&empty);
+    if constexpr (kPair) {
+      __syncwarp();
+      if (lane == 0) mbarrier_arrive_cluster(&empty, pair_rank() ^ 1, 32);
+    }
+  };
 
   const float scale_log2 = p.scale * 1.4426950408889634f;
   float row_max[2], row_sum[2];
@@ -166,16 +176,16 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
     // An item of at most 64 rows is split: both warpgroups compute rows [0, 64), warpgroup w the key
     // tiles w, w + 2, ..., and warpgroup 0 merges the two halves (by their row maxima) before the
     // epilogue. Unsplit, such an item would leave warpgroup 1 idle and run at half the pair rate.
-    const bool split = p.split_tails && it.rows <= 64 && n_blocks >= 2;
+    const bool split = p.split_tails && it.rows > 0 && it.rows <= 64 && n_blocks >= 2;
     const auto stage_of = [&](int n) { return (tile_count + n) % Tr::kStages; };
     const auto phase_of = [&](int n) { return ((tile_count + n) / Tr::kStages) & 1; };
     // A key tile this warpgroup does not compute: released once loaded, which keeps every stage's
     // barrier phases in order.
     const auto release = [&](int n) {
       Barrier::wait(&s.k_full[stage_of(n)], phase_of(n));
-      Barrier::arrive(&s.k_empty[stage_of(n)]);
+      free_stage(s.k_empty[stage_of(n)]);
       Barrier::wait(&s.v_full[stage_of(n)], phase_of(n));
-      Barrier::arrive(&s.v_empty[stage_of(n)]);
+      free_stage(s.v_empty[stage_of(n)]);
     };
     if (!split && it.rows <= 64 * wg) {
       // No row of this warpgroup: keep the barrier protocol without computing.
@@ -206,7 +216,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       issue_qk(stage, split);
       pass_turn();
       warpgroup_wait<0>();
-      Barrier::arrive(&s.k_empty[stage]);
+      free_stage(s.k_empty[stage]);
       softmax(first, it.keys, counts, rescale);
       convert_p();
       for (int n = first + step; n < n_blocks; n += step) {
@@ -222,10 +232,10 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
         issue_pv(prev_stage);
         pass_turn();
         warpgroup_wait<1>();  // S of tile n is ready; P V of the previous tile may still run
-        Barrier::arrive(&s.k_empty[stage]);
+        free_stage(s.k_empty[stage]);
         softmax(n, it.keys, counts, rescale);
         warpgroup_wait<0>();
-        Barrier::arrive(&s.v_empty[prev_stage]);
+        free_stage(s.v_empty[prev_stage]);
         warpgroup_fence_operand(tOrO);
         rescale_o(rescale);
         convert_p();
@@ -236,7 +246,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       pass_turn();
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
-      Barrier::arrive(&s.v_empty[stage]);
+      free_stage(s.v_empty[stage]);
       if (split && (n_blocks - 1) % 2 != wg) release(n_blocks - 1);  // the last tile is the other's
     }
     // Warpgroup 1 of a split item with an odd number of tiles computed one tile fewer: one more

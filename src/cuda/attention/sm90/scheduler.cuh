@@ -15,35 +15,57 @@ struct Item {
   int32_t keys;  // length of the virtual key sequence
 };
 
+// The CTA pairs (Params::pair, a cluster of two CTAs): both CTAs of a pair work on the same item
+// of up to kPairTileQ rows, which share their keys, and each computes its own rows of it: CTA 0
+// the first kTileQ rows and CTA 1 the rest, or, in an item of at most kTileQ rows, 64 rows each (so
+// that each CTA's two consumer warpgroups split the key tiles of its rows). An item of at most 64
+// rows leaves CTA 1 no rows: it keeps loading its share of the keys and the barrier protocol.
+__device__ __forceinline__ int pair_rank() { return static_cast<int>(blockIdx.x % 2); }
+
+__device__ __forceinline__ void take_pair_share(Item& it) {
+  const int32_t first = it.rows > kTileQ ? kTileQ : min(it.rows, 64);
+  if (pair_rank() == 0) {
+    it.rows = first;
+  } else {
+    it.q_begin += first;
+    it.rows -= first;
+  }
+}
+
+// The query rows of a dense-mode item (a q tile), and the q tiles of a sequence.
+__device__ __forceinline__ int dense_tile_rows(const Params& p) { return p.pair ? kPairTileQ : kTileQ; }
+
 __device__ __forceinline__ Item load_item(const Params& p, int index, int q_tiles) {
   Item it;
   if (p.dense) {
+    const int tile_rows = dense_tile_rows(p);
     it.bh = index / q_tiles;
-    it.q_begin = (index % q_tiles) * kTileQ;
-    it.rows = min(kTileQ, p.seq_q - it.q_begin);
+    it.q_begin = (index % q_tiles) * tile_rows;
+    it.rows = min(tile_rows, p.seq_q - it.q_begin);
     it.segments = nullptr;
     it.num_segments = 1;
     it.keys = p.seq_k;
-    return it;
+  } else {
+    const WorkItem w = p.plan.items[index];
+    const int64_t row = static_cast<int64_t>(w.bh) * p.plan.q_clusters + w.q_cluster;
+    it.bh = w.bh;
+    it.q_begin = w.q_begin;
+    it.rows = w.q_end - w.q_begin;
+    it.segments = p.plan.segments + row * p.plan.k_clusters;
+    it.num_segments = p.plan.num_segments[row];
+    it.keys = it.num_segments > 0 ? it.segments[it.num_segments - 1].cum_end : 0;
   }
-  const WorkItem w = p.plan.items[index];
-  const int64_t row = static_cast<int64_t>(w.bh) * p.plan.q_clusters + w.q_cluster;
-  it.bh = w.bh;
-  it.q_begin = w.q_begin;
-  it.rows = w.q_end - w.q_begin;
-  it.segments = p.plan.segments + row * p.plan.k_clusters;
-  it.num_segments = p.plan.num_segments[row];
-  it.keys = it.num_segments > 0 ? it.segments[it.num_segments - 1].cum_end : 0;
+  if (p.pair) take_pair_share(it);
   return it;
 }
 
-// The producer warp's next item. Static: CTA i takes items i, i + grid, ... Dynamic (p.next_item):
+// The producer warp's next item. Static: `stride` on (the grid, or the pairs). Dynamic (p.next_item):
 // the next one nobody has taken, so that CTAs whose items were lighter do not drift ahead of the
 // others into other heads. Every item but the first grid's is handed out by one fetch, and each
 // CTA's last fetch finds none left: the fetches return 0 ... num_items - 1 in all, and the one that
 // returns num_items - 1 is the launch's last, which puts the counter back to 0 for the next launch.
-__device__ __forceinline__ int next_index(const Params& p, int index, int num_items, int lane) {
-  if (p.next_item == nullptr) return index + gridDim.x;
+__device__ __forceinline__ int next_index(const Params& p, int index, int stride, int num_items, int lane) {
+  if (p.next_item == nullptr) return index + stride;
   int taken = 0;
   if (lane == 0) {
     taken = atomicAdd(p.next_item, 1);
@@ -57,7 +79,8 @@ __device__ __forceinline__ int next_index(const Params& p, int index, int num_it
 //   ItemScheduler<...> items(p, s, num_items, q_tiles);
 //   for (int q_count = 0; items.valid(q_count); items.advance(), ++q_count) work(items.item());
 //
-// Static (p.next_item null): CTA i takes items i, i + grid, ... Dynamic: the producer warp takes the
+// Static (p.next_item null): CTA i takes items i, i + grid, ... (CTA pair i: i, i + pairs, ...).
+// Dynamic (not with pairs): the producer warp takes the
 // next item nobody has taken (next_index) and hands its index to the consumers with the item's Q:
 // it writes s.item_index before it arrives on q_full, and the consumers read it once q_full has
 // completed. So on the consumer side valid() first waits for the current item's Q (in the static
@@ -74,7 +97,12 @@ template <class Tr, bool kProducer, bool kMayBeDynamic = true>
 class ItemScheduler {
  public:
   __device__ __forceinline__ ItemScheduler(const Params& p, typename Tr::Smem& s, int num_items, int q_tiles)
-      : p_(p), s_(s), num_items_(num_items), q_tiles_(q_tiles), index_(blockIdx.x) {}
+      : p_(p),
+        s_(s),
+        num_items_(num_items),
+        q_tiles_(q_tiles),
+        index_(p.pair ? blockIdx.x / 2 : blockIdx.x),
+        stride_(p.pair ? gridDim.x / 2 : gridDim.x) {}
 
   // Whether the current item exists. A consumer first waits for the item's Q: q_count, the items it has
   // finished, gives q_full's phase (in the dynamic mode the item's index comes with its Q). The
@@ -97,9 +125,9 @@ class ItemScheduler {
 
   __device__ __forceinline__ void advance() {
     if constexpr (kProducer && kMayBeDynamic) {
-      index_ = next_index(p_, index_, num_items_, threadIdx.x % 32);
+      index_ = next_index(p_, index_, stride_, num_items_, threadIdx.x % 32);
     } else {
-      index_ += gridDim.x;  // a consumer in the dynamic mode: replaced by the producer's in valid()
+      index_ += stride_;  // a consumer in the dynamic mode: replaced by the producer's in valid()
     }
   }
 
@@ -123,6 +151,7 @@ class ItemScheduler {
   typename Tr::Smem& s_;
   const int num_items_, q_tiles_;
   int index_;
+  const int stride_;
 };
 
 }  // namespace sapattn::cuda::attn::sm90
