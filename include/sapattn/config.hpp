@@ -17,7 +17,7 @@ enum class KMeansSeeding : uint8_t {
   GreedyPP,  // kmeans_seed_greedy: greedy k-means++ on a seeded sample of kmeans_sample_factor * C points
 };
 
-// The precision of the sparse attention's two GEMMs (issue 14, docs/fp8.md).
+// The precision of the sparse attention's two GEMMs (docs/fp8.md).
 enum class AttentionDType : uint8_t {
   Native,  // Q K^T and P V in the inputs' dtype (bf16/f16 on CUDA; fp32 arithmetic on the CPU)
   E4M3,    // Q, K, V and P quantised to FP8 E4M3 with fp32 scales (block_sparse_attention_e4m3 with
