@@ -289,7 +289,7 @@ void dense_attention(const TensorView& q, const TensorView& k, const TensorView&
                      TensorView lse, const Stream& stream);
 
 // ---------------------------------------------------------------------------------------------
-// FP8 attention (issue 14, docs/fp8.md): the e4m3 quantisation, and block-sparse attention with both
+// FP8 attention (docs/fp8.md): the e4m3 quantisation, and block-sparse attention with both
 // GEMMs in e4m3 computed as the Hopper kernel is to compute it, so that the kernel can be tested
 // against it and its options chosen now. CPU backend only so far: a CUDA stream throws
 // UnsupportedError, in a CUDA build too. The codec (OCP E4M3, round to nearest even, saturating at

@@ -110,7 +110,7 @@ void block_sparse_attention_e4m3(const TensorView& q, const TensorView& k, const
   if (!perm.q_perm.empty()) check_row_permutation(perm.q_perm, B, H, q.shape[2], "q_perm", stream);
   if (!perm.k_perm.empty()) check_row_permutation(perm.k_perm, B, H, k.shape[2], "k_perm", stream);
   SAPATTN_CHECK(where == DeviceType::CPU, UnsupportedError,
-                "block_sparse_attention_e4m3: the FP8 attention has no CUDA kernel yet (issue 14); the CPU backend "
+                "block_sparse_attention_e4m3: the FP8 attention has no CUDA kernel yet; the CPU backend "
                 "emulates it");
   cpu::block_sparse_attention_e4m3(q, k, v, layout, scale, options, out, lse, perm, cpu_threads(stream));
 }

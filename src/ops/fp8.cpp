@@ -38,7 +38,7 @@ void quantize_e4m3(const TensorView& x, const TensorView& perm, const TensorView
   if (!perm.empty()) expect_device(perm, stream);
   if (!shift.empty()) expect_device(shift, stream);
   SAPATTN_CHECK(where == DeviceType::CPU, UnsupportedError,
-                "quantize_e4m3: not yet on CUDA (issue 14: the quantisation is to be fused into the permutation); run "
+                "quantize_e4m3: not yet on CUDA (the quantisation is to be fused into the permutation); run "
                 "it on a CPU stream");
   cpu::quantize_e4m3(x, perm, offsets, shift, granularity, tile_rows, codes, scales, cpu_threads(stream));
 }
