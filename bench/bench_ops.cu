@@ -84,7 +84,7 @@ void emit(const BenchShape& s, const std::string& op, const Timing& t, double by
   measurement(s, op, t, bytes, flops).print();
 }
 
-// SVG-EAR's compensation (issue 20) on the clusters of this run: every video query row against the
+// SVG-EAR's compensation (docs/ear.md) on the clusters of this run: every video query row against the
 // key clusters its query cluster skips, at a kept share of 0.15 (the density of the attention
 // estimates), on the tensor cores (the default), on the CUDA-core kernel it replaces, and ear-plus's
 // (two pseudo-keys per key cluster, with the spread). FLOPs: the two GEMMs over the skipped pairs.
@@ -221,7 +221,7 @@ void bench_shape(const BenchShape& s, int reps) {
        2 * point_bytes, 2.0 * 2 * BH * S * Cq * D);
   emit(s, "kmeans_2it_k", timer.time([&] { kmeans(kv, kc.view(), kl.view(), ks.view(), 2, st, ws); }, 3, reps),
        2 * point_bytes, 2.0 * 2 * BH * S * Ck * D);
-  // The step and one assignment of each with each tensor-core assignment kernel (issue 13): the
+  // The step and one assignment of each with each tensor-core assignment kernel (docs/cuda.md): the
   // mma.sync kernel and, on an sm_90 device, the wgmma kernel in its default configuration. The rows
   // above ran the default ("auto": the wgmma kernel where it runs).
   for (const char* kernel : {"mma", "wgmma"}) {

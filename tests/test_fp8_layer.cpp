@@ -160,7 +160,7 @@ Tensor run_layer(const Layer& l, const Config& config) {
 }
 
 // Off by default; on, the same clusters and selection (the clustering does not read the switch)
-// with the attention in e4m3: close to the native output, and not equal to it. 0.05 is the issue's
+// with the attention in e4m3: close to the native output, and not equal to it. 0.05 is the FP8 goal's
 // bound on the worst head's relative L2 error (docs/fp8.md measures 0.02-0.03 on such heads).
 TEST(AttentionDTypeSwitch, HonouredOnTheCpu) {
   const Layer l = make_layer();

@@ -61,13 +61,13 @@ struct Config {
                                  // ranked by the probe's row-normalised error per area
   bool ear_split = false;        // compensation through two sub-centroids per key cluster (split_clusters)
                                  // instead of one; with ear_spread/ear_pair_values, theirs too
-  // Issue 12 (docs/attention.md, "Query padding at 64-row blocks"): after the selection, move a few
+  // Query padding (docs/attention.md, "Query padding at 64-row blocks"): after the selection, move a few
   // video queries between query clusters (round_query_clusters with its default RoundQueryOptions:
   // slack 16, cap 0.1, prefilter 4, 8 rounds) so that fewer 64-row blocks carry padding rows.
   // Centroids and mask stay; q_cluster_sizes, the permutation and the compensation see the rounded
   // clusters. Both backends (the CUDA op gives the CPU's labels bit for bit). Off by default.
   bool round_q_clusters = false;
-  // Issue 14: the sparse attention in FP8 E4M3 (block_sparse_attention_e4m3, docs/fp8.md); the
+  // FP8: the sparse attention in FP8 E4M3 (block_sparse_attention_e4m3, docs/fp8.md); the
   // clustering and selection are unchanged. The CPU backend emulates the future kernel's arithmetic;
   // there is no CUDA kernel yet (UnsupportedError on a CUDA stream). Off (Native) by default.
   AttentionDType attention_dtype = AttentionDType::Native;

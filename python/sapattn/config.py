@@ -78,7 +78,7 @@ class SVG2Config:
     # After the selection, move a few video queries between query clusters so that fewer
     # 64-row blocks carry padding rows (round_query_clusters, docs/attention.md). CPU and CUDA.
     round_q_clusters: bool = False
-    # Issue 14: "fp8_e4m3" computes the sparse attention's Q K^T and P V in FP8 E4M3 with fp32 scales
+    # FP8: "fp8_e4m3" computes the sparse attention's Q K^T and P V in FP8 E4M3 with fp32 scales
     # (docs/fp8.md; the clusters and the selection do not change). The CPU backend emulates the future
     # Hopper kernel; there is no CUDA kernel yet (a CUDA call raises NotImplementedError). "native":
     # the inputs' own dtype.

@@ -138,7 +138,7 @@ def test_first_call_seeds_as_the_config_says(device):
 
 def test_attention_dtype_reaches_the_engine(device):
     """attention_dtype round-trips through SVG2Config and the op. "fp8_e4m3" keeps the clusters and the
-    selection and computes the attention in e4m3 on the CPU: close to the native output (the issue's
+    selection and computes the attention in e4m3 on the CPU: close to the native output (the FP8 goal's
     worst-head bound, 0.05), not equal to it. On CUDA the engine refuses it (no kernel yet) before
     it touches the state."""
     cfg = small_config(top_p=0.7)

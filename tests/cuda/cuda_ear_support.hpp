@@ -72,6 +72,20 @@ inline std::vector<int32_t> random_sizes(ref::Rng& rng, int64_t n, int64_t hi) {
   return s;
 }
 
+// F32 values on a grid of 1/4 in [lo, hi], so that rows hold ties, about half the zeros -0 and a
+// share `nan_share` NaN: the weights and scores of the routing suites.
+inline HostTensor coarse(std::vector<int64_t> shape, ref::Rng& rng, Layout layout, double lo, double hi,
+                         double nan_share) {
+  HostTensor t = cuda_test::poisoned(DType::F32, std::move(shape), layout);
+  ref::for_each_index(t.view, [&](const auto& idx) {
+    double x = std::floor(rng.uniform(lo, hi) * 4) / 4;
+    if (x == 0 && rng.uniform() < 0.5) x = -0.0;
+    if (rng.uniform() < nan_share) x = std::numeric_limits<double>::quiet_NaN();
+    ref::set(t.view, idx, x);
+  });
+  return t;
+}
+
 // The inputs the EAR and ear-plus error suites share: small centroids, keys (bf16) and values with
 // good labels and sizes, and bad twins of them (a label out of range, a negative size).
 struct ErrorInputs {

@@ -39,6 +39,7 @@ using cuda_test::kCpu;
 using cuda_test::poisoned;
 using cuda_test::TestStream;
 using cuda_test::Twin;
+using ear_cuda_test::coarse;
 using ear_cuda_test::counts_of;
 using ear_cuda_test::expect_identical;
 using ear_cuda_test::i32_tensor;
@@ -161,17 +162,8 @@ TEST_P(EarOp, ProbeWithinItsErrorModel) {
 TEST_P(EarOp, ErrorAwareRoutingIsIdentical) {
   const OpCase c = GetParam();
   const int64_t R = c.Cq, C = c.Ck;
-  auto coarse = [&](double lo, double hi, double nan_share) {
-    HostTensor t = poisoned(DType::F32, {c.B, c.H, R, C}, c.layout);
-    ref::for_each_index(t.view, [&](const auto& idx) {
-      double x = std::floor(rng.uniform(lo, hi) * 4) / 4;  // ties
-      if (x == 0 && rng.uniform() < 0.5) x = -0.0;
-      if (rng.uniform() < nan_share) x = std::numeric_limits<double>::quiet_NaN();
-      ref::set(t.view, idx, x);
-    });
-    return t;
-  };
-  Twin probs(coarse(0, 3, 0.0)), scores(coarse(-20, 5, 0.05));
+  Twin probs(coarse({c.B, c.H, R, C}, rng, c.layout, 0, 3, 0.0));
+  Twin scores(coarse({c.B, c.H, R, C}, rng, c.layout, -20, 5, 0.05));
   HostTensor budget_host = poisoned(DType::U8, {c.B, c.H, R, C}, c.layout);
   ref::for_each_index(budget_host.view, [&](const auto& idx) { ref::set(budget_host.view, idx, rng.uniform() < 0.3); });
   Twin budget(std::move(budget_host));

@@ -41,6 +41,7 @@ using cuda_test::poisoned;
 using cuda_test::TestStream;
 using cuda_test::Twin;
 using cuda_test::ValueChecksOn;
+using ear_cuda_test::coarse;
 using ear_cuda_test::counts_of;
 using ear_cuda_test::ErrorInputs;
 using ear_cuda_test::expect_identical;
@@ -226,17 +227,8 @@ TEST_P(EarPlusOp, ProbeWithinItsErrorModel) {
 TEST_P(EarPlusOp, PerHeadRoutingIsIdentical) {
   const PlusCase c = GetParam();
   const int64_t B = c.B, H = c.H, R = c.Cq, C = c.Ck;
-  auto coarse = [&](double lo, double hi, double nan_share) {
-    HostTensor t = poisoned(DType::F32, {B, H, R, C}, c.layout);
-    ref::for_each_index(t.view, [&](const auto& idx) {
-      double x = std::floor(rng.uniform(lo, hi) * 4) / 4;  // ties
-      if (x == 0 && rng.uniform() < 0.5) x = -0.0;
-      if (rng.uniform() < nan_share) x = std::numeric_limits<double>::quiet_NaN();
-      ref::set(t.view, idx, x);
-    });
-    return t;
-  };
-  Twin probs(coarse(0, 3, 0.0)), scores(coarse(-20, 5, 0.05));
+  Twin probs(coarse({B, H, R, C}, rng, c.layout, 0, 3, 0.0));
+  Twin scores(coarse({B, H, R, C}, rng, c.layout, -20, 5, 0.05));
   const Buffer ws = workspace(C);
   for (const double share : {0.0, 0.3, 1.0})
     for (const int64_t largest : {int64_t{300}, int64_t{1'000'000}}) {

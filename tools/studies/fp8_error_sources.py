@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Where the FP8 attention's error comes from (issue 14, docs/fp8.md): an orientation check in torch.
+"""Where the FP8 attention's error comes from (docs/fp8.md): an orientation check in torch.
 
 Dense attention per head of a generator workload in fp32, then the same with one operand at a time
 quantised to e4m3 (torch.float8_e4m3fn, round to nearest even, the values kept within +-448 by their

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""FP8 sparse attention fidelity by quantisation option (issue 14): a CPU study.
+"""FP8 sparse attention fidelity by quantisation option (docs/fp8.md): a CPU study.
 
 For a generator workload (`sapattn gen`), runs `sapattn eval --method sap --fp8 SPEC,...` on chosen
 heads and writes one JSON line per (spec, budget): the e4m3 attention (block_sparse_attention_e4m3,
 the CPU reference of the future Hopper kernel) on the same clusters and selection as the native
 sparse attention, with its relative L2 error against that native output per head
-(`rel_l2_native`, the issue's measure: mean <= 0.02, worst head <= 0.05) and, for context, against
+(`rel_l2_native`, the FP8 goal's measure: mean <= 0.02, worst head <= 0.05) and, for context, against
 dense attention. A full-size workload is too slow on two cores for every head, so `--heads` takes a
 subset: the script writes those heads to a temporary workload (the clusters of a head depend on that
 head alone, so the numbers are those of the full call) and maps the head numbers back.

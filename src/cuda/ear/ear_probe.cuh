@@ -132,11 +132,7 @@ __device__ __forceinline__ int tile_logits(const float* qa, const float* tokens,
                                            float scale, float (&logit)[kProbeSlots]) {
   const int64_t Dp = probe_stride(D);
   const int slots = n > warp ? (n - warp + kProbeWarps - 1) / kProbeWarps : 0;
-  float part[kProbeSlots][8];
-#pragma unroll
-  for (int s = 0; s < kProbeSlots; ++s)
-#pragma unroll
-    for (int l = 0; l < 8; ++l) part[s][l] = 0.0f;
+  float part[kProbeSlots][8] = {};
   int64_t d = 0;
   for (; d + 8 <= D; d += 8) {
     const float4 q0 = *reinterpret_cast<const float4*>(qa + d), q1 = *reinterpret_cast<const float4*>(qa + d + 4);

@@ -1,7 +1,8 @@
 // The wgmma (sm_90a) k-means assignment: labels[i] = argmin_c ||x_i - c||^2 with the output contract
 // of the mma.sync kernel (kmeans_assign.cuh, assign_common.cuh): the same prepared operand round(-c),
 // accumulators that start at ||c||^2/2 + ||x||^2/2 + M, the same keys, bound and exact re-ranking.
-// Instantiated per head dim in assign_sm90_d64.cu / _d128.cu (sm_90a only); docs/cuda.md describes the
+// Instantiated per head dim in assign_sm90_d<D>.cu, generated from assign_sm90_instance.cu.in (sm_90a
+// only); docs/cuda.md describes the
 // design and what to measure.
 //
 // A persistent CTA per SM walks items (b,h, a tile of kItemRows points), (b,h)-major, so that the CTAs

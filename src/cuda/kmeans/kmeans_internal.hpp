@@ -1,6 +1,6 @@
-// The k-means pieces shared between kmeans.cu (the ops), the tensor-core assignments (mma.sync:
-// instantiated in one generated file per head dim of SAPATTN_TENSOR_CORE_ASSIGN_HEAD_DIMS below;
-// wgmma: assign_sm90_d64.cu, _d128.cu, the same head dims; which one runs: assign_plan.cu), and the
+// The k-means pieces shared between kmeans.cu (the ops), the tensor-core assignments (mma.sync and
+// wgmma, each instantiated in one generated file per head dim of SAPATTN_TENSOR_CORE_ASSIGN_HEAD_DIMS
+// below; which one runs: assign_plan.cu), and the
 // greedy seeding (kmeans_seed.cu), which starts from kmeans_init's order.
 #pragma once
 
@@ -54,8 +54,9 @@ void gather_sample(const TensorView& points, const int32_t* order, TensorView ce
 
 // The head dims with a tensor-core assignment, X(D) for each: the one list that support
 // (tensor_core_assign), the dispatch (kmeans.cu) and the instantiations read. src/CMakeLists.txt
-// generates one translation unit per head dim from kmeans_assign_instance.cu.in (a unit holds the
-// dim's kernels for every point dtype; more in one unit would raise nvcc's peak memory).
+// generates one translation unit per head dim and kernel from kmeans_assign_instance.cu.in (mma.sync)
+// and assign_sm90_instance.cu.in (wgmma); a unit holds the dim's kernels for every point dtype (more
+// in one unit would raise nvcc's peak memory).
 #define SAPATTN_TENSOR_CORE_ASSIGN_HEAD_DIMS(X) X(64) X(128)
 
 // Whether head dim `dim` has a tensor-core assignment. Support and dispatch both ask this one function.
@@ -103,7 +104,7 @@ template <int D>
 void launch_tensor_core_assign(const TensorCoreAssignParams& p, DType points_dtype, int64_t batch_heads,
                                cudaStream_t stream);
 
-// The wgmma (sm_90a) assignment (assign_sm90.cuh; assign_sm90_d64.cu / _d128.cu): a configuration is
+// The wgmma (sm_90a) assignment (assign_sm90.cuh; generated assign_sm90_d<D>.cu): a configuration is
 // its point rows per consumer warpgroup and its centroid tile width. The compiled ones:
 struct Sm90AssignConfig {
   int group_rows = 64;

@@ -61,11 +61,7 @@ __device__ void tile_dots(const float* xs, int64_t D, int64_t rows, RowOf&& row_
   const float* xg = xs + group * kGroup * D;
   for (int64_t row = lane; row < rows; row += kRowLanes) {
     const float* rp = row_of(row);
-    float part[kGroup][8];
-#pragma unroll
-    for (int k = 0; k < kGroup; ++k)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) part[k][j] = 0.0f;
+    float part[kGroup][8] = {};
     int64_t d = 0;
     for (; d + 8 <= D; d += 8) {
       float rv[8];

@@ -1,7 +1,7 @@
 // The device primitives of the CUDA backend: every inline PTX the kernels issue (cp.async, ldmatrix,
 // mma.sync, ex2, prefetch, the TMA tile and bulk loads) and the 16-byte-chunk XOR swizzle that the
 // ldmatrix kernels share. One copy for the attention kernels, the tensor-core k-means assignment and any
-// kernel to come (issue: "the PTX wrappers in one device-primitives header"); the Hopper kernel takes
+// kernel to come, so that no kernel writes its own PTX; the Hopper kernel takes
 // wgmma, mbarriers and named barriers from CuTe/CUTLASS instead.
 //
 // A wrapper is emitted only where a kernel calls it, so the sm_90-only ones (the TMA loads) cost the
