@@ -341,7 +341,8 @@ def test_warm_centroids_refuses_what_svg2_attention_refuses():
     assert state.warm_iters == 2 and state.q_centroids.shape == (1, 2, 1, 64)
     # An empty q with cluster counts of its own is reported as empty, not as too few tokens.
     no_heads = torch.empty(1, 400, 0, 64)
-    with pytest.raises(ValueError, match=re.escape("sapattn ShapeError: q is empty ([1,400,0,64] f32 cpu as [B,S,H,D])")):
+    message = "sapattn ShapeError: q is empty ([1,400,0,64] f32 cpu as [B,S,H,D])"
+    with pytest.raises(ValueError, match=re.escape(message)):
         sapattn.svg2_attention(no_heads, no_heads, no_heads, sapattn.SVG2Config.wan_480p(), sapattn.BranchState())
 
 
