@@ -81,7 +81,8 @@ class BranchState:
             raise ValueError(f"sapattn: q must be [batch, seq, heads, head_dim], got shape {tuple(q.shape)}")
         batch, seq, heads, dim = q.shape
         # An empty q or a text that fills the sequence is the op's to report, in its own words.
-        q_clusters, k_clusters = config.cluster_counts(seq - text_tokens) if seq > text_tokens else (1, 1)
+        usable = q.numel() > 0 and seq > text_tokens
+        q_clusters, k_clusters = config.cluster_counts(seq - text_tokens) if usable else (1, 1)
         want_q = (batch, heads, q_clusters, dim)
         want_k = (batch, heads, k_clusters, dim)
         if self.initialized:
@@ -206,12 +207,35 @@ def warm_centroids(q: torch.Tensor, k: torch.Tensor, config: SVG2Config, state: 
 def warm_centroids_uncounted(q: torch.Tensor, k: torch.Tensor, config: SVG2Config, state: BranchState, iters: int,
                              *, text_tokens: int = 0) -> None:
     """warm_centroids without touching state.warm_iters (see svg2_attention_uncounted)."""
+    _check_warm_inputs(q, k, text_tokens)
     initialize = state.prepare(q, config, text_tokens)
     video = q.shape[1] - text_tokens
     with _fresh_on_failure(state, initialize):
         seeding = {"seeding": config.kmeans_seeding, "sample_factor": config.kmeans_sample_factor}
         torch.ops.sapattn.kmeans(q[:, :video], state.q_centroids, initialize, iters, config.seed, **seeding)
         torch.ops.sapattn.kmeans(k[:, :video], state.k_centroids, initialize, iters, config.seed, keys=True, **seeding)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ",".join(str(n) for n in t.shape) + "]"
+
+
+def _check_warm_inputs(q: torch.Tensor, k: torch.Tensor, text_tokens: int) -> None:
+    """What svg2_attention's op checks of q and k, in the same terms: warm_centroids hands the k-means
+    op slices of them, whose own messages would speak of points and centroids (or, for a text
+    longer than the sequence, of no problem at all)."""
+    for name, t in (("q", q), ("k", k)):
+        if t.dim() != 4:
+            raise ValueError(f"sapattn: {name} must be [batch, seq, heads, head_dim], got shape {tuple(t.shape)}")
+    if k.shape != q.shape:
+        raise ValueError(f"sapattn: k must have q's shape {_shape(q)} ([B,S,H,D]), got {_shape(k)}")
+    if q.numel() == 0:
+        raise ValueError(f"sapattn: q is empty ({_shape(q)} as [B,S,H,D]): warm_centroids needs B, S, H and D >= 1")
+    if text_tokens < 0:
+        raise ValueError(f"sapattn: text_tokens must be >= 0, got {text_tokens}")
+    if text_tokens >= q.shape[1]:
+        raise ValueError(f"sapattn: text_tokens ({text_tokens}) must leave at least one video token in a sequence "
+                         f"of {q.shape[1]}")
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float = 0.0,

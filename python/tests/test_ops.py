@@ -315,6 +315,37 @@ def test_errors_speak_the_callers_layout():
         sapattn.dense_attention(empty, empty, empty)
 
 
+def test_warm_centroids_refuses_what_svg2_attention_refuses():
+    """warm_centroids checks q, k and text_tokens as svg2_attention does, in the caller's [B,S,H,D]
+    terms and before it touches the state; the k-means op it calls would speak of points and
+    centroids, and took a text longer than the sequence as a shorter slice without a word."""
+    q = randn((1, 10, 2, 64), seed=1, device="cpu")
+    cases = [({"k": randn((1, 12, 2, 64), seed=2, device="cpu")},
+              "k must have q's shape [1,10,2,64] ([B,S,H,D]), got [1,12,2,64]"),
+             ({"k": randn((1, 10, 3, 64), seed=3, device="cpu")},
+              "k must have q's shape [1,10,2,64] ([B,S,H,D]), got [1,10,3,64]"),
+             ({"text_tokens": 16}, "text_tokens (16) must leave at least one video token in a sequence of 10"),
+             ({"text_tokens": 10}, "text_tokens (10) must leave at least one video token in a sequence of 10"),
+             ({"text_tokens": -3}, "text_tokens must be >= 0, got -3"),
+             ({"q": torch.empty(1, 0, 2, 64), "k": torch.empty(1, 0, 2, 64)},
+              "q is empty ([1,0,2,64] as [B,S,H,D]): warm_centroids needs B, S, H and D >= 1")]
+    for changes, message in cases:
+        call = {"q": q, "k": q, "text_tokens": 0, **changes}
+        state = sapattn.BranchState()
+        with pytest.raises(ValueError, match=re.escape("sapattn: " + message)):
+            sapattn.warm_centroids(call["q"], call["k"], sapattn.SVG2Config(), state, 2,
+                                   text_tokens=call["text_tokens"])
+        assert not state.initialized
+    state = sapattn.BranchState()
+    sapattn.warm_centroids(q, q, sapattn.SVG2Config(), state, 2, text_tokens=4)
+    assert state.warm_iters == 2 and state.q_centroids.shape == (1, 2, 1, 64)
+    # An empty q with cluster counts of its own is reported as empty, not as too few tokens.
+    no_heads = torch.empty(1, 400, 0, 64)
+    message = "sapattn ShapeError: q is empty ([1,400,0,64] f32 cpu as [B,S,H,D])"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sapattn.svg2_attention(no_heads, no_heads, no_heads, sapattn.SVG2Config.wan_480p(), sapattn.BranchState())
+
+
 def test_default_cluster_counts_scale_with_the_sequence():
     """SVG2Config() counts follow the sapattn command's rule: 300 / 1000 clusters at Wan 720p's
     75,600 tokens, the same tokens per cluster (252 / 75.6) below."""
