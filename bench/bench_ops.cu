@@ -63,7 +63,7 @@ __global__ void fill_f32_kernel(float* x, int64_t n, uint64_t seed) {
 __global__ void fill_mask_kernel(uint8_t* mask, int64_t n, float keep, uint64_t seed) {
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < n;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    mask[t] = (static_cast<float>(mix(seed + t) >> 40) * 0x1p-24f) < keep ? 1 : 0;
+    mask[t] = (static_cast<float>(splitmix64(seed + t) >> 40) * 0x1p-24f) < keep ? 1 : 0;
 }
 
 // One measurement: {"shape", "op", "median_ms", "min_ms", "reps", "bytes", "flops"}, the bytes and
