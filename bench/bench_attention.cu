@@ -1,4 +1,4 @@
-// The attention benchmark of issue 4: SVG2's block-sparse attention at the official shapes, on the
+// The attention benchmark: SVG2's block-sparse attention at the official shapes, on the
 // layouts SVG2 itself would build. Per shape it generates the full-size synthetic workload
 // (include/sapattn/workload.hpp), clusters Q and K with 50 Lloyd iterations from the seeded sample
 // (the official Cq/Ck), permutes, and for each target density finds the top-p that reaches it
@@ -34,7 +34,7 @@
 #include <vector>
 
 #include "core/cuda_check.hpp"
-#include "cuda/attention.hpp"
+#include "cuda/attention/attention.hpp"
 #include "cuda/backend.hpp"
 #include "harness.hpp"
 #include "sapattn/io.hpp"
@@ -61,7 +61,7 @@ struct Options {
   int threads = 0;     // generator threads, 0 = all
   bool cpu = false;    // run on the CPU backend (harness smoke test)
   bool order = true;   // order_clusters on the key clusters after k-means ("--order chain"; "none": k-means numbering)
-  std::vector<std::string> variants{"unfused", "fused_qk", "fused_q", "unfused_e2e"};  // --variants
+  std::vector<std::string> variants{"unfused", "fused_qk", "fused_q", "sorted_kv", "unfused_e2e"};  // --variants
 };
 
 // Where the benchmark runs: the GPU (one non-blocking stream, timed with events), or with --cpu the
@@ -497,6 +497,13 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
       report("fused_q", kernel, tag, target, density, pairs, [&] {
         block_sparse_attention(qv, kr.view(), vr.view(), layout, scale, out.view(), no_lse, st, attn_ws, q_only);
       });
+      // What svg2_attention runs on the Hopper kernel: K and V gathered into cluster order (TMA
+      // loads), Q read and O written through q_perm.
+      report("sorted_kv", kernel, tag, target, density, pairs, [&] {
+        gather_rows(kv, kp.view(), kr.view(), st);
+        gather_rows(vv, kp.view(), vr.view(), st);
+        block_sparse_attention(qv, kr.view(), vr.view(), layout, scale, out.view(), no_lse, st, attn_ws, q_only);
+      });
       // What the unfused call costs in a layer: permuted copies of Q, K, V in, the output put back.
       report("unfused_e2e", kernel, tag, target, density, pairs, [&] {
         gather_rows(qv, qp.view(), qr.view(), st);
@@ -544,7 +551,7 @@ int usage(const char* argv0, bool asked = false) {
                "usage: %s [--shape wan13b|wan14b|hunyuan|all[,...]] [--densities 0.05,0.1,...] [--out DIR]\n"
                "          [--iters N] [--warmup N] [--kernels auto,cpasync,tma,sm80] [--seed N] [--cq N] [--ck N] [--threads N]\n"
                "          [--order chain|none]   (key clusters renumbered by order_clusters, the default, or as k-means left them)\n"
-               "          [--variants unfused,fused_qk,fused_q,unfused_e2e]   (the sparse calls to time; default all)\n"
+               "          [--variants unfused,fused_qk,fused_q,sorted_kv,unfused_e2e]   (the sparse calls to time; default all)\n"
                "          [--cpu]   (CPU backend, for a smoke test on --shape tiny or tiny-text)\n",
                argv0);
   return asked ? 0 : 2;
@@ -580,7 +587,10 @@ int main(int argc, char** argv) {
     } else if (a == "--kernels") {
       opt.kernels = split(val);
     } else if (a == "--variants") {
+      const std::vector<std::string> known = Options{}.variants;
       opt.variants = split(val);
+      for (const std::string& v : opt.variants)
+        if (std::find(known.begin(), known.end(), v) == known.end()) return usage(argv[0]);
     } else if (a == "--seed") {
       opt.seed = std::strtoull(val.c_str(), nullptr, 10);
     } else if (a == "--cq") {

@@ -1,7 +1,8 @@
-// Times the CUDA semantic-aware permutation ops and the attention planner at the official SVG2
-// shapes (the full-size ones of bench/shapes.json, over their video tokens), with the harness's
-// timer (bench/harness.hpp: CUTLASS's method, warm-up apart from timing, CUDA events, the median of
-// many runs) on random structured inputs that are far larger than the L2 for every memory-bound op.
+// Times the CUDA semantic-aware permutation ops, order_clusters, round_query_clusters, SVG-EAR's
+// compensation and the attention planner at the official SVG2 shapes (the full-size ones of
+// bench/shapes.json, over their video tokens), with the harness's timer (bench/harness.hpp:
+// CUTLASS's method, warm-up apart from timing, CUDA events, the median of many runs) on random
+// structured inputs that are far larger than the L2 for every memory-bound op.
 // Prints one JSON object per measurement; bench/report.py puts them next to the floors and the peers
 // measured in the same run.
 //
@@ -17,9 +18,11 @@
 #include <vector>
 
 #include "core/cuda_check.hpp"
-#include "cuda/attention.hpp"
+#include "core/splitmix64.hpp"
+#include "cuda/attention/attention.hpp"
 #include "cuda/backend.hpp"
 #include "harness.hpp"
+#include "sapattn/config.hpp"
 #include "sapattn/ops.hpp"
 
 namespace {
@@ -29,15 +32,8 @@ using bench::BenchShape;
 using bench::JsonLine;
 using bench::Timing;
 
-__device__ uint64_t mix(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
 __device__ float gauss(uint64_t key) {
-  const uint64_t r = mix(key);
+  const uint64_t r = splitmix64(key);
   const float u = (static_cast<float>(r >> 40) + 0.5f) * 0x1p-24f;
   const float v = static_cast<float>((r >> 16) & 0xffffff) * 0x1p-24f;
   return sqrtf(-2.0f * logf(u)) * cospif(2.0f * v);
@@ -50,7 +46,8 @@ __global__ void fill_kernel(__nv_bfloat16* x, int64_t S, int64_t H, int64_t D, i
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < n;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t d = t % D, h = (t / D) % H, s = t / (D * H);
-    const int64_t mode = static_cast<int64_t>(mix(seed ^ (s * 1315423911ull + h)) % static_cast<uint64_t>(modes));
+    const int64_t mode =
+        static_cast<int64_t>(splitmix64(seed ^ (s * 1315423911ull + h)) % static_cast<uint64_t>(modes));
     const float centre = gauss(seed * 31 + ((h * modes + mode) * D + d) * 2 + 1);
     x[t] = __float2bfloat16_rn(1.5f * centre + gauss(seed * 17 + t * 2));
   }
@@ -60,6 +57,13 @@ __global__ void fill_f32_kernel(float* x, int64_t n, uint64_t seed) {
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < n;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x)
     x[t] = gauss(seed + t);
+}
+
+// mask[i] = 1 (kept) with probability `keep`, from a hash of i: a selection of fixed density.
+__global__ void fill_mask_kernel(uint8_t* mask, int64_t n, float keep, uint64_t seed) {
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < n;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    mask[t] = (static_cast<float>(splitmix64(seed + t) >> 40) * 0x1p-24f) < keep ? 1 : 0;
 }
 
 // One measurement: {"shape", "op", "median_ms", "min_ms", "reps", "bytes", "flops"}, the bytes and
@@ -78,6 +82,70 @@ JsonLine measurement(const BenchShape& s, const std::string& op, const Timing& t
 
 void emit(const BenchShape& s, const std::string& op, const Timing& t, double bytes, double flops) {
   measurement(s, op, t, bytes, flops).print();
+}
+
+// SVG-EAR's compensation (docs/ear.md) on the clusters of this run: every video query row against the
+// key clusters its query cluster skips, at a kept share of 0.15 (the density of the attention
+// estimates), on the tensor cores (the default), on the CUDA-core kernel it replaces, and ear-plus's
+// (two pseudo-keys per key cluster, with the spread). FLOPs: the two GEMMs over the skipped pairs.
+void bench_compensation(const BenchShape& s, int reps, const Stream& st, const bench::EventTimer& timer,
+                        const TensorView& q, const Tensor& q_labels, const Tensor& k_centroids, const Tensor& k_sizes) {
+  const Device dev = st.device;
+  const cudaStream_t cs = static_cast<cudaStream_t>(st.handle);
+  const int64_t B = s.batch, H = s.heads, S = s.video_tokens(), D = s.head_dim, BH = B * H;
+  const int64_t Cq = s.q_clusters, Ck = s.k_clusters;
+  constexpr float kKept = 0.15f;
+  auto tensor = [&](DType t, std::vector<int64_t> shape) { return Tensor(t, std::move(shape), dev); };
+  Tensor mask = tensor(DType::U8, {B, H, Cq, Ck}), vc = tensor(DType::F32, {B, H, Ck, D});
+  Tensor out = tensor(DType::BF16, {B, S, H, D}), lse = tensor(DType::F32, {B, H, S});
+  fill_mask_kernel<<<1024, 256, 0, cs>>>(mask.data_as<uint8_t>(), mask.numel(), kKept, 21);
+  fill_f32_kernel<<<1024, 256, 0, cs>>>(vc.data_as<float>(), vc.numel(), 22);
+  fill_kernel<<<4096, 256, 0, cs>>>(out.data_as<__nv_bfloat16>(), S, H, D, 64, 23);
+  fill_f32_kernel<<<1024, 256, 0, cs>>>(lse.data_as<float>(), lse.numel(), 24);
+  SAPATTN_CUDA_CHECK(cudaGetLastError());
+  const TensorView outv = TensorView::bshd(out.data(), DType::BF16, B, H, S, D, dev);
+  // ear-plus's pseudo-keys: each key cluster's centroid twice, its size split in two, and a spread.
+  Tensor kc2 = tensor(DType::F32, {B, H, 2 * Ck, D}), vc2 = tensor(DType::F32, {B, H, 2 * Ck, D});
+  Tensor ks2 = tensor(DType::I32, {B, H, 2 * Ck}), spread = tensor(DType::F32, {B, H, Cq, 2 * Ck});
+  fill_f32_kernel<<<1024, 256, 0, cs>>>(kc2.data_as<float>(), kc2.numel(), 25);
+  fill_f32_kernel<<<1024, 256, 0, cs>>>(vc2.data_as<float>(), vc2.numel(), 26);
+  fill_f32_kernel<<<1024, 256, 0, cs>>>(spread.data_as<float>(), spread.numel(), 27);
+  SAPATTN_CUDA_CHECK(cudaGetLastError());
+  {
+    std::vector<int32_t> sizes(static_cast<size_t>(BH * Ck)), halves(static_cast<size_t>(2 * BH * Ck));
+    SAPATTN_CUDA_CHECK(cudaMemcpyAsync(sizes.data(), k_sizes.data(), sizes.size() * 4, cudaMemcpyDeviceToHost, cs));
+    SAPATTN_CUDA_CHECK(cudaStreamSynchronize(cs));
+    for (size_t j = 0; j < sizes.size(); ++j) {
+      halves[2 * j] = sizes[j] / 2;
+      halves[2 * j + 1] = sizes[j] - sizes[j] / 2;
+    }
+    SAPATTN_CUDA_CHECK(cudaMemcpyAsync(ks2.data(), halves.data(), halves.size() * 4, cudaMemcpyHostToDevice, cs));
+    SAPATTN_CUDA_CHECK(cudaStreamSynchronize(cs));
+  }
+  const Buffer ws_buf = Buffer::allocate(compensation_workspace_bytes(BH, S, Cq, 2 * Ck, D, dev), dev);
+  const Workspace ws{ws_buf.data(), ws_buf.bytes()};
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  // Q, the output and its lse read, the output and lse written (bf16, f32); the centroids are
+  // L2-resident. FLOPs: 2 GEMMs of 2 FLOPs per multiply-add over the skipped (row, pseudo-key) pairs.
+  const double bytes = static_cast<double>(BH * S) * (D * 2 * 3 + 8);
+  const double flops = 4.0 * static_cast<double>(BH * S) * (1.0 - kKept) * static_cast<double>(Ck * D);
+  auto ear = [&] {
+    centroid_compensation(q, q_labels.view(), mask.view(), k_centroids.view(), vc.view(), k_sizes.view(), scale, outv,
+                          lse.view(), st, ws);
+  };
+  measurement(s, "ear_compensation_tc", timer.time(ear, 3, reps), bytes, flops).fixed("kept_share", kKept, 2).print();
+  cuda::set_compensation_kernel_override("cuda_cores");
+  measurement(s, "ear_compensation_cuda_cores", timer.time(ear, 2, std::max(reps / 4, 3)), bytes, flops)
+      .fixed("kept_share", kKept, 2)
+      .print();
+  cuda::set_compensation_kernel_override("");
+  auto ear_plus = [&] {
+    corrected_centroid_compensation(q, q_labels.view(), mask.view(), kc2.view(), vc2.view(), ks2.view(), spread.view(),
+                                    {}, scale, outv, lse.view(), st, ws);
+  };
+  measurement(s, "ear_plus_compensation_tc", timer.time(ear_plus, 3, reps), bytes, 2 * flops)
+      .fixed("kept_share", kKept, 2)
+      .print();
 }
 
 void bench_shape(const BenchShape& s, int reps) {
@@ -104,8 +172,11 @@ void bench_shape(const BenchShape& s, int reps) {
   Tensor qc = tensor(DType::F32, {B, H, Cq, D}), kc = tensor(DType::F32, {B, H, Ck, D});
   Tensor ql = tensor(DType::I32, {B, H, S}), kl = tensor(DType::I32, {B, H, S});
   Tensor qs = tensor(DType::I32, {B, H, Cq}), ks = tensor(DType::I32, {B, H, Ck});
+  const int factor = Config{}.kmeans_sample_factor;
   const size_t ws_bytes =
       std::max({kmeans_workspace_bytes(BH, S, Cq, D, dev), kmeans_workspace_bytes(BH, S, Ck, D, dev),
+                kmeans_seed_greedy_workspace_bytes(BH, S, Cq, factor, dev),
+                kmeans_seed_greedy_workspace_bytes(BH, S, Ck, factor, dev),
                 cluster_permutation_workspace_bytes(BH, S, static_cast<int>(Ck), dev)});
   const Buffer ws_buf = Buffer::allocate(ws_bytes, dev);
   const Workspace ws{ws_buf.data(), ws_buf.bytes()};
@@ -121,6 +192,25 @@ void bench_shape(const BenchShape& s, int reps) {
   };
   emit(s, "kmeans_init_50it_qk", timer.time(init50, 1, 3), 50 * 2 * point_bytes, lloyd_flops(50));
 
+  // ---- The default first call (docs/design.md): greedy k-means++ on 2C sampled points, then 14 ---
+  // The seeding's FLOPs: T candidates against M = min(S, 2C) points per step, C - 1 steps, 3 per element.
+  auto seed_flops = [&](int64_t C) {
+    return 3.0 * BH * kmeans_greedy_trials(C) * std::min<int64_t>(S, factor * C) * (C - 1) * D;
+  };
+  const int iters_init = Config{}.kmeans_iters_init;
+  emit(s, "kmeans_seed_greedy_q", timer.time([&] { kmeans_seed_greedy(qv, qc.view(), 11, factor, st, ws); }, 1, 3),
+       point_bytes, seed_flops(Cq));
+  emit(s, "kmeans_seed_greedy_k", timer.time([&] { kmeans_seed_greedy(kv, kc.view(), 12, factor, st, ws); }, 1, 3),
+       point_bytes, seed_flops(Ck));
+  auto first_call = [&] {
+    kmeans_seed_greedy(qv, qc.view(), 11, factor, st, ws);
+    kmeans(qv, qc.view(), ql.view(), qs.view(), iters_init, st, ws);
+    kmeans_seed_greedy(kv, kc.view(), 12, factor, st, ws);
+    kmeans(kv, kc.view(), kl.view(), ks.view(), iters_init, st, ws);
+  };
+  emit(s, "kmeans_gpp2_" + std::to_string(iters_init) + "it_qk", timer.time(first_call, 1, 3),
+       iters_init * 2 * point_bytes, lloyd_flops(iters_init) + seed_flops(Cq) + seed_flops(Ck));
+
   // ---- 2 iterations warm-started (every later sparse call) ---------------------------------------
   auto step = [&] {
     kmeans(qv, qc.view(), ql.view(), qs.view(), 2, st, ws);
@@ -131,6 +221,39 @@ void bench_shape(const BenchShape& s, int reps) {
        2 * point_bytes, 2.0 * 2 * BH * S * Cq * D);
   emit(s, "kmeans_2it_k", timer.time([&] { kmeans(kv, kc.view(), kl.view(), ks.view(), 2, st, ws); }, 3, reps),
        2 * point_bytes, 2.0 * 2 * BH * S * Ck * D);
+  // The step and one assignment of each with each tensor-core assignment kernel (docs/cuda.md): the
+  // mma.sync kernel and, on an sm_90 device, the wgmma kernel in its default configuration. The rows
+  // above ran the default ("auto": the wgmma kernel where it runs).
+  for (const char* kernel : {"mma", "wgmma"}) {
+    cuda::set_assign_kernel(kernel);
+    cuda::AssignKernel q_kernel, k_kernel;
+    try {
+      q_kernel = cuda::assign_kernel(0, Cq, D);
+      k_kernel = cuda::assign_kernel(0, Ck, D);
+    } catch (const UnsupportedError&) {
+      continue;  // no wgmma kernel on this device
+    }
+    auto config = [](const cuda::AssignKernel& a) {
+      return a.wgmma ? std::to_string(a.group_rows) + "x" + std::to_string(a.tile_n) : std::string("mma.sync");
+    };
+    const std::string tag = std::string("_") + kernel;
+    measurement(s, "kmeans_2it_qk" + tag, timer.time(step, 3, reps), 2 * 2 * point_bytes, lloyd_flops(2))
+        .str("q_config", config(q_kernel))
+        .str("k_config", config(k_kernel))
+        .print();
+    measurement(s, "assign_q" + tag,
+                timer.time([&] { cuda::kmeans_assign(qv, qc.view(), ql.view(), st, ws); }, 3, reps), point_bytes,
+                2.0 * BH * S * Cq * D)
+        .str("config", config(q_kernel))
+        .print();
+    measurement(s, "assign_k" + tag,
+                timer.time([&] { cuda::kmeans_assign(kv, kc.view(), kl.view(), st, ws); }, 3, reps), point_bytes,
+                2.0 * BH * S * Ck * D)
+        .str("config", config(k_kernel))
+        .print();
+  }
+  cuda::set_assign_kernel("auto");
+
   // The parts of one iteration, and how many rows the exact re-ranking touched.
   Buffer counter = Buffer::allocate(sizeof(unsigned long long), dev);
   for (int side = 0; side < 2; ++side) {
@@ -150,14 +273,44 @@ void bench_shape(const BenchShape& s, int reps) {
                 2.0 * BH * S * C * D)
         .fixed("refined_share", static_cast<double>(refined) / (BH * S), 5)
         .print();
-    cuda::set_assign_columns_per_pass(8);  // the other variant, for the record
+    cuda::set_assign_kernel("mma");  // the mma.sync kernel's other variant, for the record
+    cuda::set_assign_columns_per_pass(8);
     emit(s, std::string("assign_8cols_") + tag,
          timer.time([&] { cuda::kmeans_assign(x, c.view(), l.view(), st, ws); }, 3, reps), point_bytes,
          2.0 * BH * S * C * D);
     cuda::set_assign_columns_per_pass(16);
+    cuda::set_assign_kernel("auto");
     emit(s, std::string("update_") + tag,
          timer.time([&] { cuda::kmeans_update(x, l.view(), c.view(), sz.view(), true, st, ws); }, 3, reps), point_bytes,
          0);
+  }
+
+  // ---- order_clusters on the key clusters (svg2's first sparse call of a layer) --------------------
+  // On copies of the key centroids, sizes and labels (the op works in place; ordering clusters that
+  // are already in chain order takes as many steps of the same work). Each chain kernel in the same
+  // run: the default, the cluster kernel with CTAs of at most 256 threads, the block kernel.
+  {
+    Tensor oc = tensor(DType::F32, {B, H, Ck, D}), os = tensor(DType::I32, {B, H, Ck}),
+           ol = tensor(DType::I32, {B, H, S});
+    SAPATTN_CUDA_CHECK(cudaMemcpyAsync(oc.data(), kc.data(), kc.bytes(), cudaMemcpyDeviceToDevice, cs));
+    SAPATTN_CUDA_CHECK(cudaMemcpyAsync(os.data(), ks.data(), ks.bytes(), cudaMemcpyDeviceToDevice, cs));
+    SAPATTN_CUDA_CHECK(cudaMemcpyAsync(ol.data(), kl.data(), kl.bytes(), cudaMemcpyDeviceToDevice, cs));
+    const size_t order_bytes = order_clusters_workspace_bytes(BH, Ck, D, dev);
+    const Buffer order_buf = Buffer::allocate(order_bytes, dev);
+    const Workspace order_ws{order_buf.data(), order_bytes};
+    for (const char* kernel : {"", "cluster:256", "block"}) {
+      cuda::set_order_chain_override(kernel);
+      const cuda::OrderChainKernel k = cuda::order_chain_kernel(0, Ck, D);
+      const std::string name = kernel[0] == '\0' ? "order_clusters_k" : std::string("order_clusters_k_") + kernel;
+      measurement(s, name, timer.time([&] { order_clusters(oc.view(), os.view(), ol.view(), st, order_ws); }, 2, reps),
+                  static_cast<double>(BH) * (Ck * D * 4 * 3 + Ck * 4 * 3 + S * 4 * 2),
+                  0)  // latency-bound (C dependent steps): no rate floor applies
+          .str("kernel", k.cluster ? "cluster" : "block")
+          .integer("ctas_per_head", k.ctas)
+          .integer("threads", k.threads)
+          .print();
+    }
+    cuda::set_order_chain_override("");
   }
 
   // ---- selection -----------------------------------------------------------------------------
@@ -179,6 +332,45 @@ void bench_shape(const BenchShape& s, int reps) {
         .str("shape", s.name)
         .str("op", "kept_cluster_share")
         .fixed("value", static_cast<double>(kept) / static_cast<double>(m.size()), 4)
+        .print();
+  }
+
+  bench_compensation(s, reps, st, timer, qv, ql, kc, ks);
+
+  // ---- round_query_clusters on this clustering and selection -------------------------------------
+  // The op rewrites the labels, so every run starts from a copy of the k-means labels (a 4-byte-per-
+  // token device copy, timed with it). The line also says how much it moved and what it saved.
+  {
+    const RoundQueryOptions ro;
+    const size_t round_bytes = round_query_clusters_workspace_bytes(BH, S, Cq, Ck, ro, dev);
+    const Buffer round_buf = Buffer::allocate(round_bytes, dev);
+    const Workspace round_ws{round_buf.data(), round_bytes};
+    Tensor rl = tensor(DType::I32, {B, H, S}), rs = tensor(DType::I32, {B, H, Cq});
+    auto rounding = [&] {
+      SAPATTN_CUDA_CHECK(cudaMemcpyAsync(rl.data(), ql.data(), ql.bytes(), cudaMemcpyDeviceToDevice, cs));
+      round_query_clusters(qv, qc.view(), kc.view(), ks.view(), mask.view(), scale, ro, rl.view(), rs.view(), st,
+                           round_ws);
+    };
+    const Timing t = timer.time(rounding, 2, reps);
+    std::vector<int32_t> before(static_cast<size_t>(BH * S)), after(before.size()), sizes(static_cast<size_t>(BH * Cq));
+    SAPATTN_CUDA_CHECK(cudaMemcpy(before.data(), ql.data(), ql.bytes(), cudaMemcpyDeviceToHost));
+    SAPATTN_CUDA_CHECK(cudaMemcpy(after.data(), rl.data(), rl.bytes(), cudaMemcpyDeviceToHost));
+    SAPATTN_CUDA_CHECK(cudaMemcpy(sizes.data(), rs.data(), rs.bytes(), cudaMemcpyDeviceToHost));
+    std::vector<int64_t> old_sizes(static_cast<size_t>(BH * Cq), 0);
+    int64_t moved = 0, pad_before = 0, pad_after = 0;
+    for (int64_t i = 0; i < BH * S; ++i) {
+      moved += before[i] != after[i];
+      ++old_sizes[(i / S) * Cq + before[i]];
+    }
+    for (int64_t a = 0; a < BH * Cq; ++a) {
+      pad_before += (old_sizes[a] + 63) / 64 * 64 - old_sizes[a];
+      pad_after += (sizes[a] + 63) / 64 * 64 - sizes[a];
+    }
+    measurement(s, "round_query_clusters", t, static_cast<double>(BH) * (S * 4 * 3 + S * D * 2), 0)
+        .integer("workspace_bytes", static_cast<int64_t>(round_bytes))
+        .fixed("moved_share", static_cast<double>(moved) / static_cast<double>(BH * S), 5)
+        .fixed("q_pad_rows_share_before", static_cast<double>(pad_before) / static_cast<double>(BH * S), 5)
+        .fixed("q_pad_rows_share_after", static_cast<double>(pad_after) / static_cast<double>(BH * S), 5)
         .print();
   }
 
@@ -251,8 +443,9 @@ void bench_shape(const BenchShape& s, int reps) {
 constexpr const char* kUsage =
     "usage: sapattn_bench_ops [--shape wan14b|wan13b|hunyuan|all] [--reps N]\n"
     "\n"
-    "Times the CUDA k-means, selection and permutation ops and the attention planner at the official\n"
-    "SVG2 shapes (bench/shapes.json) on GPU 0 and prints one JSON object per measurement\n"
+    "Times the CUDA k-means, order_clusters, selection, EAR compensation and permutation ops and the\n"
+    "attention planner\n"
+    "at the official SVG2 shapes (bench/shapes.json) on GPU 0 and prints one JSON object per measurement\n"
     "(bench/report.py makes the table of docs/cuda.md).\n"
     "  --shape S   the shapes whose name starts with S (wan14b_720p, wan13b_480p, hunyuan_720p) or all\n"
     "              (default: all)\n"

@@ -1,4 +1,4 @@
-# The CUTLASS/CuTe headers that the Hopper attention kernel (src/cuda/attention_sm90.cu) is written
+# The CUTLASS/CuTe headers that the Hopper attention kernel (src/cuda/attention/attention_sm90.cu) is written
 # with. Header-only and private to that one translation unit: the installed package does not need
 # them. Looked for, first hit wins:
 #   1. SAPATTN_CUTLASS_DIR, when set (a directory that holds cute/tensor.hpp);

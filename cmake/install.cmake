@@ -6,7 +6,7 @@
 # The exported targets keep their in-tree alias names: sapattn::sapattn (the whole engine), its
 # parts sapattn::base, ::ops, ::io, ::workload, ::eval, and sapattn::cuda where the CUDA backend was
 # built (find_package(sapattn COMPONENTS cuda) insists on it). examples/consumer uses it and
-# tests/install checks it against a fresh prefix.
+# tests/package/check_package.cmake checks it against a fresh prefix.
 include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 

@@ -85,8 +85,32 @@ RandomProbe random_probe(ref::Rng& rng, DType dtype, int64_t B, int64_t H, int64
   r.vd = ref::to_vector(r.v.view);
   r.ck = ref::to_vector(c.kc.view());
   r.cv = ref::to_vector(c.vc.view());
+  r.N = N;
+  r.Cq = Cq;
+  r.Ck = Ck;
   r.D = D;
   return r;
+}
+
+RandomProbe::PairError RandomProbe::pair_error(int64_t bh, int64_t a, int64_t j, double scale) const {
+  const double* qa = row(qd, bh * Cq + a);
+  const double* kbar = row(ck, bh * Ck + j);
+  const double* vbar = row(cv, bh * Ck + j);
+  const double c_logit = scale * dot(qa, kbar, false);
+  PairError e;
+  double largest = dot(qa, kbar, true);
+  for (int64_t t = 0; t < N; ++t) {
+    if (labels[static_cast<size_t>(bh * N + t)] != j) continue;
+    const double* kt = row(kd, bh * N + t);
+    const double* vt = row(vd, bh * N + t);
+    const double st = scale * dot(qa, kt, false);
+    largest = std::max(largest, dot(qa, kt, true));
+    e.magnitude += std::exp(2 * st) * dot(vt, vt, false) + 2 * std::exp(st + c_logit) * dot(vt, vbar, true) +
+                   std::exp(2 * c_logit) * dot(vbar, vbar, false);
+    for (int64_t d = 0; d < D; ++d) e.error += std::pow(std::exp(st) * vt[d] - std::exp(c_logit) * vbar[d], 2);
+  }
+  e.logit_error = (D + 2) * ref::kF32Eps * scale * largest;
+  return e;
 }
 
 ref::Attention compensated(const TensorView& q, const TensorView& k, const TensorView& v, const Tensor& q_labels,
@@ -156,6 +180,28 @@ CompensationCase compensation_case(ref::Rng& rng, DType dtype, int64_t B, int64_
   cluster_means(c.k.view, c.k_labels.view(), c.kc.view(), kStream);
   cluster_means(c.v.view, c.k_labels.view(), c.vc.view(), kStream);
   return c;
+}
+
+CompensationReference compensation_reference(const CompensationCase& c, int64_t N) {
+  const int64_t B = c.q.view.shape[0], H = c.q.view.shape[1], S = c.q.view.shape[2];
+  const int64_t Cq = c.mask.shape()[2] - 1, Ck = c.mask.shape()[3];  // mask row Cq: the text rows
+  CompensationReference r;
+  r.tokens.resize(static_cast<size_t>(B * H * S * S));
+  for (int64_t bh = 0; bh < B * H; ++bh)
+    for (int64_t i = 0; i < S; ++i)
+      for (int64_t j = 0; j < S; ++j) {
+        const int64_t a = c.q_label_values[static_cast<size_t>(bh * S + i)];
+        const int64_t b = c.k_label_values[static_cast<size_t>(bh * S + j)];
+        r.tokens[static_cast<size_t>((bh * S + i) * S + j)] =
+            c.mask_values[static_cast<size_t>((bh * (Cq + 1) + a) * Ck + b)];
+      }
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    r.video_labels.insert(r.video_labels.end(), c.q_label_values.begin() + bh * S,
+                          c.q_label_values.begin() + bh * S + N);
+    r.video_mask.insert(r.video_mask.end(), c.mask_values.begin() + bh * (Cq + 1) * Ck,
+                        c.mask_values.begin() + (bh * (Cq + 1) + Cq) * Ck);
+  }
+  return r;
 }
 
 void expect_close(const ref::Attention& got, const ref::Attention& want, double max_v, int64_t D, int64_t Sk,

@@ -48,7 +48,7 @@ struct RandomProbe {
   ref::HostTensor k, v;
   std::vector<int32_t> labels, k_sizes, q_sizes;
   std::vector<double> qd, kd, vd, ck, cv;  // float64 copies of the query centroids, k, v and k, v centroids
-  int64_t D = 0;
+  int64_t N = 0, Cq = 0, Ck = 0, D = 0;
   const double* row(const std::vector<double>& x, int64_t r) const { return &x[static_cast<size_t>(r * D)]; }
   // x . y, or sum |x_d y_d| with `magnitude`.
   double dot(const double* x, const double* y, bool magnitude) const {
@@ -56,6 +56,16 @@ struct RandomProbe {
     for (int64_t d = 0; d < D; ++d) sum += magnitude ? std::fabs(x[d] * y[d]) : x[d] * y[d];
     return sum;
   }
+
+  // The probe's error E of query cluster a and key cluster j of (b,h) bh in float64, and what its
+  // fp32 evaluation may be off by. With s_t = scale qbar_a . k_t over the cluster's keys and
+  // c = scale qbar_a . kbar_j:
+  struct PairError {
+    double error = 0;        // E = sum_t |exp(s_t) v_t - exp(c) vbar_j|^2
+    double magnitude = 0;    // T, the total magnitude of E's terms once expanded
+    double logit_error = 0;  // ds = (D + 2) u scale max sum_d |qbar_d k_d| over the keys and kbar_j (Higham 3.5)
+  };
+  PairError pair_error(int64_t bh, int64_t a, int64_t j, double scale) const;
 };
 
 RandomProbe random_probe(ref::Rng& rng, DType dtype, int64_t B, int64_t H, int64_t N, int64_t Cq, int64_t Ck,
@@ -88,6 +98,16 @@ struct CompensationCase {
 // stand for text tokens: label Cq, attending everything, never compensated).
 CompensationCase compensation_case(ref::Rng& rng, DType dtype, int64_t B, int64_t H, int64_t S, int64_t N, int64_t D,
                                    int64_t Cq, int64_t Ck, bool identical_clusters);
+
+// What the float64 reference (ref::compensated_attention) takes of a case whose first N of S rows
+// are video: the layout's token mask [B,H,S,S] in token order, the video rows' labels [B,H,N] and
+// the mask's video rows [B,H,Cq,Ck].
+struct CompensationReference {
+  std::vector<uint8_t> tokens;
+  std::vector<int32_t> video_labels;
+  std::vector<uint8_t> video_mask;
+};
+CompensationReference compensation_reference(const CompensationCase& c, int64_t N);
 
 // The fp32 attention error model of the attention suite: |out - out64| <= 4 (D + Sk) u max|v| per
 // element (the sums of Sk weights and D products, the exp and the division), lse to (D + Sk) u.

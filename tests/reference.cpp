@@ -51,6 +51,20 @@ int64_t Rng::integer(int64_t lo, int64_t hi) {
   return lo + static_cast<int64_t>(next() % span);
 }
 
+double max_abs(const std::vector<double>& x) {
+  double m = 0.0;
+  for (double e : x)
+    if (std::isfinite(e)) m = std::max(m, std::abs(e));
+  return m;
+}
+
+double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) {
+  double m = 0.0;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (std::isfinite(a[i]) && std::isfinite(b[i])) m = std::max(m, std::abs(a[i] - b[i]));
+  return m;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host tensors
 // ---------------------------------------------------------------------------------------------

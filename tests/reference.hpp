@@ -21,6 +21,11 @@ namespace sapattn::ref {
 // fp32 unit roundoff (round to nearest): every fp32 operation has relative error <= kF32Eps.
 inline constexpr double kF32Eps = 0x1p-24;
 
+// The largest |x| over the finite elements, and the largest |a_i - b_i| over the pairs where both are
+// finite (a row that attends to nothing has lse -inf in both): the magnitudes the error models scale.
+double max_abs(const std::vector<double>& x);
+double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b);
+
 // ---------------------------------------------------------------------------------------------
 // Seeded randomness
 // ---------------------------------------------------------------------------------------------

@@ -25,10 +25,9 @@
 namespace {
 
 using namespace sapattn;
-using ref::HostTensor;
-using ref::Layout;
-using testing_support::case_seed;
-using testing_support::kStream;
+using namespace sapattn::testing_support;
+using ref::max_abs;
+using ref::max_abs_diff;
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
@@ -45,21 +44,6 @@ double output_roundoff(DType t) {
 }
 // Absolute rounding floor of a stored output dtype: half the f16 subnormal spacing 2^-24.
 double output_floor(DType t) { return t == DType::F16 ? 0x1p-25 : 0.0; }
-
-double max_abs(const std::vector<double>& v) {
-  double m = 0.0;
-  for (double x : v)
-    if (std::isfinite(x)) m = std::max(m, std::abs(x));
-  return m;
-}
-
-double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) {
-  double m = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (std::isfinite(a[i]) && std::isfinite(b[i])) m = std::max(m, std::abs(a[i] - b[i]));
-  }
-  return m;
-}
 
 // Compares the op's out (and lse, when given) with the float64 reference under the error model.
 ::testing::AssertionResult matches_reference(const TensorView& out, const TensorView& lse, const ref::Attention& want,
@@ -207,10 +191,9 @@ INSTANTIATE_TEST_SUITE_P(
         DenseCase{1, 2, 70, 90, 27, DType::F32, DType::BF16, Layout::Transposed, Layout::Contiguous, true, 1.0}),
     [](const auto& p) {
       const DenseCase& c = p.param;
-      return testing_support::case_name(dtype_name(c.in), dtype_name(c.out), ref::layout_name(c.qkv_layout),
-                                        "B" + std::to_string(c.B) + "H" + std::to_string(c.H),
-                                        "Sq" + std::to_string(c.Sq), "Sk" + std::to_string(c.Sk),
-                                        "D" + std::to_string(c.D));
+      return case_name(dtype_name(c.in), dtype_name(c.out), ref::layout_name(c.qkv_layout),
+                       "B" + std::to_string(c.B) + "H" + std::to_string(c.H), "Sq" + std::to_string(c.Sq),
+                       "Sk" + std::to_string(c.Sk), "D" + std::to_string(c.D));
     });
 
 // ---------------------------------------------------------------------------------------------
@@ -497,11 +480,11 @@ TEST(AttentionErrors, MessagesSpeakTheCallersLayout) {
   const auto bshd = [](std::vector<float>& m, int64_t S, int64_t D) {
     return TensorView::bshd(m.data(), DType::F32, 2, 3, S, D);
   };
-  testing_support::expect_error_message<ShapeError>(
+  expect_error_message<ShapeError>(
       [&] { dense_attention(bshd(q, 8, 64), bshd(k, 8, 32), bshd(k, 8, 32), 0.125f, bshd(out, 8, 64), {}, kStream); },
       "k dim 3 (D of [B,S,H,D]) must be 64 as in q, got [2,8,3,32] f32 cpu");
   std::vector<float> none;
-  testing_support::expect_error_message<ShapeError>(
+  expect_error_message<ShapeError>(
       [&] {
         dense_attention(bshd(q, 8, 64), bshd(none, 0, 64), bshd(none, 0, 64), 0.125f, bshd(out, 8, 64), {}, kStream);
       },

@@ -101,6 +101,7 @@ TEST(Cli, BadOptionsExitWithTwo) {
   expect_one_line_error(run("eval --in x.safetensors --density 0"), "--density must be in");
   expect_one_line_error(run("eval --in x.safetensors --q-clusters 0"), "--q-clusters must be in");
   expect_one_line_error(run("eval --in x.safetensors --top-p"), "needs a value");
+  expect_one_line_error(run("eval --in x.safetensors --kmeans-seeding kmeans++"), "--kmeans-seeding must be one of");
   expect_one_line_error(run("gen --preset nope --out /tmp/x"), "nope");
   expect_one_line_error(run("gen --preset tiny --out /tmp/x --format npy"), "no bf16");
   expect_one_line_error(run("eval --in /nonexistent/x.safetensors"), "/nonexistent/x.safetensors");
@@ -137,6 +138,53 @@ TEST(Cli, GenThenEvalJson) {
 
 // A generated workload with joint text: eval takes the text tokens from its workload.json, unless
 // told otherwise, with the tensors in either format.
+// The first call's seeding: the official sample by default, greedy k-means++ when asked; the JSON
+// says which ran, and the two give other clusters.
+TEST(Cli, EvalTakesTheKmeansSeeding) {
+  const fs::path dir = scratch("seeding");
+  ASSERT_EQ(run("gen --preset tiny --out " + dir.string()).code, 0);
+  const std::string in = " --in " + (dir / "workload.safetensors").string() + " --json --method sap";
+  const Result greedy = run("eval" + in + " --kmeans-seeding greedy_pp --kmeans-iters 14"), sample = run("eval" + in);
+  ASSERT_EQ(greedy.code, 0) << greedy.output;
+  ASSERT_EQ(sample.code, 0) << sample.output;
+  EXPECT_NE(greedy.output.find("\"kmeans_seeding\": \"greedy_pp\", \"kmeans_iters\": 14"), std::string::npos)
+      << greedy.output;
+  EXPECT_NE(sample.output.find("\"kmeans_seeding\": \"sample\", \"kmeans_iters\": 50"), std::string::npos)
+      << sample.output;
+  EXPECT_NE(json_value(greedy.output, "rel_l2"), json_value(sample.output, "rel_l2"));
+  fs::remove_all(dir);
+}
+
+// --fp8 adds one row per spec with its error against the native sparse output of the same
+// selection; --attention-dtype runs the method itself in FP8; bad specs are usage errors.
+TEST(Cli, EvalRunsTheFp8Attention) {
+  const fs::path dir = scratch("fp8");
+  ASSERT_EQ(run("gen --preset tiny --out " + dir.string()).code, 0);
+  const std::string file = " --in " + (dir / "workload.safetensors").string() + " --json", in = file + " --method sap";
+  const Result r = run("eval" + in + " --fp8 q64:k128:vch:smooth:p448:sumq,qc:kc:vc:nosmooth:p16:sumf");
+  ASSERT_EQ(r.code, 0) << r.output;
+  std::vector<std::string> lines;
+  std::istringstream text(r.output);
+  for (std::string line; std::getline(text, line);) lines.push_back(line);
+  ASSERT_EQ(lines.size(), 3u) << r.output;
+  EXPECT_EQ(lines[0].find("\"fp8\""), std::string::npos) << "the native row first";
+  EXPECT_NE(lines[1].find("\"fp8\": \"q64:k128:vch:smooth:p448:sumq\""), std::string::npos) << lines[1];
+  EXPECT_NE(lines[2].find("\"fp8\": \"qc:kc:vc:nosmooth:p16:sumf\""), std::string::npos) << lines[2];
+  for (size_t i = 1; i < 3; ++i) {
+    EXPECT_GT(json_value(lines[i], "rel_l2_native"), 0.0);
+    EXPECT_LT(json_value(lines[i], "rel_l2_native_max"), 0.05);
+    EXPECT_EQ(json_value(lines[i], "density"), json_value(lines[0], "density")) << "the same selection";
+  }
+  const Result switched = run("eval" + in + " --attention-dtype fp8_e4m3");
+  ASSERT_EQ(switched.code, 0) << switched.output;
+  EXPECT_NE(switched.output.find("\"attention_dtype\": \"fp8_e4m3\""), std::string::npos) << switched.output;
+  EXPECT_NE(json_value(switched.output, "rel_l2"), json_value(lines[0], "rel_l2"));
+  expect_one_line_error(run("eval" + in + " --fp8 q64:k7x"), "unknown field 'k7x'");
+  expect_one_line_error(run("eval" + file + " --fp8 q64 --method ear"), "--fp8 compares the attention");
+  expect_one_line_error(run("eval" + in + " --attention-dtype fp16"), "--attention-dtype must be one of");
+  fs::remove_all(dir);
+}
+
 TEST(Cli, EvalHonoursTheWorkloadDescription) {
   const fs::path dir = scratch("text");
   ASSERT_EQ(run("gen --preset tiny-text --out " + dir.string()).code, 0);

@@ -1,14 +1,18 @@
 // order_clusters: the greedy nearest-neighbour chain it promises (checked step by step in float64),
 // a known answer, that only the numbering moves (centroids, sizes and every token's cluster stay
-// together), empty clusters last, strided labels, and its errors.
+// together), empty clusters last, strided labels, and its errors. And the CUDA cluster kernel's
+// arithmetic, run here on the host, against the CPU backend bit for bit.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
+#include <string>
 #include <vector>
 
+#include "cuda/permute/chain_arithmetic.hpp"
 #include "reference.hpp"
 #include "sapattn/ops.hpp"
 #include "test_support.hpp"
@@ -16,9 +20,7 @@
 namespace {
 
 using namespace sapattn;
-using ref::HostTensor;
-using testing_support::case_seed;
-using testing_support::kStream;
+using namespace sapattn::testing_support;
 
 struct Problem {
   int64_t B, H, C, D, N;
@@ -193,5 +195,238 @@ TEST(ClusterOrder, Errors) {
   EXPECT_THROW(order_clusters_workspace_bytes(-1, 5, 4, Device::cpu()), InvalidArgumentError);
   EXPECT_EQ(order_clusters_workspace_bytes(2, 5, 4, Device::cpu()), 0u);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The CUDA cluster kernel's arithmetic on the host
+// ---------------------------------------------------------------------------------------------
+
+// The chain of the CUDA cluster kernel (src/cuda/permute/cluster_order.cu), computed with its own
+// functions (chain_arithmetic.hpp): one "thread" per candidate holding its row padded with zeros to
+// kD, the best candidate the largest key, then the lowest index. The kernel splits the candidates over
+// CTAs, warps and lanes; the best of a set under a total order does not depend on the split, so one
+// loop stands for every split. Returns each cluster's new number, empty clusters last.
+template <int kD>
+std::vector<int32_t> cluster_kernel_ranks(const float* cent, const int32_t* size, int64_t C, int64_t D) {
+  namespace chain = sapattn::cuda::chain;
+  struct Row {
+    float v[kD];
+  };
+  std::vector<Row> rows(static_cast<size_t>(C));
+  std::vector<float> inv(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) {
+    Row& r = rows[static_cast<size_t>(c)];
+    for (int d = 0; d < kD; ++d) r.v[d] = d < D ? cent[c * D + d] : 0.0f;
+    inv[static_cast<size_t>(c)] = chain::inverse_norm(chain::squared_norm<kD>(r.v));
+  }
+  std::vector<int32_t> rank(static_cast<size_t>(C), -1);
+  std::vector<char> alive(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) alive[static_cast<size_t>(c)] = size[c] != 0;
+  int32_t step = 0;
+  for (int64_t cur = -1;; ++step) {
+    uint32_t best_key = chain::kNoCandidate;
+    int64_t best = -1;
+    for (int64_t c = 0; c < C; ++c) {
+      if (!alive[static_cast<size_t>(c)]) continue;
+      uint32_t key = 1;  // step 0: every candidate ties, the lowest index starts the chain
+      if (cur >= 0) {
+        const Row& current = rows[static_cast<size_t>(cur)];
+        const float dot = chain::dot<kD>(rows[static_cast<size_t>(c)].v, [&](int j, float(&q)[4]) {
+          for (int e = 0; e < 4; ++e) q[e] = current.v[4 * j + e];
+        });
+        key = chain::order_key(chain::similarity(dot, inv[static_cast<size_t>(cur)], inv[static_cast<size_t>(c)]));
+      }
+      if (key > best_key) {  // ascending c: an equal key keeps the lower index
+        best_key = key;
+        best = c;
+      }
+    }
+    if (best < 0) break;
+    rank[static_cast<size_t>(best)] = step;
+    alive[static_cast<size_t>(best)] = 0;
+    cur = best;
+  }
+  for (int64_t c = 0; c < C; ++c)
+    if (size[c] == 0) rank[static_cast<size_t>(c)] = step++;
+  return rank;
+}
+
+// The reference's dot product, written again from its definition: 32 lanes, lane l summing d = l,
+// l + 32, ... with fmas, then the xor butterfly over all lanes, lane 0's value.
+float warp_butterfly_dot(const float* a, const float* b, int64_t D) {
+  float lane[32];
+  for (int l = 0; l < 32; ++l) {
+    lane[l] = 0.0f;
+    for (int64_t d = l; d < D; d += 32) lane[l] = std::fma(a[d], b[d], lane[l]);
+  }
+  for (int m = 16; m > 0; m /= 2) {
+    float next[32];
+    for (int l = 0; l < 32; ++l) next[l] = lane[l] + lane[l ^ m];
+    std::copy(next, next + 32, lane);
+  }
+  return lane[0];
+}
+
+// Equal as the chain compares them: the same bits, or both zero (padding may flip a zero's sign), or
+// both NaN.
+bool same_for_the_chain(float x, float y) {
+  if (x != x || y != y) return x != x && y != y;
+  return x == 0.0f ? y == 0.0f : std::memcmp(&x, &y, sizeof x) == 0;
+}
+
+template <int kD>
+float thread_dot(const float* a, const float* b, int64_t D) {
+  float row[kD], other[kD];
+  for (int d = 0; d < kD; ++d) {
+    row[d] = d < D ? b[d] : 0.0f;
+    other[d] = d < D ? a[d] : 0.0f;
+  }
+  return sapattn::cuda::chain::dot<kD>(row, [&](int j, float(&q)[4]) {
+    for (int e = 0; e < 4; ++e) q[e] = other[4 * j + e];
+  });
+}
+
+// One thread's tree gives the warp butterfly's bits, on inputs whose sums depend on the order of the
+// additions (magnitudes spread over 2^-20 .. 2^20: a plain left-to-right sum differs, checked too).
+TEST(ClusterKernelArithmetic, DotIsTheWarpButterflyBitForBit) {
+  ref::Rng rng(case_seed());
+  for (const int64_t D : {1, 20, 33, 64, 96, 100, 128}) {
+    int order_sensitive = 0;
+    for (int pair = 0; pair < 2000; ++pair) {
+      std::vector<float> a(static_cast<size_t>(D)), b(static_cast<size_t>(D));
+      for (int64_t d = 0; d < D; ++d) {
+        a[static_cast<size_t>(d)] =
+            static_cast<float>(std::ldexp(rng.normal(), static_cast<int>(rng.integer(-20, 20))));
+        b[static_cast<size_t>(d)] = static_cast<float>(rng.normal());
+      }
+      const float want = warp_butterfly_dot(a.data(), b.data(), D);
+      if (D <= 64) {
+        ASSERT_TRUE(same_for_the_chain(thread_dot<64>(a.data(), b.data(), D), want)) << "D " << D << " pair " << pair;
+      }
+      ASSERT_TRUE(same_for_the_chain(thread_dot<128>(a.data(), b.data(), D), want)) << "D " << D << " pair " << pair;
+      float sequential = 0.0f;
+      for (int64_t d = 0; d < D; ++d)
+        sequential = std::fma(a[static_cast<size_t>(d)], b[static_cast<size_t>(d)], sequential);
+      order_sensitive += !same_for_the_chain(sequential, want);
+    }
+    if (D >= 33) {
+      EXPECT_GT(order_sensitive, 100) << "D " << D << ": the inputs do not tell summation orders apart";
+    }
+  }
+  // The norm and the similarity as the reference forms them.
+  namespace chain = sapattn::cuda::chain;
+  EXPECT_EQ(chain::inverse_norm(4.0f), 0.5f);
+  EXPECT_EQ(chain::inverse_norm(0.0f), 0.0f);
+  EXPECT_EQ(chain::inverse_norm(std::numeric_limits<float>::infinity()), 0.0f);
+  EXPECT_EQ(chain::inverse_norm(std::numeric_limits<float>::quiet_NaN()), 0.0f);
+  EXPECT_EQ(chain::similarity(std::numeric_limits<float>::infinity(), 0.0f, 1.0f),
+            -std::numeric_limits<float>::infinity());
+  // Keys order as the floats do, -0 ties +0, and every similarity beats "no candidate".
+  const float sims[] = {-std::numeric_limits<float>::infinity(), -3.0f, -1e-40f, -0.0f, 0.0f, 1e-40f, 0.5f, 1.0f,
+                        std::numeric_limits<float>::infinity()};
+  for (float x : sims) {
+    EXPECT_GT(chain::order_key(x), chain::kNoCandidate);
+    for (float y : sims) EXPECT_EQ(chain::order_key(x) < chain::order_key(y), x < y) << x << " " << y;
+  }
+}
+
+// The CPU backend's new numbers: labels 0 .. C-1 per head come back as their clusters' ranks.
+std::vector<int32_t> cpu_ranks(const HostTensor& centroids, const HostTensor& sizes) {
+  const int64_t H = centroids.view.shape[1], C = centroids.view.shape[2];
+  HostTensor cent = copy_of(centroids), size = copy_of(sizes), labels = ref::make_tensor(DType::I32, {1, H, C});
+  auto* l = static_cast<int32_t*>(labels.view.data);
+  for (int64_t i = 0; i < H * C; ++i) l[i] = static_cast<int32_t>(i % C);
+  order_clusters(cent.view, size.view, labels.view, kStream);
+  return std::vector<int32_t>(l, l + H * C);
+}
+
+// Centroid sets meant to break a sloppy reimplementation: ties, NaN, infinities, zero and denormal
+// rows, rows whose squared norm overflows (inverse norm 0: similarities of +0 and -0, which must tie).
+enum class Fill { Normal, Duplicates, NonFinite, Tiny };
+
+struct ArithmeticCase {
+  const char* name;
+  int64_t H, C, D;
+  Fill fill;
+  double empty_share;
+};
+
+HostTensor fill_centroids(const ArithmeticCase& k, ref::Rng& rng) {
+  HostTensor t = ref::make_tensor(DType::F32, {1, k.H, k.C, k.D});
+  auto* x = static_cast<float*>(t.view.data);
+  const int64_t D = k.D;
+  std::vector<float> base(static_cast<size_t>(8 * D));
+  for (float& v : base) v = static_cast<float>(rng.normal());
+  for (int64_t r = 0; r < k.H * k.C; ++r) {
+    float* row = x + r * D;
+    for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(rng.normal());
+    const double u = rng.uniform();
+    switch (k.fill) {
+      case Fill::Normal:
+        break;
+      case Fill::Duplicates:  // a third exact copies of 8 rows, a third scaled copies (cosine ~1, rounded apart)
+        if (u < 0.67) {
+          const float scale = u < 0.33 ? 1.0f : static_cast<float>(rng.integer(2, 5));
+          const float* b = base.data() + rng.integer(0, 7) * D;
+          for (int64_t d = 0; d < D; ++d) row[d] = scale * b[d];
+        }
+        break;
+      case Fill::NonFinite:
+        if (u < 0.1) {
+          row[rng.integer(0, D - 1)] = std::numeric_limits<float>::quiet_NaN();
+        } else if (u < 0.2) {
+          row[rng.integer(0, D - 1)] = (u < 0.15 ? 1 : -1) * std::numeric_limits<float>::infinity();
+        } else if (u < 0.35) {
+          for (int64_t d = 0; d < D; ++d) row[d] *= 1e30f;  // squared norm overflows: inverse norm 0
+        } else if (u < 0.45) {
+          for (int64_t d = 0; d < D; ++d) row[d] = 0.0f;
+        }
+        break;
+      case Fill::Tiny:  // denormal products and sums, and zero rows
+        for (int64_t d = 0; d < D; ++d) row[d] *= u < 0.5 ? 1e-20f : (u < 0.8 ? 1e-40f : 0.0f);
+        break;
+    }
+  }
+  return t;
+}
+
+void PrintTo(const ArithmeticCase& k, std::ostream* os) { *os << k.name; }
+
+class ClusterKernelArithmetic : public ::testing::TestWithParam<ArithmeticCase> {};
+
+TEST_P(ClusterKernelArithmetic, ChoosesTheCpuChain) {
+  const ArithmeticCase& k = GetParam();
+  ref::Rng rng(case_seed());
+  const HostTensor cent = fill_centroids(k, rng);
+  HostTensor sizes = ref::make_tensor(DType::I32, {1, k.H, k.C});
+  auto* size = static_cast<int32_t*>(sizes.view.data);
+  for (int64_t i = 0; i < k.H * k.C; ++i)
+    size[i] = rng.uniform() < k.empty_share ? 0 : static_cast<int32_t>(rng.integer(1, 50));
+  const std::vector<int32_t> cpu = cpu_ranks(cent, sizes);
+  const auto* x = static_cast<const float*>(cent.view.data);
+  for (int64_t h = 0; h < k.H; ++h) {
+    const std::vector<int32_t> want(cpu.begin() + h * k.C, cpu.begin() + (h + 1) * k.C);
+    const float* c0 = x + h * k.C * k.D;
+    const int32_t* s0 = size + h * k.C;
+    // The kernel pads D <= 64 to 64 and D <= 128 to 128; padding to 128 must not matter either.
+    if (k.D <= 64) {
+      EXPECT_EQ(cluster_kernel_ranks<64>(c0, s0, k.C, k.D), want) << k.name << " head " << h << ", kD 64";
+    }
+    EXPECT_EQ(cluster_kernel_ranks<128>(c0, s0, k.C, k.D), want) << k.name << " head " << h << ", kD 128";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, ClusterKernelArithmetic,
+                         ::testing::Values(ArithmeticCase{"wan_d128", 2, 1000, 128, Fill::Normal, 0.2},
+                                           ArithmeticCase{"d64", 1, 1000, 64, Fill::Normal, 0.2},
+                                           ArithmeticCase{"d100_padded", 1, 333, 100, Fill::Normal, 0.1},
+                                           ArithmeticCase{"d20_padded", 2, 37, 20, Fill::Normal, 0.3},
+                                           ArithmeticCase{"d1", 1, 50, 1, Fill::Normal, 0.1},
+                                           ArithmeticCase{"one_cluster", 3, 1, 64, Fill::Normal, 0.4},
+                                           ArithmeticCase{"all_empty", 1, 40, 128, Fill::Normal, 1.0},
+                                           ArithmeticCase{"ties", 2, 200, 96, Fill::Duplicates, 0.1},
+                                           ArithmeticCase{"non_finite", 2, 300, 128, Fill::NonFinite, 0.1},
+                                           ArithmeticCase{"non_finite_d33", 1, 120, 33, Fill::NonFinite, 0.0},
+                                           ArithmeticCase{"tiny", 1, 200, 64, Fill::Tiny, 0.1}),
+                         [](const auto& p) { return std::string(p.param.name); });
 
 }  // namespace

@@ -109,6 +109,10 @@ TEST(Config, DefaultsAreTheOfficialWan720pOnes) {
   EXPECT_EQ(c.k_clusters, 1000);
   EXPECT_FLOAT_EQ(c.top_p, 0.9f);
   EXPECT_EQ(c.min_kept_clusters(), 100);
+  // The first call is the official start: 50 iterations from a sample (GreedyPP waits for a parallel
+  // CUDA kernel, docs/cuda.md).
+  EXPECT_EQ(c.kmeans_seeding, KMeansSeeding::Sample);
+  EXPECT_EQ(c.kmeans_sample_factor, 2);
   EXPECT_EQ(c.kmeans_iters_init, 50);
   EXPECT_EQ(c.kmeans_iters_step, 2);
   EXPECT_NO_THROW(c.validate());
@@ -128,6 +132,13 @@ TEST(Config, RejectsOutOfRangeValues) {
   EXPECT_THROW(bad([](Config& c) { c.top_p = std::nanf(""); }).validate(), InvalidArgumentError);
   EXPECT_THROW(bad([](Config& c) { c.min_kc_ratio = -0.1f; }).validate(), InvalidArgumentError);
   EXPECT_THROW(bad([](Config& c) { c.kmeans_iters_init = -1; }).validate(), InvalidArgumentError);
+  EXPECT_THROW(bad([](Config& c) { c.kmeans_sample_factor = 0; }).validate(), InvalidArgumentError);
+  EXPECT_THROW(bad([](Config& c) { c.kmeans_sample_factor = 65; }).validate(), InvalidArgumentError);
+  EXPECT_NO_THROW(bad([](Config& c) { c.kmeans_sample_factor = 1; }).validate());
+  EXPECT_NO_THROW(bad([](Config& c) { c.kmeans_sample_factor = 64; }).validate());
+  EXPECT_THROW(bad([](Config& c) { c.kmeans_seeding = static_cast<KMeansSeeding>(7); }).validate(),
+               InvalidArgumentError);
+  EXPECT_NO_THROW(bad([](Config& c) { c.kmeans_seeding = KMeansSeeding::Sample; }).validate());
   EXPECT_THROW(bad([](Config& c) { c.text_tokens = 10, c.prompt_length = 11; }).validate(), InvalidArgumentError);
   EXPECT_THROW(bad([](Config& c) { c.scale = -1.0f; }).validate(), InvalidArgumentError);
   EXPECT_THROW(bad([](Config& c) { c.text_tokens = 100; }).validate_for(100, 64), InvalidArgumentError);

@@ -1,7 +1,7 @@
 // What a build without the CUDA backend answers when asked for CUDA (README "Building without
 // CUDA"): a typed UnsupportedError from every op that returns a value, and an attention_kernel()
 // that says why, never a crash or a silent 0. The workspace-size ops are the ones whose CPU-only
-// expansion of SAPATTN_ON_CUDA once failed to compile (issue 17). Built only where SAPATTN_CUDA
+// expansion of SAPATTN_ON_CUDA once failed to compile (docs/cmake.md). Built only where SAPATTN_CUDA
 // is off or nvcc is missing; tests/cuda covers the CUDA backend.
 #if SAPATTN_HAS_CUDA
 #error "test_cpu_only is built only without the CUDA backend"

@@ -14,14 +14,8 @@
 namespace sapattn {
 namespace {
 
-using ear_test::compensated;
-using ear_test::compensation_case;
-using ear_test::CompensationCase;
-using ear_test::expect_close;
-using ear_test::from_values;
-using ear_test::max_abs;
-using ear_test::sizes_tensor;
-using testing_support::case_seed;
+using namespace ear_test;
+using namespace testing_support;
 
 TEST(Compensation, ClosedFormOnAHandMadeCase) {
   // One query q = (1,0); key cluster 0 = one key (0,0) with v = (1,0), computed exactly; key
@@ -67,26 +61,10 @@ TEST(Compensation, MatchesFloat64Reference) {
     ref::Attention before;
     const ref::Attention got = compensated(c.q.view, c.k.view, c.v.view, c.q_labels, c.k_labels, c.mask, c.kc, c.vc,
                                            c.k_sizes, scale, N, &before);
-    // The token mask of the layout, in token order.
-    std::vector<uint8_t> tokens(static_cast<size_t>(B * H * S * S));
-    for (int64_t bh = 0; bh < B * H; ++bh)
-      for (int64_t i = 0; i < S; ++i)
-        for (int64_t j = 0; j < S; ++j) {
-          const int64_t a = c.q_label_values[static_cast<size_t>(bh * S + i)];
-          const int64_t b = c.k_label_values[static_cast<size_t>(bh * S + j)];
-          tokens[static_cast<size_t>((bh * S + i) * S + j)] =
-              c.mask_values[static_cast<size_t>((bh * (Cq + 1) + a) * Ck + b)];
-        }
-    // The reference takes the video rows' labels [B,H,N] and the video part of the mask.
-    std::vector<int32_t> video_labels;
-    std::vector<uint8_t> video_mask;
-    for (int64_t bh = 0; bh < B * H; ++bh) {
-      video_labels.insert(video_labels.end(), c.q_label_values.begin() + bh * S, c.q_label_values.begin() + bh * S + N);
-      video_mask.insert(video_mask.end(), c.mask_values.begin() + bh * (Cq + 1) * Ck,
-                        c.mask_values.begin() + (bh * (Cq + 1) + Cq) * Ck);
-    }
-    const ref::Attention want = ref::compensated_attention(c.q.view, c.k.view, c.v.view, scale, tokens, video_labels, N,
-                                                           video_mask, Cq, c.kc.view(), c.vc.view(), c.k_size_values);
+    const CompensationReference r = compensation_reference(c, N);
+    const ref::Attention want =
+        ref::compensated_attention(c.q.view, c.k.view, c.v.view, scale, r.tokens, r.video_labels, N, r.video_mask, Cq,
+                                   c.kc.view(), c.vc.view(), c.k_size_values);
     expect_close(got, want, max_abs(ref::to_vector(c.v.view)), D, S, dtype_name(dtype));
     // Text rows (beyond N) are left exactly as the attention wrote them.
     for (int64_t bh = 0; bh < B * H; ++bh)

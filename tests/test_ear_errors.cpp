@@ -14,9 +14,26 @@
 namespace sapattn {
 namespace {
 
-using ear_test::sizes_tensor;
-using testing_support::case_seed;
-using testing_support::kStream;
+using namespace ear_test;
+using namespace testing_support;
+
+// What a compensation call finds at its outputs: out [1,1,S,D] random, lse [1,1,S] zero, as a
+// sparse attention leaves them; and a [1,1,Cq,Ck] mask that skips every pair.
+struct CompensationOutputs {
+  ref::HostTensor out, lse;
+  Tensor mask;
+  std::vector<const ref::HostTensor*> list() const { return {&out, &lse}; }
+};
+
+CompensationOutputs compensation_outputs(int64_t S, int64_t D, int64_t Cq, int64_t Ck) {
+  CompensationOutputs o{ref::make_tensor(DType::F32, {1, 1, S, D}), ref::make_tensor(DType::F32, {1, 1, S}),
+                        Tensor(DType::U8, {1, 1, Cq, Ck})};
+  std::fill_n(o.mask.data_as<uint8_t>(), o.mask.numel(), uint8_t{0});
+  ref::Rng rng(case_seed());
+  ref::fill_normal(o.out.view, rng);
+  std::fill_n(static_cast<float*>(o.lse.view.data), S, 0.0f);
+  return o;
+}
 
 TEST(EarErrors, ClusterMeans) {
   ref::HostTensor means = ref::make_tensor(DType::F32, {1, 2, 4, 8});
@@ -86,23 +103,17 @@ TEST(EarErrors, Compensation) {
   const Tensor labels = sizes_tensor({1, 1, N}, {0, 1, 1, 0}), bad_labels = sizes_tensor({1, 1, N}, {0, 2, 1, 0});
   const Tensor long_labels = sizes_tensor({1, 1, S + 1}, std::vector<int32_t>(S + 1, 0));
   const Tensor sizes = sizes_tensor({1, 1, Ck}, {2, 0, 3}), negative = sizes_tensor({1, 1, Ck}, {2, -2, 3});
-  Tensor mask(DType::U8, {1, 1, Cq, Ck});
-  std::fill_n(mask.data_as<uint8_t>(), mask.numel(), uint8_t{0});
-  ref::HostTensor out = ref::make_tensor(DType::F32, {1, 1, S, D});
-  ref::HostTensor lse = ref::make_tensor(DType::F32, {1, 1, S});
-  ref::Rng rng(case_seed());
-  ref::fill_normal(out.view, rng);
-  std::fill_n(static_cast<float*>(lse.view.data), S, 0.0f);
-  const std::vector<const ref::HostTensor*> outputs{&out, &lse};
+  const CompensationOutputs o = compensation_outputs(S, D, Cq, Ck);
+  const std::vector<const ref::HostTensor*> outputs = o.list();
   const auto run = [&](const Tensor& l, const Tensor& n, const TensorView& lse_view) {
-    centroid_compensation(q.view(), l.view(), mask.view(), kc.view(), vc.view(), n.view(), 0.5f, out.view, lse_view,
+    centroid_compensation(q.view(), l.view(), o.mask.view(), kc.view(), vc.view(), n.view(), 0.5f, o.out.view, lse_view,
                           kStream);
   };
-  EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, outputs, run(bad_labels, sizes, lse.view));
-  EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, outputs, run(labels, negative, lse.view));
-  EXPECT_ERROR_UNTOUCHED(ShapeError, outputs, run(long_labels, sizes, lse.view));
+  EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, outputs, run(bad_labels, sizes, o.lse.view));
+  EXPECT_ERROR_UNTOUCHED(InvalidArgumentError, outputs, run(labels, negative, o.lse.view));
+  EXPECT_ERROR_UNTOUCHED(ShapeError, outputs, run(long_labels, sizes, o.lse.view));
   EXPECT_ERROR_UNTOUCHED(ShapeError, outputs, run(labels, sizes, TensorView{}));  // lse is required
-  EXPECT_ERROR_UNTOUCHED(UnsupportedError, outputs, run(labels, sizes, ref::on_cuda(lse.view)));
+  EXPECT_ERROR_UNTOUCHED(UnsupportedError, outputs, run(labels, sizes, ref::on_cuda(o.lse.view)));
 }
 
 TEST(EarErrors, EarPlusOps) {
@@ -150,21 +161,16 @@ TEST(EarErrors, EarPlusOps) {
   const Tensor q(DType::F32, {1, 1, S, D}), kc4(DType::F32, {1, 1, 4, D}), vc4(DType::F32, {1, 1, 4, D});
   for (const Tensor* t : {&q, &kc4, &vc4}) std::fill_n(t->data_as<float>(), t->numel(), 0.25f);
   const Tensor q_labels = sizes_tensor({1, 1, S}, {0, 1, 1, 0, 0}), sizes4 = sizes_tensor({1, 1, 4}, {1, 1, 1, 1});
-  Tensor mask(DType::U8, {1, 1, Cq, Ck});
-  std::fill_n(mask.data_as<uint8_t>(), mask.numel(), uint8_t{0});
-  ref::HostTensor out = ref::make_tensor(DType::F32, {1, 1, S, D});
-  ref::HostTensor lse = ref::make_tensor(DType::F32, {1, 1, S});
-  ref::Rng rng(case_seed());
-  ref::fill_normal(out.view, rng);
-  std::fill_n(static_cast<float*>(lse.view.data), S, 0.0f);
-  const std::vector<const ref::HostTensor*> outputs{&out, &lse};
-  EXPECT_ERROR_UNTOUCHED(ShapeError, outputs,
-                         corrected_centroid_compensation(q.view(), q_labels.view(), mask.view(), kc4.view(), vc4.view(),
-                                                         sizes4.view(), {}, {}, 0.5f, out.view, lse.view, kStream));
+  const CompensationOutputs o = compensation_outputs(S, D, Cq, Ck);
+  const std::vector<const ref::HostTensor*> outputs = o.list();
   EXPECT_ERROR_UNTOUCHED(
       ShapeError, outputs,
-      corrected_centroid_compensation(q.view(), q_labels.view(), mask.view(), kc.view(), vc.view(), k_sizes.view(),
-                                      spread_t.view(), {}, 0.5f, out.view, lse.view, kStream));
+      corrected_centroid_compensation(q.view(), q_labels.view(), o.mask.view(), kc4.view(), vc4.view(), sizes4.view(),
+                                      {}, {}, 0.5f, o.out.view, o.lse.view, kStream));
+  EXPECT_ERROR_UNTOUCHED(
+      ShapeError, outputs,
+      corrected_centroid_compensation(q.view(), q_labels.view(), o.mask.view(), kc.view(), vc.view(), k_sizes.view(),
+                                      spread_t.view(), {}, 0.5f, o.out.view, o.lse.view, kStream));
 }
 
 }  // namespace

@@ -16,23 +16,8 @@
 namespace sapattn {
 namespace {
 
-using ear_test::compensated;
-using ear_test::compensation_case;
-using ear_test::CompensationCase;
-using ear_test::Corrections;
-using ear_test::counts_of;
-using ear_test::expect_close;
-using ear_test::from_values;
-using ear_test::hand_made_probe_case;
-using ear_test::kEps;
-using ear_test::max_abs;
-using ear_test::ProbeCase;
-using ear_test::random_labels;
-using ear_test::random_probe;
-using ear_test::RandomProbe;
-using ear_test::sizes_tensor;
-using testing_support::case_seed;
-using testing_support::kStream;
+using namespace ear_test;
+using namespace testing_support;
 
 constexpr double kNormalisedEps = 1e-30;  // ear_plus_probe's floor on the normalised error (ops.hpp)
 
@@ -102,45 +87,33 @@ TEST(EarPlusProbe, MatchesFloat64Reference) {
     const RandomProbe random = random_probe(rng, dtype, B, H, N, Cq, Ck, D);
     const ProbeCase& c = random.c;
     const ref::HostTensor &k = random.k, &v = random.v;
-    const std::vector<int32_t>&labels = random.labels, &k_sizes = random.k_sizes, &q_sizes = random.q_sizes;
-    const std::vector<double>&qd = random.qd, &kd = random.kd, &vd = random.vd, &ck = random.ck, &cv = random.cv;
-    const auto row = [&](const std::vector<double>& x, int64_t r) { return random.row(x, r); };
-    const auto dot = [&](const double* x, const double* y, bool magnitude) { return random.dot(x, y, magnitude); };
-    const double max_v = max_abs(vd);
+    const double max_v = max_abs(random.vd);
     for (const double gamma : {1.0, 0.5}) {
       const PlusProbe got = plus_probe(c, k.view, v.view, static_cast<float>(scale), static_cast<float>(gamma));
       const std::vector<double> scores = ref::to_vector(got.scores.view()), spread = ref::to_vector(got.spread.view());
       const std::vector<double> values = ref::to_vector(got.pair_values.view());
-      const ref::EarPlusProbe want = ref::ear_plus_probe(c.qc.view(), c.kc.view(), c.vc.view(), k.view, v.view, labels,
-                                                         q_sizes, k_sizes, scale, gamma);
+      const ref::EarPlusProbe want = ref::ear_plus_probe(c.qc.view(), c.kc.view(), c.vc.view(), k.view, v.view,
+                                                         random.labels, random.q_sizes, random.k_sizes, scale, gamma);
       for (int64_t bh = 0; bh < B * H; ++bh)
         for (int64_t a = 0; a < Cq; ++a) {
-          const double* qa = row(qd, bh * Cq + a);
+          // Z sums every key's term: ds is the largest logit error over all of the row's keys and centroids.
+          std::vector<RandomProbe::PairError> errors;
           double ds = 0;
-          for (int64_t t = 0; t < N; ++t) ds = std::max(ds, dot(qa, row(kd, bh * N + t), true));
-          for (int64_t j = 0; j < Ck; ++j) ds = std::max(ds, dot(qa, row(ck, bh * Ck + j), true));
-          ds *= (D + 2) * ref::kF32Eps * scale;
           for (int64_t j = 0; j < Ck; ++j) {
-            const double* vbar = row(cv, bh * Ck + j);
-            const double c_logit = scale * dot(qa, row(ck, bh * Ck + j), false);
-            double magnitude = 0, error = 0;
-            for (int64_t t = 0; t < N; ++t) {
-              if (labels[static_cast<size_t>(bh * N + t)] != j) continue;
-              const double* vt = row(vd, bh * N + t);
-              const double st = scale * dot(qa, row(kd, bh * N + t), false);
-              magnitude += std::exp(2 * st) * dot(vt, vt, false) + 2 * std::exp(st + c_logit) * dot(vt, vbar, true) +
-                           std::exp(2 * c_logit) * dot(vbar, vbar, false);
-              for (int64_t d = 0; d < D; ++d) error += std::pow(std::exp(st) * vt[d] - std::exp(c_logit) * vbar[d], 2);
-            }
+            errors.push_back(random.pair_error(bh, a, j, scale));
+            ds = std::max(ds, errors.back().logit_error);
+          }
+          for (int64_t j = 0; j < Ck; ++j) {
+            const RandomProbe::PairError& e = errors[static_cast<size_t>(j)];
             const size_t i = static_cast<size_t>((bh * Cq + a) * Ck + j);
             const std::string where = std::string(dtype_name(dtype)) + " gamma " + std::to_string(gamma) + " bh " +
                                       std::to_string(bh) + " pair " + std::to_string(a) + "," + std::to_string(j);
-            const double relative = error > 0 ? magnitude / error : 0.0;
+            const double relative = e.error > 0 ? e.magnitude / e.error : 0.0;
             EXPECT_NEAR(scores[i], want.scores[i], 4 * ds * relative + 4 * ds + 1e-5) << where;
             EXPECT_NEAR(spread[i], want.spread[i], 4 * ds + 1e-6) << where;
             for (int64_t d = 0; d < D; ++d) {
-              const size_t e = i * static_cast<size_t>(D) + static_cast<size_t>(d);
-              EXPECT_NEAR(values[e], want.pair_values[e], 8 * ds * max_v + 2 * ref::kF32Eps * max_v) << where;
+              const size_t x = i * static_cast<size_t>(D) + static_cast<size_t>(d);
+              EXPECT_NEAR(values[x], want.pair_values[x], 8 * ds * max_v + 2 * ref::kF32Eps * max_v) << where;
             }
           }
         }
@@ -207,20 +180,7 @@ TEST(CorrectedCompensation, MatchesFloat64Reference) {
   ref::Rng rng(case_seed());
   for (DType dtype : {DType::F32, DType::BF16}) {
     const CompensationCase c = compensation_case(rng, dtype, B, H, S, N, D, Cq, Ck, false);
-    std::vector<int32_t> video_labels;
-    std::vector<uint8_t> video_mask;
-    for (int64_t bh = 0; bh < B * H; ++bh) {
-      video_labels.insert(video_labels.end(), c.q_label_values.begin() + bh * S, c.q_label_values.begin() + bh * S + N);
-      video_mask.insert(video_mask.end(), c.mask_values.begin() + bh * (Cq + 1) * Ck,
-                        c.mask_values.begin() + (bh * (Cq + 1) + Cq) * Ck);
-    }
-    std::vector<uint8_t> tokens(static_cast<size_t>(B * H * S * S));
-    for (int64_t bh = 0; bh < B * H; ++bh)
-      for (int64_t i = 0; i < S; ++i)
-        for (int64_t j = 0; j < S; ++j)
-          tokens[static_cast<size_t>((bh * S + i) * S + j)] = c.mask_values[static_cast<size_t>(
-              (bh * (Cq + 1) + c.q_label_values[static_cast<size_t>(bh * S + i)]) * Ck +
-              c.k_label_values[static_cast<size_t>(bh * S + j)])];
+    const CompensationReference r = compensation_reference(c, N);
     for (const int64_t per_cluster : {1, 2}) {
       const int64_t Cc = per_cluster * Ck;  // pseudo-keys
       // Two per key cluster: random sub-centroids and sizes (the op does not require them to be means).
@@ -258,8 +218,8 @@ TEST(CorrectedCompensation, MatchesFloat64Reference) {
         const ref::CompensationTerms want_terms{terms & 1 ? &spread_values : nullptr,
                                                 terms & 2 ? &value_values : nullptr, per_cluster};
         const ref::Attention want =
-            ref::compensated_attention(c.q.view, c.k.view, c.v.view, scale, tokens, video_labels, N, video_mask, Cq,
-                                       kc.view(), vc.view(), size_values, want_terms);
+            ref::compensated_attention(c.q.view, c.k.view, c.v.view, scale, r.tokens, r.video_labels, N, r.video_mask,
+                                       Cq, kc.view(), vc.view(), size_values, want_terms);
         expect_close(got, want, max_v, D, S + Cc,
                      std::string(dtype_name(dtype)) + " per_cluster " + std::to_string(per_cluster) + " terms " +
                          std::to_string(terms));

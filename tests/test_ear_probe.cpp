@@ -14,18 +14,8 @@
 namespace sapattn {
 namespace {
 
-using ear_test::counts_of;
-using ear_test::from_values;
-using ear_test::hand_made_probe_case;
-using ear_test::kEps;
-using ear_test::probe;
-using ear_test::ProbeCase;
-using ear_test::random_labels;
-using ear_test::random_probe;
-using ear_test::RandomProbe;
-using ear_test::sizes_tensor;
-using testing_support::case_seed;
-using testing_support::kStream;
+using namespace ear_test;
+using namespace testing_support;
 
 // ---------------------------------------------------------------------------------------------
 // cluster_means
@@ -89,35 +79,19 @@ TEST(EarProbe, MatchesFloat64Reference) {
     const RandomProbe random = random_probe(rng, dtype, B, H, N, Cq, Ck, D);
     const ProbeCase& c = random.c;
     const ref::HostTensor &k = random.k, &v = random.v;
-    const std::vector<int32_t>&labels = random.labels, &k_sizes = random.k_sizes, &q_sizes = random.q_sizes;
-    const std::vector<double>&qd = random.qd, &kd = random.kd, &vd = random.vd, &ck = random.ck, &cv = random.cv;
-    const auto row = [&](const std::vector<double>& x, int64_t r) { return random.row(x, r); };
-    const auto dot = [&](const double* x, const double* y, bool magnitude) { return random.dot(x, y, magnitude); };
     for (const double gamma : {1.0, 0.5}) {
       const std::vector<double> got = ref::to_vector(probe(c, k.view, v.view, scale, gamma).view());
-      const std::vector<double> want =
-          ref::ear_probe(c.qc.view(), c.kc.view(), c.vc.view(), k.view, v.view, labels, q_sizes, k_sizes, scale, gamma);
+      const std::vector<double> want = ref::ear_probe(c.qc.view(), c.kc.view(), c.vc.view(), k.view, v.view,
+                                                      random.labels, random.q_sizes, random.k_sizes, scale, gamma);
       for (int64_t bh = 0; bh < B * H; ++bh)
         for (int64_t a = 0; a < Cq; ++a)
           for (int64_t j = 0; j < Ck; ++j) {
-            const double* qa = row(qd, bh * Cq + a);
-            const double* vbar = row(cv, bh * Ck + j);
-            const double c_logit = scale * dot(qa, row(ck, bh * Ck + j), false);
-            double magnitude = 0, ds = (D + 2) * ref::kF32Eps * scale * dot(qa, row(ck, bh * Ck + j), true);
-            for (int64_t t = 0; t < N; ++t) {
-              if (labels[static_cast<size_t>(bh * N + t)] != j) continue;
-              const double* kt = row(kd, bh * N + t);
-              const double* vt = row(vd, bh * N + t);
-              const double st = scale * dot(qa, kt, false);
-              ds = std::max(ds, (D + 2) * ref::kF32Eps * scale * dot(qa, kt, true));
-              magnitude += std::exp(2 * st) * dot(vt, vt, false) + 2 * std::exp(st + c_logit) * dot(vt, vbar, true) +
-                           std::exp(2 * c_logit) * dot(vbar, vbar, false);
-            }
+            const RandomProbe::PairError e = random.pair_error(bh, a, j, scale);
             const size_t i = static_cast<size_t>((bh * Cq + a) * Ck + j);
-            const double area = static_cast<double>(q_sizes[static_cast<size_t>(bh * Cq + a)]) *
-                                k_sizes[static_cast<size_t>(bh * Ck + j)];
+            const double area = static_cast<double>(random.q_sizes[static_cast<size_t>(bh * Cq + a)]) *
+                                random.k_sizes[static_cast<size_t>(bh * Ck + j)];
             const double error = std::exp(want[i] + gamma * std::log(std::max(area, kEps)));
-            EXPECT_NEAR(got[i], want[i], 4 * ds * magnitude / error + 1e-5)
+            EXPECT_NEAR(got[i], want[i], 4 * e.logit_error * e.magnitude / error + 1e-5)
                 << dtype_name(dtype) << " gamma " << gamma << " bh " << bh << " pair " << a << "," << j;
           }
     }

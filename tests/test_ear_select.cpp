@@ -15,10 +15,8 @@
 namespace sapattn {
 namespace {
 
-using ear_test::from_values;
-using ear_test::sizes_tensor;
-using testing_support::case_seed;
-using testing_support::kStream;
+using namespace ear_test;
+using namespace testing_support;
 
 // ---------------------------------------------------------------------------------------------
 // select_error_aware

@@ -140,7 +140,7 @@ double worst_head(const Metrics& m) {
   return most;
 }
 
-// Issue 20's claim on the tiny preset: at SVG2's own top-p (0.9), EAR computes about SVG2's area
+// SVG-EAR's claim on the tiny preset: at SVG2's own top-p (0.9), EAR computes about SVG2's area
 // (its budget, overshot by at most the last cluster it takes) and errs less than SVG2 with the
 // compensation alone, which errs less than SVG2; its worst head is no worse than SVG2's.
 TEST(Methods, OnTheTinyWorkloadEarBeatsCompensatedSapBeatsSap) {
@@ -158,7 +158,7 @@ TEST(Methods, OnTheTinyWorkloadEarBeatsCompensatedSapBeatsSap) {
   EXPECT_LE(worst_head(ear), worst_head(sap));
 }
 
-// Issue 20's better method on the tiny preset at equal density (docs/results.md: 0.61-0.64x EAR's
+// ear-plus, the better method, on the tiny preset at equal density (docs/results.md: 0.61-0.64x EAR's
 // mean rel L2 over seeds 0-2): ear-plus meets the density from above, errs less than EAR on average
 // and in its worst head.
 TEST(Methods, OnTheTinyWorkloadEarPlusBeatsEarAtEqualDensity) {
@@ -205,6 +205,61 @@ TEST(Methods, SweepReportsEachStep) {
       nullptr, 0, [&](int64_t done, int64_t total) { calls.emplace_back(done, total); });
   EXPECT_EQ(runs.size(), 2u);
   EXPECT_EQ(calls, (std::vector<std::pair<int64_t, int64_t>>{{1, 3}, {2, 3}, {3, 3}}));
+}
+
+// The FP8 attention on a sparse result's selection is the layer's attention_dtype = E4M3 path: the
+// same clusters, mask and default options give the same bytes.
+TEST(Methods, RunE4M3IsTheLayerSwitchOnTheSameSelection) {
+  const Tensor q = blobs(1, 2, 300, 32, 5, 16), k = blobs(1, 2, 300, 32, 5, 17), v = blobs(1, 2, 300, 32, 5, 18);
+  Config c = small_config();
+  c.top_p = 0.7f;
+  const MethodResult native = run_method(Method::Sap, q.view(), k.view(), v.view(), c);
+  const MethodResult e4m3 = run_e4m3(native, q.view(), k.view(), v.view(), c, Fp8Options{});
+  Config switched = c;
+  switched.attention_dtype = AttentionDType::E4M3;
+  const MethodResult layer = run_method(Method::Sap, q.view(), k.view(), v.view(), switched);
+  const auto bytes = [](const Tensor& t) {
+    return std::vector<uint8_t>(t.data_as<uint8_t>(), t.data_as<uint8_t>() + t.bytes());
+  };
+  EXPECT_EQ(bytes(e4m3.out), bytes(layer.out));
+  EXPECT_EQ(bytes(e4m3.lse), bytes(layer.lse));
+  EXPECT_EQ(bytes(e4m3.density), bytes(native.density));
+  const Metrics m = compare(e4m3, native);
+  EXPECT_GT(m.mean.rel_l2, 0.0);
+  EXPECT_LT(m.mean.rel_l2, 0.05);
+  // Compensation is not part of the attention run_e4m3 compares.
+  Config compensated = c;
+  compensated.compensate = true;
+  EXPECT_THROW(run_e4m3(native, q.view(), k.view(), v.view(), compensated, Fp8Options{}), InvalidArgumentError);
+  const MethodResult dense = run_method(Method::Dense, q.view(), k.view(), v.view(), c);
+  EXPECT_THROW(run_e4m3(dense, q.view(), k.view(), v.view(), c, Fp8Options{}), InvalidArgumentError);
+}
+
+TEST(Methods, Fp8OptionsAsText) {
+  const Fp8Options defaults;
+  EXPECT_EQ(fp8_options_name(parse_fp8_options("")), fp8_options_name(defaults));
+  Fp8Options o;
+  o.q_scale = Fp8Scale::Cluster;
+  o.k_tile = 176;
+  o.v_scale = Fp8Scale::Tile;
+  o.v_tile = 64;
+  o.smooth_k = false;
+  o.p_scale = 16.0f;
+  o.p_sum_e4m3 = false;
+  EXPECT_EQ(fp8_options_name(o), "qc:k176:v64:nosmooth:p16:sumf");
+  const Fp8Options back = parse_fp8_options("qc:k176:v64:nosmooth:p16:sumf");
+  EXPECT_EQ(fp8_options_name(back), fp8_options_name(o));
+  EXPECT_EQ(back.q_scale, Fp8Scale::Cluster);
+  EXPECT_EQ(back.k_scale, Fp8Scale::Tile);
+  EXPECT_EQ(back.k_tile, 176);
+  EXPECT_EQ(back.v_tile, 64);
+  EXPECT_EQ(back.p_scale, 16.0f);
+  EXPECT_TRUE(parse_fp8_options("vch:sumq").p_sum_e4m3);
+  EXPECT_FALSE(parse_fp8_options("sumf").p_sum_e4m3);
+  EXPECT_EQ(parse_fp8_options("vch").v_scale, Fp8Scale::Channel);
+  EXPECT_EQ(parse_fp8_options("kc").k_scale, Fp8Scale::Cluster);
+  for (const char* bad : {"q0", "qch", "k", "x1", "p", "pfoo", "q64:", "smooth:v-3"})
+    EXPECT_THROW(parse_fp8_options(bad), InvalidArgumentError) << bad;
 }
 
 TEST(Metrics, KnownAnswers) {

@@ -16,10 +16,7 @@
 namespace {
 
 using namespace sapattn;
-using ref::HostTensor;
-using ref::Layout;
-using testing_support::case_seed;
-using testing_support::kStream;
+using namespace sapattn::testing_support;
 
 struct Shape {
   int64_t B, H, N, D, C;
@@ -378,9 +375,9 @@ TEST_P(KmeansShapes, WarmStartContinuesTheSameIterations) {
 
 INSTANTIATE_TEST_SUITE_P(Cases, KmeansShapes, ::testing::ValuesIn(kShapes), [](const auto& p) {
   const Shape& s = p.param;
-  return testing_support::case_name("B" + std::to_string(s.B) + "H" + std::to_string(s.H), "N" + std::to_string(s.N),
-                                    "D" + std::to_string(s.D), "C" + std::to_string(s.C), dtype_name(s.dtype),
-                                    ref::layout_name(s.layout));
+  return case_name("B" + std::to_string(s.B) + "H" + std::to_string(s.H), "N" + std::to_string(s.N),
+                   "D" + std::to_string(s.D), "C" + std::to_string(s.C), dtype_name(s.dtype),
+                   ref::layout_name(s.layout));
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -565,29 +562,22 @@ TEST(Kmeans, DifferentSeedsSampleDifferently) {
 }
 
 TEST(Kmeans, SampleIdsKeepAHeadsSampleWhenItRunsApart) {
-  ref::Rng rng(case_seed());
-  const int64_t B = 2, H = 3, N = 50, D = 16, C = 7;
-  HostTensor points = ref::make_tensor(DType::F32, {B, H, N, D});
-  ref::fill_normal(points.view, rng);
-  HostTensor all = ref::make_tensor(DType::F32, {B, H, C, D});
-  kmeans_init(points.view, all.view, 11, kStream);
-  // Head 2 of every batch item alone, as on a device that holds only that head: ids b*H + 2.
-  HostTensor one = ref::make_tensor(DType::F32, {B, 1, C, D});
-  HostTensor ids = ref::make_tensor(DType::I32, {B, 1});
-  for (int64_t b = 0; b < B; ++b) static_cast<int32_t*>(ids.view.data)[b] = static_cast<int32_t>(b * H + 2);
-  kmeans_init(points.view.slice(1, 2, 3), one.view, 11, kStream, {}, ids.view);
-  EXPECT_EQ(ref::to_vector(one.view), ref::to_vector(all.view.slice(1, 2, 3)));
-  // Without the ids the lone head samples as (b, 0) of a one-head call: another sample.
-  HostTensor plain = ref::make_tensor(DType::F32, {B, 1, C, D});
-  kmeans_init(points.view.slice(1, 2, 3), plain.view, 11, kStream);
-  EXPECT_NE(ref::to_vector(plain.view), ref::to_vector(one.view));
+  expect_sample_ids_keep_a_head([](const TensorView& points, const TensorView& centroids,
+                                   const TensorView& ids) { kmeans_init(points, centroids, 11, kStream, {}, ids); },
+                                2, 3, 50, 16, 7);
   // Bad ids: a negative one, the wrong shape or dtype.
+  const int64_t B = 2, N = 50, D = 16, C = 7;
+  HostTensor points = ref::make_tensor(DType::F32, {B, 1, N, D}), one = ref::make_tensor(DType::F32, {B, 1, C, D});
+  ref::Rng rng(case_seed());
+  ref::fill_normal(points.view, rng);
+  HostTensor ids = ref::make_tensor(DType::I32, {B, 1});
+  static_cast<int32_t*>(ids.view.data)[0] = 2;
   static_cast<int32_t*>(ids.view.data)[1] = -1;
-  EXPECT_THROW(kmeans_init(points.view.slice(1, 2, 3), one.view, 11, kStream, {}, ids.view), InvalidArgumentError);
+  EXPECT_THROW(kmeans_init(points.view, one.view, 11, kStream, {}, ids.view), InvalidArgumentError);
   HostTensor wrong = ref::make_tensor(DType::I32, {B, 2});
-  EXPECT_THROW(kmeans_init(points.view.slice(1, 2, 3), one.view, 11, kStream, {}, wrong.view), ShapeError);
+  EXPECT_THROW(kmeans_init(points.view, one.view, 11, kStream, {}, wrong.view), ShapeError);
   HostTensor floats = ref::make_tensor(DType::F32, {B, 1});
-  EXPECT_THROW(kmeans_init(points.view.slice(1, 2, 3), one.view, 11, kStream, {}, floats.view), DTypeError);
+  EXPECT_THROW(kmeans_init(points.view, one.view, 11, kStream, {}, floats.view), DTypeError);
 }
 
 // ---------------------------------------------------------------------------------------------

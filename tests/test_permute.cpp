@@ -14,10 +14,7 @@
 namespace {
 
 using namespace sapattn;
-using ref::HostTensor;
-using ref::Layout;
-using testing_support::case_seed;
-using testing_support::kStream;
+using namespace sapattn::testing_support;
 
 // Labels [B,H,N] whose per-(b,h) cluster sizes are random (with empty, 1-token and, for N >= 200,
 // >128-token clusters).
@@ -144,42 +141,69 @@ std::string describe(const RowsCase& rc) {
          ref::layout_name(rc.x_layout) + "->" + ref::layout_name(rc.out_layout);
 }
 
+// The permutation [B,H,N] of random labels over C clusters (the reference's counting sort, which the
+// op cluster_permutation matches exactly).
+HostTensor random_permutation(const RowsCase& rc, int64_t C, ref::Rng& rng) {
+  const HostTensor labels = random_labels(rc.B, rc.H, rc.N, C, rng);
+  HostTensor perm = ref::make_tensor(DType::I32, {rc.B, rc.H, rc.N});
+  const ref::Permutation p = ref::cluster_permutation(labels.view, C);
+  ref::from_vector(perm.view, std::vector<double>(p.perm.begin(), p.perm.end()));
+  return perm;
+}
+
+// Rows [B,H,N,D]: random in the case's input dtype and layout (random_rows); poisoned, to be
+// written, in the input's dtype and layout (poisoned_rows, for the inverse that restores the
+// input) or in the output's (poisoned_out).
+HostTensor random_rows(const RowsCase& rc, ref::Rng& rng) {
+  HostTensor x = ref::make_tensor(rc.x_dtype, {rc.B, rc.H, rc.N, rc.D}, rc.x_layout);
+  ref::fill_normal(x.view, rng);
+  return x;
+}
+
+HostTensor poisoned_rows(const RowsCase& rc) {
+  HostTensor t = ref::make_tensor(rc.x_dtype, {rc.B, rc.H, rc.N, rc.D}, rc.x_layout);
+  ref::poison(t);
+  return t;
+}
+
+HostTensor poisoned_out(const RowsCase& rc) {
+  HostTensor t = ref::make_tensor(rc.out_dtype, {rc.B, rc.H, rc.N, rc.D}, rc.out_layout);
+  ref::poison(t);
+  return t;
+}
+
+// gathered[j] == source[perm[j]] for every row j of every (b,h), element for element.
+void expect_gather_of(const std::vector<double>& gathered, const std::vector<double>& source, const HostTensor& perm,
+                      const RowsCase& rc) {
+  const std::vector<int32_t> p = ref::to_i32(perm.view);
+  for (int64_t bh = 0; bh < rc.B * rc.H; ++bh)
+    for (int64_t j = 0; j < rc.N; ++j) {
+      const int64_t src = p[static_cast<size_t>(bh * rc.N + j)];
+      for (int64_t d = 0; d < rc.D; ++d)
+        ASSERT_EQ(gathered[static_cast<size_t>((bh * rc.N + j) * rc.D + d)],
+                  source[static_cast<size_t>((bh * rc.N + src) * rc.D + d)])
+            << "(b,h) " << bh << " row " << j << " (source row " << src << ")";
+    }
+}
+
 TEST_P(GatherScatter, GatherThenScatterIsExact) {
   const RowsCase rc = GetParam();
   SCOPED_TRACE(describe(rc));
   ref::Rng rng(case_seed());
-  const HostTensor labels = random_labels(rc.B, rc.H, rc.N, 13, rng);
-  HostTensor perm = ref::make_tensor(DType::I32, {rc.B, rc.H, rc.N});
-  {
-    const ref::Permutation p = ref::cluster_permutation(labels.view, 13);
-    ref::from_vector(perm.view, std::vector<double>(p.perm.begin(), p.perm.end()));
-  }
-  HostTensor x = ref::make_tensor(rc.x_dtype, {rc.B, rc.H, rc.N, rc.D}, rc.x_layout);
-  ref::fill_normal(x.view, rng);
+  const HostTensor perm = random_permutation(rc, 13, rng);
+  const HostTensor x = random_rows(rc, rng);
   const std::vector<uint8_t> x_bytes = x.bytes();
-  HostTensor gathered = ref::make_tensor(rc.out_dtype, {rc.B, rc.H, rc.N, rc.D}, rc.out_layout);
-  ref::poison(gathered);
+  HostTensor gathered = poisoned_out(rc);
   const std::vector<uint8_t> gathered_before = gathered.bytes();
   gather_rows(x.view, perm.view, gathered.view, kStream);
   EXPECT_EQ(x.bytes(), x_bytes) << "gather_rows wrote its input";
   ASSERT_EQ(ref::count_poisoned(gathered.view), 0);
   EXPECT_TRUE(gathered.outside_view_unchanged(gathered_before));
   // out[j] = x[perm[j]], exactly (the dtype pairs here convert exactly).
-  const std::vector<int32_t> p = ref::to_i32(perm.view);
-  const std::vector<double> xv = ref::to_vector(x.view), gv = ref::to_vector(gathered.view);
-  for (int64_t bh = 0; bh < rc.B * rc.H; ++bh) {
-    for (int64_t j = 0; j < rc.N; ++j) {
-      const int64_t src = p[static_cast<size_t>(bh * rc.N + j)];
-      for (int64_t d = 0; d < rc.D; ++d) {
-        ASSERT_EQ(gv[static_cast<size_t>((bh * rc.N + j) * rc.D + d)],
-                  xv[static_cast<size_t>((bh * rc.N + src) * rc.D + d)])
-            << "(b,h) " << bh << " row " << j;
-      }
-    }
-  }
+  const std::vector<double> xv = ref::to_vector(x.view);
+  ASSERT_NO_FATAL_FAILURE(expect_gather_of(ref::to_vector(gathered.view), xv, perm, rc));
   // Scattering back (out in x's dtype and layout) restores x exactly: scatter inverts gather.
-  HostTensor back = ref::make_tensor(rc.x_dtype, {rc.B, rc.H, rc.N, rc.D}, rc.x_layout);
-  ref::poison(back);
+  HostTensor back = poisoned_rows(rc);
   const std::vector<uint8_t> back_before = back.bytes();
   scatter_rows(gathered.view, perm.view, back.view, kStream);
   ASSERT_EQ(ref::count_poisoned(back.view), 0);
@@ -191,30 +215,15 @@ TEST_P(GatherScatter, ScatterThenGatherIsExact) {
   const RowsCase rc = GetParam();
   SCOPED_TRACE(describe(rc));
   ref::Rng rng(case_seed());
-  const HostTensor labels = random_labels(rc.B, rc.H, rc.N, 5, rng);
-  HostTensor perm = ref::make_tensor(DType::I32, {rc.B, rc.H, rc.N});
-  HostTensor offsets = ref::make_tensor(DType::I32, {rc.B, rc.H, 6});
-  cluster_permutation(labels.view, 5, perm.view, offsets.view, kStream);
-  HostTensor y = ref::make_tensor(rc.x_dtype, {rc.B, rc.H, rc.N, rc.D}, rc.x_layout);
-  ref::fill_normal(y.view, rng);
-  HostTensor scattered = ref::make_tensor(rc.out_dtype, {rc.B, rc.H, rc.N, rc.D}, rc.out_layout);
-  ref::poison(scattered);
+  const HostTensor perm = random_permutation(rc, 5, rng);
+  const HostTensor y = random_rows(rc, rng);
+  HostTensor scattered = poisoned_out(rc);
   scatter_rows(y.view, perm.view, scattered.view, kStream);
   ASSERT_EQ(ref::count_poisoned(scattered.view), 0);
-  // out[perm[j]] = y[j].
-  const std::vector<int32_t> p = ref::to_i32(perm.view);
-  const std::vector<double> yv = ref::to_vector(y.view), sv = ref::to_vector(scattered.view);
-  for (int64_t bh = 0; bh < rc.B * rc.H; ++bh) {
-    for (int64_t j = 0; j < rc.N; ++j) {
-      const int64_t dst = p[static_cast<size_t>(bh * rc.N + j)];
-      for (int64_t d = 0; d < rc.D; ++d) {
-        ASSERT_EQ(sv[static_cast<size_t>((bh * rc.N + dst) * rc.D + d)],
-                  yv[static_cast<size_t>((bh * rc.N + j) * rc.D + d)]);
-      }
-    }
-  }
-  HostTensor back = ref::make_tensor(rc.x_dtype, {rc.B, rc.H, rc.N, rc.D}, rc.x_layout);
-  ref::poison(back);
+  // out[perm[j]] = y[j]: y is the gather of out.
+  const std::vector<double> yv = ref::to_vector(y.view);
+  ASSERT_NO_FATAL_FAILURE(expect_gather_of(yv, ref::to_vector(scattered.view), perm, rc));
+  HostTensor back = poisoned_rows(rc);
   gather_rows(scattered.view, perm.view, back.view, kStream);
   EXPECT_EQ(ref::to_vector(back.view), yv);
 }
@@ -222,16 +231,11 @@ TEST_P(GatherScatter, ScatterThenGatherIsExact) {
 TEST_P(GatherScatter, ThreadCountIndependent) {
   const RowsCase rc = GetParam();
   ref::Rng rng(case_seed());
-  const HostTensor labels = random_labels(rc.B, rc.H, rc.N, 7, rng);
-  HostTensor perm = ref::make_tensor(DType::I32, {rc.B, rc.H, rc.N});
-  HostTensor offsets = ref::make_tensor(DType::I32, {rc.B, rc.H, 8});
-  cluster_permutation(labels.view, 7, perm.view, offsets.view, kStream);
-  HostTensor x = ref::make_tensor(rc.x_dtype, {rc.B, rc.H, rc.N, rc.D}, rc.x_layout);
-  ref::fill_normal(x.view, rng);
+  const HostTensor perm = random_permutation(rc, 7, rng);
+  const HostTensor x = random_rows(rc, rng);
   std::vector<std::vector<uint8_t>> g, s;
   for (int threads : {1, 2, 3}) {
-    HostTensor out = ref::make_tensor(rc.out_dtype, {rc.B, rc.H, rc.N, rc.D}, rc.out_layout);
-    ref::poison(out);
+    HostTensor out = poisoned_out(rc);
     gather_rows(x.view, perm.view, out.view, Stream::cpu(threads));
     g.push_back(out.bytes());
     ref::poison(out);
@@ -257,10 +261,9 @@ INSTANTIATE_TEST_SUITE_P(
                       RowsCase{DType::BF16, DType::F32, Layout::Contiguous, Layout::TransposedPadded, 2, 1, 90, 24}),
     [](const auto& p) {
       const RowsCase& c = p.param;
-      return testing_support::case_name(dtype_name(c.x_dtype), ref::layout_name(c.x_layout), "to",
-                                        dtype_name(c.out_dtype), ref::layout_name(c.out_layout),
-                                        "B" + std::to_string(c.B) + "H" + std::to_string(c.H),
-                                        "N" + std::to_string(c.N), "D" + std::to_string(c.D));
+      return case_name(dtype_name(c.x_dtype), ref::layout_name(c.x_layout), "to", dtype_name(c.out_dtype),
+                       ref::layout_name(c.out_layout), "B" + std::to_string(c.B) + "H" + std::to_string(c.H),
+                       "N" + std::to_string(c.N), "D" + std::to_string(c.D));
     });
 
 // ---------------------------------------------------------------------------------------------

@@ -19,10 +19,7 @@
 namespace {
 
 using namespace sapattn;
-using ref::HostTensor;
-using ref::Layout;
-using testing_support::case_seed;
-using testing_support::kStream;
+using namespace sapattn::testing_support;
 
 std::vector<uint8_t> mask_values(const TensorView& mask) {
   const std::vector<double> v = ref::to_vector(mask);
@@ -185,9 +182,9 @@ INSTANTIATE_TEST_SUITE_P(
                       TopPCase{2, 1, 5, 1, Weights::HeavyTailed, Layout::Contiguous, Layout::Contiguous}),
     [](const auto& p) {
       const TopPCase& c = p.param;
-      return testing_support::case_name(
-          weights_name(c.weights), ref::layout_name(c.probs_layout), ref::layout_name(c.mask_layout),
-          "B" + std::to_string(c.B) + "H" + std::to_string(c.H), "R" + std::to_string(c.R), "C" + std::to_string(c.C));
+      return case_name(weights_name(c.weights), ref::layout_name(c.probs_layout), ref::layout_name(c.mask_layout),
+                       "B" + std::to_string(c.B) + "H" + std::to_string(c.H), "R" + std::to_string(c.R),
+                       "C" + std::to_string(c.C));
     });
 
 // Rows of exactly representable weights: every running sum is exact in fp32, so the kept set is
@@ -418,7 +415,7 @@ INSTANTIATE_TEST_SUITE_P(Cases, SelectBlocksRandom,
                                            BlocksCase{1, 2, 3, 5, 24, Layout::Padded, 1.0}),
                          [](const auto& p) {
                            const BlocksCase& c = p.param;
-                           return testing_support::case_name(
+                           return case_name(
                                ref::layout_name(c.mask_layout), "B" + std::to_string(c.B) + "H" + std::to_string(c.H),
                                "Cq" + std::to_string(c.Cq), "Ck" + std::to_string(c.Ck), "D" + std::to_string(c.D));
                          });

@@ -16,6 +16,11 @@
 
 namespace sapattn::testing_support {
 
+// The reference's tensor types, so that an op suite's `using namespace sapattn::testing_support;`
+// brings them in with the helpers below.
+using ref::HostTensor;
+using ref::Layout;
+
 // A seed derived from the running test's full name, so every case draws its own inputs.
 inline uint64_t case_seed(uint64_t index = 0) {
   const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
@@ -89,6 +94,27 @@ inline Tensor clustered_tensor(DType dtype, int64_t B, int64_t H, int64_t S, int
   }
   if (centres_out != nullptr) *centres_out = std::move(c);
   return t;
+}
+
+// The sample_ids contract of kmeans_init and kmeans_seed_greedy on random points [B,H,N,D], H >= 3:
+// head 2 of every batch item, run alone with the ids it has in the whole call (b*H + 2), gets the
+// whole call's C centroids; without ids it runs as (b, 0) of a one-head call and gets others.
+// op(points, centroids, sample_ids) runs the op under test with its other arguments fixed.
+template <typename Op>
+void expect_sample_ids_keep_a_head(Op&& op, int64_t B, int64_t H, int64_t N, int64_t D, int64_t C) {
+  ref::Rng rng(case_seed());
+  ref::HostTensor points = ref::make_tensor(DType::F32, {B, H, N, D});
+  ref::fill_normal(points.view, rng);
+  ref::HostTensor all = ref::make_tensor(DType::F32, {B, H, C, D});
+  op(points.view, all.view, TensorView{});
+  ref::HostTensor one = ref::make_tensor(DType::F32, {B, 1, C, D});
+  ref::HostTensor ids = ref::make_tensor(DType::I32, {B, 1});
+  for (int64_t b = 0; b < B; ++b) static_cast<int32_t*>(ids.view.data)[b] = static_cast<int32_t>(b * H + 2);
+  op(points.view.slice(1, 2, 3), one.view, ids.view);
+  EXPECT_EQ(ref::to_vector(one.view), ref::to_vector(all.view.slice(1, 2, 3)));
+  ref::HostTensor plain = ref::make_tensor(DType::F32, {B, 1, C, D});
+  op(points.view.slice(1, 2, 3), plain.view, TensorView{});
+  EXPECT_NE(ref::to_vector(plain.view), ref::to_vector(one.view));
 }
 
 }  // namespace sapattn::testing_support

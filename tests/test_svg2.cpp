@@ -20,6 +20,22 @@ Tensor clustered_tensor(DType dtype, int64_t B, int64_t H, int64_t S, int64_t D,
   return testing_support::clustered_tensor(dtype, B, H, S, D, centers, seed, 2.0f, 0.3f);
 }
 
+struct Qkv {
+  Tensor q, k, v;
+};
+
+// q and k [B,H,S,D] scattered around `centers` centres, v random; seeds seed, seed + 1, seed + 2.
+Qkv clustered_qkv(DType dtype, int64_t B, int64_t H, int64_t S, int64_t D, int centers, uint32_t seed) {
+  return {clustered_tensor(dtype, B, H, S, D, centers, seed), clustered_tensor(dtype, B, H, S, D, centers, seed + 1),
+          random_tensor(dtype, {B, H, S, D}, seed + 2)};
+}
+
+// q, k and v [B,H,S,D] random; seeds seed, seed + 1, seed + 2.
+Qkv random_qkv(DType dtype, int64_t B, int64_t H, int64_t S, int64_t D, uint32_t seed) {
+  return {random_tensor(dtype, {B, H, S, D}, seed), random_tensor(dtype, {B, H, S, D}, seed + 1),
+          random_tensor(dtype, {B, H, S, D}, seed + 2)};
+}
+
 double element(const Tensor& t, int64_t i) {
   return t.dtype() == DType::I32 ? t.data_as<int32_t>()[i] : static_cast<double>(load_as_f32(t.data(), t.dtype(), i));
 }
@@ -57,8 +73,7 @@ Config small_config() {
 
 TEST(Svg2, TopPOneEqualsDenseAttention) {
   const int64_t B = 2, H = 3, S = 150, D = 64;
-  const Tensor q = random_tensor(DType::BF16, {B, H, S, D}, 1), k = random_tensor(DType::BF16, {B, H, S, D}, 2),
-               v = random_tensor(DType::BF16, {B, H, S, D}, 3);
+  const auto [q, k, v] = random_qkv(DType::BF16, B, H, S, D, 1);
   Config c = small_config();
   c.top_p = 1.0f;
   BranchState state;
@@ -73,8 +88,7 @@ TEST(Svg2, TopPOneEqualsDenseAttention) {
 
 TEST(Svg2, SparseRowsAttendToASubsetOfDenseKeys) {
   const int64_t B = 1, H = 2, S = 400, D = 64;
-  const Tensor q = clustered_tensor(DType::F32, B, H, S, D, 6, 4), k = clustered_tensor(DType::F32, B, H, S, D, 6, 5),
-               v = random_tensor(DType::F32, {B, H, S, D}, 6);
+  const auto [q, k, v] = clustered_qkv(DType::F32, B, H, S, D, 6, 4);
   Config c = small_config();
   c.top_p = 0.5f;
   c.min_kc_ratio = 0.0f;
@@ -110,8 +124,7 @@ TEST(Svg2, JointTextRuleAtTopPOneMatchesTheBlockMaskOnOriginalOrder) {
   // [video 120 | prompt 10 | padding 6]: at top_p = 1 every video pair is kept, so the result is the
   // text rule alone, which on the original token order is a 3x3 block layout.
   const int64_t B = 2, H = 2, Sv = 120, P = 10, T = 16, S = Sv + T, D = 64;
-  const Tensor q = random_tensor(DType::F16, {B, H, S, D}, 7), k = random_tensor(DType::F16, {B, H, S, D}, 8),
-               v = random_tensor(DType::F16, {B, H, S, D}, 9);
+  const auto [q, k, v] = random_qkv(DType::F16, B, H, S, D, 7);
   Config c = small_config();
   c.top_p = 1.0f;
   c.text_tokens = T;
@@ -142,8 +155,7 @@ TEST(Svg2, JointTextRuleAtTopPOneMatchesTheBlockMaskOnOriginalOrder) {
 
 TEST(Svg2, WarmStartsPerBranchAndResets) {
   const int64_t B = 1, H = 2, S = 200, D = 64;
-  const Tensor q = clustered_tensor(DType::F32, B, H, S, D, 5, 10), k = clustered_tensor(DType::F32, B, H, S, D, 5, 11),
-               v = random_tensor(DType::F32, {B, H, S, D}, 12);
+  const auto [q, k, v] = clustered_qkv(DType::F32, B, H, S, D, 5, 10);
   Config c = small_config();
   LayerState layer;
   EXPECT_FALSE(layer.branch(0).initialized());
@@ -162,6 +174,44 @@ TEST(Svg2, WarmStartsPerBranchAndResets) {
   EXPECT_FALSE(layer.branch(0).initialized());
 }
 
+TEST(Svg2, FirstCallSeedsAsTheConfigSaysThenRunsTheInitIterations) {
+  // The first call's centroids are the config's seeding (Q from the seed, K from its keys' stream),
+  // then kmeans_iters_init Lloyd iterations, over the video tokens only; the keys' then numbered
+  // along order_clusters' chain.
+  const int64_t B = 1, H = 2, S = 260, D = 64, text = 20;
+  const auto [q, k, v] = clustered_qkv(DType::F32, B, H, S, D, 6, 60);
+  std::vector<std::vector<float>> k_centroids;
+  for (const KMeansSeeding seeding : {KMeansSeeding::GreedyPP, KMeansSeeding::Sample}) {
+    Config c = small_config();
+    c.kmeans_seeding = seeding;
+    c.kmeans_sample_factor = 3;
+    c.kmeans_iters_init = 4;
+    c.text_tokens = text;
+    c.prompt_length = 8;
+    BranchState state;
+    run_svg2(q, k, v, c, state);
+    const TensorView qv = q.view().slice(2, 0, S - text), kv = k.view().slice(2, 0, S - text);
+    const Tensor qc(DType::F32, {B, H, c.q_clusters, D}), kc(DType::F32, {B, H, c.k_clusters, D});
+    if (seeding == KMeansSeeding::GreedyPP) {
+      kmeans_seed_greedy(qv, qc.view(), c.seed, 3, Stream::cpu());
+      kmeans_seed_greedy(kv, kc.view(), key_sample_seed(c.seed), 3, Stream::cpu());
+    } else {
+      kmeans_init(qv, qc.view(), c.seed, Stream::cpu());
+      kmeans_init(kv, kc.view(), key_sample_seed(c.seed), Stream::cpu());
+    }
+    for (const Tensor* t : {&qc, &kc}) {
+      const int64_t C = t->shape()[2];
+      const Tensor labels(DType::I32, {B, H, S - text}), sizes(DType::I32, {B, H, C});
+      kmeans(t == &qc ? qv : kv, t->view(), labels.view(), sizes.view(), c.kmeans_iters_init, Stream::cpu());
+      if (t == &kc) order_clusters(kc.view(), sizes.view(), labels.view(), Stream::cpu());  // a fresh key clustering
+    }
+    EXPECT_EQ(max_abs_diff(qc, state.q_centroids), 0.0);
+    EXPECT_EQ(max_abs_diff(kc, state.k_centroids), 0.0);
+    k_centroids.emplace_back(kc.data_as<float>(), kc.data_as<float>() + kc.numel());
+  }
+  EXPECT_NE(k_centroids[0], k_centroids[1]) << "the two seedings gave the same key centroids";
+}
+
 TEST(Svg2, ChangedShapeNeedsAReset) {
   const Tensor q = random_tensor(DType::F32, {1, 2, 64, 64}, 13);
   Config c = small_config();
@@ -175,8 +225,7 @@ TEST(Svg2, ChangedShapeNeedsAReset) {
 
 TEST(Svg2, CallerOwnedCentroidsGiveTheBranchStateResults) {
   const int64_t B = 1, H = 2, S = 300, D = 64;
-  const Tensor q = clustered_tensor(DType::F32, B, H, S, D, 6, 40), k = clustered_tensor(DType::F32, B, H, S, D, 6, 41),
-               v = random_tensor(DType::F32, {B, H, S, D}, 42);
+  const auto [q, k, v] = clustered_qkv(DType::F32, B, H, S, D, 6, 40);
   Config c = small_config();
   c.top_p = 0.7f;
   BranchState state;
@@ -210,8 +259,7 @@ TEST(Svg2, CallerOwnedCentroidsGiveTheBranchStateResults) {
 
 TEST(Svg2, KeyShardsCombineByLseIntoTheWholeCall) {
   const int64_t B = 1, H = 2, S = 300, D = 64;
-  const Tensor q = clustered_tensor(DType::F32, B, H, S, D, 6, 50), k = clustered_tensor(DType::F32, B, H, S, D, 6, 51),
-               v = random_tensor(DType::F32, {B, H, S, D}, 52);
+  const auto [q, k, v] = clustered_qkv(DType::F32, B, H, S, D, 6, 50);
   Config c = small_config();
   c.top_p = 0.8f;
   c.text_tokens = 20;
@@ -261,9 +309,7 @@ TEST(Svg2, KeyShardsCombineByLseIntoTheWholeCall) {
 }
 
 TEST(Svg2, DeterministicForASeedAndThreadCount) {
-  const Tensor q = clustered_tensor(DType::BF16, 1, 2, 300, 64, 7, 15),
-               k = clustered_tensor(DType::BF16, 1, 2, 300, 64, 7, 16),
-               v = random_tensor(DType::BF16, {1, 2, 300, 64}, 17);
+  const auto [q, k, v] = clustered_qkv(DType::BF16, 1, 2, 300, 64, 7, 15);
   Config c = small_config();
   c.top_p = 0.7f;
   BranchState s1, s2;
@@ -283,8 +329,7 @@ TEST(Svg2, DeterministicForASeedAndThreadCount) {
 
 TEST(Svg2, BshdLayoutGivesTheSameResultAsBhsd) {
   const int64_t B = 2, H = 3, S = 97, D = 64;
-  const Tensor q = random_tensor(DType::BF16, {B, H, S, D}, 18), k = random_tensor(DType::BF16, {B, H, S, D}, 19),
-               v = random_tensor(DType::BF16, {B, H, S, D}, 20);
+  const auto [q, k, v] = random_qkv(DType::BF16, B, H, S, D, 18);
   // The same values laid out [B,S,H,D].
   auto to_bshd = [&](const Tensor& t) {
     Tensor r(DType::BF16, {B, S, H, D});
@@ -368,7 +413,7 @@ TEST(Svg2, RejectsBadInput) {
 
 TEST(Svg2, MoreClustersThanVideoTokensIsAnError) {
   // 20 tokens, 4 of them text: 16 video tokens hold at most 16 clusters of each kind. More would be
-  // empty by construction (issue 17: 10,000 query clusters on 512 tokens ran 5.8 s, silently).
+  // empty by construction (10,000 query clusters on 512 tokens once ran 5.8 s, silently).
   const Tensor q = random_tensor(DType::F32, {1, 1, 20, 64}, 25);
   Tensor out(DType::F32, {1, 1, 20, 64});
   Config c = small_config();
@@ -386,7 +431,7 @@ TEST(Svg2, MoreClustersThanVideoTokensIsAnError) {
 }
 
 TEST(Svg2, ShapeErrorsSpeakTheCallersLayout) {
-  // Issue 17's case: q [1,256,2,64] and k [1,100,2,64] held as [B,S,H,D], as PyTorch passes them.
+  // The case that was reported: q [1,256,2,64] and k [1,100,2,64] held as [B,S,H,D], as PyTorch passes them.
   std::vector<float> q(1 * 256 * 2 * 64, 0.5f), k(1 * 100 * 2 * 64, 0.5f), out(q.size());
   const auto bshd = [](std::vector<float>& m, int64_t S) {
     return TensorView::bshd(m.data(), DType::F32, 1, 2, S, 64);

@@ -1,7 +1,7 @@
 // Runs sapattn's dense attention on the CPU over seeded random inputs [B,H,S,D] and checks it
 // against a float64 softmax(q k^T * scale) v written out here. Prints one line and exits 0 when
-// they agree; 1 (with the reason) otherwise. Used by tests/install as the proof that an installed
-// sapattn links and runs.
+// they agree; 1 (with the reason) otherwise. Used by tests/package/check_package.cmake as the
+// proof that an installed sapattn links and runs.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>

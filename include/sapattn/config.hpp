@@ -1,4 +1,4 @@
-// SVG2 configuration. Defaults are the official Wan 2.1 T2V 720p script's (../shared/ANCHORS.md).
+// SVG2 configuration. Defaults are the official Wan 2.1 T2V 720p script's (docs/torch.md lists them per model).
 #pragma once
 
 #include <cstdint>
@@ -9,6 +9,19 @@ namespace sapattn {
 enum class Routing : uint8_t {
   TopP,        // SVG2: the top-p prefix of the size-weighted centroid softmax
   ErrorAware,  // SVG-EAR: the best error-per-area blocks of the probe, within SVG2's top-p area
+};
+
+// How a layer's first sparse call starts its k-means (docs/cuda.md, "The greedy seeding as built").
+enum class KMeansSeeding : uint8_t {
+  Sample,    // kmeans_init: C points of a seeded random sample (SVG2's official start)
+  GreedyPP,  // kmeans_seed_greedy: greedy k-means++ on a seeded sample of kmeans_sample_factor * C points
+};
+
+// The precision of the sparse attention's two GEMMs (docs/fp8.md).
+enum class AttentionDType : uint8_t {
+  Native,  // Q K^T and P V in the inputs' dtype (bf16/f16 on CUDA; fp32 arithmetic on the CPU)
+  E4M3,    // Q, K, V and P quantised to FP8 E4M3 with fp32 scales (block_sparse_attention_e4m3 with
+           // the default Fp8Options); fp32 accumulation and softmax
 };
 
 // The seed of the keys' initial k-means sample for a config's seed: another stream than the queries'
@@ -22,7 +35,7 @@ struct Config {
   float density = 0.0f;        // > 0: replaces top_p by, per (b,h), the smallest top-p whose selection
                                // computes this share of the video query-key pairs (a speed budget)
   float min_kc_ratio = 0.10f;  // always keep the top floor(min_kc_ratio * Ck) key clusters
-  int kmeans_iters_init = 50;  // Lloyd iterations at a layer's first sparse call (sampled init)
+  int kmeans_iters_init = 50;  // Lloyd iterations at a layer's first sparse call, after kmeans_seeding
   int kmeans_iters_step = 2;   // Lloyd iterations at later calls (warm start from cached centroids)
   uint64_t seed = 0;           // seeds the initial centroid sample; results are deterministic per seed
   int64_t text_tokens = 0;     // trailing text tokens (HunyuanVideo joint attention); 0 = video only
@@ -48,12 +61,24 @@ struct Config {
                                  // ranked by the probe's row-normalised error per area
   bool ear_split = false;        // compensation through two sub-centroids per key cluster (split_clusters)
                                  // instead of one; with ear_spread/ear_pair_values, theirs too
-  // Issue 12 (docs/attention.md, "Query padding at 64-row blocks"): after the selection, move a few
+  // Query padding (docs/attention.md, "Query padding at 64-row blocks"): after the selection, move a few
   // video queries between query clusters (round_query_clusters with its default RoundQueryOptions:
   // slack 16, cap 0.1, prefilter 4, 8 rounds) so that fewer 64-row blocks carry padding rows.
   // Centroids and mask stay; q_cluster_sizes, the permutation and the compensation see the rounded
-  // clusters. CPU only so far (UnsupportedError on a CUDA stream). Off by default.
+  // clusters. Both backends (the CUDA op gives the CPU's labels bit for bit). Off by default.
   bool round_q_clusters = false;
+  // FP8: the sparse attention in FP8 E4M3 (block_sparse_attention_e4m3, docs/fp8.md); the
+  // clustering and selection are unchanged. The CPU backend emulates the future kernel's arithmetic;
+  // there is no CUDA kernel yet (UnsupportedError on a CUDA stream). Off (Native) by default.
+  AttentionDType attention_dtype = AttentionDType::Native;
+
+  // The first sparse call's seeding, before its kmeans_iters_init iterations. The default is SVG2's
+  // official start (C sampled points, then 50 iterations). GreedyPP with 14 iterations reaches a lower
+  // k-means objective for 3.5x less arithmetic (the CPU study, docs/cuda.md), but its CUDA kernel is
+  // serial over the C steps: 1.35 s for 1000 key clusters of 40 heads on an H100 (2026-12-07), against
+  // 207 ms for the official 50 iterations. It is the default again once its kernel is parallel.
+  KMeansSeeding kmeans_seeding = KMeansSeeding::Sample;
+  int kmeans_sample_factor = 2;  // GreedyPP seeds from the first factor * C points of the sample; 1 to 64
 
   // Throws InvalidArgumentError naming the first bad field and its valid range.
   void validate() const;

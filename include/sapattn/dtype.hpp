@@ -2,6 +2,7 @@
 // Conversions round to nearest even; NaN stays NaN, overflow becomes Inf (IEEE behaviour).
 #pragma once
 
+#include <algorithm>
 #include <bit>
 #include <cstddef>
 #include <cstdint>
@@ -84,6 +85,63 @@ inline void store_from_f32(void* base, DType t, int64_t i, float v) {
       break;
     default:
       break;  // callers check is_floating() first
+  }
+}
+
+// A run of n elements of a floating buffer, elements offset + i * stride for i in [0, n): read as
+// fp32 into dst, or written from src rounded to the dtype. The dtype is switched on once per run,
+// not per element (the generator converts 10^9 elements at 720p). A non-floating dtype reads as
+// zeros and writes nothing, as load_as_f32 and store_from_f32 (callers check is_floating() first).
+inline void load_run_as_f32(const void* base, DType t, int64_t offset, int64_t stride, int64_t n, float* dst) {
+  switch (t) {
+    case DType::F32: {
+      const float* p = static_cast<const float*>(base) + offset;
+      if (stride == 1) {
+        std::copy(p, p + n, dst);
+      } else {
+        for (int64_t i = 0; i < n; ++i) dst[i] = p[i * stride];
+      }
+      return;
+    }
+    case DType::F16: {
+      const uint16_t* p = static_cast<const uint16_t*>(base) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_f32(p[i * stride]);
+      return;
+    }
+    case DType::BF16: {
+      const uint16_t* p = static_cast<const uint16_t*>(base) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(p[i * stride]);
+      return;
+    }
+    default:
+      std::fill(dst, dst + n, 0.0f);
+      return;
+  }
+}
+
+inline void store_run_from_f32(void* base, DType t, int64_t offset, int64_t stride, int64_t n, const float* src) {
+  switch (t) {
+    case DType::F32: {
+      float* p = static_cast<float*>(base) + offset;
+      if (stride == 1) {
+        std::copy(src, src + n, p);
+      } else {
+        for (int64_t i = 0; i < n; ++i) p[i * stride] = src[i];
+      }
+      return;
+    }
+    case DType::F16: {
+      uint16_t* p = static_cast<uint16_t*>(base) + offset;
+      for (int64_t i = 0; i < n; ++i) p[i * stride] = f32_to_f16(src[i]);
+      return;
+    }
+    case DType::BF16: {
+      uint16_t* p = static_cast<uint16_t*>(base) + offset;
+      for (int64_t i = 0; i < n; ++i) p[i * stride] = f32_to_bf16(src[i]);
+      return;
+    }
+    default:
+      return;
   }
 }
 

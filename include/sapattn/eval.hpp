@@ -17,10 +17,12 @@
 #pragma once
 
 #include <functional>
+#include <string>
 #include <string_view>
 #include <vector>
 
 #include "sapattn/config.hpp"
+#include "sapattn/layout.hpp"
 #include "sapattn/tensor.hpp"
 
 namespace sapattn::eval {
@@ -72,6 +74,26 @@ std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const Te
 std::vector<MethodResult> run_sweep(Method method, const TensorView& q, const TensorView& k, const TensorView& v,
                                     const Config& config, const std::vector<float>& top_ps,
                                     const MethodResult* dense = nullptr, int threads = 0);
+
+// The e4m3 attention (block_sparse_attention_e4m3 with `options`) on the clusters and mask of a
+// sparse result of the same inputs and config: the same selection, so its difference from `sparse`
+// is the quantisation's alone (docs/fp8.md). The labels, mask and density are sparse's; `seconds`
+// is the attention call's. `sparse` must come from sap, blocks or oracle without compensation
+// (the e4m3 path does not add it), else InvalidArgumentError.
+MethodResult run_e4m3(const MethodResult& sparse, const TensorView& q, const TensorView& k, const TensorView& v,
+                      const Config& config, const Fp8Options& options, int threads = 0);
+
+// Fp8Options as text: fields separated by ':', in any order, each optional (the default otherwise):
+//   q<N> | qc             Q's scale per tile of N rows | per cluster
+//   k<N> | kc             K's
+//   v<N> | vc | vch       V's per tile | per cluster | per channel
+//   smooth | nosmooth     K smoothing on or off
+//   p<X>                  P's scale (a number, 1 to 448)
+//   sumf | sumq           the softmax denominator from fp32 P | from the quantised P
+// e.g. "q64:kc:vch:smooth:p448:sumf", the order fp8_options_name writes every field in. Anything
+// else throws InvalidArgumentError naming the field.
+Fp8Options parse_fp8_options(std::string_view spec);
+std::string fp8_options_name(const Fp8Options& options);
 
 struct HeadMetrics {
   int64_t batch = 0, head = 0;

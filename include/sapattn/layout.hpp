@@ -1,9 +1,12 @@
 // The types that the op contracts (sapattn/ops.hpp) and every backend share, apart from the tensor
 // views: the variable-size block layout that selection hands to attention, the row permutations
-// an attention call may fuse, and the answer to "which attention kernel runs". A backend includes
+// an attention call may fuse, the answer to "which attention kernel runs", and how the FP8
+// attention quantises. A backend includes
 // this header, not ops.hpp: it implements the ops, it does not call them. ops.hpp includes it, so
 // user code that includes ops.hpp sees these types as before.
 #pragma once
+
+#include <cstdint>
 
 #include "sapattn/tensor.hpp"
 
@@ -34,6 +37,30 @@ struct AttentionKernel {
   bool supported = false;
   const char* name = "";
   const char* reason = "";
+};
+
+// Which rows share one fp32 scale in the e4m3 quantisation (quantize_e4m3, docs/fp8.md). Rows are
+// counted in cluster order (the permuted sequence).
+enum class Fp8Scale : uint8_t {
+  Tile,     // fixed tiles of `tile` rows, [t * tile, (t + 1) * tile), whatever the clusters
+  Cluster,  // one scale per cluster of the layout's offsets
+  Channel,  // one scale per column d over all rows of the head (V only: it factors out of P V)
+};
+
+// How block_sparse_attention_e4m3 quantises. The defaults are the choice of docs/fp8.md, which says
+// what every option measured: scales per fixed 128-row tile for Q and K and per channel for V, K
+// smoothed, P * 448 in e4m3, and the softmax denominator summed from the quantised P. Q and K take
+// Tile or Cluster; V any of the three.
+struct Fp8Options {
+  Fp8Scale q_scale = Fp8Scale::Tile;
+  int q_tile = 128;
+  Fp8Scale k_scale = Fp8Scale::Tile;
+  int k_tile = 128;
+  Fp8Scale v_scale = Fp8Scale::Channel;
+  int v_tile = 128;
+  bool smooth_k = true;    // subtract the head's mean key before quantising K (softmax-invariant)
+  float p_scale = 448.0f;  // P in [0, 1] is stored as e4m3(P * p_scale); in [1, 448]
+  bool p_sum_e4m3 = true;  // the softmax denominator sums the quantised P (needs V per channel)
 };
 
 }  // namespace sapattn

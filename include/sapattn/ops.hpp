@@ -42,6 +42,38 @@ namespace sapattn {
 void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const Stream& stream,
                  Workspace workspace = {}, const TensorView& sample_ids = {});
 
+// Greedy k-means++ seeding (Arthur & Vassilvitskii 2007, with scikit-learn's greedy trials) on a
+// seeded sample: the first call's start of Config::kmeans_seeding = GreedyPP (docs/cuda.md). Per
+// (b,h), with the problem id of kmeans_init (b*H + h, or sample_ids[b,h]):
+//   - The sample: the first M = min(N, sample_factor * C) points of kmeans_init's order (the M
+//     smallest keys, in key order). When C >= N the centroids are kmeans_init's.
+//   - Centroid 0 is sample point 0 (kmeans_init's centroid 0). Each sample point i keeps D2[i], its
+//     fp32 squared distance to the nearest centroid so far (the exact kmeans_assign's fp32 sum), as
+//     the 64-bit fixed-point value q(D2[i]) = floor(D2[i] / 2^E), one E per (b,h) from the largest
+//     finite D2 to centroid 0 (src/core/kmeans_seeding.hpp); all sums below are exact integers.
+//   - Steps s = 1..C-1, each with T = kmeans_greedy_trials(C) trials. Trial t draws
+//     r = splitmix64(splitmix64(seed ^ 0x243f6a8885a308d3 ^ splitmix64(id * 2^32 + s)) + t) and the
+//     target floor(r * Q / 2^64), Q the sum of q over the sample; its candidate is the first sample
+//     point whose running sum of q (in sample order) exceeds the target (a point at distance 0 is
+//     never drawn; the last point when Q = 0), and its potential is the sum over i of
+//     q(min(D2[i], ||x_i - x_candidate||^2)). The candidate of the smallest potential (ties: the
+//     lowest trial) becomes centroid s, and D2 takes the minimum with it.
+// Both backends compute the same fp32 distances and integers, so they write identical centroids.
+// Points should be finite (svg2_attention checks them); a NaN or infinite distance counts as the
+// largest one, deterministically. sample_factor must be >= 1 (InvalidArgumentError). Scratch:
+// kmeans_seed_greedy_workspace_bytes (WorkspaceError when smaller). The CPU runs the C - 1 steps of
+// a (b,h) in sequence, M * T distances each: about T * M / N of a Lloyd iteration's work.
+void kmeans_seed_greedy(const TensorView& points, TensorView centroids, uint64_t seed, int sample_factor,
+                        const Stream& stream, Workspace workspace = {}, const TensorView& sample_ids = {});
+
+// Trials per step of kmeans_seed_greedy for C clusters: 2 + floor(ln C), scikit-learn's default.
+int kmeans_greedy_trials(int64_t clusters);
+
+// Scratch bytes kmeans_seed_greedy needs on `device` for B*H problems of N points, C clusters and a
+// sample factor (0 on the CPU).
+size_t kmeans_seed_greedy_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clusters, int sample_factor,
+                                          Device device);
+
 // labels[i] = argmin_c ||x_i - c||^2; ties go to the lowest centroid index.
 void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels, const Stream& stream,
                    Workspace workspace = {});
@@ -85,7 +117,7 @@ size_t order_clusters_workspace_bytes(int64_t batch_heads, int64_t clusters, int
 // ties by lower index; the shortest prefix whose fp32 running sum reaches top_p is kept (the
 // crossing cluster included, rank 0 always), and the first `min_kept` ranks are always kept.
 // top_p >= 1 keeps every cluster of the row. A row holding a NaN weight cannot be ranked and keeps
-// every cluster too (CPU backend; the CUDA one does not yet), so NaN inputs reach the row's queries.
+// every cluster too, so NaN inputs reach the row's queries.
 void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, const Stream& stream);
 
 // select_top_p with one top-p per (b,h), chosen for a speed budget: the smallest top_p in (0, 1]
@@ -130,11 +162,11 @@ void shard_key_clusters(TensorView mask, int index, int count, const Stream& str
 void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_length, int prompt_label,
                        const Stream& stream);
 
-// Size rounding of the query clusters (issue 12; docs/attention.md, "Query padding at 64-row
-// blocks"): after the selection, moves a few video query points between query clusters so that
-// every cluster's tail t = n mod 64 is 0 or at least 64 - slack, so the 64-row warpgroup blocks of
-// the sparse kernel carry fewer padding rows. The study's variant B:mass:SLACK:MAX:F:ROUNDS:keep
-// (tools/studies/query_padding.py, round_clusters with match_rounds); per (b,h):
+// Size rounding of the query clusters (docs/attention.md, "Query padding at 64-row blocks"): after
+// the selection, moves a few video query points between query clusters so that every cluster's tail
+// t = n mod 64 is 0 or at least 64 - slack, so the 64-row warpgroup blocks of the sparse kernel
+// carry fewer padding rows. The study's variant B:mass:SLACK:MAX:F:ROUNDS:keep
+// (tools/studies/size_rounding.py, round_clusters with match_rounds); per (b,h):
 //   1. Roles. n_a = the count of label a, t_a = n_a mod 64. A cluster with t = 0 or t >= 64 - slack
 //      is done; it may still take up to 64 - t points when t > 0 (optional capacity). The other
 //      ("open") clusters, ranked by ascending t (ties by lower index), split into the first k
@@ -150,7 +182,8 @@ void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_l
 //      Targets: every cluster with capacity left (receivers and done clusters with t > 0), ascending.
 //   3. Move cost (mass): p_j = |K_j| exp(scale x.kbar_j) / sum_j' |K_j'| exp(scale x.kbar_j') over the
 //      non-empty key clusters (the selection's estimate with the point x in place of its centroid;
-//      fp32 dot products, fp64 softmax and sums); cost(x, r) = sum_j p_j mask[own, j] -
+//      fp32 dot products, fp64 softmax and sums in order of j; the dot products and the exp are those
+//      of src/core/round_arithmetic.hpp, shared by both backends); cost(x, r) = sum_j p_j mask[own, j] -
 //      sum_j p_j mask[r, j]: the mass x loses by taking r's kept key clusters. A cost above
 //      options.max_cost (or NaN) forbids the move; with no non-empty key cluster every cost is 0.
 //   4. Matching in rounds: each candidate ranks its options.candidates cheapest targets (ties by
@@ -163,13 +196,16 @@ void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_l
 //      back (a partial tail would still pad to 64), so a donor moves all t points or none.
 //   Centroids and mask are left as they are (the study's "keep"): a moved point takes its new
 //   cluster's kept keys through its label. Only labels and sizes change.
-//   q [B,H,N,D] f32/f16/bf16 any strides (the video queries); q_centroids [B,H,Cq,D] and
+//   q [B,H,N,D] f32/f16/bf16 any strides, N >= 1 (the video queries); q_centroids [B,H,Cq,D] and
 //   k_centroids [B,H,Ck,D] f32 contiguous; k_sizes [B,H,Ck] i32 contiguous, >= 0; mask [B,H,Cq,Ck]
 //   u8 any strides (the video x video block of the selection); labels [B,H,N] i32 in [0, Cq), unit
 //   stride along N, read and rewritten; sizes [B,H,Cq] i32 contiguous, written with the new counts.
 //   slack in [0, 63], max_cost not NaN (+inf: uncapped), prefilter >= 0 (0: every donor point is a
-//   candidate), rounds >= 1, candidates >= 1; scale finite > 0. CPU backend only so far: a CUDA
-//   stream throws UnsupportedError ("not yet on CUDA"), in a CUDA build too.
+//   candidate), rounds >= 1, candidates >= 1; scale finite > 0.
+//   Both backends give the same labels and sizes bit for bit (the CUDA one reproduces every
+//   arithmetic step and tie rule). CUDA: scratch of round_query_clusters_workspace_bytes in
+//   `workspace` (WorkspaceError when smaller); labels outside [0, Cq) and negative k_sizes raise the
+//   value-check flag (InvalidArgumentError with value checks on; such a head is left as it was).
 struct RoundQueryOptions {
   int slack = 16;
   float max_cost = 0.1f;
@@ -180,7 +216,13 @@ struct RoundQueryOptions {
 void round_query_clusters(const TensorView& q, const TensorView& q_centroids, const TensorView& k_centroids,
                           const TensorView& k_sizes, const TensorView& mask, float scale,
                           const RoundQueryOptions& options, TensorView labels, TensorView sizes,
-                          const Stream& stream);
+                          const Stream& stream, Workspace workspace = {});
+
+// Scratch bytes round_query_clusters needs on `device` for B*H heads of N points, Cq query and Ck key
+// clusters and these options (0 on the CPU). It grows with the candidate bound
+// min(N, prefilter * (63 - slack) * Cq) (N without the prefilter) times options.candidates.
+size_t round_query_clusters_workspace_bytes(int64_t batch_heads, int64_t points, int64_t q_clusters,
+                                            int64_t k_clusters, const RoundQueryOptions& options, Device device);
 
 // ---------------------------------------------------------------------------------------------
 // Permutation.
@@ -209,8 +251,7 @@ void scatter_rows(const TensorView& y, const TensorView& perm, TensorView out, c
 //   lse [B,H,Sq]   f32, any strides, natural-log log-sum-exp of the scaled scores of the keys
 //                  actually attended; optional (pass an empty view). A query row that attends to no
 //                  key gets out = 0 and lse = -inf. A row whose softmax sum is NaN (a NaN input)
-//                  gets NaN out and lse on the CPU backend; the CUDA kernels still give it
-//                  lse = -inf (docs/attention.md).
+//                  gets NaN out and lse, as in dense attention.
 // ---------------------------------------------------------------------------------------------
 
 // BlockLayout (the offsets and mask of cluster-permuted tensors) and RowPermutation (the fused
@@ -248,11 +289,67 @@ void dense_attention(const TensorView& q, const TensorView& k, const TensorView&
                      TensorView lse, const Stream& stream);
 
 // ---------------------------------------------------------------------------------------------
+// FP8 attention (docs/fp8.md): the e4m3 quantisation, and block-sparse attention with both
+// GEMMs in e4m3 computed as the Hopper kernel is to compute it, so that the kernel can be tested
+// against it and its options chosen now. CPU backend only so far: a CUDA stream throws
+// UnsupportedError, in a CUDA build too. The codec (OCP E4M3, round to nearest even, saturating at
+// +-448, NaN -> 0x7f) is src/core/fp8.hpp, shared with the kernels.
+// ---------------------------------------------------------------------------------------------
+
+// Quantises rows of x to e4m3 with fp32 scales. Row r of the result is y_r = x[perm[r]] - shift
+// (fp32; row r itself when perm is empty, no subtraction when shift is empty). Per group of rows
+// (Fp8Scale): amax = the largest |y| of the group, NaN when the group holds a non-finite value;
+// scale = amax / 448 and inverse = 448 / amax (fp32, both 0 when amax = 0); codes[r,d] =
+// e4m3(y[r,d] * inverse), so that y ~= e4m3_decode(code) * scale. Channel takes amax per column d
+// over every row of the head.
+//   x       [B,H,S,D] f32/f16/bf16, any strides
+//   perm    [B,H,S] i32 contiguous, a permutation of [0, S), or empty
+//   offsets [B,H,C+1] i32 contiguous, the clusters of the result's rows (from 0, non-decreasing, to
+//           S): used by Cluster only, and may be empty otherwise
+//   shift   [B,H,D] f32 contiguous, or empty (K's smoothing subtracts the head's mean key)
+//   codes   [B,H,S,D] u8 contiguous, written
+//   scales  [B,H,S] f32 contiguous, each row's group scale (Tile, Cluster), or [B,H,D] (Channel)
+// tile_rows >= 1 (Tile only).
+void quantize_e4m3(const TensorView& x, const TensorView& perm, const TensorView& offsets, const TensorView& shift,
+                   Fp8Scale granularity, int tile_rows, TensorView codes, TensorView scales, const Stream& stream);
+
+// block_sparse_attention (same arguments, same empty-row rule) with Q K^T and P V in e4m3,
+// fp32 accumulation and softmax. Per (b,h), in cluster order:
+//   1. mean = the head's mean key over all Sk rows (fp64 sum rounded to fp32, cluster_means' value
+//      for one cluster) when options.smooth_k, else no shift.
+//   2. quantize_e4m3 of Q (q_scale, q_tile, q_offsets), of K - mean (k_scale, k_tile, k_offsets) and
+//      of V (v_scale, v_tile, k_offsets): row scales sq_i, sk_j and V's sv_d (Channel) or sv_j.
+//   3. Query row i walks the keys of its cluster's kept key clusters, in key order, in chunks of 128
+//      (the GPU plan's key tiles): logit_ij = dot(q8_i, k8_j) * ((sq_i * scale) * sk_j), the dot an
+//      fp32 sum of the exact products of decoded codes; per chunk the online softmax in fp32
+//      (m = max(m, chunk max), acc and l scaled by exp(m_old - m)), p_ij = exp(logit_ij - m) in
+//      [0, 1], p8 = e4m3(p_ij * f_j) with f_j = p_scale (V per channel) or (p_scale * sv_j) / sv_max
+//      (V per tile or cluster: its scale folds into P; sv_max = the head's largest, and f_j = 0 when
+//      it is 0), acc[d] += decode(p8) * decode(v8_jd), and l += p_ij (l += decode(p8) with
+//      p_sum_e4m3).
+//   4. out[i,d] = (acc[d] * c_d) * (1 / l) with c_d = sv_d or sv_max, divided by p_scale unless
+//      p_sum_e4m3; lse_i = m + log(l) (log(l / p_scale) with p_sum_e4m3) + scale * dot(q_i, mean),
+//      q_i unquantised: smoothing moved row i's logits by -scale q_i . mean, which its softmax does
+//      not see and its LSE must.
+// A non-finite input makes its group's scale NaN, and every result computed with that scale NaN:
+// the rows of a Q group, every row that reads a K group, one column of every row for V per channel,
+// every row for V per tile or cluster (through sv_max). check_finite (svg2_attention's
+// Config::check_finite) reports such inputs before they get here.
+// Options (Fp8Options): q_scale and k_scale Tile or Cluster (a scale per column does not factor out
+// of Q K^T), tiles >= 1, p_scale in [1, 448] (P = 1 must stay a normal e4m3 number and never
+// saturate), p_sum_e4m3 only with V per channel; else InvalidArgumentError.
+void block_sparse_attention_e4m3(const TensorView& q, const TensorView& k, const TensorView& v,
+                                 const BlockLayout& layout, float scale, const Fp8Options& options, TensorView out,
+                                 TensorView lse, const Stream& stream, Workspace workspace = {},
+                                 const RowPermutation& perm = {});
+
+// ---------------------------------------------------------------------------------------------
 // Error-aware routing and centroid compensation (SVG-EAR, arXiv 2603.08982; docs/ear.md). Shapes as
 // above; every cluster-size tensor is [B,H,C] i32, contiguous, non-negative (InvalidArgumentError
 // otherwise; on CUDA a value check, see cuda/backend.hpp). On CUDA, cluster_means, ear_probe and
 // select_top_p_at_density take scratch of ear_workspace_bytes; ear_probe takes head dims up to 256,
-// centroid_compensation up to 128, the routing up to 8192 key clusters (UnsupportedError beyond).
+// centroid_compensation up to 128, the routing up to 8192 key clusters (UnsupportedError beyond);
+// the compensation takes scratch of compensation_workspace_bytes.
 // How close each CUDA op is to the CPU's: docs/ear.md, "The CUDA backend".
 // ---------------------------------------------------------------------------------------------
 
@@ -304,6 +401,13 @@ void select_error_aware(const TensorView& probs, const TensorView& budget_mask, 
                         const TensorView& q_sizes, const TensorView& k_sizes, int guaranteed, TensorView mask,
                         const Stream& stream);
 
+// Scratch bytes centroid_compensation and corrected_centroid_compensation need on `device` for B*H
+// heads, N video query rows, Cq query clusters, Ck' pseudo-keys (the k_centroids' count: Ck, or m Ck
+// with m pseudo-keys per mask column) and head dim D (0 on the CPU). A smaller one throws
+// WorkspaceError.
+size_t compensation_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_clusters, int64_t pseudo_keys,
+                                    int64_t dim, Device device);
+
 // Adds the skipped key clusters to an attention result through their centroids. For every query
 // row i with q_labels[i] = a and every key cluster j with mask[a,j] = 0 and |K_j| > 0, the row gains
 // the pseudo-key kbar_j of multiplicity |K_j| and value vbar_j, merged by log-sum-exp with the row's
@@ -315,15 +419,26 @@ void select_error_aware(const TensorView& probs, const TensorView& budget_mask, 
 //   mask [B,H,Cq,Ck] u8, any strides (the video part of a layout's mask); k_centroids, v_centroids
 //   [B,H,Ck,D] f32 contiguous; k_sizes [B,H,Ck]; out [B,H,S,D] f32/f16/bf16 and lse [B,H,S] f32, any
 //   strides, read and written (a row with lse = -inf and nothing to add stays out = 0, lse = -inf).
+// On CUDA the logits and P V run on tensor cores with bf16 operands (docs/ear.md: the error bound).
 void centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
                            const TensorView& k_centroids, const TensorView& v_centroids, const TensorView& k_sizes,
-                           float scale, TensorView out, TensorView lse, const Stream& stream);
+                           float scale, TensorView out, TensorView lse, const Stream& stream,
+                           Workspace workspace = {});
 
 // ---------------------------------------------------------------------------------------------
 // ear-plus: SVG-EAR's probe, routing and compensation refined (docs/ear.md, the numbers in
-// docs/results.md). The CPU backend only so far: a CUDA stream throws UnsupportedError, in a CUDA
-// build too. Shapes as for the EAR ops above.
+// docs/results.md). Shapes as for the EAR ops above. On CUDA, ear_plus_probe,
+// select_error_aware_per_head and split_clusters take scratch of ear_plus_workspace_bytes; the
+// probe and the split take head dims up to 256, the routing up to 8192 key clusters and 2^31 - 1
+// cluster pairs over all heads (UnsupportedError beyond). corrected_centroid_compensation takes
+// centroid_compensation's scratch and limits.
 // ---------------------------------------------------------------------------------------------
+
+// Scratch bytes ear_plus_probe, select_error_aware_per_head and split_clusters need on `device` for
+// B*H heads, N key tokens and Cq x Ck clusters (Ck: the clusters the probe or split is given; 0 on
+// the CPU). A smaller one throws WorkspaceError.
+size_t ear_plus_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_clusters, int64_t k_clusters,
+                                Device device);
 
 // One pass over the video keys from every query centroid, like ear_probe, that also keeps per
 // (a, j) the attention mass M_aj = sum_{t in j} exp(s_t) and, optionally, its value sum:
@@ -341,7 +456,7 @@ void centroid_compensation(const TensorView& q, const TensorView& q_labels, cons
 void ear_plus_probe(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& v_centroids,
                     const TensorView& k, const TensorView& v, const TensorView& k_labels, const TensorView& q_sizes,
                     const TensorView& k_sizes, float scale, float gamma, TensorView scores, TensorView spread,
-                    TensorView pair_values, const Stream& stream);
+                    TensorView pair_values, const Stream& stream, Workspace workspace = {});
 
 // select_error_aware with one budget per head instead of one per row: the guaranteed clusters of
 // every row are kept first; budget = the area budget_mask keeps summed over the head's rows;
@@ -351,7 +466,7 @@ void ear_plus_probe(const TensorView& q_centroids, const TensorView& k_centroids
 // cluster per row). Arguments as select_error_aware.
 void select_error_aware_per_head(const TensorView& probs, const TensorView& budget_mask, const TensorView& scores,
                                  const TensorView& q_sizes, const TensorView& k_sizes, int guaranteed, TensorView mask,
-                                 const Stream& stream);
+                                 const Stream& stream, Workspace workspace = {});
 
 // Splits every cluster in two for a finer compensation: per (b,h) and cluster c with centroid
 // centroids[c] (its points' mean), the principal axis u of its points (8 power iterations from
@@ -363,7 +478,7 @@ void select_error_aware_per_head(const TensorView& probs, const TensorView& budg
 //   [B,H,C,D] f32 contiguous; sub_labels [B,H,N] i32 unit stride and sub_sizes [B,H,2C] i32
 //   contiguous, written.
 void split_clusters(const TensorView& points, const TensorView& labels, const TensorView& centroids,
-                    TensorView sub_labels, TensorView sub_sizes, const Stream& stream);
+                    TensorView sub_labels, TensorView sub_sizes, const Stream& stream, Workspace workspace = {});
 
 // centroid_compensation with the probe's corrections: the pseudo-key of skipped cluster j for a row
 // of query cluster a has the logit w_j + spread[a, j] (when spread is given) and the value
@@ -374,11 +489,12 @@ void split_clusters(const TensorView& points, const TensorView& labels, const Te
 // per mask column (Ck = m * the mask's key clusters, split_clusters gives m = 2): pseudo-key c is
 // added when the mask skips key cluster c / m.
 //   spread [B,H,Cq,Ck] f32 any strides or empty; pair_values [B,H,Cq*Ck,D] f32 contiguous or empty;
-//   the rest as centroid_compensation.
+//   the rest (the CUDA scratch too) as centroid_compensation.
 void corrected_centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
                                      const TensorView& k_centroids, const TensorView& v_centroids,
                                      const TensorView& k_sizes, const TensorView& spread, const TensorView& pair_values,
-                                     float scale, TensorView out, TensorView lse, const Stream& stream);
+                                     float scale, TensorView out, TensorView lse, const Stream& stream,
+                                     Workspace workspace = {});
 
 // ---------------------------------------------------------------------------------------------
 // Input checks.

@@ -71,8 +71,10 @@ size_t svg2_workspace_bytes(const TensorView& q, const TensorView& k, const Tens
 // attention on the CPU backend, docs/design.md). None may be empty (ShapeError), and neither
 // cluster count may exceed the video tokens S - text_tokens (InvalidArgumentError).
 // The first call on a fresh branch samples centroids (seeded by config.seed) and runs
-// kmeans_iters_init iterations; later calls warm-start and run kmeans_iters_step. A branch whose
-// cached centroids have another shape throws InvalidArgumentError (call LayerState::reset()).
+// kmeans_iters_init iterations, then numbers the key clusters along order_clusters' chain (so that
+// the clusters a query cluster keeps are mostly neighbours); later calls warm-start and run
+// kmeans_iters_step, keeping the numbering. A branch whose cached centroids have another shape
+// throws InvalidArgumentError (call LayerState::reset()).
 void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
                     BranchState& state, const Svg2Outputs& outputs, Workspace workspace, const Stream& stream);
 

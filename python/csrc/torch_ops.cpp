@@ -160,20 +160,45 @@ void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* nam
   TORCH_CHECK_VALUE(a.device() == b.device(), "sapattn: ", name, " is on ", b.device(), " but q is on ", a.device());
 }
 
-// The routing names the op takes (SVG2Config.routing in python/sapattn/config.py) for the engine's Routing.
-constexpr std::pair<Routing, std::string_view> kRoutingNames[] = {{Routing::TopP, "top_p"},
-                                                                  {Routing::ErrorAware, "error_aware"}};
+// The names the op takes for the engine's enums (SVG2Config's string fields in
+// python/sapattn/config.py): one table per enum, listed in the order the error message names them.
+template <typename E>
+struct EnumNames;
+template <>
+struct EnumNames<Routing> {
+  static constexpr const char* field = "routing";
+  static constexpr std::pair<Routing, std::string_view> table[] = {{Routing::TopP, "top_p"},
+                                                                   {Routing::ErrorAware, "error_aware"}};
+};
+template <>
+struct EnumNames<KMeansSeeding> {
+  static constexpr const char* field = "kmeans_seeding";
+  static constexpr std::pair<KMeansSeeding, std::string_view> table[] = {{KMeansSeeding::GreedyPP, "greedy_pp"},
+                                                                         {KMeansSeeding::Sample, "sample"}};
+};
+template <>
+struct EnumNames<AttentionDType> {
+  static constexpr const char* field = "attention_dtype";
+  static constexpr std::pair<AttentionDType, std::string_view> table[] = {{AttentionDType::Native, "native"},
+                                                                          {AttentionDType::E4M3, "fp8_e4m3"}};
+};
 
-Routing routing_of(std::string_view name) {
-  for (const auto& [routing, routing_name] : kRoutingNames)
-    if (name == routing_name) return routing;
-  TORCH_CHECK_VALUE(false, "sapattn: routing must be 'top_p' or 'error_aware', got '", std::string(name), "'");
-  return Routing::TopP;
+// The value of a name, or ValueError: "routing must be 'top_p' or 'error_aware', got 'ear'".
+template <typename E>
+E enum_of(std::string_view name) {
+  std::string choices;
+  for (const auto& [value, known] : EnumNames<E>::table) {
+    if (name == known) return value;
+    choices += (choices.empty() ? "'" : " or '") + std::string(known) + "'";
+  }
+  TORCH_CHECK_VALUE(false, "sapattn: ", EnumNames<E>::field, " must be ", choices, ", got '", std::string(name), "'");
+  return EnumNames<E>::table[0].first;
 }
 
-std::string_view name_of(Routing routing) {
-  for (const auto& [known, routing_name] : kRoutingNames)
-    if (routing == known) return routing_name;
+template <typename E>
+std::string_view name_of(E value) {
+  for (const auto& [known, name] : EnumNames<E>::table)
+    if (value == known) return name;
   return "?";
 }
 
@@ -206,7 +231,8 @@ struct Svg2Options {
 };
 
 using Svg2Member = std::variant<bool Config::*, int Config::*, int64_t Config::*, uint64_t Config::*, float Config::*,
-                                Routing Config::*, bool Svg2Options::*, std::optional<at::Tensor> Svg2Options::*>;
+                                Routing Config::*, KMeansSeeding Config::*, AttentionDType Config::*,
+                                bool Svg2Options::*, std::optional<at::Tensor> Svg2Options::*>;
 
 struct Svg2Option {
   const char* name;
@@ -236,7 +262,10 @@ constexpr Svg2Option kSvg2Options[] = {
     {"ear_pair_values", &Config::ear_pair_values},
     {"ear_head_budget", &Config::ear_head_budget},
     {"ear_split", &Config::ear_split},
+    {"kmeans_seeding", &Config::kmeans_seeding},
+    {"kmeans_sample_factor", &Config::kmeans_sample_factor},
     {"round_q_clusters", &Config::round_q_clusters},
+    {"attention_dtype", &Config::attention_dtype},
 };
 
 // The arguments before the options, read by position in svg2_attention_boxed.
@@ -282,11 +311,12 @@ struct TorchArg<float> {
   }
   static float read(const c10::IValue& value) { return static_cast<float>(value.toDouble()); }
 };
-template <>
-struct TorchArg<Routing> {
+template <typename E>
+requires requires { EnumNames<E>::table; }
+struct TorchArg<E> {
   static constexpr std::string_view type = "str";
-  static std::string literal(Routing value) { return "\"" + std::string(name_of(value)) + "\""; }
-  static Routing read(const c10::IValue& value) { return routing_of(value.toStringView()); }
+  static std::string literal(E value) { return "\"" + std::string(name_of(value)) + "\""; }
+  static E read(const c10::IValue& value) { return enum_of<E>(value.toStringView()); }
 };
 template <>
 struct TorchArg<std::optional<at::Tensor>> {
@@ -428,13 +458,16 @@ std::tuple<at::Tensor, at::Tensor> dense_attention(const at::Tensor& q, const at
 }
 
 // Lloyd k-means of points [B,S,H,D] into centroids [B,H,C,D] f32 (in place), per (batch, head):
-// with `initialize`, first the seeded sample of kmeans_init; `keys` samples from the keys' stream of
-// the seed (key_sample_seed), as svg2_attention does. Returns the labels, [B,H,S] i32.
+// with `initialize`, first the seeding (kmeans_seed_greedy on sample_factor * C points, or
+// kmeans_init's sample); `keys` draws from the keys' stream of the seed (key_sample_seed) and, when
+// initialising, numbers the clusters along order_clusters' chain afterwards, as svg2_attention does.
+// Returns the labels, [B,H,S] i32.
 at::Tensor kmeans(const at::Tensor& points, at::Tensor& centroids, bool initialize, int64_t iters, int64_t seed,
-                  bool keys) {
+                  bool keys, c10::string_view seeding_name, int64_t sample_factor) {
   return translating_errors([&] {
     check_same_device(points, centroids, "centroids");
     TORCH_CHECK_VALUE(iters >= 0, "sapattn: iters must be >= 0, got ", iters);
+    const auto seeding = enum_of<KMeansSeeding>(std::string_view(seeding_name.data(), seeding_name.size()));
     const DeviceGuard guard = guard_device(points);
     const TensorView pv = bshd_view(points, "points"), cv = view_of(centroids, "centroids");
     TORCH_CHECK_VALUE(cv.rank == 4, "sapattn: centroids must be [batch, heads, clusters, head_dim], got shape ",
@@ -443,14 +476,33 @@ at::Tensor kmeans(const at::Tensor& points, at::Tensor& centroids, bool initiali
     at::Tensor labels = at::empty({B, H, S}, points.options().dtype(at::kInt));
     at::Tensor sizes = at::empty({B, H, C}, points.options().dtype(at::kInt));
     const Stream stream = stream_for(points);
-    const size_t bytes = kmeans_workspace_bytes(B * H, S, C, D, stream.device);
+    const int factor = static_cast<int>(sample_factor);
+    const bool greedy = initialize && seeding == KMeansSeeding::GreedyPP;
+    const bool order = initialize && keys;  // svg2_attention numbers a fresh clustering of the keys along the chain
+    const size_t bytes = std::max({kmeans_workspace_bytes(B * H, S, C, D, stream.device),
+                                   greedy ? kmeans_seed_greedy_workspace_bytes(B * H, S, C, factor, stream.device) : 0,
+                                   order ? order_clusters_workspace_bytes(B * H, C, D, stream.device) : 0});
     at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, points.options().dtype(at::kByte));
     const Workspace ws{workspace.data_ptr(), bytes};
     const uint64_t sample_seed = keys ? key_sample_seed(static_cast<uint64_t>(seed)) : static_cast<uint64_t>(seed);
-    if (initialize) kmeans_init(pv, cv, sample_seed, stream, ws);
-    sapattn::kmeans(pv, cv, view_of(labels, "labels"), view_of(sizes, "sizes"), static_cast<int>(iters), stream, ws);
+    if (greedy)
+      kmeans_seed_greedy(pv, cv, sample_seed, factor, stream, ws);
+    else if (initialize)
+      kmeans_init(pv, cv, sample_seed, stream, ws);
+    const TensorView lv = view_of(labels, "labels"), sv = view_of(sizes, "sizes");
+    sapattn::kmeans(pv, cv, lv, sv, static_cast<int>(iters), stream, ws);
+    if (order) order_clusters(cv, sv, lv, stream, ws);
     return labels;
   });
+}
+
+// The kmeans op's seeding arguments default to the engine Config's, as svg2_attention's do.
+std::string kmeans_schema() {
+  const Config defaults;
+  return "kmeans(Tensor points, Tensor(a!) centroids, bool initialize, int iters, int seed, bool keys=False, "
+         "str seeding=" +
+         TorchArg<KMeansSeeding>::literal(defaults.kmeans_seeding) +
+         ", int sample_factor=" + TorchArg<int>::literal(defaults.kmeans_sample_factor) + ") -> Tensor";
 }
 
 // Which kernel would run for these inputs ("cpu", "sm90a-wgmma", "sm80-mma"), or why none does.
@@ -497,7 +549,7 @@ TORCH_LIBRARY(sapattn, m) {
   m.def(svg2_schema().c_str());
   m.def(check_config_schema().c_str(), torch::CppFunction::makeFromBoxedFunction<&check_config_boxed>());
   m.def("dense_attention(Tensor q, Tensor k, Tensor v, float scale, bool return_lse) -> (Tensor, Tensor)");
-  m.def("kmeans(Tensor points, Tensor(a!) centroids, bool initialize, int iters, int seed, bool keys=False) -> Tensor");
+  m.def(kmeans_schema().c_str());
   m.def("attention_kernel(Tensor q) -> str");
 }
 

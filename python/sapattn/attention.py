@@ -81,7 +81,8 @@ class BranchState:
             raise ValueError(f"sapattn: q must be [batch, seq, heads, head_dim], got shape {tuple(q.shape)}")
         batch, seq, heads, dim = q.shape
         # An empty q or a text that fills the sequence is the op's to report, in its own words.
-        q_clusters, k_clusters = config.cluster_counts(seq - text_tokens) if seq > text_tokens else (1, 1)
+        usable = q.numel() > 0 and seq > text_tokens
+        q_clusters, k_clusters = config.cluster_counts(seq - text_tokens) if usable else (1, 1)
         want_q = (batch, heads, q_clusters, dim)
         want_k = (batch, heads, k_clusters, dim)
         if self.initialized:
@@ -139,13 +140,14 @@ def svg2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: SV
     sample_ids ([B, H] int32, default b*H + h) names each (batch item, head)'s initial k-means
     sample, so that a head run apart from the others (on another device) samples the same points.
     Returns (out [B, S, H, D] in q's dtype, lse [B, H, S] float32 or None, density [B, H] float32).
-    The state's centroids are initialised (seeded sample, kmeans_iters_init iterations) on its
-    first call and warm-started (kmeans_iters_step iterations) after.
+    The state's centroids are initialised (the config's kmeans_seeding, then kmeans_iters_init
+    iterations) on its first call and warm-started (kmeans_iters_step iterations) after.
 
     The config's budget (top_p or density), routing, compensation and ear-plus fields apply as in
-    the C++ Config (docs/ear.md). The ear-plus fields run on the CPU only: a CUDA call with one of
-    them raises NotImplementedError before it touches the state. Compensation needs the whole key
-    set: with key_shard count > 1 it raises ValueError.
+    the C++ Config (docs/ear.md), on the CPU and on CUDA. attention_dtype="fp8_e4m3" (the FP8
+    attention, emulated on the CPU; docs/fp8.md) runs on the CPU only: a CUDA call with it raises
+    NotImplementedError before it touches the state. Compensation needs the whole key set: with
+    key_shard count > 1 it raises ValueError.
 
     Inference only: the outputs have no backward (calling it raises RuntimeError). A NaN in q or k
     comes back as NaN in the rows it reaches, as in torch's attention, on the CPU (docs/torch.md)."""
@@ -195,7 +197,8 @@ def warm_centroids(q: torch.Tensor, k: torch.Tensor, config: SVG2Config, state: 
                    text_tokens: int = 0) -> None:
     """Runs `iters` k-means iterations of the video queries and keys into the state without
     attending (used during dense steps, so that the first sparse call can start warm). A new state
-    is sampled first, with the same seeds as svg2_attention's initialisation."""
+    is seeded first as svg2_attention's initialisation seeds it (the config's kmeans_seeding, the same
+    seeds)."""
     warm_centroids_uncounted(q, k, config, state, iters, text_tokens=text_tokens)
     if not torch.compiler.is_compiling():
         state.warm_iters += iters
@@ -204,11 +207,35 @@ def warm_centroids(q: torch.Tensor, k: torch.Tensor, config: SVG2Config, state: 
 def warm_centroids_uncounted(q: torch.Tensor, k: torch.Tensor, config: SVG2Config, state: BranchState, iters: int,
                              *, text_tokens: int = 0) -> None:
     """warm_centroids without touching state.warm_iters (see svg2_attention_uncounted)."""
+    _check_warm_inputs(q, k, text_tokens)
     initialize = state.prepare(q, config, text_tokens)
     video = q.shape[1] - text_tokens
     with _fresh_on_failure(state, initialize):
-        torch.ops.sapattn.kmeans(q[:, :video], state.q_centroids, initialize, iters, config.seed)
-        torch.ops.sapattn.kmeans(k[:, :video], state.k_centroids, initialize, iters, config.seed, keys=True)
+        seeding = {"seeding": config.kmeans_seeding, "sample_factor": config.kmeans_sample_factor}
+        torch.ops.sapattn.kmeans(q[:, :video], state.q_centroids, initialize, iters, config.seed, **seeding)
+        torch.ops.sapattn.kmeans(k[:, :video], state.k_centroids, initialize, iters, config.seed, keys=True, **seeding)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ",".join(str(n) for n in t.shape) + "]"
+
+
+def _check_warm_inputs(q: torch.Tensor, k: torch.Tensor, text_tokens: int) -> None:
+    """What svg2_attention's op checks of q and k, in the same terms: warm_centroids hands the k-means
+    op slices of them, whose own messages would speak of points and centroids (or, for a text
+    longer than the sequence, of no problem at all)."""
+    for name, t in (("q", q), ("k", k)):
+        if t.dim() != 4:
+            raise ValueError(f"sapattn: {name} must be [batch, seq, heads, head_dim], got shape {tuple(t.shape)}")
+    if k.shape != q.shape:
+        raise ValueError(f"sapattn: k must have q's shape {_shape(q)} ([B,S,H,D]), got {_shape(k)}")
+    if q.numel() == 0:
+        raise ValueError(f"sapattn: q is empty ({_shape(q)} as [B,S,H,D]): warm_centroids needs B, S, H and D >= 1")
+    if text_tokens < 0:
+        raise ValueError(f"sapattn: text_tokens must be >= 0, got {text_tokens}")
+    if text_tokens >= q.shape[1]:
+        raise ValueError(f"sapattn: text_tokens ({text_tokens}) must leave at least one video token in a sequence "
+                         f"of {q.shape[1]}")
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float = 0.0,

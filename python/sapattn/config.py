@@ -1,9 +1,13 @@
 """SVG2 configuration: the method's knobs and the schedule that decides which calls are sparse.
 
-Defaults are the official Wan 2.1 T2V 720p script's (see ../shared/ANCHORS.md in the project):
-300 query clusters and 1000 key clusters at its 75,600 tokens, top-p 0.9, min_kc_ratio 0.10, 50
-k-means iterations at a layer's first sparse call and 2 after, dense for the first 20% of the steps
-and 3% of the layers. Shorter sequences get the same tokens per cluster, as the sapattn command's."""
+Defaults are the official SVG2 Wan 2.1 T2V 720p script's:
+300 query clusters and 1000 key clusters at its 75,600 tokens, top-p 0.9, min_kc_ratio 0.10, 2
+k-means iterations at each sparse call after a layer's first, dense for the first 20% of the steps
+and 3% of the layers. Shorter sequences get the same tokens per cluster, as the sapattn command's.
+The first sparse call samples C tokens and runs 50 k-means iterations, as the official code does;
+kmeans_seeding="greedy_pp" with kmeans_iters_init=14 (greedy k-means++ on 2C sampled tokens) reaches a
+lower k-means objective for 3.5x less arithmetic, but its CUDA kernel is still serial and slower
+(docs/cuda.md)."""
 
 from __future__ import annotations
 
@@ -35,6 +39,10 @@ class SVG2Config:
     k_clusters: Optional[int] = None
     top_p: float = 0.9
     min_kc_ratio: float = 0.10
+    # The first sparse call of a layer: "greedy_pp" seeds by greedy k-means++ on kmeans_sample_factor * C
+    # sampled tokens (1 to 64), "sample" takes C sampled tokens; then kmeans_iters_init iterations.
+    kmeans_seeding: str = "sample"
+    kmeans_sample_factor: int = 2
     kmeans_iters_init: int = 50
     kmeans_iters_step: int = 2
     seed: int = 0
@@ -67,9 +75,14 @@ class SVG2Config:
     ear_pair_values: bool = False  # values per (query, key cluster) pair, weighted by attention
     ear_head_budget: bool = False  # one area budget per head instead of one per query cluster
     ear_split: bool = False        # two sub-centroids per key cluster in the compensation
-    # Issue 12: after the selection, move a few video queries between query clusters so that fewer
-    # 64-row blocks carry padding rows (round_query_clusters, docs/attention.md). CPU only so far.
+    # After the selection, move a few video queries between query clusters so that fewer
+    # 64-row blocks carry padding rows (round_query_clusters, docs/attention.md). CPU and CUDA.
     round_q_clusters: bool = False
+    # FP8: "fp8_e4m3" computes the sparse attention's Q K^T and P V in FP8 E4M3 with fp32 scales
+    # (docs/fp8.md; the clusters and the selection do not change). The CPU backend emulates the future
+    # Hopper kernel; there is no CUDA kernel yet (a CUDA call raises NotImplementedError). "native":
+    # the inputs' own dtype.
+    attention_dtype: str = "native"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -134,7 +147,7 @@ class SVG2Config:
                                  f"video tokens (at most {cap})")
         return q, k
 
-    # -- presets (ANCHORS.md) -------------------------------------------------------------------
+    # -- presets (the official scripts' settings) -----------------------------------------------
     # The 720p preset is the defaults: 300 / 1000 clusters at 720p, scaled on shorter sequences. The
     # others fix the official counts of their resolution (a shorter sequence must set its own).
     @classmethod

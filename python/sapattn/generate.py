@@ -34,7 +34,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 # The SVG2 options and the config fields they set.
 _SVG2_FIELDS = ("top_p", "q_clusters", "k_clusters", "min_kc_ratio", "first_times_fp", "first_layers_fp",
-                "kmeans_iters_init", "kmeans_iters_step", "kmeans_iters_warmup")
+                "kmeans_seeding", "kmeans_iters_init", "kmeans_iters_step", "kmeans_iters_warmup")
 
 
 def _density(text: str) -> float:
@@ -57,7 +57,8 @@ def _preset_table() -> str:
                "HY 1.5 480p": default_config("hunyuan15", 480, 848)}
     row = "  {:<24}" + "{:<17}" * len(presets)
     lines = ["SVG2 settings, the defaults of the SVG2 options (official for Wan 2.1 and HunyuanVideo;",
-             "HunyuanVideo 1.5 (HY 1.5) has none: HunyuanVideo's, docs/torch.md):", row.format("", *presets)]
+             "HunyuanVideo 1.5 (HY 1.5) has none: HunyuanVideo's, docs/torch.md; the first call's k-means",
+             "seeding and iterations are sapattn's, docs/cuda.md):", row.format("", *presets)]
     def cell(value) -> str:
         return "scaled*" if value is None else str(value)
 
@@ -109,7 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     svg2.add_argument("--min-kc-ratio", type=float, metavar="R", help="least share of key clusters each query cluster keeps")
     svg2.add_argument("--first-times-fp", type=float, metavar="F", help="share of the first denoising steps that stay dense")
     svg2.add_argument("--first-layers-fp", type=float, metavar="F", help="share of the first transformer layers that stay dense")
-    svg2.add_argument("--kmeans-iters-init", type=int, metavar="N", help="k-means iterations at a layer's first sparse call")
+    svg2.add_argument("--kmeans-seeding", choices=["greedy_pp", "sample"],
+                      help="how a layer's first sparse call starts its k-means: greedy k-means++ on 2C sampled tokens "
+                           "(sapattn's default), or C sampled tokens (SVG2's official start, with --kmeans-iters-init 50)")
+    svg2.add_argument("--kmeans-iters-init", type=int, metavar="N",
+                      help="k-means iterations at a layer's first sparse call, after the seeding")
     svg2.add_argument("--kmeans-iters-step", type=int, metavar="N", help="k-means iterations at each later sparse call")
     svg2.add_argument("--kmeans-iters-warmup", type=int, metavar="N",
                       help="k-means iterations during each dense step of a layer that turns sparse later")

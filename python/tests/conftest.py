@@ -6,6 +6,7 @@ run to the GPU, so that nothing is counted twice there."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -46,6 +47,19 @@ def clustered(batch, seq, heads, dim, *, centers, seed, device, dtype=torch.floa
     x = torch.gather(means, 2, which[..., None].expand(batch, heads, seq, dim))
     x = x + spread * torch.randn(batch, heads, seq, dim, generator=g)
     return x.transpose(1, 2).contiguous().to(device=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def svg2_enabled(target, config=None, **kwargs):
+    """sapattn.diffusers.enable(target, config, **kwargs) for the body of a with-statement, which
+    gets the controller; disable(target) when the body ends, however it ends."""
+    import sapattn.diffusers as sd
+
+    controller = sd.enable(target, config, **kwargs)
+    try:
+        yield controller
+    finally:
+        sd.disable(target)
 
 
 def working_dtype(device):

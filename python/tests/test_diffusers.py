@@ -14,7 +14,7 @@ import torch
 import sapattn
 import sapattn.diffusers as sd
 import tiny_models
-from conftest import working_dtype
+from conftest import svg2_enabled, working_dtype
 
 
 def everywhere(**changes):
@@ -53,11 +53,8 @@ def test_wan_dense_path_equals_stock(device, dense_backend):
     inputs = tiny_models.wan_inputs(device=device, dtype=dtype)
 
     def ours():
-        sd.enable(model, everywhere(first_layers_fp=1.0), dense_backend=dense_backend)  # every layer dense
-        try:
+        with svg2_enabled(model, everywhere(first_layers_fp=1.0), dense_backend=dense_backend):  # every layer dense
             return run(model, inputs)
-        finally:
-            sd.disable(model)
 
     assert_close_to_stock(model, inputs, ours)
 
@@ -68,15 +65,12 @@ def test_wan_sparse_with_top_p_one_equals_stock(device):
     inputs = tiny_models.wan_inputs(batch=2, device=device, dtype=dtype)
 
     def ours():
-        controller = sd.enable(model, everywhere(top_p=1.0))
-        try:
+        with svg2_enabled(model, everywhere(top_p=1.0)) as controller:
             out = run(model, inputs)
             # Every layer made a sparse call and cached centroids for both batch items.
             assert sorted(controller.layers) == [0, 1, 2, 3]
             assert controller.layers[0].branch(0).q_centroids.shape == (2, 2, 4, tiny_models.HEAD_DIM)
             return out
-        finally:
-            sd.disable(model)
 
     assert_close_to_stock(model, inputs, ours)
 
@@ -92,13 +86,10 @@ def test_wan_i2v_cross_attention_stays_stock(device):
     stock_cross = [block.attn2.processor for block in model.blocks]
 
     def ours():
-        sd.enable(model, everywhere(top_p=1.0))
-        try:
+        with svg2_enabled(model, everywhere(top_p=1.0)):
             assert [block.attn2.processor for block in model.blocks] == stock_cross
             assert all(isinstance(block.attn1.processor, sd.wan.WanSVG2Processor) for block in model.blocks)
             return run(model, inputs)
-        finally:
-            sd.disable(model)
 
     assert_close_to_stock(model, inputs, ours)
 
@@ -110,14 +101,11 @@ def test_hunyuan_sparse_with_top_p_one_equals_stock(device):
     refiner = [b.attn.processor for b in model.context_embedder.token_refiner.refiner_blocks]
 
     def ours():
-        controller = sd.enable(model, everywhere(top_p=1.0))
-        try:
+        with svg2_enabled(model, everywhere(top_p=1.0)) as controller:
             out = run(model, inputs)
             assert [b.attn.processor for b in model.context_embedder.token_refiner.refiner_blocks] == refiner
             assert sorted(controller.layers) == [0, 1, 2, 3]  # 2 double-stream + 2 single-stream blocks
             return out
-        finally:
-            sd.disable(model)
 
     assert_close_to_stock(model, inputs, ours)
 
@@ -190,34 +178,27 @@ def test_pipeline_schedule_state_and_telemetry(tmp_path):
 def test_bare_transformer_without_a_step_count_assumes_50_steps():
     # The README's enable() on a bare transformer: nothing says how many steps there are.
     model = tiny_models.wan_transformer(layers=2)
-    controller = sd.enable(model, everywhere(first_times_fp=0.1))  # floor(0.1 * 50) = 5 dense steps
-    try:
+    with svg2_enabled(model, everywhere(first_times_fp=0.1)) as controller:  # floor(0.1 * 50) = 5 dense steps
         with pytest.warns(UserWarning, match="the first 5 steps of a 50-step generation stay dense"):
             run(model, tiny_models.wan_inputs())
         for _ in range(5):
             run(model, tiny_models.wan_inputs())
         assert controller.step == 5 and controller.layers[0].branch(0).calls == 1  # step 5 is the first sparse one
-    finally:
-        sd.disable(model)
 
 
 def test_bare_transformer_with_num_steps_needs_no_begin():
     model = tiny_models.wan_transformer(layers=2)
-    controller = sd.enable(model, everywhere(first_times_fp=0.5), num_steps=4)
-    try:
+    with svg2_enabled(model, everywhere(first_times_fp=0.5), num_steps=4) as controller:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the step count is known: no warning
             for _ in range(4):
                 run(model, tiny_models.wan_inputs())
         assert controller.layers[0].branch(0).calls == 2  # steps 2 and 3
-    finally:
-        sd.disable(model)
 
 
 def test_bare_transformer_steps():
     model = tiny_models.wan_transformer(layers=2)
-    controller = sd.enable(model, everywhere(first_times_fp=0.5))
-    try:
+    with svg2_enabled(model, everywhere(first_times_fp=0.5)) as controller:
         controller.begin(4)
         for step in range(4):  # each forward is a step: no end_step() needed
             run(model, tiny_models.wan_inputs())
@@ -230,22 +211,17 @@ def test_bare_transformer_steps():
             run(model, tiny_models.wan_inputs())
             controller.end_step()
         assert controller.step == 4 and controller.layers[0].branch(0).calls == 2
-    finally:
-        sd.disable(model)
 
 
 def test_bare_transformer_with_two_cfg_calls_per_step():
     model = tiny_models.wan_transformer(layers=2)
-    controller = sd.enable(model, everywhere(), branches_per_step=2)
-    try:
+    with svg2_enabled(model, everywhere(), branches_per_step=2) as controller:
         for _ in range(3):  # three steps of (cond, uncond)
             run(model, tiny_models.wan_inputs(seed=1))
             run(model, tiny_models.wan_inputs(seed=2))
         assert controller.step == 2
         assert sorted(controller.layers[1].branches) == [0, 1]
         assert [b.calls for b in controller.layers[1].branches.values()] == [3, 3]
-    finally:
-        sd.disable(model)
 
 
 @pytest.mark.parametrize("image", [False, True], ids=["t2v", "i2v"])
@@ -263,8 +239,7 @@ def test_hunyuan15_sparse_with_top_p_one_equals_stock(device, image):
     spy = model.transformer_blocks[0].register_forward_pre_hook(lambda module, args: masks.append(args[3]))
 
     def ours():
-        controller = sd.enable(model, everywhere(top_p=1.0))
-        try:
+        with svg2_enabled(model, everywhere(top_p=1.0)) as controller:
             out = run(model, inputs)
             assert [b.attn.processor for b in model.context_embedder.token_refiner.refiner_blocks] == refiner
             assert sorted(controller.layers) == [0, 1, 2, 3]
@@ -274,8 +249,6 @@ def test_hunyuan15_sparse_with_top_p_one_equals_stock(device, image):
             assert controller.forward_inputs["prompt_lengths"] == [7 + 2 + images, 12 + 5 + images]
             assert controller.forward_inputs["prompt_lengths"] == masks[-1].sum(dim=1).tolist()
             return out
-        finally:
-            sd.disable(model)
 
     try:
         assert_close_to_stock(model, inputs, ours)

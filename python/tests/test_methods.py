@@ -1,4 +1,4 @@
-"""The methods of issue 20 from Python (docs/ear.md): the density budget, error-aware routing, the
+"""SVG-EAR and ear-plus from Python (docs/ear.md): the density budget, error-aware routing, the
 centroid compensation and the ear-plus fields reach the engine through SVG2Config, the torch op,
 the diffusers integration and the generation command; bad values are refused with clear text."""
 
@@ -13,7 +13,7 @@ import torch
 import sapattn
 import sapattn.diffusers as sd
 import tiny_models
-from conftest import sdpa
+from conftest import sdpa, svg2_enabled
 from sapattn.generate import build_parser, config_from_args
 from test_ops import qkv, small_config
 
@@ -155,12 +155,8 @@ def test_opcheck_with_the_method_arguments(inputs):
 
 
 def wan_output(model, inputs, cfg):
-    sd.enable(model, cfg)
-    try:
-        with torch.no_grad():
-            return model(**inputs)[0]
-    finally:
-        sd.disable(model)
+    with svg2_enabled(model, cfg), torch.no_grad():
+        return model(**inputs)[0]
 
 
 def test_diffusers_runs_every_method():
@@ -171,6 +167,7 @@ def test_diffusers_runs_every_method():
     outputs = {m: wan_output(model, inputs, base.with_method(m)) for m in ("sap", "ear", "ear-plus")}
     outputs["sap+c"] = wan_output(model, inputs, base.replace(compensate=True))
     outputs["sap d=0.5"] = wan_output(model, inputs, base.replace(density=0.5))
+    outputs["sap fp8"] = wan_output(model, inputs, base.replace(attention_dtype="fp8_e4m3"))
     names = list(outputs)
     for i, a in enumerate(names):
         assert torch.isfinite(outputs[a]).all(), a
@@ -178,14 +175,12 @@ def test_diffusers_runs_every_method():
             assert not torch.equal(outputs[a], outputs[b]), (a, b)
 
 
-def test_diffusers_refuses_ear_plus_off_the_cpu_at_enable():
+def test_diffusers_refuses_fp8_off_the_cpu_at_enable():
     model = tiny_models.wan_transformer(layers=1).to("meta")
-    cfg = sapattn.SVG2Config().with_method("ear-plus")
-    with pytest.raises(NotImplementedError, match=r"ear_spread, ear_head_budget, ear_split\) run on the CPU only.*"
-                                                  r"with_method\('ear'\)"):
-        sd.enable(model, cfg)
+    with pytest.raises(NotImplementedError, match=r"attention_dtype='fp8_e4m3' has no CUDA kernel yet"):
+        sd.enable(model, sapattn.SVG2Config(attention_dtype="fp8_e4m3"))
     assert not hasattr(model, "_sapattn")
-    sd.enable(model, cfg.with_method("ear"))  # ear itself runs on CUDA too: accepted
+    sd.enable(model, sapattn.SVG2Config().with_method("ear-plus"))  # the native dtype runs on CUDA: accepted
     sd.disable(model)
 
 

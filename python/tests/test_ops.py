@@ -113,6 +113,54 @@ def test_warm_centroids_match_the_first_sparse_call(device):
     assert torch.equal(out_warm, out_cold)
 
 
+def test_first_call_seeds_as_the_config_says(device):
+    """kmeans_seeding and kmeans_sample_factor reach the engine: with no iterations after the seeding,
+    the first call's centroids are the kmeans op's seeding of the same tokens."""
+    q, k, v = qkv(device, batch=1)
+    seeded = {}
+    for seeding in ("greedy_pp", "sample"):
+        cfg = small_config(kmeans_seeding=seeding, kmeans_sample_factor=3, kmeans_iters_init=0, seed=5)
+        state = sapattn.BranchState()
+        sapattn.svg2_attention(q, k, v, cfg, state)
+        for points, centroids, keys in ((q, state.q_centroids, False), (k, state.k_centroids, True)):
+            alone = torch.empty_like(centroids)
+            torch.ops.sapattn.kmeans(points, alone, True, 0, 5, keys=keys, seeding=seeding, sample_factor=3)
+            assert torch.equal(alone, centroids), (seeding, keys)
+        seeded[seeding] = state.k_centroids
+    assert not torch.equal(seeded["greedy_pp"], seeded["sample"])
+    with pytest.raises(ValueError, match="kmeans_sample_factor must be in \\[1, 64\\], got 0"):
+        small_config(kmeans_sample_factor=0)
+    with pytest.raises(ValueError, match="kmeans_seeding must be 'greedy_pp' or 'sample', got 'kmeans'"):
+        small_config(kmeans_seeding="kmeans")
+    with pytest.raises(ValueError, match="sample_factor must be >= 1"):
+        torch.ops.sapattn.kmeans(q, torch.empty(1, 3, 8, 64, device=device), True, 0, 0, sample_factor=0)
+
+
+def test_attention_dtype_reaches_the_engine(device):
+    """attention_dtype round-trips through SVG2Config and the op. "fp8_e4m3" keeps the clusters and the
+    selection and computes the attention in e4m3 on the CPU: close to the native output (the FP8 goal's
+    worst-head bound, 0.05), not equal to it. On CUDA the engine refuses it (no kernel yet) before
+    it touches the state."""
+    cfg = small_config(top_p=0.7)
+    assert cfg.attention_dtype == "native"
+    fp8 = cfg.replace(attention_dtype="fp8_e4m3")
+    assert fp8.attention_dtype == "fp8_e4m3" and dataclasses.replace(fp8) == fp8
+    with pytest.raises(ValueError, match="attention_dtype must be 'native' or 'fp8_e4m3', got 'fp8'"):
+        small_config(attention_dtype="fp8")
+    q, k, v = qkv(device)
+    if device.type != "cpu":
+        state = sapattn.BranchState()
+        with pytest.raises(NotImplementedError, match="attention_dtype E4M3 .*has no CUDA kernel yet"):
+            sapattn.svg2_attention(q, k, v, fp8, state)
+        assert not state.initialized
+        return
+    native, _, native_density = sapattn.svg2_attention(q, k, v, cfg, sapattn.BranchState())
+    e4m3, _, density = sapattn.svg2_attention(q, k, v, fp8, sapattn.BranchState())
+    assert torch.equal(density, native_density), "the same selection"
+    assert not torch.equal(e4m3, native)
+    assert ((e4m3.float() - native.float()).norm() / native.float().norm()).item() < 0.05
+
+
 def test_text_tokens_follow_the_joint_rule(device):
     batch, video, text, heads, dim = 2, 256, 16, 2, 64
     dtype = working_dtype(device)
@@ -197,7 +245,7 @@ def test_meta_tensors_and_opcheck():
 
 
 def test_the_op_takes_svg2config_as_its_schema_says():
-    """Issue 16: the op's arguments are the call's own and SVG2Config's fields, its schema generated
+    """The op's arguments are the call's own and SVG2Config's fields, its schema generated
     from one C++ table whose defaults are the C++ Config's; Python derives the keyword arguments
     from the schema, and a disagreement on names or defaults stops the import."""
     from sapattn import attention, config
@@ -247,7 +295,7 @@ def test_the_schema_defaults_are_svg2configs():
 
 
 def test_errors_speak_the_callers_layout():
-    """Issue 17: shapes and dim numbers as the caller passed them ([B, S, H, D]), one prefix."""
+    """Errors give shapes and dim numbers as the caller passed them ([B, S, H, D]), one prefix."""
     q, k = randn((1, 256, 2, 64), seed=1, device="cpu"), randn((1, 100, 2, 64), seed=2, device="cpu")
     with pytest.raises(ValueError) as error:
         sapattn.svg2_attention(q, k, k, small_config(), sapattn.BranchState())
@@ -265,6 +313,37 @@ def test_errors_speak_the_callers_layout():
     assert not state.initialized
     with pytest.raises(ValueError, match=re.escape(message)):
         sapattn.dense_attention(empty, empty, empty)
+
+
+def test_warm_centroids_refuses_what_svg2_attention_refuses():
+    """warm_centroids checks q, k and text_tokens as svg2_attention does, in the caller's [B,S,H,D]
+    terms and before it touches the state; the k-means op it calls would speak of points and
+    centroids, and took a text longer than the sequence as a shorter slice without a word."""
+    q = randn((1, 10, 2, 64), seed=1, device="cpu")
+    cases = [({"k": randn((1, 12, 2, 64), seed=2, device="cpu")},
+              "k must have q's shape [1,10,2,64] ([B,S,H,D]), got [1,12,2,64]"),
+             ({"k": randn((1, 10, 3, 64), seed=3, device="cpu")},
+              "k must have q's shape [1,10,2,64] ([B,S,H,D]), got [1,10,3,64]"),
+             ({"text_tokens": 16}, "text_tokens (16) must leave at least one video token in a sequence of 10"),
+             ({"text_tokens": 10}, "text_tokens (10) must leave at least one video token in a sequence of 10"),
+             ({"text_tokens": -3}, "text_tokens must be >= 0, got -3"),
+             ({"q": torch.empty(1, 0, 2, 64), "k": torch.empty(1, 0, 2, 64)},
+              "q is empty ([1,0,2,64] as [B,S,H,D]): warm_centroids needs B, S, H and D >= 1")]
+    for changes, message in cases:
+        call = {"q": q, "k": q, "text_tokens": 0, **changes}
+        state = sapattn.BranchState()
+        with pytest.raises(ValueError, match=re.escape("sapattn: " + message)):
+            sapattn.warm_centroids(call["q"], call["k"], sapattn.SVG2Config(), state, 2,
+                                   text_tokens=call["text_tokens"])
+        assert not state.initialized
+    state = sapattn.BranchState()
+    sapattn.warm_centroids(q, q, sapattn.SVG2Config(), state, 2, text_tokens=4)
+    assert state.warm_iters == 2 and state.q_centroids.shape == (1, 2, 1, 64)
+    # An empty q with cluster counts of its own is reported as empty, not as too few tokens.
+    no_heads = torch.empty(1, 400, 0, 64)
+    message = "sapattn ShapeError: q is empty ([1,400,0,64] f32 cpu as [B,S,H,D])"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sapattn.svg2_attention(no_heads, no_heads, no_heads, sapattn.SVG2Config.wan_480p(), sapattn.BranchState())
 
 
 def test_default_cluster_counts_scale_with_the_sequence():

@@ -176,7 +176,7 @@ def test_cache_hook_with_svg2(model_name, cache, tmp_path):
 
 
 def test_wan_pipeline_with_first_block_cache(tmp_path):
-    """The issue's case: the tiny Wan pipeline, 8 steps with CFG, FirstBlockCache at 0.2 and SVG2.
+    """The stacking case: the tiny Wan pipeline, 8 steps with CFG, FirstBlockCache at 0.2 and SVG2.
     The steps sapattn counts (from the pipeline's scheduler) are the pipeline's own step indices
     (callback_on_step_end), the latents of the dense steps equal FirstBlockCache alone, and the
     call counts add up."""

@@ -106,7 +106,7 @@ def hunyuan15_inputs(prompt_lengths=(7, 12), byt5_lengths=None, *, image=False, 
         mask[b, :n] = 1
         mask_2[b, :n2] = 1
     images = torch.randn(batch, 4, 8, generator=g) if image else torch.zeros(batch, 4, 8)
-    return dict(hidden_states=x.to(device, dtype), timestep=torch.full((batch,), 500.0, device=device),
+    return dict(hidden_states=x.to(device, dtype), timestep=torch.full((batch,), 500.0, device=device, dtype=dtype),
                 encoder_hidden_states=text.to(device, dtype), encoder_attention_mask=mask.to(device),
                 encoder_hidden_states_2=text_2.to(device, dtype), encoder_attention_mask_2=mask_2.to(device),
                 image_embeds=images.to(device, dtype), return_dict=False)

@@ -2,9 +2,9 @@
 #
 # The CUDA ops' benchmark with its floors and peers, and the table of docs/cuda.md.
 #
-# Times k-means, selection and permutation at the official SVG2 shapes, measures the floors (copy
-# rate, bf16 matrix rate) and the peers (flash-kmeans, a torch permutation) in the same run, and
-# prints the table. SHAPE: all (default), wan14b, wan13b, hunyuan.
+# Times k-means, order_clusters, selection and permutation at the official SVG2 shapes, measures
+# the floors (copy rate, bf16 matrix rate) and the peers (flash-kmeans, a torch permutation) in the
+# same run, and prints the table. SHAPE: all (default), wan14b, wan13b, hunyuan.
 #
 # BIN_DIR (default build-device) holds a prebuilt sapattn_bench_ops, flat or under bench/; without
 # one, this builds it in build-device. flash-kmeans comes from a wheel in .whl/ when there is one

@@ -18,6 +18,13 @@ void Config::validate() const {
                 "min_kc_ratio must be in [0, 1], got ", min_kc_ratio);
   SAPATTN_CHECK(kmeans_iters_init >= 0, InvalidArgumentError, "kmeans_iters_init must be >= 0, got ",
                 kmeans_iters_init);
+  SAPATTN_CHECK(kmeans_seeding == KMeansSeeding::Sample || kmeans_seeding == KMeansSeeding::GreedyPP,
+                InvalidArgumentError, "kmeans_seeding must be Sample or GreedyPP, got ",
+                static_cast<int>(kmeans_seeding));
+  // The seeding's CUDA workspace and CPU time grow with factor * C; the study measured 2 to 8, and
+  // beyond 64 the sample is every video token of the official scripts' shapes anyway.
+  SAPATTN_CHECK(kmeans_sample_factor >= 1 && kmeans_sample_factor <= 64, InvalidArgumentError,
+                "kmeans_sample_factor must be in [1, 64], got ", kmeans_sample_factor);
   SAPATTN_CHECK(kmeans_iters_step >= 0, InvalidArgumentError, "kmeans_iters_step must be >= 0, got ",
                 kmeans_iters_step);
   SAPATTN_CHECK(text_tokens >= 0, InvalidArgumentError, "text_tokens must be >= 0, got ", text_tokens);
@@ -30,6 +37,9 @@ void Config::validate() const {
                 "scale must be finite and >= 0 (0 = 1/sqrt(D)), got ", scale);
   SAPATTN_CHECK(routing == Routing::TopP || routing == Routing::ErrorAware, InvalidArgumentError,
                 "routing must be TopP or ErrorAware, got ", static_cast<int>(routing));
+  SAPATTN_CHECK(attention_dtype == AttentionDType::Native || attention_dtype == AttentionDType::E4M3,
+                InvalidArgumentError, "attention_dtype must be Native or E4M3, got ",
+                static_cast<int>(attention_dtype));
   SAPATTN_CHECK(!compensate || key_shard_count == 1, InvalidArgumentError,
                 "compensate needs the whole key set in one call (key_shard_count = 1, got ", key_shard_count, ")");
   SAPATTN_CHECK(std::isfinite(ear_gamma) && ear_gamma >= 0.0f, InvalidArgumentError,

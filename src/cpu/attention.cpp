@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/parallel.hpp"
+#include "cpu/attention_layout.hpp"
 #include "cpu/backend.hpp"
 #include "cpu/rows.hpp"
 #include "sapattn/error.hpp"
@@ -20,33 +21,16 @@ namespace {
 constexpr int64_t kQueryTile = 16;
 constexpr int64_t kKeyTile = 64;
 
-// A contiguous run of rows [begin, end) of the permuted sequence.
-struct Segment {
-  int64_t begin, end;
-};
-
-// fp32 copy of one (b,h) slice: [S, D] row-major; row s comes from row perm[s] when perm is given.
-void load_slice(const TensorView& t, int64_t b, int64_t h, const int32_t* perm, std::vector<float>& dst, int threads) {
-  const int64_t S = t.shape[2], D = t.shape[3];
-  dst.resize(S * D);
-  const int64_t chunks = (S + 1023) / 1024;
-  parallel_for(chunks, threads, [&](int64_t c) {
-    for (int64_t s = c * 1024; s < std::min(S, (c + 1) * 1024); ++s)
-      load_row(t, b, h, perm != nullptr ? perm[s] : s, dst.data() + s * D);
-  });
-}
-
 // Attention of the query rows [q_begin, q_end) (at most kQueryTile) over the key segments.
 // Writes out rows and lse entries of those queries (row q_perm[r] for row r when q_perm is given).
 void attend_tile(const float* q, const float* k, const float* v, int64_t D, float scale, int64_t q_begin, int64_t q_end,
                  const std::vector<Segment>& keys, const TensorView& out, const TensorView& lse, int64_t b, int64_t h,
                  const int32_t* q_perm) {
   const int64_t rows = q_end - q_begin;
-  float row_max[kQueryTile], row_sum[kQueryTile];
+  RowSoftmax row[kQueryTile];
+  std::fill(row, row + rows, RowSoftmax{-std::numeric_limits<float>::infinity(), 0.0f});
   std::vector<float> acc(rows * D, 0.0f);
   float s[kQueryTile][kKeyTile];
-  std::fill(row_max, row_max + rows, -std::numeric_limits<float>::infinity());
-  std::fill(row_sum, row_sum + rows, 0.0f);
   for (const Segment& seg : keys) {
     for (int64_t k0 = seg.begin; k0 < seg.end; k0 += kKeyTile) {
       const int64_t cols = std::min(kKeyTile, seg.end - k0);
@@ -57,12 +41,8 @@ void attend_tile(const float* q, const float* k, const float* v, int64_t D, floa
           s[r][c] = dot(qr, k + (k0 + c) * D, D) * scale;
           tile_max = std::max(tile_max, s[r][c]);
         }
-        const float new_max = std::max(row_max[r], tile_max);
-        const float rescale = std::exp(row_max[r] - new_max);  // exp(-inf) = 0 on the first tile
         float* a = acc.data() + r * D;
-        if (rescale != 1.0f) {
-          for (int64_t d = 0; d < D; ++d) a[d] *= rescale;
-        }
+        const float new_max = advance_max(row[r], tile_max, a, D);
         float tile_sum = 0.0f;
         for (int64_t c = 0; c < cols; ++c) {
           const float p = std::exp(s[r][c] - new_max);
@@ -70,55 +50,16 @@ void attend_tile(const float* q, const float* k, const float* v, int64_t D, floa
           const float* vr = v + (k0 + c) * D;
           for (int64_t d = 0; d < D; ++d) a[d] += p * vr[d];
         }
-        row_sum[r] = row_sum[r] * rescale + tile_sum;
-        row_max[r] = new_max;
+        row[r].sum += tile_sum;
       }
     }
   }
   std::vector<float> o(D);
   for (int64_t r = 0; r < rows; ++r) {
-    // Only a row that saw no key has a sum of 0 (the max key contributes exp(0) = 1): O = 0 and
-    // LSE = -inf. A NaN among its inputs makes the sum NaN, and the NaN goes on to O and LSE, as
-    // in dense attention (SDPA), rather than passing for an empty row.
-    const bool no_keys = row_sum[r] == 0.0f;
-    const float inv = no_keys ? 0.0f : 1.0f / row_sum[r];
-    for (int64_t d = 0; d < D; ++d) o[d] = acc[r * D + d] * inv;
-    const int64_t row = q_perm != nullptr ? q_perm[q_begin + r] : q_begin + r;
-    store_row(out, b, h, row, o.data());
-    if (!lse.empty())
-      at<float>(lse, b, h, row) = no_keys ? -std::numeric_limits<float>::infinity() : row_max[r] + std::log(row_sum[r]);
+    const int64_t i = q_begin + r;
+    finish_row(acc.data() + r * D, D, row[r], nullptr, 1.0f, 0.0f, out, lse, b, h, q_perm != nullptr ? q_perm[i] : i,
+               o.data());
   }
-}
-
-// Checks one (b,h)'s offsets: start at 0, non-decreasing, end at `total` (any end if total < 0).
-void check_offsets(const int32_t* off, int64_t C, int64_t total, const char* name, int64_t b, int64_t h) {
-  SAPATTN_CHECK(off[0] == 0, InvalidArgumentError, name, "[b=", b, ",h=", h, "] must start at 0, got ", off[0]);
-  for (int64_t c = 0; c < C; ++c)
-    SAPATTN_CHECK(off[c + 1] >= off[c], InvalidArgumentError, name, "[b=", b, ",h=", h, "] decreases at cluster ", c,
-                  ": ", off[c], " -> ", off[c + 1]);
-  SAPATTN_CHECK(total < 0 || off[C] == total, InvalidArgumentError, name, "[b=", b, ",h=", h, "] must end at ", total,
-                ", got ", off[C]);
-}
-
-// Throws InvalidArgumentError unless every (b,h) row of perm [B,H,N] is a permutation of [0, N).
-void check_permutation(const TensorView& perm, const char* name) {
-  if (perm.empty()) return;
-  check_index_range(perm, perm.shape[2], name);
-  std::vector<uint8_t> seen(perm.shape[2]);
-  for (int64_t b = 0; b < perm.shape[0]; ++b)
-    for (int64_t h = 0; h < perm.shape[1]; ++h) {
-      std::fill(seen.begin(), seen.end(), 0);
-      const int32_t* p = &at<int32_t>(perm, b, h);
-      for (int64_t i = 0; i < perm.shape[2]; ++i) {
-        SAPATTN_CHECK(seen[p[i]] == 0, InvalidArgumentError, name, "[b=", b, ", h=", h, "] repeats index ", p[i],
-                      " (at ", i, "): not a permutation");
-        seen[p[i]] = 1;
-      }
-    }
-}
-
-const int32_t* perm_row(const TensorView& perm, int64_t b, int64_t h) {
-  return perm.empty() ? nullptr : &at<int32_t>(perm, b, h);
 }
 
 // The shared engine. `key_list(b, h, a)` gives the key segments of query cluster a; `q_offsets` the
@@ -134,19 +75,12 @@ void run_attention(const TensorView& q, const TensorView& k, const TensorView& v
       load_slice(q, b, h, q_perm, qf, threads);
       load_slice(k, b, h, perm_row(perm.k_perm, b, h), kf, threads);
       load_slice(v, b, h, perm_row(perm.k_perm, b, h), vf, threads);
-      // Query tiles: kQueryTile rows, never crossing a query-cluster boundary.
-      struct Tile {
-        int64_t cluster, begin, end;
-      };
-      std::vector<Tile> tiles;
       const std::vector<int64_t> bounds = q_offsets(b, h);
-      for (size_t a = 0; a + 1 < bounds.size(); ++a)
-        for (int64_t r = bounds[a]; r < bounds[a + 1]; r += kQueryTile)
-          tiles.push_back({static_cast<int64_t>(a), r, std::min(bounds[a + 1], r + kQueryTile)});
+      const std::vector<QueryTile> tiles = query_tiles(bounds, kQueryTile);
       std::vector<std::vector<Segment>> lists(bounds.size() - 1);
       for (size_t a = 0; a + 1 < bounds.size(); ++a) lists[a] = key_list(b, h, static_cast<int64_t>(a));
       parallel_for(static_cast<int64_t>(tiles.size()), threads, [&](int64_t t) {
-        const Tile& tile = tiles[t];
+        const QueryTile& tile = tiles[t];
         attend_tile(qf.data(), kf.data(), vf.data(), D, scale, tile.begin, tile.end, lists[tile.cluster], out, lse, b,
                     h, q_perm);
       });
@@ -158,34 +92,15 @@ void run_attention(const TensorView& q, const TensorView& k, const TensorView& v
 
 void block_sparse_attention(const TensorView& q, const TensorView& k, const TensorView& v, const BlockLayout& layout,
                             float scale, TensorView out, TensorView lse, const RowPermutation& perm, int threads) {
-  const int64_t B = q.shape[0], H = q.shape[1], Sq = q.shape[2], Sk = k.shape[2];
-  check_permutation(perm.q_perm, "q_perm");
-  check_permutation(perm.k_perm, "k_perm");
-  const int64_t Cq = layout.q_offsets.shape[2] - 1, Ck = layout.k_offsets.shape[2] - 1;
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      check_offsets(&at<int32_t>(layout.q_offsets, b, h), Cq, Sq, "q_offsets", b, h);
-      check_offsets(&at<int32_t>(layout.k_offsets, b, h), Ck, Sk, "k_offsets", b, h);
-    }
+  check_layout_values(layout, perm, q.shape[2], k.shape[2]);
+  const int64_t Cq = layout.q_offsets.shape[2] - 1;
   run_attention(
       q, k, v, scale, out, lse, perm, threads,
       [&](int64_t b, int64_t h) {
         const int32_t* off = &at<int32_t>(layout.q_offsets, b, h);
         return std::vector<int64_t>(off, off + Cq + 1);
       },
-      [&](int64_t b, int64_t h, int64_t a) {
-        const int32_t* off = &at<int32_t>(layout.k_offsets, b, h);
-        std::vector<Segment> segs;
-        for (int64_t c = 0; c < Ck; ++c) {
-          if (at<uint8_t>(layout.mask, b, h, a, c) == 0 || off[c] == off[c + 1]) continue;
-          if (!segs.empty() && segs.back().end == off[c]) {
-            segs.back().end = off[c + 1];  // adjacent kept clusters form one run of keys
-          } else {
-            segs.push_back({off[c], off[c + 1]});
-          }
-        }
-        return segs;
-      });
+      [&](int64_t b, int64_t h, int64_t a) { return kept_key_runs(layout, b, h, a); });
 }
 
 void dense_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale, TensorView out,

@@ -11,6 +11,8 @@ namespace sapattn::cpu {
 
 // sample_ids: [B*H] or null (then b*H + h).
 void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const int32_t* sample_ids, int threads);
+void kmeans_seed_greedy(const TensorView& points, TensorView centroids, uint64_t seed, int sample_factor,
+                        const int32_t* sample_ids, int threads);
 void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels, int threads);
 // move_centroids = false only counts sizes (kmeans with zero iterations).
 void kmeans_update(const TensorView& points, const TensorView& labels, TensorView centroids, TensorView sizes,
@@ -36,6 +38,12 @@ void block_sparse_attention(const TensorView& q, const TensorView& k, const Tens
 void dense_attention(const TensorView& q, const TensorView& k, const TensorView& v, float scale, TensorView out,
                      TensorView lse, int threads);
 void block_density(const BlockLayout& layout, TensorView density, int threads);
+
+void quantize_e4m3(const TensorView& x, const TensorView& perm, const TensorView& offsets, const TensorView& shift,
+                   Fp8Scale granularity, int tile_rows, TensorView codes, TensorView scales, int threads);
+void block_sparse_attention_e4m3(const TensorView& q, const TensorView& k, const TensorView& v,
+                                 const BlockLayout& layout, float scale, const Fp8Options& options, TensorView out,
+                                 TensorView lse, const RowPermutation& perm, int threads);
 
 void cluster_means(const TensorView& points, const TensorView& labels, TensorView means, int threads);
 void centroid_probs(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes,

@@ -159,81 +159,87 @@ double log_scaled_error(const CentroidView& view, const ProbeInputs& in, int64_t
   return rest > 0.0 ? std::log(rest) : -std::numeric_limits<double>::infinity();
 }
 
-}  // namespace
-
-void ear_probe(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& v_centroids,
-               const TensorView& k, const TensorView& v, const TensorView& k_labels, const TensorView& q_sizes,
-               const TensorView& k_sizes, float scale, float gamma, TensorView scores, int threads) {
+// Checks the probe's labels and sizes, then calls row(b, h, a, in, view) for every query centroid a
+// of every (b,h), in parallel over (b,h): `in` holds the (b,h)'s keys and value statistics (and its
+// values, with `keep_values`), `view` what centroid a sees of every key cluster.
+template <typename RowFn>
+void for_each_probe_row(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& v_centroids,
+                        const TensorView& k, const TensorView& v, const TensorView& k_labels, const TensorView& q_sizes,
+                        const TensorView& k_sizes, float scale, bool keep_values, int threads, RowFn&& row) {
   const int64_t B = k.shape[0], H = k.shape[1], D = k.shape[3];
   const int64_t Cq = q_centroids.shape[2], Ck = k_centroids.shape[2];
   check_index_range(k_labels, Ck, "k_labels");
   check_sizes_nonnegative(q_sizes, "q_sizes");
   check_sizes_nonnegative(k_sizes, "k_sizes");
-  const double log_eps = std::log(kProbeEps);
   parallel_for(B * H, threads, [&](int64_t bh) {
     const int64_t b = bh / H, h = bh % H;
-    const ProbeInputs in = load_probe_inputs(k_centroids, v_centroids, k, v, k_labels, b, h, false);
+    const ProbeInputs in = load_probe_inputs(k_centroids, v_centroids, k, v, k_labels, b, h, keep_values);
     const float* cq = &at<float>(q_centroids, b, h);
     CentroidView view;
     for (int64_t a = 0; a < Cq; ++a) {
       view_from_centroid(cq + a * D, in, scale, view);
-      const double q_size = at<int32_t>(q_sizes, b, h, a);
-      for (int64_t j = 0; j < Ck; ++j) {
-        const double k_size = at<int32_t>(k_sizes, b, h, j);
-        const double log_error = std::max(log_scaled_error(view, in, j, k_size) + 2.0 * view.run_max[j], log_eps);
-        const double log_area = std::log(std::max(q_size * k_size, kProbeEps));
-        at<float>(scores, b, h, a, j) = static_cast<float>(log_error - gamma * log_area);
-      }
+      row(b, h, a, in, view);
     }
   });
+}
+
+}  // namespace
+
+void ear_probe(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& v_centroids,
+               const TensorView& k, const TensorView& v, const TensorView& k_labels, const TensorView& q_sizes,
+               const TensorView& k_sizes, float scale, float gamma, TensorView scores, int threads) {
+  const double log_eps = std::log(kProbeEps);
+  for_each_probe_row(q_centroids, k_centroids, v_centroids, k, v, k_labels, q_sizes, k_sizes, scale, false, threads,
+                     [&](int64_t b, int64_t h, int64_t a, const ProbeInputs& in, const CentroidView& view) {
+                       const double q_size = at<int32_t>(q_sizes, b, h, a);
+                       for (int64_t j = 0; j < in.Ck; ++j) {
+                         const double k_size = at<int32_t>(k_sizes, b, h, j);
+                         const double log_error =
+                             std::max(log_scaled_error(view, in, j, k_size) + 2.0 * view.run_max[j], log_eps);
+                         const double log_area = std::log(std::max(q_size * k_size, kProbeEps));
+                         at<float>(scores, b, h, a, j) = static_cast<float>(log_error - gamma * log_area);
+                       }
+                     });
 }
 
 void ear_plus_probe(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& v_centroids,
                     const TensorView& k, const TensorView& v, const TensorView& k_labels, const TensorView& q_sizes,
                     const TensorView& k_sizes, float scale, float gamma, TensorView scores, TensorView spread,
                     TensorView pair_values, int threads) {
-  const int64_t B = k.shape[0], H = k.shape[1], D = k.shape[3];
-  const int64_t Cq = q_centroids.shape[2], Ck = k_centroids.shape[2];
-  check_index_range(k_labels, Ck, "k_labels");
-  check_sizes_nonnegative(q_sizes, "q_sizes");
-  check_sizes_nonnegative(k_sizes, "k_sizes");
+  const int64_t D = k.shape[3];
   const double log_error_floor = std::log(kNormalisedErrorEps);
-  parallel_for(B * H, threads, [&](int64_t bh) {
-    const int64_t b = bh / H, h = bh % H;
-    const ProbeInputs in = load_probe_inputs(k_centroids, v_centroids, k, v, k_labels, b, h, !pair_values.empty());
-    const float* cq = &at<float>(q_centroids, b, h);
-    CentroidView view;
-    for (int64_t a = 0; a < Cq; ++a) {
-      view_from_centroid(cq + a * D, in, scale, view);
-      // log Z = log sum_j mass_j exp(m_j), over the non-empty clusters (at least one: N >= 1).
-      double top = -std::numeric_limits<double>::infinity();
-      for (int64_t j = 0; j < Ck; ++j)
-        if (view.mass[j] > 0.0) top = std::max(top, view.run_max[j]);
-      double z = 0.0;
-      for (int64_t j = 0; j < Ck; ++j)
-        if (view.mass[j] > 0.0) z += view.mass[j] * std::exp(view.run_max[j] - top);
-      const double log_z = top + std::log(z);
-      const double q_size = at<int32_t>(q_sizes, b, h, a);
-      for (int64_t j = 0; j < Ck; ++j) {
-        const double k_size = at<int32_t>(k_sizes, b, h, j);
-        const double log_error =
-            std::max(log_scaled_error(view, in, j, k_size) + 2.0 * (view.run_max[j] - log_z) + std::log(q_size),
-                     log_error_floor);
-        const double log_area = std::log(std::max(q_size * k_size, kProbeEps));
-        at<float>(scores, b, h, a, j) = static_cast<float>(log_error - gamma * log_area);
-        const bool empty = view.mass[j] == 0.0 || k_size == 0.0;
-        if (!spread.empty())
-          at<float>(spread, b, h, a, j) =
-              empty ? 0.0f
-                    : static_cast<float>(std::log(view.mass[j] / k_size) + view.run_max[j] - view.centroid_logit[j]);
-        if (!pair_values.empty()) {
-          float* row = &at<float>(pair_values, b, h, a * Ck + j);
-          for (int64_t d = 0; d < D; ++d)
-            row[d] = empty ? in.cv[j * D + d] : static_cast<float>(view.values[j * D + d] / view.mass[j]);
+  for_each_probe_row(
+      q_centroids, k_centroids, v_centroids, k, v, k_labels, q_sizes, k_sizes, scale, !pair_values.empty(), threads,
+      [&](int64_t b, int64_t h, int64_t a, const ProbeInputs& in, const CentroidView& view) {
+        const int64_t Ck = in.Ck;
+        // log Z = log sum_j mass_j exp(m_j), over the non-empty clusters (at least one: N >= 1).
+        double top = -std::numeric_limits<double>::infinity();
+        for (int64_t j = 0; j < Ck; ++j)
+          if (view.mass[j] > 0.0) top = std::max(top, view.run_max[j]);
+        double z = 0.0;
+        for (int64_t j = 0; j < Ck; ++j)
+          if (view.mass[j] > 0.0) z += view.mass[j] * std::exp(view.run_max[j] - top);
+        const double log_z = top + std::log(z);
+        const double q_size = at<int32_t>(q_sizes, b, h, a);
+        for (int64_t j = 0; j < Ck; ++j) {
+          const double k_size = at<int32_t>(k_sizes, b, h, j);
+          const double log_error =
+              std::max(log_scaled_error(view, in, j, k_size) + 2.0 * (view.run_max[j] - log_z) + std::log(q_size),
+                       log_error_floor);
+          const double log_area = std::log(std::max(q_size * k_size, kProbeEps));
+          at<float>(scores, b, h, a, j) = static_cast<float>(log_error - gamma * log_area);
+          const bool empty = view.mass[j] == 0.0 || k_size == 0.0;
+          if (!spread.empty())
+            at<float>(spread, b, h, a, j) =
+                empty ? 0.0f
+                      : static_cast<float>(std::log(view.mass[j] / k_size) + view.run_max[j] - view.centroid_logit[j]);
+          if (!pair_values.empty()) {
+            float* row = &at<float>(pair_values, b, h, a * Ck + j);
+            for (int64_t d = 0; d < D; ++d)
+              row[d] = empty ? in.cv[j * D + d] : static_cast<float>(view.values[j * D + d] / view.mass[j]);
+          }
         }
-      }
-    }
-  });
+      });
 }
 
 namespace {

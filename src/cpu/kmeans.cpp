@@ -6,7 +6,9 @@
 #include <numeric>
 #include <vector>
 
+#include "core/kmeans_seeding.hpp"
 #include "core/parallel.hpp"
+#include "core/splitmix64.hpp"
 #include "cpu/backend.hpp"
 #include "cpu/rows.hpp"
 #include "sapattn/error.hpp"
@@ -14,13 +16,6 @@
 namespace sapattn::cpu {
 
 namespace {
-
-uint64_t splitmix64(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
 
 // Squared distance with 8 independent partial sums, so the compiler vectorises it without
 // reassociating (the result is the same on every run and thread count).
@@ -41,6 +36,64 @@ float squared_distance(const float* x, const float* c, int64_t D) {
 
 constexpr int64_t kAssignChunk = 256;  // points per task: ~100 tasks per head at S = 32k
 
+uint64_t problem_id(const int32_t* sample_ids, int64_t bh) {
+  return sample_ids != nullptr ? static_cast<uint64_t>(sample_ids[bh]) : static_cast<uint64_t>(bh);
+}
+
+// kmeans_init's order of the N points of problem `id`, its first `take` entries sorted: point i has
+// the key splitmix64(seed ^ splitmix64(id * 2^32 + i)), ties by index.
+std::vector<int64_t> sample_order(int64_t N, uint64_t seed, uint64_t id, int64_t take) {
+  std::vector<uint64_t> key(N);
+  for (int64_t i = 0; i < N; ++i) key[i] = splitmix64(seed ^ splitmix64((id << 32) + i));
+  std::vector<int64_t> order(N);
+  std::iota(order.begin(), order.end(), 0);
+  auto by_key = [&](int64_t a, int64_t c) { return key[a] != key[c] ? key[a] < key[c] : a < c; };
+  std::partial_sort(order.begin(), order.begin() + take, order.end(), by_key);
+  order.resize(take);
+  return order;
+}
+
+// Greedy k-means++ on the M rows of xs ([M, D] fp32, sample order) into C centroid rows of `out`,
+// as include/sapattn/ops.hpp specifies kmeans_seed_greedy (here 1 <= C <= M).
+void greedy_seeds(const std::vector<float>& xs, int64_t M, int64_t D, int64_t C, int trials, uint64_t seed, uint64_t id,
+                  float* out) {
+  using namespace seeding;
+  const float* x = xs.data();
+  std::copy(x, x + D, out);
+  std::vector<float> d2(M), candidate(M), best(M);
+  float max_finite = 0.0f;
+  for (int64_t i = 0; i < M; ++i) {
+    d2[i] = squared_distance(x + i * D, x, D);
+    if (d2[i] <= std::numeric_limits<float>::max() && d2[i] > max_finite) max_finite = d2[i];
+  }
+  const int bits = sample_bits(M);
+  const int exponent = fixed_point_exponent(max_finite, bits);
+  std::vector<uint64_t> prefix(M);  // inclusive running sums of q(D2) in sample order
+  for (int64_t step = 1; step < C; ++step) {
+    uint64_t total = 0;
+    for (int64_t i = 0; i < M; ++i) prefix[i] = total += to_fixed(d2[i], exponent, bits);
+    uint64_t best_potential = 0;
+    int64_t best_index = -1;
+    for (int t = 0; t < trials; ++t) {
+      const uint64_t target = draw_target(total, draw(seed, id, static_cast<uint64_t>(step), static_cast<uint64_t>(t)));
+      const int64_t j =
+          std::min<int64_t>(std::upper_bound(prefix.begin(), prefix.end(), target) - prefix.begin(), M - 1);
+      uint64_t potential = 0;
+      for (int64_t i = 0; i < M; ++i) {
+        candidate[i] = min_distance(d2[i], squared_distance(x + i * D, x + j * D, D));
+        potential += to_fixed(candidate[i], exponent, bits);
+      }
+      if (best_index < 0 || potential < best_potential) {  // strict: ties keep the lower trial
+        best_potential = potential;
+        best_index = j;
+        best.swap(candidate);
+      }
+    }
+    d2.swap(best);
+    std::copy(x + best_index * D, x + (best_index + 1) * D, out + step * D);
+  }
+}
+
 }  // namespace
 
 void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const int32_t* sample_ids,
@@ -49,16 +102,26 @@ void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, 
   const int64_t C = centroids.shape[2];
   parallel_for(B * H, threads, [&](int64_t bh) {
     const int64_t b = bh / H, h = bh % H;
-    const uint64_t id = sample_ids != nullptr ? static_cast<uint64_t>(sample_ids[bh]) : static_cast<uint64_t>(bh);
-    std::vector<uint64_t> key(N);
-    for (int64_t i = 0; i < N; ++i) key[i] = splitmix64(seed ^ splitmix64((id << 32) + i));
-    std::vector<int64_t> order(N);
-    std::iota(order.begin(), order.end(), 0);
-    auto by_key = [&](int64_t a, int64_t c) { return key[a] != key[c] ? key[a] < key[c] : a < c; };
-    const int64_t take = std::min(C, N);
-    std::partial_sort(order.begin(), order.begin() + take, order.end(), by_key);
+    const std::vector<int64_t> order = sample_order(N, seed, problem_id(sample_ids, bh), std::min(C, N));
     float* out = &at<float>(centroids, b, h);
     for (int64_t c = 0; c < C; ++c) load_row(points, b, h, order[c % N], out + c * D);
+  });
+}
+
+void kmeans_seed_greedy(const TensorView& points, TensorView centroids, uint64_t seed, int sample_factor,
+                        const int32_t* sample_ids, int threads) {
+  const int64_t C = centroids.shape[2], N = points.shape[2];
+  if (C >= N) return kmeans_init(points, centroids, seed, sample_ids, threads);
+  const int64_t B = points.shape[0], H = points.shape[1], D = points.shape[3];
+  const int64_t M = std::min(N, sample_factor * C);
+  const int trials = seeding::greedy_trials(C);
+  parallel_for(B * H, threads, [&](int64_t bh) {
+    const int64_t b = bh / H, h = bh % H;
+    const uint64_t id = problem_id(sample_ids, bh);
+    const std::vector<int64_t> order = sample_order(N, seed, id, M);
+    std::vector<float> xs(static_cast<size_t>(M * D));
+    for (int64_t i = 0; i < M; ++i) load_row(points, b, h, order[i], xs.data() + i * D);
+    greedy_seeds(xs, M, D, C, trials, seed, id, &at<float>(centroids, b, h));
   });
 }
 

@@ -1,6 +1,7 @@
-// round_query_clusters on the CPU: the reference of the size rounding that tools/studies/
-// query_padding.py recommends (B:mass:SLACK:MAX:F:ROUNDS:keep, its round_clusters with
-// match_rounds). The contract, the role choice and every tie rule are in include/sapattn/ops.hpp.
+// round_query_clusters on the CPU: the reference of the size rounding that the query-padding
+// study recommends (tools/studies/size_rounding.py's round_clusters with match_rounds, variant
+// B:mass:SLACK:MAX:F:ROUNDS:keep of query_padding.py). The contract, the role choice and every tie rule are in include/sapattn/ops.hpp.
+// Its dot products and exp are core/round_arithmetic.hpp's, which the CUDA backend computes too.
 // Each (b,h) is one task; its arithmetic does not depend on the thread that runs it, so results
 // are bit-identical for any thread count.
 #include <algorithm>
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "core/parallel.hpp"
+#include "core/round_arithmetic.hpp"
 #include "cpu/backend.hpp"
 #include "cpu/rows.hpp"
 #include "sapattn/error.hpp"
@@ -127,15 +129,15 @@ struct Head {
     std::vector<float> x(static_cast<size_t>(D));
     if (prefilter > 0) {
       std::vector<float> c2(C);
-      for (int64_t c = 0; c < C; ++c) c2[c] = dot(qc + c * D, qc + c * D, D);
+      for (int64_t c = 0; c < C; ++c) c2[c] = round_math::lane_dot(qc + c * D, qc + c * D, D);
       std::vector<double> best(pts.size());
       for (size_t p = 0; p < pts.size(); ++p) {
         load_row(q, b, h, pts[p], x.data());
         const int64_t own_c = labels[pts[p]];
-        const float own = c2[own_c] - 2.0f * dot(x.data(), qc + own_c * D, D);
+        const float own = c2[own_c] - 2.0f * round_math::lane_dot(x.data(), qc + own_c * D, D);
         float m = std::numeric_limits<float>::infinity();
         for (int64_t r : targets) {
-          const float v = c2[r] - 2.0f * dot(x.data(), qc + r * D, D) - own;
+          const float v = c2[r] - 2.0f * round_math::lane_dot(x.data(), qc + r * D, D) - own;
           if (v < m) m = v;  // NaN never wins
         }
         best[p] = m;
@@ -159,25 +161,23 @@ struct Head {
     }
     const int64_t P = static_cast<int64_t>(pts.size());
 
-    // 3. Mass cost [P, R].
-    std::vector<double> log_size(Ck);
+    // 3. Mass cost [P, R]: p_j = |K_j| exp(s_j - top) / sum over the non-empty key clusters, s_j the
+    // fp32 score, top the largest (a NaN score never is; a non-finite top makes every weight NaN).
     bool any_key = false;
-    for (int64_t j = 0; j < Ck; ++j) {
-      log_size[j] = ks[j] > 0 ? std::log(static_cast<double>(ks[j])) : -kInf;
-      any_key = any_key || ks[j] > 0;
-    }
+    for (int64_t j = 0; j < Ck; ++j) any_key = any_key || ks[j] > 0;
     std::vector<double> cost(static_cast<size_t>(P * R), 0.0), z(Ck);
+    std::vector<float> score(Ck);
     for (int64_t p = 0; p < P && any_key; ++p) {
       load_row(q, b, h, pts[p], x.data());
-      double zmax = -kInf;
+      double top = -kInf;
       for (int64_t j = 0; j < Ck; ++j) {
         if (ks[j] <= 0) continue;
-        z[j] = static_cast<double>(scale * dot(x.data(), kc + j * D, D)) + log_size[j];
-        zmax = std::max(zmax, z[j]);
+        score[j] = scale * round_math::lane_dot(x.data(), kc + j * D, D);
+        top = std::max(top, static_cast<double>(score[j]));
       }
       double sum = 0.0;
       for (int64_t j = 0; j < Ck; ++j) {
-        z[j] = ks[j] > 0 ? std::exp(z[j] - zmax) : 0.0;
+        z[j] = ks[j] > 0 ? static_cast<double>(ks[j]) * round_math::mass_exp(static_cast<double>(score[j]) - top) : 0.0;
         sum += z[j];
       }
       for (int64_t j = 0; j < Ck; ++j) z[j] /= sum;

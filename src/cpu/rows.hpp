@@ -2,7 +2,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 
 #include "sapattn/error.hpp"
 #include "sapattn/tensor.hpp"
@@ -16,24 +15,12 @@ inline const char* row_ptr(const TensorView& t, int64_t b, int64_t h, int64_t s)
 
 // dst[0..D) = t[b,h,s,:] as fp32.
 inline void load_row(const TensorView& t, int64_t b, int64_t h, int64_t s, float* dst) {
-  const char* p = row_ptr(t, b, h, s);
-  const int64_t D = t.shape[3], ds = t.stride[3];
-  if (t.dtype == DType::F32 && ds == 1) {
-    std::memcpy(dst, p, D * sizeof(float));
-    return;
-  }
-  for (int64_t d = 0; d < D; ++d) dst[d] = load_as_f32(p, t.dtype, d * ds);
+  load_run_as_f32(row_ptr(t, b, h, s), t.dtype, 0, t.stride[3], t.shape[3], dst);
 }
 
 // t[b,h,s,:] = src[0..D), rounded to t's dtype.
 inline void store_row(const TensorView& t, int64_t b, int64_t h, int64_t s, const float* src) {
-  char* p = const_cast<char*>(row_ptr(t, b, h, s));
-  const int64_t D = t.shape[3], ds = t.stride[3];
-  if (t.dtype == DType::F32 && ds == 1) {
-    std::memcpy(p, src, D * sizeof(float));
-    return;
-  }
-  for (int64_t d = 0; d < D; ++d) store_from_f32(p, t.dtype, d * ds, src[d]);
+  store_run_from_f32(const_cast<char*>(row_ptr(t, b, h, s)), t.dtype, 0, t.stride[3], t.shape[3], src);
 }
 
 // Element (i0, i1, i2, i3) of a view of rank <= 4 of a given C type.

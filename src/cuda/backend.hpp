@@ -32,6 +32,10 @@ struct AssignStats {
 
 void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const Stream& stream,
                  Workspace workspace, const TensorView& sample_ids);
+// Greedy k-means++ seeding (kmeans/kmeans_seed.cu): kmeans_init's key sort, then one block per (b,h).
+size_t kmeans_seed_greedy_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clusters, int sample_factor);
+void kmeans_seed_greedy(const TensorView& points, TensorView centroids, uint64_t seed, int sample_factor,
+                        const Stream& stream, Workspace workspace, const TensorView& sample_ids);
 // With a workspace of kmeans_workspace_bytes: the tensor-core assignment. Without one (the public
 // kmeans_assign has no workspace parameter): the exact fp32 assignment, bit-identical to the CPU's.
 void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels, const Stream& stream,
@@ -45,6 +49,23 @@ void kmeans(const TensorView& points, TensorView centroids, TensorView labels, T
 size_t order_clusters_workspace_bytes(int64_t batch_heads, int64_t clusters, int64_t dim);
 void order_clusters(TensorView centroids, TensorView sizes, TensorView labels, const Stream& stream,
                     Workspace workspace);
+// The kernel that builds order_clusters' chain on `device` for C clusters of dimension D
+// (permute/cluster_order.cu): the cluster kernel (sm_90+ with a data-centre GPU's shared memory,
+// D <= 128, C <= 2816, or 4096 at D <= 64) or the block kernel (any other shape or GPU, up to 40960
+// clusters; `supported` is false above that).
+struct OrderChainKernel {
+  bool supported = true;
+  bool cluster = false;  // true: a thread-block cluster of `ctas` CTAs per head, rows padded to padded_dim
+  int padded_dim = 0;
+  int ctas = 1;
+  int threads = 0;  // per CTA
+  size_t smem = 0;  // dynamic shared memory per CTA, bytes
+};
+OrderChainKernel order_chain_kernel(int device, int64_t clusters, int64_t dim);
+// Test and benchmark knob (process-wide): "block" forces the block kernel, "cluster:N" caps the
+// cluster kernel's CTAs at N threads (a multiple of 32; more CTAs per head, shorter steps), "" (or
+// nullptr) restores the default. Throws InvalidArgumentError for other names.
+void set_order_chain_override(const char* name);
 
 void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, const Stream& stream);
 void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
@@ -76,9 +97,44 @@ void select_error_aware(const TensorView& probs, const TensorView& budget_mask, 
                         const Stream& stream);
 void select_top_p_at_density(const TensorView& probs, const TensorView& q_sizes, const TensorView& k_sizes,
                              float density, int min_kept, TensorView mask, const Stream& stream, Workspace workspace);
+// The compensation (ear/ear_compensation*.cu): tensor cores, scratch of compensation_workspace_bytes
+// for Ck' pseudo-keys (Ck' = m * the mask's key clusters).
+size_t compensation_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_clusters, int64_t pseudo_keys,
+                                    int64_t dim);
 void centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
                            const TensorView& k_centroids, const TensorView& v_centroids, const TensorView& k_sizes,
-                           float scale, TensorView out, TensorView lse, const Stream& stream);
+                           float scale, TensorView out, TensorView lse, const Stream& stream, Workspace workspace);
+void corrected_centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
+                                     const TensorView& k_centroids, const TensorView& v_centroids,
+                                     const TensorView& k_sizes, const TensorView& spread, const TensorView& pair_values,
+                                     float scale, TensorView out, TensorView lse, const Stream& stream,
+                                     Workspace workspace);
+// Test and benchmark knob (process-wide): "cuda_cores" makes centroid_compensation run the CUDA-core
+// kernel it had before the tensor-core one (no scratch needed; corrected_centroid_compensation keeps
+// the tensor cores), "" (or nullptr) restores the default. Throws InvalidArgumentError for other
+// names.
+void set_compensation_kernel_override(const char* name);
+
+// ear-plus (ear/: ear_plus.cu, ear_select.cu, ear_split.cu). One scratch size covers ear_plus_probe,
+// select_error_aware_per_head and split_clusters for B*H heads, N key tokens and Cq x Ck clusters.
+size_t ear_plus_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_clusters, int64_t k_clusters);
+void ear_plus_probe(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& v_centroids,
+                    const TensorView& k, const TensorView& v, const TensorView& k_labels, const TensorView& q_sizes,
+                    const TensorView& k_sizes, float scale, float gamma, TensorView scores, TensorView spread,
+                    TensorView pair_values, const Stream& stream, Workspace workspace);
+void select_error_aware_per_head(const TensorView& probs, const TensorView& budget_mask, const TensorView& scores,
+                                 const TensorView& q_sizes, const TensorView& k_sizes, int guaranteed, TensorView mask,
+                                 const Stream& stream, Workspace workspace);
+void split_clusters(const TensorView& points, const TensorView& labels, const TensorView& centroids,
+                    TensorView sub_labels, TensorView sub_sizes, const Stream& stream, Workspace workspace);
+// Size rounding of the query clusters (round/: round.cu, round_cost.cu); the CPU's labels and sizes bit
+// for bit. Cq at most qround::kMaxClusters (8192), D at most 1024 (UnsupportedError otherwise).
+size_t round_query_clusters_workspace_bytes(int64_t batch_heads, int64_t points, int64_t q_clusters,
+                                            int64_t k_clusters, int slack, int prefilter, int candidates);
+void round_query_clusters(const TensorView& q, const TensorView& q_centroids, const TensorView& k_centroids,
+                          const TensorView& k_sizes, const TensorView& mask, float scale, int slack, float max_cost,
+                          int prefilter, int rounds, int candidates, TensorView labels, TensorView sizes,
+                          const Stream& stream, Workspace workspace);
 
 // Attention (attention.cu: argument rules for the kernels, planning, kernel choice).
 size_t block_sparse_attention_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters,
@@ -106,6 +162,22 @@ bool value_checks();
 // test knob; both variants compute the same labels.
 void set_assign_columns_per_pass(int columns);
 int assign_columns_per_pass();
+
+// The tensor-core k-means assignment's kernel (kmeans/assign_plan.cu), process-wide, for tests and
+// benchmarks: "auto" ("" or nullptr too; the default) runs the wgmma kernel on sm_90 devices for head
+// dims 64 and 128 and the mma.sync kernel elsewhere; "mma" the mma.sync kernel everywhere; "wgmma" the
+// wgmma kernel (UnsupportedError where it cannot run); "wgmma:RxN" its configuration of R point rows per
+// consumer warpgroup and N centroids per tile (64x64, 64x160, 64x256 or 128x128; by default the one
+// with the least padded work). SAPATTN_KMEANS_ASSIGN in the environment says the same until this is
+// called. InvalidArgumentError for other names.
+void set_assign_kernel(const char* name);
+// What the assignment of C clusters at head dim D with a workspace runs on `device`.
+struct AssignKernel {
+  bool tensor_cores = false;  // false: the exact fp32 kernel (head dims other than 64 and 128)
+  bool wgmma = false;         // else the mma.sync kernel
+  int group_rows = 0, tile_n = 0;
+};
+AssignKernel assign_kernel(int device, int64_t clusters, int64_t dim);
 
 // Largest key-cluster count select_blocks / select_top_p take on CUDA (one block sorts a row).
 inline constexpr int64_t kMaxSelectColumns = 8192;

@@ -1,6 +1,6 @@
-// The attention ops of include/sapattn/ops.hpp (block_sparse_attention, dense_attention,
-// block_density, attention_kernel, the attention workspace size) and check_finite: the argument
-// checks every backend shares, then dispatch on the stream's device.
+// The attention ops of include/sapattn/ops.hpp (block_sparse_attention, its e4m3 form,
+// dense_attention, block_density, attention_kernel, the attention workspace size) and check_finite:
+// the argument checks every backend shares, then dispatch on the stream's device.
 #include "sapattn/ops.hpp"
 
 #include <utility>
@@ -60,6 +60,27 @@ void check_row_permutation(const TensorView& perm, int64_t B, int64_t H, int64_t
   expect_device(perm, stream);
 }
 
+void check_fp8_options(const Fp8Options& o) {
+  for (const auto& [granularity, name] : {std::pair{o.q_scale, "q_scale"}, {o.k_scale, "k_scale"}})
+    SAPATTN_CHECK(granularity == Fp8Scale::Tile || granularity == Fp8Scale::Cluster, InvalidArgumentError,
+                  "Fp8Options::", name,
+                  " must be Tile or Cluster (a scale per column does not factor out of Q K^T), "
+                  "got ",
+                  static_cast<int>(granularity));
+  SAPATTN_CHECK(o.v_scale == Fp8Scale::Tile || o.v_scale == Fp8Scale::Cluster || o.v_scale == Fp8Scale::Channel,
+                InvalidArgumentError, "Fp8Options::v_scale must be Tile, Cluster or Channel, got ",
+                static_cast<int>(o.v_scale));
+  for (const auto& [tile, name] : {std::pair{o.q_tile, "q_tile"}, {o.k_tile, "k_tile"}, {o.v_tile, "v_tile"}})
+    SAPATTN_CHECK(tile >= 1, InvalidArgumentError, "Fp8Options::", name, " must be >= 1 row, got ", tile);
+  SAPATTN_CHECK(o.p_scale >= 1.0f && o.p_scale <= 448.0f, InvalidArgumentError,
+                "Fp8Options::p_scale must be in [1, 448] (P = 1 times it must be a normal e4m3 number that does not "
+                "saturate), got ",
+                o.p_scale);
+  SAPATTN_CHECK(!o.p_sum_e4m3 || o.v_scale == Fp8Scale::Channel, InvalidArgumentError,
+                "Fp8Options::p_sum_e4m3 needs v_scale Channel (with V's scale folded into P the quantised P no "
+                "longer sums the softmax weights): set p_sum_e4m3 = false ('sumf') for V per tile or cluster");
+}
+
 }  // namespace
 
 void block_sparse_attention(const TensorView& q, const TensorView& k, const TensorView& v, const BlockLayout& layout,
@@ -75,6 +96,23 @@ void block_sparse_attention(const TensorView& q, const TensorView& k, const Tens
   if (where == DeviceType::CUDA)
     return SAPATTN_ON_CUDA(block_sparse_attention(q, k, v, layout, scale, out, lse, stream, workspace, perm));
   cpu::block_sparse_attention(q, k, v, layout, scale, out, lse, perm, cpu_threads(stream));
+}
+
+void block_sparse_attention_e4m3(const TensorView& q, const TensorView& k, const TensorView& v,
+                                 const BlockLayout& layout, float scale, const Fp8Options& options, TensorView out,
+                                 TensorView lse, const Stream& stream, Workspace, const RowPermutation& perm) {
+  check_attention(q, k, v, scale, out, lse);
+  check_layout(layout, q, k);
+  check_fp8_options(options);
+  const DeviceType where = backend(stream, q, k, v, out, layout.q_offsets, layout.k_offsets, layout.mask);
+  if (!lse.empty()) expect_device(lse, stream);
+  const int64_t B = q.shape[0], H = q.shape[1];
+  if (!perm.q_perm.empty()) check_row_permutation(perm.q_perm, B, H, q.shape[2], "q_perm", stream);
+  if (!perm.k_perm.empty()) check_row_permutation(perm.k_perm, B, H, k.shape[2], "k_perm", stream);
+  SAPATTN_CHECK(where == DeviceType::CPU, UnsupportedError,
+                "block_sparse_attention_e4m3: the FP8 attention has no CUDA kernel yet; the CPU backend "
+                "emulates it");
+  cpu::block_sparse_attention_e4m3(q, k, v, layout, scale, options, out, lse, perm, cpu_threads(stream));
 }
 
 size_t block_sparse_attention_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters,

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <tuple>
 #include <utility>
 
@@ -31,9 +32,21 @@ inline void expect_contiguous(const TensorView& t, const char* name) {
   SAPATTN_CHECK(t.is_contiguous(), ShapeError, name, " must be contiguous, got strides of ", t.describe());
 }
 
-inline void expect_extent(const TensorView& t, int dim, int64_t extent, const char* name, const char* what) {
+// With `of`, the extent is named "<what> of <of>" (the tensor it must match).
+inline void expect_extent(const TensorView& t, int dim, int64_t extent, const char* name, const char* what,
+                          const char* of = nullptr) {
   SAPATTN_CHECK(t.shape[dim] == extent, ShapeError, name, " dim ", t.caller_dim(dim), " must be ", extent, " (", what,
-                "), got ", t.describe());
+                of != nullptr ? " of " : "", of != nullptr ? of : "", "), got ", t.describe());
+}
+
+// t of `rank` and `dtype`, contiguous, with each of `dims` (a dim and its name) as in ref:
+// "sizes dim 1 must be 2 (heads of centroids), got ...".
+inline void expect_contiguous_along(const TensorView& t, int rank, DType dtype, const char* name, const TensorView& ref,
+                                    const char* ref_name, std::initializer_list<std::pair<int, const char*>> dims) {
+  expect_rank(t, rank, name);
+  expect_dtype(t, dtype, name);
+  expect_contiguous(t, name);
+  for (const auto& [dim, what] : dims) expect_extent(t, dim, ref.shape[dim], name, what, ref_name);
 }
 
 // Attention tensors [B,H,S,D]: t's logical dim `dim` must equal ref's. The message names the dim as
@@ -42,6 +55,20 @@ inline void expect_extent_of(const TensorView& t, int dim, const char* name, con
                              const char* ref_name) {
   SAPATTN_CHECK(t.shape[dim] == ref.shape[dim], ShapeError, name, " dim ", t.caller_dim(dim), " (", "BHSD"[dim], " of ",
                 t.dim_names(), ") must be ", ref.shape[dim], " as in ", ref_name, ", got ", t.describe());
+}
+
+// t is contiguous, of `dtype`, with the extents `shape` (its rank); an extent of -1 takes any size.
+// `what` says where the extents come from ("B, H, S of x").
+inline void expect_contiguous_tensor(const TensorView& t, DType dtype, std::initializer_list<int64_t> shape,
+                                     const char* name, const char* what) {
+  expect_rank(t, static_cast<int>(shape.size()), name);
+  expect_dtype(t, dtype, name);
+  expect_contiguous(t, name);
+  int d = 0;
+  for (const int64_t extent : shape) {
+    if (extent >= 0) expect_extent(t, d, extent, name, what);
+    ++d;
+  }
 }
 
 // An attention input with a zero extent has nothing to attend: say so before any other check
@@ -60,18 +87,16 @@ inline void expect_device(const TensorView& t, const Stream& s) {
 // Arguments that ops of several families of ops.hpp share (k-means, selection, attention, SVG-EAR).
 // ---------------------------------------------------------------------------------------------
 
-// Checks points [B,H,N,D] floating, centroids [B,H,C,D] f32 contiguous; returns C.
-inline int64_t check_points_centroids(const TensorView& points, const TensorView& centroids) {
-  expect_rank(points, 4, "points");
-  expect_floating(points, "points");
-  SAPATTN_CHECK(points.shape[2] >= 1, ShapeError, "points: need at least one point per (b,h), got N = 0");
-  expect_rank(centroids, 4, "centroids");
-  expect_dtype(centroids, DType::F32, "centroids");
-  expect_contiguous(centroids, "centroids");
-  expect_extent(centroids, 0, points.shape[0], "centroids", "batch of points");
-  expect_extent(centroids, 1, points.shape[1], "centroids", "heads of points");
-  expect_extent(centroids, 3, points.shape[3], "centroids", "head dim of points");
-  SAPATTN_CHECK(centroids.shape[2] >= 1, ShapeError, "centroids: need at least one cluster, got C = 0");
+// Checks points [B,H,N,D] floating, centroids [B,H,C,D] f32 contiguous; returns C. The names are
+// the caller's arguments' (round_query_clusters: "q", "q_centroids").
+inline int64_t check_points_centroids(const TensorView& points, const TensorView& centroids,
+                                      const char* points_name = "points", const char* centroids_name = "centroids") {
+  expect_rank(points, 4, points_name);
+  expect_floating(points, points_name);
+  SAPATTN_CHECK(points.shape[2] >= 1, ShapeError, points_name, ": need at least one point per (b,h), got N = 0");
+  expect_contiguous_along(centroids, 4, DType::F32, centroids_name, points, points_name,
+                          {{0, "batch"}, {1, "heads"}, {3, "head dim"}});
+  SAPATTN_CHECK(centroids.shape[2] >= 1, ShapeError, centroids_name, ": need at least one cluster, got C = 0");
   return centroids.shape[2];
 }
 
@@ -84,13 +109,11 @@ inline void check_labels(const TensorView& labels, const TensorView& points) {
   expect_extent(labels, 2, points.shape[2], "labels", "points per (b,h)");
 }
 
-inline void check_sizes(const TensorView& sizes, const TensorView& centroids) {
-  expect_rank(sizes, 3, "sizes");
-  expect_dtype(sizes, DType::I32, "sizes");
-  expect_contiguous(sizes, "sizes");
-  expect_extent(sizes, 0, centroids.shape[0], "sizes", "batch of centroids");
-  expect_extent(sizes, 1, centroids.shape[1], "sizes", "heads of centroids");
-  expect_extent(sizes, 2, centroids.shape[2], "sizes", "clusters of centroids");
+// sizes [B,H,C] i32 contiguous, one count per cluster of centroids [B,H,C,D]; names as above.
+inline void check_sizes(const TensorView& sizes, const TensorView& centroids, const char* sizes_name = "sizes",
+                        const char* centroids_name = "centroids") {
+  expect_contiguous_along(sizes, 3, DType::I32, sizes_name, centroids, centroids_name,
+                          {{0, "batch"}, {1, "heads"}, {2, "clusters"}});
 }
 
 inline void check_mask(const TensorView& mask, int64_t B, int64_t H, int64_t rows, int64_t cols) {
@@ -133,17 +156,22 @@ inline void check_pair_matrix(const TensorView& t, int64_t B, int64_t H, int64_t
   expect_extent(t, 3, cols, name, "columns (key clusters)");
 }
 
+// Cluster sizes [B,H,C] i32 contiguous; `what` names where C comes from in the message.
+inline void check_size_tensor(const TensorView& t, int64_t B, int64_t H, int64_t C, const char* name,
+                              const char* what = "clusters") {
+  expect_rank(t, 3, name);
+  expect_dtype(t, DType::I32, name);
+  expect_contiguous(t, name);
+  expect_extent(t, 0, B, name, "batch");
+  expect_extent(t, 1, H, name, "heads");
+  expect_extent(t, 2, C, name, what);
+}
+
 // q_sizes [B,H,R] and k_sizes [B,H,C] i32 contiguous: the clusters of a [B,H,R,C] pair matrix.
 inline void check_cluster_sizes(const TensorView& q_sizes, const TensorView& k_sizes, int64_t B, int64_t H, int64_t R,
                                 int64_t C) {
-  for (const auto& [t, name, n] : {std::tuple{&q_sizes, "q_sizes", R}, {&k_sizes, "k_sizes", C}}) {
-    expect_rank(*t, 3, name);
-    expect_dtype(*t, DType::I32, name);
-    expect_contiguous(*t, name);
-    expect_extent(*t, 0, B, name, "batch");
-    expect_extent(*t, 1, H, name, "heads");
-    expect_extent(*t, 2, n, name, "clusters");
-  }
+  check_size_tensor(q_sizes, B, H, R, "q_sizes");
+  check_size_tensor(k_sizes, B, H, C, "k_sizes");
 }
 
 }  // namespace sapattn::checks

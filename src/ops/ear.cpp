@@ -1,5 +1,5 @@
 // The SVG-EAR and ear-plus ops of include/sapattn/ops.hpp (docs/ear.md): the argument checks every
-// backend shares, then dispatch on the stream's device. The ear-plus ops have a CPU backend only.
+// backend shares, then dispatch on the stream's device.
 #include "sapattn/ops.hpp"
 
 #include <cmath>
@@ -13,25 +13,28 @@ namespace sapattn {
 using namespace checks;    // the argument checks of src/ops/
 using namespace dispatch;  // backend(), cpu_threads(), SAPATTN_ON_CUDA
 
-namespace {
-
-// The ear-plus ops (ear_plus_probe, select_error_aware_per_head, split_clusters,
-// corrected_centroid_compensation) run on the CPU only so far: a CUDA stream (or tensor) gets
-// UnsupportedError, in a CUDA build too.
-template <typename... Views>
-void expect_cpu_backend(const char* op, const Stream& stream, const Views&... views) {
-  SAPATTN_CHECK(backend(stream, views...) == DeviceType::CPU, UnsupportedError, op,
-                " has no CUDA backend yet (docs/ear.md); run it on a CPU stream");
-}
-
-}  // namespace
-
 size_t ear_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_clusters, int64_t k_clusters, int64_t dim,
                            Device device) {
   SAPATTN_CHECK(batch_heads >= 0 && tokens >= 0 && q_clusters >= 0 && k_clusters >= 0 && dim >= 0, InvalidArgumentError,
                 "ear_workspace_bytes: negative size");
   if (device.type == DeviceType::CPU) return 0;  // the CPU backend needs no scratch
   return SAPATTN_ON_CUDA(ear_workspace_bytes(batch_heads, tokens, q_clusters, k_clusters, dim));
+}
+
+size_t compensation_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_clusters, int64_t pseudo_keys,
+                                    int64_t dim, Device device) {
+  SAPATTN_CHECK(batch_heads >= 0 && tokens >= 0 && q_clusters >= 0 && pseudo_keys >= 0 && dim >= 0,
+                InvalidArgumentError, "compensation_workspace_bytes: negative size");
+  if (device.type == DeviceType::CPU) return 0;  // the CPU backend needs no scratch
+  return SAPATTN_ON_CUDA(compensation_workspace_bytes(batch_heads, tokens, q_clusters, pseudo_keys, dim));
+}
+
+size_t ear_plus_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_clusters, int64_t k_clusters,
+                                Device device) {
+  SAPATTN_CHECK(batch_heads >= 0 && tokens >= 0 && q_clusters >= 0 && k_clusters >= 0, InvalidArgumentError,
+                "ear_plus_workspace_bytes: negative size");
+  if (device.type == DeviceType::CPU) return 0;  // the CPU backend needs no scratch
+  return SAPATTN_ON_CUDA(ear_plus_workspace_bytes(batch_heads, tokens, q_clusters, k_clusters));
 }
 
 void cluster_means(const TensorView& points, const TensorView& labels, TensorView means, const Stream& stream,
@@ -159,11 +162,11 @@ void check_compensation(const TensorView& q, const TensorView& q_labels, const T
 
 void centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
                            const TensorView& k_centroids, const TensorView& v_centroids, const TensorView& k_sizes,
-                           float scale, TensorView out, TensorView lse, const Stream& stream) {
+                           float scale, TensorView out, TensorView lse, const Stream& stream, Workspace workspace) {
   check_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse);
   if (backend(stream, q, q_labels, mask, k_centroids, v_centroids, k_sizes, out, lse) == DeviceType::CUDA)
-    return SAPATTN_ON_CUDA(
-        centroid_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse, stream));
+    return SAPATTN_ON_CUDA(centroid_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse,
+                                                 stream, workspace));
   cpu::centroid_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse,
                              cpu_threads(stream));
 }
@@ -190,26 +193,32 @@ void check_probe_corrections(const TensorView& spread, const TensorView& pair_va
 void ear_plus_probe(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& v_centroids,
                     const TensorView& k, const TensorView& v, const TensorView& k_labels, const TensorView& q_sizes,
                     const TensorView& k_sizes, float scale, float gamma, TensorView scores, TensorView spread,
-                    TensorView pair_values, const Stream& stream) {
+                    TensorView pair_values, const Stream& stream, Workspace workspace) {
   check_probe(q_centroids, k_centroids, v_centroids, k, v, k_labels, q_sizes, k_sizes, scale, gamma, scores);
   check_probe_corrections(spread, pair_values, q_centroids.shape[0], q_centroids.shape[1], q_centroids.shape[2],
                           k_centroids.shape[2], k.shape[3]);
-  expect_cpu_backend("ear_plus_probe", stream, q_centroids, k_centroids, v_centroids, k, v, k_labels, q_sizes, k_sizes,
-                     scores, spread, pair_values);
+  for (const TensorView* t : {&spread, &pair_values})
+    if (!t->empty()) expect_device(*t, stream);
+  if (backend(stream, q_centroids, k_centroids, v_centroids, k, v, k_labels, q_sizes, k_sizes, scores) ==
+      DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(ear_plus_probe(q_centroids, k_centroids, v_centroids, k, v, k_labels, q_sizes, k_sizes,
+                                          scale, gamma, scores, spread, pair_values, stream, workspace));
   cpu::ear_plus_probe(q_centroids, k_centroids, v_centroids, k, v, k_labels, q_sizes, k_sizes, scale, gamma, scores,
                       spread, pair_values, cpu_threads(stream));
 }
 
 void select_error_aware_per_head(const TensorView& probs, const TensorView& budget_mask, const TensorView& scores,
                                  const TensorView& q_sizes, const TensorView& k_sizes, int guaranteed, TensorView mask,
-                                 const Stream& stream) {
+                                 const Stream& stream, Workspace workspace) {
   check_routing(probs, budget_mask, scores, q_sizes, k_sizes, guaranteed, mask);
-  expect_cpu_backend("select_error_aware_per_head", stream, probs, budget_mask, scores, q_sizes, k_sizes, mask);
+  if (backend(stream, probs, budget_mask, scores, q_sizes, k_sizes, mask) == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(
+        select_error_aware_per_head(probs, budget_mask, scores, q_sizes, k_sizes, guaranteed, mask, stream, workspace));
   cpu::select_error_aware_per_head(probs, budget_mask, scores, q_sizes, k_sizes, guaranteed, mask, cpu_threads(stream));
 }
 
 void split_clusters(const TensorView& points, const TensorView& labels, const TensorView& centroids,
-                    TensorView sub_labels, TensorView sub_sizes, const Stream& stream) {
+                    TensorView sub_labels, TensorView sub_sizes, const Stream& stream, Workspace workspace) {
   const int64_t C = check_points_centroids(points, centroids);
   check_labels(labels, points);
   check_labels(sub_labels, points);
@@ -219,18 +228,23 @@ void split_clusters(const TensorView& points, const TensorView& labels, const Te
   expect_extent(sub_sizes, 0, points.shape[0], "sub_sizes", "batch of points");
   expect_extent(sub_sizes, 1, points.shape[1], "sub_sizes", "heads of points");
   expect_extent(sub_sizes, 2, 2 * C, "sub_sizes", "twice the clusters of centroids");
-  expect_cpu_backend("split_clusters", stream, points, labels, centroids, sub_labels, sub_sizes);
+  if (backend(stream, points, labels, centroids, sub_labels, sub_sizes) == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(split_clusters(points, labels, centroids, sub_labels, sub_sizes, stream, workspace));
   cpu::split_clusters(points, labels, centroids, sub_labels, sub_sizes, cpu_threads(stream));
 }
 
 void corrected_centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
                                      const TensorView& k_centroids, const TensorView& v_centroids,
                                      const TensorView& k_sizes, const TensorView& spread, const TensorView& pair_values,
-                                     float scale, TensorView out, TensorView lse, const Stream& stream) {
+                                     float scale, TensorView out, TensorView lse, const Stream& stream,
+                                     Workspace workspace) {
   check_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse, true);
   check_probe_corrections(spread, pair_values, q.shape[0], q.shape[1], mask.shape[2], k_centroids.shape[2], q.shape[3]);
-  expect_cpu_backend("corrected_centroid_compensation", stream, q, q_labels, mask, k_centroids, v_centroids, k_sizes,
-                     spread, pair_values, out, lse);
+  for (const TensorView* t : {&spread, &pair_values})
+    if (!t->empty()) expect_device(*t, stream);
+  if (backend(stream, q, q_labels, mask, k_centroids, v_centroids, k_sizes, out, lse) == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(corrected_centroid_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, spread,
+                                                           pair_values, scale, out, lse, stream, workspace));
   cpu::corrected_centroid_compensation(q, q_labels, mask, k_centroids, v_centroids, k_sizes, spread, pair_values, scale,
                                        out, lse, cpu_threads(stream));
 }

@@ -1,8 +1,9 @@
-// The k-means ops of include/sapattn/ops.hpp (kmeans_init, kmeans_assign, kmeans_update, kmeans,
-// order_clusters and their workspace sizes): the argument checks every backend shares, then
-// dispatch on the stream's device.
+// The k-means ops of include/sapattn/ops.hpp (kmeans_init, kmeans_seed_greedy, kmeans_assign,
+// kmeans_update, kmeans, order_clusters and their workspace sizes): the argument checks every
+// backend shares, then dispatch on the stream's device.
 #include "sapattn/ops.hpp"
 
+#include "core/kmeans_seeding.hpp"
 #include "ops/checks.hpp"
 #include "ops/dispatch.hpp"
 
@@ -27,25 +28,66 @@ size_t kmeans_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clust
   return 0;
 }
 
+namespace {
+
+// sample_ids [B,H] i32 contiguous on the stream's device, or empty (kmeans_init, kmeans_seed_greedy).
+void check_sample_ids(const TensorView& sample_ids, const TensorView& points, const Stream& stream) {
+  if (sample_ids.empty()) return;
+  expect_rank(sample_ids, 2, "sample_ids");
+  expect_dtype(sample_ids, DType::I32, "sample_ids");
+  expect_contiguous(sample_ids, "sample_ids");
+  expect_extent(sample_ids, 0, points.shape[0], "sample_ids", "batch");
+  expect_extent(sample_ids, 1, points.shape[1], "sample_ids", "heads");
+  expect_device(sample_ids, stream);
+}
+
+// The CPU reads the ids on the host: a negative one throws (on CUDA it is the caller's contract).
+const int32_t* host_sample_ids(const TensorView& sample_ids) {
+  if (sample_ids.empty()) return nullptr;
+  const int32_t* ids = static_cast<const int32_t*>(sample_ids.data);
+  for (int64_t i = 0; i < sample_ids.numel(); ++i)
+    SAPATTN_CHECK(ids[i] >= 0, InvalidArgumentError, "sample_ids[", i, "] = ", ids[i], " is negative");
+  return ids;
+}
+
+void check_sample_factor(int sample_factor) {
+  SAPATTN_CHECK(sample_factor >= 1, InvalidArgumentError, "kmeans_seed_greedy: sample_factor must be >= 1, got ",
+                sample_factor);
+}
+
+}  // namespace
+
 void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const Stream& stream,
                  Workspace workspace, const TensorView& sample_ids) {
   check_points_centroids(points, centroids);
-  if (!sample_ids.empty()) {
-    expect_rank(sample_ids, 2, "sample_ids");
-    expect_dtype(sample_ids, DType::I32, "sample_ids");
-    expect_contiguous(sample_ids, "sample_ids");
-    expect_extent(sample_ids, 0, points.shape[0], "sample_ids", "batch");
-    expect_extent(sample_ids, 1, points.shape[1], "sample_ids", "heads");
-    expect_device(sample_ids, stream);
-  }
+  check_sample_ids(sample_ids, points, stream);
   if (backend(stream, points, centroids) == DeviceType::CUDA)
     return SAPATTN_ON_CUDA(kmeans_init(points, centroids, seed, stream, workspace, sample_ids));
-  if (!sample_ids.empty()) {
-    const int32_t* ids = static_cast<const int32_t*>(sample_ids.data);
-    for (int64_t i = 0; i < sample_ids.numel(); ++i)
-      SAPATTN_CHECK(ids[i] >= 0, InvalidArgumentError, "sample_ids[", i, "] = ", ids[i], " is negative");
-  }
-  cpu::kmeans_init(points, centroids, seed, static_cast<const int32_t*>(sample_ids.data), cpu_threads(stream));
+  cpu::kmeans_init(points, centroids, seed, host_sample_ids(sample_ids), cpu_threads(stream));
+}
+
+int kmeans_greedy_trials(int64_t clusters) {
+  SAPATTN_CHECK(clusters >= 1, InvalidArgumentError, "kmeans_greedy_trials: need at least one cluster, got ", clusters);
+  return seeding::greedy_trials(clusters);
+}
+
+size_t kmeans_seed_greedy_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clusters, int sample_factor,
+                                          Device device) {
+  SAPATTN_CHECK(batch_heads >= 0 && points >= 0 && clusters >= 0, InvalidArgumentError,
+                "kmeans_seed_greedy_workspace_bytes: negative size");
+  check_sample_factor(sample_factor);
+  if (device.type == DeviceType::CPU) return 0;  // the CPU backend needs no scratch
+  return SAPATTN_ON_CUDA(kmeans_seed_greedy_workspace_bytes(batch_heads, points, clusters, sample_factor));
+}
+
+void kmeans_seed_greedy(const TensorView& points, TensorView centroids, uint64_t seed, int sample_factor,
+                        const Stream& stream, Workspace workspace, const TensorView& sample_ids) {
+  check_points_centroids(points, centroids);
+  check_sample_ids(sample_ids, points, stream);
+  check_sample_factor(sample_factor);
+  if (backend(stream, points, centroids) == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(kmeans_seed_greedy(points, centroids, seed, sample_factor, stream, workspace, sample_ids));
+  cpu::kmeans_seed_greedy(points, centroids, seed, sample_factor, host_sample_ids(sample_ids), cpu_threads(stream));
 }
 
 void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels, const Stream& stream,

@@ -19,6 +19,8 @@ struct Buffers {
   TensorView q_offsets, k_offsets;                   // [B,H,Cq+1], [B,H,Ck+1] i32
   TensorView q_sizes, k_sizes;                       // [B,H,Cq], [B,H,Ck] i32 (video clusters)
   TensorView mask;                                   // [B,H,Cq,Ck] u8 (with text clusters)
+  TensorView k_sorted, v_sorted;                     // [B,H,S,D] K and V rows in cluster order, or empty
+                                                     // (sorted_kv: the Hopper kernel loads them by TMA)
   TensorView v_centroids;                            // [B,H,Ck,D] f32 value means: ErrorAware or compensate
   TensorView probs, scores;                          // [B,H,Cq,Ck] f32 SVG2's weights (ErrorAware or density),
                                                      // probe scores (ErrorAware)
@@ -40,6 +42,11 @@ struct Buffers {
   TensorView video_mask() const { return mask.slice(2, 0, q_video_clusters).slice(3, 0, k_video_clusters); }
 };
 
+// Whether the attention reads K and V from copies in cluster order (one gather each) rather than
+// through k_perm: where the kernel that runs is the Hopper one, whose TMA loads need key rows in
+// cluster order (docs/attention.md, "svg2 on the TMA path").
+bool sorted_kv(Device device, DType dtype, int64_t head_dim);
+
 // Bytes the buffers need; with a non-null workspace, also carves them out of it.
 size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Device device, const Workspace* workspace,
              Buffers* buffers);
@@ -48,8 +55,11 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
 AttentionShape check_inputs(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
                             const Svg2Outputs& outputs, const Stream& stream);
 
-// SVG2's clustering: k-means of the video queries and keys (with `initialize`, a sampled init and
-// kmeans_iters_init iterations, else a warm start with kmeans_iters_step). Sizes go to q_sizes / k_sizes.
+// SVG2's clustering: k-means of the video queries and keys (with `initialize`, the config's seeding,
+// kmeans_init's sample or kmeans_seed_greedy, and kmeans_iters_init iterations, else a warm start
+// with kmeans_iters_step). Sizes go to q_sizes / k_sizes. A fresh clustering of the keys is
+// renumbered along order_clusters' chain, so that the key clusters a query cluster keeps are mostly
+// neighbours (long runs of rows for the attention's loads); warm-started calls keep the numbering.
 void cluster(const TensorView& q, const TensorView& k, const Config& config, const CentroidViews& centroids,
              bool initialize, Buffers& buffers, const TensorView& q_sizes, const TensorView& k_sizes,
              const Stream& stream);
@@ -71,7 +81,8 @@ void check_centroids(const CentroidViews& centroids, const AttentionShape& shape
                      const Stream& stream);
 
 // Given video labels and sizes, the video x video mask and centroids already selected: labels the
-// text tokens, applies the text rule, permutes, attends, adds the skipped video key clusters through
+// text tokens, applies the text rule, permutes, attends (in e4m3 when config.attention_dtype says so,
+// block_sparse_attention_e4m3 with the default Fp8Options), adds the skipped video key clusters through
 // their centroids when config.compensate, and writes the outputs in token order.
 void attend_clusters(const TensorView& q, const TensorView& k, const TensorView& v, const Config& config,
                      const CentroidViews& centroids, const TensorView& k_sizes, Buffers& buffers,

@@ -14,6 +14,12 @@ namespace sapattn {
 
 namespace pipeline {
 
+bool sorted_kv(Device device, DType dtype, int64_t head_dim) {
+  if (device.type != DeviceType::CUDA) return false;
+  const AttentionKernel kernel = attention_kernel(device, dtype, head_dim);
+  return kernel.supported && std::strcmp(kernel.name, "sm90a-wgmma") == 0;
+}
+
 size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Device device, const Workspace* workspace,
              Buffers* buffers) {
   const int64_t B = shape.batch, H = shape.heads, S = shape.seq, D = shape.head_dim;
@@ -34,6 +40,10 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
   b.q_sizes = c.take_view(DType::I32, {B, H, config.q_clusters}, device);
   b.k_sizes = c.take_view(DType::I32, {B, H, config.k_clusters}, device);
   b.mask = c.take_view(DType::U8, {B, H, b.q_clusters, b.k_clusters}, device);
+  if (sorted_kv(device, dtype, D)) {
+    b.k_sorted = c.take_view(dtype, {B, H, S, D}, device);
+    b.v_sorted = c.take_view(dtype, {B, H, S, D}, device);
+  }
   const bool error_aware = config.routing == Routing::ErrorAware;
   const int64_t Cq = config.q_clusters, Ck = config.k_clusters;
   if (error_aware || config.compensate) b.v_centroids = c.take_view(DType::F32, {B, H, Ck, D}, device);
@@ -53,14 +63,33 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
     b.sub_v_centroids = c.take_view(DType::F32, {B, H, 2 * Ck, D}, device);
     if (config.ear_spread || config.ear_pair_values) b.sub_scores = c.take_view(DType::F32, {B, H, Cq, 2 * Ck}, device);
   }
+  const bool greedy = config.kmeans_seeding == KMeansSeeding::GreedyPP;
+  const auto seeding_bytes = [&](int clusters) {
+    return greedy ? kmeans_seed_greedy_workspace_bytes(B * H, b.video_tokens, clusters, config.kmeans_sample_factor,
+                                                       device)
+                  : size_t{0};
+  };
   const size_t scratch =
       std::max({kmeans_workspace_bytes(B * H, b.video_tokens, config.q_clusters, D, device),
                 kmeans_workspace_bytes(B * H, b.video_tokens, config.k_clusters, D, device),
+                order_clusters_workspace_bytes(B * H, config.k_clusters, D, device), seeding_bytes(config.q_clusters),
+                seeding_bytes(config.k_clusters),
                 cluster_permutation_workspace_bytes(B * H, S, std::max(b.q_clusters, b.k_clusters), device),
                 block_sparse_attention_workspace_bytes(B * H, b.q_clusters, b.k_clusters, S, device),
                 error_aware || config.compensate || config.density > 0.0f
                     ? ear_workspace_bytes(B * H, b.video_tokens, Cq, Ck, D, device)
-                    : size_t{0}});
+                    : size_t{0},
+                config.compensate ? compensation_workspace_bytes(B * H, b.video_tokens, Cq, Ck_comp, D, device)
+                                  : size_t{0},
+                // The halves' means (cluster_means over 2 Ck sub-labels).
+                config.ear_split ? ear_workspace_bytes(B * H, b.video_tokens, 0, Ck_comp, D, device) : size_t{0},
+                // ear_plus_probe (over the halves too, with the split: Ck_comp), the routing per head
+                // and split_clusters; with the split, the routing's share counts 2 Ck columns, more
+                // than it ranks.
+                config.ear_plus() ? ear_plus_workspace_bytes(B * H, b.video_tokens, Cq, Ck_comp, device) : size_t{0},
+                config.round_q_clusters ? round_query_clusters_workspace_bytes(B * H, b.video_tokens, Cq, Ck,
+                                                                               RoundQueryOptions{}, device)
+                                        : size_t{0}});
   b.op_scratch = Workspace{c.take_bytes(scratch), scratch};
   if (buffers != nullptr) *buffers = b;
   return c.used();
@@ -81,13 +110,11 @@ AttentionShape check_inputs(const TensorView& q, const TensorView& k, const Tens
   SAPATTN_CHECK(k.dtype == q.dtype && v.dtype == q.dtype, DTypeError, "q, k and v must share a dtype, got ",
                 q.describe(), ", ", k.describe(), ", ", v.describe());
   config.validate_for(shape.seq, shape.head_dim);
-  // Refused before the call touches any state (the ear-plus ops would throw only after the k-means ran).
-  SAPATTN_CHECK(stream.device.type == DeviceType::CPU || !config.ear_plus(), UnsupportedError,
-                "the ear-plus ideas (ear_spread, ear_pair_values, ear_head_budget, ear_split) run on the CPU only "
-                "so far (docs/ear.md); on a CUDA stream turn them off: error-aware routing, compensation and the "
-                "density budget run there");
-  SAPATTN_CHECK(stream.device.type == DeviceType::CPU || !config.round_q_clusters, UnsupportedError,
-                "round_q_clusters (round_query_clusters) runs on the CPU only so far; turn it off on a CUDA stream");
+  // Refused before the call touches any state.
+  SAPATTN_CHECK(stream.device.type == DeviceType::CPU || config.attention_dtype == AttentionDType::Native,
+                UnsupportedError,
+                "attention_dtype E4M3 (the FP8 attention) has no CUDA kernel yet: the CPU backend emulates "
+                "it (docs/fp8.md); on a CUDA stream use attention_dtype Native");
   const int64_t B = shape.batch, H = shape.heads;
   if (!outputs.lse.empty()) {
     expect_rank(outputs.lse, 3, "lse");
@@ -105,12 +132,7 @@ AttentionShape check_inputs(const TensorView& q, const TensorView& k, const Tens
   for (const auto& [t, name, C] : {std::tuple{&outputs.q_cluster_sizes, "q_cluster_sizes", config.q_clusters},
                                    {&outputs.k_cluster_sizes, "k_cluster_sizes", config.k_clusters}}) {
     if (t->empty()) continue;
-    expect_rank(*t, 3, name);
-    expect_dtype(*t, DType::I32, name);
-    expect_contiguous(*t, name);
-    expect_extent(*t, 0, B, name, "batch");
-    expect_extent(*t, 1, H, name, "heads");
-    expect_extent(*t, 2, C, name, "the config's cluster count");
+    check_size_tensor(*t, B, H, C, name, "the config's cluster count");
     expect_device(*t, stream);
   }
   return shape;
@@ -128,21 +150,34 @@ void attend_clusters(const TensorView& q, const TensorView& k, const TensorView&
   if (config.key_shard_count > 1) shard_key_clusters(buf.mask, config.key_shard_index, config.key_shard_count, stream);
   cluster_permutation(buf.q_labels, buf.q_clusters, buf.q_perm, buf.q_offsets, stream, buf.op_scratch);
   cluster_permutation(buf.k_labels, buf.k_clusters, buf.k_perm, buf.k_offsets, stream, buf.op_scratch);
-  // The attention reads Q, K and V through the permutations and writes O and LSE in token order:
-  // no permuted copies of the inputs or outputs exist.
+  // The attention reads Q (and K and V, unless sorted copies are made for the Hopper kernel's TMA
+  // loads) through the permutations and writes O and LSE in token order: no permuted copy of Q or O
+  // exists.
   const BlockLayout layout{buf.q_offsets, buf.k_offsets, buf.mask};
   const TensorView lse = config.compensate && outputs.lse.empty() ? buf.lse : outputs.lse;
-  block_sparse_attention(q, k, v, layout, scale, outputs.out, lse, stream, buf.op_scratch,
-                         RowPermutation{buf.q_perm, buf.k_perm});
+  if (config.attention_dtype == AttentionDType::E4M3) {
+    block_sparse_attention_e4m3(q, k, v, layout, scale, Fp8Options{}, outputs.out, lse, stream, buf.op_scratch,
+                                RowPermutation{buf.q_perm, buf.k_perm});
+  } else if (buf.k_sorted.empty()) {
+    block_sparse_attention(q, k, v, layout, scale, outputs.out, lse, stream, buf.op_scratch,
+                           RowPermutation{buf.q_perm, buf.k_perm});
+  } else {
+    gather_rows(k, buf.k_perm, buf.k_sorted, stream);
+    gather_rows(v, buf.k_perm, buf.v_sorted, stream);
+    block_sparse_attention(q, buf.k_sorted, buf.v_sorted, layout, scale, outputs.out, lse, stream, buf.op_scratch,
+                           RowPermutation{buf.q_perm, TensorView{}});
+  }
+  // The compensation reuses the ops' scratch: the attention, its last user, ran before it on the stream.
   if (config.compensate && config.ear_split)
     corrected_centroid_compensation(q, buf.q_video_labels(), buf.video_mask(), buf.sub_k_centroids, buf.sub_v_centroids,
-                                    buf.sub_sizes, buf.spread, buf.pair_values, scale, outputs.out, lse, stream);
+                                    buf.sub_sizes, buf.spread, buf.pair_values, scale, outputs.out, lse, stream,
+                                    buf.op_scratch);
   else if (config.compensate && (config.ear_spread || config.ear_pair_values))
     corrected_centroid_compensation(q, buf.q_video_labels(), buf.video_mask(), centroids.k, buf.v_centroids, k_sizes,
-                                    buf.spread, buf.pair_values, scale, outputs.out, lse, stream);
+                                    buf.spread, buf.pair_values, scale, outputs.out, lse, stream, buf.op_scratch);
   else if (config.compensate)
     centroid_compensation(q, buf.q_video_labels(), buf.video_mask(), centroids.k, buf.v_centroids, k_sizes, scale,
-                          outputs.out, lse, stream);
+                          outputs.out, lse, stream, buf.op_scratch);
   if (!outputs.density.empty()) block_density(layout, outputs.density, stream);
 }
 
@@ -153,12 +188,20 @@ void cluster(const TensorView& q, const TensorView& k, const Config& config, con
   int iters = config.kmeans_iters_step;
   if (initialize) {
     // Different streams of the seed for Q and K, so their samples are independent.
-    kmeans_init(qv, centroids.q, config.seed, stream, buf.op_scratch, centroids.sample_ids);
-    kmeans_init(kv, centroids.k, key_sample_seed(config.seed), stream, buf.op_scratch, centroids.sample_ids);
+    const uint64_t q_seed = config.seed, k_seed = key_sample_seed(config.seed);
+    if (config.kmeans_seeding == KMeansSeeding::GreedyPP) {
+      const int factor = config.kmeans_sample_factor;
+      kmeans_seed_greedy(qv, centroids.q, q_seed, factor, stream, buf.op_scratch, centroids.sample_ids);
+      kmeans_seed_greedy(kv, centroids.k, k_seed, factor, stream, buf.op_scratch, centroids.sample_ids);
+    } else {
+      kmeans_init(qv, centroids.q, q_seed, stream, buf.op_scratch, centroids.sample_ids);
+      kmeans_init(kv, centroids.k, k_seed, stream, buf.op_scratch, centroids.sample_ids);
+    }
     iters = config.kmeans_iters_init;
   }
   kmeans(qv, centroids.q, buf.q_video_labels(), q_sizes, iters, stream, buf.op_scratch);
   kmeans(kv, centroids.k, buf.k_video_labels(), k_sizes, iters, stream, buf.op_scratch);
+  if (initialize) order_clusters(centroids.k, k_sizes, buf.k_video_labels(), stream, buf.op_scratch);
 }
 
 void probe(const TensorView& k, const TensorView& v, const Config& config, const CentroidViews& centroids,
@@ -169,21 +212,20 @@ void probe(const TensorView& k, const TensorView& v, const Config& config, const
   if (!error_aware && !config.compensate) return;
   const TensorView kv = k.slice(2, 0, buf.video_tokens), vv = v.slice(2, 0, buf.video_tokens);
   cluster_means(vv, buf.k_video_labels(), buf.v_centroids, stream, buf.op_scratch);
-  // The ear-plus ops run on the CPU only (check_inputs refuses them on CUDA), so they take no scratch.
   if (error_aware && config.ear_split) {
     // Routing scores from the key clusters; the compensation's corrections from their halves.
     ear_plus_probe(centroids.q, centroids.k, buf.v_centroids, kv, vv, buf.k_video_labels(), q_sizes, k_sizes, scale,
-                   config.ear_gamma, buf.scores, {}, {}, stream);
+                   config.ear_gamma, buf.scores, {}, {}, stream, buf.op_scratch);
     const TensorView sub_labels = buf.sub_labels.slice(2, 0, buf.video_tokens);
-    split_clusters(kv, buf.k_video_labels(), centroids.k, sub_labels, buf.sub_sizes, stream);
-    cluster_means(kv, sub_labels, buf.sub_k_centroids, stream);
-    cluster_means(vv, sub_labels, buf.sub_v_centroids, stream);
+    split_clusters(kv, buf.k_video_labels(), centroids.k, sub_labels, buf.sub_sizes, stream, buf.op_scratch);
+    cluster_means(kv, sub_labels, buf.sub_k_centroids, stream, buf.op_scratch);
+    cluster_means(vv, sub_labels, buf.sub_v_centroids, stream, buf.op_scratch);
     if (!buf.sub_scores.empty())
       ear_plus_probe(centroids.q, buf.sub_k_centroids, buf.sub_v_centroids, kv, vv, sub_labels, q_sizes, buf.sub_sizes,
-                     scale, config.ear_gamma, buf.sub_scores, buf.spread, buf.pair_values, stream);
+                     scale, config.ear_gamma, buf.sub_scores, buf.spread, buf.pair_values, stream, buf.op_scratch);
   } else if (error_aware && config.ear_plus())
     ear_plus_probe(centroids.q, centroids.k, buf.v_centroids, kv, vv, buf.k_video_labels(), q_sizes, k_sizes, scale,
-                   config.ear_gamma, buf.scores, buf.spread, buf.pair_values, stream);
+                   config.ear_gamma, buf.scores, buf.spread, buf.pair_values, stream, buf.op_scratch);
   else if (error_aware)
     ear_probe(centroids.q, centroids.k, buf.v_centroids, kv, vv, buf.k_video_labels(), q_sizes, k_sizes, scale,
               config.ear_gamma, buf.scores, stream, buf.op_scratch);
@@ -208,7 +250,7 @@ void select(const Config& config, const CentroidViews& centroids, const TensorVi
   }
   if (error_aware && config.ear_head_budget)
     select_error_aware_per_head(buf.probs, buf.budget_mask, buf.scores, q_sizes, k_sizes,
-                                config.ear_guaranteed_clusters(), buf.video_mask(), stream);
+                                config.ear_guaranteed_clusters(), buf.video_mask(), stream, buf.op_scratch);
   else if (error_aware)
     select_error_aware(buf.probs, buf.budget_mask, buf.scores, q_sizes, k_sizes, config.ear_guaranteed_clusters(),
                        buf.video_mask(), stream);
@@ -266,7 +308,8 @@ void svg2_attention(const TensorView& q, const TensorView& k, const TensorView& 
   pipeline::select(config, centroids, q_sizes, k_sizes, buf, stream);
   if (config.round_q_clusters)  // rewrites the video query labels and q_sizes; centroids and mask stay
     round_query_clusters(q.slice(2, 0, buf.video_tokens), centroids.q, centroids.k, k_sizes, buf.video_mask(),
-                         config.scale_for(q.shape[3]), RoundQueryOptions{}, buf.q_video_labels(), q_sizes, stream);
+                         config.scale_for(q.shape[3]), RoundQueryOptions{}, buf.q_video_labels(), q_sizes, stream,
+                         buf.op_scratch);
   pipeline::attend_clusters(q, k, v, config, centroids, k_sizes, buf, outputs, stream);
 }
 

@@ -33,22 +33,7 @@ std::vector<float> load_rows(const TensorView& x, int64_t b, int64_t h, const st
   for (int64_t i = 0; i < n; ++i) {
     const int64_t s = rows ? (*rows)[i] : i;
     const int64_t base = x.offset({b, h, s, 0}), step = x.stride[3];
-    float* dst = out.data() + i * D;
-    switch (x.dtype) {  // the dtype switch outside the element loop: 10^9 elements at 720p
-      case DType::F32: {
-        const float* src = static_cast<const float*>(x.data) + base;
-        for (int64_t d = 0; d < D; ++d) dst[d] = src[d * step];
-        break;
-      }
-      case DType::BF16: {
-        const uint16_t* src = static_cast<const uint16_t*>(x.data) + base;
-        for (int64_t d = 0; d < D; ++d) dst[d] = bf16_to_f32(src[d * step]);
-        break;
-      }
-      default:
-        for (int64_t d = 0; d < D; ++d) dst[d] = load_as_f32(x.data, x.dtype, base + d * step);
-        break;
-    }
+    load_run_as_f32(x.data, x.dtype, base, step, D, out.data() + i * D);
   }
   return out;
 }

@@ -254,19 +254,7 @@ void project_head(const Preset& preset, const HeadParams& hp, const float* featu
   }
   std::vector<float> qa(D), ka(D), va(D);
   auto store = [dtype](void* base, int64_t offset, const float* src, int64_t n) {
-    switch (dtype) {
-      case DType::F32:
-        std::copy(src, src + n, static_cast<float*>(base) + offset);
-        break;
-      case DType::BF16: {
-        uint16_t* dst = static_cast<uint16_t*>(base) + offset;
-        for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
-        break;
-      }
-      default:
-        for (int64_t i = 0; i < n; ++i) store_from_f32(base, dtype, offset + i, src[i]);
-        break;
-    }
+    store_run_from_f32(base, dtype, offset, 1, n, src);
   };
   const float pi = static_cast<float>(std::numbers::pi);
   for (int64_t s = 0; s < S; ++s) {

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/splitmix64.hpp"
 #include "sapattn/workload.hpp"
 
 namespace sapattn::workload::detail {
@@ -14,15 +15,8 @@ namespace sapattn::workload::detail {
 // ---------------------------------------------------------------------------------------------
 // Random numbers. Everything is derived from hashes of (seed, purpose, index...), never from a
 // shared sequential stream, so any thread can compute any value and the bytes do not depend on
-// the thread count or the order of work.
+// the thread count or the order of work. The hash is splitmix64 (core/splitmix64.hpp).
 // ---------------------------------------------------------------------------------------------
-
-inline uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
 
 // A key for a sub-purpose of `key`: mix(mix(seed, tag), index) and so on.
 inline uint64_t mix(uint64_t key, uint64_t value) { return splitmix64(key ^ splitmix64(value)); }

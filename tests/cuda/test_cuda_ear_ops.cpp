@@ -7,8 +7,9 @@
 //   1 fp32 ulp:     cluster_means (fp64 sums in another order, rounded once);
 //   error model:    ear_probe (same logits and per-token terms, fp64 sums in another order: the
 //                   difference of log E is bounded by the fp64 rounding of the sums times their
-//                   cancellation, plus 2 fp32 ulps), centroid_compensation (fp32 FMA logits and
-//                   accumulation against the CPU's 8-lane logits and fp64 sums: bound below).
+//                   cancellation, plus 2 fp32 ulps), centroid_compensation's CUDA-core kernel (fp32
+//                   FMA logits and accumulation against the CPU's 8-lane logits and fp64 sums: bound
+//                   below; the tensor-core kernel, the default, is tested in test_cuda_ear_comp.cpp).
 // Every failure message names the case (shape, dtype, layout) and the first element that differs.
 // The layer call is tested in test_cuda_ear_layer.cpp, bad input in test_cuda_ear_errors.cpp.
 #include <cuda_runtime_api.h>
@@ -22,7 +23,6 @@
 #include <string>
 #include <vector>
 
-#include "cpu/rows.hpp"
 #include "cuda/backend.hpp"
 #include "cuda_ear_support.hpp"
 #include "reference.hpp"
@@ -32,33 +32,28 @@
 namespace sapattn {
 namespace {
 
+using cuda_test::as_workspace;
+using cuda_test::deep_copy;
+using cuda_test::device_workspace;
+using cuda_test::kCpu;
+using cuda_test::poisoned;
+using cuda_test::TestStream;
+using cuda_test::Twin;
+using ear_cuda_test::coarse;
 using ear_cuda_test::counts_of;
-using ear_cuda_test::CudaStream;
-using ear_cuda_test::deep_copy;
-using ear_cuda_test::DeviceScratch;
 using ear_cuda_test::expect_identical;
 using ear_cuda_test::i32_tensor;
-using ear_cuda_test::kCpu;
+using ear_cuda_test::log_error_bound;
 using ear_cuda_test::normal;
-using ear_cuda_test::poisoned;
+using ear_cuda_test::probe_conditioning;
+using ear_cuda_test::ProbeConditioning;
 using ear_cuda_test::random_labels;
 using ear_cuda_test::random_sizes;
-using ear_cuda_test::Twin;
 using ear_cuda_test::where;
 using ref::HostTensor;
 using ref::Layout;
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
-
-struct Environment : ::testing::Environment {
-  void SetUp() override {
-    int count = 0;
-    const cudaError_t e = cudaGetDeviceCount(&count);
-    ASSERT_EQ(e, cudaSuccess) << "the EAR GPU tests need a CUDA device: " << cudaGetErrorString(e);
-    ASSERT_GT(count, 0) << "the EAR GPU tests need a CUDA device";
-  }
-};
-[[maybe_unused]] const auto* const kEnvironment = ::testing::AddGlobalTestEnvironment(new Environment);
 
 struct OpCase {
   int64_t B, H, N, D, Cq, Ck;
@@ -76,7 +71,7 @@ std::string describe(const OpCase& c) {
 class EarOp : public ::testing::TestWithParam<OpCase> {
  protected:
   ref::Rng rng{testing_support::case_seed()};
-  CudaStream cs;
+  TestStream cs;
   float scale() const { return 1.0f / std::sqrt(static_cast<float>(GetParam().D)); }
 };
 
@@ -87,8 +82,8 @@ TEST_P(EarOp, ClusterMeansWithinOneUlp) {
   HostTensor cpu = poisoned(DType::F32, {c.B, c.H, c.Ck, c.D});
   Twin gpu(poisoned(DType::F32, {c.B, c.H, c.Ck, c.D}));
   cluster_means(points.host.view, labels.host.view, cpu.view, kCpu);
-  DeviceScratch ws(ear_workspace_bytes(c.B * c.H, c.N, c.Cq, c.Ck, c.D, Device::cuda(0)));
-  cluster_means(points.dev, labels.dev, gpu.dev, cs.stream(), ws.workspace());
+  const Buffer ws = device_workspace(ear_workspace_bytes(c.B * c.H, c.N, c.Cq, c.Ck, c.D, Device::cuda(0)));
+  cluster_means(points.dev, labels.dev, gpu.dev, cs.stream(), as_workspace(ws));
   cs.sync();
   const std::vector<double> g = ref::to_vector(gpu.download().view), r = ref::to_vector(cpu.view);
   const std::vector<int32_t> counts = counts_of(labels.host.view, c.Ck);
@@ -119,67 +114,6 @@ TEST_P(EarOp, CentroidProbsAreIdentical) {
   expect_identical(gpu.download(), cpu, "centroid_probs");
 }
 
-// The probe on the host, the CPU backend's way (same fp32 logits, fp64 terms), returning per
-// (b,h,a,j) the magnitude M of the terms of E / exp(2m) and its value R, so that the fp64 rounding
-// of two summation orders moves log E by at most about (n + 16) 2^-52 M / R.
-struct ProbeConditioning {
-  std::vector<double> magnitude, value;
-  std::vector<int64_t> tokens;
-};
-
-ProbeConditioning probe_conditioning(const TensorView& qc, const TensorView& kc, const TensorView& vc,
-                                     const TensorView& k, const TensorView& v, const TensorView& labels,
-                                     const std::vector<int32_t>& k_sizes, float scale) {
-  const int64_t B = k.shape[0], H = k.shape[1], N = k.shape[2], D = k.shape[3];
-  const int64_t Cq = qc.shape[2], Ck = kc.shape[2];
-  ProbeConditioning out{std::vector<double>(static_cast<size_t>(B * H * Cq * Ck)),
-                        std::vector<double>(static_cast<size_t>(B * H * Cq * Ck)),
-                        std::vector<int64_t>(static_cast<size_t>(B * H * Ck), 0)};
-  std::vector<float> q(D), kk(D), kb(D), vv(D), vb(D);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t a = 0; a < Cq; ++a)
-        for (int64_t j = 0; j < Ck; ++j) {
-          for (int64_t d = 0; d < D; ++d) {
-            q[d] = static_cast<float>(ref::get(qc, {b, h, a, d}));
-            kb[d] = static_cast<float>(ref::get(kc, {b, h, j, d}));
-            vb[d] = static_cast<float>(ref::get(vc, {b, h, j, d}));
-          }
-          const double c = static_cast<double>(cpu::dot(q.data(), kb.data(), D) * scale);
-          std::vector<double> s;
-          std::vector<int64_t> members;
-          for (int64_t t = 0; t < N; ++t) {
-            if (ref::get(labels, {b, h, t}) != j) continue;
-            for (int64_t d = 0; d < D; ++d) kk[d] = static_cast<float>(ref::get(k, {b, h, t, d}));
-            s.push_back(static_cast<double>(cpu::dot(q.data(), kk.data(), D) * scale));
-            members.push_back(t);
-          }
-          double m = c;
-          for (double x : s) m = std::max(m, x);
-          const double pc = std::exp(c - m);
-          double sq = 0, cr = 0, cr_abs = 0, vn = 0;
-          for (int64_t d = 0; d < D; ++d) vn += static_cast<double>(vb[d]) * vb[d];
-          for (size_t n = 0; n < s.size(); ++n) {
-            double n2 = 0, cd = 0;
-            for (int64_t d = 0; d < D; ++d) {
-              const double x = ref::get(v, {b, h, members[n], d});
-              n2 += x * x;
-              cd += vb[d] * x;
-            }
-            const double e = std::exp(s[n] - m);
-            sq += e * e * n2;
-            cr += e * cd;
-            cr_abs += e * std::abs(cd);
-          }
-          const double K = k_sizes[static_cast<size_t>((b * H + h) * Ck + j)];
-          const size_t at = static_cast<size_t>(((b * H + h) * Cq + a) * Ck + j);
-          out.magnitude[at] = sq + 2 * pc * cr_abs + pc * pc * K * vn;
-          out.value[at] = sq - 2 * pc * cr + pc * pc * K * vn;
-          out.tokens[static_cast<size_t>((b * H + h) * Ck + j)] = static_cast<int64_t>(s.size());
-        }
-  return out;
-}
-
 TEST_P(EarOp, ProbeWithinItsErrorModel) {
   const OpCase c = GetParam();
   if (c.N * c.Cq * c.Ck * c.B * c.H > 40'000'000) GTEST_SKIP() << "the host conditioning would take too long";
@@ -198,9 +132,9 @@ TEST_P(EarOp, ProbeWithinItsErrorModel) {
     Twin gpu(poisoned(DType::F32, {c.B, c.H, c.Cq, c.Ck}, c.layout));
     ear_probe(qc.host.view, kc.host.view, vc.host.view, k.host.view, v.host.view, labels.host.view, qs.host.view,
               ks.host.view, scale(), gamma, cpu.view, kCpu);
-    DeviceScratch ws(ear_workspace_bytes(c.B * c.H, c.N, c.Cq, c.Ck, c.D, Device::cuda(0)));
+    const Buffer ws = device_workspace(ear_workspace_bytes(c.B * c.H, c.N, c.Cq, c.Ck, c.D, Device::cuda(0)));
     ear_probe(qc.dev, kc.dev, vc.dev, k.dev, v.dev, labels.dev, qs.dev, ks.dev, scale(), gamma, gpu.dev, cs.stream(),
-              ws.workspace());
+              as_workspace(ws));
     cs.sync();
     const HostTensor got = gpu.download();
     ASSERT_TRUE(got.outside_view_unchanged(cpu.bytes())) << "ear_probe wrote outside its output view";
@@ -210,11 +144,7 @@ TEST_P(EarOp, ProbeWithinItsErrorModel) {
     int64_t ill_conditioned = 0;
     for (size_t i = 0; i < g.size(); ++i) {
       const int64_t j = static_cast<int64_t>(i) % c.Ck, bh = static_cast<int64_t>(i) / (c.Cq * c.Ck);
-      const double n = static_cast<double>(cond.tokens[static_cast<size_t>(bh * c.Ck + j)]);
-      // Two fp64 summation orders, each with a rescaling chain of up to n steps and libm vs CUDA exp
-      // (<= 2 ulp): 4 (n + 16) 2^-52 of the magnitude. An empty cluster has the closed form (M = 0).
-      const double relative =
-          cond.magnitude[i] == 0 ? 0.0 : 4 * (n + 16) * 0x1p-52 * cond.magnitude[i] / std::max(cond.value[i], 0.0);
+      const double relative = log_error_bound(cond, i, cond.tokens[static_cast<size_t>(bh * c.Ck + j)]);
       if (!(relative < 0.25)) {  // E cancels to rounding noise: only the range is checked
         ++ill_conditioned;
         ASSERT_TRUE(std::isfinite(g[i])) << "probe score " << where(cpu.view, static_cast<int64_t>(i));
@@ -232,17 +162,8 @@ TEST_P(EarOp, ProbeWithinItsErrorModel) {
 TEST_P(EarOp, ErrorAwareRoutingIsIdentical) {
   const OpCase c = GetParam();
   const int64_t R = c.Cq, C = c.Ck;
-  auto coarse = [&](double lo, double hi, double nan_share) {
-    HostTensor t = poisoned(DType::F32, {c.B, c.H, R, C}, c.layout);
-    ref::for_each_index(t.view, [&](const auto& idx) {
-      double x = std::floor(rng.uniform(lo, hi) * 4) / 4;  // ties
-      if (x == 0 && rng.uniform() < 0.5) x = -0.0;
-      if (rng.uniform() < nan_share) x = std::numeric_limits<double>::quiet_NaN();
-      ref::set(t.view, idx, x);
-    });
-    return t;
-  };
-  Twin probs(coarse(0, 3, 0.0)), scores(coarse(-20, 5, 0.05));
+  Twin probs(coarse({c.B, c.H, R, C}, rng, c.layout, 0, 3, 0.0));
+  Twin scores(coarse({c.B, c.H, R, C}, rng, c.layout, -20, 5, 0.05));
   HostTensor budget_host = poisoned(DType::U8, {c.B, c.H, R, C}, c.layout);
   ref::for_each_index(budget_host.view, [&](const auto& idx) { ref::set(budget_host.view, idx, rng.uniform() < 0.3); });
   Twin budget(std::move(budget_host));
@@ -279,14 +200,14 @@ TEST_P(EarOp, DensityBudgetIsIdentical) {
   Twin probs(poisoned(DType::F32, {c.B, c.H, R, C}, c.layout));
   centroid_probs(qc.host.view, kc.host.view, ks.host.view, scale(), probs.host.view, kCpu);
   probs.upload();
-  DeviceScratch ws(ear_workspace_bytes(c.B * c.H, c.N, R, C, c.D, Device::cuda(0)));
+  const Buffer ws = device_workspace(ear_workspace_bytes(c.B * c.H, c.N, R, C, c.D, Device::cuda(0)));
   for (const float density : {0.02f, 0.15f, 0.5f, 0.93f, 1.0f})
     for (const int min_kept : {0, 3}) {
       SCOPED_TRACE("density " + std::to_string(density) + ", min_kept " + std::to_string(min_kept));
       HostTensor cpu = poisoned(DType::U8, {c.B, c.H, R, C}, Layout::Padded);
       Twin gpu(poisoned(DType::U8, {c.B, c.H, R, C}, Layout::Padded));
       select_top_p_at_density(probs.host.view, qs.host.view, ks.host.view, density, min_kept, cpu.view, kCpu);
-      select_top_p_at_density(probs.dev, qs.dev, ks.dev, density, min_kept, gpu.dev, cs.stream(), ws.workspace());
+      select_top_p_at_density(probs.dev, qs.dev, ks.dev, density, min_kept, gpu.dev, cs.stream(), as_workspace(ws));
       cs.sync();
       expect_identical(gpu.download(), cpu, "select_top_p_at_density mask");
     }
@@ -301,8 +222,9 @@ struct RowBound {
   double out, lse;
 };
 
-TEST_P(EarOp, CompensationWithinItsErrorModel) {
+TEST_P(EarOp, CudaCoreCompensationWithinItsErrorModel) {
   const OpCase c = GetParam();
+  const ear_cuda_test::CudaCoreCompensation cuda_cores;  // the kernel this bound is for
   const int64_t text = 5, S = c.N + text;
   Twin q(normal(c.dtype, {c.B, c.H, S, c.D}, rng, c.layout));
   HostTensor labels_host = random_labels(rng, c.B, c.H, c.N, c.Cq, text);

@@ -1,4 +1,4 @@
-// The GPU attention planner (src/cuda/attention_plan.cu) against a host construction of the same
+// The GPU attention planner (src/cuda/attention/attention_plan.cu) against a host construction of the same
 // plan: random layouts (empty, one-token and multi-tile clusters, all-kept and none-kept mask rows,
 // strided masks, several batches and heads) must give the same segments per row, the same items in
 // the same order (heads ascending, within a head cost descending, ties in (cluster, q_begin)
@@ -7,48 +7,27 @@
 // the value-check flag and leave their (b,h) without items or segments, and the Wan 14B size plans
 // as the host does. The planner's time is measured by the benchmarks, not here: sapattn_bench_ops
 // (op "build_plan") and sapattn_bench_attention (variant "plan").
-#include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <array>
-#include <cstring>
 #include <functional>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "core/cuda_check.hpp"
-#include "cuda/attention.hpp"
+#include "cuda/attention/attention.hpp"
 #include "cuda/backend.hpp"
-#include "cuda/device.cuh"
+#include "cuda/runtime/device.cuh"
 #include "cuda_support.hpp"
+#include "test_support.hpp"
 
+namespace sapattn::cuda_test {
 namespace {
 
-using namespace sapattn;
-using cuda_test::ValueChecksOn;
-// Non-blocking: these tests synchronise themselves.
-class CudaStream : public cuda_test::TestStream {
- public:
-  CudaStream() : TestStream(NonBlocking) {}
-};
 namespace attn = sapattn::cuda::attn;
-
-struct Rng {
-  uint64_t state;
-  explicit Rng(uint64_t seed) : state(seed) {}
-  uint64_t next() {
-    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  double uniform() { return static_cast<double>(next() >> 11) * 0x1p-53; }
-  int64_t integer(int64_t lo, int64_t hi) {
-    return lo + static_cast<int64_t>(next() % static_cast<uint64_t>(hi - lo + 1));
-  }
-};
+using ref::Rng;
 
 // ---------------------------------------------------------------------------------------------
 // Layouts on the host and the device
@@ -151,12 +130,6 @@ HostLayout make_layout(Rng& rng, int64_t B, int64_t H, int64_t Cq, int64_t Ck, S
   return l;
 }
 
-Buffer upload(const void* data, size_t bytes) {
-  Buffer b = Buffer::allocate(std::max<size_t>(bytes, 1), Device::cuda(0));
-  if (bytes > 0) SAPATTN_CUDA_CHECK(cudaMemcpy(b.data(), data, bytes, cudaMemcpyHostToDevice));
-  return b;
-}
-
 struct DeviceLayout {
   Buffer q, k, mask;
   BlockLayout view;
@@ -164,9 +137,9 @@ struct DeviceLayout {
 
 DeviceLayout to_device(const HostLayout& l) {
   DeviceLayout d;
-  d.q = upload(l.q_offsets.data(), l.q_offsets.size() * sizeof(int32_t));
-  d.k = upload(l.k_offsets.data(), l.k_offsets.size() * sizeof(int32_t));
-  d.mask = upload(l.mask_storage.data(), l.mask_storage.size());
+  d.q = upload_bytes(l.q_offsets.data(), l.q_offsets.size() * sizeof(int32_t));
+  d.k = upload_bytes(l.k_offsets.data(), l.k_offsets.size() * sizeof(int32_t));
+  d.mask = upload_bytes(l.mask_storage.data(), l.mask_storage.size());
   d.view.q_offsets = TensorView::contiguous(d.q.data(), DType::I32, {l.B, l.H, l.Cq + 1}, Device::cuda(0));
   d.view.k_offsets = TensorView::contiguous(d.k.data(), DType::I32, {l.B, l.H, l.Ck + 1}, Device::cuda(0));
   TensorView m;
@@ -233,13 +206,6 @@ Plan host_plan(const HostLayout& l, const std::vector<bool>& bh_ok) {
   return p;
 }
 
-template <typename T>
-std::vector<T> download(const T* device, int64_t count) {
-  std::vector<T> host(static_cast<size_t>(count));
-  if (count > 0) SAPATTN_CUDA_CHECK(cudaMemcpy(host.data(), device, host.size() * sizeof(T), cudaMemcpyDeviceToHost));
-  return host;
-}
-
 Plan read_plan(const attn::PlanView& view, int64_t heads, cudaStream_t stream) {
   SAPATTN_CUDA_CHECK(cudaStreamSynchronize(stream));
   Plan p;
@@ -287,21 +253,12 @@ void expect_same_plan(const Plan& got, const Plan& want, const std::string& what
 
 struct PlanWorkspace {
   explicit PlanWorkspace(const HostLayout& l)
-      : bytes(attn::plan_workspace_bytes(l.heads(), l.Cq, l.Ck, l.Sq)),
-        buffer(Buffer::allocate(std::max<size_t>(bytes, 1), Device::cuda(0))) {}
+      : bytes(attn::plan_workspace_bytes(l.heads(), l.Cq, l.Ck, l.Sq)), buffer(device_workspace(bytes)) {}
   Workspace workspace() const { return {buffer.data(), bytes}; }
   void poison() const { SAPATTN_CUDA_CHECK(cudaMemset(buffer.data(), 0xff, buffer.bytes())); }
   size_t bytes;
   Buffer buffer;
 };
-
-uint64_t case_seed() {
-  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  uint64_t h = 1469598103934665603ull;
-  for (const char* s : {info->test_suite_name(), info->name()})
-    for (const char* c = s; *c; ++c) h = (h ^ static_cast<uint8_t>(*c)) * 1099511628211ull;
-  return h;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Random layouts
@@ -317,13 +274,13 @@ class PlanCaseTest : public ::testing::TestWithParam<PlanCase> {};
 
 TEST_P(PlanCaseTest, MatchesHostConstruction) {
   const PlanCase& pc = GetParam();
-  Rng rng(case_seed());
+  Rng rng(testing_support::case_seed());
   for (int trial = 0; trial < 3; ++trial) {
     const HostLayout l = make_layout(rng, pc.B, pc.H, pc.Cq, pc.Ck, pc.sizes, pc.strided);
     const DeviceLayout d = to_device(l);
     const PlanWorkspace ws(l);
     ws.poison();  // the planner must not rely on a cleared workspace
-    CudaStream cs;
+    NonBlockingStream cs;
     const attn::PlanView view = attn::build_plan(d.view, l.Sq, l.Sk, ws.workspace(), cs.handle());
     EXPECT_EQ(view.q_clusters, l.Cq);
     EXPECT_EQ(view.k_clusters, l.Ck);
@@ -353,36 +310,31 @@ INSTANTIATE_TEST_SUITE_P(
 // ---------------------------------------------------------------------------------------------
 
 TEST(Plan, GraphReplayMatchesEager) {
-  Rng rng(case_seed());
+  Rng rng(testing_support::case_seed());
   const HostLayout l = make_layout(rng, 2, 4, 50, 80, Sizes::Mixed, true);
   const DeviceLayout d = to_device(l);
   const PlanWorkspace ws(l);
-  CudaStream cs;
+  NonBlockingStream cs;
   const Plan eager =
       read_plan(attn::build_plan(d.view, l.Sq, l.Sk, ws.workspace(), cs.handle()), l.heads(), cs.handle());
   expect_same_plan(eager, host_plan(l, std::vector<bool>(static_cast<size_t>(l.heads()), true)), "eager");
 
-  cudaGraph_t graph = nullptr;
-  SAPATTN_CUDA_CHECK(cudaStreamBeginCapture(cs.handle(), cudaStreamCaptureModeThreadLocal));
-  const attn::PlanView captured = attn::build_plan(d.view, l.Sq, l.Sk, ws.workspace(), cs.handle());
-  SAPATTN_CUDA_CHECK(cudaStreamEndCapture(cs.handle(), &graph));
-  cudaGraphExec_t exec = nullptr;
-  SAPATTN_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  attn::PlanView captured;
+  const CapturedGraph graph(cs.handle(),
+                            [&] { captured = attn::build_plan(d.view, l.Sq, l.Sk, ws.workspace(), cs.handle()); });
   for (int replay = 0; replay < 2; ++replay) {
     ws.poison();
-    SAPATTN_CUDA_CHECK(cudaGraphLaunch(exec, cs.handle()));
+    graph.launch(cs.handle());
     expect_same_plan(read_plan(captured, l.heads(), cs.handle()), eager, "replay " + std::to_string(replay));
   }
-  SAPATTN_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  SAPATTN_CUDA_CHECK(cudaGraphDestroy(graph));
 }
 
 TEST(Plan, SmallWorkspaceThrows) {
-  Rng rng(case_seed());
+  Rng rng(testing_support::case_seed());
   const HostLayout l = make_layout(rng, 1, 2, 10, 12, Sizes::Mixed, false);
   const DeviceLayout d = to_device(l);
   const PlanWorkspace ws(l);
-  CudaStream cs;
+  NonBlockingStream cs;
   ASSERT_GT(ws.bytes, 0u);
   EXPECT_THROW(attn::build_plan(d.view, l.Sq, l.Sk, Workspace{ws.buffer.data(), ws.bytes - 1}, cs.handle()),
                WorkspaceError);
@@ -407,10 +359,10 @@ TEST(Plan, BadOffsetsRaiseTheFlagAndPlanNothingForTheirHead) {
       {"k decreases", [&](HostLayout& l) { l.ko(bad_bh)[7] = l.ko(bad_bh)[6] - 1; }},
       {"k ends past Sk", [&](HostLayout& l) { l.ko(bad_bh)[l.Ck] = static_cast<int32_t>(l.Sk + 1); }},
   };
-  Rng rng(case_seed());
+  Rng rng(testing_support::case_seed());
   const HostLayout good = make_layout(rng, 2, 2, 10, 12, Sizes::Mixed, true);
   std::vector<bool> ok(static_cast<size_t>(good.heads()), true);
-  CudaStream cs;
+  NonBlockingStream cs;
   const PlanWorkspace ws(good);
   {
     const DeviceLayout d = to_device(good);
@@ -439,7 +391,7 @@ TEST(Plan, BadOffsetsRaiseTheFlagAndPlanNothingForTheirHead) {
 
 TEST(PlanLarge, WanSizeMatchesHost) {
   const int64_t H = 40, Cq = 300, Ck = 1000, S = 75600;
-  Rng rng(case_seed());
+  Rng rng(testing_support::case_seed());
   HostLayout l;
   l.B = 1;
   l.H = H;
@@ -469,9 +421,10 @@ TEST(PlanLarge, WanSizeMatchesHost) {
   }
   const DeviceLayout d = to_device(l);
   const PlanWorkspace ws(l);
-  CudaStream cs;
+  NonBlockingStream cs;
   const attn::PlanView view = attn::build_plan(d.view, S, S, ws.workspace(), cs.handle());
   expect_same_plan(read_plan(view, H, cs.handle()), host_plan(l, std::vector<bool>(H, true)), "wan");
 }
 
 }  // namespace
+}  // namespace sapattn::cuda_test

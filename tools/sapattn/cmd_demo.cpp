@@ -2,7 +2,6 @@
 // oracle, sap+c, ear and ear-plus attention, sweeps top-p and the density budget for the density /
 // error trade-off, and writes three pictures and a summary.
 #include <algorithm>
-#include <filesystem>
 #include <fstream>
 #include <iomanip>
 #include <iostream>
@@ -165,16 +164,9 @@ int run_demo(int argc, char** argv) {
   check_cluster_counts(args, config, preset.video_tokens());
   config.text_tokens = preset.text_tokens;
   config.prompt_length = preset.prompt_length;
-  std::error_code ec;
-  std::filesystem::create_directories(out, ec);
-  SAPATTN_CHECK(!ec, IoError, "cannot create ", out, ": ", ec.message());
+  make_output_folder(out);
 
-  workload::Workload w;
-  {
-    Progress progress("generating " + preset.name);
-    w = workload::generate(
-        preset, config.seed, DType::BF16, [&](int64_t done, int64_t total) { progress.update(done, total); }, threads);
-  }
+  const workload::Workload w = generate_workload(preset, config.seed, DType::BF16, threads);
   const TensorView q = w.q.view(), k = w.k.view(), v = w.v.view();
 
   // Two sweeps, each method clustering once and then run at every budget of its sweep (clusters,
@@ -210,7 +202,7 @@ int run_demo(int argc, char** argv) {
   for (float p : sweep) top_p_points.push_back({p, 0.0f});
   for (float d : budgets) density_points.push_back({config.top_p, d});
   eval::MethodResult dense;
-  std::vector<eval::Metrics> swept[kMethods];  // along each method's sweep
+  std::vector<eval::Metrics> swept[kMethods];      // along each method's sweep
   std::vector<eval::Metrics> by_budget[kMethods];  // along the density sweep (empty for blocks, oracle)
   std::vector<Row> rows;
   std::optional<eval::MethodResult> sap, blocks;
@@ -283,6 +275,7 @@ int run_demo(int argc, char** argv) {
   summary << "workload " << preset.name << " [" << q.shape[0] << "," << q.shape[1] << "," << q.shape[2] << ","
           << q.shape[3] << "] bf16, seed " << config.seed << "; Cq=" << config.q_clusters << " Ck=" << config.k_clusters
           << " top_p=" << config.top_p << " min_kc_ratio=" << config.min_kc_ratio
+          << " kmeans_seeding=" << (config.kmeans_seeding == KMeansSeeding::Sample ? "sample" : "greedy_pp")
           << " kmeans_iters=" << config.kmeans_iters_init << "\n"
           << table;
   summary << "\ntop-p sweep: density / recall / rel_l2\n  top_p ";

@@ -1,6 +1,7 @@
 // sapattn eval: one method on the user's own Q, K, V, measured against dense attention.
 #include <unistd.h>
 
+#include <algorithm>
 #include <iostream>
 #include <optional>
 #include <sstream>
@@ -25,24 +26,44 @@ TensorView load_view(const std::string& path, const std::string& name, bool bshd
   return bshd ? TensorView::bshd(storage.data(), storage.dtype(), s[0], s[2], s[1], s[3]) : storage.view();
 }
 
+// An FP8 row's error against the native sparse output of the same selection.
+struct NativeComparison {
+  std::string fp8;        // fp8_options_name
+  eval::Metrics metrics;  // compare(fp8 result, native sparse result)
+};
+
 std::string metrics_json(const std::string& method, const eval::Metrics& m, const Config& c, const TensorView& q,
-                         double seconds, double dense_seconds) {
+                         double seconds, double dense_seconds, const NativeComparison* native = nullptr) {
   std::ostringstream os;
-  os << "{\"method\": " << io::detail::json_quote(method) << ", \"density\": " << json_number(m.mean.density)
-     << ", \"recall\": " << json_number(m.mean.recall) << ", \"rel_l2\": " << json_number(m.mean.rel_l2)
-     << ", \"cosine\": " << json_number(m.mean.cosine) << ", \"seconds\": " << json_number(seconds)
-     << ", \"dense_seconds\": " << json_number(dense_seconds) << ", \"shape\": [" << q.shape[0] << ", " << q.shape[1]
-     << ", " << q.shape[2] << ", " << q.shape[3] << "], \"config\": {\"q_clusters\": " << c.q_clusters
-     << ", \"k_clusters\": " << c.k_clusters << ", \"top_p\": " << json_number(c.top_p)
-     << ", \"min_kc_ratio\": " << json_number(c.min_kc_ratio) << ", \"kmeans_iters\": " << c.kmeans_iters_init
-     << ", \"seed\": " << c.seed << ", \"text_tokens\": " << c.text_tokens << ", \"prompt_length\": " << c.prompt_length
+  os << "{\"method\": " << io::detail::json_quote(method);
+  if (native != nullptr) {
+    double worst = 0.0;
+    for (const eval::HeadMetrics& h : native->metrics.per_head) worst = std::max(worst, h.rel_l2);
+    os << ", \"fp8\": " << io::detail::json_quote(native->fp8)
+       << ", \"rel_l2_native\": " << json_number(native->metrics.mean.rel_l2)
+       << ", \"rel_l2_native_max\": " << json_number(worst)
+       << ", \"cosine_native\": " << json_number(native->metrics.mean.cosine)
+       << ", \"recall_native\": " << json_number(native->metrics.mean.recall);
+  }
+  os << ", \"density\": " << json_number(m.mean.density) << ", \"recall\": " << json_number(m.mean.recall)
+     << ", \"rel_l2\": " << json_number(m.mean.rel_l2) << ", \"cosine\": " << json_number(m.mean.cosine)
+     << ", \"seconds\": " << json_number(seconds) << ", \"dense_seconds\": " << json_number(dense_seconds)
+     << ", \"shape\": [" << q.shape[0] << ", " << q.shape[1] << ", " << q.shape[2] << ", " << q.shape[3]
+     << "], \"config\": {\"q_clusters\": " << c.q_clusters << ", \"k_clusters\": " << c.k_clusters
+     << ", \"top_p\": " << json_number(c.top_p) << ", \"min_kc_ratio\": " << json_number(c.min_kc_ratio)
+     << ", \"kmeans_seeding\": " << (c.kmeans_seeding == KMeansSeeding::Sample ? "\"sample\"" : "\"greedy_pp\"")
+     << ", \"kmeans_iters\": " << c.kmeans_iters_init << ", \"seed\": " << c.seed
+     << ", \"text_tokens\": " << c.text_tokens << ", \"prompt_length\": " << c.prompt_length
      << ", \"compensate\": " << (c.compensate ? "true" : "false") << ", \"density\": " << json_number(c.density)
+     << ", \"attention_dtype\": " << (c.attention_dtype == AttentionDType::E4M3 ? "\"fp8_e4m3\"" : "\"native\"")
      << "}, \"per_head\": [";
   for (size_t i = 0; i < m.per_head.size(); ++i) {
     const eval::HeadMetrics& h = m.per_head[i];
     os << (i ? ", " : "") << "{\"batch\": " << h.batch << ", \"head\": " << h.head
        << ", \"density\": " << json_number(h.density) << ", \"recall\": " << json_number(h.recall)
-       << ", \"rel_l2\": " << json_number(h.rel_l2) << ", \"cosine\": " << json_number(h.cosine) << "}";
+       << ", \"rel_l2\": " << json_number(h.rel_l2) << ", \"cosine\": " << json_number(h.cosine);
+    if (native != nullptr) os << ", \"rel_l2_native\": " << json_number(native->metrics.per_head[i].rel_l2);
+    os << "}";
   }
   os << "]}\n";
   return os.str();
@@ -50,16 +71,19 @@ std::string metrics_json(const std::string& method, const eval::Metrics& m, cons
 
 // The expected cost of each step of a run, in multiply-adds per head, from which the progress line
 // estimates the time left: dense attention 2 * S^2 * D; a method's clusters the k-means
-// assignments, iters * (Cq + Ck) * S * D (positional blocks need none), plus one more pass over all
-// pairs for the oracle's true mass; a budget its share of the pairs (the density asked for, else
-// 0.25, a guess for top-p).
+// assignments, iters * (Cq + Ck) * S * D, and the greedy seeding's T * min(S, factor * C) * C * D per
+// tensor (positional blocks need none), plus one more pass over all pairs for the oracle's true
+// mass; a budget its share of the pairs (the density asked for, else 0.25, a guess for top-p).
 struct WorkModel {
   double S, D;
   const Config& config;
   double dense() const { return 2.0 * S * S * D; }
   double clusters(eval::Method m) const {
     if (m == eval::Method::Blocks) return S * D;
-    const double kmeans = config.kmeans_iters_init * static_cast<double>(config.q_clusters + config.k_clusters) * S * D;
+    double kmeans = config.kmeans_iters_init * static_cast<double>(config.q_clusters + config.k_clusters) * S * D;
+    if (config.kmeans_seeding == KMeansSeeding::GreedyPP)
+      for (const double C : {static_cast<double>(config.q_clusters), static_cast<double>(config.k_clusters)})
+        kmeans += kmeans_greedy_trials(static_cast<int64_t>(C)) * std::min(S, config.kmeans_sample_factor * C) * C * D;
     return m == eval::Method::Oracle ? kmeans + dense() : kmeans;
   }
   double budget(const eval::SweepPoint& point) const { return dense() * (point.density > 0.0f ? point.density : 0.25); }
@@ -87,6 +111,11 @@ int run_eval(int argc, char** argv) {
       {"text-tokens", "N", "trailing text tokens of a joint sequence (HunyuanVideo)", "workload.json's, else 0"},
       {"prompt-length", "N", "real prompt tokens at the start of the text; the rest is padding",
        "workload.json's, else 0"},
+      {"fp8", "SPEC[,SPEC...]",
+       "sap, blocks, oracle: run each result's selection again with the FP8 attention,\n"
+       "                               one row per spec, with its error against that native sparse output\n"
+       "                               (spec fields in docs/fp8.md; the defaults: q128:k128:vch:smooth:p448:sumq)",
+       ""},
       {"json", "", "print one JSON object instead of the table", ""},
       {"progress", "", "show progress on stderr, one line per step, also when it is not a terminal", "on a terminal"},
   };
@@ -123,6 +152,22 @@ int run_eval(int argc, char** argv) {
       by_density ? args.get_doubles("density", 0.0, 1e-6, 1.0) : args.get_doubles("top-p", 0.9, 1e-6, 1.0);
   const int threads = threads_from(args);
   config_from(args, 1);  // checks the SVG2 options now, before a load that may take a while
+  std::vector<Fp8Options> fp8_specs;
+  for (std::string rest = args.get("fp8", ""); !rest.empty();) {
+    const size_t comma = rest.find(',');
+    try {
+      fp8_specs.push_back(eval::parse_fp8_options(rest.substr(0, comma)));
+    } catch (const InvalidArgumentError& e) {
+      throw UsageError(std::string("--fp8: ") + e.what(), __FILE__, __LINE__);
+    }
+    rest = comma == std::string::npos ? "" : rest.substr(comma + 1);
+  }
+  for (const eval::Method m : methods)
+    SAPATTN_CHECK(fp8_specs.empty() || m == eval::Method::Sap || m == eval::Method::Blocks ||
+                      m == eval::Method::Oracle || m == eval::Method::Dense,
+                  UsageError, "--fp8 compares the attention of sap, blocks or oracle; not ", eval::method_name(m));
+  SAPATTN_CHECK(fp8_specs.empty() || !args.flag("compensate"), UsageError,
+                "--fp8 compares the attention alone: leave out --compensate");
 
   Tensor qs, ks, vs;
   TensorView q, k, v;
@@ -192,6 +237,9 @@ int run_eval(int argc, char** argv) {
     if (run.method == eval::Method::Dense) continue;
     steps.emplace_back(run.name + " clusters", work.clusters(run.method));
     for (size_t i = 0; i < points.size(); ++i) steps.emplace_back(run.name + budget_name(i), work.budget(points[i]));
+    for (size_t i = 0; i < points.size(); ++i)
+      for (const Fp8Options& spec : fp8_specs)
+        steps.emplace_back(run.name + budget_name(i) + " fp8 " + eval::fp8_options_name(spec), work.budget(points[i]));
   }
   double total_work = 0.0, done_work = 0.0;
   for (const auto& step : steps) total_work += step.second;
@@ -209,6 +257,7 @@ int run_eval(int argc, char** argv) {
   const eval::MethodResult dense = eval::run_method(eval::Method::Dense, q, k, v, config, nullptr, threads);
   step_done();
   std::vector<Row> rows{{"dense", eval::compare(dense, dense), dense.seconds}};
+  std::vector<Row> fp8_rows;  // each FP8 row against its native sparse output
   for (const Run& run : runs) {
     if (run.method == eval::Method::Dense) {  // the reference itself, already in the table
       if (json) std::cout << metrics_json("dense", rows[0].metrics, config, q, dense.seconds, dense.seconds);
@@ -222,8 +271,17 @@ int run_eval(int argc, char** argv) {
       c.density = points[i].density;
       const eval::Metrics metrics = eval::compare(results[i], dense);
       if (json) std::cout << metrics_json(run.name, metrics, c, q, results[i].seconds, dense.seconds);
-      rows.push_back(
-          {points.size() > 1 || by_density ? run.name + budget_name(i) : run.name, metrics, results[i].seconds});
+      const std::string name = points.size() > 1 || by_density ? run.name + budget_name(i) : run.name;
+      rows.push_back({name, metrics, results[i].seconds});
+      for (const Fp8Options& spec : fp8_specs) {
+        const eval::MethodResult e4m3 = eval::run_e4m3(results[i], q, k, v, c, spec, threads);
+        const NativeComparison native{eval::fp8_options_name(spec), eval::compare(e4m3, results[i])};
+        const eval::Metrics to_dense = eval::compare(e4m3, dense);
+        if (json) std::cout << metrics_json(run.name, to_dense, c, q, e4m3.seconds, dense.seconds, &native);
+        rows.push_back({name + " fp8 " + native.fp8, to_dense, e4m3.seconds});
+        fp8_rows.push_back({name + " fp8 " + native.fp8, native.metrics, e4m3.seconds});
+        step_done();
+      }
     }
   }
   progress.finish();
@@ -235,6 +293,8 @@ int run_eval(int argc, char** argv) {
       std::cout << ", text_tokens=" << config.text_tokens << " prompt_length=" << config.prompt_length
                 << (use_description ? " (from " + described->path + ")" : "");
     std::cout << "\n" << format_table(rows);
+    if (!fp8_rows.empty())
+      std::cout << "\nFP8 rows against the native sparse output of the same selection:\n" << format_table(fp8_rows);
   }
   return 0;
 }

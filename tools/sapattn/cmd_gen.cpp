@@ -1,5 +1,4 @@
 // sapattn gen: writes a synthetic video-attention workload to disk.
-#include <filesystem>
 #include <fstream>
 #include <iostream>
 
@@ -47,17 +46,9 @@ int run_gen(int argc, char** argv) {
                 ".npy has no bf16; use --dtype f16/f32 or --format safetensors");
   const int threads = static_cast<int>(args.get_int("threads", 0, 0, 4096));
 
-  std::error_code ec;
-  std::filesystem::create_directories(out, ec);
-  SAPATTN_CHECK(!ec, IoError, "cannot create ", out, ": ", ec.message());
+  make_output_folder(out);
 
-  workload::Workload w;
-  {
-    Progress progress("generating " + preset.name);
-    w = workload::generate(
-        preset, seed, parse_dtype(dtype_name), [&](int64_t done, int64_t total) { progress.update(done, total); },
-        threads);
-  }
+  const workload::Workload w = generate_workload(preset, seed, parse_dtype(dtype_name), threads);
   {
     Progress progress("writing " + format);
     if (format == "safetensors") {

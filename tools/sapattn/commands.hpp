@@ -1,4 +1,5 @@
-// The sapattn subcommands and what they share: SVG2 options, the metrics table and JSON output.
+// The sapattn subcommands and what they share: SVG2 options, the output folder and the generated
+// workload, the metrics table and JSON output.
 #pragma once
 
 #include <string>
@@ -7,6 +8,7 @@
 #include "cli_args.hpp"
 #include "sapattn/config.hpp"
 #include "sapattn/eval.hpp"
+#include "sapattn/workload.hpp"
 
 namespace sapattn::cli {
 
@@ -14,7 +16,8 @@ int run_demo(int argc, char** argv);
 int run_eval(int argc, char** argv);
 int run_gen(int argc, char** argv);
 
-// --q-clusters, --k-clusters, --top-p, --min-kc-ratio, --kmeans-iters, --seed, --threads.
+// --q-clusters, --k-clusters, --top-p, --min-kc-ratio, --kmeans-seeding, --kmeans-iters, --seed,
+// --attention-dtype, --threads.
 std::vector<Option> svg2_options();
 
 // The config the SVG2 options ask for. Cluster counts default to the official Wan 720p ones (300
@@ -26,6 +29,11 @@ Config config_from(const Args& args, int64_t video_tokens);
 // engine refuses it too, in its own names).
 void check_cluster_counts(const Args& args, const Config& config, int64_t video_tokens);
 int threads_from(const Args& args);
+
+// Creates the folder `out` and its parents; IoError naming it when that fails.
+void make_output_folder(const std::string& out);
+// The preset's workload from `seed` in `dtype`, with a progress line on stderr.
+workload::Workload generate_workload(const workload::Preset& preset, uint64_t seed, DType dtype, int threads);
 
 // One row of the methods table.
 struct Row {

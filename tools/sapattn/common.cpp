@@ -1,10 +1,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <sstream>
+#include <string>
+#include <system_error>
 #include <utility>
 
 #include "commands.hpp"
+#include "progress.hpp"
 
 namespace sapattn::cli {
 
@@ -14,8 +18,16 @@ std::vector<Option> svg2_options() {
       {"k-clusters", "N", "key clusters (k-means over video-token keys)", "1000, or 1 per 75.6 video tokens"},
       {"top-p", "P", "per query cluster, keep key clusters until this share of estimated mass (eval: P,P,...)", "0.9"},
       {"min-kc-ratio", "R", "always keep the top floor(R * key clusters) key clusters", "0.1"},
-      {"kmeans-iters", "N", "k-means iterations (first call, from a seeded sample)", "50"},
+      {"kmeans-seeding", "NAME",
+       "first call's k-means start: greedy_pp (greedy k-means++ on 2C sampled tokens) or sample (C sampled tokens, "
+       "SVG2's official start)",
+       "sample"},
+      {"kmeans-iters", "N", "k-means iterations (first call, after the seeding)",
+       std::to_string(Config{}.kmeans_iters_init)},
       {"seed", "S", "seed of the initial centroid sample", "0"},
+      {"attention-dtype", "T",
+       "native (the inputs' precision) or fp8_e4m3 (Q K^T and P V in FP8 E4M3, emulated on the CPU; docs/fp8.md)",
+       "native"},
       {"threads", "N", "CPU threads", "all cores"},
   };
 }
@@ -29,8 +41,14 @@ Config config_from(const Args& args, int64_t video_tokens) {
   c.k_clusters = static_cast<int>(args.get_int("k-clusters", per(75.6, 1000), 1, 1 << 20));
   c.top_p = static_cast<float>(args.get_doubles("top-p", 0.9, 1e-6, 1.0).front());
   c.min_kc_ratio = static_cast<float>(args.get_double("min-kc-ratio", 0.1, 0.0, 1.0));
-  c.kmeans_iters_init = static_cast<int>(args.get_int("kmeans-iters", 50, 0, 100000));
+  c.kmeans_seeding = args.get_choice("kmeans-seeding", "sample", {"greedy_pp", "sample"}) == "sample"
+                         ? KMeansSeeding::Sample
+                         : KMeansSeeding::GreedyPP;
+  c.kmeans_iters_init = static_cast<int>(args.get_int("kmeans-iters", c.kmeans_iters_init, 0, 100000));
   c.seed = static_cast<uint64_t>(args.get_int("seed", 0, 0, INT64_MAX));
+  c.attention_dtype = args.get_choice("attention-dtype", "native", {"native", "fp8_e4m3"}) == "fp8_e4m3"
+                          ? AttentionDType::E4M3
+                          : AttentionDType::Native;
   return c;
 }
 
@@ -44,6 +62,18 @@ void check_cluster_counts(const Args& args, const Config& config, int64_t video_
 }
 
 int threads_from(const Args& args) { return static_cast<int>(args.get_int("threads", 0, 0, 4096)); }
+
+void make_output_folder(const std::string& out) {
+  std::error_code ec;
+  std::filesystem::create_directories(out, ec);
+  SAPATTN_CHECK(!ec, IoError, "cannot create ", out, ": ", ec.message());
+}
+
+workload::Workload generate_workload(const workload::Preset& preset, uint64_t seed, DType dtype, int threads) {
+  Progress progress("generating " + preset.name);
+  return workload::generate(
+      preset, seed, dtype, [&](int64_t done, int64_t total) { progress.update(done, total); }, threads);
+}
 
 std::string format_table(const std::vector<Row>& rows) {
   std::ostringstream os;

@@ -75,15 +75,13 @@ def _transformers(target):
 
 
 def _check_device(transformer, config: SVG2Config) -> None:
-    """Refuses, at enable() rather than at the first sparse call many steps later, a config whose
-    ear-plus fields the engine runs on the CPU only (the op would raise NotImplementedError)."""
+    """Refuses, at enable() rather than at the first sparse call many steps later, a config whose FP8
+    attention the engine runs on the CPU only (the op would raise NotImplementedError)."""
     device = next(transformer.parameters()).device
-    if config.ear_plus and device.type != "cpu":
-        on = [name for name in ("ear_spread", "ear_pair_values", "ear_head_budget", "ear_split") if getattr(config, name)]
+    if config.attention_dtype != "native" and device.type != "cpu":
         raise NotImplementedError(
-            f"sapattn: the ear-plus fields ({', '.join(on)}) run on the CPU only so far and the transformer is on "
-            f"{device}; use SVG2Config.with_method('ear') (error-aware routing and compensation run on CUDA) or "
-            "turn them off")
+            f"sapattn: attention_dtype={config.attention_dtype!r} has no CUDA kernel yet (the CPU backend "
+            f"emulates it, docs/fp8.md) and the transformer is on {device}; use attention_dtype='native'")
 
 
 class _Installation:

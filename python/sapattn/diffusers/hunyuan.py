@@ -81,7 +81,7 @@ class HunyuanVideoSVG2Processor(SVG2Processor):
 
 
 def default_config(height: int, width: int) -> SVG2Config:
-    """The official HunyuanVideo T2V 720p settings (ANCHORS.md): 400 / 1000 clusters, 10% dense steps."""
+    """The official HunyuanVideo T2V 720p settings: 400 / 1000 clusters, 10% dense steps."""
     return SVG2Config.hunyuan_720p()
 
 

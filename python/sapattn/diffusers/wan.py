@@ -43,7 +43,7 @@ class WanSVG2Processor(SVG2Processor):
 
 
 def default_config(height: int, width: int) -> SVG2Config:
-    """The official SVG2 settings (ANCHORS.md): the 720p script's from 720p up (clusters scaled
+    """The official SVG2 settings: the 720p script's from 720p up (clusters scaled
     with the tokens), the 480p script's (200 / 1000 clusters) below."""
     return SVG2Config.wan_t2v_720p() if height * width >= 720 * 1280 else SVG2Config.wan_480p()
 

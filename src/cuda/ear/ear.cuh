@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#include "cuda/device.cuh"
+#include "cuda/runtime/device.cuh"
 #include "sapattn/tensor.hpp"
 
 namespace sapattn::cuda::ear {

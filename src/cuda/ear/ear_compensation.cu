@@ -1,16 +1,23 @@
 // SVG-EAR on the GPU, the centroid compensation (docs/ear.md): the key clusters that a video query
-// row skipped enter its attention output and lse as one pseudo-key each (centroid_compensation).
-// The op is a fixed sequence of launches on the caller's stream and is deterministic: reductions
+// row skipped enter its attention output and lse as pseudo-keys. This file holds the ops' entry
+// points (centroid_compensation, corrected_centroid_compensation, their scratch) and the CUDA-core
+// kernel that centroid_compensation ran before the tensor-core one (ear_compensation_tc.cu); it
+// stays behind set_compensation_kernel_override("cuda_cores") so that both can be timed on one GPU
+// (bench/bench_ops.cu) until one of them is retired.
+// Every path is a fixed sequence of launches on the caller's stream and is deterministic: reductions
 // run in a fixed order, and the only atomics are integer ORs into the value-check flag.
 //
-// Numerics against the CPU backend (the tests' tolerances, docs/ear.md "The CUDA backend"):
-// - centroid_compensation accumulates in fp32 (FMA) instead of fp64: relative errors ~1e-6.
+// Numerics of the CUDA-core kernel against the CPU backend (its test's tolerance, docs/ear.md):
+// fp32 FMA logits and accumulation instead of the CPU's 8-lane logits and fp64 sums, relative
+// errors ~1e-6.
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
-#include "cuda/device.cuh"
 #include "cuda/ear/ear.cuh"
 #include "cuda/ear/ear_internal.hpp"
+#include "cuda/runtime/device.cuh"
 
 namespace sapattn::cuda {
 
@@ -25,7 +32,7 @@ using ear::with_value_check;
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// centroid_compensation: a block takes 64 query rows (token order) of one (b,h) and streams the
+// The CUDA-core kernel: a block takes 64 query rows (token order) of one (b,h) and streams the
 // key and value centroids through shared memory 32 at a time. Thread t owns row t/4: the logits of
 // columns t%4 + 4k (k < 8) and the output dims 4(t%4) + 16k + e (e < 4, k < kChunks). The four
 // threads of a row share its online-softmax state (max, total) through quad shuffles in a fixed
@@ -54,8 +61,9 @@ struct CompensationParams {
 };
 
 constexpr int64_t comp_stride(int64_t D) { return (D + 15) / 16 * 16; }
-// The output row lives in registers (4 kChunks floats per thread): 128 dims need 32, and 256 dims
-// spilled. The CUDA attention takes head dims 64 and 128 only.
+// Both kernels take head dims up to 128, as the CUDA attention does (64 and 128): the CUDA-core one
+// holds the output row in registers (4 kChunks floats per thread; 256 dims spilled), the tensor-core
+// one pads to 64 or 128 dims.
 constexpr int64_t kMaxCompensationDim = 128;
 
 template <typename TQ, typename TO, int kChunks>
@@ -185,21 +193,12 @@ __global__ void __launch_bounds__(kThreads) compensation_kernel(CompensationPara
   if (quad == 0) *lse_at = m + logf(total);
 }
 
-}  // namespace
-
-// ---------------------------------------------------------------------------------------------
-// Ops
-// ---------------------------------------------------------------------------------------------
-
-void centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
-                           const TensorView& k_centroids, const TensorView& v_centroids, const TensorView& k_sizes,
-                           float scale, TensorView out, TensorView lse, const Stream& stream) {
-  const DeviceGuard guard(stream.device);
+// The CUDA-core path of centroid_compensation (the op's checks done; no scratch).
+void compensation_cuda_cores(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
+                             const TensorView& k_centroids, const TensorView& v_centroids, const TensorView& k_sizes,
+                             float scale, TensorView out, TensorView lse, const Stream& stream) {
   const int64_t B = q.shape[0], H = q.shape[1], N = q_labels.shape[2], D = q.shape[3];
   const int64_t BH = B * H, Ck = k_centroids.shape[2];
-  if (BH * N * Ck == 0) return;
-  check_head_dim(D, kMaxCompensationDim, "centroid_compensation");
-  SAPATTN_CHECK(BH <= 65535, UnsupportedError, "centroid_compensation on CUDA takes at most 65535 (b,h) pairs");
   CompensationParams p{};
   p.q = q.data;
   copy_strides(q, p.q_stride, 4);
@@ -243,6 +242,61 @@ void centroid_compensation(const TensorView& q, const TensorView& q_labels, cons
       });
     });
   });
+}
+
+// Which kernel centroid_compensation runs: false = tensor cores (the default), true = CUDA cores.
+std::atomic<bool> g_cuda_cores{false};
+
+// The limits both paths share; false when there is nothing to do.
+bool check_compensation_shape(const TensorView& q, const TensorView& q_labels, const TensorView& k_centroids,
+                              const char* op) {
+  const int64_t BH = q.shape[0] * q.shape[1];
+  if (BH * q_labels.shape[2] * k_centroids.shape[2] == 0) return false;
+  check_head_dim(q.shape[3], kMaxCompensationDim, op);
+  SAPATTN_CHECK(BH <= 65535, UnsupportedError, op, " on CUDA takes at most 65535 (b,h) pairs");
+  return true;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Ops
+// ---------------------------------------------------------------------------------------------
+
+void set_compensation_kernel_override(const char* name) {
+  const bool cuda_cores = name != nullptr && std::strcmp(name, "cuda_cores") == 0;
+  SAPATTN_CHECK(cuda_cores || name == nullptr || name[0] == '\0', InvalidArgumentError,
+                "unknown compensation kernel override '", name, "' (expected \"cuda_cores\" or \"\")");
+  g_cuda_cores.store(cuda_cores);
+}
+
+size_t compensation_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_clusters, int64_t pseudo_keys,
+                                    int64_t dim) {
+  Carver carver("centroid_compensation");
+  ear::carve_compensation(carver, batch_heads, tokens, q_clusters, pseudo_keys, dim);
+  return carver.used();
+}
+
+void centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
+                           const TensorView& k_centroids, const TensorView& v_centroids, const TensorView& k_sizes,
+                           float scale, TensorView out, TensorView lse, const Stream& stream, Workspace workspace) {
+  const DeviceGuard guard(stream.device);
+  if (!check_compensation_shape(q, q_labels, k_centroids, "centroid_compensation")) return;
+  if (g_cuda_cores.load())
+    return compensation_cuda_cores(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse, stream);
+  ear::compensation_tensor_cores("centroid_compensation", q, q_labels, mask, k_centroids, v_centroids, k_sizes, {}, {},
+                                 scale, out, lse, stream, workspace);
+}
+
+void corrected_centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
+                                     const TensorView& k_centroids, const TensorView& v_centroids,
+                                     const TensorView& k_sizes, const TensorView& spread, const TensorView& pair_values,
+                                     float scale, TensorView out, TensorView lse, const Stream& stream,
+                                     Workspace workspace) {
+  const DeviceGuard guard(stream.device);
+  if (!check_compensation_shape(q, q_labels, k_centroids, "corrected_centroid_compensation")) return;
+  ear::compensation_tensor_cores("corrected_centroid_compensation", q, q_labels, mask, k_centroids, v_centroids,
+                                 k_sizes, spread, pair_values, scale, out, lse, stream, workspace);
 }
 
 }  // namespace sapattn::cuda

@@ -10,39 +10,45 @@
 // - centroid_probs repeats the CPU's arithmetic step by step, as select_blocks does: bit-identical.
 // - ear_probe computes the logits exactly as the CPU does (8-lane fp32 dot product, no FMA), the
 //   per-token value statistics in the same fp64 order, and sums tokens in fp64 in another order: the
-//   scores differ by the fp64 rounding of E times its cancellation, plus an fp32 rounding.
+//   scores differ by the fp64 rounding of E times its cancellation, plus an fp32 rounding. The same
+//   pass, with the attention mass kept, is the first half of ear_plus_probe (ear_plus.cu).
 #include <algorithm>
 #include <cmath>
 
-#include "cuda/device.cuh"
 #include "cuda/ear/ear.cuh"
 #include "cuda/ear/ear_internal.hpp"
+#include "cuda/ear/ear_probe.cuh"
 #include "cuda/permute/label_sort.hpp"
+#include "cuda/runtime/device.cuh"
 
 namespace sapattn::cuda {
 
 using ear::carve_density;
 using ear::carve_means;
 using ear::carve_probe;
-using ear::check_head_dim;
 using ear::checked_size;
-using ear::copy_strides;
+using ear::dot8_tree;
+using ear::kProbeCentroids;
+using ear::kProbeClusters;
+using ear::kProbeEps;
+using ear::kProbeSlots;
+using ear::kProbeTile;
+using ear::kProbeWarps;
 using ear::kThreads;
+using ear::probe_stride;
+using ear::ProbeParams;
 using ear::ProbeScratch;
+using ear::stage_query_centroids;
+using ear::stage_sorted_rows;
 using ear::strided;
 using ear::Strided4;
+using ear::tile_logits;
 using ear::with_value_check;
 
 namespace {
 
-constexpr double kProbeEps = 1e-8;  // the published probe's floor on errors and areas
-
-LabelsView labels_view(const TensorView& t) {
-  return {static_cast<const int32_t*>(t.data), t.stride[0], t.stride[1], t.shape[0], t.shape[1], t.shape[2]};
-}
-
 // ---------------------------------------------------------------------------------------------
-// centroid_probs: select_blocks' weights, with the CPU's arithmetic (see cuda/select.cu): fp32 dot
+// centroid_probs: select_blocks' weights, with the CPU's arithmetic (see cuda/select/select.cu): fp32 dot
 // products in order of d without FMA, exp in double rounded once, a sequential fp32 row total in
 // column order, one correctly rounded division. The raw scores go through `probs` itself.
 // ---------------------------------------------------------------------------------------------
@@ -103,45 +109,11 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-// ear_probe. The key tokens are sorted by cluster (the label sort of the k-means update); per
-// sorted token, |v_t|^2 and vbar . v_t in fp64 in order of d (the CPU's sums); per value centroid,
-// |vbar|^2. Then one block per (32 query centroids, 8 key clusters, (b,h)): lane l of every warp
-// owns query centroid a0 + l, warp w the tokens w, w + 8, ... of each tile of 64 tokens. Each
-// thread keeps the CPU's running-max state (m, sum exp(2(s-m)) |v|^2, sum exp(s-m) vbar.v) over its
-// tokens; the 8 warps' states merge in warp order.
+// The probe's pass (ear_probe.cuh has the tiling). Per sorted token, |v_t|^2 and vbar . v_t in
+// fp64 in order of d (the CPU's sums); per value centroid, |vbar|^2. Then each thread keeps the
+// CPU's running-max state (m, sum exp(2(s-m)) |v|^2, sum exp(s-m) vbar.v and, for ear-plus,
+// sum exp(s-m)) over its tokens of a key cluster; the 8 warps' states merge in warp order.
 // ---------------------------------------------------------------------------------------------
-
-constexpr int kProbeCentroids = 32;                    // query centroids per block (one per lane)
-constexpr int kProbeWarps = kThreads / 32;             // token slots per tile row
-constexpr int kProbeSlots = 8;                         // tokens per warp per tile
-constexpr int kProbeTile = kProbeWarps * kProbeSlots;  // 64 tokens staged at a time
-constexpr int kProbeClusters = 8;                      // key clusters per block (amortises the q tile)
-constexpr int64_t kMaxProbeDim = 256;                  // head dims ear_probe takes (shared memory)
-
-// Row stride of the staged fp32 rows: a multiple of 4 floats (float4 reads) with stride/4 odd, so
-// that 8 lanes reading float4s of 8 different rows hit 8 different bank groups.
-constexpr int64_t probe_stride(int64_t D) { return (D + 7) / 8 * 8 + 4; }
-
-struct ProbeParams {
-  const float* q_centroids;  // [BH, Cq, D]
-  const float* k_centroids;  // [BH, Ck, D]
-  const float* v_centroids;  // [BH, Ck, D]
-  const void* k;             // [B,H,N,D] any strides
-  const void* v;
-  int64_t k_stride[4], v_stride[4];
-  const int32_t* labels;  // k_labels, unit stride along N
-  int64_t l_stride_b, l_stride_h;
-  const int32_t* q_sizes;  // [BH, Cq]
-  const int32_t* k_sizes;  // [BH, Ck]
-  const int32_t* order;    // [BH, N]: token indices sorted by cluster
-  const int32_t* offsets;  // [BH, Ck+1]
-  double2* token_stats;    // [BH, N] in sorted order: (|v_t|^2, vbar_label(t) . v_t)
-  double* centroid_norm2;  // [BH, Ck]: |vbar_j|^2
-  int64_t H, N, Cq, Ck, D;
-  float scale, gamma;
-  Strided4<float> scores;
-  int* flag;
-};
 
 // One thread per sorted token; the CPU's value_stats loop (fp64, separate multiply and add).
 template <typename T>
@@ -172,13 +144,7 @@ __global__ void probe_centroid_norm_kernel(ProbeParams p) {
   p.centroid_norm2[bh * p.Ck + t] = n2;
 }
 
-// The CPU's dot() on two staged fp32 rows: 8 lanes in order of d, separate multiply and add, the
-// remainder into lane 0, the lanes added as a tree.
-__device__ __forceinline__ float dot8_tree(const float (&part)[8]) {
-  return __fadd_rn(__fadd_rn(__fadd_rn(part[0], part[1]), __fadd_rn(part[2], part[3])),
-                   __fadd_rn(__fadd_rn(part[4], part[5]), __fadd_rn(part[6], part[7])));
-}
-
+// The CPU's dot() of two staged fp32 rows (the centroid logit).
 __device__ __forceinline__ float dot8(const float* a, const float* c, int64_t D) {
   float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t d = 0;
@@ -200,10 +166,16 @@ __device__ __forceinline__ float dot8(const float* a, const float* c, int64_t D)
 
 // The running-max state of one (query centroid, key cluster) over a set of tokens.
 struct ProbeState {
-  double m, squared, cross;
+  double m, squared, cross, mass;
 };
 
-template <typename T>
+int probe_smem_bytes(int64_t D) {
+  return static_cast<int>((kProbeCentroids + kProbeTile + 1) * probe_stride(D) * sizeof(float) +
+                          kThreads * sizeof(ProbeState));
+}
+
+// kPlus = false: ear_probe's score. kPlus = true: ear_plus_probe's log E, log M and spread per pair.
+template <typename T, bool kPlus>
 __global__ void __launch_bounds__(kThreads) probe_kernel(ProbeParams p) {
   extern __shared__ __align__(16) float probe_smem[];
   const int64_t Dp = probe_stride(p.D);
@@ -220,10 +192,7 @@ __global__ void __launch_bounds__(kThreads) probe_kernel(ProbeParams p) {
   const int32_t* order = p.order + bh * p.N;
   const double2* stats = p.token_stats + bh * p.N;
 
-  for (int64_t t = threadIdx.x; t < kProbeCentroids * D; t += kThreads) {
-    const int64_t r = t / D, d = t % D;
-    q_tile[r * Dp + d] = a0 + r < p.Cq ? p.q_centroids[(bh * p.Cq + a0 + r) * D + d] : 0.0f;
-  }
+  stage_query_centroids(p, bh, a0, q_tile);
   const float* qa = q_tile + lane * Dp;
   const double q_size = a < p.Cq ? static_cast<double>(checked_size(p.q_sizes[bh * p.Cq + a], p.flag)) : 0.0;
 
@@ -233,82 +202,60 @@ __global__ void __launch_bounds__(kThreads) probe_kernel(ProbeParams p) {
     for (int64_t d = threadIdx.x; d < D; d += kThreads) centroid[d] = p.k_centroids[(bh * p.Ck + j) * D + d];
     __syncthreads();
     const double c = static_cast<double>(__fmul_rn(dot8(qa, centroid, D), p.scale));
-    ProbeState st{c, 0.0, 0.0};
+    ProbeState st{c, 0.0, 0.0, 0.0};
     const int32_t begin = p.offsets[bh * (p.Ck + 1) + j], end = p.offsets[bh * (p.Ck + 1) + j + 1];
     for (int32_t tile = begin; tile < end; tile += kProbeTile) {
       const int n = static_cast<int>(min_of<int64_t>(kProbeTile, end - tile));
       __syncthreads();  // the previous tile is consumed
-      for (int64_t e = threadIdx.x; e < n * D; e += kThreads) {
-        const int64_t i = e / D, d = e % D;
-        tokens[i * Dp + d] = to_f32(kbase[order[tile + i] * p.k_stride[2] + d * p.k_stride[3]]);
-      }
+      stage_sorted_rows(kbase, p.k_stride, order, tile, n, D, tokens);
       __syncthreads();
-      // This warp's tokens: w, w + 8, ... below n.
-      const int slots = n > warp ? (n - warp + kProbeWarps - 1) / kProbeWarps : 0;
-      float part[kProbeSlots][8];
-#pragma unroll
-      for (int s = 0; s < kProbeSlots; ++s)
-#pragma unroll
-        for (int l = 0; l < 8; ++l) part[s][l] = 0.0f;
-      int64_t d = 0;
-      for (; d + 8 <= D; d += 8) {
-        const float4 q0 = *reinterpret_cast<const float4*>(qa + d), q1 = *reinterpret_cast<const float4*>(qa + d + 4);
-#pragma unroll
-        for (int s = 0; s < kProbeSlots; ++s) {
-          if (s >= slots) break;
-          const float* kt = tokens + (warp + s * kProbeWarps) * Dp + d;
-          const float4 k0 = *reinterpret_cast<const float4*>(kt), k1 = *reinterpret_cast<const float4*>(kt + 4);
-          part[s][0] = __fadd_rn(part[s][0], __fmul_rn(q0.x, k0.x));
-          part[s][1] = __fadd_rn(part[s][1], __fmul_rn(q0.y, k0.y));
-          part[s][2] = __fadd_rn(part[s][2], __fmul_rn(q0.z, k0.z));
-          part[s][3] = __fadd_rn(part[s][3], __fmul_rn(q0.w, k0.w));
-          part[s][4] = __fadd_rn(part[s][4], __fmul_rn(q1.x, k1.x));
-          part[s][5] = __fadd_rn(part[s][5], __fmul_rn(q1.y, k1.y));
-          part[s][6] = __fadd_rn(part[s][6], __fmul_rn(q1.z, k1.z));
-          part[s][7] = __fadd_rn(part[s][7], __fmul_rn(q1.w, k1.w));
-        }
-      }
-      for (; d < D; ++d)
-#pragma unroll
-        for (int s = 0; s < kProbeSlots; ++s)
-          if (s < slots)
-            part[s][0] = __fadd_rn(part[s][0], __fmul_rn(qa[d], tokens[(warp + s * kProbeWarps) * Dp + d]));
+      float logit[kProbeSlots];
+      const int slots = tile_logits(qa, tokens, n, warp, D, p.scale, logit);
 #pragma unroll
       for (int s = 0; s < kProbeSlots; ++s) {
         if (s >= slots) break;
-        const int i = warp + s * kProbeWarps;
-        const double logit = static_cast<double>(__fmul_rn(dot8_tree(part[s]), p.scale));
-        const double2 tv = stats[tile + i];
-        if (logit > st.m) {
-          const double r = exp(st.m - logit);
+        const double x = static_cast<double>(logit[s]);
+        const double2 tv = stats[tile + warp + s * kProbeWarps];
+        if (x > st.m) {
+          const double r = exp(st.m - x);
           st.squared *= r * r;
           st.cross *= r;
-          st.m = logit;
+          if constexpr (kPlus) st.mass *= r;
+          st.m = x;
         }
-        const double e = exp(logit - st.m);
+        const double e = exp(x - st.m);
         st.squared += e * e * tv.x;
         st.cross += e * tv.y;
+        if constexpr (kPlus) st.mass += e;
       }
     }
     // Merge the warps' states in warp order (the max first, so the sum order is fixed).
     merge[warp * 32 + lane] = st;
     __syncthreads();
-    if (warp == 0 && a < p.Cq) {
-      double m = merge[lane].m;
-      for (int w = 1; w < kProbeWarps; ++w) m = fmax(m, merge[w * 32 + lane].m);
-      double squared = 0.0, cross = 0.0;
-      for (int w = 0; w < kProbeWarps; ++w) {
-        const ProbeState s = merge[w * 32 + lane];
-        const double r = exp(s.m - m);
-        squared = __dadd_rn(squared, __dmul_rn(s.squared, __dmul_rn(r, r)));
-        cross = __dadd_rn(cross, __dmul_rn(s.cross, r));
-      }
-      const double k_size = static_cast<double>(checked_size(p.k_sizes[bh * p.Ck + j], p.flag));
-      // E / exp(2 m) = squared - 2 pc cross + pc^2 |K_j| |vbar|^2 with pc = exp(c - m) <= 1 (the
-      // CPU's expression, without contraction, so that an exact zero stays zero).
-      const double pc = exp(c - m);
-      const double rest = __dadd_rn(__dsub_rn(squared, __dmul_rn(__dmul_rn(2.0, pc), cross)),
-                                    __dmul_rn(__dmul_rn(__dmul_rn(pc, pc), k_size), p.centroid_norm2[bh * p.Ck + j]));
+    if (warp != 0 || a >= p.Cq) continue;
+    double m = merge[lane].m;
+    for (int w = 1; w < kProbeWarps; ++w) m = fmax(m, merge[w * 32 + lane].m);
+    double squared = 0.0, cross = 0.0, mass = 0.0;
+    for (int w = 0; w < kProbeWarps; ++w) {
+      const ProbeState s = merge[w * 32 + lane];
+      const double r = exp(s.m - m);
+      squared = __dadd_rn(squared, __dmul_rn(s.squared, __dmul_rn(r, r)));
+      cross = __dadd_rn(cross, __dmul_rn(s.cross, r));
+      if constexpr (kPlus) mass = __dadd_rn(mass, __dmul_rn(s.mass, r));
+    }
+    const double k_size = static_cast<double>(checked_size(p.k_sizes[bh * p.Ck + j], p.flag));
+    // E / exp(2 m) = squared - 2 pc cross + pc^2 |K_j| |vbar|^2 with pc = exp(c - m) <= 1 (the
+    // CPU's expression, without contraction, so that an exact zero stays zero).
+    const double pc = exp(c - m);
+    const double rest = __dadd_rn(__dsub_rn(squared, __dmul_rn(__dmul_rn(2.0, pc), cross)),
+                                  __dmul_rn(__dmul_rn(__dmul_rn(pc, pc), k_size), p.centroid_norm2[bh * p.Ck + j]));
+    if constexpr (kPlus) {
+      const int64_t at = (bh * p.Cq + a) * p.Ck + j;
+      p.log_error[at] = rest > 0.0 ? log(rest) + 2.0 * m : -INFINITY;
+      p.log_mass[at] = mass > 0.0 ? log(mass) + m : -INFINITY;
+      if (p.spread.data != nullptr)  // the CPU's log(M / |K_j|) + m - c, 0 for an empty cluster
+        p.spread.at(b, h, a, j) = mass == 0.0 || k_size == 0.0 ? 0.0f : static_cast<float>(log(mass / k_size) + m - c);
+    } else {
       const double log_eps = log(kProbeEps);
       const double log_error = rest > 0.0 ? fmax(log(rest) + 2.0 * m, log_eps) : log_eps;
       const double log_area = log(fmax(q_size * k_size, kProbeEps));
@@ -325,10 +272,21 @@ __global__ void __launch_bounds__(kThreads) probe_kernel(ProbeParams p) {
 
 namespace ear {
 
+ClusterSort carve_cluster_sort(Carver& carver, int64_t batch_heads, int64_t tokens, int64_t clusters) {
+  ClusterSort s;
+  s.sort = carve_label_sort(carver, batch_heads, tokens, clusters);
+  s.offsets = carver.take<int32_t>(batch_heads * (clusters + 1));
+  return s;
+}
+
+void sort_clusters(const ClusterSort& s, const TensorView& labels, cudaStream_t stream) {
+  sort_by_label(s.sort, labels_view(labels), stream);
+  label_offsets(s.sort, s.offsets, nullptr, stream);
+}
+
 ProbeScratch carve_probe(Carver& carver, int64_t batch_heads, int64_t tokens, int64_t k_clusters) {
   ProbeScratch s;
-  s.sort = carve_label_sort(carver, batch_heads, tokens, k_clusters);
-  s.offsets = carver.take<int32_t>(batch_heads * (k_clusters + 1));
+  s.clusters = carve_cluster_sort(carver, batch_heads, tokens, k_clusters);
   s.token_stats = carver.take<double2>(batch_heads * tokens);
   s.centroid_norm2 = carver.take<double>(batch_heads * k_clusters);
   return s;
@@ -339,6 +297,35 @@ void carve_means(Carver& carver, int64_t batch_heads, int64_t tokens, int64_t cl
   *sizes = carver.take<int32_t>(batch_heads * clusters);
   const size_t bytes = kmeans_workspace_bytes(batch_heads, tokens, clusters, dim);
   *update = Workspace{carver.take_bytes(bytes), bytes};
+}
+
+void launch_probe_pass(const ProbeParams& p, const ProbeScratch& s, const TensorView& k_labels, bool plus,
+                       cudaStream_t stream) {
+  const int64_t BH = s.clusters.sort.batch_heads;
+  sort_clusters(s.clusters, k_labels, stream);
+  probe_centroid_norm_kernel<<<dim3(static_cast<unsigned>(ceil_div(p.Ck, kThreads)), static_cast<unsigned>(BH)),
+                               kThreads, 0, stream>>>(p);
+  SAPATTN_CUDA_CHECK_LAUNCH();
+  const int smem = probe_smem_bytes(p.D);
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.Cq, kProbeCentroids)),
+                  static_cast<unsigned>(ceil_div(p.Ck, kProbeClusters)), static_cast<unsigned>(BH));
+  dispatch_float(p.v_dtype, [&](auto tag) {  // k and v may differ in dtype
+    probe_token_stats_kernel<typename decltype(tag)::type>
+        <<<dim3(static_cast<unsigned>(ceil_div(p.N, kThreads)), static_cast<unsigned>(BH)), kThreads, 0, stream>>>(p);
+    SAPATTN_CUDA_CHECK_LAUNCH();
+  });
+  dispatch_float(p.k_dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const auto launch = [&](auto kernel) {
+      set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
+      kernel<<<grid, kThreads, smem, stream>>>(p);
+      SAPATTN_CUDA_CHECK_LAUNCH();
+    };
+    if (plus)
+      launch(probe_kernel<T, true>);
+    else
+      launch(probe_kernel<T, false>);
+  });
 }
 
 }  // namespace ear
@@ -404,59 +391,12 @@ void ear_probe(const TensorView& q_centroids, const TensorView& k_centroids, con
   const ProbeScratch s = carve_probe(carver, BH, N, Ck);
   carver.check();
   if (BH * Cq * Ck == 0) return;
-  check_head_dim(D, kMaxProbeDim, "ear_probe");
-  SAPATTN_CHECK(BH <= 65535 && Ck <= 65535 * kProbeClusters, UnsupportedError,
-                "ear_probe on CUDA takes at most 65535 (b,h) pairs and ", 65535 * kProbeClusters, " key clusters");
-  ProbeParams p{};
-  p.q_centroids = static_cast<const float*>(q_centroids.data);
-  p.k_centroids = static_cast<const float*>(k_centroids.data);
-  p.v_centroids = static_cast<const float*>(v_centroids.data);
-  p.k = k.data;
-  p.v = v.data;
-  copy_strides(k, p.k_stride, 4);
-  copy_strides(v, p.v_stride, 4);
-  p.labels = static_cast<const int32_t*>(k_labels.data);
-  p.l_stride_b = k_labels.stride[0];
-  p.l_stride_h = k_labels.stride[1];
-  p.q_sizes = static_cast<const int32_t*>(q_sizes.data);
-  p.k_sizes = static_cast<const int32_t*>(k_sizes.data);
-  p.order = s.sort.index_out;
-  p.offsets = s.offsets;
-  p.token_stats = s.token_stats;
-  p.centroid_norm2 = s.centroid_norm2;
-  p.H = H;
-  p.N = N;
-  p.Cq = Cq;
-  p.Ck = Ck;
-  p.D = D;
-  p.scale = scale;
-  p.gamma = gamma;
+  ear::check_probe_limits(BH, Ck, D, "ear_probe");
+  ProbeParams p =
+      ear::probe_params(q_centroids, k_centroids, v_centroids, k, v, k_labels, q_sizes, k_sizes, scale, gamma, s);
   p.scores = strided<float>(scores);
-  p.flag = value_error_flag();
-  const cudaStream_t st = stream_of(stream);
-  with_value_check(stream, "ear_probe", [&] {
-    sort_by_label(s.sort, labels_view(k_labels), st);
-    label_offsets(s.sort, s.offsets, nullptr, st);
-    probe_centroid_norm_kernel<<<dim3(static_cast<unsigned>(ceil_div(Ck, kThreads)), static_cast<unsigned>(BH)),
-                                 kThreads, 0, st>>>(p);
-    SAPATTN_CUDA_CHECK_LAUNCH();
-    const int64_t Dp = probe_stride(D);
-    const int smem =
-        static_cast<int>((kProbeCentroids + kProbeTile + 1) * Dp * sizeof(float) + kThreads * sizeof(ProbeState));
-    const dim3 grid(static_cast<unsigned>(ceil_div(Cq, kProbeCentroids)),
-                    static_cast<unsigned>(ceil_div(Ck, kProbeClusters)), static_cast<unsigned>(BH));
-    dispatch_float(k.dtype, [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      if (N > 0) {
-        probe_token_stats_kernel<T>
-            <<<dim3(static_cast<unsigned>(ceil_div(N, kThreads)), static_cast<unsigned>(BH)), kThreads, 0, st>>>(p);
-        SAPATTN_CUDA_CHECK_LAUNCH();
-      }
-      set_max_dynamic_smem(reinterpret_cast<const void*>(probe_kernel<T>), smem);
-      probe_kernel<T><<<grid, kThreads, smem, st>>>(p);
-      SAPATTN_CUDA_CHECK_LAUNCH();
-    });
-  });
+  with_value_check(stream, "ear_probe",
+                   [&] { ear::launch_probe_pass(p, s, k_labels, /*plus=*/false, stream_of(stream)); });
 }
 
 }  // namespace sapattn::cuda

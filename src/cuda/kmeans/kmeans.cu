@@ -7,39 +7,17 @@
 #include <algorithm>
 #include <bit>
 
-#include "cuda/device.cuh"
+#include "core/splitmix64.hpp"
+#include "cuda/kmeans/exact_distance.cuh"
 #include "cuda/kmeans/kmeans_internal.hpp"
 #include "cuda/permute/label_sort.hpp"
+#include "cuda/runtime/device.cuh"
 
 namespace sapattn::cuda {
 
 namespace {
 
 constexpr int kThreads = 256;
-
-__host__ __device__ inline uint64_t splitmix64(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
-struct PointsView {
-  const void* data = nullptr;
-  int64_t stride[4] = {0, 0, 0, 0};
-  int64_t B = 0, H = 0, N = 0, D = 0;
-};
-
-PointsView points_view(const TensorView& t) {
-  PointsView v;
-  v.data = t.data;
-  for (int d = 0; d < 4; ++d) v.stride[d] = t.stride[d];
-  v.B = t.shape[0];
-  v.H = t.shape[1];
-  v.N = t.shape[2];
-  v.D = t.shape[3];
-  return v;
-}
 
 LabelsView labels_view(const TensorView& t) {
   return {static_cast<const int32_t*>(t.data), t.stride[0], t.stride[1], t.shape[0], t.shape[1], t.shape[2]};
@@ -49,38 +27,11 @@ LabelsView labels_view(const TensorView& t) {
 // Scratch
 // ---------------------------------------------------------------------------------------------
 
-struct InitScratch {
-  uint64_t* keys_in = nullptr;
-  uint64_t* keys_out = nullptr;
-  int32_t* index_in = nullptr;
-  int32_t* index_out = nullptr;
-  int32_t* segments = nullptr;  // [B*H + 1]
-  void* temp = nullptr;
-  size_t temp_bytes = 0;
-};
-
-InitScratch carve_init(Carver& carver, int64_t batch_heads, int64_t points) {
-  InitScratch s;
-  const int64_t items = batch_heads * points;
-  SAPATTN_CHECK(items < (int64_t{1} << 31), UnsupportedError, "kmeans_init on CUDA samples from fewer than 2^31 ",
-                "points in all, got ", batch_heads, " x ", points);
-  s.keys_in = carver.take<uint64_t>(items);
-  s.keys_out = carver.take<uint64_t>(items);
-  s.index_in = carver.take<int32_t>(items);
-  s.index_out = carver.take<int32_t>(items);
-  s.segments = carver.take<int32_t>(batch_heads + 1);
-  SAPATTN_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairs(
-      nullptr, s.temp_bytes, s.keys_in, s.keys_out, s.index_in, s.index_out, static_cast<int>(items),
-      static_cast<int>(batch_heads), s.segments, s.segments + 1, 0, 64));
-  s.temp = carver.take_bytes(s.temp_bytes);
-  return s;
-}
-
 struct KmeansScratch {
-  void* operand = nullptr;     // [B*H, C_pad, D] operand dtype (2 bytes)
-  float* half_norm = nullptr;  // [B*H, C_pad]
+  void* operand = nullptr;     // [B*H, rows, D] operand dtype (2 bytes); each call uses [B*H, C_pad, D]
+  float* half_norm = nullptr;  // [B*H, rows]
   int32_t* stats = nullptr;    // [B*H, 2]
-  int64_t c_pad = 0;
+  int64_t rows = 0;            // prepared_rows(C): room for the padding of either assignment kernel
   LabelSort sort;
   int32_t* offsets = nullptr;  // [B*H, C+1]
 };
@@ -88,9 +39,9 @@ struct KmeansScratch {
 KmeansScratch carve_kmeans(Carver& carver, int64_t batch_heads, int64_t points, int64_t clusters, int64_t dim) {
   KmeansScratch s;
   if (tensor_core_assign(dim)) {
-    s.c_pad = round_up(clusters, kCentroidTile);
-    s.operand = carver.take<uint16_t>(batch_heads * s.c_pad * dim);
-    s.half_norm = carver.take<float>(batch_heads * s.c_pad);
+    s.rows = prepared_rows(clusters);
+    s.operand = carver.take<uint16_t>(batch_heads * s.rows * dim);
+    s.half_norm = carver.take<float>(batch_heads * s.rows);
     s.stats = carver.take<int32_t>(batch_heads * 2);
   }
   s.sort = carve_label_sort(carver, batch_heads, points, clusters);
@@ -131,6 +82,51 @@ __global__ void init_gather_kernel(PointsView pts, const int32_t* __restrict__ o
     centroids[bh * C * pts.D + t] = to_f32(base[src * pts.stride[2] + d * pts.stride[3]]);
   }
 }
+
+}  // namespace
+
+SampleSort carve_sample_sort(Carver& carver, int64_t batch_heads, int64_t points) {
+  SampleSort s;
+  const int64_t items = batch_heads * points;
+  SAPATTN_CHECK(items < (int64_t{1} << 31), UnsupportedError,
+                "kmeans_init and kmeans_seed_greedy on CUDA sample from fewer than 2^31 points in all, got ",
+                batch_heads, " x ", points);
+  s.keys_in = carver.take<uint64_t>(items);
+  s.keys_out = carver.take<uint64_t>(items);
+  s.index_in = carver.take<int32_t>(items);
+  s.index_out = carver.take<int32_t>(items);
+  s.segments = carver.take<int32_t>(batch_heads + 1);
+  SAPATTN_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairs(
+      nullptr, s.temp_bytes, s.keys_in, s.keys_out, s.index_in, s.index_out, static_cast<int>(items),
+      static_cast<int>(batch_heads), s.segments, s.segments + 1, 0, 64));
+  s.temp = carver.take_bytes(s.temp_bytes);
+  return s;
+}
+
+void sort_sample(const SampleSort& s, uint64_t seed, int64_t batch_heads, int64_t points, const int32_t* sample_ids,
+                 cudaStream_t stream) {
+  init_keys_kernel<<<static_cast<unsigned>(ceil_div(batch_heads * points + 1, kThreads)), kThreads, 0, stream>>>(
+      seed, batch_heads, points, sample_ids, s.keys_in, s.index_in, s.segments);
+  SAPATTN_CUDA_CHECK_LAUNCH();
+  size_t temp_bytes = s.temp_bytes;
+  SAPATTN_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairs(
+      s.temp, temp_bytes, s.keys_in, s.keys_out, s.index_in, s.index_out, static_cast<int>(batch_heads * points),
+      static_cast<int>(batch_heads), s.segments, s.segments + 1, 0, 64, stream));
+}
+
+void gather_sample(const TensorView& points, const int32_t* order, TensorView centroids, cudaStream_t stream) {
+  const PointsView pts = points_view(points);
+  const int64_t BH = pts.B * pts.H, C = centroids.shape[2];
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(C * pts.D, kThreads), 1024)),
+                  static_cast<unsigned>(BH));
+  dispatch_float(points.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    init_gather_kernel<T><<<grid, kThreads, 0, stream>>>(pts, order, C, static_cast<float*>(centroids.data));
+    SAPATTN_CUDA_CHECK_LAUNCH();
+  });
+}
+
+namespace {
 
 // ---------------------------------------------------------------------------------------------
 // Centroid preparation for the tensor-core assignment: one warp per centroid row.
@@ -176,24 +172,27 @@ __global__ void prepare_kernel(const float* __restrict__ centroids, int64_t C, i
   }
 }
 
+// Writes the prepared centroids padded to c_pad rows (<= s.rows), as the chosen kernel reads them.
 template <int D>
-void prepare_centroids(const TensorView& centroids, DType points_dtype, const KmeansScratch& s, cudaStream_t stream) {
+void prepare_centroids(const TensorView& centroids, DType points_dtype, const KmeansScratch& s, int64_t c_pad,
+                       cudaStream_t stream) {
   const int64_t BH = centroids.shape[0] * centroids.shape[1], C = centroids.shape[2];
   SAPATTN_CUDA_CHECK(cudaMemsetAsync(s.stats, 0, BH * 2 * sizeof(int32_t), stream));
-  const dim3 grid(static_cast<unsigned>(ceil_div(s.c_pad, kThreads / 32)), static_cast<unsigned>(BH));
+  const dim3 grid(static_cast<unsigned>(ceil_div(c_pad, kThreads / 32)), static_cast<unsigned>(BH));
   const float* c = static_cast<const float*>(centroids.data);
   if (operand_dtype(points_dtype) == DType::F16) {
     prepare_kernel<__half, D>
-        <<<grid, kThreads, 0, stream>>>(c, C, s.c_pad, static_cast<__half*>(s.operand), s.half_norm, s.stats);
+        <<<grid, kThreads, 0, stream>>>(c, C, c_pad, static_cast<__half*>(s.operand), s.half_norm, s.stats);
   } else {
     prepare_kernel<__nv_bfloat16, D>
-        <<<grid, kThreads, 0, stream>>>(c, C, s.c_pad, static_cast<__nv_bfloat16*>(s.operand), s.half_norm, s.stats);
+        <<<grid, kThreads, 0, stream>>>(c, C, c_pad, static_cast<__nv_bfloat16*>(s.operand), s.half_norm, s.stats);
   }
   SAPATTN_CUDA_CHECK_LAUNCH();
 }
 
 // ---------------------------------------------------------------------------------------------
-// Exact fp32 assignment (any head dim): the CPU reference's arithmetic, bit for bit.
+// Exact fp32 assignment (any head dim): the CPU reference's arithmetic, bit for bit
+// (exact_distance.cuh).
 // One warp per block, one point per lane; centroids are staged 8 at a time.
 // ---------------------------------------------------------------------------------------------
 
@@ -226,21 +225,7 @@ __global__ void __launch_bounds__(kExactPoints)
     for (int64_t t = lane; t < rows * D; t += kExactPoints) cs[t] = cent[c0 * D + t];
     __syncwarp();
     for (int64_t r = 0; r < rows; ++r) {
-      const float* c = cs + r * D;
-      float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int64_t d = 0;
-      for (; d + 8 <= D; d += 8)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const float diff = __fsub_rn(x[d + j], c[d + j]);
-          part[j] = __fadd_rn(part[j], __fmul_rn(diff, diff));
-        }
-      for (; d < D; ++d) {
-        const float diff = __fsub_rn(x[d], c[d]);
-        part[0] = __fadd_rn(part[0], __fmul_rn(diff, diff));
-      }
-      const float dist = __fadd_rn(__fadd_rn(__fadd_rn(part[0], part[1]), __fadd_rn(part[2], part[3])),
-                                   __fadd_rn(__fadd_rn(part[4], part[5]), __fadd_rn(part[6], part[7])));
+      const float dist = exact_squared_distance([x](int64_t d) { return x[d]; }, cs + r * D, D);
       if (dist < best) {  // strict: ties keep the lower index
         best = dist;
         arg = static_cast<int32_t>(c0 + r);
@@ -407,7 +392,7 @@ bool vector_rows(const TensorView& points) {
 }
 
 void assign(const TensorView& points, const TensorView& centroids, TensorView labels, const KmeansScratch* s,
-            AssignStats stats, cudaStream_t stream) {
+            AssignStats stats, int device, cudaStream_t stream) {
   const PointsView pts = points_view(points);
   const int64_t C = centroids.shape[2];
   if (pts.N == 0) return;
@@ -424,22 +409,33 @@ void assign(const TensorView& points, const TensorView& centroids, TensorView la
   p.N = pts.N;
   p.C = C;
   p.vector_rows = vector_rows(points);
-  p.prepared = {s->operand, s->half_norm, s->stats, s->c_pad};
+  const AssignPlan plan = plan_assign(device, C, pts.D, {s->operand, s->half_norm, s->stats, 0});
+  p.prepared = {s->operand, s->half_norm, s->stats, plan.c_pad};
   p.centroids = static_cast<const float*>(centroids.data);
   p.labels = static_cast<int32_t*>(labels.data);
   p.l_stride_b = labels.stride[0];
   p.l_stride_h = labels.stride[1];
   p.refined = stats.d_refined_rows;
-  p.index_bits = std::max(1, static_cast<int>(std::bit_width(static_cast<uint64_t>(s->c_pad - 1))));
+  p.index_bits = std::max(1, static_cast<int>(std::bit_width(static_cast<uint64_t>(plan.c_pad - 1))));
   p.index_mask = (1 << p.index_bits) - 1;
   SAPATTN_CHECK(p.index_bits <= 16, UnsupportedError, "the tensor-core assignment takes up to 65536 clusters, got ", C);
   const int64_t BH = pts.B * pts.H;
-  if (pts.D == 64) {
-    prepare_centroids<64>(centroids, points.dtype, *s, stream);
-    launch_tensor_core_assign<64>(p, points.dtype, BH, stream);
-  } else {
-    prepare_centroids<128>(centroids, points.dtype, *s, stream);
-    launch_tensor_core_assign<128>(p, points.dtype, BH, stream);
+  auto run = [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    prepare_centroids<D>(centroids, points.dtype, *s, plan.c_pad, stream);
+    if (plan.sm90) {
+      launch_sm90_assign<D>(p, points.dtype, BH, plan.config, plan.num_sms, stream);
+    } else {
+      launch_tensor_core_assign<D>(p, points.dtype, BH, stream);
+    }
+  };
+  switch (pts.D) {  // one case per head dim of the list; tensor_core_assign(pts.D) holds here
+#define SAPATTN_ASSIGN_CASE(D)             \
+  case D:                                  \
+    run(std::integral_constant<int, D>{}); \
+    break;
+    SAPATTN_TENSOR_CORE_ASSIGN_HEAD_DIMS(SAPATTN_ASSIGN_CASE)
+#undef SAPATTN_ASSIGN_CASE
   }
 }
 
@@ -451,36 +447,23 @@ void assign(const TensorView& points, const TensorView& centroids, TensorView la
 
 size_t kmeans_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clusters, int64_t dim) {
   Carver init("kmeans_init"), loop("kmeans");
-  carve_init(init, batch_heads, points);
+  carve_sample_sort(init, batch_heads, points);
   carve_kmeans(loop, batch_heads, points, std::max<int64_t>(clusters, 1), dim);
   return std::max(init.used(), loop.used());
 }
 
 void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const Stream& stream,
                  Workspace workspace, const TensorView& sample_ids) {
-  const PointsView pts = points_view(points);
-  const int64_t BH = pts.B * pts.H, C = centroids.shape[2];
+  const int64_t BH = points.shape[0] * points.shape[1], N = points.shape[2];
   const DeviceGuard guard(stream.device);
   Carver carver("kmeans_init", workspace);
-  const InitScratch s = carve_init(carver, BH, pts.N);
+  const SampleSort s = carve_sample_sort(carver, BH, N);
   carver.check();
-  if (BH * pts.N == 0) return;
+  if (BH * N == 0) return;
   SAPATTN_CHECK(BH <= 65535, UnsupportedError, "k-means on CUDA takes at most 65535 (b,h) pairs");
   const cudaStream_t st = stream_of(stream);
-  init_keys_kernel<<<static_cast<unsigned>(ceil_div(BH * pts.N + 1, kThreads)), kThreads, 0, st>>>(
-      seed, BH, pts.N, static_cast<const int32_t*>(sample_ids.data), s.keys_in, s.index_in, s.segments);
-  SAPATTN_CUDA_CHECK_LAUNCH();
-  size_t temp_bytes = s.temp_bytes;
-  SAPATTN_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairs(
-      s.temp, temp_bytes, s.keys_in, s.keys_out, s.index_in, s.index_out, static_cast<int>(BH * pts.N),
-      static_cast<int>(BH), s.segments, s.segments + 1, 0, 64, st));
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(C * pts.D, kThreads), 1024)),
-                  static_cast<unsigned>(BH));
-  dispatch_float(points.dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    init_gather_kernel<T><<<grid, kThreads, 0, st>>>(pts, s.index_out, C, static_cast<float*>(centroids.data));
-    SAPATTN_CUDA_CHECK_LAUNCH();
-  });
+  sort_sample(s, seed, BH, N, static_cast<const int32_t*>(sample_ids.data), st);
+  gather_sample(points, s.index_out, centroids, st);
 }
 
 void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels, const Stream& stream,
@@ -488,13 +471,13 @@ void kmeans_assign(const TensorView& points, const TensorView& centroids, Tensor
   const DeviceGuard guard(stream.device);
   const int64_t BH = points.shape[0] * points.shape[1];
   if (workspace.data == nullptr) {
-    assign(points, centroids, labels, nullptr, stats, stream_of(stream));
+    assign(points, centroids, labels, nullptr, stats, stream.device.index, stream_of(stream));
     return;
   }
   Carver carver("kmeans_assign", workspace);
   const KmeansScratch s = carve_kmeans(carver, BH, points.shape[2], centroids.shape[2], points.shape[3]);
   carver.check();
-  assign(points, centroids, labels, &s, stats, stream_of(stream));
+  assign(points, centroids, labels, &s, stats, stream.device.index, stream_of(stream));
 }
 
 void kmeans_update(const TensorView& points, const TensorView& labels, TensorView centroids, TensorView sizes,
@@ -521,7 +504,7 @@ void kmeans(const TensorView& points, TensorView centroids, TensorView labels, T
   const cudaStream_t st = stream_of(stream);
   const bool checked = begin_value_check(stream);
   for (int it = 0; it < std::max(iters, 1); ++it) {
-    assign(points, centroids, labels, &s, stats, st);
+    assign(points, centroids, labels, &s, stats, stream.device.index, st);
     update(points, labels, centroids, sizes, /*move_centroids=*/iters > 0, s, st);
   }
   if (checked) end_value_check(stream, "kmeans");

@@ -21,8 +21,10 @@
 
 #include <type_traits>
 
-#include "cuda/device.cuh"
+#include "cuda/kmeans/assign_common.cuh"
 #include "cuda/kmeans/kmeans_internal.hpp"
+#include "cuda/runtime/device.cuh"
+#include "cuda/runtime/primitives.cuh"
 
 namespace sapattn::cuda::tc {
 
@@ -53,83 +55,6 @@ struct Layout {
   static constexpr int kOffCount = kOffList + kWarps * 32 * 16;
   static constexpr int kBytes = kOffCount + kWarps * 4;
 };
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte chunk slot of (row, chunk) in a swizzled tile. Rows are 128 or 256 bytes long, so the 8
-// rows one ldmatrix phase reads would share a bank group; XOR with row % 8 spreads them over 8.
-template <int kChunks>
-__device__ __forceinline__ int swizzle(int row, int chunk) {
-  return row * kChunks + (chunk ^ (row & 7));
-}
-
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
-}
-// Copies 16 bytes, or writes 16 zero bytes when `valid` is false (src-size 0: nothing is read).
-__device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldmatrix_x2(uint32_t addr, uint32_t& r0, uint32_t& r1) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(addr));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr));
-}
-
-template <typename OpT>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<OpT, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-template <typename OpT>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  if constexpr (std::is_same_v<OpT, __nv_bfloat16>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-}
-
-template <typename OpT>
-__device__ __forceinline__ float unpack(uint32_t w, int hi) {
-  const uint16_t bits = static_cast<uint16_t>(hi ? (w >> 16) : (w & 0xffffu));
-  if constexpr (std::is_same_v<OpT, __nv_bfloat16>) {
-    return __uint_as_float(static_cast<uint32_t>(bits) << 16);
-  } else {
-    return __half2float(__ushort_as_half(bits));
-  }
-}
-
-// Keys: the bits of a positive float whose low `bits` mantissa bits are replaced by the column.
-// Integer order of keys = float order (truncated to 23 - bits mantissa bits), then column order.
-__device__ __forceinline__ int make_key(float v, int col, int mask) { return (__float_as_int(v) & ~mask) | col; }
-__device__ __forceinline__ float key_value(int key, int mask) { return __int_as_float(key & ~mask); }
 
 template <typename OpT, int D, typename InT, int kColsPerPass>
 __global__ void __launch_bounds__(kThreads, 2) assign_kernel(const TensorCoreAssignParams p) {
@@ -191,14 +116,8 @@ __global__ void __launch_bounds__(kThreads, 2) assign_kernel(const TensorCoreAss
         const int row = i / kChunks, ch = i % kChunks;
         const int64_t n = n0 + row;
         const InT* src = pts + (n < p.N ? n : 0) * p.p_stride[2] + static_cast<int64_t>(ch) * 8 * p.p_stride[3];
-        if (std::is_same_v<InT, float> && p.vector_rows) {
-          const float4 lo = reinterpret_cast<const float4*>(src)[0], hi = reinterpret_cast<const float4*>(src)[1];
-          f[u][0] = lo.x, f[u][1] = lo.y, f[u][2] = lo.z, f[u][3] = lo.w;
-          f[u][4] = hi.x, f[u][5] = hi.y, f[u][6] = hi.z, f[u][7] = hi.w;
-        } else {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) f[u][e] = to_f32(src[e * p.p_stride[3]]);
-        }
+        // (Rows of 16-bit points in vectors took the branch above: only f32 rows come here as vectors.)
+        assign::load_chunk(src, p.vector_rows, p.p_stride[3], f[u]);
         if (n >= p.N)
 #pragma unroll
           for (int e = 0; e < 8; ++e) f[u][e] = 0.0f;
@@ -219,30 +138,6 @@ __global__ void __launch_bounds__(kThreads, 2) assign_kernel(const TensorCoreAss
   cp_async_wait<1>();  // the points tile (the first centroid tile may still be in flight)
   __syncthreads();
 
-  // The near-tie bound E of a row (docs/cuda.md), in full-distance units: the rounding of the
-  // centroids (and of f32 points) to the operand type, fp32 accumulation in the matrix unit and of
-  // the norms, and the CPU reference's own fp32 rounding. Half distances are compared, so two
-  // candidates are re-ranked when their half distances are within E/2 (plus the key truncation)
-  // of each other. A row's accumulators start at ||x||^2/2 + M, where the margin M keeps them
-  // positive: ||x - c~||^2/2 + (||c||^2 - ||c~||^2)/2 >= -||c|| ||c - c~||.
-  const int32_t* stats = p.prepared.stats + bh * 2;
-  const float max_norm2 = __int_as_float(stats[0]), max_resid = __int_as_float(stats[1]);
-  const float nc = sqrtf(max_norm2);
-  struct Bound {
-    float margin, half_gap;
-  };
-  auto bound_of = [&](float x2) {
-    const float nx = sqrtf(x2);
-    const float ux = std::is_same_v<InT, float> ? 0x1p-8f : 0.0f;
-    const float span = (nx + nc) * (nx + nc);
-    const float accumulate = (D + 4) * 0x1p-23f * span;
-    const float full = 2.0f * nx * max_resid + 2.0f * ux * nx * nc + accumulate + (D + 4) * 0x1p-24f * span;
-    const float margin = 1.01f * nc * max_resid + accumulate;
-    // Keys keep 23 - index bits of mantissa: truncation error <= value * 2^(bits - 23) per key.
-    const float quant = ldexpf(0.5f * span + margin, p.index_bits - 23);
-    return Bound{margin, (0.5f * full + 2.0f * quant) * 1.0625f};
-  };
-
   // Squared norms of the operand rows and the rows' accumulator start: lane l of warp w takes row 32w + l.
   {
     const int row = warp * kRowsPerWarp + lane;
@@ -253,12 +148,13 @@ __global__ void __launch_bounds__(kThreads, 2) assign_kernel(const TensorCoreAss
       const uint32_t w[4] = {c.x, c.y, c.z, c.w};
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        const float v = unpack<OpT>(w[e / 2], e % 2);
+        const float v = assign::unpack<OpT>(w[e / 2], e % 2);
         s = fmaf(v, v, s);
       }
     }
     row_norm2[row] = s;
-    row_base[row] = 0.5f * s + bound_of(s).margin;
+    row_base[row] =
+        assign::NearTieBound<D>(p.prepared.stats + bh * 2, std::is_same_v<InT, float>, p.index_bits).row_base(s);
   }
   __syncwarp();
 
@@ -328,41 +224,30 @@ __global__ void __launch_bounds__(kThreads, 2) assign_kernel(const TensorCoreAss
         for (int e = 0; e < 2; ++e)
 #pragma unroll
           for (int s = 0; s < 4; ++s) {
-            const int key = make_key(acc[s / 2][j][(s % 2) * 2 + e], col0 + j * 8 + e, mask);
-            k2[s] = min(k2[s], max(k1[s], key));
-            k1[s] = min(k1[s], key);
+            assign::keep_two(k1[s], k2[s], assign::make_key(acc[s / 2][j][(s % 2) * 2 + e], col0 + j * 8 + e, mask));
           }
     }
   }
 
   // ---- the four lanes of a quad hold disjoint columns of the same rows: merge their pairs ---------
 #pragma unroll
-  for (int s = 0; s < 4; ++s)
-#pragma unroll
-    for (int o = 1; o <= 2; o *= 2) {
-      const int o1 = __shfl_xor_sync(0xffffffffu, k1[s], o), o2 = __shfl_xor_sync(0xffffffffu, k2[s], o);
-      k2[s] = min(max(k1[s], o1), min(k2[s], o2));
-      k1[s] = min(k1[s], o1);
-    }
+  for (int s = 0; s < 4; ++s) assign::merge_quad(k1[s], k2[s]);
 
   // ---- labels, or a place in the warp's re-ranking list --------------------------------------------
   int32_t* labels = p.labels + b * p.l_stride_b + h * p.l_stride_h;
+  const assign::NearTieBound<D> bound(p.prepared.stats + bh * 2, std::is_same_v<InT, float>, p.index_bits);
   if (t4 == 0) {
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       const int row = warp * kRowsPerWarp + (s / 2) * 16 + (s % 2) * 8 + g;
       const int64_t n = n0 + row;
       if (n >= p.N) continue;
-      const int c1 = k1[s] & mask, c2 = k2[s] & mask;
-      const float v1 = key_value(k1[s], mask), v2 = key_value(k2[s], mask);
-      // A row without one finite value (NaN points) keeps label 0, as the CPU's strict comparison does.
-      if (!(v1 < INFINITY) || c1 >= p.C) {
-        labels[n] = 0;
-      } else if (v2 - v1 <= bound_of(row_norm2[row]).half_gap && c2 < p.C) {
+      const int label = assign::settle(k1[s], k2[s], mask, p.C, bound.of(row_norm2[row]).half_gap);
+      if (label == assign::kRerank) {
         const int at = atomicAdd(&list_count[warp], 1);
-        list[at] = make_int4(row, c1, c2, 0);
+        list[at] = make_int4(row, k1[s] & mask, k2[s] & mask, 0);
       } else {
-        labels[n] = c1;
+        labels[n] = label;
       }
     }
   }
@@ -375,33 +260,17 @@ __global__ void __launch_bounds__(kThreads, 2) assign_kernel(const TensorCoreAss
   for (int base = 0; base < count; base += 2) {
     const bool valid = base + lane / 16 < count;
     const int4 item = list[valid ? base + lane / 16 : base];
-    const int sub = lane % 16, part = sub % 8;
-    const int cand = sub < 8 ? item.y : item.z;
-    const float* c = centroids + static_cast<int64_t>(cand) * D;
-    float acc = 0.0f;
-#pragma unroll 4
-    for (int k = 0; k < D / 8; ++k) {
-      const int d = k * 8 + part;
-      float x;
+    auto x_at = [&](int d) {
       if constexpr (std::is_same_v<InT, OpT>) {
         const uint16_t bits =
-            *reinterpret_cast<const uint16_t*>(smem + L::kOffA + swizzle<kChunks>(item.x, k) * 16 + part * 2);
-        x = unpack<OpT>(bits, 0);
+            *reinterpret_cast<const uint16_t*>(smem + L::kOffA + swizzle<kChunks>(item.x, d / 8) * 16 + (d % 8) * 2);
+        return assign::unpack<OpT>(bits, 0);
       } else {
-        x = to_f32(pts[(n0 + item.x) * p.p_stride[2] + d * p.p_stride[3]]);
+        return to_f32(pts[(n0 + item.x) * p.p_stride[2] + d * p.p_stride[3]]);
       }
-      const float diff = __fsub_rn(x, c[d]);
-      acc = __fadd_rn(acc, __fmul_rn(diff, diff));
-    }
-    // ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)), the CPU's combination (addition commutes).
-    acc = __fadd_rn(acc, __shfl_xor_sync(0xffffffffu, acc, 1));
-    acc = __fadd_rn(acc, __shfl_xor_sync(0xffffffffu, acc, 2));
-    acc = __fadd_rn(acc, __shfl_xor_sync(0xffffffffu, acc, 4));
-    const float other = __shfl_sync(0xffffffffu, acc, (lane & ~15) + 8);
-    if (valid && sub == 0) {
-      const bool first = acc < other || (acc == other && item.y < item.z);
-      labels[n0 + item.x] = first ? item.y : item.z;
-    }
+    };
+    const int label = assign::exact_pick<D>(item.y, item.z, x_at, centroids, lane);
+    if (valid && lane % 16 == 0) labels[n0 + item.x] = label;
   }
 }
 

@@ -5,8 +5,8 @@
 #include <algorithm>
 #include <bit>
 
-#include "cuda/device.cuh"
 #include "cuda/permute/label_sort.hpp"
+#include "cuda/runtime/device.cuh"
 
 namespace sapattn::cuda {
 

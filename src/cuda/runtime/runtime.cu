@@ -11,7 +11,7 @@
 #include <mutex>
 #include <utility>
 
-#include "cuda/device.cuh"
+#include "cuda/runtime/device.cuh"
 
 namespace sapattn::cuda {
 
@@ -104,6 +104,20 @@ void end_value_check(const Stream& stream, const char* op) {
   SAPATTN_CHECK((flag & kBadOffsets) == 0, InvalidArgumentError, op,
                 ": offsets are not non-decreasing within [0, S] (CUDA value check)");
   SAPATTN_CHECK((flag & kBadSize) == 0, InvalidArgumentError, op, ": a cluster size is negative (CUDA value check)");
+}
+
+DeviceArch device_arch(int device) {
+  static std::mutex mutex;
+  static std::map<int, DeviceArch> known;
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto found = known.find(device);
+  if (found != known.end()) return found->second;
+  DeviceArch arch;
+  SAPATTN_CUDA_CHECK(cudaDeviceGetAttribute(&arch.major, cudaDevAttrComputeCapabilityMajor, device));
+  SAPATTN_CUDA_CHECK(cudaDeviceGetAttribute(&arch.minor, cudaDevAttrComputeCapabilityMinor, device));
+  SAPATTN_CUDA_CHECK(cudaDeviceGetAttribute(&arch.sms, cudaDevAttrMultiProcessorCount, device));
+  known.emplace(device, arch);
+  return arch;
 }
 
 void set_max_dynamic_smem(const void* kernel, int bytes) {

@@ -1,7 +1,7 @@
 // The host side of the CUDA backend's runtime (runtime.cu): the value-check flag that kernels raise
 // on a bad value and the bracket an op puts around its launches to read it, whether a stream is being
-// captured into a CUDA graph, and the kernels' shared-memory limit. Host code only: plain C++ files
-// can include it.
+// captured into a CUDA graph, the device's architecture and the kernels' shared-memory limit. Host
+// code only: plain C++ files can include it.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -31,6 +31,12 @@ void end_value_check(const Stream& stream, const char* op);
 
 // True while `stream` is being captured into a CUDA graph (no synchronisation allowed then).
 bool is_capturing(cudaStream_t stream);
+
+// A device's compute capability and SM count, queried once per device (thread-safe).
+struct DeviceArch {
+  int major = 0, minor = 0, sms = 0;
+};
+DeviceArch device_arch(int device);
 
 // Raises the dynamic shared-memory limit of a kernel once (thread-safe; not a stream operation, so it
 // is allowed during graph capture).

@@ -186,31 +186,12 @@ Rgb hsv_to_rgb(double h, double s, double v) {
   const double h6 = (h - std::floor(h)) * 6.0;
   const int sector = static_cast<int>(h6) % 6;
   const double f = h6 - std::floor(h6);
-  const double p = v * (1.0 - s);
-  const double q = v * (1.0 - s * f);
-  const double t = v * (1.0 - s * (1.0 - f));
-  double r = 0, g = 0, b = 0;
-  switch (sector) {
-    case 0:
-      r = v, g = t, b = p;
-      break;
-    case 1:
-      r = q, g = v, b = p;
-      break;
-    case 2:
-      r = p, g = v, b = t;
-      break;
-    case 3:
-      r = p, g = q, b = v;
-      break;
-    case 4:
-      r = t, g = p, b = v;
-      break;
-    default:
-      r = v, g = p, b = q;
-      break;
-  }
-  return {to_byte(r * 255.0), to_byte(g * 255.0), to_byte(b * 255.0)};
+  // The channels of a sector, as indices into {v, p, q, t}: red falls (q) over sector 1 and rises
+  // (t) over sector 4, green rises over 0 and falls over 3, blue rises over 2 and falls over 5.
+  static constexpr int kSectorChannels[6][3] = {{0, 3, 1}, {2, 0, 1}, {1, 0, 3}, {1, 2, 0}, {3, 1, 0}, {0, 1, 2}};
+  const double level[4] = {v, v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f))};
+  const int* c = kSectorChannels[sector];
+  return {to_byte(level[c[0]] * 255.0), to_byte(level[c[1]] * 255.0), to_byte(level[c[2]] * 255.0)};
 }
 
 }  // namespace

@@ -1,8 +1,7 @@
 // Device-side helpers shared by the CUDA backend's kernels: element types and conversions and the
 // launch plumbing (stream, launch check, workspace carving). The host side of the runtime (the
 // value-check flag, graph-capture queries) is declared in runtime/runtime.hpp, included here so that
-// every kernel file has both. This header moves into runtime/ with the attention and selection files
-// that include it by this path.
+// every kernel file has both.
 #pragma once
 
 #include <cuda_bf16.h>

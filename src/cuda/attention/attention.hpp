@@ -18,11 +18,13 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "sapattn/ops.hpp"
+#include "sapattn/layout.hpp"
 
 namespace sapattn::cuda::attn {
 
-inline constexpr int kTileQ = 128;  // query rows per work item
+inline constexpr int kTileQ = 128;  // query rows per work item (the plan's default)
+// The sm90 kernel's CTA pairs (Params::pair) take items of up to two tiles: one per CTA of the pair.
+inline constexpr int kPairTileQ = 2 * kTileQ;
 // An item's cost: its rows x its kept keys, plus this fixed part (loading its queries, writing its
 // outputs, as much as 64 keys of a full tile), so that items whose rows keep no key are cheap but
 // not free.
@@ -31,7 +33,7 @@ inline constexpr uint64_t kItemBaseCost = 64 * kTileQ;
 struct WorkItem {
   int32_t bh;         // b * H + h
   int32_t q_cluster;  // query cluster of every row
-  int32_t q_begin;    // rows [q_begin, q_end) of cluster-ordered Q, 0 < q_end - q_begin <= kTileQ
+  int32_t q_begin;    // rows [q_begin, q_end) of cluster-ordered Q, 0 < q_end - q_begin <= PlanView::item_rows
   int32_t q_end;
 };
 
@@ -43,18 +45,30 @@ struct Segment {
   int32_t cum_end;  // virtual position one past this segment's last key
 };
 
+// How build_plan orders the work items within a head (heads always go in ascending order).
+// Cost: heaviest first. Locality: by the mean row of the keys an item keeps, so that the items a
+// persistent grid runs at one time read overlapping keys. Slot: (query cluster, q_begin).
+// SAPATTN_PLAN_ORDER=cost|locality|slot picks one (an experiment, docs/attention.md).
+enum class PlanOrder : int { Cost, Locality, Slot };
+
 // Device pointers into the plan workspace. Row r = bh * q_clusters + query cluster.
 struct PlanView {
   const WorkItem* items = nullptr;        // [max_items]; items[0, *num_items) are valid, by head, heaviest first
   const int32_t* num_items = nullptr;     // device scalar
+  // The persistent kernel's item counter (dynamic scheduling): 0 after build_plan, and back to 0 at
+  // the end of every launch that uses it, so a plan serves one launch at a time, launches in stream
+  // order.
+  int32_t* next_item = nullptr;
   const Segment* segments = nullptr;      // [rows, k_clusters]: row r's segments start at r * k_clusters
   const int32_t* num_segments = nullptr;  // [rows]
   int32_t q_clusters = 0;
   int32_t k_clusters = 0;
   int32_t max_items = 0;  // capacity; a kernel's grid may be sized from it
+  int32_t item_rows = kTileQ;  // the most query rows of an item: kTileQ, or kPairTileQ for CTA pairs
 };
 
-// Upper bound on the number of work items: every cluster may end with a partial tile.
+// Upper bound on the number of work items (of kTileQ rows or more): every cluster may end with a
+// partial tile.
 inline int64_t max_work_items(int64_t batch_heads, int64_t q_clusters, int64_t q_tokens) {
   return batch_heads * ((q_tokens + kTileQ - 1) / kTileQ + q_clusters);
 }
@@ -68,8 +82,17 @@ size_t plan_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_c
 // (the caller validated shapes); a (b,h) whose offsets do not start at 0, decrease, or do not end at
 // q_tokens (resp. k_tokens) raises kBadOffsets in the device value-check flag and gets no items and
 // no segments. Ties in cost keep the order (bh, query cluster, q_begin).
+//
+// Key phases: with phases > 1 the plan keeps only the kept key clusters whose first row r has
+// r * phases / k_tokens == phase (about the phase-th 1/phases of each head's keys); every query tile
+// still gets an item, with no keys where its row keeps none there. Running the phases one after
+// another, each merged into the earlier ones by LSE (Params::accumulate), gives the whole layout's
+// result while the CTAs of a phase share a 1/phases slice of a head's K and V in L2.
+//
+// item_rows (kTileQ or kPairTileQ) is the most rows of an item: the sm90 kernel's CTA pairs take
+// items of two tiles.
 PlanView build_plan(const BlockLayout& layout, int64_t q_tokens, int64_t k_tokens, Workspace workspace,
-                    cudaStream_t stream);
+                    cudaStream_t stream, int phase = 0, int phases = 1, int item_rows = kTileQ);
 
 // Everything a kernel needs. Strides are in elements; rows must have unit stride along D.
 struct Params {
@@ -90,14 +113,48 @@ struct Params {
   bool dense = false;               // no plan: items are (bh, q tile) and every key is kept
   PlanView plan;                    // when !dense
   int num_sms = 0;                  // for persistent grids
+  bool split_tails = true;          // sm90: items of at most 64 rows split across both consumer warpgroups
+  int32_t* next_item = nullptr;     // sm90 with TMA loads: plan.next_item, items taken as CTAs free up;
+                                    // null: CTA i takes items i, i + grid, ...  (set by the launcher)
+  bool accumulate = false;          // sm90: out and lse hold an earlier key phase's rows; merge by LSE
+  bool pair = false;                // sm90 with TMA loads: CTA pairs share each item's K/V loads
+                                    // (plan.item_rows == kPairTileQ; set by the attention call)
   int* flag = nullptr;              // value-check flag: a perm entry outside [0, S) ORs kBadPermIndex in
                                     // (the row is then read as zeros / not written)
 };
 
-// The kernels. T is __half or __nv_bfloat16 (passed as is_bf16), head_dim 64 or 128.
-// Both launch on `stream` and return without waiting.
+// The instances every attention kernel is compiled for, listed once: f16 and bf16 (each kernel names
+// its own element types) times the head dims of KernelHeadDims. attention_kernel() answers
+// "supported" from the same list that each kernel's entry point dispatches on, so the two cannot
+// disagree (docs/attention.md).
+template <typename Element, int HeadDim>
+struct Instance {
+  using T = Element;
+  static constexpr int kHeadDim = HeadDim;
+};
+
+template <int... kDims>
+struct HeadDims {
+  static constexpr bool contains(int64_t head_dim) { return ((head_dim == kDims) || ...); }
+  // Calls f(Instance<Bf16 or F16, head_dim>{}); false (and no call) for a head dim not in the list.
+  template <typename Bf16, typename F16, typename F>
+  static bool dispatch(bool is_bf16, int64_t head_dim, F&& f) {
+    const auto with = [&](auto element) {
+      using T = typename decltype(element)::T;
+      return ((head_dim == kDims && (f(Instance<T, kDims>{}), true)) || ...);
+    };
+    return is_bf16 ? with(Instance<Bf16, 0>{}) : with(Instance<F16, 0>{});
+  }
+};
+using KernelHeadDims = HeadDims<64, 128>;
+
+// The kernels, for the instances above (is_bf16 picks the element type). Both launch on `stream`
+// and return without waiting.
 void run_sm90(const Params& params, bool is_bf16, cudaStream_t stream);
-void run_sm80(const Params& params, bool is_bf16, cudaStream_t stream);
+void run_sm80(const Params& params, bool is_bf16, cudaStream_t stream);  // params.accumulate and .pair false
 bool sm90_compiled();  // whether this build holds the sm_90a kernel
+// Whether the sm90 kernel runs `params` (its plan still to be built) as CTA pairs: the
+// SAPATTN_SM90_PAIR switch, where the TMA loads run.
+bool sm90_pairs(const Params& params);
 
 }  // namespace sapattn::cuda::attn

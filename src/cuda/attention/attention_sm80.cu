@@ -29,10 +29,11 @@
 
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 
-#include "cuda/attention.hpp"
-#include "cuda/device.cuh"
+#include "cuda/attention/attention.hpp"
+#include "cuda/attention/flash_tile.cuh"
+#include "cuda/runtime/device.cuh"
+#include "cuda/runtime/primitives.cuh"
 
 namespace sapattn::cuda::attn {
 
@@ -44,84 +45,6 @@ constexpr int kWarpRows = kTileQ / kWarps;  // 32 query rows per warp
 constexpr int kMTiles = kWarpRows / 16;     // m16 tiles per warp
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-
-// ---------------------------------------------------------------------------------------------
-// PTX wrappers
-// ---------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte slot of (row, chunk) in a swizzled tile of kChunks chunks per row: the XOR with row % 8
-// puts the same chunk of eight consecutive rows (one ldmatrix phase) in eight different bank groups.
-template <int kChunks>
-__device__ __forceinline__ int swizzle(int row, int chunk) {
-  return row * kChunks + (chunk ^ (row & 7));
-}
-
-// x, hidden from the optimizer: values derived from it inside a loop are recomputed there instead
-// of being hoisted out of the loop into registers.
-__device__ __forceinline__ uint32_t opaque(uint32_t x) {
-  asm volatile("" : "+r"(x));
-  return x;
-}
-
-// Copies 16 bytes, or writes 16 zero bytes when `valid` is false (src-size 0: nothing is read).
-__device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// c += a b for a 16x16 A fragment and a 16x8 B fragment (b0, b1), fp32 accumulation.
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-// 2^x in one MUFU instruction; flushing results below 2^-126 to zero is far below what a softmax
-// weight next to the row maximum (weight 1) can contribute.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// Two floats rounded to nearest into one register of T pairs (lo in the low half).
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Rows
@@ -175,7 +98,7 @@ __device__ __forceinline__ void start_key(const ItemState<T>& item, Cursor& curs
     const int r = pos + c.delta;
     if (r >= 0 && r < seq_k) {
       c.row = r;
-      if (item.k_perm != nullptr) asm volatile("prefetch.global.L1 [%0];\n" ::"l"(item.k_perm + r));
+      if (item.k_perm != nullptr) prefetch_l1(item.k_perm + r);
     } else if (flag != nullptr) {
       atomicOr(flag, kBadOffsets);
     }
@@ -222,7 +145,6 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(const Params p) 
   constexpr int kChunks = C::kChunks;
   constexpr int kNTiles = kTileK / 8;  // n8 tiles of S per m16 tile
   constexpr int kDTiles = D / 8;       // n8 tiles of O per m16 tile
-  constexpr int kRowBytes = D * 2;
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t q_tile = smem_addr(smem + C::kOffQ);
   const uint32_t k_tile = smem_addr(smem + C::kOffK);
@@ -322,57 +244,29 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(const Params p) 
   // maximum in the log2 domain (scores times scale * log2 e), and the sum of this lane's columns'
   // fp32 weights.
   const int g = lane / 4, t4 = lane % 4;
-  // Byte offsets of the rows whose addresses this lane gives ldmatrix, at chunk pair 0 and swizzled.
-  // Every such row is lane % 8 mod 8 and its chunk is 2 c + (0 or 1), so chunk pair c is at
-  // offset ^ (32 c): one LOP3 per ldmatrix, the row steps being immediates.
-  const int x7 = lane & 7;
-  const uint32_t q_lane = (warp * kWarpRows + lane % 16) * kRowBytes + ((lane / 16) ^ x7) * 16;
-  const uint32_t k_lane = ((lane / 16) * 8 + x7) * kRowBytes + (((lane / 8) % 2) ^ x7) * 16;
-  const uint32_t v_lane = (lane % 16) * kRowBytes + ((lane / 16) ^ x7) * 16;
+  const flash::LaneOffsets lanes = flash::lane_offsets<D>(lane, warp * kWarpRows);
   float o[kMTiles][kDTiles][4];
   float row_max[2 * kMTiles], row_sum[2 * kMTiles];
-#pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt) {
-#pragma unroll
-    for (int j = 0; j < kDTiles; ++j) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.0f;
-    row_max[2 * mt] = row_max[2 * mt + 1] = -INFINITY;
-    row_sum[2 * mt] = row_sum[2 * mt + 1] = 0.0f;
-  }
+  flash::start_rows(o, row_max, row_sum);
   const float scale_log2 = p.scale * kLog2e;  // the op requires scale > 0: -inf scores stay -inf
 
   for (int n = 0; n < num_tiles; ++n) {
-    cp_async_wait_all();
+    cp_async_wait<0>();
     __syncthreads();  // K[n] (and Q) landed; every warp is done with V[n - 1]
     load_keys(v_tile, v_src + (n % 2) * kTileK, p.v);
     cp_async_commit();
 
     // ---- S = Q K^T --------------------------------------------------------------------------------
     // Recomputing the ~80 distinct ldmatrix addresses in each iteration is cheaper than holding them.
-    const uint32_t q_at = opaque(q_lane), k_at = opaque(k_lane), v_at = opaque(v_lane);
+    const uint32_t q_at = opaque(lanes.q), k_at = opaque(lanes.k), v_at = opaque(lanes.v);
     float s[kMTiles][kNTiles][4];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
       for (int j = 0; j < kNTiles; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.0f;
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      uint32_t a[kMTiles][4];
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) ldmatrix_x4(q_tile + (q_at ^ (ks * 32)) + mt * 16 * kRowBytes, a[mt]);
-#pragma unroll
-      for (int jp = 0; jp < kNTiles / 2; ++jp) {
-        // Matrices: keys jp*16 + 0..7 at dims ks*16 + 0..7 and + 8..15, then keys + 8..15 likewise.
-        uint32_t kb[4];
-        ldmatrix_x4(k_tile + (k_at ^ (ks * 32)) + jp * 16 * kRowBytes, kb);
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          mma16816<T>(s[mt][2 * jp], a[mt], kb[0], kb[1]);
-          mma16816<T>(s[mt][2 * jp + 1], a[mt], kb[2], kb[3]);
-        }
-      }
-    }
+    flash::qk_tile<T, kMTiles, kNTiles, D>(s, q_tile, q_at, k_tile, k_at);
 
-    cp_async_wait_all();
+    cp_async_wait<0>();
     __syncthreads();  // V[n] landed; every warp is done with K[n]
     if (n + 1 < num_tiles) {
       load_keys(k_tile, k_src + (n + 1) % 2 * kTileK, p.k);
@@ -395,71 +289,11 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(const Params p) 
     }
     float base[2 * kMTiles];     // the log2-domain exponent each row's weights are taken relative to
     float rescale[2 * kMTiles];  // what the row's earlier weights are multiplied by
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int i = 2 * mt + half;
-        float mx = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < kNTiles; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * half], s[mt][j][2 * half + 1]));
-        // The four lanes of a quad hold the row's other columns.
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        mx = fmaxf(row_max[i], mx * scale_log2);
-        // Only non-finite inputs leave a row at -inf after a tile with a valid key; subtracting 0 then
-        // keeps exp2 away from -inf - (-inf) = NaN.
-        base[i] = mx == -INFINITY ? 0.0f : mx;
-        rescale[i] = fast_exp2(row_max[i] - base[i]);
-        row_max[i] = mx;
-        row_sum[i] *= rescale[i];
-      }
-    // Row maxima settle as keys go by; a warp whose rows all kept theirs skips the multiplications.
-    bool changed = false;
-#pragma unroll
-    for (int i = 0; i < 2 * kMTiles; ++i) changed |= rescale[i] != 1.0f;
-    if (__any_sync(0xffffffffu, changed)) {
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-        for (int j = 0; j < kDTiles; ++j) {
-          o[mt][j][0] *= rescale[2 * mt];
-          o[mt][j][1] *= rescale[2 * mt];
-          o[mt][j][2] *= rescale[2 * mt + 1];
-          o[mt][j][3] *= rescale[2 * mt + 1];
-        }
-    }
+    flash::softmax_step(s, scale_log2, row_max, row_sum, base, rescale);
+    flash::rescale_o(o, rescale);
 
     // ---- O += P V, 16 keys at a time ----------------------------------------------------------------
-    // The C fragments of S over 16 keys, as weights rounded to T, are the A fragment of P: register q
-    // holds n8 tile 2 kk + q / 2, row half q % 2. Making them just in time keeps S and P from being
-    // live at once. The row sums add the unrounded weights, so the LSE is as exact as fp32 allows.
-#pragma unroll
-    for (int kk = 0; kk < kTileK / 16; ++kk) {
-      uint32_t a[kMTiles][4];
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int i = 2 * mt + q % 2;
-          const float* sv = s[mt][2 * kk + q / 2] + 2 * (q % 2);
-          const float p0 = fast_exp2(fmaf(sv[0], scale_log2, -base[i]));
-          const float p1 = fast_exp2(fmaf(sv[1], scale_log2, -base[i]));
-          row_sum[i] += p0 + p1;
-          a[mt][q] = pack2<T>(p0, p1);
-        }
-#pragma unroll
-      for (int jp = 0; jp < kDTiles / 2; ++jp) {
-        // Transposed matrices: keys kk*16 + 0..7 and + 8..15 at dims jp*16 + 0..7, then dims + 8..15.
-        uint32_t vb[4];
-        ldmatrix_x4_trans(v_tile + (v_at ^ (jp * 32)) + kk * 16 * kRowBytes, vb);
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          mma16816<T>(o[mt][2 * jp], a[mt], vb[0], vb[1]);
-          mma16816<T>(o[mt][2 * jp + 1], a[mt], vb[2], vb[3]);
-        }
-      }
-    }
+    flash::pv_tile<T, kMTiles, kNTiles, kDTiles>(o, s, scale_log2, base, row_sum, v_tile, v_at);
     if (walker) finish_key(item, cursors[tid], p, &k_src[n % 2 * kTileK + tid], &v_src[n % 2 * kTileK + tid]);
   }
 
@@ -476,7 +310,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(const Params p) 
       float sum = row_sum[i];
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      const float inv = sum != 0.0f ? 1.0f / sum : 0.0f;
       const int row = warp * kWarpRows + mt * 16 + half * 8 + g;
 #pragma unroll
       for (int j = 0; j < kDTiles; ++j)
@@ -485,7 +319,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(const Params p) 
       const int dst = q_rows[row];
       if (p.lse != nullptr && t4 == 0 && dst >= 0)
         p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + dst * p.lse_stride[2]] =
-            sum > 0.0f ? (row_max[i] + log2f(sum)) * kLn2 : -INFINITY;
+            sum != 0.0f ? (row_max[i] + log2f(sum)) * kLn2 : -INFINITY;
     }
   __syncwarp();
 #pragma unroll
@@ -513,14 +347,13 @@ void launch(const Params& p, cudaStream_t stream) {
 }  // namespace
 
 void run_sm80(const Params& params, bool is_bf16, cudaStream_t stream) {
-  switch (params.head_dim) {
-    case 64:
-      return is_bf16 ? launch<__nv_bfloat16, 64>(params, stream) : launch<__half, 64>(params, stream);
-    case 128:
-      return is_bf16 ? launch<__nv_bfloat16, 128>(params, stream) : launch<__half, 128>(params, stream);
-    default:
-      SAPATTN_THROW(UnsupportedError, "the sm80 attention kernel takes head dim 64 or 128, got ", params.head_dim);
-  }
+  SAPATTN_CHECK(!params.pair && (params.dense || params.plan.item_rows == kTileQ), InvalidArgumentError,
+                "the sm80 attention kernel runs items of ", kTileQ, " rows, without CTA pairs");
+  const bool found = KernelHeadDims::dispatch<__nv_bfloat16, __half>(is_bf16, params.head_dim, [&](auto instance) {
+    using I = decltype(instance);
+    launch<typename I::T, I::kHeadDim>(params, stream);
+  });
+  SAPATTN_CHECK(found, UnsupportedError, "the sm80 attention kernel takes head dim 64 or 128, got ", params.head_dim);
 }
 
 }  // namespace sapattn::cuda::attn

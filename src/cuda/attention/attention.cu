@@ -7,8 +7,9 @@
 #include <mutex>
 #include <vector>
 
-#include "cuda/attention.hpp"
-#include "cuda/device.cuh"
+#include "core/carver.hpp"
+#include "cuda/attention/attention.hpp"
+#include "cuda/runtime/device.cuh"
 
 namespace sapattn::cuda {
 
@@ -100,13 +101,32 @@ attn::Params make_params(const TensorView& q, const TensorView& k, const TensorV
   return p;
 }
 
+bool is_sm90(DType dtype, int device, int64_t head_dim) {
+  return std::strcmp(attention_kernel(device, dtype, head_dim).name, "sm90a-wgmma") == 0;
+}
+
 void launch(const attn::Params& p, DType dtype, int device, cudaStream_t stream) {
   const bool bf16 = dtype == DType::BF16;
-  if (std::strcmp(attention_kernel(device, dtype, p.head_dim).name, "sm90a-wgmma") == 0) {
+  if (is_sm90(dtype, device, p.head_dim)) {
     attn::run_sm90(p, bf16, stream);
   } else {
     attn::run_sm80(p, bf16, stream);
   }
+}
+
+// Key phases of a sparse call (attention.hpp, build_plan). SAPATTN_KV_PHASES=N (1-16) sets the
+// count, for measurement; default 1. The sm_80 kernel runs one phase.
+constexpr int kMaxPhases = 16;
+
+int key_phases(DType dtype, int device, int64_t head_dim) {
+  if (!is_sm90(dtype, device, head_dim)) return 1;
+  const char* env = std::getenv("SAPATTN_KV_PHASES");
+  if (env == nullptr || env[0] == '\0') return 1;
+  char* end = nullptr;
+  const long n = std::strtol(env, &end, 10);
+  SAPATTN_CHECK(*end == '\0' && n >= 1 && n <= kMaxPhases, InvalidArgumentError, "SAPATTN_KV_PHASES='", env,
+                "' is not a phase count in [1, ", kMaxPhases, "]");
+  return static_cast<int>(n);
 }
 
 }  // namespace
@@ -116,7 +136,8 @@ void set_attention_kernel_override(const char* name) { g_override.store(parse_ov
 AttentionKernel attention_kernel(int device, DType dtype, int64_t head_dim) {
   if (dtype != DType::F16 && dtype != DType::BF16)
     return {false, "", "the CUDA attention kernels take f16 or bf16 inputs (convert f32 first, or use the CPU)"};
-  if (head_dim != 64 && head_dim != 128) return {false, "", "the CUDA attention kernels take head dim 64 or 128"};
+  if (!attn::KernelHeadDims::contains(head_dim))
+    return {false, "", "the CUDA attention kernels take head dim 64 or 128"};
   const DeviceInfo info = device_info(device);
   if (info.major < 8) return {false, "", "the CUDA attention kernels need an sm_80 or newer GPU"};
   if (override_arch() != 80 && info.major == 9 && info.minor == 0 && attn::sm90_compiled())
@@ -124,9 +145,13 @@ AttentionKernel attention_kernel(int device, DType dtype, int64_t head_dim) {
   return {true, "sm80-mma", ""};
 }
 
+// The plan, then an lse of the queries for the key phases' merge when the caller passes none.
 size_t block_sparse_attention_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters,
                                               int64_t q_tokens) {
-  return attn::plan_workspace_bytes(batch_heads, q_clusters, k_clusters, q_tokens);
+  Carver carver("block_sparse_attention");
+  carver.take_bytes(attn::plan_workspace_bytes(batch_heads, q_clusters, k_clusters, q_tokens));
+  carver.take<float>(batch_heads * q_tokens);
+  return carver.used();
 }
 
 void block_sparse_attention(const TensorView& q, const TensorView& k, const TensorView& v, const BlockLayout& layout,
@@ -134,16 +159,32 @@ void block_sparse_attention(const TensorView& q, const TensorView& k, const Tens
                             const RowPermutation& perm) {
   const DeviceGuard guard(stream.device);
   attn::Params p = make_params(q, k, v, scale, out, lse, perm, stream.device.index);
-  const int64_t BH = q.shape[0] * q.shape[1];
-  const size_t need =
-      attn::plan_workspace_bytes(BH, layout.q_offsets.shape[2] - 1, layout.k_offsets.shape[2] - 1, q.shape[2]);
+  const int64_t BH = q.shape[0] * q.shape[1], Sq = q.shape[2];
+  const int64_t Cq = layout.q_offsets.shape[2] - 1, Ck = layout.k_offsets.shape[2] - 1;
+  const size_t need = block_sparse_attention_workspace_bytes(BH, Cq, Ck, Sq);
   SAPATTN_CHECK(workspace.bytes >= need && (need == 0 || workspace.data != nullptr), WorkspaceError,
                 "block_sparse_attention needs a workspace of ", need, " bytes on CUDA, got ", workspace.bytes,
                 " (ask block_sparse_attention_workspace_bytes)");
-  if (BH == 0 || q.shape[2] == 0) return;
+  if (BH == 0 || Sq == 0) return;
+  const int phases = k.shape[2] == 0 ? 1 : key_phases(q.dtype, stream.device.index, p.head_dim);
+  p.pair = is_sm90(q.dtype, stream.device.index, p.head_dim) && attn::sm90_pairs(p);
+  Carver carver("block_sparse_attention", workspace);
+  const size_t plan_bytes = attn::plan_workspace_bytes(BH, Cq, Ck, Sq);
+  const Workspace plan_workspace{carver.take_bytes(plan_bytes), plan_bytes};
+  float* lse_scratch = carver.take<float>(BH * Sq);
+  if (phases > 1 && p.lse == nullptr) {  // the phases merge through an lse: the workspace's, [B, H, Sq]
+    p.lse = lse_scratch;
+    p.lse_stride[0] = q.shape[1] * Sq;
+    p.lse_stride[1] = Sq;
+    p.lse_stride[2] = 1;
+  }
   const bool checked = begin_value_check(stream);
-  p.plan = attn::build_plan(layout, q.shape[2], k.shape[2], workspace, stream_of(stream));
-  launch(p, q.dtype, stream.device.index, stream_of(stream));
+  for (int phase = 0; phase < phases; ++phase) {
+    p.plan = attn::build_plan(layout, Sq, k.shape[2], plan_workspace, stream_of(stream), phase, phases,
+                              p.pair ? attn::kPairTileQ : attn::kTileQ);
+    p.accumulate = phase > 0;
+    launch(p, q.dtype, stream.device.index, stream_of(stream));
+  }
   if (checked) end_value_check(stream, "block_sparse_attention");
 }
 
@@ -153,6 +194,7 @@ void dense_attention(const TensorView& q, const TensorView& k, const TensorView&
   attn::Params p = make_params(q, k, v, scale, out, lse, perm, stream.device.index);
   if (q.shape[0] * q.shape[1] == 0 || q.shape[2] == 0) return;
   p.dense = true;
+  p.pair = is_sm90(q.dtype, stream.device.index, p.head_dim) && attn::sm90_pairs(p);
   const bool checked = begin_value_check(stream);
   launch(p, q.dtype, stream.device.index, stream_of(stream));
   if (checked) end_value_check(stream, "dense_attention");

@@ -12,7 +12,7 @@
 
 #include <cfloat>
 
-#include "cuda/device.cuh"
+#include "cuda/runtime/device.cuh"
 
 namespace sapattn::cuda {
 
@@ -61,6 +61,7 @@ struct alignas(16) SelectSmem {
   int32_t sizes[kCapacity];
   float row_max[kRows];
   int32_t kept[kRows];
+  bool unranked[kRows];  // a NaN weight: the row keeps every cluster (as the CPU's keep_top_p_row)
   union alignas(16) {
     float tile[kTileCols][kTileStride];  // score phase (float4 reads)
     typename Sort::TempStorage sort;     // ranking phase
@@ -172,12 +173,21 @@ __global__ void __launch_bounds__(kThreads, kCapacity <= 2048 ? 2 : 1) select_ke
     // Size-weighted softmax numerators: one warp per row.
     if (warp < rows_here) {
       float m = -INFINITY;
+      bool finite = true;
       for (int64_t j = lane; j < C; j += 32)
-        if (sm.sizes[j] > 0) m = fmaxf(m, sm.weights[warp][j]);
+        if (sm.sizes[j] > 0) {
+          m = fmaxf(m, sm.weights[warp][j]);
+          finite = finite && isfinite(sm.weights[warp][j]);
+        }
 #pragma unroll
       for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      if (!__all_sync(0xffffffffu, finite)) {
+        // A NaN or Inf score (from NaN or Inf inputs): every weight is NaN, as on the CPU.
+        m = NAN;
+        for (int64_t j = lane; j < C; j += 32) sm.weights[warp][j] = NAN;
+      }
       if (lane == 0) sm.row_max[warp] = m;
-      if (m != -INFINITY) {
+      if (m != -INFINITY && !isnan(m)) {
         for (int64_t j = lane; j < C; j += 32) {
           const int32_t n = sm.sizes[j];
           const float e = static_cast<float>(exp(static_cast<double>(__fsub_rn(sm.weights[warp][j], m))));
@@ -201,11 +211,21 @@ __global__ void __launch_bounds__(kThreads, kCapacity <= 2048 ? 2 : 1) select_ke
     }
   }
   __syncthreads();
+  // A row with a NaN weight cannot be ranked: it keeps every cluster, so that the NaN reaches its
+  // queries' outputs as in dense attention instead of an empty row's zeros.
+  if (warp < rows_here) {
+    bool nan = false;
+    for (int64_t j = lane; j < C; j += 32) nan = nan || isnan(sm.weights[warp][j]);
+    nan = __any_sync(0xffffffffu, nan);
+    if (lane == 0) sm.unranked[warp] = nan;
+  }
+  __syncthreads();
 
   // ---- ranking: stable radix sort of (weight desc, index asc), one row at a time ----------------
   const bool keep_all = p.top_p >= 1.0f;
   if (!keep_all) {
     for (int r = 0; r < rows_here; ++r) {
+      if (sm.unranked[r]) continue;
       if constexpr (!kFromProbs) {
         if (sm.row_max[r] == -INFINITY) continue;  // nothing to rank: the row keeps nothing
       }
@@ -232,7 +252,7 @@ __global__ void __launch_bounds__(kThreads, kCapacity <= 2048 ? 2 : 1) select_ke
     if constexpr (!kFromProbs) empty = sm.row_max[warp] == -INFINITY;
     if (empty) {
       kept = 0;
-    } else if (!keep_all) {
+    } else if (!keep_all && !sm.unranked[warp]) {
       float running = 0.0f;
       for (int64_t rank = 0; rank < C; rank += 8) {
         float w[8];
@@ -261,7 +281,7 @@ __global__ void __launch_bounds__(kThreads, kCapacity <= 2048 ? 2 : 1) select_ke
     uint8_t* m = p.mask + b * p.mask_stride[0] + h * p.mask_stride[1] + (row0 + r) * p.mask_stride[2];
     const int64_t kept = sm.kept[r];
     for (int64_t rank = threadIdx.x; rank < C; rank += kThreads) {
-      const int64_t j = (keep_all || kept == 0) ? rank : sm.order[r][rank];
+      const int64_t j = (keep_all || kept == 0 || sm.unranked[r]) ? rank : sm.order[r][rank];
       m[j * p.mask_stride[3]] = rank < kept ? 1 : 0;
     }
   }
@@ -372,39 +392,38 @@ __global__ void density_kernel(DensityParams p) {
   }
 }
 
-}  // namespace
-
-void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, const Stream& stream) {
-  const DeviceGuard guard(stream.device);
+// What select_top_p and select_blocks share: the mask [B,H,rows,cols] they write and the top-p rule.
+SelectParams rule_params(int64_t H, int64_t rows, int64_t cols, float top_p, int min_kept, TensorView mask) {
   SelectParams p;
-  p.probs = static_cast<const float*>(probs.data);
-  copy_strides(probs, p.probs_stride);
-  p.H = probs.shape[1];
-  p.rows = probs.shape[2];
-  p.cols = probs.shape[3];
+  p.H = H;
+  p.rows = rows;
+  p.cols = cols;
   p.top_p = top_p;
   p.min_kept = min_kept;
   p.mask = static_cast<uint8_t*>(mask.data);
   copy_strides(mask, p.mask_stride);
+  return p;
+}
+
+}  // namespace
+
+void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, const Stream& stream) {
+  const DeviceGuard guard(stream.device);
+  SelectParams p = rule_params(probs.shape[1], probs.shape[2], probs.shape[3], top_p, min_kept, mask);
+  p.probs = static_cast<const float*>(probs.data);
+  copy_strides(probs, p.probs_stride);
   run_select<true>(p, probs.shape[0] * probs.shape[1], false, stream_of(stream));
 }
 
 void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
                    float top_p, int min_kept, TensorView mask, const Stream& stream) {
   const DeviceGuard guard(stream.device);
-  SelectParams p;
+  SelectParams p = rule_params(q_centroids.shape[1], q_centroids.shape[2], k_centroids.shape[2], top_p, min_kept, mask);
   p.q_centroids = static_cast<const float*>(q_centroids.data);
   p.k_centroids = static_cast<const float*>(k_centroids.data);
   p.k_sizes = static_cast<const int32_t*>(k_sizes.data);
   p.D = q_centroids.shape[3];
   p.scale = scale;
-  p.H = q_centroids.shape[1];
-  p.rows = q_centroids.shape[2];
-  p.cols = k_centroids.shape[2];
-  p.top_p = top_p;
-  p.min_kept = min_kept;
-  p.mask = static_cast<uint8_t*>(mask.data);
-  copy_strides(mask, p.mask_stride);
   run_select<false>(p, q_centroids.shape[0] * q_centroids.shape[1], p.D % 4 == 0, stream_of(stream));
 }
 

@@ -7,7 +7,8 @@
 // cluster of n rows starting at o ends before floor((o + n) / kTileQ) + a + 1) and end before
 // floor(Sq / kTileQ) + Cq, and slot order is (bh, cluster, q_begin) order. The slots left over
 // keep key 0; every item's key is larger, so the stable descending sort puts the items first, equal
-// keys in slot order, the empty slots after them.
+// keys in slot order, the empty slots after them. Items of item_rows = kPairTileQ rows (the sm90
+// kernel's CTA pairs) take the first ceil(n / kPairTileQ) of the same slots.
 //
 // The sort key is (head, cost): heads in ascending order, within a head the heaviest items first.
 // A persistent grid striding over the items then works on one or two heads at a time, whose K and
@@ -23,14 +24,17 @@
 //      the row's items are written to their slots with their cost. Fewer, longer segments are what
 //      the TMA loads want: each run is read as a few large boxes instead of one per cluster.
 //   3. cub::DeviceRadixSort sorts all slots by key, descending.
+#include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
 
 #include <algorithm>
 #include <bit>
+#include <cstdlib>
+#include <cstring>
 
-#include "cuda/attention.hpp"
-#include "cuda/device.cuh"
+#include "cuda/attention/attention.hpp"
+#include "cuda/runtime/device.cuh"
 
 namespace sapattn::cuda::attn {
 
@@ -50,6 +54,9 @@ struct LayoutView {
   int64_t q_tokens, k_tokens;
   int64_t slots_per_bh;  // max_work_items / BH
   int cost_bits;         // bits of the largest cost; the head goes above them in the sort key
+  PlanOrder order;       // what orders the items within a head
+  int phase, phases;     // key phases (build_plan): only kept clusters starting in phase `phase`
+  int item_rows;         // the most rows of an item (kTileQ or kPairTileQ)
 };
 
 // The plan's outputs and the sort's input.
@@ -59,7 +66,7 @@ struct PlanOut {
   int32_t* bh_ok;         // [BH]
   uint64_t* key;          // [capacity], unsorted sort keys
   WorkItem* items;        // [capacity], unsorted
-  int32_t* num_items;
+  int32_t* num_items;  // [2]: the item count, the kernels' scheduling counter
 };
 
 // One block per (b,h). Requiring the ends to be the sequence lengths (not just at most them) keeps
@@ -83,7 +90,7 @@ __global__ void __launch_bounds__(kCheckThreads) check_offsets_kernel(LayoutView
   if (threadIdx.x == 0) {
     out.bh_ok[bh] = bad ? 0 : 1;
     if (bad) atomicOr(flag, kBadOffsets);
-    if (bh == 0) *out.num_items = 0;  // the row blocks add their items to it
+    if (bh == 0) out.num_items[0] = out.num_items[1] = 0;  // the row blocks add their items to [0]
   }
 }
 
@@ -119,6 +126,7 @@ __global__ void __launch_bounds__(kRowThreads) plan_rows_kernel(LayoutView layou
   Segment* seg = out.segments + r * Ck;
 
   uint64_t running = 0;  // (segments << 32) + keys of the earlier passes
+  uint64_t moment = 0;   // sum over this thread's kept clusters of (2 begin + size) size
   uint8_t carry = kEmpty;  // the last non-empty cluster's state in the earlier passes
   for (int64_t base = 0; base < Ck; base += kRowTile) {
     const int64_t first = base + static_cast<int64_t>(threadIdx.x) * kRowItems;
@@ -129,7 +137,11 @@ __global__ void __launch_bounds__(kRowThreads) plan_rows_kernel(LayoutView layou
       const int64_t c = first + u;
       begin[u] = c < Ck ? ko[c] : 0;
       size[u] = c < Ck ? ko[c + 1] - begin[u] : 0;
-      state[u] = size[u] == 0 ? kEmpty : mask[c * mask_col] != 0 ? kKept : kSkipped;
+      const bool in_phase =
+          layout.phases == 1 || int64_t{begin[u]} * layout.phases / layout.k_tokens == layout.phase;
+      state[u] = size[u] == 0 ? kEmpty : mask[c * mask_col] != 0 && in_phase ? kKept : kSkipped;
+      if (state[u] == kKept)
+        moment += (2 * static_cast<uint64_t>(begin[u]) + static_cast<uint64_t>(size[u])) * static_cast<uint64_t>(size[u]);
     }
     uint8_t pass_state = kEmpty;
     StateScan(state_storage).ExclusiveScan(state, before, carry, LastNonEmpty{}, pass_state);
@@ -155,14 +167,29 @@ __global__ void __launch_bounds__(kRowThreads) plan_rows_kernel(LayoutView layou
     __syncthreads();  // the scans' storage is reused by the next pass
   }
   const uint64_t keys = running & 0xffffffffu;  // the same in every thread: CUB gives each the aggregate
+  // The item's place within its head: Locality sorts by the mean kept key row (moment / 2 keys),
+  // ascending; Cost by rows x keys, descending; Slot keeps (cluster, q_begin).
+  __shared__ uint64_t mean_row;
+  if (layout.order == PlanOrder::Locality) {
+    using Reduce = cub::BlockReduce<uint64_t, kRowThreads>;
+    __shared__ typename Reduce::TempStorage reduce_storage;
+    const uint64_t total = Reduce(reduce_storage).Sum(moment);
+    if (threadIdx.x == 0) mean_row = keys > 0 ? total / (2 * keys) : static_cast<uint64_t>(layout.k_tokens);
+    __syncthreads();
+  }
   const int32_t* qo = layout.q_offsets + bh * (layout.q_clusters + 1);
   const int32_t q_lo = qo[a], q_hi = qo[a + 1];
-  const int32_t tiles = (q_hi - q_lo + kTileQ - 1) / kTileQ;
+  const int32_t tiles = (q_hi - q_lo + layout.item_rows - 1) / layout.item_rows;
   const int64_t slot0 = bh * layout.slots_per_bh + q_lo / kTileQ + a;
   const uint64_t head_key = static_cast<uint64_t>(layout.batch_heads - 1 - bh) << layout.cost_bits;
   for (int32_t t = threadIdx.x; t < tiles; t += kRowThreads) {
-    const int32_t q_begin = q_lo + t * kTileQ, q_end = min_of(q_begin + kTileQ, q_hi);
-    out.key[slot0 + t] = head_key | (static_cast<uint64_t>(q_end - q_begin) * keys + kItemBaseCost);
+    const int32_t q_begin = q_lo + t * layout.item_rows, q_end = min_of(q_begin + layout.item_rows, q_hi);
+    const uint64_t cost = static_cast<uint64_t>(q_end - q_begin) * keys + kItemBaseCost;
+    // Every field is below 2^cost_bits, and nonzero, so that the empty slots (key 0) sort last.
+    const uint64_t place = layout.order == PlanOrder::Cost       ? cost
+                           : layout.order == PlanOrder::Locality ? static_cast<uint64_t>(layout.k_tokens) + 1 - mean_row
+                                                                 : 1;
+    out.key[slot0 + t] = head_key | place;
     out.items[slot0 + t] = WorkItem{static_cast<int32_t>(bh), static_cast<int32_t>(a), q_begin, q_end};
   }
   if (threadIdx.x == 0) {
@@ -197,7 +224,7 @@ PlanScratch carve_plan(Carver& carver, int64_t batch_heads, int64_t q_clusters, 
                 "the CUDA attention planner takes fewer than 2^31 heads, query-cluster rows and work items, got ",
                 batch_heads, " heads x ", q_clusters, " clusters over ", q_tokens, " tokens");
   s.items = carver.take<WorkItem>(s.capacity);
-  s.num_items = carver.take<int32_t>(1);
+  s.num_items = carver.take<int32_t>(2);
   s.segments = carver.take<Segment>(s.rows * k_clusters);
   s.num_segments = carver.take<int32_t>(s.rows);
   s.bh_ok = carver.take<int32_t>(batch_heads);
@@ -212,6 +239,14 @@ PlanScratch carve_plan(Carver& carver, int64_t batch_heads, int64_t q_clusters, 
   return s;
 }
 
+PlanOrder plan_order() {
+  const char* env = std::getenv("SAPATTN_PLAN_ORDER");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "cost") == 0) return PlanOrder::Cost;
+  if (std::strcmp(env, "locality") == 0) return PlanOrder::Locality;
+  if (std::strcmp(env, "slot") == 0) return PlanOrder::Slot;
+  SAPATTN_THROW(InvalidArgumentError, "SAPATTN_PLAN_ORDER is '", env, "'; expected cost, locality or slot");
+}
+
 }  // namespace
 
 size_t plan_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters, int64_t q_tokens) {
@@ -221,7 +256,11 @@ size_t plan_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_c
 }
 
 PlanView build_plan(const BlockLayout& layout, int64_t q_tokens, int64_t k_tokens, Workspace workspace,
-                    cudaStream_t stream) {
+                    cudaStream_t stream, int phase, int phases, int item_rows) {
+  SAPATTN_CHECK(phases >= 1 && phase >= 0 && phase < phases, InvalidArgumentError, "key phase ", phase, " of ", phases,
+                " is not a phase");
+  SAPATTN_CHECK(item_rows == kTileQ || item_rows == kPairTileQ, InvalidArgumentError, "a plan's items take ", kTileQ,
+                " or ", kPairTileQ, " query rows, got ", item_rows);
   const int64_t B = layout.q_offsets.shape[0], H = layout.q_offsets.shape[1];
   const int64_t BH = B * H, Cq = layout.q_offsets.shape[2] - 1, Ck = layout.k_offsets.shape[2] - 1;
   Carver carver("block_sparse_attention (plan)", workspace);
@@ -231,13 +270,15 @@ PlanView build_plan(const BlockLayout& layout, int64_t q_tokens, int64_t k_token
   PlanView plan;
   plan.items = s.items;
   plan.num_items = s.num_items;
+  plan.next_item = s.num_items + 1;
   plan.segments = s.segments;
   plan.num_segments = s.num_segments;
   plan.q_clusters = static_cast<int32_t>(Cq);
   plan.k_clusters = static_cast<int32_t>(Ck);
   plan.max_items = static_cast<int32_t>(s.capacity);
+  plan.item_rows = item_rows;
   if (BH == 0) {
-    SAPATTN_CUDA_CHECK(cudaMemsetAsync(s.num_items, 0, sizeof(int32_t), stream));
+    SAPATTN_CUDA_CHECK(cudaMemsetAsync(s.num_items, 0, 2 * sizeof(int32_t), stream));
     return plan;
   }
 
@@ -255,8 +296,12 @@ PlanView build_plan(const BlockLayout& layout, int64_t q_tokens, int64_t k_token
   view.batch_heads = BH;
   // Only the bits a key can occupy: fewer radix passes.
   const uint64_t max_cost =
-      static_cast<uint64_t>(kTileQ) * static_cast<uint64_t>(std::max<int64_t>(k_tokens, 0)) + kItemBaseCost;
+      static_cast<uint64_t>(item_rows) * static_cast<uint64_t>(std::max<int64_t>(k_tokens, 0)) + kItemBaseCost;
   view.cost_bits = static_cast<int>(std::bit_width(max_cost));
+  view.order = plan_order();
+  view.phase = phase;
+  view.phases = phases;
+  view.item_rows = item_rows;
   const int key_bits = view.cost_bits + static_cast<int>(std::bit_width(static_cast<uint64_t>(BH)));
   const PlanOut out{s.segments, s.num_segments, s.bh_ok, s.key_in, s.items_in, s.num_items};
 

@@ -1,0 +1,391 @@
+// The Hopper attention kernel's producer warpgroup: fills the Q buffer and the ring of K/V stages
+// that the consumers read, signalled by mbarriers. Two producers; attention_sm90.cu's launcher picks
+// one (use_tma).
+//
+// producer_cp_async, the gather: the rows of a sparse key tile come from several kept key clusters
+// (and, with the fused permutation, from anywhere in the sequence), so a tile is a gather; 16-byte
+// cp.async per row chunk, completion tied to the stage's "full" mbarrier with
+// cp.async.mbarrier.arrive.noinc, as CUTLASS's cp.async GMMA mainloops do. All 128 threads load.
+//
+// producer_tma: where key rows are not permuted, boxes from tensor maps; in the dense mode a tile is
+// one box per 64 columns, in the sparse mode 16-row slots per run of kept clusters, loaded as boxes of
+// 16 to 128 rows that the whole producer warp finds at once (box_at). Q comes as boxes too, or, where
+// it is read through q_perm (svg2's calls, with K and V laid out in cluster order), as a cp.async
+// gather by the same warp. One warp loads.
+//
+// Both walk the items the scheduler (scheduler.cuh) hands out and keep their own pipeline
+// positions: item_count for the Q buffer, tile_count for the K/V stage ring.
+#pragma once
+
+#include <cuda.h>  // CUtensorMap
+
+#include <cutlass/arch/barrier.h>
+#include <cute/arch/copy_sm80.hpp>
+#include <cute/tensor.hpp>
+
+#include "cuda/attention/sm90/scheduler.cuh"
+#include "cuda/attention/sm90/traits.cuh"
+#include "cuda/runtime/primitives.cuh"
+
+namespace sapattn::cuda::attn::sm90 {
+
+// ---------------------------------------------------------------------------------------------
+// The cp.async producer
+// ---------------------------------------------------------------------------------------------
+
+// Row ownership in a tile. Each producer thread copies one 16-byte chunk of every kRowsPerPass-th
+// row; the 32 rows a warp copies are "owned" one per lane: the owner finds the row's source and
+// the copying lanes fetch it with a shuffle (no shared-memory exchange, no barrier).
+template <class Tr>
+struct TileRows {
+  static constexpr int kRowsPerPass = 128 / Tr::kChunksPerRow;
+  static constexpr int kRowsPerWarpPass = kRowsPerPass / 4;
+  static constexpr int kPasses = Tr::kBlockN / kRowsPerPass;
+  static_assert(kRowsPerPass % 8 == 0 && kRowsPerWarpPass * kPasses == 32);
+  // The tile row owned by `lane` of `warp`.
+  __device__ static int owned(int warp, int lane) {
+    return lane % kRowsPerWarpPass + warp * kRowsPerWarpPass + lane / kRowsPerWarpPass * kRowsPerPass;
+  }
+};
+
+// The source rows of the tile rows this thread copies, fetched from their owners (`src`: the
+// owned row's source, -1 for none).
+template <class Tr>
+struct RowSources {
+  int32_t row[TileRows<Tr>::kPasses];
+  __device__ RowSources(int32_t src, int thread) {
+#pragma unroll
+    for (int i = 0; i < TileRows<Tr>::kPasses; ++i)
+      row[i] = __shfl_sync(0xffffffff, src, i * TileRows<Tr>::kRowsPerWarpPass + thread % 32 / Tr::kChunksPerRow);
+  }
+};
+
+// Copies a tile of rows (-1: zero-fill) of a [.., D] tensor into a swizzled shared tile. In the
+// 128-byte-swizzled K-major layout a block of 8 rows is one 1 KB atom column, so a thread's rows
+// (all with the same row mod 8) sit at a fixed distance from each other: one shared address to
+// compute.
+template <class Tr, class SmemTensor>
+__device__ __forceinline__ void gather_tile(const typename Tr::T* base, int64_t row_stride,
+                                            const RowSources<Tr>& sources, SmemTensor tile, int thread) {
+  using Rows = TileRows<Tr>;
+  const int chunk = thread % Tr::kChunksPerRow, row0 = thread / Tr::kChunksPerRow;
+  const uint32_t smem0 = cast_smem_ptr_to_uint(&tile(row0, chunk * 8));
+  constexpr uint32_t kPassBytes = Rows::kRowsPerPass * 64 * sizeof(typename Tr::T);  // atoms of 8 x 64
+#pragma unroll
+  for (int i = 0; i < Rows::kPasses; ++i) {
+    const int32_t r = sources.row[i];
+    const typename Tr::T* g = base + (r >= 0 ? static_cast<int64_t>(r) * row_stride : 0) + chunk * 8;
+    cp_async16_zfill(smem0 + i * kPassBytes, g, r >= 0);
+  }
+}
+
+template <class Tr>
+__device__ void producer_cp_async(const Params& p, typename Tr::Smem& s, int num_items, int q_tiles) {
+  using T = typename Tr::T;
+  const int thread = threadIdx.x;  // 0..127
+  const int own = TileRows<Tr>::owned(thread / 32, thread % 32);
+  auto sQ = make_tensor(make_smem_ptr(s.q.data()), typename Tr::LayoutQ{});
+  auto sK = make_tensor(make_smem_ptr(s.k.data()), typename Tr::LayoutK{});
+  auto sV = make_tensor(make_smem_ptr(s.v.data()), typename Tr::LayoutK{});
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  int tile_count = 0;  // key tiles loaded by this CTA so far: the pipeline position
+  ItemScheduler<Tr, true, false> items(p, s, num_items, q_tiles);
+  int item_count = 0;  // items loaded so far: the Q buffer's position
+  for (; items.valid(); items.advance(), ++item_count) {
+    const Item it = items.item();
+    const int b = it.bh / p.heads, h = it.bh % p.heads;
+
+    // Q rows of the item.
+    Barrier::wait(&s.q_empty, (item_count & 1) ^ 1);
+    const int32_t j = own < it.rows ? it.q_begin + own : -1;
+    const int32_t q_src = j < 0 ? -1 : through_perm(p.q_perm, int64_t{it.bh} * p.seq_q, j, p.seq_q, p.flag);
+    gather_tile<Tr>(q + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], RowSources<Tr>(q_src, thread), sQ,
+                    thread);
+    cutlass::arch::cpasync_barrier_arrive_noinc(&s.q_full);
+
+    // Key tiles: the owner of tile row r follows virtual key position n * kBlockN + r through the
+    // segments (monotonically, so one cursor per thread).
+    const int n_blocks = (it.keys + Tr::kBlockN - 1) / Tr::kBlockN;
+    int seg = 0;
+    const int64_t k_base = b * p.k_stride[0] + h * p.k_stride[1];
+    const int64_t v_base = b * p.v_stride[0] + h * p.v_stride[1];
+    for (int n = 0; n < n_blocks; ++n, ++tile_count) {
+      const int stage = tile_count % Tr::kStages;
+      const int phase = (tile_count / Tr::kStages) & 1;
+      const int32_t pos = n * Tr::kBlockN + own;
+      int32_t src = -1;
+      if (pos < it.keys) {
+        if (it.segments == nullptr) {
+          src = pos;
+        } else {
+          while (it.segments[seg].cum_end <= pos) ++seg;  // pos < keys = last cum_end: terminates
+          src = pos + it.segments[seg].delta;
+        }
+        src = through_perm(p.k_perm, int64_t{it.bh} * p.seq_k, src, p.seq_k, p.flag);
+      }
+      // The row sources are shuffled again for V: holding them across K's copies spills.
+      Barrier::wait(&s.k_empty[stage], phase ^ 1);
+      gather_tile<Tr>(k + k_base, p.k_stride[2], RowSources<Tr>(src, thread), sK(_, _, stage), thread);
+      cutlass::arch::cpasync_barrier_arrive_noinc(&s.k_full[stage]);
+      Barrier::wait(&s.v_empty[stage], phase ^ 1);
+      gather_tile<Tr>(v + v_base, p.v_stride[2], RowSources<Tr>(src, thread), sV(_, _, stage), thread);
+      cutlass::arch::cpasync_barrier_arrive_noinc(&s.v_full[stage]);
+    }
+  }
+  cute::cp_async_wait<0>();  // leave no copy in flight behind an exiting thread
+}
+
+// ---------------------------------------------------------------------------------------------
+// The TMA producer (no permutation to read through: q and k/v rows are in cluster order).
+// ---------------------------------------------------------------------------------------------
+
+// The tensor maps of q, k, v as 4-D tensors (D, S, H, B) with 128-byte swizzle: Q boxes are 64 rows
+// x 64 columns, K and V boxes kSlotRows << j rows x 64 columns in map j. A kernel parameter: TMA
+// reads it from there.
+struct TmaMaps {
+  CUtensorMap q, k[kBoxHeights], v[kBoxHeights];
+};
+
+// The slots of an item's keys: each segment (a run of kept clusters with contiguous rows) of L keys
+// takes ceil(L / kRows) slots of kRows rows, the last one partly masked. Every lane of the producer
+// warp follows the slots of its own position in the tile with a cursor that only moves forward; it
+// counts the slots of the segments it passes, so the plan needs no slot prefix.
+template <int kRows>
+struct LaneSlots {
+  const Segment* segments;
+  int32_t num_segments;
+  int32_t seg = -1, slot_begin = 0, slot_end = 0;  // the current segment and its slots [begin, end)
+  int32_t row = 0, len = 0, cum = 0;               // its first key row, its keys, its end in the virtual keys
+  __device__ explicit LaneSlots(const Item& it) : segments(it.segments), num_segments(it.num_segments) {}
+  // Slot `slot`: its first key row, how many of its rows are keys, and its segment (num_segments past
+  // the last one, where the slot reads zeros and is masked).
+  __device__ void at(int32_t slot, int32_t& slot_row, int32_t& count, int32_t& slot_seg) {
+    while (seg < num_segments && slot >= slot_end) {
+      if (++seg == num_segments) break;
+      const Segment sg = segments[seg];
+      len = sg.cum_end - cum;
+      row = cum + sg.delta;
+      cum = sg.cum_end;
+      slot_begin = slot_end;
+      slot_end += (len + kRows - 1) / kRows;
+    }
+    slot_seg = seg;
+    if (seg >= num_segments) {
+      slot_row = -kRows;  // a box wholly outside the tensor reads zeros
+      count = 0;
+      return;
+    }
+    const int32_t local = (slot - slot_begin) * kRows;
+    slot_row = row + local;
+    count = min(kRows, len - local);
+  }
+};
+
+// Slots of an item: the sum over its segments of ceil(keys / kRows), summed across the warp.
+template <int kRows>
+__device__ __forceinline__ int32_t count_slots(const Item& it, int lane) {
+  if (it.segments == nullptr) return (it.keys + kRows - 1) / kRows;
+  int32_t slots = 0;
+  for (int i = lane; i < it.num_segments; i += 32) {
+    const int32_t begin = i > 0 ? it.segments[i - 1].cum_end : 0;
+    slots += (it.segments[i].cum_end - begin + kRows - 1) / kRows;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) slots += __shfl_xor_sync(0xffffffff, slots, o);
+  return slots;
+}
+
+// The TMA box that slot j (= lane % kSlots) of a sparse key tile begins, found by the whole warp at
+// once. Consecutive slots of one segment form a stretch (every slot but a segment's last is full),
+// cut into boxes of 8, 4, 2 and 1 slots, largest first: the slot at offset o of a stretch of L slots
+// begins a box iff o is L with some low bits cleared, and that box spans the largest power of two
+// <= L - o. Slots past the item's last key are stretches of their own. Lanes j, j + kSlots, ... see
+// the same slots (one column block each). Returns whether this lane's slot begins a box, and its
+// height as log2(slots).
+template <int kSlots>
+__device__ __forceinline__ bool box_at(int32_t slot_seg, int32_t num_segments, int lane, int& lg) {
+  static_assert(kSlots <= 8 && (kSlots & (kSlots - 1)) == 0);
+  const int j = lane % kSlots;
+  const int32_t prev_seg = __shfl_up_sync(0xffffffff, slot_seg, 1, kSlots);
+  const bool starts = j == 0 || slot_seg != prev_seg || slot_seg >= num_segments;
+  const uint32_t group = (__ballot_sync(0xffffffff, starts) >> (lane - j)) & ((1u << kSlots) - 1);
+  const int a = 31 - __clz(group & ((2u << j) - 1));  // this stretch's first slot
+  const uint32_t later = group & ~((2u << j) - 1);
+  const int b = later != 0 ? __ffs(later) - 1 : kSlots;  // the next stretch's first slot
+  const int length = b - a, o = j - a;
+  lg = 31 - __clz(length - o);
+  return o == 0 || ((o & ~length) == 0 && (length ^ o) < (o & -o));
+}
+
+// The Q rows of an item read through q_perm by the one TMA producer warp, with cp.async (TMA boxes
+// need contiguous rows; K and V still come as boxes). Lane l owns item rows l, l + 32, ... and finds
+// their sources (QSources, before the warp waits for the Q buffer); in each pass the warp copies
+// 32 / kChunksPerRow rows, one 16-byte chunk per lane, the source fetched from the row's owner by a
+// shuffle. Rows past the item's end are zero-filled. Each lane ties its copies to q_full
+// (cp.async.mbarrier.arrive.noinc): 32 of the phase's kQGatherArrivals.
+constexpr int kQGatherArrivals = 33;  // 32 lanes' copies + lane 0's publication of the item
+
+template <class Tr>
+struct QSources {
+  static constexpr int kOwned = Tr::kBlockM / 32;
+  int32_t row[kOwned];  // the source rows of item rows lane + 32 j, -1 for none
+  __device__ __forceinline__ QSources(const Params& p, const Item& it, int lane) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < kOwned; ++j) {
+      const int r = lane + 32 * j;
+      row[j] = r < it.rows ? through_perm(p.q_perm, int64_t{it.bh} * p.seq_q, it.q_begin + r, p.seq_q, p.flag) : -1;
+    }
+  }
+};
+
+template <class Tr>
+__device__ __forceinline__ void gather_q_warp(const Params& p, const Item& it, const QSources<Tr>& sources,
+                                              typename Tr::Smem& s, int lane) {
+  using T = typename Tr::T;
+  constexpr int kChunks = Tr::kChunksPerRow, kRowsPerPass = 32 / kChunks;
+  static_assert(32 % kChunks == 0 && Tr::kBlockM % 32 == 0);
+  const int b = it.bh / p.heads, h = it.bh % p.heads;
+  const T* base = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
+  auto sQ = make_tensor(make_smem_ptr(s.q.data()), typename Tr::LayoutQ{});
+  const int chunk = lane % kChunks;
+  // Not unrolled further: the producer holds kProducerRegs registers.
+  CUTLASS_PRAGMA_UNROLL
+  for (int j = 0; j < QSources<Tr>::kOwned; ++j) {
+#pragma unroll 2
+    for (int i = 0; i < 32 / kRowsPerPass; ++i) {
+      const int owner = i * kRowsPerPass + lane / kChunks;  // the row's lane; the row is 32 j + owner
+      const int32_t src = __shfl_sync(0xffffffff, sources.row[j], owner);
+      const T* g = base + (src >= 0 ? static_cast<int64_t>(src) * p.q_stride[2] : 0) + chunk * 8;
+      cp_async16_zfill(cast_smem_ptr_to_uint(&sQ(32 * j + owner, chunk * 8)), g, src >= 0);
+    }
+  }
+  cutlass::arch::cpasync_barrier_arrive_noinc(&s.q_full);
+}
+
+// One warp loads: lane 0 signs each stage up for its bytes; in the sparse mode every lane finds the
+// box its slot begins (box_at) and lane c * kSlots + j issues the box at slot j of column block c,
+// for K and then V. In the dense mode a key tile is one kBlockN-row box per column block. With Q
+// lane 0 also publishes the item's key tile count and its index (s.item_blocks, s.item_index).
+// kQGather: Q rows are read through q_perm with cp.async (gather_q_warp), not as boxes.
+//
+// kPair (CTA pairs, scheduler.cuh): both CTAs of the pair walk the same items and key tiles, so
+// their stage rings stay in step; CTA 0 loads each K tile and CTA 1 each V tile, multicast into both
+// CTAs' stage (the same offsets), and each CTA's lane 0 expects the whole tile's bytes on its own
+// barriers, as without pairs. A stage is rewritten only once the consumers of both CTAs have freed
+// it: its "empty" barriers count both CTAs' consumer threads (the consumers arrive on the peer's too).
+// Each CTA's Q is its own. At the end the producer waits until every stage is free again (both CTAs'
+// consumers have arrived on its barriers), so that no arrival reaches a CTA that has exited.
+template <class Tr, bool kQGather, bool kPair>
+__device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::Smem& s, int num_items, int q_tiles) {
+  using T = typename Tr::T;
+  constexpr uint32_t kQBytes = Tr::kBlockM * Tr::kChunksPerRow * 16;
+  constexpr uint32_t kTileBytes = Tr::kBlockN * Tr::kChunksPerRow * 16;
+  constexpr int kAtomElems = 8 * 64;  // one 8 x 64 swizzle atom
+  const int lane = threadIdx.x % 32;
+  const int slot = lane % Tr::kSlots, col_block = lane / Tr::kSlots;
+  constexpr uint16_t kBothCtas = 0b11;
+  const bool loads_k = !kPair || pair_rank() == 0, loads_v = !kPair || pair_rank() == 1;
+  int tile_count = 0;  // key tiles loaded by this CTA so far: the pipeline position
+  ItemScheduler<Tr, true> items(p, s, num_items, q_tiles);
+  int item_count = 0;  // items loaded so far: the Q buffer's position
+  for (; items.valid(); items.advance(), ++item_count) {
+    const int index = items.index();
+    const Item it = items.item();
+    const int b = it.bh / p.heads, h = it.bh % p.heads;
+    const int n_blocks = (count_slots<Tr::kSlotRows>(it, lane) + Tr::kSlots - 1) / Tr::kSlots;
+    LaneSlots<Tr::kSlotRows> slots(it);
+
+    // Q: 64-row boxes, or rows gathered through q_perm (rows past the item's end are computed and
+    // never stored).
+    if constexpr (kQGather) {
+      const QSources<Tr> sources(p, it, lane);
+      Barrier::wait(&s.q_empty, (item_count & 1) ^ 1);
+      gather_q_warp<Tr>(p, it, sources, s, lane);
+      if (lane == 0) {
+        s.item_blocks = n_blocks;
+        s.item_index = index;
+        Barrier::arrive(&s.q_full);  // releases the two fields to the consumers' wait
+      }
+    } else {
+      Barrier::wait(&s.q_empty, (item_count & 1) ^ 1);
+      if (lane == 0) {
+        s.item_blocks = n_blocks;
+        s.item_index = index;  // the dynamic scheduler's hand-off (ItemScheduler)
+        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.q_full, kQBytes);
+      }
+      __syncwarp();
+    }
+    if (!kQGather && lane < 2 * Tr::kColBlocks) {
+      const int half = lane % 2, cb = lane / 2;
+      T* dst = s.q.data() + (half * 8 + cb * (Tr::kBlockM / 8)) * kAtomElems;
+      tma_load_4d(&maps.q, &s.q_full, dst, cb * 64, it.q_begin + 64 * half, h, b);
+    }
+
+    for (int n = 0; n < n_blocks; ++n, ++tile_count) {
+      const int stage = tile_count % Tr::kStages;
+      const int phase = (tile_count / Tr::kStages) & 1;
+      // This lane's box: where it starts in the tile (in slots), its first row and its map. Dense:
+      // one whole-tile box per column block.
+      int at = 0, map = kBoxHeights - 1;
+      int32_t row = n * Tr::kBlockN;
+      bool issues = slot == 0 && col_block < Tr::kColBlocks;
+      uint32_t counts[Tr::kCountWords] = {};
+      if (!p.dense) {
+        int32_t count, seg;
+        slots.at(n * Tr::kSlots + slot, row, count, seg);
+        issues = box_at<Tr::kSlots>(seg, it.num_segments, lane, map) && col_block < Tr::kColBlocks;
+        at = slot;
+        // Slot j's count goes to byte j % 4 of word j / 4 (lanes of column block 0 hold every slot).
+#pragma unroll
+        for (int w = 0; w < Tr::kCountWords; ++w) {
+          const bool mine = col_block == 0 && slot / 4 == w;
+          counts[w] = __reduce_or_sync(0xffffffff, mine ? static_cast<uint32_t>(count) << (8 * (slot % 4)) : 0u);
+        }
+      }
+      // Slot j is rows [j kSlotRows, (j + 1) kSlotRows) of the tile: kSlotRows / 8 swizzle atoms.
+      const int atom = at * (Tr::kSlotRows / 8) + col_block * (Tr::kBlockN / 8);
+      T* k_dst = s.k.data() + stage * Tr::kBlockN * Tr::kChunksPerRow * 8 + atom * kAtomElems;
+      T* v_dst = s.v.data() + stage * Tr::kBlockN * Tr::kChunksPerRow * 8 + atom * kAtomElems;
+      Barrier::wait(&s.k_empty[stage], phase ^ 1);
+      if (lane == 0) {
+        if (!p.dense) {
+#pragma unroll
+          for (int w = 0; w < Tr::kCountWords; ++w) s.slot_count[stage][w] = counts[w];
+        }
+        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.k_full[stage], kTileBytes);
+      }
+      __syncwarp();  // the expected bytes are set before any copy of the stage is issued
+      if (issues && loads_k) {
+        if constexpr (kPair) {
+          tma_load_4d_multicast(&maps.k[map], &s.k_full[stage], k_dst, kBothCtas, col_block * 64, row, h, b);
+        } else {
+          tma_load_4d(&maps.k[map], &s.k_full[stage], k_dst, col_block * 64, row, h, b);
+        }
+      }
+      Barrier::wait(&s.v_empty[stage], phase ^ 1);
+      if (lane == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.v_full[stage], kTileBytes);
+      __syncwarp();
+      if (issues && loads_v) {
+        if constexpr (kPair) {
+          tma_load_4d_multicast(&maps.v[map], &s.v_full[stage], v_dst, kBothCtas, col_block * 64, row, h, b);
+        } else {
+          tma_load_4d(&maps.v[map], &s.v_full[stage], v_dst, col_block * 64, row, h, b);
+        }
+      }
+    }
+  }
+  items.finish(item_count, kQGather ? kQGatherArrivals : 1);
+  if constexpr (kPair) {
+    for (int i = 0; i < Tr::kStages; ++i, ++tile_count) {
+      const int stage = tile_count % Tr::kStages;
+      const int phase = (tile_count / Tr::kStages) & 1;
+      Barrier::wait(&s.k_empty[stage], phase ^ 1);
+      Barrier::wait(&s.v_empty[stage], phase ^ 1);
+    }
+  }
+  if constexpr (kQGather) cute::cp_async_wait<0>();  // leave no copy in flight behind an exiting lane
+}
+
+}  // namespace sapattn::cuda::attn::sm90

@@ -1,0 +1,549 @@
+// round_query_clusters on the GPU (include/sapattn/ops.hpp): the CPU reference (src/cpu/round.cpp)
+// step by step, so that both write the same labels and sizes. A fixed sequence of launches on the
+// caller's stream, no allocation, no synchronisation (but the value check's):
+//   1. the label sort (permute/label_sort.hpp): every head's points grouped by label, in index order,
+//      and the cluster offsets; a label outside [0, Cq) raises the value flag, and so does a negative
+//      key-cluster size (validate_kernel);
+//   2. roles (one block per head): counts, the role choice and the targets, in shared memory by one
+//      thread (the reference's integer loops); the mask rows as bits, |c|^2 of the query centroids,
+//      the donors' points (prefilter) or the candidates in index order (no prefilter: a block scan);
+//   3. with the prefilter: each donor point's best distance cost (round_cost.cu), then its rank
+//      within its donor by (cost, index), which places the kept ones in the reference's order;
+//   4. the mass cost and each candidate's ranked targets (round_cost.cu);
+//   5. the matching (one block per head): the rounds of proposals and acceptances of the reference,
+//      every rank within a donor or a target counted by comparing (cost, candidate) pairs, so that
+//      the order in which threads see them does not matter; then the moves of whole donor tails.
+// The order-dependent floating-point steps all sit in round_cost.cu. A bad label or a negative
+// key-cluster size anywhere leaves every head untouched (sizes included), as the CPU's checks do.
+#include <cub/block/block_scan.cuh>
+
+#include <algorithm>
+
+#include "core/round_arithmetic.hpp"
+#include "cuda/permute/label_sort.hpp"
+#include "cuda/round/round_internal.hpp"
+#include "cuda/runtime/device.cuh"
+
+namespace sapattn::cuda {
+
+namespace qround {
+namespace {
+
+constexpr int kPlanThreads = 256;
+constexpr int kScanItems = 4;  // points per thread of the roles kernel's scan
+constexpr int kSelectThreads = 256;
+constexpr int kMatchThreads = 1024;
+constexpr int kDonor = 1, kReceiver = 2;  // roles in the roles kernel's shared memory
+
+struct PlanParams {
+  Dims dims;
+  Work w;
+  const float* qc = nullptr;     // [B*H, C, D]
+  const int32_t* ks = nullptr;   // [B*H, Ck]
+  const uint8_t* mask = nullptr; // [B,H,C,Ck], strides in elements
+  int64_t mask_stride[4] = {0, 0, 0, 0};
+  const int32_t* labels = nullptr;
+  int64_t labels_stride_b = 0, labels_stride_h = 0;
+  int32_t* sizes = nullptr;      // [B*H, C]
+  int candidates = 0;
+};
+
+// Per-head slices of the workspace arrays.
+struct HeadWork {
+  const int32_t *sorted, *offsets;
+  int32_t *give, *placed_of, *group_off, *donor_off, *targets, *need, *cap, *received, *room, *bucket_off, *bucket_fill;
+  float* c2;
+  uint32_t* rowbits;
+  int32_t *pts0, *pts, *donor, *members, *p_of_point, *cand_idx;
+  float* best;
+  double* cand_cost;
+  int32_t *first, *dest, *offer, *bucket;
+  double* cur;
+};
+
+__device__ HeadWork head_work(const Work& w, const Dims& d, int64_t bh) {
+  const int64_t C = d.C, N = d.N, Pb = d.Pb;
+  return {w.sorted + bh * N,          w.offsets + bh * (C + 1),  w.give + bh * C,      w.placed_of + bh * C,
+          w.group_off + bh * (C + 1), w.donor_off + bh * (C + 1), w.targets + bh * C,  w.need + bh * C,
+          w.cap + bh * C,             w.received + bh * C,        w.room + bh * C,     w.bucket_off + bh * (C + 1),
+          w.bucket_fill + bh * C,     w.c2 + bh * C,              w.rowbits + bh * C * d.W,
+          w.pts0 + bh * N,            w.pts + bh * Pb,            w.donor + bh * Pb,   w.members + bh * Pb,
+          w.p_of_point + bh * N,      w.cand_idx + bh * Pb * d.kk, w.best + bh * N,    w.cand_cost + bh * Pb * d.kk,
+          w.first + bh * Pb,          w.dest + bh * Pb,           w.offer + bh * Pb,   w.bucket + bh * Pb,
+          w.cur + bh * Pb};
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Roles
+// ---------------------------------------------------------------------------------------------
+
+// The reference's role choice (CpuHead::rebalance, step 1) over the counts n[0..C), by one thread:
+// writes kind[c] and the per-cluster and per-target arrays; returns the head's HeadInfo fields.
+__device__ HeadInfo choose_roles(const PlanParams& p, const HeadWork& hw, const int32_t* n, int32_t* order,
+                                 int32_t* kind) {
+  const int64_t C = p.dims.C;
+  const int slack = p.dims.slack;
+  int hist[kBlock] = {};
+  int64_t optional_cap = 0, tot_dmin = 0, tot_dmax = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const int t = n[c] % kBlock;
+    if (t != 0 && t < kBlock - slack) {
+      ++hist[t];
+      tot_dmin += kBlock - slack - t;
+      tot_dmax += kBlock - t;
+    } else if (t > 0) {
+      optional_cap += kBlock - t;
+    }
+  }
+  // The open clusters by ascending tail, ties by index: a stable counting sort.
+  int no = 0;
+  for (int t = 0; t < kBlock; ++t) {
+    const int h = hist[t];
+    hist[t] = no;
+    no += h;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const int t = n[c] % kBlock;
+    if (t != 0 && t < kBlock - slack) order[hist[t]++] = static_cast<int32_t>(c);
+  }
+  int64_t best_k = 0, best_pad = 0, best_supply = 0, supply = 0, pre_dmin = 0, pre_dmax = 0;
+  for (int64_t k = 0; k <= no; ++k) {
+    if (k > 0) {
+      const int t = n[order[k - 1]] % kBlock;
+      supply += t;
+      pre_dmin += kBlock - slack - t;
+      pre_dmax += kBlock - t;
+    }
+    const int64_t dmin = tot_dmin - pre_dmin, dmax = tot_dmax - pre_dmax + optional_cap;
+    const int64_t excess = supply - dmax;
+    const int64_t pad = supply < dmin ? dmin - supply : (excess > 0 ? ((-excess) % kBlock + kBlock) % kBlock : 0);
+    if (k == 0 || pad < best_pad || (pad == best_pad && supply < best_supply)) {
+      best_k = k, best_pad = pad, best_supply = supply;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) kind[c] = 0;
+  for (int64_t i = 0; i < no; ++i) kind[order[i]] = i < best_k ? kDonor : kReceiver;
+  // Targets: every cluster with capacity, ascending; donors' groups in label order.
+  HeadInfo info{};
+  int64_t P0 = 0, P = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const int t = n[c] % kBlock;
+    hw.donor_off[c] = static_cast<int32_t>(P0);
+    hw.group_off[c] = static_cast<int32_t>(P);
+    hw.give[c] = kind[c] == kDonor ? t : 0;
+    if (kind[c] == kDonor) {
+      P0 += n[c];
+      P += p.dims.prefilter > 0 ? min_of<int64_t>(static_cast<int64_t>(p.dims.prefilter) * t, n[c]) : n[c];
+    } else if (t > 0 && (kind[c] == kReceiver || t >= kBlock - slack)) {
+      hw.targets[info.R] = static_cast<int32_t>(c);
+      hw.need[info.R] = kind[c] == kReceiver ? kBlock - slack - t : 0;
+      hw.cap[info.R] = kBlock - t;
+      ++info.R;
+    }
+  }
+  hw.donor_off[C] = static_cast<int32_t>(P0);
+  hw.group_off[C] = static_cast<int32_t>(P);
+  info.P0 = static_cast<int32_t>(P0);
+  info.P = static_cast<int32_t>(P);
+  info.kk = min_of(p.candidates, info.R);
+  info.active = best_k > 0 && info.R > 0;
+  return info;
+}
+
+// A label outside [0, Cq) (the sort put it past the last cluster and raised the flag) or a negative
+// key-cluster size anywhere in the call: no head is touched, as on the CPU.
+__global__ void __launch_bounds__(kPlanThreads) validate_kernel(Dims d, const int32_t* offsets, const int32_t* ks,
+                                                                int* bad, int* flag) {
+  const int64_t bh = blockIdx.x;
+  if (threadIdx.x == 0 && offsets[bh * (d.C + 1) + d.C] != d.N) atomicOr(bad, 1);
+  for (int64_t j = threadIdx.x; j < d.Ck; j += kPlanThreads)
+    if (ks[bh * d.Ck + j] < 0) {
+      atomicOr(flag, kBadSize);
+      atomicOr(bad, 1);
+    }
+}
+
+__global__ void __launch_bounds__(kPlanThreads) plan_kernel(PlanParams p) {
+  using Scan = cub::BlockScan<int32_t, kPlanThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ HeadInfo s_info;
+  __shared__ int32_t s_carry;
+  extern __shared__ int32_t smem_i32[];
+  const int64_t bh = blockIdx.x;
+  const Dims& d = p.dims;
+  const int64_t C = d.C, Ck = d.Ck, N = d.N, D = d.D, W = d.W;
+  const HeadWork hw = head_work(p.w, d, bh);
+  int32_t* n = smem_i32;        // [C]
+  int32_t* order = n + C;       // [C]
+  int32_t* kind = order + C;    // [C]
+  const int tid = static_cast<int>(threadIdx.x);
+  const int32_t* ks = p.ks + bh * Ck;
+  if (*p.w.bad != 0) {
+    if (tid == 0) p.w.info[bh] = HeadInfo{};
+    return;
+  }
+  int any_key = 0;
+  for (int64_t j = tid; j < Ck; j += kPlanThreads) any_key |= ks[j] > 0;
+  any_key = __syncthreads_or(any_key);
+  for (int64_t c = tid; c < C; c += kPlanThreads) {
+    n[c] = hw.offsets[c + 1] - hw.offsets[c];
+    p.sizes[bh * C + c] = n[c];
+  }
+  __syncthreads();
+  if (tid == 0) {
+    s_info = choose_roles(p, hw, n, order, kind);
+    s_info.any_key = any_key;
+    p.w.info[bh] = s_info;
+  }
+  __syncthreads();
+  if (!s_info.active) return;
+  const float* qc = p.qc + bh * C * D;
+  for (int64_t c = tid; c < C; c += kPlanThreads) hw.c2[c] = round_math::lane_dot(qc + c * D, qc + c * D, D);
+  const int64_t b = bh / d.H, h = bh % d.H;
+  const uint8_t* mask = p.mask + b * p.mask_stride[0] + h * p.mask_stride[1];
+  for (int64_t e = tid; e < C * W; e += kPlanThreads) {
+    const int64_t a = e / W, j0 = (e % W) * 32;
+    uint32_t bits = 0;
+    for (int64_t l = 0; l < 32 && j0 + l < Ck; ++l)
+      bits |= static_cast<uint32_t>(mask[a * p.mask_stride[2] + (j0 + l) * p.mask_stride[3]] != 0) << l;
+    hw.rowbits[e] = bits;
+  }
+  if (d.prefilter > 0) {  // the donors' points, grouped by donor in label order, each in index order
+    for (int64_t c = 0; c < C; ++c) {
+      if (kind[c] != kDonor) continue;
+      for (int64_t u = tid; u < n[c]; u += kPlanThreads) hw.pts0[hw.donor_off[c] + u] = hw.sorted[hw.offsets[c] + u];
+    }
+    return;
+  }
+  // No prefilter: the candidates are the donors' points in index order (a block scan over N).
+  const int32_t* labels = p.labels + b * p.labels_stride_b + h * p.labels_stride_h;
+  if (tid == 0) s_carry = 0;
+  __syncthreads();
+  for (int64_t base = 0; base < N; base += kPlanThreads * kScanItems) {
+    int32_t flags[kScanItems], pos[kScanItems];
+    for (int k = 0; k < kScanItems; ++k) {
+      const int64_t i = base + tid * kScanItems + k;
+      flags[k] = i < N && kind[labels[i]] == kDonor;
+    }
+    int32_t total = 0;
+    Scan(scan_storage).ExclusiveSum(flags, pos, total);
+    const int32_t carry = s_carry;
+    for (int k = 0; k < kScanItems; ++k) {
+      if (!flags[k]) continue;
+      const int64_t i = base + tid * kScanItems + k, q = carry + pos[k];
+      hw.pts[q] = static_cast<int32_t>(i);
+      hw.donor[q] = labels[i];
+      hw.p_of_point[i] = static_cast<int32_t>(q);
+    }
+    __syncthreads();
+    if (tid == 0) s_carry = carry + total;
+    __syncthreads();
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    if (kind[c] != kDonor) continue;
+    for (int64_t u = tid; u < n[c]; u += kPlanThreads)
+      hw.members[hw.group_off[c] + u] = hw.p_of_point[hw.sorted[hw.offsets[c] + u]];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. The prefilter's choice: donor point u is kept when fewer than F * t points of its donor come
+// before it by (best, position); its rank is its place among the donor's candidates.
+// ---------------------------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kSelectThreads) select_kernel(Dims d, Work w, const int32_t* labels,
+                                                                int64_t labels_stride_b, int64_t labels_stride_h) {
+  const int64_t bh = blockIdx.y;
+  const HeadInfo info = w.info[bh];
+  if (!info.active) return;
+  const HeadWork hw = head_work(w, d, bh);
+  const int32_t* lab = labels + (bh / d.H) * labels_stride_b + (bh % d.H) * labels_stride_h;
+  for (int64_t u = static_cast<int64_t>(blockIdx.x) * kSelectThreads + threadIdx.x; u < info.P0;
+       u += static_cast<int64_t>(gridDim.x) * kSelectThreads) {
+    const int32_t i = hw.pts0[u], c = lab[i];
+    const int64_t keep = static_cast<int64_t>(d.prefilter) * hw.give[c];
+    const float bu = hw.best[u];
+    int64_t rank = 0;
+    for (int64_t v = hw.donor_off[c]; v < hw.donor_off[c + 1] && rank < keep; ++v) {
+      const float bv = hw.best[v];
+      rank += bv < bu || (bv == bu && v < u);
+    }
+    if (rank < keep) {
+      const int64_t q = hw.group_off[c] + rank;
+      hw.pts[q] = i;
+      hw.donor[q] = c;
+      hw.members[q] = static_cast<int32_t>(q);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Matching
+// ---------------------------------------------------------------------------------------------
+
+// (a, pa) before (b, pb): by cost, then candidate order.
+__device__ __forceinline__ bool ahead(double a, int32_t pa, double b, int32_t pb) {
+  return a < b || (a == b && pa < pb);
+}
+
+__global__ void __launch_bounds__(kMatchThreads) match_kernel(Dims d, Work w, int32_t* labels, int64_t labels_stride_b,
+                                                              int64_t labels_stride_h, int32_t* sizes) {
+  using Scan = cub::BlockScan<int32_t, kMatchThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ int s_any;
+  __shared__ int32_t s_carry;
+  const int64_t bh = blockIdx.x;
+  const HeadInfo info = w.info[bh];
+  if (!info.active) return;
+  const HeadWork hw = head_work(w, d, bh);
+  const int tid = static_cast<int>(threadIdx.x);
+  const int32_t P = info.P, R = info.R, kk = info.kk;
+  for (int32_t p = tid; p < P; p += kMatchThreads) hw.dest[p] = -1;
+  for (int32_t r = tid; r < R; r += kMatchThreads) hw.received[r] = 0;
+  for (int64_t c = tid; c < d.C; c += kMatchThreads) hw.placed_of[c] = 0;
+  __syncthreads();
+  for (int phase = 0; phase < 2; ++phase) {
+    for (int round = 0; round < d.rounds; ++round) {
+      for (int32_t r = tid; r < R; r += kMatchThreads) {
+        hw.room[r] = phase == 0 ? max_of(0, hw.need[r] - hw.received[r]) : hw.cap[r] - hw.received[r];
+        hw.bucket_fill[r] = 0;
+      }
+      if (tid == 0) s_any = 0;
+      __syncthreads();
+      // Every unplaced candidate picks its cheapest ranked target with room.
+      for (int32_t p = tid; p < P; p += kMatchThreads) {
+        int32_t f = -1;
+        double c = INFINITY;
+        if (hw.dest[p] < 0) {
+          for (int32_t j = 0; j < kk; ++j) {
+            const double cj = hw.cand_cost[static_cast<int64_t>(p) * kk + j];
+            if (isfinite(cj) && hw.room[hw.cand_idx[static_cast<int64_t>(p) * kk + j]] > 0) {
+              f = j, c = cj;
+              break;
+            }
+          }
+        }
+        hw.first[p] = f;
+        hw.cur[p] = c;
+      }
+      __syncthreads();
+      // Per donor, its (t - placed) cheapest picks are offered.
+      for (int32_t p = tid; p < P; p += kMatchThreads) {
+        int32_t to = -1;
+        if (hw.first[p] >= 0) {
+          const int32_t c = hw.donor[p], limit = hw.give[c] - hw.placed_of[c];
+          const double cp = hw.cur[p];
+          int32_t rank = 0;
+          for (int32_t m = hw.group_off[c]; m < hw.group_off[c + 1] && rank < limit; ++m) {
+            const int32_t q = hw.members[m];
+            rank += hw.first[q] >= 0 && ahead(hw.cur[q], q, cp, p);
+          }
+          if (rank < limit) {
+            to = hw.cand_idx[static_cast<int64_t>(p) * kk + hw.first[p]];
+            atomicAdd(&hw.bucket_fill[to], 1);
+            s_any = 1;
+          }
+        }
+        hw.offer[p] = to;
+      }
+      __syncthreads();
+      if (!s_any) break;  // the same answer in every thread: a phase ends when nothing is offered
+      // The offers grouped by target: the counts scanned, then each offer takes a slot.
+      if (tid == 0) s_carry = 0;
+      __syncthreads();
+      for (int32_t base = 0; base < R; base += kMatchThreads) {
+        const int32_t r = base + tid;
+        const int32_t count = r < R ? hw.bucket_fill[r] : 0;
+        int32_t pos = 0, total = 0;
+        Scan(scan_storage).ExclusiveSum(count, pos, total);
+        if (r < R) {
+          hw.bucket_off[r] = s_carry + pos;
+          hw.bucket_fill[r] = 0;
+        }
+        __syncthreads();
+        if (tid == 0) s_carry += total;
+        __syncthreads();
+      }
+      for (int32_t p = tid; p < P; p += kMatchThreads) {
+        const int32_t r = hw.offer[p];
+        if (r >= 0) hw.bucket[hw.bucket_off[r] + atomicAdd(&hw.bucket_fill[r], 1)] = p;
+      }
+      __syncthreads();
+      // Each target accepts its cheapest offers up to the room it had at the round's start.
+      for (int32_t p = tid; p < P; p += kMatchThreads) {
+        const int32_t r = hw.offer[p];
+        if (r < 0) continue;
+        const double cp = hw.cur[p];
+        const int32_t room = hw.room[r], end = hw.bucket_off[r] + hw.bucket_fill[r];
+        int32_t rank = 0;
+        for (int32_t m = hw.bucket_off[r]; m < end && rank < room; ++m) {
+          const int32_t q = hw.bucket[m];
+          rank += ahead(hw.cur[q], q, cp, p);
+        }
+        if (rank < room) {
+          hw.dest[p] = r;
+          atomicAdd(&hw.placed_of[hw.donor[p]], 1);
+          atomicAdd(&hw.received[r], 1);
+        }
+      }
+      __syncthreads();
+    }
+  }
+  // A donor moves its whole tail or nothing.
+  int32_t* lab = labels + (bh / d.H) * labels_stride_b + (bh % d.H) * labels_stride_h;
+  int32_t* sz = sizes + bh * d.C;
+  for (int32_t p = tid; p < P; p += kMatchThreads) {
+    const int32_t r = hw.dest[p], c = hw.donor[p];
+    if (r < 0 || hw.placed_of[c] != hw.give[c]) continue;
+    const int32_t target = hw.targets[r];
+    lab[hw.pts[p]] = target;
+    atomicSub(&sz[c], 1);
+    atomicAdd(&sz[target], 1);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------------
+
+Dims make_dims(int64_t batch_heads, int64_t points, int64_t q_clusters, int64_t k_clusters, int slack, int prefilter,
+               int candidates) {
+  Dims d;
+  d.BH = batch_heads;
+  d.N = points;
+  d.C = q_clusters;
+  d.Ck = k_clusters;
+  d.W = (k_clusters + 31) / 32;
+  d.slack = slack;
+  d.prefilter = prefilter;
+  // A donor's tail is at most 63 - slack, and it keeps at most F times that many candidates.
+  const int64_t per_prefilter = (kBlock - 1 - slack) * q_clusters;
+  if (prefilter == 0)
+    d.Pb = points;
+  else if (per_prefilter == 0)
+    d.Pb = 0;
+  else  // F * per > N exactly when F > floor(N / per); otherwise the product cannot overflow
+    d.Pb = prefilter > points / per_prefilter ? points : prefilter * per_prefilter;
+  d.kk = std::min<int64_t>(candidates, q_clusters);
+  return d;
+}
+
+// The workspace's slices; `sort` and the Work's pointers are set only with a real workspace.
+Work carve_work(Carver& c, const Dims& d, LabelSort& sort) {
+  const int64_t BH = d.BH, C = d.C, N = d.N, Pb = d.Pb;
+  sort = carve_label_sort(c, BH, N, C);
+  Work w;
+  w.bad = c.take<int>(1);
+  w.sorted = sort.index_out;
+  w.offsets = c.take<int32_t>(BH * (C + 1));
+  w.info = c.take<HeadInfo>(BH);
+  for (int32_t** a : {&w.give, &w.placed_of, &w.targets, &w.need, &w.cap, &w.received, &w.room, &w.bucket_fill})
+    *a = c.take<int32_t>(BH * C);
+  for (int32_t** a : {&w.group_off, &w.donor_off, &w.bucket_off}) *a = c.take<int32_t>(BH * (C + 1));
+  w.c2 = c.take<float>(BH * C);
+  w.rowbits = c.take<uint32_t>(BH * C * d.W);
+  if (d.prefilter > 0) {
+    w.pts0 = c.take<int32_t>(BH * N);
+    w.best = c.take<float>(BH * N);
+  } else {
+    w.p_of_point = c.take<int32_t>(BH * N);
+  }
+  for (int32_t** a : {&w.pts, &w.donor, &w.members, &w.first, &w.dest, &w.offer, &w.bucket})
+    *a = c.take<int32_t>(BH * Pb);
+  w.cur = c.take<double>(BH * Pb);
+  w.cand_idx = c.take<int32_t>(BH * Pb * d.kk);
+  w.cand_cost = c.take<double>(BH * Pb * d.kk);
+  w.tile_z = c.take<double>(BH * kBlocksPerHead * kTile * d.Ck);
+  w.tile_cost = c.take<double>(BH * kBlocksPerHead * kTile * C);
+  return w;
+}
+
+}  // namespace
+}  // namespace qround
+
+size_t round_query_clusters_workspace_bytes(int64_t batch_heads, int64_t points, int64_t q_clusters,
+                                            int64_t k_clusters, int slack, int prefilter, int candidates) {
+  Carver carver("round_query_clusters");
+  LabelSort sort;
+  qround::carve_work(carver,
+                     qround::make_dims(batch_heads, points, std::max<int64_t>(q_clusters, 1), k_clusters, slack,
+                                       prefilter, candidates),
+                     sort);
+  return carver.used();
+}
+
+void round_query_clusters(const TensorView& q, const TensorView& q_centroids, const TensorView& k_centroids,
+                          const TensorView& k_sizes, const TensorView& mask, float scale, int slack, float max_cost,
+                          int prefilter, int rounds, int candidates, TensorView labels, TensorView sizes,
+                          const Stream& stream, Workspace workspace) {
+  using namespace qround;
+  const int64_t B = q.shape[0], H = q.shape[1], N = q.shape[2], D = q.shape[3];
+  const int64_t C = q_centroids.shape[2], Ck = k_centroids.shape[2];
+  if (B * H == 0) return;
+  SAPATTN_CHECK(C <= kMaxClusters, UnsupportedError, "round_query_clusters on CUDA takes at most ", kMaxClusters,
+                " query clusters, got ", C);
+  SAPATTN_CHECK(D <= 1024, UnsupportedError, "round_query_clusters on CUDA takes a head dim of at most 1024, got ", D);
+  SAPATTN_CHECK(B * H <= 65535, UnsupportedError, "round_query_clusters on CUDA takes at most 65535 (b,h) pairs");
+  const DeviceGuard guard(stream.device);
+  Dims dims = make_dims(B * H, N, C, Ck, slack, prefilter, candidates);
+  dims.H = H;
+  dims.D = D;
+  dims.rounds = rounds;
+  dims.scale = scale;
+  dims.max_cost = static_cast<double>(max_cost);
+  Carver carver("round_query_clusters", workspace);
+  LabelSort sort;
+  const Work w = carve_work(carver, dims, sort);
+  carver.check();
+  const cudaStream_t s = stream_of(stream);
+  const bool checked = begin_value_check(stream);
+
+  auto* lab = static_cast<int32_t*>(labels.data);
+  sort_by_label(sort, LabelsView{lab, labels.stride[0], labels.stride[1], B, H, N}, s);
+  label_offsets(sort, w.offsets, nullptr, s);
+
+  PlanParams plan;
+  plan.dims = dims;
+  plan.w = w;
+  plan.qc = static_cast<const float*>(q_centroids.data);
+  plan.ks = static_cast<const int32_t*>(k_sizes.data);
+  plan.mask = static_cast<const uint8_t*>(mask.data);
+  for (int i = 0; i < 4; ++i) plan.mask_stride[i] = mask.stride[i];
+  plan.labels = lab;
+  plan.labels_stride_b = labels.stride[0];
+  plan.labels_stride_h = labels.stride[1];
+  plan.sizes = static_cast<int32_t*>(sizes.data);
+  plan.candidates = candidates;
+  SAPATTN_CUDA_CHECK(cudaMemsetAsync(w.bad, 0, sizeof(int), s));
+  validate_kernel<<<static_cast<unsigned>(B * H), kPlanThreads, 0, s>>>(dims, w.offsets, plan.ks, w.bad,
+                                                                          value_error_flag());
+  SAPATTN_CUDA_CHECK_LAUNCH();
+  const size_t plan_smem = 3 * static_cast<size_t>(C) * sizeof(int32_t);
+  set_max_dynamic_smem(reinterpret_cast<const void*>(&plan_kernel), static_cast<int>(plan_smem));
+  plan_kernel<<<static_cast<unsigned>(B * H), kPlanThreads, plan_smem, s>>>(plan);
+  SAPATTN_CUDA_CHECK_LAUNCH();
+
+  CostInputs in;
+  in.q = points_view(q);
+  in.qc = plan.qc;
+  in.kc = static_cast<const float*>(k_centroids.data);
+  in.ks = plan.ks;
+  in.labels = lab;
+  in.labels_stride_b = labels.stride[0];
+  in.labels_stride_h = labels.stride[1];
+  in.vector_rows = D % 4 == 0 && reinterpret_cast<uintptr_t>(q_centroids.data) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(k_centroids.data) % 16 == 0;
+  if (prefilter > 0) {
+    launch_prefilter(in, dims, w, q.dtype, s);
+    select_kernel<<<dim3(kBlocksPerHead, static_cast<unsigned>(B * H)), kSelectThreads, 0, s>>>(
+        dims, w, lab, labels.stride[0], labels.stride[1]);
+    SAPATTN_CUDA_CHECK_LAUNCH();
+  }
+  launch_mass_cost(in, dims, w, q.dtype, s);
+  match_kernel<<<static_cast<unsigned>(B * H), kMatchThreads, 0, s>>>(dims, w, lab, labels.stride[0],
+                                                                       labels.stride[1], plan.sizes);
+  SAPATTN_CUDA_CHECK_LAUNCH();
+  if (checked) end_value_check(stream, "round_query_clusters");
+}
+
+}  // namespace sapattn::cuda

@@ -1,0 +1,94 @@
+// The pieces of round_query_clusters on the GPU shared by round.cu (the op: label sort, roles,
+// candidate choice, matching) and round_cost.cu (the fp32 dot products: the prefilter's distances and
+// the mass cost). Every per-head array lives in the op's workspace, laid out [B*H, ...].
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/kmeans/kmeans_internal.hpp"
+
+namespace sapattn::cuda::qround {
+
+inline constexpr int kBlock = 64;             // rows of a warpgroup block: the size the tails are rounded to
+inline constexpr int kTile = 32;              // candidates a cost block holds at once (one per lane)
+inline constexpr int kCostThreads = 256;      // 64 row lanes x 4 groups of 8 candidates
+inline constexpr int kBlocksPerHead = 8;      // cost blocks per head (each walks every 8th tile)
+inline constexpr int64_t kMaxClusters = 8192;  // Cq: the roles kernel keeps its per-cluster arrays in shared memory
+
+// What the roles kernel found for one head.
+struct HeadInfo {
+  int32_t active;   // something may move: donors, targets and candidates exist
+  int32_t any_key;  // a key cluster is non-empty (else every cost is 0)
+  int32_t R;        // targets
+  int32_t P0;       // donor points (the prefilter's input)
+  int32_t P;        // candidates
+  int32_t kk;       // ranked targets per candidate: min(candidates, R)
+};
+
+// Sizes of one call. Pb bounds P; Pb * kk bounds the ranked lists.
+struct Dims {
+  int64_t BH = 0, H = 0, N = 0, D = 0, C = 0, Ck = 0;
+  int64_t W = 0;   // 32-bit words per mask row: ceil(Ck / 32)
+  int64_t Pb = 0;  // candidates per head at most
+  int64_t kk = 0;  // ranked targets per candidate at most: min(candidates, C)
+  int slack = 0, prefilter = 0, rounds = 0;
+  float scale = 0.0f;
+  double max_cost = 0.0;
+};
+
+// The workspace arrays (per head: the stride in brackets).
+struct Work {
+  int* bad = nullptr;              // one word for the call: a bad label or key-cluster size anywhere
+  HeadInfo* info = nullptr;        // [1]
+  int32_t* sorted = nullptr;       // [N]: point indices grouped by label (the label sort)
+  int32_t* offsets = nullptr;      // [C+1]: label c occupies sorted[offsets[c], offsets[c+1])
+  int32_t* give = nullptr;         // [C]: a donor's tail, 0 for other clusters
+  int32_t* placed_of = nullptr;    // [C]: candidates of a donor placed so far
+  int32_t* group_off = nullptr;    // [C+1]: the candidates of donor d (see members)
+  int32_t* donor_off = nullptr;    // [C+1]: the points of donor d in pts0 (prefilter)
+  int32_t* targets = nullptr;      // [C]: cluster of target r, r < R
+  int32_t* need = nullptr;         // [C]: per target
+  int32_t* cap = nullptr;          // [C]
+  int32_t* received = nullptr;     // [C]
+  int32_t* room = nullptr;         // [C]
+  int32_t* bucket_off = nullptr;   // [C+1]: offers per target, scanned
+  int32_t* bucket_fill = nullptr;  // [C]
+  float* c2 = nullptr;             // [C]: |c|^2 of every query centroid
+  uint32_t* rowbits = nullptr;     // [C*W]: mask row a as bits, bit j of word j / 32
+  int32_t* pts0 = nullptr;         // [N]: donor points grouped by donor (prefilter)
+  float* best = nullptr;           // [N]: their best distance cost, by position in pts0
+  int32_t* pts = nullptr;          // [Pb]: candidate p's point
+  int32_t* donor = nullptr;        // [Pb]: candidate p's cluster
+  int32_t* members = nullptr;      // [Pb]: without the prefilter, the candidates of donor d are
+                                   // members[group_off[d] ..]; with it, the range group_off[d] .. itself
+  int32_t* p_of_point = nullptr;   // [N]: without the prefilter, the candidate of a donor point
+  int32_t* cand_idx = nullptr;     // [Pb*kk]: candidate p's ranked targets
+  double* cand_cost = nullptr;     // [Pb*kk]: and their costs (+inf: forbidden)
+  int32_t* first = nullptr;        // [Pb]: matching state: rank of this round's pick, or -1
+  double* cur = nullptr;           // [Pb]: its cost
+  int32_t* dest = nullptr;         // [Pb]: the target a candidate was placed on, or -1
+  int32_t* offer = nullptr;        // [Pb]: the target offered to this round, or -1
+  int32_t* bucket = nullptr;       // [Pb]: offers grouped by target
+  double* tile_z = nullptr;        // [kBlocksPerHead * kTile * Ck]: a cost block's softmax weights
+  double* tile_cost = nullptr;     // [kBlocksPerHead * kTile * C]: and its costs
+};
+
+// The inputs the cost kernels read.
+struct CostInputs {
+  PointsView q;
+  const float* qc = nullptr;     // [B*H, C, D]
+  const float* kc = nullptr;     // [B*H, Ck, D]
+  const int32_t* ks = nullptr;   // [B*H, Ck]
+  const int32_t* labels = nullptr;
+  int64_t labels_stride_b = 0, labels_stride_h = 0;
+  bool vector_rows = false;      // centroid rows can be read as aligned float4 (D % 4 == 0, 16-byte base)
+};
+
+// round_cost.cu: each candidate's best distance cost over the targets (pts0 -> best), and each
+// candidate's kk cheapest targets by mass cost (pts -> cand_idx, cand_cost).
+void launch_prefilter(const CostInputs& in, const Dims& dims, const Work& w, DType dtype, cudaStream_t stream);
+void launch_mass_cost(const CostInputs& in, const Dims& dims, const Work& w, DType dtype, cudaStream_t stream);
+
+}  // namespace sapattn::cuda::qround
