@@ -467,6 +467,8 @@ at::Tensor kmeans(const at::Tensor& points, at::Tensor& centroids, bool initiali
   return translating_errors([&] {
     check_same_device(points, centroids, "centroids");
     TORCH_CHECK_VALUE(iters >= 0, "sapattn: iters must be >= 0, got ", iters);
+    // Checked whichever seeding runs, as Config::validate checks kmeans_sample_factor.
+    TORCH_CHECK_VALUE(sample_factor >= 1, "sapattn: sample_factor must be >= 1, got ", sample_factor);
     const auto seeding = enum_of<KMeansSeeding>(std::string_view(seeding_name.data(), seeding_name.size()));
     const DeviceGuard guard = guard_device(points);
     const TensorView pv = bshd_view(points, "points"), cv = view_of(centroids, "centroids");
