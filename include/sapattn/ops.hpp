@@ -116,8 +116,8 @@ size_t order_clusters_workspace_bytes(int64_t batch_heads, int64_t clusters, int
 // per row, non-negative weights summing to 1. A row's clusters are ranked by weight, descending,
 // ties by lower index; the shortest prefix whose fp32 running sum reaches top_p is kept (the
 // crossing cluster included, rank 0 always), and the first `min_kept` ranks are always kept.
-// top_p = 1 (the largest it takes) keeps every cluster of the row. A row holding a NaN weight cannot be ranked and keeps
-// every cluster too, so NaN inputs reach the row's queries.
+// top_p = 1 (the largest it takes) keeps every cluster of the row. A row holding a NaN weight
+// cannot be ranked and keeps every cluster too, so NaN inputs reach the row's queries.
 void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, const Stream& stream);
 
 // select_top_p with one top-p per (b,h), chosen for a speed budget: the smallest top_p in (0, 1]
