@@ -7,7 +7,10 @@
 //     kmeans_init, C = 1 is its first point;
 //   - properties of any input: seeds are points of the sample, distinct while the sample has distinct
 //     points left, independent of the thread count, per problem id (sample_ids);
-//   - the draws' formula as known values, and bad input (typed errors, outputs untouched).
+//   - the draws' formula as known values, and bad input (typed errors, outputs untouched);
+//   - the CUDA cluster kernel's screen (src/cuda/kmeans/seed_screen.hpp, plain C++): its floor is never
+//     above the CPU's fp32 distance when the norms and the dot product are off by the most its error
+//     model allows, and it is close to the distance for ordinary points.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -18,6 +21,8 @@
 #include <vector>
 
 #include "core/kmeans_seeding.hpp"
+#include "cpu/squared_distance.hpp"
+#include "cuda/kmeans/seed_screen.hpp"
 #include "reference.hpp"
 #include "sapattn/ops.hpp"
 #include "test_support.hpp"
@@ -413,6 +418,70 @@ TEST(KmeansSeed, NonFiniteDistancesCountAsTheLargest) {
 // ---------------------------------------------------------------------------------------------
 // Bad input: the documented exception, and the centroids untouched.
 // ---------------------------------------------------------------------------------------------
+
+// ---------------------------------------------------------------------------------------------
+// The cluster kernel's screen
+// ---------------------------------------------------------------------------------------------
+
+float to_bf16(double v) { return bf16_to_f32(f32_to_bf16(static_cast<float>(v))); }
+
+TEST(KmeansSeedScreen, FloorIsNeverAboveTheCpuDistance) {
+  // Pairs of bf16 points: independent normals; near-duplicates (a distance far below the norms); a
+  // large shared offset (cosine near 1); mixed magnitudes. The kernel's norms may be off by (D + 1) 2^-24
+  // relative and its mma dot product by 2^-12 sum |x_d c_d| (seed_screen.hpp); every sign of those
+  // errors is tried, and the floor must stay at or below the CPU's distance. Random pairs also check
+  // that the floor is close (within 1%): a screen that clears nothing would pass the first check alone.
+  ref::Rng rng(case_seed());
+  int64_t close = 0, random_pairs = 0;
+  for (const int64_t D : {int64_t{16}, int64_t{27}, int64_t{64}, int64_t{128}, cuda::screen::kMaxDim}) {
+    for (int kind = 0; kind < 4; ++kind) {
+      for (int pair = 0; pair < 60; ++pair) {
+        std::vector<float> x(static_cast<size_t>(D)), c(static_cast<size_t>(D));
+        const double offset = kind == 2 ? 30.0 : 0.0;
+        for (int64_t d = 0; d < D; ++d) {
+          const double scale = kind == 3 ? std::ldexp(1.0, static_cast<int>(rng.integer(-20, 20))) : 1.0;
+          x[d] = to_bf16(scale * (offset + rng.normal()));
+          c[d] = kind == 1 ? to_bf16(x[d] * (1.0 + 0x1p-7 * rng.integer(-1, 1)))
+                           : to_bf16(scale * (offset + rng.normal()));
+        }
+        double nx = 0, nc = 0, dot = 0, abs_dot = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          nx += static_cast<double>(x[d]) * x[d];
+          nc += static_cast<double>(c[d]) * c[d];
+          dot += static_cast<double>(x[d]) * c[d];
+          abs_dot += std::fabs(static_cast<double>(x[d]) * c[d]);
+        }
+        const float distance = cpu::squared_distance(x.data(), c.data(), D);
+        const double norm_error = static_cast<double>(D + 1) * 0x1p-24, dot_error = 0x1p-12 * abs_dot;
+        for (const int sx : {-1, 1})
+          for (const int sc : {-1, 1})
+            for (const int sd : {-1, 1}) {
+              const float floor = cuda::screen::distance_floor(static_cast<float>(nx * (1 + sx * norm_error)),
+                                                               static_cast<float>(nc * (1 + sc * norm_error)),
+                                                               static_cast<float>(dot + sd * dot_error));
+              ASSERT_LE(floor, distance) << "D " << D << " kind " << kind << " pair " << pair;
+            }
+        if (kind == 0) {
+          ++random_pairs;
+          close += cuda::screen::distance_floor(static_cast<float>(nx), static_cast<float>(nc),
+                                                static_cast<float>(dot)) >= 0.99f * distance;
+        }
+      }
+    }
+  }
+  EXPECT_EQ(close, random_pairs);
+  // Non-finite inputs never clear.
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_FALSE(cuda::screen::clears(inf, 1.0f, 0.0f, 1.0f));
+  EXPECT_FALSE(cuda::screen::clears(nan, 1.0f, 0.0f, 0.0f));
+  EXPECT_FALSE(cuda::screen::clears(1.0f, 1.0f, -inf, 1.0f));
+  EXPECT_FALSE(cuda::screen::clears(1e30f, 1e30f, 0.0f, inf));
+  EXPECT_FALSE(cuda::screen::clears(4.0f, 4.0f, 0.0f, nan));
+  EXPECT_TRUE(cuda::screen::clears(4.0f, 4.0f, 0.0f, 7.9f));  // distance 8 with a margin of 2^-9 * 8
+  EXPECT_FALSE(cuda::screen::clears(4.0f, 4.0f, 0.0f, 7.99f));
+  // Below the absolute floor of 2^-100 nothing clears.
+  EXPECT_FALSE(cuda::screen::clears(0x1p-102f, 0x1p-102f, 0.0f, 0x1p-110f));
+}
 
 TEST(KmeansSeedErrors, TypedErrorsLeaveTheCentroidsUntouched) {
   ref::Rng rng(case_seed());

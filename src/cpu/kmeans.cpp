@@ -11,28 +11,12 @@
 #include "core/splitmix64.hpp"
 #include "cpu/backend.hpp"
 #include "cpu/rows.hpp"
+#include "cpu/squared_distance.hpp"
 #include "sapattn/error.hpp"
 
 namespace sapattn::cpu {
 
 namespace {
-
-// Squared distance with 8 independent partial sums, so the compiler vectorises it without
-// reassociating (the result is the same on every run and thread count).
-float squared_distance(const float* x, const float* c, int64_t D) {
-  float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8)
-    for (int j = 0; j < 8; ++j) {
-      const float diff = x[d + j] - c[d + j];
-      part[j] += diff * diff;
-    }
-  for (; d < D; ++d) {
-    const float diff = x[d] - c[d];
-    part[0] += diff * diff;
-  }
-  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-}
 
 constexpr int64_t kAssignChunk = 256;  // points per task: ~100 tasks per head at S = 32k
 

@@ -4,7 +4,6 @@
 // elsewhere, or wherever the switch asks for it. Support and dispatch both ask plan_assign.
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <cstring>
 #include <iterator>
 #include <string>
@@ -45,15 +44,7 @@ int parse_choice(const char* name) {
                 "' (expected auto, mma, wgmma or wgmma:RxN with RxN one of ", known, ")");
 }
 
-int choice() {
-  int v = g_choice.load();
-  if (v < 0) {
-    int expected = -1;
-    g_choice.compare_exchange_strong(expected, parse_choice(std::getenv("SAPATTN_KMEANS_ASSIGN")));
-    v = g_choice.load();
-  }
-  return v;
-}
+int choice() { return knob_value(g_choice, "SAPATTN_KMEANS_ASSIGN", parse_choice); }
 
 // The default configuration for C clusters: the least work counted as tiles x (tile width + overhead),
 // among those of 64 rows per warpgroup; ties to the wider tile. Wan 14B's 300 and 1000 clusters take

@@ -1,45 +1,47 @@
 // Greedy k-means++ seeding on the GPU (kmeans_seed_greedy, include/sapattn/ops.hpp): kmeans_init's
-// key sort (kmeans.cu), then one block per (b,h) running the C - 1 dependent steps on the first M
-// points of the order. The CPU backend's arithmetic bit for bit: the same fp32 distances
-// (exact_distance.cuh), the same draws and 64-bit fixed-point sums (core/kmeans_seeding.hpp), so
-// both backends pick the same points; the integer sums are exact, so the order in which the block's
-// threads add them does not matter.
+// key sort (kmeans.cu), then the C - 1 dependent steps on the first M points of the order, by one of
+// two kernels that seed_kernel() chooses (one function answers "which kernel?" for the op, the tests
+// and the benchmark):
+//   - the cluster kernel (seed_cluster.cu, sm_90): a thread-block cluster of CTAs per (b,h), the
+//     sample in shared memory, a tensor-core screen that leaves few exact distances per step;
+//   - the block kernel (below; sm_80, shapes whose sample does not fit 8 CTAs' shared memory, and the
+//     knob "block"): one block per (b,h).
+// Both are the CPU backend's arithmetic bit for bit: the same fp32 distances (exact_distance.cuh), the
+// same draws and 64-bit fixed-point sums (core/kmeans_seeding.hpp), so all three pick the same points;
+// the integer sums are exact, so the order in which threads add them does not matter.
 //
-// Within a block, thread k owns the contiguous points [k * chunk, (k + 1) * chunk) of the sample
-// and their current distance D2 (global workspace, read only by its owner). A step: a block scan of
-// the owners' fixed-point sums gives the total Q and each chunk's offset; the thread whose range
-// holds a trial's target walks its chunk to the candidate; the T candidate rows go to shared memory;
-// each thread adds its points' q(min(D2, distance to a candidate)) into one shared 64-bit counter per
-// trial; every thread reads the smallest, and updates its D2. Correctness first: one block per
-// problem leaves most SMs idle at B*H = 40 (docs/cuda.md says what a cluster would add).
+// Block kernel: thread k owns the contiguous points [k * chunk, (k + 1) * chunk) of the sample and
+// their current distance D2 (global workspace, read only by its owner). A step: a block scan of the
+// owners' fixed-point sums gives the total Q and each chunk's offset; the thread whose range holds a
+// trial's target walks its chunk to the candidate; the T candidate rows go to shared memory; each
+// thread adds its points' q(min(D2, distance to a candidate)) into one shared 64-bit counter per
+// trial; every thread reads the smallest, and updates its D2. Measured 1,350 ms at Wan 14B's keys
+// (docs/cuda.md): 40 blocks on 132 SMs, each reading the sample from global memory T + 1 times a step.
 #include <cub/block/block_scan.cuh>
 
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
+#include <cstdlib>
+#include <cstring>
 
 #include "core/kmeans_seeding.hpp"
-#include "cuda/runtime/device.cuh"
 #include "cuda/kmeans/exact_distance.cuh"
 #include "cuda/kmeans/kmeans_internal.hpp"
+#include "cuda/kmeans/seed_cluster.hpp"
+#include "cuda/kmeans/seed_screen.hpp"
+#include "cuda/runtime/device.cuh"
 
 namespace sapattn::cuda {
 
 namespace {
 
 constexpr int kSeedThreads = 256;
-constexpr int kMaxTrials = 32;     // 2 + floor(ln C) <= 23 for C < 2^31
+constexpr int kMaxTrials = kSeedMaxTrials;
 constexpr int kTrialsPerPass = 8;  // candidates whose sums a thread keeps in registers at once (C <= 1096: one pass)
 
-struct SeedParams {
-  PointsView pts;
-  const int32_t* order = nullptr;       // [B*H, N]: kmeans_init's order; the sample is its first M entries
-  const int32_t* sample_ids = nullptr;  // [B*H] or null
-  float* dist = nullptr;                // [B*H, M] workspace: D2 of each sample point
-  float* centroids = nullptr;           // [B*H, C, D]
-  uint64_t seed = 0;
-  int64_t M = 0, C = 0;
-  int trials = 0;
-  int bits = 0;  // seeding::sample_bits(M)
+struct SeedParams : SeedProblem {
+  float* dist = nullptr;  // [B*H, M] workspace: D2 of each sample point
 };
 
 // Row of a point with element stride `stride`, read as fp32.
@@ -160,7 +162,90 @@ SeedScratch carve_seed(Carver& carver, int64_t batch_heads, int64_t points, int6
   return s;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Kernel choice
+// ---------------------------------------------------------------------------------------------
+
+// The knob: kind + 16 * forced CTAs per head (0: the default count); -1 until the environment is read.
+enum Kind : int { kAuto = 0, kBlock = 1, kCluster = 2, kUnscreened = 3 };
+std::atomic<int> g_seed_choice{-1};
+
+int parse_seed_choice(const char* name) {
+  if (name == nullptr || name[0] == '\0') return kAuto;
+  if (std::strcmp(name, "block") == 0) return kBlock;
+  for (const auto& [prefix, kind] : {std::pair{"cluster", kCluster}, std::pair{"unscreened", kUnscreened}}) {
+    const size_t n = std::strlen(prefix);
+    if (std::strncmp(name, prefix, n) != 0) continue;
+    if (name[n] == '\0') return kind;
+    if (name[n] != ':') break;
+    char* end = nullptr;
+    const long ctas = std::strtol(name + n + 1, &end, 10);
+    if (end != name + n + 1 && *end == '\0' && ctas >= 1 && ctas <= kSeedMaxClusterCtas)
+      return kind + 16 * static_cast<int>(ctas);
+    break;
+  }
+  SAPATTN_THROW(InvalidArgumentError, "unknown kmeans_seed_greedy kernel '", name,
+                "' (expected \"block\", \"cluster\", \"cluster:K\", \"unscreened\" or \"unscreened:K\" with 1 <= K <= ",
+                kSeedMaxClusterCtas, ", or \"\")");
+}
+
+int seed_choice() { return knob_value(g_seed_choice, "SAPATTN_KMEANS_SEED", parse_seed_choice); }
+
+// Below this many sample points per CTA a further CTA shortens a step less than its share of the
+// cluster's exchanges costs (a guess: 8 of the screen's 16-row tiles).
+constexpr int64_t kMinPointsPerCta = 128;
+
 }  // namespace
+
+SeedKernel seed_kernel(int device, int64_t batch_heads, int64_t sample, int64_t clusters, int64_t dim, DType dtype) {
+  const int choice = seed_choice(), kind = choice % 16, forced_ctas = choice / 16;
+  const int trials = seeding::greedy_trials(std::max<int64_t>(clusters, 1));
+  SeedKernel k;
+  k.smem = sizeof(float) * static_cast<size_t>(trials) * static_cast<size_t>(std::max<int64_t>(dim, 0));
+  if (kind == kBlock || sample < 1 || dim < 1) return k;
+  const bool forced = kind != kAuto;
+  const DeviceArch arch = device_arch(device);
+  const bool screened = dtype != DType::F32 && kind != kUnscreened && dim <= screen::kMaxDim;
+  cudaFuncAttributes attr{};
+  if (arch.major >= 9) attr = seed_cluster_attributes(dtype, screened);
+  SAPATTN_CHECK(attr.ptxVersion >= 90 || !forced, UnsupportedError,
+                "kmeans_seed_greedy's cluster kernel needs an sm_90 GPU and sm_90 code in this build (cuda:", device,
+                " is sm_", arch.major, arch.minor, ")");
+  if (attr.ptxVersion < 90) return k;
+  int optin = 0;
+  SAPATTN_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int elem = static_cast<int>(dtype_size(dtype));
+  auto layout = [&](int ctas) {
+    return seed_cluster_layout(ceil_div(sample, ctas), dim, elem, trials, ctas, screened);
+  };
+  auto fits = [&](int ctas) {
+    return ceil_div(sample, ctas) <= 65535 && layout(ctas).bytes + attr.sharedSizeBytes <= static_cast<size_t>(optin);
+  };
+  int ctas = forced_ctas;
+  if (ctas > 0) {
+    SAPATTN_CHECK(fits(ctas), UnsupportedError, "kmeans_seed_greedy's cluster kernel: ", sample, " points of D = ", dim,
+                  " do not fit the shared memory of ", ctas, " CTAs");
+  } else {
+    // The fewest CTAs whose shares fit; more while every head still gets its SMs at one CTA per SM
+    // (Wan 14B: 40 heads on 132 SMs take 3) and each CTA keeps kMinPointsPerCta points.
+    int fewest = 1;
+    while (fewest <= kSeedMaxClusterCtas && !fits(fewest)) ++fewest;
+    SAPATTN_CHECK(fewest <= kSeedMaxClusterCtas || !forced, UnsupportedError,
+                  "kmeans_seed_greedy's cluster kernel: ", sample, " points of D = ", dim,
+                  " do not fit the shared memory of ", kSeedMaxClusterCtas, " CTAs");
+    if (fewest > kSeedMaxClusterCtas) return k;
+    const int64_t per_head = std::max<int64_t>(1, arch.sms / std::max<int64_t>(batch_heads, 1));
+    const int64_t useful = ceil_div(sample, kMinPointsPerCta);
+    ctas = static_cast<int>(std::max<int64_t>(fewest, std::min({per_head, useful, int64_t{kSeedMaxClusterCtas}})));
+  }
+  k.cluster = true;
+  k.screen = screened;
+  k.ctas = ctas;
+  k.smem = layout(ctas).bytes;
+  return k;
+}
+
+void set_seed_kernel_override(const char* name) { g_seed_choice.store(parse_seed_choice(name)); }
 
 size_t kmeans_seed_greedy_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clusters, int sample_factor) {
   Carver carver("kmeans_seed_greedy");
@@ -178,6 +263,13 @@ void kmeans_seed_greedy(const TensorView& points, TensorView centroids, uint64_t
   carver.check();
   if (BH * N == 0) return;
   SAPATTN_CHECK(BH <= 65535, UnsupportedError, "k-means on CUDA takes at most 65535 (b,h) pairs");
+  const int64_t M = std::min(N, sample_factor * C);
+  const int trials = seeding::greedy_trials(C);
+  SAPATTN_CHECK(trials <= kMaxTrials, UnsupportedError, "kmeans_seed_greedy on CUDA takes fewer than 2^31 clusters");
+  const SeedKernel k = C < N ? seed_kernel(stream.device.index, BH, M, C, pts.D, points.dtype) : SeedKernel{};
+  // 96 KB fits every GPU from sm_80 on (A100: 163 KB per block); D = 128 needs 4 KB at C = 1000.
+  SAPATTN_CHECK(k.cluster || k.smem <= 96 * 1024, UnsupportedError, "kmeans_seed_greedy on CUDA keeps ", trials,
+                " candidate rows of the head dim in shared memory: D = ", pts.D, " is too large");
   const cudaStream_t st = stream_of(stream);
   const int32_t* ids = static_cast<const int32_t*>(sample_ids.data);
   sort_sample(s.sort, seed, BH, N, ids, st);
@@ -185,27 +277,31 @@ void kmeans_seed_greedy(const TensorView& points, TensorView centroids, uint64_t
     gather_sample(points, s.sort.index_out, centroids, st);
     return;
   }
-  SeedParams p;
-  p.pts = pts;
-  p.order = s.sort.index_out;
-  p.sample_ids = ids;
+  SeedProblem problem;
+  problem.pts = pts;
+  problem.order = s.sort.index_out;
+  problem.sample_ids = ids;
+  problem.centroids = static_cast<float*>(centroids.data);
+  problem.seed = seed;
+  problem.M = M;
+  problem.C = C;
+  problem.trials = trials;
+  problem.bits = seeding::sample_bits(M);
+  if (k.cluster) {
+    SeedClusterParams p{problem};
+    p.per_cta = static_cast<int>(ceil_div(M, k.ctas));
+    p.layout =
+        seed_cluster_layout(p.per_cta, pts.D, static_cast<int>(dtype_size(points.dtype)), trials, k.ctas, k.screen);
+    launch_seed_cluster(p, points.dtype, k.screen, k.ctas, BH, st);
+    return;
+  }
+  SeedParams p{problem};
   p.dist = s.dist;
-  p.centroids = static_cast<float*>(centroids.data);
-  p.seed = seed;
-  p.M = std::min(N, sample_factor * C);
-  p.C = C;
-  p.trials = seeding::greedy_trials(C);
-  p.bits = seeding::sample_bits(p.M);
-  SAPATTN_CHECK(p.trials <= kMaxTrials, UnsupportedError, "kmeans_seed_greedy on CUDA takes fewer than 2^31 clusters");
-  const size_t smem = sizeof(float) * static_cast<size_t>(p.trials) * static_cast<size_t>(pts.D);
-  // 96 KB fits every GPU from sm_80 on (A100: 163 KB per block); D = 128 needs 4 KB at C = 1000.
-  SAPATTN_CHECK(smem <= 96 * 1024, UnsupportedError, "kmeans_seed_greedy on CUDA keeps ", p.trials,
-                " candidate rows of the head dim in shared memory: D = ", pts.D, " is too large");
   dispatch_float(points.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto kernel = greedy_seed_kernel<T>;
-    set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), static_cast<int>(smem));
-    kernel<<<static_cast<unsigned>(BH), kSeedThreads, smem, st>>>(p);
+    set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), static_cast<int>(k.smem));
+    kernel<<<static_cast<unsigned>(BH), kSeedThreads, k.smem, st>>>(p);
     SAPATTN_CUDA_CHECK_LAUNCH();
   });
 }

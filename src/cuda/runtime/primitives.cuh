@@ -62,6 +62,9 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // Starts pulling a global line towards L1 (no register result, nothing to wait for).
 __device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p)); }
+// Starts pulling a global line into L2: for data another warp of the SM reads later, which L1 (its
+// capacity taken by shared memory) would not keep.
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
 
 // ---------------------------------------------------------------------------------------------
 // ldmatrix and mma.sync (sm_80+)

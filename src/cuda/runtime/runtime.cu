@@ -120,6 +120,16 @@ DeviceArch device_arch(int device) {
   return arch;
 }
 
+int knob_value(std::atomic<int>& value, const char* env, int (*parse)(const char*)) {
+  int v = value.load();
+  if (v < 0) {
+    int expected = -1;
+    value.compare_exchange_strong(expected, parse(std::getenv(env)));
+    v = value.load();
+  }
+  return v;
+}
+
 void set_max_dynamic_smem(const void* kernel, int bytes) {
   // The attribute is a ceiling, so it is only ever raised: once per (kernel, device) and larger
   // size. (Setting each size once, as this did first, lowered the ceiling when a smaller size came

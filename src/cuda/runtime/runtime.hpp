@@ -6,6 +6,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <atomic>
+
 #include "sapattn/tensor.hpp"
 
 namespace sapattn::cuda {
@@ -37,6 +39,10 @@ struct DeviceArch {
   int major = 0, minor = 0, sms = 0;
 };
 DeviceArch device_arch(int device);
+
+// A process-wide kernel knob: `value` holds what its setter stored, or -1 until the first read, which
+// stores parse(getenv(env)) (thread-safe). Returns the value.
+int knob_value(std::atomic<int>& value, const char* env, int (*parse)(const char*));
 
 // Raises the dynamic shared-memory limit of a kernel once (thread-safe; not a stream operation, so it
 // is allowed during graph capture).
