@@ -32,10 +32,28 @@ struct AssignStats {
 
 void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, const Stream& stream,
                  Workspace workspace, const TensorView& sample_ids);
-// Greedy k-means++ seeding (kmeans/kmeans_seed.cu): kmeans_init's key sort, then one block per (b,h).
+// Greedy k-means++ seeding (kmeans/kmeans_seed.cu): kmeans_init's key sort, then the steps by the
+// kernel seed_kernel() names.
 size_t kmeans_seed_greedy_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clusters, int sample_factor);
 void kmeans_seed_greedy(const TensorView& points, TensorView centroids, uint64_t seed, int sample_factor,
                         const Stream& stream, Workspace workspace, const TensorView& sample_ids);
+// The kernel that runs kmeans_seed_greedy's steps on `device` for B*H problems with a sample of M
+// points of dimension D and `dtype`, and C clusters: the cluster kernel (kmeans/seed_cluster.cu; sm_90
+// with sm_90 code built, the sample fitting the shared memory of at most 8 CTAs) or the block kernel
+// (any other case).
+struct SeedKernel {
+  bool cluster = false;  // true: a thread-block cluster of `ctas` CTAs per (b,h); else one block per (b,h)
+  bool screen = false;   // the cluster kernel's tensor-core screen (bf16 and f16 points, D <= 1024)
+  int ctas = 1;
+  size_t smem = 0;  // dynamic shared memory per CTA or block, bytes
+};
+SeedKernel seed_kernel(int device, int64_t batch_heads, int64_t sample, int64_t clusters, int64_t dim, DType dtype);
+// Test and benchmark knob (process-wide): "block" forces the block kernel, "cluster" the cluster kernel
+// (UnsupportedError where it cannot run), "unscreened" the cluster kernel without its screen (every
+// distance exact, as for f32 points), "cluster:K" and "unscreened:K" with K CTAs per head (1-8), ""
+// (or nullptr) restores the default. SAPATTN_KMEANS_SEED in the environment says the same until this
+// is called. Throws InvalidArgumentError for other names.
+void set_seed_kernel_override(const char* name);
 // With a workspace of kmeans_workspace_bytes: the tensor-core assignment. Without one (the public
 // kmeans_assign has no workspace parameter): the exact fp32 assignment, bit-identical to the CPU's.
 void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels, const Stream& stream,
@@ -80,9 +98,9 @@ void gather_rows(const TensorView& x, const TensorView& perm, TensorView out, co
 void scatter_rows(const TensorView& y, const TensorView& perm, TensorView out, const Stream& stream);
 void block_density(const BlockLayout& layout, TensorView density, const Stream& stream);
 
-// SVG-EAR and the density budget (ear/: ear_estimate.cu, ear_select.cu, ear_compensation.cu). One
-// scratch size covers cluster_means, ear_probe and select_top_p_at_density for B*H heads, N key tokens,
-// Cq x Ck clusters and head dim D.
+// SVG-EAR and the density budget (ear/: ear_estimate.cu, ear_probe_tc.cu, ear_select.cu,
+// ear_compensation.cu). One scratch size covers cluster_means, ear_probe and select_top_p_at_density
+// for B*H heads, N key tokens, Cq x Ck clusters and head dim D.
 size_t ear_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_clusters, int64_t k_clusters, int64_t dim);
 void cluster_means(const TensorView& points, const TensorView& labels, TensorView means, const Stream& stream,
                    Workspace workspace);
@@ -109,11 +127,17 @@ void corrected_centroid_compensation(const TensorView& q, const TensorView& q_la
                                      const TensorView& k_sizes, const TensorView& spread, const TensorView& pair_values,
                                      float scale, TensorView out, TensorView lse, const Stream& stream,
                                      Workspace workspace);
-// Test and benchmark knob (process-wide): "cuda_cores" makes centroid_compensation run the CUDA-core
-// kernel it had before the tensor-core one (no scratch needed; corrected_centroid_compensation keeps
-// the tensor cores), "" (or nullptr) restores the default. Throws InvalidArgumentError for other
-// names.
+// Test and benchmark knob (process-wide), the compensation ops' kernel: "" (or nullptr) the default
+// (wgmma on an sm_90 GPU, mma.sync elsewhere and with pair values); "mma_sync" the mma.sync kernel on
+// any GPU; "wgmma" the wgmma kernel (UnsupportedError at the call on a GPU without it; pair values
+// still take mma.sync); "cuda_cores" makes centroid_compensation run the CUDA-core kernel it had
+// before the tensor-core ones (no scratch needed; corrected_centroid_compensation takes the default
+// then). Throws InvalidArgumentError for other names.
 void set_compensation_kernel_override(const char* name);
+// Test and benchmark knob (process-wide): "cuda_cores" makes ear_probe and ear_plus_probe run the
+// CUDA-core pass (the CPU's logits bit for bit, fp64 sums) where they would take the tensor cores, ""
+// (or nullptr) restores the default. Throws InvalidArgumentError for other names.
+void set_probe_kernel_override(const char* name);
 
 // ear-plus (ear/: ear_plus.cu, ear_select.cu, ear_split.cu). One scratch size covers ear_plus_probe,
 // select_error_aware_per_head and split_clusters for B*H heads, N key tokens and Cq x Ck clusters.

@@ -1,8 +1,10 @@
-// The tensor-core compensation (src/cuda/ear/ear_compensation_tc.cu): centroid_compensation and
-// corrected_centroid_compensation on CUDA against the CPU op on the same inputs, against closed forms
-// (dense attention), on bad input and under graph capture.
+// The tensor-core compensation (src/cuda/ear/ear_compensation_tc.cu, mma.sync; ear_compensation_sm90.cu,
+// wgmma): centroid_compensation and corrected_centroid_compensation on CUDA against the CPU op on the
+// same inputs, against closed forms (dense attention), on bad input and under graph capture. The
+// comparisons run on every tensor-core kernel the GPU has (compensation_kernels: the wgmma one, forced,
+// on sm_90, and the mma.sync one); pair values take the mma.sync kernel under either.
 //
-// Tolerance: the kernel rounds q and kbar to bf16 in the logits and P and the values to bf16 in
+// Tolerance: both kernels round q and kbar to bf16 in the logits and P and the values to bf16 in
 // P V, so a row may differ from the CPU's float64 result by the bound of CompensationModel
 // (cuda_ear_support.hpp, docs/ear.md), computed per row and per output dim from the stored inputs;
 // rows the op must not touch (text rows, rows whose cluster skips nothing) are compared bit for
@@ -25,6 +27,7 @@
 
 #include "core/cuda_check.hpp"
 #include "cuda/backend.hpp"
+#include "cuda_attention_support.hpp"
 #include "cuda_ear_support.hpp"
 #include "cuda_support.hpp"
 #include "reference.hpp"
@@ -43,6 +46,7 @@ using cuda_test::TestStream;
 using cuda_test::Twin;
 using cuda_test::ValueChecksOn;
 using ear_cuda_test::CompensationInputs;
+using ear_cuda_test::CompensationKernelScope;
 using ear_cuda_test::CompensationModel;
 using ear_cuda_test::fill_bf16_values;
 using ear_cuda_test::i32_tensor;
@@ -60,6 +64,13 @@ Buffer compensation_workspace(int64_t BH, int64_t N, int64_t Cq, int64_t pseudo_
   return device_workspace(compensation_workspace_bytes(BH, N, Cq, pseudo_keys, D, Device::cuda(0)));
 }
 
+// The tensor-core kernels of this GPU, as set_compensation_kernel_override names them: "wgmma" (forced,
+// so that a device that cannot run it fails instead of falling back) on sm_90, and "mma_sync".
+std::vector<const char*> compensation_kernels() {
+  if (cuda_test::is_sm90()) return {"wgmma", "mma_sync"};
+  return {"mma_sync"};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Against the CPU op
 // ---------------------------------------------------------------------------------------------
@@ -70,6 +81,7 @@ struct CompCase {
   DType dtype;                       // of q
   Layout layout;                     // of q, the mask and the spread
   bool spread, pair_values;          // corrected_centroid_compensation's terms (m > 1 needs it too)
+  int64_t big = 0;                   // > 0: query cluster 2 of every (b,h) has this many rows
   bool corrected() const { return spread || pair_values || per_column > 1; }
 };
 
@@ -77,7 +89,8 @@ std::string describe(const CompCase& c) {
   std::ostringstream os;
   os << (c.corrected() ? "corrected" : "ear") << "_B" << c.B << "_H" << c.H << "_N" << c.N << "_T" << c.text << "_D"
      << c.D << "_Cq" << c.Cq << "_Ck" << c.Ck << "_m" << c.per_column << "_" << dtype_name(c.dtype) << "_"
-     << ref::layout_name(c.layout) << (c.spread ? "_spread" : "") << (c.pair_values ? "_pairs" : "");
+     << ref::layout_name(c.layout) << (c.spread ? "_spread" : "") << (c.pair_values ? "_pairs" : "")
+     << (c.big > 0 ? "_big" + std::to_string(c.big) : "");
   return testing_support::case_name(os.str());
 }
 
@@ -88,6 +101,20 @@ struct CompInputs {
 };
 
 HostTensor no_tensor() { return HostTensor{Tensor{}, TensorView{}}; }
+
+// Labels [B,H,N] as random_labels draws them, with query cluster 2 of every (b,h) `big` rows large.
+HostTensor labels_with_big_cluster(ref::Rng& rng, int64_t B, int64_t H, int64_t N, int64_t C, int64_t big,
+                                   int64_t extra) {
+  HostTensor t = poisoned(DType::I32, {B, H, N + extra});
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    std::vector<int64_t> sizes = ref::random_cluster_sizes(rng, N - big, C - 1);
+    sizes.insert(sizes.begin() + 2, big);
+    const std::vector<int32_t> l = ref::random_labels_with_sizes(rng, sizes);
+    std::copy(l.begin(), l.end(), t.storage.data_as<int32_t>() + bh * (N + extra));
+  }
+  t.view = t.view.slice(2, 0, N);
+  return t;
+}
 
 CompInputs comp_inputs(const CompCase& c, ref::Rng& rng, bool exact) {
   const int64_t S = c.N + c.text, Ckp = c.per_column * c.Ck;
@@ -112,7 +139,8 @@ CompInputs comp_inputs(const CompCase& c, ref::Rng& rng, bool exact) {
     if (c.pair_values) fill_bf16_values(pairs.view, rng);
   }
   return {Twin(std::move(q)),
-          Twin(random_labels(rng, c.B, c.H, c.N, c.Cq, c.text)),
+          Twin(c.big > 0 ? labels_with_big_cluster(rng, c.B, c.H, c.N, c.Cq, c.big, c.text)
+                         : random_labels(rng, c.B, c.H, c.N, c.Cq, c.text)),
           Twin(std::move(mask)),
           Twin(std::move(kc)),
           Twin(std::move(vc)),
@@ -133,12 +161,12 @@ class EarComp : public ::testing::TestWithParam<CompCase> {
     auto pick = [&](const Twin& t) { return gpu ? t.dev : t.host.view; };
     const Stream stream = gpu ? cs.stream() : kCpu;
     if (c.corrected()) {
-      corrected_centroid_compensation(pick(in.q), pick(in.labels), pick(in.mask), pick(in.kc), pick(in.vc),
-                                      pick(in.ks), c.spread ? pick(in.spread) : TensorView{},
+      corrected_centroid_compensation(pick(in.q), pick(in.labels), pick(in.mask), pick(in.kc), pick(in.vc), pick(in.ks),
+                                      c.spread ? pick(in.spread) : TensorView{},
                                       c.pair_values ? pick(in.pairs) : TensorView{}, scale(), out, lse, stream, ws);
     } else {
-      centroid_compensation(pick(in.q), pick(in.labels), pick(in.mask), pick(in.kc), pick(in.vc), pick(in.ks),
-                            scale(), out, lse, stream, ws);
+      centroid_compensation(pick(in.q), pick(in.labels), pick(in.mask), pick(in.kc), pick(in.vc), pick(in.ks), scale(),
+                            out, lse, stream, ws);
     }
   }
 };
@@ -162,50 +190,55 @@ TEST_P(EarComp, MatchesCpuWithinBf16Bound) {
       });
       const HostTensor out_cpu = deep_copy(out0), lse_cpu = deep_copy(lse0);
       run(in, false, out_cpu.view, lse_cpu.view, {});
-      Twin out_gpu(out0), lse_gpu(lse0);
-      run(in, true, out_gpu.dev, lse_gpu.dev, as_workspace(ws));
-      cs.sync();
-      const HostTensor out_g = out_gpu.download(), lse_g = lse_gpu.download();
-      ASSERT_TRUE(out_g.outside_view_unchanged(out0.bytes())) << "out written outside its view";
-      ASSERT_TRUE(lse_g.outside_view_unchanged(lse0.bytes())) << "lse written outside its view";
-      // Deterministic: a second run from the same start gives the same bytes.
-      Twin out_again(out0), lse_again(lse0);
-      run(in, true, out_again.dev, lse_again.dev, as_workspace(ws));
-      cs.sync();
-      ASSERT_EQ(out_again.download().bytes(), out_g.bytes()) << "two GPU runs differ";
-      ASSERT_EQ(lse_again.download().bytes(), lse_g.bytes()) << "two GPU runs differ";
-
       const CompensationModel model(CompensationInputs{
           in.q.host.view, in.labels.host.view, in.mask.host.view, in.kc.host.view, in.vc.host.view, in.ks.host.view,
           c.spread ? in.spread.host.view : TensorView{}, c.pair_values ? in.pairs.host.view : TensorView{}, scale()});
       const double out_u = unit_roundoff(out_dtype);
-      int64_t compensated = 0;
-      for (int64_t b = 0; b < c.B; ++b)
-        for (int64_t h = 0; h < c.H; ++h)
-          for (int64_t i = 0; i < S; ++i) {
-            const std::string row = "row [" + std::to_string(b) + "," + std::to_string(h) + "," + std::to_string(i) + "]";
-            std::vector<double> o0(static_cast<size_t>(c.D));
-            for (int64_t d = 0; d < c.D; ++d) o0[static_cast<size_t>(d)] = ref::get(out0.view, {b, h, i, d});
-            const RowModel m = model.row(b, h, i, ref::get(lse0.view, {b, h, i}), o0);
-            const double lg = ref::get(lse_g.view, {b, h, i}), lc = ref::get(lse_cpu.view, {b, h, i});
-            if (!m.skips) {  // text rows and rows whose cluster skips nothing: untouched, bit for bit
-              ASSERT_EQ(std::memcmp(&lg, &lc, sizeof lg), 0) << row << " lse changed: " << lg << " vs " << lc;
-              for (int64_t d = 0; d < c.D; ++d)
-                ASSERT_EQ(ref::get(out_g.view, {b, h, i, d}), ref::get(out_cpu.view, {b, h, i, d})) << row;
-              continue;
+      for (const char* kernel : compensation_kernels()) {
+        SCOPED_TRACE(std::string("kernel ") + kernel);
+        const CompensationKernelScope scope(kernel);
+        Twin out_gpu(out0), lse_gpu(lse0);
+        run(in, true, out_gpu.dev, lse_gpu.dev, as_workspace(ws));
+        cs.sync();
+        const HostTensor out_g = out_gpu.download(), lse_g = lse_gpu.download();
+        ASSERT_TRUE(out_g.outside_view_unchanged(out0.bytes())) << "out written outside its view";
+        ASSERT_TRUE(lse_g.outside_view_unchanged(lse0.bytes())) << "lse written outside its view";
+        // Deterministic: a second run from the same start gives the same bytes.
+        Twin out_again(out0), lse_again(lse0);
+        run(in, true, out_again.dev, lse_again.dev, as_workspace(ws));
+        cs.sync();
+        ASSERT_EQ(out_again.download().bytes(), out_g.bytes()) << "two GPU runs differ";
+        ASSERT_EQ(lse_again.download().bytes(), lse_g.bytes()) << "two GPU runs differ";
+
+        int64_t compensated = 0;
+        for (int64_t b = 0; b < c.B; ++b)
+          for (int64_t h = 0; h < c.H; ++h)
+            for (int64_t i = 0; i < S; ++i) {
+              const std::string row =
+                  "row [" + std::to_string(b) + "," + std::to_string(h) + "," + std::to_string(i) + "]";
+              std::vector<double> o0(static_cast<size_t>(c.D));
+              for (int64_t d = 0; d < c.D; ++d) o0[static_cast<size_t>(d)] = ref::get(out0.view, {b, h, i, d});
+              const RowModel m = model.row(b, h, i, ref::get(lse0.view, {b, h, i}), o0);
+              const double lg = ref::get(lse_g.view, {b, h, i}), lc = ref::get(lse_cpu.view, {b, h, i});
+              if (!m.skips) {  // text rows and rows whose cluster skips nothing: untouched, bit for bit
+                ASSERT_EQ(std::memcmp(&lg, &lc, sizeof lg), 0) << row << " lse changed: " << lg << " vs " << lc;
+                for (int64_t d = 0; d < c.D; ++d)
+                  ASSERT_EQ(ref::get(out_g.view, {b, h, i, d}), ref::get(out_cpu.view, {b, h, i, d})) << row;
+                continue;
+              }
+              ++compensated;
+              ASSERT_LE(std::abs(lg - lc), m.lse_bound + 2 * ref::kF32Eps * std::abs(lc))
+                  << row << " lse: GPU " << lg << ", CPU " << lc << " (float64 " << m.lse << ")";
+              for (int64_t d = 0; d < c.D; ++d) {
+                const double og = ref::get(out_g.view, {b, h, i, d}), oc = ref::get(out_cpu.view, {b, h, i, d});
+                const double bound = m.out_bound[static_cast<size_t>(d)];
+                ASSERT_LE(std::abs(og - oc), bound + out_u * (std::abs(og) + std::abs(oc)) + 1e-30)
+                    << row << " out d=" << d << ": GPU " << og << ", CPU " << oc << " (float64 "
+                    << m.out[static_cast<size_t>(d)] << ", bound " << bound << ")";
+              }
             }
-            ++compensated;
-            ASSERT_LE(std::abs(lg - lc), m.lse_bound + 2 * ref::kF32Eps * std::abs(lc))
-                << row << " lse: GPU " << lg << ", CPU " << lc << " (float64 " << m.lse << ")";
-            for (int64_t d = 0; d < c.D; ++d) {
-              const double og = ref::get(out_g.view, {b, h, i, d}), oc = ref::get(out_cpu.view, {b, h, i, d});
-              const double bound = m.out_bound[static_cast<size_t>(d)];
-              ASSERT_LE(std::abs(og - oc), bound + out_u * (std::abs(og) + std::abs(oc)) + 1e-30)
-                  << row << " out d=" << d << ": GPU " << og << ", CPU " << oc << " (float64 "
-                  << m.out[static_cast<size_t>(d)] << ", bound " << bound << ")";
-            }
-          }
-      EXPECT_GT(compensated, 0) << "no compensated row to test";
+        EXPECT_GT(compensated, 0) << "no compensated row to test";
+      }
     }
 }
 
@@ -220,8 +253,13 @@ INSTANTIATE_TEST_SUITE_P(
         CompCase{1, 1, 64, 2, 8, 4, 5, 1, DType::F32, Layout::Contiguous, false, false},
         CompCase{1, 2, 400, 6, 128, 9, 40, 2, DType::BF16, Layout::Transposed, true, true},
         CompCase{2, 1, 333, 0, 64, 6, 30, 1, DType::F32, Layout::Contiguous, true, false},
-        CompCase{1, 2, 250, 3, 96, 5, 21, 3, DType::F16, Layout::Padded, false, true},  // D padded to 128
-        CompCase{1, 1, 700, 1, 128, 4, 600, 2, DType::BF16, Layout::Contiguous, true, false}),  // 1200 pseudo-keys
+        CompCase{1, 2, 250, 3, 96, 5, 21, 3, DType::F16, Layout::Padded, false, true},         // D padded to 128
+        CompCase{1, 1, 700, 1, 128, 4, 600, 2, DType::BF16, Layout::Contiguous, true, false},  // 1200 pseudo-keys
+        // bf16 rows cp.async copies with D < Dp; two pseudo-key tiles of the wgmma kernel, the last partial.
+        CompCase{1, 2, 260, 0, 40, 6, 150, 1, DType::BF16, Layout::Contiguous, false, false},
+        // A query cluster of 1873 rows (Wan 14B's largest) in each of 8 heads: 152 wgmma work items,
+        // more than an H100 has SMs, so that the persistent CTAs take several each.
+        CompCase{1, 8, 2300, 2, 128, 5, 40, 1, DType::BF16, Layout::Contiguous, false, false, 1873}),
     [](const ::testing::TestParamInfo<CompCase>& p) { return describe(p.param); });
 
 // ---------------------------------------------------------------------------------------------
@@ -365,13 +403,17 @@ TEST_P(EarCompDense, IdenticalClusterMembersGiveDenseAttention) {
   attend(c, qt.host.view, labels.host.view, mt.host.view, scale, out0, lse0, lse_dense, out_dense);
   TestStream cs;
   const Buffer ws = compensation_workspace(B * H, N, Cq, Ck, D);
-  expect_dense(
-      {qt.host.view, labels.host.view, mt.host.view, kct.host.view, vct.host.view, ks.host.view, {}, {}, scale},
-      [&](TensorView out, TensorView lse) {
-        centroid_compensation(qt.dev, labels.dev, mt.dev, kct.dev, vct.dev, ks.dev, scale, out, lse, cs.stream(),
-                              as_workspace(ws));
-      },
-      out0, lse0, lse_dense, out_dense, 0.0);
+  for (const char* kernel : compensation_kernels()) {
+    SCOPED_TRACE(std::string("kernel ") + kernel);
+    const CompensationKernelScope scope(kernel);
+    expect_dense(
+        {qt.host.view, labels.host.view, mt.host.view, kct.host.view, vct.host.view, ks.host.view, {}, {}, scale},
+        [&](TensorView out, TensorView lse) {
+          centroid_compensation(qt.dev, labels.dev, mt.dev, kct.dev, vct.dev, ks.dev, scale, out, lse, cs.stream(),
+                                as_workspace(ws));
+        },
+        out0, lse0, lse_dense, out_dense, 0.0);
+  }
 }
 
 // ear-plus's closed form: for a query at its cluster's centroid, the pseudo-key of (a, j) with the
@@ -451,18 +493,21 @@ TEST_P(EarCompDense, QueriesAtTheirCentroidGetDenseAttention) {
     TestStream cs;
     const Buffer ws = compensation_workspace(B * H, N, Cq, Ckp, D);
     // The spread and the pair values are stored in f32: u |spread| in the log domain, u in the values.
-    expect_dense({qt.host.view, labels.host.view, mt.host.view, kct.host.view, vct.host.view, ks.host.view,
-                  st.host.view, pt.host.view, scale},
-                 [&](TensorView out, TensorView lse) {
-                   corrected_centroid_compensation(qt.dev, labels.dev, mt.dev, kct.dev, vct.dev, ks.dev, st.dev,
-                                                   pt.dev, scale, out, lse, cs.stream(), as_workspace(ws));
-                 },
-                 out0, lse0, lse_dense, out_dense, 2 * ref::kF32Eps * (max_spread + 1));
+    expect_dense(
+        {qt.host.view, labels.host.view, mt.host.view, kct.host.view, vct.host.view, ks.host.view, st.host.view,
+         pt.host.view, scale},
+        [&](TensorView out, TensorView lse) {
+          corrected_centroid_compensation(qt.dev, labels.dev, mt.dev, kct.dev, vct.dev, ks.dev, st.dev, pt.dev, scale,
+                                          out, lse, cs.stream(), as_workspace(ws));
+        },
+        out0, lse0, lse_dense, out_dense, 2 * ref::kF32Eps * (max_spread + 1));
   }
 }
 
 INSTANTIATE_TEST_SUITE_P(HeadDims, EarCompDense, ::testing::Values(int64_t{64}, int64_t{128}),
-                         [](const ::testing::TestParamInfo<int64_t>& p) { return testing_support::case_name("D", p.param); });
+                         [](const ::testing::TestParamInfo<int64_t>& p) {
+                           return testing_support::case_name("D", p.param);
+                         });
 
 // ---------------------------------------------------------------------------------------------
 // Bad input and graph capture
@@ -477,11 +522,11 @@ struct SmallOps {
   Twin labels{random_labels(rng, B, H, N, Cq, 0)};
   Twin mask{skip_most(rng)};
   Twin kc{normal(DType::F32, {B, H, Ck, D}, rng)}, vc{normal(DType::F32, {B, H, Ck, D}, rng)};
-  Twin ks{i32_tensor({B, H, Ck}, random_sizes(rng, B * H * Ck, 40))};
-  Twin kc2{normal(DType::F32, {B, H, m * Ck, D}, rng)}, vc2{normal(DType::F32, {B, H, m * Ck, D}, rng)};
-  Twin ks2{i32_tensor({B, H, m * Ck}, random_sizes(rng, B * H * m * Ck, 40))};
-  Twin spread{normal(DType::F32, {B, H, Cq, m * Ck}, rng, Layout::Contiguous, 0.3)};
-  Twin pairs{normal(DType::F32, {B, H, Cq * m * Ck, D}, rng)};
+  Twin ks{i32_tensor({B, H, Ck}, random_sizes(rng, B* H* Ck, 40))};
+  Twin kc2{normal(DType::F32, {B, H, m*Ck, D}, rng)}, vc2{normal(DType::F32, {B, H, m*Ck, D}, rng)};
+  Twin ks2{i32_tensor({B, H, m* Ck}, random_sizes(rng, B* H* m* Ck, 40))};
+  Twin spread{normal(DType::F32, {B, H, Cq, m* Ck}, rng, Layout::Contiguous, 0.3)};
+  Twin pairs{normal(DType::F32, {B, H, Cq* m* Ck, D}, rng)};
   Twin out{normal(DType::BF16, {B, H, N, D}, rng)}, lse{normal(DType::F32, {B, H, N}, rng)};
   float scale = 0.125f;
 
@@ -523,14 +568,15 @@ TEST(EarCompErrors, WorkspaceShapesValuesAndKnob) {
   EXPECT_THROW(ops.corrected(s, as_workspace(small)), WorkspaceError);
   // Shapes: pseudo-keys not a whole multiple of the mask's clusters, pair values of another count,
   // a host spread on a CUDA stream; head dims beyond 128 (before the workspace is looked at).
-  Twin kc7(normal(DType::F32, {O::B, O::H, 7, O::D}, ops.rng)), ks7(i32_tensor({O::B, O::H, 7}, std::vector<int32_t>(14, 2)));
+  Twin kc7(normal(DType::F32, {O::B, O::H, 7, O::D}, ops.rng)),
+      ks7(i32_tensor({O::B, O::H, 7}, std::vector<int32_t>(14, 2)));
   EXPECT_THROW(corrected_centroid_compensation(ops.q.dev, ops.labels.dev, ops.mask.dev, kc7.dev, kc7.dev, ks7.dev, {},
                                                {}, ops.scale, ops.out.dev, ops.lse.dev, s, as_workspace(ws)),
                ShapeError);
-  EXPECT_THROW(corrected_centroid_compensation(ops.q.dev, ops.labels.dev, ops.mask.dev, ops.kc.dev, ops.vc.dev,
-                                               ops.ks.dev, {}, ops.pairs.dev, ops.scale, ops.out.dev, ops.lse.dev, s,
-                                               as_workspace(ws)),
-               ShapeError);
+  EXPECT_THROW(
+      corrected_centroid_compensation(ops.q.dev, ops.labels.dev, ops.mask.dev, ops.kc.dev, ops.vc.dev, ops.ks.dev, {},
+                                      ops.pairs.dev, ops.scale, ops.out.dev, ops.lse.dev, s, as_workspace(ws)),
+      ShapeError);
   EXPECT_THROW(corrected_centroid_compensation(ops.q.dev, ops.labels.dev, ops.mask.dev, ops.kc2.dev, ops.vc2.dev,
                                                ops.ks2.dev, ops.spread.host.view, {}, ops.scale, ops.out.dev,
                                                ops.lse.dev, s, as_workspace(ws)),
@@ -542,8 +588,8 @@ TEST(EarCompErrors, WorkspaceShapesValuesAndKnob) {
     HostTensor m22 = poisoned(DType::U8, {1, 1, 2, 2});
     std::fill_n(m22.storage.data_as<uint8_t>(), 4, 0);
     Twin mask22(std::move(m22));
-    EXPECT_THROW(centroid_compensation(q_wide.dev, l_wide.dev, mask22.dev, kc_wide.dev, kc_wide.dev, s2.dev,
-                                       ops.scale, o_wide.dev, lse_wide.dev, s),
+    EXPECT_THROW(centroid_compensation(q_wide.dev, l_wide.dev, mask22.dev, kc_wide.dev, kc_wide.dev, s2.dev, ops.scale,
+                                       o_wide.dev, lse_wide.dev, s),
                  UnsupportedError);
   }
   cs.sync();
@@ -577,6 +623,28 @@ TEST(EarCompErrors, WorkspaceShapesValuesAndKnob) {
   }
   EXPECT_THROW(ops.ear(s, {}), WorkspaceError) << "the knob's scope did not restore the tensor cores";
   cs.sync();
+  // On sm_90 the default is the wgmma kernel (the same bytes as forcing it); elsewhere forcing it is
+  // refused (UnsupportedError, before anything is launched), and mma.sync runs everywhere.
+  auto ear_from_start = [&] {
+    ops.out.upload();
+    ops.lse.upload();
+    ops.ear(s, as_workspace(ws));
+    cs.sync();
+    return ops.output_bytes();
+  };
+  const std::vector<uint8_t> by_default = ear_from_start();
+  {
+    const CompensationKernelScope mma_sync("mma_sync");
+    EXPECT_NO_THROW(ear_from_start());
+  }
+  {
+    const CompensationKernelScope wgmma("wgmma");
+    if (cuda_test::is_sm90()) {
+      EXPECT_EQ(ear_from_start(), by_default) << "the default is not the wgmma kernel on sm_90";
+    } else {
+      EXPECT_THROW(ops.ear(s, as_workspace(ws)), UnsupportedError);
+    }
+  }
 }
 
 // Both ops captured into a CUDA graph: no allocation and no host synchronisation inside, and a
@@ -585,9 +653,8 @@ TEST(EarCompGraph, CapturedOpsMatchEager) {
   SmallOps ops;
   TestStream cs;
   const Stream s = cs.stream();
-  const size_t need =
-      compensation_workspace_bytes(SmallOps::B * SmallOps::H, SmallOps::N, SmallOps::Cq, SmallOps::m * SmallOps::Ck,
-                                   SmallOps::D, Device::cuda(0));
+  const size_t need = compensation_workspace_bytes(SmallOps::B * SmallOps::H, SmallOps::N, SmallOps::Cq,
+                                                   SmallOps::m * SmallOps::Ck, SmallOps::D, Device::cuda(0));
   const Buffer ws = device_workspace(need);
   const std::vector<uint8_t> start = ops.output_bytes();
   auto both = [&] {

@@ -138,6 +138,10 @@ class EarLayer : public ::testing::TestWithParam<LayerCase> {};
 
 TEST_P(EarLayer, CudaLayerMatchesCpuLayer) {
   const LayerCase lc = GetParam();
+  // The probe's CUDA-core pass: the CPU's logits bit for bit, so the routing is the CPU's and the masks
+  // compare equal. The tensor-core pass (the default) routes as the CPU does wherever no score within
+  // its bound can change the kept set (test_cuda_ear_probe_tc.cpp); EarGraph runs the layer with it.
+  const ear_cuda_test::CudaCoreProbe cuda_cores;
   const Config config = layer_config(lc);
   const int64_t B = 1, H = 2, S = 1200 + lc.text, D = 64;
   const LayerInputs in = layer_inputs(B, H, S, D, config);
@@ -177,7 +181,8 @@ INSTANTIATE_TEST_SUITE_P(Methods, EarLayer,
                          [](const ::testing::TestParamInfo<LayerCase>& p) { return std::string(p.param.name); });
 
 // The whole EAR layer call (no check_finite) captured into a CUDA graph: no host synchronisation and
-// no allocation inside, and replays equal the eager call bit for bit.
+// no allocation inside, and replays equal the eager call bit for bit (with the default kernels: the
+// probe and the compensation on tensor cores).
 TEST(EarGraph, CapturedLayerMatchesEager) {
   const LayerCase lc{"ear_density", Routing::ErrorAware, true, 0.2f, 0};
   const Config config = layer_config(lc);

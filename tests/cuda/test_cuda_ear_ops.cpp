@@ -5,11 +5,13 @@
 //   bit-identical:  centroid_probs, select_error_aware, select_top_p_at_density (the whole output
 //                   storage, so bytes outside a strided view are checked too);
 //   1 fp32 ulp:     cluster_means (fp64 sums in another order, rounded once);
-//   error model:    ear_probe (same logits and per-token terms, fp64 sums in another order: the
-//                   difference of log E is bounded by the fp64 rounding of the sums times their
-//                   cancellation, plus 2 fp32 ulps), centroid_compensation's CUDA-core kernel (fp32
-//                   FMA logits and accumulation against the CPU's 8-lane logits and fp64 sums: bound
-//                   below; the tensor-core kernel, the default, is tested in test_cuda_ear_comp.cpp).
+//   error model:    ear_probe's CUDA-core pass (same logits and per-token terms, fp64 sums in another
+//                   order: the difference of log E is bounded by the fp64 rounding of the sums times
+//                   their cancellation, plus 2 fp32 ulps; the tensor-core pass, the default for bf16
+//                   and f16 keys, is tested in test_cuda_ear_probe_tc.cpp), centroid_compensation's
+//                   CUDA-core kernel (fp32 FMA logits and accumulation against the CPU's 8-lane logits
+//                   and fp64 sums: bound below; the tensor-core kernel, the default, is tested in
+//                   test_cuda_ear_comp.cpp).
 // Every failure message names the case (shape, dtype, layout) and the first element that differs.
 // The layer call is tested in test_cuda_ear_layer.cpp, bad input in test_cuda_ear_errors.cpp.
 #include <cuda_runtime_api.h>
@@ -116,6 +118,7 @@ TEST_P(EarOp, CentroidProbsAreIdentical) {
 
 TEST_P(EarOp, ProbeWithinItsErrorModel) {
   const OpCase c = GetParam();
+  const ear_cuda_test::CudaCoreProbe cuda_cores;  // the pass this bound is for
   if (c.N * c.Cq * c.Ck * c.B * c.H > 40'000'000) GTEST_SKIP() << "the host conditioning would take too long";
   Twin qc(normal(DType::F32, {c.B, c.H, c.Cq, c.D}, rng));
   Twin kc(normal(DType::F32, {c.B, c.H, c.Ck, c.D}, rng));

@@ -7,10 +7,11 @@
 //   bit-identical: select_error_aware_per_head (the CPU's ranking, exact integer areas) and
 //                  split_clusters (every fp64 sum in the CPU's order, IEEE operations only): the whole
 //                  output storage, so bytes outside a strided view are checked too;
-//   error model:   ear_plus_probe (the logits bit-identical, fp64 sums in another order): the scores
-//                  within ear_probe's bound on log E plus the log Z term, the spread within the
-//                  mass's fp64 rounding, the pair values within the value sums' (both plus one fp32
-//                  rounding); empty clusters' spread and pair values exactly the CPU's.
+//   error model:   ear_plus_probe's CUDA-core pass (the logits bit-identical, fp64 sums in another
+//                  order; the tensor-core pass: test_cuda_ear_probe_tc.cpp): the scores within
+//                  ear_probe's bound on log E plus the log Z term, the spread within the mass's fp64
+//                  rounding, the pair values within the value sums' (both plus one fp32 rounding);
+//                  empty clusters' spread and pair values exactly the CPU's.
 // Every failure message names the case (shape, dtypes, layout) and the first element that differs.
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
@@ -120,6 +121,7 @@ RowMass row_mass(const ProbeConditioning& cond, int64_t rows, int64_t Ck) {
 // whose pass this is, on the same inputs within its own bound (k and v of different dtypes included).
 TEST_P(EarPlusOp, ProbeWithinItsErrorModel) {
   const PlusCase c = GetParam();
+  const ear_cuda_test::CudaCoreProbe cuda_cores;  // the pass this bound is for
   if (c.N * c.Cq * c.Ck * c.B * c.H > 40'000'000) GTEST_SKIP() << "the host conditioning would take too long";
   const int64_t B = c.B, H = c.H, N = c.N, D = c.D, Cq = c.Cq, Ck = c.Ck;
   Twin qc(normal(DType::F32, {B, H, Cq, D}, rng));

@@ -207,6 +207,10 @@ void launch(const Params& p, cudaStream_t stream) {
           encode_map<T>(maps.v[j], p.v, p.seq_k, p, p.v_stride, Tr::kSlotRows << j);
   const int smem = static_cast<int>(sizeof(typename Tr::Smem));
   params.split_tails = split_tails();
+  // Items: dense q tiles (of two tiles with pairs) or the plan's.
+  const int tile_rows = p.pair ? kPairTileQ : kTileQ;
+  const int64_t q_tiles = (p.seq_q + tile_rows - 1) / tile_rows;
+  const int64_t max_items = std::max<int64_t>(p.dense ? int64_t{p.batch} * p.heads * q_tiles : p.plan.max_items, 1);
   if (p.pair) {
     // The plan was built for pairs (sm90_pairs said yes): only the TMA kernel of pairs runs it.
     SAPATTN_CHECK(tma && (p.dense || p.plan.item_rows == kPairTileQ), UnsupportedError,
@@ -215,21 +219,17 @@ void launch(const Params& p, cudaStream_t stream) {
     set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
     const int max_clusters =
         q_gather ? max_pair_clusters<Tr, true>(smem, p.num_sms) : max_pair_clusters<Tr, false>(smem, p.num_sms);
-    const int64_t q_tiles = (p.seq_q + kPairTileQ - 1) / kPairTileQ;
-    const int64_t max_items = p.dense ? int64_t{p.batch} * p.heads * q_tiles : p.plan.max_items;
-    const int64_t pairs = std::min<int64_t>(max_clusters, std::max<int64_t>(max_items, 1));
     params.next_item = nullptr;  // pairs walk their items statically
     cudaLaunchAttribute cluster;
-    const cudaLaunchConfig_t config = pair_config(cluster, static_cast<unsigned>(2 * pairs), smem, stream);
+    const cudaLaunchConfig_t config =
+        pair_config(cluster, static_cast<unsigned>(2 * std::min<int64_t>(max_clusters, max_items)), smem, stream);
     SAPATTN_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, params, maps));
     return;
   }
   auto* kernel = !tma ? attention_kernel<Tr, false, false, false>
                       : (q_gather ? attention_kernel<Tr, true, true, false> : attention_kernel<Tr, true, false, false>);
   set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
-  const int64_t q_tiles = (p.seq_q + kTileQ - 1) / kTileQ;
-  const int64_t max_items = p.dense ? int64_t{p.batch} * p.heads * q_tiles : p.plan.max_items;
-  const int grid = static_cast<int>(std::min<int64_t>(p.num_sms, std::max<int64_t>(max_items, 1)));
+  const int grid = static_cast<int>(std::min<int64_t>(p.num_sms, max_items));
   params.next_item = tma && !p.dense && dynamic_schedule() ? p.plan.next_item : nullptr;
   kernel<<<grid, kThreads, smem, stream>>>(params, maps);
   SAPATTN_CUDA_CHECK_LAUNCH();

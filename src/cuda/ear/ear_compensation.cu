@@ -1,9 +1,10 @@
 // SVG-EAR on the GPU, the centroid compensation (docs/ear.md): the key clusters that a video query
 // row skipped enter its attention output and lse as pseudo-keys. This file holds the ops' entry
-// points (centroid_compensation, corrected_centroid_compensation, their scratch) and the CUDA-core
-// kernel that centroid_compensation ran before the tensor-core one (ear_compensation_tc.cu); it
-// stays behind set_compensation_kernel_override("cuda_cores") so that both can be timed on one GPU
-// (bench/bench_ops.cu) until one of them is retired.
+// points (centroid_compensation, corrected_centroid_compensation, their scratch), the kernel choice
+// (set_compensation_kernel_override) and the CUDA-core kernel that centroid_compensation ran before
+// the tensor-core ones (ear_compensation_tc.cu: mma.sync; ear_compensation_sm90.cu: wgmma, the
+// default on sm_90). The older kernels stay behind the override ("cuda_cores", "mma_sync") so that
+// all can be timed on one GPU (bench/bench_ops.cu) until they are retired.
 // Every path is a fixed sequence of launches on the caller's stream and is deterministic: reductions
 // run in a fixed order, and the only atomics are integer ORs into the value-check flag.
 //
@@ -244,8 +245,8 @@ void compensation_cuda_cores(const TensorView& q, const TensorView& q_labels, co
   });
 }
 
-// Which kernel centroid_compensation runs: false = tensor cores (the default), true = CUDA cores.
-std::atomic<bool> g_cuda_cores{false};
+// Which kernel the compensation ops run (ear::CompensationKernel).
+std::atomic<ear::CompensationKernel> g_kernel{ear::CompensationKernel::Auto};
 
 // The limits both paths share; false when there is nothing to do.
 bool check_compensation_shape(const TensorView& q, const TensorView& q_labels, const TensorView& k_centroids,
@@ -264,10 +265,17 @@ bool check_compensation_shape(const TensorView& q, const TensorView& q_labels, c
 // ---------------------------------------------------------------------------------------------
 
 void set_compensation_kernel_override(const char* name) {
-  const bool cuda_cores = name != nullptr && std::strcmp(name, "cuda_cores") == 0;
-  SAPATTN_CHECK(cuda_cores || name == nullptr || name[0] == '\0', InvalidArgumentError,
-                "unknown compensation kernel override '", name, "' (expected \"cuda_cores\" or \"\")");
-  g_cuda_cores.store(cuda_cores);
+  using K = ear::CompensationKernel;
+  const auto is = [&](const char* s) { return name != nullptr && std::strcmp(name, s) == 0; };
+  const K kernel = name == nullptr || name[0] == '\0' ? K::Auto
+                   : is("cuda_cores")                 ? K::CudaCores
+                   : is("mma_sync")                   ? K::MmaSync
+                   : is("wgmma")                      ? K::Wgmma
+                                                      : K::Auto;
+  SAPATTN_CHECK(kernel != K::Auto || name == nullptr || name[0] == '\0', InvalidArgumentError,
+                "unknown compensation kernel override '", name,
+                "' (expected \"cuda_cores\", \"mma_sync\", \"wgmma\" or \"\")");
+  g_kernel.store(kernel);
 }
 
 size_t compensation_workspace_bytes(int64_t batch_heads, int64_t tokens, int64_t q_clusters, int64_t pseudo_keys,
@@ -282,10 +290,11 @@ void centroid_compensation(const TensorView& q, const TensorView& q_labels, cons
                            float scale, TensorView out, TensorView lse, const Stream& stream, Workspace workspace) {
   const DeviceGuard guard(stream.device);
   if (!check_compensation_shape(q, q_labels, k_centroids, "centroid_compensation")) return;
-  if (g_cuda_cores.load())
+  const ear::CompensationKernel kernel = g_kernel.load();
+  if (kernel == ear::CompensationKernel::CudaCores)
     return compensation_cuda_cores(q, q_labels, mask, k_centroids, v_centroids, k_sizes, scale, out, lse, stream);
   ear::compensation_tensor_cores("centroid_compensation", q, q_labels, mask, k_centroids, v_centroids, k_sizes, {}, {},
-                                 scale, out, lse, stream, workspace);
+                                 scale, out, lse, stream, workspace, kernel);
 }
 
 void corrected_centroid_compensation(const TensorView& q, const TensorView& q_labels, const TensorView& mask,
@@ -295,8 +304,12 @@ void corrected_centroid_compensation(const TensorView& q, const TensorView& q_la
                                      Workspace workspace) {
   const DeviceGuard guard(stream.device);
   if (!check_compensation_shape(q, q_labels, k_centroids, "corrected_centroid_compensation")) return;
+  // The CUDA-core kernel has no spread or pseudo-keys per column: "cuda_cores" leaves this op the
+  // default tensor-core kernel.
+  const ear::CompensationKernel kernel = g_kernel.load();
   ear::compensation_tensor_cores("corrected_centroid_compensation", q, q_labels, mask, k_centroids, v_centroids,
-                                 k_sizes, spread, pair_values, scale, out, lse, stream, workspace);
+                                 k_sizes, spread, pair_values, scale, out, lse, stream, workspace,
+                                 kernel == ear::CompensationKernel::CudaCores ? ear::CompensationKernel::Auto : kernel);
 }
 
 }  // namespace sapattn::cuda

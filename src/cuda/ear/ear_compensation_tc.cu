@@ -2,20 +2,24 @@
 // flash-attention of every video query row against the pseudo-keys its query cluster skips, merged
 // into the row's (out, lse). It runs centroid_compensation (one pseudo-key per key cluster, value
 // vbar_j) and corrected_centroid_compensation (m pseudo-keys per mask column, the spread added to
-// the logits, per-(a, j) pair values).
+// the logits, per-(a, j) pair values). This file holds the host side of both tensor-core kernels and
+// the mma.sync one (any sm_80+ GPU; pair values); ear_compensation_sm90.cu the wgmma one (sm_90a).
 //
 // Launches, all on the caller's stream (no allocation, no host synchronisation):
 //   1. the label sort of the video rows (cluster_permutation's): per (b,h), the rows in query-cluster
 //      order and each cluster's first sorted row;
 //   2. prepare_kernel: k and v centroids rounded to bf16 once (the operands every block reads),
-//      zero-padded to Dp = 64 or 128 dims, and log|K_j| per pseudo-key (-inf for an empty one);
-//   3. compensation_tc_kernel: a block takes up to 128 sorted rows of one query cluster a, so that
-//      it sees one mask row and one bias row. It lists the pseudo-keys that a skips (mask column
-//      j / m is 0, |K_j| > 0) in shared memory, 1024 candidates at a time, and streams them in tiles
-//      of 64 through the FlashAttention-2 steps of the sm80 attention kernel (flash_tile.cuh): S =
-//      Q Kbar^T on mma.sync m16n8k16 (bf16 operands, fp32 accumulators that start at the logit bias
-//      (log|K_j| + spread) / scale, so that s scale is the logit), online softmax, O += P Vbar. Kept
-//      and empty pseudo-keys cost nothing: at density d a row does (1 - d) of EAR's dense work.
+//      zero-padded to Dp = 64 or 128 dims and to Ck_pad rows, and log|K_j| per pseudo-key (-inf for
+//      an empty one);
+//   3. on sm_90, the wgmma kernel's launches (compensation_wgmma); elsewhere, with pair values or
+//      set_compensation_kernel_override("mma_sync"), compensation_tc_kernel: a block takes up to
+//      128 sorted rows of one query cluster a, so that it sees one mask row and one bias row. It
+//      lists the pseudo-keys that a skips (mask column j / m is 0, |K_j| > 0) in shared memory, 1024
+//      candidates at a time, and streams them in tiles of 64 through the FlashAttention-2 steps of the
+//      sm80 attention kernel (flash_tile.cuh): S = Q Kbar^T on mma.sync m16n8k16 (bf16 operands, fp32
+//      accumulators that start at the logit bias (log|K_j| + spread) / scale, so that s scale is the
+//      logit), online softmax, O += P Vbar. Kept and empty pseudo-keys cost nothing: at density d a
+//      row does (1 - d) of EAR's dense work.
 // Blocks are laid out per (b,h) so that cluster a owns blocks [first(a), first(a) + ceil(|Q_a| / 128))
 // with first(a) = ceil((offset_a + a * 127) / 128): the ranges never overlap and the grid needs no
 // prefix over the clusters (ceil((N + Cq * 127) / 128) blocks per (b,h); the few in the gaps return
@@ -39,7 +43,6 @@
 namespace sapattn::cuda {
 
 using ear::checked_size;
-using ear::copy_strides;
 using ear::strided;
 using ear::Strided4;
 using ear::with_value_check;
@@ -61,34 +64,21 @@ constexpr float kLog2e = 1.4426950408889634f;
 // log2 e - max) is 0 for any scale the op takes (> 0, finite). Finite, so that no -inf enters the
 // mma accumulators; every tile holds at least one real entry, so it never sets a row's maximum.
 constexpr float kPadBias = -0x1p120f;
-constexpr float kLn2 = 0.6931471805599453f;
 static_assert(kTcThreads == kTileRows && kWindow % kTileK == 0 && kPerThread <= 32);
 
-// Head dims the kernel is built for: D is zero-padded to the next one.
-constexpr int padded_dim(int64_t D) { return D <= 64 ? 64 : 128; }
-
-struct TcParams {
-  const void* q;  // [B,H,S,D]
-  int64_t q_stride[4];
-  DType q_dtype;
-  const int32_t* order;          // [BH, N]: per (b,h) the video rows in query-cluster order
+struct TcParams : ear::CompensationIo {
   const int32_t* offsets;        // [BH, Cq + 1]: each cluster's first position in `order`
   Strided4<const uint8_t> mask;  // [B,H,Cq,Ck / m]
   Strided4<const float> spread;  // [B,H,Cq,Ck]; data null: no spread
-  const Op* k_op;                // [BH, Ck, Dp]: kbar rounded to bf16, zero-padded
-  const Op* v_op;                // [BH, Ck, Dp]: vbar likewise (unused with pair values)
+  const Op* k_op;                // [BH, Ck_pad, Dp]: kbar rounded to bf16, zero-padded
+  const Op* v_op;                // [BH, Ck_pad, Dp]: vbar likewise (unused with pair values)
   const float* pair_values;      // [BH, Cq * Ck, D] or null
   const float* log_size;         // [BH, Ck]: log|K_j|, -inf for an empty pseudo-key
-  void* out;                     // [B,H,S,D]
-  int64_t out_stride[4];
-  DType out_dtype;
-  float* lse;  // [B,H,S]
-  int64_t lse_stride[3];
-  int64_t H, N, Cq, D;
-  int Ck;              // pseudo-keys (< 2^30)
-  int per_column;       // m: pseudo-keys per mask column
-  float scale_log2;    // scale * log2 e
-  float inv_scale;     // 1 / scale
+  int Ck;                        // pseudo-keys (< 2^30)
+  int ck_pad;                    // the operands' rows per (b,h)
+  int per_column;                // m: pseudo-keys per mask column
+  float scale_log2;              // scale * log2 e
+  float inv_scale;               // 1 / scale
 };
 
 // What the main loop needs about the block's work. It lives in shared memory: with O, S and the
@@ -127,28 +117,26 @@ __host__ __device__ constexpr int64_t first_block(int64_t offset, int64_t cluste
 // prepare_kernel: the pseudo-keys' bf16 operands and log sizes, once per call
 // ---------------------------------------------------------------------------------------------
 
-// One thread per 8 padded dims of one pseudo-key row (BH * Ck rows).
+// One thread per 8 padded dims of one operand row (BH * Ck_pad rows; rows past Ck are zeros).
 template <int Dp>
 __global__ void prepare_kernel(const float* __restrict__ k_centroids, const float* __restrict__ v_centroids,
-                               const int32_t* __restrict__ k_sizes, int64_t rows, int64_t D, Op* __restrict__ k_op,
-                               Op* __restrict__ v_op, float* __restrict__ log_size, int* flag) {
+                               const int32_t* __restrict__ k_sizes, int64_t batch_heads, int64_t Ck, int64_t ck_pad,
+                               int64_t D, Op* __restrict__ k_op, Op* __restrict__ v_op, float* __restrict__ log_size,
+                               int* flag) {
   constexpr int kChunks = Dp / 8;
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < rows * kChunks;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < batch_heads * ck_pad * kChunks;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = t / kChunks, d0 = t % kChunks * 8;
+    const int64_t row = t / kChunks, d0 = t % kChunks * 8, j = row % ck_pad, r = row / ck_pad * Ck + j;
     float k[8], v[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      const bool in = d0 + e < D;
+      const bool in = j < Ck && d0 + e < D;
       k[e] = in ? k_centroids[r * D + d0 + e] : 0.0f;
       v[e] = in && v_op != nullptr ? v_centroids[r * D + d0 + e] : 0.0f;
     }
-    *reinterpret_cast<uint4*>(k_op + r * Dp + d0) =
-        make_uint4(pack2<Op>(k[0], k[1]), pack2<Op>(k[2], k[3]), pack2<Op>(k[4], k[5]), pack2<Op>(k[6], k[7]));
-    if (v_op != nullptr)
-      *reinterpret_cast<uint4*>(v_op + r * Dp + d0) =
-          make_uint4(pack2<Op>(v[0], v[1]), pack2<Op>(v[2], v[3]), pack2<Op>(v[4], v[5]), pack2<Op>(v[6], v[7]));
-    if (d0 == 0) {
+    *reinterpret_cast<uint4*>(k_op + row * Dp + d0) = ear::pack8_bf16(k);
+    if (v_op != nullptr) *reinterpret_cast<uint4*>(v_op + row * Dp + d0) = ear::pack8_bf16(v);
+    if (d0 == 0 && j < Ck) {
       const int64_t n = checked_size(k_sizes[r], flag);
       log_size[r] = n > 0 ? logf(static_cast<float>(n)) : -INFINITY;
     }
@@ -158,35 +146,6 @@ __global__ void prepare_kernel(const float* __restrict__ k_centroids, const floa
 // ---------------------------------------------------------------------------------------------
 // compensation_tc_kernel, its pieces
 // ---------------------------------------------------------------------------------------------
-
-// Elements [d0, d0 + 8) of a row of D elements with element stride `stride`, as floats (0 past D or
-// for a null row).
-template <typename T>
-__device__ __forceinline__ void load8(const T* row, int64_t stride, int64_t d0, int64_t D, float (&f)[8]) {
-#pragma unroll
-  for (int e = 0; e < 8; ++e) f[e] = 0.0f;
-  if (row == nullptr || d0 >= D) return;
-  const T* src = row + d0 * stride;
-  if (stride == 1 && d0 + 8 <= D && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
-    if constexpr (sizeof(T) == 4) {
-      const float4 lo = reinterpret_cast<const float4*>(src)[0], hi = reinterpret_cast<const float4*>(src)[1];
-      f[0] = lo.x, f[1] = lo.y, f[2] = lo.z, f[3] = lo.w, f[4] = hi.x, f[5] = hi.y, f[6] = hi.z, f[7] = hi.w;
-    } else {
-      const uint4 raw = *reinterpret_cast<const uint4*>(src);
-      const T* x = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) f[e] = to_f32(x[e]);
-    }
-    return;
-  }
-#pragma unroll
-  for (int e = 0; e < 8; ++e)
-    if (d0 + e < D) f[e] = to_f32(src[e * stride]);
-}
-
-__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
-  return make_uint4(pack2<Op>(f[0], f[1]), pack2<Op>(f[2], f[3]), pack2<Op>(f[4], f[5]), pack2<Op>(f[6], f[7]));
-}
 
 // The Q tile: the block's rows (token rows[r], or zero rows) rounded to bf16, zero-padded to Dp
 // dims, swizzled. Four 16-byte chunks per thread are loaded before any is stored.
@@ -204,12 +163,12 @@ __device__ __forceinline__ void load_q_tile(const TcParams& p, const int32_t* ro
     for (int u = 0; u < 4; ++u) {
       const int i = threadIdx.x + (u0 + u) * kTcThreads, row = i / kChunks, ch = i % kChunks;
       const int32_t t = rows[row];
-      load8(t >= 0 ? q + t * p.q_stride[2] : nullptr, p.q_stride[3], ch * 8, p.D, f[u]);
+      ear::load8(t >= 0 ? q + t * p.q_stride[2] : nullptr, p.q_stride[3], ch * 8, p.D, f[u]);
     }
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
       const int i = threadIdx.x + (u0 + u) * kTcThreads, row = i / kChunks, ch = i % kChunks;
-      *reinterpret_cast<uint4*>(tile + swizzle<kChunks>(row, ch) * 16) = pack8(f[u]);
+      *reinterpret_cast<uint4*>(tile + swizzle<kChunks>(row, ch) * 16) = ear::pack8_bf16(f[u]);
     }
   }
 }
@@ -273,9 +232,8 @@ __device__ __forceinline__ int build_list(const TcParams& p, int64_t a, int w0, 
 
 // Writes the merged rows of one m16 tile: row r of `stage` ([16][Dp] fp32, column d at d ^ 8 (r % 4)
 // for conflict-free float2 stores) holds the compensation's unnormalised O, `state[row0 + r]` its
-// (max, sum) in the log2 domain. With lse_c = (max + log2 sum) ln 2 and the exact part's lse:
-//   lse' = logaddexp(lse, lse_c),  out' = exp(lse - lse') out + exp(lse_c - lse') O / sum.
-// Every lane of the warp computes the row's merge (the same values); lane l takes dims l, l + 32, ...
+// (max, sum) in the log2 domain, merged with the exact part by ear::merge_row. Every lane of the
+// warp computes the row's merge (the same values); lane l takes dims l, l + 32, ...
 template <typename TO, int Dp>
 __device__ __forceinline__ void write_rows(const TcParams& p, const int32_t* rows, const float2* state,
                                            const float* stage, int row0) {
@@ -287,18 +245,14 @@ __device__ __forceinline__ void write_rows(const TcParams& p, const int32_t* row
     const int32_t t = rows[row0 + r];
     if (t < 0) continue;  // the same for the whole warp
     const float2 ms = state[row0 + r];
-    const float lse0 = lse[t * p.lse_stride[2]];
-    const float lse_c = (ms.x + log2f(ms.y)) * kLn2;
-    const float m = fmaxf(lse0, lse_c);
-    const float e0 = expf(lse0 - m), ec = expf(lse_c - m), total = e0 + ec;
-    const float w0 = e0 / total, wc = ec / (total * ms.y);
+    const ear::RowMerge m = ear::merge_row(lse[t * p.lse_stride[2]], ms.x, ms.y);
     TO* o = out + t * p.out_stride[2];
     for (int64_t d = lane; d < p.D; d += 32) {
       const float c = stage[r * Dp + (static_cast<int>(d) ^ (8 * (r & 3)))];
-      o[d * p.out_stride[3]] = from_f32<TO>(w0 * to_f32(o[d * p.out_stride[3]]) + wc * c);
+      o[d * p.out_stride[3]] = from_f32<TO>(m.keep * to_f32(o[d * p.out_stride[3]]) + m.add * c);
     }
     __syncwarp();  // every lane has read lse0
-    if (lane == 0) lse[t * p.lse_stride[2]] = m + logf(total);
+    if (lane == 0) lse[t * p.lse_stride[2]] = m.lse;
   }
 }
 
@@ -335,7 +289,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) compensation_tc_kernel(const Tc
   const int n_rows = static_cast<int>(min_of<int64_t>(r1 - r0, kTileRows));
   rows[tid] = tid < n_rows ? p.order[bh * p.N + r0 + tid] : -1;
   if (tid == 0)
-    item = Item{p.k_op + bh * p.Ck * Dp, kPairValues ? nullptr : p.v_op + bh * p.Ck * Dp,
+    item = Item{p.k_op + bh * p.ck_pad * Dp, kPairValues ? nullptr : p.v_op + bh * p.ck_pad * Dp,
                 kPairValues ? p.pair_values + (bh * p.Cq + a) * p.Ck * p.D : nullptr, a};
   __syncthreads();
   switch (p.q_dtype) {
@@ -385,8 +339,8 @@ __global__ void __launch_bounds__(kTcThreads, 2) compensation_tc_kernel(const Tc
       const int row = load_row + u * (kTcThreads / kChunks);
       const int32_t c = list[n * kTileK + row];
       float f[8];
-      load8(c >= 0 ? head + static_cast<int64_t>(c) * p.D : nullptr, int64_t{1}, load_chunk * 8, p.D, f);
-      *reinterpret_cast<uint4*>(smem + L::kOffV + swizzle<kChunks>(row, load_chunk) * 16) = pack8(f);
+      ear::load8(c >= 0 ? head + static_cast<int64_t>(c) * p.D : nullptr, int64_t{1}, load_chunk * 8, p.D, f);
+      *reinterpret_cast<uint4*>(smem + L::kOffV + swizzle<kChunks>(row, load_chunk) * 16) = ear::pack8_bf16(f);
     }
   };
 
@@ -494,17 +448,20 @@ CompensationScratch carve_compensation(Carver& carver, int64_t batch_heads, int6
   CompensationScratch s;
   s.sort = carve_label_sort(carver, batch_heads, tokens, q_clusters);
   s.offsets = carver.take<int32_t>(batch_heads * (q_clusters + 1));
-  const int64_t operand = batch_heads * pseudo_keys * padded_dim(dim);
+  const int64_t rows = compensation_rows(pseudo_keys), operand = batch_heads * rows * compensation_dim(dim);
   s.k_operand = carver.take_bytes(static_cast<size_t>(operand) * sizeof(Op));
   s.v_operand = carver.take_bytes(static_cast<size_t>(operand) * sizeof(Op));
   s.log_size = carver.take<float>(batch_heads * pseudo_keys);
+  s.slots = carver.take<int4>(batch_heads * compensation_slots(tokens, q_clusters));
+  s.slot_count = carver.take<int32_t>(batch_heads);
+  s.bias = carver.take<float>(batch_heads * q_clusters * rows);
   return s;
 }
 
-void compensation_tensor_cores(const char* op, const TensorView& q, const TensorView& q_labels,
-                               const TensorView& mask, const TensorView& k_centroids, const TensorView& v_centroids,
-                               const TensorView& k_sizes, const TensorView& spread, const TensorView& pair_values,
-                               float scale, TensorView out, TensorView lse, const Stream& stream, Workspace workspace) {
+void compensation_tensor_cores(const char* op, const TensorView& q, const TensorView& q_labels, const TensorView& mask,
+                               const TensorView& k_centroids, const TensorView& v_centroids, const TensorView& k_sizes,
+                               const TensorView& spread, const TensorView& pair_values, float scale, TensorView out,
+                               TensorView lse, const Stream& stream, Workspace workspace, CompensationKernel kernel) {
   const int64_t B = q.shape[0], H = q.shape[1], N = q_labels.shape[2], D = q.shape[3];
   const int64_t BH = B * H, Cq = mask.shape[2], Ck = k_centroids.shape[2];
   Carver carver(op, workspace);
@@ -514,8 +471,15 @@ void compensation_tensor_cores(const char* op, const TensorView& q, const Tensor
   SAPATTN_CHECK(blocks < (int64_t{1} << 31), UnsupportedError, op, " on CUDA takes fewer than 2^31 row tiles per ",
                 "(b,h), got ", blocks);
   SAPATTN_CHECK(Ck < (int64_t{1} << 30), UnsupportedError, op, " on CUDA takes fewer than 2^30 pseudo-keys, got ", Ck);
-  const cudaStream_t cs = stream_of(stream);
   const bool pairs = !pair_values.empty();
+  const int device = stream.device.index;
+  const bool wgmma_runs = compensation_wgmma_available(device, workspace.data);
+  SAPATTN_CHECK(kernel != CompensationKernel::Wgmma || wgmma_runs, UnsupportedError, op,
+                ": the wgmma compensation needs an sm_90 GPU (cuda:", device, " is sm_", device_arch(device).major,
+                device_arch(device).minor, "), a driver with tensor maps and a 16-byte aligned workspace");
+  // Pair values differ per query cluster: only the mma.sync kernel gathers them.
+  const bool wgmma = wgmma_runs && !pairs && kernel != CompensationKernel::MmaSync;
+  const cudaStream_t cs = stream_of(stream);
   with_value_check(stream, op, [&] {
     // 1. The video rows in query-cluster order (labels outside [0, Cq) go last and are not touched).
     const LabelsView labels{static_cast<const int32_t*>(q_labels.data), q_labels.stride[0], q_labels.stride[1], B, H,
@@ -525,25 +489,23 @@ void compensation_tensor_cores(const char* op, const TensorView& q, const Tensor
     // 2. The pseudo-keys' operands and log sizes.
     auto* k_op = static_cast<Op*>(s.k_operand);
     auto* v_op = pairs ? nullptr : static_cast<Op*>(s.v_operand);
-    const int64_t rows = BH * Ck;
-    const unsigned prepare_blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(rows * 16, 256), 8192));
+    const int64_t ck_pad = compensation_rows(Ck);
+    const unsigned prepare_blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(BH * ck_pad * 16, 256), 8192));
     const auto* kc = static_cast<const float*>(k_centroids.data);
     const auto* vc = static_cast<const float*>(v_centroids.data);
     const auto* ks = static_cast<const int32_t*>(k_sizes.data);
-    if (padded_dim(D) == 64) {
-      prepare_kernel<64><<<prepare_blocks, 256, 0, cs>>>(kc, vc, ks, rows, D, k_op, v_op, s.log_size,
-                                                        value_error_flag());
+    if (compensation_dim(D) == 64) {
+      prepare_kernel<64>
+          <<<prepare_blocks, 256, 0, cs>>>(kc, vc, ks, BH, Ck, ck_pad, D, k_op, v_op, s.log_size, value_error_flag());
     } else {
-      prepare_kernel<128><<<prepare_blocks, 256, 0, cs>>>(kc, vc, ks, rows, D, k_op, v_op, s.log_size,
-                                                         value_error_flag());
+      prepare_kernel<128>
+          <<<prepare_blocks, 256, 0, cs>>>(kc, vc, ks, BH, Ck, ck_pad, D, k_op, v_op, s.log_size, value_error_flag());
     }
     SAPATTN_CUDA_CHECK_LAUNCH();
     // 3. The compensation.
+    if (wgmma) return compensation_wgmma(s, q, mask, spread, Ck, scale, out, lse, device, cs);
     TcParams p{};
-    p.q = q.data;
-    copy_strides(q, p.q_stride, 4);
-    p.q_dtype = q.dtype;
-    p.order = s.sort.index_out;
+    static_cast<CompensationIo&>(p) = compensation_io(q, s.sort.index_out, N, Cq, out, lse);
     p.offsets = s.offsets;
     p.mask = strided<const uint8_t>(mask);
     if (!spread.empty()) p.spread = strided<const float>(spread);
@@ -551,26 +513,18 @@ void compensation_tensor_cores(const char* op, const TensorView& q, const Tensor
     p.v_op = v_op;
     p.pair_values = pairs ? static_cast<const float*>(pair_values.data) : nullptr;
     p.log_size = s.log_size;
-    p.out = out.data;
-    copy_strides(out, p.out_stride, 4);
-    p.out_dtype = out.dtype;
-    p.lse = static_cast<float*>(lse.data);
-    copy_strides(lse, p.lse_stride, 3);
-    p.H = H;
-    p.N = N;
-    p.Cq = Cq;
     p.Ck = static_cast<int>(Ck);
-    p.D = D;
+    p.ck_pad = static_cast<int>(ck_pad);
     p.per_column = static_cast<int>(Ck / mask.shape[3]);
     p.scale_log2 = scale * kLog2e;
     p.inv_scale = 1.0f / scale;
     const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(BH));
-    auto launch = [&](auto kernel, int smem) {
-      set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
-      kernel<<<grid, kTcThreads, smem, cs>>>(p);
+    auto launch = [&](auto kernel_fn, int smem) {
+      set_max_dynamic_smem(reinterpret_cast<const void*>(kernel_fn), smem);
+      kernel_fn<<<grid, kTcThreads, smem, cs>>>(p);
       SAPATTN_CUDA_CHECK_LAUNCH();
     };
-    if (padded_dim(D) == 64) {
+    if (compensation_dim(D) == 64) {
       pairs ? launch(compensation_tc_kernel<64, true>, Layout<64>::kBytes)
             : launch(compensation_tc_kernel<64, false>, Layout<64>::kBytes);
     } else {

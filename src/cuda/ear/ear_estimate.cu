@@ -8,10 +8,13 @@
 // Numerics against the CPU backend (the tests' tolerances, docs/ear.md "The CUDA backend"):
 // - cluster_means is kmeans_update's mean (fp64 sums in another order): <= 1 fp32 ulp.
 // - centroid_probs repeats the CPU's arithmetic step by step, as select_blocks does: bit-identical.
-// - ear_probe computes the logits exactly as the CPU does (8-lane fp32 dot product, no FMA), the
-//   per-token value statistics in the same fp64 order, and sums tokens in fp64 in another order: the
-//   scores differ by the fp64 rounding of E times its cancellation, plus an fp32 rounding. The same
-//   pass, with the attention mass kept, is the first half of ear_plus_probe (ear_plus.cu).
+// - ear_probe runs on tensor cores by default (ear_probe_tc.cu: hi + lo query centroids, fp32 sums of
+//   per-token errors; docs/ear.md has its bound). The CUDA-core pass here
+//   (set_probe_kernel_override("cuda_cores"), f32 keys, head dims over 128) computes the logits exactly
+//   as the CPU does (8-lane fp32 dot product, no FMA), the per-token value statistics in the same fp64
+//   order, and sums tokens in fp64 in another order: the scores differ by the fp64 rounding of E times
+//   its cancellation, plus an fp32 rounding. The same pass, with the attention mass kept, is the first
+//   half of ear_plus_probe (ear_plus.cu).
 #include <algorithm>
 #include <cmath>
 
@@ -300,12 +303,13 @@ void carve_means(Carver& carver, int64_t batch_heads, int64_t tokens, int64_t cl
 }
 
 void launch_probe_pass(const ProbeParams& p, const ProbeScratch& s, const TensorView& k_labels, bool plus,
-                       cudaStream_t stream) {
+                       bool tensor_cores, cudaStream_t stream) {
   const int64_t BH = s.clusters.sort.batch_heads;
   sort_clusters(s.clusters, k_labels, stream);
   probe_centroid_norm_kernel<<<dim3(static_cast<unsigned>(ceil_div(p.Ck, kThreads)), static_cast<unsigned>(BH)),
                                kThreads, 0, stream>>>(p);
   SAPATTN_CUDA_CHECK_LAUNCH();
+  if (tensor_cores) return launch_probe_pass_tc(p, BH, plus, stream);
   const int smem = probe_smem_bytes(p.D);
   const dim3 grid(static_cast<unsigned>(ceil_div(p.Cq, kProbeCentroids)),
                   static_cast<unsigned>(ceil_div(p.Ck, kProbeClusters)), static_cast<unsigned>(BH));
@@ -395,8 +399,9 @@ void ear_probe(const TensorView& q_centroids, const TensorView& k_centroids, con
   ProbeParams p =
       ear::probe_params(q_centroids, k_centroids, v_centroids, k, v, k_labels, q_sizes, k_sizes, scale, gamma, s);
   p.scores = strided<float>(scores);
+  const bool tensor_cores = ear::probe_on_tensor_cores(p, stream, /*pair_values=*/false);
   with_value_check(stream, "ear_probe",
-                   [&] { ear::launch_probe_pass(p, s, k_labels, /*plus=*/false, stream_of(stream)); });
+                   [&] { ear::launch_probe_pass(p, s, k_labels, /*plus=*/false, tensor_cores, stream_of(stream)); });
 }
 
 }  // namespace sapattn::cuda

@@ -1,16 +1,17 @@
 // ear-plus on the GPU, the probe (ear_plus_probe; docs/ear.md, "ear-plus") and the scratch of every
 // ear-plus op (ear_plus_workspace_bytes; the routing per head is in ear_select.cu, the split in
-// ear_split.cu). The probe is EAR's pass over the key tokens with the attention mass kept
-// (ear_estimate.cu, probe_kernel<T, true>): per (a, j) it leaves log E_aj and log M_aj in fp64 and
-// writes the spread. Then one warp per query-centroid row takes log Z_a = logsumexp_j log M_aj and
-// writes the row-normalised scores. With pair values asked for, a second pass over the same tiles
-// recomputes the logits and sums exp(s_t - log M_aj) v_t per pair: the final max is known by then, so
-// no running rescale is needed. Every launch is on the caller's stream, scratch comes from the
-// caller's workspace, and every sum runs in a fixed order (deterministic).
+// ear_split.cu). The probe is EAR's pass over the key tokens with the attention mass kept (on tensor
+// cores, ear_probe_tc.cu, unless probe_on_tensor_cores says otherwise; on CUDA cores ear_estimate.cu,
+// probe_kernel<T, true>): per (a, j) it leaves log E_aj and log M_aj in fp64 and writes the spread.
+// Then one warp per query-centroid row takes log Z_a = logsumexp_j log M_aj and writes the
+// row-normalised scores. With pair values asked for (always on CUDA cores), a second pass over the
+// same tiles recomputes the logits and sums exp(s_t - log M_aj) v_t per pair: the final max is known
+// by then, so no running rescale is needed. Every launch is on the caller's stream, scratch comes from
+// the caller's workspace, and every sum runs in a fixed order (deterministic).
 //
-// Numerics against the CPU backend (the tests' tolerances, docs/ear.md "The CUDA backend"): the
-// logits are bit-identical (the CPU's 8-lane fp32 dot); E, M and Z are fp64 sums in another order;
-// each output is rounded to fp32 once.
+// Numerics against the CPU backend (the tests' tolerances, docs/ear.md "The CUDA backend"): on tensor
+// cores, ear_probe_tc.cu's bound. On CUDA cores (below): the logits are bit-identical (the CPU's 8-lane
+// fp32 dot); E, M and Z are fp64 sums in another order; each output is rounded to fp32 once.
 //   scores:      ear_probe's bound on log E, plus 2 |d log Z| (Z sums positive terms: relative error
 //                ~ (N + Ck) 2^-52) and an fp32 rounding;
 //   spread:      log M in another order (positive terms, ~ n 2^-52 relative) plus the fp64 rounding
@@ -257,8 +258,9 @@ void ear_plus_probe(const TensorView& q_centroids, const TensorView& k_centroids
   p.log_mass = s.log_mass;
   if (!spread.empty()) p.spread = strided<float>(spread);
   const cudaStream_t st = stream_of(stream);
+  const bool tensor_cores = ear::probe_on_tensor_cores(p, stream, !pair_values.empty());
   with_value_check(stream, "ear_plus_probe", [&] {
-    ear::launch_probe_pass(p, s.probe, k_labels, /*plus=*/true, st);
+    ear::launch_probe_pass(p, s.probe, k_labels, /*plus=*/true, tensor_cores, st);
     plus_scores_kernel<<<dim3(static_cast<unsigned>(ceil_div(Cq, kScoreRows)), static_cast<unsigned>(BH)), kThreads, 0,
                          st>>>(p);
     SAPATTN_CUDA_CHECK_LAUNCH();

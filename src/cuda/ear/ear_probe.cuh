@@ -1,10 +1,11 @@
 // The probe's pass over the key tokens from every query centroid, shared by ear_probe
-// (ear_estimate.cu) and ear_plus_probe (ear_plus.cu): the parameters, the staging of query centroids
-// and cluster-sorted tokens, and the logits bit-identical to the CPU's dot(). The pass kernel itself
-// (ear_estimate.cu) ends in EAR's score or in ear-plus's per-pair state; ear-plus's pair values
-// (ear_plus.cu) recompute the same logits over the same tiles.
+// (ear_estimate.cu) and ear_plus_probe (ear_plus.cu): the parameters, the choice between the
+// tensor-core pass (ear_probe_tc.cu, the default) and the CUDA-core pass, and the CUDA-core pass's
+// staging of query centroids and cluster-sorted tokens with the logits bit-identical to the CPU's
+// dot(). The CUDA-core pass kernel (ear_estimate.cu) ends in EAR's score or in ear-plus's per-pair
+// state; ear-plus's pair values (ear_plus.cu) recompute the same logits over the same tiles.
 //
-// The tiling both use: one block per (32 query centroids, key clusters, (b,h)); lane l of every warp
+// The CUDA-core tiling: one block per (32 query centroids, key clusters, (b,h)); lane l of every warp
 // owns query centroid a0 + l, warp w the tokens w, w + 8, ... of each tile of 64 cluster-sorted
 // tokens staged in shared memory.
 #pragma once
@@ -43,7 +44,8 @@ struct ProbeParams {
   const int32_t* k_sizes;  // [BH, Ck]
   const int32_t* order;    // [BH, N]: token indices sorted by cluster
   const int32_t* offsets;  // [BH, Ck+1]
-  double2* token_stats;    // [BH, N] in sorted order: (|v_t|^2, vbar_label(t) . v_t)
+  double2* token_stats;    // [BH, N] in sorted order: (|v_t|^2, vbar_label(t) . v_t); the tensor-core
+                           // pass keeps float2 (|v_t - vbar|^2, vbar . (v_t - vbar)) in its first half
   double* centroid_norm2;  // [BH, Ck]: |vbar_j|^2
   int64_t H, N, Cq, Ck, D;
   float scale, gamma;
@@ -160,10 +162,20 @@ __device__ __forceinline__ int tile_logits(const float* qa, const float* tokens,
   return slots;
 }
 
-// The pass of both probes on `stream`: the label sort, the clusters' offsets, the value statistics,
-// then the pass kernel (ear_estimate.cu) with EAR's epilogue (plus = false: p.scores) or ear-plus's
-// (plus = true: p.log_error, p.log_mass, p.spread). p's scratch pointers are s's.
+// The pass of both probes on `stream`: the label sort, the clusters' offsets, |vbar_j|^2, then the
+// value statistics and the pass kernel, on tensor cores (ear_probe_tc.cu) or CUDA cores
+// (ear_estimate.cu), with EAR's epilogue (plus = false: p.scores) or ear-plus's (plus = true:
+// p.log_error, p.log_mass, p.spread). p's scratch pointers are s's.
 void launch_probe_pass(const ProbeParams& p, const ProbeScratch& s, const TensorView& k_labels, bool plus,
-                       cudaStream_t stream);
+                       bool tensor_cores, cudaStream_t stream);
+
+// Whether a probe's pass runs on tensor cores (ear_probe_tc.cu): bf16 or f16 keys, head dims up to
+// 128, an sm_80+ device, no pair values (their second pass recomputes the CUDA-core logits) and no
+// set_probe_kernel_override("cuda_cores"). The one place that decides, for both probes.
+bool probe_on_tensor_cores(const ProbeParams& p, const Stream& stream, bool pair_values);
+
+// The tensor-core pass (after launch_probe_pass's sort and |vbar_j|^2): its value statistics (fp32,
+// in token_stats' bytes) and the pass kernel.
+void launch_probe_pass_tc(const ProbeParams& p, int64_t batch_heads, bool plus, cudaStream_t stream);
 
 }  // namespace sapattn::cuda::ear
