@@ -1,5 +1,5 @@
 // Times the CUDA semantic-aware permutation ops, order_clusters, round_query_clusters, SVG-EAR's
-// compensation and the attention planner at the official SVG2 shapes (the full-size ones of
+// compensation and probe and the attention planner at the official SVG2 shapes (the full-size ones of
 // bench/shapes.json, over their video tokens), with the harness's timer (bench/harness.hpp:
 // CUTLASS's method, warm-up apart from timing, CUDA events, the median of many runs) on random
 // structured inputs that are far larger than the L2 for every memory-bound op.
@@ -86,8 +86,10 @@ void emit(const BenchShape& s, const std::string& op, const Timing& t, double by
 
 // SVG-EAR's compensation (docs/ear.md) on the clusters of this run: every video query row against the
 // key clusters its query cluster skips, at a kept share of 0.15 (the density of the attention
-// estimates), on the tensor cores (the default), on the CUDA-core kernel it replaces, and ear-plus's
-// (two pseudo-keys per key cluster, with the spread). FLOPs: the two GEMMs over the skipped pairs.
+// estimates), on each kernel (set_compensation_kernel_override): wgmma (sm_90 only; the default
+// there), mma.sync and, for EAR, the CUDA-core one; and ear-plus's (two pseudo-keys per key cluster,
+// with the spread) on both tensor-core kernels. FLOPs: the two GEMMs over the skipped pairs (the
+// useful work; the wgmma kernel computes every pair and masks the kept ones).
 void bench_compensation(const BenchShape& s, int reps, const Stream& st, const bench::EventTimer& timer,
                         const TensorView& q, const Tensor& q_labels, const Tensor& k_centroids, const Tensor& k_sizes) {
   const Device dev = st.device;
@@ -133,19 +135,65 @@ void bench_compensation(const BenchShape& s, int reps, const Stream& st, const b
     centroid_compensation(q, q_labels.view(), mask.view(), k_centroids.view(), vc.view(), k_sizes.view(), scale, outv,
                           lse.view(), st, ws);
   };
-  measurement(s, "ear_compensation_tc", timer.time(ear, 3, reps), bytes, flops).fixed("kept_share", kKept, 2).print();
+  auto ear_plus = [&] {
+    corrected_centroid_compensation(q, q_labels.view(), mask.view(), kc2.view(), vc2.view(), ks2.view(), spread.view(),
+                                    {}, scale, outv, lse.view(), st, ws);
+  };
+  int major = 0, minor = 0;
+  SAPATTN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev.index));
+  SAPATTN_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev.index));
+  const bool sm90 = major == 9 && minor == 0;
+  for (const char* kernel : {"wgmma", "mma_sync"}) {
+    if (std::string(kernel) == "wgmma" && !sm90) continue;
+    cuda::set_compensation_kernel_override(kernel);
+    measurement(s, std::string("ear_compensation_") + kernel, timer.time(ear, 3, reps), bytes, flops)
+        .fixed("kept_share", kKept, 2)
+        .print();
+    measurement(s, std::string("ear_plus_compensation_") + kernel, timer.time(ear_plus, 3, reps), bytes, 2 * flops)
+        .fixed("kept_share", kKept, 2)
+        .print();
+  }
   cuda::set_compensation_kernel_override("cuda_cores");
   measurement(s, "ear_compensation_cuda_cores", timer.time(ear, 2, std::max(reps / 4, 3)), bytes, flops)
       .fixed("kept_share", kKept, 2)
       .print();
   cuda::set_compensation_kernel_override("");
-  auto ear_plus = [&] {
-    corrected_centroid_compensation(q, q_labels.view(), mask.view(), kc2.view(), vc2.view(), ks2.view(), spread.view(),
-                                    {}, scale, outv, lse.view(), st, ws);
+}
+
+// SVG-EAR's probe and ear-plus's (the spread with it) on the clusters of this run, on the tensor
+// cores (the default for bf16 keys) and on the CUDA-core pass they replace (the CPU's logits bit for
+// bit, fp64 state). Bytes: K and V read once (the label sort and the statistics aside), the scores
+// written; FLOPs: the logits, 2 Cq S D per head (the tensor cores do twice that: hi and lo).
+void bench_probe(const BenchShape& s, int reps, const Stream& st, const bench::EventTimer& timer,
+                 const TensorView& k, const TensorView& v, const Tensor& q_centroids, const Tensor& k_centroids,
+                 const Tensor& k_labels, const Tensor& q_sizes, const Tensor& k_sizes) {
+  const Device dev = st.device;
+  const int64_t B = s.batch, H = s.heads, S = s.video_tokens(), D = s.head_dim, BH = B * H;
+  const int64_t Cq = s.q_clusters, Ck = s.k_clusters;
+  auto tensor = [&](DType t, std::vector<int64_t> shape) { return Tensor(t, std::move(shape), dev); };
+  Tensor vc = tensor(DType::F32, {B, H, Ck, D}), scores = tensor(DType::F32, {B, H, Cq, Ck});
+  Tensor spread = tensor(DType::F32, {B, H, Cq, Ck});
+  const Buffer ws_buf = Buffer::allocate(
+      std::max(ear_workspace_bytes(BH, S, Cq, Ck, D, dev), ear_plus_workspace_bytes(BH, S, Cq, Ck, dev)), dev);
+  const Workspace ws{ws_buf.data(), ws_buf.bytes()};
+  cluster_means(v, k_labels.view(), vc.view(), st, ws);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const double bytes = static_cast<double>(BH * S) * D * 2 * 2 + static_cast<double>(BH * Cq * Ck) * 4;
+  const double flops = 2.0 * static_cast<double>(BH * Cq * S * D);
+  auto ear = [&] {
+    ear_probe(q_centroids.view(), k_centroids.view(), vc.view(), k, v, k_labels.view(), q_sizes.view(),
+              k_sizes.view(), scale, 1.0f, scores.view(), st, ws);
   };
-  measurement(s, "ear_plus_compensation_tc", timer.time(ear_plus, 3, reps), bytes, 2 * flops)
-      .fixed("kept_share", kKept, 2)
-      .print();
+  auto plus = [&] {
+    ear_plus_probe(q_centroids.view(), k_centroids.view(), vc.view(), k, v, k_labels.view(), q_sizes.view(),
+                   k_sizes.view(), scale, 1.0f, scores.view(), spread.view(), {}, st, ws);
+  };
+  emit(s, "ear_probe_tc", timer.time(ear, 3, reps), bytes, flops);
+  emit(s, "ear_plus_probe_tc", timer.time(plus, 3, reps), bytes, flops);
+  cuda::set_probe_kernel_override("cuda_cores");
+  emit(s, "ear_probe_cuda_cores", timer.time(ear, 2, std::max(reps / 4, 3)), bytes, flops);
+  emit(s, "ear_plus_probe_cuda_cores", timer.time(plus, 2, std::max(reps / 4, 3)), bytes, flops);
+  cuda::set_probe_kernel_override("");
 }
 
 void bench_shape(const BenchShape& s, int reps) {
@@ -198,10 +246,31 @@ void bench_shape(const BenchShape& s, int reps) {
     return 3.0 * BH * kmeans_greedy_trials(C) * std::min<int64_t>(S, factor * C) * (C - 1) * D;
   };
   const int iters_init = Config{}.kmeans_iters_init;
-  emit(s, "kmeans_seed_greedy_q", timer.time([&] { kmeans_seed_greedy(qv, qc.view(), 11, factor, st, ws); }, 1, 3),
-       point_bytes, seed_flops(Cq));
-  emit(s, "kmeans_seed_greedy_k", timer.time([&] { kmeans_seed_greedy(kv, kc.view(), 12, factor, st, ws); }, 1, 3),
-       point_bytes, seed_flops(Ck));
+  // Each seeding kernel in the same run (cuda::seed_kernel): the default (the cluster kernel with its
+  // tensor-core screen on an H100), the cluster kernel without the screen, the block kernel.
+  for (const char* kernel : {"", "unscreened", "block"}) {
+    try {
+      cuda::set_seed_kernel_override(kernel);
+      cuda::seed_kernel(0, BH, std::min<int64_t>(S, factor * Ck), Ck, D, DType::BF16);
+    } catch (const UnsupportedError&) {
+      continue;  // no cluster kernel on this device
+    }
+    const std::string tag = kernel[0] == '\0' ? "" : std::string("_") + kernel;
+    for (int side = 0; side < 2; ++side) {
+      const TensorView& x = side == 0 ? qv : kv;
+      Tensor& c = side == 0 ? qc : kc;
+      const int64_t C = side == 0 ? Cq : Ck;
+      const cuda::SeedKernel k = cuda::seed_kernel(0, BH, std::min<int64_t>(S, factor * C), C, D, DType::BF16);
+      measurement(s, std::string("kmeans_seed_greedy_") + (side == 0 ? "q" : "k") + tag,
+                  timer.time([&] { kmeans_seed_greedy(x, c.view(), 11 + side, factor, st, ws); }, 1, 3), point_bytes,
+                  seed_flops(C))
+          .str("kernel", k.cluster ? (k.screen ? "cluster" : "cluster_unscreened") : "block")
+          .integer("ctas_per_head", k.ctas)
+          .integer("smem", static_cast<int64_t>(k.smem))
+          .print();
+    }
+  }
+  cuda::set_seed_kernel_override("");
   auto first_call = [&] {
     kmeans_seed_greedy(qv, qc.view(), 11, factor, st, ws);
     kmeans(qv, qc.view(), ql.view(), qs.view(), iters_init, st, ws);
@@ -336,6 +405,7 @@ void bench_shape(const BenchShape& s, int reps) {
   }
 
   bench_compensation(s, reps, st, timer, qv, ql, kc, ks);
+  bench_probe(s, reps, st, timer, kv, vv, qc, kc, kl, qs, ks);
 
   // ---- round_query_clusters on this clustering and selection -------------------------------------
   // The op rewrites the labels, so every run starts from a copy of the k-means labels (a 4-byte-per-
