@@ -138,13 +138,13 @@ TEST(Cli, GenThenEvalJson) {
 
 // A generated workload with joint text: eval takes the text tokens from its workload.json, unless
 // told otherwise, with the tensors in either format.
-// The first call's seeding: the official sample by default, greedy k-means++ when asked; the JSON
+// The first call's seeding: greedy k-means++ by default, the official sample when asked; the JSON
 // says which ran, and the two give other clusters.
 TEST(Cli, EvalTakesTheKmeansSeeding) {
   const fs::path dir = scratch("seeding");
   ASSERT_EQ(run("gen --preset tiny --out " + dir.string()).code, 0);
   const std::string in = " --in " + (dir / "workload.safetensors").string() + " --json --method sap";
-  const Result greedy = run("eval" + in + " --kmeans-seeding greedy_pp --kmeans-iters 14"), sample = run("eval" + in);
+  const Result greedy = run("eval" + in), sample = run("eval" + in + " --kmeans-seeding sample --kmeans-iters 50");
   ASSERT_EQ(greedy.code, 0) << greedy.output;
   ASSERT_EQ(sample.code, 0) << sample.output;
   EXPECT_NE(greedy.output.find("\"kmeans_seeding\": \"greedy_pp\", \"kmeans_iters\": 14"), std::string::npos)

@@ -35,7 +35,7 @@ struct Config {
   float density = 0.0f;        // > 0: replaces top_p by, per (b,h), the smallest top-p whose selection
                                // computes this share of the video query-key pairs (a speed budget)
   float min_kc_ratio = 0.10f;  // always keep the top floor(min_kc_ratio * Ck) key clusters
-  int kmeans_iters_init = 50;  // Lloyd iterations at a layer's first sparse call, after kmeans_seeding
+  int kmeans_iters_init = 14;  // Lloyd iterations at a layer's first sparse call, after kmeans_seeding
   int kmeans_iters_step = 2;   // Lloyd iterations at later calls (warm start from cached centroids)
   uint64_t seed = 0;           // seeds the initial centroid sample; results are deterministic per seed
   int64_t text_tokens = 0;     // trailing text tokens (HunyuanVideo joint attention); 0 = video only
@@ -72,12 +72,13 @@ struct Config {
   // there is no CUDA kernel yet (UnsupportedError on a CUDA stream). Off (Native) by default.
   AttentionDType attention_dtype = AttentionDType::Native;
 
-  // The first sparse call's seeding, before its kmeans_iters_init iterations. The default is SVG2's
-  // official start (C sampled points, then 50 iterations). GreedyPP with 14 iterations reaches a lower
-  // k-means objective for 3.5x less arithmetic (the CPU study, docs/cuda.md), but its CUDA kernel is
-  // serial over the C steps: 1.35 s for 1000 key clusters of 40 heads on an H100 (2026-12-07), against
-  // 207 ms for the official 50 iterations. It is the default again once its kernel is parallel.
-  KMeansSeeding kmeans_seeding = KMeansSeeding::Sample;
+  // The first sparse call's seeding, before its kmeans_iters_init iterations. The defaults (with 14
+  // iterations) are the CPU study's choice (docs/cuda.md): greedy k-means++ on 2C sampled points, then 14
+  // iterations, reach a lower k-means objective than SVG2's official start (C sampled points, then
+  // 50) for 3.5x less work: on an H100 at Wan 14B, ~88 ms against 206 ms per layer (docs/cuda.md).
+  // They give other first-call clusters than that start (Sample with 50 iterations restores it);
+  // later calls do not change.
+  KMeansSeeding kmeans_seeding = KMeansSeeding::GreedyPP;
   int kmeans_sample_factor = 2;  // GreedyPP seeds from the first factor * C points of the sample; 1 to 64
 
   // Throws InvalidArgumentError naming the first bad field and its valid range.

@@ -4,10 +4,10 @@ Defaults are the official SVG2 Wan 2.1 T2V 720p script's:
 300 query clusters and 1000 key clusters at its 75,600 tokens, top-p 0.9, min_kc_ratio 0.10, 2
 k-means iterations at each sparse call after a layer's first, dense for the first 20% of the steps
 and 3% of the layers. Shorter sequences get the same tokens per cluster, as the sapattn command's.
-The first sparse call samples C tokens and runs 50 k-means iterations, as the official code does;
-kmeans_seeding="greedy_pp" with kmeans_iters_init=14 (greedy k-means++ on 2C sampled tokens) reaches a
-lower k-means objective for 3.5x less arithmetic, but its CUDA kernel is still serial and slower
-(docs/cuda.md)."""
+One default is sapattn's own: the first sparse call seeds its k-means by greedy k-means++ on 2C
+sampled tokens and runs 14 iterations, where the official code samples C tokens and runs 50 (a lower
+k-means objective for 3.5x less work, docs/cuda.md; kmeans_seeding="sample", kmeans_iters_init=50
+restores the official start)."""
 
 from __future__ import annotations
 
@@ -41,9 +41,9 @@ class SVG2Config:
     min_kc_ratio: float = 0.10
     # The first sparse call of a layer: "greedy_pp" seeds by greedy k-means++ on kmeans_sample_factor * C
     # sampled tokens (1 to 64), "sample" takes C sampled tokens; then kmeans_iters_init iterations.
-    kmeans_seeding: str = "sample"
+    kmeans_seeding: str = "greedy_pp"
     kmeans_sample_factor: int = 2
-    kmeans_iters_init: int = 50
+    kmeans_iters_init: int = 14
     kmeans_iters_step: int = 2
     seed: int = 0
     scale: float = 0.0  # softmax scale; 0 means 1/sqrt(head_dim)

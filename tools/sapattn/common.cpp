@@ -20,8 +20,8 @@ std::vector<Option> svg2_options() {
       {"min-kc-ratio", "R", "always keep the top floor(R * key clusters) key clusters", "0.1"},
       {"kmeans-seeding", "NAME",
        "first call's k-means start: greedy_pp (greedy k-means++ on 2C sampled tokens) or sample (C sampled tokens, "
-       "SVG2's official start)",
-       "sample"},
+       "SVG2's official start, with --kmeans-iters 50)",
+       "greedy_pp"},
       {"kmeans-iters", "N", "k-means iterations (first call, after the seeding)",
        std::to_string(Config{}.kmeans_iters_init)},
       {"seed", "S", "seed of the initial centroid sample", "0"},
@@ -41,7 +41,7 @@ Config config_from(const Args& args, int64_t video_tokens) {
   c.k_clusters = static_cast<int>(args.get_int("k-clusters", per(75.6, 1000), 1, 1 << 20));
   c.top_p = static_cast<float>(args.get_doubles("top-p", 0.9, 1e-6, 1.0).front());
   c.min_kc_ratio = static_cast<float>(args.get_double("min-kc-ratio", 0.1, 0.0, 1.0));
-  c.kmeans_seeding = args.get_choice("kmeans-seeding", "sample", {"greedy_pp", "sample"}) == "sample"
+  c.kmeans_seeding = args.get_choice("kmeans-seeding", "greedy_pp", {"greedy_pp", "sample"}) == "sample"
                          ? KMeansSeeding::Sample
                          : KMeansSeeding::GreedyPP;
   c.kmeans_iters_init = static_cast<int>(args.get_int("kmeans-iters", c.kmeans_iters_init, 0, 100000));
