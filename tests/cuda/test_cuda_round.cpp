@@ -167,8 +167,8 @@ INSTANTIATE_TEST_SUITE_P(
                       // One head: 16 cost blocks walk many tiles each; more than 128 targets (two
                       // blocks of masked sums) and 300 key clusters (three chunks, the last partial).
                       RoundCase{"bf16_one_head_many_targets", 1, 1, 20000, 64, 200, 300, DType::BF16},
-                      RoundCase{"Large_wan14b_head", 1, 1, 75600, 128, 300, 1000, DType::BF16, Layout::Transposed,
-                                {}, 0.3}),
+                      RoundCase{
+                          "Large_wan14b_head", 1, 1, 75600, 128, 300, 1000, DType::BF16, Layout::Transposed, {}, 0.3}),
     [](const ::testing::TestParamInfo<RoundCase>& param) { return std::string(param.param.name); });
 
 TEST(RoundOnGpuErrors, TypedErrorsLeaveOutputsUntouched) {

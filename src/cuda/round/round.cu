@@ -328,7 +328,8 @@ __device__ __forceinline__ bool ahead(double a, int32_t pa, double b, int32_t pb
 // dependent global loads: about 0.5 to 1 ms per Wan 14B call). Every rank is a count, so the order
 // in which members meet does not matter.
 template <class In, class Visit>
-__device__ __forceinline__ void rank_group(const int32_t* ids, int32_t lo, int32_t hi, const double* cur, In&& in, Visit&& visit) {
+__device__ __forceinline__ void rank_group(const int32_t* ids, int32_t lo, int32_t hi, const double* cur, In&& in,
+                                           Visit&& visit) {
   constexpr unsigned kAll = 0xffffffffu;
   const int lane = static_cast<int>(threadIdx.x) % 32;
   for (int32_t a = lo; a < hi; a += 32) {
@@ -399,14 +400,15 @@ __global__ void __launch_bounds__(kMatchThreads) match_kernel(Dims d, Work w, in
         const int32_t limit = hw.give[c] - hw.placed_of[c];
         if (limit <= 0) continue;  // not a donor, or its whole tail is placed
         const int32_t* first = hw.first;
-        rank_group(hw.members, hw.group_off[c], hw.group_off[c + 1], hw.cur, [=](int32_t q) { return first[q] >= 0; },
-                   [=](int32_t p, int32_t rank) {
-                     if (rank >= limit) return;
-                     const int32_t to = hw.cand_idx[static_cast<int64_t>(p) * kk + first[p]];
-                     atomicAdd(&hw.bucket_fill[to], 1);
-                     hw.offer[p] = to;
-                     s_any = 1;
-                   });
+        rank_group(
+            hw.members, hw.group_off[c], hw.group_off[c + 1], hw.cur, [=](int32_t q) { return first[q] >= 0; },
+            [=](int32_t p, int32_t rank) {
+              if (rank >= limit) return;
+              const int32_t to = hw.cand_idx[static_cast<int64_t>(p) * kk + first[p]];
+              atomicAdd(&hw.bucket_fill[to], 1);
+              hw.offer[p] = to;
+              s_any = 1;
+            });
       }
       __syncthreads();
       if (!s_any) break;  // the same answer in every thread: a phase ends when nothing is offered
@@ -435,13 +437,14 @@ __global__ void __launch_bounds__(kMatchThreads) match_kernel(Dims d, Work w, in
       // per target.
       for (int32_t r = warp; r < R; r += kMatchWarps) {
         const int32_t room = hw.room[r], lo = hw.bucket_off[r];
-        rank_group(hw.bucket, lo, lo + hw.bucket_fill[r], hw.cur, [](int32_t) { return true; },
-                   [=](int32_t p, int32_t rank) {
-                     if (rank >= room) return;
-                     hw.dest[p] = r;
-                     atomicAdd(&hw.placed_of[hw.donor[p]], 1);
-                     atomicAdd(&hw.received[r], 1);
-                   });
+        rank_group(
+            hw.bucket, lo, lo + hw.bucket_fill[r], hw.cur, [](int32_t) { return true; },
+            [=](int32_t p, int32_t rank) {
+              if (rank >= room) return;
+              hw.dest[p] = r;
+              atomicAdd(&hw.placed_of[hw.donor[p]], 1);
+              atomicAdd(&hw.received[r], 1);
+            });
       }
       __syncthreads();
     }

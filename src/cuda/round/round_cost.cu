@@ -93,7 +93,10 @@ __device__ __forceinline__ int64_t head_of(const int32_t* tiles, int64_t BH, int
   int64_t lo = 0, hi = BH;  // tiles[lo] <= t < tiles[hi]
   while (hi - lo > 1) {
     const int64_t mid = (lo + hi) / 2;
-    if (tiles[mid] <= t) lo = mid; else hi = mid;
+    if (tiles[mid] <= t)
+      lo = mid;
+    else
+      hi = mid;
   }
   return lo;
 }
@@ -139,35 +142,35 @@ __global__ void __launch_bounds__(kCostThreads) prefilter_kernel(CostInputs in, 
     points = info.P0;
     return w.pts0 + bh * N;
   };
-  for_each_tile<T>(in, dims, w.info, w.tiles0, xs, list_of, [&](int64_t bh, const HeadInfo& info, int64_t first,
-                                                                 int count) {
-    const float* qc = in.qc + bh * C * D;
-    const float* c2 = w.c2 + bh * C;
-    const int32_t* targets = w.targets + bh * C;
-    const int32_t* pts0 = w.pts0 + bh * N;
-    const int32_t* labels = head_labels(in, bh, dims.H);
-    if (tid < count) {
-      const int64_t c = labels[pts0[first + tid]];
-      own[tid] = rn::sub(c2[c], rn::mul(2.0f, lane_dot(xs + tid * D, qc + c * D, D)));
-    }
-    __syncthreads();
-    // This thread's minimum per candidate, kept in its own shared-memory slots (registers hold the dots).
-    float* m = partial + lane * kTile + group * kGroup;
+  for_each_tile<T>(
+      in, dims, w.info, w.tiles0, xs, list_of, [&](int64_t bh, const HeadInfo& info, int64_t first, int count) {
+        const float* qc = in.qc + bh * C * D;
+        const float* c2 = w.c2 + bh * C;
+        const int32_t* targets = w.targets + bh * C;
+        const int32_t* pts0 = w.pts0 + bh * N;
+        const int32_t* labels = head_labels(in, bh, dims.H);
+        if (tid < count) {
+          const int64_t c = labels[pts0[first + tid]];
+          own[tid] = rn::sub(c2[c], rn::mul(2.0f, lane_dot(xs + tid * D, qc + c * D, D)));
+        }
+        __syncthreads();
+        // This thread's minimum per candidate, kept in its own shared-memory slots (registers hold the dots).
+        float* m = partial + lane * kTile + group * kGroup;
 #pragma unroll
-    for (int k = 0; k < kGroup; ++k) m[k] = INFINITY;
-    tile_dots<kVec>(
-        xs, D, info.R, [&](int64_t r) { return qc + targets[r] * D; },
-        [&](int64_t r, int k, float dot) {
-          const float v = rn::sub(rn::sub(c2[targets[r]], rn::mul(2.0f, dot)), own[group * kGroup + k]);
-          if (v < m[k]) m[k] = v;  // NaN never wins
-        });
-    __syncthreads();
-    if (tid < count) {
-      float b = INFINITY;
-      for (int l = 0; l < kRowLanes; ++l) b = partial[l * kTile + tid] < b ? partial[l * kTile + tid] : b;
-      w.best[bh * N + first + tid] = b;
-    }
-  });
+        for (int k = 0; k < kGroup; ++k) m[k] = INFINITY;
+        tile_dots<kVec>(
+            xs, D, info.R, [&](int64_t r) { return qc + targets[r] * D; },
+            [&](int64_t r, int k, float dot) {
+              const float v = rn::sub(rn::sub(c2[targets[r]], rn::mul(2.0f, dot)), own[group * kGroup + k]);
+              if (v < m[k]) m[k] = v;  // NaN never wins
+            });
+        __syncthreads();
+        if (tid < count) {
+          float b = INFINITY;
+          for (int l = 0; l < kRowLanes; ++l) b = partial[l * kTile + tid] < b ? partial[l * kTile + tid] : b;
+          w.best[bh * N + first + tid] = b;
+        }
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -186,8 +189,8 @@ static_assert(kChunk % 32 == 0 && kTile == 32 && kCostThreads % kTile == 0);
 
 // s plus the weights zc[j - j0][lane] of the set bits j of the mask words bits[w0, w1) (chunk j0),
 // in ascending j as the reference adds them.
-__device__ __forceinline__ double masked_sum(const uint32_t* bits, int64_t w0, int64_t w1, int64_t j0,
-                                             const double* zc, int lane, double s) {
+__device__ __forceinline__ double masked_sum(const uint32_t* bits, int64_t w0, int64_t w1, int64_t j0, const double* zc,
+                                             int lane, double s) {
   for (int64_t wd = w0; wd < w1; ++wd) {
     uint32_t m = bits[wd];
     const int base = static_cast<int>(wd * 32 - j0);
@@ -230,107 +233,107 @@ __global__ void __launch_bounds__(kCostThreads) mass_kernel(CostInputs in, Dims 
     points = info.P;
     return w.pts + bh * dims.Pb;
   };
-  for_each_tile<T>(in, dims, w.info, w.tiles, xs, list_of, [&](int64_t bh, const HeadInfo& info, int64_t first,
-                                                                int count) {
-    const float* kc = in.kc + bh * Ck * D;
-    const int32_t* ks = in.ks + bh * Ck;
-    const int32_t* targets = w.targets + bh * C;
-    const uint32_t* rowbits = w.rowbits + bh * C * W;
-    const int32_t* donor = w.donor + bh * dims.Pb;
-    const int64_t R = info.R, kk = info.kk;
-    if (info.any_key) {
-      double* zg = z + (tid / kRowLanes) * kGroup;  // this thread's group of candidates
-      tile_dots<kVec>(
-          xs, D, Ck, [=](int64_t j) { return kc + j * D; },
-          [=](int64_t j, int k, float dot) { zg[j * kTile + k] = static_cast<double>(rn::mul(scale, dot)); });
-      __syncthreads();
-      double m = -INFINITY;
-      for (int64_t j = warp; j < Ck; j += kWarps)
-        if (ks[j] > 0) m = m < z[j * kTile + lane] ? z[j * kTile + lane] : m;  // std::max: NaN never wins
-      part[warp * kTile + lane] = m;
-      __syncthreads();
-      if (warp == 0) {
-        for (int k = 1; k < kWarps; ++k) m = m < part[k * kTile + lane] ? part[k * kTile + lane] : m;
-        row_max[lane] = m;
-      }
-      double sum = 0.0;  // warp 0's
-      for (int64_t j0 = 0; j0 < Ck; j0 += kChunk) {
-        const int64_t jn = min_of<int64_t>(kChunk, Ck - j0);
-        __syncthreads();  // row_max is written; the previous chunk is summed
-        for (int64_t e = tid; e < jn * kTile; e += kCostThreads) {
-          const int64_t j = j0 + e / kTile;
-          const double v =
-              ks[j] > 0 ? rn::mul(static_cast<double>(ks[j]), mass_exp(rn::sub(z[j0 * kTile + e], row_max[lane])))
-                        : 0.0;
-          z[j0 * kTile + e] = v;
-          zc[e] = v;
-        }
-        __syncthreads();
-        if (warp == 0)
-          for (int64_t jj = 0; jj < jn; ++jj) sum = rn::add(sum, zc[jj * kTile + lane]);
-      }
-      if (warp == 0) row_sum[lane] = sum;
-      const uint32_t* own_bits = rowbits + (lane < count ? donor[first + lane] : 0) * W;
-      for (int64_t r0 = 0; r0 < R; r0 += kWarps * kTargetsPerWarp) {
-        const int64_t rw = r0 + warp * kTargetsPerWarp;  // this warp's first target
-        const bool with_own = r0 == 0 && warp == 0;
-        double acc[kTargetsPerWarp], own = 0.0;
-#pragma unroll
-        for (int g = 0; g < kTargetsPerWarp; ++g) acc[g] = 0.0;
-        for (int64_t j0 = 0; j0 < Ck; j0 += kChunk) {
-          const int64_t jn = min_of<int64_t>(kChunk, Ck - j0);
-          __syncthreads();  // row_sum is written; the previous chunk is read
-          for (int64_t e = tid; e < jn * kTile; e += kCostThreads) {
-            // The first block of targets normalises the weights, later ones read them back.
-            const double v = r0 == 0 ? rn::div(z[j0 * kTile + e], row_sum[lane]) : z[j0 * kTile + e];
-            if (r0 == 0) z[j0 * kTile + e] = v;
-            zc[e] = v;
-          }
+  for_each_tile<T>(
+      in, dims, w.info, w.tiles, xs, list_of, [&](int64_t bh, const HeadInfo& info, int64_t first, int count) {
+        const float* kc = in.kc + bh * Ck * D;
+        const int32_t* ks = in.ks + bh * Ck;
+        const int32_t* targets = w.targets + bh * C;
+        const uint32_t* rowbits = w.rowbits + bh * C * W;
+        const int32_t* donor = w.donor + bh * dims.Pb;
+        const int64_t R = info.R, kk = info.kk;
+        if (info.any_key) {
+          double* zg = z + (tid / kRowLanes) * kGroup;  // this thread's group of candidates
+          tile_dots<kVec>(
+              xs, D, Ck, [=](int64_t j) { return kc + j * D; },
+              [=](int64_t j, int k, float dot) { zg[j * kTile + k] = static_cast<double>(rn::mul(scale, dot)); });
           __syncthreads();
-          const int64_t w0 = j0 / 32, w1 = (j0 + jn + 31) / 32;
+          double m = -INFINITY;
+          for (int64_t j = warp; j < Ck; j += kWarps)
+            if (ks[j] > 0) m = m < z[j * kTile + lane] ? z[j * kTile + lane] : m;  // std::max: NaN never wins
+          part[warp * kTile + lane] = m;
+          __syncthreads();
+          if (warp == 0) {
+            for (int k = 1; k < kWarps; ++k) m = m < part[k * kTile + lane] ? part[k * kTile + lane] : m;
+            row_max[lane] = m;
+          }
+          double sum = 0.0;  // warp 0's
+          for (int64_t j0 = 0; j0 < Ck; j0 += kChunk) {
+            const int64_t jn = min_of<int64_t>(kChunk, Ck - j0);
+            __syncthreads();  // row_max is written; the previous chunk is summed
+            for (int64_t e = tid; e < jn * kTile; e += kCostThreads) {
+              const int64_t j = j0 + e / kTile;
+              const double v =
+                  ks[j] > 0 ? rn::mul(static_cast<double>(ks[j]), mass_exp(rn::sub(z[j0 * kTile + e], row_max[lane])))
+                            : 0.0;
+              z[j0 * kTile + e] = v;
+              zc[e] = v;
+            }
+            __syncthreads();
+            if (warp == 0)
+              for (int64_t jj = 0; jj < jn; ++jj) sum = rn::add(sum, zc[jj * kTile + lane]);
+          }
+          if (warp == 0) row_sum[lane] = sum;
+          const uint32_t* own_bits = rowbits + (lane < count ? donor[first + lane] : 0) * W;
+          for (int64_t r0 = 0; r0 < R; r0 += kWarps * kTargetsPerWarp) {
+            const int64_t rw = r0 + warp * kTargetsPerWarp;  // this warp's first target
+            const bool with_own = r0 == 0 && warp == 0;
+            double acc[kTargetsPerWarp], own = 0.0;
 #pragma unroll
-          for (int g = 0; g < kTargetsPerWarp; ++g)
-            if (rw + g < R) acc[g] = masked_sum(rowbits + targets[rw + g] * W, w0, w1, j0, zc, lane, acc[g]);
-          if (with_own) own = masked_sum(own_bits, w0, w1, j0, zc, lane, own);
+            for (int g = 0; g < kTargetsPerWarp; ++g) acc[g] = 0.0;
+            for (int64_t j0 = 0; j0 < Ck; j0 += kChunk) {
+              const int64_t jn = min_of<int64_t>(kChunk, Ck - j0);
+              __syncthreads();  // row_sum is written; the previous chunk is read
+              for (int64_t e = tid; e < jn * kTile; e += kCostThreads) {
+                // The first block of targets normalises the weights, later ones read them back.
+                const double v = r0 == 0 ? rn::div(z[j0 * kTile + e], row_sum[lane]) : z[j0 * kTile + e];
+                if (r0 == 0) z[j0 * kTile + e] = v;
+                zc[e] = v;
+              }
+              __syncthreads();
+              const int64_t w0 = j0 / 32, w1 = (j0 + jn + 31) / 32;
+#pragma unroll
+              for (int g = 0; g < kTargetsPerWarp; ++g)
+                if (rw + g < R) acc[g] = masked_sum(rowbits + targets[rw + g] * W, w0, w1, j0, zc, lane, acc[g]);
+              if (with_own) own = masked_sum(own_bits, w0, w1, j0, zc, lane, own);
+            }
+            if (with_own) own_mass[lane] = own;
+            __syncthreads();
+#pragma unroll
+            for (int g = 0; g < kTargetsPerWarp; ++g)
+              if (rw + g < R) cost[(rw + g) * kTile + lane] = allowed(rn::sub(own_mass[lane], acc[g]));
+          }
+        } else {
+          for (int64_t e = tid; e < R * kTile; e += kCostThreads) cost[e] = allowed(0.0);  // no key: every cost is 0
         }
-        if (with_own) own_mass[lane] = own;
         __syncthreads();
+        // Each candidate's kk cheapest targets (ties by lower index), one warp per candidate: kk rounds
+        // of a warp minimum over the (cost, r) pairs after the last one taken.
+        int32_t* cand_idx = w.cand_idx + bh * dims.Pb * dims.kk;
+        double* cand_cost = w.cand_cost + bh * dims.Pb * dims.kk;
+        for (int i = warp; i < count; i += kWarps) {
+          double prev_c = -INFINITY;
+          int prev_r = -1;
+          for (int64_t k = 0; k < kk; ++k) {
+            double bc = INFINITY;
+            int br = -1;
+            for (int r = lane; r < R; r += 32) {
+              const double c = cost[static_cast<int64_t>(r) * kTile + i];
+              if (before(prev_c, prev_r, c, r) && (br < 0 || before(c, r, bc, br))) bc = c, br = r;
+            }
 #pragma unroll
-        for (int g = 0; g < kTargetsPerWarp; ++g)
-          if (rw + g < R) cost[(rw + g) * kTile + lane] = allowed(rn::sub(own_mass[lane], acc[g]));
-      }
-    } else {
-      for (int64_t e = tid; e < R * kTile; e += kCostThreads) cost[e] = allowed(0.0);  // no key: every cost is 0
-    }
-    __syncthreads();
-    // Each candidate's kk cheapest targets (ties by lower index), one warp per candidate: kk rounds
-    // of a warp minimum over the (cost, r) pairs after the last one taken.
-    int32_t* cand_idx = w.cand_idx + bh * dims.Pb * dims.kk;
-    double* cand_cost = w.cand_cost + bh * dims.Pb * dims.kk;
-    for (int i = warp; i < count; i += kWarps) {
-      double prev_c = -INFINITY;
-      int prev_r = -1;
-      for (int64_t k = 0; k < kk; ++k) {
-        double bc = INFINITY;
-        int br = -1;
-        for (int r = lane; r < R; r += 32) {
-          const double c = cost[static_cast<int64_t>(r) * kTile + i];
-          if (before(prev_c, prev_r, c, r) && (br < 0 || before(c, r, bc, br))) bc = c, br = r;
+            for (int off = 16; off > 0; off /= 2) {
+              const double oc = __shfl_xor_sync(0xffffffffu, bc, off);
+              const int orr = __shfl_xor_sync(0xffffffffu, br, off);
+              if (orr >= 0 && (br < 0 || before(oc, orr, bc, br))) bc = oc, br = orr;
+            }
+            if (lane == 0) {
+              cand_idx[(first + i) * kk + k] = br;
+              cand_cost[(first + i) * kk + k] = bc;
+            }
+            prev_c = bc, prev_r = br;
+          }
         }
-#pragma unroll
-        for (int off = 16; off > 0; off /= 2) {
-          const double oc = __shfl_xor_sync(0xffffffffu, bc, off);
-          const int orr = __shfl_xor_sync(0xffffffffu, br, off);
-          if (orr >= 0 && (br < 0 || before(oc, orr, bc, br))) bc = oc, br = orr;
-        }
-        if (lane == 0) {
-          cand_idx[(first + i) * kk + k] = br;
-          cand_cost[(first + i) * kk + k] = bc;
-        }
-        prev_c = bc, prev_r = br;
-      }
-    }
-  });
+      });
 }
 
 struct PrefilterKernel {

@@ -82,10 +82,10 @@ struct Work {
   int32_t* offer = nullptr;        // [Pb]: the target offered to this round, or -1
   int32_t* bucket = nullptr;       // [Pb]: offers grouped by target
   // Call-wide, not per head:
-  int32_t* tiles0 = nullptr;       // [BH+1]: the prefilter's flat tile list, head bh's tiles from tiles0[bh]
-  int32_t* tiles = nullptr;        // [BH+1]: the mass cost's
-  double* tile_z = nullptr;        // [blocks * kTile * Ck]: a cost block's softmax weights
-  double* tile_cost = nullptr;     // [blocks * kTile * C]: and its costs
+  int32_t* tiles0 = nullptr;    // [BH+1]: the prefilter's flat tile list, head bh's tiles from tiles0[bh]
+  int32_t* tiles = nullptr;     // [BH+1]: the mass cost's
+  double* tile_z = nullptr;     // [blocks * kTile * Ck]: a cost block's softmax weights
+  double* tile_cost = nullptr;  // [blocks * kTile * C]: and its costs
 };
 
 // The inputs the cost kernels read.
