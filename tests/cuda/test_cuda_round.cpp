@@ -164,9 +164,10 @@ INSTANTIATE_TEST_SUITE_P(
                       RoundCase{"bf16_D128_Ck1000", 1, 2, 4000, 128, 50, 1000, DType::BF16, Layout::Transposed},
                       // 21 heads share the cost kernels' 264 blocks through the flat tile list.
                       RoundCase{"f32_21_heads_flat_tiles", 3, 7, 900, 16, 14, 30},
-                      // One head: 16 cost blocks walk many tiles each; more than 128 targets (two
-                      // blocks of masked sums) and 300 key clusters (three chunks, the last partial).
-                      RoundCase{"bf16_one_head_many_targets", 1, 1, 20000, 64, 200, 300, DType::BF16},
+                      // One head: 16 cost blocks walk many tiles each; about 160 targets of 300
+                      // clusters (two blocks of masked sums) and 300 key clusters (three chunks, the
+                      // last partial).
+                      RoundCase{"bf16_one_head_many_targets", 1, 1, 30000, 64, 300, 300, DType::BF16},
                       RoundCase{
                           "Large_wan14b_head", 1, 1, 75600, 128, 300, 1000, DType::BF16, Layout::Transposed, {}, 0.3}),
     [](const ::testing::TestParamInfo<RoundCase>& param) { return std::string(param.param.name); });
