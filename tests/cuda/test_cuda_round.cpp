@@ -6,7 +6,8 @@
 //   - random heads: B*H > 1, empty query clusters (far centroids), empty key clusters and a head with
 //     none, Cq not a multiple of anything, f32/f16/bf16 points in several layouts, odd head dims (the
 //     scalar path), with and without the prefilter, several slacks, caps, rounds and candidate
-//     counts, and the Wan 14B head shape (N 75,600, Cq 300, Ck 1,000, D 128);
+//     counts, many heads sharing the cost kernels' blocks, one head with more than 128 targets and
+//     several chunks of key clusters, and the Wan 14B head shape (N 75,600, Cq 300, Ck 1,000, D 128);
 //   - invariants on the GPU's result (sizes count the labels, no cluster gains padding);
 //   - typed errors: argument errors and a short workspace leave the outputs untouched, and so does a
 //     bad label or a negative key-cluster size under the device value checks (anywhere in the call);
@@ -161,8 +162,14 @@ INSTANTIATE_TEST_SUITE_P(
                       RoundCase{"f32_D13_padded_uncapped", 1, 3, 1000, 13, 11, 7, DType::F32, Layout::Padded,
                                 opts(16, kUncapped, 4, 8, 16)},
                       RoundCase{"bf16_D128_Ck1000", 1, 2, 4000, 128, 50, 1000, DType::BF16, Layout::Transposed},
-                      RoundCase{"Large_wan14b_head", 1, 1, 75600, 128, 300, 1000, DType::BF16, Layout::Transposed,
-                                {}, 0.3}),
+                      // 21 heads share the cost kernels' 264 blocks through the flat tile list.
+                      RoundCase{"f32_21_heads_flat_tiles", 3, 7, 900, 16, 14, 30},
+                      // One head: 16 cost blocks walk many tiles each; about 160 targets of 300
+                      // clusters (two blocks of masked sums) and 300 key clusters (three chunks, the
+                      // last partial).
+                      RoundCase{"bf16_one_head_many_targets", 1, 1, 30000, 64, 300, 300, DType::BF16},
+                      RoundCase{
+                          "Large_wan14b_head", 1, 1, 75600, 128, 300, 1000, DType::BF16, Layout::Transposed, {}, 0.3}),
     [](const ::testing::TestParamInfo<RoundCase>& param) { return std::string(param.param.name); });
 
 TEST(RoundOnGpuErrors, TypedErrorsLeaveOutputsUntouched) {

@@ -7,12 +7,15 @@
 //   2. roles (one block per head): counts, the role choice and the targets, in shared memory by one
 //      thread (the reference's integer loops); the mask rows as bits, |c|^2 of the query centroids,
 //      the donors' points (prefilter) or the candidates in index order (no prefilter: a block scan);
-//   3. with the prefilter: each donor point's best distance cost (round_cost.cu), then its rank
+//   3. the flat tile lists of the cost kernels (one block scans the heads' candidate counts), so
+//      that their blocks share every head's tiles whatever B*H is;
+//   4. with the prefilter: each donor point's best distance cost (round_cost.cu), then its rank
 //      within its donor by (cost, index), which places the kept ones in the reference's order;
-//   4. the mass cost and each candidate's ranked targets (round_cost.cu);
-//   5. the matching (one block per head): the rounds of proposals and acceptances of the reference,
-//      every rank within a donor or a target counted by comparing (cost, candidate) pairs, so that
-//      the order in which threads see them does not matter; then the moves of whole donor tails.
+//   5. the mass cost and each candidate's ranked targets (round_cost.cu);
+//   6. the matching (one block per head): the rounds of proposals and acceptances of the reference,
+//      every rank within a donor or a target counted by comparing (cost, candidate) pairs, a warp
+//      per donor or target, so that the order in which threads see them does not matter; then the
+//      moves of whole donor tails.
 // The order-dependent floating-point steps all sit in round_cost.cu. A bad label or a negative
 // key-cluster size anywhere leaves every head untouched (sizes included), as the CPU's checks do.
 #include <cub/block/block_scan.cuh>
@@ -32,7 +35,10 @@ namespace {
 constexpr int kPlanThreads = 256;
 constexpr int kScanItems = 4;  // points per thread of the roles kernel's scan
 constexpr int kSelectThreads = 256;
-constexpr int kMatchThreads = 1024;
+constexpr int kSelectBlocksPerHead = 8;
+// 8 warps per head for the matching's ranks (a warp per group); at 512 or 1024 threads ptxas spills.
+constexpr int kMatchThreads = 256;
+constexpr int kMatchWarps = kMatchThreads / 32;
 constexpr int kDonor = 1, kReceiver = 2;  // roles in the roles kernel's shared memory
 
 struct PlanParams {
@@ -246,6 +252,35 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(PlanParams p) {
   }
 }
 
+// The flat tile lists of the cost kernels (round_internal.hpp): head bh's prefilter tiles,
+// ceil(P0 / 32) of them (none when nothing moves), start at tiles0[bh], its mass-cost tiles,
+// ceil(P / 32), at tiles[bh]. One block scans over B*H.
+__global__ void __launch_bounds__(kPlanThreads) tile_lists_kernel(Dims d, Work w) {
+  using Scan = cub::BlockScan<int32_t, kPlanThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ int32_t s_carry[2];
+  if (threadIdx.x == 0) s_carry[0] = s_carry[1] = 0;
+  __syncthreads();
+  for (int64_t base = 0; base < d.BH; base += kPlanThreads) {
+    const int64_t bh = base + threadIdx.x;
+    const HeadInfo info = bh < d.BH ? w.info[bh] : HeadInfo{};
+    const int32_t n0 = info.active ? (info.P0 + kTile - 1) / kTile : 0;
+    const int32_t n = info.active ? (info.P + kTile - 1) / kTile : 0;
+    int32_t pos0 = 0, pos = 0, total0 = 0, total = 0;
+    Scan(scan_storage).ExclusiveSum(n0, pos0, total0);
+    __syncthreads();  // the scan's storage is used again
+    Scan(scan_storage).ExclusiveSum(n, pos, total);
+    if (bh < d.BH) {
+      w.tiles0[bh] = s_carry[0] + pos0;
+      w.tiles[bh] = s_carry[1] + pos;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) s_carry[0] += total0, s_carry[1] += total;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) w.tiles0[d.BH] = s_carry[0], w.tiles[d.BH] = s_carry[1];
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. The prefilter's choice: donor point u is kept when fewer than F * t points of its donor come
 // before it by (best, position); its rank is its place among the donor's candidates.
@@ -286,6 +321,38 @@ __device__ __forceinline__ bool ahead(double a, int32_t pa, double b, int32_t pb
   return a < b || (a == b && pa < pb);
 }
 
+// Ranks within one group by comparison counting, by one warp: the group is the candidates
+// ids[lo, hi), those with in(q) take part, ranked by (cur[q], q); visit(p, rank) for each of them.
+// A batch of 32 members (one per lane) meets the group 32 members at a time, broadcast by shuffles,
+// so every read is a coalesced load (the previous design had each thread walk its group through
+// dependent global loads: about 0.5 to 1 ms per Wan 14B call). Every rank is a count, so the order
+// in which members meet does not matter.
+template <class In, class Visit>
+__device__ __forceinline__ void rank_group(const int32_t* ids, int32_t lo, int32_t hi, const double* cur, In&& in,
+                                           Visit&& visit) {
+  constexpr unsigned kAll = 0xffffffffu;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  for (int32_t a = lo; a < hi; a += 32) {
+    const int32_t p = a + lane < hi ? ids[a + lane] : -1;
+    const bool take = p >= 0 && in(p);
+    const double cp = take ? cur[p] : 0.0;
+    int32_t rank = 0;
+    for (int32_t b = lo; b < hi; b += 32) {
+      const int32_t q0 = b + lane < hi ? ids[b + lane] : -1;
+      const int tq0 = q0 >= 0 && in(q0);
+      const double cq0 = tq0 ? cur[q0] : 0.0;
+      const int n = min_of(32, hi - b);
+      for (int k = 0; k < n; ++k) {
+        const int32_t q = __shfl_sync(kAll, q0, k);
+        const int tq = __shfl_sync(kAll, tq0, k);
+        const double cq = __shfl_sync(kAll, cq0, k);
+        rank += tq && ahead(cq, q, cp, p);
+      }
+    }
+    if (take) visit(p, rank);
+  }
+}
+
 __global__ void __launch_bounds__(kMatchThreads) match_kernel(Dims d, Work w, int32_t* labels, int64_t labels_stride_b,
                                                               int64_t labels_stride_h, int32_t* sizes) {
   using Scan = cub::BlockScan<int32_t, kMatchThreads>;
@@ -296,7 +363,7 @@ __global__ void __launch_bounds__(kMatchThreads) match_kernel(Dims d, Work w, in
   const HeadInfo info = w.info[bh];
   if (!info.active) return;
   const HeadWork hw = head_work(w, d, bh);
-  const int tid = static_cast<int>(threadIdx.x);
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32;
   const int32_t P = info.P, R = info.R, kk = info.kk;
   for (int32_t p = tid; p < P; p += kMatchThreads) hw.dest[p] = -1;
   for (int32_t r = tid; r < R; r += kMatchThreads) hw.received[r] = 0;
@@ -325,26 +392,23 @@ __global__ void __launch_bounds__(kMatchThreads) match_kernel(Dims d, Work w, in
         }
         hw.first[p] = f;
         hw.cur[p] = c;
+        hw.offer[p] = -1;
       }
       __syncthreads();
-      // Per donor, its (t - placed) cheapest picks are offered.
-      for (int32_t p = tid; p < P; p += kMatchThreads) {
-        int32_t to = -1;
-        if (hw.first[p] >= 0) {
-          const int32_t c = hw.donor[p], limit = hw.give[c] - hw.placed_of[c];
-          const double cp = hw.cur[p];
-          int32_t rank = 0;
-          for (int32_t m = hw.group_off[c]; m < hw.group_off[c + 1] && rank < limit; ++m) {
-            const int32_t q = hw.members[m];
-            rank += hw.first[q] >= 0 && ahead(hw.cur[q], q, cp, p);
-          }
-          if (rank < limit) {
-            to = hw.cand_idx[static_cast<int64_t>(p) * kk + hw.first[p]];
-            atomicAdd(&hw.bucket_fill[to], 1);
-            s_any = 1;
-          }
-        }
-        hw.offer[p] = to;
+      // Per donor, its (t - placed) cheapest picks are offered: a warp per donor.
+      for (int64_t c = warp; c < d.C; c += kMatchWarps) {
+        const int32_t limit = hw.give[c] - hw.placed_of[c];
+        if (limit <= 0) continue;  // not a donor, or its whole tail is placed
+        const int32_t* first = hw.first;
+        rank_group(
+            hw.members, hw.group_off[c], hw.group_off[c + 1], hw.cur, [=](int32_t q) { return first[q] >= 0; },
+            [=](int32_t p, int32_t rank) {
+              if (rank >= limit) return;
+              const int32_t to = hw.cand_idx[static_cast<int64_t>(p) * kk + first[p]];
+              atomicAdd(&hw.bucket_fill[to], 1);
+              hw.offer[p] = to;
+              s_any = 1;
+            });
       }
       __syncthreads();
       if (!s_any) break;  // the same answer in every thread: a phase ends when nothing is offered
@@ -369,22 +433,18 @@ __global__ void __launch_bounds__(kMatchThreads) match_kernel(Dims d, Work w, in
         if (r >= 0) hw.bucket[hw.bucket_off[r] + atomicAdd(&hw.bucket_fill[r], 1)] = p;
       }
       __syncthreads();
-      // Each target accepts its cheapest offers up to the room it had at the round's start.
-      for (int32_t p = tid; p < P; p += kMatchThreads) {
-        const int32_t r = hw.offer[p];
-        if (r < 0) continue;
-        const double cp = hw.cur[p];
-        const int32_t room = hw.room[r], end = hw.bucket_off[r] + hw.bucket_fill[r];
-        int32_t rank = 0;
-        for (int32_t m = hw.bucket_off[r]; m < end && rank < room; ++m) {
-          const int32_t q = hw.bucket[m];
-          rank += ahead(hw.cur[q], q, cp, p);
-        }
-        if (rank < room) {
-          hw.dest[p] = r;
-          atomicAdd(&hw.placed_of[hw.donor[p]], 1);
-          atomicAdd(&hw.received[r], 1);
-        }
+      // Each target accepts its cheapest offers up to the room it had at the round's start: a warp
+      // per target.
+      for (int32_t r = warp; r < R; r += kMatchWarps) {
+        const int32_t room = hw.room[r], lo = hw.bucket_off[r];
+        rank_group(
+            hw.bucket, lo, lo + hw.bucket_fill[r], hw.cur, [](int32_t) { return true; },
+            [=](int32_t p, int32_t rank) {
+              if (rank >= room) return;
+              hw.dest[p] = r;
+              atomicAdd(&hw.placed_of[hw.donor[p]], 1);
+              atomicAdd(&hw.received[r], 1);
+            });
       }
       __syncthreads();
     }
@@ -425,6 +485,7 @@ Dims make_dims(int64_t batch_heads, int64_t points, int64_t q_clusters, int64_t 
   else  // F * per > N exactly when F > floor(N / per); otherwise the product cannot overflow
     d.Pb = prefilter > points / per_prefilter ? points : prefilter * per_prefilter;
   d.kk = std::min<int64_t>(candidates, q_clusters);
+  d.blocks = cost_blocks(batch_heads);
   return d;
 }
 
@@ -453,8 +514,10 @@ Work carve_work(Carver& c, const Dims& d, LabelSort& sort) {
   w.cur = c.take<double>(BH * Pb);
   w.cand_idx = c.take<int32_t>(BH * Pb * d.kk);
   w.cand_cost = c.take<double>(BH * Pb * d.kk);
-  w.tile_z = c.take<double>(BH * kBlocksPerHead * kTile * d.Ck);
-  w.tile_cost = c.take<double>(BH * kBlocksPerHead * kTile * C);
+  w.tiles0 = c.take<int32_t>(BH + 1);
+  w.tiles = c.take<int32_t>(BH + 1);
+  w.tile_z = c.take<double>(d.blocks * kTile * d.Ck);
+  w.tile_cost = c.take<double>(d.blocks * kTile * C);
   return w;
 }
 
@@ -522,6 +585,8 @@ void round_query_clusters(const TensorView& q, const TensorView& q_centroids, co
   set_max_dynamic_smem(reinterpret_cast<const void*>(&plan_kernel), static_cast<int>(plan_smem));
   plan_kernel<<<static_cast<unsigned>(B * H), kPlanThreads, plan_smem, s>>>(plan);
   SAPATTN_CUDA_CHECK_LAUNCH();
+  tile_lists_kernel<<<1, kPlanThreads, 0, s>>>(dims, w);
+  SAPATTN_CUDA_CHECK_LAUNCH();
 
   CostInputs in;
   in.q = points_view(q);
@@ -535,7 +600,7 @@ void round_query_clusters(const TensorView& q, const TensorView& q_centroids, co
                    reinterpret_cast<uintptr_t>(k_centroids.data) % 16 == 0;
   if (prefilter > 0) {
     launch_prefilter(in, dims, w, q.dtype, s);
-    select_kernel<<<dim3(kBlocksPerHead, static_cast<unsigned>(B * H)), kSelectThreads, 0, s>>>(
+    select_kernel<<<dim3(kSelectBlocksPerHead, static_cast<unsigned>(B * H)), kSelectThreads, 0, s>>>(
         dims, w, lab, labels.stride[0], labels.stride[1]);
     SAPATTN_CUDA_CHECK_LAUNCH();
   }

@@ -11,7 +11,7 @@
 // A block holds a tile of 32 candidates (x rows in shared memory, zero past the end) and its 256
 // threads take 64 centroid rows at a time, 8 candidates each: the x values a warp reads are the same
 // for all its lanes (broadcasts), each row is read from global memory by 4 threads at about the same
-// time (L1 hits after the first).
+// time (L1 hits after the first). The blocks walk one flat list of every head's tiles.
 #include <cfloat>
 
 #include "core/round_arithmetic.hpp"
@@ -87,16 +87,36 @@ __device__ void tile_dots(const float* xs, int64_t D, int64_t rows, RowOf&& row_
   }
 }
 
-// This block's tiles of a head's list of `total` points (every gridDim.x-th tile): loads each into
-// xs, then f(first, count) between two barriers.
-template <typename T, class F>
-__device__ void for_each_tile(const CostInputs& in, const Dims& dims, int64_t bh, const int32_t* list, int64_t total,
-                              float* xs, F&& f) {
-  for (int64_t first = blockIdx.x * int64_t{kTile}; first < total; first += gridDim.x * int64_t{kTile}) {
-    const int count = static_cast<int>(min_of<int64_t>(kTile, total - first));
+// The head whose range of the flat tile list holds tile t: the last bh with tiles[bh] <= t (a head
+// without tiles has an empty range, so it is never the answer).
+__device__ __forceinline__ int64_t head_of(const int32_t* tiles, int64_t BH, int64_t t) {
+  int64_t lo = 0, hi = BH;  // tiles[lo] <= t < tiles[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (tiles[mid] <= t)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+// This block's tiles of the flat list over every head's list of points (list_of(bh, info): the
+// points and their count): loads each into xs, then f(bh, info, first, count) between two barriers.
+template <typename T, class ListOf, class F>
+__device__ void for_each_tile(const CostInputs& in, const Dims& dims, const HeadInfo* infos, const int32_t* tiles,
+                              float* xs, ListOf&& list_of, F&& f) {
+  const int64_t total = tiles[dims.BH];
+  for (int64_t t = blockIdx.x; t < total; t += gridDim.x) {
+    const int64_t bh = head_of(tiles, dims.BH, t);
+    const HeadInfo info = infos[bh];
+    const int64_t first = (t - tiles[bh]) * kTile;
+    int64_t points = 0;
+    const int32_t* list = list_of(bh, info, points);
+    const int count = static_cast<int>(min_of<int64_t>(kTile, points - first));
     load_tile<T>(in.q, bh / dims.H, bh % dims.H, list + first, count, xs);
     __syncthreads();
-    f(first, count);
+    f(bh, info, first, count);
     __syncthreads();
   }
 }
@@ -111,60 +131,73 @@ __device__ __forceinline__ const int32_t* head_labels(const CostInputs& in, int6
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kCostThreads) prefilter_kernel(CostInputs in, Dims dims, Work w) {
-  const int64_t bh = blockIdx.y;
-  const HeadInfo info = w.info[bh];
-  if (!info.active) return;
   const int64_t D = dims.D, C = dims.C, N = dims.N;
   extern __shared__ float4 smem4[];
   float* xs = reinterpret_cast<float*>(smem4);  // [kTile][D]
   float* own = xs + kTile * D;                  // [kTile]
   float* partial = own + kTile;                 // [kRowLanes][kTile]
-  const float* qc = in.qc + bh * C * D;
-  const float* c2 = w.c2 + bh * C;
-  const int32_t* targets = w.targets + bh * C;
-  const int32_t* pts0 = w.pts0 + bh * N;
-  const int32_t* labels = head_labels(in, bh, dims.H);
-  float* best = w.best + bh * N;
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid % kRowLanes, group = tid / kRowLanes;
-  for_each_tile<T>(in, dims, bh, pts0, info.P0, xs, [&](int64_t first, int count) {
-    if (tid < count) {
-      const int64_t c = labels[pts0[first + tid]];
-      own[tid] = rn::sub(c2[c], rn::mul(2.0f, lane_dot(xs + tid * D, qc + c * D, D)));
-    }
-    __syncthreads();
-    // This thread's minimum per candidate, kept in its own shared-memory slots (registers hold the dots).
-    float* m = partial + lane * kTile + group * kGroup;
+  const auto list_of = [&](int64_t bh, const HeadInfo& info, int64_t& points) {
+    points = info.P0;
+    return w.pts0 + bh * N;
+  };
+  for_each_tile<T>(
+      in, dims, w.info, w.tiles0, xs, list_of, [&](int64_t bh, const HeadInfo& info, int64_t first, int count) {
+        const float* qc = in.qc + bh * C * D;
+        const float* c2 = w.c2 + bh * C;
+        const int32_t* targets = w.targets + bh * C;
+        const int32_t* pts0 = w.pts0 + bh * N;
+        const int32_t* labels = head_labels(in, bh, dims.H);
+        if (tid < count) {
+          const int64_t c = labels[pts0[first + tid]];
+          own[tid] = rn::sub(c2[c], rn::mul(2.0f, lane_dot(xs + tid * D, qc + c * D, D)));
+        }
+        __syncthreads();
+        // This thread's minimum per candidate, kept in its own shared-memory slots (registers hold the dots).
+        float* m = partial + lane * kTile + group * kGroup;
 #pragma unroll
-    for (int k = 0; k < kGroup; ++k) m[k] = INFINITY;
-    tile_dots<kVec>(
-        xs, D, info.R, [&](int64_t r) { return qc + targets[r] * D; },
-        [&](int64_t r, int k, float dot) {
-          const float v = rn::sub(rn::sub(c2[targets[r]], rn::mul(2.0f, dot)), own[group * kGroup + k]);
-          if (v < m[k]) m[k] = v;  // NaN never wins
-        });
-    __syncthreads();
-    if (tid < count) {
-      float b = INFINITY;
-      for (int l = 0; l < kRowLanes; ++l) b = partial[l * kTile + tid] < b ? partial[l * kTile + tid] : b;
-      best[first + tid] = b;
-    }
-  });
+        for (int k = 0; k < kGroup; ++k) m[k] = INFINITY;
+        tile_dots<kVec>(
+            xs, D, info.R, [&](int64_t r) { return qc + targets[r] * D; },
+            [&](int64_t r, int k, float dot) {
+              const float v = rn::sub(rn::sub(c2[targets[r]], rn::mul(2.0f, dot)), own[group * kGroup + k]);
+              if (v < m[k]) m[k] = v;  // NaN never wins
+            });
+        __syncthreads();
+        if (tid < count) {
+          float b = INFINITY;
+          for (int l = 0; l < kRowLanes; ++l) b = partial[l * kTile + tid] < b ? partial[l * kTile + tid] : b;
+          w.best[bh * N + first + tid] = b;
+        }
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
 // Mass cost and ranking.
 // ---------------------------------------------------------------------------------------------
 
-// sum of z[j][lane] over the set bits j of a mask row, in ascending j.
-__device__ __forceinline__ double masked_sum(const uint32_t* bits, int64_t words, const double* z, int lane) {
-  double s = 0.0;
-  for (int64_t wd = 0; wd < words; ++wd) {
+constexpr int kWarps = kCostThreads / 32;
+// Key clusters whose weights sit in shared memory at once: 128 x 32 doubles, 32 KB, so that two
+// blocks fit an SM. Every masked sum reads its weights from there (an L2 read per add, the previous
+// design, made the sums latency-bound: about 60 of the 70.8 ms measured at Wan 14B).
+constexpr int kChunk = 128;
+// Masked sums a warp carries in registers through the chunks (32 registers): the weights of a chunk
+// are staged once per 8 x 16 = 128 targets.
+constexpr int kTargetsPerWarp = 16;
+static_assert(kChunk % 32 == 0 && kTile == 32 && kCostThreads % kTile == 0);
+
+// s plus the weights zc[j - j0][lane] of the set bits j of the mask words bits[w0, w1) (chunk j0),
+// in ascending j as the reference adds them.
+__device__ __forceinline__ double masked_sum(const uint32_t* bits, int64_t w0, int64_t w1, int64_t j0, const double* zc,
+                                             int lane, double s) {
+  for (int64_t wd = w0; wd < w1; ++wd) {
     uint32_t m = bits[wd];
+    const int base = static_cast<int>(wd * 32 - j0);
     while (m != 0) {
-      const int64_t j = wd * 32 + __ffs(m) - 1;
+      const int j = base + __ffs(m) - 1;
       m &= m - 1;
-      s = rn::add(s, z[j * kTile + lane]);
+      s = rn::add(s, zc[j * kTile + lane]);
     }
   }
   return s;
@@ -173,98 +206,134 @@ __device__ __forceinline__ double masked_sum(const uint32_t* bits, int64_t words
 // (a, ra) before (b, rb): by cost, then target index. Costs are never NaN here.
 __device__ __forceinline__ bool before(double a, int ra, double b, int rb) { return a < b || (a == b && ra < rb); }
 
+// A tile of 32 candidates (lane l of every warp: candidate l). z, the block's scratch in global
+// memory, holds the scores, then the unnormalised weights, then the weights. The maximum is
+// order-free (a NaN never wins, and the sign of a zero maximum does not reach the weights: exp(+-0)
+// = 1, x - (+-0) = x otherwise); the weights and their sum go chunk by chunk (warp 0 adds a chunk's
+// weights from shared memory in order of j, as the reference). Then the masked sums: per block of
+// 128 targets, each chunk's weights staged in shared memory and every warp adding them into its 16
+// targets' sums (warp 0 also the own cluster's, in the first block), in order of j.
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kCostThreads) mass_kernel(CostInputs in, Dims dims, Work w) {
-  const int64_t bh = blockIdx.y;
-  const HeadInfo info = w.info[bh];
-  if (!info.active) return;
-  const int64_t D = dims.D, C = dims.C, Ck = dims.Ck, W = dims.W, kk = info.kk;
+  const int64_t D = dims.D, C = dims.C, Ck = dims.Ck, W = dims.W;
   extern __shared__ double smem8[];
-  double* row_max = smem8;                                  // [kTile]
+  double* zc = smem8;                                       // [kChunk][kTile]
+  double* part = zc + kChunk * kTile;                       // [kWarps][kTile]
+  double* row_max = part + kWarps * kTile;                  // [kTile]
   double* row_sum = row_max + kTile;                        // [kTile]
   double* own_mass = row_sum + kTile;                       // [kTile]
   float* xs = reinterpret_cast<float*>(own_mass + kTile);   // [kTile][D]
-  const int64_t slot = bh * kBlocksPerHead + blockIdx.x;
-  double* z = w.tile_z + slot * kTile * Ck;     // [Ck][kTile]
-  double* cost = w.tile_cost + slot * kTile * C;  // [R][kTile]
-  const float* kc = in.kc + bh * Ck * D;
-  const int32_t* ks = in.ks + bh * Ck;
-  const int32_t* targets = w.targets + bh * C;
-  const uint32_t* rowbits = w.rowbits + bh * C * W;
-  const int32_t* pts = w.pts + bh * dims.Pb;
-  const int32_t* donor = w.donor + bh * dims.Pb;
-  int32_t* cand_idx = w.cand_idx + bh * dims.Pb * dims.kk;
-  double* cand_cost = w.cand_cost + bh * dims.Pb * dims.kk;
+  double* z = w.tile_z + blockIdx.x * kTile * Ck;           // [Ck][kTile]
+  double* cost = w.tile_cost + blockIdx.x * kTile * C;      // [R][kTile]
   const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
-  constexpr int kWarps = kCostThreads / 32;
   const float scale = dims.scale;
   const double max_cost = dims.max_cost;
   const auto allowed = [&](double c) { return c != c || c > max_cost ? static_cast<double>(INFINITY) : c; };
-  for_each_tile<T>(in, dims, bh, pts, info.P, xs, [&](int64_t first, int count) {
-    if (info.any_key) {
-      double* zg = z + (tid / kRowLanes) * kGroup;  // this thread's group of candidates
-      tile_dots<kVec>(
-          xs, D, Ck, [=](int64_t j) { return kc + j * D; },
-          [=](int64_t j, int k, float dot) { zg[j * kTile + k] = static_cast<double>(rn::mul(scale, dot)); });
-      __syncthreads();
-      // Softmax over the non-empty key clusters, one lane per candidate in the CPU's order of j.
-      if (warp == 0) {
-        double m = -INFINITY;
-        for (int64_t j = 0; j < Ck; ++j)
-          if (ks[j] > 0) m = m < z[j * kTile + lane] ? z[j * kTile + lane] : m;  // std::max: NaN never wins
-        row_max[lane] = m;
-      }
-      __syncthreads();
-      for (int64_t e = tid; e < Ck * kTile; e += kCostThreads) {
-        const int64_t j = e / kTile;
-        z[e] = ks[j] > 0 ? rn::mul(static_cast<double>(ks[j]), mass_exp(rn::sub(z[e], row_max[e % kTile]))) : 0.0;
-      }
-      __syncthreads();
-      if (warp == 0) {
-        double s = 0.0;
-        for (int64_t j = 0; j < Ck; ++j) s = rn::add(s, z[j * kTile + lane]);
-        row_sum[lane] = s;
-      }
-      __syncthreads();
-      for (int64_t e = tid; e < Ck * kTile; e += kCostThreads) z[e] = rn::div(z[e], row_sum[e % kTile]);
-      __syncthreads();
-      if (warp == 0) {
-        const int64_t own = lane < count ? donor[first + lane] : 0;
-        own_mass[lane] = masked_sum(rowbits + own * W, W, z, lane);
-      }
-      __syncthreads();
-      for (int64_t r = warp; r < info.R; r += kWarps)
-        cost[r * kTile + lane] = allowed(rn::sub(own_mass[lane], masked_sum(rowbits + targets[r] * W, W, z, lane)));
-    } else {
-      for (int64_t e = tid; e < info.R * kTile; e += kCostThreads) cost[e] = allowed(0.0);  // no key: every cost is 0
-    }
-    __syncthreads();
-    // Each candidate's kk cheapest targets (ties by lower index), one warp per candidate: kk rounds
-    // of a warp minimum over the (cost, r) pairs after the last one taken.
-    for (int i = warp; i < count; i += kWarps) {
-      double prev_c = -INFINITY;
-      int prev_r = -1;
-      for (int64_t k = 0; k < kk; ++k) {
-        double bc = INFINITY;
-        int br = -1;
-        for (int r = lane; r < info.R; r += 32) {
-          const double c = cost[static_cast<int64_t>(r) * kTile + i];
-          if (before(prev_c, prev_r, c, r) && (br < 0 || before(c, r, bc, br))) bc = c, br = r;
-        }
+  const auto list_of = [&](int64_t bh, const HeadInfo& info, int64_t& points) {
+    points = info.P;
+    return w.pts + bh * dims.Pb;
+  };
+  for_each_tile<T>(
+      in, dims, w.info, w.tiles, xs, list_of, [&](int64_t bh, const HeadInfo& info, int64_t first, int count) {
+        const float* kc = in.kc + bh * Ck * D;
+        const int32_t* ks = in.ks + bh * Ck;
+        const int32_t* targets = w.targets + bh * C;
+        const uint32_t* rowbits = w.rowbits + bh * C * W;
+        const int32_t* donor = w.donor + bh * dims.Pb;
+        const int64_t R = info.R, kk = info.kk;
+        if (info.any_key) {
+          double* zg = z + (tid / kRowLanes) * kGroup;  // this thread's group of candidates
+          tile_dots<kVec>(
+              xs, D, Ck, [=](int64_t j) { return kc + j * D; },
+              [=](int64_t j, int k, float dot) { zg[j * kTile + k] = static_cast<double>(rn::mul(scale, dot)); });
+          __syncthreads();
+          double m = -INFINITY;
+          for (int64_t j = warp; j < Ck; j += kWarps)
+            if (ks[j] > 0) m = m < z[j * kTile + lane] ? z[j * kTile + lane] : m;  // std::max: NaN never wins
+          part[warp * kTile + lane] = m;
+          __syncthreads();
+          if (warp == 0) {
+            for (int k = 1; k < kWarps; ++k) m = m < part[k * kTile + lane] ? part[k * kTile + lane] : m;
+            row_max[lane] = m;
+          }
+          double sum = 0.0;  // warp 0's
+          for (int64_t j0 = 0; j0 < Ck; j0 += kChunk) {
+            const int64_t jn = min_of<int64_t>(kChunk, Ck - j0);
+            __syncthreads();  // row_max is written; the previous chunk is summed
+            for (int64_t e = tid; e < jn * kTile; e += kCostThreads) {
+              const int64_t j = j0 + e / kTile;
+              const double v =
+                  ks[j] > 0 ? rn::mul(static_cast<double>(ks[j]), mass_exp(rn::sub(z[j0 * kTile + e], row_max[lane])))
+                            : 0.0;
+              z[j0 * kTile + e] = v;
+              zc[e] = v;
+            }
+            __syncthreads();
+            if (warp == 0)
+              for (int64_t jj = 0; jj < jn; ++jj) sum = rn::add(sum, zc[jj * kTile + lane]);
+          }
+          if (warp == 0) row_sum[lane] = sum;
+          const uint32_t* own_bits = rowbits + (lane < count ? donor[first + lane] : 0) * W;
+          for (int64_t r0 = 0; r0 < R; r0 += kWarps * kTargetsPerWarp) {
+            const int64_t rw = r0 + warp * kTargetsPerWarp;  // this warp's first target
+            const bool with_own = r0 == 0 && warp == 0;
+            double acc[kTargetsPerWarp], own = 0.0;
 #pragma unroll
-        for (int off = 16; off > 0; off /= 2) {
-          const double oc = __shfl_xor_sync(0xffffffffu, bc, off);
-          const int orr = __shfl_xor_sync(0xffffffffu, br, off);
-          if (orr >= 0 && (br < 0 || before(oc, orr, bc, br))) bc = oc, br = orr;
+            for (int g = 0; g < kTargetsPerWarp; ++g) acc[g] = 0.0;
+            for (int64_t j0 = 0; j0 < Ck; j0 += kChunk) {
+              const int64_t jn = min_of<int64_t>(kChunk, Ck - j0);
+              __syncthreads();  // row_sum is written; the previous chunk is read
+              for (int64_t e = tid; e < jn * kTile; e += kCostThreads) {
+                // The first block of targets normalises the weights, later ones read them back.
+                const double v = r0 == 0 ? rn::div(z[j0 * kTile + e], row_sum[lane]) : z[j0 * kTile + e];
+                if (r0 == 0) z[j0 * kTile + e] = v;
+                zc[e] = v;
+              }
+              __syncthreads();
+              const int64_t w0 = j0 / 32, w1 = (j0 + jn + 31) / 32;
+#pragma unroll
+              for (int g = 0; g < kTargetsPerWarp; ++g)
+                if (rw + g < R) acc[g] = masked_sum(rowbits + targets[rw + g] * W, w0, w1, j0, zc, lane, acc[g]);
+              if (with_own) own = masked_sum(own_bits, w0, w1, j0, zc, lane, own);
+            }
+            if (with_own) own_mass[lane] = own;
+            __syncthreads();
+#pragma unroll
+            for (int g = 0; g < kTargetsPerWarp; ++g)
+              if (rw + g < R) cost[(rw + g) * kTile + lane] = allowed(rn::sub(own_mass[lane], acc[g]));
+          }
+        } else {
+          for (int64_t e = tid; e < R * kTile; e += kCostThreads) cost[e] = allowed(0.0);  // no key: every cost is 0
         }
-        if (lane == 0) {
-          cand_idx[(first + i) * kk + k] = br;
-          cand_cost[(first + i) * kk + k] = bc;
+        __syncthreads();
+        // Each candidate's kk cheapest targets (ties by lower index), one warp per candidate: kk rounds
+        // of a warp minimum over the (cost, r) pairs after the last one taken.
+        int32_t* cand_idx = w.cand_idx + bh * dims.Pb * dims.kk;
+        double* cand_cost = w.cand_cost + bh * dims.Pb * dims.kk;
+        for (int i = warp; i < count; i += kWarps) {
+          double prev_c = -INFINITY;
+          int prev_r = -1;
+          for (int64_t k = 0; k < kk; ++k) {
+            double bc = INFINITY;
+            int br = -1;
+            for (int r = lane; r < R; r += 32) {
+              const double c = cost[static_cast<int64_t>(r) * kTile + i];
+              if (before(prev_c, prev_r, c, r) && (br < 0 || before(c, r, bc, br))) bc = c, br = r;
+            }
+#pragma unroll
+            for (int off = 16; off > 0; off /= 2) {
+              const double oc = __shfl_xor_sync(0xffffffffu, bc, off);
+              const int orr = __shfl_xor_sync(0xffffffffu, br, off);
+              if (orr >= 0 && (br < 0 || before(oc, orr, bc, br))) bc = oc, br = orr;
+            }
+            if (lane == 0) {
+              cand_idx[(first + i) * kk + k] = br;
+              cand_cost[(first + i) * kk + k] = bc;
+            }
+            prev_c = bc, prev_r = br;
+          }
         }
-        prev_c = bc, prev_r = br;
-      }
-    }
-  });
+      });
 }
 
 struct PrefilterKernel {
@@ -287,8 +356,7 @@ void launch(const CostInputs& in, const Dims& dims, const Work& w, DType dtype, 
     using T = typename decltype(tag)::type;
     const auto kernel = in.vector_rows ? Kernel::template get<T, true>() : Kernel::template get<T, false>();
     set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), static_cast<int>(smem));
-    const dim3 grid(kBlocksPerHead, static_cast<unsigned>(dims.BH));
-    kernel<<<grid, kCostThreads, smem, stream>>>(in, dims, w);
+    kernel<<<static_cast<unsigned>(dims.blocks), kCostThreads, smem, stream>>>(in, dims, w);
     SAPATTN_CUDA_CHECK_LAUNCH();
   });
 }
@@ -300,7 +368,8 @@ void launch_prefilter(const CostInputs& in, const Dims& dims, const Work& w, DTy
 }
 
 void launch_mass_cost(const CostInputs& in, const Dims& dims, const Work& w, DType dtype, cudaStream_t stream) {
-  launch<MassKernel>(in, dims, w, dtype, 3 * kTile * sizeof(double) + kTile * dims.D * sizeof(float), stream);
+  launch<MassKernel>(in, dims, w, dtype,
+                     (kChunk + kWarps + 3) * kTile * sizeof(double) + kTile * dims.D * sizeof(float), stream);
 }
 
 }  // namespace sapattn::cuda::qround

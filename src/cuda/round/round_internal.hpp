@@ -14,8 +14,17 @@ namespace sapattn::cuda::qround {
 inline constexpr int kBlock = 64;             // rows of a warpgroup block: the size the tails are rounded to
 inline constexpr int kTile = 32;              // candidates a cost block holds at once (one per lane)
 inline constexpr int kCostThreads = 256;      // 64 row lanes x 4 groups of 8 candidates
-inline constexpr int kBlocksPerHead = 8;      // cost blocks per head (each walks every 8th tile)
 inline constexpr int64_t kMaxClusters = 8192;  // Cq: the roles kernel keeps its per-cluster arrays in shared memory
+// The cost kernels walk one flat list of tiles over all heads (tile t of the list: the head whose
+// range holds it), block b taking tiles b, b + grid, ... A head's share of blocks no longer depends
+// on B*H: 264 blocks are two per SM (128 registers, 256 threads) on an H100's 132 SMs, one wave;
+// with few heads, 16 blocks per head bound the per-block scratch.
+inline constexpr int64_t kCostBlocks = 264;
+inline constexpr int64_t kMaxCostBlocksPerHead = 16;
+
+inline int64_t cost_blocks(int64_t batch_heads) {
+  return batch_heads * kMaxCostBlocksPerHead < kCostBlocks ? batch_heads * kMaxCostBlocksPerHead : kCostBlocks;
+}
 
 // What the roles kernel found for one head.
 struct HeadInfo {
@@ -32,6 +41,7 @@ struct Dims {
   int64_t BH = 0, H = 0, N = 0, D = 0, C = 0, Ck = 0;
   int64_t W = 0;   // 32-bit words per mask row: ceil(Ck / 32)
   int64_t Pb = 0;  // candidates per head at most
+  int64_t blocks = 0;  // cost blocks of the flat tile list: cost_blocks(BH)
   int64_t kk = 0;  // ranked targets per candidate at most: min(candidates, C)
   int slack = 0, prefilter = 0, rounds = 0;
   float scale = 0.0f;
@@ -71,8 +81,11 @@ struct Work {
   int32_t* dest = nullptr;         // [Pb]: the target a candidate was placed on, or -1
   int32_t* offer = nullptr;        // [Pb]: the target offered to this round, or -1
   int32_t* bucket = nullptr;       // [Pb]: offers grouped by target
-  double* tile_z = nullptr;        // [kBlocksPerHead * kTile * Ck]: a cost block's softmax weights
-  double* tile_cost = nullptr;     // [kBlocksPerHead * kTile * C]: and its costs
+  // Call-wide, not per head:
+  int32_t* tiles0 = nullptr;    // [BH+1]: the prefilter's flat tile list, head bh's tiles from tiles0[bh]
+  int32_t* tiles = nullptr;     // [BH+1]: the mass cost's
+  double* tile_z = nullptr;     // [blocks * kTile * Ck]: a cost block's softmax weights
+  double* tile_cost = nullptr;  // [blocks * kTile * C]: and its costs
 };
 
 // The inputs the cost kernels read.
