@@ -402,6 +402,28 @@ void bench_shape(const BenchShape& s, int reps) {
         .str("op", "kept_cluster_share")
         .fixed("value", static_cast<double>(kept) / static_cast<double>(m.size()), 4)
         .print();
+    // The peer in the same run: the kernel that repeats the CPU's arithmetic (bit-identical masks),
+    // and how many mask bytes the default threshold kernel sets otherwise.
+    Tensor exact_mask = tensor(DType::U8, {B, H, Cq, Ck});
+    cuda::set_select_kernel_override("exact");
+    emit(s, "select_blocks_exact",
+         timer.time(
+             [&] {
+               select_blocks(qc.view(), kc.view(), ks.view(), scale, 0.9f, static_cast<int>(Ck / 10), exact_mask.view(),
+                             st);
+             },
+             5, reps * 2),
+         static_cast<double>(BH) * ((Cq + Ck) * D * 4 + Ck * 4 + Cq * Ck), 2.0 * BH * Cq * Ck * D);
+    cuda::set_select_kernel_override("");
+    std::vector<uint8_t> e(m.size());
+    SAPATTN_CUDA_CHECK(cudaMemcpy(e.data(), exact_mask.data(), e.size(), cudaMemcpyDeviceToHost));
+    size_t differ = 0;
+    for (size_t i = 0; i < m.size(); ++i) differ += m[i] != e[i];
+    JsonLine()
+        .str("shape", s.name)
+        .str("op", "select_blocks_bytes_unlike_exact")
+        .integer("value", static_cast<int64_t>(differ))
+        .print();
   }
 
   bench_compensation(s, reps, st, timer, qv, ql, kc, ks);

@@ -140,6 +140,11 @@ void select_top_p_at_density(const TensorView& probs, const TensorView& q_sizes,
 // A row whose key clusters are all empty keeps nothing. A row with a non-finite score of a non-empty
 // key cluster (NaN or Inf in the centroids) keeps every cluster on the CPU backend: its queries then
 // attend to every key, and a NaN comes out in their rows as in dense attention.
+// CUDA: scores by FMA and the crossing by a threshold search instead of a ranking, deterministic; a
+// mask entry may differ from the CPU's only for clusters whose weights lie within the tolerance of
+// docs/cuda.md ("Selection") of the row's cut, ties still kept by lower index (the empty-head, NaN
+// and top_p = 1 rules as on the CPU). The test knob cuda::set_select_kernel_override("exact") gives
+// the CPU's masks byte for byte.
 void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
                    float top_p, int min_kept, TensorView mask, const Stream& stream);
 

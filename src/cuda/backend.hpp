@@ -88,6 +88,11 @@ void set_order_chain_override(const char* name);
 void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, const Stream& stream);
 void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
                    float top_p, int min_kept, TensorView mask, const Stream& stream);
+// Test and benchmark knob (process-wide), select_blocks' kernel: "" (or nullptr) the threshold kernel
+// (the default; masks within docs/cuda.md's tolerance of the CPU's), "exact" the kernel that repeats
+// the CPU's arithmetic (bit-identical masks; 0.93 ms at Wan 14B on an H100). SAPATTN_SELECT_KERNEL in
+// the environment says the same until this is called. Throws InvalidArgumentError for other names.
+void set_select_kernel_override(const char* name);
 void apply_text_rule(TensorView mask, const Stream& stream);
 void shard_key_clusters(TensorView mask, int index, int count, const Stream& stream);
 void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_length, int prompt_label,
@@ -203,7 +208,7 @@ struct AssignKernel {
 };
 AssignKernel assign_kernel(int device, int64_t clusters, int64_t dim);
 
-// Largest key-cluster count select_blocks / select_top_p take on CUDA (one block sorts a row).
+// Largest key-cluster count select_blocks / select_top_p take on CUDA (one block holds a row).
 inline constexpr int64_t kMaxSelectColumns = 8192;
 
 }  // namespace sapattn::cuda

@@ -239,8 +239,8 @@ void select(const Config& config, const CentroidViews& centroids, const TensorVi
                   config.min_kept_clusters(), buf.video_mask(), stream);
     return;
   }
-  // SVG2's rule on its weights (select_top_p on them is select_blocks), at top_p or at the top-p
-  // that meets the density; for EAR it is the budget.
+  // SVG2's rule on its weights (select_top_p on them is select_blocks' exact kernel), at top_p or at
+  // the top-p that meets the density; for EAR it is the budget.
   const TensorView svg2_mask = error_aware ? buf.budget_mask : buf.video_mask();
   if (config.density > 0.0f) {
     select_top_p_at_density(buf.probs, q_sizes, k_sizes, config.density, config.min_kept_clusters(), svg2_mask, stream,

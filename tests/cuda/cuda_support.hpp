@@ -67,6 +67,16 @@ class ValueChecksOn {
   bool was_on_;
 };
 
+// select_blocks on the kernel `name` (cuda::set_select_kernel_override) for a scope: "exact" repeats
+// the CPU's arithmetic, so its masks equal the CPU's byte for byte.
+class SelectKernelScope {
+ public:
+  explicit SelectKernelScope(const char* name) { cuda::set_select_kernel_override(name); }
+  ~SelectKernelScope() { cuda::set_select_kernel_override(""); }
+  SelectKernelScope(const SelectKernelScope&) = delete;
+  SelectKernelScope& operator=(const SelectKernelScope&) = delete;
+};
+
 // ---------------------------------------------------------------------------------------------
 // Host tensors
 // ---------------------------------------------------------------------------------------------

@@ -1,18 +1,24 @@
 // Block selection on the GPU: SVG2's size-weighted centroid softmax and the per-row top-p rule,
 // the joint-text rule and the block density.
 //
-// select_blocks reproduces the CPU reference's arithmetic step by step, so that the masks agree
-// bit for bit: scores are fp32 dot products accumulated in order of d with separate multiply and add
-// roundings (the CPU's loop; no FMA contraction), exp(s - m) is evaluated in double and rounded once
-// (the correctly rounded fp32 value; the CPU computes it the same way), the row total is a sequential fp32 sum in column order, and the top-p running sum is a
-// sequential fp32 sum in rank order. The only parallel parts are order-free: the row max, the
-// ranking (a stable radix sort of (weight desc, index asc)) and the mask writes.
+// select_blocks runs the threshold kernel of select_threshold.cu by default; the kernel here, which
+// select_top_p always runs, reproduces the CPU reference's arithmetic step by step, so that its masks
+// agree bit for bit (select_blocks takes it under set_select_kernel_override("exact")): scores are
+// fp32 dot products accumulated in order of d with separate multiply and add roundings (the CPU's
+// loop; no FMA contraction), exp(s - m) is evaluated in double and rounded once (the correctly
+// rounded fp32 value; the CPU computes it the same way), the row total is a sequential fp32 sum in
+// column order, and the top-p running sum is a sequential fp32 sum in rank order. The only parallel
+// parts are order-free: the row max, the ranking (a stable radix sort of (weight desc, index asc))
+// and the mask writes.
 #include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_reduce.cuh>
 
+#include <atomic>
 #include <cfloat>
+#include <cstring>
 
 #include "cuda/runtime/device.cuh"
+#include "cuda/select/select_internal.hpp"
 
 namespace sapattn::cuda {
 
@@ -392,6 +398,16 @@ __global__ void density_kernel(DensityParams p) {
   }
 }
 
+// select_blocks' kernel (set_select_kernel_override): 0 the threshold kernel, 1 the exact one.
+constexpr int kThresholdKernel = 0, kExactKernel = 1;
+std::atomic<int> g_select_kernel{-1};
+
+int parse_select_kernel(const char* name) {
+  if (name == nullptr || name[0] == '\0') return kThresholdKernel;
+  if (std::strcmp(name, "exact") == 0) return kExactKernel;
+  SAPATTN_THROW(InvalidArgumentError, "unknown select_blocks kernel '", name, "' (expected \"exact\" or \"\")");
+}
+
 // What select_top_p and select_blocks share: the mask [B,H,rows,cols] they write and the top-p rule.
 SelectParams rule_params(int64_t H, int64_t rows, int64_t cols, float top_p, int min_kept, TensorView mask) {
   SelectParams p;
@@ -415,9 +431,13 @@ void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView
   run_select<true>(p, probs.shape[0] * probs.shape[1], false, stream_of(stream));
 }
 
+void set_select_kernel_override(const char* name) { g_select_kernel.store(parse_select_kernel(name)); }
+
 void select_blocks(const TensorView& q_centroids, const TensorView& k_centroids, const TensorView& k_sizes, float scale,
                    float top_p, int min_kept, TensorView mask, const Stream& stream) {
   const DeviceGuard guard(stream.device);
+  if (knob_value(g_select_kernel, "SAPATTN_SELECT_KERNEL", parse_select_kernel) == kThresholdKernel)
+    return select_blocks_threshold(q_centroids, k_centroids, k_sizes, scale, top_p, min_kept, mask, stream_of(stream));
   SelectParams p = rule_params(q_centroids.shape[1], q_centroids.shape[2], k_centroids.shape[2], top_p, min_kept, mask);
   p.q_centroids = static_cast<const float*>(q_centroids.data);
   p.k_centroids = static_cast<const float*>(k_centroids.data);
