@@ -65,7 +65,8 @@ __global__ void __launch_bounds__(kThreads, 2) assign_kernel(const TensorCoreAss
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t4 = lane % 4;
-  const int64_t bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  // 32-bit (batch_heads <= 65535, checked at launch): one register each where 64-bit values took two.
+  const int bh = static_cast<int>(blockIdx.y), b = bh / static_cast<int>(p.H), h = bh % static_cast<int>(p.H);
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kBlockRows;
   const int64_t c_pad = p.prepared.c_pad;
   const int tiles = static_cast<int>(c_pad / kTileN);
@@ -78,55 +79,59 @@ __global__ void __launch_bounds__(kThreads, 2) assign_kernel(const TensorCoreAss
   float* row_norm2 = reinterpret_cast<float*>(smem + L::kOffRowNorm);
   float* row_base = reinterpret_cast<float*>(smem + L::kOffRowBase);
 
+  // Tile copies: kThreads is a multiple of kChunks, so a thread copies the 16-byte chunk `copy_ch` of
+  // rows copy_row + u * kRowStep; kRowStep is a multiple of 8, so all of them share the swizzle of the
+  // first and their offsets differ by constants. (Computed per chunk from tid + u * kThreads, the
+  // offsets were hoisted into a dozen registers live through the main loop: the kernel spilled.)
+  constexpr int kRowStep = kThreads / kChunks;
+  static_assert(kThreads % kChunks == 0 && kRowStep % 8 == 0);
+  const int copy_ch = tid % kChunks, copy_row = tid / kChunks;
+
   auto issue_tile = [&](int tile, int stage) {
-    const uint32_t base = smem_addr(smem + L::kOffB + stage * L::kBTileBytes);
-    const OpT* src = cent + static_cast<int64_t>(tile) * kTileN * D;
+    const uint32_t dst = smem_addr(smem + L::kOffB + stage * L::kBTileBytes) + swizzle<kChunks>(copy_row, copy_ch) * 16;
+    const OpT* src = cent + static_cast<int64_t>(tile) * kTileN * D + copy_row * D + copy_ch * 8;
 #pragma unroll
-    for (int u = 0; u < kTileN * kChunks / kThreads; ++u) {
-      const int i = tid + u * kThreads;
-      const int row = i / kChunks, ch = i % kChunks;
-      cp_async16(base + swizzle<kChunks>(row, ch) * 16, src + row * D + ch * 8);
-    }
+    for (int u = 0; u < kTileN / kRowStep; ++u) cp_async16(dst + u * kRowStep * kChunks * 16, src + u * kRowStep * D);
     if (tid < kTileN / 4)
       cp_async16(smem_addr(smem + L::kOffNorm + stage * kTileN * 4) + tid * 16,
                  half_norm + static_cast<int64_t>(tile) * kTileN + tid * 4);
   };
 
   // ---- the points tile, in the operand type, swizzled ------------------------------------------
-  constexpr int kAChunksPerThread = kBlockRows * kChunks / kThreads;
+  // A thread fills the chunks of its tile copies (above): one base pointer and one row step.
+  constexpr int kAChunksPerThread = kBlockRows / kRowStep;
+  const int rows = static_cast<int>(min(p.N - n0, static_cast<int64_t>(kBlockRows)));  // rows that exist
+  const int64_t step = kRowStep * p.p_stride[2];
   if (std::is_same_v<InT, OpT> && p.vector_rows) {
     // No conversion: cp.async straight into the swizzled tile, zeros past the last point.
+    const InT* src0 = pts + (n0 + copy_row) * p.p_stride[2] + copy_ch * 8;
+    const uint32_t dst0 = smem_addr(smem + L::kOffA) + swizzle<kChunks>(copy_row, copy_ch) * 16;
 #pragma unroll
     for (int u = 0; u < kAChunksPerThread; ++u) {
-      const int i = tid + u * kThreads;
-      const int row = i / kChunks, ch = i % kChunks;
-      const int64_t n = n0 + row;
-      const InT* src = pts + (n < p.N ? n : 0) * p.p_stride[2] + ch * 8;
-      cp_async16_zfill(smem_addr(smem + L::kOffA + swizzle<kChunks>(row, ch) * 16), src, n < p.N);
+      const bool valid = copy_row + u * kRowStep < rows;
+      cp_async16_zfill(dst0 + u * kRowStep * kChunks * 16, valid ? src0 + u * step : pts, valid);
     }
     cp_async_commit();
   } else {
     // Converted through registers, 4 chunks in flight per thread.
+    const InT* src0 = pts + (n0 + copy_row) * p.p_stride[2] + static_cast<int64_t>(copy_ch) * 8 * p.p_stride[3];
 #pragma unroll
     for (int u0 = 0; u0 < kAChunksPerThread; u0 += 4) {
       float f[4][8];
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
-        const int i = tid + (u0 + u) * kThreads;
-        const int row = i / kChunks, ch = i % kChunks;
-        const int64_t n = n0 + row;
-        const InT* src = pts + (n < p.N ? n : 0) * p.p_stride[2] + static_cast<int64_t>(ch) * 8 * p.p_stride[3];
         // (Rows of 16-bit points in vectors took the branch above: only f32 rows come here as vectors.)
-        assign::load_chunk(src, p.vector_rows, p.p_stride[3], f[u]);
-        if (n >= p.N)
+        if (copy_row + (u0 + u) * kRowStep < rows) {
+          assign::load_chunk(src0 + (u0 + u) * step, p.vector_rows, p.p_stride[3], f[u]);
+        } else {
 #pragma unroll
           for (int e = 0; e < 8; ++e) f[u][e] = 0.0f;
+        }
       }
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
-        const int i = tid + (u0 + u) * kThreads;
-        const int row = i / kChunks, ch = i % kChunks;
-        *reinterpret_cast<uint4*>(smem + L::kOffA + swizzle<kChunks>(row, ch) * 16) =
+        const int row = copy_row + (u0 + u) * kRowStep;
+        *reinterpret_cast<uint4*>(smem + L::kOffA + swizzle<kChunks>(row, copy_ch) * 16) =
             make_uint4(pack2<OpT>(f[u][0], f[u][1]), pack2<OpT>(f[u][2], f[u][3]), pack2<OpT>(f[u][4], f[u][5]),
                        pack2<OpT>(f[u][6], f[u][7]));
       }
@@ -234,7 +239,9 @@ __global__ void __launch_bounds__(kThreads, 2) assign_kernel(const TensorCoreAss
   for (int s = 0; s < 4; ++s) assign::merge_quad(k1[s], k2[s]);
 
   // ---- labels, or a place in the warp's re-ranking list --------------------------------------------
-  int32_t* labels = p.labels + b * p.l_stride_b + h * p.l_stride_h;
+  // (b,h) again, opaque so that it is not kept from the start: live through the main loop, it spilled.
+  const int head = static_cast<int>(opaque(blockIdx.y)), heads = static_cast<int>(p.H);
+  int32_t* labels = p.labels + (head / heads) * p.l_stride_b + (head % heads) * p.l_stride_h;
   const assign::NearTieBound<D> bound(p.prepared.stats + bh * 2, std::is_same_v<InT, float>, p.index_bits);
   if (t4 == 0) {
 #pragma unroll

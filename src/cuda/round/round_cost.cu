@@ -242,6 +242,9 @@ __global__ void __launch_bounds__(kCostThreads) mass_kernel(CostInputs in, Dims 
         const int32_t* donor = w.donor + bh * dims.Pb;
         const int64_t R = info.R, kk = info.kk;
         if (info.any_key) {
+          // The row of lane's candidate's own cluster, read before the dots: read after them, the
+          // head's 64-bit offset bh * Pb stayed live through them and spilled (generic rows, 128 registers).
+          const int32_t own_row = lane < count ? donor[first + lane] : 0;
           double* zg = z + (tid / kRowLanes) * kGroup;  // this thread's group of candidates
           tile_dots<kVec>(
               xs, D, Ck, [=](int64_t j) { return kc + j * D; },
@@ -273,7 +276,7 @@ __global__ void __launch_bounds__(kCostThreads) mass_kernel(CostInputs in, Dims 
               for (int64_t jj = 0; jj < jn; ++jj) sum = rn::add(sum, zc[jj * kTile + lane]);
           }
           if (warp == 0) row_sum[lane] = sum;
-          const uint32_t* own_bits = rowbits + (lane < count ? donor[first + lane] : 0) * W;
+          const uint32_t* own_bits = rowbits + own_row * W;
           for (int64_t r0 = 0; r0 < R; r0 += kWarps * kTargetsPerWarp) {
             const int64_t rw = r0 + warp * kTargetsPerWarp;  // this warp's first target
             const bool with_own = r0 == 0 && warp == 0;
