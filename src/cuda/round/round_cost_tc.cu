@@ -214,7 +214,8 @@ __global__ void __launch_bounds__(kTcThreads, 2) prefilter_tc_kernel(CostInputs 
       cp_async_wait<0>();
       __syncthreads();  // K[n] and the rows landed; every warp is done with K[n - 1]
       if (n + 1 < key_tiles) {
-        load_tile_async<kTcKeys, Dp>(k_tiles + ((n + 1) % 2) * kTcKeys * L::kRowBytes, keys + (n + 1) * kTcKeys * Dp, Dp);
+        load_tile_async<kTcKeys, Dp>(k_tiles + ((n + 1) % 2) * kTcKeys * L::kRowBytes, keys + (n + 1) * kTcKeys * Dp,
+                                     Dp);
         cp_async_commit();
       }
       if (!warp_live) continue;
@@ -258,9 +259,9 @@ struct MassLayout {
 
 // The operands of the tile's head, in shared memory: the main loop keeps its registers for O and S.
 struct MassItem {
-  const Op* keys;      // [ck_pad, Dp]
-  const Op* values;    // [ck_pad, v_cols]
-  const float* bias;   // [ck_pad]
+  const Op* keys;     // [ck_pad, Dp]
+  const Op* values;   // [ck_pad, v_cols]
+  const float* bias;  // [ck_pad]
 };
 
 template <typename T, int Dp>
@@ -299,7 +300,8 @@ __global__ void __launch_bounds__(kMassThreads, 1) mass_tc_kernel(CostInputs in,
       for (int n = 0; n < key_tiles; ++n) {
         cp_async_wait<0>();
         __syncthreads();  // K[n] (and the rows) landed; every warp is done with V[n - 1]
-        load_tile_async<kTcKeys, kTcCols>(v_tile, item.values + n * kTcKeys * v_cols + c0, v_cols);
+        load_tile_async<kTcKeys, kTcCols>(v_tile, item.values + static_cast<int64_t>(n) * kTcKeys * v_cols + c0,
+                                          v_cols);
         cp_async_commit();
         float s[kMassMTiles][kNTiles][4];
         if (warp_live) {
@@ -320,7 +322,7 @@ __global__ void __launch_bounds__(kMassThreads, 1) mass_tc_kernel(CostInputs in,
         }
       }
       if (!warp_live) continue;
-      // The masses O / sum of this warp's rows, for clusters c0 .. c0 + 127.
+        // The masses O / sum of this warp's rows, for clusters c0 .. c0 + 127.
 #pragma unroll
       for (int mt = 0; mt < kMassMTiles; ++mt)
 #pragma unroll
@@ -333,7 +335,8 @@ __global__ void __launch_bounds__(kMassThreads, 1) mass_tc_kernel(CostInputs in,
           float* out = mass + row * v_cols + c0 + 2 * t4;
 #pragma unroll
           for (int j = 0; j < kVTiles; ++j)
-            *reinterpret_cast<float2*>(out + j * 8) = make_float2(o[mt][j][2 * half] * inv, o[mt][j][2 * half + 1] * inv);
+            *reinterpret_cast<float2*>(out + j * 8) =
+                make_float2(o[mt][j][2 * half] * inv, o[mt][j][2 * half + 1] * inv);
         }
     }
     __syncwarp();  // the warp's mass rows are written (each warp ranks its own rows)

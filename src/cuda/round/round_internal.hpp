@@ -52,10 +52,10 @@ struct HeadInfo {
 // Sizes of one call. Pb bounds P; Pb * kk bounds the ranked lists.
 struct Dims {
   int64_t BH = 0, H = 0, N = 0, D = 0, C = 0, Ck = 0;
-  int64_t W = 0;   // 32-bit words per mask row: ceil(Ck / 32)
-  int64_t Pb = 0;  // candidates per head at most
-  int64_t blocks = 0;  // cost blocks of the flat tile list: cost_blocks(BH)
-  int64_t kk = 0;  // ranked targets per candidate at most: min(candidates, C)
+  int64_t W = 0;              // 32-bit words per mask row: ceil(Ck / 32)
+  int64_t Pb = 0;             // candidates per head at most
+  int64_t blocks = 0;         // cost blocks of the flat tile list: cost_blocks(BH)
+  int64_t kk = 0;             // ranked targets per candidate at most: min(candidates, C)
   int64_t tile_rows = kTile;  // candidates per tile of the flat lists: kTile, or kTcRows on tensor cores
   // Tensor-core operands: query-centroid rows padded to kTcKeys, key-centroid rows likewise, the mass
   // cost's value columns (one per query cluster) padded to kTcCols, the head dim padded to 64 or 128.
@@ -104,23 +104,23 @@ struct Work {
   double* tile_z = nullptr;     // [blocks * kTile * Ck]: a cost block's softmax weights
   double* tile_cost = nullptr;  // [blocks * kTile * C]: and its costs
   // The tensor-core path's (carved on every call: the scratch size does not know the path):
-  uint16_t* qc_op = nullptr;    // [c_pad, Dp] bf16: query centroids, zero-padded (prefilter keys)
-  float* pf_bias = nullptr;     // [c_pad]: -|c_r|^2 / 2 for a target, kTcPadBias for any other row
-  uint16_t* kc_op = nullptr;    // [ck_pad, Dp] bf16: key centroids, zero-padded (mass keys)
-  float* k_bias = nullptr;      // [ck_pad]: log|K_j| / scale, kTcPadBias for an empty or padding row
-  uint16_t* v_op = nullptr;     // [ck_pad, v_cols] bf16: V[j][a] = mask[a, j] (0 or 1), 0 past C or Ck
-  float* tile_mass = nullptr;   // call-wide [blocks * kTcRows * v_cols]: a block's masses per query cluster
+  uint16_t* qc_op = nullptr;   // [c_pad, Dp] bf16: query centroids, zero-padded (prefilter keys)
+  float* pf_bias = nullptr;    // [c_pad]: -|c_r|^2 / 2 for a target, kTcPadBias for any other row
+  uint16_t* kc_op = nullptr;   // [ck_pad, Dp] bf16: key centroids, zero-padded (mass keys)
+  float* k_bias = nullptr;     // [ck_pad]: log|K_j| / scale, kTcPadBias for an empty or padding row
+  uint16_t* v_op = nullptr;    // [ck_pad, v_cols] bf16: V[j][a] = mask[a, j] (0 or 1), 0 past C or Ck
+  float* tile_mass = nullptr;  // call-wide [blocks * kTcRows * v_cols]: a block's masses per query cluster
 };
 
 // The inputs the cost kernels read.
 struct CostInputs {
   PointsView q;
-  const float* qc = nullptr;     // [B*H, C, D]
-  const float* kc = nullptr;     // [B*H, Ck, D]
-  const int32_t* ks = nullptr;   // [B*H, Ck]
+  const float* qc = nullptr;    // [B*H, C, D]
+  const float* kc = nullptr;    // [B*H, Ck, D]
+  const int32_t* ks = nullptr;  // [B*H, Ck]
   const int32_t* labels = nullptr;
   int64_t labels_stride_b = 0, labels_stride_h = 0;
-  bool vector_rows = false;      // centroid rows can be read as aligned float4 (D % 4 == 0, 16-byte base)
+  bool vector_rows = false;  // centroid rows can be read as aligned float4 (D % 4 == 0, 16-byte base)
 };
 
 // round_cost.cu: each candidate's best distance cost over the targets (pts0 -> best), and each
