@@ -431,8 +431,9 @@ void bench_shape(const BenchShape& s, int reps) {
 
   // ---- round_query_clusters on this clustering and selection -------------------------------------
   // The op rewrites the labels, so every run starts from a copy of the k-means labels (a 4-byte-per-
-  // token device copy, timed with it). The line also says how much it moved and what it saved.
-  {
+  // token device copy, timed with it). The line also says how much it moved and what it saved. Twice:
+  // the default path (tensor cores for bf16 points), then the exact one (set_round_kernel_override).
+  auto bench_round = [&](const char* op) {
     const RoundQueryOptions ro;
     const size_t round_bytes = round_query_clusters_workspace_bytes(BH, S, Cq, Ck, ro, dev);
     const Buffer round_buf = Buffer::allocate(round_bytes, dev);
@@ -458,13 +459,17 @@ void bench_shape(const BenchShape& s, int reps) {
       pad_before += (old_sizes[a] + 63) / 64 * 64 - old_sizes[a];
       pad_after += (sizes[a] + 63) / 64 * 64 - sizes[a];
     }
-    measurement(s, "round_query_clusters", t, static_cast<double>(BH) * (S * 4 * 3 + S * D * 2), 0)
+    measurement(s, op, t, static_cast<double>(BH) * (S * 4 * 3 + S * D * 2), 0)
         .integer("workspace_bytes", static_cast<int64_t>(round_bytes))
         .fixed("moved_share", static_cast<double>(moved) / static_cast<double>(BH * S), 5)
         .fixed("q_pad_rows_share_before", static_cast<double>(pad_before) / static_cast<double>(BH * S), 5)
         .fixed("q_pad_rows_share_after", static_cast<double>(pad_after) / static_cast<double>(BH * S), 5)
         .print();
-  }
+  };
+  bench_round("round_query_clusters");
+  cuda::set_round_kernel_override("exact");
+  bench_round("round_query_clusters_exact");
+  cuda::set_round_kernel_override("");
 
   // ---- permutation of Q, K, V and its inverse ------------------------------------------------
   Tensor qp = tensor(DType::I32, {B, H, S}), kp = tensor(DType::I32, {B, H, S});

@@ -207,8 +207,11 @@ void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_l
 //   stride along N, read and rewritten; sizes [B,H,Cq] i32 contiguous, written with the new counts.
 //   slack in [0, 63], max_cost not NaN (+inf: uncapped), prefilter >= 0 (0: every donor point is a
 //   candidate), rounds >= 1, candidates >= 1; scale finite > 0.
-//   Both backends give the same labels and sizes bit for bit (the CUDA one reproduces every
-//   arithmetic step and tie rule). CUDA: scratch of round_query_clusters_workspace_bytes in
+//   The CPU and the CUDA op's exact path give the same labels and sizes bit for bit (it reproduces every
+//   arithmetic step and tie rule); for f16/bf16 q on sm_80+ the CUDA op takes the costs of steps 2 and 3
+//   on tensor cores by default (bf16 operands, fp32 accumulators; labels may differ where two costs lie
+//   within the bf16 error, about 1% of a mass; steps 1 and 4, the size rules and run-to-run identity
+//   hold all the same; docs/cuda.md, "round_query_clusters"). CUDA: scratch of round_query_clusters_workspace_bytes in
 //   `workspace` (WorkspaceError when smaller); labels outside [0, Cq) and negative k_sizes raise the
 //   value-check flag (InvalidArgumentError with value checks on; such a head is left as it was).
 struct RoundQueryOptions {
@@ -225,7 +228,8 @@ void round_query_clusters(const TensorView& q, const TensorView& q_centroids, co
 
 // Scratch bytes round_query_clusters needs on `device` for B*H heads of N points, Cq query and Ck key
 // clusters and these options (0 on the CPU). It grows with the candidate bound
-// min(N, prefilter * (63 - slack) * Cq) (N without the prefilter) times options.candidates.
+// min(N, prefilter * (63 - slack) * Cq) (N without the prefilter) times options.candidates, and with
+// the tensor-core path's bf16 operands, Ck x (128 + Cq) per head (carved whichever path runs).
 size_t round_query_clusters_workspace_bytes(int64_t batch_heads, int64_t points, int64_t q_clusters,
                                             int64_t k_clusters, const RoundQueryOptions& options, Device device);
 

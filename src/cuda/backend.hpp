@@ -143,6 +143,11 @@ void set_compensation_kernel_override(const char* name);
 // CUDA-core pass (the CPU's logits bit for bit, fp64 sums) where they would take the tensor cores, ""
 // (or nullptr) restores the default. Throws InvalidArgumentError for other names.
 void set_probe_kernel_override(const char* name);
+// Test and benchmark knob (process-wide): "exact" makes round_query_clusters take the exact path (the
+// CPU's labels bit for bit) where it would take the tensor cores, "tc" takes the tensor cores for any
+// dtype (f32 points rounded to bf16; UnsupportedError where they cannot run: before sm_80, head dims
+// over 128), "" (or nullptr) restores the default. Throws InvalidArgumentError for other names.
+void set_round_kernel_override(const char* name);
 
 // ear-plus (ear/: ear_plus.cu, ear_select.cu, ear_split.cu). One scratch size covers ear_plus_probe,
 // select_error_aware_per_head and split_clusters for B*H heads, N key tokens and Cq x Ck clusters.
@@ -156,8 +161,11 @@ void select_error_aware_per_head(const TensorView& probs, const TensorView& budg
                                  const Stream& stream, Workspace workspace);
 void split_clusters(const TensorView& points, const TensorView& labels, const TensorView& centroids,
                     TensorView sub_labels, TensorView sub_sizes, const Stream& stream, Workspace workspace);
-// Size rounding of the query clusters (round/: round.cu, round_cost.cu); the CPU's labels and sizes bit
-// for bit. Cq at most qround::kMaxClusters (8192), D at most 1024 (UnsupportedError otherwise).
+// Size rounding of the query clusters (round/: round.cu, round_cost.cu, round_cost_tc.cu). Cq at most
+// qround::kMaxClusters (8192), D at most 1024 (UnsupportedError otherwise). f16/bf16 points of head dim
+// <= 128 on sm_80+ take the costs on tensor cores (bf16 operands: labels may differ from the CPU's
+// where two costs are within the bf16 error); every other call the exact path, the CPU's labels and
+// sizes bit for bit.
 size_t round_query_clusters_workspace_bytes(int64_t batch_heads, int64_t points, int64_t q_clusters,
                                             int64_t k_clusters, int slack, int prefilter, int candidates);
 void round_query_clusters(const TensorView& q, const TensorView& q_centroids, const TensorView& k_centroids,

@@ -21,6 +21,8 @@
 #include <cub/block/block_scan.cuh>
 
 #include <algorithm>
+#include <atomic>
+#include <string>
 
 #include "core/round_arithmetic.hpp"
 #include "cuda/permute/label_sort.hpp"
@@ -253,8 +255,8 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(PlanParams p) {
 }
 
 // The flat tile lists of the cost kernels (round_internal.hpp): head bh's prefilter tiles,
-// ceil(P0 / 32) of them (none when nothing moves), start at tiles0[bh], its mass-cost tiles,
-// ceil(P / 32), at tiles[bh]. One block scans over B*H.
+// ceil(P0 / tile_rows) of them (none when nothing moves), start at tiles0[bh], its mass-cost tiles,
+// ceil(P / tile_rows), at tiles[bh]. One block scans over B*H.
 __global__ void __launch_bounds__(kPlanThreads) tile_lists_kernel(Dims d, Work w) {
   using Scan = cub::BlockScan<int32_t, kPlanThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
@@ -264,8 +266,9 @@ __global__ void __launch_bounds__(kPlanThreads) tile_lists_kernel(Dims d, Work w
   for (int64_t base = 0; base < d.BH; base += kPlanThreads) {
     const int64_t bh = base + threadIdx.x;
     const HeadInfo info = bh < d.BH ? w.info[bh] : HeadInfo{};
-    const int32_t n0 = info.active ? (info.P0 + kTile - 1) / kTile : 0;
-    const int32_t n = info.active ? (info.P + kTile - 1) / kTile : 0;
+    const int32_t rows = static_cast<int32_t>(d.tile_rows);
+    const int32_t n0 = info.active ? (info.P0 + rows - 1) / rows : 0;
+    const int32_t n = info.active ? (info.P + rows - 1) / rows : 0;
     int32_t pos0 = 0, pos = 0, total0 = 0, total = 0;
     Scan(scan_storage).ExclusiveSum(n0, pos0, total0);
     __syncthreads();  // the scan's storage is used again
@@ -486,10 +489,15 @@ Dims make_dims(int64_t batch_heads, int64_t points, int64_t q_clusters, int64_t 
     d.Pb = prefilter > points / per_prefilter ? points : prefilter * per_prefilter;
   d.kk = std::min<int64_t>(candidates, q_clusters);
   d.blocks = cost_blocks(batch_heads);
+  d.c_pad = (q_clusters + kTcKeys - 1) / kTcKeys * kTcKeys;
+  d.ck_pad = (k_clusters + kTcKeys - 1) / kTcKeys * kTcKeys;
+  d.v_cols = (q_clusters + kTcCols - 1) / kTcCols * kTcCols;
+  d.Dp = kTcMaxDim;  // the scratch holds the largest operands; a call sets its own
   return d;
 }
 
-// The workspace's slices; `sort` and the Work's pointers are set only with a real workspace.
+// The workspace's slices; `sort` and the Work's pointers are set only with a real workspace. Both cost
+// paths' scratch is carved (the size query does not know the dtype, the device or the override).
 Work carve_work(Carver& c, const Dims& d, LabelSort& sort) {
   const int64_t BH = d.BH, C = d.C, N = d.N, Pb = d.Pb;
   sort = carve_label_sort(c, BH, N, C);
@@ -518,11 +526,65 @@ Work carve_work(Carver& c, const Dims& d, LabelSort& sort) {
   w.tiles = c.take<int32_t>(BH + 1);
   w.tile_z = c.take<double>(d.blocks * kTile * d.Ck);
   w.tile_cost = c.take<double>(d.blocks * kTile * C);
+  w.qc_op = c.take<uint16_t>(BH * d.c_pad * kTcMaxDim);
+  w.pf_bias = c.take<float>(BH * d.c_pad);
+  w.kc_op = c.take<uint16_t>(BH * d.ck_pad * kTcMaxDim);
+  w.k_bias = c.take<float>(BH * d.ck_pad);
+  w.v_op = c.take<uint16_t>(BH * d.ck_pad * d.v_cols);
+  w.tile_mass = c.take<float>(d.blocks * kTcRows * d.v_cols);
   return w;
 }
 
+// set_round_kernel_override's choice: kDefault, kExact or kTensorCores (process-wide).
+constexpr int kDefault = 0, kExact = 1, kTensorCores = 2;
+std::atomic<int> g_round_kernel{kDefault};
+
 }  // namespace
+
+bool round_on_tensor_cores(DType dtype, int64_t dim, int device) {
+  const int kernel = g_round_kernel.load();
+  if (kernel == kExact) return false;
+  const bool fits = dim <= kTcMaxDim && device_arch(device).major >= 8;
+  if (kernel == kTensorCores) {
+    SAPATTN_CHECK(fits, UnsupportedError, "round_query_clusters on tensor cores needs an sm_80+ GPU and a head dim of ",
+                  "at most ", kTcMaxDim, " (got ", dim, " on cuda:", device, ")");
+    return true;
+  }
+  return fits && (dtype == DType::BF16 || dtype == DType::F16);
+}
+
+RankedCosts read_ranked_costs(const void* workspace, int64_t batch_heads, int64_t points, int64_t q_clusters,
+                              int64_t k_clusters, int slack, int prefilter, int candidates) {
+  const Dims d = make_dims(batch_heads, points, q_clusters, k_clusters, slack, prefilter, candidates);
+  Carver carver("read_ranked_costs", Workspace{const_cast<void*>(workspace), ~size_t{0} >> 1});
+  LabelSort sort;
+  const Work w = carve_work(carver, d, sort);
+  RankedCosts out;
+  out.C = d.C;
+  out.Pb = d.Pb;
+  out.kk_max = d.kk;
+  auto copy = [](auto& v, const auto* src, int64_t n) {
+    v.resize(static_cast<size_t>(n));
+    SAPATTN_CUDA_CHECK(cudaMemcpy(v.data(), src, v.size() * sizeof(v[0]), cudaMemcpyDeviceToHost));
+  };
+  copy(out.info, w.info, d.BH);
+  copy(out.pts, w.pts, d.BH * d.Pb);
+  copy(out.donor, w.donor, d.BH * d.Pb);
+  copy(out.targets, w.targets, d.BH * d.C);
+  copy(out.cand_idx, w.cand_idx, d.BH * d.Pb * d.kk);
+  copy(out.cand_cost, w.cand_cost, d.BH * d.Pb * d.kk);
+  return out;
+}
+
 }  // namespace qround
+
+void set_round_kernel_override(const char* name) {
+  using namespace qround;
+  const std::string n = name == nullptr ? "" : name;
+  SAPATTN_CHECK(n.empty() || n == "exact" || n == "tc", InvalidArgumentError, "unknown round kernel override '", n,
+                "' (expected \"exact\", \"tc\" or \"\")");
+  g_round_kernel.store(n == "exact" ? kExact : n == "tc" ? kTensorCores : kDefault);
+}
 
 size_t round_query_clusters_workspace_bytes(int64_t batch_heads, int64_t points, int64_t q_clusters,
                                             int64_t k_clusters, int slack, int prefilter, int candidates) {
@@ -554,10 +616,13 @@ void round_query_clusters(const TensorView& q, const TensorView& q_centroids, co
   dims.rounds = rounds;
   dims.scale = scale;
   dims.max_cost = static_cast<double>(max_cost);
+  const bool tc = round_on_tensor_cores(q.dtype, D, stream.device.index);
   Carver carver("round_query_clusters", workspace);
   LabelSort sort;
   const Work w = carve_work(carver, dims, sort);
   carver.check();
+  dims.tile_rows = tc ? kTcRows : kTile;
+  dims.Dp = D <= 64 ? 64 : kTcMaxDim;
   const cudaStream_t s = stream_of(stream);
   const bool checked = begin_value_check(stream);
 
@@ -598,13 +663,20 @@ void round_query_clusters(const TensorView& q, const TensorView& q_centroids, co
   in.labels_stride_h = labels.stride[1];
   in.vector_rows = D % 4 == 0 && reinterpret_cast<uintptr_t>(q_centroids.data) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(k_centroids.data) % 16 == 0;
+  if (tc) launch_tc_operands(in, dims, w, s);
   if (prefilter > 0) {
-    launch_prefilter(in, dims, w, q.dtype, s);
+    if (tc)
+      launch_prefilter_tc(in, dims, w, q.dtype, s);
+    else
+      launch_prefilter(in, dims, w, q.dtype, s);
     select_kernel<<<dim3(kSelectBlocksPerHead, static_cast<unsigned>(B * H)), kSelectThreads, 0, s>>>(
         dims, w, lab, labels.stride[0], labels.stride[1]);
     SAPATTN_CUDA_CHECK_LAUNCH();
   }
-  launch_mass_cost(in, dims, w, q.dtype, s);
+  if (tc)
+    launch_mass_cost_tc(in, dims, w, q.dtype, s);
+  else
+    launch_mass_cost(in, dims, w, q.dtype, s);
   match_kernel<<<static_cast<unsigned>(B * H), kMatchThreads, 0, s>>>(dims, w, lab, labels.stride[0],
                                                                        labels.stride[1], plan.sizes);
   SAPATTN_CUDA_CHECK_LAUNCH();

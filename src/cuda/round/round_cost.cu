@@ -15,6 +15,7 @@
 #include <cfloat>
 
 #include "core/round_arithmetic.hpp"
+#include "cuda/round/round_device.cuh"
 #include "cuda/round/round_internal.hpp"
 #include "cuda/runtime/device.cuh"
 
@@ -85,20 +86,6 @@ __device__ void tile_dots(const float* xs, int64_t D, int64_t rows, RowOf&& row_
       visit(row, k, rn::add(rn::add(rn::add(p[0], p[1]), rn::add(p[2], p[3])), rn::add(rn::add(p[4], p[5]), rn::add(p[6], p[7]))));
     }
   }
-}
-
-// The head whose range of the flat tile list holds tile t: the last bh with tiles[bh] <= t (a head
-// without tiles has an empty range, so it is never the answer).
-__device__ __forceinline__ int64_t head_of(const int32_t* tiles, int64_t BH, int64_t t) {
-  int64_t lo = 0, hi = BH;  // tiles[lo] <= t < tiles[hi]
-  while (hi - lo > 1) {
-    const int64_t mid = (lo + hi) / 2;
-    if (tiles[mid] <= t)
-      lo = mid;
-    else
-      hi = mid;
-  }
-  return lo;
 }
 
 // This block's tiles of the flat list over every head's list of points (list_of(bh, info): the
@@ -203,9 +190,6 @@ __device__ __forceinline__ double masked_sum(const uint32_t* bits, int64_t w0, i
   return s;
 }
 
-// (a, ra) before (b, rb): by cost, then target index. Costs are never NaN here.
-__device__ __forceinline__ bool before(double a, int ra, double b, int rb) { return a < b || (a == b && ra < rb); }
-
 // A tile of 32 candidates (lane l of every warp: candidate l). z, the block's scratch in global
 // memory, holds the scores, then the unnormalised weights, then the weights. The maximum is
 // order-free (a NaN never wins, and the sign of a zero maximum does not reach the weights: exp(+-0)
@@ -309,33 +293,11 @@ __global__ void __launch_bounds__(kCostThreads) mass_kernel(CostInputs in, Dims 
           for (int64_t e = tid; e < R * kTile; e += kCostThreads) cost[e] = allowed(0.0);  // no key: every cost is 0
         }
         __syncthreads();
-        // Each candidate's kk cheapest targets (ties by lower index), one warp per candidate: kk rounds
-        // of a warp minimum over the (cost, r) pairs after the last one taken.
-        int32_t* cand_idx = w.cand_idx + bh * dims.Pb * dims.kk;
-        double* cand_cost = w.cand_cost + bh * dims.Pb * dims.kk;
-        for (int i = warp; i < count; i += kWarps) {
-          double prev_c = -INFINITY;
-          int prev_r = -1;
-          for (int64_t k = 0; k < kk; ++k) {
-            double bc = INFINITY;
-            int br = -1;
-            for (int r = lane; r < R; r += 32) {
-              const double c = cost[static_cast<int64_t>(r) * kTile + i];
-              if (before(prev_c, prev_r, c, r) && (br < 0 || before(c, r, bc, br))) bc = c, br = r;
-            }
-#pragma unroll
-            for (int off = 16; off > 0; off /= 2) {
-              const double oc = __shfl_xor_sync(0xffffffffu, bc, off);
-              const int orr = __shfl_xor_sync(0xffffffffu, br, off);
-              if (orr >= 0 && (br < 0 || before(oc, orr, bc, br))) bc = oc, br = orr;
-            }
-            if (lane == 0) {
-              cand_idx[(first + i) * kk + k] = br;
-              cand_cost[(first + i) * kk + k] = bc;
-            }
-            prev_c = bc, prev_r = br;
-          }
-        }
+        // Each candidate's kk cheapest targets (ties by lower index), one warp per candidate.
+        rank_targets(
+            warp, count, kWarps, static_cast<int>(R), kk,
+            [=](int i, int r) { return cost[static_cast<int64_t>(r) * kTile + i]; },
+            w.cand_idx + bh * dims.Pb * dims.kk + first * kk, w.cand_cost + bh * dims.Pb * dims.kk + first * kk);
       });
 }
 
