@@ -8,7 +8,7 @@
 // where rows are unpermuted, else the cp.async gather) and to the consumers, which run the main loop
 // (mainloop.cuh: Q K^T, online softmax, P V, the split-item merge) and the epilogue (epilogue.cuh:
 // normalise, write O and LSE, merge key phases). Below the kernel: the tensor maps, the runtime
-// switches (SAPATTN_SM90_LOAD, _SCHED, _SPLIT, _PAIR, _DENSE_N) and the launch for each instance of
+// switches (SAPATTN_SM90_LOAD, _SCHED, _SPLIT, _PAIR) and the launch for each instance of
 // KernelHeadDims (attention.hpp).
 #include <cuda.h>  // CUtensorMap and its encoder's types (the encoder is reached through the runtime)
 #include <cudaTypedefs.h>
@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int num_items = p.dense ? p.batch * p.heads * q_tiles : *p.plan.num_items;
   if (threadIdx.x < 128) {
     // The producer warpgroup: one warp issues TMA boxes; all four gather with cp.async.
-    cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
+    cutlass::arch::warpgroup_reg_dealloc<sm90::kProducerRegs>();
     if constexpr (kTma) {
       if (threadIdx.x < 32) sm90::producer_tma<Tr, kQGather, kPair>(p, maps, s, num_items, q_tiles);
     } else {
@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   } else {
     // The consumer warpgroups: the main loop's O and row statistics go to the epilogue.
-    cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
+    cutlass::arch::warpgroup_reg_alloc<sm90::kConsumerRegs>();
     sm90::consumer<Tr, kTma, kPair>(p, s, num_items, q_tiles, sm90::Epilogue<Tr>(p));
   }
 }
@@ -157,37 +157,6 @@ bool dynamic_schedule() { return env_switch("SAPATTN_SM90_SCHED", "dynamic", "st
 // consumer warpgroups. A measurement switch (docs/attention.md); it goes once measured.
 bool split_tails() { return env_switch("SAPATTN_SM90_SPLIT", "1", "0"); }
 
-// SAPATTN_SM90_DENSE_N=160|128 (default 160): the key tile of the dense mode with TMA loads at head
-// dim 128 (Traits' BlockN): fewer turns, waits and barriers per FLOP. FA3's forward uses 176 there;
-// here 176 spills (200 bytes at 232 consumer registers: this consumer keeps more state), 160 does
-// not. A measurement switch (docs/attention.md).
-bool wide_dense_tiles() { return env_switch("SAPATTN_SM90_DENSE_N", "160", "128"); }
-
-// The dense mode's kernel with kDenseN-key tiles (head dim 128, TMA loads, Q unpermuted, no pairs):
-// false where the driver refuses a tensor map (the 128-key kernel then runs).
-template <typename T, int kHeadDim, int kDenseN>
-bool launch_dense_wide(const Params& p, cudaStream_t stream) {
-  using Tr = sm90::Traits<T, kHeadDim, kDenseN>;
-  static_assert(sizeof(typename Tr::Smem) <= 227 * 1024, "more shared memory than an H100 SM gives a block");
-  TmaMaps maps{};
-  // The dense producer reads only the last map of K and V: one whole-tile box per column block.
-  if (!encode_map<T>(maps.q, p.q, p.seq_q, p, p.q_stride, 64) ||
-      !encode_map<T>(maps.k[kBoxHeights - 1], p.k, p.seq_k, p, p.k_stride, kDenseN) ||
-      !encode_map<T>(maps.v[kBoxHeights - 1], p.v, p.seq_k, p, p.v_stride, kDenseN))
-    return false;
-  Params params = p;
-  params.split_tails = split_tails();
-  params.next_item = nullptr;
-  auto* kernel = attention_kernel<Tr, true, false, false>;
-  const int smem = static_cast<int>(sizeof(typename Tr::Smem));
-  set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
-  const int64_t q_tiles = (p.seq_q + kTileQ - 1) / kTileQ;
-  const int grid = static_cast<int>(std::min<int64_t>(p.num_sms, std::max<int64_t>(int64_t{p.batch} * p.heads * q_tiles, 1)));
-  kernel<<<grid, kThreads, smem, stream>>>(params, maps);
-  SAPATTN_CUDA_CHECK_LAUNCH();
-  return true;
-}
-
 // SAPATTN_SM90_PAIR=0|1 (default 0): CTA pairs (clusters of two CTAs on one item of up to two
 // tiles, K and V multicast) where the TMA loads run. A measurement switch (docs/attention.md).
 bool pair_switch() { return !env_switch("SAPATTN_SM90_PAIR", "0", "1"); }
@@ -229,14 +198,9 @@ template <typename T, int kHeadDim>
 void launch(const Params& p, cudaStream_t stream) {
   using Tr = sm90::Traits<T, kHeadDim>;
   static_assert(sizeof(typename Tr::Smem) <= 227 * 1024, "more shared memory than an H100 SM gives a block");
-  const bool q_gather = p.q_perm != nullptr;
-  if constexpr (kHeadDim == 128) {
-    if (p.dense && !p.pair && !q_gather && use_tma(p) && wide_dense_tiles() &&
-        launch_dense_wide<T, kHeadDim, 160>(p, stream))
-      return;
-  }
   TmaMaps maps{};
   Params params = p;
+  const bool q_gather = p.q_perm != nullptr;
   bool tma = use_tma(p) && (q_gather || encode_map<T>(maps.q, p.q, p.seq_q, p, p.q_stride, 64));
   for (int j = 0; j < kBoxHeights && tma; ++j)
     tma = encode_map<T>(maps.k[j], p.k, p.seq_k, p, p.k_stride, Tr::kSlotRows << j) &&

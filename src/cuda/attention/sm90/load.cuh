@@ -250,7 +250,7 @@ __device__ __forceinline__ void gather_q_warp(const Params& p, const Item& it, c
   const T* base = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
   auto sQ = make_tensor(make_smem_ptr(s.q.data()), typename Tr::LayoutQ{});
   const int chunk = lane % kChunks;
-  // Not unrolled further: the producer holds Traits::kProducerRegs registers.
+  // Not unrolled further: the producer holds kProducerRegs registers.
   CUTLASS_PRAGMA_UNROLL
   for (int j = 0; j < QSources<Tr>::kOwned; ++j) {
 #pragma unroll 2
@@ -284,9 +284,7 @@ __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::
   constexpr uint32_t kTileBytes = Tr::kBlockN * Tr::kChunksPerRow * 16;
   constexpr int kAtomElems = 8 * 64;  // one 8 x 64 swizzle atom
   const int lane = threadIdx.x % 32;
-  // Sparse: lane c * kSlots + j issues the box at slot j of column block c. Dense-only tiles: lane c
-  // issues column block c's whole-tile box.
-  const int slot = Tr::kDenseOnly ? 0 : lane % Tr::kSlots, col_block = Tr::kDenseOnly ? lane : lane / Tr::kSlots;
+  const int slot = lane % Tr::kSlots, col_block = lane / Tr::kSlots;
   constexpr uint16_t kBothCtas = 0b11;
   const bool loads_k = !kPair || pair_rank() == 0, loads_v = !kPair || pair_rank() == 1;
   int tile_count = 0;  // key tiles loaded by this CTA so far: the pipeline position
@@ -296,9 +294,7 @@ __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::
     const int index = items.index();
     const Item it = items.item();
     const int b = it.bh / p.heads, h = it.bh % p.heads;
-    // A dense-only tile (Traits::kDenseOnly) has no slots: whole tiles of the item's keys.
-    const int n_blocks = Tr::kDenseOnly ? (it.keys + Tr::kBlockN - 1) / Tr::kBlockN
-                                        : (count_slots<Tr::kSlotRows>(it, lane) + Tr::kSlots - 1) / Tr::kSlots;
+    const int n_blocks = (count_slots<Tr::kSlotRows>(it, lane) + Tr::kSlots - 1) / Tr::kSlots;
     LaneSlots<Tr::kSlotRows> slots(it);
 
     // Q: 64-row boxes, or rows gathered through q_perm (rows past the item's end are computed and
@@ -336,18 +332,16 @@ __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::
       int32_t row = n * Tr::kBlockN;
       bool issues = slot == 0 && col_block < Tr::kColBlocks;
       uint32_t counts[Tr::kCountWords] = {};
-      if constexpr (!Tr::kDenseOnly) {
-        if (!p.dense) {
-          int32_t count, seg;
-          slots.at(n * Tr::kSlots + slot, row, count, seg);
-          issues = box_at<Tr::kSlots>(seg, it.num_segments, lane, map) && col_block < Tr::kColBlocks;
-          at = slot;
-          // Slot j's count goes to byte j % 4 of word j / 4 (lanes of column block 0 hold every slot).
+      if (!p.dense) {
+        int32_t count, seg;
+        slots.at(n * Tr::kSlots + slot, row, count, seg);
+        issues = box_at<Tr::kSlots>(seg, it.num_segments, lane, map) && col_block < Tr::kColBlocks;
+        at = slot;
+        // Slot j's count goes to byte j % 4 of word j / 4 (lanes of column block 0 hold every slot).
 #pragma unroll
-          for (int w = 0; w < Tr::kCountWords; ++w) {
-            const bool mine = col_block == 0 && slot / 4 == w;
-            counts[w] = __reduce_or_sync(0xffffffff, mine ? static_cast<uint32_t>(count) << (8 * (slot % 4)) : 0u);
-          }
+        for (int w = 0; w < Tr::kCountWords; ++w) {
+          const bool mine = col_block == 0 && slot / 4 == w;
+          counts[w] = __reduce_or_sync(0xffffffff, mine ? static_cast<uint32_t>(count) << (8 * (slot % 4)) : 0u);
         }
       }
       // Slot j is rows [j kSlotRows, (j + 1) kSlotRows) of the tile: kSlotRows / 8 swizzle atoms.

@@ -95,7 +95,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
   // Online softmax of the tile in tSrS (key tile n): masks what is not a key (past the end; with TMA
   // loads in the sparse mode, the rows of a slot past its cluster's end), updates the row maxima and
   // sums, leaves exp(S - max) in tSrS and returns the factor O must be rescaled by.
-  const bool slot_masks = kTma && !Tr::kDenseOnly && !p.dense;
+  const bool slot_masks = kTma && !p.dense;
   auto softmax = [&](int n, int keys, const Counts& counts, float(&rescale)[2]) {
     warpgroup_fence_operand(tSrS);
     // Accumulator value (c, r, g) is row lane/4 + 8r (+16 warp), column 8g + 2(lane%4) + c.
@@ -176,9 +176,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
     // An item of at most 64 rows is split: both warpgroups compute rows [0, 64), warpgroup w the key
     // tiles w, w + 2, ..., and warpgroup 0 merges the two halves (by their row maxima) before the
     // epilogue. Unsplit, such an item would leave warpgroup 1 idle and run at half the pair rate.
-    // (Not with dense-only tiles: their items are whole 128-row tiles but the sequence's last, and the
-    // merge's registers would not fit beside their wider S and P.)
-    const bool split = !Tr::kDenseOnly && p.split_tails && it.rows > 0 && it.rows <= 64 && n_blocks >= 2;
+    const bool split = p.split_tails && it.rows > 0 && it.rows <= 64 && n_blocks >= 2;
     const auto stage_of = [&](int n) { return (tile_count + n) % Tr::kStages; };
     const auto phase_of = [&](int n) { return ((tile_count + n) / Tr::kStages) & 1; };
     // A key tile this warpgroup does not compute: released once loaded, which keeps every stage's

@@ -24,33 +24,26 @@ using namespace cute;
 
 using Barrier = cutlass::arch::ClusterBarrier;
 
-constexpr int kThreads = 384;  // warpgroup 0 loads, warpgroups 1 and 2 compute
+constexpr int kThreads = 384;      // warpgroup 0 loads, warpgroups 1 and 2 compute
+constexpr int kProducerRegs = 56;  // 128 x 56 + 256 x 224 = the 384 x 168 the launch holds
+constexpr int kConsumerRegs = 224;
 constexpr int kTurnBarrier = 2;   // named barriers 2 and 3: the consumer warpgroups' turns to issue MMAs
 constexpr int kMergeBarrier = 4;  // both consumer warpgroups: merging the halves of a split item
 constexpr int kBoxHeights = 4;    // TMA: K and V boxes of 16, 32, 64 and 128 rows (one tensor map each)
 
-// BlockN: keys per tile. 128 serves every mode; a wider tile (160 at head dim 128, attention_sm90.cu)
-// only the dense mode with TMA loads (kDenseOnly: the sparse slots and boxes assume 128).
-template <typename Element, int HeadDim, int BlockN = 128>
+template <typename Element, int HeadDim>
 struct Traits {
   using T = Element;
   static constexpr int kHeadDim = HeadDim;
-  static constexpr int kBlockM = kTileQ;  // query rows per item, 64 per consumer warpgroup
-  static constexpr int kBlockN = BlockN;
-  static constexpr bool kDenseOnly = BlockN != 128;
-  // As deep as 227 KB of shared memory allows.
-  static constexpr int kStages = kHeadDim == 64 ? 6 : (kBlockN == 128 ? 3 : 2);
-  // Registers per thread of the producer and consumer warpgroups (setmaxnreg): 128 x producer +
-  // 256 x consumer <= the 384 x 168 the launch holds. A wider tile's S and P need more.
-  static constexpr int kProducerRegs = kBlockN == 128 ? 56 : 40;
-  static constexpr int kConsumerRegs = kBlockN == 128 ? 224 : 232;
+  static constexpr int kBlockM = kTileQ;                  // query rows per item, 64 per consumer warpgroup
+  static constexpr int kBlockN = 128;                     // keys per tile
+  static constexpr int kStages = kHeadDim == 64 ? 6 : 3;  // as deep as 227 KB of shared memory allows
   static constexpr int kChunksPerRow = kHeadDim / 8;      // 16-byte chunks
   static constexpr int kSlotRows = 16;                    // TMA: rows per slot in the sparse mode
   static constexpr int kSlots = kBlockN / kSlotRows;      // TMA: slots per key tile
   static constexpr int kCountWords = (kSlots + 3) / 4;    // TMA: slot key counts, one byte each
   static constexpr int kColBlocks = kHeadDim / 64;        // TMA: 128-byte-wide boxes per row
-  static_assert(kDenseOnly || kSlotRows * (1 << (kBoxHeights - 1)) == kBlockN, "the tallest box is a whole key tile");
-  static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "a key tile is whole k16 steps of P V and one TMA box");
+  static_assert(kSlotRows * (1 << (kBoxHeights - 1)) == kBlockN, "the tallest box is a whole key tile");
 
   using SmemAtom = decltype(GMMA::Layout_K_SW128_Atom<T>{});
   using LayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
