@@ -246,25 +246,16 @@ inline void expect_identical(const HostTensor& gpu, const HostTensor& cpu, const
 
 // A process-wide kernel override (cuda::set_*_kernel_override) on "cuda_cores" for a scope.
 template <void (*kSet)(const char*)>
-class CudaCoresFor {
+class CudaCoresFor : public cuda_test::KernelOverrideScope<kSet> {
  public:
-  CudaCoresFor() { kSet("cuda_cores"); }
-  ~CudaCoresFor() { kSet(""); }
-  CudaCoresFor(const CudaCoresFor&) = delete;
-  CudaCoresFor& operator=(const CudaCoresFor&) = delete;
+  CudaCoresFor() : cuda_test::KernelOverrideScope<kSet>("cuda_cores") {}
 };
 
 // centroid_compensation on the CUDA-core kernel.
 using CudaCoreCompensation = CudaCoresFor<cuda::set_compensation_kernel_override>;
 
-// The compensation ops on the kernel `name` (cuda::set_compensation_kernel_override) for a scope.
-class CompensationKernelScope {
- public:
-  explicit CompensationKernelScope(const char* name) { cuda::set_compensation_kernel_override(name); }
-  ~CompensationKernelScope() { cuda::set_compensation_kernel_override(""); }
-  CompensationKernelScope(const CompensationKernelScope&) = delete;
-  CompensationKernelScope& operator=(const CompensationKernelScope&) = delete;
-};
+// The compensation ops on the kernel `name` for a scope.
+using CompensationKernelScope = cuda_test::KernelOverrideScope<cuda::set_compensation_kernel_override>;
 // ear_probe and ear_plus_probe on the CUDA-core pass (the CPU's logits bit for bit, fp64 sums); the
 // tensor-core pass has its own suite, test_cuda_ear_probe_tc.cpp.
 using CudaCoreProbe = CudaCoresFor<cuda::set_probe_kernel_override>;

@@ -67,15 +67,20 @@ class ValueChecksOn {
   bool was_on_;
 };
 
-// select_blocks on the kernel `name` (cuda::set_select_kernel_override) for a scope: "exact" repeats
-// the CPU's arithmetic, so its masks equal the CPU's byte for byte.
-class SelectKernelScope {
+// A process-wide kernel knob (one of the cuda::set_*_override functions of cuda/backend.hpp) on
+// `name` for a scope, the default ("") restored after.
+template <void (*kSet)(const char*)>
+class KernelOverrideScope {
  public:
-  explicit SelectKernelScope(const char* name) { cuda::set_select_kernel_override(name); }
-  ~SelectKernelScope() { cuda::set_select_kernel_override(""); }
-  SelectKernelScope(const SelectKernelScope&) = delete;
-  SelectKernelScope& operator=(const SelectKernelScope&) = delete;
+  explicit KernelOverrideScope(const char* name) { kSet(name); }
+  ~KernelOverrideScope() { kSet(""); }
+  KernelOverrideScope(const KernelOverrideScope&) = delete;
+  KernelOverrideScope& operator=(const KernelOverrideScope&) = delete;
 };
+
+// select_blocks' kernel: "exact" repeats the CPU's arithmetic, so its masks equal the CPU's byte for
+// byte.
+using SelectKernelScope = KernelOverrideScope<cuda::set_select_kernel_override>;
 
 // ---------------------------------------------------------------------------------------------
 // Host tensors

@@ -61,14 +61,8 @@ std::string describe(const SeedCase& c) {
                                     c.what, kernel);
 }
 
-// Sets the seeding kernel knob for a scope, and restores the default after.
-class SeedKernelScope {
- public:
-  explicit SeedKernelScope(const char* name) { cuda::set_seed_kernel_override(name); }
-  ~SeedKernelScope() { cuda::set_seed_kernel_override(""); }
-  SeedKernelScope(const SeedKernelScope&) = delete;
-  SeedKernelScope& operator=(const SeedKernelScope&) = delete;
-};
+// The seeding kernel for a scope.
+using SeedKernelScope = cuda_test::KernelOverrideScope<cuda::set_seed_kernel_override>;
 
 bool sm90() {
   int device = 0, major = 0;

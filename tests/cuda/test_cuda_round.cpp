@@ -43,14 +43,8 @@ using ref::Layout;
 
 constexpr float kUncapped = std::numeric_limits<float>::infinity();
 
-// The cost path for a scope (set_round_kernel_override), the default restored after.
-class RoundKernel {
- public:
-  explicit RoundKernel(const char* name) { cuda::set_round_kernel_override(name); }
-  ~RoundKernel() { cuda::set_round_kernel_override(""); }
-  RoundKernel(const RoundKernel&) = delete;
-  RoundKernel& operator=(const RoundKernel&) = delete;
-};
+// The cost path for a scope.
+using RoundKernel = KernelOverrideScope<cuda::set_round_kernel_override>;
 
 struct RoundCase {
   const char* name;
