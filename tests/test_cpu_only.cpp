@@ -9,6 +9,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdint>
 #include <string>
 
 #include "sapattn/ops.hpp"
@@ -27,6 +28,25 @@ TEST(CpuOnlyBuild, WorkspaceSizesOnCudaThrowUnsupported) {
   // The CPU answers stay what they are in every build.
   EXPECT_EQ(block_sparse_attention_workspace_bytes(2, 8, 8, 64, Device::cpu()), 0u);
   EXPECT_EQ(kmeans_workspace_bytes(2, 64, 8, 16, Device::cpu()), 0u);
+}
+
+// An op with a CUDA version (quantize_e4m3, which has one since the FP8 path began) on a CUDA stream:
+// the build, not the op, is what refuses it.
+TEST(CpuOnlyBuild, QuantizeE4m3OnCudaThrowsUnsupported) {
+  const Device gpu = Device::cuda(0);
+  float x[2 * 4] = {1, 2, 3, 4, 5, 6, 7, 8};
+  uint8_t codes[2 * 4] = {};
+  float scales[2] = {};
+  const TensorView xv = TensorView::bhsd(x, DType::F32, 1, 1, 2, 4, gpu);
+  const TensorView cv = TensorView::bhsd(codes, DType::U8, 1, 1, 2, 4, gpu);
+  const TensorView sv = TensorView::contiguous(scales, DType::F32, {1, 1, 2}, gpu);
+  try {
+    quantize_e4m3(xv, {}, {}, {}, Fp8Scale::Tile, 2, cv, sv, Stream{gpu, nullptr, 0});
+    ADD_FAILURE() << "no exception";
+  } catch (const UnsupportedError& e) {
+    EXPECT_NE(std::string(e.what()).find("CPU only"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(codes[0], 0);
 }
 
 TEST(CpuOnlyBuild, AttentionKernelOnCudaSaysWhy) {

@@ -300,9 +300,11 @@ void dense_attention(const TensorView& q, const TensorView& k, const TensorView&
 // ---------------------------------------------------------------------------------------------
 // FP8 attention (docs/fp8.md): the e4m3 quantisation, and block-sparse attention with both
 // GEMMs in e4m3 computed as the Hopper kernel is to compute it, so that the kernel can be tested
-// against it and its options chosen now. CPU backend only so far: a CUDA stream throws
-// UnsupportedError, in a CUDA build too. The codec (OCP E4M3, round to nearest even, saturating at
-// +-448, NaN -> 0x7f) is src/core/fp8.hpp, shared with the kernels.
+// against it and its options chosen now. quantize_e4m3 runs on the CPU and on CUDA (codes and scales
+// bit for bit the CPU's; written and compiled for sm_90, not yet run on a GPU);
+// block_sparse_attention_e4m3 has no CUDA kernel yet: a CUDA stream throws UnsupportedError, in a
+// CUDA build too. The codec (OCP E4M3, round to nearest even, saturating at +-448, NaN -> 0x7f) is
+// src/core/fp8.hpp, shared with the kernels.
 // ---------------------------------------------------------------------------------------------
 
 // Quantises rows of x to e4m3 with fp32 scales. Row r of the result is y_r = x[perm[r]] - shift
@@ -318,7 +320,9 @@ void dense_attention(const TensorView& q, const TensorView& k, const TensorView&
 //   shift   [B,H,D] f32 contiguous, or empty (K's smoothing subtracts the head's mean key)
 //   codes   [B,H,S,D] u8 contiguous, written
 //   scales  [B,H,S] f32 contiguous, each row's group scale (Tile, Cluster), or [B,H,D] (Channel)
-// tile_rows >= 1 (Tile only).
+// tile_rows >= 1 (Tile only). On CUDA: no scratch, no synchronisation (but for the value checks of
+// cuda/backend.hpp: perm entries outside [0, S) and bad offsets are reported there, a repeated perm
+// entry is not), at most 65535 (b,h) pairs, S * D < 2^31, per channel D <= 12288 (UnsupportedError).
 void quantize_e4m3(const TensorView& x, const TensorView& perm, const TensorView& offsets, const TensorView& shift,
                    Fp8Scale granularity, int tile_rows, TensorView codes, TensorView scales, const Stream& stream);
 

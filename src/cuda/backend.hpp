@@ -187,6 +187,11 @@ AttentionKernel attention_kernel(int device, DType dtype, int64_t head_dim);
 // environment does the same. Throws InvalidArgumentError for other names.
 void set_attention_kernel_override(const char* name);
 
+// FP8 (fp8/fp8_quantize.cu): quantize_e4m3's codes and scales bit for bit as the CPU's. No scratch:
+// per channel, scales holds the column maxima until the op's last kernel turns them into scales.
+void quantize_e4m3(const TensorView& x, const TensorView& perm, const TensorView& offsets, const TensorView& shift,
+                   Fp8Scale granularity, int tile_rows, TensorView codes, TensorView scales, const Stream& stream);
+
 // Throws NonFiniteError if x holds a NaN or Inf. Synchronises the stream (it must read the answer),
 // so it cannot run inside graph capture (UnsupportedError there).
 void check_finite(const TensorView& x, const char* name, const Stream& stream);

@@ -1,6 +1,6 @@
-// quantize_e4m3 (include/sapattn/ops.hpp): the argument checks, then the CPU backend. It has no
-// CUDA version yet: a CUDA stream gets UnsupportedError, in a CUDA build too, as the other ops of
-// the FP8 attention (block_sparse_attention_e4m3, src/ops/attention.cpp).
+// quantize_e4m3 (include/sapattn/ops.hpp): the argument checks every backend shares, then dispatch
+// on the stream's device (cuda/fp8/fp8_quantize.cu on CUDA, bit-identical to the CPU's). The FP8
+// attention itself (block_sparse_attention_e4m3, src/ops/attention.cpp) has no CUDA kernel yet.
 #include "ops/checks.hpp"
 #include "ops/dispatch.hpp"
 #include "sapattn/ops.hpp"
@@ -8,7 +8,7 @@
 namespace sapattn {
 
 using namespace checks;    // the argument checks of src/ops/
-using namespace dispatch;  // backend(), cpu_threads()
+using namespace dispatch;  // backend(), cpu_threads(), SAPATTN_ON_CUDA
 
 void quantize_e4m3(const TensorView& x, const TensorView& perm, const TensorView& offsets, const TensorView& shift,
                    Fp8Scale granularity, int tile_rows, TensorView codes, TensorView scales, const Stream& stream) {
@@ -37,9 +37,8 @@ void quantize_e4m3(const TensorView& x, const TensorView& perm, const TensorView
   const DeviceType where = by_cluster ? backend(stream, x, offsets, codes, scales) : backend(stream, x, codes, scales);
   if (!perm.empty()) expect_device(perm, stream);
   if (!shift.empty()) expect_device(shift, stream);
-  SAPATTN_CHECK(where == DeviceType::CPU, UnsupportedError,
-                "quantize_e4m3: not yet on CUDA (the quantisation is to be fused into the permutation); run "
-                "it on a CPU stream");
+  if (where == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(quantize_e4m3(x, perm, offsets, shift, granularity, tile_rows, codes, scales, stream));
   cpu::quantize_e4m3(x, perm, offsets, shift, granularity, tile_rows, codes, scales, cpu_threads(stream));
 }
 

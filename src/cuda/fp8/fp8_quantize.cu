@@ -1,0 +1,239 @@
+// quantize_e4m3 on the GPU (include/sapattn/ops.hpp, docs/fp8.md): the CPU reference's codes and
+// scales bit for bit (src/cpu/fp8_quantize.cpp). Both sides compute y = x - shift and y * inverse in
+// fp32 (no operation here can contract into an FMA), take scale and inverse from fp8::e4m3_scale
+// (IEEE divisions: the CUDA build has no fast-math flags) and encode with fp8::e4m3_encode, the
+// codec the reference uses. The amax is a maximum, so its reduction order cannot change it.
+//
+// The amax travels as an unsigned key: the bits of |y| for finite y, which order as the values do
+// (-0 gives +0's key 0), and kNonFinite above them all for a NaN or an infinity, so one unsigned
+// max carries both the CPU's amax and its "group holds a non-finite value" flag.
+//
+// Tile and Cluster: one block per (group, b*h) reduces its group's key, then writes the rows' scale
+// and codes (a second read of the group's rows, from L2). Channel: scales [B,H,D] holds the column
+// keys first (zeroed, then an atomicMax per block of rows and column), a second kernel encodes every
+// element with its column's inverse, and a third turns the keys into scales in place: no workspace.
+#include <cstdint>
+
+#include "core/fp8.hpp"
+#include "cuda/runtime/device.cuh"
+
+namespace sapattn::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kChannelRows = 64;  // rows per block of the per-channel kernels
+constexpr uint32_t kNonFinite = 0xffffffffu;
+// The NaN scale of a group holding a non-finite value: the CPU's quiet NaN (std::numeric_limits),
+// not the GPU's canonical NaN that NaN / 448 would give, so that scales compare bit for bit.
+constexpr uint32_t kQuietNaN = 0x7fc00000u;
+
+template <typename T>
+struct QuantizeParams {
+  const T* x;
+  int64_t stride[4];            // x's strides, in elements
+  const int32_t* perm;          // [B,H,S] or null
+  const int32_t* offsets;       // [B,H,C+1] (Cluster) or null
+  const float* shift;           // [B,H,D] or null
+  uint8_t* codes;               // [B,H,S,D]
+  float* scales;                // [B,H,S] or [B,H,D]
+  int64_t H, S, D, clusters;    // clusters: C (Cluster)
+  int tile;                     // rows per group (Tile)
+  int* flag;                    // value-check flag
+};
+
+// y of result row r (of head bh), column d, as fp32: x[b,h,perm[r],d] - shift[d]. `src` is the row
+// of x already resolved through perm.
+template <typename T>
+__device__ __forceinline__ float shifted(const QuantizeParams<T>& p, const T* head, const float* shift, int64_t src,
+                                         int64_t d) {
+  const float v = to_f32(head[src * p.stride[2] + d * p.stride[3]]);
+  return shift != nullptr ? v - shift[d] : v;
+}
+
+// Row r's source row in x, or -1 (reported) for a permutation entry outside [0, S).
+template <typename T>
+__device__ __forceinline__ int64_t source_row(const QuantizeParams<T>& p, const int32_t* perm, int64_t r) {
+  if (perm == nullptr) return r;
+  const int32_t s = perm[r];
+  if (s >= 0 && s < p.S) return s;
+  atomicOr(p.flag, kBadPermIndex);
+  return -1;
+}
+
+__device__ __forceinline__ uint32_t amax_key(float y) { return isfinite(y) ? __float_as_uint(fabsf(y)) : kNonFinite; }
+
+// The group's amax (NaN when it holds a non-finite value) -> its scale and inverse, as the CPU's.
+__device__ __forceinline__ fp8::E4M3Scale scale_of_key(uint32_t key) {
+  if (key == kNonFinite) return {__uint_as_float(kQuietNaN), __uint_as_float(kQuietNaN)};
+  return fp8::e4m3_scale(__uint_as_float(key));
+}
+
+__device__ __forceinline__ uint32_t block_max(uint32_t v, uint32_t* shared) {
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = lane < kThreads / 32 ? shared[lane] : 0u;
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Tile and Cluster: block (g, bh) quantises the rows [lo, hi) of group g of head bh.
+template <typename T, bool kByCluster>
+__global__ void __launch_bounds__(kThreads) quantize_groups_kernel(QuantizeParams<T> p) {
+  __shared__ uint32_t partial[kThreads / 32];
+  const int64_t g = blockIdx.x, bh = blockIdx.y;
+  const int64_t b = bh / p.H, h = bh % p.H;
+  int64_t lo, hi;
+  if constexpr (kByCluster) {
+    const int32_t* off = p.offsets + bh * (p.clusters + 1);
+    lo = off[g];
+    hi = off[g + 1];
+    const bool bad = lo < 0 || hi < lo || hi > p.S || (g == 0 && lo != 0) || (g == p.clusters - 1 && hi != p.S);
+    if (bad) {
+      if (threadIdx.x == 0) atomicOr(p.flag, kBadOffsets);
+      return;  // the whole block: no thread has reached a barrier
+    }
+  } else {
+    lo = g * p.tile;
+    hi = min_of<int64_t>(lo + p.tile, p.S);
+  }
+  const T* head = p.x + b * p.stride[0] + h * p.stride[1];
+  const int32_t* perm = p.perm != nullptr ? p.perm + bh * p.S : nullptr;
+  const float* shift = p.shift != nullptr ? p.shift + bh * p.D : nullptr;
+  const int64_t count = (hi - lo) * p.D;  // < 2^31 (checked on the host), yet int64 for the products
+
+  uint32_t key = 0;
+  for (int64_t i = threadIdx.x; i < count; i += kThreads) {
+    const int64_t r = lo + i / p.D, d = i % p.D;
+    const int64_t src = source_row(p, perm, r);
+    if (src >= 0) key = max(key, amax_key(shifted(p, head, shift, src, d)));
+  }
+  const fp8::E4M3Scale s = scale_of_key(block_max(key, partial));
+
+  for (int64_t r = lo + threadIdx.x; r < hi; r += kThreads) p.scales[bh * p.S + r] = s.scale;
+  uint8_t* codes = p.codes + (bh * p.S + lo) * p.D;
+  for (int64_t i = threadIdx.x; i < count; i += kThreads) {
+    const int64_t src = perm != nullptr ? perm[lo + i / p.D] : lo + i / p.D;
+    // A bad entry was reported above; its codes are left unwritten (outputs are unspecified then).
+    if (src >= 0 && src < p.S) codes[i] = fp8::e4m3_encode(shifted(p, head, shift, src, i % p.D) * s.inverse);
+  }
+}
+
+// Channel, pass 1: the column keys of a block of kChannelRows rows, max-ed into scales (as keys).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) channel_amax_kernel(QuantizeParams<T> p) {
+  extern __shared__ uint32_t column_key[];  // [D]
+  const int64_t bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  for (int64_t d = threadIdx.x; d < p.D; d += kThreads) column_key[d] = 0u;
+  __syncthreads();
+  const int64_t lo = static_cast<int64_t>(blockIdx.x) * kChannelRows, hi = min_of<int64_t>(lo + kChannelRows, p.S);
+  const T* head = p.x + b * p.stride[0] + h * p.stride[1];
+  const int32_t* perm = p.perm != nullptr ? p.perm + bh * p.S : nullptr;
+  const float* shift = p.shift != nullptr ? p.shift + bh * p.D : nullptr;
+  for (int64_t i = threadIdx.x; i < (hi - lo) * p.D; i += kThreads) {
+    const int64_t src = source_row(p, perm, lo + i / p.D);
+    const int64_t d = i % p.D;
+    if (src >= 0) atomicMax(&column_key[d], amax_key(shifted(p, head, shift, src, d)));
+  }
+  __syncthreads();
+  auto* keys = reinterpret_cast<uint32_t*>(p.scales) + bh * p.D;
+  for (int64_t d = threadIdx.x; d < p.D; d += kThreads)
+    if (column_key[d] != 0u) atomicMax(&keys[d], column_key[d]);
+}
+
+// Channel, pass 2: every element of a block of rows encoded with its column's inverse.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) channel_codes_kernel(QuantizeParams<T> p) {
+  extern __shared__ float column_inverse[];  // [D]
+  const int64_t bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const auto* keys = reinterpret_cast<const uint32_t*>(p.scales) + bh * p.D;
+  for (int64_t d = threadIdx.x; d < p.D; d += kThreads) column_inverse[d] = scale_of_key(keys[d]).inverse;
+  __syncthreads();
+  const int64_t lo = static_cast<int64_t>(blockIdx.x) * kChannelRows, hi = min_of<int64_t>(lo + kChannelRows, p.S);
+  const T* head = p.x + b * p.stride[0] + h * p.stride[1];
+  const int32_t* perm = p.perm != nullptr ? p.perm + bh * p.S : nullptr;
+  const float* shift = p.shift != nullptr ? p.shift + bh * p.D : nullptr;
+  uint8_t* codes = p.codes + (bh * p.S + lo) * p.D;
+  for (int64_t i = threadIdx.x; i < (hi - lo) * p.D; i += kThreads) {
+    const int64_t r = lo + i / p.D, d = i % p.D;
+    const int64_t src = perm != nullptr ? perm[r] : r;
+    if (src >= 0 && src < p.S) codes[i] = fp8::e4m3_encode(shifted(p, head, shift, src, d) * column_inverse[d]);
+  }
+}
+
+// Channel, pass 3: the column keys become the scales, in place.
+__global__ void channel_scales_kernel(float* scales, int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) scales[i] = scale_of_key(__float_as_uint(scales[i])).scale;
+}
+
+}  // namespace
+
+void quantize_e4m3(const TensorView& x, const TensorView& perm, const TensorView& offsets, const TensorView& shift,
+                   Fp8Scale granularity, int tile_rows, TensorView codes, TensorView scales, const Stream& stream) {
+  const int64_t B = x.shape[0], H = x.shape[1], S = x.shape[2], D = x.shape[3];
+  SAPATTN_CHECK(B * H <= 65535, UnsupportedError, "quantize_e4m3 on CUDA takes at most 65535 (b,h) pairs, got ",
+                x.describe());
+  SAPATTN_CHECK(S * D < (int64_t{1} << 31), UnsupportedError, "quantize_e4m3 on CUDA takes fewer than 2^31 ",
+                "elements per (b,h), got ", x.describe());
+  const bool per_channel = granularity == Fp8Scale::Channel, by_cluster = granularity == Fp8Scale::Cluster;
+  const int64_t C = by_cluster ? offsets.shape[2] - 1 : 0;
+  // The per-channel kernels keep one word per column in shared memory.
+  SAPATTN_CHECK(!per_channel || D * 4 <= 48 * 1024, UnsupportedError,
+                "quantize_e4m3 on CUDA takes head dims up to 12288 per channel, got ", x.describe());
+  // Tile and Cluster (tile_rows is not checked for the other granularities).
+  const int64_t groups = by_cluster ? C : per_channel ? 0 : ceil_div(S, tile_rows);
+  SAPATTN_CHECK(per_channel || groups < (int64_t{1} << 31), UnsupportedError,
+                "quantize_e4m3 on CUDA takes fewer than 2^31 groups per (b,h), got ", groups);
+  if (B * H == 0 || (!per_channel && S == 0)) return;
+  const DeviceGuard guard(stream.device);
+  const cudaStream_t s = stream_of(stream);
+  const bool checked = (!perm.empty() || by_cluster) && begin_value_check(stream);
+  dispatch_float(x.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    QuantizeParams<T> p{};
+    p.x = static_cast<const T*>(x.data);
+    for (int d = 0; d < 4; ++d) p.stride[d] = x.stride[d];
+    p.perm = perm.empty() ? nullptr : static_cast<const int32_t*>(perm.data);
+    p.offsets = by_cluster ? static_cast<const int32_t*>(offsets.data) : nullptr;
+    p.shift = shift.empty() ? nullptr : static_cast<const float*>(shift.data);
+    p.codes = static_cast<uint8_t*>(codes.data);
+    p.scales = static_cast<float*>(scales.data);
+    p.H = H;
+    p.S = S;
+    p.D = D;
+    p.clusters = C;
+    p.tile = tile_rows;
+    p.flag = value_error_flag();
+    const unsigned heads = static_cast<unsigned>(B * H);
+    if (per_channel) {
+      if (D == 0) return;
+      SAPATTN_CUDA_CHECK(cudaMemsetAsync(p.scales, 0, static_cast<size_t>(B * H * D) * sizeof(float), s));
+      const size_t smem = static_cast<size_t>(D) * 4;
+      const dim3 grid(static_cast<unsigned>(ceil_div(S, kChannelRows)), heads);
+      if (S > 0) {
+        channel_amax_kernel<T><<<grid, kThreads, smem, s>>>(p);
+        SAPATTN_CUDA_CHECK_LAUNCH();
+        channel_codes_kernel<T><<<grid, kThreads, smem, s>>>(p);
+        SAPATTN_CUDA_CHECK_LAUNCH();
+      }
+      // Zeroed keys (S = 0) become scale 0, as the CPU's amax of no rows.
+      const int64_t n = B * H * D;
+      channel_scales_kernel<<<static_cast<unsigned>(ceil_div(n, kThreads)), kThreads, 0, s>>>(p.scales, n);
+      SAPATTN_CUDA_CHECK_LAUNCH();
+      return;
+    }
+    const dim3 grid(static_cast<unsigned>(groups), heads);
+    if (by_cluster) {
+      quantize_groups_kernel<T, true><<<grid, kThreads, 0, s>>>(p);
+    } else {
+      quantize_groups_kernel<T, false><<<grid, kThreads, 0, s>>>(p);
+    }
+    SAPATTN_CUDA_CHECK_LAUNCH();
+  });
+  if (checked) end_value_check(stream, "quantize_e4m3");
+}
+
+}  // namespace sapattn::cuda
