@@ -25,6 +25,23 @@ namespace {
 
 using ref::Layout;
 
+// select_blocks' inputs for B x H heads: normal query and key centroids, key-cluster sizes in
+// [1, 300] with 20% empty clusters.
+struct SelectInputs {
+  HostTensor qc, kc, sizes;
+};
+SelectInputs random_inputs(int64_t B, int64_t H, int64_t Cq, int64_t Ck, int64_t D, ref::Rng& rng) {
+  SelectInputs in{poisoned(DType::F32, {B, H, Cq, D}), poisoned(DType::F32, {B, H, Ck, D}),
+                  poisoned(DType::I32, {B, H, Ck})};
+  for (HostTensor* t : {&in.qc, &in.kc})
+    ref::for_each_index(t->view, [&](const auto& idx) { ref::set(t->view, idx, rng.normal()); });
+  ref::for_each_index(in.sizes.view, [&](const auto& idx) {
+    const double u = rng.uniform();
+    ref::set(in.sizes.view, idx, u < 0.2 ? 0.0 : static_cast<double>(rng.integer(1, 300)));
+  });
+  return in;
+}
+
 struct SelCase {
   int64_t B, H, Cq, Ck, D;
   float top_p;
@@ -43,14 +60,7 @@ TEST_P(SelectCase, SelectBlocksExactKernelIsIdenticalToCpu) {
   const SelCase s = GetParam();
   const SelectKernelScope exact("exact");
   ref::Rng rng(testing_support::case_seed());
-  HostTensor qc = poisoned(DType::F32, {s.B, s.H, s.Cq, s.D}), kc = poisoned(DType::F32, {s.B, s.H, s.Ck, s.D});
-  HostTensor sizes = poisoned(DType::I32, {s.B, s.H, s.Ck});
-  for (HostTensor* t : {&qc, &kc})
-    ref::for_each_index(t->view, [&](const auto& idx) { ref::set(t->view, idx, rng.normal()); });
-  ref::for_each_index(sizes.view, [&](const auto& idx) {
-    const double u = rng.uniform();
-    ref::set(sizes.view, idx, u < 0.2 ? 0.0 : static_cast<double>(rng.integer(1, 300)));  // 20% empty clusters
-  });
+  auto [qc, kc, sizes] = random_inputs(s.B, s.H, s.Cq, s.Ck, s.D, rng);
   // With several (b,h), the last one has only empty key clusters: its rows keep nothing.
   if (s.B * s.H > 1)
     for (int64_t j = 0; j < s.Ck; ++j) ref::set(sizes.view, {s.B - 1, s.H - 1, j}, 0);
@@ -149,14 +159,7 @@ class SelectTolerance : public ::testing::TestWithParam<TolCase> {};
 TEST_P(SelectTolerance, SelectBlocksIsWithinToleranceOfCpu) {
   const TolCase s = GetParam();
   ref::Rng rng(testing_support::case_seed());
-  HostTensor qc = poisoned(DType::F32, {s.B, s.H, s.Cq, s.D}), kc = poisoned(DType::F32, {s.B, s.H, s.Ck, s.D});
-  HostTensor sizes = poisoned(DType::I32, {s.B, s.H, s.Ck});
-  for (HostTensor* t : {&qc, &kc})
-    ref::for_each_index(t->view, [&](const auto& idx) { ref::set(t->view, idx, rng.normal()); });
-  ref::for_each_index(sizes.view, [&](const auto& idx) {
-    const double u = rng.uniform();
-    ref::set(sizes.view, idx, u < 0.2 ? 0.0 : static_cast<double>(rng.integer(1, 300)));  // 20% empty clusters
-  });
+  auto [qc, kc, sizes] = random_inputs(s.B, s.H, s.Cq, s.Ck, s.D, rng);
   // Ties: from the first multiple of 4 past Ck/2, each group of 4 key clusters copies its first one
   // (centroid and size), so equal weights straddle the cut in many rows.
   const int64_t tie_start = (s.Ck / 2 + 3) / 4 * 4;
