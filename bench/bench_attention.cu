@@ -60,7 +60,7 @@ struct Options {
   int cq = 0, ck = 0;  // 0: the shape's official counts
   int threads = 0;     // generator threads, 0 = all
   bool cpu = false;    // run on the CPU backend (harness smoke test)
-  bool order = true;   // order_clusters on the key clusters after k-means ("--order chain"; "none": k-means numbering)
+  bool order = true;   // order_clusters on the query and key clusters after k-means ("--order chain"; "none": k-means numbering)
   std::vector<std::string> variants{"unfused", "fused_qk", "fused_q", "sorted_kv", "unfused_e2e"};  // --variants
 };
 
@@ -254,14 +254,16 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
         kmeans(k_video, kc.view(), kl_video, ks.view(), 50, st, ws);
       },
       0, 1);
-  // The key clusters renumbered so that similar ones are neighbours (what makes kept clusters form
-  // runs); timed apart, as svg2 pays it only when it clusters from scratch.
-  double order_ms = 0;
+  // The clusters renumbered so that similar ones are neighbours: key clusters so that kept ones form
+  // runs, query clusters so that a slab plan's mixed blocks unite similar clusters (attention.hpp);
+  // timed apart, as svg2 pays it only when it clusters from scratch.
+  double order_ms = 0, order_q_ms = 0;
   if (opt.order) {
-    const Buffer order_buf = Buffer::allocate(std::max<size_t>(order_clusters_workspace_bytes(BH, Ckv, D, dev), 256), dev);
+    const Buffer order_buf = Buffer::allocate(
+        std::max<size_t>(order_clusters_workspace_bytes(BH, std::max(Ckv, Cqv), D, dev), 256), dev);
     const Workspace order_ws{order_buf.data(), order_buf.bytes()};
     order_ms = rt.time([&] { order_clusters(kc.view(), ks.view(), kl_video, st, order_ws); }, 0, 1).median_ms;
-
+    order_q_ms = rt.time([&] { order_clusters(qc.view(), qs.view(), ql_video, st, order_ws); }, 0, 1).median_ms;
   }
   if (text) {
     label_text_tokens(ql.view(), Sv, preset.prompt_length, Cqv, st);
@@ -279,7 +281,7 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
   rt.sync();
   JsonLine().str("shape", name).str("op", "kmeans_50it_qk").num("ms", kmeans_t.median_ms, 5).print();
   JsonLine().str("shape", name).str("op", "order_clusters").str("order", opt.order ? "chain" : "none")
-      .num("ms", order_ms, 5).print();
+      .num("ms", order_ms, 5).num("q_ms", order_q_ms, 5).print();
   const std::vector<int32_t> q_off = rt.to_host<int32_t>(qo), k_off = rt.to_host<int32_t>(ko);
   print_size_summary(name, "q", q_off, BH, Cq + 1, Cqv);
   print_size_summary(name, "k", k_off, BH, Ck + 1, Ckv);
@@ -406,6 +408,10 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
     // pairs computed and discarded by padding (query rows to 64 per warpgroup, keys to 16-row slots
     // per run, as the TMA loads do, or per cluster, as they would without runs).
     double pairs = 0, runs = 0, kept = 0, rows_with_keys = 0, q_padded = 0, k_slots_runs = 0, k_slots_clusters = 0;
+    // Slab plans (attention.hpp): the pairs they compute and the keys their items read, against the
+    // per-cluster items' (the K/V reads: each item reads its keys once).
+    double cluster_reads = 0;
+    std::vector<int64_t> keys_of(static_cast<size_t>(BH * Cq));  // kept keys per (b,h, query cluster)
     for (int64_t r = 0; r < BH; ++r) {
       const int32_t* qo_r = &q_off[r * (Cq + 1)];
       const int32_t* ko_r = &k_off[r * (Ck + 1)];
@@ -429,6 +435,8 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
         }
         const int64_t n = qo_r[a + 1] - qo_r[a];
         pairs += static_cast<double>(keys) * static_cast<double>(n);
+        keys_of[static_cast<size_t>(r * Cq + a)] = keys;
+        cluster_reads += static_cast<double>((n + 127) / 128) * static_cast<double>(keys);
         if (keys == 0 || n == 0) continue;
         const int64_t computed = n / 128 * 128 + (n % 128 + 63) / 64 * 64;  // items of 128, warpgroups of 64
         q_padded += static_cast<double>(computed - n) * static_cast<double>(keys);
@@ -439,6 +447,51 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
         rows_with_keys += static_cast<double>(n);
       }
     }
+    // The slab plans on grids of 64 and 128 rows, as slab_items_kernel forms them: computed pairs,
+    // keys read, mixed items.
+    struct SlabStats {
+      double computed = 0, reads = 0, mixed = 0, items = 0;
+    };
+    auto slab_stats = [&](int32_t block) {
+      SlabStats acc;
+      for (int64_t r = 0; r < BH; ++r) {
+        const int32_t* qo_r = &q_off[r * (Cq + 1)];
+        const int32_t* ko_r = &k_off[r * (Ck + 1)];
+        const uint8_t* rows_mask = &m[r * Cq * Ck];
+        auto item = [&](int64_t rows, double keys) {
+          acc.computed += static_cast<double>((rows + 63) / 64 * 64) * keys;
+          acc.reads += keys;
+          acc.items += 1;
+        };
+        for (int64_t a = 0; a < Cq; ++a) {
+          const int32_t lo = qo_r[a], hi = qo_r[a + 1];
+          if (lo == hi) continue;
+          const double own = static_cast<double>(keys_of[r * Cq + a]);
+          const int32_t first = (lo + block - 1) / block * block, last = hi == S ? hi : hi / block * block;
+          for (int32_t q = first; q < last; q += 128) item(std::min(q + 128, last) - q, own);
+          if (hi == S || hi % block == 0 || lo > hi / block * block) continue;
+          const int32_t begin = hi / block * block, end = static_cast<int32_t>(std::min<int64_t>(begin + block, S));
+          std::vector<int64_t> members;
+          for (int64_t c = a; c < Cq && qo_r[c] < end; ++c)
+            if (qo_r[c + 1] > qo_r[c]) members.push_back(c);
+          if (members.size() > static_cast<size_t>(cuda::attn::kMaxMembers)) {
+            for (int64_t c : members)
+              item(std::min(qo_r[c + 1], end) - std::max(qo_r[c], begin), static_cast<double>(keys_of[r * Cq + c]));
+            continue;
+          }
+          double united = 0;
+          for (int64_t c = 0; c < Ck; ++c) {
+            bool any = false;
+            for (int64_t j : members) any = any || rows_mask[j * Ck + c] != 0;
+            if (any) united += ko_r[c + 1] - ko_r[c];
+          }
+          item(end - begin, united);
+          acc.mixed += 1;
+        }
+      }
+      return acc;
+    };
+    const SlabStats slab64 = slab_stats(64), slab128 = slab_stats(128);
     const double density = pairs / dense_pairs;
     char tag[32];
     std::snprintf(tag, sizeof(tag), "d%.3f", target);
@@ -465,6 +518,12 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
         .num("q_pad_share", q_padded / std::max(pairs + q_padded, 1.0), 5)
         .num("k_pad_share_slot16_runs", 1.0 - pairs / std::max(k_slots_runs, 1.0), 5)
         .num("k_pad_share_slot16_clusters", 1.0 - pairs / std::max(k_slots_clusters, 1.0), 5)
+        .num("slab64_pad_share", 1.0 - pairs / std::max(slab64.computed, 1.0), 5)
+        .num("slab64_reads_vs_clusters", slab64.reads / std::max(cluster_reads, 1.0), 5)
+        .num("slab64_mixed_item_share", slab64.mixed / std::max(slab64.items, 1.0), 5)
+        .num("slab128_pad_share", 1.0 - pairs / std::max(slab128.computed, 1.0), 5)
+        .num("slab128_reads_vs_clusters", slab128.reads / std::max(cluster_reads, 1.0), 5)
+        .num("slab128_mixed_item_share", slab128.mixed / std::max(slab128.items, 1.0), 5)
         .str("q_offsets", "q_offsets.npy")
         .str("k_offsets", "k_offsets.npy")
         .str("mask", mask_file);
@@ -550,7 +609,7 @@ int usage(const char* argv0, bool asked = false) {
   std::fprintf(asked ? stdout : stderr,
                "usage: %s [--shape wan13b|wan14b|hunyuan|all[,...]] [--densities 0.05,0.1,...] [--out DIR]\n"
                "          [--iters N] [--warmup N] [--kernels auto,cpasync,tma,sm80] [--seed N] [--cq N] [--ck N] [--threads N]\n"
-               "          [--order chain|none]   (key clusters renumbered by order_clusters, the default, or as k-means left them)\n"
+               "          [--order chain|none]   (query and key clusters renumbered by order_clusters, the default, or as k-means left them)\n"
                "          [--variants unfused,fused_qk,fused_q,sorted_kv,unfused_e2e]   (the sparse calls to time; default all)\n"
                "          [--cpu]   (CPU backend, for a smoke test on --shape tiny or tiny-text)\n",
                argv0);

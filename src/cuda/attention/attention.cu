@@ -168,6 +168,8 @@ void block_sparse_attention(const TensorView& q, const TensorView& k, const Tens
   if (BH == 0 || Sq == 0) return;
   const int phases = k.shape[2] == 0 ? 1 : key_phases(q.dtype, stream.device.index, p.head_dim);
   p.pair = is_sm90(q.dtype, stream.device.index, p.head_dim) && attn::sm90_pairs(p);
+  const int slab_rows =
+      phases == 1 && is_sm90(q.dtype, stream.device.index, p.head_dim) ? attn::sm90_slab_rows(p) : 0;
   Carver carver("block_sparse_attention", workspace);
   const size_t plan_bytes = attn::plan_workspace_bytes(BH, Cq, Ck, Sq);
   const Workspace plan_workspace{carver.take_bytes(plan_bytes), plan_bytes};
@@ -181,7 +183,7 @@ void block_sparse_attention(const TensorView& q, const TensorView& k, const Tens
   const bool checked = begin_value_check(stream);
   for (int phase = 0; phase < phases; ++phase) {
     p.plan = attn::build_plan(layout, Sq, k.shape[2], plan_workspace, stream_of(stream), phase, phases,
-                              p.pair ? attn::kPairTileQ : attn::kTileQ);
+                              p.pair ? attn::kPairTileQ : attn::kTileQ, slab_rows);
     p.accumulate = phase > 0;
     launch(p, q.dtype, stream.device.index, stream_of(stream));
   }

@@ -84,32 +84,42 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
     cute::gemm(mma_pv, tOrP, tOrV(_, _, _, stage), tOrO);
     warpgroup_commit_batch();
   };
-  // The key counts of the tile in `stage`'s 16 slots (TMA loads), read before the stage is released.
+  // The key counts of the tile in `stage`'s slots (TMA loads) and, in a mixed item, the members that
+  // keep each slot's keys: read before the stage is released.
   using Counts = uint32_t[Tr::kCountWords];
-  auto read_counts = [&](int stage, Counts& counts) {
+  bool mixed = false;              // the current item is a mixed block of a slab plan
+  uint32_t row_bit[2] = {1u, 1u};  // this thread's two rows' members as bits of a slot's members byte (1 unmixed)
+  auto read_counts = [&](int stage, Counts& counts, Counts& members) {
     if constexpr (kTma) {
       CUTLASS_PRAGMA_UNROLL
       for (int j = 0; j < Tr::kCountWords; ++j) counts[j] = s.slot_count[stage][j];
+      if (mixed) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < Tr::kCountWords; ++j) members[j] = s.slot_members[stage][j];
+      }
     }
   };
   // Online softmax of the tile in tSrS (key tile n): masks what is not a key (past the end; with TMA
-  // loads in the sparse mode, the rows of a slot past its cluster's end), updates the row maxima and
-  // sums, leaves exp(S - max) in tSrS and returns the factor O must be rescaled by.
+  // loads in the sparse mode, the rows of a slot past its cluster's end, and in a mixed item the
+  // slots whose keys the row's own cluster does not keep), updates the row maxima and sums, leaves
+  // exp(S - max) in tSrS and returns the factor O must be rescaled by. A row may see no key in a tile
+  // of a mixed item (its maximum stays -inf), so the exponent's offset treats -inf as 0.
   const bool slot_masks = kTma && !p.dense;
-  auto softmax = [&](int n, int keys, const Counts& counts, float(&rescale)[2]) {
+  auto softmax = [&](int n, int keys, const Counts& counts, const Counts& members, float(&rescale)[2]) {
     warpgroup_fence_operand(tSrS);
     // Accumulator value (c, r, g) is row lane/4 + 8r (+16 warp), column 8g + 2(lane%4) + c.
     if (slot_masks) {
       constexpr int kGroups = Tr::kSlotRows / 8;  // 8-column groups per slot
-      bool full = true;
+      bool full = !mixed;
       CUTLASS_PRAGMA_UNROLL
       for (int j = 0; j < Tr::kSlots; ++j) full = full && ((counts[j / 4] >> (8 * (j % 4))) & 0xff) == Tr::kSlotRows;
       if (!full) {
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < size(tSrS); ++i) {
-          const int c = i % 2, g = i / 4, slot = g / kGroups;
+          const int c = i % 2, r = i / 2 % 2, g = i / 4, slot = g / kGroups;
           const int count = (counts[slot / 4] >> (8 * (slot % 4))) & 0xff;
-          if (8 * (g % kGroups) + 2 * (lane % 4) + c >= count) tSrS(i) = -INFINITY;
+          const uint32_t keep = mixed ? members[slot / 4] >> (8 * (slot % 4)) : 1u;
+          if (8 * (g % kGroups) + 2 * (lane % 4) + c >= count || (keep & row_bit[r]) == 0) tSrS(i) = -INFINITY;
         }
       }
     }
@@ -128,10 +138,12 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       for (int g = 0; g < kBlockN / 8; ++g) mx = fmaxf(mx, fmaxf(tSrS(4 * g + 2 * r), tSrS(4 * g + 2 * r + 1)));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-      // Every tile holds at least one key, so mx is finite; exp2(-inf) = 0 on the first tile.
-      rescale[r] = fast_exp2((row_max[r] - mx) * scale_log2);
+      // Outside mixed items every tile holds a key of every row, so mx is finite; exp2(-inf) = 0 on
+      // the first tile.
+      const float mx_finite = mx == -INFINITY ? 0.0f : mx;
+      rescale[r] = fast_exp2((row_max[r] - mx_finite) * scale_log2);
       row_max[r] = mx;
-      const float offset = mx * scale_log2;
+      const float offset = mx_finite * scale_log2;
       float sum = 0.0f;
       CUTLASS_PRAGMA_UNROLL
       for (int g = 0; g < kBlockN / 8; ++g) CUTLASS_PRAGMA_UNROLL
@@ -177,6 +189,10 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
     // tiles w, w + 2, ..., and warpgroup 0 merges the two halves (by their row maxima) before the
     // epilogue. Unsplit, such an item would leave warpgroup 1 idle and run at half the pair rate.
     const bool split = p.split_tails && it.rows > 0 && it.rows <= 64 && n_blocks >= 2;
+    mixed = !kPair && it.members > 1;  // pairs take no slab plan (attention.hpp)
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < 2; ++r)
+      row_bit[r] = mixed ? 1u << member_of(it, (split ? 0 : 64 * wg) + 16 * warp + lane / 4 + 8 * r) : 1u;
     const auto stage_of = [&](int n) { return (tile_count + n) % Tr::kStages; };
     const auto phase_of = [&](int n) { return ((tile_count + n) / Tr::kStages) & 1; };
     // A key tile this warpgroup does not compute: released once loaded, which keeps every stage's
@@ -207,17 +223,17 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
     const int step = split ? 2 : 1, first = split ? wg : 0;
     if (first < n_blocks) {
       float rescale[2];
-      Counts counts;
+      Counts counts, members = {};
       if (first > 0) release(0);
       int stage = stage_of(first), phase = phase_of(first);
       Barrier::wait(&s.k_full[stage], phase);
-      read_counts(stage, counts);
+      read_counts(stage, counts, members);
       wait_turn();
       issue_qk(stage, split);
       pass_turn();
       warpgroup_wait<0>();
       free_stage(s.k_empty[stage]);
-      softmax(first, it.keys, counts, rescale);
+      softmax(first, it.keys, counts, members, rescale);
       convert_p();
       for (int n = first + step; n < n_blocks; n += step) {
         if (split) release(n - 1);
@@ -225,7 +241,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
         stage = stage_of(n);
         phase = phase_of(n);
         Barrier::wait(&s.k_full[stage], phase);
-        read_counts(stage, counts);
+        read_counts(stage, counts, members);
         Barrier::wait(&s.v_full[prev_stage], prev_phase);
         wait_turn();
         issue_qk(stage, split);
@@ -233,7 +249,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
         pass_turn();
         warpgroup_wait<1>();  // S of tile n is ready; P V of the previous tile may still run
         free_stage(s.k_empty[stage]);
-        softmax(n, it.keys, counts, rescale);
+        softmax(n, it.keys, counts, members, rescale);
         warpgroup_wait<0>();
         free_stage(s.v_empty[prev_stage]);
         warpgroup_fence_operand(tOrO);
@@ -278,8 +294,9 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
         CUTLASS_PRAGMA_UNROLL
         for (int r = 0; r < 2; ++r) {
           const float m1 = s.merge_max[r][thread], m = fmaxf(row_max[r], m1);
-          own[r] = fast_exp2((row_max[r] - m) * scale_log2);
-          other[r] = fast_exp2((m1 - m) * scale_log2);
+          const float m_finite = m == -INFINITY ? 0.0f : m;  // a mixed item's row may have no key at all
+          own[r] = fast_exp2((row_max[r] - m_finite) * scale_log2);
+          other[r] = fast_exp2((m1 - m_finite) * scale_log2);
           row_sum[r] = row_sum[r] * own[r] + s.merge_sum[r][thread] * other[r];
           row_max[r] = m;
         }

@@ -66,6 +66,7 @@ struct Traits {
     // j's rows are keys (the rest are masked), and item_blocks is the current item's number of key
     // tiles.
     uint32_t slot_count[kStages][kCountWords];  // per slot: how many of its rows are keys
+    uint32_t slot_members[kStages][kCountWords];  // a mixed item's: per slot, the members that keep its keys
     int32_t item_blocks;
     int32_t item_index;  // dynamic scheduling: the item the producer took (num_items: none left)
     // A split item's merge: warpgroup 1's row maxima and partial sums, per thread (its O goes
