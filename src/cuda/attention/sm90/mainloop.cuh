@@ -109,17 +109,22 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
     warpgroup_fence_operand(tSrS);
     // Accumulator value (c, r, g) is row lane/4 + 8r (+16 warp), column 8g + 2(lane%4) + c.
     if (slot_masks) {
+      // Slot by slot: a slot's count is the same in every thread, so the branch is uniform, and only
+      // the partial slots (a run's last, one or two per tile) pay for the per-element masks; a mixed
+      // item also masks the slots a row's own cluster does not keep.
       constexpr int kGroups = Tr::kSlotRows / 8;  // 8-column groups per slot
-      bool full = !mixed;
+      constexpr int kPerSlot = 4 * kGroups;       // accumulator values of a slot per thread
       CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < Tr::kSlots; ++j) full = full && ((counts[j / 4] >> (8 * (j % 4))) & 0xff) == Tr::kSlotRows;
-      if (!full) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < size(tSrS); ++i) {
-          const int c = i % 2, r = i / 2 % 2, g = i / 4, slot = g / kGroups;
-          const int count = (counts[slot / 4] >> (8 * (slot % 4))) & 0xff;
-          const uint32_t keep = mixed ? members[slot / 4] >> (8 * (slot % 4)) : 1u;
-          if (8 * (g % kGroups) + 2 * (lane % 4) + c >= count || (keep & row_bit[r]) == 0) tSrS(i) = -INFINITY;
+      for (int j = 0; j < Tr::kSlots; ++j) {
+        const int count = (counts[j / 4] >> (8 * (j % 4))) & 0xff;
+        const uint32_t keep = mixed ? members[j / 4] >> (8 * (j % 4)) : 1u;
+        if (count < Tr::kSlotRows || mixed) {
+          const int limit = count - 2 * (lane % 4);  // this thread's column c of group g is a key iff 8 g + c < limit
+          CUTLASS_PRAGMA_UNROLL
+          for (int e = 0; e < kPerSlot; ++e) {
+            const int i = j * kPerSlot + e, c = i % 2, r = i / 2 % 2, g = i / 4;
+            if (8 * (g % kGroups) + c >= limit || (keep & row_bit[r]) == 0) tSrS(i) = -INFINITY;
+          }
         }
       }
     }
