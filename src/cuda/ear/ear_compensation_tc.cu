@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/attention/flash_tile.cuh"
 #include "cuda/ear/ear.cuh"
@@ -81,13 +82,17 @@ struct TcParams : ear::CompensationIo {
   float inv_scale;               // 1 / scale
 };
 
-// What the main loop needs about the block's work. It lives in shared memory: with O, S and the
-// softmax state of two m16 tiles at head dim 128, the loop has no registers to spare for it.
+// What the main loop and the list builds need about the block's work, set by thread 0. It lives in
+// shared memory: with O, S and the softmax state of two m16 tiles at head dim 128, the loop has no
+// registers to spare for it (the list build's row pointers, the same in every window, were hoisted
+// out of the window loop into registers and spilled).
 struct Item {
   const Op* k_head;         // this head's pseudo-key operands [Ck, Dp]
   const Op* v_head;         // (null with pair values)
   const float* pair_head;   // the pair values of cluster a [Ck, D], or null
-  int64_t a;                // the query cluster
+  const float* log_size;    // this head's log|K_c| [Ck]
+  const uint8_t* mask_row;  // mask[b, h, a, :]
+  const float* spread_row;  // spread[b, h, a, :], or null
 };
 
 // Shared memory of a block, in bytes.
@@ -102,12 +107,19 @@ struct Layout {
   static constexpr int kOffRows = kOffBias + kWindow * 4;       // int32 [128]: token row of each tile row, -1 none
   static constexpr int kOffState = kOffRows + kTileRows * 4;    // float2 [128]: (max, sum) of each row
   static constexpr int kOffItem = kOffState + kTileRows * 8;    // Item
-  static constexpr int kOffScan = kOffItem + 32;                 // int32 [kWarps]: list build
+  static constexpr int kOffScan = kOffItem + 48;                 // int32 [kWarps]: list build
   static constexpr int kBytes = kOffScan + kWarps * 4;
-  static_assert(sizeof(Item) <= 32 && kOffItem % alignof(Item) == 0);
+  static_assert(sizeof(Item) <= 48 && kOffItem % alignof(Item) == 0);
   // After the main loop each warp stages one m16 tile of O in fp32 in its own 32 rows of the Q tile.
   static_assert(16 * Dp * 4 <= kWarpRows * kRowBytes);
 };
+
+// The thread index, opaque to the compiler: what the tile loop and the epilogue derive from it (copy
+// and ldmatrix offsets, the lane's rows) is recomputed where it is used, a few integer operations a
+// tile, instead of being held in registers through the loop. O, S and the softmax state of two m16
+// tiles at Dp = 128 nearly fill the 255 registers: the loop needs ~236 (with nvcc 13.0, capped at
+// 236 it compiles without spills on sm_80 and sm_90, at 232 it spills).
+__device__ __forceinline__ int thread_index() { return static_cast<int>(opaque(threadIdx.x)); }
 
 __host__ __device__ constexpr int64_t first_block(int64_t offset, int64_t cluster) {
   return (offset + cluster * (kTileRows - 1) + kTileRows - 1) / kTileRows;
@@ -178,12 +190,12 @@ __device__ __forceinline__ void load_q_tile(const TcParams& p, const int32_t* ro
 // spread[a, c]) / scale; entries up to the next multiple of kTileK are padding (-1, kPadBias).
 // Returns their count (the same in every thread). Thread t looks at candidates w0 + kPerThread t + e;
 // a block scan places them.
-__device__ __forceinline__ int build_list(const TcParams& p, int64_t a, int w0, int32_t* list, float* bias, int* scan) {
+__device__ __forceinline__ int build_list(const TcParams& p, const Item& item, int w0, int32_t* list, float* bias,
+                                          int* scan) {
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int64_t bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
   const int c0 = w0 + tid * kPerThread;  // Ck < 2^30 (checked on the host)
-  const float* log_size = p.log_size + bh * p.Ck;
-  const uint8_t* mask_row = &p.mask.at(b, h, a, 0);
+  const float* log_size = item.log_size;
+  const uint8_t* mask_row = item.mask_row;
   // Mask column c / m of the candidates, stepped without a division per candidate.
   int column = c0 / p.per_column, in_column = c0 - column * p.per_column;
   uint32_t bits = 0;
@@ -216,7 +228,7 @@ __device__ __forceinline__ int build_list(const TcParams& p, int64_t a, int w0, 
     if (!((bits >> e) & 1u)) continue;
     const int c = c0 + e;
     float logit = log_size[c];
-    if (p.spread.data != nullptr) logit += p.spread.at(b, h, a, c);
+    if (item.spread_row != nullptr) logit += item.spread_row[c * p.spread.s3];
     list[pos] = c;
     bias[pos] = logit * p.inv_scale;
     ++pos;
@@ -268,7 +280,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) compensation_tc_kernel(const Tc
   int32_t* rows = reinterpret_cast<int32_t*>(smem + L::kOffRows);
   float2* state = reinterpret_cast<float2*>(smem + L::kOffState);
   int* scan = reinterpret_cast<int*>(smem + L::kOffScan);
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int tid = threadIdx.x, warp = tid / 32;
   const int64_t bh = blockIdx.y;
 
   // ---- the work item: sorted rows [r0, r1) of query cluster a --------------------------------------
@@ -288,9 +300,15 @@ __global__ void __launch_bounds__(kTcThreads, 2) compensation_tc_kernel(const Tc
   if (r0 >= r1) return;  // between two clusters' blocks, or past the last
   const int n_rows = static_cast<int>(min_of<int64_t>(r1 - r0, kTileRows));
   rows[tid] = tid < n_rows ? p.order[bh * p.N + r0 + tid] : -1;
-  if (tid == 0)
-    item = Item{p.k_op + bh * p.ck_pad * Dp, kPairValues ? nullptr : p.v_op + bh * p.ck_pad * Dp,
-                kPairValues ? p.pair_values + (bh * p.Cq + a) * p.Ck * p.D : nullptr, a};
+  if (tid == 0) {
+    const int64_t b = bh / p.H, h = bh % p.H;
+    item = Item{p.k_op + bh * p.ck_pad * Dp,
+                kPairValues ? nullptr : p.v_op + bh * p.ck_pad * Dp,
+                kPairValues ? p.pair_values + (bh * p.Cq + a) * p.Ck * p.D : nullptr,
+                p.log_size + bh * p.Ck,
+                &p.mask.at(b, h, a, 0),
+                p.spread.data != nullptr ? &p.spread.at(b, h, a, 0) : nullptr};
+  }
   __syncthreads();
   switch (p.q_dtype) {
     case DType::F32:
@@ -305,11 +323,6 @@ __global__ void __launch_bounds__(kTcThreads, 2) compensation_tc_kernel(const Tc
   }
 
   // ---- the pseudo-keys a skips, streamed through the flash-attention steps ----------------------------
-  const int g = lane / 4, t4 = lane % 4;
-  const flash::LaneOffsets lanes = flash::lane_offsets<Dp>(lane, warp * kWarpRows);
-  // A warp whose 32 rows are all past the cluster's end loads its share of the tiles but computes
-  // nothing (a cluster wastes < 32 rows of work instead of < 128).
-  const bool warp_live = warp * kWarpRows < n_rows;
   const uint32_t q_tile = smem_addr(smem + L::kOffQ);
   const uint32_t k_tile = smem_addr(smem + L::kOffK);
   const uint32_t v_tile = smem_addr(smem + L::kOffV);
@@ -320,7 +333,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) compensation_tc_kernel(const Tc
   // Tiles are copied as rows of 16-byte chunks: thread t copies chunk t % kChunks of every
   // (kTcThreads / kChunks)-th row. A padding entry (-1) becomes a zero row: finite scores, 0 * V = 0.
   auto load_operand = [&](uint32_t dst, const Op* head, int n) {
-    const int load_row = tid / kChunks, load_chunk = tid % kChunks;
+    const int t = thread_index(), load_row = t / kChunks, load_chunk = t % kChunks;
 #pragma unroll
     for (int u = 0; u < kTileK * kChunks / kTcThreads; ++u) {
       const int row = load_row + u * (kTcThreads / kChunks);
@@ -332,7 +345,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) compensation_tc_kernel(const Tc
   };
   // Pair values [Cq * Ck, D] f32: row a * Ck + c, rounded to bf16 on the way (no cp.async).
   auto store_pair_values = [&](int n) {
-    const int load_row = tid / kChunks, load_chunk = tid % kChunks;
+    const int t = thread_index(), load_row = t / kChunks, load_chunk = t % kChunks;
     const float* head = item.pair_head;
 #pragma unroll
     for (int u = 0; u < kTileK * kChunks / kTcThreads; ++u) {
@@ -344,64 +357,84 @@ __global__ void __launch_bounds__(kTcThreads, 2) compensation_tc_kernel(const Tc
     }
   };
 
-  bool skipped = false;  // the same in every thread
-  for (int w0 = 0; w0 < p.Ck; w0 += kWindow) {
-    __syncthreads();  // the Q tile and item are stored; every warp is done with the previous window's list and tiles
-    const int count = build_list(p, item.a, w0, list, bias, scan);
-    skipped = skipped || count > 0;
-    const int tiles = (count + kTileK - 1) / kTileK;
-    if (tiles == 0) continue;
-    load_operand(k_tile, item.k_head, 0);
-    cp_async_commit();
-    for (int n = 0; n < tiles; ++n) {
-      cp_async_wait<0>();
-      __syncthreads();  // K[n] landed; every warp is done with V[n - 1]
-      if constexpr (kPairValues) {
-        store_pair_values(n);
-      } else {
-        load_operand(v_tile, item.v_head, n);
-        cp_async_commit();
-      }
-
-      // ---- S = bias + Q Kbar^T, in units of the dot product ---------------------------------------
-      // Column j * 8 + 2 t4 (+ 1) of the tile starts at (log|K| + spread) / scale (the accumulators
-      // carry it for free); s scale log2 e is then the logit in the log2 domain, as the attention's.
-      const uint32_t q_at = opaque(lanes.q), k_at = opaque(lanes.k), v_at = opaque(lanes.v);
-      float s[kMTiles][kNTiles][4];
-      if (warp_live) {
-#pragma unroll
-        for (int j = 0; j < kNTiles; ++j) {
-          const float2 bj = *reinterpret_cast<const float2*>(bias + n * kTileK + j * 8 + 2 * t4);
-#pragma unroll
-          for (int mt = 0; mt < kMTiles; ++mt) {
-            s[mt][j][0] = s[mt][j][2] = bj.x;
-            s[mt][j][1] = s[mt][j][3] = bj.y;
-          }
+  // The window and tile loop. A warp whose 32 rows are all past the cluster's end loads its share of
+  // the tiles and meets every barrier but computes nothing (a cluster wastes < 32 rows of work
+  // instead of < 128). The loop is instantiated once for each kind of warp (kCompute) rather than
+  // branching on a runtime flag around the tile steps: with such branches S is defined on one path
+  // only, and ptxas used all 255 registers even at Dp = 64 and spilled 8-16 bytes. The two kinds
+  // meet the same block barriers in the same order from different instructions, each warp converged
+  // (its kind is the same for all its lanes): barrier 0 counts the warps that arrive wherever they
+  // arrive from, as the sm90 kernels' ping-pong named barriers do (CUTLASS's bar.sync and bar.arrive
+  // in the two consumer warpgroups' different code).
+  // Returns whether the cluster skips any pseudo-key (the same in every thread).
+  auto stream = [&](auto compute) {
+    constexpr bool kCompute = decltype(compute)::value;
+    bool skipped = false;
+    for (int w0 = 0; w0 < p.Ck; w0 += kWindow) {
+      __syncthreads();  // the Q tile and item are stored; every warp is done with the previous window's list and tiles
+      const int count = build_list(p, item, w0, list, bias, scan);
+      skipped = skipped || count > 0;
+      const int tiles = (count + kTileK - 1) / kTileK;
+      if (tiles == 0) continue;
+      load_operand(k_tile, item.k_head, 0);
+      cp_async_commit();
+      for (int n = 0; n < tiles; ++n) {
+        cp_async_wait<0>();
+        __syncthreads();  // K[n] landed; every warp is done with V[n - 1]
+        if constexpr (kPairValues) {
+          store_pair_values(n);
+        } else {
+          load_operand(v_tile, item.v_head, n);
+          cp_async_commit();
         }
-        flash::qk_tile<Op, kMTiles, kNTiles, Dp>(s, q_tile, q_at, k_tile, k_at);
-      }
 
-      cp_async_wait<0>();
-      __syncthreads();  // V[n] landed (or is stored); every warp is done with K[n]
-      if (n + 1 < tiles) {
-        load_operand(k_tile, item.k_head, n + 1);
-        cp_async_commit();
-      }
+        // ---- S = bias + Q Kbar^T, in units of the dot product ---------------------------------------
+        // Column j * 8 + 2 t4 (+ 1) of the tile starts at (log|K| + spread) / scale (the accumulators
+        // carry it for free); s scale log2 e is then the logit in the log2 domain, as the attention's.
+        const int t = thread_index(), t4 = t % 4;
+        const flash::LaneOffsets at = flash::lane_offsets<Dp>(t % 32, t / 32 * kWarpRows);
+        float s[kMTiles][kNTiles][4];
+        if constexpr (kCompute) {
+#pragma unroll
+          for (int j = 0; j < kNTiles; ++j) {
+            const float2 bj = *reinterpret_cast<const float2*>(bias + n * kTileK + j * 8 + 2 * t4);
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt) {
+              s[mt][j][0] = s[mt][j][2] = bj.x;
+              s[mt][j][1] = s[mt][j][3] = bj.y;
+            }
+          }
+          flash::qk_tile<Op, kMTiles, kNTiles, Dp>(s, q_tile, at.q, k_tile, at.k);
+        }
 
-      // ---- online softmax, O += P Vbar ---------------------------------------------------------------
-      if (warp_live) {
-        float base[2 * kMTiles], rescale[2 * kMTiles];
-        flash::softmax_step(s, p.scale_log2, row_max, row_sum, base, rescale);
-        flash::rescale_o(o, rescale);
-        flash::pv_tile<Op, kMTiles, kNTiles, kDTiles>(o, s, p.scale_log2, base, row_sum, v_tile, v_at);
+        cp_async_wait<0>();
+        __syncthreads();  // V[n] landed (or is stored); every warp is done with K[n]
+        if (n + 1 < tiles) {
+          load_operand(k_tile, item.k_head, n + 1);
+          cp_async_commit();
+        }
+
+        // ---- online softmax, O += P Vbar ---------------------------------------------------------------
+        if constexpr (kCompute) {
+          float base[2 * kMTiles], rescale[2 * kMTiles];
+          flash::softmax_step(s, p.scale_log2, row_max, row_sum, base, rescale);
+          flash::rescale_o(o, rescale);
+          flash::pv_tile<Op, kMTiles, kNTiles, kDTiles>(o, s, p.scale_log2, base, row_sum, v_tile, at.v);
+        }
       }
     }
+    return skipped;
+  };
+  if (warp * kWarpRows >= n_rows) {
+    stream(std::false_type{});
+    return;
   }
   // A cluster that skips nothing keeps its rows as the attention wrote them.
-  if (!skipped || !warp_live) return;
+  if (!stream(std::true_type{})) return;
 
   // ---- epilogue: merge with (out, lse) through the log-sum-exp (write_rows) ----------------------------
   // The warp's O goes through its own 32 Q rows (no other warp reads them), one m16 tile at a time.
+  const int t = thread_index(), g = t % 32 / 4, t4 = t % 4;
   float* stage = reinterpret_cast<float*>(smem + L::kOffQ + warp * kWarpRows * L::kRowBytes);
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {

@@ -42,8 +42,8 @@ constexpr int kWarpRows = kTcRows / kTcWarps;  // 32: two m16 tiles share every 
 constexpr int kMTiles = kWarpRows / 16;
 constexpr int kNTiles = kTcKeys / 8;  // n8 tiles of S per m16 tile (prefilter)
 // The mass kernel: 8 warps of one m16 tile each, so that O (128 columns: 64 registers) and S (64 keys:
-// 32) leave room for the rest (two m16 tiles a warp, as the prefilter and ear_compensation_tc, need
-// 255 registers and spill).
+// 32) leave room for the rest (two m16 tiles a warp, as the prefilter and ear_compensation_tc, take
+// ~236 registers for O, S and their softmax state in ear_compensation_tc's loop).
 constexpr int kMassWarps = 8;
 constexpr int kMassThreads = kMassWarps * 32;
 constexpr int kMassWarpRows = kTcRows / kMassWarps;
