@@ -345,8 +345,8 @@ void expect_same_plan(const Plan& got, const Plan& want, const std::string& what
 }
 
 struct PlanWorkspace {
-  explicit PlanWorkspace(const HostLayout& l)
-      : bytes(attn::plan_workspace_bytes(l.heads(), l.Cq, l.Ck, l.Sq)), buffer(device_workspace(bytes)) {}
+  explicit PlanWorkspace(const HostLayout& l, bool slabs = false)
+      : bytes(attn::plan_workspace_bytes(l.heads(), l.Cq, l.Ck, l.Sq, slabs)), buffer(device_workspace(bytes)) {}
   Workspace workspace() const { return {buffer.data(), bytes}; }
   void poison() const { SAPATTN_CUDA_CHECK(cudaMemset(buffer.data(), 0xff, buffer.bytes())); }
   size_t bytes;
@@ -407,7 +407,7 @@ TEST_P(PlanCaseTest, SlabsMatchHostConstruction) {
     const int32_t block = trial % 2 == 0 ? 64 : 128;
     const HostLayout l = make_layout(rng, pc.B, pc.H, pc.Cq, pc.Ck, pc.sizes, pc.strided);
     const DeviceLayout d = to_device(l);
-    const PlanWorkspace ws(l);
+    const PlanWorkspace ws(l, true);
     ws.poison();
     NonBlockingStream cs;
     const attn::PlanView view =
@@ -443,7 +443,7 @@ TEST(Plan, SlabsOfSmallClusters) {
     }
     l.Sq = total;
     const DeviceLayout d = to_device(l);
-    const PlanWorkspace ws(l);
+    const PlanWorkspace ws(l, true);
     ws.poison();
     NonBlockingStream cs;
     const Plan want = host_slab_plan(l, std::vector<bool>(static_cast<size_t>(l.heads()), true), block);
@@ -493,6 +493,12 @@ TEST(Plan, SmallWorkspaceThrows) {
                WorkspaceError);
   EXPECT_THROW(attn::build_plan(d.view, l.Sq, l.Sk, Workspace{}, cs.handle()), WorkspaceError);
   EXPECT_NO_THROW(attn::build_plan(d.view, l.Sq, l.Sk, ws.workspace(), cs.handle()));
+  // A slab plan needs its mixed rows' room too: a workspace sized without it is too small.
+  EXPECT_THROW(attn::build_plan(d.view, l.Sq, l.Sk, ws.workspace(), cs.handle(), 0, 1, attn::kTileQ, 64),
+               WorkspaceError);
+  const PlanWorkspace slab_ws(l, true);
+  EXPECT_GT(slab_ws.bytes, ws.bytes);
+  EXPECT_NO_THROW(attn::build_plan(d.view, l.Sq, l.Sk, slab_ws.workspace(), cs.handle(), 0, 1, attn::kTileQ, 64));
   SAPATTN_CUDA_CHECK(cudaStreamSynchronize(cs.handle()));
 }
 

@@ -149,7 +149,8 @@ AttentionKernel attention_kernel(int device, DType dtype, int64_t head_dim) {
 size_t block_sparse_attention_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters,
                                               int64_t q_tokens) {
   Carver carver("block_sparse_attention");
-  carver.take_bytes(attn::plan_workspace_bytes(batch_heads, q_clusters, k_clusters, q_tokens));
+  carver.take_bytes(attn::plan_workspace_bytes(batch_heads, q_clusters, k_clusters, q_tokens,
+                                               attn::requested_slab_rows() > 0));
   carver.take<float>(batch_heads * q_tokens);
   return carver.used();
 }
@@ -171,7 +172,7 @@ void block_sparse_attention(const TensorView& q, const TensorView& k, const Tens
   const int slab_rows =
       phases == 1 && is_sm90(q.dtype, stream.device.index, p.head_dim) ? attn::sm90_slab_rows(p) : 0;
   Carver carver("block_sparse_attention", workspace);
-  const size_t plan_bytes = attn::plan_workspace_bytes(BH, Cq, Ck, Sq);
+  const size_t plan_bytes = attn::plan_workspace_bytes(BH, Cq, Ck, Sq, slab_rows > 0);
   const Workspace plan_workspace{carver.take_bytes(plan_bytes), plan_bytes};
   float* lse_scratch = carver.take<float>(BH * Sq);
   if (phases > 1 && p.lse == nullptr) {  // the phases merge through an lse: the workspace's, [B, H, Sq]

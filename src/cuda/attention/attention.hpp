@@ -99,7 +99,14 @@ inline int64_t max_work_items(int64_t batch_heads, int64_t q_clusters, int64_t q
 }
 
 // Workspace bytes of a plan (items, sort scratch, segments, counts), 256-byte aligned pieces.
-size_t plan_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters, int64_t q_tokens);
+// slabs: room for a slab plan's mixed rows too (their segments double the segment arrays).
+size_t plan_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters, int64_t q_tokens,
+                            bool slabs = false);
+
+// The slab grid SAPATTN_PLAN_SLABS asks for (0, 64 or 128; unset: 0), a measurement switch
+// (docs/attention.md): read by the workspace size and by the sm90 launch alike, so that a workspace
+// sized for a call fits its plan. InvalidArgumentError for any other value.
+int requested_slab_rows();
 
 // Builds the plan for `layout` (offsets contiguous, mask any strides) of q_tokens queries and
 // k_tokens keys into `workspace` on `stream`: no host sync, no allocation, graph-capturable. Throws
@@ -185,7 +192,7 @@ bool sm90_compiled();  // whether this build holds the sm_90a kernel
 // SAPATTN_SM90_PAIR switch, where the TMA loads run.
 bool sm90_pairs(const Params& params);
 // The slab rows of the plan the sm90 kernel takes for `params` (build_plan; 0 for none, always with
-// pairs): the SAPATTN_PLAN_SLABS switch, where the TMA loads run.
+// pairs): requested_slab_rows(), where the TMA loads run.
 int sm90_slab_rows(const Params& params);
 
 }  // namespace sapattn::cuda::attn

@@ -345,7 +345,8 @@ struct PlanScratch {
   int64_t rows = 0, capacity = 0;
 };
 
-PlanScratch carve_plan(Carver& carver, int64_t batch_heads, int64_t q_clusters, int64_t k_clusters, int64_t q_tokens) {
+PlanScratch carve_plan(Carver& carver, int64_t batch_heads, int64_t q_clusters, int64_t k_clusters, int64_t q_tokens,
+                       bool slabs) {
   PlanScratch s;
   s.rows = batch_heads * q_clusters;
   s.capacity = max_work_items(batch_heads, q_clusters, q_tokens);
@@ -358,9 +359,11 @@ PlanScratch carve_plan(Carver& carver, int64_t batch_heads, int64_t q_clusters, 
   s.segments = carver.take<Segment>(s.rows * k_clusters);
   s.num_segments = carver.take<int32_t>(s.rows);
   s.bh_ok = carver.take<int32_t>(batch_heads);
-  s.mixed_segments = carver.take<Segment>(s.rows * k_clusters);
-  s.mixed_num_segments = carver.take<int32_t>(s.rows);
-  s.mixed_members = carver.take<uint8_t>(s.rows * k_clusters);
+  if (slabs) {
+    s.mixed_segments = carver.take<Segment>(s.rows * k_clusters);
+    s.mixed_num_segments = carver.take<int32_t>(s.rows);
+    s.mixed_members = carver.take<uint8_t>(s.rows * k_clusters);
+  }
   s.key_in = carver.take<uint64_t>(s.capacity);
   s.key_out = carver.take<uint64_t>(s.capacity);
   s.items_in = carver.take<WorkItem>(s.capacity);
@@ -382,9 +385,18 @@ PlanOrder plan_order() {
 
 }  // namespace
 
-size_t plan_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters, int64_t q_tokens) {
+int requested_slab_rows() {
+  const char* env = std::getenv("SAPATTN_PLAN_SLABS");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "0") == 0) return 0;
+  if (std::strcmp(env, "64") == 0) return 64;
+  if (std::strcmp(env, "128") == 0) return kTileQ;
+  SAPATTN_THROW(InvalidArgumentError, "SAPATTN_PLAN_SLABS is '", env, "'; expected 0, 64 or 128");
+}
+
+size_t plan_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters, int64_t q_tokens,
+                            bool slabs) {
   Carver carver("block_sparse_attention (plan)");
-  carve_plan(carver, batch_heads, q_clusters, k_clusters, q_tokens);
+  carve_plan(carver, batch_heads, q_clusters, k_clusters, q_tokens, slabs);
   return carver.used();
 }
 
@@ -401,7 +413,7 @@ PlanView build_plan(const BlockLayout& layout, int64_t q_tokens, int64_t k_token
   const int64_t B = layout.q_offsets.shape[0], H = layout.q_offsets.shape[1];
   const int64_t BH = B * H, Cq = layout.q_offsets.shape[2] - 1, Ck = layout.k_offsets.shape[2] - 1;
   Carver carver("block_sparse_attention (plan)", workspace);
-  const PlanScratch s = carve_plan(carver, BH, Cq, Ck, q_tokens);
+  const PlanScratch s = carve_plan(carver, BH, Cq, Ck, q_tokens, slab_rows > 0);
   carver.check();
 
   PlanView plan;

@@ -161,17 +161,6 @@ bool split_tails() { return env_switch("SAPATTN_SM90_SPLIT", "1", "0"); }
 // tiles, K and V multicast) where the TMA loads run. A measurement switch (docs/attention.md).
 bool pair_switch() { return !env_switch("SAPATTN_SM90_PAIR", "0", "1"); }
 
-// SAPATTN_PLAN_SLABS=0|64|128 (default 0): slab plans on a grid of that many rows (attention.hpp:
-// mixed blocks over their members' union) where the TMA loads run without pairs. A measurement
-// switch (docs/attention.md).
-int slab_switch() {
-  const char* env = std::getenv("SAPATTN_PLAN_SLABS");
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "0") == 0) return 0;
-  if (std::strcmp(env, "64") == 0) return 64;
-  if (std::strcmp(env, "128") == 0) return 128;
-  SAPATTN_THROW(InvalidArgumentError, "SAPATTN_PLAN_SLABS is '", env, "'; expected 0, 64 or 128");
-}
-
 // A launch of the pairs: clusters of two CTAs (`cluster` holds the attribute that says so).
 cudaLaunchConfig_t pair_config(cudaLaunchAttribute& cluster, unsigned grid, int smem, cudaStream_t stream) {
   cluster = cudaLaunchAttribute{};
@@ -252,7 +241,7 @@ bool sm90_compiled() { return true; }
 
 bool sm90_pairs(const Params& params) { return pair_switch() && use_tma(params); }
 
-int sm90_slab_rows(const Params& params) { return !params.pair && use_tma(params) ? slab_switch() : 0; }
+int sm90_slab_rows(const Params& params) { return !params.pair && use_tma(params) ? requested_slab_rows() : 0; }
 
 void run_sm90(const Params& params, bool is_bf16, cudaStream_t stream) {
   const bool found =
