@@ -28,7 +28,7 @@
 // With slabs (attention.hpp) step 2 also runs one block per mixed row, the union of a mixed block's
 // members: a run of kept clusters is cut where the members that keep it change, and each segment
 // records them (PlanView::mixed_members). The rows do not write items; slab_items_kernel, one thread
-// per (b,h), walks the head's clusters along its 64-row grid and writes them to the head's slots in
+// per (b,h), walks the head's clusters along its grid of slab_rows and writes them to the head's slots in
 // row order (the sort then orders them).
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
