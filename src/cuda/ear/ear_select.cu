@@ -215,7 +215,10 @@ __global__ void __launch_bounds__(kThreads) head_guarantee_kernel(RoutingParams 
   using Rank = RowRank<kItems>;
   __shared__ typename Rank::Temp temp;
   __shared__ uint8_t guaranteed[Rank::kCapacity];
-  const int64_t bh = blockIdx.y, b = bh / p.H, h = bh % p.H, r = blockIdx.x;
+  // b and h by a 32-bit division (bh < 65536, check_rows): a 64-bit one is a called subroutine, and
+  // around that call the sm_80 code of kItems = 8 spilled (8 bytes).
+  const uint32_t bh = blockIdx.y, H = static_cast<uint32_t>(p.H);
+  const int64_t b = bh / H, h = bh % H, r = blockIdx.x;
   const int64_t q_size = checked_size(p.q_sizes[bh * p.R + r], p.flag);
   const long long budget = guarantee_row<kItems>(p, b, h, r, q_size, temp, guaranteed);
   if (threadIdx.x == 0) row_budget[bh * p.R + r] = budget;

@@ -85,7 +85,10 @@ __global__ void __launch_bounds__(kSplitThreads) split_kernel(SplitParams p) {
   __shared__ double norm;
   __shared__ int64_t count;
   extern __shared__ __align__(16) unsigned char split_smem[];
-  const int64_t D = p.D, Dt = split_stride(D);
+  // 32-bit dims, member indices and loop counters (D <= kMaxSplitDim, n < 2^31 as the offsets are
+  // int32, bh < 65536): with 64-bit ones, whose divisions (the staging's e / D, bh / H) are called
+  // subroutines, the sm_80 code spilled 44 bytes.
+  const int D = static_cast<int>(p.D), Dt = static_cast<int>(split_stride(D));
   double* mu = reinterpret_cast<double*>(split_smem);                   // [D] the centroid
   double* u = mu + D;                                                   // [D] the axis
   double* acc0 = u + D;                                                 // [D] next u, or side 0's sum then mean
@@ -94,20 +97,21 @@ __global__ void __launch_bounds__(kSplitThreads) split_kernel(SplitParams p) {
   uint8_t* side_tile = reinterpret_cast<uint8_t*>(value + kSplitTile);  // [kSplitTile]
   float* tile = reinterpret_cast<float*>(side_tile + kSplitTile);       // [kSplitTile][Dt]
 
-  const int64_t bh = blockIdx.y, b = bh / p.H, h = bh % p.H, c = blockIdx.x;
+  const uint32_t bh = blockIdx.y, H = static_cast<uint32_t>(p.H), c = blockIdx.x;
+  const int64_t b = bh / H, h = bh % H;
   const int32_t begin = p.offsets[bh * (p.C + 1) + c];
-  const int64_t n = p.offsets[bh * (p.C + 1) + c + 1] - begin;
+  const int n = p.offsets[bh * (p.C + 1) + c + 1] - begin;
   const T* base = static_cast<const T*>(p.points) + b * p.p_stride[0] + h * p.p_stride[1];
   const int32_t* member = p.order + bh * p.N + begin;  // the cluster's points, in token order
   uint8_t* side = p.side + bh * p.N + begin;
   const int tid = threadIdx.x;
-  for (int64_t d = tid; d < D; d += kSplitThreads) mu[d] = p.centroids[(bh * p.C + c) * D + d];
+  for (int d = tid; d < D; d += kSplitThreads) mu[d] = p.centroids[(bh * p.C + c) * D + d];
 
   // Stages members [m0, m0 + nt) (their points as fp32, with_sides: their sides) after a barrier.
-  const auto stage = [&](int64_t m0, int nt, bool with_sides) {
+  const auto stage = [&](int m0, int nt, bool with_sides) {
     __syncthreads();  // the previous tile (and mu, u, the accumulators) are settled
-    for (int64_t e = tid; e < nt * D; e += kSplitThreads) {
-      const int64_t i = e / D, d = e % D;
+    for (int e = tid; e < nt * D; e += kSplitThreads) {
+      const int i = e / D, d = e % D;
       tile[i * Dt + d] = to_f32(base[member[m0 + i] * p.p_stride[2] + d * p.p_stride[3]]);
     }
     if (with_sides && tid < nt) side_tile[tid] = side[m0 + tid];
@@ -116,24 +120,24 @@ __global__ void __launch_bounds__(kSplitThreads) split_kernel(SplitParams p) {
   // The CPU's project(): sum_d (x_d - mu_d) w_d, in order of d.
   const auto project = [&](int i, const double* w) {
     double s = 0.0;
-    for (int64_t d = 0; d < D; ++d)
+    for (int d = 0; d < D; ++d)
       s = __dadd_rn(s, __dmul_rn(__dsub_rn(static_cast<double>(tile[i * Dt + d]), mu[d]), w[d]));
     return s;
   };
   // The squared distance of staged member i from w, in order of d.
   const auto distance2 = [&](int i, const double* w) {
     double s = 0.0;
-    for (int64_t d = 0; d < D; ++d) {
+    for (int d = 0; d < D; ++d) {
       const double t = __dsub_rn(static_cast<double>(tile[i * Dt + d]), w[d]);
       s = __dadd_rn(s, __dmul_rn(t, t));
     }
     return s;
   };
-  const auto tile_count = [&](int64_t m0) { return static_cast<int>(min_of<int64_t>(kSplitTile, n - m0)); };
+  const auto tile_count = [&](int m0) { return min_of(kSplitTile, n - m0); };
 
   // 1. The member farthest from the centroid (the CPU's strict > from 0: the first of the largest).
   Farthest mine{0.0, -1};
-  for (int64_t m0 = 0; m0 < n; m0 += kSplitTile) {
+  for (int m0 = 0; m0 < n; m0 += kSplitTile) {
     const int nt = tile_count(m0);
     stage(m0, nt, false);
     if (tid < nt) {
@@ -145,18 +149,18 @@ __global__ void __launch_bounds__(kSplitThreads) split_kernel(SplitParams p) {
   const bool split = far.r2 > 0.0;  // else: one point, or identical points on the centroid
   if (split) {
     const T* x = base + member[far.m] * p.p_stride[2];
-    for (int64_t d = tid; d < D; d += kSplitThreads)
+    for (int d = tid; d < D; d += kSplitThreads)
       u[d] = __dsub_rn(static_cast<double>(to_f32(x[d * p.p_stride[3]])), mu[d]);
 
     // 2. Power iterations: next = sum_m project(m, u) (x_m - mu), in member order; u = next / |next|.
     for (int it = 0; it < kPowerIterations; ++it) {
-      for (int64_t d = tid; d < D; d += kSplitThreads) acc0[d] = 0.0;
-      for (int64_t m0 = 0; m0 < n; m0 += kSplitTile) {
+      for (int d = tid; d < D; d += kSplitThreads) acc0[d] = 0.0;
+      for (int m0 = 0; m0 < n; m0 += kSplitTile) {
         const int nt = tile_count(m0);
         stage(m0, nt, false);
         if (tid < nt) value[tid] = project(tid, u);
         __syncthreads();
-        for (int64_t d = tid; d < D; d += kSplitThreads) {
+        for (int d = tid; d < D; d += kSplitThreads) {
           double a = acc0[d];
           for (int i = 0; i < nt; ++i)
             a = __dadd_rn(a, __dmul_rn(value[i], __dsub_rn(static_cast<double>(tile[i * Dt + d]), mu[d])));
@@ -166,17 +170,17 @@ __global__ void __launch_bounds__(kSplitThreads) split_kernel(SplitParams p) {
       __syncthreads();
       if (tid == 0) {
         double s = 0.0;
-        for (int64_t d = 0; d < D; ++d) s = __dadd_rn(s, __dmul_rn(acc0[d], acc0[d]));
+        for (int d = 0; d < D; ++d) s = __dadd_rn(s, __dmul_rn(acc0[d], acc0[d]));
         norm = s;
       }
       __syncthreads();
       if (!(norm > 0.0)) break;  // u orthogonal to every offset: keep it (uniform across the block)
       const double root = __dsqrt_rn(norm);
-      for (int64_t d = tid; d < D; d += kSplitThreads) u[d] = __ddiv_rn(acc0[d], root);
+      for (int d = tid; d < D; d += kSplitThreads) u[d] = __ddiv_rn(acc0[d], root);
     }
   }
   // 3. The sides: the sign of the projection on u (all 0 without a split).
-  for (int64_t m0 = 0; m0 < n; m0 += kSplitTile) {
+  for (int m0 = 0; m0 < n; m0 += kSplitTile) {
     const int nt = tile_count(m0);
     if (split) stage(m0, nt, false);
     if (tid < nt) side[m0 + tid] = split && project(tid, u) > 0.0 ? 1 : 0;
@@ -184,13 +188,13 @@ __global__ void __launch_bounds__(kSplitThreads) split_kernel(SplitParams p) {
   // 4. Two 2-means steps between the halves' means (ties to side 0); none once a side is empty.
   for (int step = 0; split && step < kTwoMeansSteps; ++step) {
     __syncthreads();  // the previous step's distances have read its means
-    for (int64_t d = tid; d < D; d += kSplitThreads) acc0[d] = acc1[d] = 0.0;
+    for (int d = tid; d < D; d += kSplitThreads) acc0[d] = acc1[d] = 0.0;
     int64_t ones = 0;
-    for (int64_t m0 = 0; m0 < n; m0 += kSplitTile) {
+    for (int m0 = 0; m0 < n; m0 += kSplitTile) {
       const int nt = tile_count(m0);
       stage(m0, nt, true);
       if (tid < nt) ones += side_tile[tid];
-      for (int64_t d = tid; d < D; d += kSplitThreads) {
+      for (int d = tid; d < D; d += kSplitThreads) {
         double a0 = acc0[d], a1 = acc1[d];
         for (int i = 0; i < nt; ++i) {
           const double x = static_cast<double>(tile[i * Dt + d]);
@@ -208,11 +212,11 @@ __global__ void __launch_bounds__(kSplitThreads) split_kernel(SplitParams p) {
     if (tid == 0) count = n1;
     __syncthreads();
     if (count == 0 || count == n) break;  // uniform across the block
-    for (int64_t d = tid; d < D; d += kSplitThreads) {
+    for (int d = tid; d < D; d += kSplitThreads) {
       acc0[d] = __ddiv_rn(acc0[d], static_cast<double>(n - count));
       acc1[d] = __ddiv_rn(acc1[d], static_cast<double>(count));
     }
-    for (int64_t m0 = 0; m0 < n; m0 += kSplitTile) {
+    for (int m0 = 0; m0 < n; m0 += kSplitTile) {
       const int nt = tile_count(m0);
       stage(m0, nt, false);
       if (tid < nt) side[m0 + tid] = distance2(tid, acc1) < distance2(tid, acc0) ? 1 : 0;

@@ -41,6 +41,11 @@ constexpr int kSelectBlocksPerHead = 8;
 // 8 warps per head for the matching's ranks (a warp per group); at 512 or 1024 threads ptxas spills.
 constexpr int kMatchThreads = 256;
 constexpr int kMatchWarps = kMatchThreads / 32;
+// The matching's launch bound: 4 blocks per SM, at most 64 registers, the occupancy its sm_90 code had
+// (62 registers). With no minimum, ptxas aimed at 5 blocks (48 registers) and spilled 32-40 bytes of
+// loop bounds, on sm_80 and, once the kernel lost its 64-bit division, on sm_90. The grid is one block
+// per head, so a fifth block per SM would take more than 4 heads per SM (B*H > 528 on an H100).
+constexpr int kMatchMinBlocks = 4;
 constexpr int kDonor = 1, kReceiver = 2;  // roles in the roles kernel's shared memory
 
 struct PlanParams {
@@ -341,36 +346,35 @@ __device__ __forceinline__ void rank_group(const int32_t* ids, int32_t lo, int32
     const double cp = take ? cur[p] : 0.0;
     int32_t rank = 0;
     for (int32_t b = lo; b < hi; b += 32) {
-      const int32_t q0 = b + lane < hi ? ids[b + lane] : -1;
-      const int tq0 = q0 >= 0 && in(q0);
-      const double cq0 = tq0 ? cur[q0] : 0.0;
+      int32_t q0 = b + lane < hi ? ids[b + lane] : -1;
+      if (q0 >= 0 && !in(q0)) q0 = -1;  // -1: takes no part (one shuffle fewer per member)
+      const double cq0 = q0 >= 0 ? cur[q0] : 0.0;
       const int n = min_of(32, hi - b);
       for (int k = 0; k < n; ++k) {
         const int32_t q = __shfl_sync(kAll, q0, k);
-        const int tq = __shfl_sync(kAll, tq0, k);
         const double cq = __shfl_sync(kAll, cq0, k);
-        rank += tq && ahead(cq, q, cp, p);
+        rank += q >= 0 && ahead(cq, q, cp, p);
       }
     }
     if (take) visit(p, rank);
   }
 }
 
-__global__ void __launch_bounds__(kMatchThreads) match_kernel(Dims d, Work w, int32_t* labels, int64_t labels_stride_b,
-                                                              int64_t labels_stride_h, int32_t* sizes) {
+__global__ void __launch_bounds__(kMatchThreads, kMatchMinBlocks)
+    match_kernel(Dims d, Work w, int32_t* labels, int64_t labels_stride_b, int64_t labels_stride_h, int32_t* sizes) {
   using Scan = cub::BlockScan<int32_t, kMatchThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ int s_any;
   __shared__ int32_t s_carry;
-  const int64_t bh = blockIdx.x;
+  const uint32_t bh = blockIdx.x;  // < 65536: b and h by a 32-bit division, not a called subroutine
   const HeadInfo info = w.info[bh];
   if (!info.active) return;
   const HeadWork hw = head_work(w, d, bh);
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32;
-  const int32_t P = info.P, R = info.R, kk = info.kk;
+  const int32_t P = info.P, R = info.R, kk = info.kk, C = static_cast<int32_t>(d.C);
   for (int32_t p = tid; p < P; p += kMatchThreads) hw.dest[p] = -1;
   for (int32_t r = tid; r < R; r += kMatchThreads) hw.received[r] = 0;
-  for (int64_t c = tid; c < d.C; c += kMatchThreads) hw.placed_of[c] = 0;
+  for (int32_t c = tid; c < C; c += kMatchThreads) hw.placed_of[c] = 0;
   __syncthreads();
   for (int phase = 0; phase < 2; ++phase) {
     for (int round = 0; round < d.rounds; ++round) {
@@ -399,7 +403,7 @@ __global__ void __launch_bounds__(kMatchThreads) match_kernel(Dims d, Work w, in
       }
       __syncthreads();
       // Per donor, its (t - placed) cheapest picks are offered: a warp per donor.
-      for (int64_t c = warp; c < d.C; c += kMatchWarps) {
+      for (int32_t c = warp; c < C; c += kMatchWarps) {
         const int32_t limit = hw.give[c] - hw.placed_of[c];
         if (limit <= 0) continue;  // not a donor, or its whole tail is placed
         const int32_t* first = hw.first;
@@ -453,7 +457,8 @@ __global__ void __launch_bounds__(kMatchThreads) match_kernel(Dims d, Work w, in
     }
   }
   // A donor moves its whole tail or nothing.
-  int32_t* lab = labels + (bh / d.H) * labels_stride_b + (bh % d.H) * labels_stride_h;
+  const uint32_t H = static_cast<uint32_t>(d.H);
+  int32_t* lab = labels + (bh / H) * labels_stride_b + (bh % H) * labels_stride_h;
   int32_t* sz = sizes + bh * d.C;
   for (int32_t p = tid; p < P; p += kMatchThreads) {
     const int32_t r = hw.dest[p], c = hw.donor[p];
