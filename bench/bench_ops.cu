@@ -357,24 +357,27 @@ void bench_shape(const BenchShape& s, int reps) {
   // ---- order_clusters on the key clusters (svg2's first sparse call of a layer) --------------------
   // On copies of the key centroids, sizes and labels (the op works in place; ordering clusters that
   // are already in chain order takes as many steps of the same work). Each chain kernel in the same
-  // run: the default, the cluster kernel with CTAs of at most 256 threads, the block kernel.
+  // run: the default, the cluster kernel with CTAs of at most 256 threads, the block kernel, the
+  // matrix kernels (their workspace, 4 C^2 bytes per head, sized under their knob).
   {
     Tensor oc = tensor(DType::F32, {B, H, Ck, D}), os = tensor(DType::I32, {B, H, Ck}),
            ol = tensor(DType::I32, {B, H, S});
     SAPATTN_CUDA_CHECK(cudaMemcpyAsync(oc.data(), kc.data(), kc.bytes(), cudaMemcpyDeviceToDevice, cs));
     SAPATTN_CUDA_CHECK(cudaMemcpyAsync(os.data(), ks.data(), ks.bytes(), cudaMemcpyDeviceToDevice, cs));
     SAPATTN_CUDA_CHECK(cudaMemcpyAsync(ol.data(), kl.data(), kl.bytes(), cudaMemcpyDeviceToDevice, cs));
-    const size_t order_bytes = order_clusters_workspace_bytes(BH, Ck, D, dev);
-    const Buffer order_buf = Buffer::allocate(order_bytes, dev);
-    const Workspace order_ws{order_buf.data(), order_bytes};
-    for (const char* kernel : {"", "cluster:256", "block"}) {
+    for (const char* kernel : {"", "cluster:256", "block", "matrix"}) {
       cuda::set_order_chain_override(kernel);
       const cuda::OrderChainKernel k = cuda::order_chain_kernel(0, Ck, D);
+      const size_t order_bytes = order_clusters_workspace_bytes(BH, Ck, D, dev);
+      const Buffer order_buf = Buffer::allocate(order_bytes, dev);
+      const Workspace order_ws{order_buf.data(), order_bytes};
       const std::string name = kernel[0] == '\0' ? "order_clusters_k" : std::string("order_clusters_k_") + kernel;
+      // The matrix kernels also write every key and read one row of them per step.
+      const double key_bytes = k.matrix ? 4.0 * Ck * Ck * 2 : 0.0;
       measurement(s, name, timer.time([&] { order_clusters(oc.view(), os.view(), ol.view(), st, order_ws); }, 2, reps),
-                  static_cast<double>(BH) * (Ck * D * 4 * 3 + Ck * 4 * 3 + S * 4 * 2),
+                  static_cast<double>(BH) * (Ck * D * 4 * 3 + Ck * 4 * 3 + S * 4 * 2 + key_bytes),
                   0)  // latency-bound (C dependent steps): no rate floor applies
-          .str("kernel", k.cluster ? "cluster" : "block")
+          .str("kernel", k.name())
           .integer("ctas_per_head", k.ctas)
           .integer("threads", k.threads)
           .print();

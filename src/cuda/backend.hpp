@@ -70,19 +70,24 @@ void order_clusters(TensorView centroids, TensorView sizes, TensorView labels, c
 // The kernel that builds order_clusters' chain on `device` for C clusters of dimension D
 // (permute/cluster_order.cu): the cluster kernel (sm_90+ with a data-centre GPU's shared memory,
 // D <= 128, C <= 2816, or 4096 at D <= 64) or the block kernel (any other shape or GPU, up to 40960
-// clusters; `supported` is false above that).
+// clusters; `supported` is false above that); the matrix kernels only under the knob "matrix"
+// (C <= 8192, D <= 128; permute/chain_matrix.cu).
 struct OrderChainKernel {
   bool supported = true;
   bool cluster = false;  // true: a thread-block cluster of `ctas` CTAs per head, rows padded to padded_dim
+  bool matrix = false;   // true: the C x C similarity keys, then one CTA of `threads` per head
   int padded_dim = 0;
   int ctas = 1;
   int threads = 0;  // per CTA
   size_t smem = 0;  // dynamic shared memory per CTA, bytes
+  const char* name() const { return matrix ? "matrix" : cluster ? "cluster" : "block"; }
 };
 OrderChainKernel order_chain_kernel(int device, int64_t clusters, int64_t dim);
 // Test and benchmark knob (process-wide): "block" forces the block kernel, "cluster:N" caps the
-// cluster kernel's CTAs at N threads (a multiple of 32; more CTAs per head, shorter steps), "" (or
-// nullptr) restores the default. Throws InvalidArgumentError for other names.
+// cluster kernel's CTAs at N threads (a multiple of 32; more CTAs per head, shorter steps), "matrix"
+// takes the matrix kernels where they fit (the default choice elsewhere; order_clusters_workspace_bytes
+// then counts their 4 C (C + 1) bytes per head, so set the knob before sizing), "" (or nullptr)
+// restores the default. Throws InvalidArgumentError for other names.
 void set_order_chain_override(const char* name);
 
 void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, const Stream& stream);

@@ -153,7 +153,9 @@ TEST(ClusterOrder, IdenticalToCpu) {
 // one cluster, every cluster empty, the largest C (8 CTAs), tiny CTAs (the "cluster:N" knob), many heads;
 // centroids with exact and near ties, NaN, infinities, zero rows and rows whose squared norm overflows
 // (similarities of +0 and -0, which tie); the block kernel above the cluster kernel's shapes and
-// forced at the svg2 size.
+// forced at the svg2 size; the matrix kernels (the knob "matrix", any GPU) at the same edges, at their
+// largest C (8 candidates a thread; named Large: the sanitizers skip its 67 M similarities) and outside
+// their shapes (the default choice).
 enum class OrderFill { Normal, Duplicates, NonFinite };
 
 struct OrderCase {
@@ -162,7 +164,7 @@ struct OrderCase {
   OrderFill fill;
   double empty_share;
   const char* kernel;  // set_order_chain_override's name; "" for the default choice
-  bool cluster;        // whether the cluster kernel must run (on sm_90+)
+  const char* runs;    // the kernel that must run (OrderChainKernel::name()); "cluster" on sm_90+ only
 };
 
 void PrintTo(const OrderCase& k, std::ostream* os) { *os << k.name; }
@@ -181,9 +183,8 @@ TEST_P(ClusterOrderCases, IdenticalToCpu) {
   SAPATTN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   const cuda::OrderChainKernel chosen = cuda::order_chain_kernel(device, C, D);
   ASSERT_TRUE(chosen.supported);
-  if (major >= 9) {
-    EXPECT_EQ(chosen.cluster, k.cluster) << "the case no longer covers the kernel it is meant for";
-  }
+  const std::string runs = major < 9 && std::string(k.runs) == "cluster" ? "block" : k.runs;
+  EXPECT_EQ(chosen.name(), runs) << "the case no longer covers the kernel it is meant for";
   ref::Rng rng(testing_support::case_seed());
   HostTensor cent = poisoned(DType::F32, {B, H, C, D}), sizes = poisoned(DType::I32, {B, H, C}),
              labels = poisoned(DType::I32, {B, H, N});
@@ -228,31 +229,56 @@ TEST_P(ClusterOrderCases, IdenticalToCpu) {
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, ClusterOrderCases,
-    ::testing::Values(OrderCase{"wan_d128", 1, 3, 1000, 128, OrderFill::Normal, 0.2, "", true},
-                      OrderCase{"wan_d128_cta256", 1, 3, 1000, 128, OrderFill::Normal, 0.2, "cluster:256", true},
-                      OrderCase{"wan_d128_block", 1, 3, 1000, 128, OrderFill::Normal, 0.2, "block", false},
-                      OrderCase{"d64", 2, 1, 1000, 64, OrderFill::Normal, 0.1, "", true},
-                      OrderCase{"d100_c333", 2, 2, 333, 100, OrderFill::Normal, 0.3, "", true},
-                      OrderCase{"d20_c37", 1, 2, 37, 20, OrderFill::Normal, 0.2, "", true},
-                      OrderCase{"c2816_8ctas", 1, 1, 2816, 128, OrderFill::Normal, 0.1, "", true},
-                      OrderCase{"c100_ctas_of_32", 1, 2, 100, 128, OrderFill::Normal, 0.2, "cluster:32", true},
-                      OrderCase{"one_cluster", 2, 3, 1, 64, OrderFill::Normal, 0.5, "", true},
-                      OrderCase{"all_empty", 1, 2, 50, 128, OrderFill::Normal, 1.0, "", true},
-                      OrderCase{"many_heads", 4, 150, 64, 64, OrderFill::Normal, 0.2, "", true},
-                      OrderCase{"ties", 1, 2, 200, 96, OrderFill::Duplicates, 0.1, "", true},
-                      OrderCase{"non_finite", 1, 2, 300, 128, OrderFill::NonFinite, 0.1, "", true},
-                      OrderCase{"non_finite_block", 1, 2, 300, 128, OrderFill::NonFinite, 0.1, "block", false},
-                      OrderCase{"c2817_block", 1, 1, 2817, 128, OrderFill::Normal, 0.1, "", false},
-                      OrderCase{"d200_block", 1, 2, 300, 200, OrderFill::Normal, 0.1, "", false}),
+    ::testing::Values(OrderCase{"wan_d128", 1, 3, 1000, 128, OrderFill::Normal, 0.2, "", "cluster"},
+                      OrderCase{"wan_d128_cta256", 1, 3, 1000, 128, OrderFill::Normal, 0.2, "cluster:256", "cluster"},
+                      OrderCase{"wan_d128_block", 1, 3, 1000, 128, OrderFill::Normal, 0.2, "block", "block"},
+                      OrderCase{"d64", 2, 1, 1000, 64, OrderFill::Normal, 0.1, "", "cluster"},
+                      OrderCase{"d100_c333", 2, 2, 333, 100, OrderFill::Normal, 0.3, "", "cluster"},
+                      OrderCase{"d20_c37", 1, 2, 37, 20, OrderFill::Normal, 0.2, "", "cluster"},
+                      OrderCase{"c2816_8ctas", 1, 1, 2816, 128, OrderFill::Normal, 0.1, "", "cluster"},
+                      OrderCase{"c100_ctas_of_32", 1, 2, 100, 128, OrderFill::Normal, 0.2, "cluster:32", "cluster"},
+                      OrderCase{"one_cluster", 2, 3, 1, 64, OrderFill::Normal, 0.5, "", "cluster"},
+                      OrderCase{"all_empty", 1, 2, 50, 128, OrderFill::Normal, 1.0, "", "cluster"},
+                      OrderCase{"many_heads", 4, 150, 64, 64, OrderFill::Normal, 0.2, "", "cluster"},
+                      OrderCase{"ties", 1, 2, 200, 96, OrderFill::Duplicates, 0.1, "", "cluster"},
+                      OrderCase{"non_finite", 1, 2, 300, 128, OrderFill::NonFinite, 0.1, "", "cluster"},
+                      OrderCase{"non_finite_block", 1, 2, 300, 128, OrderFill::NonFinite, 0.1, "block", "block"},
+                      OrderCase{"c2817_block", 1, 1, 2817, 128, OrderFill::Normal, 0.1, "", "block"},
+                      OrderCase{"d200_block", 1, 2, 300, 200, OrderFill::Normal, 0.1, "", "block"},
+                      OrderCase{"wan_d128_matrix", 1, 3, 1000, 128, OrderFill::Normal, 0.2, "matrix", "matrix"},
+                      OrderCase{"d64_matrix", 2, 1, 1000, 64, OrderFill::Normal, 0.1, "matrix", "matrix"},
+                      OrderCase{"d100_c333_matrix", 2, 2, 333, 100, OrderFill::Normal, 0.3, "matrix", "matrix"},
+                      OrderCase{"d20_c37_matrix", 1, 2, 37, 20, OrderFill::Normal, 0.2, "matrix", "matrix"},
+                      OrderCase{"one_cluster_matrix", 2, 3, 1, 64, OrderFill::Normal, 0.5, "matrix", "matrix"},
+                      OrderCase{"all_empty_matrix", 1, 2, 50, 128, OrderFill::Normal, 1.0, "matrix", "matrix"},
+                      OrderCase{"many_heads_matrix", 4, 150, 64, 64, OrderFill::Normal, 0.2, "matrix", "matrix"},
+                      OrderCase{"ties_matrix", 1, 2, 200, 96, OrderFill::Duplicates, 0.1, "matrix", "matrix"},
+                      OrderCase{"non_finite_matrix", 1, 2, 300, 128, OrderFill::NonFinite, 0.1, "matrix", "matrix"},
+                      OrderCase{"Large_c8192_matrix", 1, 1, 8192, 64, OrderFill::Normal, 0.9, "matrix", "matrix"},
+                      OrderCase{"d200_matrix_default", 1, 2, 300, 200, OrderFill::Normal, 0.1, "matrix", "block"},
+                      OrderCase{"c2816_matrix", 1, 1, 2816, 128, OrderFill::NonFinite, 0.1, "matrix", "matrix"}),
     [](const auto& p) { return std::string(p.param.name); });
 
 TEST(ClusterOrder, KernelOverrideNames) {
   EXPECT_THROW(cuda::set_order_chain_override("cluster:48"), InvalidArgumentError);
   EXPECT_THROW(cuda::set_order_chain_override("cluster:"), InvalidArgumentError);
   EXPECT_THROW(cuda::set_order_chain_override("warp"), InvalidArgumentError);
+  EXPECT_THROW(cuda::set_order_chain_override("matrix:1"), InvalidArgumentError);
   cuda::set_order_chain_override("block");
   EXPECT_FALSE(cuda::order_chain_kernel(0, 1000, 128).cluster);
+  // The matrix kernels up to C = 8192 and D = 128, and their 4 C^2 bytes of keys per head only under
+  // their knob.
+  const size_t plain = order_clusters_workspace_bytes(3, 1000, 128, Device::cuda(0));
+  cuda::set_order_chain_override("matrix");
+  EXPECT_TRUE(cuda::order_chain_kernel(0, 8192, 128).matrix);
+  EXPECT_FALSE(cuda::order_chain_kernel(0, 8193, 64).matrix);
+  EXPECT_FALSE(cuda::order_chain_kernel(0, 1000, 129).matrix);
+  EXPECT_GE(order_clusters_workspace_bytes(3, 1000, 128, Device::cuda(0)), plain + 3 * 1000 * 1000 * 4);
+  const size_t outside = order_clusters_workspace_bytes(3, 1000, 129, Device::cuda(0));
   cuda::set_order_chain_override("");
+  EXPECT_EQ(order_clusters_workspace_bytes(3, 1000, 129, Device::cuda(0)), outside);
+  EXPECT_EQ(order_clusters_workspace_bytes(3, 1000, 128, Device::cuda(0)), plain);
+  EXPECT_FALSE(cuda::order_chain_kernel(0, 1000, 128).matrix);
 }
 
 }  // namespace

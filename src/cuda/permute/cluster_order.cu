@@ -5,7 +5,8 @@
 // The chain is sequential: per head, up to C steps, each scoring every unvisited non-empty cluster
 // against the current one (a D-long dot product) and taking the best. Its time is the steps' latency
 // times their count, so a head's centroids stay on chip and a step is kept short. Two kernels build
-// it; order_chain_kernel() says which one runs (one function answers "supported?" and "which?"):
+// it by default, a third on request; order_chain_kernel() says which one runs (one function answers
+// "supported?" and "which?"):
 //
 // Cluster kernel (sm_90+, D <= 128, C <= 8 x 352 = 2816 at D > 64 and 8 x 512 = 4096 at D <= 64, and
 // a device that gives a CTA the shared memory for its rows, up to 196 KB: an H100 gives 227 KB): one
@@ -41,6 +42,10 @@
 // candidate (lane l sums dimensions l, l + 32, ..., then a xor-shuffle butterfly), the centroids read
 // from global memory every step: 37 ms at [1,40,1000,128] on an H100 (latency-bound: a dependent
 // shuffle reduction per candidate).
+//
+// Matrix kernels (only with the knob "matrix", C <= 8192 and D <= 128; chain_matrix.cu): every C x C
+// similarity key of a head in the cluster kernel's arithmetic first, then one CTA per head walks the
+// chain over them, a step with no cross-SM barrier. Workspace: 4 C (C + 1) bytes more per head.
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
@@ -53,6 +58,7 @@
 #include "core/cuda_check.hpp"
 #include "cuda/backend.hpp"
 #include "cuda/permute/chain_arithmetic.hpp"
+#include "cuda/permute/chain_matrix.hpp"
 #include "cuda/runtime/device.cuh"
 
 namespace sapattn::cuda {
@@ -350,13 +356,15 @@ struct OrderScratch {
   int32_t* rank = nullptr;
   float* centroids = nullptr;
   int32_t* sizes = nullptr;
+  chain_matrix::Scratch matrix;  // carved only for the matrix kernels
 };
 
-OrderScratch carve_order(Carver& carver, int64_t batch_heads, int64_t clusters, int64_t dim) {
+OrderScratch carve_order(Carver& carver, int64_t batch_heads, int64_t clusters, int64_t dim, bool matrix) {
   OrderScratch s;
   s.rank = carver.take<int32_t>(batch_heads * clusters);
   s.centroids = carver.take<float>(batch_heads * clusters * dim);
   s.sizes = carver.take<int32_t>(batch_heads * clusters);
+  if (matrix) s.matrix = chain_matrix::carve(carver, batch_heads, clusters);
   return s;
 }
 
@@ -364,12 +372,15 @@ OrderScratch carve_order(Carver& carver, int64_t batch_heads, int64_t clusters, 
 // Kernel choice
 // ---------------------------------------------------------------------------------------------
 
-// -1: default; 0: the block kernel; n > 0: the cluster kernel with at most n threads per CTA.
-std::atomic<int> g_chain_override{-1};
+// kDefaultChain: the default; kBlockChain: the block kernel; n > 0: the cluster kernel with at most n
+// threads per CTA; kMatrixChain: the matrix kernels.
+constexpr int kDefaultChain = -1, kBlockChain = 0, kMatrixChain = -2;
+std::atomic<int> g_chain_override{kDefaultChain};
 
 int parse_chain_override(const char* name) {
-  if (name == nullptr || name[0] == '\0') return -1;
-  if (std::strcmp(name, "block") == 0) return 0;
+  if (name == nullptr || name[0] == '\0') return kDefaultChain;
+  if (std::strcmp(name, "block") == 0) return kBlockChain;
+  if (std::strcmp(name, "matrix") == 0) return kMatrixChain;
   if (std::strncmp(name, "cluster:", 8) == 0) {
     char* end = nullptr;
     const long n = std::strtol(name + 8, &end, 10);
@@ -377,7 +388,7 @@ int parse_chain_override(const char* name) {
       return static_cast<int>(n);
   }
   SAPATTN_THROW(InvalidArgumentError, "unknown order_clusters kernel override '", name,
-                "' (expected \"block\", \"cluster:N\" with N a multiple of 32 up to ", kClusterThreads<64>,
+                "' (expected \"block\", \"matrix\", \"cluster:N\" with N a multiple of 32 up to ", kClusterThreads<64>,
                 ", or \"\")");
 }
 
@@ -422,7 +433,15 @@ void launch_cluster_kernel(const OrderChainKernel& k, const float* centroids, co
 OrderChainKernel order_chain_kernel(int device, int64_t clusters, int64_t dim) {
   OrderChainKernel k;
   const int forced = g_chain_override.load();
-  const size_t smem_limit = forced != 0 && clusters >= 1 && dim >= 1 && dim <= 128 ? cluster_kernel_smem(device) : 0;
+  // The matrix kernels only on request; outside their shapes the default choice below.
+  if (forced == kMatrixChain && chain_matrix::fits(clusters, dim)) {
+    k.matrix = true;
+    k.padded_dim = dim <= 64 ? 64 : 128;
+    k.threads = chain_matrix::chain_threads(clusters);
+    return k;
+  }
+  const size_t smem_limit =
+      forced != kBlockChain && clusters >= 1 && dim >= 1 && dim <= 128 ? cluster_kernel_smem(device) : 0;
   if (smem_limit > 0) {
     const int padded = dim <= 64 ? 64 : 128;
     int most = padded == 128 ? kClusterThreads<128> : kClusterThreads<64>;
@@ -448,9 +467,12 @@ OrderChainKernel order_chain_kernel(int device, int64_t clusters, int64_t dim) {
 
 void set_order_chain_override(const char* name) { g_chain_override.store(parse_chain_override(name)); }
 
+// The matrix kernels' share only under the knob "matrix" (read now: set the knob before sizing the
+// workspace, or order_clusters throws WorkspaceError). Their choice depends on no device property.
 size_t order_clusters_workspace_bytes(int64_t batch_heads, int64_t clusters, int64_t dim) {
   Carver carver("order_clusters");
-  carve_order(carver, batch_heads, clusters, dim);
+  carve_order(carver, batch_heads, clusters, dim,
+              g_chain_override.load() == kMatrixChain && chain_matrix::fits(clusters, dim));
   return carver.used();
 }
 
@@ -459,11 +481,11 @@ void order_clusters(TensorView centroids, TensorView sizes, TensorView labels, c
   const DeviceGuard guard(stream.device);
   const int64_t B = centroids.shape[0], H = centroids.shape[1], C = centroids.shape[2], D = centroids.shape[3];
   const int64_t BH = B * H, N = labels.shape[2];
+  const OrderChainKernel k = order_chain_kernel(stream.device.index, C, D);
   Carver carver("order_clusters", workspace);
-  const OrderScratch s = carve_order(carver, BH, C, D);
+  const OrderScratch s = carve_order(carver, BH, C, D, k.matrix);
   carver.check();
   if (BH == 0 || C == 0) return;
-  const OrderChainKernel k = order_chain_kernel(stream.device.index, C, D);
   SAPATTN_CHECK(k.supported, UnsupportedError, "order_clusters on CUDA takes at most ",
                 kBlockKernelSmemLimit / static_cast<int64_t>(sizeof(float) + 1), " clusters, got ", C);
   SAPATTN_CHECK(BH < (int64_t{1} << 16), UnsupportedError, "order_clusters on CUDA takes fewer than 65536 heads, got ",
@@ -472,7 +494,9 @@ void order_clusters(TensorView centroids, TensorView sizes, TensorView labels, c
   const bool checked = begin_value_check(stream);
   const auto* cent = static_cast<const float*>(centroids.data);
   const auto* size = static_cast<const int32_t*>(sizes.data);
-  if (k.cluster && k.padded_dim == 128) {
+  if (k.matrix) {
+    chain_matrix::build_chain(cent, size, BH, C, D, s.matrix, s.rank, st);
+  } else if (k.cluster && k.padded_dim == 128) {
     launch_cluster_kernel<128>(k, cent, size, BH, C, D, s.rank, st);
   } else if (k.cluster) {
     launch_cluster_kernel<64>(k, cent, size, BH, C, D, s.rank, st);
