@@ -36,6 +36,7 @@
 #include "core/cuda_check.hpp"
 #include "cuda/attention/attention.hpp"
 #include "cuda/backend.hpp"
+#include "cuda/fp8/fp8.hpp"
 #include "harness.hpp"
 #include "sapattn/io.hpp"
 #include "sapattn/ops.hpp"
@@ -60,8 +61,11 @@ struct Options {
   int cq = 0, ck = 0;  // 0: the shape's official counts
   int threads = 0;     // generator threads, 0 = all
   bool cpu = false;    // run on the CPU backend (harness smoke test)
-  bool order = true;   // order_clusters on the query and key clusters after k-means ("--order chain"; "none": k-means numbering)
-  std::vector<std::string> variants{"unfused", "fused_qk", "fused_q", "sorted_kv", "unfused_e2e"};  // --variants
+  bool order =
+      true;  // order_clusters on the query and key clusters after k-means ("--order chain"; "none": k-means numbering)
+  // --variants; fp8: the e4m3 kernel (plan + kernel) on operands quantised once per layout, fp8_e2e:
+  // the whole block_sparse_attention_e4m3 from token order (quantisation passes included)
+  std::vector<std::string> variants{"unfused", "fused_qk", "fused_q", "sorted_kv", "unfused_e2e", "fp8", "fp8_e2e"};
 };
 
 // Where the benchmark runs: the GPU (one non-blocking stream, timed with events), or with --cpu the
@@ -316,6 +320,11 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
   const size_t attn_ws_bytes = block_sparse_attention_workspace_bytes(BH, Cq, Ck, S, dev);
   const Buffer attn_ws_buf = Buffer::allocate(std::max<size_t>(attn_ws_bytes, 256), dev);
   const Workspace attn_ws{attn_ws_buf.data(), attn_ws_bytes};
+  const bool fp8 = std::find(opt.variants.begin(), opt.variants.end(), "fp8") != opt.variants.end() ||
+                   std::find(opt.variants.begin(), opt.variants.end(), "fp8_e2e") != opt.variants.end();
+  const size_t fp8_ws_bytes = fp8 ? block_sparse_attention_e4m3_workspace_bytes(BH, Cq, Ck, S, S, dev) : 0;
+  const Buffer fp8_ws_buf = Buffer::allocate(std::max<size_t>(fp8_ws_bytes, 256), dev);
+  const Workspace fp8_ws{fp8_ws_buf.data(), fp8_ws_bytes};
   const size_t plan_bytes = rt.gpu() ? cuda::attn::plan_workspace_bytes(BH, Cq, Ck, S) : 0;
   const Buffer plan_buf = Buffer::allocate(std::max<size_t>(plan_bytes, 256), dev);
   const double dense_pairs = static_cast<double>(BH) * static_cast<double>(S) * static_cast<double>(S);
@@ -563,6 +572,25 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
         gather_rows(vv, kp.view(), vr.view(), st);
         block_sparse_attention(qv, kr.view(), vr.view(), layout, scale, out.view(), no_lse, st, attn_ws, q_only);
       });
+      // The e4m3 kernel on the cluster-ordered operands, quantised once (default Fp8Options), and
+      // the whole e4m3 op as svg2_attention calls it (token order, both permutations).
+      if (fp8 && kernel != "sm80" && D == 128) {
+        std::optional<cuda::E4m3Operands> operands;
+        try {
+          operands = cuda::quantize_e4m3_operands(qr.view(), kr.view(), vr.view(), layout, scale, Fp8Options{}, st,
+                                                  fp8_ws, RowPermutation{});
+        } catch (const std::exception& e) {
+          std::fprintf(stderr, "fp8: %s\n", e.what());
+          (void)cudaGetLastError();
+        }
+        report("fp8", kernel, tag, target, density, pairs, [&] {
+          SAPATTN_CHECK(operands.has_value(), UnsupportedError, "the e4m3 operands could not be made");
+          cuda::attend_e4m3(*operands, layout, out.view(), no_lse, st);
+        });
+        report("fp8_e2e", kernel, tag, target, density, pairs, [&] {
+          block_sparse_attention_e4m3(qv, kv, vv, layout, scale, Fp8Options{}, out.view(), no_lse, st, fp8_ws, both);
+        });
+      }
       // What the unfused call costs in a layer: permuted copies of Q, K, V in, the output put back.
       report("unfused_e2e", kernel, tag, target, density, pairs, [&] {
         gather_rows(qv, qp.view(), qr.view(), st);
@@ -606,13 +634,17 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
 // The usage text: on stdout for --help (exit 0), on stderr after a bad argument (exit 2). The
 // options are all read before anything touches the GPU, so neither needs a driver.
 int usage(const char* argv0, bool asked = false) {
-  std::fprintf(asked ? stdout : stderr,
-               "usage: %s [--shape wan13b|wan14b|hunyuan|all[,...]] [--densities 0.05,0.1,...] [--out DIR]\n"
-               "          [--iters N] [--warmup N] [--kernels auto,cpasync,tma,sm80] [--seed N] [--cq N] [--ck N] [--threads N]\n"
-               "          [--order chain|none]   (query and key clusters renumbered by order_clusters, the default, or as k-means left them)\n"
-               "          [--variants unfused,fused_qk,fused_q,sorted_kv,unfused_e2e]   (the sparse calls to time; default all)\n"
-               "          [--cpu]   (CPU backend, for a smoke test on --shape tiny or tiny-text)\n",
-               argv0);
+  std::fprintf(
+      asked ? stdout : stderr,
+      "usage: %s [--shape wan13b|wan14b|hunyuan|all[,...]] [--densities 0.05,0.1,...] [--out DIR]\n"
+      "          [--iters N] [--warmup N] [--kernels auto,cpasync,tma,sm80] [--seed N] [--cq N] [--ck N] [--threads "
+      "N]\n"
+      "          [--order chain|none]   (query and key clusters renumbered by order_clusters, the default, or as "
+      "k-means left them)\n"
+      "          [--variants unfused,fused_qk,fused_q,sorted_kv,unfused_e2e,fp8,fp8_e2e]   (the sparse calls to time;\n"
+      "          default all; fp8*: head dim 128 on the Hopper kernel)\n"
+      "          [--cpu]   (CPU backend, for a smoke test on --shape tiny or tiny-text)\n",
+      argv0);
   return asked ? 0 : 2;
 }
 

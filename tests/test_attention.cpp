@@ -459,6 +459,8 @@ TEST(AttentionKernelChoice, CpuRunsEveryFloatDtype) {
   EXPECT_NE(std::string(bad.reason), "");
   EXPECT_EQ(block_sparse_attention_workspace_bytes(40, 300, 1000, 75600, Device::cpu()), 0u);
   EXPECT_THROW(block_sparse_attention_workspace_bytes(1, 0, 4, 10, Device::cpu()), InvalidArgumentError);
+  EXPECT_EQ(block_sparse_attention_e4m3_workspace_bytes(40, 300, 1000, 75600, 75600, Device::cpu()), 0u);
+  EXPECT_THROW(block_sparse_attention_e4m3_workspace_bytes(1, 4, 4, 10, -1, Device::cpu()), InvalidArgumentError);
 }
 
 TEST(AttentionNumerics, NanQueryRowIsNanAsInDenseAttention) {

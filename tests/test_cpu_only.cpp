@@ -25,6 +25,7 @@ TEST(CpuOnlyBuild, WorkspaceSizesOnCudaThrowUnsupported) {
   EXPECT_THROW(order_clusters_workspace_bytes(2, 8, 16, gpu), UnsupportedError);
   EXPECT_THROW(cluster_permutation_workspace_bytes(2, 64, 8, gpu), UnsupportedError);
   EXPECT_THROW(block_sparse_attention_workspace_bytes(2, 8, 8, 64, gpu), UnsupportedError);
+  EXPECT_THROW(block_sparse_attention_e4m3_workspace_bytes(2, 8, 8, 64, 64, gpu), UnsupportedError);
   // The CPU answers stay what they are in every build.
   EXPECT_EQ(block_sparse_attention_workspace_bytes(2, 8, 8, 64, Device::cpu()), 0u);
   EXPECT_EQ(kmeans_workspace_bytes(2, 64, 8, 16, Device::cpu()), 0u);

@@ -299,12 +299,12 @@ void dense_attention(const TensorView& q, const TensorView& k, const TensorView&
 
 // ---------------------------------------------------------------------------------------------
 // FP8 attention (docs/fp8.md): the e4m3 quantisation, and block-sparse attention with both
-// GEMMs in e4m3 computed as the Hopper kernel is to compute it, so that the kernel can be tested
-// against it and its options chosen now. quantize_e4m3 runs on the CPU and on CUDA (codes and scales
-// bit for bit the CPU's; written and compiled for sm_90, not yet run on a GPU);
-// block_sparse_attention_e4m3 has no CUDA kernel yet: a CUDA stream throws UnsupportedError, in a
-// CUDA build too. The codec (OCP E4M3, round to nearest even, saturating at +-448, NaN -> 0x7f) is
-// src/core/fp8.hpp, shared with the kernels.
+// GEMMs in e4m3. quantize_e4m3 runs on the CPU and on CUDA (codes and scales bit for bit the CPU's).
+// block_sparse_attention_e4m3 runs on the CPU (the reference) and, on CUDA, on the Hopper e4m3
+// kernel (sm_90a, head dim 128, V per channel; UnsupportedError otherwise), which takes a workspace
+// of block_sparse_attention_e4m3_workspace_bytes and matches the reference within a tolerance
+// (docs/fp8.md says which). The codec (OCP E4M3, round to nearest even, saturating at +-448, NaN ->
+// 0x7f) is src/core/fp8.hpp, shared with the kernels.
 // ---------------------------------------------------------------------------------------------
 
 // Quantises rows of x to e4m3 with fp32 scales. Row r of the result is y_r = x[perm[r]] - shift
@@ -355,6 +355,11 @@ void block_sparse_attention_e4m3(const TensorView& q, const TensorView& k, const
                                  const BlockLayout& layout, float scale, const Fp8Options& options, TensorView out,
                                  TensorView lse, const Stream& stream, Workspace workspace = {},
                                  const RowPermutation& perm = {});
+
+// Workspace bytes block_sparse_attention_e4m3 needs on `device` (0 on the CPU): the plan, the
+// e4m3 codes of Q, K and V^T (about S * D bytes each), their scales, the mean key and the LSE terms.
+size_t block_sparse_attention_e4m3_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters,
+                                                   int64_t q_tokens, int64_t k_tokens, Device device);
 
 // ---------------------------------------------------------------------------------------------
 // Error-aware routing and centroid compensation (SVG-EAR, arXiv 2603.08982; docs/ear.md). Shapes as

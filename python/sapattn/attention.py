@@ -145,8 +145,8 @@ def svg2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: SV
 
     The config's budget (top_p or density), routing, compensation and ear-plus fields apply as in
     the C++ Config (docs/ear.md), on the CPU and on CUDA. attention_dtype="fp8_e4m3" (the FP8
-    attention, emulated on the CPU; docs/fp8.md) runs on the CPU only: a CUDA call with it raises
-    NotImplementedError before it touches the state. Compensation needs the whole key set: with
+    attention; docs/fp8.md) runs on the CPU and, on CUDA, on Hopper GPUs at head dim 128: elsewhere a
+    CUDA call with it raises NotImplementedError before it touches the state. Compensation needs the whole key set: with
     key_shard count > 1 it raises ValueError.
 
     Inference only: the outputs have no backward (calling it raises RuntimeError). A NaN in q or k

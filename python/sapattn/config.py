@@ -79,9 +79,9 @@ class SVG2Config:
     # 64-row blocks carry padding rows (round_query_clusters, docs/attention.md). CPU and CUDA.
     round_q_clusters: bool = False
     # FP8: "fp8_e4m3" computes the sparse attention's Q K^T and P V in FP8 E4M3 with fp32 scales
-    # (docs/fp8.md; the clusters and the selection do not change). The CPU backend emulates the future
-    # Hopper kernel; there is no CUDA kernel yet (a CUDA call raises NotImplementedError). "native":
-    # the inputs' own dtype.
+    # (docs/fp8.md; the clusters and the selection do not change). The CPU backend is the reference;
+    # CUDA runs the Hopper e4m3 kernel (H100/H200, head dim 128; other GPUs and head dims raise
+    # NotImplementedError). "native": the inputs' own dtype.
     attention_dtype: str = "native"
 
     def __post_init__(self) -> None:

@@ -138,9 +138,9 @@ def test_first_call_seeds_as_the_config_says(device):
 
 def test_attention_dtype_reaches_the_engine(device):
     """attention_dtype round-trips through SVG2Config and the op. "fp8_e4m3" keeps the clusters and the
-    selection and computes the attention in e4m3 on the CPU: close to the native output (the FP8 goal's
-    worst-head bound, 0.05), not equal to it. On CUDA the engine refuses it (no kernel yet) before
-    it touches the state."""
+    selection and computes the attention in e4m3: close to the native output (the FP8 goal's
+    worst-head bound, 0.05), not equal to it. On CUDA it runs on the Hopper e4m3 kernel (head dim 128);
+    elsewhere, or at head dim 64, the engine refuses it before it touches the state."""
     cfg = small_config(top_p=0.7)
     assert cfg.attention_dtype == "native"
     fp8 = cfg.replace(attention_dtype="fp8_e4m3")
@@ -150,10 +150,14 @@ def test_attention_dtype_reaches_the_engine(device):
     q, k, v = qkv(device)
     if device.type != "cpu":
         state = sapattn.BranchState()
-        with pytest.raises(NotImplementedError, match="attention_dtype E4M3 .*has no CUDA kernel yet"):
-            sapattn.svg2_attention(q, k, v, fp8, state)
+        with pytest.raises(NotImplementedError, match="attention_dtype E4M3 .*needs the Hopper kernel"):
+            sapattn.svg2_attention(q, k, v, fp8, state)  # head dim 64
         assert not state.initialized
-        return
+        q, k, v = qkv(device, dim=128)
+        if torch.cuda.get_device_capability(device) != (9, 0):
+            with pytest.raises(NotImplementedError, match="attention_dtype E4M3 .*needs the Hopper kernel"):
+                sapattn.svg2_attention(q, k, v, fp8, state)
+            return
     native, _, native_density = sapattn.svg2_attention(q, k, v, cfg, sapattn.BranchState())
     e4m3, _, density = sapattn.svg2_attention(q, k, v, fp8, sapattn.BranchState())
     assert torch.equal(density, native_density), "the same selection"

@@ -6,7 +6,7 @@
 # the baseline build's sapattn_bench_attention, so that it holds bench/sapattn_bench_attention (the
 # change) and bench/sapattn_bench_attention_base; it is unpacked into build-dev/. With test_cuda_ops
 # in the pack, its attention suites (and TESTS, a gtest filter added to them) run first under the
-# change. Then, ROUNDS times (default 2), the baseline and the change each time SHAPE (default
+# change, unless AB_TESTS=0. Then, ROUNDS times (default 2), the baseline and the change each time SHAPE (default
 # wan14b_720p) at DENSITIES (0.05,0.15,0.3) with --kernels tma --variants unfused, the baseline
 # first; the layouts come from the same seed, so both time the same calls. A variable named in
 # CHANGE_ENV (for example "SAPATTN_PLAN_SLABS=128") is set for the change's runs only. Prints one
@@ -31,7 +31,7 @@ device_main() {
   local change_env=()
   read -ra change_env <<<"${CHANGE_ENV:-}"
   describe_gpu
-  if [ -x build-dev/tests/cuda/test_cuda_ops ]; then
+  if [ "${AB_TESTS:-1}" != 0 ] && [ -x build-dev/tests/cuda/test_cuda_ops ]; then
     env "${change_env[@]}" timeout "${TEST_TIMEOUT:-120}" build-dev/tests/cuda/test_cuda_ops \
       --gtest_filter="*Attention*:*Plan*:Graph*${TESTS:+:$TESTS}:-*Large*" >"$out/tests.log" 2>&1
     echo "tests (the change): exit $?"

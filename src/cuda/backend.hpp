@@ -197,6 +197,14 @@ void set_attention_kernel_override(const char* name);
 void quantize_e4m3(const TensorView& x, const TensorView& perm, const TensorView& offsets, const TensorView& shift,
                    Fp8Scale granularity, int tile_rows, TensorView codes, TensorView scales, const Stream& stream);
 
+// FP8 attention (fp8/fp8_attention.cu): the e4m3 Hopper kernel with its quantisation passes. The
+// workspace: the plan, the operands' codes and scales, the mean and the LSE terms.
+size_t block_sparse_attention_e4m3_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters,
+                                                   int64_t q_tokens, int64_t k_tokens);
+void block_sparse_attention_e4m3(const TensorView& q, const TensorView& k, const TensorView& v,
+                                 const BlockLayout& layout, float scale, const Fp8Options& options, TensorView out,
+                                 TensorView lse, const Stream& stream, Workspace workspace, const RowPermutation& perm);
+
 // Throws NonFiniteError if x holds a NaN or Inf. Synchronises the stream (it must read the answer),
 // so it cannot run inside graph capture (UnsupportedError there).
 void check_finite(const TensorView& x, const char* name, const Stream& stream);

@@ -100,7 +100,8 @@ void block_sparse_attention(const TensorView& q, const TensorView& k, const Tens
 
 void block_sparse_attention_e4m3(const TensorView& q, const TensorView& k, const TensorView& v,
                                  const BlockLayout& layout, float scale, const Fp8Options& options, TensorView out,
-                                 TensorView lse, const Stream& stream, Workspace, const RowPermutation& perm) {
+                                 TensorView lse, const Stream& stream, Workspace workspace,
+                                 const RowPermutation& perm) {
   check_attention(q, k, v, scale, out, lse);
   check_layout(layout, q, k);
   check_fp8_options(options);
@@ -109,10 +110,20 @@ void block_sparse_attention_e4m3(const TensorView& q, const TensorView& k, const
   const int64_t B = q.shape[0], H = q.shape[1];
   if (!perm.q_perm.empty()) check_row_permutation(perm.q_perm, B, H, q.shape[2], "q_perm", stream);
   if (!perm.k_perm.empty()) check_row_permutation(perm.k_perm, B, H, k.shape[2], "k_perm", stream);
-  SAPATTN_CHECK(where == DeviceType::CPU, UnsupportedError,
-                "block_sparse_attention_e4m3: the FP8 attention has no CUDA kernel yet; the CPU backend "
-                "emulates it");
+  if (where == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(
+        block_sparse_attention_e4m3(q, k, v, layout, scale, options, out, lse, stream, workspace, perm));
   cpu::block_sparse_attention_e4m3(q, k, v, layout, scale, options, out, lse, perm, cpu_threads(stream));
+}
+
+size_t block_sparse_attention_e4m3_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters,
+                                                   int64_t q_tokens, int64_t k_tokens, Device device) {
+  SAPATTN_CHECK(batch_heads >= 0 && q_clusters >= 1 && k_clusters >= 1 && q_tokens >= 0 && k_tokens >= 0,
+                InvalidArgumentError, "block_sparse_attention_e4m3_workspace_bytes: bad sizes (batch_heads ",
+                batch_heads, ", clusters ", q_clusters, " x ", k_clusters, ", tokens ", q_tokens, " x ", k_tokens, ")");
+  if (device.type == DeviceType::CPU) return 0;
+  return SAPATTN_ON_CUDA(
+      block_sparse_attention_e4m3_workspace_bytes(batch_heads, q_clusters, k_clusters, q_tokens, k_tokens));
 }
 
 size_t block_sparse_attention_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters,

@@ -1,6 +1,6 @@
 // quantize_e4m3 (include/sapattn/ops.hpp): the argument checks every backend shares, then dispatch
 // on the stream's device (cuda/fp8/fp8_quantize.cu on CUDA, bit-identical to the CPU's). The FP8
-// attention itself (block_sparse_attention_e4m3, src/ops/attention.cpp) has no CUDA kernel yet.
+// attention itself (block_sparse_attention_e4m3) is in src/ops/attention.cpp.
 #include "ops/checks.hpp"
 #include "ops/dispatch.hpp"
 #include "sapattn/ops.hpp"

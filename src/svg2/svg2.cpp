@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <string>
 #include <tuple>
 
 #include "core/carver.hpp"
@@ -69,27 +70,29 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
                                                        device)
                   : size_t{0};
   };
-  const size_t scratch =
-      std::max({kmeans_workspace_bytes(B * H, b.video_tokens, config.q_clusters, D, device),
-                kmeans_workspace_bytes(B * H, b.video_tokens, config.k_clusters, D, device),
-                order_clusters_workspace_bytes(B * H, config.k_clusters, D, device), seeding_bytes(config.q_clusters),
-                seeding_bytes(config.k_clusters),
-                cluster_permutation_workspace_bytes(B * H, S, std::max(b.q_clusters, b.k_clusters), device),
-                block_sparse_attention_workspace_bytes(B * H, b.q_clusters, b.k_clusters, S, device),
-                error_aware || config.compensate || config.density > 0.0f
-                    ? ear_workspace_bytes(B * H, b.video_tokens, Cq, Ck, D, device)
-                    : size_t{0},
-                config.compensate ? compensation_workspace_bytes(B * H, b.video_tokens, Cq, Ck_comp, D, device)
-                                  : size_t{0},
-                // The halves' means (cluster_means over 2 Ck sub-labels).
-                config.ear_split ? ear_workspace_bytes(B * H, b.video_tokens, 0, Ck_comp, D, device) : size_t{0},
-                // ear_plus_probe (over the halves too, with the split: Ck_comp), the routing per head
-                // and split_clusters; with the split, the routing's share counts 2 Ck columns, more
-                // than it ranks.
-                config.ear_plus() ? ear_plus_workspace_bytes(B * H, b.video_tokens, Cq, Ck_comp, device) : size_t{0},
-                config.round_q_clusters ? round_query_clusters_workspace_bytes(B * H, b.video_tokens, Cq, Ck,
-                                                                               RoundQueryOptions{}, device)
-                                        : size_t{0}});
+  const size_t scratch = std::max(
+      {kmeans_workspace_bytes(B * H, b.video_tokens, config.q_clusters, D, device),
+       kmeans_workspace_bytes(B * H, b.video_tokens, config.k_clusters, D, device),
+       order_clusters_workspace_bytes(B * H, config.k_clusters, D, device), seeding_bytes(config.q_clusters),
+       seeding_bytes(config.k_clusters),
+       cluster_permutation_workspace_bytes(B * H, S, std::max(b.q_clusters, b.k_clusters), device),
+       block_sparse_attention_workspace_bytes(B * H, b.q_clusters, b.k_clusters, S, device),
+       config.attention_dtype == AttentionDType::E4M3
+           ? block_sparse_attention_e4m3_workspace_bytes(B * H, b.q_clusters, b.k_clusters, S, S, device)
+           : size_t{0},
+       error_aware || config.compensate || config.density > 0.0f
+           ? ear_workspace_bytes(B * H, b.video_tokens, Cq, Ck, D, device)
+           : size_t{0},
+       config.compensate ? compensation_workspace_bytes(B * H, b.video_tokens, Cq, Ck_comp, D, device) : size_t{0},
+       // The halves' means (cluster_means over 2 Ck sub-labels).
+       config.ear_split ? ear_workspace_bytes(B * H, b.video_tokens, 0, Ck_comp, D, device) : size_t{0},
+       // ear_plus_probe (over the halves too, with the split: Ck_comp), the routing per head
+       // and split_clusters; with the split, the routing's share counts 2 Ck columns, more
+       // than it ranks.
+       config.ear_plus() ? ear_plus_workspace_bytes(B * H, b.video_tokens, Cq, Ck_comp, device) : size_t{0},
+       config.round_q_clusters
+           ? round_query_clusters_workspace_bytes(B * H, b.video_tokens, Cq, Ck, RoundQueryOptions{}, device)
+           : size_t{0}});
   b.op_scratch = Workspace{c.take_bytes(scratch), scratch};
   if (buffers != nullptr) *buffers = b;
   return c.used();
@@ -110,11 +113,16 @@ AttentionShape check_inputs(const TensorView& q, const TensorView& k, const Tens
   SAPATTN_CHECK(k.dtype == q.dtype && v.dtype == q.dtype, DTypeError, "q, k and v must share a dtype, got ",
                 q.describe(), ", ", k.describe(), ", ", v.describe());
   config.validate_for(shape.seq, shape.head_dim);
-  // Refused before the call touches any state.
-  SAPATTN_CHECK(stream.device.type == DeviceType::CPU || config.attention_dtype == AttentionDType::Native,
-                UnsupportedError,
-                "attention_dtype E4M3 (the FP8 attention) has no CUDA kernel yet: the CPU backend emulates "
-                "it (docs/fp8.md); on a CUDA stream use attention_dtype Native");
+  // Refused before the call touches any state: the e4m3 kernel's limits (block_sparse_attention_e4m3).
+  if (stream.device.type == DeviceType::CUDA && config.attention_dtype == AttentionDType::E4M3) {
+    const AttentionKernel kernel = attention_kernel(stream.device, q.dtype, shape.head_dim);
+    SAPATTN_CHECK(kernel.supported && std::string(kernel.name) == "sm90a-wgmma" && shape.head_dim == 128,
+                  UnsupportedError,
+                  "attention_dtype E4M3 (the FP8 attention) on CUDA needs the Hopper kernel (an H100 or H200) and "
+                  "head dim 128; this call has head dim ",
+                  shape.head_dim, " on a GPU whose attention kernel is '", kernel.name,
+                  "' (the CPU backend emulates it at any shape; docs/fp8.md)");
+  }
   const int64_t B = shape.batch, H = shape.heads;
   if (!outputs.lse.empty()) {
     expect_rank(outputs.lse, 3, "lse");

@@ -3,8 +3,8 @@
 // granularity, tiles that do not divide S, the permutation and the shift, f32/f16/bf16 in every
 // layout, B > 1, values whose magnitudes span the e4m3 subnormals and the fp32 range, and groups
 // holding NaN, +-inf, -0 only, zeros only or a subnormal fp32 amax (whose inverse overflows to inf).
-// Then the argument errors (the CPU's typed error for each), the device value checks, and
-// block_sparse_attention_e4m3, which has no CUDA kernel yet and must say so.
+// Then the argument errors (the CPU's typed error for each) and the device value checks. The e4m3
+// attention's own tests: test_cuda_fp8_attention.cpp.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -300,30 +300,6 @@ TEST(QuantizeE4m3Errors, BadValuesAreReportedWithValueChecks) {
   EXPECT_THROW(quantize_e4m3(dx.view, dperm.view, decreasing.view, {}, Fp8Scale::Cluster, 1, dcodes.view,
                              dscales.view, cs.stream()),
                InvalidArgumentError);
-}
-
-// The FP8 attention has no CUDA kernel yet: a CUDA stream is refused with UnsupportedError, also
-// now that its quantisation runs there.
-TEST(BlockSparseAttentionE4m3, UnsupportedOnCuda) {
-  const int64_t B = 1, H = 1, S = 16, D = 16;
-  ref::Rng rng(testing_support::case_seed());
-  HostTensor q = poisoned(DType::BF16, {B, H, S, D}), out = poisoned(DType::BF16, {B, H, S, D}),
-             lse = poisoned(DType::F32, {B, H, S}), offsets = poisoned(DType::I32, {B, H, 2}),
-             mask = poisoned(DType::U8, {B, H, 1, 1});
-  ref::fill_normal(q.view, rng);
-  ref::from_vector(offsets.view, {0.0, static_cast<double>(S)});
-  ref::from_vector(mask.view, {1.0});
-  const DeviceTensor dq = to_device(q), doff = to_device(offsets), dmask = to_device(mask);
-  DeviceTensor dout = to_device(out), dlse = to_device(lse);
-  NonBlockingStream cs;
-  try {
-    block_sparse_attention_e4m3(dq.view, dq.view, dq.view, BlockLayout{doff.view, doff.view, dmask.view}, 0.25f,
-                                Fp8Options{}, dout.view, dlse.view, cs.stream());
-    ADD_FAILURE() << "no exception";
-  } catch (const UnsupportedError& e) {
-    EXPECT_NE(std::string(e.what()).find("no CUDA kernel"), std::string::npos) << e.what();
-  }
-  EXPECT_EQ(device_bytes(dout), out.bytes());
 }
 
 }  // namespace

@@ -76,12 +76,15 @@ def _transformers(target):
 
 def _check_device(transformer, config: SVG2Config) -> None:
     """Refuses, at enable() rather than at the first sparse call many steps later, a config whose FP8
-    attention the engine runs on the CPU only (the op would raise NotImplementedError)."""
+    attention the transformer's device cannot run (the op would raise NotImplementedError): the CPU
+    emulates it, CUDA runs it on Hopper GPUs (compute capability 9.0) only."""
     device = next(transformer.parameters()).device
-    if config.attention_dtype != "native" and device.type != "cpu":
+    if config.attention_dtype == "native" or device.type == "cpu":
+        return
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
         raise NotImplementedError(
-            f"sapattn: attention_dtype={config.attention_dtype!r} has no CUDA kernel yet (the CPU backend "
-            f"emulates it, docs/fp8.md) and the transformer is on {device}; use attention_dtype='native'")
+            f"sapattn: attention_dtype={config.attention_dtype!r} runs on the CPU and on Hopper GPUs (H100, "
+            f"H200; docs/fp8.md), and the transformer is on {device}; use attention_dtype='native'")
 
 
 class _Installation:

@@ -158,6 +158,20 @@ struct Params {
                                     // (the row is then read as zeros / not written)
 };
 
+// The e4m3 kernel's operands beyond Params (attention_sm90_fp8.cu, docs/fp8.md). Params' q, k and
+// v are then the e4m3 codes in cluster order: q [B*H, seq_q, 128], k [B*H * seq_k + 16, 128] (16
+// rows past the end: a slot may read them, masked), v transposed [B*H, 128, v_keys] (v_keys = seq_k
+// rounded up to 16); k_perm is null and q_perm, if set, only places the output rows.
+struct Fp8Params {
+  const float* q_scale = nullptr;    // [B*H, seq_q]: sq_i
+  const float* k_scale = nullptr;    // [B*H, v_keys]: sk_j (rows padded to v_keys)
+  const float* v_scale = nullptr;    // [B*H, 128]: sv_d
+  const float* lse_shift = nullptr;  // [B*H, seq_q] in cluster order: scale * q_i . mean (K smoothed), or null
+  int32_t v_keys = 0;                // the row length of v^T
+  float p_scale = 448.0f;            // P is stored as e4m3(p * p_scale)
+  bool p_sum_e4m3 = true;            // the softmax denominator sums the quantised P
+};
+
 // The instances every attention kernel is compiled for, listed once: f16 and bf16 (each kernel names
 // its own element types) times the head dims of KernelHeadDims. attention_kernel() answers
 // "supported" from the same list that each kernel's entry point dispatches on, so the two cannot
@@ -187,6 +201,9 @@ using KernelHeadDims = HeadDims<64, 128>;
 // and return without waiting.
 void run_sm90(const Params& params, bool is_bf16, cudaStream_t stream);
 void run_sm80(const Params& params, bool is_bf16, cudaStream_t stream);  // params.accumulate and .pair false
+// The e4m3 kernel (sm_90a, head dim 128, no key phases, no CTA pairs, no slab plans).
+// out_bf16: the output's dtype (bf16, else f16).
+void run_sm90_fp8(const Params& params, const Fp8Params& fp8, bool out_bf16, cudaStream_t stream);
 bool sm90_compiled();  // whether this build holds the sm_90a kernel
 // Whether the sm90 kernel runs `params` (its plan still to be built) as CTA pairs: the
 // SAPATTN_SM90_PAIR switch, where the TMA loads run.

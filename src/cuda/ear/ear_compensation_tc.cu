@@ -216,7 +216,7 @@ __device__ __forceinline__ int build_list(const TcParams& p, const Item& item, i
     if (lane >= o) inclusive += y;
   }
   if (lane == 31) scan[warp] = inclusive;
-  __syncthreads();
+  block_barrier();
   int pos = inclusive - mine, count = 0;
 #pragma unroll
   for (int w = 0; w < kWarps; ++w) {
@@ -238,7 +238,7 @@ __device__ __forceinline__ int build_list(const TcParams& p, const Item& item, i
     list[i] = -1;
     bias[i] = kPadBias;
   }
-  __syncthreads();  // the list is complete; every thread has read the scan
+  block_barrier();  // the list is complete; every thread has read the scan
   return count;
 }
 
@@ -365,13 +365,14 @@ __global__ void __launch_bounds__(kTcThreads, 2) compensation_tc_kernel(const Tc
   // meet the same block barriers in the same order from different instructions, each warp converged
   // (its kind is the same for all its lanes): barrier 0 counts the warps that arrive wherever they
   // arrive from, as the sm90 kernels' ping-pong named barriers do (CUTLASS's bar.sync and bar.arrive
-  // in the two consumer warpgroups' different code).
+  // in the two consumer warpgroups' different code). So these barriers, and build_list's, are the
+  // unaligned block_barrier (primitives.cuh), not __syncthreads, which requires one instruction.
   // Returns whether the cluster skips any pseudo-key (the same in every thread).
   auto stream = [&](auto compute) {
     constexpr bool kCompute = decltype(compute)::value;
     bool skipped = false;
     for (int w0 = 0; w0 < p.Ck; w0 += kWindow) {
-      __syncthreads();  // the Q tile and item are stored; every warp is done with the previous window's list and tiles
+      block_barrier();  // the Q tile and item are stored; every warp is done with the previous window's list and tiles
       const int count = build_list(p, item, w0, list, bias, scan);
       skipped = skipped || count > 0;
       const int tiles = (count + kTileK - 1) / kTileK;
@@ -380,7 +381,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) compensation_tc_kernel(const Tc
       cp_async_commit();
       for (int n = 0; n < tiles; ++n) {
         cp_async_wait<0>();
-        __syncthreads();  // K[n] landed; every warp is done with V[n - 1]
+        block_barrier();  // K[n] landed; every warp is done with V[n - 1]
         if constexpr (kPairValues) {
           store_pair_values(n);
         } else {
@@ -408,7 +409,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) compensation_tc_kernel(const Tc
         }
 
         cp_async_wait<0>();
-        __syncthreads();  // V[n] landed (or is stored); every warp is done with K[n]
+        block_barrier();  // V[n] landed (or is stored); every warp is done with K[n]
         if (n + 1 < tiles) {
           load_operand(k_tile, item.k_head, n + 1);
           cp_async_commit();

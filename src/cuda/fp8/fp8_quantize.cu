@@ -12,9 +12,12 @@
 // and codes (a second read of the group's rows, from L2). Channel: scales [B,H,D] holds the column
 // keys first (zeroed, then an atomicMax per block of rows and column), a second kernel encodes every
 // element with its column's inverse, and a third turns the keys into scales in place: no workspace.
+// The e4m3 attention's V takes the same three kernels with the codes written transposed
+// (quantize_e4m3_channel_transposed, fp8/fp8.hpp).
 #include <cstdint>
 
 #include "core/fp8.hpp"
+#include "cuda/fp8/fp8.hpp"
 #include "cuda/runtime/device.cuh"
 
 namespace sapattn::cuda {
@@ -31,15 +34,16 @@ constexpr uint32_t kQuietNaN = 0x7fc00000u;
 template <typename T>
 struct QuantizeParams {
   const T* x;
-  int64_t stride[4];            // x's strides, in elements
-  const int32_t* perm;          // [B,H,S] or null
-  const int32_t* offsets;       // [B,H,C+1] (Cluster) or null
-  const float* shift;           // [B,H,D] or null
-  uint8_t* codes;               // [B,H,S,D]
-  float* scales;                // [B,H,S] or [B,H,D]
-  int64_t H, S, D, clusters;    // clusters: C (Cluster)
-  int tile;                     // rows per group (Tile)
-  int* flag;                    // value-check flag
+  int64_t stride[4];          // x's strides, in elements
+  const int32_t* perm;        // [B,H,S] or null
+  const int32_t* offsets;     // [B,H,C+1] (Cluster) or null
+  const float* shift;         // [B,H,D] or null
+  uint8_t* codes;             // [B,H,S,D], or transposed [B*H, D, ld] (channel_codes_transposed_kernel)
+  int64_t ld;                 // the transposed codes' row length
+  float* scales;              // [B,H,S] or [B,H,D]
+  int64_t H, S, D, clusters;  // clusters: C (Cluster)
+  int tile;                   // rows per group (Tile)
+  int* flag;                  // value-check flag
 };
 
 // y of result row r (of head bh), column d, as fp32: x[b,h,perm[r],d] - shift[d]. `src` is the row
@@ -163,13 +167,95 @@ __global__ void __launch_bounds__(kThreads) channel_codes_kernel(QuantizeParams<
   }
 }
 
+// Channel, pass 2 with the codes transposed: a block's rows encoded into shared memory as [rows][D],
+// then written out as [D][rows] (kChannelRows contiguous bytes per channel).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) channel_codes_transposed_kernel(QuantizeParams<T> p) {
+  extern __shared__ float column_inverse[];  // [D], then the block's codes [kChannelRows][D]
+  uint8_t* tile = reinterpret_cast<uint8_t*>(column_inverse + p.D);
+  const int64_t bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const auto* keys = reinterpret_cast<const uint32_t*>(p.scales) + bh * p.D;
+  for (int64_t d = threadIdx.x; d < p.D; d += kThreads) column_inverse[d] = scale_of_key(keys[d]).inverse;
+  __syncthreads();
+  const int64_t lo = static_cast<int64_t>(blockIdx.x) * kChannelRows, hi = min_of<int64_t>(lo + kChannelRows, p.S);
+  const T* head = p.x + b * p.stride[0] + h * p.stride[1];
+  const int32_t* perm = p.perm != nullptr ? p.perm + bh * p.S : nullptr;
+  for (int64_t i = threadIdx.x; i < (hi - lo) * p.D; i += kThreads) {
+    const int64_t r = lo + i / p.D, d = i % p.D;
+    const int64_t src = perm != nullptr ? perm[r] : r;
+    // A bad entry was reported by pass 1; its codes are zeros here (outputs are unspecified then).
+    tile[i] = src >= 0 && src < p.S ? fp8::e4m3_encode(shifted(p, head, nullptr, src, d) * column_inverse[d]) : 0;
+  }
+  __syncthreads();
+  uint8_t* codes = p.codes + bh * p.D * p.ld + lo;
+  const int64_t rows = hi - lo;
+  for (int64_t i = threadIdx.x; i < rows * p.D; i += kThreads) {
+    const int64_t d = i / rows, r = i % rows;
+    codes[d * p.ld + r] = tile[r * p.D + d];
+  }
+}
+
 // Channel, pass 3: the column keys become the scales, in place.
 __global__ void channel_scales_kernel(float* scales, int64_t n) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) scales[i] = scale_of_key(__float_as_uint(scales[i])).scale;
 }
 
+// The three per-channel passes, pass 2 writing the codes as the launcher says.
+template <typename T, typename Codes>
+void quantize_channels(const QuantizeParams<T>& p, int64_t heads, const Stream& stream, Codes&& launch_codes) {
+  const cudaStream_t s = stream_of(stream);
+  SAPATTN_CUDA_CHECK(cudaMemsetAsync(p.scales, 0, static_cast<size_t>(heads * p.D) * sizeof(float), s));
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.S, kChannelRows)), static_cast<unsigned>(heads));
+  if (p.S > 0) {
+    channel_amax_kernel<T><<<grid, kThreads, static_cast<size_t>(p.D) * 4, s>>>(p);
+    SAPATTN_CUDA_CHECK_LAUNCH();
+    launch_codes(grid, s);
+  }
+  // Zeroed keys (S = 0) become scale 0, as the CPU's amax of no rows.
+  const int64_t n = heads * p.D;
+  channel_scales_kernel<<<static_cast<unsigned>(ceil_div(n, kThreads)), kThreads, 0, s>>>(p.scales, n);
+  SAPATTN_CUDA_CHECK_LAUNCH();
+}
+
+template <typename T>
+QuantizeParams<T> quantize_params(const TensorView& x, const TensorView& perm, uint8_t* codes, float* scales) {
+  QuantizeParams<T> p{};
+  p.x = static_cast<const T*>(x.data);
+  for (int d = 0; d < 4; ++d) p.stride[d] = x.stride[d];
+  p.perm = perm.empty() ? nullptr : static_cast<const int32_t*>(perm.data);
+  p.codes = codes;
+  p.scales = scales;
+  p.H = x.shape[1];
+  p.S = x.shape[2];
+  p.D = x.shape[3];
+  p.flag = value_error_flag();
+  return p;
+}
+
 }  // namespace
+
+void quantize_e4m3_channel_transposed(const TensorView& x, const TensorView& perm, uint8_t* codes_t, int64_t ld,
+                                      float* scales, const Stream& stream) {
+  const int64_t B = x.shape[0], H = x.shape[1], S = x.shape[2], D = x.shape[3];
+  SAPATTN_CHECK(B * H <= 65535 && D <= 256 && ld >= S, UnsupportedError,
+                "the transposed e4m3 quantisation takes at most 65535 (b,h) pairs and head dims up to 256, got ",
+                x.describe());
+  if (B * H == 0 || D == 0) return;
+  const DeviceGuard guard(stream.device);
+  const bool checked = !perm.empty() && begin_value_check(stream);
+  dispatch_float(x.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    QuantizeParams<T> p = quantize_params<T>(x, perm, codes_t, scales);
+    p.ld = ld;
+    const size_t smem = static_cast<size_t>(D) * 4 + static_cast<size_t>(kChannelRows * D);
+    quantize_channels(p, B * H, stream, [&](dim3 grid, cudaStream_t s) {
+      channel_codes_transposed_kernel<T><<<grid, kThreads, smem, s>>>(p);
+      SAPATTN_CUDA_CHECK_LAUNCH();
+    });
+  });
+  if (checked) end_value_check(stream, "quantize_e4m3 (V transposed)");
+}
 
 void quantize_e4m3(const TensorView& x, const TensorView& perm, const TensorView& offsets, const TensorView& shift,
                    Fp8Scale granularity, int tile_rows, TensorView codes, TensorView scales, const Stream& stream) {
@@ -193,36 +279,19 @@ void quantize_e4m3(const TensorView& x, const TensorView& perm, const TensorView
   const bool checked = (!perm.empty() || by_cluster) && begin_value_check(stream);
   dispatch_float(x.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    QuantizeParams<T> p{};
-    p.x = static_cast<const T*>(x.data);
-    for (int d = 0; d < 4; ++d) p.stride[d] = x.stride[d];
-    p.perm = perm.empty() ? nullptr : static_cast<const int32_t*>(perm.data);
+    QuantizeParams<T> p =
+        quantize_params<T>(x, perm, static_cast<uint8_t*>(codes.data), static_cast<float*>(scales.data));
     p.offsets = by_cluster ? static_cast<const int32_t*>(offsets.data) : nullptr;
     p.shift = shift.empty() ? nullptr : static_cast<const float*>(shift.data);
-    p.codes = static_cast<uint8_t*>(codes.data);
-    p.scales = static_cast<float*>(scales.data);
-    p.H = H;
-    p.S = S;
-    p.D = D;
     p.clusters = C;
     p.tile = tile_rows;
-    p.flag = value_error_flag();
     const unsigned heads = static_cast<unsigned>(B * H);
     if (per_channel) {
       if (D == 0) return;
-      SAPATTN_CUDA_CHECK(cudaMemsetAsync(p.scales, 0, static_cast<size_t>(B * H * D) * sizeof(float), s));
-      const size_t smem = static_cast<size_t>(D) * 4;
-      const dim3 grid(static_cast<unsigned>(ceil_div(S, kChannelRows)), heads);
-      if (S > 0) {
-        channel_amax_kernel<T><<<grid, kThreads, smem, s>>>(p);
+      quantize_channels(p, B * H, stream, [&](dim3 grid, cudaStream_t stream_) {
+        channel_codes_kernel<T><<<grid, kThreads, static_cast<size_t>(D) * 4, stream_>>>(p);
         SAPATTN_CUDA_CHECK_LAUNCH();
-        channel_codes_kernel<T><<<grid, kThreads, smem, s>>>(p);
-        SAPATTN_CUDA_CHECK_LAUNCH();
-      }
-      // Zeroed keys (S = 0) become scale 0, as the CPU's amax of no rows.
-      const int64_t n = B * H * D;
-      channel_scales_kernel<<<static_cast<unsigned>(ceil_div(n, kThreads)), kThreads, 0, s>>>(p.scales, n);
-      SAPATTN_CUDA_CHECK_LAUNCH();
+      });
       return;
     }
     const dim3 grid(static_cast<unsigned>(groups), heads);

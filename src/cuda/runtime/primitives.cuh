@@ -120,6 +120,16 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Barriers
+// ---------------------------------------------------------------------------------------------
+
+// __syncthreads() that warps may reach from different instructions: barrier 0 without .aligned
+// (__syncthreads is barrier.sync.aligned, which requires every thread of the block at the same
+// instruction; compute-sanitizer's synccheck reports the divergence). Each warp must still arrive
+// converged, and every warp of the block must arrive.
+__device__ __forceinline__ void block_barrier() { __barrier_sync(0); }
+
+// ---------------------------------------------------------------------------------------------
 // Math
 // ---------------------------------------------------------------------------------------------
 
@@ -132,9 +142,43 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// Two floats as e4m3 codes (OCP E4M3, round to nearest even, saturating: the codec of
+// src/core/fp8.hpp), lo in the low byte (sm_89 and newer).
+__device__ __forceinline__ uint16_t e4m3x2_of(float lo, float hi) {
+  uint16_t d;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(d) : "f"(hi), "f"(lo));
+  return d;
+}
+
+// Two e4m3 codes (lo in the low byte) as an f16 pair, exactly (every e4m3 value is an f16).
+__device__ __forceinline__ __half2 half2_of_e4m3x2(uint16_t codes) {
+  uint32_t d;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(d) : "h"(codes));
+  return *reinterpret_cast<const __half2*>(&d);
+}
+
 // ---------------------------------------------------------------------------------------------
 // TMA (sm_90)
 // ---------------------------------------------------------------------------------------------
+
+// One box of a 2-D tensor map at (c0, c1), as tma_load_4d.
+__device__ __forceinline__ void tma_load_2d(const void* map, uint64_t* bar, void* smem, int32_t c0, int32_t c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(smem_addr(smem)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_addr(bar))
+      : "memory");
+}
+
+// One box of a 5-D tensor map at (c0, ..., c4), as tma_load_4d.
+__device__ __forceinline__ void tma_load_5d(const void* map, uint64_t* bar, void* smem, int32_t c0, int32_t c1,
+                                            int32_t c2, int32_t c3, int32_t c4) {
+  asm volatile(
+      "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5, %6}], [%7];\n" ::"r"(smem_addr(smem)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(smem_addr(bar))
+      : "memory");
+}
 
 // One box of a 4-D tensor map (a CUtensorMap in param, const or global space) at coordinates
 // (c0, c1, c2, c3) into shared memory at `smem`, its bytes counted on the mbarrier `bar`.

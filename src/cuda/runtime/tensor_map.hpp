@@ -15,12 +15,14 @@ namespace sapattn::cuda {
 // Whether the driver offers cuTensorMapEncodeTiled (12.0 or newer).
 bool tensor_maps_available();
 
-// A tiled map of a rank-`rank` (2 to 5) tensor of 16-bit elements (BF16 or F16) at `base`: dims[0]
+// A tiled map of a rank-`rank` (2 to 5) tensor of BF16, F16, F32 or U8 elements at `base`: dims[0]
 // is the contiguous dimension, byte_strides[i] the stride of dimension i + 1 in bytes (rank - 1 of
-// them), boxes of box[i] elements, 128-byte swizzle (box[0] * 2 must be 128), zeros outside the
-// tensor. A stride of a dimension of extent 1 is never used and may be anything. False where the
-// driver refuses the map (alignment, strides that are not multiples of 16, no driver support).
+// them), boxes of box[i] elements, 128-byte swizzle (box[0] elements must then be 128 bytes) or
+// none, zeros outside the tensor. A stride of a dimension of extent 1 is never used and may be
+// anything; strides need not grow (the e4m3 attention's K map walks rows in a permuted order). False
+// where the driver refuses the map (alignment, strides that are not multiples of 16, no driver
+// support).
 bool encode_tiled_map(CUtensorMap& map, DType dtype, int rank, const void* base, const uint64_t* dims,
-                      const uint64_t* byte_strides, const uint32_t* box);
+                      const uint64_t* byte_strides, const uint32_t* box, bool swizzle_128b = true);
 
 }  // namespace sapattn::cuda

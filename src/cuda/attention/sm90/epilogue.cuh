@@ -3,6 +3,9 @@
 // q_perm). Under p.accumulate (key phases) out and lse already hold an earlier phase's result for
 // these rows and the two merge by their LSEs; the four lanes of a quad share a row, so all of them
 // read its old lse before any writes the new one.
+//
+// The e4m3 kernel (Tr::kFp8) adds a term per row to the LSE (K smoothing's) and multiplies channel d
+// of the output by its V scale over p_scale (col_scale, in shared memory: Fp8Traits::Smem::v_scale).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -12,19 +15,24 @@
 
 namespace sapattn::cuda::attn::sm90 {
 
-template <class Tr>
+template <class Tr, typename Out = typename Tr::T>
 struct Epilogue {
-  using T = typename Tr::T;
+  using T = Out;
   const Params& p;
+  const float* col_scale = nullptr;  // e4m3: [kHeadDim], sv_d (shared memory)
+  float col_unit = 1.0f;             // e4m3: 1 / p_scale
 
   __device__ __forceinline__ explicit Epilogue(const Params& params) : p(params) {}
+  __device__ __forceinline__ Epilogue(const Params& params, const float* v_scale, float inv_p_scale)
+      : p(params), col_scale(v_scale), col_unit(inv_p_scale) {}
 
   // The rows of `it` that consumer warpgroup `wg` computed (rows [64 wg, 64 wg + 64)), from this
   // thread's fragment (the thread is `lane` of `warp` in the warpgroup): O / row sum, LSE = max *
   // scale + log(sum).
   template <class FragO>
   __device__ __forceinline__ void store(const Item& it, int wg, int warp, int lane, const FragO& tOrO,
-                                        const float (&row_max)[2], const float (&row_sum)[2]) const {
+                                        const float (&row_max)[2], const float (&row_sum)[2],
+                                        const float (&lse_shift)[2] = {0.0f, 0.0f}) const {
     const int b = it.bh / p.heads, h = it.bh % p.heads;
     T* out = static_cast<T*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1];
     float* lse = p.lse == nullptr ? nullptr : p.lse + b * p.lse_stride[0] + h * p.lse_stride[1];
@@ -47,6 +55,7 @@ struct Epilogue {
       if (row < 0) continue;
       float inv = sum != 0.0f ? 1.0f / sum : 0.0f;
       float new_lse = sum != 0.0f ? row_max[r] * p.scale + logf(sum) : -INFINITY;
+      if constexpr (Tr::kFp8) new_lse += lse_shift[r];
       T* dst = out + static_cast<int64_t>(row) * p.o_stride[2] + 2 * (lane % 4);
       float keep = 0.0f;  // the old row's weight in the merged one
       if (p.accumulate) {
@@ -60,6 +69,11 @@ struct Epilogue {
       CUTLASS_PRAGMA_UNROLL
       for (int g = 0; g < size(tOrO) / 4; ++g) {
         float x0 = tOrO(4 * g + 2 * r) * inv, x1 = tOrO(4 * g + 2 * r + 1) * inv;
+        if constexpr (Tr::kFp8) {
+          const float2 sv = *reinterpret_cast<const float2*>(col_scale + 8 * g + 2 * (lane % 4));
+          x0 *= sv.x * col_unit;
+          x1 *= sv.y * col_unit;
+        }
         if (p.accumulate) {
           const uint32_t bits = *reinterpret_cast<const uint32_t*>(dst + 8 * g);
           const T* old = reinterpret_cast<const T*>(&bits);

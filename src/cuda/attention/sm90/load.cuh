@@ -152,12 +152,17 @@ struct TmaMaps {
 // takes ceil(L / kRows) slots of kRows rows, the last one partly masked. Every lane of the producer
 // warp follows the slots of its own position in the tile with a cursor that only moves forward; it
 // counts the slots of the segments it passes, so the plan needs no slot prefix.
-template <int kRows>
+//
+// kAligned (the e4m3 kernel): slots start at multiples of kRows rows instead, so that a segment from
+// row r takes ceil((r mod kRows + L) / kRows) slots, its first slot's rows before r masked too (a TMA
+// box must start at a 16-byte multiple of its innermost dimension, which for V^T is the keys).
+template <int kRows, bool kAligned = false>
 struct LaneSlots {
   const Segment* segments;
   int32_t num_segments;
   int32_t seg = -1, slot_begin = 0, slot_end = 0;  // the current segment and its slots [begin, end)
   int32_t row = 0, len = 0, cum = 0;               // its first key row, its keys, its end in the virtual keys
+  int32_t lead = 0;  // kAligned: the rows before the segment's first key in its first slot (row, len include them)
   __device__ explicit LaneSlots(const Item& it) : segments(it.segments), num_segments(it.num_segments) {}
   // Slot `slot`: its first key row, how many of its rows are keys, and its segment (num_segments past
   // the last one, where the slot reads zeros and is masked).
@@ -168,6 +173,11 @@ struct LaneSlots {
       len = sg.cum_end - cum;
       row = cum + sg.delta;
       cum = sg.cum_end;
+      if constexpr (kAligned) {
+        lead = row % kRows;
+        row -= lead;
+        len += lead;
+      }
       slot_begin = slot_end;
       slot_end += (len + kRows - 1) / kRows;
     }
@@ -181,16 +191,20 @@ struct LaneSlots {
     slot_row = row + local;
     count = min(kRows, len - local);
   }
+  // kAligned: the first row of slot `slot` (as `at` gives it) that is a key.
+  __device__ int32_t first_key(int32_t slot) const { return slot == slot_begin ? lead : 0; }
 };
 
-// Slots of an item: the sum over its segments of ceil(keys / kRows), summed across the warp.
-template <int kRows>
+// Slots of an item: the sum over its segments of ceil(keys / kRows) (kAligned: of ceil((lead +
+// keys) / kRows), LaneSlots), summed across the warp.
+template <int kRows, bool kAligned = false>
 __device__ __forceinline__ int32_t count_slots(const Item& it, int lane) {
   if (it.segments == nullptr) return (it.keys + kRows - 1) / kRows;
   int32_t slots = 0;
   for (int i = lane; i < it.num_segments; i += 32) {
     const int32_t begin = i > 0 ? it.segments[i - 1].cum_end : 0;
-    slots += (it.segments[i].cum_end - begin + kRows - 1) / kRows;
+    const int32_t lead = kAligned ? (begin + it.segments[i].delta) % kRows : 0;
+    slots += (lead + it.segments[i].cum_end - begin + kRows - 1) / kRows;
   }
 #pragma unroll
   for (int o = 16; o > 0; o /= 2) slots += __shfl_xor_sync(0xffffffff, slots, o);
@@ -399,6 +413,112 @@ __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::
     }
   }
   if constexpr (kQGather) cute::cp_async_wait<0>();  // leave no copy in flight behind an exiting lane
+}
+
+}  // namespace sapattn::cuda::attn::sm90
+
+namespace sapattn::cuda::attn::sm90 {
+
+// ---------------------------------------------------------------------------------------------
+// The e4m3 kernel's TMA producer (Fp8Traits, attention_sm90_fp8.cu)
+// ---------------------------------------------------------------------------------------------
+
+// The e4m3 operands as tensor maps (attention_sm90_fp8.cu encodes them): q codes (128 bytes, rows,
+// heads) with 64-row boxes; k codes as 5-D (128 bytes, c, t, h, row of all heads) whose 16-row box
+// lands slot row c + 2t + 8h from key 4t + 2h + c (Fp8Traits); v^T codes (keys, channels, heads)
+// with boxes of 16 keys x 128 channels; k scales (keys, heads) with boxes of 16. A box starts at a
+// 16-byte multiple of its innermost dimension (else the copy is an illegal instruction), so the
+// slots are aligned to 16 keys (LaneSlots' kAligned) and the query scales, whose items start
+// anywhere, are read by the consumers instead.
+struct Fp8Maps {
+  CUtensorMap q, k, vt, k_scale;
+};
+
+// One warp, as producer_tma, every slot of a key tile its own box for K, V^T and K's scales (lane
+// j < kSlots issues slot j's): the permuted K rows leave no room for boxes over runs. Slot j's keys
+// are its rows [lo, hi), published as hi | lo << 8 in the 16 bits 16 (j % 2) of slot_count word
+// j / 2. With Q comes the head's V scales. The key scales arrive on the V stage's barrier: the
+// consumers read them after freeing the K stage. A dense item's slots are the tile's 16-row steps.
+template <class Tr>
+__device__ void producer_tma_fp8(const Params& p, const Fp8Params& f, const Fp8Maps& maps, typename Tr::Smem& s,
+                                 int num_items, int q_tiles) {
+  using T = typename Tr::T;
+  constexpr uint32_t kQBytes = Tr::kBlockM * Tr::kHeadDim + Tr::kHeadDim * sizeof(float);
+  constexpr uint32_t kTileBytes = Tr::kBlockN * Tr::kHeadDim;
+  constexpr uint32_t kScaleBytes = Tr::kBlockN * sizeof(float);
+  constexpr int kSlotBytes = Tr::kSlotRows * Tr::kHeadDim;
+  const int lane = threadIdx.x % 32;
+  const int slot = lane % Tr::kSlots;
+  int tile_count = 0;
+  ItemScheduler<Tr, true> items(p, s, num_items, q_tiles);
+  int item_count = 0;
+  for (; items.valid(); items.advance(), ++item_count) {
+    const int index = items.index();
+    const Item it = items.item();
+    const int n_blocks = (count_slots<Tr::kSlotRows, true>(it, lane) + Tr::kSlots - 1) / Tr::kSlots;
+    LaneSlots<Tr::kSlotRows, true> slots(it);
+
+    Barrier::wait(&s.q_empty, (item_count & 1) ^ 1);
+    if (lane == 0) {
+      s.item_blocks = n_blocks;
+      s.item_index = index;
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.q_full, kQBytes);
+    }
+    __syncwarp();
+    if (lane < 2) {
+      tma_load_3d(&maps.q, &s.q_full, s.q.data() + lane * 64 * Tr::kHeadDim, 0, it.q_begin + 64 * lane, it.bh);
+    } else if (lane == 2) {
+      bulk_load(s.v_scale, f.v_scale + static_cast<int64_t>(it.bh) * Tr::kHeadDim, Tr::kHeadDim * sizeof(float),
+                &s.q_full);
+    }
+
+    for (int n = 0; n < n_blocks; ++n, ++tile_count) {
+      const int stage = tile_count % Tr::kStages;
+      const int phase = (tile_count / Tr::kStages) & 1;
+      int32_t row, count, seg, lo = 0;
+      if (p.dense) {
+        row = n * Tr::kBlockN + slot * Tr::kSlotRows;
+        count = min(Tr::kSlotRows, it.keys - row);
+        if (count <= 0) {
+          count = 0;
+          row = -Tr::kSlotRows;  // wholly outside every map: zeros
+        }
+      } else {
+        slots.at(n * Tr::kSlots + slot, row, count, seg);
+        lo = slots.first_key(n * Tr::kSlots + slot);
+      }
+      // (No slab plans here: no item is mixed, so no slot members.)
+      const uint32_t keys = static_cast<uint32_t>(count) | static_cast<uint32_t>(lo) << 8;
+      uint32_t counts[Tr::kCountWords];
+#pragma unroll
+      for (int w = 0; w < Tr::kCountWords; ++w) {
+        const bool mine = lane < Tr::kSlots && slot / 2 == w;
+        counts[w] = __reduce_or_sync(0xffffffff, mine ? keys << (16 * (slot % 2)) : 0u);
+      }
+      // A key row of this head as a row of all heads' K (rows before the head's first belong to the
+      // previous head and are masked; row -16 of head 0 is outside the map: zeros).
+      const int32_t k_row = row + it.bh * p.seq_k;
+      T* k_dst = s.k.data() + stage * Tr::kBlockN * Tr::kHeadDim + slot * kSlotBytes;
+      T* v_dst = s.v.data() + stage * Tr::kBlockN * Tr::kHeadDim + slot * kSlotBytes;
+      Barrier::wait(&s.k_empty[stage], phase ^ 1);
+      if (lane == 0) {
+#pragma unroll
+        for (int w = 0; w < Tr::kCountWords; ++w) s.slot_count[stage][w] = counts[w];
+        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.k_full[stage], kTileBytes);
+      }
+      __syncwarp();
+      if (lane < Tr::kSlots) tma_load_5d(&maps.k, &s.k_full[stage], k_dst, 0, 0, 0, 0, k_row);
+      Barrier::wait(&s.v_empty[stage], phase ^ 1);
+      if (lane == 0)
+        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.v_full[stage], kTileBytes + kScaleBytes);
+      __syncwarp();
+      if (lane < Tr::kSlots) {
+        tma_load_3d(&maps.vt, &s.v_full[stage], v_dst, row, 0, it.bh);
+        tma_load_2d(&maps.k_scale, &s.v_full[stage], &s.k_scale[stage][slot * Tr::kScaleSlotFloats], row, it.bh);
+      }
+    }
+  }
+  items.finish(item_count, 1);
 }
 
 }  // namespace sapattn::cuda::attn::sm90

@@ -8,6 +8,13 @@
 // registers and accumulates O += P V (RS wgmma, V read through a transposed view of its tile).
 // Query rows of a work item beyond its end are zero-filled and never stored; a warpgroup whose 64
 // rows are all beyond the end skips its MMAs but keeps the barrier protocol.
+//
+// The e4m3 kernel (Tr::kFp8, traits.cuh) runs the same loop with four differences: the scores take
+// the key scales per column and the query scale per row (softmax_fp8), P is stored as
+// e4m3(p * p_scale) in the A layout of the e4m3 GEMM (convert_p_fp8, which may also sum the
+// quantised P), each tile's P V goes to a fresh accumulator that is added to O in fp32 (Hopper's
+// e4m3 MMA accumulates with fewer bits than fp32; docs/fp8.md), and the epilogue gets V's channel
+// scales and the smoothing's LSE term.
 #pragma once
 
 #include <cutlass/arch/barrier.h>
@@ -24,7 +31,8 @@ namespace sapattn::cuda::attn::sm90 {
 // Epilogue: epilogue.cuh's, or any type with the same store(). kPair (CTA pairs, load.cuh): a
 // stage is freed on both CTAs' "empty" barriers, the peer's through one arrival of 32 per warp.
 template <class Tr, bool kTma, bool kPair, class Epilogue>
-__device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, int q_tiles, const Epilogue& epilogue) {
+__device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, int q_tiles, const Epilogue& epilogue,
+                         const Fp8Params* fp8 = nullptr) {
   using T = typename Tr::T;
   constexpr int kBlockN = Tr::kBlockN;
   const int wg = threadIdx.x / 128 - 1;  // 0 or 1: rows [64 wg, 64 wg + 64) of the item
@@ -32,8 +40,8 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
   const int lane = thread % 32, warp = thread / 32;
 
   auto sQ = make_tensor(make_smem_ptr(s.q.data()), typename Tr::LayoutQ{});
-  auto sQw = local_tile(sQ, Shape<_64, Int<Tr::kChunksPerRow * 8>>{}, make_coord(wg, _0{}));
-  auto sQ0 = local_tile(sQ, Shape<_64, Int<Tr::kChunksPerRow * 8>>{}, make_coord(0, _0{}));
+  auto sQw = local_tile(sQ, Shape<_64, Int<Tr::kHeadDim>>{}, make_coord(wg, _0{}));
+  auto sQ0 = local_tile(sQ, Shape<_64, Int<Tr::kHeadDim>>{}, make_coord(0, _0{}));
   auto sK = make_tensor(make_smem_ptr(s.k.data()), typename Tr::LayoutK{});
   auto sVt = make_tensor(make_smem_ptr(s.v.data()), typename Tr::LayoutVt{});
 
@@ -46,10 +54,9 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
   auto tSrK = thr_qk.partition_fragment_B(sK);
   auto tOrV = thr_pv.partition_fragment_B(sVt);
   auto tSrS = partition_fragment_C(mma_qk, Shape<_64, Int<kBlockN>>{});
-  auto tOrO = partition_fragment_C(mma_pv, Shape<_64, Int<Tr::kChunksPerRow * 8>>{});
-  // P as the A operand of P V: the accumulator's register order is (col pair, row half, 8-col
-  // group), the A fragment's is (col pair, row half, k half, 16-col block): the same flat order.
-  auto tOrP = make_tensor<T>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBlockN / 16>>>{});
+  auto tOrO = partition_fragment_C(mma_pv, Shape<_64, Int<Tr::kHeadDim>>{});
+  auto tOrOt = partition_fragment_C(mma_pv, Shape<_64, Int<Tr::kHeadDim>>{});  // e4m3: one tile's P V
+  auto tOrP = make_tensor<T>(typename Tr::LayoutP{});
   static_assert(size(tOrP) == size(tSrS));
 
   // Frees a stage's K or V buffer for the producers (both CTAs' with pairs).
@@ -63,6 +70,16 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
 
   const float scale_log2 = p.scale * 1.4426950408889634f;
   float row_max[2], row_sum[2];
+  // The exponent's factor of each of this thread's two rows: scale * log2(e), times the row's
+  // query scale in the e4m3 kernel.
+  float row_factor[2] = {scale_log2, scale_log2};
+  const auto factor = [&](int r) {
+    if constexpr (Tr::kFp8) {
+      return row_factor[r];
+    } else {
+      return scale_log2;
+    }
+  };
 
   // S = Q K^T for the tile in `stage`, issued asynchronously; Q is this warpgroup's rows, or rows
   // [0, 64) in a split item.
@@ -77,11 +94,23 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
     }
     warpgroup_commit_batch();
   };
-  // O += P V for the tile in `stage`, issued asynchronously (P is read from registers until done).
+  // O += P V for the tile in `stage`, issued asynchronously (P is read from registers until done);
+  // in the e4m3 kernel into the fresh accumulator tOrOt, which add_tile then adds to O.
   auto issue_pv = [&](int stage) {
-    warpgroup_fence_operand(tOrO);
-    warpgroup_arrive();
-    cute::gemm(mma_pv, tOrP, tOrV(_, _, _, stage), tOrO);
+    if constexpr (Tr::kFp8) {
+      warpgroup_fence_operand(tOrOt);
+      warpgroup_arrive();
+      mma_pv.accumulate_ = GMMA::ScaleOut::Zero;
+      CUTLASS_PRAGMA_UNROLL
+      for (int kb = 0; kb < size<2>(tOrP); ++kb) {
+        cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb, stage), tOrOt);
+        mma_pv.accumulate_ = GMMA::ScaleOut::One;
+      }
+    } else {
+      warpgroup_fence_operand(tOrO);
+      warpgroup_arrive();
+      cute::gemm(mma_pv, tOrP, tOrV(_, _, _, stage), tOrO);
+    }
     warpgroup_commit_batch();
   };
   // The key counts of the tile in `stage`'s slots (TMA loads) and, in a mixed item, the members that
@@ -160,6 +189,57 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       row_sum[r] = row_sum[r] * rescale[r] + sum;
     }
   };
+  // The e4m3 kernel's online softmax of the tile in tSrS (stage `stage`): each score times its key's
+  // scale (the thread's four keys of a slot are 4t..4t+3, traits.cuh: one 16-byte read), what is not
+  // a key masked (past a slot's count; in a mixed item, slots the row's cluster does not keep),
+  // then as softmax above with the row's factor (query scale x scale x log2 e) and P scaled to
+  // [0, p_scale] (log2(p_scale) added to the exponent). The row sums take the fp32 P unless the
+  // quantised P are summed (convert_p_fp8).
+  auto softmax_fp8 = [&](int stage, const Counts& counts, const Counts& members, float(&rescale)[2]) {
+    if constexpr (Tr::kFp8) {  // (the bf16 kernel's Smem has no key scales)
+      warpgroup_fence_operand(tSrS);
+      const int t = lane % 4;
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < Tr::kSlots; ++j) {
+        const float4 sk = *reinterpret_cast<const float4*>(&s.k_scale[stage][j * Tr::kScaleSlotFloats + 4 * t]);
+        const float key_scale[4] = {sk.x, sk.y, sk.z, sk.w};
+        // The slot's keys are its rows [lo, hi) (load.cuh, producer_tma_fp8).
+        const uint32_t keys = counts[j / 2] >> (16 * (j % 2));
+        const int hi = keys & 0xff, lo = (keys >> 8) & 0xff;
+        const bool partial = lo > 0 || hi < Tr::kSlotRows;
+        CUTLASS_PRAGMA_UNROLL
+        for (int e = 0; e < 8; ++e) {
+          // Value i = 8 j + e: group g = 2 j + e / 4 (gg = e / 4 within the slot), row half r, column c.
+          const int i = 8 * j + e, c = e % 2, gg = e / 4, key = 4 * t + 2 * gg + c;
+          float x = tSrS(i) * key_scale[2 * gg + c];
+          if (partial && (key < lo || key >= hi)) x = -INFINITY;
+          tSrS(i) = x;
+        }
+      }
+      const float log2_p_scale = __log2f(fp8->p_scale);
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        float mx = row_max[r];
+        CUTLASS_PRAGMA_UNROLL
+        for (int g = 0; g < kBlockN / 8; ++g) mx = fmaxf(mx, fmaxf(tSrS(4 * g + 2 * r), tSrS(4 * g + 2 * r + 1)));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        const float mx_finite = mx == -INFINITY ? 0.0f : mx;
+        rescale[r] = fast_exp2((row_max[r] - mx_finite) * row_factor[r]);
+        row_max[r] = mx;
+        const float offset = mx_finite * row_factor[r] - log2_p_scale;
+        float sum = 0.0f;
+        CUTLASS_PRAGMA_UNROLL
+        for (int g = 0; g < kBlockN / 8; ++g) CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < 2; ++c) {
+          const float e = fast_exp2(tSrS(4 * g + 2 * r + c) * row_factor[r] - offset);
+          tSrS(4 * g + 2 * r + c) = e;
+          sum += e;
+        }
+        row_sum[r] = row_sum[r] * rescale[r] + (Tr::kSumQuantised ? 0.0f : sum);
+      }
+    }
+  };
   auto rescale_o = [&](const float(&rescale)[2]) {
     CUTLASS_PRAGMA_UNROLL
     for (int g = 0; g < size(tOrO) / 4; ++g) CUTLASS_PRAGMA_UNROLL
@@ -172,12 +252,89 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < size(tSrS); ++i) tOrP(i) = static_cast<T>(tSrS(i));
   };
+  // The e4m3 kernel's P into the A operand: register (row half rh, key half kh) of 32-key block kb
+  // holds keys 4t..4t+3 of its 16, which (K's rows permuted, traits.cuh) are the accumulator's
+  // columns 2t, 2t+1, 8+2t, 9+2t of those 16: values i0, i0+1, i0+4, i0+5 with i0 = 4 (4 kb + 2 kh) +
+  // 2 rh. With the quantised sum, each row adds its decoded P, in f16 pairs per 32 keys (exact
+  // below 2048, 11 bits beyond) and then in fp32.
+  auto convert_p_fp8 = [&] {
+    auto regs = recast<uint32_t>(tOrP);
+    float quantised[2] = {0.0f, 0.0f};
+    CUTLASS_PRAGMA_UNROLL
+    for (int kb = 0; kb < kBlockN / 32; ++kb) {
+      __half2 block_sum[2] = {__float2half2_rn(0.0f), __float2half2_rn(0.0f)};
+      CUTLASS_PRAGMA_UNROLL
+      for (int kh = 0; kh < 2; ++kh) CUTLASS_PRAGMA_UNROLL
+      for (int rh = 0; rh < 2; ++rh) {
+        const int i0 = 4 * (4 * kb + 2 * kh) + 2 * rh;
+        const uint16_t lo = e4m3x2_of(tSrS(i0), tSrS(i0 + 1)), hi = e4m3x2_of(tSrS(i0 + 4), tSrS(i0 + 5));
+        regs(rh + 2 * kh + 4 * kb) = static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16;
+        if (Tr::kSumQuantised)
+          block_sum[rh] = __hadd2(block_sum[rh], __hadd2(half2_of_e4m3x2(lo), half2_of_e4m3x2(hi)));
+      }
+      if (Tr::kSumQuantised) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int rh = 0; rh < 2; ++rh) {
+          const float2 f = __half22float2(block_sum[rh]);
+          quantised[rh] += f.x + f.y;
+        }
+      }
+    }
+    if (Tr::kSumQuantised) {
+      row_sum[0] += quantised[0];
+      row_sum[1] += quantised[1];
+    }
+  };
+  // The e4m3 kernel: O = (O + this tile's P V) x rescale once tOrOt is complete.
+  auto add_tile = [&](const float(&rescale)[2]) {
+    warpgroup_fence_operand(tOrOt);
+    CUTLASS_PRAGMA_UNROLL
+    for (int g = 0; g < size(tOrO) / 4; ++g) CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < 2; ++r) CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < 2; ++c)
+      tOrO(4 * g + 2 * r + c) = (tOrO(4 * g + 2 * r + c) + tOrOt(4 * g + 2 * r + c)) * rescale[r];
+  };
+  // The steps of one key tile, for either kernel. The e4m3 kernel's key scales arrive with the
+  // tile's V (its K stage is freed before the softmax), so it waits for them.
+  auto tile_softmax = [&](int n, int stage, int phase, int keys, const Counts& counts, const Counts& members,
+                          float(&rescale)[2]) {
+    if constexpr (Tr::kFp8) {
+      Barrier::wait(&s.v_full[stage], phase);
+      softmax_fp8(stage, counts, members, rescale);
+    } else {
+      softmax(n, keys, counts, members, rescale);
+    }
+  };
+  auto tile_convert = [&] {
+    if constexpr (Tr::kFp8) {
+      convert_p_fp8();
+    } else {
+      convert_p();
+    }
+  };
+  auto tile_rescale = [&](const float(&rescale)[2]) {
+    if constexpr (Tr::kFp8) {
+      add_tile(rescale);
+    } else {
+      rescale_o(rescale);
+    }
+  };
 
   // Ping-pong (FA3): the two warpgroups take turns to issue their MMAs, so that one's softmax runs
   // while the other's MMAs hold the tensor cores. Every warpgroup takes the same number of turns
   // per item, active or not.
   auto wait_turn = [&] { cutlass::arch::NamedBarrier::sync(256, kTurnBarrier + wg); };
   auto pass_turn = [&] { cutlass::arch::NamedBarrier::arrive(256, kTurnBarrier + 1 - wg); };
+  // Turns per key tile after a warpgroup's first: one (its Q K^T and the previous tile's P V), or two
+  // in the e4m3 kernel, which issues the P V first and adds it to O before the next Q K^T (with both
+  // accumulators of O and S live at once, 240 registers spill).
+  constexpr int kTurnsPerTile = Tr::kFp8 ? 2 : 1;
+  auto empty_turns = [&](int turns) {
+    for (int i = 0; i < turns; ++i) {
+      wait_turn();
+      pass_turn();
+    }
+  };
   if (wg == 1) pass_turn();  // warpgroup 0 goes first
 
   int tile_count = 0;  // key tiles consumed by this CTA so far: the pipeline position
@@ -194,10 +351,21 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
     // tiles w, w + 2, ..., and warpgroup 0 merges the two halves (by their row maxima) before the
     // epilogue. Unsplit, such an item would leave warpgroup 1 idle and run at half the pair rate.
     const bool split = p.split_tails && it.rows > 0 && it.rows <= 64 && n_blocks >= 2;
-    mixed = !kPair && it.members > 1;  // pairs take no slab plan (attention.hpp)
+    mixed = !kPair && !Tr::kFp8 && it.members > 1;  // pairs and the e4m3 kernel take no slab plan (attention.hpp)
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < 2; ++r)
       row_bit[r] = mixed ? 1u << member_of(it, (split ? 0 : 64 * wg) + 16 * warp + lane / 4 + 8 * r) : 1u;
+    // The e4m3 kernel: the rows' query scales (read from global memory, as an item may start at any
+    // row, where a TMA box may not; rows past the item's end read the next rows or 0).
+    const auto row_of = [&](int r) { return (split ? 0 : 64 * wg) + 16 * warp + lane / 4 + 8 * r; };
+    const auto query_scale = [&](int r) {
+      const int local = row_of(r);
+      return local < it.rows ? fp8->q_scale[static_cast<int64_t>(it.bh) * p.seq_q + it.q_begin + local] : 0.0f;
+    };
+    if constexpr (Tr::kFp8) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < 2; ++r) row_factor[r] = query_scale(r) * scale_log2;
+    }
     const auto stage_of = [&](int n) { return (tile_count + n) % Tr::kStages; };
     const auto phase_of = [&](int n) { return ((tile_count + n) / Tr::kStages) & 1; };
     // A key tile this warpgroup does not compute: released once loaded, which keeps every stage's
@@ -211,14 +379,10 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
     if (!split && it.rows <= 64 * wg) {
       // No row of this warpgroup: keep the barrier protocol without computing.
       for (int n = 0; n < n_blocks; ++n) {
-        wait_turn();
-        pass_turn();
+        empty_turns(n == 0 ? 1 : kTurnsPerTile);
         release(n);
       }
-      if (n_blocks > 0) {
-        wait_turn();
-        pass_turn();
-      }
+      if (n_blocks > 0) empty_turns(1);
       tile_count += n_blocks;
       Barrier::arrive(&s.q_empty);
       continue;
@@ -238,8 +402,8 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       pass_turn();
       warpgroup_wait<0>();
       free_stage(s.k_empty[stage]);
-      softmax(first, it.keys, counts, members, rescale);
-      convert_p();
+      tile_softmax(first, stage, phase, it.keys, counts, members, rescale);
+      tile_convert();
       for (int n = first + step; n < n_blocks; n += step) {
         if (split) release(n - 1);
         const int prev_stage = stage, prev_phase = phase;
@@ -248,18 +412,38 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
         Barrier::wait(&s.k_full[stage], phase);
         read_counts(stage, counts, members);
         Barrier::wait(&s.v_full[prev_stage], prev_phase);
-        wait_turn();
-        issue_qk(stage, split);
-        issue_pv(prev_stage);
-        pass_turn();
-        warpgroup_wait<1>();  // S of tile n is ready; P V of the previous tile may still run
-        free_stage(s.k_empty[stage]);
-        softmax(n, it.keys, counts, members, rescale);
-        warpgroup_wait<0>();
-        free_stage(s.v_empty[prev_stage]);
-        warpgroup_fence_operand(tOrO);
-        rescale_o(rescale);
-        convert_p();
+        if constexpr (Tr::kFp8) {
+          // No overlap within the warpgroup: the previous tile's P V is added to O before this
+          // tile's Q K^T is issued (kTurnsPerTile); the other warpgroup's MMAs run meanwhile.
+          wait_turn();
+          issue_pv(prev_stage);
+          pass_turn();
+          warpgroup_wait<0>();
+          free_stage(s.v_empty[prev_stage]);
+          const float one[2] = {1.0f, 1.0f};
+          add_tile(one);
+          wait_turn();
+          issue_qk(stage, split);
+          pass_turn();
+          warpgroup_wait<0>();
+          free_stage(s.k_empty[stage]);
+          tile_softmax(n, stage, phase, it.keys, counts, members, rescale);
+          warpgroup_fence_operand(tOrO);
+          rescale_o(rescale);
+        } else {
+          wait_turn();
+          issue_qk(stage, split);
+          issue_pv(prev_stage);
+          pass_turn();
+          warpgroup_wait<1>();  // S of tile n is ready; P V of the previous tile may still run
+          free_stage(s.k_empty[stage]);
+          tile_softmax(n, stage, phase, it.keys, counts, members, rescale);
+          warpgroup_wait<0>();
+          free_stage(s.v_empty[prev_stage]);
+          warpgroup_fence_operand(tOrO);
+          tile_rescale(rescale);
+        }
+        tile_convert();
       }
       Barrier::wait(&s.v_full[stage], phase);
       wait_turn();
@@ -268,21 +452,22 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
       free_stage(s.v_empty[stage]);
+      if constexpr (Tr::kFp8) {
+        const float one[2] = {1.0f, 1.0f};
+        add_tile(one);
+      }
       if (split && (n_blocks - 1) % 2 != wg) release(n_blocks - 1);  // the last tile is the other's
     }
     // Warpgroup 1 of a split item with an odd number of tiles computed one tile fewer: one more
     // (empty) turn keeps the two warpgroups' turns equal.
-    if (split && wg == 1 && n_blocks % 2 == 1) {
-      wait_turn();
-      pass_turn();
-    }
+    if (split && wg == 1 && n_blocks % 2 == 1) empty_turns(kTurnsPerTile);
     tile_count += n_blocks;
     if (split) {
       // Warpgroup 1's O, row maxima and partial sums go through shared memory (its O through the Q
       // buffer, free once both warpgroups' last Q K^T is done); warpgroup 0 rescales both halves to
       // the larger maximum and adds them. Same thread, same fragment: element i of thread t sits at
       // i * 128 + t.
-      float* merge_o = reinterpret_cast<float*>(s.q.data());
+      float* merge_o = Tr::merge_o(s);
       cutlass::arch::NamedBarrier::sync(256, kMergeBarrier);
       if (wg == 1) {
         CUTLASS_PRAGMA_UNROLL
@@ -300,8 +485,8 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
         for (int r = 0; r < 2; ++r) {
           const float m1 = s.merge_max[r][thread], m = fmaxf(row_max[r], m1);
           const float m_finite = m == -INFINITY ? 0.0f : m;  // a mixed item's row may have no key at all
-          own[r] = fast_exp2((row_max[r] - m_finite) * scale_log2);
-          other[r] = fast_exp2((m1 - m_finite) * scale_log2);
+          own[r] = fast_exp2((row_max[r] - m_finite) * factor(r));
+          other[r] = fast_exp2((m1 - m_finite) * factor(r));
           row_sum[r] = row_sum[r] * own[r] + s.merge_sum[r][thread] * other[r];
           row_max[r] = m;
         }
@@ -316,10 +501,34 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       // The Q buffer was written and read through the generic proxy; the next Q arrives by TMA.
       cutlass::arch::fence_view_async_shared();
     }
+    // The e4m3 kernel's epilogue takes the rows' query scales and the smoothing's LSE term, read
+    // again now (registers are short until the main loop is done).
+    float row_sq[2] = {1.0f, 1.0f}, lse_shift[2] = {0.0f, 0.0f};
+    if constexpr (Tr::kFp8) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        const int local = row_of(r);
+        row_sq[r] = query_scale(r);
+        if (fp8->lse_shift != nullptr && local < it.rows)
+          lse_shift[r] = fp8->lse_shift[static_cast<int64_t>(it.bh) * p.seq_q + it.q_begin + local];
+      }
+    }
     Barrier::arrive(&s.q_empty);     // Q of this item is no longer read
     if (split && wg == 1) continue;  // warpgroup 0 writes the merged rows
 
-    epilogue.store(it, wg, warp, lane, tOrO, row_max, row_sum);
+    if constexpr (Tr::kFp8) {
+      // The epilogue's units: the row maximum of the logits over scale (x sq_i), the sum in units of
+      // P (over p_scale); the output takes sv_d / p_scale per channel.
+      float logit_max[2], p_sum[2];
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        logit_max[r] = row_max[r] * row_sq[r];
+        p_sum[r] = row_sum[r] / fp8->p_scale;
+      }
+      epilogue.store(it, wg, warp, lane, tOrO, logit_max, p_sum, lse_shift);
+    } else {
+      epilogue.store(it, wg, warp, lane, tOrO, row_max, row_sum);
+    }
   }
   if (wg == 0) wait_turn();  // takes warpgroup 1's last pass, so no arrival is left on a barrier
 }

@@ -34,6 +34,8 @@ constexpr int kBoxHeights = 4;    // TMA: K and V boxes of 16, 32, 64 and 128 ro
 template <typename Element, int HeadDim>
 struct Traits {
   using T = Element;
+  static constexpr bool kFp8 = false;  // Fp8Traits below: e4m3 operands, scales, V transposed
+  static constexpr bool kSumQuantised = false;
   static constexpr int kHeadDim = HeadDim;
   static constexpr int kBlockM = kTileQ;                  // query rows per item, 64 per consumer warpgroup
   static constexpr int kBlockN = 128;                     // keys per tile
@@ -55,6 +57,9 @@ struct Traits {
   using MmaQK = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kBlockN>, Int<kHeadDim>>>()));
   using MmaPV = decltype(make_tiled_mma(
       GMMA::rs_op_selector<T, T, float, Shape<_64, Int<kHeadDim>, Int<kBlockN>>, GMMA::Major::K, GMMA::Major::MN>()));
+  // P as the A operand of P V: the accumulator's register order is (col pair, row half, 8-col
+  // group), the A fragment's is (col pair, row half, k half, 16-col block): the same flat order.
+  using LayoutP = Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBlockN / 16>>>;
 
   struct Smem {
     array_aligned<T, cosize_v<LayoutQ>, 1024> q;
@@ -75,6 +80,71 @@ struct Traits {
   };
   static_assert(sizeof(float) * 128 * (kHeadDim / 2) == sizeof(T) * kBlockM * kHeadDim,
                 "a warpgroup's O accumulators fill the Q buffer exactly");
+  // A split item's merge: where warpgroup 1's O goes (the Q buffer, free by then).
+  __device__ static float* merge_o(Smem& s) { return reinterpret_cast<float*>(s.q.data()); }
+};
+
+// The e4m3 kernel (attention_sm90_fp8.cu, docs/fp8.md), head dim 128: Q, K and V as e4m3 codes in
+// cluster order with fp32 scales, Q per row (sq_i), K per row (sk_j), V per channel (sv_d); the
+// logit is (Q K^T)_ij * sk_j * (sq_i * scale). Both GEMMs are e4m3 wgmma, which takes K-major
+// operands only, so P V reads V^T: the codes written transposed, [B*H, D, keys], by the
+// quantisation pass. A key tile is 8 slots of 16 keys as in the bf16 sparse mode, every slot its
+// own box for K, V^T and K's scales.
+//
+// The P V GEMM reads P from registers in the e4m3 A layout, where thread t of a quad holds k
+// columns 4t..4t+3 (and 16 + 4t..); the Q K^T accumulator gives it columns 2t, 2t+1, 8+2t, 9+2t. So
+// K's rows are loaded permuted within each slot (a 5-D tensor map, attention_sm90_fp8.cu): slot row
+// c + 2t + 8h holds key 4t + 2h + c of the slot (c, h in {0, 1}, t in 0..3), so that the accumulator
+// columns a thread holds are the keys 4t..4t+3, and P goes to the A operand with no shuffle: only
+// its registers are renamed (convert_p_fp8 in mainloop.cuh). V^T stays in key order.
+//
+// kQuantisedSum: the softmax denominator sums the quantised P (Fp8Options::p_sum_e4m3), a
+// compile-time choice: as a runtime one the consumers spill.
+template <bool kQuantisedSum>
+struct Fp8Traits {
+  using T = cutlass::float_e4m3_t;
+  static constexpr bool kFp8 = true;
+  static constexpr bool kSumQuantised = kQuantisedSum;
+  static constexpr int kHeadDim = 128;
+  static constexpr int kBlockM = kTileQ;
+  static constexpr int kBlockN = 128;
+  static constexpr int kStages = 5;
+  static constexpr int kChunksPerRow = kHeadDim / 16;  // 16-byte chunks of a row
+  static constexpr int kSlotRows = 16;
+  static constexpr int kSlots = kBlockN / kSlotRows;
+  static constexpr int kCountWords = kSlots / 2;  // a slot's keys as rows [lo, hi): 16 bits (load.cuh)
+  static constexpr int kScaleSlotFloats = 32;     // a slot's 16 key scales, at 128-byte steps (TMA destinations)
+
+  using SmemAtom = decltype(GMMA::Layout_K_SW128_Atom<T>{});
+  using LayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using LayoutK = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
+  // V^T (head dim x keys x stages), K-major without swizzle: a core matrix is 8 channels x 16 keys
+  // (128 bytes), channels first, so slot j (keys 16 j ...) is the 2 KB [channel][16 keys] box at
+  // 2048 j, as a V^T box of 16 keys x 128 channels lands.
+  using LayoutVt =
+      decltype(tile_to_shape(GMMA::Layout_K_INTER_Atom<T>{}, Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}));
+
+  using MmaQK = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kBlockN>, Int<kHeadDim>>>()));
+  using MmaPV = decltype(make_tiled_mma(GMMA::rs_op_selector<T, T, float, Shape<_64, Int<kHeadDim>, Int<kBlockN>>>()));
+  // P as the A operand of P V: per 32 keys, 4 bytes x 2 row halves x 2 key halves (GMMA's 8-bit A).
+  using LayoutP = Layout<Shape<Shape<_4, _2, _2>, _1, Int<kBlockN / 32>>>;
+
+  struct Smem {
+    array_aligned<T, cosize_v<LayoutQ>, 1024> q;
+    array_aligned<T, cosize_v<LayoutK>, 1024> k;
+    array_aligned<T, cosize_v<LayoutVt>, 1024> v;
+    alignas(128) float k_scale[kStages][kSlots * kScaleSlotFloats];  // sk_j of the stage's slots
+    alignas(128) float v_scale[kHeadDim];                            // sv_d of the item's head
+    alignas(16) float merge_o[128 * kHeadDim / 2];                   // a split item's merge: warpgroup 1's O
+    uint64_t q_full, q_empty;
+    uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
+    uint32_t slot_count[kStages][kCountWords];
+    uint32_t slot_members[kStages][kCountWords];
+    int32_t item_blocks;
+    int32_t item_index;
+    float merge_max[2][128], merge_sum[2][128];
+  };
+  __device__ static float* merge_o(Smem& s) { return s.merge_o; }
 };
 
 // A permutation entry, range-checked: out-of-range entries raise the value-check flag and read as

@@ -1,0 +1,133 @@
+// The Hopper (sm_90a) e4m3 attention kernel (docs/fp8.md): the roles of attention_sm90.cu with
+// Fp8Traits (sm90/traits.cuh): the e4m3 TMA producer (load.cuh, producer_tma_fp8), the same
+// consumer warpgroups and scheduler (mainloop.cuh, scheduler.cuh) and the epilogue with V's channel
+// scales (epilogue.cuh). Below the kernel: its tensor maps and the launch. The operands come
+// quantised, in cluster order, from fp8/fp8_attention.cu.
+#include <cuda.h>
+
+#include <algorithm>
+
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/numeric_types.h>
+
+#include "cuda/attention/attention.hpp"
+#include "cuda/attention/sm90/epilogue.cuh"
+#include "cuda/attention/sm90/load.cuh"
+#include "cuda/attention/sm90/mainloop.cuh"
+#include "cuda/attention/sm90/scheduler.cuh"
+#include "cuda/attention/sm90/traits.cuh"
+#include "cuda/runtime/device.cuh"
+#include "cuda/runtime/tensor_map.hpp"
+
+namespace sapattn::cuda::attn {
+
+namespace {
+
+using sm90::Barrier;
+using sm90::Fp8Maps;
+
+// The producer's single TMA warp needs few registers; the consumers' two accumulators of O (the
+// running one and a tile's, traits.cuh) take the rest: 128 x 40 + 256 x 232 <= 64 K, no spills
+// (with 32 / 240 the producer spills).
+constexpr int kProducerRegs = 40;
+constexpr int kConsumerRegs = 232;
+
+template <class Tr, typename Out>
+__global__ void __launch_bounds__(sm90::kThreads, 1)
+    attention_fp8_kernel(const __grid_constant__ Params p, const __grid_constant__ Fp8Params f,
+                         const __grid_constant__ Fp8Maps maps) {
+  extern __shared__ __align__(1024) char smem_raw[];
+  auto& s = *reinterpret_cast<typename Tr::Smem*>(smem_raw);
+  if (threadIdx.x == 0) {
+    Barrier::init(&s.q_full, 1);
+    Barrier::init(&s.q_empty, 256);
+    for (int i = 0; i < Tr::kStages; ++i) {
+      Barrier::init(&s.k_full[i], 1);
+      Barrier::init(&s.v_full[i], 1);
+      Barrier::init(&s.k_empty[i], 256);
+      Barrier::init(&s.v_empty[i], 256);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+  const int q_tiles = (p.seq_q + kTileQ - 1) / kTileQ;
+  const int num_items = p.dense ? p.batch * p.heads * q_tiles : *p.plan.num_items;
+  if (threadIdx.x < 128) {
+    cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
+    if (threadIdx.x < 32) sm90::producer_tma_fp8<Tr>(p, f, maps, s, num_items, q_tiles);
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
+    const sm90::Epilogue<Tr, Out> epilogue(p, s.v_scale, 1.0f / f.p_scale);
+    sm90::consumer<Tr, true, false>(p, s, num_items, q_tiles, epilogue, &f);
+  }
+}
+
+// The four maps of Fp8Maps over the operands fp8_attention.cu wrote; false where the driver
+// refuses one (the caller raises UnsupportedError).
+template <class Tr>
+bool encode_maps(Fp8Maps& maps, const Params& p, const Fp8Params& f) {
+  const uint64_t bh = static_cast<uint64_t>(p.batch) * p.heads, D = Tr::kHeadDim;
+  // (No keys at all: every item is empty and no box is loaded, but a map needs extents of at least 1.)
+  const uint64_t sq = static_cast<uint64_t>(p.seq_q), sk = std::max<uint64_t>(p.seq_k, 1);
+  bool ok = true;
+  {  // q codes (128 bytes, rows, heads): 64-row boxes, 128-byte swizzle
+    const uint64_t dims[3] = {D, sq, bh}, strides[2] = {D, sq * D};
+    const uint32_t box[3] = {static_cast<uint32_t>(D), 64, 1};
+    ok = ok && encode_tiled_map(maps.q, DType::U8, 3, p.q, dims, strides, box);
+  }
+  {  // k codes: row = c + 4 t + 2 h of the box's first, landing at c + 2 t + 8 h (traits.cuh)
+    const uint64_t dims[5] = {D, 2, 4, 2, bh * sk}, strides[4] = {D, 4 * D, 2 * D, D};
+    const uint32_t box[5] = {static_cast<uint32_t>(D), 2, 4, 2, 1};
+    ok = ok && encode_tiled_map(maps.k, DType::U8, 5, p.k, dims, strides, box);
+  }
+  {  // v^T codes (keys, channels, heads): 16 keys x 128 channels, no swizzle
+    const uint64_t dims[3] = {sk, D, bh}, strides[2] = {static_cast<uint64_t>(f.v_keys), D * f.v_keys};
+    const uint32_t box[3] = {static_cast<uint32_t>(Tr::kSlotRows), static_cast<uint32_t>(D), 1};
+    ok = ok && encode_tiled_map(maps.vt, DType::U8, 3, p.v, dims, strides, box, /*swizzle_128b=*/false);
+  }
+  {  // k scales (keys, heads), rows of v_keys floats (fp8_attention.cu pads them): boxes of 16
+    const uint64_t dims[2] = {sk, bh}, strides[1] = {static_cast<uint64_t>(f.v_keys) * sizeof(float)};
+    const uint32_t box[2] = {static_cast<uint32_t>(Tr::kSlotRows), 1};
+    ok = ok && encode_tiled_map(maps.k_scale, DType::F32, 2, f.k_scale, dims, strides, box, false);
+  }
+  return ok;
+}
+
+template <class Tr, typename Out>
+void launch(const Params& p, const Fp8Params& f, cudaStream_t stream) {
+  static_assert(sizeof(typename Tr::Smem) <= 227 * 1024, "more shared memory than an H100 SM gives a block");
+  Fp8Maps maps{};
+  SAPATTN_CHECK(encode_maps<Tr>(maps, p, f), UnsupportedError,
+                "the e4m3 attention kernel's tensor maps were refused by the driver (it needs "
+                "cuTensorMapEncodeTiled of CUDA 12 or newer and 16-byte aligned operands)");
+  const int smem = static_cast<int>(sizeof(typename Tr::Smem));
+  auto* kernel = attention_fp8_kernel<Tr, Out>;
+  set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
+  const int64_t q_tiles = (p.seq_q + kTileQ - 1) / kTileQ;
+  const int64_t max_items = std::max<int64_t>(p.dense ? int64_t{p.batch} * p.heads * q_tiles : p.plan.max_items, 1);
+  const int grid = static_cast<int>(std::min<int64_t>(p.num_sms, max_items));
+  Params params = p;
+  params.split_tails = true;
+  params.next_item = p.dense ? nullptr : p.plan.next_item;
+  kernel<<<grid, sm90::kThreads, smem, stream>>>(params, f, maps);
+  SAPATTN_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void run_sm90_fp8(const Params& params, const Fp8Params& fp8, bool out_bf16, cudaStream_t stream) {
+  using Quantised = sm90::Fp8Traits<true>;
+  using Plain = sm90::Fp8Traits<false>;
+  SAPATTN_CHECK(params.head_dim == Quantised::kHeadDim, UnsupportedError, "the e4m3 attention kernel takes head dim ",
+                Quantised::kHeadDim, ", got ", params.head_dim);
+  if (fp8.p_sum_e4m3) {
+    out_bf16 ? launch<Quantised, cutlass::bfloat16_t>(params, fp8, stream)
+             : launch<Quantised, cutlass::half_t>(params, fp8, stream);
+  } else {
+    out_bf16 ? launch<Plain, cutlass::bfloat16_t>(params, fp8, stream)
+             : launch<Plain, cutlass::half_t>(params, fp8, stream);
+  }
+}
+
+}  // namespace sapattn::cuda::attn

@@ -1,0 +1,37 @@
+// The CUDA FP8 pieces inside the backend (not ops): what the e4m3 attention (fp8_attention.cu)
+// takes from the quantisation (fp8_quantize.cu). Host code only.
+#pragma once
+
+#include <cstdint>
+
+#include "sapattn/layout.hpp"
+#include "sapattn/tensor.hpp"
+
+namespace sapattn::cuda {
+
+// quantize_e4m3 per channel (no shift) with the codes written transposed: codes_t[bh, d, r] (row
+// length ld >= S, entries past S untouched) is the code of x[b, h, perm[r], d]; scales [B*H, D] as
+// quantize_e4m3's. The same codes and scales as quantize_e4m3, bit for bit. D <= 256.
+void quantize_e4m3_channel_transposed(const TensorView& x, const TensorView& perm, uint8_t* codes_t, int64_t ld,
+                                      float* scales, const Stream& stream);
+
+// block_sparse_attention_e4m3 in its two steps (fp8_attention.cu), so that the kernel can be timed
+// apart from the quantisation passes (bench/bench_attention.cu): the operands quantised in cluster
+// order into the workspace, then the plan and the kernel over them.
+struct E4m3Operands {
+  DType dtype = DType::BF16;
+  int64_t B = 0, H = 0, Sq = 0, Sk = 0, v_keys = 0;
+  float scale = 0.0f, p_scale = 448.0f;
+  bool p_sum_e4m3 = true;
+  Workspace plan;
+  TensorView q_perm;  // where the output rows go (empty: cluster order)
+  const uint8_t *q_codes = nullptr, *k_codes = nullptr, *vt_codes = nullptr;
+  const float *q_scale = nullptr, *k_scale = nullptr, *v_scale = nullptr, *lse_shift = nullptr;
+};
+E4m3Operands quantize_e4m3_operands(const TensorView& q, const TensorView& k, const TensorView& v,
+                                    const BlockLayout& layout, float scale, const Fp8Options& options,
+                                    const Stream& stream, Workspace workspace, const RowPermutation& perm);
+void attend_e4m3(const E4m3Operands& operands, const BlockLayout& layout, TensorView out, TensorView lse,
+                 const Stream& stream);
+
+}  // namespace sapattn::cuda
