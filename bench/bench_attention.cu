@@ -63,9 +63,11 @@ struct Options {
   bool cpu = false;    // run on the CPU backend (harness smoke test)
   bool order =
       true;  // order_clusters on the query and key clusters after k-means ("--order chain"; "none": k-means numbering)
-  // --variants; fp8: the e4m3 kernel (plan + kernel) on operands quantised once per layout, fp8_e2e:
+  // --variants; fp8: the e4m3 kernel (plan + kernel) on operands quantised once per layout (fp8_sumf:
+  // with the fp32 sum of P), fp8_e2e:
   // the whole block_sparse_attention_e4m3 from token order (quantisation passes included)
-  std::vector<std::string> variants{"unfused", "fused_qk", "fused_q", "sorted_kv", "unfused_e2e", "fp8", "fp8_e2e"};
+  std::vector<std::string> variants{"unfused", "fused_qk", "fused_q", "sorted_kv", "unfused_e2e",
+                                    "fp8",     "fp8_sumf", "fp8_e2e"};
 };
 
 // Where the benchmark runs: the GPU (one non-blocking stream, timed with events), or with --cpu the
@@ -320,8 +322,8 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
   const size_t attn_ws_bytes = block_sparse_attention_workspace_bytes(BH, Cq, Ck, S, dev);
   const Buffer attn_ws_buf = Buffer::allocate(std::max<size_t>(attn_ws_bytes, 256), dev);
   const Workspace attn_ws{attn_ws_buf.data(), attn_ws_bytes};
-  const bool fp8 = std::find(opt.variants.begin(), opt.variants.end(), "fp8") != opt.variants.end() ||
-                   std::find(opt.variants.begin(), opt.variants.end(), "fp8_e2e") != opt.variants.end();
+  const bool fp8 = std::any_of(opt.variants.begin(), opt.variants.end(),
+                               [](const std::string& v) { return v.rfind("fp8", 0) == 0; });
   const size_t fp8_ws_bytes = fp8 ? block_sparse_attention_e4m3_workspace_bytes(BH, Cq, Ck, S, S, dev) : 0;
   const Buffer fp8_ws_buf = Buffer::allocate(std::max<size_t>(fp8_ws_bytes, 256), dev);
   const Workspace fp8_ws{fp8_ws_buf.data(), fp8_ws_bytes};
@@ -587,6 +589,12 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
           SAPATTN_CHECK(operands.has_value(), UnsupportedError, "the e4m3 operands could not be made");
           cuda::attend_e4m3(*operands, layout, out.view(), no_lse, st);
         });
+        report("fp8_sumf", kernel, tag, target, density, pairs, [&] {  // p_sum_e4m3 = false
+          SAPATTN_CHECK(operands.has_value(), UnsupportedError, "the e4m3 operands could not be made");
+          cuda::E4m3Operands sumf = *operands;
+          sumf.p_sum_e4m3 = false;
+          cuda::attend_e4m3(sumf, layout, out.view(), no_lse, st);
+        });
         report("fp8_e2e", kernel, tag, target, density, pairs, [&] {
           block_sparse_attention_e4m3(qv, kv, vv, layout, scale, Fp8Options{}, out.view(), no_lse, st, fp8_ws, both);
         });
@@ -641,7 +649,8 @@ int usage(const char* argv0, bool asked = false) {
       "N]\n"
       "          [--order chain|none]   (query and key clusters renumbered by order_clusters, the default, or as "
       "k-means left them)\n"
-      "          [--variants unfused,fused_qk,fused_q,sorted_kv,unfused_e2e,fp8,fp8_e2e]   (the sparse calls to time;\n"
+      "          [--variants unfused,fused_qk,fused_q,sorted_kv,unfused_e2e,fp8,fp8_sumf,fp8_e2e]   (the sparse calls\n"
+               "          to time;"
       "          default all; fp8*: head dim 128 on the Hopper kernel)\n"
       "          [--cpu]   (CPU backend, for a smoke test on --shape tiny or tiny-text)\n",
       argv0);

@@ -4,7 +4,8 @@
 // densely in chunks of 128, so P is quantised against other running maxima and a weight may take
 // the neighbouring e4m3 code: the outputs differ by about one FP8 error, not by fp32 rounding. So
 // per head: out within a relative L2 of 0.03 of the reference's (the FP8 error itself measures
-// 0.005-0.015 on such inputs) and within 0.06 of the float64 native attention; lse within 0.03;
+// 0.005-0.015 on such inputs) and no more than 0.02 farther from the float64 native attention than
+// the reference is (peaky rows, whose weights sit on few keys, are 0.08 away on both); lse within 0.03;
 // every element written (outputs poisoned with NaN); rows that keep no key exactly 0 and -inf, as
 // the reference. Cases: bf16 and f16, the default options and one change of each, both row
 // permutations, B > 1, sizes that are not tile multiples. Then the errors: head dim 64, V not per
@@ -12,6 +13,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -58,10 +61,11 @@ Outputs run_e4m3(const Inputs& in, const Fp8Options& o, const Outputs& poisoned,
 // value of `got` written, and rows the reference leaves empty (lse -inf) exactly as it does.
 void compare(const Outputs& got, const Outputs& cpu, const std::vector<double>& native, int64_t B, int64_t H, int64_t S,
              int64_t D) {
+  // (The reference's own distance from float64 is the yardstick of the kernel's.)
   const std::vector<double> g = ref::to_vector(got.out.view), c = ref::to_vector(cpu.out.view);
   const std::vector<double> gl = ref::to_vector(got.lse.view), cl = ref::to_vector(cpu.lse.view);
   for (int64_t bh = 0; bh < B * H; ++bh) {
-    double diff = 0, norm = 0, diff_native = 0, norm_native = 0, lse_diff = 0;
+    double diff = 0, norm = 0, diff_native = 0, cpu_native = 0, norm_native = 0, lse_diff = 0;
     for (int64_t i = 0; i < S; ++i) {
       const int64_t row = bh * S + i;
       ASSERT_FALSE(std::isnan(gl[row])) << "lse of row " << row << " not written";
@@ -77,15 +81,17 @@ void compare(const Outputs& got, const Outputs& cpu, const std::vector<double>& 
         diff += (x - c[row * D + d]) * (x - c[row * D + d]);
         norm += c[row * D + d] * c[row * D + d];
         diff_native += (x - native[row * D + d]) * (x - native[row * D + d]);
+        cpu_native += (c[row * D + d] - native[row * D + d]) * (c[row * D + d] - native[row * D + d]);
         norm_native += native[row * D + d] * native[row * D + d];
       }
     }
     if (norm == 0) continue;
     const double rel = std::sqrt(diff / norm), rel_native = std::sqrt(diff_native / norm_native);
-    std::printf("[ fp8 ] head %lld: rel L2 vs CPU e4m3 %.5f, vs float64 %.5f, max |lse diff| %.5f\n",
-                static_cast<long long>(bh), rel, rel_native, lse_diff);
+    const double cpu_rel_native = std::sqrt(cpu_native / norm_native);
+    std::printf("[ fp8 ] head %lld: rel L2 vs CPU e4m3 %.5f, vs float64 %.5f (CPU e4m3 %.5f), max |lse diff| %.5f\n",
+                static_cast<long long>(bh), rel, rel_native, cpu_rel_native, lse_diff);
     EXPECT_LE(rel, 0.03) << "head " << bh;
-    EXPECT_LE(rel_native, 0.06) << "head " << bh;
+    EXPECT_LE(rel_native, cpu_rel_native + 0.02) << "head " << bh;
     EXPECT_LE(lse_diff, 0.03) << "head " << bh;
   }
 }
@@ -165,6 +171,44 @@ std::vector<Fp8Case> fp8_cases() {
 
 INSTANTIATE_TEST_SUITE_P(Cases, Fp8AttentionCase, ::testing::ValuesIn(fp8_cases()),
                          [](const auto& p) { return p.param.base.name; });
+
+// The measurement mode SAPATTN_FP8_ACCUMULATE=direct (P V accumulated by the e4m3 MMA into O): held to
+// the same bounds on a case with many key tiles per row (where the MMA's shorter accumulator would
+// show), next to the default two-level accumulation.
+TEST(Fp8AttentionAccumulate, DirectMatchesCpuReference) {
+  SparseCase c;
+  c.name = "fp8_direct";
+  c.D = 128;
+  c.Sq = 600;
+  c.Sk = 4000;
+  c.Cq = 4;
+  c.Ck = 40;
+  c.mask = Mask::AllKept;
+  const HostProblem h = make_sparse_problem(c);
+  const Expected e = expect(h, true);
+  const Outputs poisoned = poisoned_outputs(c.dtype, h.q.view, true);
+  const Outputs cpu = run_e4m3(h.inputs(), Fp8Options{}, poisoned, kCpu, {});
+  const DeviceProblem d = to_device(h);
+  const Buffer ws = device_workspace(workspace_bytes(h));
+  TestStream cs;
+  if (!hopper()) {
+    EXPECT_THROW(run_e4m3(d.inputs(), Fp8Options{}, poisoned, cs.stream(), as_workspace(ws)), UnsupportedError);
+    return;
+  }
+  const Outputs two_level = run_e4m3(d.inputs(), Fp8Options{}, poisoned, cs.stream(), as_workspace(ws));
+  setenv("SAPATTN_FP8_ACCUMULATE", "direct", 1);
+  Outputs direct;
+  try {
+    direct = run_e4m3(d.inputs(), Fp8Options{}, poisoned, cs.stream(), as_workspace(ws));
+  } catch (...) {
+    unsetenv("SAPATTN_FP8_ACCUMULATE");
+    throw;
+  }
+  unsetenv("SAPATTN_FP8_ACCUMULATE");
+  compare(two_level, cpu, e.out, c.B, c.H, c.Sq, c.D);
+  compare(direct, cpu, e.out, c.B, c.H, c.Sq, c.D);
+  EXPECT_FALSE(identical(two_level, direct)) << "the switch changed nothing";
+}
 
 // The kernel's limits: UnsupportedError naming them, before anything is written.
 TEST(BlockSparseAttentionE4m3Errors, UnsupportedShapesAndOptions) {

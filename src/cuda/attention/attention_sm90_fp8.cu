@@ -6,6 +6,8 @@
 #include <cuda.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
@@ -116,17 +118,33 @@ void launch(const Params& p, const Fp8Params& f, cudaStream_t stream) {
 
 }  // namespace
 
+// SAPATTN_FP8_ACCUMULATE=two_level|direct (default two_level): P V accumulated per tile in fp32 and
+// added in registers, or by the MMA into O (its e4m3 accumulation keeps fewer bits, but the
+// warpgroup's softmax overlaps its own P V again). A measurement switch (docs/fp8.md).
+bool two_level_sum() {
+  const char* env = std::getenv("SAPATTN_FP8_ACCUMULATE");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "two_level") == 0) return true;
+  SAPATTN_CHECK(std::strcmp(env, "direct") == 0, InvalidArgumentError, "SAPATTN_FP8_ACCUMULATE is '", env,
+                "'; expected two_level or direct");
+  return false;
+}
+
+template <class Tr>
+void launch_for_output(const Params& params, const Fp8Params& fp8, bool out_bf16, cudaStream_t stream) {
+  out_bf16 ? launch<Tr, cutlass::bfloat16_t>(params, fp8, stream) : launch<Tr, cutlass::half_t>(params, fp8, stream);
+}
+
 void run_sm90_fp8(const Params& params, const Fp8Params& fp8, bool out_bf16, cudaStream_t stream) {
-  using Quantised = sm90::Fp8Traits<true>;
-  using Plain = sm90::Fp8Traits<false>;
-  SAPATTN_CHECK(params.head_dim == Quantised::kHeadDim, UnsupportedError, "the e4m3 attention kernel takes head dim ",
-                Quantised::kHeadDim, ", got ", params.head_dim);
+  SAPATTN_CHECK(params.head_dim == sm90::Fp8Traits<true>::kHeadDim, UnsupportedError,
+                "the e4m3 attention kernel takes head dim ", sm90::Fp8Traits<true>::kHeadDim, ", got ",
+                params.head_dim);
+  const bool two_level = two_level_sum();
   if (fp8.p_sum_e4m3) {
-    out_bf16 ? launch<Quantised, cutlass::bfloat16_t>(params, fp8, stream)
-             : launch<Quantised, cutlass::half_t>(params, fp8, stream);
+    two_level ? launch_for_output<sm90::Fp8Traits<true, true>>(params, fp8, out_bf16, stream)
+              : launch_for_output<sm90::Fp8Traits<true, false>>(params, fp8, out_bf16, stream);
   } else {
-    out_bf16 ? launch<Plain, cutlass::bfloat16_t>(params, fp8, stream)
-             : launch<Plain, cutlass::half_t>(params, fp8, stream);
+    two_level ? launch_for_output<sm90::Fp8Traits<false, true>>(params, fp8, out_bf16, stream)
+              : launch_for_output<sm90::Fp8Traits<false, false>>(params, fp8, out_bf16, stream);
   }
 }
 

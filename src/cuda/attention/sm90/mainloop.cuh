@@ -95,9 +95,10 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
     warpgroup_commit_batch();
   };
   // O += P V for the tile in `stage`, issued asynchronously (P is read from registers until done);
-  // in the e4m3 kernel into the fresh accumulator tOrOt, which add_tile then adds to O.
+  // in the e4m3 kernel with two-level accumulation into the fresh accumulator tOrOt, which add_tile
+  // then adds to O.
   auto issue_pv = [&](int stage) {
-    if constexpr (Tr::kFp8) {
+    if constexpr (Tr::kTwoLevel) {
       warpgroup_fence_operand(tOrOt);
       warpgroup_arrive();
       mma_pv.accumulate_ = GMMA::ScaleOut::Zero;
@@ -134,6 +135,36 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
   // exp(S - max) in tSrS and returns the factor O must be rescaled by. A row may see no key in a tile
   // of a mixed item (its maximum stays -inf), so the exponent's offset treats -inf as 0.
   const bool slot_masks = kTma && !p.dense;
+  // The online softmax's step for this thread's two rows over the masked scores in tSrS: the new row
+  // maxima (the quad's), the factor O must be rescaled by, exp2 of the scores in the row's units
+  // (factor(r)) less the maximum, plus log2_p_scale (the e4m3 kernel's P scale), in tSrS, and the
+  // row sums, which add the tile's only if add_sum (the e4m3 kernel may sum the quantised P instead).
+  // A row may see no key in a tile of a mixed item (its maximum stays -inf), so the exponent's offset
+  // treats -inf as 0; outside mixed items every tile holds a key of every row, and exp2(-inf) = 0 on
+  // the first tile.
+  auto update_rows = [&](float(&rescale)[2], float log2_p_scale, bool add_sum) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      float mx = row_max[r];
+      CUTLASS_PRAGMA_UNROLL
+      for (int g = 0; g < kBlockN / 8; ++g) mx = fmaxf(mx, fmaxf(tSrS(4 * g + 2 * r), tSrS(4 * g + 2 * r + 1)));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+      const float mx_finite = mx == -INFINITY ? 0.0f : mx;
+      rescale[r] = fast_exp2((row_max[r] - mx_finite) * factor(r));
+      row_max[r] = mx;
+      const float offset = mx_finite * factor(r) - log2_p_scale;
+      float sum = 0.0f;
+      CUTLASS_PRAGMA_UNROLL
+      for (int g = 0; g < kBlockN / 8; ++g) CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < 2; ++c) {
+        const float e = fast_exp2(tSrS(4 * g + 2 * r + c) * factor(r) - offset);
+        tSrS(4 * g + 2 * r + c) = e;
+        sum += e;
+      }
+      row_sum[r] = row_sum[r] * rescale[r] + (add_sum ? sum : 0.0f);
+    }
+  };
   auto softmax = [&](int n, int keys, const Counts& counts, const Counts& members, float(&rescale)[2]) {
     warpgroup_fence_operand(tSrS);
     // Accumulator value (c, r, g) is row lane/4 + 8r (+16 warp), column 8g + 2(lane%4) + c.
@@ -165,29 +196,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
         if (8 * g + 2 * (lane % 4) + c >= valid) tSrS(i) = -INFINITY;
       }
     }
-    CUTLASS_PRAGMA_UNROLL
-    for (int r = 0; r < 2; ++r) {
-      float mx = row_max[r];
-      CUTLASS_PRAGMA_UNROLL
-      for (int g = 0; g < kBlockN / 8; ++g) mx = fmaxf(mx, fmaxf(tSrS(4 * g + 2 * r), tSrS(4 * g + 2 * r + 1)));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-      // Outside mixed items every tile holds a key of every row, so mx is finite; exp2(-inf) = 0 on
-      // the first tile.
-      const float mx_finite = mx == -INFINITY ? 0.0f : mx;
-      rescale[r] = fast_exp2((row_max[r] - mx_finite) * scale_log2);
-      row_max[r] = mx;
-      const float offset = mx_finite * scale_log2;
-      float sum = 0.0f;
-      CUTLASS_PRAGMA_UNROLL
-      for (int g = 0; g < kBlockN / 8; ++g) CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < 2; ++c) {
-        const float e = fast_exp2(tSrS(4 * g + 2 * r + c) * scale_log2 - offset);
-        tSrS(4 * g + 2 * r + c) = e;
-        sum += e;
-      }
-      row_sum[r] = row_sum[r] * rescale[r] + sum;
-    }
+    update_rows(rescale, 0.0f, true);
   };
   // The e4m3 kernel's online softmax of the tile in tSrS (stage `stage`): each score times its key's
   // scale (the thread's four keys of a slot are 4t..4t+3, traits.cuh: one 16-byte read), what is not
@@ -216,28 +225,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
           tSrS(i) = x;
         }
       }
-      const float log2_p_scale = __log2f(fp8->p_scale);
-      CUTLASS_PRAGMA_UNROLL
-      for (int r = 0; r < 2; ++r) {
-        float mx = row_max[r];
-        CUTLASS_PRAGMA_UNROLL
-        for (int g = 0; g < kBlockN / 8; ++g) mx = fmaxf(mx, fmaxf(tSrS(4 * g + 2 * r), tSrS(4 * g + 2 * r + 1)));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-        const float mx_finite = mx == -INFINITY ? 0.0f : mx;
-        rescale[r] = fast_exp2((row_max[r] - mx_finite) * row_factor[r]);
-        row_max[r] = mx;
-        const float offset = mx_finite * row_factor[r] - log2_p_scale;
-        float sum = 0.0f;
-        CUTLASS_PRAGMA_UNROLL
-        for (int g = 0; g < kBlockN / 8; ++g) CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < 2; ++c) {
-          const float e = fast_exp2(tSrS(4 * g + 2 * r + c) * row_factor[r] - offset);
-          tSrS(4 * g + 2 * r + c) = e;
-          sum += e;
-        }
-        row_sum[r] = row_sum[r] * rescale[r] + (Tr::kSumQuantised ? 0.0f : sum);
-      }
+      update_rows(rescale, __log2f(fp8->p_scale), !Tr::kSumQuantised);
     }
   };
   auto rescale_o = [&](const float(&rescale)[2]) {
@@ -285,14 +273,13 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       row_sum[1] += quantised[1];
     }
   };
-  // The e4m3 kernel: O = (O + this tile's P V) x rescale once tOrOt is complete.
-  auto add_tile = [&](const float(&rescale)[2]) {
+  // The e4m3 kernel with two-level accumulation: O += this tile's P V once tOrOt is complete. (Folding
+  // the next softmax's rescale in here, one FFMA instead of an add and a multiply, keeps the rescale
+  // live across the tile and spills 68 bytes.)
+  auto add_tile = [&] {
     warpgroup_fence_operand(tOrOt);
     CUTLASS_PRAGMA_UNROLL
-    for (int g = 0; g < size(tOrO) / 4; ++g) CUTLASS_PRAGMA_UNROLL
-    for (int r = 0; r < 2; ++r) CUTLASS_PRAGMA_UNROLL
-    for (int c = 0; c < 2; ++c)
-      tOrO(4 * g + 2 * r + c) = (tOrO(4 * g + 2 * r + c) + tOrOt(4 * g + 2 * r + c)) * rescale[r];
+    for (int i = 0; i < size(tOrO); ++i) tOrO(i) += tOrOt(i);
   };
   // The steps of one key tile, for either kernel. The e4m3 kernel's key scales arrive with the
   // tile's V (its K stage is freed before the softmax), so it waits for them.
@@ -312,13 +299,6 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       convert_p();
     }
   };
-  auto tile_rescale = [&](const float(&rescale)[2]) {
-    if constexpr (Tr::kFp8) {
-      add_tile(rescale);
-    } else {
-      rescale_o(rescale);
-    }
-  };
 
   // Ping-pong (FA3): the two warpgroups take turns to issue their MMAs, so that one's softmax runs
   // while the other's MMAs hold the tensor cores. Every warpgroup takes the same number of turns
@@ -326,9 +306,9 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
   auto wait_turn = [&] { cutlass::arch::NamedBarrier::sync(256, kTurnBarrier + wg); };
   auto pass_turn = [&] { cutlass::arch::NamedBarrier::arrive(256, kTurnBarrier + 1 - wg); };
   // Turns per key tile after a warpgroup's first: one (its Q K^T and the previous tile's P V), or two
-  // in the e4m3 kernel, which issues the P V first and adds it to O before the next Q K^T (with both
-  // accumulators of O and S live at once, 240 registers spill).
-  constexpr int kTurnsPerTile = Tr::kFp8 ? 2 : 1;
+  // in the e4m3 kernel with two-level accumulation, which issues the P V first and adds it to O
+  // before the next Q K^T (with both accumulators of O and S live at once, 240 registers spill).
+  constexpr int kTurnsPerTile = Tr::kTwoLevel ? 2 : 1;
   auto empty_turns = [&](int turns) {
     for (int i = 0; i < turns; ++i) {
       wait_turn();
@@ -412,7 +392,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
         Barrier::wait(&s.k_full[stage], phase);
         read_counts(stage, counts, members);
         Barrier::wait(&s.v_full[prev_stage], prev_phase);
-        if constexpr (Tr::kFp8) {
+        if constexpr (Tr::kTwoLevel) {
           // No overlap within the warpgroup: the previous tile's P V is added to O before this
           // tile's Q K^T is issued (kTurnsPerTile); the other warpgroup's MMAs run meanwhile.
           wait_turn();
@@ -420,8 +400,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
           pass_turn();
           warpgroup_wait<0>();
           free_stage(s.v_empty[prev_stage]);
-          const float one[2] = {1.0f, 1.0f};
-          add_tile(one);
+          add_tile();
           wait_turn();
           issue_qk(stage, split);
           pass_turn();
@@ -441,7 +420,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
           warpgroup_wait<0>();
           free_stage(s.v_empty[prev_stage]);
           warpgroup_fence_operand(tOrO);
-          tile_rescale(rescale);
+          rescale_o(rescale);
         }
         tile_convert();
       }
@@ -452,10 +431,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
       free_stage(s.v_empty[stage]);
-      if constexpr (Tr::kFp8) {
-        const float one[2] = {1.0f, 1.0f};
-        add_tile(one);
-      }
+      if constexpr (Tr::kTwoLevel) add_tile();
       if (split && (n_blocks - 1) % 2 != wg) release(n_blocks - 1);  // the last tile is the other's
     }
     // Warpgroup 1 of a split item with an odd number of tiles computed one tile fewer: one more
