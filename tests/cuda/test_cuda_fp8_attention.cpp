@@ -151,6 +151,9 @@ std::vector<Fp8Case> fp8_cases() {
   tiles.k_tile = 176;
   tiles.p_scale = 16.0f;
   add("bf16_q64_k176_p16", base, tiles);
+  Fp8Options one_key_scale = defaults;  // a key tile over the whole head: the kernel's one-scale path
+  one_key_scale.k_tile = 1 << 20;
+  add("bf16_one_key_scale", base, one_key_scale);
   SparseCase permuted = base;
   permuted.q_perm = permuted.k_perm = true;
   permuted.B = 2;

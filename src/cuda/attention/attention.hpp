@@ -170,6 +170,7 @@ struct Fp8Params {
   int32_t v_keys = 0;                // the row length of v^T
   float p_scale = 448.0f;            // P is stored as e4m3(p * p_scale)
   bool p_sum_e4m3 = true;            // the softmax denominator sums the quantised P
+  bool one_key_scale = false;        // K has one scale per head (k_scale[bh * v_keys] holds it)
 };
 
 // The instances every attention kernel is compiled for, listed once: f16 and bf16 (each kernel names

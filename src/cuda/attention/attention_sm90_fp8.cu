@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
@@ -139,12 +140,16 @@ void run_sm90_fp8(const Params& params, const Fp8Params& fp8, bool out_bf16, cud
                 "the e4m3 attention kernel takes head dim ", sm90::Fp8Traits<true>::kHeadDim, ", got ",
                 params.head_dim);
   const bool two_level = two_level_sum();
+  const auto with_key_scale = [&](auto sum_quantised, auto two_level_sum) {
+    constexpr bool kSumQ = decltype(sum_quantised)::value, kTwoLevel = decltype(two_level_sum)::value;
+    fp8.one_key_scale ? launch_for_output<sm90::Fp8Traits<kSumQ, kTwoLevel, true>>(params, fp8, out_bf16, stream)
+                      : launch_for_output<sm90::Fp8Traits<kSumQ, kTwoLevel, false>>(params, fp8, out_bf16, stream);
+  };
   if (fp8.p_sum_e4m3) {
-    two_level ? launch_for_output<sm90::Fp8Traits<true, true>>(params, fp8, out_bf16, stream)
-              : launch_for_output<sm90::Fp8Traits<true, false>>(params, fp8, out_bf16, stream);
+    two_level ? with_key_scale(std::true_type{}, std::true_type{}) : with_key_scale(std::true_type{}, std::false_type{});
   } else {
-    two_level ? launch_for_output<sm90::Fp8Traits<false, true>>(params, fp8, out_bf16, stream)
-              : launch_for_output<sm90::Fp8Traits<false, false>>(params, fp8, out_bf16, stream);
+    two_level ? with_key_scale(std::false_type{}, std::true_type{})
+              : with_key_scale(std::false_type{}, std::false_type{});
   }
 }
 

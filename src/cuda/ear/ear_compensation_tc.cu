@@ -189,9 +189,10 @@ __device__ __forceinline__ void load_q_tile(const TcParams& p, const int32_t* ro
 // |K_c| > 0), in ascending order, with their logit bias in units of the dot product, (log|K_c| +
 // spread[a, c]) / scale; entries up to the next multiple of kTileK are padding (-1, kPadBias).
 // Returns their count (the same in every thread). Thread t looks at candidates w0 + kPerThread t + e;
-// a block scan places them.
-__device__ __forceinline__ int build_list(const TcParams& p, const Item& item, int w0, int32_t* list, float* bias,
-                                          int* scan) {
+// a block scan places them. Not inlined: both kinds of warp (stream, below) call it, and its
+// __syncthreads must be one instruction for all of them (unaligned barriers here spilled 8 bytes).
+__device__ __noinline__ int build_list(const TcParams& p, const Item& item, int w0, int32_t* list, float* bias,
+                                       int* scan) {
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int c0 = w0 + tid * kPerThread;  // Ck < 2^30 (checked on the host)
   const float* log_size = item.log_size;
@@ -216,7 +217,7 @@ __device__ __forceinline__ int build_list(const TcParams& p, const Item& item, i
     if (lane >= o) inclusive += y;
   }
   if (lane == 31) scan[warp] = inclusive;
-  block_barrier();
+  __syncthreads();
   int pos = inclusive - mine, count = 0;
 #pragma unroll
   for (int w = 0; w < kWarps; ++w) {
@@ -238,7 +239,7 @@ __device__ __forceinline__ int build_list(const TcParams& p, const Item& item, i
     list[i] = -1;
     bias[i] = kPadBias;
   }
-  block_barrier();  // the list is complete; every thread has read the scan
+  __syncthreads();  // the list is complete; every thread has read the scan
   return count;
 }
 
@@ -365,8 +366,9 @@ __global__ void __launch_bounds__(kTcThreads, 2) compensation_tc_kernel(const Tc
   // meet the same block barriers in the same order from different instructions, each warp converged
   // (its kind is the same for all its lanes): barrier 0 counts the warps that arrive wherever they
   // arrive from, as the sm90 kernels' ping-pong named barriers do (CUTLASS's bar.sync and bar.arrive
-  // in the two consumer warpgroups' different code). So these barriers, and build_list's, are the
-  // unaligned block_barrier (primitives.cuh), not __syncthreads, which requires one instruction.
+  // in the two consumer warpgroups' different code). So these barriers are the unaligned
+  // block_barrier (primitives.cuh), not __syncthreads, which requires one instruction for the block
+  // (synccheck reported it); build_list's are one instruction, in a function not inlined.
   // Returns whether the cluster skips any pseudo-key (the same in every thread).
   auto stream = [&](auto compute) {
     constexpr bool kCompute = decltype(compute)::value;

@@ -23,6 +23,7 @@ struct E4m3Operands {
   int64_t B = 0, H = 0, Sq = 0, Sk = 0, v_keys = 0;
   float scale = 0.0f, p_scale = 448.0f;
   bool p_sum_e4m3 = true;
+  bool one_key_scale = false;  // one K scale per head: the key tile covers the head's keys
   Workspace plan;
   TensorView q_perm;  // where the output rows go (empty: cluster order)
   const uint8_t *q_codes = nullptr, *k_codes = nullptr, *vt_codes = nullptr;

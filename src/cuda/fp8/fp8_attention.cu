@@ -160,6 +160,7 @@ E4m3Operands quantize_e4m3_operands(const TensorView& q, const TensorView& k, co
   o.v_keys = s.v_keys;
   o.p_scale = options.p_scale;
   o.p_sum_e4m3 = options.p_sum_e4m3;
+  o.one_key_scale = options.k_scale == Fp8Scale::Tile && options.k_tile >= Sk;
   const bool smooth = options.smooth_k && Sk > 0;
   o.lse_shift = smooth ? s.lse_shift : nullptr;
   if (BH == 0 || Sq == 0) return o;
@@ -238,6 +239,7 @@ void attend_e4m3(const E4m3Operands& o, const BlockLayout& layout, TensorView ou
   f.v_keys = static_cast<int32_t>(o.v_keys);
   f.p_scale = o.p_scale;
   f.p_sum_e4m3 = o.p_sum_e4m3;
+  f.one_key_scale = o.one_key_scale;
   const bool checked = begin_value_check(stream);
   p.plan = attn::build_plan(layout, o.Sq, o.Sk, o.plan, cs, 0, 1, attn::kTileQ, 0);
   attn::run_sm90_fp8(p, f, o.dtype == DType::BF16, cs);

@@ -445,7 +445,7 @@ __device__ void producer_tma_fp8(const Params& p, const Fp8Params& f, const Fp8M
   using T = typename Tr::T;
   constexpr uint32_t kQBytes = Tr::kBlockM * Tr::kHeadDim + Tr::kHeadDim * sizeof(float);
   constexpr uint32_t kTileBytes = Tr::kBlockN * Tr::kHeadDim;
-  constexpr uint32_t kScaleBytes = Tr::kBlockN * sizeof(float);
+  constexpr uint32_t kScaleBytes = Tr::kHeadKeyScale ? 0 : Tr::kBlockN * sizeof(float);
   constexpr int kSlotBytes = Tr::kSlotRows * Tr::kHeadDim;
   const int lane = threadIdx.x % 32;
   const int slot = lane % Tr::kSlots;
@@ -514,7 +514,8 @@ __device__ void producer_tma_fp8(const Params& p, const Fp8Params& f, const Fp8M
       __syncwarp();
       if (lane < Tr::kSlots) {
         tma_load_3d(&maps.vt, &s.v_full[stage], v_dst, row, 0, it.bh);
-        tma_load_2d(&maps.k_scale, &s.v_full[stage], &s.k_scale[stage][slot * Tr::kScaleSlotFloats], row, it.bh);
+        if constexpr (!Tr::kHeadKeyScale)
+          tma_load_2d(&maps.k_scale, &s.v_full[stage], &s.k_scale[stage][slot * Tr::kScaleSlotFloats], row, it.bh);
       }
     }
   }

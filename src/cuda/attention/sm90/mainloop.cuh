@@ -210,8 +210,14 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       const int t = lane % 4;
       CUTLASS_PRAGMA_UNROLL
       for (int j = 0; j < Tr::kSlots; ++j) {
-        const float4 sk = *reinterpret_cast<const float4*>(&s.k_scale[stage][j * Tr::kScaleSlotFloats + 4 * t]);
-        const float key_scale[4] = {sk.x, sk.y, sk.z, sk.w};
+        float key_scale[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+        if constexpr (!Tr::kHeadKeyScale) {
+          const float4 sk = *reinterpret_cast<const float4*>(&s.k_scale[stage][j * Tr::kScaleSlotFloats + 4 * t]);
+          key_scale[0] = sk.x;
+          key_scale[1] = sk.y;
+          key_scale[2] = sk.z;
+          key_scale[3] = sk.w;
+        }
         // The slot's keys are its rows [lo, hi) (load.cuh, producer_tma_fp8).
         const uint32_t keys = counts[j / 2] >> (16 * (j % 2));
         const int hi = keys & 0xff, lo = (keys >> 8) & 0xff;
@@ -220,7 +226,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
         for (int e = 0; e < 8; ++e) {
           // Value i = 8 j + e: group g = 2 j + e / 4 (gg = e / 4 within the slot), row half r, column c.
           const int i = 8 * j + e, c = e % 2, gg = e / 4, key = 4 * t + 2 * gg + c;
-          float x = tSrS(i) * key_scale[2 * gg + c];
+          float x = Tr::kHeadKeyScale ? tSrS(i) : tSrS(i) * key_scale[2 * gg + c];
           if (partial && (key < lo || key >= hi)) x = -INFINITY;
           tSrS(i) = x;
         }
@@ -340,7 +346,9 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
     const auto row_of = [&](int r) { return (split ? 0 : 64 * wg) + 16 * warp + lane / 4 + 8 * r; };
     const auto query_scale = [&](int r) {
       const int local = row_of(r);
-      return local < it.rows ? fp8->q_scale[static_cast<int64_t>(it.bh) * p.seq_q + it.q_begin + local] : 0.0f;
+      float sq = local < it.rows ? fp8->q_scale[static_cast<int64_t>(it.bh) * p.seq_q + it.q_begin + local] : 0.0f;
+      if constexpr (Tr::kHeadKeyScale) sq *= fp8->k_scale[static_cast<int64_t>(it.bh) * fp8->v_keys];  // the head's sk
+      return sq;
     };
     if constexpr (Tr::kFp8) {
       CUTLASS_PRAGMA_UNROLL

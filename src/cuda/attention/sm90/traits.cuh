@@ -37,6 +37,7 @@ struct Traits {
   static constexpr bool kFp8 = false;  // Fp8Traits below: e4m3 operands, scales, V transposed
   static constexpr bool kSumQuantised = false;
   static constexpr bool kTwoLevel = false;
+  static constexpr bool kHeadKeyScale = false;
   static constexpr int kHeadDim = HeadDim;
   static constexpr int kBlockM = kTileQ;                  // query rows per item, 64 per consumer warpgroup
   static constexpr int kBlockN = 128;                     // keys per tile
@@ -103,12 +104,15 @@ struct Traits {
 // compile-time choice: as a runtime one the consumers spill. kTwoLevelSum: each tile's P V in a fresh
 // fp32 accumulator added to O in registers (the reference's arithmetic), else accumulated by the
 // MMA into O directly, as the bf16 kernel does (SAPATTN_FP8_ACCUMULATE, attention_sm90_fp8.cu).
-template <bool kQuantisedSum, bool kTwoLevelSum = true>
+// kOneKeyScale: K has one scale per head (Fp8Options' key tile at least the head's keys), folded into
+// the rows' factor: no key scale is loaded or multiplied per score.
+template <bool kQuantisedSum, bool kTwoLevelSum = true, bool kOneKeyScale = false>
 struct Fp8Traits {
   using T = cutlass::float_e4m3_t;
   static constexpr bool kFp8 = true;
   static constexpr bool kSumQuantised = kQuantisedSum;
   static constexpr bool kTwoLevel = kTwoLevelSum;
+  static constexpr bool kHeadKeyScale = kOneKeyScale;
   static constexpr int kHeadDim = 128;
   static constexpr int kBlockM = kTileQ;
   static constexpr int kBlockN = 128;
