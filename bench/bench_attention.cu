@@ -261,8 +261,9 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
       },
       0, 1);
   // The clusters renumbered so that similar ones are neighbours: key clusters so that kept ones form
-  // runs, query clusters so that a slab plan's mixed blocks unite similar clusters (attention.hpp);
-  // timed apart, as svg2 pays it only when it clusters from scratch.
+  // runs, and query clusters too (since run 17, docs/attention.md: dropping it would change the
+  // layouts that every later timing was taken on); timed apart, as svg2 pays it only when it
+  // clusters from scratch.
   double order_ms = 0, order_q_ms = 0;
   if (opt.order) {
     const Buffer order_buf = Buffer::allocate(
@@ -419,10 +420,6 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
     // pairs computed and discarded by padding (query rows to 64 per warpgroup, keys to 16-row slots
     // per run, as the TMA loads do, or per cluster, as they would without runs).
     double pairs = 0, runs = 0, kept = 0, rows_with_keys = 0, q_padded = 0, k_slots_runs = 0, k_slots_clusters = 0;
-    // Slab plans (attention.hpp): the pairs they compute and the keys their items read, against the
-    // per-cluster items' (the K/V reads: each item reads its keys once).
-    double cluster_reads = 0;
-    std::vector<int64_t> keys_of(static_cast<size_t>(BH * Cq));  // kept keys per (b,h, query cluster)
     for (int64_t r = 0; r < BH; ++r) {
       const int32_t* qo_r = &q_off[r * (Cq + 1)];
       const int32_t* ko_r = &k_off[r * (Ck + 1)];
@@ -446,8 +443,6 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
         }
         const int64_t n = qo_r[a + 1] - qo_r[a];
         pairs += static_cast<double>(keys) * static_cast<double>(n);
-        keys_of[static_cast<size_t>(r * Cq + a)] = keys;
-        cluster_reads += static_cast<double>((n + 127) / 128) * static_cast<double>(keys);
         if (keys == 0 || n == 0) continue;
         const int64_t computed = n / 128 * 128 + (n % 128 + 63) / 64 * 64;  // items of 128, warpgroups of 64
         q_padded += static_cast<double>(computed - n) * static_cast<double>(keys);
@@ -458,51 +453,6 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
         rows_with_keys += static_cast<double>(n);
       }
     }
-    // The slab plans on grids of 64 and 128 rows, as slab_items_kernel forms them: computed pairs,
-    // keys read, mixed items.
-    struct SlabStats {
-      double computed = 0, reads = 0, mixed = 0, items = 0;
-    };
-    auto slab_stats = [&](int32_t block) {
-      SlabStats acc;
-      for (int64_t r = 0; r < BH; ++r) {
-        const int32_t* qo_r = &q_off[r * (Cq + 1)];
-        const int32_t* ko_r = &k_off[r * (Ck + 1)];
-        const uint8_t* rows_mask = &m[r * Cq * Ck];
-        auto item = [&](int64_t rows, double keys) {
-          acc.computed += static_cast<double>((rows + 63) / 64 * 64) * keys;
-          acc.reads += keys;
-          acc.items += 1;
-        };
-        for (int64_t a = 0; a < Cq; ++a) {
-          const int32_t lo = qo_r[a], hi = qo_r[a + 1];
-          if (lo == hi) continue;
-          const double own = static_cast<double>(keys_of[r * Cq + a]);
-          const int32_t first = (lo + block - 1) / block * block, last = hi == S ? hi : hi / block * block;
-          for (int32_t q = first; q < last; q += 128) item(std::min(q + 128, last) - q, own);
-          if (hi == S || hi % block == 0 || lo > hi / block * block) continue;
-          const int32_t begin = hi / block * block, end = static_cast<int32_t>(std::min<int64_t>(begin + block, S));
-          std::vector<int64_t> members;
-          for (int64_t c = a; c < Cq && qo_r[c] < end; ++c)
-            if (qo_r[c + 1] > qo_r[c]) members.push_back(c);
-          if (members.size() > static_cast<size_t>(cuda::attn::kMaxMembers)) {
-            for (int64_t c : members)
-              item(std::min(qo_r[c + 1], end) - std::max(qo_r[c], begin), static_cast<double>(keys_of[r * Cq + c]));
-            continue;
-          }
-          double united = 0;
-          for (int64_t c = 0; c < Ck; ++c) {
-            bool any = false;
-            for (int64_t j : members) any = any || rows_mask[j * Ck + c] != 0;
-            if (any) united += ko_r[c + 1] - ko_r[c];
-          }
-          item(end - begin, united);
-          acc.mixed += 1;
-        }
-      }
-      return acc;
-    };
-    const SlabStats slab64 = slab_stats(64), slab128 = slab_stats(128);
     const double density = pairs / dense_pairs;
     char tag[32];
     std::snprintf(tag, sizeof(tag), "d%.3f", target);
@@ -529,12 +479,6 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
         .num("q_pad_share", q_padded / std::max(pairs + q_padded, 1.0), 5)
         .num("k_pad_share_slot16_runs", 1.0 - pairs / std::max(k_slots_runs, 1.0), 5)
         .num("k_pad_share_slot16_clusters", 1.0 - pairs / std::max(k_slots_clusters, 1.0), 5)
-        .num("slab64_pad_share", 1.0 - pairs / std::max(slab64.computed, 1.0), 5)
-        .num("slab64_reads_vs_clusters", slab64.reads / std::max(cluster_reads, 1.0), 5)
-        .num("slab64_mixed_item_share", slab64.mixed / std::max(slab64.items, 1.0), 5)
-        .num("slab128_pad_share", 1.0 - pairs / std::max(slab128.computed, 1.0), 5)
-        .num("slab128_reads_vs_clusters", slab128.reads / std::max(cluster_reads, 1.0), 5)
-        .num("slab128_mixed_item_share", slab128.mixed / std::max(slab128.items, 1.0), 5)
         .str("q_offsets", "q_offsets.npy")
         .str("k_offsets", "k_offsets.npy")
         .str("mask", mask_file);

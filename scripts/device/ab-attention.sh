@@ -9,7 +9,7 @@
 # change, unless AB_TESTS=0. Then, ROUNDS times (default 2), the baseline and the change each time SHAPE (default
 # wan14b_720p) at DENSITIES (0.05,0.15,0.3) with --kernels tma --variants unfused, the baseline
 # first; the layouts come from the same seed, so both time the same calls. A variable named in
-# CHANGE_ENV (for example "SAPATTN_PLAN_SLABS=128") is set for the change's runs only. Prints one
+# CHANGE_ENV (for example "SAPATTN_SM90_SPLIT=0") is set for the change's runs only. Prints one
 # line per timing, then the medians of each side per density and their ratio.
 #
 # Writes to $OUT or ./device-logs: gpu.txt, tests.log, ab.jsonl, ab.err.

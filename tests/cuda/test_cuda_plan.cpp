@@ -5,8 +5,7 @@
 // order) and the same count. Also:
 // a captured and replayed plan equals the eager one, a small workspace throws, bad offsets raise
 // the value-check flag and leave their (b,h) without items or segments, and the Wan 14B size plans
-// as the host does. Slab plans (items on each head's 64-row grid, mixed blocks over their members'
-// union) against their own host construction on the same layouts. The planner's time is measured by the benchmarks, not here: sapattn_bench_ops
+// as the host does. The planner's time is measured by the benchmarks, not here: sapattn_bench_ops
 // (op "build_plan") and sapattn_bench_attention (variant "plan").
 #include <gtest/gtest.h>
 
@@ -161,46 +160,14 @@ DeviceLayout to_device(const HostLayout& l) {
 struct Plan {
   std::vector<attn::WorkItem> items;                 // the valid items, in plan order
   std::vector<std::vector<attn::Segment>> segments;  // per row
-  // Slab plans: the mixed rows' segments and, per segment, the members that keep it.
-  std::vector<std::vector<attn::Segment>> mixed_segments;
-  std::vector<std::vector<uint8_t>> mixed_members;
 };
 
-auto item_key(const attn::WorkItem& w) {
-  return std::tuple(w.bh, w.q_cluster, w.q_begin, w.q_end, w.members, w.member_ends);
-}
+auto item_key(const attn::WorkItem& w) { return std::tuple(w.bh, w.q_cluster, w.q_begin, w.q_end); }
 auto segment_key(const attn::Segment& s) { return std::tuple(s.delta, s.cum_end); }
 
 std::string describe(const attn::WorkItem& w) {
   return "{bh " + std::to_string(w.bh) + ", cluster " + std::to_string(w.q_cluster) + ", rows " +
-         std::to_string(w.q_begin) + ".." + std::to_string(w.q_end) + ", members " + std::to_string(w.members) +
-         ", ends " + std::to_string(w.member_ends) + "}";
-}
-
-// The segments of the union of `members`' kept key clusters: a run of contiguous kept clusters is cut
-// where the set of members keeping them changes; keep[i] is segment i's set (bit j: members[j]).
-int32_t union_segments(const HostLayout& l, int64_t bh, const std::vector<int64_t>& members,
-                       std::vector<attn::Segment>& segs, std::vector<uint8_t>* keep) {
-  const int32_t* ko = l.ko(bh);
-  int32_t keys = 0;
-  uint32_t last = 0;  // the last non-empty cluster's members (0: skipped)
-  for (int64_t c = 0; c < l.Ck; ++c) {
-    const int32_t size = ko[c + 1] - ko[c];
-    if (size == 0) continue;
-    uint32_t bits = 0;
-    for (size_t j = 0; j < members.size(); ++j) bits |= (l.mask(bh, members[j], c) != 0 ? 1u : 0u) << j;
-    if (bits != 0) {
-      if (bits == last) {
-        segs.back().cum_end += size;  // same members, rows continue the previous kept cluster's: one run
-      } else {
-        segs.push_back({ko[c] - keys, keys + size});
-        if (keep != nullptr) keep->push_back(static_cast<uint8_t>(bits));
-      }
-      keys += size;
-    }
-    last = bits;
-  }
-  return keys;
+         std::to_string(w.q_begin) + ".." + std::to_string(w.q_end) + "}";
 }
 
 // The plan by its definition. bh_ok[bh] = false: that head plans nothing (its offsets are bad).
@@ -211,14 +178,23 @@ Plan host_plan(const HostLayout& l, const std::vector<bool>& bh_ok) {
   for (int64_t bh = 0; bh < l.heads(); ++bh) {
     if (!bh_ok[static_cast<size_t>(bh)]) continue;
     const int32_t *qo = l.qo(bh), *ko = l.ko(bh);
-    (void)ko;
     for (int64_t a = 0; a < l.Cq; ++a) {
       auto& segs = p.segments[static_cast<size_t>(bh * l.Cq + a)];
-      const int32_t keys = union_segments(l, bh, {a}, segs, nullptr);
+      int32_t keys = 0;
+      for (int64_t c = 0; c < l.Ck; ++c) {
+        const int32_t size = ko[c + 1] - ko[c];
+        if (l.mask(bh, a, c) == 0 || size == 0) continue;
+        if (!segs.empty() && segs.back().delta + segs.back().cum_end == ko[c]) {
+          segs.back().cum_end += size;  // rows continue the previous kept cluster's: one run
+        } else {
+          segs.push_back({ko[c] - keys, keys + size});
+        }
+        keys += size;
+      }
       for (int32_t q = qo[a]; q < qo[a + 1]; q += attn::kTileQ) {
         const int32_t end = std::min(q + attn::kTileQ, qo[a + 1]);
         const uint64_t cost = static_cast<uint64_t>(end - q) * static_cast<uint64_t>(keys) + attn::kItemBaseCost;
-        items.push_back({cost, {static_cast<int32_t>(bh), static_cast<int32_t>(a), q, end, 1, 0, 0}});
+        items.push_back({cost, {static_cast<int32_t>(bh), static_cast<int32_t>(a), q, end}});
       }
     }
   }
@@ -228,73 +204,6 @@ Plan host_plan(const HostLayout& l, const std::vector<bool>& bh_ok) {
   });
   for (const auto& item : items) p.items.push_back(item.second);
   return p;
-}
-
-// The slab plan on a grid of kBlock rows by its definition (attention.hpp): per head, cluster by
-// cluster, the whole blocks of the cluster in items of kTileQ rows, then the mixed block whose first member it is: one item over
-// the union of its members' keys, or one item per member where it has more than kMaxMembers.
-Plan host_slab_plan(const HostLayout& l, const std::vector<bool>& bh_ok, int32_t kBlock) {
-  Plan p;
-  const auto rows = static_cast<size_t>(l.heads() * l.Cq);
-  p.segments.resize(rows);
-  p.mixed_segments.resize(rows);
-  p.mixed_members.resize(rows);
-  std::vector<std::pair<uint64_t, attn::WorkItem>> items;  // in emission order
-  for (int64_t bh = 0; bh < l.heads(); ++bh) {
-    if (!bh_ok[static_cast<size_t>(bh)]) continue;
-    const int32_t* qo = l.qo(bh);
-    std::vector<int32_t> keys(static_cast<size_t>(l.Cq));
-    for (int64_t a = 0; a < l.Cq; ++a)
-      keys[a] = union_segments(l, bh, {a}, p.segments[static_cast<size_t>(bh * l.Cq + a)], nullptr);
-    auto emit = [&](int64_t a, int32_t begin, int32_t end, int32_t members, uint64_t ends, int32_t k) {
-      const uint64_t cost = static_cast<uint64_t>(end - begin) * static_cast<uint64_t>(k) + attn::kItemBaseCost;
-      items.push_back({cost, {static_cast<int32_t>(bh), static_cast<int32_t>(a), begin, end, members, 0, ends}});
-    };
-    for (int64_t a = 0; a < l.Cq; ++a) {
-      const int32_t lo = qo[a], hi = qo[a + 1];
-      if (lo == hi) continue;
-      const int32_t first = (lo + kBlock - 1) / kBlock * kBlock;
-      const int32_t last = hi == l.Sq ? hi : hi / kBlock * kBlock;
-      for (int32_t q = first; q < last; q += attn::kTileQ) emit(a, q, std::min(q + attn::kTileQ, last), 1, 0, keys[a]);
-      if (hi == l.Sq || hi % kBlock == 0) continue;
-      const int32_t begin = hi / kBlock * kBlock, end = static_cast<int32_t>(std::min<int64_t>(begin + kBlock, l.Sq));
-      if (lo > begin) continue;  // a starts inside the block: an earlier cluster begins it
-      std::vector<int64_t> members;
-      for (int64_t c = a; c < l.Cq && qo[c] < end; ++c)
-        if (qo[c + 1] > qo[c]) members.push_back(c);
-      if (members.size() > static_cast<size_t>(attn::kMaxMembers)) {
-        for (int64_t c : members) emit(c, std::max(qo[c], begin), std::min(qo[c + 1], end), 1, 0, keys[c]);
-        continue;
-      }
-      const auto row = static_cast<size_t>(bh * l.Cq + a);
-      const int32_t k = union_segments(l, bh, members, p.mixed_segments[row], &p.mixed_members[row]);
-      uint64_t ends = 0;
-      for (size_t j = 0; j + 1 < members.size(); ++j)
-        ends |= static_cast<uint64_t>(std::min(qo[members[j] + 1], end) - begin) << (8 * j);
-      emit(a, begin, end, static_cast<int32_t>(members.size()), ends, k);
-    }
-  }
-  std::stable_sort(items.begin(), items.end(), [](const auto& x, const auto& y) {
-    if (x.second.bh != y.second.bh) return x.second.bh < y.second.bh;
-    return x.first > y.first;
-  });
-  for (const auto& item : items) p.items.push_back(item.second);
-  return p;
-}
-
-// Row r's first count[r] entries of a [rows, Ck] device array.
-template <typename T>
-std::vector<std::vector<T>> read_rows(const T* data, const int32_t* num, int64_t rows, int64_t Ck) {
-  const std::vector<int32_t> counts = download(num, rows);
-  const std::vector<T> all = download(data, rows * Ck);
-  std::vector<std::vector<T>> out(static_cast<size_t>(rows));
-  for (int64_t r = 0; r < rows; ++r) {
-    const int32_t count = counts[static_cast<size_t>(r)];
-    EXPECT_TRUE(count >= 0 && count <= Ck) << "row " << r << ": " << count << " segments";
-    const auto first = all.begin() + r * Ck;
-    out[static_cast<size_t>(r)].assign(first, first + std::clamp<int64_t>(count, 0, Ck));
-  }
-  return out;
 }
 
 Plan read_plan(const attn::PlanView& view, int64_t heads, cudaStream_t stream) {
@@ -305,10 +214,14 @@ Plan read_plan(const attn::PlanView& view, int64_t heads, cudaStream_t stream) {
   EXPECT_LE(n, view.max_items);
   p.items = download(view.items, std::clamp(n, 0, view.max_items));
   const int64_t rows = heads * view.q_clusters;
-  p.segments = read_rows(view.segments, view.num_segments, rows, view.k_clusters);
-  if (view.mixed_segments != nullptr) {
-    p.mixed_segments = read_rows(view.mixed_segments, view.mixed_num_segments, rows, view.k_clusters);
-    p.mixed_members = read_rows(view.mixed_members, view.mixed_num_segments, rows, view.k_clusters);
+  const std::vector<int32_t> counts = download(view.num_segments, rows);
+  const std::vector<attn::Segment> all = download(view.segments, rows * view.k_clusters);
+  p.segments.resize(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t count = counts[static_cast<size_t>(r)];
+    EXPECT_TRUE(count >= 0 && count <= view.k_clusters) << "row " << r << ": " << count << " segments";
+    const auto first = all.begin() + r * view.k_clusters;
+    p.segments[static_cast<size_t>(r)].assign(first, first + std::clamp<int64_t>(count, 0, view.k_clusters));
   }
   return p;
 }
@@ -329,24 +242,18 @@ void expect_same_plan(const Plan& got, const Plan& want, const std::string& what
     ASSERT_EQ(item_key(got.items[i]), item_key(want.items[i]))
         << what << ": item " << i << " out of order: " << describe(got.items[i]) << ", expected "
         << describe(want.items[i]);
-  auto same_rows = [&](const std::vector<std::vector<attn::Segment>>& gs,
-                       const std::vector<std::vector<attn::Segment>>& ws, const char* kind) {
-    ASSERT_EQ(gs.size(), ws.size()) << what << ": " << kind;
-    for (size_t r = 0; r < gs.size(); ++r) {
-      const auto &g = gs[r], &w = ws[r];
-      ASSERT_EQ(g.size(), w.size()) << what << ": " << kind << " of row " << r;
-      for (size_t i = 0; i < g.size(); ++i)
-        ASSERT_EQ(segment_key(g[i]), segment_key(w[i])) << what << ": " << kind << " " << i << " of row " << r;
-    }
-  };
-  same_rows(got.segments, want.segments, "segments");
-  same_rows(got.mixed_segments, want.mixed_segments, "mixed segments");
-  ASSERT_EQ(got.mixed_members, want.mixed_members) << what << ": the members of the mixed segments";
+  ASSERT_EQ(got.segments.size(), want.segments.size()) << what;
+  for (size_t r = 0; r < got.segments.size(); ++r) {
+    const auto &g = got.segments[r], &w = want.segments[r];
+    ASSERT_EQ(g.size(), w.size()) << what << ": segments of row " << r;
+    for (size_t i = 0; i < g.size(); ++i)
+      ASSERT_EQ(segment_key(g[i]), segment_key(w[i])) << what << ": segment " << i << " of row " << r;
+  }
 }
 
 struct PlanWorkspace {
-  explicit PlanWorkspace(const HostLayout& l, bool slabs = false)
-      : bytes(attn::plan_workspace_bytes(l.heads(), l.Cq, l.Ck, l.Sq, slabs)), buffer(device_workspace(bytes)) {}
+  explicit PlanWorkspace(const HostLayout& l)
+      : bytes(attn::plan_workspace_bytes(l.heads(), l.Cq, l.Ck, l.Sq)), buffer(device_workspace(bytes)) {}
   Workspace workspace() const { return {buffer.data(), bytes}; }
   void poison() const { SAPATTN_CUDA_CHECK(cudaMemset(buffer.data(), 0xff, buffer.bytes())); }
   size_t bytes;
@@ -398,66 +305,6 @@ INSTANTIATE_TEST_SUITE_P(
              std::to_string(c.Ck) + "_" + sizes + (c.strided ? "_strided" : "");
     });
 
-// Slab plans on the same layouts, and on layouts whose clusters are mostly under 64 rows (mixed
-// blocks of many members; more than kMaxMembers cut the block into one item per member).
-TEST_P(PlanCaseTest, SlabsMatchHostConstruction) {
-  const PlanCase& pc = GetParam();
-  Rng rng(testing_support::case_seed());
-  for (int trial = 0; trial < 4; ++trial) {
-    const int32_t block = trial % 2 == 0 ? 64 : 128;
-    const HostLayout l = make_layout(rng, pc.B, pc.H, pc.Cq, pc.Ck, pc.sizes, pc.strided);
-    const DeviceLayout d = to_device(l);
-    const PlanWorkspace ws(l, true);
-    ws.poison();
-    NonBlockingStream cs;
-    const attn::PlanView view =
-        attn::build_plan(d.view, l.Sq, l.Sk, ws.workspace(), cs.handle(), 0, 1, attn::kTileQ, block);
-    const Plan want = host_slab_plan(l, std::vector<bool>(static_cast<size_t>(l.heads()), true), block);
-    EXPECT_LE(static_cast<int64_t>(want.items.size()), view.max_items);
-    expect_same_plan(read_plan(view, l.heads(), cs.handle()), want,
-                     "slabs of " + std::to_string(block) + ", trial " + std::to_string(trial));
-  }
-}
-
-TEST(Plan, SlabsOfSmallClusters) {
-  Rng rng(testing_support::case_seed());
-  int64_t mixed = 0, cut = 0;
-  for (const int64_t most : {12, 40, 90, 150}) {
-    const int32_t block = most % 4 == 0 ? 64 : 128;
-    HostLayout l = make_layout(rng, 2, 2, 60, 30, Sizes::Mixed, false);
-    // Query sizes 0..most, the last cluster of each head taking what it misses to the largest total.
-    std::vector<std::vector<int32_t>> sizes(static_cast<size_t>(l.heads()), std::vector<int32_t>(60));
-    int64_t total = 0;
-    for (auto& head : sizes) {
-      int64_t sum = 0;
-      for (int32_t& v : head) sum += v = static_cast<int32_t>(rng.integer(0, most));
-      total = std::max(total, sum);
-    }
-    l.q_offsets.clear();
-    for (auto& head : sizes) {
-      int64_t sum = 0;
-      for (int32_t v : head) sum += v;
-      head.back() += static_cast<int32_t>(total - sum);
-      l.q_offsets.push_back(0);
-      for (int32_t v : head) l.q_offsets.push_back(l.q_offsets.back() + v);
-    }
-    l.Sq = total;
-    const DeviceLayout d = to_device(l);
-    const PlanWorkspace ws(l, true);
-    ws.poison();
-    NonBlockingStream cs;
-    const Plan want = host_slab_plan(l, std::vector<bool>(static_cast<size_t>(l.heads()), true), block);
-    for (const auto& w : want.items) mixed += w.members > 1;
-    for (const auto& w : want.items) cut += w.members == 1 && w.q_begin % 64 != 0;  // a cut block's later pieces
-    expect_same_plan(read_plan(attn::build_plan(d.view, l.Sq, l.Sk, ws.workspace(), cs.handle(), 0, 1,
-                                                attn::kTileQ, block),
-                               l.heads(), cs.handle()),
-                     want, "clusters of at most " + std::to_string(most) + " rows, slabs of " + std::to_string(block));
-  }
-  EXPECT_GT(mixed, 0) << "no mixed block";
-  EXPECT_GT(cut, 0) << "no block with more than kMaxMembers members";
-}
-
 // ---------------------------------------------------------------------------------------------
 // Graph capture, workspace, value checks
 // ---------------------------------------------------------------------------------------------
@@ -493,12 +340,6 @@ TEST(Plan, SmallWorkspaceThrows) {
                WorkspaceError);
   EXPECT_THROW(attn::build_plan(d.view, l.Sq, l.Sk, Workspace{}, cs.handle()), WorkspaceError);
   EXPECT_NO_THROW(attn::build_plan(d.view, l.Sq, l.Sk, ws.workspace(), cs.handle()));
-  // A slab plan needs its mixed rows' room too: a workspace sized without it is too small.
-  EXPECT_THROW(attn::build_plan(d.view, l.Sq, l.Sk, ws.workspace(), cs.handle(), 0, 1, attn::kTileQ, 64),
-               WorkspaceError);
-  const PlanWorkspace slab_ws(l, true);
-  EXPECT_GT(slab_ws.bytes, ws.bytes);
-  EXPECT_NO_THROW(attn::build_plan(d.view, l.Sq, l.Sk, slab_ws.workspace(), cs.handle(), 0, 1, attn::kTileQ, 64));
   SAPATTN_CUDA_CHECK(cudaStreamSynchronize(cs.handle()));
 }
 

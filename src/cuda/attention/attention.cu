@@ -149,8 +149,7 @@ AttentionKernel attention_kernel(int device, DType dtype, int64_t head_dim) {
 size_t block_sparse_attention_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters,
                                               int64_t q_tokens) {
   Carver carver("block_sparse_attention");
-  carver.take_bytes(attn::plan_workspace_bytes(batch_heads, q_clusters, k_clusters, q_tokens,
-                                               attn::requested_slab_rows() > 0));
+  carver.take_bytes(attn::plan_workspace_bytes(batch_heads, q_clusters, k_clusters, q_tokens));
   carver.take<float>(batch_heads * q_tokens);
   return carver.used();
 }
@@ -169,10 +168,8 @@ void block_sparse_attention(const TensorView& q, const TensorView& k, const Tens
   if (BH == 0 || Sq == 0) return;
   const int phases = k.shape[2] == 0 ? 1 : key_phases(q.dtype, stream.device.index, p.head_dim);
   p.pair = is_sm90(q.dtype, stream.device.index, p.head_dim) && attn::sm90_pairs(p);
-  const int slab_rows =
-      phases == 1 && is_sm90(q.dtype, stream.device.index, p.head_dim) ? attn::sm90_slab_rows(p) : 0;
   Carver carver("block_sparse_attention", workspace);
-  const size_t plan_bytes = attn::plan_workspace_bytes(BH, Cq, Ck, Sq, slab_rows > 0);
+  const size_t plan_bytes = attn::plan_workspace_bytes(BH, Cq, Ck, Sq);
   const Workspace plan_workspace{carver.take_bytes(plan_bytes), plan_bytes};
   float* lse_scratch = carver.take<float>(BH * Sq);
   if (phases > 1 && p.lse == nullptr) {  // the phases merge through an lse: the workspace's, [B, H, Sq]
@@ -184,7 +181,7 @@ void block_sparse_attention(const TensorView& q, const TensorView& k, const Tens
   const bool checked = begin_value_check(stream);
   for (int phase = 0; phase < phases; ++phase) {
     p.plan = attn::build_plan(layout, Sq, k.shape[2], plan_workspace, stream_of(stream), phase, phases,
-                              p.pair ? attn::kPairTileQ : attn::kTileQ, slab_rows);
+                              p.pair ? attn::kPairTileQ : attn::kTileQ);
     p.accumulate = phase > 0;
     launch(p, q.dtype, stream.device.index, stream_of(stream));
   }

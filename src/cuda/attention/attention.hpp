@@ -11,16 +11,6 @@
 // into key tiles, so small key clusters do not pad tiles. Items are
 // sorted by head, then by cost (rows x kept keys), heaviest first: a persistent grid striding over
 // them works on one or two heads at a time (their K and V stay in L2) and finishes together.
-//
-// Slabs (build_plan's `slab_rows`, the sm90 TMA kernel only): a warpgroup computes 64 query rows at
-// a time, so an item that stops at its cluster's end pads the cluster to a multiple of 64 rows (11%
-// of the computed pairs at Wan 14B). With slabs the rows of a head are cut on its global grid of
-// slab_rows (64 or 128) instead: a block inside one cluster is computed as before (items of kTileQ
-// rows), and a block that holds the end of one cluster and the start of the next ones (a "mixed"
-// block, at most kMaxMembers clusters) is an item of its own over the union of its members' kept
-// keys, each row masked to its own cluster's keys. Only the head's last block pads; the price is the
-// keys that one member keeps and another does not, read and computed for the whole block
-// (docs/attention.md).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -40,20 +30,11 @@ inline constexpr int kPairTileQ = 2 * kTileQ;
 // not free.
 inline constexpr uint64_t kItemBaseCost = 64 * kTileQ;
 
-// The most query clusters a mixed block of a slab plan may hold: one bit each in a segment's
-// members byte. A block with more (clusters of a few rows) is cut into one item per cluster.
-inline constexpr int kMaxMembers = 8;
-
 struct WorkItem {
   int32_t bh;         // b * H + h
-  int32_t q_cluster;  // query cluster of every row; of a mixed item, its first member
+  int32_t q_cluster;  // query cluster of every row
   int32_t q_begin;    // rows [q_begin, q_end) of cluster-ordered Q, 0 < q_end - q_begin <= PlanView::item_rows
   int32_t q_end;
-  int32_t members;    // 1, or the 2..kMaxMembers clusters of a mixed item (slabs: its rows are one block)
-  int32_t reserved;   // 0 (keeps the item 8-byte aligned)
-  // A mixed item's member j (j < members - 1) ends before item row byte j of member_ends (rows
-  // relative to q_begin); the last member ends at q_end. 0 for an item of one cluster.
-  uint64_t member_ends;
 };
 
 // A run of kept key clusters as a piece of the virtual key sequence: virtual keys [cum_end - len, cum_end)
@@ -84,29 +65,16 @@ struct PlanView {
   int32_t k_clusters = 0;
   int32_t max_items = 0;  // capacity; a kernel's grid may be sized from it
   int32_t item_rows = kTileQ;  // the most query rows of an item: kTileQ, or kPairTileQ for CTA pairs
-  // Slabs only (else null): the segments of mixed items, row r = bh * q_clusters + the item's first
-  // member, laid out as `segments`, and per segment the members (bit j: member j) that keep its keys.
-  const Segment* mixed_segments = nullptr;     // [rows, k_clusters]
-  const int32_t* mixed_num_segments = nullptr;  // [rows]
-  const uint8_t* mixed_members = nullptr;       // [rows, k_clusters]
 };
 
 // Upper bound on the number of work items (of kTileQ rows or more): every cluster may end with a
-// partial tile; with slabs a cluster may also leave a lone 64-row block, and begin a mixed block or
-// (cut up) own a piece of at most two of them.
+// partial tile.
 inline int64_t max_work_items(int64_t batch_heads, int64_t q_clusters, int64_t q_tokens) {
-  return batch_heads * ((q_tokens + kTileQ - 1) / kTileQ + 3 * q_clusters);
+  return batch_heads * ((q_tokens + kTileQ - 1) / kTileQ + q_clusters);
 }
 
 // Workspace bytes of a plan (items, sort scratch, segments, counts), 256-byte aligned pieces.
-// slabs: room for a slab plan's mixed rows too (their segments double the segment arrays).
-size_t plan_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters, int64_t q_tokens,
-                            bool slabs = false);
-
-// The slab grid SAPATTN_PLAN_SLABS asks for (0, 64 or 128; unset: 0), a measurement switch
-// (docs/attention.md): read by the workspace size and by the sm90 launch alike, so that a workspace
-// sized for a call fits its plan. InvalidArgumentError for any other value.
-int requested_slab_rows();
+size_t plan_workspace_bytes(int64_t batch_heads, int64_t q_clusters, int64_t k_clusters, int64_t q_tokens);
 
 // Builds the plan for `layout` (offsets contiguous, mask any strides) of q_tokens queries and
 // k_tokens keys into `workspace` on `stream`: no host sync, no allocation, graph-capturable. Throws
@@ -123,11 +91,8 @@ int requested_slab_rows();
 //
 // item_rows (kTileQ or kPairTileQ) is the most rows of an item: the sm90 kernel's CTA pairs take
 // items of two tiles.
-//
-// slab_rows (0, 64 or 128): 0 plans items per cluster; 64 or 128 the items on each head's grid of
-// that many rows (the header above), for the sm90 TMA kernel only, with one phase and kTileQ items.
 PlanView build_plan(const BlockLayout& layout, int64_t q_tokens, int64_t k_tokens, Workspace workspace,
-                    cudaStream_t stream, int phase = 0, int phases = 1, int item_rows = kTileQ, int slab_rows = 0);
+                    cudaStream_t stream, int phase = 0, int phases = 1, int item_rows = kTileQ);
 
 // Everything a kernel needs. Strides are in elements; rows must have unit stride along D.
 struct Params {
@@ -202,15 +167,12 @@ using KernelHeadDims = HeadDims<64, 128>;
 // and return without waiting.
 void run_sm90(const Params& params, bool is_bf16, cudaStream_t stream);
 void run_sm80(const Params& params, bool is_bf16, cudaStream_t stream);  // params.accumulate and .pair false
-// The e4m3 kernel (sm_90a, head dim 128, no key phases, no CTA pairs, no slab plans).
+// The e4m3 kernel (sm_90a, head dim 128, no key phases, no CTA pairs).
 // out_bf16: the output's dtype (bf16, else f16).
 void run_sm90_fp8(const Params& params, const Fp8Params& fp8, bool out_bf16, cudaStream_t stream);
 bool sm90_compiled();  // whether this build holds the sm_90a kernel
 // Whether the sm90 kernel runs `params` (its plan still to be built) as CTA pairs: the
 // SAPATTN_SM90_PAIR switch, where the TMA loads run.
 bool sm90_pairs(const Params& params);
-// The slab rows of the plan the sm90 kernel takes for `params` (build_plan; 0 for none, always with
-// pairs): requested_slab_rows(), where the TMA loads run.
-int sm90_slab_rows(const Params& params);
 
 }  // namespace sapattn::cuda::attn

@@ -241,8 +241,6 @@ bool sm90_compiled() { return true; }
 
 bool sm90_pairs(const Params& params) { return pair_switch() && use_tma(params); }
 
-int sm90_slab_rows(const Params& params) { return !params.pair && use_tma(params) ? requested_slab_rows() : 0; }
-
 void run_sm90(const Params& params, bool is_bf16, cudaStream_t stream) {
   const bool found =
       KernelHeadDims::dispatch<cutlass::bfloat16_t, cutlass::half_t>(is_bf16, params.head_dim, [&](auto instance) {

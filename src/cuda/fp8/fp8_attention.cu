@@ -45,7 +45,7 @@ struct Fp8Scratch {
 
 Fp8Scratch carve(Carver& c, int64_t bh, int64_t cq, int64_t ck, int64_t sq, int64_t sk) {
   Fp8Scratch s{};
-  const size_t plan_bytes = attn::plan_workspace_bytes(bh, cq, ck, sq, /*slabs=*/false);
+  const size_t plan_bytes = attn::plan_workspace_bytes(bh, cq, ck, sq);
   s.plan = {c.take_bytes(plan_bytes), plan_bytes};
   s.v_keys = std::max<int64_t>((sk + 15) / 16 * 16, 16);  // a multiple of 16 bytes: a tensor map's row stride
   s.q_codes = c.take<uint8_t>(bh * sq * kHeadDim);
@@ -241,7 +241,7 @@ void attend_e4m3(const E4m3Operands& o, const BlockLayout& layout, TensorView ou
   f.p_sum_e4m3 = o.p_sum_e4m3;
   f.one_key_scale = o.one_key_scale;
   const bool checked = begin_value_check(stream);
-  p.plan = attn::build_plan(layout, o.Sq, o.Sk, o.plan, cs, 0, 1, attn::kTileQ, 0);
+  p.plan = attn::build_plan(layout, o.Sq, o.Sk, o.plan, cs);  // one key phase, kTileQ items
   attn::run_sm90_fp8(p, f, o.dtype == DType::BF16, cs);
   if (checked) end_value_check(stream, "block_sparse_attention_e4m3");
 }

@@ -345,26 +345,17 @@ __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::
       int at = 0, map = kBoxHeights - 1;
       int32_t row = n * Tr::kBlockN;
       bool issues = slot == 0 && col_block < Tr::kColBlocks;
-      uint32_t counts[Tr::kCountWords] = {}, members[Tr::kCountWords] = {};
+      uint32_t counts[Tr::kCountWords] = {};
       if (!p.dense) {
         int32_t count, seg;
         slots.at(n * Tr::kSlots + slot, row, count, seg);
         issues = box_at<Tr::kSlots>(seg, it.num_segments, lane, map) && col_block < Tr::kColBlocks;
         at = slot;
-        // Slot j's count goes to byte j % 4 of word j / 4 (lanes of column block 0 hold every slot),
-        // and in a mixed item so do the members that keep its keys.
+        // Slot j's count goes to byte j % 4 of word j / 4 (lanes of column block 0 hold every slot).
 #pragma unroll
         for (int w = 0; w < Tr::kCountWords; ++w) {
           const bool mine = col_block == 0 && slot / 4 == w;
           counts[w] = __reduce_or_sync(0xffffffff, mine ? static_cast<uint32_t>(count) << (8 * (slot % 4)) : 0u);
-        }
-        if (!kPair && it.segment_members != nullptr) {  // pairs take no slab plan (attention.hpp)
-          const uint32_t keep = seg < it.num_segments ? it.segment_members[seg] : 0u;
-#pragma unroll
-          for (int w = 0; w < Tr::kCountWords; ++w) {
-            const bool mine = col_block == 0 && slot / 4 == w;
-            members[w] = __reduce_or_sync(0xffffffff, mine ? keep << (8 * (slot % 4)) : 0u);
-          }
         }
       }
       // Slot j is rows [j kSlotRows, (j + 1) kSlotRows) of the tile: kSlotRows / 8 swizzle atoms.
@@ -376,10 +367,6 @@ __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::
         if (!p.dense) {
 #pragma unroll
           for (int w = 0; w < Tr::kCountWords; ++w) s.slot_count[stage][w] = counts[w];
-          if (!kPair && it.segment_members != nullptr) {
-#pragma unroll
-            for (int w = 0; w < Tr::kCountWords; ++w) s.slot_members[stage][w] = members[w];
-          }
         }
         cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.k_full[stage], kTileBytes);
       }
@@ -487,7 +474,6 @@ __device__ void producer_tma_fp8(const Params& p, const Fp8Params& f, const Fp8M
         slots.at(n * Tr::kSlots + slot, row, count, seg);
         lo = slots.first_key(n * Tr::kSlots + slot);
       }
-      // (No slab plans here: no item is mixed, so no slot members.)
       const uint32_t keys = static_cast<uint32_t>(count) | static_cast<uint32_t>(lo) << 8;
       uint32_t counts[Tr::kCountWords];
 #pragma unroll

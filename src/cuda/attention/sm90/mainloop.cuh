@@ -114,34 +114,23 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
     }
     warpgroup_commit_batch();
   };
-  // The key counts of the tile in `stage`'s slots (TMA loads) and, in a mixed item, the members that
-  // keep each slot's keys: read before the stage is released.
+  // The key counts of the tile in `stage`'s slots (TMA loads), read before the stage is released.
   using Counts = uint32_t[Tr::kCountWords];
-  bool mixed = false;              // the current item is a mixed block of a slab plan
-  uint32_t row_bit[2] = {1u, 1u};  // this thread's two rows' members as bits of a slot's members byte (1 unmixed)
-  auto read_counts = [&](int stage, Counts& counts, Counts& members) {
+  auto read_counts = [&](int stage, Counts& counts) {
     if constexpr (kTma) {
       CUTLASS_PRAGMA_UNROLL
       for (int j = 0; j < Tr::kCountWords; ++j) counts[j] = s.slot_count[stage][j];
-      if (mixed) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int j = 0; j < Tr::kCountWords; ++j) members[j] = s.slot_members[stage][j];
-      }
     }
   };
   // Online softmax of the tile in tSrS (key tile n): masks what is not a key (past the end; with TMA
-  // loads in the sparse mode, the rows of a slot past its cluster's end, and in a mixed item the
-  // slots whose keys the row's own cluster does not keep), updates the row maxima and sums, leaves
-  // exp(S - max) in tSrS and returns the factor O must be rescaled by. A row may see no key in a tile
-  // of a mixed item (its maximum stays -inf), so the exponent's offset treats -inf as 0.
+  // loads in the sparse mode, the rows of a slot past its cluster's end), updates the row maxima and
+  // sums, leaves exp(S - max) in tSrS and returns the factor O must be rescaled by.
   const bool slot_masks = kTma && !p.dense;
   // The online softmax's step for this thread's two rows over the masked scores in tSrS: the new row
   // maxima (the quad's), the factor O must be rescaled by, exp2 of the scores in the row's units
   // (factor(r)) less the maximum, plus log2_p_scale (the e4m3 kernel's P scale), in tSrS, and the
   // row sums, which add the tile's only if add_sum (the e4m3 kernel may sum the quantised P instead).
-  // A row may see no key in a tile of a mixed item (its maximum stays -inf), so the exponent's offset
-  // treats -inf as 0; outside mixed items every tile holds a key of every row, and exp2(-inf) = 0 on
-  // the first tile.
+  // Every tile holds at least one key of every row, so mx is finite; exp2(-inf) = 0 on the first tile.
   auto update_rows = [&](float(&rescale)[2], float log2_p_scale, bool add_sum) {
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < 2; ++r) {
@@ -150,10 +139,9 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       for (int g = 0; g < kBlockN / 8; ++g) mx = fmaxf(mx, fmaxf(tSrS(4 * g + 2 * r), tSrS(4 * g + 2 * r + 1)));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-      const float mx_finite = mx == -INFINITY ? 0.0f : mx;
-      rescale[r] = fast_exp2((row_max[r] - mx_finite) * factor(r));
+      rescale[r] = fast_exp2((row_max[r] - mx) * factor(r));
       row_max[r] = mx;
-      const float offset = mx_finite * factor(r) - log2_p_scale;
+      const float offset = mx * factor(r) - log2_p_scale;
       float sum = 0.0f;
       CUTLASS_PRAGMA_UNROLL
       for (int g = 0; g < kBlockN / 8; ++g) CUTLASS_PRAGMA_UNROLL
@@ -165,25 +153,23 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       row_sum[r] = row_sum[r] * rescale[r] + (add_sum ? sum : 0.0f);
     }
   };
-  auto softmax = [&](int n, int keys, const Counts& counts, const Counts& members, float(&rescale)[2]) {
+  auto softmax = [&](int n, int keys, const Counts& counts, float(&rescale)[2]) {
     warpgroup_fence_operand(tSrS);
     // Accumulator value (c, r, g) is row lane/4 + 8r (+16 warp), column 8g + 2(lane%4) + c.
     if (slot_masks) {
       // Slot by slot: a slot's count is the same in every thread, so the branch is uniform, and only
-      // the partial slots (a run's last, one or two per tile) pay for the per-element masks; a mixed
-      // item also masks the slots a row's own cluster does not keep.
+      // the partial slots (a run's last, one or two per tile) pay for the per-element masks.
       constexpr int kGroups = Tr::kSlotRows / 8;  // 8-column groups per slot
       constexpr int kPerSlot = 4 * kGroups;       // accumulator values of a slot per thread
       CUTLASS_PRAGMA_UNROLL
       for (int j = 0; j < Tr::kSlots; ++j) {
         const int count = (counts[j / 4] >> (8 * (j % 4))) & 0xff;
-        const uint32_t keep = mixed ? members[j / 4] >> (8 * (j % 4)) : 1u;
-        if (count < Tr::kSlotRows || mixed) {
+        if (count < Tr::kSlotRows) {
           const int limit = count - 2 * (lane % 4);  // this thread's column c of group g is a key iff 8 g + c < limit
           CUTLASS_PRAGMA_UNROLL
           for (int e = 0; e < kPerSlot; ++e) {
-            const int i = j * kPerSlot + e, c = i % 2, r = i / 2 % 2, g = i / 4;
-            if (8 * (g % kGroups) + c >= limit || (keep & row_bit[r]) == 0) tSrS(i) = -INFINITY;
+            const int i = j * kPerSlot + e, c = i % 2, g = i / 4;
+            if (8 * (g % kGroups) + c >= limit) tSrS(i) = -INFINITY;
           }
         }
       }
@@ -200,11 +186,10 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
   };
   // The e4m3 kernel's online softmax of the tile in tSrS (stage `stage`): each score times its key's
   // scale (the thread's four keys of a slot are 4t..4t+3, traits.cuh: one 16-byte read), what is not
-  // a key masked (past a slot's count; in a mixed item, slots the row's cluster does not keep),
-  // then as softmax above with the row's factor (query scale x scale x log2 e) and P scaled to
-  // [0, p_scale] (log2(p_scale) added to the exponent). The row sums take the fp32 P unless the
-  // quantised P are summed (convert_p_fp8).
-  auto softmax_fp8 = [&](int stage, const Counts& counts, const Counts& members, float(&rescale)[2]) {
+  // a key masked (outside a slot's rows [lo, hi)), then as softmax above with the row's factor (query
+  // scale x scale x log2 e) and P scaled to [0, p_scale] (log2(p_scale) added to the exponent). The
+  // row sums take the fp32 P unless the quantised P are summed (convert_p_fp8).
+  auto softmax_fp8 = [&](int stage, const Counts& counts, float(&rescale)[2]) {
     if constexpr (Tr::kFp8) {  // (the bf16 kernel's Smem has no key scales)
       warpgroup_fence_operand(tSrS);
       const int t = lane % 4;
@@ -289,13 +274,12 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
   };
   // The steps of one key tile, for either kernel. The e4m3 kernel's key scales arrive with the
   // tile's V (its K stage is freed before the softmax), so it waits for them.
-  auto tile_softmax = [&](int n, int stage, int phase, int keys, const Counts& counts, const Counts& members,
-                          float(&rescale)[2]) {
+  auto tile_softmax = [&](int n, int stage, int phase, int keys, const Counts& counts, float(&rescale)[2]) {
     if constexpr (Tr::kFp8) {
       Barrier::wait(&s.v_full[stage], phase);
-      softmax_fp8(stage, counts, members, rescale);
+      softmax_fp8(stage, counts, rescale);
     } else {
-      softmax(n, keys, counts, members, rescale);
+      softmax(n, keys, counts, rescale);
     }
   };
   auto tile_convert = [&] {
@@ -337,10 +321,6 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
     // tiles w, w + 2, ..., and warpgroup 0 merges the two halves (by their row maxima) before the
     // epilogue. Unsplit, such an item would leave warpgroup 1 idle and run at half the pair rate.
     const bool split = p.split_tails && it.rows > 0 && it.rows <= 64 && n_blocks >= 2;
-    mixed = !kPair && !Tr::kFp8 && it.members > 1;  // pairs and the e4m3 kernel take no slab plan (attention.hpp)
-    CUTLASS_PRAGMA_UNROLL
-    for (int r = 0; r < 2; ++r)
-      row_bit[r] = mixed ? 1u << member_of(it, (split ? 0 : 64 * wg) + 16 * warp + lane / 4 + 8 * r) : 1u;
     // The e4m3 kernel: the rows' query scales (read from global memory, as an item may start at any
     // row, where a TMA box may not; rows past the item's end read the next rows or 0).
     const auto row_of = [&](int r) { return (split ? 0 : 64 * wg) + 16 * warp + lane / 4 + 8 * r; };
@@ -352,7 +332,12 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
     };
     if constexpr (Tr::kFp8) {
       CUTLASS_PRAGMA_UNROLL
-      for (int r = 0; r < 2; ++r) row_factor[r] = query_scale(r) * scale_log2;
+      for (int r = 0; r < 2; ++r) {
+        // A group of zero queries has scale 0 and every score 0: any positive factor gives its uniform
+        // softmax, while 0 would make -inf x 0 (masked keys, the first tile's maximum) NaN.
+        const float sq = query_scale(r);
+        row_factor[r] = (sq == 0.0f ? 1.0f : sq) * scale_log2;
+      }
     }
     const auto stage_of = [&](int n) { return (tile_count + n) % Tr::kStages; };
     const auto phase_of = [&](int n) { return ((tile_count + n) / Tr::kStages) & 1; };
@@ -380,17 +365,17 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
     const int step = split ? 2 : 1, first = split ? wg : 0;
     if (first < n_blocks) {
       float rescale[2];
-      Counts counts, members = {};
+      Counts counts;
       if (first > 0) release(0);
       int stage = stage_of(first), phase = phase_of(first);
       Barrier::wait(&s.k_full[stage], phase);
-      read_counts(stage, counts, members);
+      read_counts(stage, counts);
       wait_turn();
       issue_qk(stage, split);
       pass_turn();
       warpgroup_wait<0>();
       free_stage(s.k_empty[stage]);
-      tile_softmax(first, stage, phase, it.keys, counts, members, rescale);
+      tile_softmax(first, stage, phase, it.keys, counts, rescale);
       tile_convert();
       for (int n = first + step; n < n_blocks; n += step) {
         if (split) release(n - 1);
@@ -398,7 +383,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
         stage = stage_of(n);
         phase = phase_of(n);
         Barrier::wait(&s.k_full[stage], phase);
-        read_counts(stage, counts, members);
+        read_counts(stage, counts);
         Barrier::wait(&s.v_full[prev_stage], prev_phase);
         if constexpr (Tr::kTwoLevel) {
           // No overlap within the warpgroup: the previous tile's P V is added to O before this
@@ -414,7 +399,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
           pass_turn();
           warpgroup_wait<0>();
           free_stage(s.k_empty[stage]);
-          tile_softmax(n, stage, phase, it.keys, counts, members, rescale);
+          tile_softmax(n, stage, phase, it.keys, counts, rescale);
           warpgroup_fence_operand(tOrO);
           rescale_o(rescale);
         } else {
@@ -424,7 +409,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
           pass_turn();
           warpgroup_wait<1>();  // S of tile n is ready; P V of the previous tile may still run
           free_stage(s.k_empty[stage]);
-          tile_softmax(n, stage, phase, it.keys, counts, members, rescale);
+          tile_softmax(n, stage, phase, it.keys, counts, rescale);
           warpgroup_wait<0>();
           free_stage(s.v_empty[prev_stage]);
           warpgroup_fence_operand(tOrO);
@@ -468,9 +453,8 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
         CUTLASS_PRAGMA_UNROLL
         for (int r = 0; r < 2; ++r) {
           const float m1 = s.merge_max[r][thread], m = fmaxf(row_max[r], m1);
-          const float m_finite = m == -INFINITY ? 0.0f : m;  // a mixed item's row may have no key at all
-          own[r] = fast_exp2((row_max[r] - m_finite) * factor(r));
-          other[r] = fast_exp2((m1 - m_finite) * factor(r));
+          own[r] = fast_exp2((row_max[r] - m) * factor(r));  // both halves saw a key: m is finite
+          other[r] = fast_exp2((m1 - m) * factor(r));
           row_sum[r] = row_sum[r] * own[r] + s.merge_sum[r][thread] * other[r];
           row_max[r] = m;
         }

@@ -13,19 +13,7 @@ struct Item {
   const Segment* segments;  // nullptr in dense mode
   int32_t num_segments;
   int32_t keys;  // length of the virtual key sequence
-  // A mixed item of a slab plan (attention.hpp): its members (1 otherwise), where each but the last
-  // ends (WorkItem::member_ends), and per segment the members that keep its keys (nullptr otherwise).
-  int32_t members;
-  uint64_t member_ends;
-  const uint8_t* segment_members;
 };
-
-// The member of a mixed item that item row `row` belongs to.
-__device__ __forceinline__ int member_of(const Item& it, int row) {
-  int m = 0;
-  for (int j = 0; j + 1 < it.members; ++j) m += row >= static_cast<int>((it.member_ends >> (8 * j)) & 0xff);
-  return m;
-}
 
 // The CTA pairs (Params::pair, a cluster of two CTAs): both CTAs of a pair work on the same item
 // of up to kPairTileQ rows, which share their keys, and each computes its own rows of it: CTA 0
@@ -57,21 +45,14 @@ __device__ __forceinline__ Item load_item(const Params& p, int index, int q_tile
     it.segments = nullptr;
     it.num_segments = 1;
     it.keys = p.seq_k;
-    it.members = 1;
-    it.member_ends = 0;
-    it.segment_members = nullptr;
   } else {
     const WorkItem w = p.plan.items[index];
     const int64_t row = static_cast<int64_t>(w.bh) * p.plan.q_clusters + w.q_cluster;
     it.bh = w.bh;
     it.q_begin = w.q_begin;
     it.rows = w.q_end - w.q_begin;
-    it.members = w.members;
-    it.member_ends = w.member_ends;
-    const bool mixed = w.members > 1;
-    it.segments = (mixed ? p.plan.mixed_segments : p.plan.segments) + row * p.plan.k_clusters;
-    it.num_segments = (mixed ? p.plan.mixed_num_segments : p.plan.num_segments)[row];
-    it.segment_members = mixed ? p.plan.mixed_members + row * p.plan.k_clusters : nullptr;
+    it.segments = p.plan.segments + row * p.plan.k_clusters;
+    it.num_segments = p.plan.num_segments[row];
     it.keys = it.num_segments > 0 ? it.segments[it.num_segments - 1].cum_end : 0;
   }
   if (p.pair) take_pair_share(it);

@@ -73,7 +73,6 @@ struct Traits {
     // j's rows are keys (the rest are masked), and item_blocks is the current item's number of key
     // tiles.
     uint32_t slot_count[kStages][kCountWords];  // per slot: how many of its rows are keys
-    uint32_t slot_members[kStages][kCountWords];  // a mixed item's: per slot, the members that keep its keys
     int32_t item_blocks;
     int32_t item_index;  // dynamic scheduling: the item the producer took (num_items: none left)
     // A split item's merge: warpgroup 1's row maxima and partial sums, per thread (its O goes
@@ -147,7 +146,6 @@ struct Fp8Traits {
     uint64_t q_full, q_empty;
     uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
     uint32_t slot_count[kStages][kCountWords];
-    uint32_t slot_members[kStages][kCountWords];
     int32_t item_blocks;
     int32_t item_index;
     float merge_max[2][128], merge_sum[2][128];
