@@ -165,6 +165,9 @@ std::vector<Fp8Case> fp8_cases() {
   spread.Cq = 9;
   spread.Ck = 40;
   add("bf16_spread", spread, defaults);
+  SparseCase zero = base;  // every query group's scale 0: uniform rows, not NaN
+  zero.q_std = 0.0;
+  add("bf16_zero_queries", zero, defaults);
   SparseCase all = base;
   all.mask = Mask::AllKept;
   all.q_std = 3.0;
