@@ -38,7 +38,7 @@ struct QuantizeParams {
   const int32_t* perm;        // [B,H,S] or null
   const int32_t* offsets;     // [B,H,C+1] (Cluster) or null
   const float* shift;         // [B,H,D] or null
-  uint8_t* codes;             // [B,H,S,D], or transposed [B*H, D, ld] (channel_codes_transposed_kernel)
+  uint8_t* codes;             // [B,H,S,D], or transposed [B*H, D, ld] (channel_codes_kernel<T, true>)
   int64_t ld;                 // the transposed codes' row length
   float* scales;              // [B,H,S] or [B,H,D]
   int64_t H, S, D, clusters;  // clusters: C (Cluster)
@@ -147,10 +147,12 @@ __global__ void __launch_bounds__(kThreads) channel_amax_kernel(QuantizeParams<T
     if (column_key[d] != 0u) atomicMax(&keys[d], column_key[d]);
 }
 
-// Channel, pass 2: every element of a block of rows encoded with its column's inverse.
-template <typename T>
+// Channel, pass 2: every element of a block of rows encoded with its column's inverse. kTransposed
+// (the e4m3 attention's V^T): the block's codes go to shared memory as [rows][D] first and are then
+// written out as [D][rows] (kChannelRows contiguous bytes per channel, rows of p.ld).
+template <typename T, bool kTransposed>
 __global__ void __launch_bounds__(kThreads) channel_codes_kernel(QuantizeParams<T> p) {
-  extern __shared__ float column_inverse[];  // [D]
+  extern __shared__ float column_inverse[];  // [D] (then, transposed, the block's codes [kChannelRows][D])
   const int64_t bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
   const auto* keys = reinterpret_cast<const uint32_t*>(p.scales) + bh * p.D;
   for (int64_t d = threadIdx.x; d < p.D; d += kThreads) column_inverse[d] = scale_of_key(keys[d]).inverse;
@@ -159,39 +161,25 @@ __global__ void __launch_bounds__(kThreads) channel_codes_kernel(QuantizeParams<
   const T* head = p.x + b * p.stride[0] + h * p.stride[1];
   const int32_t* perm = p.perm != nullptr ? p.perm + bh * p.S : nullptr;
   const float* shift = p.shift != nullptr ? p.shift + bh * p.D : nullptr;
-  uint8_t* codes = p.codes + (bh * p.S + lo) * p.D;
+  uint8_t* codes = kTransposed ? reinterpret_cast<uint8_t*>(column_inverse + p.D) : p.codes + (bh * p.S + lo) * p.D;
   for (int64_t i = threadIdx.x; i < (hi - lo) * p.D; i += kThreads) {
     const int64_t r = lo + i / p.D, d = i % p.D;
     const int64_t src = perm != nullptr ? perm[r] : r;
-    if (src >= 0 && src < p.S) codes[i] = fp8::e4m3_encode(shifted(p, head, shift, src, d) * column_inverse[d]);
+    // A bad entry was reported by pass 1; its codes are left unwritten (zeros when transposed).
+    if (src >= 0 && src < p.S) {
+      codes[i] = fp8::e4m3_encode(shifted(p, head, shift, src, d) * column_inverse[d]);
+    } else if (kTransposed) {
+      codes[i] = 0;
+    }
   }
-}
-
-// Channel, pass 2 with the codes transposed: a block's rows encoded into shared memory as [rows][D],
-// then written out as [D][rows] (kChannelRows contiguous bytes per channel).
-template <typename T>
-__global__ void __launch_bounds__(kThreads) channel_codes_transposed_kernel(QuantizeParams<T> p) {
-  extern __shared__ float column_inverse[];  // [D], then the block's codes [kChannelRows][D]
-  uint8_t* tile = reinterpret_cast<uint8_t*>(column_inverse + p.D);
-  const int64_t bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
-  const auto* keys = reinterpret_cast<const uint32_t*>(p.scales) + bh * p.D;
-  for (int64_t d = threadIdx.x; d < p.D; d += kThreads) column_inverse[d] = scale_of_key(keys[d]).inverse;
-  __syncthreads();
-  const int64_t lo = static_cast<int64_t>(blockIdx.x) * kChannelRows, hi = min_of<int64_t>(lo + kChannelRows, p.S);
-  const T* head = p.x + b * p.stride[0] + h * p.stride[1];
-  const int32_t* perm = p.perm != nullptr ? p.perm + bh * p.S : nullptr;
-  for (int64_t i = threadIdx.x; i < (hi - lo) * p.D; i += kThreads) {
-    const int64_t r = lo + i / p.D, d = i % p.D;
-    const int64_t src = perm != nullptr ? perm[r] : r;
-    // A bad entry was reported by pass 1; its codes are zeros here (outputs are unspecified then).
-    tile[i] = src >= 0 && src < p.S ? fp8::e4m3_encode(shifted(p, head, nullptr, src, d) * column_inverse[d]) : 0;
-  }
-  __syncthreads();
-  uint8_t* codes = p.codes + bh * p.D * p.ld + lo;
-  const int64_t rows = hi - lo;
-  for (int64_t i = threadIdx.x; i < rows * p.D; i += kThreads) {
-    const int64_t d = i / rows, r = i % rows;
-    codes[d * p.ld + r] = tile[r * p.D + d];
+  if constexpr (kTransposed) {
+    __syncthreads();
+    uint8_t* out = p.codes + bh * p.D * p.ld + lo;
+    const int64_t rows = hi - lo;
+    for (int64_t i = threadIdx.x; i < rows * p.D; i += kThreads) {
+      const int64_t d = i / rows, r = i % rows;
+      out[d * p.ld + r] = codes[r * p.D + d];
+    }
   }
 }
 
@@ -250,7 +238,7 @@ void quantize_e4m3_channel_transposed(const TensorView& x, const TensorView& per
     p.ld = ld;
     const size_t smem = static_cast<size_t>(D) * 4 + static_cast<size_t>(kChannelRows * D);
     quantize_channels(p, B * H, stream, [&](dim3 grid, cudaStream_t s) {
-      channel_codes_transposed_kernel<T><<<grid, kThreads, smem, s>>>(p);
+      channel_codes_kernel<T, true><<<grid, kThreads, smem, s>>>(p);
       SAPATTN_CUDA_CHECK_LAUNCH();
     });
   });
@@ -289,7 +277,7 @@ void quantize_e4m3(const TensorView& x, const TensorView& perm, const TensorView
     if (per_channel) {
       if (D == 0) return;
       quantize_channels(p, B * H, stream, [&](dim3 grid, cudaStream_t stream_) {
-        channel_codes_kernel<T><<<grid, kThreads, static_cast<size_t>(D) * 4, stream_>>>(p);
+        channel_codes_kernel<T, false><<<grid, kThreads, static_cast<size_t>(D) * 4, stream_>>>(p);
         SAPATTN_CUDA_CHECK_LAUNCH();
       });
       return;
