@@ -84,7 +84,8 @@ TEST(BlockSparseAttentionE4M3Errors, BadOptionsAndStreamsLeaveOutputsUntouched) 
       InvalidArgumentError, outputs,
       block_sparse_attention_e4m3(p.q.view, p.k.view, p.v.view, {p.q_offsets.view, bad.view, p.mask.view}, 0.25f,
                                   Fp8Options{}, p.out.view, p.lse.view, kStream));
-  // A CUDA stream: no FP8 kernel yet, in any build.
+  // A CUDA stream on a machine without a Hopper GPU (this suite runs without a GPU): UnsupportedError
+  // before anything is written, in any build.
   const Stream gpu{Device::cuda(0), nullptr, 0};
   const BlockLayout on_gpu{ref::on_cuda(p.q_offsets.view), ref::on_cuda(p.k_offsets.view), ref::on_cuda(p.mask.view)};
   EXPECT_ERROR_UNTOUCHED(

@@ -115,10 +115,12 @@ size_t block_sparse_attention_e4m3_workspace_bytes(int64_t batch_heads, int64_t 
   return c.used();
 }
 
-E4m3Operands quantize_e4m3_operands(const TensorView& q, const TensorView& k, const TensorView& v,
-                                    const BlockLayout& layout, float scale, const Fp8Options& options,
-                                    const Stream& stream, Workspace workspace, const RowPermutation& perm) {
-  const DeviceGuard guard(stream.device);
+namespace {
+
+// What the e4m3 kernel takes (UnsupportedError otherwise), checked before anything runs (and before
+// the device is selected: a machine without a GPU gets the same error).
+void check_e4m3_kernel(const TensorView& q, const TensorView& k, const TensorView& v, const Fp8Options& options,
+                       const Stream& stream) {
   const int device = stream.device.index;
   const AttentionKernel kernel = attention_kernel(device, q.dtype, q.shape[3]);
   SAPATTN_CHECK(kernel.supported && std::string(kernel.name) == "sm90a-wgmma", UnsupportedError,
@@ -133,6 +135,15 @@ E4m3Operands quantize_e4m3_operands(const TensorView& q, const TensorView& k, co
   for (const auto& [t, name] : {std::pair{&k, "k"}, {&v, "v"}})
     SAPATTN_CHECK(t->dtype == q.dtype, DTypeError, "block_sparse_attention_e4m3 on CUDA takes q, k, v and out of one ",
                   "dtype; ", name, " is ", dtype_name(t->dtype), ", q is ", dtype_name(q.dtype));
+}
+
+}  // namespace
+
+E4m3Operands quantize_e4m3_operands(const TensorView& q, const TensorView& k, const TensorView& v,
+                                    const BlockLayout& layout, float scale, const Fp8Options& options,
+                                    const Stream& stream, Workspace workspace, const RowPermutation& perm) {
+  check_e4m3_kernel(q, k, v, options, stream);
+  const DeviceGuard guard(stream.device);
   const int64_t B = q.shape[0], H = q.shape[1], BH = B * H, Sq = q.shape[2], Sk = k.shape[2];
   const int64_t Cq = layout.q_offsets.shape[2] - 1, Ck = layout.k_offsets.shape[2] - 1;
   SAPATTN_CHECK((BH * Sk + 16) < (int64_t{1} << 31) && BH * Sq < (int64_t{1} << 31) && BH <= 65535, UnsupportedError,
@@ -250,6 +261,7 @@ void block_sparse_attention_e4m3(const TensorView& q, const TensorView& k, const
                                  const BlockLayout& layout, float scale, const Fp8Options& options, TensorView out,
                                  TensorView lse, const Stream& stream, Workspace workspace,
                                  const RowPermutation& perm) {
+  check_e4m3_kernel(q, k, v, options, stream);
   SAPATTN_CHECK(out.dtype == q.dtype, DTypeError, "block_sparse_attention_e4m3 on CUDA takes q, k, v and out of one ",
                 "dtype; out is ", dtype_name(out.dtype), ", q is ", dtype_name(q.dtype));
   const E4m3Operands o = quantize_e4m3_operands(q, k, v, layout, scale, options, stream, workspace, perm);
