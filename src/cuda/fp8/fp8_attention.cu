@@ -137,6 +137,16 @@ void check_e4m3_kernel(const TensorView& q, const TensorView& k, const TensorVie
                   "dtype; ", name, " is ", dtype_name(t->dtype), ", q is ", dtype_name(q.dtype));
 }
 
+// What the kernel writes: out in q's dtype, unit stride along D, rows of whole pairs.
+void check_e4m3_output(const TensorView& out, DType dtype) {
+  SAPATTN_CHECK(out.dtype == dtype, DTypeError, "block_sparse_attention_e4m3 on CUDA takes q, k, v and out of one ",
+                "dtype; out is ", dtype_name(out.dtype), ", q is ", dtype_name(dtype));
+  SAPATTN_CHECK(out.stride[3] == 1 && (out.stride[2] * static_cast<int64_t>(dtype_size(out.dtype))) % 4 == 0,
+                UnsupportedError,
+                "block_sparse_attention_e4m3 on CUDA writes out with unit stride along D and rows of whole pairs, got ",
+                out.describe());
+}
+
 }  // namespace
 
 E4m3Operands quantize_e4m3_operands(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -215,12 +225,7 @@ E4m3Operands quantize_e4m3_operands(const TensorView& q, const TensorView& k, co
 void attend_e4m3(const E4m3Operands& o, const BlockLayout& layout, TensorView out, TensorView lse,
                  const Stream& stream) {
   const DeviceGuard guard(stream.device);
-  SAPATTN_CHECK(out.dtype == o.dtype, DTypeError, "block_sparse_attention_e4m3 on CUDA takes q, k, v and out of one ",
-                "dtype; out is ", dtype_name(out.dtype), ", q is ", dtype_name(o.dtype));
-  SAPATTN_CHECK(out.stride[3] == 1 && (out.stride[2] * static_cast<int64_t>(dtype_size(out.dtype))) % 4 == 0,
-                UnsupportedError,
-                "block_sparse_attention_e4m3 on CUDA writes out with unit stride along D and rows of whole pairs, got ",
-                out.describe());
+  check_e4m3_output(out, o.dtype);
   if (o.B * o.H == 0 || o.Sq == 0) return;
   const cudaStream_t cs = stream_of(stream);
   attn::Params p{};
@@ -261,9 +266,9 @@ void block_sparse_attention_e4m3(const TensorView& q, const TensorView& k, const
                                  const BlockLayout& layout, float scale, const Fp8Options& options, TensorView out,
                                  TensorView lse, const Stream& stream, Workspace workspace,
                                  const RowPermutation& perm) {
+  // Both checks before the quantisation passes run, so that a bad call does no work.
   check_e4m3_kernel(q, k, v, options, stream);
-  SAPATTN_CHECK(out.dtype == q.dtype, DTypeError, "block_sparse_attention_e4m3 on CUDA takes q, k, v and out of one ",
-                "dtype; out is ", dtype_name(out.dtype), ", q is ", dtype_name(q.dtype));
+  check_e4m3_output(out, q.dtype);
   const E4m3Operands o = quantize_e4m3_operands(q, k, v, layout, scale, options, stream, workspace, perm);
   attend_e4m3(o, layout, out, lse, stream);
 }
