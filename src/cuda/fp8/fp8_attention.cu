@@ -2,12 +2,14 @@
 // quantised in cluster order into the workspace, then the Hopper e4m3 kernel
 // (attention/attention_sm90_fp8.cu) over the plan of the bf16 kernel.
 //
-// Per call, in order: the head's mean key (fp64 sums, as the CPU's mean_row) and the LSE term
-// scale * q_i . mean of every query row when K is smoothed; quantize_e4m3 of Q (through q_perm) and
-// of K - mean (through k_perm), whose codes and scales are the CPU's bit for bit; V per channel with
-// its codes transposed (the e4m3 P V GEMM reads V^T); the plan; the kernel. Five passes over the
-// inputs besides the kernel: not yet fused into the permutation or k-means passes that read Q, K and V
-// anyway (docs/fp8.md, "Not done here").
+// Per call: the operands quantised in cluster order, then the plan and the kernel. With Fp8Options'
+// default granularities the quantisation is fp8_operands.cu's two passes over the inputs (K's mean
+// and V's channel maxima, then every code through the permutations: the permutation pass the bf16
+// path runs anyway). Other granularities take the generic passes here: the head's mean key (fp64
+// sums, as the CPU's mean_row) and the LSE term scale * q_i . mean of every query row when K is
+// smoothed; quantize_e4m3 of Q (through q_perm) and of K - mean (through k_perm), whose codes and
+// scales are the CPU's bit for bit; V per channel with its codes transposed (the e4m3 P V GEMM reads
+// V^T).
 #include <algorithm>
 #include <cstdint>
 #include <string>
@@ -38,7 +40,7 @@ struct Strides {
 struct Fp8Scratch {
   Workspace plan;
   uint8_t *q_codes, *k_codes, *vt_codes;
-  float *q_scale, *k_scale, *k_scale_rows, *v_scale, *k_mean, *lse_shift;
+  float *q_scale, *k_scale, *k_scale_rows, *v_scale, *v_inverse, *k_mean, *lse_shift;
   double* k_sum;
   int64_t v_keys;
 };
@@ -55,6 +57,7 @@ Fp8Scratch carve(Carver& c, int64_t bh, int64_t cq, int64_t ck, int64_t sq, int6
   s.k_scale = c.take<float>(bh * sk);
   s.k_scale_rows = c.take<float>(bh * s.v_keys);  // rows of v_keys: a tensor map's row stride
   s.v_scale = c.take<float>(bh * kHeadDim);
+  s.v_inverse = c.take<float>(bh * kHeadDim);
   s.k_mean = c.take<float>(bh * kHeadDim);
   s.lse_shift = c.take<float>(bh * sq);
   s.k_sum = c.take<double>(bh * kHeadDim);
@@ -187,6 +190,24 @@ E4m3Operands quantize_e4m3_operands(const TensorView& q, const TensorView& k, co
   if (BH == 0 || Sq == 0) return o;
   const cudaStream_t cs = stream_of(stream);
 
+  if (fused_operand_passes(options, kHeadDim)) {
+    Fp8OperandBuffers out;
+    out.q_codes = s.q_codes;
+    out.k_codes = s.k_codes;
+    out.vt_codes = s.vt_codes;
+    out.q_scale = s.q_scale;
+    out.k_scale_rows = s.k_scale_rows;
+    out.v_scale = s.v_scale;
+    out.v_inverse = s.v_inverse;
+    out.k_mean = s.k_mean;
+    out.lse_shift = s.lse_shift;
+    out.k_sum = s.k_sum;
+    out.v_keys = s.v_keys;
+    const bool checked = (!perm.q_perm.empty() || !perm.k_perm.empty()) && begin_value_check(stream);
+    quantize_operands_fused(q, k, v, perm, scale, smooth, out, stream);
+    if (checked) end_value_check(stream, "block_sparse_attention_e4m3 (quantisation)");
+    return o;
+  }
   const TensorView mean = TensorView::contiguous(s.k_mean, DType::F32, {B, H, kHeadDim}, stream.device);
   if (smooth) {
     SAPATTN_CUDA_CHECK(cudaMemsetAsync(s.k_sum, 0, static_cast<size_t>(BH * kHeadDim) * sizeof(double), cs));

@@ -4,9 +4,7 @@
 // (IEEE divisions: the CUDA build has no fast-math flags) and encode with fp8::e4m3_encode, the
 // codec the reference uses. The amax is a maximum, so its reduction order cannot change it.
 //
-// The amax travels as an unsigned key: the bits of |y| for finite y, which order as the values do
-// (-0 gives +0's key 0), and kNonFinite above them all for a NaN or an infinity, so one unsigned
-// max carries both the CPU's amax and its "group holds a non-finite value" flag.
+// The amax travels as an unsigned key (amax.cuh).
 //
 // Tile and Cluster: one block per (group, b*h) reduces its group's key, then writes the rows' scale
 // and codes (a second read of the group's rows, from L2). Channel: scales [B,H,D] holds the column
@@ -17,6 +15,7 @@
 #include <cstdint>
 
 #include "core/fp8.hpp"
+#include "cuda/fp8/amax.cuh"
 #include "cuda/fp8/fp8.hpp"
 #include "cuda/runtime/device.cuh"
 
@@ -24,13 +23,11 @@ namespace sapattn::cuda {
 
 namespace {
 
+using fp8_group::amax_key;
+using fp8_group::scale_of_key;
+
 constexpr int kThreads = 256;
 constexpr int kChannelRows = 64;  // rows per block of the per-channel kernels
-constexpr uint32_t kNonFinite = 0xffffffffu;
-// The NaN scale of a group holding a non-finite value: the CPU's quiet NaN (std::numeric_limits),
-// not the GPU's canonical NaN that NaN / 448 would give, so that scales compare bit for bit.
-constexpr uint32_t kQuietNaN = 0x7fc00000u;
-
 template <typename T>
 struct QuantizeParams {
   const T* x;
@@ -65,24 +62,6 @@ __device__ __forceinline__ int64_t source_row(const QuantizeParams<T>& p, const 
   return -1;
 }
 
-__device__ __forceinline__ uint32_t amax_key(float y) { return isfinite(y) ? __float_as_uint(fabsf(y)) : kNonFinite; }
-
-// The group's amax (NaN when it holds a non-finite value) -> its scale and inverse, as the CPU's.
-__device__ __forceinline__ fp8::E4M3Scale scale_of_key(uint32_t key) {
-  if (key == kNonFinite) return {__uint_as_float(kQuietNaN), __uint_as_float(kQuietNaN)};
-  return fp8::e4m3_scale(__uint_as_float(key));
-}
-
-__device__ __forceinline__ uint32_t block_max(uint32_t v, uint32_t* shared) {
-  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  v = lane < kThreads / 32 ? shared[lane] : 0u;
-  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
 // Tile and Cluster: block (g, bh) quantises the rows [lo, hi) of group g of head bh.
 template <typename T, bool kByCluster>
 __global__ void __launch_bounds__(kThreads) quantize_groups_kernel(QuantizeParams<T> p) {
@@ -114,7 +93,7 @@ __global__ void __launch_bounds__(kThreads) quantize_groups_kernel(QuantizeParam
     const int64_t src = source_row(p, perm, r);
     if (src >= 0) key = max(key, amax_key(shifted(p, head, shift, src, d)));
   }
-  const fp8::E4M3Scale s = scale_of_key(block_max(key, partial));
+  const fp8::E4M3Scale s = scale_of_key(fp8_group::block_max<kThreads>(key, partial));
 
   for (int64_t r = lo + threadIdx.x; r < hi; r += kThreads) p.scales[bh * p.S + r] = s.scale;
   uint8_t* codes = p.codes + (bh * p.S + lo) * p.D;
