@@ -194,27 +194,60 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
     if constexpr (Tr::kFp8) {  // (the bf16 kernel's Smem has no key scales)
       warpgroup_fence_operand(tSrS);
       const int t = lane % 4;
-      CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < Tr::kSlots; ++j) {
-        float key_scale[4] = {1.0f, 1.0f, 1.0f, 1.0f};
-        if constexpr (!Tr::kHeadKeyScale) {
-          const float4 sk = *reinterpret_cast<const float4*>(&s.k_scale[stage][j * Tr::kScaleSlotFloats + 4 * t]);
-          key_scale[0] = sk.x;
-          key_scale[1] = sk.y;
-          key_scale[2] = sk.z;
-          key_scale[3] = sk.w;
-        }
-        // The slot's keys are its rows [lo, hi) (load.cuh, producer_tma_fp8).
-        const uint32_t keys = counts[j / 2] >> (16 * (j % 2));
-        const int hi = keys & 0xff, lo = (keys >> 8) & 0xff;
-        const bool partial = lo > 0 || hi < Tr::kSlotRows;
+      if constexpr (Tr::kTwoLevel) {
+        // Two-level accumulation: the scales and masks in one predicated pass (the branches below
+        // spill 64-84 bytes there).
         CUTLASS_PRAGMA_UNROLL
-        for (int e = 0; e < 8; ++e) {
-          // Value i = 8 j + e: group g = 2 j + e / 4 (gg = e / 4 within the slot), row half r, column c.
-          const int i = 8 * j + e, c = e % 2, gg = e / 4, key = 4 * t + 2 * gg + c;
-          float x = Tr::kHeadKeyScale ? tSrS(i) : tSrS(i) * key_scale[2 * gg + c];
-          if (partial && (key < lo || key >= hi)) x = -INFINITY;
-          tSrS(i) = x;
+        for (int j = 0; j < Tr::kSlots; ++j) {
+          float key_scale[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+          if constexpr (!Tr::kHeadKeyScale) {
+            const float4 sk = *reinterpret_cast<const float4*>(&s.k_scale[stage][j * Tr::kScaleSlotFloats + 4 * t]);
+            key_scale[0] = sk.x;
+            key_scale[1] = sk.y;
+            key_scale[2] = sk.z;
+            key_scale[3] = sk.w;
+          }
+          const uint32_t keys = counts[j / 2] >> (16 * (j % 2));
+          const int hi = keys & 0xff, lo = (keys >> 8) & 0xff;
+          const bool partial = lo > 0 || hi < Tr::kSlotRows;
+          CUTLASS_PRAGMA_UNROLL
+          for (int e = 0; e < 8; ++e) {
+            const int i = 8 * j + e, c = e % 2, gg = e / 4, key = 4 * t + 2 * gg + c;
+            float x = Tr::kHeadKeyScale ? tSrS(i) : tSrS(i) * key_scale[2 * gg + c];
+            if (partial && (key < lo || key >= hi)) x = -INFINITY;
+            tSrS(i) = x;
+          }
+        }
+      } else {
+        if constexpr (!Tr::kHeadKeyScale) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int j = 0; j < Tr::kSlots; ++j) {
+            const float4 sk = *reinterpret_cast<const float4*>(&s.k_scale[stage][j * Tr::kScaleSlotFloats + 4 * t]);
+            const float key_scale[4] = {sk.x, sk.y, sk.z, sk.w};
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < 8; ++e) tSrS(8 * j + e) *= key_scale[2 * (e / 4) + e % 2];
+          }
+        }
+        // The slot's keys are its rows [lo, hi) (load.cuh, producer_tma_fp8), 16 bits per slot: a whole
+        // slot is hi 16, lo 0. Most tiles are whole (a run's last slot is the partial one), so one
+        // uniform branch skips the per-element masks, which predicated cost 4-5 instructions a score.
+        bool whole = true;
+        CUTLASS_PRAGMA_UNROLL
+        for (int w = 0; w < Tr::kCountWords; ++w) whole &= counts[w] == (Tr::kSlotRows | Tr::kSlotRows << 16);
+        if (!whole) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int j = 0; j < Tr::kSlots; ++j) {
+            const uint32_t keys = counts[j / 2] >> (16 * (j % 2));
+            const int hi = keys & 0xff, lo = (keys >> 8) & 0xff;
+            if (lo > 0 || hi < Tr::kSlotRows) {
+              CUTLASS_PRAGMA_UNROLL
+              for (int e = 0; e < 8; ++e) {
+                // Value i = 8 j + e: group g = 2 j + e / 4 (gg = e / 4 within the slot), column c.
+                const int i = 8 * j + e, key = 4 * t + 2 * (e / 4) + e % 2;
+                if (key < lo || key >= hi) tSrS(i) = -INFINITY;
+              }
+            }
+          }
         }
       }
       update_rows(rescale, __log2f(fp8->p_scale), !Tr::kSumQuantised);
@@ -227,6 +260,15 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       tOrO(4 * g + 2 * r) *= rescale[r];
       tOrO(4 * g + 2 * r + 1) *= rescale[r];
     }
+  };
+  // The e4m3 kernel with direct accumulation skips the rescale where no row of the warp has a new
+  // maximum (a factor of exactly 1: most tiles after the first few), a uniform branch over 64
+  // multiplies. (With two-level accumulation the branch spills 64-80 bytes.)
+  auto update_o = [&](const float(&rescale)[2]) {
+    if constexpr (Tr::kFp8 && !Tr::kTwoLevel) {
+      if (!__any_sync(0xffffffffu, rescale[0] != 1.0f || rescale[1] != 1.0f)) return;
+    }
+    rescale_o(rescale);
   };
   auto convert_p = [&] {
     CUTLASS_PRAGMA_UNROLL
@@ -402,7 +444,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
           free_stage(s.k_empty[stage]);
           tile_softmax(n, stage, phase, it.keys, counts, rescale);
           warpgroup_fence_operand(tOrO);
-          rescale_o(rescale);
+          update_o(rescale);
         } else {
           wait_turn();
           issue_qk(stage, split);
@@ -414,7 +456,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
           warpgroup_wait<0>();
           free_stage(s.v_empty[prev_stage]);
           warpgroup_fence_operand(tOrO);
-          rescale_o(rescale);
+          update_o(rescale);
         }
         tile_convert();
       }
