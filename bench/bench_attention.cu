@@ -64,10 +64,10 @@ struct Options {
   bool order =
       true;  // order_clusters on the query and key clusters after k-means ("--order chain"; "none": k-means numbering)
   // --variants; fp8: the e4m3 kernel (plan + kernel) on operands quantised once per layout (fp8_sumf:
-  // with the fp32 sum of P, fp8_khead: with one K scale per head), fp8_e2e:
+  // with the fp32 sum of P, fp8_khead: with one K scale per head, fp8_khead_sumf: both), fp8_e2e:
   // the whole block_sparse_attention_e4m3 from token order (quantisation passes included)
   std::vector<std::string> variants{"unfused", "fused_qk", "fused_q", "sorted_kv", "unfused_e2e",
-                                    "fp8",     "fp8_sumf", "fp8_khead", "fp8_e2e"};
+                                    "fp8",     "fp8_sumf", "fp8_khead", "fp8_khead_sumf", "fp8_e2e"};
 };
 
 // Where the benchmark runs: the GPU (one non-blocking stream, timed with events), or with --cpu the
@@ -542,7 +542,10 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
         // One K scale per head (the key tile covers the head): the kernel's per-score key scale goes.
         Fp8Options one_key_scale;
         one_key_scale.k_tile = 1 << 30;
-        if (std::find(opt.variants.begin(), opt.variants.end(), "fp8_khead") != opt.variants.end()) {
+        const auto wanted = [&](const char* v) {
+          return std::find(opt.variants.begin(), opt.variants.end(), v) != opt.variants.end();
+        };
+        if (wanted("fp8_khead") || wanted("fp8_khead_sumf")) {
           try {
             operands = cuda::quantize_e4m3_operands(qr.view(), kr.view(), vr.view(), layout, scale, one_key_scale, st,
                                                     fp8_ws, RowPermutation{});
@@ -555,6 +558,12 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
         report("fp8_khead", kernel, tag, target, density, pairs, [&] {
           SAPATTN_CHECK(operands.has_value(), UnsupportedError, "the e4m3 operands could not be made");
           cuda::attend_e4m3(*operands, layout, out.view(), no_lse, st);
+        });
+        report("fp8_khead_sumf", kernel, tag, target, density, pairs, [&] {
+          SAPATTN_CHECK(operands.has_value(), UnsupportedError, "the e4m3 operands could not be made");
+          cuda::E4m3Operands sumf = *operands;
+          sumf.p_sum_e4m3 = false;
+          cuda::attend_e4m3(sumf, layout, out.view(), no_lse, st);
         });
         report("fp8_e2e", kernel, tag, target, density, pairs, [&] {
           block_sparse_attention_e4m3(qv, kv, vv, layout, scale, Fp8Options{}, out.view(), no_lse, st, fp8_ws, both);
@@ -610,7 +619,7 @@ int usage(const char* argv0, bool asked = false) {
       "N]\n"
       "          [--order chain|none]   (query and key clusters renumbered by order_clusters, the default, or as "
       "k-means left them)\n"
-      "          [--variants unfused,fused_qk,fused_q,sorted_kv,unfused_e2e,fp8,fp8_sumf,fp8_khead,fp8_e2e]\n"
+      "          [--variants unfused,fused_qk,fused_q,sorted_kv,unfused_e2e,fp8,fp8_sumf,fp8_khead,fp8_khead_sumf,fp8_e2e]\n"
       "          (the sparse calls to time; default all; fp8*: head dim 128 on the Hopper kernel)\n"
       "          [--cpu]   (CPU backend, for a smoke test on --shape tiny or tiny-text)\n",
       argv0);
