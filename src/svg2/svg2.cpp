@@ -41,7 +41,8 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
   b.q_sizes = c.take_view(DType::I32, {B, H, config.q_clusters}, device);
   b.k_sizes = c.take_view(DType::I32, {B, H, config.k_clusters}, device);
   b.mask = c.take_view(DType::U8, {B, H, b.q_clusters, b.k_clusters}, device);
-  if (sorted_kv(device, dtype, D)) {
+  // (The e4m3 attention quantises K and V into its own workspace in cluster order: no sorted copies.)
+  if (config.attention_dtype != AttentionDType::E4M3 && sorted_kv(device, dtype, D)) {
     b.k_sorted = c.take_view(dtype, {B, H, S, D}, device);
     b.v_sorted = c.take_view(dtype, {B, H, S, D}, device);
   }
