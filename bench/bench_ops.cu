@@ -357,15 +357,15 @@ void bench_shape(const BenchShape& s, int reps) {
   // ---- order_clusters on the key clusters (svg2's first sparse call of a layer) --------------------
   // On copies of the key centroids, sizes and labels (the op works in place; ordering clusters that
   // are already in chain order takes as many steps of the same work). Each chain kernel in the same
-  // run: the default, the cluster kernel with CTAs of at most 256 threads, the block kernel, the
-  // matrix kernels (their workspace, 4 C^2 bytes per head, sized under their knob).
+  // run: the default (the matrix kernels at C <= 2048: their workspace holds 4 C^2 bytes of keys per
+  // head), the cluster kernel, the same with CTAs of at most 256 threads, the block kernel.
   {
     Tensor oc = tensor(DType::F32, {B, H, Ck, D}), os = tensor(DType::I32, {B, H, Ck}),
            ol = tensor(DType::I32, {B, H, S});
     SAPATTN_CUDA_CHECK(cudaMemcpyAsync(oc.data(), kc.data(), kc.bytes(), cudaMemcpyDeviceToDevice, cs));
     SAPATTN_CUDA_CHECK(cudaMemcpyAsync(os.data(), ks.data(), ks.bytes(), cudaMemcpyDeviceToDevice, cs));
     SAPATTN_CUDA_CHECK(cudaMemcpyAsync(ol.data(), kl.data(), kl.bytes(), cudaMemcpyDeviceToDevice, cs));
-    for (const char* kernel : {"", "cluster:256", "block", "matrix"}) {
+    for (const char* kernel : {"", "cluster", "cluster:256", "block"}) {
       cuda::set_order_chain_override(kernel);
       const cuda::OrderChainKernel k = cuda::order_chain_kernel(0, Ck, D);
       const size_t order_bytes = order_clusters_workspace_bytes(BH, Ck, D, dev);

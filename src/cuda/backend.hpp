@@ -83,11 +83,13 @@ struct OrderChainKernel {
   const char* name() const { return matrix ? "matrix" : cluster ? "cluster" : "block"; }
 };
 OrderChainKernel order_chain_kernel(int device, int64_t clusters, int64_t dim);
-// Test and benchmark knob (process-wide): "block" forces the block kernel, "cluster:N" caps the
-// cluster kernel's CTAs at N threads (a multiple of 32; more CTAs per head, shorter steps), "matrix"
-// takes the matrix kernels where they fit (the default choice elsewhere; order_clusters_workspace_bytes
-// then counts their 4 C (C + 1) bytes per head, so set the knob before sizing), "" (or nullptr)
-// restores the default. Throws InvalidArgumentError for other names.
+// Test and benchmark knob (process-wide). The default ("" or nullptr) takes the matrix kernels up to
+// C = 2048 at D <= 128 (order_clusters_workspace_bytes counts their 4 C (C + 1) bytes per head), else
+// the cluster kernel (sm_90), else the block kernel. "matrix" takes them wherever they fit (C <= 8192,
+// D <= 128); "cluster" takes the cluster kernel where it fits, "cluster:N" with its CTAs capped at N
+// threads (a multiple of 32; more CTAs per head, shorter steps), and "block" the block kernel: none of
+// these three counts the matrix kernels' share. Set the knob before sizing the workspace. Throws
+// InvalidArgumentError for other names.
 void set_order_chain_override(const char* name);
 
 void select_top_p(const TensorView& probs, float top_p, int min_kept, TensorView mask, const Stream& stream);

@@ -160,7 +160,9 @@ void expect_agreement(const Agreement& a, const std::string& what) {
   // >= 99.9% identical where near-ties are rare (nine rows in ten settled). A case built with more
   // centroids than points (C = 1000, N = 130) settles none: there any label within the tie bound is
   // right, and the two checks above are the whole contract.
-  if (a.settled * 10 >= a.total * 9) EXPECT_LE(a.differ, a.total / 1000) << what;
+  if (a.settled * 10 >= a.total * 9) {
+    EXPECT_LE(a.differ, a.total / 1000) << what;
+  }
 }
 
 HostTensor gpu_assign(const KmCase& k, const DeviceTensor& x, const DeviceTensor& c, const HostTensor& like,

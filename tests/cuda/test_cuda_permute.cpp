@@ -155,7 +155,8 @@ TEST(ClusterOrder, IdenticalToCpu) {
 // (similarities of +0 and -0, which tie); the block kernel above the cluster kernel's shapes and
 // forced at the svg2 size; the matrix kernels (the knob "matrix", any GPU) at the same edges, at their
 // largest C (8 candidates a thread; named Large: the sanitizers skip its 67 M similarities) and outside
-// their shapes (the default choice).
+// their shapes (the default choice). The default: the matrix kernels at the svg2 size, the cluster
+// kernel above 2048 clusters. (The cluster kernel's cases take the knob "cluster".)
 enum class OrderFill { Normal, Duplicates, NonFinite };
 
 struct OrderCase {
@@ -229,22 +230,24 @@ TEST_P(ClusterOrderCases, IdenticalToCpu) {
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, ClusterOrderCases,
-    ::testing::Values(OrderCase{"wan_d128", 1, 3, 1000, 128, OrderFill::Normal, 0.2, "", "cluster"},
+    ::testing::Values(OrderCase{"wan_d128", 1, 3, 1000, 128, OrderFill::Normal, 0.2, "cluster", "cluster"},
                       OrderCase{"wan_d128_cta256", 1, 3, 1000, 128, OrderFill::Normal, 0.2, "cluster:256", "cluster"},
                       OrderCase{"wan_d128_block", 1, 3, 1000, 128, OrderFill::Normal, 0.2, "block", "block"},
-                      OrderCase{"d64", 2, 1, 1000, 64, OrderFill::Normal, 0.1, "", "cluster"},
-                      OrderCase{"d100_c333", 2, 2, 333, 100, OrderFill::Normal, 0.3, "", "cluster"},
-                      OrderCase{"d20_c37", 1, 2, 37, 20, OrderFill::Normal, 0.2, "", "cluster"},
-                      OrderCase{"c2816_8ctas", 1, 1, 2816, 128, OrderFill::Normal, 0.1, "", "cluster"},
+                      OrderCase{"d64", 2, 1, 1000, 64, OrderFill::Normal, 0.1, "cluster", "cluster"},
+                      OrderCase{"d100_c333", 2, 2, 333, 100, OrderFill::Normal, 0.3, "cluster", "cluster"},
+                      OrderCase{"d20_c37", 1, 2, 37, 20, OrderFill::Normal, 0.2, "cluster", "cluster"},
+                      OrderCase{"c2816_8ctas", 1, 1, 2816, 128, OrderFill::Normal, 0.1, "cluster", "cluster"},
                       OrderCase{"c100_ctas_of_32", 1, 2, 100, 128, OrderFill::Normal, 0.2, "cluster:32", "cluster"},
-                      OrderCase{"one_cluster", 2, 3, 1, 64, OrderFill::Normal, 0.5, "", "cluster"},
-                      OrderCase{"all_empty", 1, 2, 50, 128, OrderFill::Normal, 1.0, "", "cluster"},
-                      OrderCase{"many_heads", 4, 150, 64, 64, OrderFill::Normal, 0.2, "", "cluster"},
-                      OrderCase{"ties", 1, 2, 200, 96, OrderFill::Duplicates, 0.1, "", "cluster"},
-                      OrderCase{"non_finite", 1, 2, 300, 128, OrderFill::NonFinite, 0.1, "", "cluster"},
+                      OrderCase{"one_cluster", 2, 3, 1, 64, OrderFill::Normal, 0.5, "cluster", "cluster"},
+                      OrderCase{"all_empty", 1, 2, 50, 128, OrderFill::Normal, 1.0, "cluster", "cluster"},
+                      OrderCase{"many_heads", 4, 150, 64, 64, OrderFill::Normal, 0.2, "cluster", "cluster"},
+                      OrderCase{"ties", 1, 2, 200, 96, OrderFill::Duplicates, 0.1, "cluster", "cluster"},
+                      OrderCase{"non_finite", 1, 2, 300, 128, OrderFill::NonFinite, 0.1, "cluster", "cluster"},
                       OrderCase{"non_finite_block", 1, 2, 300, 128, OrderFill::NonFinite, 0.1, "block", "block"},
-                      OrderCase{"c2817_block", 1, 1, 2817, 128, OrderFill::Normal, 0.1, "", "block"},
+                      OrderCase{"c2817_block", 1, 1, 2817, 128, OrderFill::Normal, 0.1, "cluster", "block"},
                       OrderCase{"d200_block", 1, 2, 300, 200, OrderFill::Normal, 0.1, "", "block"},
+                      OrderCase{"wan_d128_default", 1, 3, 1000, 128, OrderFill::Normal, 0.2, "", "matrix"},
+                      OrderCase{"c2049_default", 1, 1, 2049, 128, OrderFill::Normal, 0.1, "", "cluster"},
                       OrderCase{"wan_d128_matrix", 1, 3, 1000, 128, OrderFill::Normal, 0.2, "matrix", "matrix"},
                       OrderCase{"d64_matrix", 2, 1, 1000, 64, OrderFill::Normal, 0.1, "matrix", "matrix"},
                       OrderCase{"d100_c333_matrix", 2, 2, 333, 100, OrderFill::Normal, 0.3, "matrix", "matrix"},
@@ -266,19 +269,26 @@ TEST(ClusterOrder, KernelOverrideNames) {
   EXPECT_THROW(cuda::set_order_chain_override("matrix:1"), InvalidArgumentError);
   cuda::set_order_chain_override("block");
   EXPECT_FALSE(cuda::order_chain_kernel(0, 1000, 128).cluster);
-  // The matrix kernels up to C = 8192 and D = 128, and their 4 C^2 bytes of keys per head only under
-  // their knob.
+  EXPECT_FALSE(cuda::order_chain_kernel(0, 1000, 128).matrix);
+  // The matrix kernels up to C = 8192 and D = 128 under their knob, up to C = 2048 by default, and
+  // their 4 C^2 bytes of keys per head only where they run.
   const size_t plain = order_clusters_workspace_bytes(3, 1000, 128, Device::cuda(0));
+  cuda::set_order_chain_override("cluster");
+  EXPECT_FALSE(cuda::order_chain_kernel(0, 1000, 128).matrix);
+  EXPECT_EQ(order_clusters_workspace_bytes(3, 1000, 128, Device::cuda(0)), plain);
   cuda::set_order_chain_override("matrix");
   EXPECT_TRUE(cuda::order_chain_kernel(0, 8192, 128).matrix);
   EXPECT_FALSE(cuda::order_chain_kernel(0, 8193, 64).matrix);
   EXPECT_FALSE(cuda::order_chain_kernel(0, 1000, 129).matrix);
-  EXPECT_GE(order_clusters_workspace_bytes(3, 1000, 128, Device::cuda(0)), plain + 3 * 1000 * 1000 * 4);
+  const size_t with_keys = order_clusters_workspace_bytes(3, 1000, 128, Device::cuda(0));
+  EXPECT_GE(with_keys, plain + 3 * 1000 * 1000 * 4);
   const size_t outside = order_clusters_workspace_bytes(3, 1000, 129, Device::cuda(0));
   cuda::set_order_chain_override("");
   EXPECT_EQ(order_clusters_workspace_bytes(3, 1000, 129, Device::cuda(0)), outside);
-  EXPECT_EQ(order_clusters_workspace_bytes(3, 1000, 128, Device::cuda(0)), plain);
-  EXPECT_FALSE(cuda::order_chain_kernel(0, 1000, 128).matrix);
+  EXPECT_EQ(order_clusters_workspace_bytes(3, 1000, 128, Device::cuda(0)), with_keys);
+  EXPECT_TRUE(cuda::order_chain_kernel(0, 1000, 128).matrix);
+  EXPECT_TRUE(cuda::order_chain_kernel(0, 2048, 128).matrix);
+  EXPECT_FALSE(cuda::order_chain_kernel(0, 2049, 128).matrix);
 }
 
 }  // namespace
