@@ -189,8 +189,9 @@ __device__ __forceinline__ void load_q_tile(const TcParams& p, const int32_t* ro
 // |K_c| > 0), in ascending order, with their logit bias in units of the dot product, (log|K_c| +
 // spread[a, c]) / scale; entries up to the next multiple of kTileK are padding (-1, kPadBias).
 // Returns their count (the same in every thread). Thread t looks at candidates w0 + kPerThread t + e;
-// a block scan places them. Not inlined: both kinds of warp (stream, below) call it, and its
-// __syncthreads must be one instruction for all of them (unaligned barriers here spilled 8 bytes).
+// a block scan places them. Both kinds of warp (stream, below) call it, so its barrier is the
+// unaligned block_barrier: synccheck reported the aligned __syncthreads here as divergent even with
+// the function not inlined (run 20). Not inlined: inlined, the unaligned barrier spilled 8 bytes.
 __device__ __noinline__ int build_list(const TcParams& p, const Item& item, int w0, int32_t* list, float* bias,
                                        int* scan) {
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -217,7 +218,7 @@ __device__ __noinline__ int build_list(const TcParams& p, const Item& item, int 
     if (lane >= o) inclusive += y;
   }
   if (lane == 31) scan[warp] = inclusive;
-  __syncthreads();
+  block_barrier();
   int pos = inclusive - mine, count = 0;
 #pragma unroll
   for (int w = 0; w < kWarps; ++w) {
@@ -368,7 +369,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) compensation_tc_kernel(const Tc
   // arrive from, as the sm90 kernels' ping-pong named barriers do (CUTLASS's bar.sync and bar.arrive
   // in the two consumer warpgroups' different code). So these barriers are the unaligned
   // block_barrier (primitives.cuh), not __syncthreads, which requires one instruction for the block
-  // (synccheck reported it); build_list's are one instruction, in a function not inlined.
+  // (synccheck reported it), as build_list's is.
   // Returns whether the cluster skips any pseudo-key (the same in every thread).
   auto stream = [&](auto compute) {
     constexpr bool kCompute = decltype(compute)::value;
