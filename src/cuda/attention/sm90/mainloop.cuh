@@ -12,10 +12,11 @@
 // The e4m3 kernel (Tr::kFp8, traits.cuh) runs the same loop with four differences: the scores take
 // the key scales per column (or one per head) and the query scale per row (softmax_fp8), P is
 // stored as e4m3(p * p_scale) in the A layout of the e4m3 GEMM (convert_p_fp8, which may also sum
-// the quantised P), with two-level accumulation (Tr::kTwoLevel, the default) each tile's P V goes to
-// a fresh accumulator that is added to O in fp32 (Hopper's e4m3 MMA accumulates with fewer bits than
-// fp32; docs/fp8.md) at the price of two turns per tile, and the epilogue gets V's channel scales and
-// the smoothing's LSE term.
+// the quantised P), P V is accumulated by the MMA into O (the default) or, with two-level
+// accumulation (Tr::kTwoLevel, a measurement switch), each tile's P V goes to a fresh accumulator
+// that is added to O in fp32 (Hopper's e4m3 MMA accumulates with fewer bits than fp32; docs/fp8.md)
+// at the price of two turns per tile, and the epilogue gets V's channel scales and the smoothing's
+// LSE term.
 #pragma once
 
 #include <cutlass/arch/barrier.h>
