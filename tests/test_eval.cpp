@@ -258,6 +258,10 @@ TEST(Methods, Fp8OptionsAsText) {
   EXPECT_FALSE(parse_fp8_options("sumf").p_sum_e4m3);
   EXPECT_EQ(parse_fp8_options("vch").v_scale, Fp8Scale::Channel);
   EXPECT_EQ(parse_fp8_options("kc").k_scale, Fp8Scale::Cluster);
+  // One K scale per head: "khead", a tile longer than any head.
+  EXPECT_EQ(parse_fp8_options("khead").k_tile, Fp8Options::kHeadTile);
+  EXPECT_EQ(parse_fp8_options("khead").k_scale, Fp8Scale::Tile);
+  EXPECT_EQ(fp8_options_name(parse_fp8_options("q128:khead:vch:smooth:p448:sumf")), "q128:khead:vch:smooth:p448:sumf");
   for (const char* bad : {"q0", "qch", "k", "x1", "p", "pfoo", "q64:", "smooth:v-3"})
     EXPECT_THROW(parse_fp8_options(bad), InvalidArgumentError) << bad;
 }

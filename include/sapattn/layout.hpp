@@ -52,6 +52,7 @@ enum class Fp8Scale : uint8_t {
 // smoothed, P * 448 in e4m3, and the softmax denominator summed from the quantised P. Q and K take
 // Tile or Cluster; V any of the three.
 struct Fp8Options {
+  static constexpr int kHeadTile = 1 << 30;  // a tile longer than any head: one scale per head ("khead")
   Fp8Scale q_scale = Fp8Scale::Tile;
   int q_tile = 128;
   Fp8Scale k_scale = Fp8Scale::Tile;

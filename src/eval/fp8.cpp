@@ -62,6 +62,11 @@ bool scale_field(std::string_view field, char letter, bool channel_ok, Fp8Scale&
     scale = Fp8Scale::Channel;
     return true;
   }
+  if (rest == "head") {
+    scale = Fp8Scale::Tile;
+    tile = Fp8Options::kHeadTile;
+    return true;
+  }
   int rows = 0;
   if (!number_after(field, 1, rows) || rows < 1) return false;
   scale = Fp8Scale::Tile;
@@ -78,6 +83,7 @@ std::string scale_name(char letter, Fp8Scale scale, int tile) {
     case Fp8Scale::Tile:
       break;
   }
+  if (tile >= Fp8Options::kHeadTile) return std::string(1, letter) + "head";
   return std::string(1, letter) + std::to_string(tile);
 }
 
@@ -102,7 +108,7 @@ Fp8Options parse_fp8_options(std::string_view spec) {
       o.p_scale = p;
     } else {
       SAPATTN_THROW(InvalidArgumentError, "FP8 options: unknown field '", field,
-                    "' (fields: q<N>|qc, k<N>|kc, v<N>|vc|vch, smooth|nosmooth, p<scale>, sumf|sumq; e.g. "
+                    "' (fields: q<N>|qc|qhead, k<N>|kc|khead, v<N>|vc|vch|vhead, smooth|nosmooth, p<scale>, sumf|sumq; e.g. "
                     "q64:kc:vch:smooth:p448:sumf)");
     }
   }

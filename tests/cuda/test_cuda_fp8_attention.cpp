@@ -152,8 +152,13 @@ std::vector<Fp8Case> fp8_cases() {
   tiles.p_scale = 16.0f;
   add("bf16_q64_k176_p16", base, tiles);
   Fp8Options one_key_scale = defaults;  // a key tile over the whole head: the kernel's one-scale path
-  one_key_scale.k_tile = 1 << 20;
+  one_key_scale.k_tile = Fp8Options::kHeadTile;
   add("bf16_one_key_scale", base, one_key_scale);
+  Fp8Options next = one_key_scale;  // the next defaults (docs/fp8.md, "The choice"), permuted
+  next.p_sum_e4m3 = false;
+  SparseCase next_permuted = base;
+  next_permuted.q_perm = next_permuted.k_perm = true;
+  add("bf16_khead_sumf_permuted", next_permuted, next);
   SparseCase permuted = base;
   permuted.q_perm = permuted.k_perm = true;
   permuted.B = 2;

@@ -1,13 +1,14 @@
-// The e4m3 attention's operands (quantize_e4m3_operands, src/cuda/fp8/fp8.hpp) with Fp8Options'
-// default granularities, which take the two fused passes of fp8_operands.cu: every code and scale
-// against the CPU's quantize_e4m3 of the same rows, byte for byte, Q per 128-row tile through q_perm,
-// K - mean per 128-row tile through k_perm (scales in rows of v_keys), V per channel through k_perm
-// with its codes transposed (and zeros past the last key); the LSE term scale * q . mean within
-// fp32 rounding of a float64 dot. Cases: bf16 and f16, unit-stride rows read 16 bytes at a time and
-// odd strides read one element at a time, [B,S,H,D] memory, B > 1, sizes that are not multiples of
-// 128 or 16, with and without smoothing and permutations, and a group holding an infinity or a NaN
-// (NaN scales, as the CPU's). The inputs' values are short-mantissa floats in a narrow range, so the
-// mean key's float64 sum is exact in any order: the GPU's atomics cannot change a code.
+// The e4m3 attention's operands (quantize_e4m3_operands, src/cuda/fp8/fp8.hpp) with the
+// granularities that take the two fused passes of fp8_operands.cu: every code and scale against the
+// CPU's quantize_e4m3 of the same rows, byte for byte, Q per 128-row tile through q_perm, K - mean
+// through k_perm with one scale per head (the default) or per 128-row tile (scales in rows of
+// v_keys), V per channel through k_perm with its codes transposed (and zeros past the last key); the
+// LSE term scale * q . mean within fp32 rounding of a float64 dot. Cases: bf16 and f16, unit-stride
+// rows read 16 bytes at a time and odd strides read one element at a time, [B,S,H,D] memory, B > 1,
+// sizes that are not multiples of 128 or 16, with and without smoothing and permutations, and groups
+// holding an infinity or a NaN (NaN scales, as the CPU's: a query, a value, a key of a one-scale
+// head). The inputs' values are short-mantissa floats in a narrow range, so the mean key's float64
+// sum is exact in any order: the GPU's atomics cannot change a code.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -27,12 +28,16 @@ namespace {
 
 constexpr int64_t kD = 128;
 
+enum class Special { None, QueryInfValueNan, KeyInf };
+
 struct OperandCase {
   std::string name;
   DType dtype;
   ref::Layout layout;
   int64_t B, H, Sq, Sk;
-  bool permuted, smooth, special;
+  int k_tile;  // 128, or Fp8Options::kHeadTile: one scale per head
+  bool permuted, smooth;
+  Special special;
 };
 
 inline void PrintTo(const OperandCase& c, std::ostream* os) { *os << c.name; }
@@ -120,9 +125,11 @@ TEST_P(Fp8OperandsCase, CodesAndScalesAreTheCpuQuantisation) {
   const OperandCase& c = GetParam();
   ref::Rng rng(0x5eed0 + c.Sq * 7 + c.Sk);
   HostTensor q = values(c, c.Sq, rng), k = values(c, c.Sk, rng), v = values(c, c.Sk, rng);
-  if (c.special) {  // an infinity in a query row, a NaN in a value
+  if (c.special == Special::QueryInfValueNan) {
     ref::set(q.view, {0, 0, c.Sq / 2, 5}, std::numeric_limits<double>::infinity());
     ref::set(v.view, {c.B - 1, c.H - 1, c.Sk - 1, 77}, std::numeric_limits<double>::quiet_NaN());
+  } else if (c.special == Special::KeyInf) {  // head (0, 1)'s K scale is NaN; head (0, 0)'s is not
+    ref::set(k.view, {0, 1, c.Sk / 3, 100}, -std::numeric_limits<double>::infinity());
   }
   const HostTensor qp = permutations(c, c.Sq, rng), kp = permutations(c, c.Sk, rng);
   const HostTensor qo = one_cluster(c, c.Sq), ko = one_cluster(c, c.Sk);
@@ -134,7 +141,8 @@ TEST_P(Fp8OperandsCase, CodesAndScalesAreTheCpuQuantisation) {
   const RowPermutation perm = c.permuted ? RowPermutation{dqp.view, dkp.view} : RowPermutation{};
   Fp8Options options;
   options.smooth_k = c.smooth;
-  ASSERT_TRUE(cuda::fused_operand_passes(options, kD));
+  options.k_tile = c.k_tile;
+  ASSERT_TRUE(cuda::fused_operand_passes(options, kD, c.Sk));
   const float scale = 0.0883883f;
   const int64_t BH = c.B * c.H;
   const Buffer ws = device_workspace(
@@ -166,8 +174,8 @@ TEST_P(Fp8OperandsCase, CodesAndScalesAreTheCpuQuantisation) {
   HostTensor kc = poisoned(DType::U8, {c.B, c.H, c.Sk, kD}), ks = poisoned(DType::F32, {c.B, c.H, c.Sk});
   HostTensor vc = poisoned(DType::U8, {c.B, c.H, c.Sk, kD}), vs = poisoned(DType::F32, {c.B, c.H, kD});
   quantize_e4m3(q.view, c.permuted ? qp.view : none, none, none, Fp8Scale::Tile, 128, qc.view, qs.view, kCpu);
-  quantize_e4m3(k.view, c.permuted ? kp.view : none, none, c.smooth ? mean.view : none, Fp8Scale::Tile, 128, kc.view,
-                ks.view, kCpu);
+  quantize_e4m3(k.view, c.permuted ? kp.view : none, none, c.smooth ? mean.view : none, Fp8Scale::Tile, c.k_tile,
+                kc.view, ks.view, kCpu);
   quantize_e4m3(v.view, c.permuted ? kp.view : none, none, none, Fp8Scale::Channel, 1, vc.view, vs.view, kCpu);
 
   expect_same_bytes(download_n(o.q_codes, BH * c.Sq * kD), qc.bytes(), "q codes");
@@ -199,7 +207,7 @@ TEST_P(Fp8OperandsCase, CodesAndScalesAreTheCpuQuantisation) {
 
   // The LSE term of each cluster-ordered query row: scale * q . mean.
   ASSERT_EQ(o.lse_shift != nullptr, c.smooth);
-  if (!c.smooth) return;
+  if (!c.smooth || c.special == Special::KeyInf) return;  // (an infinite mean key: every LSE term non-finite)
   const std::vector<float> shift = download_n(o.lse_shift, BH * c.Sq);
   const std::vector<double> qv = ref::to_vector(q.view);
   const std::vector<int32_t> qperm = ref::to_i32(qp.view);
@@ -225,11 +233,18 @@ TEST_P(Fp8OperandsCase, CodesAndScalesAreTheCpuQuantisation) {
 
 std::vector<OperandCase> operand_cases() {
   using L = ref::Layout;
+  constexpr int kHead = Fp8Options::kHeadTile;
   return {
-      {"bf16_permuted_B2", DType::BF16, L::Contiguous, 2, 2, 300, 333, true, true, false},
-      {"f16_padded_strided", DType::F16, L::Padded, 1, 3, 129, 260, true, true, false},
-      {"bf16_bshd_plain_nosmooth", DType::BF16, L::Transposed, 1, 2, 256, 128, false, false, false},
-      {"bf16_one_tile_special", DType::BF16, L::Contiguous, 1, 2, 100, 17, true, true, true},
+      {"bf16_permuted_B2", DType::BF16, L::Contiguous, 2, 2, 300, 333, kHead, true, true, Special::None},
+      {"bf16_permuted_B2_k128", DType::BF16, L::Contiguous, 2, 2, 300, 333, 128, true, true, Special::None},
+      {"f16_padded_strided", DType::F16, L::Padded, 1, 3, 129, 260, kHead, true, true, Special::None},
+      {"f16_padded_strided_k128", DType::F16, L::Padded, 1, 3, 129, 260, 128, true, true, Special::None},
+      {"bf16_bshd_plain_nosmooth", DType::BF16, L::Transposed, 1, 2, 256, 128, kHead, false, false, Special::None},
+      {"bf16_nosmooth_k128", DType::BF16, L::Contiguous, 1, 2, 256, 1100, 128, true, false, Special::None},
+      {"bf16_one_tile_special", DType::BF16, L::Contiguous, 1, 2, 100, 17, kHead, true, true,
+       Special::QueryInfValueNan},
+      {"bf16_key_inf_head", DType::BF16, L::Contiguous, 1, 2, 200, 500, kHead, true, true, Special::KeyInf},
+      {"bf16_key_inf_nosmooth", DType::BF16, L::Contiguous, 1, 2, 200, 500, kHead, false, false, Special::KeyInf},
   };
 }
 

@@ -15,21 +15,25 @@ namespace sapattn::cuda {
 void quantize_e4m3_channel_transposed(const TensorView& x, const TensorView& perm, uint8_t* codes_t, int64_t ld,
                                       float* scales, const Stream& stream);
 
-// The e4m3 attention's operands in two fused passes (fp8_operands.cu), for Fp8Options' default
-// granularities (fused_operand_passes): Q and K per 128-row tile in cluster order, K minus the head's
-// mean when `smooth`, V per channel with its codes transposed; the same codes and scales as
-// quantize_e4m3, bit for bit. The buffers are carved by fp8_attention.cu; k_sum and v_inverse are
-// scratch, k_scale_rows holds K's scales in rows of v_keys.
+// The e4m3 attention's operands in two fused passes (fp8_operands.cu), for the granularities that
+// fused_operand_passes accepts (Fp8Options' defaults among them): Q per 128-row tile in cluster order,
+// K per 128-row tile or one scale per head (`head_k`: a key tile covering the head), K minus the
+// head's mean when `smooth`, V per channel with its codes transposed; the same codes and scales as
+// quantize_e4m3, bit for bit. The buffers are carved by fp8_attention.cu; k_sum, k_extrema, k_head
+// and v_inverse are scratch, k_scale_rows holds K's scales in rows of v_keys.
 struct Fp8OperandBuffers {
   uint8_t *q_codes = nullptr, *k_codes = nullptr, *vt_codes = nullptr;
   float *q_scale = nullptr, *k_scale_rows = nullptr, *v_scale = nullptr, *v_inverse = nullptr;
   float *k_mean = nullptr, *lse_shift = nullptr;
   double* k_sum = nullptr;
+  uint32_t* k_extrema = nullptr;  // [3, B*H, D]: K's column maxima and minima (ordered keys), non-finite flags
+  float* k_head = nullptr;        // [B*H, 2]: the head's K scale and inverse (head_k)
   int64_t v_keys = 0;
 };
-bool fused_operand_passes(const Fp8Options& options, int64_t head_dim);
+bool fused_operand_passes(const Fp8Options& options, int64_t head_dim, int64_t keys);
 void quantize_operands_fused(const TensorView& q, const TensorView& k, const TensorView& v, const RowPermutation& perm,
-                             float scale, bool smooth, const Fp8OperandBuffers& out, const Stream& stream);
+                             float scale, bool smooth, bool head_k, const Fp8OperandBuffers& out,
+                             const Stream& stream);
 
 // block_sparse_attention_e4m3 in its two steps (fp8_attention.cu), so that the kernel can be timed
 // apart from the quantisation passes (bench/bench_attention.cu): the operands quantised in cluster

@@ -42,6 +42,8 @@ struct Fp8Scratch {
   uint8_t *q_codes, *k_codes, *vt_codes;
   float *q_scale, *k_scale, *k_scale_rows, *v_scale, *v_inverse, *k_mean, *lse_shift;
   double* k_sum;
+  uint32_t* k_extrema;
+  float* k_head;
   int64_t v_keys;
 };
 
@@ -61,6 +63,8 @@ Fp8Scratch carve(Carver& c, int64_t bh, int64_t cq, int64_t ck, int64_t sq, int6
   s.k_mean = c.take<float>(bh * kHeadDim);
   s.lse_shift = c.take<float>(bh * sq);
   s.k_sum = c.take<double>(bh * kHeadDim);
+  s.k_extrema = c.take<uint32_t>(3 * bh * kHeadDim);
+  s.k_head = c.take<float>(2 * bh);
   return s;
 }
 
@@ -190,7 +194,7 @@ E4m3Operands quantize_e4m3_operands(const TensorView& q, const TensorView& k, co
   if (BH == 0 || Sq == 0) return o;
   const cudaStream_t cs = stream_of(stream);
 
-  if (fused_operand_passes(options, kHeadDim)) {
+  if (fused_operand_passes(options, kHeadDim, Sk)) {
     Fp8OperandBuffers out;
     out.q_codes = s.q_codes;
     out.k_codes = s.k_codes;
@@ -202,9 +206,14 @@ E4m3Operands quantize_e4m3_operands(const TensorView& q, const TensorView& k, co
     out.k_mean = s.k_mean;
     out.lse_shift = s.lse_shift;
     out.k_sum = s.k_sum;
+    out.k_extrema = s.k_extrema;
+    out.k_head = s.k_head;
     out.v_keys = s.v_keys;
     const bool checked = (!perm.q_perm.empty() || !perm.k_perm.empty()) && begin_value_check(stream);
-    quantize_operands_fused(q, k, v, perm, scale, smooth, out, stream);
+    // One scale per head through the head pass only when asked for (a key tile other than 128 that
+    // covers the head); a 128-row tile over a short head takes the tile pass, the same codes.
+    const bool head_k = o.one_key_scale && options.k_tile != 128;
+    quantize_operands_fused(q, k, v, perm, scale, smooth, head_k, out, stream);
     if (checked) end_value_check(stream, "block_sparse_attention_e4m3 (quantisation)");
     return o;
   }

@@ -1,12 +1,15 @@
 // The e4m3 attention's operands in two passes over Q, K and V (fp8/fp8.hpp, docs/fp8.md "The
-// quantisation passes"), for Fp8Options' default granularities at head dim 128: Q and K per tile of
-// 128 cluster-ordered rows, V per channel, K smoothed by the head's mean key.
+// quantisation on CUDA"), at head dim 128: Q per tile of 128 cluster-ordered rows, K per such tile or
+// one scale per head (head_k), V per channel, K smoothed by the head's mean key.
 //
-// Pass 1 (stats_kernel) reads K and V once, in token order: the fp64 column sums of K (its mean)
-// and the column amax keys of V (amax.cuh; a permutation does not change a maximum). A small kernel
-// turns them into the mean and V's scales and inverses. Pass 2 (codes_kernel) reads Q, K and V
-// once, through the permutations: a block per 128-row tile of Q (its amax, codes, scales and the
-// LSE term scale * q_i . mean) or of K (the same with K - mean) together with the same keys of V
+// Pass 1 (stats_kernel) reads K and V once, in token order: the fp64 column sums of K (its mean),
+// the column amax keys of V (amax.cuh; a permutation does not change a maximum) and, for one K
+// scale per head, K's column maxima and minima. finish_stats_kernel (a block per head) turns them
+// into the mean, V's scales and inverses and the head's K scale: fl(x - m) is monotonic in x, so
+// the largest |fl(k - m_d)| of column d is at its maximum or its minimum, and the head's amax of
+// K - mean is exact without a second read. Pass 2 (codes_kernel) reads Q, K and V once, through the
+// permutations: a block per 128-row tile of Q (its amax, codes, scales and the LSE term
+// scale * q_i . mean) or of K (the same with K - mean, or the head's scale) together with the same keys of V
 // (codes with the channel inverses, written transposed through shared memory for the e4m3 P V
 // GEMM). Codes and scales are the CPU's (src/cpu/fp8_quantize.cpp) bit for bit: the same fp32
 // subtraction and product, e4m3_scale's divisions and the hardware conversion, which matches the
@@ -49,10 +52,19 @@ struct OperandParams {
   int64_t H, Sq, Sk, v_keys;
   const int32_t *q_perm, *k_perm;  // [B,H,S] or null
   float scale;
-  bool smooth;
+  bool smooth, head_k;
   Fp8OperandBuffers out;
   int* flag;
 };
+
+// A finite float as an unsigned key that orders as the values do (-0 below +0), and back.
+__device__ __forceinline__ uint32_t ordered_key(float x) {
+  const uint32_t u = __float_as_uint(x);
+  return (u & 0x80000000u) != 0u ? ~u : u | 0x80000000u;
+}
+__device__ __forceinline__ float of_ordered_key(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) != 0u ? k & 0x7fffffffu : ~k);
+}
 
 // Row `row` of head (b, h), channels 8c .. 8c + 7, as fp32.
 template <typename T, bool kVec>
@@ -102,65 +114,126 @@ __device__ __forceinline__ int64_t source_row(const int32_t* perm, int64_t r, in
   return -1;
 }
 
-// Pass 1: block (chunk of kStatRows keys, b*h) adds its K column sums into k_sum (fp64) and max-es
-// its V column keys into v_scale (zeroed, read as keys until finish_stats_kernel).
+// Pass 1: block (chunk of kStatRows keys, b*h) adds its K column sums into k_sum (fp64), max-es its
+// V column keys into v_scale (zeroed, read as keys until finish_stats_kernel) and, with head_k, its K
+// column extrema and non-finite flags into k_extrema (initialised by the host).
 template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads) stats_kernel(Input<T> k, Input<T> v, OperandParams p) {
-  __shared__ double col_sum[kRowStep][kD];
-  __shared__ uint32_t col_key[kRowStep][kD];
-  const int c = threadIdx.x % kChunks, rs = threadIdx.x / kChunks;
+__global__ void __launch_bounds__(kThreads, 2) stats_kernel(Input<T> k, Input<T> v, OperandParams p) {
+  constexpr int kWarps = kThreads / 32;
+  __shared__ double col_sum[kWarps][kD];
+  __shared__ uint32_t col_key[kWarps][kD], col_max[kWarps][kD], col_min[kWarps][kD], col_bad[kWarps][kD];
+  const int c = threadIdx.x % kChunks, rs = threadIdx.x / kChunks, warp = threadIdx.x / 32;
   const int64_t bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
   const int64_t lo = static_cast<int64_t>(blockIdx.x) * kStatRows, hi = min_of<int64_t>(lo + kStatRows, p.Sk);
+  const bool read_k = p.smooth || p.head_k;
   double sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  uint32_t key[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-#pragma unroll 4
+  uint32_t key[8], kmax[8], kmin[8], bad[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    key[i] = kmax[i] = bad[i] = 0u;
+    kmin[i] = 0xffffffffu;
+  }
+#pragma unroll 2
   for (int64_t r = lo + rs; r < hi; r += kRowStep) {
     float kr[8], vr[8];
-    if (p.smooth) load8<T, kVec>(k, b, h, r, c, kr);
+    if (read_k) load8<T, kVec>(k, b, h, r, c, kr);
     load8<T, kVec>(v, b, h, r, c, vr);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       if (p.smooth) sum[i] += static_cast<double>(kr[i]);
       key[i] = max(key[i], amax_key(vr[i]));
+      if (p.head_k) {
+        if (isfinite(kr[i])) {
+          kmax[i] = max(kmax[i], ordered_key(kr[i]));
+          kmin[i] = min(kmin[i], ordered_key(kr[i]));
+        } else {
+          bad[i] = 1u;
+        }
+      }
     }
   }
+  // The two rows of a warp (lanes l and l + 16 hold the same channels), then the warps.
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    col_sum[rs][8 * c + i] = sum[i];
-    col_key[rs][8 * c + i] = key[i];
+    sum[i] += __shfl_xor_sync(0xffffffffu, sum[i], 16);
+    key[i] = max(key[i], __shfl_xor_sync(0xffffffffu, key[i], 16));
+    kmax[i] = max(kmax[i], __shfl_xor_sync(0xffffffffu, kmax[i], 16));
+    kmin[i] = min(kmin[i], __shfl_xor_sync(0xffffffffu, kmin[i], 16));
+    bad[i] |= __shfl_xor_sync(0xffffffffu, bad[i], 16);
+  }
+  if (rs % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      col_sum[warp][8 * c + i] = sum[i];
+      col_key[warp][8 * c + i] = key[i];
+      col_max[warp][8 * c + i] = kmax[i];
+      col_min[warp][8 * c + i] = kmin[i];
+      col_bad[warp][8 * c + i] = bad[i];
+    }
   }
   __syncthreads();
   if (threadIdx.x < kD) {
     const int d = threadIdx.x;
     double s = 0.0;
-    uint32_t m = 0u;
-    for (int j = 0; j < kRowStep; ++j) {
-      s += col_sum[j][d];
-      m = max(m, col_key[j][d]);
+    uint32_t m = 0u, hi_key = 0u, lo_key = 0xffffffffu, any_bad = 0u;
+    for (int w = 0; w < kWarps; ++w) {
+      s += col_sum[w][d];
+      m = max(m, col_key[w][d]);
+      hi_key = max(hi_key, col_max[w][d]);
+      lo_key = min(lo_key, col_min[w][d]);
+      any_bad |= col_bad[w][d];
     }
     if (p.smooth) atomicAdd(&p.out.k_sum[bh * kD + d], s);
     if (m != 0u) atomicMax(reinterpret_cast<uint32_t*>(p.out.v_scale) + bh * kD + d, m);
+    if (p.head_k) {
+      uint32_t* e = p.out.k_extrema + bh * kD + d;
+      const int64_t plane = static_cast<int64_t>(gridDim.y) * kD;
+      if (hi_key != 0u) atomicMax(e, hi_key);
+      if (lo_key != 0xffffffffu) atomicMin(e + plane, lo_key);
+      if (any_bad != 0u) atomicMax(e + 2 * plane, 1u);
+    }
   }
 }
 
-// The mean key (the CPU's mean_row: the fp64 sum over S, rounded once) and V's scales and inverses
-// from their keys (in place).
-__global__ void finish_stats_kernel(OperandParams p, int64_t n) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  if (p.smooth) p.out.k_mean[i] = static_cast<float>(p.out.k_sum[i] / static_cast<double>(p.Sk));
+// Block b*h of D threads: the mean key (the CPU's mean_row: the fp64 sum over S, rounded once), V's
+// scales and inverses from their keys (in place) and, with head_k, the head's K scale and inverse:
+// the largest key of |fl(max_d - m_d)| and |fl(min_d - m_d)| over the columns (kNonFinite where a
+// column holds a NaN or an infinity).
+__global__ void __launch_bounds__(kD) finish_stats_kernel(OperandParams p) {
+  __shared__ uint32_t partial[kD / 32];
+  const int64_t bh = blockIdx.x, i = bh * kD + threadIdx.x;
+  float m = 0.0f;
+  if (p.smooth) {
+    m = static_cast<float>(p.out.k_sum[i] / static_cast<double>(p.Sk));
+    p.out.k_mean[i] = m;
+  }
   const fp8::E4M3Scale s = scale_of_key(__float_as_uint(p.out.v_scale[i]));
   p.out.v_scale[i] = s.scale;
   p.out.v_inverse[i] = s.inverse;
+  if (!p.head_k) return;  // (uniform: no thread reaches the barrier)
+  const int64_t plane = static_cast<int64_t>(gridDim.x) * kD;
+  uint32_t key = 0u;
+  if (p.out.k_extrema[i + 2 * plane] != 0u) {
+    key = fp8_group::kNonFinite;
+  } else if (p.Sk > 0) {
+    key = max(amax_key(of_ordered_key(p.out.k_extrema[i]) - m), amax_key(of_ordered_key(p.out.k_extrema[i + plane]) - m));
+  }
+  const fp8::E4M3Scale ks = scale_of_key(fp8_group::block_max<kD>(key, partial));
+  if (threadIdx.x == 0) {
+    p.out.k_head[2 * bh] = ks.scale;
+    p.out.k_head[2 * bh + 1] = ks.inverse;
+  }
 }
 
 // The rows [lo, lo + 128) of one tile of Q or K (cluster order, through perm) minus `shift` (null:
 // none): their amax gives one scale, with which the codes are written to codes (rows of 128 bytes)
 // and the scale to scales[r] of each row. With `dot` (Q), the row's scale * q . mean goes to dot[r].
+// With `fixed` (the head's K scale and inverse), no amax is taken.
 template <typename T, bool kVec>
 __device__ void quantize_tile(const Input<T>& in, int64_t b, int64_t h, int64_t lo, int64_t hi, int64_t S,
                               const int32_t* perm, const float* shift, uint8_t* codes, float* scales,
-                              const float* mean, float* dot, float scale, int* flag, uint32_t* partial) {
+                              const float* mean, float* dot, float scale, int* flag, uint32_t* partial,
+                              const float* fixed) {
   const int c = threadIdx.x % kChunks, rs = threadIdx.x / kChunks;
   float sh[8];
 #pragma unroll
@@ -183,7 +256,8 @@ __device__ void quantize_tile(const Input<T>& in, int64_t b, int64_t h, int64_t 
       for (int i = 0; i < 8; ++i) y[j][i] = 0.0f;  // a bad entry (reported) gets zero codes
     }
   }
-  const fp8::E4M3Scale s = scale_of_key(fp8_group::block_max<kThreads>(key, partial));
+  const fp8::E4M3Scale s =
+      fixed != nullptr ? fp8::E4M3Scale{fixed[0], fixed[1]} : scale_of_key(fp8_group::block_max<kThreads>(key, partial));
   float inverse[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) inverse[i] = s.inverse;
@@ -271,7 +345,7 @@ __global__ void __launch_bounds__(kThreads) codes_kernel(Input<T> q, Input<T> k,
     const int32_t* perm = p.q_perm != nullptr ? p.q_perm + bh * p.Sq : nullptr;
     quantize_tile<T, kVec>(q, b, h, lo, hi, p.Sq, perm, nullptr, p.out.q_codes + bh * p.Sq * kD,
                            p.out.q_scale + bh * p.Sq, p.out.k_mean + bh * kD,
-                           p.smooth ? p.out.lse_shift + bh * p.Sq : nullptr, p.scale, p.flag, partial);
+                           p.smooth ? p.out.lse_shift + bh * p.Sq : nullptr, p.scale, p.flag, partial, nullptr);
     return;
   }
   if (lo >= p.Sk) return;
@@ -279,7 +353,7 @@ __global__ void __launch_bounds__(kThreads) codes_kernel(Input<T> q, Input<T> k,
   const int32_t* perm = p.k_perm != nullptr ? p.k_perm + bh * p.Sk : nullptr;
   quantize_tile<T, kVec>(k, b, h, lo, hi, p.Sk, perm, p.smooth ? p.out.k_mean + bh * kD : nullptr,
                          p.out.k_codes + bh * p.Sk * kD, p.out.k_scale_rows + bh * p.v_keys, nullptr, nullptr,
-                         p.scale, p.flag, partial);
+                         p.scale, p.flag, partial, p.head_k ? p.out.k_head + 2 * bh : nullptr);
   quantize_v_tile<T, kVec>(v, b, h, bh, lo, hi, p, tile);
 }
 
@@ -301,13 +375,15 @@ Input<T> input_of(const TensorView& t) {
 
 }  // namespace
 
-bool fused_operand_passes(const Fp8Options& options, int64_t head_dim) {
+bool fused_operand_passes(const Fp8Options& options, int64_t head_dim, int64_t keys) {
   return head_dim == kD && options.q_scale == Fp8Scale::Tile && options.q_tile == kTile &&
-         options.k_scale == Fp8Scale::Tile && options.k_tile == kTile && options.v_scale == Fp8Scale::Channel;
+         options.k_scale == Fp8Scale::Tile && (options.k_tile == kTile || options.k_tile >= keys) &&
+         options.v_scale == Fp8Scale::Channel;
 }
 
 void quantize_operands_fused(const TensorView& q, const TensorView& k, const TensorView& v, const RowPermutation& perm,
-                             float scale, bool smooth, const Fp8OperandBuffers& out, const Stream& stream) {
+                             float scale, bool smooth, bool head_k, const Fp8OperandBuffers& out,
+                             const Stream& stream) {
   const int64_t BH = q.shape[0] * q.shape[1], Sq = q.shape[2], Sk = k.shape[2];
   if (BH == 0) return;
   const cudaStream_t cs = stream_of(stream);
@@ -320,11 +396,18 @@ void quantize_operands_fused(const TensorView& q, const TensorView& k, const Ten
   p.k_perm = perm.k_perm.empty() ? nullptr : static_cast<const int32_t*>(perm.k_perm.data);
   p.scale = scale;
   p.smooth = smooth && Sk > 0;
+  p.head_k = head_k;
   p.out = out;
   p.flag = value_error_flag();
   const int64_t n = BH * kD;
   if (p.smooth) SAPATTN_CUDA_CHECK(cudaMemsetAsync(out.k_sum, 0, static_cast<size_t>(n) * sizeof(double), cs));
   SAPATTN_CUDA_CHECK(cudaMemsetAsync(out.v_scale, 0, static_cast<size_t>(n) * sizeof(float), cs));
+  if (head_k) {  // maxima 0 (below every key), minima all ones, flags 0
+    const size_t plane = static_cast<size_t>(n) * sizeof(uint32_t);
+    SAPATTN_CUDA_CHECK(cudaMemsetAsync(out.k_extrema, 0, plane, cs));
+    SAPATTN_CUDA_CHECK(cudaMemsetAsync(out.k_extrema + n, 0xff, plane, cs));
+    SAPATTN_CUDA_CHECK(cudaMemsetAsync(out.k_extrema + 2 * n, 0, plane, cs));
+  }
   const bool vec = vector_rows(q) && vector_rows(k) && vector_rows(v);
   dispatch_float(q.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -337,7 +420,7 @@ void quantize_operands_fused(const TensorView& q, const TensorView& k, const Ten
                 ki, vi, p);
         SAPATTN_CUDA_CHECK_LAUNCH();
       }
-      finish_stats_kernel<<<static_cast<unsigned>(ceil_div(n, kThreads)), kThreads, 0, cs>>>(p, n);
+      finish_stats_kernel<<<static_cast<unsigned>(BH), kD, 0, cs>>>(p);
       SAPATTN_CUDA_CHECK_LAUNCH();
       const int64_t tiles = ceil_div(std::max(Sq, Sk), kTile);
       if (tiles > 0) {
