@@ -1,5 +1,6 @@
-// The e4m3 quantisation's group maximum on the device, shared by the generic passes
-// (fp8_quantize.cu) and the e4m3 attention's fused operand passes (fp8_operands.cu): the amax
+// What the e4m3 quantisation's generic passes (fp8_quantize.cu) and the e4m3 attention's fused
+// operand passes (fp8_operands.cu) share on the device: the range-checked permutation read and the
+// group maximum. The amax
 // travels as an unsigned key, the bits of |y| for finite y, which order as the values do (-0 gives
 // +0's key 0), and kNonFinite above them all for a NaN or an infinity, so that one unsigned max
 // carries both the CPU's amax and its "group holds a non-finite value" flag.
@@ -8,6 +9,7 @@
 #include <cstdint>
 
 #include "core/fp8.hpp"
+#include "cuda/runtime/runtime.hpp"
 
 namespace sapattn::cuda::fp8_group {
 
@@ -15,6 +17,16 @@ constexpr uint32_t kNonFinite = 0xffffffffu;
 // The NaN scale of a group holding a non-finite value: the CPU's quiet NaN (std::numeric_limits),
 // not the GPU's canonical NaN that NaN / 448 would give, so that scales compare bit for bit.
 constexpr uint32_t kQuietNaN = 0x7fc00000u;
+
+// Row r's source row through perm (null: r), or -1 for an entry outside [0, S), which raises
+// kBadPermIndex in the value-check flag.
+__device__ __forceinline__ int64_t source_row(const int32_t* perm, int64_t r, int64_t S, int* flag) {
+  if (perm == nullptr) return r;
+  const int32_t s = perm[r];
+  if (s >= 0 && s < S) return s;
+  atomicOr(flag, kBadPermIndex);
+  return -1;
+}
 
 __device__ __forceinline__ uint32_t amax_key(float y) { return isfinite(y) ? __float_as_uint(fabsf(y)) : kNonFinite; }
 

@@ -33,6 +33,7 @@ namespace {
 
 using fp8_group::amax_key;
 using fp8_group::scale_of_key;
+using fp8_group::source_row;
 
 constexpr int kD = 128;                     // the e4m3 kernel's head dim
 constexpr int kThreads = 256;
@@ -103,15 +104,6 @@ __device__ __forceinline__ uint2 codes8(const float (&y)[8], const float (&inver
     w[h] = lo | hi << 16;
   }
   return make_uint2(w[0], w[1]);
-}
-
-// Row r's source row through perm (null: r), or -1 (reported) for an entry outside [0, S).
-__device__ __forceinline__ int64_t source_row(const int32_t* perm, int64_t r, int64_t S, int* flag) {
-  if (perm == nullptr) return r;
-  const int32_t s = perm[r];
-  if (s >= 0 && s < S) return s;
-  atomicOr(flag, kBadPermIndex);
-  return -1;
 }
 
 // Pass 1: block (chunk of kStatRows keys, b*h) adds its K column sums into k_sum (fp64), max-es its
@@ -249,7 +241,7 @@ __device__ void quantize_tile(const Input<T>& in, int64_t b, int64_t h, int64_t 
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         if (shift != nullptr) y[j][i] = y[j][i] - sh[i];
-        key = max(key, amax_key(y[j][i]));
+        if (fixed == nullptr) key = max(key, amax_key(y[j][i]));
       }
     } else {
 #pragma unroll

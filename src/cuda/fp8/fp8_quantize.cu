@@ -25,6 +25,7 @@ namespace {
 
 using fp8_group::amax_key;
 using fp8_group::scale_of_key;
+using fp8_group::source_row;
 
 constexpr int kThreads = 256;
 constexpr int kChannelRows = 64;  // rows per block of the per-channel kernels
@@ -50,16 +51,6 @@ __device__ __forceinline__ float shifted(const QuantizeParams<T>& p, const T* he
                                          int64_t d) {
   const float v = to_f32(head[src * p.stride[2] + d * p.stride[3]]);
   return shift != nullptr ? v - shift[d] : v;
-}
-
-// Row r's source row in x, or -1 (reported) for a permutation entry outside [0, S).
-template <typename T>
-__device__ __forceinline__ int64_t source_row(const QuantizeParams<T>& p, const int32_t* perm, int64_t r) {
-  if (perm == nullptr) return r;
-  const int32_t s = perm[r];
-  if (s >= 0 && s < p.S) return s;
-  atomicOr(p.flag, kBadPermIndex);
-  return -1;
 }
 
 // Tile and Cluster: block (g, bh) quantises the rows [lo, hi) of group g of head bh.
@@ -90,7 +81,7 @@ __global__ void __launch_bounds__(kThreads) quantize_groups_kernel(QuantizeParam
   uint32_t key = 0;
   for (int64_t i = threadIdx.x; i < count; i += kThreads) {
     const int64_t r = lo + i / p.D, d = i % p.D;
-    const int64_t src = source_row(p, perm, r);
+    const int64_t src = source_row(perm, r, p.S, p.flag);
     if (src >= 0) key = max(key, amax_key(shifted(p, head, shift, src, d)));
   }
   const fp8::E4M3Scale s = scale_of_key(fp8_group::block_max<kThreads>(key, partial));
@@ -116,7 +107,7 @@ __global__ void __launch_bounds__(kThreads) channel_amax_kernel(QuantizeParams<T
   const int32_t* perm = p.perm != nullptr ? p.perm + bh * p.S : nullptr;
   const float* shift = p.shift != nullptr ? p.shift + bh * p.D : nullptr;
   for (int64_t i = threadIdx.x; i < (hi - lo) * p.D; i += kThreads) {
-    const int64_t src = source_row(p, perm, lo + i / p.D);
+    const int64_t src = source_row(perm, lo + i / p.D, p.S, p.flag);
     const int64_t d = i % p.D;
     if (src >= 0) atomicMax(&column_key[d], amax_key(shifted(p, head, shift, src, d)));
   }
