@@ -65,9 +65,10 @@ struct Options {
       true;  // order_clusters on the query and key clusters after k-means ("--order chain"; "none": k-means numbering)
   // --variants; fp8: the e4m3 kernel (plan + kernel) on operands quantised once per layout (fp8_sumf:
   // with the fp32 sum of P, fp8_khead: with one K scale per head, fp8_khead_sumf: both), fp8_e2e:
-  // the whole block_sparse_attention_e4m3 from token order (quantisation passes included)
-  std::vector<std::string> variants{"unfused", "fused_qk", "fused_q", "sorted_kv", "unfused_e2e",
-                                    "fp8",     "fp8_sumf", "fp8_khead", "fp8_khead_sumf", "fp8_e2e"};
+  // the whole block_sparse_attention_e4m3 from token order (quantisation passes included; fp8_khead_e2e:
+  // with one K scale per head and the fp32 sum, the fused head-scale passes)
+  std::vector<std::string> variants{"unfused",  "fused_qk",  "fused_q",        "sorted_kv", "unfused_e2e",  "fp8",
+                                    "fp8_sumf", "fp8_khead", "fp8_khead_sumf", "fp8_e2e",   "fp8_khead_e2e"};
 };
 
 // Where the benchmark runs: the GPU (one non-blocking stream, timed with events), or with --cpu the
@@ -266,8 +267,8 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
   // clusters from scratch.
   double order_ms = 0, order_q_ms = 0;
   if (opt.order) {
-    const Buffer order_buf = Buffer::allocate(
-        std::max<size_t>(order_clusters_workspace_bytes(BH, std::max(Ckv, Cqv), D, dev), 256), dev);
+    const Buffer order_buf =
+        Buffer::allocate(std::max<size_t>(order_clusters_workspace_bytes(BH, std::max(Ckv, Cqv), D, dev), 256), dev);
     const Workspace order_ws{order_buf.data(), order_buf.bytes()};
     order_ms = rt.time([&] { order_clusters(kc.view(), ks.view(), kl_video, st, order_ws); }, 0, 1).median_ms;
     order_q_ms = rt.time([&] { order_clusters(qc.view(), qs.view(), ql_video, st, order_ws); }, 0, 1).median_ms;
@@ -287,8 +288,13 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
   gather_rows(vv, kp.view(), vr.view(), st);
   rt.sync();
   JsonLine().str("shape", name).str("op", "kmeans_50it_qk").num("ms", kmeans_t.median_ms, 5).print();
-  JsonLine().str("shape", name).str("op", "order_clusters").str("order", opt.order ? "chain" : "none")
-      .num("ms", order_ms, 5).num("q_ms", order_q_ms, 5).print();
+  JsonLine()
+      .str("shape", name)
+      .str("op", "order_clusters")
+      .str("order", opt.order ? "chain" : "none")
+      .num("ms", order_ms, 5)
+      .num("q_ms", order_q_ms, 5)
+      .print();
   const std::vector<int32_t> q_off = rt.to_host<int32_t>(qo), k_off = rt.to_host<int32_t>(ko);
   print_size_summary(name, "q", q_off, BH, Cq + 1, Cqv);
   print_size_summary(name, "k", k_off, BH, Ck + 1, Ckv);
@@ -347,8 +353,7 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
   auto report = [&](const char* variant, const std::string& kernel, const std::string& layout_tag, double target,
                     double density, double pairs, const std::function<void()>& call) {
     const std::string v = variant;
-    if (v != "dense" && std::find(opt.variants.begin(), opt.variants.end(), v) == opt.variants.end())
-      return;
+    if (v != "dense" && std::find(opt.variants.begin(), opt.variants.end(), v) == opt.variants.end()) return;
     JsonLine j;
     j.str("shape", name).str("impl", "sapattn").str("variant", variant).str("kernel", kernel);
     try {
@@ -541,7 +546,7 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
         });
         // One K scale per head (the key tile covers the head): the kernel's per-score key scale goes.
         Fp8Options one_key_scale;
-        one_key_scale.k_tile = 1 << 30;
+        one_key_scale.k_tile = Fp8Options::kHeadTile;
         const auto wanted = [&](const char* v) {
           return std::find(opt.variants.begin(), opt.variants.end(), v) != opt.variants.end();
         };
@@ -567,6 +572,11 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
         });
         report("fp8_e2e", kernel, tag, target, density, pairs, [&] {
           block_sparse_attention_e4m3(qv, kv, vv, layout, scale, Fp8Options{}, out.view(), no_lse, st, fp8_ws, both);
+        });
+        report("fp8_khead_e2e", kernel, tag, target, density, pairs, [&] {  // the fused head-scale passes
+          Fp8Options head = one_key_scale;
+          head.p_sum_e4m3 = false;
+          block_sparse_attention_e4m3(qv, kv, vv, layout, scale, head, out.view(), no_lse, st, fp8_ws, both);
         });
       }
       // What the unfused call costs in a layer: permuted copies of Q, K, V in, the output put back.
@@ -619,7 +629,8 @@ int usage(const char* argv0, bool asked = false) {
       "N]\n"
       "          [--order chain|none]   (query and key clusters renumbered by order_clusters, the default, or as "
       "k-means left them)\n"
-      "          [--variants unfused,fused_qk,fused_q,sorted_kv,unfused_e2e,fp8,fp8_sumf,fp8_khead,fp8_khead_sumf,fp8_e2e]\n"
+      "          [--variants "
+      "unfused,fused_qk,fused_q,sorted_kv,unfused_e2e,fp8,fp8_sumf,fp8_khead,fp8_khead_sumf,fp8_e2e,fp8_khead_e2e]\n"
       "          (the sparse calls to time; default all; fp8*: head dim 128 on the Hopper kernel)\n"
       "          [--cpu]   (CPU backend, for a smoke test on --shape tiny or tiny-text)\n",
       argv0);

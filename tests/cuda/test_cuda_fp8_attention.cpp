@@ -14,8 +14,8 @@
 
 #include <cmath>
 #include <cstdlib>
-#include <cstdlib>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda_attention_support.hpp"
@@ -220,6 +220,60 @@ TEST(Fp8AttentionAccumulate, DirectAndTwoLevelMatchCpuReference) {
   compare(two_level, cpu, e.out, c.B, c.H, c.Sq, c.D);
   compare(direct, cpu, e.out, c.B, c.H, c.Sq, c.D);
   EXPECT_FALSE(identical(two_level, direct)) << "the switch changed nothing";
+}
+
+// The measurement switches (attention_sm90_fp8.cu), with one K scale per head and the fp32 sum of P:
+// SAPATTN_FP8_FMA_EXPS=1..4 (that many of every 8 column groups take 2^x from the FMA pipe's cubic
+// instead of MUFU) and SAPATTN_FP8_KEY_TILE=160|192 (keys per tile). Each build within the same
+// bounds of the CPU reference, and each a different kernel from the default one; other options
+// with a switch, and 192-key tiles with FMA exponentials: UnsupportedError.
+TEST(Fp8AttentionMeasuredBuilds, MatchCpuReference) {
+  SparseCase c;
+  c.name = "fp8_measured";
+  c.D = 128;
+  c.Sq = 600;
+  c.Sk = 2000;
+  c.Cq = 4;
+  c.Ck = 30;
+  c.keep = 0.6;
+  Fp8Options o;
+  o.k_tile = Fp8Options::kHeadTile;
+  o.p_sum_e4m3 = false;
+  const HostProblem h = make_sparse_problem(c);
+  const Expected e = expect(h, true);
+  const Outputs poisoned = poisoned_outputs(c.dtype, h.q.view, true);
+  const Outputs cpu = run_e4m3(h.inputs(), o, poisoned, kCpu, {});
+  const DeviceProblem d = to_device(h);
+  const Buffer ws = device_workspace(workspace_bytes(h));
+  TestStream cs;
+  if (!hopper()) {
+    EXPECT_THROW(run_e4m3(d.inputs(), o, poisoned, cs.stream(), as_workspace(ws)), UnsupportedError);
+    return;
+  }
+  const Outputs plain = run_e4m3(d.inputs(), o, poisoned, cs.stream(), as_workspace(ws));
+  struct Unset {
+    ~Unset() {
+      unsetenv("SAPATTN_FP8_FMA_EXPS");
+      unsetenv("SAPATTN_FP8_KEY_TILE");
+    }
+  };
+  const std::pair<const char*, const char*> builds[] = {{"128", "1"}, {"128", "2"}, {"128", "3"}, {"128", "4"},
+                                                        {"160", "0"}, {"160", "1"}, {"160", "2"}, {"160", "3"},
+                                                        {"160", "4"}, {"192", "0"}};
+  for (const auto& [tile, fma] : builds) {
+    SCOPED_TRACE(std::string("SAPATTN_FP8_KEY_TILE=") + tile + " SAPATTN_FP8_FMA_EXPS=" + fma);
+    const Unset unset;
+    setenv("SAPATTN_FP8_KEY_TILE", tile, 1);
+    setenv("SAPATTN_FP8_FMA_EXPS", fma, 1);
+    const Outputs got = run_e4m3(d.inputs(), o, poisoned, cs.stream(), as_workspace(ws));
+    compare(got, cpu, e.out, c.B, c.H, c.Sq, c.D);
+    EXPECT_FALSE(identical(got, plain)) << "the switches changed nothing";
+    EXPECT_THROW(run_e4m3(d.inputs(), Fp8Options{}, poisoned, cs.stream(), as_workspace(ws)), UnsupportedError);
+  }
+  const Unset unset;
+  setenv("SAPATTN_FP8_KEY_TILE", "192", 1);
+  setenv("SAPATTN_FP8_FMA_EXPS", "2", 1);
+  EXPECT_THROW(run_e4m3(d.inputs(), o, poisoned, cs.stream(), as_workspace(ws)), UnsupportedError);
 }
 
 // The kernel's limits: UnsupportedError naming them, before anything is written.

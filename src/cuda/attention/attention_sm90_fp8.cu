@@ -137,18 +137,80 @@ void launch_for_output(const Params& params, const Fp8Params& fp8, bool out_bf16
   out_bf16 ? launch<Tr, cutlass::bfloat16_t>(params, fp8, stream) : launch<Tr, cutlass::half_t>(params, fp8, stream);
 }
 
+// Measurement switches, built for direct accumulation with one K scale per head and the fp32 sum
+// of P only (Fp8Traits): SAPATTN_FP8_FMA_EXPS=0..4 (default 0), of every 8 column groups of the
+// softmax, how many take 2^x from the FMA pipe instead of MUFU; SAPATTN_FP8_KEY_TILE=128|160|192
+// (default 128), keys per tile (192 without FMA exponentials; it spills 60 bytes outside the loop).
+struct Measured {
+  int fma_exps = 0;
+  int key_tile = 128;
+  bool any() const { return fma_exps != 0 || key_tile != 128; }
+};
+
+Measured measured_build() {
+  Measured m;
+  if (const char* env = std::getenv("SAPATTN_FP8_FMA_EXPS"); env != nullptr && env[0] != '\0') {
+    SAPATTN_CHECK(env[1] == '\0' && env[0] >= '0' && env[0] <= '4', InvalidArgumentError, "SAPATTN_FP8_FMA_EXPS is '",
+                  env, "'; expected 0 to 4");
+    m.fma_exps = env[0] - '0';
+  }
+  if (const char* env = std::getenv("SAPATTN_FP8_KEY_TILE"); env != nullptr && env[0] != '\0') {
+    SAPATTN_CHECK(std::strcmp(env, "128") == 0 || std::strcmp(env, "160") == 0 || std::strcmp(env, "192") == 0,
+                  InvalidArgumentError, "SAPATTN_FP8_KEY_TILE is '", env, "'; expected 128, 160 or 192");
+    m.key_tile = std::atoi(env);
+  }
+  return m;
+}
+
+template <int kKeyTile, int kFmaExps>
+void launch_measured(const Params& params, const Fp8Params& fp8, bool out_bf16, cudaStream_t stream) {
+  launch_for_output<sm90::Fp8Traits<false, false, true, kFmaExps, kKeyTile>>(params, fp8, out_bf16, stream);
+}
+
+template <int kKeyTile>
+void launch_measured(int fma_exps, const Params& params, const Fp8Params& fp8, bool out_bf16, cudaStream_t stream) {
+  switch (fma_exps) {
+    case 0:
+      return launch_measured<kKeyTile, 0>(params, fp8, out_bf16, stream);
+    case 1:
+      return launch_measured<kKeyTile, 1>(params, fp8, out_bf16, stream);
+    case 2:
+      return launch_measured<kKeyTile, 2>(params, fp8, out_bf16, stream);
+    case 3:
+      return launch_measured<kKeyTile, 3>(params, fp8, out_bf16, stream);
+    default:
+      return launch_measured<kKeyTile, 4>(params, fp8, out_bf16, stream);
+  }
+}
+
 void run_sm90_fp8(const Params& params, const Fp8Params& fp8, bool out_bf16, cudaStream_t stream) {
   SAPATTN_CHECK(params.head_dim == sm90::Fp8Traits<true>::kHeadDim, UnsupportedError,
                 "the e4m3 attention kernel takes head dim ", sm90::Fp8Traits<true>::kHeadDim, ", got ",
                 params.head_dim);
   const bool two_level = two_level_sum();
+  if (const Measured m = measured_build(); m.any()) {
+    SAPATTN_CHECK(!two_level && fp8.one_key_scale && !fp8.p_sum_e4m3, UnsupportedError,
+                  "SAPATTN_FP8_FMA_EXPS and SAPATTN_FP8_KEY_TILE are built for direct accumulation with one K scale "
+                  "per head and the fp32 sum of P only");
+    switch (m.key_tile) {
+      case 160:
+        return launch_measured<160>(m.fma_exps, params, fp8, out_bf16, stream);
+      case 192:  // (with FMA exponentials ptxas serialises its wgmmas for want of registers: not built)
+        SAPATTN_CHECK(m.fma_exps == 0, UnsupportedError,
+                      "SAPATTN_FP8_KEY_TILE=192 is built without SAPATTN_FP8_FMA_EXPS");
+        return launch_measured<192, 0>(params, fp8, out_bf16, stream);
+      default:
+        return launch_measured<128>(m.fma_exps, params, fp8, out_bf16, stream);
+    }
+  }
   const auto with_key_scale = [&](auto sum_quantised, auto two_level_sum) {
     constexpr bool kSumQ = decltype(sum_quantised)::value, kTwoLevel = decltype(two_level_sum)::value;
     fp8.one_key_scale ? launch_for_output<sm90::Fp8Traits<kSumQ, kTwoLevel, true>>(params, fp8, out_bf16, stream)
                       : launch_for_output<sm90::Fp8Traits<kSumQ, kTwoLevel, false>>(params, fp8, out_bf16, stream);
   };
   if (fp8.p_sum_e4m3) {
-    two_level ? with_key_scale(std::true_type{}, std::true_type{}) : with_key_scale(std::true_type{}, std::false_type{});
+    two_level ? with_key_scale(std::true_type{}, std::true_type{})
+              : with_key_scale(std::true_type{}, std::false_type{});
   } else {
     two_level ? with_key_scale(std::false_type{}, std::true_type{})
               : with_key_scale(std::false_type{}, std::false_type{});

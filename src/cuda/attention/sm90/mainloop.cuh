@@ -148,7 +148,9 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       CUTLASS_PRAGMA_UNROLL
       for (int g = 0; g < kBlockN / 8; ++g) CUTLASS_PRAGMA_UNROLL
       for (int c = 0; c < 2; ++c) {
-        const float e = fast_exp2(tSrS(4 * g + 2 * r + c) * factor(r) - offset);
+        // Tr::kFmaExps of every 8 column groups take 2^x from the FMA pipe (exp2_fma), the rest from MUFU.
+        const float x = tSrS(4 * g + 2 * r + c) * factor(r) - offset;
+        const float e = g % 8 < Tr::kFmaExps ? exp2_fma(x) : fast_exp2(x);
         tSrS(4 * g + 2 * r + c) = e;
         sum += e;
       }

@@ -38,6 +38,7 @@ struct Traits {
   static constexpr bool kSumQuantised = false;
   static constexpr bool kTwoLevel = false;
   static constexpr bool kHeadKeyScale = false;
+  static constexpr int kFmaExps = 0;
   static constexpr int kHeadDim = HeadDim;
   static constexpr int kBlockM = kTileQ;                  // query rows per item, 64 per consumer warpgroup
   static constexpr int kBlockN = 128;                     // keys per tile
@@ -89,7 +90,7 @@ struct Traits {
 // cluster order with fp32 scales, Q per row (sq_i), K per row (sk_j), V per channel (sv_d); the
 // logit is (Q K^T)_ij * sk_j * (sq_i * scale). Both GEMMs are e4m3 wgmma, which takes K-major
 // operands only, so P V reads V^T: the codes written transposed, [B*H, D, keys], by the
-// quantisation pass. A key tile is 8 slots of 16 keys as in the bf16 sparse mode, every slot its
+// quantisation pass. A key tile is kKeyTile / 16 slots of 16 keys as in the bf16 sparse mode, every slot its
 // own box for K, V^T and K's scales.
 //
 // The P V GEMM reads P from registers in the e4m3 A layout, where thread t of a quad holds k
@@ -104,23 +105,36 @@ struct Traits {
 // fp32 accumulator added to O in registers (the reference's arithmetic), else accumulated by the
 // MMA into O directly, as the bf16 kernel does (SAPATTN_FP8_ACCUMULATE, attention_sm90_fp8.cu).
 // kOneKeyScale: K has one scale per head (Fp8Options' key tile at least the head's keys), folded into
-// the rows' factor: no key scale is loaded or multiplied per score.
-template <bool kQuantisedSum, bool kTwoLevelSum = true, bool kOneKeyScale = false>
+// the rows' factor: no key scale is loaded or multiplied per score. kFmaExpsPer8: of every 8 column
+// groups of the softmax, how many take their exponentials from the FMA pipe (exp2_fma) instead of
+// MUFU, whose 16 results a clock per SM are exactly the e4m3 tensor rate's need at head dim 128.
+// kKeyTile: keys per tile, 128 or 192 (slots of 16; the stages are as many as shared memory holds:
+// 5 of 128 keys, 3 of 192), which spreads each tile's fixed costs (barriers, the turn, the row
+// statistics' shuffles) over more keys.
+template <bool kQuantisedSum, bool kTwoLevelSum = true, bool kOneKeyScale = false, int kFmaExpsPer8 = 0,
+          int kKeyTile = 128>
 struct Fp8Traits {
   using T = cutlass::float_e4m3_t;
   static constexpr bool kFp8 = true;
   static constexpr bool kSumQuantised = kQuantisedSum;
   static constexpr bool kTwoLevel = kTwoLevelSum;
   static constexpr bool kHeadKeyScale = kOneKeyScale;
+  static constexpr int kFmaExps = kFmaExpsPer8;
   static constexpr int kHeadDim = 128;
   static constexpr int kBlockM = kTileQ;
-  static constexpr int kBlockN = 128;
-  static constexpr int kStages = 5;
+  static constexpr int kBlockN = kKeyTile;
   static constexpr int kChunksPerRow = kHeadDim / 16;  // 16-byte chunks of a row
   static constexpr int kSlotRows = 16;
   static constexpr int kSlots = kBlockN / kSlotRows;
   static constexpr int kCountWords = kSlots / 2;  // a slot's keys as rows [lo, hi): 16 bits (load.cuh)
   static constexpr int kScaleSlotFloats = 32;     // a slot's 16 key scales, at 128-byte steps (TMA destinations)
+  static_assert(kBlockN % 32 == 0 && kBlockN <= 256, "key tiles of 32-key blocks (P's e4m3 A operand), wgmma's N");
+  // Stages: what 227 KB hold besides Q, V's scales, the merge's O and statistics (and 1 KB of
+  // barriers, counts and alignment), at most 5.
+  static constexpr int kStageBytes = 2 * kBlockN * kHeadDim + kSlots * kScaleSlotFloats * 4;
+  static constexpr int kFixedBytes = kBlockM * kHeadDim + kHeadDim * 4 + 128 * kHeadDim / 2 * 4 + 4 * 128 * 4 + 1024;
+  static constexpr int kStages = cute::min(5, (227 * 1024 - kFixedBytes) / kStageBytes);
+  static_assert(kStages >= 2);
 
   using SmemAtom = decltype(GMMA::Layout_K_SW128_Atom<T>{});
   using LayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
