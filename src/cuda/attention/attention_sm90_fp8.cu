@@ -117,30 +117,15 @@ void launch(const Params& p, const Fp8Params& f, cudaStream_t stream) {
   SAPATTN_CUDA_CHECK_LAUNCH();
 }
 
-}  // namespace
-
-// SAPATTN_FP8_ACCUMULATE=direct|two_level (default direct): P V accumulated by the MMA into O, as
-// the bf16 kernel does (the warpgroup's softmax overlaps its own P V; run 20: 1.21-1.25x faster), or
-// per tile in a fresh fp32 accumulator added in registers (the CPU reference's arithmetic; Hopper's
-// e4m3 MMA accumulates with fewer bits than fp32, which the GPU tests bound). A measurement switch
-// (docs/fp8.md).
-bool two_level_sum() {
-  const char* env = std::getenv("SAPATTN_FP8_ACCUMULATE");
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "direct") == 0) return false;
-  SAPATTN_CHECK(std::strcmp(env, "two_level") == 0, InvalidArgumentError, "SAPATTN_FP8_ACCUMULATE is '", env,
-                "'; expected direct or two_level");
-  return true;
-}
-
 template <class Tr>
 void launch_for_output(const Params& params, const Fp8Params& fp8, bool out_bf16, cudaStream_t stream) {
   out_bf16 ? launch<Tr, cutlass::bfloat16_t>(params, fp8, stream) : launch<Tr, cutlass::half_t>(params, fp8, stream);
 }
 
-// Measurement switches, built for direct accumulation with one K scale per head and the fp32 sum
-// of P only (Fp8Traits): SAPATTN_FP8_FMA_EXPS=0..4 (default 0), of every 8 column groups of the
-// softmax, how many take 2^x from the FMA pipe instead of MUFU; SAPATTN_FP8_KEY_TILE=128|160|192
-// (default 128), keys per tile (192 without FMA exponentials; it spills 60 bytes outside the loop).
+// Measurement switches, built for one K scale per head and the fp32 sum of P only (Fp8Traits):
+// SAPATTN_FP8_FMA_EXPS=0..4 (default 0), of every 8 column groups of the softmax, how many take 2^x
+// from the FMA pipe instead of MUFU; SAPATTN_FP8_KEY_TILE=128|160|192 (default 128), keys per tile
+// (192 without FMA exponentials; it spills 32 bytes outside the loop).
 struct Measured {
   int fma_exps = 0;
   int key_tile = 128;
@@ -164,7 +149,7 @@ Measured measured_build() {
 
 template <int kKeyTile, int kFmaExps>
 void launch_measured(const Params& params, const Fp8Params& fp8, bool out_bf16, cudaStream_t stream) {
-  launch_for_output<sm90::Fp8Traits<false, false, true, kFmaExps, kKeyTile>>(params, fp8, out_bf16, stream);
+  launch_for_output<sm90::Fp8Traits<false, true, kFmaExps, kKeyTile>>(params, fp8, out_bf16, stream);
 }
 
 template <int kKeyTile>
@@ -183,15 +168,16 @@ void launch_measured(int fma_exps, const Params& params, const Fp8Params& fp8, b
   }
 }
 
+}  // namespace
+
 void run_sm90_fp8(const Params& params, const Fp8Params& fp8, bool out_bf16, cudaStream_t stream) {
   SAPATTN_CHECK(params.head_dim == sm90::Fp8Traits<true>::kHeadDim, UnsupportedError,
                 "the e4m3 attention kernel takes head dim ", sm90::Fp8Traits<true>::kHeadDim, ", got ",
                 params.head_dim);
-  const bool two_level = two_level_sum();
   if (const Measured m = measured_build(); m.any()) {
-    SAPATTN_CHECK(!two_level && fp8.one_key_scale && !fp8.p_sum_e4m3, UnsupportedError,
-                  "SAPATTN_FP8_FMA_EXPS and SAPATTN_FP8_KEY_TILE are built for direct accumulation with one K scale "
-                  "per head and the fp32 sum of P only");
+    SAPATTN_CHECK(fp8.one_key_scale && !fp8.p_sum_e4m3, UnsupportedError,
+                  "SAPATTN_FP8_FMA_EXPS and SAPATTN_FP8_KEY_TILE are built for one K scale per head and the fp32 sum "
+                  "of P only");
     switch (m.key_tile) {
       case 160:
         return launch_measured<160>(m.fma_exps, params, fp8, out_bf16, stream);
@@ -203,18 +189,12 @@ void run_sm90_fp8(const Params& params, const Fp8Params& fp8, bool out_bf16, cud
         return launch_measured<128>(m.fma_exps, params, fp8, out_bf16, stream);
     }
   }
-  const auto with_key_scale = [&](auto sum_quantised, auto two_level_sum) {
-    constexpr bool kSumQ = decltype(sum_quantised)::value, kTwoLevel = decltype(two_level_sum)::value;
-    fp8.one_key_scale ? launch_for_output<sm90::Fp8Traits<kSumQ, kTwoLevel, true>>(params, fp8, out_bf16, stream)
-                      : launch_for_output<sm90::Fp8Traits<kSumQ, kTwoLevel, false>>(params, fp8, out_bf16, stream);
+  const auto with_key_scale = [&](auto sum_quantised) {
+    constexpr bool kSumQ = decltype(sum_quantised)::value;
+    fp8.one_key_scale ? launch_for_output<sm90::Fp8Traits<kSumQ, true>>(params, fp8, out_bf16, stream)
+                      : launch_for_output<sm90::Fp8Traits<kSumQ, false>>(params, fp8, out_bf16, stream);
   };
-  if (fp8.p_sum_e4m3) {
-    two_level ? with_key_scale(std::true_type{}, std::true_type{})
-              : with_key_scale(std::true_type{}, std::false_type{});
-  } else {
-    two_level ? with_key_scale(std::false_type{}, std::true_type{})
-              : with_key_scale(std::false_type{}, std::false_type{});
-  }
+  fp8.p_sum_e4m3 ? with_key_scale(std::true_type{}) : with_key_scale(std::false_type{});
 }
 
 }  // namespace sapattn::cuda::attn

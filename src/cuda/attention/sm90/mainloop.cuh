@@ -9,14 +9,12 @@
 // Query rows of a work item beyond its end are zero-filled and never stored; a warpgroup whose 64
 // rows are all beyond the end skips its MMAs but keeps the barrier protocol.
 //
-// The e4m3 kernel (Tr::kFp8, traits.cuh) runs the same loop with four differences: the scores take
+// The e4m3 kernel (Tr::kFp8, traits.cuh) runs the same loop with three differences: the scores take
 // the key scales per column (or one per head) and the query scale per row (softmax_fp8), P is
 // stored as e4m3(p * p_scale) in the A layout of the e4m3 GEMM (convert_p_fp8, which may also sum
-// the quantised P), P V is accumulated by the MMA into O (the default) or, with two-level
-// accumulation (Tr::kTwoLevel, a measurement switch), each tile's P V goes to a fresh accumulator
-// that is added to O in fp32 (Hopper's e4m3 MMA accumulates with fewer bits than fp32; docs/fp8.md)
-// at the price of two turns per tile, and the epilogue gets V's channel scales and the smoothing's
-// LSE term.
+// the quantised P), and the epilogue gets V's channel scales and the smoothing's LSE term. P V is
+// accumulated by the MMA into O as in the bf16 kernel (Hopper's e4m3 MMA accumulates with fewer bits
+// than fp32; the GPU tests bound the effect on rows of many key tiles, docs/fp8.md).
 #pragma once
 
 #include <cutlass/arch/barrier.h>
@@ -57,7 +55,6 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
   auto tOrV = thr_pv.partition_fragment_B(sVt);
   auto tSrS = partition_fragment_C(mma_qk, Shape<_64, Int<kBlockN>>{});
   auto tOrO = partition_fragment_C(mma_pv, Shape<_64, Int<Tr::kHeadDim>>{});
-  auto tOrOt = partition_fragment_C(mma_pv, Shape<_64, Int<Tr::kHeadDim>>{});  // e4m3: one tile's P V
   auto tOrP = make_tensor<T>(typename Tr::LayoutP{});
   static_assert(size(tOrP) == size(tSrS));
 
@@ -96,24 +93,11 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
     }
     warpgroup_commit_batch();
   };
-  // O += P V for the tile in `stage`, issued asynchronously (P is read from registers until done);
-  // in the e4m3 kernel with two-level accumulation into the fresh accumulator tOrOt, which add_tile
-  // then adds to O.
+  // O += P V for the tile in `stage`, issued asynchronously (P is read from registers until done).
   auto issue_pv = [&](int stage) {
-    if constexpr (Tr::kTwoLevel) {
-      warpgroup_fence_operand(tOrOt);
-      warpgroup_arrive();
-      mma_pv.accumulate_ = GMMA::ScaleOut::Zero;
-      CUTLASS_PRAGMA_UNROLL
-      for (int kb = 0; kb < size<2>(tOrP); ++kb) {
-        cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb, stage), tOrOt);
-        mma_pv.accumulate_ = GMMA::ScaleOut::One;
-      }
-    } else {
-      warpgroup_fence_operand(tOrO);
-      warpgroup_arrive();
-      cute::gemm(mma_pv, tOrP, tOrV(_, _, _, stage), tOrO);
-    }
+    warpgroup_fence_operand(tOrO);
+    warpgroup_arrive();
+    cute::gemm(mma_pv, tOrP, tOrV(_, _, _, stage), tOrO);
     warpgroup_commit_batch();
   };
   // The key counts of the tile in `stage`'s slots (TMA loads), read before the stage is released.
@@ -197,58 +181,32 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
     if constexpr (Tr::kFp8) {  // (the bf16 kernel's Smem has no key scales)
       warpgroup_fence_operand(tSrS);
       const int t = lane % 4;
-      if constexpr (Tr::kTwoLevel) {
-        // Two-level accumulation: the scales and masks in one predicated pass (the branches below
-        // spill 64-84 bytes there).
+      if constexpr (!Tr::kHeadKeyScale) {
         CUTLASS_PRAGMA_UNROLL
         for (int j = 0; j < Tr::kSlots; ++j) {
-          float key_scale[4] = {1.0f, 1.0f, 1.0f, 1.0f};
-          if constexpr (!Tr::kHeadKeyScale) {
-            const float4 sk = *reinterpret_cast<const float4*>(&s.k_scale[stage][j * Tr::kScaleSlotFloats + 4 * t]);
-            key_scale[0] = sk.x;
-            key_scale[1] = sk.y;
-            key_scale[2] = sk.z;
-            key_scale[3] = sk.w;
-          }
+          const float4 sk = *reinterpret_cast<const float4*>(&s.k_scale[stage][j * Tr::kScaleSlotFloats + 4 * t]);
+          const float key_scale[4] = {sk.x, sk.y, sk.z, sk.w};
+          CUTLASS_PRAGMA_UNROLL
+          for (int e = 0; e < 8; ++e) tSrS(8 * j + e) *= key_scale[2 * (e / 4) + e % 2];
+        }
+      }
+      // The slot's keys are its rows [lo, hi) (load.cuh, producer_tma_fp8), 16 bits per slot: a whole
+      // slot is hi 16, lo 0. Most tiles are whole (a run's last slot is the partial one), so one
+      // uniform branch skips the per-element masks, which predicated cost 4-5 instructions a score.
+      bool whole = true;
+      CUTLASS_PRAGMA_UNROLL
+      for (int w = 0; w < Tr::kCountWords; ++w) whole &= counts[w] == (Tr::kSlotRows | Tr::kSlotRows << 16);
+      if (!whole) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < Tr::kSlots; ++j) {
           const uint32_t keys = counts[j / 2] >> (16 * (j % 2));
           const int hi = keys & 0xff, lo = (keys >> 8) & 0xff;
-          const bool partial = lo > 0 || hi < Tr::kSlotRows;
-          CUTLASS_PRAGMA_UNROLL
-          for (int e = 0; e < 8; ++e) {
-            const int i = 8 * j + e, c = e % 2, gg = e / 4, key = 4 * t + 2 * gg + c;
-            float x = Tr::kHeadKeyScale ? tSrS(i) : tSrS(i) * key_scale[2 * gg + c];
-            if (partial && (key < lo || key >= hi)) x = -INFINITY;
-            tSrS(i) = x;
-          }
-        }
-      } else {
-        if constexpr (!Tr::kHeadKeyScale) {
-          CUTLASS_PRAGMA_UNROLL
-          for (int j = 0; j < Tr::kSlots; ++j) {
-            const float4 sk = *reinterpret_cast<const float4*>(&s.k_scale[stage][j * Tr::kScaleSlotFloats + 4 * t]);
-            const float key_scale[4] = {sk.x, sk.y, sk.z, sk.w};
+          if (lo > 0 || hi < Tr::kSlotRows) {
             CUTLASS_PRAGMA_UNROLL
-            for (int e = 0; e < 8; ++e) tSrS(8 * j + e) *= key_scale[2 * (e / 4) + e % 2];
-          }
-        }
-        // The slot's keys are its rows [lo, hi) (load.cuh, producer_tma_fp8), 16 bits per slot: a whole
-        // slot is hi 16, lo 0. Most tiles are whole (a run's last slot is the partial one), so one
-        // uniform branch skips the per-element masks, which predicated cost 4-5 instructions a score.
-        bool whole = true;
-        CUTLASS_PRAGMA_UNROLL
-        for (int w = 0; w < Tr::kCountWords; ++w) whole &= counts[w] == (Tr::kSlotRows | Tr::kSlotRows << 16);
-        if (!whole) {
-          CUTLASS_PRAGMA_UNROLL
-          for (int j = 0; j < Tr::kSlots; ++j) {
-            const uint32_t keys = counts[j / 2] >> (16 * (j % 2));
-            const int hi = keys & 0xff, lo = (keys >> 8) & 0xff;
-            if (lo > 0 || hi < Tr::kSlotRows) {
-              CUTLASS_PRAGMA_UNROLL
-              for (int e = 0; e < 8; ++e) {
-                // Value i = 8 j + e: group g = 2 j + e / 4 (gg = e / 4 within the slot), column c.
-                const int i = 8 * j + e, key = 4 * t + 2 * (e / 4) + e % 2;
-                if (key < lo || key >= hi) tSrS(i) = -INFINITY;
-              }
+            for (int e = 0; e < 8; ++e) {
+              // Value i = 8 j + e: group g = 2 j + e / 4 (gg = e / 4 within the slot), column c.
+              const int i = 8 * j + e, key = 4 * t + 2 * (e / 4) + e % 2;
+              if (key < lo || key >= hi) tSrS(i) = -INFINITY;
             }
           }
         }
@@ -264,11 +222,10 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       tOrO(4 * g + 2 * r + 1) *= rescale[r];
     }
   };
-  // The e4m3 kernel with direct accumulation skips the rescale where no row of the warp has a new
-  // maximum (a factor of exactly 1: most tiles after the first few), a uniform branch over 64
-  // multiplies. (With two-level accumulation the branch spills 64-80 bytes.)
+  // The e4m3 kernel skips the rescale where no row of the warp has a new maximum (a factor of
+  // exactly 1: most tiles after the first few), a uniform branch over 64 multiplies.
   auto update_o = [&](const float(&rescale)[2]) {
-    if constexpr (Tr::kFp8 && !Tr::kTwoLevel) {
+    if constexpr (Tr::kFp8) {
       if (!__any_sync(0xffffffffu, rescale[0] != 1.0f || rescale[1] != 1.0f)) return;
     }
     rescale_o(rescale);
@@ -310,19 +267,12 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       row_sum[1] += quantised[1];
     }
   };
-  // The e4m3 kernel with two-level accumulation: O += this tile's P V once tOrOt is complete. (Folding
-  // the next softmax's rescale in here, one FFMA instead of an add and a multiply, keeps the rescale
-  // live across the tile and spills 68 bytes.)
-  auto add_tile = [&] {
-    warpgroup_fence_operand(tOrOt);
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(tOrO); ++i) tOrO(i) += tOrOt(i);
-  };
   // The steps of one key tile, for either kernel. The e4m3 kernel's key scales arrive with the
-  // tile's V (its K stage is freed before the softmax), so it waits for them.
+  // tile's V (its K stage is freed before the softmax), so it waits for them; with one K scale per
+  // head there are none, and V need not have landed before its P V.
   auto tile_softmax = [&](int n, int stage, int phase, int keys, const Counts& counts, float(&rescale)[2]) {
     if constexpr (Tr::kFp8) {
-      Barrier::wait(&s.v_full[stage], phase);
+      if constexpr (!Tr::kHeadKeyScale) Barrier::wait(&s.v_full[stage], phase);
       softmax_fp8(stage, counts, rescale);
     } else {
       softmax(n, keys, counts, rescale);
@@ -341,15 +291,9 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
   // per item, active or not.
   auto wait_turn = [&] { cutlass::arch::NamedBarrier::sync(256, kTurnBarrier + wg); };
   auto pass_turn = [&] { cutlass::arch::NamedBarrier::arrive(256, kTurnBarrier + 1 - wg); };
-  // Turns per key tile after a warpgroup's first: one (its Q K^T and the previous tile's P V), or two
-  // in the e4m3 kernel with two-level accumulation, which issues the P V first and adds it to O
-  // before the next Q K^T (with both accumulators of O and S live at once, 240 registers spill).
-  constexpr int kTurnsPerTile = Tr::kTwoLevel ? 2 : 1;
-  auto empty_turns = [&](int turns) {
-    for (int i = 0; i < turns; ++i) {
-      wait_turn();
-      pass_turn();
-    }
+  auto empty_turn = [&] {
+    wait_turn();
+    pass_turn();
   };
   if (wg == 1) pass_turn();  // warpgroup 0 goes first
 
@@ -398,10 +342,10 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
     if (!split && it.rows <= 64 * wg) {
       // No row of this warpgroup: keep the barrier protocol without computing.
       for (int n = 0; n < n_blocks; ++n) {
-        empty_turns(n == 0 ? 1 : kTurnsPerTile);
+        empty_turn();
         release(n);
       }
-      if (n_blocks > 0) empty_turns(1);
+      if (n_blocks > 0) empty_turn();
       tile_count += n_blocks;
       Barrier::arrive(&s.q_empty);
       continue;
@@ -431,36 +375,17 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
         Barrier::wait(&s.k_full[stage], phase);
         read_counts(stage, counts);
         Barrier::wait(&s.v_full[prev_stage], prev_phase);
-        if constexpr (Tr::kTwoLevel) {
-          // No overlap within the warpgroup: the previous tile's P V is added to O before this
-          // tile's Q K^T is issued (kTurnsPerTile); the other warpgroup's MMAs run meanwhile.
-          wait_turn();
-          issue_pv(prev_stage);
-          pass_turn();
-          warpgroup_wait<0>();
-          free_stage(s.v_empty[prev_stage]);
-          add_tile();
-          wait_turn();
-          issue_qk(stage, split);
-          pass_turn();
-          warpgroup_wait<0>();
-          free_stage(s.k_empty[stage]);
-          tile_softmax(n, stage, phase, it.keys, counts, rescale);
-          warpgroup_fence_operand(tOrO);
-          update_o(rescale);
-        } else {
-          wait_turn();
-          issue_qk(stage, split);
-          issue_pv(prev_stage);
-          pass_turn();
-          warpgroup_wait<1>();  // S of tile n is ready; P V of the previous tile may still run
-          free_stage(s.k_empty[stage]);
-          tile_softmax(n, stage, phase, it.keys, counts, rescale);
-          warpgroup_wait<0>();
-          free_stage(s.v_empty[prev_stage]);
-          warpgroup_fence_operand(tOrO);
-          update_o(rescale);
-        }
+        wait_turn();
+        issue_qk(stage, split);
+        issue_pv(prev_stage);
+        pass_turn();
+        warpgroup_wait<1>();  // S of tile n is ready; P V of the previous tile may still run
+        free_stage(s.k_empty[stage]);
+        tile_softmax(n, stage, phase, it.keys, counts, rescale);
+        warpgroup_wait<0>();
+        free_stage(s.v_empty[prev_stage]);
+        warpgroup_fence_operand(tOrO);
+        update_o(rescale);
         tile_convert();
       }
       Barrier::wait(&s.v_full[stage], phase);
@@ -470,12 +395,11 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
       free_stage(s.v_empty[stage]);
-      if constexpr (Tr::kTwoLevel) add_tile();
       if (split && (n_blocks - 1) % 2 != wg) release(n_blocks - 1);  // the last tile is the other's
     }
     // Warpgroup 1 of a split item with an odd number of tiles computed one tile fewer: one more
     // (empty) turn keeps the two warpgroups' turns equal.
-    if (split && wg == 1 && n_blocks % 2 == 1) empty_turns(kTurnsPerTile);
+    if (split && wg == 1 && n_blocks % 2 == 1) empty_turn();
     tile_count += n_blocks;
     if (split) {
       // Warpgroup 1's O, row maxima and partial sums go through shared memory (its O through the Q

@@ -36,7 +36,6 @@ struct Traits {
   using T = Element;
   static constexpr bool kFp8 = false;  // Fp8Traits below: e4m3 operands, scales, V transposed
   static constexpr bool kSumQuantised = false;
-  static constexpr bool kTwoLevel = false;
   static constexpr bool kHeadKeyScale = false;
   static constexpr int kFmaExps = 0;
   static constexpr int kHeadDim = HeadDim;
@@ -101,23 +100,17 @@ struct Traits {
 // its registers are renamed (convert_p_fp8 in mainloop.cuh). V^T stays in key order.
 //
 // kQuantisedSum: the softmax denominator sums the quantised P (Fp8Options::p_sum_e4m3), a
-// compile-time choice: as a runtime one the consumers spill. kTwoLevelSum: each tile's P V in a fresh
-// fp32 accumulator added to O in registers (the reference's arithmetic), else accumulated by the
-// MMA into O directly, as the bf16 kernel does (SAPATTN_FP8_ACCUMULATE, attention_sm90_fp8.cu).
-// kOneKeyScale: K has one scale per head (Fp8Options' key tile at least the head's keys), folded into
-// the rows' factor: no key scale is loaded or multiplied per score. kFmaExpsPer8: of every 8 column
-// groups of the softmax, how many take their exponentials from the FMA pipe (exp2_fma) instead of
-// MUFU, whose 16 results a clock per SM are exactly the e4m3 tensor rate's need at head dim 128.
-// kKeyTile: keys per tile, 128 or 192 (slots of 16; the stages are as many as shared memory holds:
-// 5 of 128 keys, 3 of 192), which spreads each tile's fixed costs (barriers, the turn, the row
-// statistics' shuffles) over more keys.
-template <bool kQuantisedSum, bool kTwoLevelSum = true, bool kOneKeyScale = false, int kFmaExpsPer8 = 0,
-          int kKeyTile = 128>
+// compile-time choice: as a runtime one the consumers spill. kOneKeyScale: K has one scale per head (Fp8Options' key
+// tile at least the head's keys), folded into the rows' factor: no key scale is loaded or multiplied per score.
+// kFmaExpsPer8: of every 8 column groups of the softmax, how many take their exponentials from the FMA pipe (exp2_fma)
+// instead of MUFU, whose 16 results a clock per SM are exactly the e4m3 tensor rate's need at head dim 128. kKeyTile:
+// keys per tile, 128, 160 or 192 (slots of 16; the stages are as many as shared memory holds: 5 of 128 keys, 4 of 160,
+// 3 of 192), which spreads each tile's fixed costs (barriers, the turn, the row statistics' shuffles) over more keys.
+template <bool kQuantisedSum, bool kOneKeyScale = false, int kFmaExpsPer8 = 0, int kKeyTile = 128>
 struct Fp8Traits {
   using T = cutlass::float_e4m3_t;
   static constexpr bool kFp8 = true;
   static constexpr bool kSumQuantised = kQuantisedSum;
-  static constexpr bool kTwoLevel = kTwoLevelSum;
   static constexpr bool kHeadKeyScale = kOneKeyScale;
   static constexpr int kFmaExps = kFmaExpsPer8;
   static constexpr int kHeadDim = 128;
