@@ -69,6 +69,9 @@ struct Options {
   // with one K scale per head and the fp32 sum, the fused head-scale passes)
   std::vector<std::string> variants{"unfused",  "fused_qk",  "fused_q",        "sorted_kv", "unfused_e2e",  "fp8",
                                     "fp8_sumf", "fp8_khead", "fp8_khead_sumf", "fp8_e2e",   "fp8_khead_e2e"};
+  // --fp8-builds TILE:EXPS,...: fp8_khead_sumf again under each measured build of the e4m3 kernel
+  // (SAPATTN_FP8_KEY_TILE=TILE SAPATTN_FP8_FMA_EXPS=EXPS), reported as "fp8_khead_sumf@TILE:EXPS".
+  std::vector<std::string> fp8_builds;
 };
 
 // Where the benchmark runs: the GPU (one non-blocking stream, timed with events), or with --cpu the
@@ -350,12 +353,13 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
       unsetenv("SAPATTN_SM90_LOAD");
     }
   };
+  // variant: as --variants names it, reported as `label` where one is given.
   auto report = [&](const char* variant, const std::string& kernel, const std::string& layout_tag, double target,
-                    double density, double pairs, const std::function<void()>& call) {
+                    double density, double pairs, const std::function<void()>& call, const std::string& label = "") {
     const std::string v = variant;
     if (v != "dense" && std::find(opt.variants.begin(), opt.variants.end(), v) == opt.variants.end()) return;
     JsonLine j;
-    j.str("shape", name).str("impl", "sapattn").str("variant", variant).str("kernel", kernel);
+    j.str("shape", name).str("impl", "sapattn").str("variant", label.empty() ? v : label).str("kernel", kernel);
     try {
       set_kernel(kernel);
       j.str("kernel_name", attention_kernel(dev, DType::BF16, D).name);
@@ -570,6 +574,22 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
           sumf.p_sum_e4m3 = false;
           cuda::attend_e4m3(sumf, layout, out.view(), no_lse, st);
         });
+        for (const std::string& build : opt.fp8_builds) {
+          const size_t colon = build.find(':');
+          setenv("SAPATTN_FP8_KEY_TILE", build.substr(0, colon).c_str(), 1);
+          setenv("SAPATTN_FP8_FMA_EXPS", build.substr(colon + 1).c_str(), 1);
+          report(
+              "fp8_khead_sumf", kernel, tag, target, density, pairs,
+              [&] {
+                SAPATTN_CHECK(operands.has_value(), UnsupportedError, "the e4m3 operands could not be made");
+                cuda::E4m3Operands sumf = *operands;
+                sumf.p_sum_e4m3 = false;
+                cuda::attend_e4m3(sumf, layout, out.view(), no_lse, st);
+              },
+              "fp8_khead_sumf@" + build);
+          unsetenv("SAPATTN_FP8_KEY_TILE");
+          unsetenv("SAPATTN_FP8_FMA_EXPS");
+        }
         report("fp8_e2e", kernel, tag, target, density, pairs, [&] {
           block_sparse_attention_e4m3(qv, kv, vv, layout, scale, Fp8Options{}, out.view(), no_lse, st, fp8_ws, both);
         });
@@ -632,6 +652,8 @@ int usage(const char* argv0, bool asked = false) {
       "          [--variants "
       "unfused,fused_qk,fused_q,sorted_kv,unfused_e2e,fp8,fp8_sumf,fp8_khead,fp8_khead_sumf,fp8_e2e,fp8_khead_e2e]\n"
       "          (the sparse calls to time; default all; fp8*: head dim 128 on the Hopper kernel)\n"
+      "          [--fp8-builds 128:2,160:0,...]   (fp8_khead_sumf again under each measured e4m3 build,\n"
+      "          SAPATTN_FP8_KEY_TILE:SAPATTN_FP8_FMA_EXPS)\n"
       "          [--cpu]   (CPU backend, for a smoke test on --shape tiny or tiny-text)\n",
       argv0);
   return asked ? 0 : 2;
@@ -671,6 +693,10 @@ int main(int argc, char** argv) {
       opt.variants = split(val);
       for (const std::string& v : opt.variants)
         if (std::find(known.begin(), known.end(), v) == known.end()) return usage(argv[0]);
+    } else if (a == "--fp8-builds") {
+      opt.fp8_builds = split(val);
+      for (const std::string& b : opt.fp8_builds)
+        if (b.find(':') == std::string::npos) return usage(argv[0]);
     } else if (a == "--seed") {
       opt.seed = std::strtoull(val.c_str(), nullptr, 10);
     } else if (a == "--cq") {
