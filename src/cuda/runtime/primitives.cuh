@@ -147,7 +147,7 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // = j + f with j = round(x) (the 1.5 x 2^23 shift) and f in [-1/2, 1/2], 2^f by a cubic (relative
 // error 1.0e-4, coefficients fitted here for that interval with p(0) = 1), j added to the exponent
 // bits. Eight instructions, no MUFU. x is clamped to -125 (2^-125, so that j + the cubic's exponent
-// stays a normal number, -inf included); x must be below 128.
+// stays a normal number, -inf included); x must be below 127.5.
 __device__ __forceinline__ float exp2_fma(float x) {
   constexpr float kShift = 12582912.0f;  // 1.5 x 2^23: adding it rounds to an integer in the low bits
   x = fmaxf(x, -125.0f);
