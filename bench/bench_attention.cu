@@ -69,8 +69,9 @@ struct Options {
   // with one K scale per head and the fp32 sum, the fused head-scale passes)
   std::vector<std::string> variants{"unfused",  "fused_qk",  "fused_q",        "sorted_kv", "unfused_e2e",  "fp8",
                                     "fp8_sumf", "fp8_khead", "fp8_khead_sumf", "fp8_e2e",   "fp8_khead_e2e"};
-  // --fp8-builds TILE:EXPS,...: fp8_khead_sumf again under each measured build of the e4m3 kernel
-  // (SAPATTN_FP8_KEY_TILE=TILE SAPATTN_FP8_FMA_EXPS=EXPS), reported as "fp8_khead_sumf@TILE:EXPS".
+  // --fp8-builds TILE:EXPS[:mma],...: fp8_khead_sumf again under each measured build of the e4m3
+  // kernel (SAPATTN_FP8_KEY_TILE=TILE SAPATTN_FP8_FMA_EXPS=EXPS, SAPATTN_FP8_ROW_SUM=mma with ":mma"),
+  // reported as "fp8_khead_sumf@" and the build.
   std::vector<std::string> fp8_builds;
 };
 
@@ -136,10 +137,10 @@ class Runtime {
   std::optional<bench::EventTimer> timer_;
 };
 
-std::vector<std::string> split(const std::string& s) {
+std::vector<std::string> split(const std::string& s, char separator = ',') {
   std::vector<std::string> v;
   std::stringstream ss(s);
-  for (std::string item; std::getline(ss, item, ',');)
+  for (std::string item; std::getline(ss, item, separator);)
     if (!item.empty()) v.push_back(item);
   return v;
 }
@@ -575,9 +576,10 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
           cuda::attend_e4m3(sumf, layout, out.view(), no_lse, st);
         });
         for (const std::string& build : opt.fp8_builds) {
-          const size_t colon = build.find(':');
-          setenv("SAPATTN_FP8_KEY_TILE", build.substr(0, colon).c_str(), 1);
-          setenv("SAPATTN_FP8_FMA_EXPS", build.substr(colon + 1).c_str(), 1);
+          const std::vector<std::string> parts = split(build, ':');
+          setenv("SAPATTN_FP8_KEY_TILE", parts[0].c_str(), 1);
+          setenv("SAPATTN_FP8_FMA_EXPS", parts[1].c_str(), 1);
+          setenv("SAPATTN_FP8_ROW_SUM", parts.size() > 2 ? parts[2].c_str() : "fp32", 1);
           report(
               "fp8_khead_sumf", kernel, tag, target, density, pairs,
               [&] {
@@ -589,6 +591,7 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
               "fp8_khead_sumf@" + build);
           unsetenv("SAPATTN_FP8_KEY_TILE");
           unsetenv("SAPATTN_FP8_FMA_EXPS");
+          unsetenv("SAPATTN_FP8_ROW_SUM");
         }
         report("fp8_e2e", kernel, tag, target, density, pairs, [&] {
           block_sparse_attention_e4m3(qv, kv, vv, layout, scale, Fp8Options{}, out.view(), no_lse, st, fp8_ws, both);
@@ -652,8 +655,8 @@ int usage(const char* argv0, bool asked = false) {
       "          [--variants "
       "unfused,fused_qk,fused_q,sorted_kv,unfused_e2e,fp8,fp8_sumf,fp8_khead,fp8_khead_sumf,fp8_e2e,fp8_khead_e2e]\n"
       "          (the sparse calls to time; default all; fp8*: head dim 128 on the Hopper kernel)\n"
-      "          [--fp8-builds 128:2,160:0,...]   (fp8_khead_sumf again under each measured e4m3 build,\n"
-      "          SAPATTN_FP8_KEY_TILE:SAPATTN_FP8_FMA_EXPS)\n"
+      "          [--fp8-builds 128:2,160:0:mma,...]   (fp8_khead_sumf again under each measured e4m3 build,\n"
+      "          SAPATTN_FP8_KEY_TILE:SAPATTN_FP8_FMA_EXPS[:mma, SAPATTN_FP8_ROW_SUM=mma])\n"
       "          [--cpu]   (CPU backend, for a smoke test on --shape tiny or tiny-text)\n",
       argv0);
   return asked ? 0 : 2;
@@ -696,7 +699,7 @@ int main(int argc, char** argv) {
     } else if (a == "--fp8-builds") {
       opt.fp8_builds = split(val);
       for (const std::string& b : opt.fp8_builds)
-        if (b.find(':') == std::string::npos) return usage(argv[0]);
+        if (const size_t n = split(b, ':').size(); n < 2 || n > 3) return usage(argv[0]);
     } else if (a == "--seed") {
       opt.seed = std::strtoull(val.c_str(), nullptr, 10);
     } else if (a == "--cq") {

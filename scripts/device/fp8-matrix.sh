@@ -2,17 +2,19 @@
 #
 # The e4m3 kernel's measured builds compared in one call, tests first, then Nsight Compute.
 #
-# Runs test_cuda_ops --gtest_filter='*Fp8*:*E4m3*' (when BIN_DIR has one; its
+# Runs test_cuda_ops --gtest_filter='*Fp8*:*E4m3*:CudaSoftmaxExp2*' (when BIN_DIR has one; its
 # Fp8AttentionMeasuredBuilds case runs every build against the CPU reference), then
 # sapattn_bench_attention on SHAPE (default wan14b_720p, --kernels tma) with the variants unfused
-# (bf16), fp8_khead_sumf and fp8_khead_e2e and each build of BUILDS (SAPATTN_FP8_KEY_TILE:
-# SAPATTN_FP8_FMA_EXPS, bench --fp8-builds) on the same layouts, then `ncu --set full` on two
-# launches at NCU_DENSITY: the default build and NCU_BUILD. Prints one line per timing last.
-# BIN_DIR (default build-device) holds prebuilt binaries, flat or under tests/cuda/ and bench/.
+# (bf16), fp8_khead_sumf and fp8_khead_e2e and each build of BUILDS (TILE:EXPS[:mma], bench
+# --fp8-builds: SAPATTN_FP8_KEY_TILE, SAPATTN_FP8_FMA_EXPS, SAPATTN_FP8_ROW_SUM=mma) on the same
+# layouts, then `ncu --set full` on two launches at NCU_DENSITY: the default build and NCU_BUILD.
+# Prints one line per timing last. BIN_DIR (default build-device) holds prebuilt binaries, flat or
+# under tests/cuda/ and bench/.
 #
-# Environment: BUILDS (default 128:0,128:1,128:2,128:3,128:4,160:0,160:2,160:3,160:4,192:0,128:0:
-# the default build first and last, to see drift), DENSITIES (0.05,0.15,0.3), ITERS (5),
-# TEST_TIMEOUT (120 s), BENCH_TIMEOUT (300 s), NCU_DENSITY (0.15), NCU_BUILD (128:2; none: no ncu).
+# Environment: BUILDS (default 128:0, then 128:2, 128:3, 128:4, 160:0, 160:2, 160:3, 192:0 and
+# 128:0, 128:2, 128:3, 160:0, 160:2, 160:3 with :mma, then 128:0 again, to see drift), DENSITIES
+# (0.05,0.15,0.3), ITERS (5), TEST_TIMEOUT (120 s), BENCH_TIMEOUT (400 s), NCU_DENSITY (0.15),
+# NCU_BUILD (128:2:mma; none: no ncu).
 #
 # Writes to $OUT or ./device-logs: gpu.txt, tests.log, fp8.jsonl, fp8.err, fp8.ncu-rep,
 # ncu-details.txt, ncu.err.
@@ -27,19 +29,19 @@ device_main() {
   }
   describe_gpu
   if tests=$(find_binary test_cuda_ops "$bin" tests/cuda); then
-    timeout "${TEST_TIMEOUT:-120}" "$tests" --gtest_filter='*Fp8*:*E4m3*' >"$out/tests.log" 2>&1
-    echo "tests (*Fp8*:*E4m3*): exit $?"
+    timeout "${TEST_TIMEOUT:-120}" "$tests" --gtest_filter='*Fp8*:*E4m3*:CudaSoftmaxExp2*' >"$out/tests.log" 2>&1
+    echo "tests (*Fp8*:*E4m3*:CudaSoftmaxExp2*): exit $?"
     grep -hE '^\[  (PASSED|FAILED) |^\[  FAILED  \]' "$out/tests.log" | head -20
   fi
-  local builds=${BUILDS:-128:0,128:1,128:2,128:3,128:4,160:0,160:2,160:3,160:4,192:0,128:0}
-  timeout "${BENCH_TIMEOUT:-300}" "$exe" --shape "$shape" --densities "${DENSITIES:-0.05,0.15,0.3}" \
+  local builds=${BUILDS:-128:0,128:2,128:3,128:4,160:0,160:2,160:3,192:0,128:0:mma,128:2:mma,128:3:mma,160:0:mma,160:2:mma,160:3:mma,128:0}
+  timeout "${BENCH_TIMEOUT:-400}" "$exe" --shape "$shape" --densities "${DENSITIES:-0.05,0.15,0.3}" \
     --iters "${ITERS:-5}" --kernels tma --variants unfused,fp8_khead_sumf,fp8_khead_e2e --fp8-builds "$builds" \
     --out /tmp/sapattn-fp8-layouts >"$out/fp8.jsonl" 2>"$out/fp8.err"
   echo "bench: exit $?"
-  if [ "${NCU_BUILD:-128:2}" != none ] && command -v ncu >/dev/null; then
+  if [ "${NCU_BUILD:-128:2:mma}" != none ] && command -v ncu >/dev/null; then
     ncu --target-processes all -k regex:attention_fp8_kernel --launch-count 2 --set full -f -o "$out/fp8" \
       "$exe" --shape "$shape" --densities "${NCU_DENSITY:-0.15}" --iters 1 --warmup 0 --kernels tma \
-      --variants fp8_khead_sumf --fp8-builds "${NCU_BUILD:-128:2}" --out /tmp/sapattn-fp8-ncu-layouts \
+      --variants fp8_khead_sumf --fp8-builds "${NCU_BUILD:-128:2:mma}" --out /tmp/sapattn-fp8-ncu-layouts \
       >/dev/null 2>"$out/ncu.err"
     rc=$?
     ncu -i "$out/fp8.ncu-rep" --page details >"$out/ncu-details.txt" 2>&1

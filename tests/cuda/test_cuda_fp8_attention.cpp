@@ -218,9 +218,10 @@ TEST(Fp8AttentionAccumulate, LongRowsMatchCpuReference) {
 
 // The measurement switches (attention_sm90_fp8.cu), with one K scale per head and the fp32 sum of P:
 // SAPATTN_FP8_FMA_EXPS=1..4 (that many of every 8 column groups take 2^x from the FMA pipe's cubic
-// instead of MUFU) and SAPATTN_FP8_KEY_TILE=160|192 (keys per tile). Each build within the same
-// bounds of the CPU reference, and each a different kernel from the default one; other options
-// with a switch, and 192-key tiles with FMA exponentials: UnsupportedError.
+// instead of MUFU), SAPATTN_FP8_KEY_TILE=160|192 (keys per tile) and SAPATTN_FP8_ROW_SUM=mma (the
+// row sums from the P V MMA and V^T's rows of ones). Each build within the same bounds of the CPU
+// reference, and each a different kernel from the default one; other options with a switch, and a
+// combination not built (192-key tiles with FMA exponentials): UnsupportedError.
 TEST(Fp8AttentionMeasuredBuilds, MatchCpuReference) {
   SparseCase c;
   c.name = "fp8_measured";
@@ -249,16 +250,24 @@ TEST(Fp8AttentionMeasuredBuilds, MatchCpuReference) {
     ~Unset() {
       unsetenv("SAPATTN_FP8_FMA_EXPS");
       unsetenv("SAPATTN_FP8_KEY_TILE");
+      unsetenv("SAPATTN_FP8_ROW_SUM");
     }
   };
-  const std::pair<const char*, const char*> builds[] = {{"128", "1"}, {"128", "2"}, {"128", "3"}, {"128", "4"},
-                                                        {"160", "0"}, {"160", "1"}, {"160", "2"}, {"160", "3"},
-                                                        {"160", "4"}, {"192", "0"}};
-  for (const auto& [tile, fma] : builds) {
-    SCOPED_TRACE(std::string("SAPATTN_FP8_KEY_TILE=") + tile + " SAPATTN_FP8_FMA_EXPS=" + fma);
+  struct Build {
+    const char *tile, *fma, *sum;
+  };
+  const Build builds[] = {{"128", "1", "fp32"}, {"128", "2", "fp32"}, {"128", "3", "fp32"}, {"128", "4", "fp32"},
+                          {"160", "0", "fp32"}, {"160", "1", "fp32"}, {"160", "2", "fp32"}, {"160", "3", "fp32"},
+                          {"160", "4", "fp32"}, {"192", "0", "fp32"}, {"128", "0", "mma"},  {"128", "2", "mma"},
+                          {"128", "3", "mma"},  {"128", "4", "mma"},  {"160", "0", "mma"},  {"160", "2", "mma"},
+                          {"160", "3", "mma"},  {"160", "4", "mma"}};
+  for (const auto& [tile, fma, sum] : builds) {
+    SCOPED_TRACE(std::string("SAPATTN_FP8_KEY_TILE=") + tile + " SAPATTN_FP8_FMA_EXPS=" + fma +
+                 " SAPATTN_FP8_ROW_SUM=" + sum);
     const Unset unset;
     setenv("SAPATTN_FP8_KEY_TILE", tile, 1);
     setenv("SAPATTN_FP8_FMA_EXPS", fma, 1);
+    setenv("SAPATTN_FP8_ROW_SUM", sum, 1);
     const Outputs got = run_e4m3(d.inputs(), o, poisoned, cs.stream(), as_workspace(ws));
     compare(got, cpu, e.out, c.B, c.H, c.Sq, c.D);
     EXPECT_FALSE(identical(got, plain)) << "the switches changed nothing";

@@ -8,7 +8,9 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <type_traits>
+#include <utility>
 
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
@@ -52,6 +54,19 @@ __global__ void __launch_bounds__(sm90::kThreads, 1)
       Barrier::init(&s.v_empty[i], 256);
     }
     cutlass::arch::fence_barrier_init();
+  }
+  if constexpr (Tr::kSumByMma) {
+    // V^T's rows of ones after every slot's box (Fp8Traits), which no TMA load overwrites: e4m3 1.0
+    // is 0x38. Written through the generic proxy, read by wgmma through the async one.
+    constexpr int kWords = Tr::kStages * Tr::kSlots * (Tr::kVtRows - Tr::kHeadDim) * Tr::kSlotRows / 4;
+    for (int i = threadIdx.x; i < kWords; i += blockDim.x) {
+      const int per_slot = (Tr::kVtRows - Tr::kHeadDim) * Tr::kSlotRows / 4, slot = i / per_slot;
+      const int stage = slot / Tr::kSlots, j = slot % Tr::kSlots;
+      auto* word = reinterpret_cast<uint32_t*>(s.v.data() + stage * Tr::kVtStageBytes + j * Tr::kVtSlotBytes +
+                                               Tr::kHeadDim * Tr::kSlotRows);
+      word[i % per_slot] = 0x38383838u;
+    }
+    cutlass::arch::fence_view_async_shared();
   }
   __syncthreads();
   const int q_tiles = (p.seq_q + kTileQ - 1) / kTileQ;
@@ -124,13 +139,21 @@ void launch_for_output(const Params& params, const Fp8Params& fp8, bool out_bf16
 
 // Measurement switches, built for one K scale per head and the fp32 sum of P only (Fp8Traits):
 // SAPATTN_FP8_FMA_EXPS=0..4 (default 0), of every 8 column groups of the softmax, how many take 2^x
-// from the FMA pipe instead of MUFU; SAPATTN_FP8_KEY_TILE=128|160|192 (default 128), keys per tile
-// (192 without FMA exponentials; it spills 32 bytes outside the loop).
+// from the FMA pipe instead of MUFU; SAPATTN_FP8_KEY_TILE=128|160|192 (default 128), keys per tile;
+// SAPATTN_FP8_ROW_SUM=fp32|mma (default fp32), the softmax denominator added per score or made by
+// the P V MMA from V^T's rows of ones. Only the combinations of kMeasured are built (192-key tiles
+// spill 32 bytes outside the loop, and with FMA exponentials or the ones rows ptxas would serialise
+// their wgmmas for want of registers).
 struct Measured {
-  int fma_exps = 0;
   int key_tile = 128;
-  bool any() const { return fma_exps != 0 || key_tile != 128; }
+  int fma_exps = 0;
+  bool sum_by_mma = false;
+  bool any() const { return key_tile != 128 || fma_exps != 0 || sum_by_mma; }
 };
+constexpr Measured kMeasured[] = {{128, 1, false}, {128, 2, false}, {128, 3, false}, {128, 4, false}, {160, 0, false},
+                                  {160, 1, false}, {160, 2, false}, {160, 3, false}, {160, 4, false}, {192, 0, false},
+                                  {128, 0, true},  {128, 2, true},  {128, 3, true},  {128, 4, true},  {160, 0, true},
+                                  {160, 2, true},  {160, 3, true},  {160, 4, true}};
 
 Measured measured_build() {
   Measured m;
@@ -144,28 +167,26 @@ Measured measured_build() {
                   InvalidArgumentError, "SAPATTN_FP8_KEY_TILE is '", env, "'; expected 128, 160 or 192");
     m.key_tile = std::atoi(env);
   }
+  if (const char* env = std::getenv("SAPATTN_FP8_ROW_SUM"); env != nullptr && env[0] != '\0') {
+    SAPATTN_CHECK(std::strcmp(env, "fp32") == 0 || std::strcmp(env, "mma") == 0, InvalidArgumentError,
+                  "SAPATTN_FP8_ROW_SUM is '", env, "'; expected fp32 or mma");
+    m.sum_by_mma = std::strcmp(env, "mma") == 0;
+  }
   return m;
 }
 
-template <int kKeyTile, int kFmaExps>
-void launch_measured(const Params& params, const Fp8Params& fp8, bool out_bf16, cudaStream_t stream) {
-  launch_for_output<sm90::Fp8Traits<false, true, kFmaExps, kKeyTile>>(params, fp8, out_bf16, stream);
-}
-
-template <int kKeyTile>
-void launch_measured(int fma_exps, const Params& params, const Fp8Params& fp8, bool out_bf16, cudaStream_t stream) {
-  switch (fma_exps) {
-    case 0:
-      return launch_measured<kKeyTile, 0>(params, fp8, out_bf16, stream);
-    case 1:
-      return launch_measured<kKeyTile, 1>(params, fp8, out_bf16, stream);
-    case 2:
-      return launch_measured<kKeyTile, 2>(params, fp8, out_bf16, stream);
-    case 3:
-      return launch_measured<kKeyTile, 3>(params, fp8, out_bf16, stream);
-    default:
-      return launch_measured<kKeyTile, 4>(params, fp8, out_bf16, stream);
-  }
+// Launches the measured build m if kMeasured holds it; false otherwise.
+template <size_t... I>
+bool launch_measured(const Measured& m, const Params& params, const Fp8Params& fp8, bool out_bf16, cudaStream_t stream,
+                     std::index_sequence<I...>) {
+  const auto one = [&](auto index) {
+    constexpr Measured b = kMeasured[decltype(index)::value];
+    if (b.key_tile != m.key_tile || b.fma_exps != m.fma_exps || b.sum_by_mma != m.sum_by_mma) return false;
+    launch_for_output<sm90::Fp8Traits<false, true, b.fma_exps, b.key_tile, b.sum_by_mma>>(params, fp8, out_bf16,
+                                                                                          stream);
+    return true;
+  };
+  return (one(std::integral_constant<size_t, I>{}) || ...);
 }
 
 }  // namespace
@@ -176,18 +197,12 @@ void run_sm90_fp8(const Params& params, const Fp8Params& fp8, bool out_bf16, cud
                 params.head_dim);
   if (const Measured m = measured_build(); m.any()) {
     SAPATTN_CHECK(fp8.one_key_scale && !fp8.p_sum_e4m3, UnsupportedError,
-                  "SAPATTN_FP8_FMA_EXPS and SAPATTN_FP8_KEY_TILE are built for one K scale per head and the fp32 sum "
-                  "of P only");
-    switch (m.key_tile) {
-      case 160:
-        return launch_measured<160>(m.fma_exps, params, fp8, out_bf16, stream);
-      case 192:  // (with FMA exponentials ptxas serialises its wgmmas for want of registers: not built)
-        SAPATTN_CHECK(m.fma_exps == 0, UnsupportedError,
-                      "SAPATTN_FP8_KEY_TILE=192 is built without SAPATTN_FP8_FMA_EXPS");
-        return launch_measured<192, 0>(params, fp8, out_bf16, stream);
-      default:
-        return launch_measured<128>(m.fma_exps, params, fp8, out_bf16, stream);
-    }
+                  "SAPATTN_FP8_FMA_EXPS, SAPATTN_FP8_KEY_TILE and SAPATTN_FP8_ROW_SUM are built for one K scale per "
+                  "head and the fp32 sum of P only");
+    SAPATTN_CHECK(launch_measured(m, params, fp8, out_bf16, stream, std::make_index_sequence<std::size(kMeasured)>{}),
+                  UnsupportedError, "the e4m3 kernel is not built with key tile ", m.key_tile, ", ", m.fma_exps,
+                  " FMA exponentials per 8 and the row sum by ", m.sum_by_mma ? "the MMA" : "fp32 adds");
+    return;
   }
   const auto with_key_scale = [&](auto sum_quantised) {
     constexpr bool kSumQ = decltype(sum_quantised)::value;

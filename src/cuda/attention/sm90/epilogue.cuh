@@ -28,7 +28,9 @@ struct Epilogue {
 
   // The rows of `it` that consumer warpgroup `wg` computed (rows [64 wg, 64 wg + 64)), from this
   // thread's fragment (the thread is `lane` of `warp` in the warpgroup): O / row sum, LSE = max *
-  // scale + log(sum).
+  // scale + log(sum). row_sum is the thread's share of its quad's, or with Tr::kSumByMma the whole
+  // (the MMA's ones columns: every thread of the quad holds it). Columns of tOrO past kHeadDim are
+  // not output.
   template <class FragO>
   __device__ __forceinline__ void store(const Item& it, int wg, int warp, int lane, const FragO& tOrO,
                                         const float (&row_max)[2], const float (&row_sum)[2],
@@ -49,8 +51,10 @@ struct Epilogue {
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < 2; ++r) {
       float sum = row_sum[r];
-      sum += __shfl_xor_sync(0xffffffff, sum, 1);
-      sum += __shfl_xor_sync(0xffffffff, sum, 2);
+      if constexpr (!Tr::kSumByMma) {
+        sum += __shfl_xor_sync(0xffffffff, sum, 1);
+        sum += __shfl_xor_sync(0xffffffff, sum, 2);
+      }
       const int32_t row = rows[r];
       if (row < 0) continue;
       float inv = sum != 0.0f ? 1.0f / sum : 0.0f;
@@ -67,7 +71,7 @@ struct Epilogue {
         new_lse = m + logf(total);
       }
       CUTLASS_PRAGMA_UNROLL
-      for (int g = 0; g < size(tOrO) / 4; ++g) {
+      for (int g = 0; g < Tr::kHeadDim / 8; ++g) {
         float x0 = tOrO(4 * g + 2 * r) * inv, x1 = tOrO(4 * g + 2 * r + 1) * inv;
         if constexpr (Tr::kFp8) {
           const float2 sv = *reinterpret_cast<const float2*>(col_scale + 8 * g + 2 * (lane % 4));

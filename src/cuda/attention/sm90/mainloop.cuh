@@ -54,7 +54,8 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
   auto tSrK = thr_qk.partition_fragment_B(sK);
   auto tOrV = thr_pv.partition_fragment_B(sVt);
   auto tSrS = partition_fragment_C(mma_qk, Shape<_64, Int<kBlockN>>{});
-  auto tOrO = partition_fragment_C(mma_pv, Shape<_64, Int<Tr::kHeadDim>>{});
+  // O, and with Tr::kSumByMma the row sums in columns kHeadDim.. (value kHeadDim / 2 + 2 r: row r).
+  auto tOrO = partition_fragment_C(mma_pv, Shape<_64, Int<Tr::kVtRows>>{});
   auto tOrP = make_tensor<T>(typename Tr::LayoutP{});
   static_assert(size(tOrP) == size(tSrS));
 
@@ -211,7 +212,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
           }
         }
       }
-      update_rows(rescale, __log2f(fp8->p_scale), !Tr::kSumQuantised);
+      update_rows(rescale, __log2f(fp8->p_scale), !Tr::kSumQuantised && !Tr::kSumByMma);
     }
   };
   auto rescale_o = [&](const float(&rescale)[2]) {
@@ -461,7 +462,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       CUTLASS_PRAGMA_UNROLL
       for (int r = 0; r < 2; ++r) {
         logit_max[r] = row_max[r] * row_sq[r];
-        p_sum[r] = row_sum[r] / fp8->p_scale;
+        p_sum[r] = (Tr::kSumByMma ? tOrO(Tr::kHeadDim / 2 + 2 * r) : row_sum[r]) / fp8->p_scale;
       }
       epilogue.store(it, wg, warp, lane, tOrO, logit_max, p_sum, lse_shift);
     } else {

@@ -38,7 +38,9 @@ struct Traits {
   static constexpr bool kSumQuantised = false;
   static constexpr bool kHeadKeyScale = false;
   static constexpr int kFmaExps = 0;
+  static constexpr bool kSumByMma = false;
   static constexpr int kHeadDim = HeadDim;
+  static constexpr int kVtRows = HeadDim;                 // the P V MMA's N: O's columns
   static constexpr int kBlockM = kTileQ;                  // query rows per item, 64 per consumer warpgroup
   static constexpr int kBlockN = 128;                     // keys per tile
   static constexpr int kStages = kHeadDim == 64 ? 6 : 3;  // as deep as 227 KB of shared memory allows
@@ -89,8 +91,8 @@ struct Traits {
 // cluster order with fp32 scales, Q per row (sq_i), K per row (sk_j), V per channel (sv_d); the
 // logit is (Q K^T)_ij * sk_j * (sq_i * scale). Both GEMMs are e4m3 wgmma, which takes K-major
 // operands only, so P V reads V^T: the codes written transposed, [B*H, D, keys], by the
-// quantisation pass. A key tile is kKeyTile / 16 slots of 16 keys as in the bf16 sparse mode, every slot its
-// own box for K, V^T and K's scales.
+// quantisation pass. A key tile is kKeyTile / 16 slots of 16 keys as in the bf16 sparse mode,
+// every slot its own box for K, V^T and K's scales.
 //
 // The P V GEMM reads P from registers in the e4m3 A layout, where thread t of a quad holds k
 // columns 4t..4t+3 (and 16 + 4t..); the Q K^T accumulator gives it columns 2t, 2t+1, 8+2t, 9+2t. So
@@ -99,21 +101,33 @@ struct Traits {
 // columns a thread holds are the keys 4t..4t+3, and P goes to the A operand with no shuffle: only
 // its registers are renamed (convert_p_fp8 in mainloop.cuh). V^T stays in key order.
 //
-// kQuantisedSum: the softmax denominator sums the quantised P (Fp8Options::p_sum_e4m3), a
-// compile-time choice: as a runtime one the consumers spill. kOneKeyScale: K has one scale per head (Fp8Options' key
-// tile at least the head's keys), folded into the rows' factor: no key scale is loaded or multiplied per score.
-// kFmaExpsPer8: of every 8 column groups of the softmax, how many take their exponentials from the FMA pipe (exp2_fma)
-// instead of MUFU, whose 16 results a clock per SM are exactly the e4m3 tensor rate's need at head dim 128. kKeyTile:
-// keys per tile, 128, 160 or 192 (slots of 16; the stages are as many as shared memory holds: 5 of 128 keys, 4 of 160,
-// 3 of 192), which spreads each tile's fixed costs (barriers, the turn, the row statistics' shuffles) over more keys.
-template <bool kQuantisedSum, bool kOneKeyScale = false, int kFmaExpsPer8 = 0, int kKeyTile = 128>
+// The parameters (measurement builds beside the defaults, attention_sm90_fp8.cu):
+// - kQuantisedSum: the softmax denominator sums the quantised P (Fp8Options::p_sum_e4m3), a
+//   compile-time choice: as a runtime one the consumers spill.
+// - kOneKeyScale: K has one scale per head (Fp8Options' key tile at least the head's keys), folded
+//   into the rows' factor: no key scale is loaded or multiplied per score.
+// - kFmaExpsPer8: of every 8 column groups of the softmax, how many take their exponentials from the
+//   FMA pipe (exp2_fma) instead of MUFU, whose 16 results a clock per SM are exactly the e4m3 tensor
+//   rate's need at head dim 128.
+// - kKeyTile: keys per tile, 128, 160 or 192 (slots of 16; the stages are as many as shared memory
+//   holds: 5 of 128 keys, 4 of 160, 3 of 192), which spreads each tile's fixed costs (barriers, the
+//   turn, the row statistics' shuffles) over more keys.
+// - kRowSumByMma: the softmax denominator comes from the P V MMA: V^T has 8 more rows of ones
+//   (written once per launch after every slot's 16 x 128 box), so O's columns 128..135 each hold the
+//   row's sum of the quantised P, rescaled and merged with O. No per-score add, at 6% more P V MMA
+//   work (N = 136).
+template <bool kQuantisedSum, bool kOneKeyScale = false, int kFmaExpsPer8 = 0, int kKeyTile = 128,
+          bool kRowSumByMma = false>
 struct Fp8Traits {
   using T = cutlass::float_e4m3_t;
   static constexpr bool kFp8 = true;
   static constexpr bool kSumQuantised = kQuantisedSum;
   static constexpr bool kHeadKeyScale = kOneKeyScale;
   static constexpr int kFmaExps = kFmaExpsPer8;
+  static constexpr bool kSumByMma = kRowSumByMma;
+  static_assert(!(kSumByMma && kQuantisedSum), "one denominator");
   static constexpr int kHeadDim = 128;
+  static constexpr int kVtRows = kHeadDim + (kSumByMma ? 8 : 0);  // V^T's rows (the ones last): P V's N
   static constexpr int kBlockM = kTileQ;
   static constexpr int kBlockN = kKeyTile;
   static constexpr int kChunksPerRow = kHeadDim / 16;  // 16-byte chunks of a row
@@ -124,22 +138,24 @@ struct Fp8Traits {
   static_assert(kBlockN % 32 == 0 && kBlockN <= 256, "key tiles of 32-key blocks (P's e4m3 A operand), wgmma's N");
   // Stages: what 227 KB hold besides Q, V's scales, the merge's O and statistics (and 1 KB of
   // barriers, counts and alignment), at most 5.
-  static constexpr int kStageBytes = 2 * kBlockN * kHeadDim + kSlots * kScaleSlotFloats * 4;
-  static constexpr int kFixedBytes = kBlockM * kHeadDim + kHeadDim * 4 + 128 * kHeadDim / 2 * 4 + 4 * 128 * 4 + 1024;
+  static constexpr int kStageBytes = (kHeadDim + kVtRows) * kBlockN + kSlots * kScaleSlotFloats * 4;
+  static constexpr int kFixedBytes = kBlockM * kHeadDim + kHeadDim * 4 + 128 * kVtRows / 2 * 4 + 4 * 128 * 4 + 1024;
   static constexpr int kStages = cute::min(5, (227 * 1024 - kFixedBytes) / kStageBytes);
   static_assert(kStages >= 2);
 
   using SmemAtom = decltype(GMMA::Layout_K_SW128_Atom<T>{});
   using LayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   using LayoutK = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
-  // V^T (head dim x keys x stages), K-major without swizzle: a core matrix is 8 channels x 16 keys
-  // (128 bytes), channels first, so slot j (keys 16 j ...) is the 2 KB [channel][16 keys] box at
-  // 2048 j, as a V^T box of 16 keys x 128 channels lands.
+  // V^T (kVtRows x keys x stages), K-major without swizzle: a core matrix is 8 channels x 16 keys
+  // (128 bytes), channels first, so slot j (keys 16 j ...) is the [channel][16 keys] block at
+  // j kVtSlotBytes whose first 2 KB a V^T box of 16 keys x 128 channels fills (the ones rows follow).
   using LayoutVt =
-      decltype(tile_to_shape(GMMA::Layout_K_INTER_Atom<T>{}, Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}));
+      decltype(tile_to_shape(GMMA::Layout_K_INTER_Atom<T>{}, Shape<Int<kVtRows>, Int<kBlockN>, Int<kStages>>{}));
+  static constexpr int kVtSlotBytes = kVtRows * kSlotRows;
+  static constexpr int kVtStageBytes = kVtRows * kBlockN;
 
   using MmaQK = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kBlockN>, Int<kHeadDim>>>()));
-  using MmaPV = decltype(make_tiled_mma(GMMA::rs_op_selector<T, T, float, Shape<_64, Int<kHeadDim>, Int<kBlockN>>>()));
+  using MmaPV = decltype(make_tiled_mma(GMMA::rs_op_selector<T, T, float, Shape<_64, Int<kVtRows>, Int<kBlockN>>>()));
   // P as the A operand of P V: per 32 keys, 4 bytes x 2 row halves x 2 key halves (GMMA's 8-bit A).
   using LayoutP = Layout<Shape<Shape<_4, _2, _2>, _1, Int<kBlockN / 32>>>;
 
@@ -149,7 +165,7 @@ struct Fp8Traits {
     array_aligned<T, cosize_v<LayoutVt>, 1024> v;
     alignas(128) float k_scale[kStages][kSlots * kScaleSlotFloats];  // sk_j of the stage's slots
     alignas(128) float v_scale[kHeadDim];                            // sv_d of the item's head
-    alignas(16) float merge_o[128 * kHeadDim / 2];                   // a split item's merge: warpgroup 1's O
+    alignas(16) float merge_o[128 * kVtRows / 2];                    // a split item's merge: warpgroup 1's O
     uint64_t q_full, q_empty;
     uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
     uint32_t slot_count[kStages][kCountWords];
