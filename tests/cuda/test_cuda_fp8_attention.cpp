@@ -96,27 +96,45 @@ void compare(const Outputs& got, const Outputs& cpu, const std::vector<double>& 
   }
 }
 
+// One problem on both sides: the host inputs and their float64 attention, poisoned outputs, the
+// device copy with its workspace and stream; cpu() and gpu() run the e4m3 op on either.
+struct Fp8Problem {
+  explicit Fp8Problem(const SparseCase& base)
+      : c(base),
+        h(make_sparse_problem(base)),
+        e(expect(h, /*with_lse=*/true)),
+        poisoned(poisoned_outputs(base.dtype, h.q.view, true)),
+        d(to_device(h)),
+        ws(device_workspace(workspace_bytes(h))) {}
+  Outputs cpu(const Fp8Options& o) const { return run_e4m3(h.inputs(), o, poisoned, kCpu, {}); }
+  Outputs gpu(const Fp8Options& o) { return run_e4m3(d.inputs(), o, poisoned, cs.stream(), as_workspace(ws)); }
+  // Within the bounds of compare() of the CPU reference's output.
+  void compare_with(const Outputs& got, const Outputs& cpu) const { compare(got, cpu, e.out, c.B, c.H, c.Sq, c.D); }
+
+  SparseCase c;
+  HostProblem h;
+  Expected e;
+  Outputs poisoned;
+  DeviceProblem d;
+  Buffer ws;
+  TestStream cs;
+};
+
 class Fp8AttentionCase : public ::testing::TestWithParam<Fp8Case> {};
 
 TEST_P(Fp8AttentionCase, MatchesCpuReference) {
   const Fp8Case& c = GetParam();
-  const HostProblem h = make_sparse_problem(c.base);
-  const Expected e = expect(h, /*with_lse=*/true);
-  const Outputs poisoned = poisoned_outputs(c.base.dtype, h.q.view, true);
-  const Outputs cpu = run_e4m3(h.inputs(), c.options, poisoned, kCpu, {});
-  const DeviceProblem d = to_device(h);
-  const Buffer ws = device_workspace(workspace_bytes(h));
-  TestStream cs;
+  Fp8Problem p(c.base);
+  const Outputs cpu = p.cpu(c.options);
   if (!hopper()) {
-    EXPECT_THROW(run_e4m3(d.inputs(), c.options, poisoned, cs.stream(), as_workspace(ws)), UnsupportedError);
+    EXPECT_THROW(p.gpu(c.options), UnsupportedError);
     return;
   }
-  const Outputs got = run_e4m3(d.inputs(), c.options, poisoned, cs.stream(), as_workspace(ws));
+  const Outputs got = p.gpu(c.options);
   // The reference's rows are in token order where q_perm is given, as the kernel's.
-  compare(got, cpu, e.out, c.base.B, c.base.H, c.base.Sq, c.base.D);
+  p.compare_with(got, cpu);
   // A second call on the same workspace: the same bits (no state left behind).
-  const Outputs again = run_e4m3(d.inputs(), c.options, poisoned, cs.stream(), as_workspace(ws));
-  EXPECT_TRUE(identical(got, again));
+  EXPECT_TRUE(identical(got, p.gpu(c.options)));
 }
 
 std::vector<Fp8Case> fp8_cases() {
@@ -196,24 +214,15 @@ TEST(Fp8AttentionAccumulate, LongRowsMatchCpuReference) {
   c.Cq = 4;
   c.Ck = 40;
   c.mask = Mask::AllKept;
-  const HostProblem h = make_sparse_problem(c);
-  const Expected e = expect(h, true);
-  const Outputs poisoned = poisoned_outputs(c.dtype, h.q.view, true);
-  const DeviceProblem d = to_device(h);
-  const Buffer ws = device_workspace(workspace_bytes(h));
-  TestStream cs;
+  Fp8Problem p(c);
   if (!hopper()) {
-    EXPECT_THROW(run_e4m3(d.inputs(), Fp8Options{}, poisoned, cs.stream(), as_workspace(ws)), UnsupportedError);
+    EXPECT_THROW(p.gpu(Fp8Options{}), UnsupportedError);
     return;
   }
   Fp8Options head_sumf;  // the next defaults (docs/fp8.md, "The choice")
   head_sumf.k_tile = Fp8Options::kHeadTile;
   head_sumf.p_sum_e4m3 = false;
-  for (const Fp8Options& o : {Fp8Options{}, head_sumf}) {
-    const Outputs cpu = run_e4m3(h.inputs(), o, poisoned, kCpu, {});
-    const Outputs got = run_e4m3(d.inputs(), o, poisoned, cs.stream(), as_workspace(ws));
-    compare(got, cpu, e.out, c.B, c.H, c.Sq, c.D);
-  }
+  for (const Fp8Options& o : {Fp8Options{}, head_sumf}) p.compare_with(p.gpu(o), p.cpu(o));
 }
 
 // The measurement switches (attention_sm90_fp8.cu), with one K scale per head and the fp32 sum of P:
@@ -234,18 +243,13 @@ TEST(Fp8AttentionMeasuredBuilds, MatchCpuReference) {
   Fp8Options o;
   o.k_tile = Fp8Options::kHeadTile;
   o.p_sum_e4m3 = false;
-  const HostProblem h = make_sparse_problem(c);
-  const Expected e = expect(h, true);
-  const Outputs poisoned = poisoned_outputs(c.dtype, h.q.view, true);
-  const Outputs cpu = run_e4m3(h.inputs(), o, poisoned, kCpu, {});
-  const DeviceProblem d = to_device(h);
-  const Buffer ws = device_workspace(workspace_bytes(h));
-  TestStream cs;
+  Fp8Problem p(c);
+  const Outputs cpu = p.cpu(o);
   if (!hopper()) {
-    EXPECT_THROW(run_e4m3(d.inputs(), o, poisoned, cs.stream(), as_workspace(ws)), UnsupportedError);
+    EXPECT_THROW(p.gpu(o), UnsupportedError);
     return;
   }
-  const Outputs plain = run_e4m3(d.inputs(), o, poisoned, cs.stream(), as_workspace(ws));
+  const Outputs plain = p.gpu(o);
   struct Unset {
     ~Unset() {
       unsetenv("SAPATTN_FP8_FMA_EXPS");
@@ -268,15 +272,15 @@ TEST(Fp8AttentionMeasuredBuilds, MatchCpuReference) {
     setenv("SAPATTN_FP8_KEY_TILE", tile, 1);
     setenv("SAPATTN_FP8_FMA_EXPS", fma, 1);
     setenv("SAPATTN_FP8_ROW_SUM", sum, 1);
-    const Outputs got = run_e4m3(d.inputs(), o, poisoned, cs.stream(), as_workspace(ws));
-    compare(got, cpu, e.out, c.B, c.H, c.Sq, c.D);
+    const Outputs got = p.gpu(o);
+    p.compare_with(got, cpu);
     EXPECT_FALSE(identical(got, plain)) << "the switches changed nothing";
-    EXPECT_THROW(run_e4m3(d.inputs(), Fp8Options{}, poisoned, cs.stream(), as_workspace(ws)), UnsupportedError);
+    EXPECT_THROW(p.gpu(Fp8Options{}), UnsupportedError);
   }
   const Unset unset;
   setenv("SAPATTN_FP8_KEY_TILE", "192", 1);
   setenv("SAPATTN_FP8_FMA_EXPS", "2", 1);
-  EXPECT_THROW(run_e4m3(d.inputs(), o, poisoned, cs.stream(), as_workspace(ws)), UnsupportedError);
+  EXPECT_THROW(p.gpu(o), UnsupportedError);
 }
 
 // The kernel's limits: UnsupportedError naming them, before anything is written.
