@@ -70,8 +70,9 @@ struct Options {
   std::vector<std::string> variants{"unfused",  "fused_qk",  "fused_q",        "sorted_kv", "unfused_e2e",  "fp8",
                                     "fp8_sumf", "fp8_khead", "fp8_khead_sumf", "fp8_e2e",   "fp8_khead_e2e"};
   // --fp8-builds TILE:EXPS[:mma],...: fp8_khead_sumf again under each measured build of the e4m3
-  // kernel (SAPATTN_FP8_KEY_TILE=TILE SAPATTN_FP8_FMA_EXPS=EXPS, SAPATTN_FP8_ROW_SUM=mma with ":mma"),
-  // reported as "fp8_khead_sumf@" and the build.
+  // kernel (SAPATTN_FP8_KEY_TILE=TILE SAPATTN_FP8_FMA_EXPS=EXPS; with ":mma" SAPATTN_FP8_ROW_SUM=mma
+  // and the sum of the quantised P instead of the fp32 sum), reported as "fp8_khead_sumf@" and the
+  // build.
   std::vector<std::string> fp8_builds;
 };
 
@@ -579,14 +580,15 @@ void bench_shape(const BenchShape& spec, const Options& opt) {
           const std::vector<std::string> parts = split(build, ':');
           setenv("SAPATTN_FP8_KEY_TILE", parts[0].c_str(), 1);
           setenv("SAPATTN_FP8_FMA_EXPS", parts[1].c_str(), 1);
-          setenv("SAPATTN_FP8_ROW_SUM", parts.size() > 2 ? parts[2].c_str() : "fp32", 1);
+          const bool mma = parts.size() > 2 && parts[2] == "mma";  // the sum of the quantised P, by the MMA
+          setenv("SAPATTN_FP8_ROW_SUM", mma ? "mma" : "default", 1);
           report(
               "fp8_khead_sumf", kernel, tag, target, density, pairs,
               [&] {
                 SAPATTN_CHECK(operands.has_value(), UnsupportedError, "the e4m3 operands could not be made");
-                cuda::E4m3Operands sumf = *operands;
-                sumf.p_sum_e4m3 = false;
-                cuda::attend_e4m3(sumf, layout, out.view(), no_lse, st);
+                cuda::E4m3Operands head = *operands;
+                head.p_sum_e4m3 = mma;
+                cuda::attend_e4m3(head, layout, out.view(), no_lse, st);
               },
               "fp8_khead_sumf@" + build);
           unsetenv("SAPATTN_FP8_KEY_TILE");

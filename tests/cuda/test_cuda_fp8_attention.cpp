@@ -225,11 +225,12 @@ TEST(Fp8AttentionAccumulate, LongRowsMatchCpuReference) {
   for (const Fp8Options& o : {Fp8Options{}, head_sumf}) p.compare_with(p.gpu(o), p.cpu(o));
 }
 
-// The measurement switches (attention_sm90_fp8.cu), with one K scale per head and the fp32 sum of P:
+// The measurement switches (attention_sm90_fp8.cu), with one K scale per head:
 // SAPATTN_FP8_FMA_EXPS=1..4 (that many of every 8 column groups take 2^x from the FMA pipe's cubic
-// instead of MUFU), SAPATTN_FP8_KEY_TILE=160|192 (keys per tile) and SAPATTN_FP8_ROW_SUM=mma (the
-// row sums from the P V MMA and V^T's rows of ones). Each build within the same bounds of the CPU
-// reference, and each a different kernel from the default one; other options with a switch, and a
+// instead of MUFU) and SAPATTN_FP8_KEY_TILE=160|192 (keys per tile) with the fp32 sum of P, and
+// SAPATTN_FP8_ROW_SUM=mma (the sum of the quantised P from the P V MMA and V^T's rows of ones) with
+// p_sum_e4m3. Each build within the same bounds of the CPU reference of its options, and each a
+// different kernel from the default one of those options; other options with a switch, and a
 // combination not built (192-key tiles with FMA exponentials): UnsupportedError.
 TEST(Fp8AttentionMeasuredBuilds, MatchCpuReference) {
   SparseCase c;
@@ -243,13 +244,15 @@ TEST(Fp8AttentionMeasuredBuilds, MatchCpuReference) {
   Fp8Options o;
   o.k_tile = Fp8Options::kHeadTile;
   o.p_sum_e4m3 = false;
+  Fp8Options quantised_sum = o;
+  quantised_sum.p_sum_e4m3 = true;
   Fp8Problem p(c);
-  const Outputs cpu = p.cpu(o);
+  const Outputs cpu = p.cpu(o), cpu_quantised_sum = p.cpu(quantised_sum);
   if (!hopper()) {
     EXPECT_THROW(p.gpu(o), UnsupportedError);
     return;
   }
-  const Outputs plain = p.gpu(o);
+  const Outputs plain = p.gpu(o), plain_quantised_sum = p.gpu(quantised_sum);
   struct Unset {
     ~Unset() {
       unsetenv("SAPATTN_FP8_FMA_EXPS");
@@ -260,11 +263,12 @@ TEST(Fp8AttentionMeasuredBuilds, MatchCpuReference) {
   struct Build {
     const char *tile, *fma, *sum;
   };
-  const Build builds[] = {{"128", "1", "fp32"}, {"128", "2", "fp32"}, {"128", "3", "fp32"}, {"128", "4", "fp32"},
-                          {"160", "0", "fp32"}, {"160", "1", "fp32"}, {"160", "2", "fp32"}, {"160", "3", "fp32"},
-                          {"160", "4", "fp32"}, {"192", "0", "fp32"}, {"128", "0", "mma"},  {"128", "2", "mma"},
-                          {"128", "3", "mma"},  {"128", "4", "mma"},  {"160", "0", "mma"},  {"160", "2", "mma"},
-                          {"160", "3", "mma"},  {"160", "4", "mma"}};
+  const Build builds[] = {{"128", "1", "default"}, {"128", "2", "default"}, {"128", "3", "default"},
+                          {"128", "4", "default"}, {"160", "0", "default"}, {"160", "1", "default"},
+                          {"160", "2", "default"}, {"160", "3", "default"}, {"160", "4", "default"},
+                          {"192", "0", "default"}, {"128", "0", "mma"},     {"128", "2", "mma"},
+                          {"128", "3", "mma"},     {"128", "4", "mma"},     {"160", "0", "mma"},
+                          {"160", "2", "mma"},     {"160", "3", "mma"},     {"160", "4", "mma"}};
   for (const auto& [tile, fma, sum] : builds) {
     SCOPED_TRACE(std::string("SAPATTN_FP8_KEY_TILE=") + tile + " SAPATTN_FP8_FMA_EXPS=" + fma +
                  " SAPATTN_FP8_ROW_SUM=" + sum);
@@ -272,10 +276,12 @@ TEST(Fp8AttentionMeasuredBuilds, MatchCpuReference) {
     setenv("SAPATTN_FP8_KEY_TILE", tile, 1);
     setenv("SAPATTN_FP8_FMA_EXPS", fma, 1);
     setenv("SAPATTN_FP8_ROW_SUM", sum, 1);
-    const Outputs got = p.gpu(o);
-    p.compare_with(got, cpu);
-    EXPECT_FALSE(identical(got, plain)) << "the switches changed nothing";
+    const bool mma = std::string(sum) == "mma";
+    const Outputs got = p.gpu(mma ? quantised_sum : o);
+    p.compare_with(got, mma ? cpu_quantised_sum : cpu);
+    EXPECT_FALSE(identical(got, mma ? plain_quantised_sum : plain)) << "the switches changed nothing";
     EXPECT_THROW(p.gpu(Fp8Options{}), UnsupportedError);
+    EXPECT_THROW(p.gpu(mma ? o : quantised_sum), UnsupportedError);
   }
   const Unset unset;
   setenv("SAPATTN_FP8_KEY_TILE", "192", 1);

@@ -137,11 +137,12 @@ void launch_for_output(const Params& params, const Fp8Params& fp8, bool out_bf16
   out_bf16 ? launch<Tr, cutlass::bfloat16_t>(params, fp8, stream) : launch<Tr, cutlass::half_t>(params, fp8, stream);
 }
 
-// Measurement switches, built for one K scale per head and the fp32 sum of P only (Fp8Traits):
-// SAPATTN_FP8_FMA_EXPS=0..4 (default 0), of every 8 column groups of the softmax, how many take 2^x
-// from the FMA pipe instead of MUFU; SAPATTN_FP8_KEY_TILE=128|160|192 (default 128), keys per tile;
-// SAPATTN_FP8_ROW_SUM=fp32|mma (default fp32), the softmax denominator added per score or made by
-// the P V MMA from V^T's rows of ones. Only the combinations of kMeasured are built (192-key tiles
+// Measurement switches, built for one K scale per head only (Fp8Traits): SAPATTN_FP8_FMA_EXPS=0..4
+// (default 0), of every 8 column groups of the softmax, how many take 2^x from the FMA pipe instead
+// of MUFU; SAPATTN_FP8_KEY_TILE=128|160|192 (default 128), keys per tile; SAPATTN_FP8_ROW_SUM=mma,
+// the sum of the quantised P (Fp8Options::p_sum_e4m3, which it needs) made by the P V MMA from
+// V^T's rows of ones instead of in f16 per score (without it the builds take the fp32 sum of P,
+// p_sum_e4m3 false). Only the combinations of kMeasured are built (192-key tiles
 // spill 32 bytes outside the loop, and with FMA exponentials or the ones rows ptxas would serialise
 // their wgmmas for want of registers).
 struct Measured {
@@ -168,8 +169,8 @@ Measured measured_build() {
     m.key_tile = std::atoi(env);
   }
   if (const char* env = std::getenv("SAPATTN_FP8_ROW_SUM"); env != nullptr && env[0] != '\0') {
-    SAPATTN_CHECK(std::strcmp(env, "fp32") == 0 || std::strcmp(env, "mma") == 0, InvalidArgumentError,
-                  "SAPATTN_FP8_ROW_SUM is '", env, "'; expected fp32 or mma");
+    SAPATTN_CHECK(std::strcmp(env, "default") == 0 || std::strcmp(env, "mma") == 0, InvalidArgumentError,
+                  "SAPATTN_FP8_ROW_SUM is '", env, "'; expected default or mma");
     m.sum_by_mma = std::strcmp(env, "mma") == 0;
   }
   return m;
@@ -196,9 +197,9 @@ void run_sm90_fp8(const Params& params, const Fp8Params& fp8, bool out_bf16, cud
                 "the e4m3 attention kernel takes head dim ", sm90::Fp8Traits<true>::kHeadDim, ", got ",
                 params.head_dim);
   if (const Measured m = measured_build(); m.any()) {
-    SAPATTN_CHECK(fp8.one_key_scale && !fp8.p_sum_e4m3, UnsupportedError,
+    SAPATTN_CHECK(fp8.one_key_scale && fp8.p_sum_e4m3 == m.sum_by_mma, UnsupportedError,
                   "SAPATTN_FP8_FMA_EXPS, SAPATTN_FP8_KEY_TILE and SAPATTN_FP8_ROW_SUM are built for one K scale per "
-                  "head and the fp32 sum of P only");
+                  "head, with the sum of the quantised P (p_sum_e4m3) exactly where SAPATTN_FP8_ROW_SUM=mma");
     SAPATTN_CHECK(launch_measured(m, params, fp8, out_bf16, stream, std::make_index_sequence<std::size(kMeasured)>{}),
                   UnsupportedError, "the e4m3 kernel is not built with key tile ", m.key_tile, ", ", m.fma_exps,
                   " FMA exponentials per 8 and the row sum by ", m.sum_by_mma ? "the MMA" : "fp32 adds");
