@@ -109,8 +109,8 @@ struct Traits {
 // - kFmaExpsPer8: of every 8 column groups of the softmax, how many take their exponentials from the
 //   FMA pipe (exp2_fma) instead of MUFU, whose 16 results a clock per SM are exactly the e4m3 tensor
 //   rate's need at head dim 128.
-// - kKeyTile: keys per tile, 128, 160 or 192 (slots of 16; the stages are as many as shared memory
-//   holds: 5 of 128 keys, 4 of 160, 3 of 192), which spreads each tile's fixed costs (barriers, the
+// - kKeyTile: keys per tile, 128 or 160 (slots of 16; the stages are as many as shared memory
+//   holds: 5 of 128 keys, 4 of 160), which spreads each tile's fixed costs (barriers, the
 //   turn, the row statistics' shuffles) over more keys.
 // - kRowSumByMma: the softmax denominator comes from the P V MMA: V^T has 8 more rows of ones
 //   (written once per launch after every slot's 16 x 128 box), so O's columns 128..135 each hold the
