@@ -62,8 +62,7 @@ __global__ void __launch_bounds__(sm90::kThreads, 1)
     for (int i = threadIdx.x; i < kWords; i += blockDim.x) {
       const int per_slot = (Tr::kVtRows - Tr::kHeadDim) * Tr::kSlotRows / 4, slot = i / per_slot;
       const int stage = slot / Tr::kSlots, j = slot % Tr::kSlots;
-      auto* word = reinterpret_cast<uint32_t*>(s.v.data() + stage * Tr::kVtStageBytes + j * Tr::kVtSlotBytes +
-                                               Tr::kHeadDim * Tr::kSlotRows);
+      auto* word = reinterpret_cast<uint32_t*>(Tr::vt_slot(s, stage, j) + Tr::kHeadDim * Tr::kSlotRows);
       word[i % per_slot] = 0x38383838u;
     }
     cutlass::arch::fence_view_async_shared();

@@ -485,7 +485,7 @@ __device__ void producer_tma_fp8(const Params& p, const Fp8Params& f, const Fp8M
       // previous head and are masked; row -16 of head 0 is outside the map: zeros).
       const int32_t k_row = row + it.bh * p.seq_k;
       T* k_dst = s.k.data() + stage * Tr::kBlockN * Tr::kHeadDim + slot * kSlotBytes;
-      T* v_dst = s.v.data() + stage * Tr::kVtStageBytes + slot * Tr::kVtSlotBytes;
+      T* v_dst = Tr::vt_slot(s, stage, slot);
       Barrier::wait(&s.k_empty[stage], phase ^ 1);
       if (lane == 0) {
 #pragma unroll

@@ -174,6 +174,10 @@ struct Fp8Traits {
     float merge_max[2][128], merge_sum[2][128];
   };
   __device__ static float* merge_o(Smem& s) { return s.merge_o; }
+  // Slot `slot` of stage `stage` of V^T: its box's 2 KB, then (kSumByMma) its rows of ones.
+  __device__ static T* vt_slot(Smem& s, int stage, int slot) {
+    return s.v.data() + stage * kVtStageBytes + slot * kVtSlotBytes;
+  }
 };
 
 // A permutation entry, range-checked: out-of-range entries raise the value-check flag and read as
