@@ -189,9 +189,9 @@ __device__ __forceinline__ void load_q_tile(const TcParams& p, const int32_t* ro
 // |K_c| > 0), in ascending order, with their logit bias in units of the dot product, (log|K_c| +
 // spread[a, c]) / scale; entries up to the next multiple of kTileK are padding (-1, kPadBias).
 // Returns their count (the same in every thread). Thread t looks at candidates w0 + kPerThread t + e;
-// a block scan places them. Both kinds of warp (stream, below) call it, so its barrier is the
-// unaligned block_barrier: synccheck reported the aligned __syncthreads here as divergent even with
-// the function not inlined (run 20). Not inlined: inlined, the unaligned barrier spilled 8 bytes.
+// a block scan places them. Both kinds of warp (stream, below) call it, so both its barriers are the
+// unaligned block_barrier: synccheck reported an aligned __syncthreads here as divergent even with
+// the function not inlined (run 20 the first, 2026-12-07 day the second). Not inlined: inlined, the unaligned barrier spilled 8 bytes.
 __device__ __noinline__ int build_list(const TcParams& p, const Item& item, int w0, int32_t* list, float* bias,
                                        int* scan) {
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -240,7 +240,7 @@ __device__ __noinline__ int build_list(const TcParams& p, const Item& item, int 
     list[i] = -1;
     bias[i] = kPadBias;
   }
-  __syncthreads();  // the list is complete; every thread has read the scan
+  block_barrier();  // the list is complete; every thread has read the scan
   return count;
 }
 
