@@ -182,7 +182,7 @@ TEST_P(Fp8OperandsCase, CodesAndScalesAreTheCpuQuantisation) {
   expect_same_floats(download_n(o.q_scale, BH * c.Sq), floats_of(qs), "q scales");
   expect_same_bytes(download_n(o.k_codes, BH * c.Sk * kD), kc.bytes(), "k codes");
   expect_same_floats(download_n(o.v_scale, BH * kD), floats_of(vs), "v scales");
-  // K's scales in rows of v_keys; V's codes as [b*h, d, v_keys], zeros past the last key.
+  // K's scales in rows of v_keys; V's codes in 16-key slots, [b*h, v_keys / 16, d, 16], zeros past the last key.
   ASSERT_GE(o.v_keys, c.Sk);
   const std::vector<float> k_rows = download_n(o.k_scale, BH * o.v_keys), ks_cpu = floats_of(ks);
   std::vector<float> k_rows_used;
@@ -195,7 +195,7 @@ TEST_P(Fp8OperandsCase, CodesAndScalesAreTheCpuQuantisation) {
   for (int64_t bh = 0; bh < BH; ++bh)
     for (int64_t d = 0; d < kD; ++d)
       for (int64_t r = 0; r < o.v_keys; ++r) {
-        const uint8_t code = vt[static_cast<size_t>((bh * kD + d) * o.v_keys + r)];
+        const uint8_t code = vt[static_cast<size_t>((bh * o.v_keys + r / 16 * 16) * kD + 16 * d + r % 16)];
         if (r < c.Sk) {
           vt_as_rows[static_cast<size_t>((bh * c.Sk + r) * kD + d)] = code;
         } else if (code != 0) {
@@ -204,6 +204,19 @@ TEST_P(Fp8OperandsCase, CodesAndScalesAreTheCpuQuantisation) {
       }
   expect_same_bytes(vt_as_rows, vc_cpu, "v codes (transposed)");
   EXPECT_EQ(nonzero_tail, 0) << "V^T codes past the last key";
+  {
+    // The generic transposed pass (the other granularities' V^T) writes the same slots, into a buffer
+    // of e4m3 NaN codes: its last slot's rows past the last key must become zeros too.
+    const Buffer generic = device_workspace(static_cast<size_t>(BH * kD * o.v_keys));
+    const Buffer generic_scales = device_workspace(static_cast<size_t>(BH * kD) * sizeof(float));
+    ASSERT_EQ(cudaMemset(generic.data(), 0x7f, generic.bytes()), cudaSuccess);
+    cuda::quantize_e4m3_channel_transposed(dv.view, c.permuted ? dkp.view : none,
+                                           static_cast<uint8_t*>(generic.data()), o.v_keys,
+                                           static_cast<float*>(generic_scales.data()), cs.stream());
+    cs.sync();
+    expect_same_bytes(download_n(static_cast<const uint8_t*>(generic.data()), BH * kD * o.v_keys), vt,
+                      "v codes (generic transposed pass)");
+  }
 
   // The LSE term of each cluster-ordered query row: scale * q . mean.
   ASSERT_EQ(o.lse_shift != nullptr, c.smooth);

@@ -125,14 +125,15 @@ struct Params {
 
 // The e4m3 kernel's operands beyond Params (attention_sm90_fp8.cu, docs/fp8.md). Params' q, k and
 // v are then the e4m3 codes in cluster order: q [B*H, seq_q, 128], k [B*H * seq_k + 16, 128] (16
-// rows past the end: a slot may read them, masked), v transposed [B*H, 128, v_keys] (v_keys = seq_k
-// rounded up to 16); k_perm is null and q_perm, if set, only places the output rows.
+// rows past the end: a slot may read them, masked), v transposed in 16-key slots [B*H, v_keys / 16,
+// 128, 16] (v_keys = seq_k rounded up to 16, zeros past seq_k: a slot is one contiguous 2 KB box);
+// k_perm is null and q_perm, if set, only places the output rows.
 struct Fp8Params {
   const float* q_scale = nullptr;    // [B*H, seq_q]: sq_i
   const float* k_scale = nullptr;    // [B*H, v_keys]: sk_j (rows padded to v_keys)
   const float* v_scale = nullptr;    // [B*H, 128]: sv_d
   const float* lse_shift = nullptr;  // [B*H, seq_q] in cluster order: scale * q_i . mean (K smoothed), or null
-  int32_t v_keys = 0;                // the row length of v^T
+  int32_t v_keys = 0;                // keys per head of v^T, a multiple of 16
   float p_scale = 448.0f;            // P is stored as e4m3(p * p_scale)
   bool p_sum_e4m3 = true;            // the softmax denominator sums the quantised P
   bool one_key_scale = false;        // K has one scale per head (k_scale[bh * v_keys] holds it)

@@ -98,10 +98,15 @@ bool encode_maps(Fp8Maps& maps, const Params& p, const Fp8Params& f) {
     const uint32_t box[5] = {static_cast<uint32_t>(D), 2, 4, 2, 1};
     ok = ok && encode_tiled_map(maps.k, DType::U8, 5, p.k, dims, strides, box);
   }
-  {  // v^T codes (keys, channels, heads): 16 keys x 128 channels, no swizzle
-    const uint64_t dims[3] = {sk, D, bh}, strides[2] = {static_cast<uint64_t>(f.v_keys), D * f.v_keys};
-    const uint32_t box[3] = {static_cast<uint32_t>(Tr::kSlotRows), static_cast<uint32_t>(D), 1};
-    ok = ok && encode_tiled_map(maps.vt, DType::U8, 3, p.v, dims, strides, box, /*swizzle_128b=*/false);
+  {  // v^T codes in 16-key slots ([bh][slot][channel][16 keys], 2 KB each) as rows of 128 bytes: a
+     // slot is 16 rows, one contiguous box that lands as the consumers read it (no swizzle). Slot
+     // boxes of 16 keys x 128 channels over [bh][channel][keys] fetched 16 bytes per channel, half
+     // of every 32-byte L2 sector.
+    const uint64_t rows = bh * static_cast<uint64_t>(f.v_keys) * D / 128;
+    const uint64_t dims[2] = {128, rows}, strides[1] = {128};
+    const uint32_t box[2] = {128, static_cast<uint32_t>(Tr::kSlotRows * D / 128)};
+    ok = ok && rows < (uint64_t{1} << 31) &&
+         encode_tiled_map(maps.vt, DType::U8, 2, p.v, dims, strides, box, /*swizzle_128b=*/false);
   }
   {  // k scales (keys, heads), rows of v_keys floats (fp8_attention.cu pads them): boxes of 16
     const uint64_t dims[2] = {sk, bh}, strides[1] = {static_cast<uint64_t>(f.v_keys) * sizeof(float)};

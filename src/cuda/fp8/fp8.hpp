@@ -9,9 +9,11 @@
 
 namespace sapattn::cuda {
 
-// quantize_e4m3 per channel (no shift) with the codes written transposed: codes_t[bh, d, r] (row
-// length ld >= S, entries past S untouched) is the code of x[b, h, perm[r], d]; scales [B*H, D] as
-// quantize_e4m3's. The same codes and scales as quantize_e4m3, bit for bit. D <= 256.
+// quantize_e4m3 per channel (no shift) with the codes written transposed in slots of 16 rows:
+// codes_t[bh][r / 16][d][r % 16] (ld >= S rows per head, a multiple of 16; the last slot's rows past S
+// zeros, slots past it untouched) is the code of x[b, h, perm[r], d]; scales [B*H, D] as
+// quantize_e4m3's. The same codes and scales as quantize_e4m3, bit for bit. D <= 256. A slot is the
+// e4m3 attention's V^T box: 16 keys x D channels, contiguous in memory as in shared memory.
 void quantize_e4m3_channel_transposed(const TensorView& x, const TensorView& perm, uint8_t* codes_t, int64_t ld,
                                       float* scales, const Stream& stream);
 

@@ -278,8 +278,8 @@ __device__ void quantize_tile(const Input<T>& in, int64_t b, int64_t h, int64_t 
   }
 }
 
-// V's codes of the key tile [lo, hi) with the channel inverses, through shared memory into V^T
-// (rows of v_keys codes per channel; keys of the tile's last 16-key chunk past hi are zeros). The
+// V's codes of the key tile [lo, hi) with the channel inverses, through shared memory into V^T in
+// 16-key slots ([slot][channel][16 keys], fp8.hpp; keys of the tile's last slot past hi are zeros). The
 // tile sits in shared memory as [key][128 channels] with 8-byte chunks XOR-swizzled by key / 16,
 // so that the transposed byte reads of a warp (8 key chunks x 4 channels) hit 8 different banks.
 template <typename T, bool kVec>
@@ -305,9 +305,9 @@ __device__ void quantize_v_tile(const Input<T>& in, int64_t b, int64_t h, int64_
     reinterpret_cast<uint2*>(tile + key * kD)[c ^ ((key / 16) & 7)] = w;
   }
   __syncthreads();
-  // Thread (channel d, key chunk q): 16 codes, one byte read per key, as one 16-byte store; 8
-  // threads write a channel's 128 keys.
-  uint8_t* vt = p.out.vt_codes + bh * kD * p.v_keys + lo;
+  // Thread (channel d, key chunk q): 16 codes, one byte read per key, as one 16-byte store at
+  // channel d of slot lo / 16 + q; 8 threads write a channel's 128 keys.
+  uint8_t* vt = p.out.vt_codes + (bh * p.v_keys + lo) * kD;
   const int q = threadIdx.x % 8;
 #pragma unroll
   for (int pass = 0; pass < kD / (kThreads / 8); ++pass) {
@@ -320,7 +320,7 @@ __device__ void quantize_v_tile(const Input<T>& in, int64_t b, int64_t h, int64_
       const uint32_t byte = tile[key * kD + 8 * ((d / 8) ^ (key / 16 & 7)) + d % 8];
       w[k / 4] |= byte << (8 * (k % 4));
     }
-    *reinterpret_cast<uint4*>(vt + d * p.v_keys + 16 * q) = make_uint4(w[0], w[1], w[2], w[3]);
+    *reinterpret_cast<uint4*>(vt + 16 * (q * kD + d)) = make_uint4(w[0], w[1], w[2], w[3]);
   }
 }
 

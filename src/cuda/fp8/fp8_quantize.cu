@@ -28,7 +28,7 @@ using fp8_group::scale_of_key;
 using fp8_group::source_row;
 
 constexpr int kThreads = 256;
-constexpr int kChannelRows = 64;  // rows per block of the per-channel kernels
+constexpr int kChannelRows = 64;  // rows per block of the per-channel kernels (whole 16-row slots of V^T)
 template <typename T>
 struct QuantizeParams {
   const T* x;
@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(kThreads) channel_amax_kernel(QuantizeParams<T
 
 // Channel, pass 2: every element of a block of rows encoded with its column's inverse. kTransposed
 // (the e4m3 attention's V^T): the block's codes go to shared memory as [rows][D] first and are then
-// written out as [D][rows] (kChannelRows contiguous bytes per channel, rows of p.ld).
+// written out in 16-row slots, [slot][D][16] (fp8.hpp), the last slot's rows past S as zeros.
 template <typename T, bool kTransposed>
 __global__ void __launch_bounds__(kThreads) channel_codes_kernel(QuantizeParams<T> p) {
   extern __shared__ float column_inverse[];  // [D] (then, transposed, the block's codes [kChannelRows][D])
@@ -144,11 +144,11 @@ __global__ void __launch_bounds__(kThreads) channel_codes_kernel(QuantizeParams<
   }
   if constexpr (kTransposed) {
     __syncthreads();
-    uint8_t* out = p.codes + bh * p.D * p.ld + lo;
-    const int64_t rows = hi - lo;
-    for (int64_t i = threadIdx.x; i < rows * p.D; i += kThreads) {
-      const int64_t d = i / rows, r = i % rows;
-      out[d * p.ld + r] = codes[r * p.D + d];
+    uint8_t* out = p.codes + (bh * p.ld + lo) * p.D;  // slot lo / 16 of the head (kChannelRows % 16 == 0)
+    const int64_t rows = hi - lo, slot_rows = (rows + 15) / 16 * 16;
+    for (int64_t i = threadIdx.x; i < slot_rows * p.D; i += kThreads) {
+      const int64_t slot = i / (16 * p.D), d = i / 16 % p.D, r = 16 * slot + i % 16;
+      out[i] = r < rows ? codes[r * p.D + d] : uint8_t{0};
     }
   }
 }
@@ -196,9 +196,10 @@ QuantizeParams<T> quantize_params(const TensorView& x, const TensorView& perm, u
 void quantize_e4m3_channel_transposed(const TensorView& x, const TensorView& perm, uint8_t* codes_t, int64_t ld,
                                       float* scales, const Stream& stream) {
   const int64_t B = x.shape[0], H = x.shape[1], S = x.shape[2], D = x.shape[3];
-  SAPATTN_CHECK(B * H <= 65535 && D <= 256 && ld >= S, UnsupportedError,
-                "the transposed e4m3 quantisation takes at most 65535 (b,h) pairs and head dims up to 256, got ",
-                x.describe());
+  SAPATTN_CHECK(B * H <= 65535 && D <= 256 && ld >= S && ld % 16 == 0, UnsupportedError,
+                "the transposed e4m3 quantisation takes at most 65535 (b,h) pairs, head dims up to 256 and "
+                "rows of a multiple of 16 keys, got ",
+                x.describe(), " with rows of ", ld);
   if (B * H == 0 || D == 0) return;
   const DeviceGuard guard(stream.device);
   const bool checked = !perm.empty() && begin_value_check(stream);

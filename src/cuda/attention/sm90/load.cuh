@@ -499,7 +499,11 @@ __device__ void producer_tma_fp8(const Params& p, const Fp8Params& f, const Fp8M
         cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.v_full[stage], kTileBytes + kScaleBytes);
       __syncwarp();
       if (lane < Tr::kSlots) {
-        tma_load_3d(&maps.vt, &s.v_full[stage], v_dst, row, 0, it.bh);
+        // V^T's slot of key `row` (a multiple of 16): 16 rows of 128 bytes (attention_sm90_fp8.cu);
+        // no keys (row < 0): a box outside the map, zeros.
+        constexpr int kVtBoxRows = Tr::kSlotRows * Tr::kHeadDim / 128;
+        const int32_t vt_row = row < 0 ? -kVtBoxRows : (it.bh * (f.v_keys / Tr::kSlotRows) + row / Tr::kSlotRows) * kVtBoxRows;
+        tma_load_2d(&maps.vt, &s.v_full[stage], v_dst, 0, vt_row);
         if constexpr (!Tr::kHeadKeyScale)
           tma_load_2d(&maps.k_scale, &s.v_full[stage], &s.k_scale[stage][slot * Tr::kScaleSlotFloats], row, it.bh);
       }
