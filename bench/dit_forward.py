@@ -9,12 +9,14 @@ Per model it times (CUDA events, median of --reps after a warm-up):
             (random weights give diffuse attention: top-p would keep nearly everything, so the
             budget is set through the config, SVG2Config.with_fixed_density)
   init      the first sparse forward (50 k-means iterations from the sample), timed once
+  fp8       with --fp8: sparse again with attention_dtype="fp8_e4m3" (the e4m3 kernel on the same
+            clusters and budget; docs/fp8.md), after the bf16 sparse forwards
 Attention time = forward - no_attn. Peak memory is torch's max allocated during each forward.
 The projected 50-step time with CFG (two forwards per step) and 20% dense warm-up:
   stock 100 * stock;  sapattn 2 * (10 * stock + init + 39 * sparse).
 Prints one JSON object per model and a markdown table last.
 
-    python3 bench/dit_forward.py --models wan13b,wan14b --density 0.15
+    python3 bench/dit_forward.py --models wan13b,wan14b --density 0.15 [--fp8]
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def mean_sparse_density(telemetry: Path) -> float:
     return sum(values) / len(values)
 
 
-def bench(name: str, density: float, reps: int) -> dict:
+def bench(name: str, density: float, reps: int, fp8: bool) -> dict:
     import sapattn
     import sapattn.diffusers as sd
     from sapattn.diffusers import wan as wan_adapter
@@ -134,6 +136,11 @@ def bench(name: str, density: float, reps: int) -> dict:
             row["sparse_ms"], row["sparse_peak_gib"], row["sparse_finite"], row["sparse_runs"] = median_of(
                 model, inputs, reps)
             controller.flush()
+            if fp8:
+                controller.config = controller.config.replace(attention_dtype="fp8_e4m3")
+                controller.telemetry_path = folder / "fp8.jsonl"
+                row["fp8_ms"], row["fp8_peak_gib"], row["fp8_finite"], row["fp8_runs"] = median_of(model, inputs, reps)
+                controller.flush()
         finally:
             sd.disable(model)
     row["min_kc_ratio"] = ratio
@@ -149,6 +156,10 @@ def bench(name: str, density: float, reps: int) -> dict:
     row["projected_50_steps_stock_s"] = 100 * row["stock_ms"] / 1e3
     row["projected_50_steps_sapattn_s"] = 2 * (10 * row["stock_ms"] + row["init_ms"] + 39 * row["sparse_ms"]) / 1e3
     row["projected_speedup"] = row["projected_50_steps_stock_s"] / row["projected_50_steps_sapattn_s"]
+    if fp8:
+        row["fp8_attn_ms"] = row["fp8_ms"] - row["no_attn_ms"]
+        row["fp8_speedup"] = row["stock_ms"] / row["fp8_ms"]
+        row["fp8_attn_speedup"] = row["stock_attn_ms"] / row["fp8_attn_ms"]
     del model
     torch.cuda.empty_cache()
     return row
@@ -165,6 +176,11 @@ def table(rows) -> str:
             f"{r['speedup']:.2f}x ({r['attn_speedup']:.2f}x) | {r['stock_peak_gib']:.1f} / {r['sparse_peak_gib']:.1f} | "
             f"{r['projected_50_steps_stock_s']:.0f} / {r['projected_50_steps_sapattn_s']:.0f} "
             f"({r['projected_speedup']:.2f}x) |")
+    fp8 = [r for r in rows if "fp8_ms" in r]
+    if fp8:
+        lines += ["", "| model | sapattn fp8 ms (attn) | speedup (attn) | peak GiB |", "|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['fp8_ms']:.0f} ({r['fp8_attn_ms']:.0f}) | {r['fp8_speedup']:.2f}x "
+                  f"({r['fp8_attn_speedup']:.2f}x) | {r['fp8_peak_gib']:.1f} |" for r in fp8]
     return "\n".join(lines)
 
 
@@ -173,13 +189,14 @@ def main() -> int:
     p.add_argument("--models", default="wan13b,wan14b")
     p.add_argument("--density", type=float, default=0.15)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--fp8", action="store_true", help='also time the sparse forward with attention_dtype="fp8_e4m3"')
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("dit_forward.py needs a CUDA GPU", file=sys.stderr)
         return 2
     rows = []
     for name in args.models.split(","):
-        row = bench(name, args.density, args.reps)
+        row = bench(name, args.density, args.reps, args.fp8)
         emit(**row)
         rows.append(row)
     print(table(rows))

@@ -223,13 +223,23 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
       tOrO(4 * g + 2 * r + 1) *= rescale[r];
     }
   };
-  // The e4m3 kernel skips the rescale where no row of the warp has a new maximum (a factor of
-  // exactly 1: most tiles after the first few), a uniform branch over 64 multiplies.
-  auto update_o = [&](const float(&rescale)[2]) {
-    if constexpr (Tr::kFp8) {
-      if (!__any_sync(0xffffffffu, rescale[0] != 1.0f || rescale[1] != 1.0f)) return;
+  // After the softmax of a tile: waits for the warpgroup's P V of the previous tile (in flight
+  // during the softmax), frees its V stage and rescales O, skipping the 64 multiplies where no row of
+  // the warp has a new maximum (a factor of exactly 1: most tiles after the first few).
+  //
+  // The waits sit behind that uniform branch, in blocks of their own, not in the softmax's block:
+  // there ptxas placed the wgmma wait at the top of the block, above the whole softmax (the wait has no
+  // operands, so nothing keeps it below), and the softmax ran after the P V instead of beside it,
+  // in both kernels (cuobjdump -sass, 2026-12-07). A second wait when the first ran returns at once.
+  auto finish_pv = [&](uint64_t& v_empty, const float(&rescale)[2]) {
+    if (__any_sync(0xffffffffu, rescale[0] != 1.0f || rescale[1] != 1.0f)) {
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tOrO);
+      rescale_o(rescale);
     }
-    rescale_o(rescale);
+    warpgroup_wait<0>();
+    free_stage(v_empty);
+    warpgroup_fence_operand(tOrO);
   };
   auto convert_p = [&] {
     CUTLASS_PRAGMA_UNROLL
@@ -383,10 +393,7 @@ __device__ void consumer(const Params& p, typename Tr::Smem& s, int num_items, i
         warpgroup_wait<1>();  // S of tile n is ready; P V of the previous tile may still run
         free_stage(s.k_empty[stage]);
         tile_softmax(n, stage, phase, it.keys, counts, rescale);
-        warpgroup_wait<0>();
-        free_stage(s.v_empty[prev_stage]);
-        warpgroup_fence_operand(tOrO);
-        update_o(rescale);
+        finish_pv(s.v_empty[prev_stage], rescale);
         tile_convert();
       }
       Barrier::wait(&s.v_full[stage], phase);
