@@ -237,6 +237,7 @@ TEST(Methods, RunE4M3IsTheLayerSwitchOnTheSameSelection) {
 
 TEST(Methods, Fp8OptionsAsText) {
   const Fp8Options defaults;
+  EXPECT_EQ(fp8_options_name(defaults), "q128:khead:vch:smooth:p448:sumq");  // docs/fp8.md, "The choice"
   EXPECT_EQ(fp8_options_name(parse_fp8_options("")), fp8_options_name(defaults));
   Fp8Options o;
   o.q_scale = Fp8Scale::Cluster;

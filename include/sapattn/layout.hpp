@@ -56,7 +56,7 @@ struct Fp8Options {
   Fp8Scale q_scale = Fp8Scale::Tile;
   int q_tile = 128;
   Fp8Scale k_scale = Fp8Scale::Tile;
-  int k_tile = 128;
+  int k_tile = kHeadTile;  // one K scale per head (K is smoothed: its keys are centred), docs/fp8.md
   Fp8Scale v_scale = Fp8Scale::Channel;
   int v_tile = 128;
   bool smooth_k = true;    // subtract the head's mean key before quantising K (softmax-invariant)

@@ -169,14 +169,14 @@ std::vector<Fp8Case> fp8_cases() {
   tiles.k_tile = 176;
   tiles.p_scale = 16.0f;
   add("bf16_q64_k176_p16", base, tiles);
-  Fp8Options one_key_scale = defaults;  // a key tile over the whole head: the kernel's one-scale path
-  one_key_scale.k_tile = Fp8Options::kHeadTile;
-  add("bf16_one_key_scale", base, one_key_scale);
-  Fp8Options next = one_key_scale;  // the next defaults (docs/fp8.md, "The choice"), permuted
-  next.p_sum_e4m3 = false;
-  SparseCase next_permuted = base;
-  next_permuted.q_perm = next_permuted.k_perm = true;
-  add("bf16_khead_sumf_permuted", next_permuted, next);
+  Fp8Options per_tile_k = defaults;  // K scales per 128-row tile: the kernel's per-key scales, the f16 sums
+  per_tile_k.k_tile = 128;
+  add("bf16_k128", base, per_tile_k);
+  Fp8Options khead_sumf = defaults;  // one K scale per head with the fp32 sum of P, permuted
+  khead_sumf.p_sum_e4m3 = false;
+  SparseCase sumf_permuted = base;
+  sumf_permuted.q_perm = sumf_permuted.k_perm = true;
+  add("bf16_khead_sumf_permuted", sumf_permuted, khead_sumf);
   SparseCase permuted = base;
   permuted.q_perm = permuted.k_perm = true;
   permuted.B = 2;
@@ -219,10 +219,11 @@ TEST(Fp8AttentionAccumulate, LongRowsMatchCpuReference) {
     EXPECT_THROW(p.gpu(Fp8Options{}), UnsupportedError);
     return;
   }
-  Fp8Options head_sumf;  // the next defaults (docs/fp8.md, "The choice")
-  head_sumf.k_tile = Fp8Options::kHeadTile;
+  Fp8Options head_sumf;  // the defaults' K scale with the fp32 sum of P
   head_sumf.p_sum_e4m3 = false;
-  for (const Fp8Options& o : {Fp8Options{}, head_sumf}) p.compare_with(p.gpu(o), p.cpu(o));
+  Fp8Options per_tile_k;  // K scales per 128-row tile, the f16 sums of the quantised P
+  per_tile_k.k_tile = 128;
+  for (const Fp8Options& o : {Fp8Options{}, head_sumf, per_tile_k}) p.compare_with(p.gpu(o), p.cpu(o));
 }
 
 // The measurement switches (attention_sm90_fp8.cu), with one K scale per head:
@@ -246,6 +247,8 @@ TEST(Fp8AttentionMeasuredBuilds, MatchCpuReference) {
   o.p_sum_e4m3 = false;
   Fp8Options quantised_sum = o;
   quantised_sum.p_sum_e4m3 = true;
+  Fp8Options per_tile_k;  // K scales per 128-row tile: no build takes them
+  per_tile_k.k_tile = 128;
   Fp8Problem p(c);
   const Outputs cpu = p.cpu(o), cpu_quantised_sum = p.cpu(quantised_sum);
   if (!hopper()) {
@@ -266,7 +269,7 @@ TEST(Fp8AttentionMeasuredBuilds, MatchCpuReference) {
   const Build builds[] = {{"128", "1", "default"}, {"128", "2", "default"}, {"128", "3", "default"},
                           {"128", "4", "default"}, {"160", "0", "default"}, {"160", "1", "default"},
                           {"160", "2", "default"}, {"160", "3", "default"}, {"160", "4", "default"},
-                          {"128", "0", "mma"},     {"128", "2", "mma"},     {"128", "3", "mma"},
+                          {"128", "2", "mma"},     {"128", "3", "mma"},
                           {"128", "4", "mma"},     {"160", "0", "mma"},     {"160", "2", "mma"},
                           {"160", "3", "mma"},     {"160", "4", "mma"}};
   for (const auto& [tile, fma, sum] : builds) {
@@ -280,7 +283,7 @@ TEST(Fp8AttentionMeasuredBuilds, MatchCpuReference) {
     const Outputs got = p.gpu(mma ? quantised_sum : o);
     p.compare_with(got, mma ? cpu_quantised_sum : cpu);
     EXPECT_FALSE(identical(got, mma ? plain_quantised_sum : plain)) << "the switches changed nothing";
-    EXPECT_THROW(p.gpu(Fp8Options{}), UnsupportedError);
+    EXPECT_THROW(p.gpu(per_tile_k), UnsupportedError);
     EXPECT_THROW(p.gpu(mma ? o : quantised_sum), UnsupportedError);
   }
   const Unset unset;

@@ -114,7 +114,7 @@ int run_eval(int argc, char** argv) {
       {"fp8", "SPEC[,SPEC...]",
        "sap, blocks, oracle: run each result's selection again with the FP8 attention,\n"
        "                               one row per spec, with its error against that native sparse output\n"
-       "                               (spec fields in docs/fp8.md; the defaults: q128:k128:vch:smooth:p448:sumq)",
+       "                               (spec fields in docs/fp8.md; the defaults: q128:khead:vch:smooth:p448:sumq)",
        ""},
       {"json", "", "print one JSON object instead of the table", ""},
       {"progress", "", "show progress on stderr, one line per step, also when it is not a terminal", "on a terminal"},
