@@ -156,10 +156,12 @@ struct Measured {
   bool sum_by_mma = false;
   bool any() const { return key_tile != 128 || fma_exps != 0 || sum_by_mma; }
 };
+// (160 keys with 2-4 FMA exponentials and the fp32 sum are not built: with the producer's
+// straight-line TMA issues they spilled 12 bytes, and FMA exponentials lost 5-18% in run 21.)
 constexpr Measured kMeasured[] = {{128, 1, false}, {128, 2, false}, {128, 3, false}, {128, 4, false},
-                                  {160, 0, false}, {160, 1, false}, {160, 2, false}, {160, 3, false},
-                                  {160, 4, false}, {128, 2, true},  {128, 3, true},  {128, 4, true},
-                                  {160, 0, true},  {160, 2, true},  {160, 3, true},  {160, 4, true}};
+                                  {160, 0, false}, {160, 1, false}, {128, 2, true},  {128, 3, true},
+                                  {128, 4, true},  {160, 0, true},  {160, 2, true},  {160, 3, true},
+                                  {160, 4, true}};
 
 Measured measured_build() {
   Measured m;
