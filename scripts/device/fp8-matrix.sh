@@ -17,8 +17,8 @@
 # (0.05,0.15,0.3), ITERS (5), TEST_TIMEOUT (120 s), BENCH_TIMEOUT (400 s), NCU_DENSITY (0.15),
 # NCU_BUILD (128:2:mma; none: no ncu).
 #
-# Writes to $OUT or ./device-logs: gpu.txt, tests.log, fp8.jsonl, fp8.err, fp8.ncu-rep,
-# ncu-details.txt, ncu.err.
+# Writes to $OUT or ./device-logs: gpu.txt, tests.log, fp8.jsonl, fp8.err, ncu-details.txt,
+# ncu-pages.tgz (ncu's raw page and its source page with SASS, as CSV), ncu.err.
 
 # shellcheck shell=bash disable=SC2154  # out, build_dir: set by common.sh
 
@@ -40,14 +40,22 @@ device_main() {
     --out /tmp/sapattn-fp8-layouts >"$out/fp8.jsonl" 2>"$out/fp8.err"
   echo "bench: exit $?"
   if [ "${NCU_BUILD:-128:2:mma}" != none ] && command -v ncu >/dev/null; then
-    ncu --target-processes all -k regex:attention_fp8_kernel --launch-count 2 --set full -f -o "$out/fp8" \
+    # The report stays in /tmp (too large to come back); its pages come back in one tarball (a call
+    # returns at most 8 files), the source page summed by bench/ncu_source.py.
+    local pages=/tmp/sapattn-fp8-ncu-pages
+    rm -rf "$pages" && mkdir -p "$pages"
+    ncu --target-processes all -k regex:attention_fp8_kernel --launch-count 2 --set full -f -o /tmp/sapattn-fp8 \
       "$exe" --shape "$shape" --densities "${NCU_DENSITY:-0.15}" --iters 1 --warmup 0 --kernels tma \
       --variants fp8_khead_sumf --fp8-builds "${NCU_BUILD:-128:2:mma}" --out /tmp/sapattn-fp8-ncu-layouts \
       >/dev/null 2>"$out/ncu.err"
     rc=$?
-    ncu -i "$out/fp8.ncu-rep" --page details >"$out/ncu-details.txt" 2>&1
+    ncu -i /tmp/sapattn-fp8.ncu-rep --page details >"$out/ncu-details.txt" 2>&1
+    ncu -i /tmp/sapattn-fp8.ncu-rep --page raw --csv >"$pages/raw.csv" 2>&1
+    ncu -i /tmp/sapattn-fp8.ncu-rep --page source --csv --print-source sass >"$pages/source.csv" 2>&1
+    tar -czf "$out/ncu-pages.tgz" -C "$pages" .
     grep -E "attention_fp8_kernel|Duration|Compute \(SM\) Throughput|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Registers Per|Tensor|MUFU|XU|FMA" \
       "$out/ncu-details.txt" | head -80
+    python3 bench/ncu_source.py "$pages/source.csv" --top 20
     echo "ncu exit $rc"
   fi
   python3 - "$out/fp8.jsonl" <<'PY'
