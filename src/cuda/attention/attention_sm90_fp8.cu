@@ -147,9 +147,9 @@ void launch_for_output(const Params& params, const Fp8Params& fp8, bool out_bf16
 // sum of the quantised P (Fp8Options::p_sum_e4m3, which it needs) made by the P V MMA from V^T's
 // rows of ones (without it the builds take the fp32 sum of P, p_sum_e4m3 false). Only the
 // combinations of kMeasured are built; 128 keys with the MMA's row sums and no FMA exponentials is
-// the default kernel of one K scale per head with p_sum_e4m3 (run_sm90_fp8), not a measured build. (192-key tiles are not: they
-// spilled 32 bytes outside the loop, and with FMA exponentials ptxas serialised their wgmmas for want
-// of registers; 160 measures the wider tile.)
+// the default kernel of one K scale per head with p_sum_e4m3 (run_sm90_fp8), not a measured build. (192-key tiles are
+// not: they spilled 32 bytes outside the loop, and with FMA exponentials ptxas serialised their wgmmas for want of
+// registers; 160 measures the wider tile.)
 struct Measured {
   int key_tile = 128;
   int fma_exps = 0;
@@ -158,10 +158,9 @@ struct Measured {
 };
 // (160 keys with 2-4 FMA exponentials and the fp32 sum are not built: with the producer's
 // straight-line TMA issues they spilled 12 bytes, and FMA exponentials lost 5-18% in run 21.)
-constexpr Measured kMeasured[] = {{128, 1, false}, {128, 2, false}, {128, 3, false}, {128, 4, false},
-                                  {160, 0, false}, {160, 1, false}, {128, 2, true},  {128, 3, true},
-                                  {128, 4, true},  {160, 0, true},  {160, 2, true},  {160, 3, true},
-                                  {160, 4, true}};
+constexpr Measured kMeasured[] = {{128, 1, false}, {128, 2, false}, {128, 3, false}, {128, 4, false}, {160, 0, false},
+                                  {160, 1, false}, {128, 2, true},  {128, 3, true},  {128, 4, true},  {160, 0, true},
+                                  {160, 2, true},  {160, 3, true},  {160, 4, true}};
 
 Measured measured_build() {
   Measured m;

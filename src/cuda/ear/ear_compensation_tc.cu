@@ -191,7 +191,8 @@ __device__ __forceinline__ void load_q_tile(const TcParams& p, const int32_t* ro
 // Returns their count (the same in every thread). Thread t looks at candidates w0 + kPerThread t + e;
 // a block scan places them. Both kinds of warp (stream, below) call it, so both its barriers are the
 // unaligned block_barrier: synccheck reported an aligned __syncthreads here as divergent even with
-// the function not inlined (run 20 the first, 2026-12-07 day the second). Not inlined: inlined, the unaligned barrier spilled 8 bytes.
+// the function not inlined (run 20 the first, run 21 the second). Not inlined: inlined, the
+// unaligned barrier spilled 8 bytes.
 __device__ __noinline__ int build_list(const TcParams& p, const Item& item, int w0, int32_t* list, float* bias,
                                        int* scan) {
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;

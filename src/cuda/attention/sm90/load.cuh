@@ -492,7 +492,8 @@ __device__ void producer_tma_fp8(const Params& p, const Fp8Params& f, const Fp8M
       // V^T's slot of key `row` (a multiple of 16): 16 rows of 128 bytes (attention_sm90_fp8.cu);
       // no keys (row < 0): a box outside the map, zeros.
       constexpr int kVtBoxRows = Tr::kSlotRows * Tr::kHeadDim / 128;
-      const int32_t vt_row = row < 0 ? -kVtBoxRows : (it.bh * (f.v_keys / Tr::kSlotRows) + row / Tr::kSlotRows) * kVtBoxRows;
+      const int32_t vt_row =
+          row < 0 ? -kVtBoxRows : (it.bh * (f.v_keys / Tr::kSlotRows) + row / Tr::kSlotRows) * kVtBoxRows;
       const bool leader = cute::elect_one_sync();
       T* k_tile = s.k.data() + stage * Tr::kBlockN * Tr::kHeadDim;
       Barrier::wait(&s.k_empty[stage], phase ^ 1);
@@ -515,7 +516,8 @@ __device__ void producer_tma_fp8(const Params& p, const Fp8Params& f, const Fp8M
         if (leader) tma_load_2d(&maps.vt, &s.v_full[stage], Tr::vt_slot(s, stage, j), 0, r);
         if constexpr (!Tr::kHeadKeyScale) {
           const int32_t key = __shfl_sync(0xffffffffu, row, j);
-          if (leader) tma_load_2d(&maps.k_scale, &s.v_full[stage], &s.k_scale[stage][j * Tr::kScaleSlotFloats], key, it.bh);
+          if (leader)
+            tma_load_2d(&maps.k_scale, &s.v_full[stage], &s.k_scale[stage][j * Tr::kScaleSlotFloats], key, it.bh);
         }
       }
     }
