@@ -231,7 +231,8 @@ TEST(Fp8AttentionAccumulate, LongRowsMatchCpuReference) {
 // instead of MUFU) and SAPATTN_FP8_KEY_TILE=160 (keys per tile) with the fp32 sum of P, and
 // SAPATTN_FP8_ROW_SUM=mma (the sum of the quantised P from the P V MMA and V^T's rows of ones) with
 // p_sum_e4m3. Each build within the same bounds of the CPU reference of its options, and each a
-// different kernel from the default one of those options; other options with a switch, and a
+// different kernel from the default one of those options (so 128 keys with the MMA row sums and no
+// FMA exponentials, that default itself, is not listed); other options with a switch, and a
 // combination not built (1 FMA exponential per 8 with the MMA row sums): UnsupportedError.
 TEST(Fp8AttentionMeasuredBuilds, MatchCpuReference) {
   SparseCase c;

@@ -146,21 +146,21 @@ void launch_for_output(const Params& params, const Fp8Params& fp8, bool out_bf16
 // of MUFU; SAPATTN_FP8_KEY_TILE=128|160 (default 128), keys per tile; SAPATTN_FP8_ROW_SUM=mma, the
 // sum of the quantised P (Fp8Options::p_sum_e4m3, which it needs) made by the P V MMA from V^T's
 // rows of ones (without it the builds take the fp32 sum of P, p_sum_e4m3 false). Only the
-// combinations of kMeasured are built; 128 keys with the MMA's row sums and no FMA exponentials is
-// the default kernel of one K scale per head with p_sum_e4m3 (run_sm90_fp8), not a measured build. (192-key tiles are
-// not: they spilled 32 bytes outside the loop, and with FMA exponentials ptxas serialised their wgmmas for want of
-// registers; 160 measures the wider tile.)
+// combinations of kMeasured are built; {128, 0, true} is the same kernel as run_sm90_fp8's default
+// for one K scale per head with p_sum_e4m3. (192-key tiles are not built: they spilled 32 bytes
+// outside the loop, and with FMA exponentials ptxas serialised their wgmmas for want of registers;
+// 160 measures the wider tile. Nor are 160 keys with 2-4 FMA exponentials and the fp32 sum: with
+// the producer's straight-line TMA issues they spilled 12 bytes, and FMA exponentials lost 5-18% in
+// run 21.)
 struct Measured {
   int key_tile = 128;
   int fma_exps = 0;
   bool sum_by_mma = false;
   bool any() const { return key_tile != 128 || fma_exps != 0 || sum_by_mma; }
 };
-// (160 keys with 2-4 FMA exponentials and the fp32 sum are not built: with the producer's
-// straight-line TMA issues they spilled 12 bytes, and FMA exponentials lost 5-18% in run 21.)
 constexpr Measured kMeasured[] = {{128, 1, false}, {128, 2, false}, {128, 3, false}, {128, 4, false}, {160, 0, false},
-                                  {160, 1, false}, {128, 2, true},  {128, 3, true},  {128, 4, true},  {160, 0, true},
-                                  {160, 2, true},  {160, 3, true},  {160, 4, true}};
+                                  {160, 1, false}, {128, 0, true},  {128, 2, true},  {128, 3, true},  {128, 4, true},
+                                  {160, 0, true},  {160, 2, true},  {160, 3, true},  {160, 4, true}};
 
 Measured measured_build() {
   Measured m;
@@ -206,12 +206,10 @@ void run_sm90_fp8(const Params& params, const Fp8Params& fp8, bool out_bf16, cud
     SAPATTN_CHECK(fp8.one_key_scale && fp8.p_sum_e4m3 == m.sum_by_mma, UnsupportedError,
                   "SAPATTN_FP8_FMA_EXPS, SAPATTN_FP8_KEY_TILE and SAPATTN_FP8_ROW_SUM are built for one K scale per "
                   "head, with the sum of the quantised P (p_sum_e4m3) exactly where SAPATTN_FP8_ROW_SUM=mma");
-    if (m.key_tile != 128 || m.fma_exps != 0) {  // (128 keys with the MMA's row sums: the default kernel below)
-      SAPATTN_CHECK(launch_measured(m, params, fp8, out_bf16, stream, std::make_index_sequence<std::size(kMeasured)>{}),
-                    UnsupportedError, "the e4m3 kernel is not built with key tile ", m.key_tile, ", ", m.fma_exps,
-                    " FMA exponentials per 8 and the row sum by ", m.sum_by_mma ? "the MMA" : "fp32 adds");
-      return;
-    }
+    SAPATTN_CHECK(launch_measured(m, params, fp8, out_bf16, stream, std::make_index_sequence<std::size(kMeasured)>{}),
+                  UnsupportedError, "the e4m3 kernel is not built with key tile ", m.key_tile, ", ", m.fma_exps,
+                  " FMA exponentials per 8 and the row sum by ", m.sum_by_mma ? "the MMA" : "fp32 adds");
+    return;
   }
   // With one K scale per head the quantised P's sum comes from the P V MMA (V^T's rows of ones):
   // measured 2-3% faster than the fp32 sum and as accurate as the f16 sums (docs/fp8.md, runs 21-23).
