@@ -278,15 +278,16 @@ __device__ __forceinline__ void gather_q_warp(const Params& p, const Item& it, c
   cutlass::arch::cpasync_barrier_arrive_noinc(&s.q_full);
 }
 
-// One warp loads: lane 0 signs each stage up for its bytes; in the sparse mode every lane finds the
-// box its slot begins (box_at) and lane c * kSlots + j issues the box at slot j of column block c,
-// for K and then V. In the dense mode a key tile is one kBlockN-row box per column block. With Q
-// lane 0 also publishes the item's key tile count and its index (s.item_blocks, s.item_index).
+// One warp loads: one elected lane signs each stage up for its bytes and issues its boxes
+// (issue_boxes); in the sparse mode lane j < kSlots finds the box its slot begins (box_at), one per
+// column block, for K and then V. In the dense mode a key tile is one kBlockN-row box per column
+// block. With Q lane 0 also publishes the item's key tile count and its index (s.item_blocks,
+// s.item_index).
 // kQGather: Q rows are read through q_perm with cp.async (gather_q_warp), not as boxes.
 //
 // kPair (CTA pairs, scheduler.cuh): both CTAs of the pair walk the same items and key tiles, so
 // their stage rings stay in step; CTA 0 loads each K tile and CTA 1 each V tile, multicast into both
-// CTAs' stage (the same offsets), and each CTA's lane 0 expects the whole tile's bytes on its own
+// CTAs' stage (the same offsets), and each CTA's elected lane expects the whole tile's bytes on its own
 // barriers, as without pairs. A stage is rewritten only once the consumers of both CTAs have freed
 // it: its "empty" barriers count both CTAs' consumer threads (the consumers arrive on the peer's too).
 // Each CTA's Q is its own. At the end the producer waits until every stage is free again (both CTAs'
@@ -298,9 +299,33 @@ __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::
   constexpr uint32_t kTileBytes = Tr::kBlockN * Tr::kChunksPerRow * 16;
   constexpr int kAtomElems = 8 * 64;  // one 8 x 64 swizzle atom
   const int lane = threadIdx.x % 32;
-  const int slot = lane % Tr::kSlots, col_block = lane / Tr::kSlots;
+  const int slot = lane % Tr::kSlots;
   constexpr uint16_t kBothCtas = 0b11;
   const bool loads_k = !kPair || pair_rank() == 0, loads_v = !kPair || pair_rank() == 1;
+  // One elected lane issues a stage's boxes (bit j of `boxes`: slot j begins one), slot j's first
+  // row and map shuffled from lane j, a constant lane, so that the compiler knows them warp-uniform
+  // and issues straight-line TMA copies; slot j is rows [j kSlotRows, (j + 1) kSlotRows) of the
+  // tile, kSlotRows / 8 swizzle atoms, and column block c the atoms c kBlockN / 8 on. (Issued by
+  // each lane with its own coordinates, ptxas looped over the issuing lanes, one turn per box: the
+  // e4m3 producer spent 42% of its samples there in run 23, docs/fp8.md.)
+  const auto issue_boxes = [&](const CUtensorMap* tensor_maps, uint64_t* full, T* stage_base, uint32_t boxes,
+                               int32_t row, int map, bool leader, int h, int b) {
+#pragma unroll
+    for (int j = 0; j < Tr::kSlots; ++j) {
+      const int32_t r = __shfl_sync(0xffffffffu, row, j);
+      const int m = __shfl_sync(0xffffffffu, map, j);
+      if (!leader || !(boxes >> j & 1u)) continue;
+#pragma unroll
+      for (int c = 0; c < Tr::kColBlocks; ++c) {
+        T* dst = stage_base + (j * (Tr::kSlotRows / 8) + c * (Tr::kBlockN / 8)) * kAtomElems;
+        if constexpr (kPair) {
+          tma_load_4d_multicast(&tensor_maps[m], full, dst, kBothCtas, c * 64, r, h, b);
+        } else {
+          tma_load_4d(&tensor_maps[m], full, dst, c * 64, r, h, b);
+        }
+      }
+    }
+  };
   int tile_count = 0;  // key tiles loaded by this CTA so far: the pipeline position
   ItemScheduler<Tr, true> items(p, s, num_items, q_tiles);
   int item_count = 0;  // items loaded so far: the Q buffer's position
@@ -328,66 +353,53 @@ __device__ void producer_tma(const Params& p, const TmaMaps& maps, typename Tr::
         s.item_blocks = n_blocks;
         s.item_index = index;  // the dynamic scheduler's hand-off (ItemScheduler)
         cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.q_full, kQBytes);
+#pragma unroll
+        for (int cb = 0; cb < Tr::kColBlocks; ++cb) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            T* dst = s.q.data() + (half * 8 + cb * (Tr::kBlockM / 8)) * kAtomElems;
+            tma_load_4d(&maps.q, &s.q_full, dst, cb * 64, it.q_begin + 64 * half, h, b);
+          }
+        }
       }
       __syncwarp();
-    }
-    if (!kQGather && lane < 2 * Tr::kColBlocks) {
-      const int half = lane % 2, cb = lane / 2;
-      T* dst = s.q.data() + (half * 8 + cb * (Tr::kBlockM / 8)) * kAtomElems;
-      tma_load_4d(&maps.q, &s.q_full, dst, cb * 64, it.q_begin + 64 * half, h, b);
     }
 
     for (int n = 0; n < n_blocks; ++n, ++tile_count) {
       const int stage = tile_count % Tr::kStages;
       const int phase = (tile_count / Tr::kStages) & 1;
-      // This lane's box: where it starts in the tile (in slots), its first row and its map. Dense:
-      // one whole-tile box per column block.
-      int at = 0, map = kBoxHeights - 1;
+      // Lane j < kSlots finds the box that slot j begins, if any (bit j of `boxes`): its first row
+      // and its map (height). Dense: one whole-tile box at slot 0.
+      int map = kBoxHeights - 1;
       int32_t row = n * Tr::kBlockN;
-      bool issues = slot == 0 && col_block < Tr::kColBlocks;
+      uint32_t boxes = 1;
       uint32_t counts[Tr::kCountWords] = {};
       if (!p.dense) {
         int32_t count, seg;
         slots.at(n * Tr::kSlots + slot, row, count, seg);
-        issues = box_at<Tr::kSlots>(seg, it.num_segments, lane, map) && col_block < Tr::kColBlocks;
-        at = slot;
-        // Slot j's count goes to byte j % 4 of word j / 4 (lanes of column block 0 hold every slot).
+        const bool starts = box_at<Tr::kSlots>(seg, it.num_segments, lane, map);
+        boxes = __ballot_sync(0xffffffff, starts) & ((1u << Tr::kSlots) - 1);
+        // Slot j's count goes to byte j % 4 of word j / 4 (lanes 0..kSlots-1 hold every slot).
 #pragma unroll
         for (int w = 0; w < Tr::kCountWords; ++w) {
-          const bool mine = col_block == 0 && slot / 4 == w;
+          const bool mine = lane < Tr::kSlots && slot / 4 == w;
           counts[w] = __reduce_or_sync(0xffffffff, mine ? static_cast<uint32_t>(count) << (8 * (slot % 4)) : 0u);
         }
       }
-      // Slot j is rows [j kSlotRows, (j + 1) kSlotRows) of the tile: kSlotRows / 8 swizzle atoms.
-      const int atom = at * (Tr::kSlotRows / 8) + col_block * (Tr::kBlockN / 8);
-      T* k_dst = s.k.data() + stage * Tr::kBlockN * Tr::kChunksPerRow * 8 + atom * kAtomElems;
-      T* v_dst = s.v.data() + stage * Tr::kBlockN * Tr::kChunksPerRow * 8 + atom * kAtomElems;
+      const bool leader = cute::elect_one_sync();
+      const int stage_elems = stage * Tr::kBlockN * Tr::kChunksPerRow * 8;
       Barrier::wait(&s.k_empty[stage], phase ^ 1);
-      if (lane == 0) {
+      if (leader) {
         if (!p.dense) {
 #pragma unroll
           for (int w = 0; w < Tr::kCountWords; ++w) s.slot_count[stage][w] = counts[w];
         }
         cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.k_full[stage], kTileBytes);
       }
-      __syncwarp();  // the expected bytes are set before any copy of the stage is issued
-      if (issues && loads_k) {
-        if constexpr (kPair) {
-          tma_load_4d_multicast(&maps.k[map], &s.k_full[stage], k_dst, kBothCtas, col_block * 64, row, h, b);
-        } else {
-          tma_load_4d(&maps.k[map], &s.k_full[stage], k_dst, col_block * 64, row, h, b);
-        }
-      }
+      if (loads_k) issue_boxes(maps.k, &s.k_full[stage], s.k.data() + stage_elems, boxes, row, map, leader, h, b);
       Barrier::wait(&s.v_empty[stage], phase ^ 1);
-      if (lane == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.v_full[stage], kTileBytes);
-      __syncwarp();
-      if (issues && loads_v) {
-        if constexpr (kPair) {
-          tma_load_4d_multicast(&maps.v[map], &s.v_full[stage], v_dst, kBothCtas, col_block * 64, row, h, b);
-        } else {
-          tma_load_4d(&maps.v[map], &s.v_full[stage], v_dst, col_block * 64, row, h, b);
-        }
-      }
+      if (leader) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.v_full[stage], kTileBytes);
+      if (loads_v) issue_boxes(maps.v, &s.v_full[stage], s.v.data() + stage_elems, boxes, row, map, leader, h, b);
     }
   }
   items.finish(item_count, kQGather ? kQGatherArrivals : 1);
