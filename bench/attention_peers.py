@@ -12,6 +12,11 @@ time does not depend on the values) and times, in this one process:
                           random, all of them "full" blocks (no mask_mod runs). The blocks are
                           random, not derived from the clusters: a cluster layout cut at 128-token
                           granularity would cover far more pairs than its density;
+  fa4_dense, fa4          FlashAttention-4's CuTe-DSL forward (PyPI flash-attn-4, its Hopper path on
+                          sm_90): dense, and with the same random 128x128 blocks as flex (one seed,
+                          the same blocks) as block-sparse tensors of full blocks. Its inputs are
+                          [B,S,H,D] copies made before the timing; both are checked against torch
+                          (dense: SDPA; sparse: one head's first query blocks over their blocks);
   flashinfer_fa2/fa3      flashinfer's VariableBlockSparseAttentionWrapper, the official SVG2
                           backend, on the exact variable layout (block_row_sz = query-cluster sizes,
                           block_col_sz = key-cluster sizes, block_mask_map = the mask), batch and
@@ -36,7 +41,7 @@ import numpy as np
 
 from harness import emit, log, read_jsonl, time_cuda, time_host
 
-IMPLS = ("sdpa_cudnn", "sdpa_flash", "flex", "flashinfer_fa2", "flashinfer_fa3")
+IMPLS = ("sdpa_cudnn", "sdpa_flash", "flex", "fa4_dense", "fa4", "flashinfer_fa2", "flashinfer_fa3")
 
 
 def tflops(pairs, head_dim, ms):
@@ -95,8 +100,12 @@ def bench_sdpa(torch, shape, q, k, v, args):
             emit(**rec, error=f"{type(e).__name__}: {e}")
 
 
-def random_block_mask(torch, flex_mod, entry, S, device, seed):
-    """A 128x128 BlockMask with each head's density: a fixed count of random key blocks per query block."""
+def random_blocks(torch, entry, S, device, seed):
+    """Random 128x128 blocks with each head's density: every query block row keeps the same count of
+    key blocks, round(head density * blocks) (at least 1), chosen at random. Returns the counts
+    [B,H,n] (int32), the key blocks of each row, kept ones first and ascending, then the others
+    [B,H,n,n] (int32), the kept mask [B,H,n,n] and the query-key pairs computed (the last block row
+    and column may be partial)."""
     blk = 128
     B, H = entry["B"], entry["H"]
     n = (S + blk - 1) // blk
@@ -107,18 +116,21 @@ def random_block_mask(torch, flex_mod, entry, S, device, seed):
     rank = torch.rand(B, H, n, n, generator=gen, device=device).argsort(-1).argsort(-1)
     selected = rank < count.view(B, H, 1, 1)
     cols = torch.arange(n, device=device)
-    order = torch.where(selected, cols, cols + n).argsort(-1).to(torch.int32)  # kept blocks first, ascending
-    full_num = count.expand(B, H, n).contiguous()
-    empty_num = torch.zeros_like(full_num)
-    # Pairs computed: the last block row and column may be partial.
+    order = torch.where(selected, cols, cols + n).argsort(-1).to(torch.int32)
     sizes = torch.full((n,), blk, dtype=torch.float64, device=device)
     sizes[-1] = S - blk * (n - 1)
     pairs = float((selected.to(torch.float64) * sizes.view(1, 1, 1, n)).sum(-1).mul(sizes.view(1, 1, n)).sum())
-    kwargs = dict(full_kv_num_blocks=full_num, full_kv_indices=order, BLOCK_SIZE=blk)
+    return count.expand(B, H, n).contiguous(), order, selected, pairs
+
+
+def random_block_mask(torch, flex_mod, entry, S, device, seed):
+    """random_blocks as a FlexAttention BlockMask of full blocks (no mask_mod runs)."""
+    full_num, order, _, pairs = random_blocks(torch, entry, S, device, seed)
+    kwargs = dict(full_kv_num_blocks=full_num, full_kv_indices=order, BLOCK_SIZE=128)
     params = inspect.signature(flex_mod.BlockMask.from_kv_blocks).parameters
     if "seq_lengths" in params:
         kwargs["seq_lengths"] = (S, S)
-    block_mask = flex_mod.BlockMask.from_kv_blocks(empty_num, order, **kwargs)
+    block_mask = flex_mod.BlockMask.from_kv_blocks(torch.zeros_like(full_num), order, **kwargs)
     return block_mask, pairs
 
 
@@ -141,6 +153,91 @@ def bench_flex(torch, shape, q, k, v, entries, args):
                  tflops=tflops(pairs, D, med), first_call_s=first_s)
         except Exception as e:  # report and go on
             emit(**rec, error=f"{type(e).__name__}: {e}")
+
+
+def load_fa4():
+    """flash_attn.cute's forward and its block-sparse tuple, its version, or why they do not import."""
+    try:
+        from flash_attn.cute import flash_attn_func
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+        import flash_attn.cute as fa4
+
+        return flash_attn_func, BlockSparseTensorsTorch, getattr(fa4, "__version__", "?"), None
+    except Exception as e:  # not carried, or broken: say why
+        return None, None, None, f"{type(e).__name__}: {e}"
+
+
+def rel_l2(torch, a, b):
+    a, b = a.float(), b.float()
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))
+
+
+def sparse_reference(torch, q, k, v, selected, head, rows):
+    """Attention of query blocks `rows` of (batch 0, head `head`) over their kept key blocks, in fp32
+    ([B,S,H,D] inputs, 128-token blocks): what a block-sparse kernel must return there."""
+    S, D = q.shape[1], q.shape[3]
+    out = []
+    for r in rows:
+        qb = q[0, 128 * r:128 * (r + 1), head].float()
+        keys = torch.nonzero(selected[0, head, r]).flatten().tolist()
+        idx = torch.cat([torch.arange(128 * c, min(S, 128 * (c + 1)), device=q.device) for c in keys])
+        kb, vb = k[0, idx, head].float(), v[0, idx, head].float()
+        p = torch.softmax(qb @ kb.T / D**0.5, dim=-1)
+        out.append(p @ vb)
+    return torch.cat(out)
+
+
+def bench_fa4(torch, shape, q, k, v, entries, args):
+    impls = [i for i in ("fa4_dense", "fa4") if i in args.impls]
+    if not impls:
+        return
+    fwd, sparse_cls, version, why = load_fa4()
+    if fwd is None:
+        for impl in impls:
+            emit(shape=shape, impl=impl, error=f"flash-attn-4 unavailable: {why}")
+        return
+    B, H, S, D = q.shape
+    qs, ks, vs = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # [B,S,H,D], outside the timing
+    first = lambda r: r[0] if isinstance(r, tuple) else r  # noqa: E731 (out, lse) or out
+    if "fa4_dense" in impls:
+        pairs = float(B * H * S * S)
+        rec = dict(shape=shape, impl="fa4_dense", version=version, variant="dense", layout="dense",
+                   density_target=1.0, density=1.0, pairs=pairs)
+        try:
+            t0 = time.perf_counter()
+            out = first(fwd(qs, ks, vs))
+            torch.cuda.synchronize()
+            first_s = time.perf_counter() - t0
+            ref = torch.nn.functional.scaled_dot_product_attention(q[:1, :2], k[:1, :2], v[:1, :2])
+            err = rel_l2(torch, out[:1, :, :2].transpose(1, 2), ref)
+            med, mn = time_cuda(lambda: fwd(qs, ks, vs), args.warmup, args.iters)
+            emit(**rec, median_ms=med, min_ms=mn, iters=args.iters, tflops=tflops(pairs, D, med),
+                 first_call_s=first_s, rel_l2_vs_sdpa=err)
+        except Exception as e:  # report and go on
+            emit(**rec, error=f"{type(e).__name__}: {e}")
+    if "fa4" in impls:
+        for e in entries:
+            rec = dict(shape=shape, impl="fa4", version=version, variant="block128_random", layout=e["layout"],
+                       density_target=e["density_target"])
+            try:
+                count, order, selected, pairs = random_blocks(torch, e, S, q.device, args.seed)
+                blocks = sparse_cls(mask_block_cnt=torch.zeros_like(count), mask_block_idx=order,
+                                    full_block_cnt=count, full_block_idx=order, block_size=(128, 128))
+                run = lambda: fwd(qs, ks, vs, block_sparse_tensors=blocks)  # noqa: E731
+                t0 = time.perf_counter()
+                out = first(run())
+                torch.cuda.synchronize()
+                first_s = time.perf_counter() - t0
+                rows = [0, 1, (S - 1) // 128]
+                got = torch.cat([out[0, 128 * r:128 * (r + 1), 0].float() for r in rows])
+                err = rel_l2(torch, got, sparse_reference(torch, qs, ks, vs, selected, 0, rows))
+                med, mn = time_cuda(run, args.warmup, args.iters)
+                emit(**rec, density=pairs / (B * H * S * S), pairs=pairs, median_ms=med, min_ms=mn,
+                     iters=args.iters, tflops=tflops(pairs, D, med), first_call_s=first_s, rel_l2_vs_torch=err)
+            except Exception as ex:  # report and go on
+                emit(**rec, error=f"{type(ex).__name__}: {ex}")
+            torch.cuda.empty_cache()
+    del qs, ks, vs
 
 
 def load_flashinfer():
@@ -236,6 +333,9 @@ def run_peers(args):
         if "flex" in args.impls:
             log(f"[{shape}] FlexAttention (first call compiles)")
             bench_flex(torch, shape, q, k, v, entries, args)
+        if "fa4" in args.impls or "fa4_dense" in args.impls:
+            log(f"[{shape}] FlashAttention-4 (first calls compile)")
+            bench_fa4(torch, shape, q, k, v, entries, args)
         log(f"[{shape}] flashinfer")
         bench_flashinfer(torch, shape, q, k, v, entries, args)
         del q, k, v
@@ -300,13 +400,14 @@ def print_table(bench_path, peers_path):
         print("\nms (effective TFLOP/s on the computed pairs); flashinfer: plan ms + run ms; x cuDNN: dense cuDNN "
               "time over sapattn fused_qk (auto) time\n")
         print("| density target / got | sapattn unfused | unfused + permutes | fused qk | fused q | sm80 unfused "
-              "| sm80 fused qk | plan ms | SDPA cuDNN | SDPA flash | Flex 128² (density) | flashinfer fa3 "
-              "| flashinfer fa2 | x cuDNN |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| sm80 fused qk | plan ms | SDPA cuDNN | SDPA flash | Flex 128² (density) | FA4 (dense; 128²) "
+              "| flashinfer fa3 | flashinfer fa2 | x cuDNN |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         cudnn = peer.get(("dense", "sdpa_cudnn"))
         print("| dense | " + " | ".join([
             cell(sap.get(("dense", "dense", "auto"))), "", "", "", cell(sap.get(("dense", "dense", "sm80"))), "", "",
-            cell(cudnn), cell(peer.get(("dense", "sdpa_flash"))), "", "", "", ""]) + " |")
+            cell(cudnn), cell(peer.get(("dense", "sdpa_flash"))), "", cell(peer.get(("dense", "fa4_dense"))), "", "",
+            ""]) + " |")
         for layout in sorted(layouts, key=lambda x: layouts[x]["density_target"]):
             lay = layouts[layout]
             fused = sap.get((layout, "fused_qk", "auto"))
@@ -323,7 +424,7 @@ def print_table(bench_path, peers_path):
             cells += [cell(sap.get((layout, variant, "auto"))) for variant in ("unfused", "unfused_e2e")]
             cells += [cell(fused), cell(sap.get((layout, "fused_q", "auto")))]
             cells += [cell(sap.get((layout, variant, "sm80"))) for variant in ("unfused", "fused_qk")]
-            cells += [plan_cell, "", "", flex_cell]
+            cells += [plan_cell, "", "", flex_cell, cell(peer.get((layout, "fa4")))]
             cells += [cell(peer.get((layout, impl)), True) for impl in ("flashinfer_fa3", "flashinfer_fa2")]
             print("| " + " | ".join(cells + [ratio]) + " |")
         notes = [f"{layouts[x]['layout']}: {layouts[x]['note']}" for x in layouts if "note" in layouts[x]]

@@ -11,7 +11,7 @@
 # into private folders under /tmp/sapattn-wheels. Exit 2: no or an unknown subcommand.
 set -uo pipefail
 scripts=$(cd "$(dirname "$0")" && pwd)
-subcommands=(test test-python bench-ops bench-attention bench-dit bench-stack ncu-attention kernel-matrix fp8-matrix ab-attention batch)
+subcommands=(test test-python bench-ops bench-attention bench-dit bench-stack ncu-attention kernel-matrix fp8-matrix ab-attention batch wheels)
 
 # The leading comment block of a file, without the comment marks.
 header_of() { awk '!/^#/ { exit } NR > 1 || !/^#!/ { sub(/^# ?/, ""); print }' "$1"; }

@@ -1,12 +1,13 @@
 # scripts/device.sh bench-attention [BIN_DIR] [SHAPE...]
 #
-# The attention benchmark, against SDPA, FlexAttention and flashinfer on the same layouts.
+# The attention benchmark, against SDPA, FlexAttention, FlashAttention-4 and flashinfer on the same layouts.
 #
 # Per shape (wan13b, wan14b, hunyuan; default: all three), sapattn_bench_attention generates the
 # full-size workload, clusters it (50 Lloyd iterations), finds the top-p of each target density,
 # times sapattn's attention (unfused, fused, sm80, planner) and saves the layouts; then, in the same
-# run, bench/attention_peers.py times torch SDPA (cuDNN, flash), FlexAttention and flashinfer's
-# VariableBlockSparseAttentionWrapper on exactly those layouts. Prints the markdown table last.
+# run, bench/attention_peers.py times torch SDPA (cuDNN, flash), FlexAttention, FlashAttention-4
+# (dense and on Flex's random 128x128 blocks) and flashinfer's VariableBlockSparseAttentionWrapper on
+# exactly those layouts. Prints the markdown table last.
 #
 # BIN_DIR (default build-device) holds a prebuilt sapattn_bench_attention, flat or under bench/;
 # without one, this builds it in build-device (needs .deps/cutlass). One shape fits one 600 s device
@@ -16,12 +17,14 @@
 # flashinfer travels as wheels in .whl/flashinfer/ (flashinfer-python 0.6.5 and apache-tvm-ffi 0.1.9,
 # pip download --no-deps) plus its batch-prefill kernel modules built ahead of time on the dev machine
 # (.whl/flashinfer/aot/<module>/<module>.so, sm_90a, nvcc 13.0), so that nothing is JIT-compiled here.
-# Without them the peers report flashinfer as unavailable and the rest runs.
+# Without them the peers report flashinfer as unavailable and the rest runs. FlashAttention-4 travels
+# as the wheel set .whl/fa4 (scripts/peer_wheels.sh fa4: about 100 MB, so in parts over back-to-back
+# calls of `scripts/device.sh wheels fa4`); without it, FA4 is reported unavailable.
 #
 # Environment: DENSITIES (0.05,0.1,0.15,0.2,0.3,0.4), ITERS (10), KERNELS (auto,sm80), ORDER (chain: key
 # clusters renumbered by order_clusters; none: as k-means left them), VARIANTS (sparse calls to time,
 # default unfused,fused_qk,fused_q,unfused_e2e), PEER_IMPLS
-# (sdpa_cudnn,sdpa_flash,flex,flashinfer_fa2,flashinfer_fa3), BENCH_TIMEOUT / PEERS_TIMEOUT (seconds
+# (sdpa_cudnn,sdpa_flash,flex,fa4_dense,fa4,flashinfer_fa2,flashinfer_fa3), BENCH_TIMEOUT / PEERS_TIMEOUT (seconds
 # per shape, 240 / 300), LAYOUTS (where layouts go, /tmp/sapattn-layouts; they can be large).
 #
 # Writes to $OUT or ./device-logs: gpu.txt (with the flashinfer version), attention.jsonl,
@@ -37,10 +40,11 @@ device_main() {
   local shapes=("$@")
   [ ${#shapes[@]} -eq 0 ] && shapes=(wan13b wan14b hunyuan)
   local densities=${DENSITIES:-0.05,0.1,0.15,0.2,0.3,0.4} iters=${ITERS:-10} kernels=${KERNELS:-auto,sm80}
-  local impls=${PEER_IMPLS:-sdpa_cudnn,sdpa_flash,flex,flashinfer_fa2,flashinfer_fa3}
+  local impls=${PEER_IMPLS:-sdpa_cudnn,sdpa_flash,flex,fa4_dense,fa4,flashinfer_fa2,flashinfer_fa3}
   local layouts=${LAYOUTS:-/tmp/sapattn-layouts}
   use_flashinfer
-  describe_gpu flashinfer
+  install_wheels fa4 >>"$out/peers.err" 2>&1 || echo "no FlashAttention-4 wheels (see peers.err): FA4 will be reported unavailable"
+  describe_gpu flashinfer flash_attn.cute
 
   local rc_bench=0 rc_peers=0 sanity=--sanity s full start rc
   for s in "${shapes[@]}"; do

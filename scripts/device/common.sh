@@ -62,15 +62,57 @@ binary_or_build() {
 
 # Wheels carried in .whl/ (pip download --no-deps; the machine cannot fetch) go into private folders,
 # never over the image's torch: SET "base" is .whl/*.whl, any other SET .whl/SET/*.whl, installed into
-# $wheel_root/SET, which then goes first on PYTHONPATH. Status 1: no such wheels; 2: pip failed.
+# $wheel_root/SET, which then goes first on PYTHONPATH. A set too large for one call travels in parts
+# (scripts/peer_wheels.sh): see join_wheel_parts. Status 1: no such wheels; 2: pip failed; 3: parts
+# still missing.
 wheel_root=/tmp/sapattn-wheels
 install_wheels() {
   local set=$1 src=.whl
   [ "$set" = base ] || src=.whl/$set
+  if [ "$set" != base ] && { [ -f "$src/parts/SHA256SUMS" ] || [ -d "build-wheels/$set" ]; }; then
+    join_wheel_parts "$set" || return $?
+    src=build-wheels/$set/whl
+  fi
   ls "$src"/*.whl >/dev/null 2>&1 || return 1
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$wheel_root/$set" "$src"/*.whl || return 2
   export PYTHONPATH=$wheel_root/$set${PYTHONPATH:+:$PYTHONPATH}
+}
+
+# The parts of .whl/SET/parts/ carried by this call are moved to build-wheels/SET/ (ignored, so they
+# stay on the machine while it is warm). SHA256SUMS names the tar and its sum, COUNT its number of
+# parts, SET.tar.00 on. Once all have arrived they are joined, checked and unpacked into
+# build-wheels/SET/whl/. Status 3 (and which parts are here) until then; 2 if the joined tar's sum
+# does not match (the parts are dropped: carry them again).
+join_wheel_parts() {
+  local set=$1 keep=build-wheels/$1
+  mkdir -p "$keep"
+  if [ -d ".whl/$set/parts" ]; then
+    mv -f ".whl/$set/parts/"* "$keep/" 2>/dev/null
+  fi
+  ls "$keep"/whl/*.whl >/dev/null 2>&1 && return 0
+  if [ ! -f "$keep/SHA256SUMS" ] || [ ! -f "$keep/COUNT" ]; then
+    echo "wheels $set: SHA256SUMS and COUNT not carried yet"
+    return 3
+  fi
+  local tar_name count i part have="" missing=0
+  tar_name=$(awk '{print $2}' "$keep/SHA256SUMS")
+  count=$(cat "$keep/COUNT")
+  for ((i = 0; i < count; i++)); do
+    part=$(printf '%s.%02d' "$tar_name" "$i")
+    if [ -f "$keep/$part" ]; then have+="${part##*.} "; else missing=1; fi
+  done
+  if [ $missing -ne 0 ]; then
+    echo "wheels $set: parts of $tar_name here: ${have:-none}(of $count) - carry the next"
+    return 3
+  fi
+  (cd "$keep" && for ((i = 0; i < count; i++)); do cat "$(printf '%s.%02d' "$tar_name" "$i")"; done >"$tar_name")
+  if ! (cd "$keep" && sha256sum --quiet -c SHA256SUMS >/dev/null 2>&1); then
+    echo "wheels $set: the joined $tar_name does not match SHA256SUMS; parts dropped, carry them again"
+    rm -f "$keep/$tar_name" "$keep/$tar_name".[0-9][0-9]
+    return 2
+  fi
+  mkdir -p "$keep/whl" && tar -xf "$keep/$tar_name" -C "$keep/whl" && rm -f "$keep/$tar_name" "$keep/$tar_name".[0-9][0-9]
 }
 
 # For the Python subcommands: the wheels of .whl/ (diffusers, ...), the prebuilt libsapattn_torch.so
