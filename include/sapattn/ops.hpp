@@ -78,6 +78,23 @@ size_t kmeans_seed_greedy_workspace_bytes(int64_t batch_heads, int64_t points, i
 void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels, const Stream& stream,
                    Workspace workspace = {});
 
+// Candidate assignment, one Lloyd assignment restricted to a few centroids per point: point i, whose
+// previous label is a = prev_labels[i], is measured against centroid a and the candidates - 1 other
+// centroids nearest to centroid a (fp32 squared distance between centroids, ties to the lower
+// index) only, and labels[i] is the nearest of those, ties to the lower index. candidates >= C
+// measures every centroid: kmeans_assign's labels. Its label is never farther than centroid a, so
+// Lloyd's objective still never rises; after the first iterations the nearest centroid is almost
+// always among 32 candidates (docs/cuda.md, "Candidate assignment"). prev_labels [B,H,N] i32 in
+// [0, C) (InvalidArgumentError otherwise, on the CPU), unit stride along N; it may be `labels`
+// itself. candidates >= 1 (InvalidArgumentError). CPU only so far: tensors or a stream on CUDA
+// throw UnsupportedError (the CUDA kernel is designed in docs/cuda.md, not built).
+void kmeans_assign_candidates(const TensorView& points, const TensorView& centroids, const TensorView& prev_labels,
+                              TensorView labels, int candidates, const Stream& stream, Workspace workspace = {});
+
+// Scratch bytes kmeans_assign_candidates needs on `device` (0: the CPU needs none).
+size_t kmeans_assign_candidates_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clusters, int candidates,
+                                                Device device);
+
 // sizes[c] = |{i : labels[i] = c}|; centroid c becomes the fp32 mean of its points; an empty
 // cluster keeps its previous centroid. Labels outside [0, C) throw InvalidArgumentError.
 void kmeans_update(const TensorView& points, const TensorView& labels, TensorView centroids, TensorView sizes,

@@ -14,6 +14,9 @@ void kmeans_init(const TensorView& points, TensorView centroids, uint64_t seed, 
 void kmeans_seed_greedy(const TensorView& points, TensorView centroids, uint64_t seed, int sample_factor,
                         const int32_t* sample_ids, int threads);
 void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels, int threads);
+// prev_labels outside [0, C) throw InvalidArgumentError (before any label is written).
+void kmeans_assign_candidates(const TensorView& points, const TensorView& centroids, const TensorView& prev_labels,
+                              TensorView labels, int candidates, int threads);
 // move_centroids = false only counts sizes (kmeans with zero iterations).
 void kmeans_update(const TensorView& points, const TensorView& labels, TensorView centroids, TensorView sizes,
                    bool move_centroids, int threads);

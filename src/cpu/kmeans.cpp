@@ -2,8 +2,10 @@
 // fp32 (not ||x||^2 - 2x.c + ||c||^2, whose cancellation would blur near-ties), and centroid means
 // are accumulated in fp64, so the GPU backend is compared against the most accurate version.
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 #include "core/kmeans_seeding.hpp"
@@ -128,6 +130,66 @@ void kmeans_assign(const TensorView& points, const TensorView& centroids, Tensor
         if (dist < best) {  // strict: ties keep the lower index
           best = dist;
           arg = static_cast<int32_t>(c);
+        }
+      }
+      lab[i] = arg;
+    }
+  });
+}
+
+// Row a of `lists` ([C, m]): centroid a, then the m - 1 other centroids nearest to it by the fp32
+// squared distance, ties to the lower index.
+void candidate_lists(const float* cent, int64_t C, int64_t D, int64_t m, int32_t* lists) {
+  std::vector<std::pair<float, int32_t>> others(static_cast<size_t>(C - 1));
+  for (int64_t a = 0; a < C; ++a) {
+    size_t n = 0;
+    for (int64_t j = 0; j < C; ++j)
+      if (j != a) others[n++] = {squared_distance(cent + a * D, cent + j * D, D), static_cast<int32_t>(j)};
+    // (distance, index) pairs order as "nearer, then lower index"; a NaN distance sorts last.
+    auto nearer = [](const std::pair<float, int32_t>& x, const std::pair<float, int32_t>& y) {
+      const bool xn = std::isnan(x.first), yn = std::isnan(y.first);
+      if (xn != yn) return yn;
+      return (!xn && x.first != y.first) ? x.first < y.first : x.second < y.second;
+    };
+    std::partial_sort(others.begin(), others.begin() + (m - 1), others.end(), nearer);
+    int32_t* row = lists + a * m;
+    row[0] = static_cast<int32_t>(a);
+    for (int64_t r = 1; r < m; ++r) row[r] = others[static_cast<size_t>(r - 1)].second;
+  }
+}
+
+void kmeans_assign_candidates(const TensorView& points, const TensorView& centroids, const TensorView& prev_labels,
+                              TensorView labels, int candidates, int threads) {
+  const int64_t B = points.shape[0], H = points.shape[1], N = points.shape[2], D = points.shape[3];
+  const int64_t C = centroids.shape[2];
+  const int64_t m = std::min<int64_t>(candidates, C);
+  check_index_range(prev_labels, C, "prev_labels");
+  std::vector<int32_t> lists(static_cast<size_t>(B * H * C * m));
+  parallel_for(B * H, threads, [&](int64_t bh) {
+    candidate_lists(&at<float>(centroids, bh / H, bh % H), C, D, m, lists.data() + bh * C * m);
+  });
+  // prev_labels may alias labels: each point reads its previous label before writing its new one.
+  const int64_t chunks = (N + kAssignChunk - 1) / kAssignChunk;
+  parallel_for(B * H * chunks, threads, [&](int64_t task) {
+    const int64_t bh = task / chunks, b = bh / H, h = bh % H;
+    const int64_t lo = (task % chunks) * kAssignChunk, hi = std::min(N, lo + kAssignChunk);
+    const float* cent = &at<float>(centroids, b, h);
+    const int32_t* prev = &at<int32_t>(prev_labels, b, h);
+    int32_t* lab = &at<int32_t>(labels, b, h);
+    std::vector<float> x(D);
+    std::vector<int32_t> row(static_cast<size_t>(m));
+    for (int64_t i = lo; i < hi; ++i) {
+      load_row(points, b, h, i, x.data());
+      const int32_t* list = lists.data() + (bh * C + prev[i]) * m;
+      std::copy(list, list + m, row.begin());
+      std::sort(row.begin(), row.end());  // ascending index: a strict comparison keeps the lower on ties
+      float best = std::numeric_limits<float>::infinity();
+      int32_t arg = row[0];
+      for (const int32_t c : row) {
+        const float dist = squared_distance(x.data(), cent + c * D, D);
+        if (dist < best) {
+          best = dist;
+          arg = c;
         }
       }
       lab[i] = arg;

@@ -100,13 +100,13 @@ inline int64_t check_points_centroids(const TensorView& points, const TensorView
   return centroids.shape[2];
 }
 
-inline void check_labels(const TensorView& labels, const TensorView& points) {
-  expect_rank(labels, 3, "labels");
-  expect_dtype(labels, DType::I32, "labels");
-  SAPATTN_CHECK(labels.stride[2] == 1, ShapeError, "labels must have unit stride along N, got ", labels.describe());
-  expect_extent(labels, 0, points.shape[0], "labels", "batch of points");
-  expect_extent(labels, 1, points.shape[1], "labels", "heads of points");
-  expect_extent(labels, 2, points.shape[2], "labels", "points per (b,h)");
+inline void check_labels(const TensorView& labels, const TensorView& points, const char* name = "labels") {
+  expect_rank(labels, 3, name);
+  expect_dtype(labels, DType::I32, name);
+  SAPATTN_CHECK(labels.stride[2] == 1, ShapeError, name, " must have unit stride along N, got ", labels.describe());
+  expect_extent(labels, 0, points.shape[0], name, "batch of points");
+  expect_extent(labels, 1, points.shape[1], name, "heads of points");
+  expect_extent(labels, 2, points.shape[2], name, "points per (b,h)");
 }
 
 // sizes [B,H,C] i32 contiguous, one count per cluster of centroids [B,H,C,D]; names as above.

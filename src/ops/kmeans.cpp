@@ -1,6 +1,6 @@
 // The k-means ops of include/sapattn/ops.hpp (kmeans_init, kmeans_seed_greedy, kmeans_assign,
-// kmeans_update, kmeans, order_clusters and their workspace sizes): the argument checks every
-// backend shares, then dispatch on the stream's device.
+// kmeans_assign_candidates, kmeans_update, kmeans, order_clusters and their workspace sizes): the
+// argument checks every backend shares, then dispatch on the stream's device.
 #include "sapattn/ops.hpp"
 
 #include "core/kmeans_seeding.hpp"
@@ -97,6 +97,29 @@ void kmeans_assign(const TensorView& points, const TensorView& centroids, Tensor
   if (backend(stream, points, centroids, labels) == DeviceType::CUDA)
     return SAPATTN_ON_CUDA(kmeans_assign(points, centroids, labels, stream, workspace));
   cpu::kmeans_assign(points, centroids, labels, cpu_threads(stream));
+}
+
+size_t kmeans_assign_candidates_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clusters, int candidates,
+                                                Device device) {
+  SAPATTN_CHECK(batch_heads >= 0 && points >= 0 && clusters >= 0, InvalidArgumentError,
+                "kmeans_assign_candidates_workspace_bytes: negative size");
+  SAPATTN_CHECK(candidates >= 1, InvalidArgumentError, "kmeans_assign_candidates: candidates must be >= 1, got ",
+                candidates);
+  return 0;  // the CPU backend needs no scratch; CUDA has no kernel yet (kmeans_assign_candidates)
+}
+
+void kmeans_assign_candidates(const TensorView& points, const TensorView& centroids, const TensorView& prev_labels,
+                              TensorView labels, int candidates, const Stream& stream, Workspace workspace) {
+  check_points_centroids(points, centroids);
+  check_labels(prev_labels, points, "prev_labels");
+  check_labels(labels, points);
+  SAPATTN_CHECK(candidates >= 1, InvalidArgumentError, "kmeans_assign_candidates: candidates must be >= 1, got ",
+                candidates);
+  (void)workspace;
+  // The CUDA kernel is designed, not built (docs/cuda.md, "Candidate assignment"): a typed refusal.
+  SAPATTN_CHECK(backend(stream, points, centroids, prev_labels, labels) == DeviceType::CPU, UnsupportedError,
+                "kmeans_assign_candidates runs on the CPU only so far (no CUDA kernel yet)");
+  cpu::kmeans_assign_candidates(points, centroids, prev_labels, labels, candidates, cpu_threads(stream));
 }
 
 size_t order_clusters_workspace_bytes(int64_t batch_heads, int64_t clusters, int64_t dim, Device device) {
