@@ -32,6 +32,8 @@ using bench::BenchShape;
 using bench::JsonLine;
 using bench::Timing;
 
+constexpr int kMaxCandidates = 64;  // the largest candidate count the k-means rows time
+
 __device__ float gauss(uint64_t key) {
   const uint64_t r = splitmix64(key);
   const float u = (static_cast<float>(r >> 40) + 0.5f) * 0x1p-24f;
@@ -225,7 +227,9 @@ void bench_shape(const BenchShape& s, int reps) {
       std::max({kmeans_workspace_bytes(BH, S, Cq, D, dev), kmeans_workspace_bytes(BH, S, Ck, D, dev),
                 kmeans_seed_greedy_workspace_bytes(BH, S, Cq, factor, dev),
                 kmeans_seed_greedy_workspace_bytes(BH, S, Ck, factor, dev),
-                cluster_permutation_workspace_bytes(BH, S, static_cast<int>(Ck), dev)});
+                cluster_permutation_workspace_bytes(BH, S, static_cast<int>(Ck), dev),
+                kmeans_assign_candidates_workspace_bytes(BH, S, Ck, kMaxCandidates, dev),
+                kmeans_assign_candidates_workspace_bytes(BH, S, Cq, kMaxCandidates, dev)});
   const Buffer ws_buf = Buffer::allocate(ws_bytes, dev);
   const Workspace ws{ws_buf.data(), ws_buf.bytes()};
   const double point_bytes = elem * 2;  // one bf16 tensor
@@ -353,6 +357,33 @@ void bench_shape(const BenchShape& s, int reps) {
          timer.time([&] { cuda::kmeans_update(x, l.view(), c.view(), sz.view(), true, st, ws); }, 3, reps), point_bytes,
          0);
   }
+
+  // ---- Candidate assignment (docs/cuda.md, "Candidate assignment"): one assignment of each tensor
+  // against m candidates from the labels above, and a warm step of 2 iterations whose second
+  // assignment takes candidates (the first has no labels of the step's own).
+  for (const int m : {32, kMaxCandidates}) {
+    for (int side = 0; side < 2; ++side) {
+      const TensorView& x = side == 0 ? qv : kv;
+      Tensor& c = side == 0 ? qc : kc;
+      Tensor& l = side == 0 ? ql : kl;
+      emit(s, std::string("assign_candidates") + std::to_string(m) + "_" + (side == 0 ? "q" : "k"),
+           timer.time([&] { kmeans_assign_candidates(x, c.view(), l.view(), l.view(), m, st, ws); }, 3, reps),
+           point_bytes, 2.0 * BH * S * m * D);
+    }
+  }
+  auto candidate_step = [&] {
+    for (int side = 0; side < 2; ++side) {
+      const TensorView& x = side == 0 ? qv : kv;
+      Tensor& c = side == 0 ? qc : kc;
+      Tensor& l = side == 0 ? ql : kl;
+      Tensor& sz = side == 0 ? qs : ks;
+      kmeans(x, c.view(), l.view(), sz.view(), 1, st, ws);
+      kmeans_assign_candidates(x, c.view(), l.view(), l.view(), 32, st, ws);
+      kmeans_update(x, l.view(), c.view(), sz.view(), st, ws);
+    }
+  };
+  emit(s, "kmeans_2it_candidates32_qk", timer.time(candidate_step, 3, reps), 2 * 2 * point_bytes,
+       2.0 * static_cast<double>(BH * S) * (Cq + Ck + 2 * 32) * D);
 
   // ---- order_clusters on the key clusters (svg2's first sparse call of a layer) --------------------
   // On copies of the key centroids, sizes and labels (the op works in place; ordering clusters that

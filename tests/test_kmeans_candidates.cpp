@@ -303,7 +303,7 @@ TEST(KmeansCandidatesErrors, BadArgumentsThrowAndWriteNothing) {
         InvalidArgumentError, outs,
         kmeans_assign_candidates(in.points.view, in.centroids.view, in.prev.view, in.labels.view, 2, st));
   }
-  // On CUDA: no kernel yet, a typed refusal.
+  // A CUDA tensor with a CPU stream: a typed refusal.
   EXPECT_ERROR_UNTOUCHED(
       UnsupportedError, outs,
       kmeans_assign_candidates(ref::on_cuda(in.points.view), in.centroids.view, in.prev.view, in.labels.view, 2, st));

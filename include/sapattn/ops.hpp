@@ -85,13 +85,14 @@ void kmeans_assign(const TensorView& points, const TensorView& centroids, Tensor
 // measures every centroid: kmeans_assign's labels. Its label is never farther than centroid a, so
 // Lloyd's objective still never rises; after the first iterations the nearest centroid is almost
 // always among 32 candidates (docs/cuda.md, "Candidate assignment"). prev_labels [B,H,N] i32 in
-// [0, C) (InvalidArgumentError otherwise, on the CPU), unit stride along N; it may be `labels`
-// itself. candidates >= 1 (InvalidArgumentError). CPU only so far: tensors or a stream on CUDA
-// throw UnsupportedError (the CUDA kernel is designed in docs/cuda.md, not built).
+// [0, C) (InvalidArgumentError otherwise: on CUDA from the value check after the call, as
+// kmeans_update), unit stride along N; it may be `labels` itself. candidates >= 1
+// (InvalidArgumentError). On CUDA the labels are the CPU's bit for bit, with a workspace of
+// kmeans_assign_candidates_workspace_bytes (none when candidates >= C).
 void kmeans_assign_candidates(const TensorView& points, const TensorView& centroids, const TensorView& prev_labels,
                               TensorView labels, int candidates, const Stream& stream, Workspace workspace = {});
 
-// Scratch bytes kmeans_assign_candidates needs on `device` (0: the CPU needs none).
+// Scratch bytes kmeans_assign_candidates needs on `device` (0 on the CPU).
 size_t kmeans_assign_candidates_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clusters, int candidates,
                                                 Device device);
 

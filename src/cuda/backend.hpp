@@ -58,6 +58,11 @@ void set_seed_kernel_override(const char* name);
 // kmeans_assign has no workspace parameter): the exact fp32 assignment, bit-identical to the CPU's.
 void kmeans_assign(const TensorView& points, const TensorView& centroids, TensorView labels, const Stream& stream,
                    Workspace workspace = {}, AssignStats stats = {});
+// kmeans/assign_candidates.cu: the CPU's lists and labels bit for bit; a previous label outside
+// [0, C) raises the value flag (InvalidArgumentError after the call when value checks are on).
+size_t kmeans_assign_candidates_workspace_bytes(int64_t batch_heads, int64_t points, int64_t clusters, int candidates);
+void kmeans_assign_candidates(const TensorView& points, const TensorView& centroids, const TensorView& prev_labels,
+                              TensorView labels, int candidates, const Stream& stream, Workspace workspace);
 // move_centroids = false only counts sizes (kmeans with zero iterations).
 void kmeans_update(const TensorView& points, const TensorView& labels, TensorView centroids, TensorView sizes,
                    bool move_centroids, const Stream& stream, Workspace workspace);

@@ -105,7 +105,8 @@ size_t kmeans_assign_candidates_workspace_bytes(int64_t batch_heads, int64_t poi
                 "kmeans_assign_candidates_workspace_bytes: negative size");
   SAPATTN_CHECK(candidates >= 1, InvalidArgumentError, "kmeans_assign_candidates: candidates must be >= 1, got ",
                 candidates);
-  return 0;  // the CPU backend needs no scratch; CUDA has no kernel yet (kmeans_assign_candidates)
+  if (device.type == DeviceType::CPU) return 0;  // the CPU backend needs no scratch
+  return SAPATTN_ON_CUDA(kmeans_assign_candidates_workspace_bytes(batch_heads, points, clusters, candidates));
 }
 
 void kmeans_assign_candidates(const TensorView& points, const TensorView& centroids, const TensorView& prev_labels,
@@ -115,10 +116,8 @@ void kmeans_assign_candidates(const TensorView& points, const TensorView& centro
   check_labels(labels, points);
   SAPATTN_CHECK(candidates >= 1, InvalidArgumentError, "kmeans_assign_candidates: candidates must be >= 1, got ",
                 candidates);
-  (void)workspace;
-  // The CUDA kernel is designed, not built (docs/cuda.md, "Candidate assignment"): a typed refusal.
-  SAPATTN_CHECK(backend(stream, points, centroids, prev_labels, labels) == DeviceType::CPU, UnsupportedError,
-                "kmeans_assign_candidates runs on the CPU only so far (no CUDA kernel yet)");
+  if (backend(stream, points, centroids, prev_labels, labels) == DeviceType::CUDA)
+    return SAPATTN_ON_CUDA(kmeans_assign_candidates(points, centroids, prev_labels, labels, candidates, stream, workspace));
   cpu::kmeans_assign_candidates(points, centroids, prev_labels, labels, candidates, cpu_threads(stream));
 }
 
