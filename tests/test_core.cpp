@@ -112,6 +112,7 @@ TEST(Config, DefaultsAreTheOfficialWan720pOnes) {
   // The first call is the CPU study's schedule (docs/cuda.md), not the official 50 iterations from a sample.
   EXPECT_EQ(c.kmeans_seeding, KMeansSeeding::GreedyPP);
   EXPECT_EQ(c.kmeans_sample_factor, 2);
+  EXPECT_EQ(c.kmeans_candidates, 0);
   EXPECT_EQ(c.kmeans_iters_init, 14);
   EXPECT_EQ(c.kmeans_iters_step, 2);
   EXPECT_NO_THROW(c.validate());
@@ -135,6 +136,8 @@ TEST(Config, RejectsOutOfRangeValues) {
   EXPECT_THROW(bad([](Config& c) { c.kmeans_sample_factor = 65; }).validate(), InvalidArgumentError);
   EXPECT_NO_THROW(bad([](Config& c) { c.kmeans_sample_factor = 1; }).validate());
   EXPECT_NO_THROW(bad([](Config& c) { c.kmeans_sample_factor = 64; }).validate());
+  EXPECT_THROW(bad([](Config& c) { c.kmeans_candidates = -1; }).validate(), InvalidArgumentError);
+  EXPECT_NO_THROW(bad([](Config& c) { c.kmeans_candidates = 1; }).validate());
   EXPECT_THROW(bad([](Config& c) { c.kmeans_seeding = static_cast<KMeansSeeding>(7); }).validate(),
                InvalidArgumentError);
   EXPECT_NO_THROW(bad([](Config& c) { c.kmeans_seeding = KMeansSeeding::Sample; }).validate());

@@ -212,6 +212,56 @@ TEST(Svg2, FirstCallSeedsAsTheConfigSaysThenRunsTheInitIterations) {
   EXPECT_NE(k_centroids[0], k_centroids[1]) << "the two seedings gave the same key centroids";
 }
 
+// The centroids a first call with kmeans_candidates m leaves, then those of a warm call after it:
+// the seeding, 2 full Lloyd iterations, the rest against m candidates (keys then in chain order);
+// a warm call runs 1 full iteration, then candidates.
+TEST(Svg2, CandidateIterationsFollowTheFullOnes) {
+  const int64_t B = 1, H = 2, S = 240, D = 32;
+  const auto [q, k, v] = clustered_qkv(DType::F32, B, H, S, D, 6, 70);
+  Config c = small_config();
+  c.kmeans_iters_init = 5;
+  c.kmeans_iters_step = 3;
+  c.kmeans_candidates = 3;
+  BranchState state;
+  run_svg2(q, k, v, c, state);
+  const Stream cpu = Stream::cpu();
+  const Tensor qc(DType::F32, {B, H, c.q_clusters, D}), kc(DType::F32, {B, H, c.k_clusters, D});
+  kmeans_seed_greedy(q.view(), qc.view(), c.seed, c.kmeans_sample_factor, cpu);
+  kmeans_seed_greedy(k.view(), kc.view(), key_sample_seed(c.seed), c.kmeans_sample_factor, cpu);
+  const auto lloyd = [&](const Tensor& x, const Tensor& cent, int iters, int full, bool order) {
+    const int64_t C = cent.shape()[2];
+    const Tensor labels(DType::I32, {B, H, S}), sizes(DType::I32, {B, H, C});
+    kmeans(x.view(), cent.view(), labels.view(), sizes.view(), full, cpu);
+    for (int it = full; it < iters; ++it) {
+      kmeans_assign_candidates(x.view(), cent.view(), labels.view(), labels.view(), c.kmeans_candidates, cpu);
+      kmeans_update(x.view(), labels.view(), cent.view(), sizes.view(), cpu);
+    }
+    if (order) order_clusters(cent.view(), sizes.view(), labels.view(), cpu);
+  };
+  lloyd(q, qc, c.kmeans_iters_init, 2, false);
+  lloyd(k, kc, c.kmeans_iters_init, 2, true);
+  EXPECT_EQ(max_abs_diff(qc, state.q_centroids), 0.0);
+  EXPECT_EQ(max_abs_diff(kc, state.k_centroids), 0.0);
+  run_svg2(q, k, v, c, state);  // a warm call
+  lloyd(q, qc, c.kmeans_iters_step, 1, false);
+  lloyd(k, kc, c.kmeans_iters_step, 1, false);
+  EXPECT_EQ(max_abs_diff(qc, state.q_centroids), 0.0);
+  EXPECT_EQ(max_abs_diff(kc, state.k_centroids), 0.0);
+}
+
+TEST(Svg2, CandidatesCoveringEveryClusterChangeNothing) {
+  const int64_t B = 1, H = 2, S = 240, D = 32;
+  const auto [q, k, v] = clustered_qkv(DType::F32, B, H, S, D, 6, 80);
+  Config c = small_config();
+  BranchState plain_state, covered_state;
+  const Svg2Run plain = run_svg2(q, k, v, c, plain_state);
+  c.kmeans_candidates = c.k_clusters;  // >= every cluster count of the call
+  const Svg2Run covered = run_svg2(q, k, v, c, covered_state);
+  EXPECT_EQ(max_abs_diff(plain.out, covered.out), 0.0);
+  EXPECT_EQ(max_abs_diff(plain.lse, covered.lse), 0.0);
+  EXPECT_EQ(max_abs_diff(plain_state.k_centroids, covered_state.k_centroids), 0.0);
+}
+
 TEST(Svg2, ChangedShapeNeedsAReset) {
   const Tensor q = random_tensor(DType::F32, {1, 2, 64, 64}, 13);
   Config c = small_config();

@@ -80,6 +80,12 @@ struct Config {
   // later calls do not change.
   KMeansSeeding kmeans_seeding = KMeansSeeding::GreedyPP;
   int kmeans_sample_factor = 2;  // GreedyPP seeds from the first factor * C points of the sample; 1 to 64
+  // Candidate assignment (kmeans_assign_candidates, docs/cuda.md): > 0 measures each point against
+  // its previous label's kmeans_candidates nearest centroids only, in the iterations of a call after
+  // its first two (a layer's first call: after the seeding's first two full ones) or after its first
+  // (later calls, warm-started). 0 (the default until timed on the GPU) measures every centroid;
+  // >= the cluster count is the same as 0.
+  int kmeans_candidates = 0;
 
   // Throws InvalidArgumentError naming the first bad field and its valid range.
   void validate() const;

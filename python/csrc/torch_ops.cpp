@@ -264,6 +264,7 @@ constexpr Svg2Option kSvg2Options[] = {
     {"ear_split", &Config::ear_split},
     {"kmeans_seeding", &Config::kmeans_seeding},
     {"kmeans_sample_factor", &Config::kmeans_sample_factor},
+    {"kmeans_candidates", &Config::kmeans_candidates},
     {"round_q_clusters", &Config::round_q_clusters},
     {"attention_dtype", &Config::attention_dtype},
 };

@@ -43,6 +43,10 @@ class SVG2Config:
     # sampled tokens (1 to 64), "sample" takes C sampled tokens; then kmeans_iters_init iterations.
     kmeans_seeding: str = "greedy_pp"
     kmeans_sample_factor: int = 2
+    # > 0: a call's Lloyd iterations after its first two (first call) or first (later calls) assign each
+    # token among its previous cluster's kmeans_candidates nearest centroids only (docs/cuda.md,
+    # "Candidate assignment"); 0 measures every centroid.
+    kmeans_candidates: int = 0
     kmeans_iters_init: int = 14
     kmeans_iters_step: int = 2
     seed: int = 0

@@ -27,6 +27,8 @@ void Config::validate() const {
                 "kmeans_sample_factor must be in [1, 64], got ", kmeans_sample_factor);
   SAPATTN_CHECK(kmeans_iters_step >= 0, InvalidArgumentError, "kmeans_iters_step must be >= 0, got ",
                 kmeans_iters_step);
+  SAPATTN_CHECK(kmeans_candidates >= 0, InvalidArgumentError, "kmeans_candidates must be >= 0, got ",
+                kmeans_candidates);
   SAPATTN_CHECK(text_tokens >= 0, InvalidArgumentError, "text_tokens must be >= 0, got ", text_tokens);
   SAPATTN_CHECK(prompt_length >= 0 && prompt_length <= text_tokens, InvalidArgumentError,
                 "prompt_length must be in [0, text_tokens=", text_tokens, "], got ", prompt_length);

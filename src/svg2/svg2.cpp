@@ -71,9 +71,15 @@ size_t carve(const AttentionShape& shape, const Config& config, DType dtype, Dev
                                                        device)
                   : size_t{0};
   };
+  const auto candidate_bytes = [&](int clusters) {
+    return config.kmeans_candidates > 0 ? kmeans_assign_candidates_workspace_bytes(
+                                              B * H, b.video_tokens, clusters, config.kmeans_candidates, device)
+                                        : size_t{0};
+  };
   const size_t scratch = std::max(
       {kmeans_workspace_bytes(B * H, b.video_tokens, config.q_clusters, D, device),
        kmeans_workspace_bytes(B * H, b.video_tokens, config.k_clusters, D, device),
+       candidate_bytes(config.q_clusters), candidate_bytes(config.k_clusters),
        order_clusters_workspace_bytes(B * H, config.k_clusters, D, device), seeding_bytes(config.q_clusters),
        seeding_bytes(config.k_clusters),
        cluster_permutation_workspace_bytes(B * H, S, std::max(b.q_clusters, b.k_clusters), device),
@@ -208,8 +214,19 @@ void cluster(const TensorView& q, const TensorView& k, const Config& config, con
     }
     iters = config.kmeans_iters_init;
   }
-  kmeans(qv, centroids.q, buf.q_video_labels(), q_sizes, iters, stream, buf.op_scratch);
-  kmeans(kv, centroids.k, buf.k_video_labels(), k_sizes, iters, stream, buf.op_scratch);
+  // With candidates, the iterations after the first two of a first call (one of a warm call) assign
+  // each point among its previous label's nearest centroids (docs/cuda.md, "Candidate assignment").
+  const int m = config.kmeans_candidates;
+  const int full = m > 0 ? std::min(iters, initialize ? 2 : 1) : iters;
+  const auto lloyd = [&](const TensorView& x, const TensorView& c, const TensorView& labels, const TensorView& sizes) {
+    kmeans(x, c, labels, sizes, full, stream, buf.op_scratch);
+    for (int it = full; it < iters; ++it) {
+      kmeans_assign_candidates(x, c, labels, labels, m, stream, buf.op_scratch);
+      kmeans_update(x, labels, c, sizes, stream, buf.op_scratch);
+    }
+  };
+  lloyd(qv, centroids.q, buf.q_video_labels(), q_sizes);
+  lloyd(kv, centroids.k, buf.k_video_labels(), k_sizes);
   if (initialize) order_clusters(centroids.k, k_sizes, buf.k_video_labels(), stream, buf.op_scratch);
 }
 

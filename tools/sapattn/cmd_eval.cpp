@@ -52,7 +52,8 @@ std::string metrics_json(const std::string& method, const eval::Metrics& m, cons
      << "], \"config\": {\"q_clusters\": " << c.q_clusters << ", \"k_clusters\": " << c.k_clusters
      << ", \"top_p\": " << json_number(c.top_p) << ", \"min_kc_ratio\": " << json_number(c.min_kc_ratio)
      << ", \"kmeans_seeding\": " << (c.kmeans_seeding == KMeansSeeding::Sample ? "\"sample\"" : "\"greedy_pp\"")
-     << ", \"kmeans_iters\": " << c.kmeans_iters_init << ", \"seed\": " << c.seed
+     << ", \"kmeans_iters\": " << c.kmeans_iters_init << ", \"kmeans_candidates\": " << c.kmeans_candidates
+     << ", \"seed\": " << c.seed
      << ", \"text_tokens\": " << c.text_tokens << ", \"prompt_length\": " << c.prompt_length
      << ", \"compensate\": " << (c.compensate ? "true" : "false") << ", \"density\": " << json_number(c.density)
      << ", \"attention_dtype\": " << (c.attention_dtype == AttentionDType::E4M3 ? "\"fp8_e4m3\"" : "\"native\"")

@@ -24,6 +24,10 @@ std::vector<Option> svg2_options() {
        "greedy_pp"},
       {"kmeans-iters", "N", "k-means iterations (first call, after the seeding)",
        std::to_string(Config{}.kmeans_iters_init)},
+      {"kmeans-candidates", "M",
+       "after the first two k-means iterations, assign each token among its cluster's M nearest centroids only "
+       "(0: all; docs/cuda.md, \"Candidate assignment\")",
+       "0"},
       {"seed", "S", "seed of the initial centroid sample", "0"},
       {"attention-dtype", "T",
        "native (the inputs' precision) or fp8_e4m3 (Q K^T and P V in FP8 E4M3, emulated on the CPU; docs/fp8.md)",
@@ -45,6 +49,7 @@ Config config_from(const Args& args, int64_t video_tokens) {
                          ? KMeansSeeding::Sample
                          : KMeansSeeding::GreedyPP;
   c.kmeans_iters_init = static_cast<int>(args.get_int("kmeans-iters", c.kmeans_iters_init, 0, 100000));
+  c.kmeans_candidates = static_cast<int>(args.get_int("kmeans-candidates", 0, 0, 1 << 20));
   c.seed = static_cast<uint64_t>(args.get_int("seed", 0, 0, INT64_MAX));
   c.attention_dtype = args.get_choice("attention-dtype", "native", {"native", "fp8_e4m3"}) == "fp8_e4m3"
                           ? AttentionDType::E4M3
