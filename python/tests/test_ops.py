@@ -136,6 +136,23 @@ def test_first_call_seeds_as_the_config_says(device):
         torch.ops.sapattn.kmeans(q, torch.empty(1, 3, 8, 64, device=device), True, 0, 0, sample_factor=0)
 
 
+def test_kmeans_candidates_reach_the_engine(device):
+    """kmeans_candidates reaches the engine: covering every cluster it changes nothing; with one, the
+    labels stay those of the first two iterations and the clusters of unstructured tokens (which
+    Lloyd keeps moving) come out otherwise; a negative count is refused with the engine's message."""
+    dtype = working_dtype(device)
+    q, k, v = (randn((1, 320, 3, 64), seed=40 + i, device=device, dtype=dtype) for i in range(3))
+    runs = {}
+    for m in (0, 16, 1):
+        state = sapattn.BranchState()
+        out = sapattn.svg2_attention(q, k, v, small_config(kmeans_candidates=m), state)[0]
+        runs[m] = (out, state.q_centroids.clone(), state.k_centroids.clone())
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[16]))
+    assert not torch.equal(runs[0][1], runs[1][1]) and not torch.equal(runs[0][2], runs[1][2])
+    with pytest.raises(ValueError, match="kmeans_candidates must be >= 0, got -1"):
+        small_config(kmeans_candidates=-1)
+
+
 def test_attention_dtype_reaches_the_engine(device):
     """attention_dtype round-trips through SVG2Config and the op. "fp8_e4m3" keeps the clusters and the
     selection and computes the attention in e4m3: close to the native output (the FP8 goal's
