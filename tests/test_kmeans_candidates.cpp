@@ -26,12 +26,6 @@ struct Case {
   Layout layout;
 };
 
-std::string describe(const Case& c) {
-  return "B=" + std::to_string(c.B) + " H=" + std::to_string(c.H) + " N=" + std::to_string(c.N) +
-         " D=" + std::to_string(c.D) + " C=" + std::to_string(c.C) + " m=" + std::to_string(c.candidates) + " " +
-         std::string(dtype_name(c.dtype)) + " " + ref::layout_name(c.layout);
-}
-
 struct Inputs {
   HostTensor points, centroids, prev, labels;
 };
@@ -144,13 +138,15 @@ Expected expected(const TensorView& points, const TensorView& centroids, const s
   return ::testing::AssertionSuccess();
 }
 
-class KmeansCandidates : public ::testing::TestWithParam<Case> {};
+// Every case draws its inputs first, from the seed of its own name (which describes the case).
+class KmeansCandidates : public ::testing::TestWithParam<Case> {
+ protected:
+  const Case c = GetParam();
+  ref::Rng rng{case_seed()};
+  Inputs in = make_inputs(c, rng);
+};
 
 TEST_P(KmeansCandidates, LabelIsTheNearestCandidate) {
-  const Case c = GetParam();
-  SCOPED_TRACE(describe(c));
-  ref::Rng rng(case_seed());
-  Inputs in = make_inputs(c, rng);
   const std::vector<uint8_t> cent_bytes = in.centroids.bytes(), prev_bytes = in.prev.bytes();
   kmeans_assign_candidates(in.points.view, in.centroids.view, in.prev.view, in.labels.view, c.candidates, kStream);
   EXPECT_EQ(ref::count_poisoned(in.labels.view), 0);
@@ -160,10 +156,6 @@ TEST_P(KmeansCandidates, LabelIsTheNearestCandidate) {
 }
 
 TEST_P(KmeansCandidates, EveryCentroidACandidateIsKmeansAssign) {
-  const Case c = GetParam();
-  SCOPED_TRACE(describe(c));
-  ref::Rng rng(case_seed());
-  Inputs in = make_inputs(c, rng);
   HostTensor full = ref::make_tensor(DType::I32, {c.B, c.H, c.N});
   kmeans_assign(in.points.view, in.centroids.view, full.view, kStream);
   for (int m : {static_cast<int>(c.C), static_cast<int>(c.C) + 5}) {
@@ -174,10 +166,6 @@ TEST_P(KmeansCandidates, EveryCentroidACandidateIsKmeansAssign) {
 }
 
 TEST_P(KmeansCandidates, NeverFartherThanThePreviousCentroid) {
-  const Case c = GetParam();
-  SCOPED_TRACE(describe(c));
-  ref::Rng rng(case_seed());
-  Inputs in = make_inputs(c, rng);
   kmeans_assign_candidates(in.points.view, in.centroids.view, in.prev.view, in.labels.view, c.candidates, kStream);
   const std::vector<double> d = ref::sq_distances(in.points.view, in.centroids.view);
   const std::vector<double> bound = ref::sq_distance_error_bound(in.points.view, in.centroids.view);
@@ -195,20 +183,12 @@ TEST_P(KmeansCandidates, NeverFartherThanThePreviousCentroid) {
 }
 
 TEST_P(KmeansCandidates, PrevLabelsMayBeTheOutput) {
-  const Case c = GetParam();
-  SCOPED_TRACE(describe(c));
-  ref::Rng rng(case_seed());
-  Inputs in = make_inputs(c, rng);
   kmeans_assign_candidates(in.points.view, in.centroids.view, in.prev.view, in.labels.view, c.candidates, kStream);
   kmeans_assign_candidates(in.points.view, in.centroids.view, in.prev.view, in.prev.view, c.candidates, kStream);
   EXPECT_EQ(ref::to_i32(in.prev.view), ref::to_i32(in.labels.view));
 }
 
 TEST_P(KmeansCandidates, ThreadCountIndependent) {
-  const Case c = GetParam();
-  SCOPED_TRACE(describe(c));
-  ref::Rng rng(case_seed());
-  Inputs in = make_inputs(c, rng);
   HostTensor one = ref::make_tensor(DType::I32, {c.B, c.H, c.N});
   kmeans_assign_candidates(in.points.view, in.centroids.view, in.prev.view, in.labels.view, c.candidates, kStream);
   kmeans_assign_candidates(in.points.view, in.centroids.view, in.prev.view, one.view, c.candidates, Stream::cpu(1));
