@@ -86,7 +86,8 @@ void kmeans_assign(const TensorView& points, const TensorView& centroids, Tensor
 // Lloyd's objective still never rises; after the first iterations the nearest centroid is almost
 // always among 32 candidates (docs/cuda.md, "Candidate assignment"). prev_labels [B,H,N] i32 in
 // [0, C) (InvalidArgumentError otherwise: on CUDA from the value check after the call, as
-// kmeans_update), unit stride along N; it may be `labels` itself. candidates >= 1
+// kmeans_update, and only when candidates < C: else it is not read), unit stride along N; it may
+// be `labels` itself. candidates >= 1
 // (InvalidArgumentError). On CUDA the labels are the CPU's bit for bit, with a workspace of
 // kmeans_assign_candidates_workspace_bytes (none when candidates >= C).
 void kmeans_assign_candidates(const TensorView& points, const TensorView& centroids, const TensorView& prev_labels,
