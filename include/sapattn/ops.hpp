@@ -274,6 +274,19 @@ void gather_rows(const TensorView& x, const TensorView& perm, TensorView out, co
 void scatter_rows(const TensorView& y, const TensorView& perm, TensorView out, const Stream& stream);
 
 // ---------------------------------------------------------------------------------------------
+// Rotary embedding on interleaved pairs, the convention of Wan and HunyuanVideo in diffusers, in one
+// pass (the diffusers integration runs it on Q and K before the attention). For token s and pair i
+// of x[b,h,s,:] (elements 2i and 2i+1), with c = cos[s,2i] and n = sin[s,2i+1] (diffusers stores each
+// pair's value at both elements and reads these):
+//   out[2i]   = x[2i] c - x[2i+1] n,    out[2i+1] = x[2i] n + x[2i+1] c,
+// each product and sum rounded to fp32 on its own (no FMA: what PyTorch's eager ops compute), the
+// result rounded to out's dtype. x, out [B,H,S,D] of one floating dtype, any strides (out may be x
+// itself, not another overlap), D even; cos, sin [S,D] f32 contiguous.
+// ---------------------------------------------------------------------------------------------
+void rope_pairs(const TensorView& x, const TensorView& cos, const TensorView& sin, TensorView out,
+                const Stream& stream);
+
+// ---------------------------------------------------------------------------------------------
 // Attention (non-causal, fp32 softmax and accumulation). Outputs:
 //   out [B,H,Sq,D] f32/f16/bf16, any strides
 //   lse [B,H,Sq]   f32, any strides, natural-log log-sum-exp of the scaled scores of the keys

@@ -458,6 +458,20 @@ std::tuple<at::Tensor, at::Tensor> dense_attention(const at::Tensor& q, const at
   });
 }
 
+// Rotary embedding on interleaved pairs of x [B,S,H,D] with cos, sin [S,D] f32 (sapattn::rope_pairs,
+// the arithmetic of PyTorch's eager ops in one pass): a new contiguous [B,S,H,D] tensor of x's dtype.
+at::Tensor rope_pairs(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  return translating_errors([&] {
+    check_same_device(x, cos, "cos");
+    check_same_device(x, sin, "sin");
+    const DeviceGuard guard = guard_device(x);
+    at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+    sapattn::rope_pairs(bshd_view(x, "x"), view_of(cos, "cos"), view_of(sin, "sin"), bshd_view(out, "out"),
+                        stream_for(x));
+    return out;
+  });
+}
+
 // Lloyd k-means of points [B,S,H,D] into centroids [B,H,C,D] f32 (in place), per (batch, head):
 // with `initialize`, first the seeding (kmeans_seed_greedy on sample_factor * C points, or
 // kmeans_init's sample); `keys` draws from the keys' stream of the seed (key_sample_seed) and, when
@@ -533,7 +547,7 @@ void refuse_backward(std::string_view op, const at::Tensor& q, const at::Tensor&
   }
 }
 
-// The Autograd kernel of the attention ops (each takes q, k, v first): the op itself below
+// The Autograd kernel of the attention ops (each takes q, k, v first; rope_pairs x, cos, sin): the op itself below
 // autograd, then refuse_backward on its float outputs. Boxed, so that it passes the arguments on
 // without listing them.
 void inference_only(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
@@ -554,9 +568,11 @@ TORCH_LIBRARY(sapattn, m) {
   m.def("dense_attention(Tensor q, Tensor k, Tensor v, float scale, bool return_lse) -> (Tensor, Tensor)");
   m.def(kmeans_schema().c_str());
   m.def("attention_kernel(Tensor q) -> str");
+  m.def("rope_pairs(Tensor x, Tensor cos, Tensor sin) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sapattn, CPU, m) {
+  m.impl("rope_pairs", &rope_pairs);
   m.impl("svg2_attention", torch::CppFunction::makeFromBoxedFunction<&svg2_attention_boxed>());
   m.impl("dense_attention", &dense_attention);
   m.impl("kmeans", &kmeans);
@@ -564,6 +580,7 @@ TORCH_LIBRARY_IMPL(sapattn, CPU, m) {
 
 #ifdef SAPATTN_HAS_CUDA
 TORCH_LIBRARY_IMPL(sapattn, CUDA, m) {
+  m.impl("rope_pairs", &rope_pairs);
   m.impl("svg2_attention", torch::CppFunction::makeFromBoxedFunction<&svg2_attention_boxed>());
   m.impl("dense_attention", &dense_attention);
   m.impl("kmeans", &kmeans);
@@ -573,6 +590,7 @@ TORCH_LIBRARY_IMPL(sapattn, CUDA, m) {
 TORCH_LIBRARY_IMPL(sapattn, Autograd, m) {
   m.impl("svg2_attention", torch::CppFunction::makeFromBoxedFunction<&inference_only>());
   m.impl("dense_attention", torch::CppFunction::makeFromBoxedFunction<&inference_only>());
+  m.impl("rope_pairs", torch::CppFunction::makeFromBoxedFunction<&inference_only>());
 }
 
 // The kernel query reads only metadata: one implementation for every device.

@@ -107,6 +107,11 @@ def _dense_attention_fake(q, k, v, scale, return_lse):
     return out, lse
 
 
+@torch.library.register_fake("sapattn::rope_pairs")
+def _rope_pairs_fake(x, cos, sin):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("sapattn::kmeans")
 def _kmeans_fake(points, centroids, *args, **kwargs):
     batch, seq, heads, _ = points.shape

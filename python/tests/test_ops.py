@@ -153,6 +153,33 @@ def test_kmeans_candidates_reach_the_engine(device):
         small_config(kmeans_candidates=-1)
 
 
+def test_rope_pairs_op_is_the_eager_expression(device):
+    """The diffusers adapters' RoPE through sapattn's one-pass op gives the eager expression's values
+    bit for bit, on [B, S, H, D] views of a projection (as the processors pass them) and on
+    contiguous tensors; cos and sin of another shape fall back to the eager expression."""
+    from sapattn.diffusers.core import rope_pairs, rope_pairs_eager
+
+    seq, heads, dim = 50, 3, 16
+    angles = randn((seq, dim // 2), seed=7, device=device) * 3.0
+    cos = torch.cos(angles).repeat_interleave(2, dim=-1)[None, :, None, :]
+    sin = torch.sin(angles).repeat_interleave(2, dim=-1)[None, :, None, :]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        projected = randn((2, seq, heads * dim), seed=8, device=device, dtype=dtype)
+        x = projected.unflatten(2, (heads, -1))  # a strided view, as split_heads makes it
+        want = rope_pairs_eager(x, cos, sin)
+        got = rope_pairs(x, cos, sin)
+        assert got.dtype == dtype and got.shape == x.shape
+        assert torch.equal(got, want), dtype
+        assert torch.equal(torch.ops.sapattn.rope_pairs(x.contiguous(), cos[0, :, 0], sin[0, :, 0]), want)
+        assert torch.equal(rope_pairs(x, cos[0, :, 0], sin[0, :, 0]), want)  # [S, D] cos and sin
+    odd_cos = cos[:, :, :, :dim].expand(2, seq, 1, dim)  # per batch item: not the op's shape
+    x = randn((2, seq, heads, dim), seed=9, device=device)
+    assert torch.equal(rope_pairs(x, odd_cos, sin.expand(2, seq, 1, dim)), rope_pairs_eager(x, odd_cos, sin))
+    with pytest.raises(ValueError, match="head dim must be even"):
+        torch.ops.sapattn.rope_pairs(torch.zeros(1, 4, 2, 3, device=device), torch.zeros(4, 3, device=device),
+                                     torch.zeros(4, 3, device=device))
+
+
 def test_attention_dtype_reaches_the_engine(device):
     """attention_dtype round-trips through SVG2Config and the op. "fp8_e4m3" keeps the clusters and the
     selection and computes the attention in e4m3: close to the native output (the FP8 goal's

@@ -34,6 +34,7 @@ void shard_key_clusters(TensorView mask, int index, int count, int threads);
 void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_length, int prompt_label, int threads);
 void cluster_permutation(const TensorView& labels, int num_clusters, TensorView perm, TensorView offsets, int threads);
 void gather_rows(const TensorView& x, const TensorView& perm, TensorView out, int threads);
+void rope_pairs(const TensorView& x, const TensorView& cos, const TensorView& sin, TensorView out, int threads);
 void scatter_rows(const TensorView& y, const TensorView& perm, TensorView out, int threads);
 
 void block_sparse_attention(const TensorView& q, const TensorView& k, const TensorView& v, const BlockLayout& layout,

@@ -112,6 +112,9 @@ void label_text_tokens(TensorView labels, int64_t video_tokens, int64_t prompt_l
 void cluster_permutation(const TensorView& labels, int num_clusters, TensorView perm, TensorView offsets,
                          const Stream& stream, Workspace workspace);
 void gather_rows(const TensorView& x, const TensorView& perm, TensorView out, const Stream& stream);
+// rope/rope.cu: the CPU's values bit for bit.
+void rope_pairs(const TensorView& x, const TensorView& cos, const TensorView& sin, TensorView out,
+                const Stream& stream);
 void scatter_rows(const TensorView& y, const TensorView& perm, TensorView out, const Stream& stream);
 void block_density(const BlockLayout& layout, TensorView density, const Stream& stream);
 

@@ -50,9 +50,31 @@ def rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotary embedding on interleaved pairs (x[2i], x[2i+1]), the convention of Wan and
     HunyuanVideo in diffusers. x: [B, S, H, D]; cos and sin hold each pair's value twice
     ([c0, c0, c1, c1, ...]) and broadcast against x ([1, S, 1, D]) or are [S, D]. The product is
-    taken in cos's precision (float32) and returned in x's dtype."""
+    taken in cos's precision (float32) and returned in x's dtype. Float32 cos and sin of one row per
+    token take sapattn's one-pass op (torch.ops.sapattn.rope_pairs: the same values bit for bit as
+    the eager expression, whose six kernels and float32 temporaries move, by count, about 18 times
+    x's bytes)."""
     if cos.dim() == 2:
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    fused = _rope_rows(cos, x), _rope_rows(sin, x)
+    if fused[0] is not None and fused[1] is not None:
+        return torch.ops.sapattn.rope_pairs(x, *fused)
+    return rope_pairs_eager(x, cos, sin)
+
+
+def _rope_rows(t: torch.Tensor, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """t [1, S, 1, D] float32 on x's device as the op's [S, D], or None where the op does not apply."""
+    if (t.dtype != torch.float32 or t.device != x.device or t.dim() != 4 or t.shape[0] != 1 or t.shape[2] != 1
+            or t.shape[1] != x.shape[1] or t.shape[3] != x.shape[3] or x.dtype not in _ROPE_DTYPES):
+        return None
+    return t[0, :, 0, :].contiguous()
+
+
+_ROPE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def rope_pairs_eager(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """rope_pairs in PyTorch's eager ops (cos and sin broadcasting against x)."""
     even, odd = x[..., 0::2], x[..., 1::2]
     c, s = cos[..., 0::2], sin[..., 1::2]
     # Written into x's dtype half by half: the float32 temporaries are the size of half of x.
