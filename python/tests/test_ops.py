@@ -287,6 +287,8 @@ def test_meta_tensors_and_opcheck():
     args = (q, k, v, qc, kc, True, 0.9, 0.1, 4, 2, 0, 0, 0, 0.0, False, True)
     torch.library.opcheck(torch.ops.sapattn.svg2_attention.default, args)
     torch.library.opcheck(torch.ops.sapattn.dense_attention.default, (q, k, v, 0.0, True))
+    cos, sin = torch.rand(96, 64), torch.rand(96, 64)
+    torch.library.opcheck(torch.ops.sapattn.rope_pairs.default, (q, cos, sin))
     meta = [t.to("meta") for t in (q, k, v, qc, kc)]
     out, lse, density = torch.ops.sapattn.svg2_attention(*meta, *args[5:])
     assert out.shape == q.shape and lse.shape == (1, 3, 96) and density.shape == (1, 3)
