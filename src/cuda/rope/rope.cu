@@ -16,17 +16,6 @@ struct RopeView {
   int64_t stride[4];
 };
 
-template <typename T>
-__device__ __forceinline__ T from_f32(float v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(v);
-  } else {
-    return __float2bfloat16_rn(v);
-  }
-}
-
 // grid (B*S tokens, ceil(H*D/2 / kThreads)): block (token, chunk) rotates pairs [chunk * kThreads,
 // ...) of the token's H*D/2, all reading the token's cos and sin row.
 template <typename T>
