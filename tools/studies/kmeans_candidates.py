@@ -25,6 +25,10 @@ matrix-form assignment of kmeans_first_call.py produces (that module's Points, a
         --iters 16 --m 32,32@3,48,64 --compare --out cand-w13.jsonl
     python tools/studies/kmeans_candidates.py --report cand-w13.jsonl
 
+--warm runs a first call in full, adds noise to the tokens (--drift, in units of each dimension's
+spread) as a stand-in for the next step, and compares its 2 warm iterations in full against a full
+one followed by one against m candidates (objective and labels).
+
 --compare runs exact Lloyd and candidate Lloyd (every point against its label's m candidates only,
 uncertified, from iteration F on: "m@F", F = 2 by default) from the same start side by side and
 writes, at iterations 14 and --iters, each run's objectives relative to exact Lloyd's, the share of
@@ -146,6 +150,34 @@ def compare(args, meta, handle, clusters, h: int, specs) -> None:
             print(json.dumps(row), file=args.out_file, flush=True)
 
 
+def warm(args, meta, handle, clusters, h: int, specs) -> None:
+    """A warm step after a first call, on points that drifted: the first call's schedule (full Lloyd,
+    --iters) on the head's tokens, then the tokens plus Gaussian noise of --drift times each
+    dimension's spread (a crude stand-in for the next denoising step) and 2 iterations from the
+    cached centroids: in full, or the second against m candidates. Objectives and labels against the
+    full step's."""
+    q, k, _ = head_tensors(meta, handle, h)
+    for tensor, x, C, seed, tag in (("q", q, clusters[0], args.seed, 1), ("k", k, clusters[1], args.seed ^ K_SEED_STREAM, 2)):
+        p = Points(x, C, seed, h)
+        first = chain(p, args.start, 1000 * h + tag + 10**6 * args.seed, args.iters, None, (args.iters,))[args.iters]
+        for drift in args.drift:
+            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(99 + h)) * x.std(0, keepdim=True)
+            moved = Points(x + drift * noise, C, seed, h)
+            rows = {}
+            for spec in [None] + specs:
+                cent = first[1].clone()
+                labels = assign(moved, cent)[0]
+                cent, _ = update(moved, labels, cent)
+                labels = assign(moved, cent)[0] if spec is None else assign_candidates(moved, cent, labels, int(spec))
+                cent, _ = update(moved, labels, cent)
+                rows[spec] = (labels, objective(moved, cent, labels))
+            for spec in specs:
+                print(json.dumps({"preset": meta["preset"], "head": h, "tensor": tensor, "clusters": C, "drift": drift,
+                                  "candidates": int(spec), "rel_obj": rows[spec][1] / rows[None][1],
+                                  "same_labels": float((rows[spec][0] == rows[None][0]).double().mean())}),
+                      file=args.out_file, flush=True)
+
+
 def report(paths) -> None:
     """Per preset, candidate spec and iteration: mean / worst over heads of each ratio to exact Lloyd
     of the same head (objective, density), the label agreement and the recall difference."""
@@ -181,6 +213,10 @@ def main() -> None:
     ap.add_argument("--m", default="8,16,32,64",
                     help="candidate counts; with --compare also m@F: candidates from iteration F on")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--warm", action="store_true",
+                    help="a warm step on drifted tokens: 2 iterations in full against 1 full + 1 with candidates")
+    ap.add_argument("--drift", type=float, nargs="+", default=[0.05, 0.2],
+                    help="with --warm: the noise added to the tokens, in units of each dimension's spread")
     ap.add_argument("--compare", action="store_true",
                     help="run exact and candidate Lloyd (uncertified, each --m) side by side instead")
     ap.add_argument("--out", help="append JSON lines here (default: stdout)")
@@ -195,6 +231,10 @@ def main() -> None:
     clusters = [int(c) for c in args.clusters.split(",")]
     out = open(args.out, "a") if args.out else sys.stdout
     args.out_file = out
+    if args.warm:
+        for h in (int(v) for v in args.heads.split(",")):
+            warm(args, meta, handle, clusters, h, [m for m in args.m.split(",") if m])
+        return
     if args.compare:
         for h in (int(v) for v in args.heads.split(",")):
             compare(args, meta, handle, clusters, h, [m for m in args.m.split(",") if m])
