@@ -137,8 +137,9 @@ void kmeans_assign(const TensorView& points, const TensorView& centroids, Tensor
   });
 }
 
-// Row a of `lists` ([C, m]): centroid a, then the m - 1 other centroids nearest to it by the fp32
-// squared distance, ties to the lower index.
+// Row a of `lists` ([C, m]): the candidates of cluster a, centroid a and the m - 1 other centroids
+// nearest to it by the fp32 squared distance (ties to the lower index), in ascending index order:
+// the order in which a point scans them, so that a strict comparison keeps the lower index on ties.
 void candidate_lists(const float* cent, int64_t C, int64_t D, int64_t m, int32_t* lists) {
   std::vector<std::pair<float, int32_t>> others(static_cast<size_t>(C - 1));
   for (int64_t a = 0; a < C; ++a) {
@@ -155,6 +156,7 @@ void candidate_lists(const float* cent, int64_t C, int64_t D, int64_t m, int32_t
     int32_t* row = lists + a * m;
     row[0] = static_cast<int32_t>(a);
     for (int64_t r = 1; r < m; ++r) row[r] = others[static_cast<size_t>(r - 1)].second;
+    std::sort(row, row + m);
   }
 }
 
@@ -177,15 +179,13 @@ void kmeans_assign_candidates(const TensorView& points, const TensorView& centro
     const int32_t* prev = &at<int32_t>(prev_labels, b, h);
     int32_t* lab = &at<int32_t>(labels, b, h);
     std::vector<float> x(D);
-    std::vector<int32_t> row(static_cast<size_t>(m));
     for (int64_t i = lo; i < hi; ++i) {
       load_row(points, b, h, i, x.data());
       const int32_t* list = lists.data() + (bh * C + prev[i]) * m;
-      std::copy(list, list + m, row.begin());
-      std::sort(row.begin(), row.end());  // ascending index: a strict comparison keeps the lower on ties
       float best = std::numeric_limits<float>::infinity();
-      int32_t arg = row[0];
-      for (const int32_t c : row) {
+      int32_t arg = list[0];
+      for (int64_t r = 0; r < m; ++r) {
+        const int32_t c = list[r];
         const float dist = squared_distance(x.data(), cent + c * D, D);
         if (dist < best) {
           best = dist;

@@ -19,10 +19,10 @@ void rope_pairs(const TensorView& x, const TensorView& cos, const TensorView& si
   for (int d = 0; d < 4; ++d) expect_extent(out, d, x.shape[d], "out", "the extent of x");
   expect_contiguous_tensor(cos, DType::F32, {x.shape[2], x.shape[3]}, "cos", "S, D of x");
   expect_contiguous_tensor(sin, DType::F32, {x.shape[2], x.shape[3]}, "sin", "S, D of x");
-  bool same_layout = x.data == out.data;
-  for (int d = 0; d < 4; ++d) same_layout = same_layout && x.stride[d] == out.stride[d];
-  SAPATTN_CHECK(x.data != out.data || same_layout, InvalidArgumentError,
-                "rope_pairs: out may be x itself but not another view of its memory");
+  if (x.data == out.data)
+    for (int d = 0; d < 4; ++d)
+      SAPATTN_CHECK(x.stride[d] == out.stride[d], InvalidArgumentError,
+                    "rope_pairs: out may be x itself but not another view of its memory");
   if (backend(stream, x, cos, sin, out) == DeviceType::CUDA)
     return SAPATTN_ON_CUDA(rope_pairs(x, cos, sin, out, stream));
   cpu::rope_pairs(x, cos, sin, out, cpu_threads(stream));
